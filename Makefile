@@ -1,0 +1,61 @@
+# Every entry point a person types. `make test` and `make demo` set
+# themselves up: Debian packages, the Python environment, the BPF object.
+
+PYTHON ?= python3
+CLANG ?= clang
+VENV := .venv
+BIN := $(VENV)/bin
+ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
+BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
+BPF_OBJS := build/sliceproxy_tc.bpf.o
+
+.PHONY: all deps bpf venv test unit datapath netns demo bench bench-quick bpffs lint clean
+
+all: bpf venv
+
+deps:
+	@bash scripts/install-deps.sh
+
+bpf: $(BPF_OBJS)
+
+# One pattern rule per hook: every program is compiled once, with BTF (-g),
+# so bpftool prints field names and the agent checks layouts at start.
+build/%.bpf.o: ebpf/%.bpf.c ebpf/sliceproxy.h | deps
+	@mkdir -p build
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# Pins need a bpf filesystem; most distributions mount one, containers may not.
+bpffs:
+	@grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
+
+test: all bpffs
+	$(BIN)/python -m pytest -q tests
+
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+datapath: all
+	$(BIN)/python -m pytest -q tests/datapath
+
+netns: all bpffs
+	$(BIN)/python -m pytest -q tests/netns
+
+demo: all bpffs
+	$(BIN)/python scripts/demo.py
+
+bench: all bpffs
+	$(BIN)/python scripts/bench.py
+
+bench-quick: all bpffs
+	$(BIN)/python scripts/bench.py --quick
+
+clean:
+	rm -rf build $(VENV) *.egg-info

@@ -1,0 +1,3 @@
+"""sliceproxy control plane."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""The run loop: source events -> state -> plan -> diff -> apply.
+
+Events are coalesced: after the first event of a burst the loop keeps
+draining for `min_sync_period`, then plans only the services the burst
+touched. The first sync after start is a full one and the only place where
+entries nobody owns are pruned: it runs after the source's first full list,
+so a restarted agent never drops what a previous one programmed before it
+knows the whole picture. After a failed write the mirror is re-read from
+the kernel and a full sync repairs what is there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from .apply import Writer, read_contents
+from .diff import ChangeSet, Programmed
+from .libbpf import BPFError
+from .plan import plan_service
+from .state import ClusterState, Event
+
+log = logging.getLogger("sliceproxy.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        source,
+        state: ClusterState,
+        programmed: Programmed,
+        writer: Writer | None,
+        refresh_interfaces: Callable[[], object] | None = None,
+        min_sync_period: float = 0.1,
+        interface_period: float = 1.0,
+    ):
+        self.source = source
+        self.state = state
+        self.programmed = programmed
+        self.writer = writer
+        self.refresh_interfaces = refresh_interfaces
+        self.min_sync_period = min_sync_period
+        self.interface_period = interface_period
+        self.dirty: set[str] = set()
+        self.need_full = True
+        self.stop_event = threading.Event()
+        self.syncs = 0
+        self.last_sync_ok: float | None = None
+        # A failed or partly rejected sync is retried as a full one, not
+        # sooner than this.
+        self.retry_period = 5.0
+        self.retry_at = 0.0
+
+    def take(self, events: list[Event]) -> None:
+        for ev in events:
+            self.dirty |= self.state.apply(ev)
+
+    def plan(self, owners: set[str]) -> dict:
+        desired = {}
+        for owner in sorted(owners):
+            fronts, notes = plan_service(
+                self.state.services.get(owner), self.state.slices_of(owner), self.state.node
+            )
+            for note in notes:
+                log.warning("%s", note)
+            desired[owner] = fronts
+        return desired
+
+    def sync(self) -> ChangeSet | None:
+        """Plan and write what changed; a full sync plans everything."""
+        t0 = time.perf_counter()
+        full = self.need_full
+        owners = set(self.state.services) | self.programmed.owners() if full else set(self.dirty)
+        desired = self.plan(owners)
+        cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None)
+        for owner, why in sorted(cs.rejected.items()):
+            log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
+        try:
+            t_write = self.writer.apply(cs) if self.writer is not None and len(cs) else 0.0
+        except BPFError as e:
+            log.error("writing the maps failed, re-reading them for a full sync: %s", e)
+            self._readopt()
+            self.retry_at = time.monotonic() + self.retry_period
+            return None
+        self.dirty.clear()
+        # Rejected services are retried at the next full sync.
+        self.need_full = bool(cs.rejected)
+        self.retry_at = time.monotonic() + self.retry_period
+        self.syncs += 1
+        self.last_sync_ok = time.time()
+        if len(cs) or full:
+            s = cs.summary()
+            log.info(
+                "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d "
+                "in %.1f ms (write %.1f ms)",
+                " (full)" if full else "",
+                s["services"],
+                s["frontends_set"],
+                s["frontends_deleted"],
+                s["slots_set"],
+                s["slots_deleted"],
+                s["backends_added"],
+                s["backends_deleted"],
+                (time.perf_counter() - t0) * 1000,
+                t_write * 1000,
+            )
+        return cs
+
+    def _readopt(self) -> None:
+        if self.writer is not None:
+            try:
+                mc = read_contents(self.writer.maps)
+                self.programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names)
+            except BPFError as e:
+                log.error("re-reading the maps failed: %s", e)
+        self.need_full = True
+
+    def run(self) -> None:
+        """Until stop(): the source must already be started (first list read)."""
+        self._drain_nowait()
+        self.sync()
+        next_ifaces = 0.0
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if self.refresh_interfaces is not None and now >= next_ifaces:
+                try:
+                    self.refresh_interfaces()
+                except Exception as e:  # netlink trouble must not stop the proxy
+                    log.error("refreshing interfaces failed: %s", e)
+                next_ifaces = now + self.interface_period
+            try:
+                events = self.source.events.get(timeout=0.2)
+            except queue.Empty:
+                events = None
+            if events:
+                self.take(events)
+                # Coalesce the rest of the burst into this sync.
+                deadline = time.monotonic() + self.min_sync_period
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        self.take(self.source.events.get(timeout=left))
+                    except queue.Empty:
+                        break
+            if self.dirty or (self.need_full and time.monotonic() >= self.retry_at):
+                self.sync()
+
+    def _drain_nowait(self) -> None:
+        while True:
+            try:
+                self.take(self.source.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,133 @@
+"""Write a ChangeSet into the maps, and read the maps back.
+
+Phases run in ChangeSet order, each one batch syscall per map (chunked):
+backends, slots, frontends (counts), names; then frontend deletes, slot
+deletes, backend deletes, name deletes. A packet never sees a count that
+points at an unwritten slot, nor a slot that points at a deleted backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from . import layout
+from .diff import ChangeSet, FKey
+from .maps import Map
+from .plan import Backend
+
+log = logging.getLogger("sliceproxy.apply")
+
+
+@dataclass
+class Codecs:
+    svc_key: layout.Codec
+    svc_val: layout.Codec
+    slot_key: layout.Codec
+    slot_val: layout.Codec
+    backend: layout.Codec
+    name: layout.Codec
+    u32: layout.Codec
+
+    @classmethod
+    def get(cls) -> Codecs:
+        import struct as _struct
+
+        return cls(
+            svc_key=layout.codec("sp_svc_key"),
+            svc_val=layout.codec("sp_svc_val"),
+            slot_key=layout.codec("sp_slot_key"),
+            slot_val=layout.codec("sp_slot_val"),
+            backend=layout.codec("sp_backend"),
+            name=layout.codec("sp_svc_name"),
+            # Map keys declared as a bare __u32 in the program (backend and
+            # name ids): BTF checks them as the map's key_size.
+            u32=layout.Codec("u32", 4, ("id",), _struct.Struct("=I")),
+        )
+
+
+def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
+    """(map, op, keys, values) in the order they must reach the kernel."""
+    out: list[tuple[str, str, bytes, bytes]] = []
+
+    def add(mapname: str, op: str, keys: list[bytes], vals: list[bytes] | None = None) -> None:
+        if keys:
+            out.append((mapname, op, b"".join(keys), b"".join(vals) if vals is not None else b""))
+
+    add(
+        "sp_be_v1",
+        "update",
+        [c.u32.pack(i) for i, _ in cs.be_upd],
+        [c.backend.pack(a, p, pr) for _, (a, p, pr) in cs.be_upd],
+    )
+    add(
+        "sp_slot_v1",
+        "update",
+        [c.slot_key.pack(s, i) for s, i, _ in cs.slot_upd],
+        [c.slot_val.pack(b) for _, _, b in cs.slot_upd],
+    )
+    add("sp_svc_v1", "update", [c.svc_key.pack(*k) for k, _ in cs.svc_upd], [c.svc_val.pack(*v) for _, v in cs.svc_upd])
+    add(
+        "sp_names_v1",
+        "update",
+        [c.u32.pack(i) for i, _ in cs.name_upd],
+        [c.name.pack(n.encode()[:127]) for _, n in cs.name_upd],
+    )
+    add("sp_svc_v1", "delete", [c.svc_key.pack(*k) for k in cs.svc_del])
+    add("sp_slot_v1", "delete", [c.slot_key.pack(s, i) for s, i in cs.slot_del])
+    add("sp_be_v1", "delete", [c.u32.pack(i) for i in cs.be_del])
+    add("sp_names_v1", "delete", [c.u32.pack(i) for i in cs.name_del])
+    return out
+
+
+class Writer:
+    def __init__(self, maps: dict[str, Map]):
+        self.maps = maps
+        self.codecs = Codecs.get()
+        c = self.codecs
+        expect = {
+            "sp_be_v1": (c.u32.size, c.backend.size),
+            "sp_slot_v1": (c.slot_key.size, c.slot_val.size),
+            "sp_svc_v1": (c.svc_key.size, c.svc_val.size),
+            "sp_names_v1": (c.u32.size, c.name.size),
+        }
+        for name, (ks, vs) in expect.items():
+            m = maps[name]
+            if (m.key_size, m.value_size) != (ks, vs):
+                raise layout.LayoutError(
+                    f"map {name}: key/value sizes {m.key_size}/{m.value_size} in the kernel, "
+                    f"{ks}/{vs} in ebpf/sliceproxy.h"
+                )
+
+    def apply(self, cs: ChangeSet) -> float:
+        """Write cs; returns seconds spent in syscalls. Raises BPFError."""
+        t0 = time.perf_counter()
+        for mapname, op, keys, vals in encode(cs, self.codecs):
+            m = self.maps[mapname]
+            if op == "update":
+                m.update_batch(keys, vals)
+            else:
+                m.delete_batch(keys)
+        return time.perf_counter() - t0
+
+
+@dataclass
+class MapContents:
+    svc: dict[FKey, tuple[int, int, int, int]]
+    slots: dict[tuple[int, int], int]
+    backends: dict[int, Backend]
+    names: dict[int, str]
+
+
+def read_contents(maps: dict[str, Map]) -> MapContents:
+    """Decode the service, slot, backend and name maps."""
+    c = Codecs.get()
+    svc = {c.svc_key.unpack(k): c.svc_val.unpack(v) for k, v in maps["sp_svc_v1"].items()}
+    slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps["sp_slot_v1"].items()}
+    backends = {c.u32.unpack(k)[0]: c.backend.unpack(v) for k, v in maps["sp_be_v1"].items()}
+    names = {}
+    if "sp_names_v1" in maps:
+        for k, v in maps["sp_names_v1"].items():
+            names[c.u32.unpack(k)[0]] = c.name.unpack(v)[0].split(b"\0", 1)[0].decode(errors="replace")
+    return MapContents(svc, slots, backends, names)  # type: ignore[arg-type]

@@ -1,0 +1,213 @@
+"""The `sliceproxy` command: run, dump, uninstall."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+
+from . import __version__
+from .libbpf import BPFError
+from .loader import DEFAULT_PIN_DIR, MapSizes
+from .logs import setup_logging
+
+log = logging.getLogger("sliceproxy")
+
+
+def _patterns(values: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out.extend(p for p in v.split(",") if p)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sliceproxy", description="eBPF service proxy for Kubernetes nodes")
+    p.add_argument("--version", action="version", version=f"sliceproxy {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="program the dataplane from a source and keep it in sync")
+    run.add_argument("--source", metavar="DIR", required=True, help="directory of Kubernetes YAML to serve")
+    run.add_argument(
+        "--interfaces",
+        action="append",
+        metavar="GLOB[,GLOB]",
+        help="interfaces (glob patterns) whose tc ingress gets the program; new matching "
+        "interfaces are picked up while running",
+    )
+    run.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})")
+    run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
+    run.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS", help="coalesce bursts of changes for this long")
+    run.add_argument("--bpf-object", help="compiled tc program (default: build/sliceproxy_tc.bpf.o)")
+    run.add_argument("--dry-run", action="store_true", help="print the desired map contents and exit; touches no kernel state")
+    run.add_argument("--output", choices=("text", "json"), default="text", help="format of --dry-run")
+    sizes = MapSizes()
+    run.add_argument("--max-services", type=int, default=sizes.services, help="frontend map capacity")
+    run.add_argument("--max-backends", type=int, default=sizes.backends, help="backend map capacity")
+    run.add_argument("--max-slots", type=int, default=sizes.slots, help="slot map capacity (sum of backends over frontends)")
+    run.add_argument("--max-conntrack", type=int, default=sizes.conntrack, help="conntrack map capacity")
+    _log_args(run)
+
+    dump = sub.add_parser("dump", help="services and backends as the kernel maps hold them")
+    dump.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    dump.add_argument("--json", action="store_true")
+
+    un = sub.add_parser("uninstall", help="detach the program and remove the pinned maps")
+    un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    un.add_argument("--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface")
+    _log_args(un)
+    return p
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "log_level"):
+        setup_logging(args.log_level, args.log_format)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "dump":
+            return cmd_dump(args)
+        if args.cmd == "uninstall":
+            return cmd_uninstall(args)
+    except BPFError as e:
+        print(f"sliceproxy: {e.strerror}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError) as e:
+        print(f"sliceproxy: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def cmd_run(args) -> int:
+    from .agent import Agent
+    from .diff import Capacity, Programmed
+    from .source.files import FileSource
+    from .state import ClusterState
+
+    sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
+    capacity = Capacity(services=sizes.services, slots=sizes.slots, backends=sizes.backends, names=sizes.services)
+    source = FileSource(args.source)
+    state = ClusterState(args.node_name)
+    programmed = Programmed(capacity)
+
+    if args.dry_run:
+        source.start()
+        source.stop()
+        agent = Agent(source, state, programmed, writer=None)
+        agent._drain_nowait()
+        cs = agent.sync()
+        assert cs is not None
+        print(render_changes(cs, args.output))
+        return 0
+
+    from . import attach, loader
+    from .apply import Writer, read_contents
+
+    patterns = _patterns(args.interfaces)
+    if os.geteuid() != 0:
+        log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    dp = loader.load(args.bpf_object, args.pin_dir, sizes)
+    writer = Writer(dp.maps)
+    mc = read_contents(dp.maps)
+    programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names)
+    if mc.svc:
+        log.info(
+            "adopted %d frontends and %d backends pinned in %s; pruning waits for the first full sync",
+            len(mc.svc),
+            len(mc.backends),
+            args.pin_dir,
+        )
+    attacher = attach.Attacher(patterns, dp.prog_fd) if patterns else None
+    if not patterns:
+        log.warning("no --interfaces given: maps are programmed but no interface gets the program")
+    source.start()
+    agent = Agent(
+        source,
+        state,
+        programmed,
+        writer,
+        refresh_interfaces=attacher.refresh if attacher else None,
+        min_sync_period=args.min_sync_period,
+    )
+
+    def on_signal(signum, frame):
+        log.info("signal %s: stopping; programs stay attached and maps pinned", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("serving %s on interfaces %s, maps pinned in %s", args.source, ",".join(patterns) or "-", args.pin_dir)
+    agent.run()
+    source.stop()
+    dp.close()
+    return 0
+
+
+def render_changes(cs, output: str) -> str:
+    """The desired map contents of a dry run (all additions from empty maps)."""
+    from .dump import hostport
+    from .plan import PROTO_NAMES
+
+    svc = [
+        {
+            "key": {"frontend": f"{hostport(k[0], k[1])}/{PROTO_NAMES.get(k[2], k[2])}", "scope": k[3]},
+            "value": {"svc_id": v[0], "count": v[1], "flags": v[2], "affinity_timeout": v[3]},
+        }
+        for k, v in cs.svc_upd
+    ]
+    slots = [{"key": {"svc_id": s, "slot": i}, "value": {"backend_id": b}} for s, i, b in cs.slot_upd]
+    bes = [
+        {"key": i, "value": {"backend": hostport(a, p), "proto": PROTO_NAMES.get(pr, pr)}} for i, (a, p, pr) in cs.be_upd
+    ]
+    names = [{"key": i, "value": n} for i, n in cs.name_upd]
+    data = {"sp_svc_v1": svc, "sp_slot_v1": slots, "sp_be_v1": bes, "sp_names_v1": names}
+    if output == "json":
+        return json.dumps(data, indent=2)
+    lines = []
+    for mapname, entries in data.items():
+        lines.append(f"{mapname} ({len(entries)} entries)")
+        for e in entries:
+            lines.append(f"  {json.dumps(e['key'])} -> {json.dumps(e['value'])}")
+    return "\n".join(lines)
+
+
+def cmd_dump(args) -> int:
+    from . import loader
+    from .dump import collect, render_json, render_table
+
+    maps = loader.open_pinned(args.pin_dir)
+    data = collect(maps)
+    print(render_json(data) if args.json else render_table(data))
+    return 0
+
+
+def cmd_uninstall(args) -> int:
+    from . import attach
+
+    patterns = _patterns(args.interfaces) or ["*"]
+    n = 0
+    for ifname in attach.match_interfaces(patterns):
+        if attach.attached_program(ifname) is not None and attach.detach(ifname):
+            log.info("detached from %s", ifname)
+            n += 1
+    if os.path.isdir(args.pin_dir):
+        # Unlinking a pin drops the map once no program uses it.
+        shutil.rmtree(args.pin_dir)
+        log.info("removed pins in %s", args.pin_dir)
+    log.info("uninstalled: detached from %d interfaces", n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

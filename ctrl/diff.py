@@ -1,0 +1,316 @@
+"""What is programmed, and the smallest ordered change to reach what is wanted.
+
+`Programmed` mirrors the contents of the service, slot, backend and name
+maps, with stable ids: a frontend keeps its service id and an
+(address, port, protocol) keeps its backend id for as long as it exists, and
+both are read back from the pinned maps after a restart (`adopt`).
+
+`Programmed.sync` takes the desired frontends of some services, updates the
+mirror and returns a ChangeSet: only the entries that differ. Pure Python;
+ctrl.apply writes a ChangeSet to the kernel in its phase order.
+
+Slots move as little as possible: a backend that stays keeps its slot, a new
+one fills a hole or is appended, and holes left at the end are filled by
+moving the last slot into them. Removing one backend of 100 rewrites at most
+one slot and deletes one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .plan import Backend, Frontend
+
+log = logging.getLogger("sliceproxy.diff")
+
+FKey = tuple[bytes, int, int, int]  # (addr16, port, proto, scope)
+
+
+@dataclass
+class FrontendState:
+    svc_id: int
+    owner: str  # service key "namespace/name"; "" when unknown (adopted, unnamed)
+    name: str
+    slots: list[int]  # backend id per slot
+    flags: int = 0
+    affinity_timeout: int = 0
+
+
+@dataclass
+class ChangeSet:
+    """Map writes in the order that keeps every packet consistent:
+    backends and slots exist before a count points at them, and a count is
+    lowered before the slots above it go."""
+
+    be_upd: list[tuple[int, Backend]] = field(default_factory=list)
+    slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
+    svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
+    name_upd: list[tuple[int, str]] = field(default_factory=list)
+    svc_del: list[FKey] = field(default_factory=list)
+    slot_del: list[tuple[int, int]] = field(default_factory=list)
+    be_del: list[int] = field(default_factory=list)
+    name_del: list[int] = field(default_factory=list)
+    # Backends that stopped serving some frontend: (frontend, backend) pairs
+    # whose conntrack entries may be purged.
+    removed: list[tuple[FKey, Backend]] = field(default_factory=list)
+    services: set[str] = field(default_factory=set)  # owners that changed
+    rejected: dict[str, str] = field(default_factory=dict)  # owner -> why
+
+    def __len__(self) -> int:
+        return (
+            len(self.be_upd)
+            + len(self.slot_upd)
+            + len(self.svc_upd)
+            + len(self.name_upd)
+            + len(self.svc_del)
+            + len(self.slot_del)
+            + len(self.be_del)
+            + len(self.name_del)
+        )
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "services": len(self.services),
+            "frontends_set": len(self.svc_upd),
+            "frontends_deleted": len(self.svc_del),
+            "slots_set": len(self.slot_upd),
+            "slots_deleted": len(self.slot_del),
+            "backends_added": len(self.be_upd),
+            "backends_deleted": len(self.be_del),
+        }
+
+
+@dataclass
+class Capacity:
+    """max_entries of the maps the diff fills."""
+
+    services: int = 65536
+    slots: int = 524288
+    backends: int = 524288
+    names: int = 65536
+
+
+def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
+    """New slot list for `wanted` backend ids, moving as few as possible."""
+    want = set(wanted)
+    slots: list[int | None] = []
+    present: set[int] = set()
+    for b in current:
+        if b is not None and b in want and b not in present:
+            slots.append(b)
+            present.add(b)
+        else:
+            slots.append(None)
+    holes = [i for i, b in enumerate(slots) if b is None]
+    hi = 0
+    for b in wanted:
+        if b in present:
+            continue
+        present.add(b)
+        if hi < len(holes):
+            slots[holes[hi]] = b
+            hi += 1
+        else:
+            slots.append(b)
+    for h in holes[hi:]:
+        while slots and slots[-1] is None:
+            slots.pop()
+        if h >= len(slots):
+            break
+        slots[h] = slots.pop()
+    while slots and slots[-1] is None:
+        slots.pop()
+    return slots  # type: ignore[return-value]
+
+
+class Programmed:
+    def __init__(self, capacity: Capacity | None = None):
+        self.capacity = capacity or Capacity()
+        self.frontends: dict[FKey, FrontendState] = {}
+        self.by_owner: dict[str, set[FKey]] = defaultdict(set)
+        self.backend_ids: dict[Backend, int] = {}
+        self.backends: dict[int, Backend] = {}
+        self.refs: dict[int, int] = defaultdict(int)  # backend id -> frontends using it
+        self.next_svc_id = 1
+        self.next_be_id = 1
+        # Entries found in the maps at adoption that nothing owns; removed at
+        # the first full sync, never before (a restart must not drop traffic).
+        self.orphan_slots: list[tuple[int, int]] = []
+        self.orphan_names: list[int] = []
+        self.slot_count = 0
+        self._unused: set[int] = set()
+
+    # -- reading back what a previous agent left --------------------------
+    def adopt(
+        self,
+        svc: dict[FKey, tuple[int, int, int, int]],
+        slots: dict[tuple[int, int], int],
+        backends: dict[int, Backend],
+        names: dict[int, str],
+    ) -> None:
+        """Rebuild the mirror from decoded map contents."""
+        self.__init__(self.capacity)  # type: ignore[misc]
+        self.backends = dict(backends)
+        self.backend_ids = {b: i for i, b in backends.items()}
+        used_slots: set[tuple[int, int]] = set()
+        for key, (svc_id, count, flags, timeout) in svc.items():
+            name = names.get(svc_id, "")
+            owner = name.split(":", 1)[0] if ":" in name else ""
+            sl: list[int | None] = []
+            for i in range(count):
+                b = slots.get((svc_id, i))
+                sl.append(b if b in self.backends else None)
+                used_slots.add((svc_id, i))
+            st = FrontendState(svc_id, owner, name, sl, flags, timeout)  # type: ignore[arg-type]
+            self.frontends[key] = st
+            self.by_owner[owner].add(key)
+            for b in set(sl):
+                if b is not None:
+                    self.refs[b] += 1
+        self.slot_count = len(slots)
+        self.orphan_slots = [k for k in slots if k not in used_slots]
+        live_ids = {st.svc_id for st in self.frontends.values()}
+        self.orphan_names = [i for i in names if i not in live_ids]
+        self.next_svc_id = max([st.svc_id for st in self.frontends.values()] + list(names) + [0]) + 1
+        self.next_be_id = max(list(backends) + [0]) + 1
+
+    # -- the diff ----------------------------------------------------------
+    def owners(self) -> set[str]:
+        return {o for o, keys in self.by_owner.items() if keys}
+
+    def sync(self, desired: dict[str, list[Frontend]], prune_except: set[str] | None = None) -> ChangeSet:
+        """Bring the owners in `desired` to their frontends (an empty list
+        removes them). With prune_except, also remove every owner not in it
+        and every orphan entry: only after the first full list of every
+        resource."""
+        cs = ChangeSet()
+        if prune_except is not None:
+            for owner in list(self.by_owner):
+                if owner not in prune_except and owner not in desired and self.by_owner[owner]:
+                    desired = {**desired, owner: []}
+        self._unused = set()
+        for owner in sorted(desired):
+            self._sync_owner(owner, desired[owner], cs)
+        if prune_except is not None:
+            cs.slot_del.extend(self.orphan_slots)
+            self.slot_count -= len(self.orphan_slots)
+            cs.name_del.extend(self.orphan_names)
+            self.orphan_slots, self.orphan_names = [], []
+            self._unused.update(b for b in self.backends if self.refs.get(b, 0) == 0)
+        # Backends are dropped once every owner is done, so one that moves
+        # from one service to another in the same sync keeps its id.
+        for bid in sorted(self._unused):
+            if self.refs.get(bid, 0) <= 0 and bid in self.backends:
+                self._drop_backend(bid, cs)
+        return cs
+
+    def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int]:
+        """Entries this owner's change adds (services, slots, backends) at its peak."""
+        new_fronts = sum(1 for f in fronts if f.key not in self.frontends)
+        new_backends = len({b for f in fronts for b in f.backends if b not in self.backend_ids})
+        slot_growth = 0
+        for f in fronts:
+            cur = self.frontends.get(f.key)
+            slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
+        return new_fronts, slot_growth, new_backends
+
+    def _sync_owner(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> None:
+        g_svc, g_slots, g_be = self._growth(owner, fronts)
+        cap = self.capacity
+        # Deletes happen after upserts in one apply: count additions only.
+        full = []
+        if g_svc and len(self.frontends) + g_svc + len(cs.svc_del) > cap.services:
+            full.append(f"the service map holds at most {cap.services} frontends")
+        if g_slots and self.slot_count + g_slots > cap.slots:
+            full.append(f"the slot map holds at most {cap.slots} entries ({g_slots} more needed)")
+        if g_be and len(self.backends) + g_be > cap.backends:
+            full.append(f"the backend map holds at most {cap.backends} backends ({g_be} more needed)")
+        if full:
+            cs.rejected[owner] = "; ".join(full)
+            return
+        wanted_keys = {f.key for f in fronts}
+        for key in sorted(self.by_owner.get(owner, set()) - wanted_keys):
+            self._remove_frontend(key, cs)
+        for f in fronts:
+            self._sync_frontend(owner, f, cs)
+        if not self.by_owner.get(owner):
+            self.by_owner.pop(owner, None)
+
+    def _backend_id(self, b: Backend, cs: ChangeSet) -> int:
+        bid = self.backend_ids.get(b)
+        if bid is None:
+            bid = self.next_be_id
+            self.next_be_id += 1
+            self.backend_ids[b] = bid
+            self.backends[bid] = b
+            cs.be_upd.append((bid, b))
+        return bid
+
+    def _drop_backend(self, bid: int, cs: ChangeSet) -> None:
+        b = self.backends.pop(bid)
+        del self.backend_ids[b]
+        self.refs.pop(bid, None)
+        cs.be_del.append(bid)
+
+    def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
+        cur = self.frontends.get(f.key)
+        wanted = [self._backend_id(b, cs) for b in f.backends]
+        if cur is None:
+            cur = FrontendState(self.next_svc_id, owner, "", [], -1, -1)
+            self.next_svc_id += 1
+            self.frontends[f.key] = cur
+        elif cur.owner != owner:
+            # Two services claiming one address:port: the later one wins,
+            # as with kube-proxy's rules; say so.
+            log.warning("frontend %s moves from %s to %s", f.name, cur.owner or "<unknown>", owner)
+            self.by_owner[cur.owner].discard(f.key)
+        self.by_owner[owner].add(f.key)
+        cur.owner = owner
+        old = cur.slots
+        new = assign_slots(old, wanted)  # type: ignore[arg-type]
+        changed = False
+        for i, b in enumerate(new):
+            if i >= len(old) or old[i] != b:
+                cs.slot_upd.append((cur.svc_id, i, b))
+                changed = True
+        for i in range(len(new), len(old)):
+            cs.slot_del.append((cur.svc_id, i))
+            changed = True
+        self.slot_count += len(new) - len(old)
+        old_set, new_set = set(old), set(new)
+        old_set.discard(None)  # type: ignore[arg-type]
+        for b in new_set - old_set:
+            self.refs[b] += 1
+        for b in old_set - new_set:
+            cs.removed.append((f.key, self.backends[b]))
+            self.refs[b] -= 1
+            self._unused.add(b)
+        cur.slots = new
+        if len(new) != len(old) or cur.flags != f.flags or cur.affinity_timeout != f.affinity_timeout:
+            cur.flags, cur.affinity_timeout = f.flags, f.affinity_timeout
+            cs.svc_upd.append((f.key, (cur.svc_id, len(new), f.flags, f.affinity_timeout)))
+            changed = True
+        if cur.name != f.name:
+            cur.name = f.name
+            cs.name_upd.append((cur.svc_id, f.name))
+            changed = True
+        if changed:
+            cs.services.add(owner)
+
+    def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
+        st = self.frontends.pop(key)
+        self.by_owner[st.owner].discard(key)
+        cs.svc_del.append(key)
+        cs.name_del.append(st.svc_id)
+        cs.services.add(st.owner)
+        for i in range(len(st.slots)):
+            cs.slot_del.append((st.svc_id, i))
+        self.slot_count -= len(st.slots)
+        for b in set(st.slots):
+            if b is None:
+                continue
+            cs.removed.append((key, self.backends[b]))
+            self.refs[b] -= 1
+            self._unused.add(b)

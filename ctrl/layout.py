@@ -1,0 +1,191 @@
+"""Map key and value layouts, read from the C header and checked against BTF.
+
+The C header ebpf/sliceproxy.h is the only place a layout is written. Its
+block between the `sp:layout` markers is handed to cffi, which computes the
+same offsets the C compiler does; `check_btf` then compares every struct with
+the BTF that clang put in the compiled object and refuses to run when they
+differ. From the cffi types we derive `struct` formats, so encoding 100,000
+entries is one `pack` call each rather than 100,000 cffi objects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .libbpf import BTF_KIND_STRUCT, ffi, lib
+
+_BEGIN = "/* sp:layout:begin */"
+_END = "/* sp:layout:end */"
+
+_PRIMITIVE_CODES = {
+    "uint8_t": "B",
+    "uint16_t": "H",
+    "uint32_t": "I",
+    "uint64_t": "Q",
+    "int32_t": "i",
+    "int64_t": "q",
+}
+
+
+def _package_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def header_path() -> Path:
+    """ebpf/sliceproxy.h: next to the package, or where SLICEPROXY_HEADER says."""
+    env = os.environ.get("SLICEPROXY_HEADER")
+    if env:
+        return Path(env)
+    for cand in (_package_root() / "ebpf" / "sliceproxy.h", Path("/usr/share/sliceproxy/sliceproxy.h")):
+        if cand.exists():
+            return cand
+    return _package_root() / "ebpf" / "sliceproxy.h"
+
+
+def object_path() -> Path:
+    """The compiled tc program: build/ next to the package, or SLICEPROXY_BPF_OBJECT."""
+    env = os.environ.get("SLICEPROXY_BPF_OBJECT")
+    if env:
+        return Path(env)
+    for cand in (
+        _package_root() / "build" / "sliceproxy_tc.bpf.o",
+        Path("/usr/share/sliceproxy/sliceproxy_tc.bpf.o"),
+    ):
+        if cand.exists():
+            return cand
+    return _package_root() / "build" / "sliceproxy_tc.bpf.o"
+
+
+class LayoutError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Packs and unpacks one C struct; fields named pad* are written as zeros."""
+
+    name: str
+    size: int
+    fields: tuple[str, ...]
+    st: struct.Struct
+
+    def pack(self, *values) -> bytes:
+        return self.st.pack(*values)
+
+    def unpack(self, data: bytes) -> tuple:
+        return self.st.unpack(data)
+
+
+_loaded = False
+_codecs: dict[str, Codec] = {}
+_structs: list[str] = []
+constants: dict[str, int] = {}
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    text = header_path().read_text()
+    try:
+        block = text[text.index(_BEGIN) + len(_BEGIN) : text.index(_END)]
+    except ValueError as e:
+        raise LayoutError(f"{header_path()}: no sp:layout block") from e
+    ffi.cdef(block)
+    _structs.extend(re.findall(r"^struct (\w+) \{", block, re.M))
+    for name in re.findall(r"^#define (\w+) ", block, re.M):
+        constants[name] = int(re.search(rf"^#define {name} (\S+)", block, re.M).group(1), 0)
+    for name in re.findall(r"^\s+(SP_V_\w+) = ", block, re.M):
+        constants[name] = int(getattr(lib(), name))
+    for sname in _structs:
+        _codecs[sname] = _make_codec(sname)
+    _loaded = True
+
+
+def _make_codec(sname: str) -> Codec:
+    ctype = ffi.typeof(f"struct {sname}")
+    fmt = "="
+    pos = 0
+    names = []
+    for fname, f in sorted(ctype.fields, key=lambda nf: nf[1].offset):
+        if f.offset > pos:
+            fmt += f"{f.offset - pos}x"
+        size = ffi.sizeof(f.type)
+        if fname.startswith("pad"):
+            fmt += f"{size}x"
+        elif f.type.kind == "array":
+            fmt += f"{f.type.length}s"
+            names.append(fname)
+        elif f.type.kind == "primitive" and f.type.cname in _PRIMITIVE_CODES:
+            fmt += _PRIMITIVE_CODES[f.type.cname]
+            names.append(fname)
+        else:
+            raise LayoutError(f"struct {sname}.{fname}: unsupported field type {f.type.cname}")
+        pos = f.offset + size
+    total = ffi.sizeof(ctype)
+    if total > pos:
+        fmt += f"{total - pos}x"
+    st = struct.Struct(fmt)
+    assert st.size == total, (sname, fmt)
+    return Codec(sname, total, tuple(names), st)
+
+
+def codec(sname: str) -> Codec:
+    _load()
+    return _codecs[sname]
+
+
+def const(name: str) -> int:
+    _load()
+    return constants[name]
+
+
+def struct_names() -> list[str]:
+    _load()
+    return list(_structs)
+
+
+def describe(sname: str) -> list[tuple[str, int, int]]:
+    """(field, offset, size) of a struct as cffi laid it out from the header."""
+    _load()
+    ctype = ffi.typeof(f"struct {sname}")
+    return [(n, f.offset, ffi.sizeof(f.type)) for n, f in sorted(ctype.fields, key=lambda nf: nf[1].offset)]
+
+
+def btf_struct(btf, sname: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """(size, [(field, byte offset, size)]) of a struct as the object's BTF has it."""
+    lb = lib()
+    tid = lb.btf__find_by_name_kind(btf, sname.encode(), BTF_KIND_STRUCT)
+    if tid < 0:
+        raise LayoutError(f"struct {sname} is not in the object's BTF")
+    t = lb.btf__type_by_id(btf, tid)
+    vlen = t.info & 0xFFFF
+    kflag = t.info >> 31
+    members = ffi.cast("struct btf_member *", t + 1)
+    out = []
+    for i in range(vlen):
+        m = members[i]
+        bit_off = m.offset & 0xFFFFFF if kflag else m.offset
+        name = ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode()
+        out.append((name, bit_off // 8, int(lb.btf__resolve_size(btf, m.type))))
+    return t.size_or_type, out
+
+
+def check_btf(btf) -> None:
+    """Refuse to run when the header the control plane read and the compiled
+    object disagree on any layout (a stale build, a hand edit)."""
+    _load()
+    problems = []
+    for sname in _structs:
+        size, members = btf_struct(btf, sname)
+        ours = describe(sname)
+        if size != ffi.sizeof(f"struct {sname}") or members != ours:
+            problems.append(f"struct {sname}: object has size {size} fields {members}, header has {ours}")
+    if problems:
+        raise LayoutError(
+            "the compiled BPF object and ebpf/sliceproxy.h disagree (rebuild with `make`): " + "; ".join(problems)
+        )

@@ -1,0 +1,172 @@
+"""Load the compiled dataplane with libbpf and pin its maps.
+
+Maps are pinned by name under one bpffs directory per instance. When a map
+is already pinned there (a restart), libbpf reuses it instead of creating an
+empty one, so the backends, slots and conntrack of the running dataplane
+survive the agent. The program itself is attached by ctrl.attach; a tc
+filter holds a reference to it, so it too outlives the agent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+from .libbpf import BPFError, check, explain, ffi, lib
+from .maps import Map
+
+PROGRAM = "sp_tc_ingress"
+
+MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_stats_v1", "sp_names_v1")
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
+
+
+@dataclass
+class MapSizes:
+    """max_entries of each map, set before load (a pinned map keeps its own)."""
+
+    services: int = 65536
+    backends: int = 524288
+    slots: int = 524288
+    conntrack: int = 262144
+
+    def for_map(self, name: str) -> int | None:
+        return {
+            "sp_svc_v1": self.services,
+            "sp_names_v1": self.services,
+            "sp_be_v1": self.backends,
+            "sp_slot_v1": self.slots,
+            "sp_ct_v1": self.conntrack,
+        }.get(name)
+
+
+@dataclass
+class Dataplane:
+    """A loaded object: its maps by name and the program's fd."""
+
+    pin_dir: str | None
+    maps: dict[str, Map]
+    prog_fd: int
+    _obj: object = field(repr=False, default=None)
+
+    def test_run(self, packet: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
+        """Run the program on one packet in the kernel (BPF_PROG_TEST_RUN):
+        (tc verdict, packet as the program left it, mean ns per run)."""
+        out = ffi.new("char[]", len(packet) + 256)
+        opts = ffi.new(
+            "struct bpf_test_run_opts *",
+            {
+                "sz": ffi.sizeof("struct bpf_test_run_opts"),
+                "data_in": ffi.from_buffer(packet),
+                "data_size_in": len(packet),
+                "data_out": out,
+                "data_size_out": len(packet) + 256,
+                "repeat": repeat,
+            },
+        )
+        check(lib().bpf_prog_test_run_opts(self.prog_fd, opts), "BPF_PROG_TEST_RUN")
+        return opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), opts.duration
+
+    def close(self) -> None:
+        if self._obj is not None:
+            lib().bpf_object__close(self._obj)
+            self._obj = None
+
+
+def is_bpffs(path: str) -> bool:
+    """True if path lies on a bpf filesystem (pins only work there)."""
+    p = Path(path).resolve()
+    best = ("", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt, fstype = parts[1], parts[2]
+            if (str(p) == mnt or str(p).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype)
+    return best[1] == "bpf"
+
+
+def load(
+    obj_path: str | os.PathLike | None = None,
+    pin_dir: str | None = DEFAULT_PIN_DIR,
+    sizes: MapSizes | None = None,
+) -> Dataplane:
+    """Open, size, pin and load the tc program; pin_dir None means no pins
+    (private maps, as the datapath tests use)."""
+    obj_path = str(obj_path or layout.object_path())
+    if not os.path.exists(obj_path):
+        raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
+    sizes = sizes or MapSizes()
+    lb = lib()
+    if pin_dir is not None:
+        parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
+        if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
+            raise BPFError(
+                errno.ENOTSUP,
+                f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
+                f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
+            )
+        try:
+            os.makedirs(pin_dir, exist_ok=True)
+        except PermissionError as e:
+            raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    obj = lb.bpf_object__open_file(obj_path.encode(), ffi.NULL)
+    if obj == ffi.NULL:
+        err = ffi.errno
+        raise BPFError(err, f"opening BPF object {obj_path}: {os.strerror(err)}")
+    try:
+        btf = lb.bpf_object__btf(obj)
+        if btf == ffi.NULL:
+            raise layout.LayoutError(f"{obj_path} has no BTF: build it with clang -g")
+        layout.check_btf(btf)
+        m = lb.bpf_object__next_map(obj, ffi.NULL)
+        bpf_maps = {}
+        while m != ffi.NULL:
+            name = ffi.string(lb.bpf_map__name(m)).decode()
+            if not name.startswith("."):  # .rodata/.bss: not ours to pin
+                bpf_maps[name] = m
+                size = sizes.for_map(name)
+                if size is not None:
+                    lb.bpf_map__set_max_entries(m, size)
+                if pin_dir is not None:
+                    lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
+            m = lb.bpf_object__next_map(obj, m)
+        ret = lb.bpf_object__load(obj)
+        if ret < 0:
+            err = -ret if ret != -1 else ffi.errno
+            hint = explain(err)
+            if err == errno.EINVAL and pin_dir is not None:
+                hint += (
+                    f"; or a map pinned in {pin_dir} has another size or layout than this build "
+                    f"asks for (remove it with `sliceproxy uninstall`-style cleanup: rm -r {pin_dir})"
+                )
+            raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
+        prog = lb.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+        if prog == ffi.NULL:
+            raise BPFError(errno.ENOENT, f"{obj_path} has no program {PROGRAM}")
+        maps = {name: Map(lb.bpf_map__fd(m), name) for name, m in bpf_maps.items()}
+        missing = set(MAP_NAMES) - set(maps)
+        if missing:
+            raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
+        return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=lb.bpf_program__fd(prog), _obj=obj)
+    except BaseException:
+        lb.bpf_object__close(obj)
+        raise
+
+
+def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
+    """The pinned maps of a running (or dead) agent, for dump and inspection."""
+    if not os.path.isdir(pin_dir):
+        raise BPFError(errno.ENOENT, f"no sliceproxy maps pinned in {pin_dir} (is the agent running there?)")
+    out = {}
+    for name in MAP_NAMES:
+        path = os.path.join(pin_dir, name)
+        if os.path.exists(path):
+            out[name] = Map.open_pinned(path)
+    if "sp_svc_v1" not in out:
+        raise BPFError(errno.ENOENT, f"{pin_dir} holds no sp_svc_v1 map")
+    return out

@@ -1,0 +1,313 @@
+"""Services, EndpointSlices and Nodes, parsed from the raw JSON/YAML dicts.
+
+Both sources (a directory of YAML, the Kubernetes API) hand raw dicts to
+`parse`, which returns small immutable records. We never build the
+kubernetes client's model classes: on 100,000 endpoints they cost seconds.
+
+Bad input never stops the rest: a field that makes a whole object unusable
+raises ObjectError naming the object and the field; a bad entry inside a
+list (one endpoint, one port) is dropped and reported in `problems`, and the
+rest of the object is used.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+class ObjectError(ValueError):
+    """An object that cannot be used at all; the message names it and the field."""
+
+
+def addr16(ip: str) -> bytes:
+    """16-byte map form of an address: IPv4 as ::ffff:a.b.c.d. Raises ValueError."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
+
+
+def addr_str(a: bytes) -> str:
+    """Inverse of addr16, for people."""
+    if a[:12] == V4_PREFIX:
+        return socket.inet_ntop(socket.AF_INET, a[12:])
+    return socket.inet_ntop(socket.AF_INET6, a)
+
+
+def is_v4(a: bytes) -> bool:
+    return a[:12] == V4_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    protocol: str
+    target_port: int | str | None
+    node_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    namespace: str
+    name: str
+    type: str
+    cluster_ips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    labels: dict = field(default_factory=dict, hash=False)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    name: str
+    port: int | None
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    addr: bytes  # addr16(address)
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str | None
+    zone: str | None
+    hint_zones: tuple[str, ...] | None
+    hint_nodes: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str | None
+    address_type: str
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[Endpoint, ...]
+    labels: dict = field(default_factory=dict, hash=False)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def service_key(self) -> str | None:
+        return f"{self.namespace}/{self.service_name}" if self.service_name else None
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    labels: dict = field(default_factory=dict, hash=False)
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def zone(self) -> str | None:
+        return self.labels.get("topology.kubernetes.io/zone")
+
+
+KINDS = ("Service", "EndpointSlice", "Node")
+
+
+def describe(raw: object) -> str:
+    """'default/web Service' style label for messages, as far as raw allows."""
+    if not isinstance(raw, dict):
+        return "object"
+    kind = raw.get("kind") or "object"
+    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    name = meta.get("name") or "<unnamed>"
+    ns = meta.get("namespace")
+    if kind == "Node" or not ns:
+        return f"{kind} {name}"
+    if kind == "EndpointSlice":
+        svc = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+        return f"{ns}/{svc} EndpointSlice {name}" if svc else f"{ns} EndpointSlice {name}"
+    return f"{ns}/{name} {kind}"
+
+
+def parse(raw: object) -> Service | EndpointSlice | Node:
+    """Parse one object of a known kind; ObjectError if it is unusable."""
+    if not isinstance(raw, dict):
+        raise ObjectError(f"object: expected a mapping, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    if kind == "Service":
+        return parse_service(raw)
+    if kind == "EndpointSlice":
+        return parse_slice(raw)
+    if kind == "Node":
+        return parse_node(raw)
+    raise ObjectError(f"{describe(raw)}: kind: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+
+
+def _meta(raw: dict, what: str, namespaced: bool) -> tuple[str, str, dict]:
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict):
+        raise ObjectError(f"{what}: metadata: missing")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ObjectError(f"{what}: metadata.name: missing")
+    ns = meta.get("namespace") or ("default" if namespaced else "")
+    if not isinstance(ns, str):
+        raise ObjectError(f"{what}: metadata.namespace: not a string")
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ObjectError(f"{what}: metadata.labels: not a mapping")
+    return ns, name, labels
+
+
+def _port(value: object, what: str, field_name: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ObjectError(f"{what}: {field_name}: {value!r} is not a port number (1-65535)")
+    return value
+
+
+def parse_service(raw: dict) -> Service:
+    ns, name, labels = _meta(raw, describe(raw), namespaced=True)
+    what = f"{ns}/{name} Service"
+    spec = raw.get("spec")
+    if not isinstance(spec, dict):
+        raise ObjectError(f"{what}: spec: missing")
+    stype = spec.get("type") or "ClusterIP"
+    if stype not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise ObjectError(f"{what}: spec.type: unknown type {stype!r}")
+    ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
+    if not isinstance(ips, list):
+        raise ObjectError(f"{what}: spec.clusterIPs: not a list")
+    cluster_ips = []
+    for i, ip in enumerate(ips):
+        if ip == "None":
+            cluster_ips = []  # headless: nothing for a proxy to do
+            break
+        try:
+            addr16(ip)
+        except (ValueError, TypeError, OSError):
+            fld = f"spec.clusterIPs[{i}]" if spec.get("clusterIPs") else "spec.clusterIP"
+            raise ObjectError(f"{what}: {fld}: {ip!r} is not an IP address") from None
+        cluster_ips.append(ip)
+    problems = []
+    ports = []
+    seen = set()
+    raw_ports = spec.get("ports") or []
+    if not isinstance(raw_ports, list):
+        raise ObjectError(f"{what}: spec.ports: not a list")
+    for i, p in enumerate(raw_ports):
+        fld = f"spec.ports[{i}]"
+        try:
+            if not isinstance(p, dict):
+                raise ObjectError(f"{what}: {fld}: not a mapping")
+            port = _port(p.get("port"), what, f"{fld}.port")
+            proto = p.get("protocol") or "TCP"
+            if proto not in PROTOCOLS:
+                raise ObjectError(f"{what}: {fld}.protocol: unknown protocol {proto!r}")
+            pname = p.get("name") or ""
+            if not isinstance(pname, str):
+                raise ObjectError(f"{what}: {fld}.name: not a string")
+            tp = p.get("targetPort", port)
+            if isinstance(tp, int) and not isinstance(tp, bool):
+                _port(tp, what, f"{fld}.targetPort")
+            elif not isinstance(tp, str) or not tp:
+                raise ObjectError(f"{what}: {fld}.targetPort: {tp!r} is neither a port nor a port name")
+            node_port = _port(p.get("nodePort"), what, f"{fld}.nodePort", optional=True)
+            if (port, proto) in seen:
+                raise ObjectError(f"{what}: {fld}: port {port}/{proto} is listed twice")
+            seen.add((port, proto))
+            ports.append(ServicePort(pname, port, proto, tp, node_port))
+        except ObjectError as e:
+            problems.append(str(e))
+    return Service(ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems))
+
+
+def _flag(cond: dict, key: str, default: bool, what: str) -> bool:
+    v = cond.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ObjectError(f"{what}.conditions.{key}: {v!r} is not true or false")
+    return v
+
+
+def parse_slice(raw: dict) -> EndpointSlice:
+    ns, name, labels = _meta(raw, describe(raw), namespaced=True)
+    svc = labels.get("kubernetes.io/service-name")
+    what = f"{ns}/{svc} EndpointSlice {name}" if svc else f"{ns} EndpointSlice {name}"
+    atype = raw.get("addressType")
+    if atype not in ("IPv4", "IPv6", "FQDN"):
+        raise ObjectError(f"{what}: addressType: {atype!r} is not IPv4, IPv6 or FQDN")
+    problems = []
+    ports = []
+    raw_ports = raw.get("ports") or []
+    if not isinstance(raw_ports, list):
+        raise ObjectError(f"{what}: ports: not a list")
+    for i, p in enumerate(raw_ports):
+        try:
+            if not isinstance(p, dict):
+                raise ObjectError(f"{what}: ports[{i}]: not a mapping")
+            proto = p.get("protocol") or "TCP"
+            if proto not in PROTOCOLS:
+                raise ObjectError(f"{what}: ports[{i}].protocol: unknown protocol {proto!r}")
+            port = _port(p.get("port"), what, f"ports[{i}].port", optional=True)
+            if port is None:
+                raise ObjectError(f"{what}: ports[{i}].port: missing")
+            ports.append(SlicePort(p.get("name") or "", port, proto))
+        except ObjectError as e:
+            problems.append(str(e))
+    endpoints = []
+    raw_eps = raw.get("endpoints") or []
+    if not isinstance(raw_eps, list):
+        raise ObjectError(f"{what}: endpoints: not a list")
+    family = socket.AF_INET6 if atype == "IPv6" else socket.AF_INET
+    for i, ep in enumerate(raw_eps):
+        fld = f"endpoints[{i}]"
+        try:
+            if not isinstance(ep, dict):
+                raise ObjectError(f"{what}: {fld}: not a mapping")
+            addrs = ep.get("addresses")
+            if not isinstance(addrs, list) or not addrs:
+                raise ObjectError(f"{what}: {fld}.addresses: missing")
+            if atype == "FQDN":
+                continue  # names, not addresses: a proxy ignores them
+            ip = addrs[0]  # kube-proxy uses an endpoint's first address only
+            try:
+                packed = socket.inet_pton(family, ip)
+            except (OSError, TypeError):
+                raise ObjectError(f"{what}: {fld}.addresses[0]: {ip!r} is not an {atype} address") from None
+            cond = ep.get("conditions") or {}
+            if not isinstance(cond, dict):
+                raise ObjectError(f"{what}: {fld}.conditions: not a mapping")
+            hints = ep.get("hints") or {}
+            hz = hints.get("forZones")
+            hn = hints.get("forNodes")
+            endpoints.append(
+                Endpoint(
+                    address=ip,
+                    addr=V4_PREFIX + packed if family == socket.AF_INET else packed,
+                    # Kubernetes: a missing ready or serving means true,
+                    # a missing terminating means false.
+                    ready=_flag(cond, "ready", True, f"{what}: {fld}"),
+                    serving=_flag(cond, "serving", True, f"{what}: {fld}"),
+                    terminating=_flag(cond, "terminating", False, f"{what}: {fld}"),
+                    node_name=ep.get("nodeName"),
+                    zone=ep.get("zone"),
+                    hint_zones=tuple(z.get("name") for z in hz if isinstance(z, dict)) if hz else None,
+                    hint_nodes=tuple(n.get("name") for n in hn if isinstance(n, dict)) if hn else None,
+                )
+            )
+        except ObjectError as e:
+            problems.append(str(e))
+    return EndpointSlice(ns, name, svc, atype, tuple(ports), tuple(endpoints), labels, tuple(problems))
+
+
+def parse_node(raw: dict) -> Node:
+    _, name, labels = _meta(raw, describe(raw), namespaced=False)
+    status = raw.get("status") or {}
+    addrs = tuple(a.get("address") for a in (status.get("addresses") or []) if isinstance(a, dict) and a.get("address"))
+    return Node(name, labels, addrs)

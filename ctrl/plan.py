@@ -1,0 +1,94 @@
+"""Desired dataplane frontends of one Service. Pure: no kernel, no ids.
+
+A Frontend is one entry of the frontend map (address, port, protocol,
+scope) with the backends it should spread over. Ids and slot positions are
+decided later by ctrl.diff against what is programmed, so that the same
+input always plans the same frontends and an unchanged service diffs empty.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from .objects import EndpointSlice, Node, Service, addr16
+from .topology import merge_endpoints, select_endpoints
+
+PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+SCOPE_INTERNAL = 0
+SCOPE_EXTERNAL = 1
+
+# Protocols the datapath rewrites today.
+SERVED_PROTOCOLS = ("TCP", "UDP")
+
+Backend = tuple[bytes, int, int]  # (addr16, port, protocol number)
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    addr: bytes  # addr16
+    port: int
+    proto: int
+    scope: int
+    name: str  # "namespace/name:portname/PROTO", stored in sp_names_v1
+    backends: tuple[Backend, ...]  # sorted, no duplicates
+    flags: int = 0
+    affinity_timeout: int = 0
+
+    @property
+    def key(self) -> tuple[bytes, int, int, int]:
+        return (self.addr, self.port, self.proto, self.scope)
+
+
+def frontend_name(svc: Service, port_name: str, port: int, proto: str) -> str:
+    return f"{svc.namespace}/{svc.name}:{port_name or port}/{proto}"
+
+
+def ignored_reason(svc: Service) -> str | None:
+    """Why kube-proxy would not program this Service at all, or None."""
+    if svc.type == "ExternalName":
+        return "type ExternalName"
+    if not svc.cluster_ips:
+        return "headless (clusterIP None or empty)"
+    if "service.kubernetes.io/service-proxy-name" in svc.labels:
+        return "label service.kubernetes.io/service-proxy-name hands it to another proxy"
+    return None
+
+
+def plan_service(
+    svc: Service | None, slices: list[EndpointSlice], node: Node | None = None
+) -> tuple[list[Frontend], list[str]]:
+    """Frontends for one service, and notes on what was skipped and why."""
+    if svc is None or ignored_reason(svc):
+        return [], []
+    notes: list[str] = []
+    out: list[Frontend] = []
+    for ip in svc.cluster_ips:
+        a = addr16(ip)
+        family = "IPv6" if ":" in ip else "IPv4"
+        if family == "IPv6":
+            notes.append(f"{svc.key} Service: spec.clusterIPs {ip}: IPv6 is not served by this dataplane yet; skipped")
+            continue
+        for sp in svc.ports:
+            if sp.protocol not in SERVED_PROTOCOLS:
+                notes.append(
+                    f"{svc.key} Service: port {sp.name or sp.port}: protocol {sp.protocol} is not "
+                    f"served by this dataplane; skipped"
+                )
+                continue
+            proto = PROTO_NUMBERS[sp.protocol]
+            eps = select_endpoints(merge_endpoints(sp, slices, family))
+            backends = tuple(sorted({(e.ep.addr, e.port, proto) for e in eps}))
+            out.append(
+                Frontend(
+                    addr=a,
+                    port=sp.port,
+                    proto=proto,
+                    scope=SCOPE_INTERNAL,
+                    name=frontend_name(svc, sp.name, sp.port, sp.protocol),
+                    backends=backends,
+                )
+            )
+    return out, notes
