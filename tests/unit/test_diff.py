@@ -1,0 +1,156 @@
+import socket
+
+import pytest
+
+from ctrl.apply import Codecs, encode
+from ctrl.diff import Capacity, Programmed, assign_slots
+from ctrl.objects import addr16
+from ctrl.plan import Frontend
+
+TCP = socket.IPPROTO_TCP
+VIP = addr16("198.19.0.10")
+
+
+def be(i, port=8080):
+    return (addr16(f"198.18.1.{i}"), port, TCP)
+
+
+def front(*backend_nums, port=80, name="default/web:http/TCP", vip=VIP):
+    return Frontend(vip, port, TCP, 0, name, tuple(sorted(be(i) for i in backend_nums)))
+
+
+@pytest.mark.parametrize(
+    "current,wanted,expect",
+    [
+        pytest.param([], [1, 2, 3], [1, 2, 3], id="fresh"),
+        pytest.param([1, 2, 3], [1, 2, 3], [1, 2, 3], id="unchanged"),
+        pytest.param([1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4], id="append"),
+        pytest.param([1, 2, 3], [1, 3], [1, 3], id="remove-middle-moves-last-into-hole"),
+        pytest.param([1, 2, 3, 4], [1, 3, 4], [1, 4, 3], id="remove-keeps-others-in-place"),
+        pytest.param([1, 2, 3], [1, 3, 5], [1, 5, 3], id="replace-fills-hole"),
+        pytest.param([1, 2, 3], [3], [3], id="shrink-to-one"),
+        pytest.param([1, 2, 3], [], [], id="empty"),
+        pytest.param([1, None, 3], [1, 3], [1, 3], id="adopted-hole"),
+        pytest.param([1, 1, 2], [1, 2], [1, 2], id="duplicate-dropped"),
+    ],
+)
+def test_assign_slots(current, wanted, expect):
+    assert assign_slots(current, wanted) == expect
+
+
+def test_same_state_twice_writes_nothing():
+    p = Programmed()
+    first = p.sync({"default/web": [front(1, 2, 3)]})
+    assert len(first) > 0
+    assert len(p.sync({"default/web": [front(1, 2, 3)]})) == 0
+
+
+def test_new_service_writes_backends_slots_frontend_and_name():
+    cs = Programmed().sync({"default/web": [front(1, 2)]})
+    assert [b for _, b in cs.be_upd] == [be(1), be(2)]
+    assert [(s, i) for s, i, _ in cs.slot_upd] == [(1, 0), (1, 1)]
+    assert cs.svc_upd == [((VIP, 80, TCP, 0), (1, 2, 0, 0))]
+    assert cs.name_upd == [(1, "default/web:http/TCP")]
+
+
+def test_removing_one_backend_of_100_touches_few_entries():
+    p = Programmed()
+    p.sync({"default/web": [front(*range(1, 101))]})
+    cs = p.sync({"default/web": [front(*range(2, 101))]})
+    assert len(cs.slot_upd) <= 1 and len(cs.slot_del) == 1 and len(cs.be_del) == 1
+    assert cs.svc_upd[0][1][1] == 99
+    assert cs.removed == [((VIP, 80, TCP, 0), be(1))]
+
+
+def test_ids_stable_across_changes_and_other_services():
+    p = Programmed()
+    p.sync({"default/web": [front(1, 2)]})
+    sid = p.frontends[(VIP, 80, TCP, 0)].svc_id
+    p.sync({"default/other": [front(3, port=81, name="default/other:81/TCP")]})
+    p.sync({"default/web": [front(1, 2, 4)]})
+    assert p.frontends[(VIP, 80, TCP, 0)].svc_id == sid
+    assert p.backend_ids[be(1)] == 1 and p.backend_ids[be(2)] == 2
+
+
+def test_backend_shared_by_two_services_is_kept_until_both_drop_it():
+    p = Programmed()
+    p.sync({"default/a": [front(1, port=80, name="a")], "default/b": [front(1, port=81, name="b")]})
+    assert len(p.backends) == 1
+    cs = p.sync({"default/a": []})
+    assert cs.be_del == [] and len(p.backends) == 1
+    cs = p.sync({"default/b": []})
+    assert cs.be_del == [1] and not p.backends
+
+
+def test_backend_moving_between_services_in_one_sync_keeps_its_id():
+    p = Programmed()
+    p.sync({"default/a": [front(1, port=80, name="a")]})
+    cs = p.sync({"default/a": [], "default/b": [front(1, port=81, name="b")]})
+    assert cs.be_del == [] and cs.be_upd == [] and p.backend_ids[be(1)] == 1
+
+
+def test_full_map_rejects_whole_service_and_keeps_previous():
+    p = Programmed(Capacity(services=10, slots=5, backends=100, names=10))
+    p.sync({"default/web": [front(1, 2)]})
+    cs = p.sync({"default/web": [front(1, 2, 3, 4, 5, 6)], "default/ok": [front(9, port=81, name="ok")]})
+    assert "slot map holds at most 5" in cs.rejected["default/web"]
+    # Nothing of the rejected service was written; the other one was.
+    assert all(s != 1 for s, _, _ in cs.slot_upd)
+    assert len(p.frontends[(VIP, 80, TCP, 0)].slots) == 2
+    assert (VIP, 81, TCP, 0) in p.frontends
+
+
+def test_prune_only_with_full_sync():
+    p = Programmed()
+    p.sync({"default/a": [front(1, port=80, name="a")], "default/b": [front(2, port=81, name="b")]})
+    assert len(p.sync({})) == 0
+    cs = p.sync({}, prune_except={"default/a"})
+    assert cs.svc_del == [(VIP, 81, TCP, 0)] and cs.be_del == [2]
+
+
+def test_adopt_rebuilds_ids_and_diffs_empty():
+    p = Programmed()
+    p.sync({"default/web": [front(1, 2, 3)]})
+    st = p.frontends[(VIP, 80, TCP, 0)]
+    svc = {(VIP, 80, TCP, 0): (st.svc_id, 3, 0, 0)}
+    slots = {(st.svc_id, i): b for i, b in enumerate(st.slots)}
+    q = Programmed()
+    q.adopt(svc, slots, dict(p.backends), {st.svc_id: "default/web:http/TCP"})
+    assert len(q.sync({"default/web": [front(1, 2, 3)]}, prune_except={"default/web"})) == 0
+    cs = q.sync({"default/web": [front(1, 2, 3, 4)]})
+    assert cs.be_upd == [(4, be(4))]  # next id continues after the adopted ones
+
+
+def test_adopt_unnamed_orphans_are_removed_only_at_full_sync():
+    q = Programmed()
+    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1, (9, 0): 1}, {1: be(1)}, {})
+    assert len(q.sync({})) == 0
+    cs = q.sync({}, prune_except=set())
+    assert cs.svc_del == [(VIP, 80, TCP, 0)]
+    assert sorted(cs.slot_del) == [(7, 0), (9, 0)]
+    assert cs.be_del == [1]
+
+
+def _order(cs):
+    return [(m, op) for m, op, _, _ in encode(cs, Codecs.get())]
+
+
+def test_write_order_on_growth_slots_before_count():
+    p = Programmed()
+    p.sync({"default/web": [front(1)]})
+    order = _order(p.sync({"default/web": [front(1, 2)]}))
+    assert order.index(("sp_be_v1", "update")) < order.index(("sp_slot_v1", "update")) < order.index(("sp_svc_v1", "update"))
+
+
+def test_write_order_on_shrink_count_before_slot_and_backend_deletes():
+    p = Programmed()
+    p.sync({"default/web": [front(1, 2, 3)]})
+    order = _order(p.sync({"default/web": [front(1)]}))
+    assert order.index(("sp_svc_v1", "update")) < order.index(("sp_slot_v1", "delete")) < order.index(("sp_be_v1", "delete"))
+
+
+def test_write_order_on_service_removal_frontend_first():
+    p = Programmed()
+    p.sync({"default/web": [front(1, 2)]})
+    order = _order(p.sync({"default/web": []}))
+    assert order == [("sp_svc_v1", "delete"), ("sp_slot_v1", "delete"), ("sp_be_v1", "delete"), ("sp_names_v1", "delete")]

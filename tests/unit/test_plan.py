@@ -1,0 +1,62 @@
+import pytest
+
+from ctrl.objects import parse
+from ctrl.plan import plan_service
+
+from .helpers import endpoint, endpoint_slice, eps, service
+
+
+def plan(svc_raw, *slice_raws):
+    return plan_service(parse(svc_raw), [parse(r) for r in slice_raws])
+
+
+@pytest.mark.parametrize(
+    "svc_raw",
+    [
+        pytest.param(service(ip="None"), id="headless"),
+        pytest.param(service(ip=None, type="ExternalName", externalName="example.invalid"), id="external-name"),
+        pytest.param(
+            {**service(), "metadata": {"name": "web", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "other"}}},
+            id="service-proxy-name",
+        ),
+    ],
+)
+def test_ignored_services_have_no_frontends(svc_raw):
+    fronts, _ = plan(svc_raw, endpoint_slice("a", endpoints=eps("198.18.1.1")))
+    assert fronts == []
+
+
+def test_one_frontend_per_port_with_ready_backends():
+    svc = service(ports=[{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}])
+    sl = endpoint_slice(
+        "a",
+        endpoints=[endpoint("198.18.1.1"), endpoint("198.18.1.2", ready=False)],
+        ports=[{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+    )
+    fronts, notes = plan(svc, sl)
+    assert notes == []
+    got = {(f.name, f.port, f.proto): [b[1] for b in f.backends] for f in fronts}
+    assert got == {("default/web:http/TCP", 80, 6): [8080], ("default/web:dns/UDP", 53, 17): [5353]}
+
+
+def test_service_without_endpoints_has_frontend_with_no_backends():
+    fronts, _ = plan(service())
+    assert len(fronts) == 1 and fronts[0].backends == ()
+
+
+@pytest.mark.parametrize(
+    "svc_raw,note",
+    [
+        pytest.param(service(ports=[{"name": "s", "port": 80, "protocol": "SCTP"}]), "protocol SCTP is not served", id="sctp"),
+        pytest.param(service(ip="2001:db8::10"), "IPv6 is not served", id="ipv6"),
+    ],
+)
+def test_unserved_features_are_skipped_with_a_named_note(svc_raw, note):
+    fronts, notes = plan(svc_raw)
+    assert fronts == [] and len(notes) == 1 and note in notes[0] and "default/web Service" in notes[0]
+
+
+def test_same_input_plans_the_same():
+    a = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.2", "198.18.1.1")))
+    b = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.1", "198.18.1.2")))
+    assert a == b
