@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import starmap
 
 from . import layout
 from .diff import ChangeSet, FKey
@@ -47,37 +48,48 @@ class Codecs:
         )
 
 
+def _pack_all(codec: layout.Codec, rows) -> bytes:
+    # starmap runs the loop in C: 100,000 entries in a few milliseconds.
+    return b"".join(starmap(codec.st.pack, rows))
+
+
 def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     """(map, op, keys, values) in the order they must reach the kernel."""
     out: list[tuple[str, str, bytes, bytes]] = []
 
-    def add(mapname: str, op: str, keys: list[bytes], vals: list[bytes] | None = None) -> None:
-        if keys:
-            out.append((mapname, op, b"".join(keys), b"".join(vals) if vals is not None else b""))
+    def add(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> None:
+        if n:
+            out.append((mapname, op, keys, vals))
 
-    add(
-        "sp_be_v1",
-        "update",
-        [c.u32.pack(i) for i, _ in cs.be_upd],
-        [c.backend.pack(a, p, pr) for _, (a, p, pr) in cs.be_upd],
-    )
+    def ids(seq) -> bytes:
+        return _pack_all(c.u32, ((i,) for i in seq))
+
+    add("sp_be_v1", "update", len(cs.be_upd), ids(i for i, _ in cs.be_upd), _pack_all(c.backend, (b for _, b in cs.be_upd)))
     add(
         "sp_slot_v1",
         "update",
-        [c.slot_key.pack(s, i) for s, i, _ in cs.slot_upd],
-        [c.slot_val.pack(b) for _, _, b in cs.slot_upd],
+        len(cs.slot_upd),
+        _pack_all(c.slot_key, ((s, i) for s, i, _ in cs.slot_upd)),
+        _pack_all(c.slot_val, ((b,) for _, _, b in cs.slot_upd)),
     )
-    add("sp_svc_v1", "update", [c.svc_key.pack(*k) for k, _ in cs.svc_upd], [c.svc_val.pack(*v) for _, v in cs.svc_upd])
+    add(
+        "sp_svc_v1",
+        "update",
+        len(cs.svc_upd),
+        _pack_all(c.svc_key, (k for k, _ in cs.svc_upd)),
+        _pack_all(c.svc_val, (v for _, v in cs.svc_upd)),
+    )
     add(
         "sp_names_v1",
         "update",
-        [c.u32.pack(i) for i, _ in cs.name_upd],
-        [c.name.pack(n.encode()[:127]) for _, n in cs.name_upd],
+        len(cs.name_upd),
+        ids(i for i, _ in cs.name_upd),
+        _pack_all(c.name, ((n.encode()[:127],) for _, n in cs.name_upd)),
     )
-    add("sp_svc_v1", "delete", [c.svc_key.pack(*k) for k in cs.svc_del])
-    add("sp_slot_v1", "delete", [c.slot_key.pack(s, i) for s, i in cs.slot_del])
-    add("sp_be_v1", "delete", [c.u32.pack(i) for i in cs.be_del])
-    add("sp_names_v1", "delete", [c.u32.pack(i) for i in cs.name_del])
+    add("sp_svc_v1", "delete", len(cs.svc_del), _pack_all(c.svc_key, cs.svc_del))
+    add("sp_slot_v1", "delete", len(cs.slot_del), _pack_all(c.slot_key, cs.slot_del))
+    add("sp_be_v1", "delete", len(cs.be_del), ids(cs.be_del))
+    add("sp_names_v1", "delete", len(cs.name_del), ids(cs.name_del))
     return out
 
 

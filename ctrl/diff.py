@@ -238,15 +238,24 @@ class Programmed:
         if not self.by_owner.get(owner):
             self.by_owner.pop(owner, None)
 
-    def _backend_id(self, b: Backend, cs: ChangeSet) -> int:
-        bid = self.backend_ids.get(b)
-        if bid is None:
-            bid = self.next_be_id
-            self.next_be_id += 1
-            self.backend_ids[b] = bid
-            self.backends[bid] = b
-            cs.be_upd.append((bid, b))
-        return bid
+    def _backend_ids(self, bs: tuple[Backend, ...], cs: ChangeSet) -> list[int]:
+        """Ids of these backends, allocating (and writing) new ones."""
+        ids = self.backend_ids
+        get = ids.get
+        out = [get(b) for b in bs]
+        if None in out:
+            for i, bid in enumerate(out):
+                if bid is None:
+                    b = bs[i]
+                    bid = ids.get(b)  # listed twice in bs: allocated above
+                    if bid is None:
+                        bid = self.next_be_id
+                        self.next_be_id += 1
+                        ids[b] = bid
+                        self.backends[bid] = b
+                        cs.be_upd.append((bid, b))
+                    out[i] = bid
+        return out  # type: ignore[return-value]
 
     def _drop_backend(self, bid: int, cs: ChangeSet) -> None:
         b = self.backends.pop(bid)
@@ -256,7 +265,7 @@ class Programmed:
 
     def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
         cur = self.frontends.get(f.key)
-        wanted = [self._backend_id(b, cs) for b in f.backends]
+        wanted = self._backend_ids(f.backends, cs)
         if cur is None:
             cur = FrontendState(self.next_svc_id, owner, "", [], -1, -1)
             self.next_svc_id += 1
@@ -270,14 +279,12 @@ class Programmed:
         cur.owner = owner
         old = cur.slots
         new = assign_slots(old, wanted)  # type: ignore[arg-type]
-        changed = False
-        for i, b in enumerate(new):
-            if i >= len(old) or old[i] != b:
-                cs.slot_upd.append((cur.svc_id, i, b))
-                changed = True
-        for i in range(len(new), len(old)):
-            cs.slot_del.append((cur.svc_id, i))
-            changed = True
+        sid = cur.svc_id
+        n_old = len(old)
+        upd = [(sid, i, b) for i, b in enumerate(new) if i >= n_old or old[i] != b]
+        cs.slot_upd.extend(upd)
+        changed = bool(upd) or len(new) < n_old
+        cs.slot_del.extend((sid, i) for i in range(len(new), n_old))
         self.slot_count += len(new) - len(old)
         old_set, new_set = set(old), set(new)
         old_set.discard(None)  # type: ignore[arg-type]

