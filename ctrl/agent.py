@@ -11,11 +11,13 @@ the kernel and a full sync repairs what is there.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .apply import Writer, read_contents
 from .diff import ChangeSet, Programmed
@@ -24,6 +26,21 @@ from .plan import plan_service
 from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """A sync allocates hundreds of thousands of small tuples, none of them
+    in a reference cycle; the cyclic collector would walk every live
+    endpoint each time it triggers, which more than doubles a 100,000
+    endpoint sync. Reference counting frees the garbage either way."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class Agent:
@@ -71,6 +88,16 @@ class Agent:
 
     def sync(self) -> ChangeSet | None:
         """Plan and write what changed; a full sync plans everything."""
+        with paused_gc():
+            cs = self._sync()
+        if self.syncs == 1:
+            # What the first full sync built lives as long as the agent: keep
+            # it out of every later collection.
+            gc.collect()
+            gc.freeze()
+        return cs
+
+    def _sync(self) -> ChangeSet | None:
         t0 = time.perf_counter()
         full = self.need_full
         owners = set(self.state.services) | self.programmed.owners() if full else set(self.dirty)

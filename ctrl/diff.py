@@ -87,8 +87,8 @@ class Capacity:
     """max_entries of the maps the diff fills."""
 
     services: int = 65536
-    slots: int = 524288
-    backends: int = 524288
+    slots: int = 262144
+    backends: int = 262144
     names: int = 65536
 
 

@@ -30,8 +30,8 @@ class MapSizes:
     """max_entries of each map, set before load (a pinned map keeps its own)."""
 
     services: int = 65536
-    backends: int = 524288
-    slots: int = 524288
+    backends: int = 262144
+    slots: int = 262144
     conntrack: int = 262144
 
     def for_map(self, name: str) -> int | None:
