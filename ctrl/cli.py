@@ -13,8 +13,9 @@ import sys
 
 from . import __version__
 from .libbpf import BPFError
-from .loader import DEFAULT_PIN_DIR, MapSizes
+from .loader import DEFAULT_PIN_DIR
 from .logs import setup_logging
+from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy")
 
@@ -91,15 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args) -> int:
     from .agent import Agent
-    from .diff import Capacity, Programmed
+    from .diff import Programmed
     from .source.files import FileSource
     from .state import ClusterState
 
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
-    capacity = Capacity(services=sizes.services, slots=sizes.slots, backends=sizes.backends, names=sizes.services)
     source = FileSource(args.source)
     state = ClusterState(args.node_name)
-    programmed = Programmed(capacity)
+    programmed = Programmed(sizes)
 
     if args.dry_run:
         source.start()

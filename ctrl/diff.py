@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .plan import Backend, Frontend
+from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy.diff")
 
@@ -82,16 +83,6 @@ class ChangeSet:
         }
 
 
-@dataclass
-class Capacity:
-    """max_entries of the maps the diff fills."""
-
-    services: int = 65536
-    slots: int = 262144
-    backends: int = 262144
-    names: int = 65536
-
-
 def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
     """New slot list for `wanted` backend ids, moving as few as possible."""
     want = set(wanted)
@@ -126,8 +117,8 @@ def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
 
 
 class Programmed:
-    def __init__(self, capacity: Capacity | None = None):
-        self.capacity = capacity or Capacity()
+    def __init__(self, capacity: MapSizes | None = None):
+        self.capacity = capacity or MapSizes()
         self.frontends: dict[FKey, FrontendState] = {}
         self.by_owner: dict[str, set[FKey]] = defaultdict(set)
         self.backend_ids: dict[Backend, int] = {}
@@ -221,12 +212,16 @@ class Programmed:
         cap = self.capacity
         # Deletes happen after upserts in one apply: count additions only.
         full = []
-        if g_svc and len(self.frontends) + g_svc + len(cs.svc_del) > cap.services:
-            full.append(f"the service map holds at most {cap.services} frontends")
-        if g_slots and self.slot_count + g_slots > cap.slots:
-            full.append(f"the slot map holds at most {cap.slots} entries ({g_slots} more needed)")
+        # Entries this change set deletes are still in the kernel while its
+        # additions are written: count them towards the peak.
+        if g_svc and len(self.frontends) + len(cs.svc_del) + g_svc > cap.services:
+            full.append(f"the service map holds at most {cap.services} frontends (raise --max-services)")
+        if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
+            full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
         if g_be and len(self.backends) + g_be > cap.backends:
-            full.append(f"the backend map holds at most {cap.backends} backends ({g_be} more needed)")
+            full.append(
+                f"the backend map holds at most {cap.backends} backends, {g_be} more needed (raise --max-backends)"
+            )
         if full:
             cs.rejected[owner] = "; ".join(full)
             return

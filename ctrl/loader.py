@@ -17,31 +17,13 @@ from pathlib import Path
 from . import layout
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
+from .sizes import MapSizes
 
 PROGRAM = "sp_tc_ingress"
 
 MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_stats_v1", "sp_names_v1")
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
-
-
-@dataclass
-class MapSizes:
-    """max_entries of each map, set before load (a pinned map keeps its own)."""
-
-    services: int = 65536
-    backends: int = 262144
-    slots: int = 262144
-    conntrack: int = 262144
-
-    def for_map(self, name: str) -> int | None:
-        return {
-            "sp_svc_v1": self.services,
-            "sp_names_v1": self.services,
-            "sp_be_v1": self.backends,
-            "sp_slot_v1": self.slots,
-            "sp_ct_v1": self.conntrack,
-        }.get(name)
 
 
 @dataclass

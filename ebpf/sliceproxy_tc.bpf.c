@@ -169,6 +169,33 @@ static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct)
 	return be;
 }
 
+/*
+ * The reply entry of a flow: backend -> client, rewritten back to the
+ * frontend. fwd is the flow's forward key, fct its forward value. With
+ * BPF_NOEXIST an existing entry is left as it is (one lookup, no write).
+ */
+static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct sp_svc_key *front,
+				     const struct sp_ct_val *fct, __u64 flags)
+{
+	struct sp_ct_key rk = {};
+	struct sp_ct_val rv = {};
+
+	__builtin_memcpy(rk.saddr, fct->nat_addr, sizeof(rk.saddr));
+	__builtin_memcpy(rk.daddr, fwd->saddr, sizeof(rk.daddr));
+	rk.sport = fct->nat_port;
+	rk.dport = fwd->sport;
+	rk.proto = fwd->proto;
+	rk.dir = SP_CT_REPLY;
+	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v1, &rk))
+		return 0;
+	__builtin_memcpy(rv.nat_addr, front->addr, sizeof(rv.nat_addr));
+	rv.nat_port = front->port;
+	rv.backend_id = fct->backend_id;
+	rv.svc_id = fct->svc_id;
+	rv.last_seen = fct->last_seen;
+	return bpf_map_update_elem(&sp_ct_v1, &rk, &rv, flags);
+}
+
 SEC("tc")
 int sp_tc_ingress(struct __sk_buff *skb)
 {
@@ -258,22 +285,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		ct->last_seen = now;
 		/* The LRU may evict the reply entry alone: put it back, or the
 		 * backend's answers would reach the client unrewritten. */
-		struct sp_ct_key rk = {};
-		__builtin_memcpy(rk.saddr, ct->nat_addr, sizeof(rk.saddr));
-		__builtin_memcpy(rk.daddr, ckey.saddr, sizeof(rk.daddr));
-		rk.sport = ct->nat_port;
-		rk.dport = ckey.sport;
-		rk.proto = proto;
-		rk.dir = SP_CT_REPLY;
-		if (!bpf_map_lookup_elem(&sp_ct_v1, &rk)) {
-			struct sp_ct_val rv = {};
-			__builtin_memcpy(rv.nat_addr, skey.addr, sizeof(rv.nat_addr));
-			rv.nat_port = skey.port;
-			rv.backend_id = ct->backend_id;
-			rv.svc_id = ct->svc_id;
-			rv.last_seen = now;
-			bpf_map_update_elem(&sp_ct_v1, &rk, &rv, BPF_NOEXIST);
-		}
+		put_reply(&ckey, &skey, ct, BPF_NOEXIST);
 		if (rewrite_v4(skb, l4_off, proto, IP_DADDR_OFF, 2, daddr, addr_to_v4(ct->nat_addr),
 			       dport, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
@@ -306,21 +318,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	if (bpf_map_update_elem(&sp_ct_v1, &ckey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	/* The reply entry: backend -> client, rewritten back to the frontend. */
-	struct sp_ct_key rkey = {};
-	__builtin_memcpy(rkey.saddr, be->addr, sizeof(rkey.saddr));
-	__builtin_memcpy(rkey.daddr, ckey.saddr, sizeof(rkey.daddr));
-	rkey.sport = be->port;
-	rkey.dport = ckey.sport;
-	rkey.proto = proto;
-	rkey.dir = SP_CT_REPLY;
-	struct sp_ct_val rct = {};
-	__builtin_memcpy(rct.nat_addr, skey.addr, sizeof(rct.nat_addr));
-	rct.nat_port = skey.port;
-	rct.backend_id = be_id;
-	rct.svc_id = svc->svc_id;
-	rct.last_seen = now;
-	if (bpf_map_update_elem(&sp_ct_v1, &rkey, &rct, BPF_ANY))
+	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
 	if (rewrite_v4(skb, l4_off, proto, IP_DADDR_OFF, 2, daddr, addr_to_v4(nct.nat_addr), dport,

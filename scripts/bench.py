@@ -41,9 +41,10 @@ sys.path.insert(0, str(ROOT))
 from ctrl import loader  # noqa: E402
 from ctrl.agent import paused_gc  # noqa: E402
 from ctrl.apply import Writer  # noqa: E402
-from ctrl.diff import Capacity, Programmed  # noqa: E402
+from ctrl.diff import Programmed  # noqa: E402
 from ctrl.objects import parse  # noqa: E402
 from ctrl.plan import plan_service  # noqa: E402
+from ctrl.sizes import MapSizes  # noqa: E402
 from ctrl.state import ClusterState, Event  # noqa: E402
 
 
@@ -79,10 +80,10 @@ def raw_slice(service: str, idx: int, ips: list[str]) -> dict:
     }
 
 
-def capacity_for(n: int) -> tuple[loader.MapSizes, Capacity]:
+def capacity_for(n: int) -> tuple[MapSizes, MapSizes]:
     size = max(65536, 1 << (n * 2 - 1).bit_length())
-    sizes = loader.MapSizes(services=65536, backends=size, slots=size, conntrack=65536)
-    return sizes, Capacity(services=65536, slots=size, backends=size, names=65536)
+    sizes = MapSizes(services=65536, backends=size, slots=size, conntrack=65536)
+    return sizes, sizes
 
 
 def bench_full(n: int, rounds: int) -> dict:

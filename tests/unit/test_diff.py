@@ -3,9 +3,10 @@ import socket
 import pytest
 
 from ctrl.apply import Codecs, encode
-from ctrl.diff import Capacity, Programmed, assign_slots
+from ctrl.diff import Programmed, assign_slots
 from ctrl.objects import addr16
 from ctrl.plan import Frontend
+from ctrl.sizes import MapSizes
 
 TCP = socket.IPPROTO_TCP
 VIP = addr16("198.19.0.10")
@@ -90,7 +91,7 @@ def test_backend_moving_between_services_in_one_sync_keeps_its_id():
 
 
 def test_full_map_rejects_whole_service_and_keeps_previous():
-    p = Programmed(Capacity(services=10, slots=5, backends=100, names=10))
+    p = Programmed(MapSizes(services=10, slots=5, backends=100))
     p.sync({"default/web": [front(1, 2)]})
     cs = p.sync({"default/web": [front(1, 2, 3, 4, 5, 6)], "default/ok": [front(9, port=81, name="ok")]})
     assert "slot map holds at most 5" in cs.rejected["default/web"]

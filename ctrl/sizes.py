@@ -1,0 +1,25 @@
+"""Map capacities: what the loader sizes the maps to, and what the diff
+checks a change against before writing it (a full map gets a clear error
+and no half-written service)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    services: int = 65536  # frontends; also the names map
+    backends: int = 262144
+    slots: int = 262144  # sum of backends over frontends
+    conntrack: int = 262144  # LRU: full means the oldest flows go
+
+    def for_map(self, name: str) -> int | None:
+        """max_entries of one map, None for maps of fixed size."""
+        return {
+            "sp_svc_v1": self.services,
+            "sp_names_v1": self.services,
+            "sp_be_v1": self.backends,
+            "sp_slot_v1": self.slots,
+            "sp_ct_v1": self.conntrack,
+        }.get(name)
