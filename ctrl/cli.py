@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "log_level"):
         setup_logging(args.log_level, args.log_format)
+    if getattr(args, "log_level", "info") != "debug":
+        from .libbpf import quiet
+
+        try:
+            quiet()
+        except BPFError:
+            pass  # no libbpf at all: the command says so when it needs it
     try:
         if args.cmd == "run":
             return cmd_run(args)

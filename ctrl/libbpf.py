@@ -111,6 +111,7 @@ ffi.cdef(
                              const struct bpf_map_batch_opts *opts);
     int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
     int libbpf_num_possible_cpus(void);
+    void *libbpf_set_print(void *fn);
     """
 )
 
@@ -139,6 +140,14 @@ def lib():
                 "(Debian/Ubuntu package libbpf1) on this node",
             ) from e
     return _lib
+
+
+def quiet(on: bool = True) -> None:
+    """Silence libbpf's own stderr messages (the verifier log among them):
+    errors reach the operator as one sentence from us; --log-level debug
+    brings libbpf's detail back."""
+    if on:
+        lib().libbpf_set_print(ffi.NULL)
 
 
 def check(ret: int, what: str) -> int:

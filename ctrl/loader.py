@@ -9,6 +9,7 @@ filter holds a reference to it, so it too outlives the agent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ def load(
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
     sizes = sizes or MapSizes()
     lb = lib()
+    created = False
     if pin_dir is not None:
         parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
         if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
@@ -92,6 +94,7 @@ def load(
                 f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
                 f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
             )
+        created = not os.path.exists(pin_dir)
         try:
             os.makedirs(pin_dir, exist_ok=True)
         except PermissionError as e:
@@ -120,7 +123,7 @@ def load(
         ret = lb.bpf_object__load(obj)
         if ret < 0:
             err = -ret if ret != -1 else ffi.errno
-            hint = explain(err)
+            hint = explain(err) + " (--log-level debug shows libbpf's and the verifier's detail)"
             if err == errno.EINVAL and pin_dir is not None:
                 hint += (
                     f"; or a map pinned in {pin_dir} has another size or layout than this build "
@@ -137,6 +140,9 @@ def load(
         return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=lb.bpf_program__fd(prog), _obj=obj)
     except BaseException:
         lb.bpf_object__close(obj)
+        if pin_dir is not None and created:
+            with contextlib.suppress(OSError):
+                os.rmdir(pin_dir)  # only if still empty
         raise
 
 
