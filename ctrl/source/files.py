@@ -7,7 +7,8 @@ re-read, and the difference with what it held before becomes upsert and
 delete events. A file that no longer parses keeps its last good objects (a
 half-saved file must not drop services) and gets one log line naming the
 file and the line; a bad object gets one naming the file, the object and
-the field, and the rest of the file is used.
+the field, keeps its last good version if it had one, and the rest of the
+file is used.
 """
 
 from __future__ import annotations
@@ -39,12 +40,26 @@ def object_key(kind: str, obj) -> str:
     return f"{obj.namespace}/{obj.name}"
 
 
-def read_file(path: Path) -> dict[tuple[str, str], object]:
-    """Objects of one file by (kind, key). Raises yaml.YAMLError / OSError
-    for a file that cannot be read at all."""
+def raw_ident(raw: object) -> tuple[str, str] | None:
+    """(kind, key) of an object we could not parse, as far as it tells."""
+    if not isinstance(raw, dict) or raw.get("kind") not in KINDS:
+        return None
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    if raw["kind"] == "Node":
+        return ("Node", meta["name"])
+    return (raw["kind"], f"{meta.get('namespace') or 'default'}/{meta['name']}")
+
+
+def read_file(path: Path) -> tuple[dict[tuple[str, str], object], set[tuple[str, str]]]:
+    """Objects of one file by (kind, key), and the idents of objects that
+    failed to parse. Raises yaml.YAMLError / OSError for a file that cannot
+    be read at all."""
     with open(path, "rb") as f:
         docs = list(yaml.load_all(f, Loader=_Loader))
     out: dict[tuple[str, str], object] = {}
+    failed: set[tuple[str, str]] = set()
     items = []
     for i, doc in enumerate(docs):
         if doc is None:
@@ -60,6 +75,9 @@ def read_file(path: Path) -> dict[tuple[str, str], object]:
             obj = parse(raw)
         except ObjectError as e:
             log.error("%s: %s", path, e)
+            ident = raw_ident(raw)
+            if ident is not None:
+                failed.add(ident)
             continue
         for problem in getattr(obj, "problems", ()):
             log.error("%s: %s", path, problem)
@@ -68,7 +86,7 @@ def read_file(path: Path) -> dict[tuple[str, str], object]:
         if (kind, key) in out:
             log.error("%s: %s is defined twice in this file; the last one counts", path, describe(raw))
         out[(kind, key)] = obj
-    return out
+    return out, failed
 
 
 class FileSource:
@@ -95,6 +113,9 @@ class FileSource:
         self.synced = True
         self._thread = threading.Thread(target=self._run, name="file-source", daemon=True)
         self._thread.start()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self.synced  # start() reads the whole directory before returning
 
     def stop(self) -> None:
         self._stop.set()
@@ -134,7 +155,7 @@ class FileSource:
             if self._files.get(p) == sig:
                 continue
             try:
-                objs = read_file(p)
+                objs, failed = read_file(p)
             except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
                 mark = getattr(e, "problem_mark", None)
                 where = f" line {mark.line + 1}" if mark is not None else ""
@@ -142,6 +163,12 @@ class FileSource:
                 self._files[p] = sig
                 continue
             self._files[p] = sig
+            # An object that no longer parses keeps its last good version:
+            # a typo in a Service must not take the Service down.
+            old = self._objects.get(p, {})
+            for ident in failed:
+                if ident in old and ident not in objs:
+                    objs[ident] = old[ident]
             events.extend(self._replace(p, objs))
         if events:
             self.events.put(events)

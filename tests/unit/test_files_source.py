@@ -100,3 +100,19 @@ def test_slice_relabelled_to_other_service_moves(tmp_path):
     dirty = st.apply(Event("upsert", "EndpointSlice", "default/a", parse(endpoint_slice("a", service="api", endpoints=eps("198.18.1.1")))))
     assert dirty == {"default/web", "default/api"}
     assert st.slices_of("default/web") == [] and len(st.slices_of("default/api")) == 1
+
+
+def test_bad_edit_of_an_object_keeps_its_last_good_version(tmp_path, caplog):
+    write(tmp_path / "svc.yaml", service(), service(name="other", ip="198.19.0.11"))
+    src = FileSource(tmp_path)
+    src.scan()
+    drain(src)
+    write(tmp_path / "svc.yaml", service(ip="198.19.0.300"), service(name="other", ip="198.19.0.12"))
+    with caplog.at_level(logging.ERROR):
+        events = drain_after_scan(src)
+    # web keeps its programmed version; other moves on.
+    assert keys(events) == [("upsert", "Service", "default/other")]
+    assert "default/web Service: spec.clusterIP" in caplog.text
+    # Deleting the broken object from the file does delete it.
+    write(tmp_path / "svc.yaml", service(name="other", ip="198.19.0.12"))
+    assert keys(drain_after_scan(src)) == [("delete", "Service", "default/web")]
