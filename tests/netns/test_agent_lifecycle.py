@@ -1,0 +1,136 @@
+"""Tier 3: the agent's life cycle around a dataplane that must not notice.
+
+Attaching twice stacks nothing; a restart keeps ids and traffic; a killed
+agent leaves a working dataplane and readable pins; uninstall removes our
+filter and pins and nothing else.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from .agent import SLICEPROXY, TrafficLoop, all_filters, dump, frontends, our_filters
+from .conftest import CLIENT_IP, THREE, VIP, Agents, assert_spread, http, udp
+from .topo import Topology
+
+pytestmark = pytest.mark.root
+
+
+def host_ifaces(topo: Topology) -> list[str]:
+    return [p.host_if for p in topo.pods.values()]
+
+
+def assert_one_filter_everywhere(topo: Topology) -> None:
+    for ifname in host_ifaces(topo):
+        found = our_filters(topo, ifname)
+        assert len(found) == 1, f"{ifname}: expected exactly one sliceproxy filter at ingress, found {found}"
+        assert found[0]["options"]["prog"]["name"] == "sp_tc_ingress", found[0]
+
+
+def ids(doc: dict) -> dict[str, tuple[int, list[str]]]:
+    """svc_id and the backends in slot order, per frontend."""
+    return {f: (s["svc_id"], s["backends"]) for f, s in frontends(doc).items()}
+
+
+def test_restart_is_idempotent_and_keeps_ids_and_traffic(topo: Topology, agents: Agents) -> None:
+    first = agents.start_ready()
+    assert_one_filter_everywhere(topo)
+    before = ids(dump(topo, agents.pin_dir))
+
+    # Requests run back to back through the whole restart: the program and
+    # the maps stay in the kernel while no agent runs.
+    loop = TrafficLoop(topo, "client", "http", f"{VIP}:80").start()
+    try:
+        loop.wait_batches(1)
+        rc = first.terminate()
+        assert rc == 0, f"the agent exited {rc} on SIGTERM"
+        first.wait_log("signal SIGTERM: stopping")
+        # At least one whole batch with no agent at all (+2: the one running
+        # now may have started before the agent stopped).
+        loop.wait_batches(loop.done() + 2)
+        second = agents.start()
+        agents.wait_ready(second)
+        # And a couple more once the new agent has taken over.
+        loop.wait_batches(loop.done() + 2)
+    finally:
+        batches = loop.stop()
+
+    errors = [s for b in batches for s in b["error_samples"]]
+    assert sum(b["errors"] for b in batches) == 0, f"requests failed during the restart: {errors}"
+    counts: dict[str, int] = {}
+    for b in batches:
+        for k, v in b["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    assert set(counts) == set(THREE), counts
+
+    assert_one_filter_everywhere(topo)
+    after = ids(dump(topo, agents.pin_dir))
+    assert after == before, "service ids or backend slots changed across a restart"
+    # The restarted agent found everything in place: its first full sync
+    # wrote nothing.
+    full = second.wait_log(r"sync \(full\):")
+    assert "frontends +0/-0, slots +0/-0, backends +0/-0" in full[0], full[0]
+    assert_spread(http(topo), THREE)
+
+
+def test_dataplane_survives_sigkill_of_the_agent(topo: Topology, agents: Agents) -> None:
+    agent = agents.start_ready()
+    assert_spread(http(topo, count=20), THREE)
+    before = dump(topo, agents.pin_dir)
+
+    rc = agent.kill()
+    assert rc == -signal.SIGKILL, f"expected death by SIGKILL, got {rc}"
+
+    res = http(topo)
+    assert_spread(res, THREE)
+    assert res["client_ips_seen"] == [CLIENT_IP]
+    assert_spread(udp(topo), THREE)
+    after = dump(topo, agents.pin_dir)
+    assert ids(after) == ids(before)
+    # Served by the program: the new flows were DNATed while no agent ran.
+    # (Not == 400: a client port reused from an earlier request finds that
+    # flow's conntrack entry and counts as established.)
+    moved = after["counters"]["dnat_new"]["packets"] - before["counters"]["dnat_new"]["packets"]
+    assert moved >= 200, f"dnat_new moved by {moved} for 400 new flows"
+    assert_one_filter_everywhere(topo)
+
+
+def test_uninstall_removes_our_filter_and_pins_only(topo: Topology, agents: Agents) -> None:
+    agent = agents.start_ready()
+    assert_one_filter_everywhere(topo)
+    # Another tool's filter on one of the same hooks must survive (u32:
+    # the classifier this kernel is sure to have; it matches nothing here).
+    other = topo.pods["backend-1"].host_if
+    u32 = ["u32", "match", "ip", "dst", "198.18.255.255/32"]
+    cp = topo.exec_in("node", ["tc", "filter", "add", "dev", other, "ingress", "pref", "100", *u32])
+    assert cp.returncode == 0, cp.stderr
+    assert agent.terminate() == 0
+
+    cp = topo.exec_in(
+        "node",
+        [str(SLICEPROXY), "uninstall", "--pin-dir", str(agents.pin_dir), "--interfaces", topo.iface_glob],
+        timeout=60,
+    )
+    assert cp.returncode == 0, f"uninstall exited {cp.returncode}: {cp.stderr}"
+
+    for ifname in host_ifaces(topo):
+        assert our_filters(topo, ifname) == [], f"{ifname} still has our filter"
+    assert not agents.pin_dir.exists(), f"{agents.pin_dir} still exists"
+    foreign = [f for f in all_filters(topo, other) if f["options"].get("match", {}).get("value") == "c612ffff"]
+    assert len(foreign) == 1, f"uninstall touched another tool's filter on {other}: {all_filters(topo, other)}"
+
+    # With the program gone nothing translates the ClusterIP any more.
+    res = http(topo, count=3, timeout=0.5)
+    assert res["counts"] == {} and res["errors"] == 3, res
+    # A second uninstall has nothing left to do and says so without failing.
+    cp = topo.exec_in(
+        "node",
+        [str(SLICEPROXY), "uninstall", "--pin-dir", str(agents.pin_dir), "--interfaces", topo.iface_glob],
+        timeout=60,
+        stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+    )
+    assert cp.returncode == 0, cp.stdout

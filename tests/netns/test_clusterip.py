@@ -1,0 +1,282 @@
+"""Tier 3: a ClusterIP service through the real dataplane.
+
+A client pod talks to 198.19.0.10, an address on no interface: only the tc
+program on the node side of the client's veth can turn it into a backend.
+Backends are servers.py instances that say who they are and which client
+address they saw; client.py counts the answers (see their docstrings).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from .agent import (
+    SourceDir,
+    dump,
+    endpoint,
+    endpoint_slice,
+    finish_client,
+    frontends,
+    service,
+    start_client,
+)
+from .conftest import (
+    BACKENDS,
+    CLIENT_IP,
+    SLICE_PORTS,
+    THREE,
+    VIP,
+    WEB_PORTS,
+    Agents,
+    N,
+    assert_spread,
+    http,
+    udp,
+    web_backends,
+    web_slice,
+)
+from .topo import Topology
+
+pytestmark = pytest.mark.root
+
+
+def test_tcp_reaches_every_backend_without_snat(topo: Topology, agents: Agents) -> None:
+    agents.start_ready()
+    res = http(topo)
+    assert_spread(res, THREE)
+    # No SNAT: every backend saw the client pod's own address.
+    assert res["client_ips_seen"] == [CLIENT_IP]
+
+
+def test_udp_reaches_every_backend_and_replies_come_from_the_clusterip(topo: Topology, agents: Agents) -> None:
+    agents.start_ready()
+    # client.py connect()s each new UDP socket to the VIP: the kernel only
+    # delivers datagrams from 198.19.0.10:53 to it, so a reply that was not
+    # reverse-NATed (source = the backend's own address) never arrives and
+    # counts as a timeout error.
+    res = udp(topo)
+    assert_spread(res, THREE)
+
+
+def test_established_connection_keeps_its_backend_while_others_change(
+    topo: Topology, agents: Agents, src: SourceDir
+) -> None:
+    agent = agents.start_ready()
+    lines = 150
+    echo = start_client(
+        topo, "client", "echo", "--target", f"{VIP}:8081", "--count", str(lines), "--interval", "0.05", "--timeout", "2"
+    )
+    try:
+        own = backend_holding_connection(topo, echo)
+        others = [p for p in THREE if p != own]
+        gone = others[0]
+        stays = [own, others[1], "backend-4"]
+        # The connection's backend and one other stay, backend-4 joins and
+        # `gone` (a backend other than the connection's) leaves.
+        src.write("slice-a.yaml", web_slice("web-a", *stays))
+        src.write("slice-b.yaml", web_slice("web-b"))
+        agents.wait(web_backends(*stays), agent=agent)
+        assert echo.poll() is None, (
+            "the echo client finished before the change was programmed, so the test proved nothing; "
+            "raise its line count"
+        )
+        # New connections see the change while the old one goes on.
+        after = http(topo)
+        assert after["counts"].get(gone, 0) == 0, f"{gone} was removed but got {after['counts'][gone]} requests"
+        assert_spread(after, stays)
+        res = finish_client(topo, echo, timeout=60)
+    finally:
+        if echo.poll() is None:
+            topo.stop(echo)
+    assert res["errors"] == 0, f"echo lines failed: {res['error_samples']}"
+    assert res["connections"] == 1, f"the connection broke and was re-opened {res['connections'] - 1} times"
+    assert res["counts"] == {own: lines}, f"echoes came from {res['counts']}, expected all {lines} from {own}"
+
+
+def backend_holding_connection(topo: Topology, client: subprocess.Popen, timeout: float = 20.0) -> str:
+    """The backend pod with an established connection from the client on the
+    echo port (asked from the backends' side with ss, not the dataplane)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = []
+        for pod in BACKENDS:
+            cp = topo.exec_in(pod, ["ss", "-Htn", "state", "established", "( sport = :8081 )"])
+            if CLIENT_IP in cp.stdout:
+                holders.append(pod)
+        if len(holders) == 1:
+            return holders[0]
+        assert len(holders) < 2, f"several backends hold an echo connection: {holders}"
+        assert client.poll() is None, f"echo client exited ({client.returncode}) before connecting"
+        assert time.monotonic() < deadline, f"no backend saw the echo connection within {timeout:g}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["slice-emptied", "slice-file-deleted", "endpoint-not-ready"],
+)
+def test_removed_backend_gets_no_new_connections(topo: Topology, agents: Agents, src: SourceDir, how: str) -> None:
+    agent = agents.start_ready()
+    # First it is reachable, so a 0 below means it was taken out.
+    assert_spread(http(topo), THREE)
+    if how == "slice-emptied":
+        src.write("slice-b.yaml", web_slice("web-b"))
+    elif how == "slice-file-deleted":
+        src.remove("slice-b.yaml")
+    else:
+        src.write(
+            "slice-b.yaml",
+            endpoint_slice("web-b", "web", SLICE_PORTS, [endpoint(BACKENDS["backend-3"], ready=False)]),
+        )
+    agents.wait(web_backends("backend-1", "backend-2"), agent=agent)
+    res = http(topo)
+    assert res["counts"].get("backend-3", 0) == 0, f"backend-3 still got {res['counts']['backend-3']} of {N}"
+    assert_spread(res, ["backend-1", "backend-2"])
+    res = udp(topo)
+    assert res["counts"].get("backend-3", 0) == 0, f"backend-3 still got {res['counts']['backend-3']} datagrams"
+    assert_spread(res, ["backend-1", "backend-2"])
+
+
+# -- bad input ---------------------------------------------------------------
+
+
+def error_lines(agent, needle: str) -> list[str]:
+    return [line for line in agent.log() if " ERROR " in line and needle in line]
+
+
+def add_probe_service(agents: Agents, src: SourceDir, agent, name: str, ip: str) -> None:
+    """Add a good service and wait until it is programmed. The file source
+    scans the whole directory each pass, so once this shows up every file
+    present before was seen at least once more: error lines that would be
+    repeated have been by then."""
+    src.write(
+        f"{name}.yaml",
+        service(name, ip, [("http", 80, "TCP", 8080)]),
+        endpoint_slice(f"{name}-1", name, [("http", 8080, "TCP")], [BACKENDS["backend-4"]]),
+    )
+    agents.wait({f"{ip}:80/TCP": {f"{BACKENDS['backend-4']}:8080"}}, agent=agent)
+
+
+def test_malformed_yaml_file_is_reported_once_and_the_rest_is_served(
+    topo: Topology, agents: Agents, src: SourceDir
+) -> None:
+    agent = agents.start_ready()
+    before = {f: (s["svc_id"], sorted(s["backends"])) for f, s in frontends(agents_dump(agents)).items()}
+    bad = src.write_text("broken.yaml", "kind: Service\nmetadata: {name: broken\n  spec: [\n")
+    agent.wait_log(re.escape(str(bad)))
+    add_probe_service(agents, src, agent, "probe", "198.19.0.30")
+    lines = error_lines(agent, str(bad))
+    assert len(lines) == 1, f"expected one error line naming {bad}, got {lines}"
+    assert re.search(rf"{re.escape(str(bad))} line \d+", lines[0]), f"the line number is missing: {lines[0]}"
+    # Nothing of web moved, and it still answers.
+    after = {f: (s["svc_id"], sorted(s["backends"])) for f, s in frontends(agents_dump(agents)).items()}
+    assert {f: after[f] for f in before} == before
+    assert_spread(http(topo), THREE)
+    assert_spread(http(topo, "198.19.0.30:80", count=20), ["backend-4"])
+
+
+def test_file_broken_by_an_edit_keeps_its_previous_objects(topo: Topology, agents: Agents, src: SourceDir) -> None:
+    """A half-saved file must not take its services down."""
+    agent = agents.start_ready()
+    before = frontends(agents_dump(agents))
+    path = src.write_text("service.yaml", src.file("service.yaml").read_text() + "  ports: [\n")
+    agent.wait_log(re.escape(str(path)))
+    add_probe_service(agents, src, agent, "probe", "198.19.0.30")
+    assert len(error_lines(agent, str(path))) == 1, error_lines(agent, str(path))
+    after = frontends(agents_dump(agents))
+    for f, s in before.items():
+        assert f in after, f"{f} was removed after its file broke"
+        assert (after[f]["svc_id"], after[f]["backends"]) == (s["svc_id"], s["backends"])
+    assert_spread(http(topo), THREE)
+    assert_spread(udp(topo), THREE)
+
+
+def test_object_with_bad_ip_is_named_and_the_rest_is_served(topo: Topology, agents: Agents, src: SourceDir) -> None:
+    agent = agents.start_ready()
+    # One file: a Service whose ClusterIP is not an address, a good Service,
+    # and a slice for web with one bad endpoint address and one good one.
+    path = src.write(
+        "mixed.yaml",
+        service("bad", "198.19.0.300", [("http", 80, "TCP", 8080)]),
+        service("other", "198.19.0.31", [("http", 80, "TCP", 8080)]),
+        endpoint_slice("other-1", "other", [("http", 8080, "TCP")], [BACKENDS["backend-1"]]),
+        endpoint_slice("web-c", "web", SLICE_PORTS, ["198.18.1.256", BACKENDS["backend-4"]]),
+    )
+    # The rest of the file is used: other is served, backend-4 joins web.
+    want = web_backends("backend-1", "backend-2", "backend-3", "backend-4")
+    want["198.19.0.31:80/TCP"] = {f"{BACKENDS['backend-1']}:8080"}
+    agents.wait(want, agent=agent)
+    add_probe_service(agents, src, agent, "probe", "198.19.0.30")
+
+    bad_svc = error_lines(agent, "default/bad Service")
+    assert len(bad_svc) == 1, f"expected one error line for default/bad Service, got {bad_svc}"
+    assert str(path) in bad_svc[0] and "clusterIP" in bad_svc[0] and "198.19.0.300" in bad_svc[0], bad_svc[0]
+    bad_ep = error_lines(agent, "EndpointSlice web-c")
+    assert len(bad_ep) == 1, f"expected one error line for EndpointSlice web-c, got {bad_ep}"
+    assert str(path) in bad_ep[0] and "endpoints[0].addresses[0]" in bad_ep[0] and "198.18.1.256" in bad_ep[0]
+
+    assert_spread(http(topo), ["backend-1", "backend-2", "backend-3", "backend-4"])
+    assert_spread(http(topo, "198.19.0.31:80", count=20), ["backend-1"])
+
+
+def test_bad_edit_of_a_programmed_service_keeps_it(topo: Topology, agents: Agents, src: SourceDir) -> None:
+    """The web Service is edited to a ClusterIP that is not an address: the
+    error names file, object and field, and what was programmed stays."""
+    agent = agents.start_ready()
+    before = frontends(agents_dump(agents))
+    doc = service("web", "198.19.0.300", WEB_PORTS)
+    path = src.write("service.yaml", doc)
+    agent.wait_log(re.escape(f"{path}: default/web Service: spec.clusterIP"))
+    add_probe_service(agents, src, agent, "probe", "198.19.0.30")
+    lines = error_lines(agent, "default/web Service")
+    assert len(lines) == 1, lines
+    after = frontends(agents_dump(agents))
+    for f, s in before.items():
+        assert f in after, f"{f} was removed by an invalid edit of its Service"
+        assert after[f]["backends"] == s["backends"]
+    assert_spread(http(topo), THREE)
+
+
+# -- no ready endpoint ----------------------------------------------------------
+
+
+def test_service_without_ready_endpoints_drops_and_others_are_unaffected(
+    topo: Topology, agents: Agents, src: SourceDir
+) -> None:
+    src.write(
+        "idle.yaml",
+        service("idle", "198.19.0.20", [("http", 80, "TCP", 8080), ("dns", 53, "UDP", 5353)]),
+        endpoint_slice(
+            "idle-1",
+            "idle",
+            [("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            # Not ready and not serving: no fallback endpoint either.
+            [endpoint(BACKENDS["backend-4"], ready=False, serving=False)],
+        ),
+    )
+    want = web_backends(*THREE) | {"198.19.0.20:80/TCP": set(), "198.19.0.20:53/UDP": set()}
+    agents.start_ready(want)
+    before = agents_dump(agents)["counters"]["drop_no_backend"]["packets"]
+
+    tries = 3
+    res = http(topo, "198.19.0.20:80", count=tries, timeout=1.0)
+    assert res["counts"] == {}, f"a service without ready endpoints answered: {res['counts']}"
+    assert res["errors"] == tries
+    res = udp(topo, "198.19.0.20:53", count=tries, timeout=1.0)
+    assert res["counts"] == {} and res["errors"] == tries, res
+
+    # Dropped by the dataplane as "no backend" (not passed on to the node,
+    # which would answer with an ICMP error: also a failure, but not ours).
+    after = agents_dump(agents)["counters"]["drop_no_backend"]["packets"]
+    assert after - before >= 2 * tries, f"drop_no_backend moved by {after - before}, expected >= {2 * tries}"
+
+    assert_spread(http(topo), THREE)
+    assert_spread(udp(topo), THREE)
+
+
+def agents_dump(agents: Agents) -> dict:
+    return dump(agents.topo, agents.pin_dir)
