@@ -53,6 +53,7 @@ class Agent:
         refresh_interfaces: Callable[[], object] | None = None,
         min_sync_period: float = 0.1,
         interface_period: float = 1.0,
+        resync_period: float = 60.0,
     ):
         self.source = source
         self.state = state
@@ -61,6 +62,7 @@ class Agent:
         self.refresh_interfaces = refresh_interfaces
         self.min_sync_period = min_sync_period
         self.interface_period = interface_period
+        self.resync_period = resync_period
         self.dirty: set[str] = set()
         self.need_full = True
         self.stop_event = threading.Event()
@@ -146,12 +148,19 @@ class Agent:
         self.need_full = True
 
     def run(self) -> None:
-        """Until stop(): the source must already be started (first list read)."""
-        self._drain_nowait()
-        self.sync()
+        """Until stop(). Nothing is written before the source's first full
+        list of every resource (source.synced); then a full sync, then only
+        what changes, plus a full reconcile every resync_period."""
         next_ifaces = 0.0
+        next_resync = time.monotonic() + self.resync_period
         while not self.stop_event.is_set():
             now = time.monotonic()
+            if self.resync_period and now >= next_resync and self.syncs:
+                # Repair what changed behind our back (a map edited by hand,
+                # a write lost): read the kernel, diff everything.
+                self._readopt()
+                self.retry_at = 0.0
+                next_resync = now + self.resync_period
             if self.refresh_interfaces is not None and now >= next_ifaces:
                 try:
                     self.refresh_interfaces()
@@ -171,6 +180,11 @@ class Agent:
                         self.take(self.source.events.get(timeout=left))
                     except queue.Empty:
                         break
+            if not self.source.synced:
+                continue
+            # A source queues a resource's list before it reports it synced:
+            # take everything queued so far before the first (pruning) sync.
+            self._drain_nowait()
             if self.dirty or (self.need_full and time.monotonic() >= self.retry_at):
                 self.sync()
 

@@ -151,15 +151,15 @@ class Agents:
         self.pin_dir = BPFFS / f"{PIN_PREFIX}{topo.prefix}"
         self.started: list[AgentProc] = []
 
-    def start(self) -> AgentProc:
-        a = AgentProc(self.topo, self.src.path, self.pin_dir)
+    def start(self, extra: tuple[str, ...] = ()) -> AgentProc:
+        a = AgentProc(self.topo, self.src.path, self.pin_dir, extra)
         self.started.append(a)
         return a
 
-    def start_ready(self, expected: dict[str, set[str]] | None = None) -> AgentProc:
+    def start_ready(self, expected: dict[str, set[str]] | None = None, extra: tuple[str, ...] = ()) -> AgentProc:
         """Start an agent and wait until the dump shows ``expected`` (web
         with backend-1..3 by default) and every pod veth is attached."""
-        a = self.start()
+        a = self.start(extra)
         self.wait_ready(a, expected)
         return a
 

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from .agent import SLICEPROXY, TrafficLoop, all_filters, dump, frontends, our_filters
-from .conftest import CLIENT_IP, THREE, VIP, Agents, assert_spread, http, udp
+from .conftest import CLIENT_IP, THREE, VIP, Agents, assert_spread, http, udp, web_backends
 from .topo import Topology
 
 pytestmark = pytest.mark.root
@@ -134,3 +134,21 @@ def test_uninstall_removes_our_filter_and_pins_only(topo: Topology, agents: Agen
         stdout=subprocess.PIPE,
     )
     assert cp.returncode == 0, cp.stdout
+
+
+def test_periodic_reconcile_repairs_maps_changed_behind_its_back(topo: Topology, agents: Agents) -> None:
+    from ctrl.apply import Codecs
+    from ctrl.maps import Map
+    from ctrl.objects import addr16
+
+    agents.start_ready(extra=("--sync-period", "1"))
+    svc = Map.open_pinned(str(agents.pin_dir / "sp_svc_v1"))
+    try:
+        # Someone deletes the http frontend by hand: its traffic stops...
+        assert svc.delete(Codecs.get().svc_key.pack(addr16(VIP), 80, 6, 0))
+        assert f"{VIP}:80/TCP" not in frontends(dump(topo, agents.pin_dir))
+    finally:
+        svc.close()
+    # ...until the next full reconcile reads the kernel and writes it back.
+    agents.wait(web_backends("backend-1", "backend-2", "backend-3"))
+    assert_spread(http(topo), THREE)
