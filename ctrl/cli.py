@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="program the dataplane from a source and keep it in sync")
-    run.add_argument("--source", metavar="DIR", required=True, help="directory of Kubernetes YAML to serve")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--source", metavar="DIR", help="directory of Kubernetes YAML to serve (no cluster needed)")
+    src.add_argument("--kubeconfig", metavar="PATH", help="watch the Kubernetes API with this kubeconfig")
+    src.add_argument(
+        "--in-cluster", action="store_true", help="watch the Kubernetes API as the Pod's ServiceAccount (the default in a Pod)"
+    )
     run.add_argument(
         "--interfaces",
         action="append",
@@ -44,7 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})")
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
     run.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS", help="coalesce bursts of changes for this long")
+    run.add_argument(
+        "--sync-period",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="full reconcile against the kernel maps this often (repairs changes made behind our back); 0: never",
+    )
     run.add_argument("--bpf-object", help="compiled tc program (default: build/sliceproxy_tc.bpf.o)")
+    run.add_argument(
+        "--healthz-bind-address",
+        default="0.0.0.0:10256",
+        metavar="HOST:PORT",
+        help="serve /healthz here, as kube-proxy does; empty: off",
+    )
+    run.add_argument(
+        "--healthz-stale-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="/healthz answers 503 when changes wait and no sync succeeded for this long",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the desired map contents and exit; touches no kernel state")
     run.add_argument("--output", choices=("text", "json"), default="text", help="format of --dry-run")
     sizes = MapSizes()
@@ -100,16 +125,18 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from .agent import Agent
     from .diff import Programmed
-    from .source.files import FileSource
     from .state import ClusterState
 
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
-    source = FileSource(args.source)
+    source = make_source(args)
     state = ClusterState(args.node_name)
     programmed = Programmed(sizes)
 
     if args.dry_run:
         source.start()
+        if not source.synced and not source.wait_synced(timeout=60):
+            print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
+            return 1
         source.stop()
         agent = Agent(source, state, programmed, writer=None)
         agent._drain_nowait()
@@ -146,7 +173,16 @@ def cmd_run(args) -> int:
         writer,
         refresh_interfaces=attacher.refresh if attacher else None,
         min_sync_period=args.min_sync_period,
+        resync_period=args.sync_period,
     )
+
+    if args.healthz_bind_address:
+        from .health import Health, serve
+
+        try:
+            serve(Health(agent, args.healthz_stale_after), args.healthz_bind_address)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /healthz on {args.healthz_bind_address}: {e}") from None
 
     def on_signal(signum, frame):
         log.info("signal %s: stopping; programs stay attached and maps pinned", signal.Signals(signum).name)
@@ -154,11 +190,34 @@ def cmd_run(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving %s on interfaces %s, maps pinned in %s", args.source, ",".join(patterns) or "-", args.pin_dir)
+    log.info(
+        "serving %s on interfaces %s, maps pinned in %s",
+        args.source or args.kubeconfig or "the in-cluster API",
+        ",".join(patterns) or "-",
+        args.pin_dir,
+    )
     agent.run()
     source.stop()
     dp.close()
     return 0
+
+
+def make_source(args):
+    """The file source, or the Kubernetes API (kubeconfig, or in-cluster)."""
+    if args.source:
+        from .source.files import FileSource
+
+        return FileSource(args.source)
+    in_cluster = args.in_cluster or (not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if not args.kubeconfig and not in_cluster:
+        raise SystemExit("sliceproxy run: give --source DIR, --kubeconfig PATH or --in-cluster")
+    from .source.kube import Client, KubeSource
+
+    try:
+        client = Client.from_config(None if in_cluster else args.kubeconfig)
+    except Exception as e:  # the kubernetes package raises several kinds
+        raise SystemExit(f"sliceproxy run: cannot read the Kubernetes client configuration: {e}") from None
+    return KubeSource(client, args.node_name)
 
 
 def render_changes(cs, output: str) -> str:

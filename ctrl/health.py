@@ -1,0 +1,71 @@
+"""/healthz, like kube-proxy's: healthy while syncs keep succeeding.
+
+The body carries kube-proxy's fields (lastUpdated, currentTime,
+nodeEligible), so probes and tools written for kube-proxy read it as they
+are. Unhealthy (503) when changes are waiting and no sync has succeeded for
+longer than `stale_after`, or before the first sync.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger("sliceproxy.health")
+
+
+def _rfc3339(t: float | None) -> str:
+    if t is None:
+        return ""
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Health:
+    def __init__(self, agent, stale_after: float = 60.0):
+        self.agent = agent
+        self.stale_after = stale_after
+
+    def status(self) -> tuple[int, dict]:
+        now = time.time()
+        last = self.agent.last_sync_ok
+        pending = bool(self.agent.dirty) or self.agent.need_full
+        healthy = last is not None and (not pending or now - last <= self.stale_after)
+        body = {
+            "lastUpdated": _rfc3339(last),
+            "currentTime": _rfc3339(now),
+            "nodeEligible": True,
+        }
+        return (200 if healthy else 503), body
+
+
+def serve(health: Health, address: str) -> ThreadingHTTPServer:
+    """Serve /healthz on "host:port" in a daemon thread."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?", 1)[0] not in ("/healthz", "/livez"):
+                self.send_error(404)
+                return
+            code, body = health.status()
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt: str, *args) -> None:
+            log.debug("healthz: " + fmt, *args)
+
+    srv = ThreadingHTTPServer((host, int(port)), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, name="healthz", daemon=True).start()
+    log.info("serving /healthz on %s", address)
+    return srv
