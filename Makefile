@@ -9,7 +9,7 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
-.PHONY: all deps bpf venv test unit datapath netns demo bench bench-quick bpffs lint clean
+.PHONY: all deps bpf venv k8s test unit datapath netns cluster demo bench bench-quick bpffs lint clean
 
 all: bpf venv
 
@@ -32,11 +32,17 @@ $(VENV)/.installed: pyproject.toml | deps
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
+# The real Kubernetes control plane for the cluster tests: kube-apiserver and
+# kube-controller-manager built from the Kubernetes Go module at the version
+# in scripts/k8s-version, cached outside the repository (a no-op when built).
+k8s:
+	bash scripts/build-k8s.sh
+
 # Pins need a bpf filesystem; most distributions mount one, containers may not.
 bpffs:
 	@grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 
-test: all bpffs
+test: all bpffs k8s
 	$(BIN)/python -m pytest -q tests
 
 unit: venv
@@ -47,6 +53,9 @@ datapath: all
 
 netns: all bpffs
 	$(BIN)/python -m pytest -q tests/netns
+
+cluster: all bpffs k8s
+	$(BIN)/python -m pytest -q tests/cluster
 
 demo: all bpffs
 	$(BIN)/python scripts/demo.py
