@@ -54,6 +54,7 @@ class Agent:
         min_sync_period: float = 0.1,
         interface_period: float = 1.0,
         resync_period: float = 60.0,
+        metrics=None,
     ):
         self.source = source
         self.state = state
@@ -63,6 +64,12 @@ class Agent:
         self.min_sync_period = min_sync_period
         self.interface_period = interface_period
         self.resync_period = resync_period
+        self.metrics = metrics
+        # Changes taken since the last successful sync, for the pending
+        # gauges and network programming latency.
+        self._pending = {"EndpointSlice": 0, "Service": 0}
+        self._queued_at: float | None = None
+        self._triggers: list[str] = []
         self.dirty: set[str] = set()
         self.need_full = True
         self.stop_event = threading.Event()
@@ -75,7 +82,20 @@ class Agent:
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
-            self.dirty |= self.state.apply(ev)
+            touched = self.state.apply(ev)
+            self.dirty |= touched
+            if not touched or ev.kind not in self._pending:
+                continue
+            self._pending[ev.kind] += 1
+            if self._queued_at is None:
+                self._queued_at = time.time()
+            trigger = getattr(ev.obj, "trigger_time", None)
+            if trigger:
+                self._triggers.append(trigger)
+            if self.metrics is not None:
+                self.metrics.changes_seen(ev.kind)
+        if self.metrics is not None:
+            self.metrics.pending(self._pending["EndpointSlice"], self._pending["Service"], self._queued_at)
 
     def plan(self, owners: set[str]) -> dict:
         desired = {}
@@ -110,6 +130,8 @@ class Agent:
         try:
             t_write = self.writer.apply(cs) if self.writer is not None and len(cs) else 0.0
         except BPFError as e:
+            if self.metrics is not None:
+                self.metrics.sync_failures.inc()
             log.error("writing the maps failed, re-reading them for a full sync: %s", e)
             self._readopt()
             self.retry_at = time.monotonic() + self.retry_period
@@ -120,6 +142,13 @@ class Agent:
         self.retry_at = time.monotonic() + self.retry_period
         self.syncs += 1
         self.last_sync_ok = time.time()
+        if self.metrics is not None:
+            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected))
+            self.metrics.programmed(self._triggers, self.last_sync_ok)
+            self.metrics.pending(0, 0, None)
+        self._pending = {"EndpointSlice": 0, "Service": 0}
+        self._queued_at = None
+        self._triggers = []
         if len(cs) or full:
             s = cs.summary()
             log.info(

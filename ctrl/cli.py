@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /healthz here, as kube-proxy does; empty: off",
     )
     run.add_argument(
+        "--metrics-bind-address",
+        default="127.0.0.1:10249",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here, as kube-proxy does; empty: off",
+    )
+    run.add_argument(
         "--healthz-stale-after",
         type=float,
         default=60.0,
@@ -165,6 +171,15 @@ def cmd_run(args) -> int:
     attacher = attach.Attacher(patterns, dp.prog_fd) if patterns else None
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
+    metrics = None
+    if args.metrics_bind_address:
+        from . import metrics as metrics_mod
+
+        metrics = metrics_mod.Metrics()
+        try:
+            metrics_mod.serve(metrics, args.metrics_bind_address, dp.maps)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /metrics on {args.metrics_bind_address}: {e}") from None
     source.start()
     agent = Agent(
         source,
@@ -174,13 +189,14 @@ def cmd_run(args) -> int:
         refresh_interfaces=attacher.refresh if attacher else None,
         min_sync_period=args.min_sync_period,
         resync_period=args.sync_period,
+        metrics=metrics,
     )
 
     if args.healthz_bind_address:
         from .health import Health, serve
 
         try:
-            serve(Health(agent, args.healthz_stale_after), args.healthz_bind_address)
+            serve(Health(agent, args.healthz_stale_after, metrics), args.healthz_bind_address)
         except OSError as e:
             raise SystemExit(f"sliceproxy run: cannot serve /healthz on {args.healthz_bind_address}: {e}") from None
 

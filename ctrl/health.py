@@ -25,9 +25,10 @@ def _rfc3339(t: float | None) -> str:
 
 
 class Health:
-    def __init__(self, agent, stale_after: float = 60.0):
+    def __init__(self, agent, stale_after: float = 60.0, metrics=None):
         self.agent = agent
         self.stale_after = stale_after
+        self.metrics = metrics
 
     def status(self) -> tuple[int, dict]:
         now = time.time()
@@ -39,7 +40,10 @@ class Health:
             "currentTime": _rfc3339(now),
             "nodeEligible": True,
         }
-        return (200 if healthy else 503), body
+        code = 200 if healthy else 503
+        if self.metrics is not None:
+            self.metrics.healthz.labels(code=str(code)).inc()
+        return code, body
 
 
 def serve(health: Health, address: str) -> ThreadingHTTPServer:

@@ -176,6 +176,10 @@ class Map:
             in_b, out_b, out_b2 = out_b, out_b2, out_b
         return result
 
+    def count(self) -> int:
+        """Entries now in the map (a walk with batch lookups)."""
+        return len(self.items())
+
     def clear(self) -> None:
         keys = [k for k, _ in self.items()]
         self.delete_batch(b"".join(keys))

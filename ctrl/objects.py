@@ -98,6 +98,9 @@ class EndpointSlice:
     endpoints: tuple[Endpoint, ...]
     labels: dict = field(default_factory=dict, hash=False)
     problems: tuple[str, ...] = ()
+    # endpoints.kubernetes.io/last-change-trigger-time: when the change this
+    # slice carries happened (network programming latency starts there).
+    trigger_time: str | None = field(default=None, compare=False)
 
     @property
     def service_key(self) -> str | None:
@@ -305,7 +308,12 @@ def parse_slice(raw: dict) -> EndpointSlice:
             )
         except ObjectError as e:
             problems.append(str(e))
-    return EndpointSlice(ns, name, svc, atype, tuple(ports), tuple(endpoints), labels, tuple(problems))
+    annotations = (raw.get("metadata") or {}).get("annotations") or {}
+    trigger = annotations.get("endpoints.kubernetes.io/last-change-trigger-time")
+    return EndpointSlice(
+        ns, name, svc, atype, tuple(ports), tuple(endpoints), labels, tuple(problems),
+        trigger if isinstance(trigger, str) else None,
+    )
 
 
 def parse_node(raw: dict) -> Node:

@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,10 @@ class Cluster:
         self.set_ready(name, ip, ready)
 
     def set_ready(self, name: str, ip: str, ready: bool) -> None:
-        # What a kubelet would report; the EndpointSlice controller reads it.
+        # What a kubelet would report; the EndpointSlice controller reads it,
+        # and takes its last-change-trigger-time from the Ready condition's
+        # lastTransitionTime.
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.cp.ok(
             "PATCH",
             f"/api/v1/namespaces/{self.ns}/pods/{name}/status",
@@ -89,8 +93,8 @@ class Cluster:
                     "podIP": ip,
                     "podIPs": [{"ip": ip}],
                     "conditions": [
-                        {"type": "Ready", "status": "True" if ready else "False"},
-                        {"type": "ContainersReady", "status": "True" if ready else "False"},
+                        {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now},
+                        {"type": "ContainersReady", "status": "True" if ready else "False", "lastTransitionTime": now},
                     ],
                 }
             },
@@ -314,8 +318,8 @@ def test_agent_runs_with_its_own_serviceaccount_and_nothing_more(
     assert status == 403
 
 
-def test_healthz_reports_the_last_sync(topo, forward, pin_dir, cluster, controlplane):
-    with web_agent(topo, pin_dir, cluster, controlplane, pods=("web-1",)):
+def test_healthz_and_network_programming_latency(topo, forward, pin_dir, cluster, controlplane):
+    with web_agent(topo, pin_dir, cluster, controlplane, pods=("web-1",)) as agent:
         probe = (
             "import urllib.request,sys;"
             "r=urllib.request.urlopen('http://127.0.0.1:10256/healthz',timeout=5);"
@@ -326,4 +330,14 @@ def test_healthz_reports_the_last_sync(topo, forward, pin_dir, cluster, controlp
         assert code == "200", out.stdout + out.stderr
         doc = json.loads(body)
         assert doc["nodeEligible"] is True and doc["lastUpdated"] and doc["currentTime"]
-
+        # A change while the agent watches: the EndpointSlice controller stamps
+        # the slice update with last-change-trigger-time (and drops it on later
+        # resyncs), and the agent turns it into network programming latency.
+        cluster.pod("web-2", PODS["web-2"])
+        wait_programmed(topo, pin_dir, agent, cluster.vip, "web-1", "web-2")
+        probe = probe.replace("10256/healthz", "10249/metrics")
+        out = topo.exec_in("node", [sys.executable, "-c", probe], timeout=10)
+        code, text = out.stdout.split(" ", 1)
+        assert code == "200"
+        count = [ln for ln in text.splitlines() if ln.startswith("kubeproxy_network_programming_duration_seconds_count")]
+        assert count and float(count[0].split()[-1]) >= 1, count

@@ -1,0 +1,44 @@
+from datetime import datetime, timezone
+
+import pytest
+from prometheus_client import generate_latest
+
+from ctrl.metrics import Metrics
+
+
+def value(m: Metrics, name: str) -> float:
+    return m.registry.get_sample_value(name) or 0.0
+
+
+@pytest.mark.parametrize(
+    "triggers,expect_count",
+    [
+        pytest.param(["2026-01-01T00:00:00Z"], 1, id="one-slice"),
+        pytest.param(["2026-01-01T00:00:00Z", "not a time"], 1, id="bad-annotation-ignored"),
+        pytest.param(["2099-01-01T00:00:00Z"], 0, id="future-ignored-clock-skew"),
+        pytest.param([], 0, id="none"),
+    ],
+)
+def test_network_programming_latency_from_trigger_time(triggers, expect_count):
+    m = Metrics()
+    at = datetime(2026, 1, 1, 0, 0, 3, tzinfo=timezone.utc).timestamp()
+    m.programmed(triggers, at)
+    assert value(m, "kubeproxy_network_programming_duration_seconds_count") == expect_count
+    if expect_count:
+        assert value(m, "kubeproxy_network_programming_duration_seconds_sum") == pytest.approx(3.0)
+
+
+def test_kube_proxy_metric_names_are_exposed():
+    m = Metrics()
+    m.changes_seen("EndpointSlice", 2)
+    m.synced(0.004, full=False, at=1000.0, rejected=0)
+    text = generate_latest(m.registry).decode()
+    for name in (
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1000.0",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total 2.0",
+        "kubeproxy_sync_proxy_rules_service_changes_pending",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+    ):
+        assert name in text, name
