@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump = sub.add_parser("dump", help="services and backends as the kernel maps hold them")
     dump.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
     dump.add_argument("--json", action="store_true")
+    dump.add_argument("--service", metavar="NAMESPACE/NAME", help="only this Service's frontends (and flows)")
+    dump.add_argument("--conntrack", action="store_true", help="also list the tracked flows")
 
     un = sub.add_parser("uninstall", help="detach the program and remove the pinned maps")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
@@ -269,7 +271,7 @@ def cmd_dump(args) -> int:
     from .dump import collect, render_json, render_table
 
     maps = loader.open_pinned(args.pin_dir)
-    data = collect(maps)
+    data = collect(maps, service=args.service, with_conntrack=args.conntrack)
     print(render_json(data) if args.json else render_table(data))
     return 0
 

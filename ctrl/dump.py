@@ -7,6 +7,7 @@ shows what packets actually see.
 from __future__ import annotations
 
 import json
+import time
 
 from . import layout
 from .apply import read_contents
@@ -47,12 +48,47 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
     return out
 
 
-def collect(maps: dict[str, Map]) -> dict:
+def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dict]:
+    """Forward conntrack entries (one per flow): client, frontend, backend,
+    and how long the flow has been idle."""
+    m = maps.get("sp_ct_v1")
+    if m is None:
+        return []
+    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val")
+    forward = layout.const("SP_CT_FORWARD")
+    now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
+    flows = []
+    for k, v in m.items():
+        saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
+        if direction != forward:
+            continue
+        nat_addr, nat_port, be_id, svc_id, last_seen = vc.unpack(v)
+        if svc_ids is not None and svc_id not in svc_ids:
+            continue
+        flows.append(
+            {
+                "proto": PROTO_NAMES.get(proto, str(proto)),
+                "client": hostport(saddr, sport),
+                "frontend": hostport(daddr, dport),
+                "backend": hostport(nat_addr, nat_port),
+                "backend_id": be_id,
+                "svc_id": svc_id,
+                "idle_seconds": round(max(0, now - last_seen) / 1e9, 1),
+            }
+        )
+    flows.sort(key=lambda f: (f["frontend"], f["client"]))
+    return flows
+
+
+def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bool = False) -> dict:
+    """Frontends with their backends; service "namespace/name" filters."""
     mc = read_contents(maps)
     services = []
     for key, (svc_id, count, flags, timeout) in sorted(
         mc.svc.items(), key=lambda kv: (mc.names.get(kv[1][0], ""), kv[0])
     ):
+        if service is not None and mc.names.get(svc_id, "").split(":", 1)[0] != service:
+            continue
         addr, port, proto, scope = key
         backends = []
         for i in range(count):
@@ -72,12 +108,16 @@ def collect(maps: dict[str, Map]) -> dict:
             }
         )
     ct = maps.get("sp_ct_v1")
-    return {
+    out = {
         "services": services,
         "backends": len(mc.backends),
-        "conntrack_entries": len(ct.items()) if ct is not None else 0,
+        "conntrack_entries": ct.count() if ct is not None else 0,
         "counters": counters(maps),
     }
+    if with_conntrack:
+        ids = {s["svc_id"] for s in services} if service is not None else None
+        out["conntrack"] = conntrack(maps, ids)
+    return out
 
 
 def render_table(data: dict) -> str:
@@ -95,6 +135,12 @@ def render_table(data: dict) -> str:
     nz = {k: v["packets"] for k, v in data["counters"].items() if v["packets"]}
     if nz:
         lines.append("packets: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
+    if "conntrack" in data:
+        lines.append("")
+        rows = [("PROTO", "CLIENT", "FRONTEND", "BACKEND", "IDLE")]
+        rows += [(f["proto"], f["client"], f["frontend"], f["backend"], f"{f['idle_seconds']}s") for f in data["conntrack"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines += ["  ".join(r[i].ljust(widths[i]) for i in range(5)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
