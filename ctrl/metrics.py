@@ -12,8 +12,18 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# kube-proxy exports no *_created series; neither do we.
+disable_created_metrics()
 
 log = logging.getLogger("sliceproxy.metrics")
 
