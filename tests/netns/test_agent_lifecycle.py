@@ -152,3 +152,39 @@ def test_periodic_reconcile_repairs_maps_changed_behind_its_back(topo: Topology,
     # ...until the next full reconcile reads the kernel and writes it back.
     agents.wait(web_backends("backend-1", "backend-2", "backend-3"))
     assert_spread(http(topo), THREE)
+
+
+def test_load_through_repeated_kills_and_source_changes(topo: Topology, agents: Agents) -> None:
+    """Connections run back to back while the agent is SIGKILLed, the source
+    changes while it is dead, and a new agent takes over; three rounds.
+    Zero failed connections, and once a removal is programmed no new
+    connection reaches the removed backend."""
+    from .conftest import web_slice
+
+    rounds = [
+        ("backend-3", ("backend-1", "backend-2")),  # (removed, serving)
+        ("backend-1", ("backend-2", "backend-4")),
+        ("backend-2", ("backend-3", "backend-4")),
+    ]
+    agent = agents.start_ready()
+    loop = TrafficLoop(topo, "client", "http", f"{VIP}:80", per_batch=25, max_batches=200, max_seconds=150).start()
+    checks = []  # (first batch index that must avoid it, removed backend)
+    try:
+        loop.wait_batches(1)
+        for removed, serving in rounds:
+            agent.kill()
+            agents.src.write("slice-a.yaml", web_slice("web-a", *serving))
+            if (agents.src.path / "slice-b.yaml").exists():
+                agents.src.remove("slice-b.yaml")
+            loop.wait_batches(loop.done() + 1)  # a batch with no agent at all
+            agent = agents.start()
+            agents.wait_ready(agent, web_backends(*serving))
+            checks.append((loop.done() + 1, removed))  # the batch running now may predate it
+            loop.wait_batches(loop.done() + 2)
+    finally:
+        batches = loop.stop()
+    failed = [b for b in batches if b["errors"]]
+    assert not failed, failed[:2]
+    for first, removed in checks:
+        reached = [i for i, b in enumerate(batches[first:first + 2], first) if b["counts"].get(removed)]
+        assert not reached, f"{removed} was removed but batches {reached} reached it"
