@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="/healthz answers 503 when changes wait and no sync succeeded for this long",
     )
     run.add_argument("--dry-run", action="store_true", help="print the desired map contents and exit; touches no kernel state")
+    run.add_argument(
+        "--cleanup-on-exit",
+        action="store_true",
+        help="on SIGTERM/SIGINT detach the program and remove the pins, as `sliceproxy uninstall` "
+        "(default: leave the dataplane serving the last state)",
+    )
     run.add_argument("--output", choices=("text", "json"), default="text", help="format of --dry-run")
     sizes = MapSizes()
     run.add_argument("--max-services", type=int, default=sizes.services, help="frontend map capacity")
@@ -217,6 +223,8 @@ def cmd_run(args) -> int:
     agent.run()
     source.stop()
     dp.close()
+    if args.cleanup_on_exit:
+        uninstall(patterns or ["*"], args.pin_dir)
     return 0
 
 
@@ -277,20 +285,24 @@ def cmd_dump(args) -> int:
 
 
 def cmd_uninstall(args) -> int:
+    uninstall(_patterns(args.interfaces) or ["*"], args.pin_dir)
+    return 0
+
+
+def uninstall(patterns: list[str], pin_dir: str) -> None:
+    """Detach our filter from matching interfaces and remove the pins."""
     from . import attach
 
-    patterns = _patterns(args.interfaces) or ["*"]
     n = 0
     for ifname in attach.match_interfaces(patterns):
         if attach.attached_program(ifname) is not None and attach.detach(ifname):
             log.info("detached from %s", ifname)
             n += 1
-    if os.path.isdir(args.pin_dir):
+    if os.path.isdir(pin_dir):
         # Unlinking a pin drops the map once no program uses it.
-        shutil.rmtree(args.pin_dir)
-        log.info("removed pins in %s", args.pin_dir)
+        shutil.rmtree(pin_dir)
+        log.info("removed pins in %s", pin_dir)
     log.info("uninstalled: detached from %d interfaces", n)
-    return 0
 
 
 if __name__ == "__main__":

@@ -136,6 +136,15 @@ def test_uninstall_removes_our_filter_and_pins_only(topo: Topology, agents: Agen
     assert cp.returncode == 0, cp.stdout
 
 
+def test_cleanup_on_exit_flag_uninstalls_on_sigterm(topo: Topology, agents: Agents) -> None:
+    agent = agents.start_ready(extra=("--cleanup-on-exit",))
+    assert_one_filter_everywhere(topo)
+    assert agent.terminate() == 0
+    for ifname in host_ifaces(topo):
+        assert our_filters(topo, ifname) == [], f"{ifname} still has our filter"
+    assert not agents.pin_dir.exists()
+
+
 def test_periodic_reconcile_repairs_maps_changed_behind_its_back(topo: Topology, agents: Agents) -> None:
     from ctrl.apply import Codecs
     from ctrl.maps import Map
