@@ -70,6 +70,7 @@ class Agent:
         self._pending = {"EndpointSlice": 0, "Service": 0}
         self._queued_at: float | None = None
         self._triggers: list[str] = []
+        self._last_sync_at = 0.0  # monotonic time of the last successful sync
         self.dirty: set[str] = set()
         self.need_full = True
         self.stop_event = threading.Event()
@@ -142,6 +143,7 @@ class Agent:
         self.retry_at = time.monotonic() + self.retry_period
         self.syncs += 1
         self.last_sync_ok = time.time()
+        self._last_sync_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected))
             self.metrics.programmed(self._triggers, self.last_sync_ok)
@@ -202,8 +204,10 @@ class Agent:
                 events = None
             if events:
                 self.take(events)
-                # Coalesce the rest of the burst into this sync.
-                deadline = time.monotonic() + self.min_sync_period
+                # kube-proxy's --min-sync-period: a change after a quiet
+                # spell syncs at once; within min_sync_period of the last
+                # sync, wait and take the rest of the burst into one sync.
+                deadline = self._last_sync_at + self.min_sync_period
                 while (left := deadline - time.monotonic()) > 0:
                     try:
                         self.take(self.source.events.get(timeout=left))

@@ -48,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})")
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
-    run.add_argument("--min-sync-period", type=float, default=0.1, metavar="SECONDS", help="coalesce bursts of changes for this long")
+    run.add_argument(
+        "--min-sync-period",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="at most one sync this often: a burst of changes within it becomes one sync "
+        "(kube-proxy's --min-sync-period)",
+    )
     run.add_argument(
         "--sync-period",
         type=float,
