@@ -9,7 +9,8 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
-.PHONY: all deps bpf venv k8s test unit datapath netns cluster demo bench bench-quick bpffs lint clean
+.PHONY: all deps bpf venv k8s test unit datapath netns cluster demo bench bench-quick bpffs lint clean \
+	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
 
@@ -65,6 +66,21 @@ bench: all bpffs
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick
+
+# The local VM (vagrant/, docs/local-vm.md): single-node k3s without
+# kube-proxy, sliceproxy built and deployed inside it. Needs Vagrant and
+# VirtualBox or libvirt on the host; `make test` only validates it.
+vagrant-up:
+	cd vagrant && vagrant up
+
+vagrant-test:
+	cd vagrant && vagrant ssh -c 'sudo bash /home/vagrant/sliceproxy/vagrant/smoke-test.sh'
+
+vagrant-redeploy:
+	cd vagrant && vagrant rsync && vagrant provision --provision-with sliceproxy
+
+vagrant-destroy:
+	cd vagrant && vagrant destroy -f
 
 clean:
 	rm -rf build $(VENV) *.egg-info

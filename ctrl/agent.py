@@ -125,7 +125,9 @@ class Agent:
         full = self.need_full
         owners = set(self.state.services) | self.programmed.owners() if full else set(self.dirty)
         desired = self.plan(owners)
-        cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None)
+        cs = self.programmed.sync(
+            desired, prune_except=set(self.state.services) if full else None, now=time.monotonic()
+        )
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         try:
@@ -218,7 +220,12 @@ class Agent:
             # A source queues a resource's list before it reports it synced:
             # take everything queued so far before the first (pruning) sync.
             self._drain_nowait()
-            if self.dirty or (self.need_full and time.monotonic() >= self.retry_at):
+            drain_end = self.programmed.next_drain_end()
+            if (
+                self.dirty
+                or (self.need_full and time.monotonic() >= self.retry_at)
+                or (drain_end is not None and time.monotonic() >= drain_end)
+            ):
                 self.sync()
 
     def _drain_nowait(self) -> None:

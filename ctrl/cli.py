@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(kube-proxy's --min-sync-period)",
     )
     run.add_argument(
+        "--drain-period",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a backend that leaves every Service keeps its established flows this long "
+        "before they are moved; new flows never pick it",
+    )
+    run.add_argument(
         "--sync-period",
         type=float,
         default=60.0,
@@ -151,7 +159,7 @@ def cmd_run(args) -> int:
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
     source = make_source(args)
     state = ClusterState(args.node_name)
-    programmed = Programmed(sizes)
+    programmed = Programmed(sizes, drain_period=0.0 if args.dry_run else args.drain_period)
 
     if args.dry_run:
         source.start()

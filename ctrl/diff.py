@@ -117,8 +117,13 @@ def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
 
 
 class Programmed:
-    def __init__(self, capacity: MapSizes | None = None):
+    def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0):
         self.capacity = capacity or MapSizes()
+        # A backend no frontend uses any more stays in the backend map this
+        # long: flows already on it keep going (a terminating Pod finishes
+        # its requests), while no new flow can pick it (no slot names it).
+        self.drain_period = drain_period
+        self.draining: dict[int, float] = {}  # backend id -> when it goes
         self.frontends: dict[FKey, FrontendState] = {}
         self.by_owner: dict[str, set[FKey]] = defaultdict(set)
         self.backend_ids: dict[Backend, int] = {}
@@ -142,7 +147,7 @@ class Programmed:
         names: dict[int, str],
     ) -> None:
         """Rebuild the mirror from decoded map contents."""
-        self.__init__(self.capacity)  # type: ignore[misc]
+        self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
         self.backends = dict(backends)
         self.backend_ids = {b: i for i, b in backends.items()}
         used_slots: set[tuple[int, int]] = set()
@@ -171,11 +176,14 @@ class Programmed:
     def owners(self) -> set[str]:
         return {o for o, keys in self.by_owner.items() if keys}
 
-    def sync(self, desired: dict[str, list[Frontend]], prune_except: set[str] | None = None) -> ChangeSet:
+    def sync(
+        self, desired: dict[str, list[Frontend]], prune_except: set[str] | None = None, now: float = 0.0
+    ) -> ChangeSet:
         """Bring the owners in `desired` to their frontends (an empty list
         removes them). With prune_except, also remove every owner not in it
         and every orphan entry: only after the first full list of every
-        resource."""
+        resource. `now` (seconds, any clock the caller keeps using) times
+        the draining of unused backends."""
         cs = ChangeSet()
         if prune_except is not None:
             for owner in list(self.by_owner):
@@ -191,11 +199,22 @@ class Programmed:
             self.orphan_slots, self.orphan_names = [], []
             self._unused.update(b for b in self.backends if self.refs.get(b, 0) == 0)
         # Backends are dropped once every owner is done, so one that moves
-        # from one service to another in the same sync keeps its id.
+        # from one service to another in the same sync keeps its id; and
+        # only after draining.
         for bid in sorted(self._unused):
-            if self.refs.get(bid, 0) <= 0 and bid in self.backends:
+            if self.refs.get(bid, 0) <= 0 and bid in self.backends and bid not in self.draining:
+                self.draining[bid] = now + self.drain_period
+        for bid, until in sorted(self.draining.items()):
+            if self.refs.get(bid, 0) > 0:
+                del self.draining[bid]  # used again: back in service, same id
+            elif now >= until:
+                del self.draining[bid]
                 self._drop_backend(bid, cs)
         return cs
+
+    def next_drain_end(self) -> float | None:
+        """When the next draining backend is due to go, if any."""
+        return min(self.draining.values()) if self.draining else None
 
     def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int]:
         """Entries this owner's change adds (services, slots, backends) at its peak."""

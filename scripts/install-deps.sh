@@ -3,7 +3,7 @@
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-pkgs=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables linux-libc-dev python3-venv libyaml-dev util-linux openssl)
+pkgs=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables linux-libc-dev python3-venv libyaml-dev util-linux openssl vagrant shellcheck)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

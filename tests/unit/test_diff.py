@@ -155,3 +155,32 @@ def test_write_order_on_service_removal_frontend_first():
     p.sync({"default/web": [front(1, 2)]})
     order = _order(p.sync({"default/web": []}))
     assert order == [("sp_svc_v1", "delete"), ("sp_slot_v1", "delete"), ("sp_be_v1", "delete"), ("sp_names_v1", "delete")]
+
+
+def test_unused_backend_drains_before_it_is_deleted():
+    p = Programmed(drain_period=10.0)
+    p.sync({"default/web": [front(1, 2)]}, now=0.0)
+    cs = p.sync({"default/web": [front(1)]}, now=1.0)
+    # Out of the slots at once (no new flow picks it), still in the backend map.
+    assert cs.slot_del == [(1, 1)] and cs.be_del == []
+    assert p.next_drain_end() == 11.0
+    assert len(p.sync({}, now=5.0)) == 0
+    cs = p.sync({}, now=11.0)
+    assert cs.be_del == [2] and p.next_drain_end() is None
+
+
+def test_draining_backend_used_again_keeps_its_id():
+    p = Programmed(drain_period=10.0)
+    p.sync({"default/web": [front(1, 2)]}, now=0.0)
+    p.sync({"default/web": [front(1)]}, now=1.0)
+    cs = p.sync({"default/web": [front(1, 2)]}, now=2.0)
+    assert cs.be_upd == [] and cs.slot_upd == [(1, 1, 2)]
+    assert p.next_drain_end() is None
+    assert len(p.sync({}, now=50.0)) == 0
+
+
+def test_adopted_unused_backends_drain_too():
+    q = Programmed(drain_period=10.0)
+    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
+    cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"}, now=100.0)
+    assert cs.be_del == [] and q.next_drain_end() == 110.0

@@ -1,0 +1,1 @@
+"""The local VM (vagrant/), checked without booting it."""
