@@ -1,9 +1,10 @@
-"""Attach the tc program to interfaces with netlink (pyroute2).
+"""Attach the tc programs to interfaces with netlink (pyroute2).
 
-One clsact qdisc per interface and one bpf filter at ingress with a fixed
-priority and handle that belong to sliceproxy: attaching again replaces our
-filter in place (a restart swaps the program without a gap and never stacks
-a second copy); filters of other tools are left alone.
+One clsact qdisc per interface and one bpf filter at each of ingress (DNAT)
+and egress (reverse NAT), with a fixed priority and handle that belong to
+sliceproxy: attaching again replaces our filters in place (a restart swaps
+the programs without a gap and never stacks a second copy); filters of
+other tools are left alone.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("sliceproxy.attach")
 
-# clsact ingress: TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+# clsact hooks: TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
 INGRESS_PARENT = 0xFFFFFFF2
+EGRESS_PARENT = 0xFFFFFFF3
 PRIO = 0x5350  # "SP": our slot among tc filters on the hook
 HANDLE = 1
 FILTER_NAME = "sliceproxy"
@@ -42,8 +44,10 @@ def match_interfaces(patterns: list[str], names: list[str] | None = None) -> lis
     return sorted(n for n in names if n != "lo" and any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
-def attach(ifname: str, prog_fd: int) -> None:
-    """Attach (or replace) our program at the interface's tc ingress."""
+def attach(ifname: str, prog_fd: int, egress_fd: int | None = None) -> None:
+    """Attach (or replace) our programs at the interface's tc ingress and,
+    given egress_fd, egress. Egress first: a reply must never meet a DNATed
+    flow's interface without its reverse NAT."""
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         try:
@@ -51,26 +55,28 @@ def attach(ifname: str, prog_fd: int) -> None:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        ipr.tc(
-            "replace-filter",
-            "bpf",
-            idx,
-            HANDLE,
-            fd=prog_fd,
-            name=FILTER_NAME,
-            parent=INGRESS_PARENT,
-            classid=1,
-            direct_action=True,
-            prio=PRIO,
-        )
+        hooks = ([(EGRESS_PARENT, egress_fd)] if egress_fd is not None else []) + [(INGRESS_PARENT, prog_fd)]
+        for parent, fd in hooks:
+            ipr.tc(
+                "replace-filter",
+                "bpf",
+                idx,
+                HANDLE,
+                fd=fd,
+                name=FILTER_NAME,
+                parent=parent,
+                classid=1,
+                direct_action=True,
+                prio=PRIO,
+            )
 
 
-def attached_program(ifname: str) -> str | None:
-    """Name of the program our filter runs on this interface, or None."""
+def attached_program(ifname: str, parent: int = INGRESS_PARENT) -> str | None:
+    """Name of the program our filter runs on this interface's hook, or None."""
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         try:
-            filters = ipr.get_filters(idx, parent=INGRESS_PARENT)
+            filters = ipr.get_filters(idx, parent=parent)
         except NetlinkError as e:
             if e.code in (errno.EINVAL, errno.ENOENT):
                 return None
@@ -83,25 +89,32 @@ def attached_program(ifname: str) -> str | None:
 
 
 def detach(ifname: str) -> bool:
-    """Remove our filter; the clsact qdisc stays if others use it."""
+    """Remove our filters; the clsact qdisc stays if others use it."""
+    removed = False
     with IPRoute() as ipr:
         try:
             idx = _index(ipr, ifname)
-            ipr.tc("del-filter", "bpf", idx, HANDLE, parent=INGRESS_PARENT, prio=PRIO)
-        except (NetlinkError, LookupError) as e:
-            if isinstance(e, LookupError) or e.code in (errno.ENOENT, errno.EINVAL):
-                return False
-            raise
-    return True
+        except LookupError:
+            return False
+        # Ingress first: no new flow is DNATed while replies still are.
+        for parent in (INGRESS_PARENT, EGRESS_PARENT):
+            try:
+                ipr.tc("del-filter", "bpf", idx, HANDLE, parent=parent, prio=PRIO)
+                removed = True
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.EINVAL):
+                    raise
+    return removed
 
 
 class Attacher:
     """Keeps the program attached to every interface matching the patterns,
     including interfaces that appear later (pods come and go)."""
 
-    def __init__(self, patterns: list[str], prog_fd: int):
+    def __init__(self, patterns: list[str], prog_fd: int, egress_fd: int | None = None):
         self.patterns = patterns
         self.prog_fd = prog_fd
+        self.egress_fd = egress_fd
         self.done: set[tuple[str, int]] = set()
 
     def refresh(self) -> list[str]:
@@ -112,7 +125,7 @@ class Attacher:
         live = {(n, i) for n, i in links if n in match_interfaces(self.patterns, [n for n, _ in links])}
         for name, idx in sorted(live - self.done):
             try:
-                attach(name, self.prog_fd)
+                attach(name, self.prog_fd, self.egress_fd)
             except (NetlinkError, LookupError) as e:
                 log.error("attaching to interface %s failed: %s", name, e)
                 continue

@@ -191,7 +191,7 @@ def cmd_run(args) -> int:
             len(mc.backends),
             args.pin_dir,
         )
-    attacher = attach.Attacher(patterns, dp.prog_fd) if patterns else None
+    attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd) if patterns else None
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
     metrics = None
@@ -310,7 +310,7 @@ def uninstall(patterns: list[str], pin_dir: str) -> None:
 
     n = 0
     for ifname in attach.match_interfaces(patterns):
-        if attach.attached_program(ifname) is not None and attach.detach(ifname):
+        if attach.detach(ifname):
             log.info("detached from %s", ifname)
             n += 1
     if os.path.isdir(pin_dir):

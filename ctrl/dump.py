@@ -15,18 +15,10 @@ from .maps import Map
 from .objects import addr_str, is_v4
 from .plan import PROTO_NAMES, SCOPE_EXTERNAL
 
-VERDICTS = [
-    "pass_not_ip",
-    "pass_truncated",
-    "pass_fragment",
-    "pass_other_proto",
-    "pass_no_service",
-    "dnat_new",
-    "dnat_established",
-    "revnat",
-    "drop_no_backend",
-    "drop_error",
-]
+def verdicts() -> list[str]:
+    """Verdict names by index, from the header's enum sp_verdict."""
+    names = {layout.const(c): c[len("SP_V_") :].lower() for c in layout.constants_with_prefix("SP_V_")}
+    return [names[i] for i in range(layout.const("SP_V_MAX"))]
 
 
 def hostport(addr: bytes, port: int) -> str:
@@ -41,7 +33,7 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
         return {}
     c = layout.codec("sp_stat")
     out = {}
-    for i, name in enumerate(VERDICTS):
+    for i, name in enumerate(verdicts()):
         per_cpu = m.lookup_percpu(i.to_bytes(4, "little"))
         vals = [c.unpack(v) for v in per_cpu]
         out[name] = {"packets": sum(v[0] for v in vals), "bytes": sum(v[1] for v in vals)}

@@ -144,6 +144,12 @@ def const(name: str) -> int:
     return constants[name]
 
 
+def constants_with_prefix(prefix: str) -> list[str]:
+    """Names of the header's constants starting with prefix (SP_V_ without SP_V_MAX)."""
+    _load()
+    return [n for n in constants if n.startswith(prefix) and not n.endswith("_MAX")]
+
+
 def struct_names() -> list[str]:
     _load()
     return list(_structs)

@@ -20,7 +20,8 @@ from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
 from .sizes import MapSizes
 
-PROGRAM = "sp_tc_ingress"
+PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
+EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 
 MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_stats_v1", "sp_names_v1")
 
@@ -34,11 +35,13 @@ class Dataplane:
     pin_dir: str | None
     maps: dict[str, Map]
     prog_fd: int
+    egress_fd: int
     _obj: object = field(repr=False, default=None)
 
-    def test_run(self, packet: bytes, repeat: int = 1) -> tuple[int, bytes, int]:
-        """Run the program on one packet in the kernel (BPF_PROG_TEST_RUN):
-        (tc verdict, packet as the program left it, mean ns per run)."""
+    def test_run(self, packet: bytes, repeat: int = 1, egress: bool = False) -> tuple[int, bytes, int]:
+        """Run the ingress (or egress) program on one packet in the kernel
+        (BPF_PROG_TEST_RUN): (tc verdict, packet as the program left it,
+        mean ns per run)."""
         out = ffi.new("char[]", len(packet) + 256)
         opts = ffi.new(
             "struct bpf_test_run_opts *",
@@ -51,7 +54,7 @@ class Dataplane:
                 "repeat": repeat,
             },
         )
-        check(lib().bpf_prog_test_run_opts(self.prog_fd, opts), "BPF_PROG_TEST_RUN")
+        check(lib().bpf_prog_test_run_opts(self.egress_fd if egress else self.prog_fd, opts), "BPF_PROG_TEST_RUN")
         return opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), opts.duration
 
     def close(self) -> None:
@@ -130,14 +133,19 @@ def load(
                     f"asks for (remove it with `sliceproxy uninstall`-style cleanup: rm -r {pin_dir})"
                 )
             raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
-        prog = lb.bpf_object__find_program_by_name(obj, PROGRAM.encode())
-        if prog == ffi.NULL:
-            raise BPFError(errno.ENOENT, f"{obj_path} has no program {PROGRAM}")
+        fds = {}
+        for name in (PROGRAM, EGRESS_PROGRAM):
+            prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+            if prog == ffi.NULL:
+                raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}")
+            fds[name] = lb.bpf_program__fd(prog)
         maps = {name: Map(lb.bpf_map__fd(m), name) for name, m in bpf_maps.items()}
         missing = set(MAP_NAMES) - set(maps)
         if missing:
             raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
-        return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=lb.bpf_program__fd(prog), _obj=obj)
+        return Dataplane(
+            pin_dir=pin_dir, maps=maps, prog_fd=fds[PROGRAM], egress_fd=fds[EGRESS_PROGRAM], _obj=obj
+        )
     except BaseException:
         lb.bpf_object__close(obj)
         if pin_dir is not None and created:

@@ -41,13 +41,14 @@ enum sp_verdict {
 	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim: passed */
 	SP_V_PASS_FRAGMENT = 2,    /* IP fragment: passed untouched */
 	SP_V_PASS_OTHER_PROTO = 3, /* neither TCP nor UDP: passed */
-	SP_V_PASS_NO_SERVICE = 4,  /* no frontend, no conntrack entry: passed */
+	SP_V_PASS_NO_SERVICE = 4,  /* ingress: no frontend: passed */
 	SP_V_DNAT_NEW = 5,         /* new flow: backend chosen and rewritten */
 	SP_V_DNAT_ESTABLISHED = 6, /* known flow: its backend kept */
-	SP_V_REVNAT = 7,           /* reply: source rewritten to the frontend */
+	SP_V_REVNAT = 7,           /* egress: reply's source back to the frontend */
 	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend: dropped */
 	SP_V_DROP_ERROR = 9,       /* inconsistent maps or a failed rewrite */
-	SP_V_MAX = 10,
+	SP_V_PASS_NO_FLOW = 10,    /* egress: not a reply of a tracked flow */
+	SP_V_MAX = 11,
 };
 
 /* sp_svc_v1 (hash): one entry per frontend (service port). */

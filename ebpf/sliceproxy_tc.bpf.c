@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sliceproxy tc program, attached at clsact ingress of the host side of pod
- * interfaces. For a packet to a service frontend it picks a backend with one
- * slot lookup and rewrites the destination (DNAT); for a reply from a backend
- * it rewrites the source back to the frontend. Every other packet leaves
- * untouched with TC_ACT_OK. After a rewrite the kernel routes the packet by
- * its new destination.
+ * sliceproxy tc programs, attached at clsact of the host side of pod
+ * interfaces. At ingress, a packet to a service frontend gets a backend with
+ * one slot lookup and its destination rewritten (DNAT); the kernel then
+ * routes it by its new destination. At egress, a reply of such a flow gets
+ * its source rewritten back to the frontend. Every other packet leaves
+ * untouched with TC_ACT_OK.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -196,21 +196,28 @@ static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct s
 	return bpf_map_update_elem(&sp_ct_v1, &rk, &rv, flags);
 }
 
-SEC("tc")
-int sp_tc_ingress(struct __sk_buff *skb)
+/* What both programs need of an IPv4 TCP/UDP packet. */
+struct pkt {
+	__u32 l4_off;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+};
+
+/*
+ * Parse Ethernet / IPv4 / TCP or UDP. Returns -1 and fills p for a packet we
+ * may own, or the SP_V_PASS_* verdict of one we pass untouched.
+ */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct sp_svc_key skey = {};
-	struct sp_ct_key ckey = {};
-	struct sp_ct_val *ct, nct = {};
-	struct sp_svc_val *svc;
-	struct sp_backend *be;
+	struct ethhdr *eth;
 	struct iphdr *ip;
 	__be16 *ports;
 	__u32 l4_off, l4_min, ihl;
-	__u64 now;
 
 	/* Headers split over a non-linear skb (GRO, some drivers): pull what
 	 * we may need into the linear part, once, before any bound check. */
@@ -218,67 +225,81 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
-		eth = data;
 	}
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
-		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+		return SP_V_PASS_TRUNCATED;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return count(skb, SP_V_PASS_NOT_IP, TC_ACT_OK);
+		return SP_V_PASS_NOT_IP;
 
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
-		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+		return SP_V_PASS_TRUNCATED;
 	if (ip->version != 4)
-		return count(skb, SP_V_PASS_NOT_IP, TC_ACT_OK);
+		return SP_V_PASS_NOT_IP;
 	ihl = ip->ihl;
 	if (ihl < 5)
-		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+		return SP_V_PASS_TRUNCATED;
 	/* Only the first fragment carries ports, and we do not reassemble. */
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return count(skb, SP_V_PASS_FRAGMENT, TC_ACT_OK);
+		return SP_V_PASS_FRAGMENT;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
-		return count(skb, SP_V_PASS_OTHER_PROTO, TC_ACT_OK);
+		return SP_V_PASS_OTHER_PROTO;
 
 	l4_off = ETH_HLEN + ihl * 4;
 	/* The whole L4 header must be there: we rewrite its checksum. */
 	l4_min = ip->protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 	if (l4_off > 60 + ETH_HLEN || data + l4_off + l4_min > data_end)
-		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+		return SP_V_PASS_TRUNCATED;
 	ports = data + l4_off;
 	if ((void *)(ports + 2) > data_end)
-		return count(skb, SP_V_PASS_TRUNCATED, TC_ACT_OK);
+		return SP_V_PASS_TRUNCATED;
 
-	__u8 proto = ip->protocol;
-	__be32 saddr = ip->saddr, daddr = ip->daddr;
-	__be16 sport = ports[0], dport = ports[1];
+	p->l4_off = l4_off;
+	p->proto = ip->protocol;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->sport = ports[0];
+	p->dport = ports[1];
+	return -1;
+}
+
+/*
+ * Ingress of the host side of a pod interface: packets the pod sends. A
+ * packet to a frontend is given a backend and its destination rewritten
+ * (DNAT), before netfilter and routing see it. Replies are not touched here:
+ * see sp_tc_egress.
+ */
+SEC("tc")
+int sp_tc_ingress(struct __sk_buff *skb)
+{
+	struct sp_svc_key skey = {};
+	struct sp_ct_key ckey = {};
+	struct sp_ct_val *ct, nct = {};
+	struct sp_svc_val *svc;
+	struct sp_backend *be;
+	struct pkt p = {};
+	__u64 now;
+	int v;
+
+	v = parse(skb, &p);
+	if (v >= 0)
+		return count(skb, v, TC_ACT_OK);
+
+	addr_from_v4(skey.addr, p.daddr);
+	skey.port = bpf_ntohs(p.dport);
+	skey.proto = p.proto;
+	skey.scope = SP_SCOPE_INTERNAL;
+	svc = bpf_map_lookup_elem(&sp_svc_v1, &skey);
+	if (!svc)
+		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
 
 	now = bpf_ktime_get_ns();
-
-	addr_from_v4(skey.addr, daddr);
-	skey.port = bpf_ntohs(dport);
-	skey.proto = proto;
-	skey.scope = SP_SCOPE_INTERNAL;
-
-	addr_from_v4(ckey.saddr, saddr);
-	addr_from_v4(ckey.daddr, daddr);
-	ckey.sport = bpf_ntohs(sport);
-	ckey.dport = bpf_ntohs(dport);
-	ckey.proto = proto;
-
-	svc = bpf_map_lookup_elem(&sp_svc_v1, &skey);
-	if (!svc) {
-		/* Not for a frontend: maybe a reply from a backend. */
-		ckey.dir = SP_CT_REPLY;
-		ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
-		if (!ct || !addr_is_v4(ct->nat_addr))
-			return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
-		ct->last_seen = now;
-		if (rewrite_v4(skb, l4_off, proto, IP_SADDR_OFF, 0, saddr, addr_to_v4(ct->nat_addr),
-			       sport, bpf_htons(ct->nat_port)))
-			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-		return count(skb, SP_V_REVNAT, TC_ACT_OK);
-	}
-
+	addr_from_v4(ckey.saddr, p.saddr);
+	addr_from_v4(ckey.daddr, p.daddr);
+	ckey.sport = bpf_ntohs(p.sport);
+	ckey.dport = bpf_ntohs(p.dport);
+	ckey.proto = p.proto;
 	ckey.dir = SP_CT_FORWARD;
 	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct)) {
@@ -286,8 +307,8 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		/* The LRU may evict the reply entry alone: put it back, or the
 		 * backend's answers would reach the client unrewritten. */
 		put_reply(&ckey, &skey, ct, BPF_NOEXIST);
-		if (rewrite_v4(skb, l4_off, proto, IP_DADDR_OFF, 2, daddr, addr_to_v4(ct->nat_addr),
-			       dport, bpf_htons(ct->nat_port)))
+		if (rewrite_v4(skb, p.l4_off, p.proto, IP_DADDR_OFF, 2, p.daddr, addr_to_v4(ct->nat_addr),
+			       p.dport, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 		return count(skb, SP_V_DNAT_ESTABLISHED, TC_ACT_OK);
 	}
@@ -321,10 +342,48 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	if (rewrite_v4(skb, l4_off, proto, IP_DADDR_OFF, 2, daddr, addr_to_v4(nct.nat_addr), dport,
+	if (rewrite_v4(skb, p.l4_off, p.proto, IP_DADDR_OFF, 2, p.daddr, addr_to_v4(nct.nat_addr), p.dport,
 		       bpf_htons(nct.nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_DNAT_NEW, TC_ACT_OK);
+}
+
+/*
+ * Egress of the host side of a pod interface: packets on their way into the
+ * pod. A reply of a flow we DNATed gets its source rewritten back to the
+ * frontend the client talked to. Here, after netfilter and routing, the
+ * kernel's own conntrack has seen the reply as backend -> client, matching
+ * the client -> backend it saw for the request (a rewrite at the backend's
+ * ingress would show it a reply that matches nothing, INVALID to rulesets
+ * that drop those). And it works wherever the backend is: a local pod, or
+ * another node whose reply reaches this pod through the node's uplink.
+ */
+SEC("tc")
+int sp_tc_egress(struct __sk_buff *skb)
+{
+	struct sp_ct_key ckey = {};
+	struct sp_ct_val *ct;
+	struct pkt p = {};
+	int v;
+
+	v = parse(skb, &p);
+	if (v >= 0)
+		return count(skb, v, TC_ACT_OK);
+
+	addr_from_v4(ckey.saddr, p.saddr);
+	addr_from_v4(ckey.daddr, p.daddr);
+	ckey.sport = bpf_ntohs(p.sport);
+	ckey.dport = bpf_ntohs(p.dport);
+	ckey.proto = p.proto;
+	ckey.dir = SP_CT_REPLY;
+	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
+	if (!ct || !addr_is_v4(ct->nat_addr))
+		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
+	ct->last_seen = bpf_ktime_get_ns();
+	if (rewrite_v4(skb, p.l4_off, p.proto, IP_SADDR_OFF, 0, p.saddr, addr_to_v4(ct->nat_addr), p.sport,
+		       bpf_htons(ct->nat_port)))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	return count(skb, SP_V_REVNAT, TC_ACT_OK);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

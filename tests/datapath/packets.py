@@ -346,11 +346,11 @@ class Run:
     t1: int
 
 
-def run(dp, pkt: bytes) -> Run:
-    """One packet through the program, with the counters it moved."""
+def run(dp, pkt: bytes, egress: bool = False) -> Run:
+    """One packet through the ingress (or egress) program, with the counters it moved."""
     before = stats(dp)
     t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    retval, out, _ = dp.test_run(pkt)
+    retval, out, _ = dp.test_run(pkt, egress=egress)
     t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     after = stats(dp)
     delta = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -172,6 +172,9 @@ class Case:
     ct_new: dict[CtKey, CtVal] = field(default_factory=dict)
     # Seeded entries whose last_seen this packet must refresh.
     ct_touched: tuple[CtKey, ...] = ()
+    # Which program: ingress (packets pods send: DNAT) or egress (packets
+    # into pods: reverse NAT of replies).
+    egress: bool = False
 
 
 def passed(packet: bytes, verdict: str, s: Seed = BOTH_SEED) -> Case:
@@ -291,7 +294,7 @@ CASES = [
     # --- replies: reverse NAT ---------------------------------------------------
     pytest.param(
         Case(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
-             TC_ACT_OK, "REVNAT", out=tcp(VIP, CLIENT, 80, CPORT, flags="SA"), ct_touched=(WEB_REV,)),
+             TC_ACT_OK, "REVNAT", out=tcp(VIP, CLIENT, 80, CPORT, flags="SA"), ct_touched=(WEB_REV,), egress=True),
         id="tcp-reply-revnat",
     ),
     pytest.param(
@@ -299,37 +302,53 @@ CASES = [
              Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
              TC_ACT_OK, "REVNAT",
              out=tcp(VIP, CLIENT, 80, CPORT, flags="PA", payload=PAYLOAD, ip_options=router_alert()),
-             ct_touched=(WEB_REV,)),
+             ct_touched=(WEB_REV,), egress=True),
         id="tcp-reply-ip-options-revnat",
     ),
     pytest.param(
         Case(udp(BE1, CLIENT, 5353, CPORT), Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
-             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT), ct_touched=(DNS_REV,)),
+             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT), ct_touched=(DNS_REV,), egress=True),
         id="udp-reply-revnat",
     ),
     pytest.param(
         Case(udp(BE1, CLIENT, 5353, CPORT, chksum=0), Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
-             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT, chksum=0), ct_touched=(DNS_REV,)),
+             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT, chksum=0), ct_touched=(DNS_REV,),
+             egress=True),
         id="udp-reply-checksum-0-stays-0",
     ),
     pytest.param(
-        passed(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), "PASS_NO_SERVICE", WEB_SEED),
+        replace(passed(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), "PASS_NO_FLOW", WEB_SEED), egress=True),
         id="reply-without-conntrack-passed",
     ),
     pytest.param(
-        passed(udp(BE1, CLIENT, 8080, CPORT), "PASS_NO_SERVICE", Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)),
+        replace(passed(udp(BE1, CLIENT, 8080, CPORT), "PASS_NO_FLOW", Seed(WEB_SEED.services, WEB_SEED.backends,
+                                                                           WEB_FLOW)), egress=True),
         id="reply-other-protocol-passed",
     ),
     pytest.param(
-        passed(tcp(BE1, CLIENT2, 8080, CPORT, flags="SA"), "PASS_NO_SERVICE",
-               Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)),
+        replace(passed(tcp(BE1, CLIENT2, 8080, CPORT, flags="SA"), "PASS_NO_FLOW",
+                       Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)), egress=True),
         id="reply-to-other-client-passed",
     ),
     pytest.param(
-        # Only a forward entry for (client -> VIP:80) and no frontend: the
-        # direction is part of the key, so it must not reverse-NAT.
-        passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_SERVICE", Seed(ct={WEB_FWD: WEB_FLOW[WEB_FWD]})),
+        # Only a forward entry for (client -> VIP:80): the direction is part
+        # of the key, so it must not reverse-NAT.
+        replace(passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_FLOW", Seed(ct={WEB_FWD: WEB_FLOW[WEB_FWD]})),
+                egress=True),
         id="forward-entry-never-used-as-reply",
+    ),
+    pytest.param(
+        # Egress never DNATs: a packet to a frontend on its way into a pod is
+        # not a request this node's pods sent.
+        replace(passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_FLOW", WEB_SEED), egress=True),
+        id="egress-never-dnats",
+    ),
+    pytest.param(
+        # Ingress never reverse-NATs: netfilter must see the reply as the
+        # backend sent it (see sp_tc_egress).
+        passed(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), "PASS_NO_SERVICE",
+               Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)),
+        id="ingress-leaves-replies-alone",
     ),
     # --- no frontend: passed untouched ---------------------------------------
     pytest.param(passed(tcp(CLIENT, UNKNOWN, CPORT, 80), "PASS_NO_SERVICE"), id="tcp-unknown-address"),
@@ -395,7 +414,7 @@ CASES = [
 
 def check_run(dp, case: Case) -> None:
     before = ct_dump(dp)
-    r = run(dp, case.packet)
+    r = run(dp, case.packet, egress=case.egress)
 
     assert r.retval == case.retval, f"return code {r.retval}, expected {case.retval}"
     assert r.counted == {case.verdict: (1, len(case.packet))}, f"counters moved: {r.counted}"
@@ -514,7 +533,7 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
                        out=mk(CLIENT, BE1, CPORT, 8080), ct_new={rev: pair[rev]},
                        ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
     check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT), Seed(), TC_ACT_OK, "REVNAT", out=mk(VIP, CLIENT, 80, CPORT),
-                       ct_touched=(rev,)))
+                       ct_touched=(rev,), egress=True))
 
 
 @pytest.mark.parametrize("proto", [pytest.param(TCP_P, id="tcp"), pytest.param(UDP_P, id="udp")])
@@ -534,12 +553,12 @@ def test_round_trip(dp, proto):
                        out=mk(CLIENT, BE1, CPORT, 8080, "S"), ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto)))
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
     check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT, "SA"), Seed(), TC_ACT_OK, "REVNAT",
-                       out=mk(VIP, CLIENT, 80, CPORT, "SA"), ct_touched=(rev,)))
+                       out=mk(VIP, CLIENT, 80, CPORT, "SA"), ct_touched=(rev,), egress=True))
     check_run(dp, Case(mk(CLIENT, VIP, CPORT, 80, "PA"), Seed(), TC_ACT_OK, "DNAT_ESTABLISHED",
                        out=mk(CLIENT, BE1, CPORT, 8080, "PA"),
                        ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
     check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT, "PA"), Seed(), TC_ACT_OK, "REVNAT",
-                       out=mk(VIP, CLIENT, 80, CPORT, "PA"), ct_touched=(rev,)))
+                       out=mk(VIP, CLIENT, 80, CPORT, "PA"), ct_touched=(rev,), egress=True))
 
 
 def test_new_flows_spread_over_all_backends(dp):

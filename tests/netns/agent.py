@@ -297,14 +297,14 @@ def has_backends(expected: dict[str, set[str]]) -> Callable[[dict[str, Any]], bo
 # -- tc --------------------------------------------------------------------
 
 
-def our_filters(topo: Topology, ifname: str) -> list[dict[str, Any]]:
-    """Our bpf filters at the tc ingress of a node-side interface."""
-    cp = topo.exec_in("node", ["tc", "-j", "filter", "show", "dev", ifname, "ingress"], timeout=20)
+def our_filters(topo: Topology, ifname: str, hook: str = "ingress") -> list[dict[str, Any]]:
+    """Our bpf filters at the tc ingress (or egress) of a node-side interface."""
+    cp = topo.exec_in("node", ["tc", "-j", "filter", "show", "dev", ifname, hook], timeout=20)
     if cp.returncode != 0:
         # No clsact qdisc at all means no filter either.
         if "Cannot find" in cp.stderr or "Invalid" in cp.stderr:
             return []
-        raise AgentError(f"tc filter show dev {ifname} ingress exited {cp.returncode}: {cp.stderr.strip()}")
+        raise AgentError(f"tc filter show dev {ifname} {hook} exited {cp.returncode}: {cp.stderr.strip()}")
     entries = json.loads(cp.stdout or "[]")
     return [e for e in entries if e.get("kind") == "bpf" and (e.get("options") or {}).get("bpf_name") == FILTER_NAME]
 

@@ -25,9 +25,10 @@ def host_ifaces(topo: Topology) -> list[str]:
 
 def assert_one_filter_everywhere(topo: Topology) -> None:
     for ifname in host_ifaces(topo):
-        found = our_filters(topo, ifname)
-        assert len(found) == 1, f"{ifname}: expected exactly one sliceproxy filter at ingress, found {found}"
-        assert found[0]["options"]["prog"]["name"] == "sp_tc_ingress", found[0]
+        for hook, prog in (("ingress", "sp_tc_ingress"), ("egress", "sp_tc_egress")):
+            found = our_filters(topo, ifname, hook)
+            assert len(found) == 1, f"{ifname}: expected exactly one sliceproxy filter at {hook}, found {found}"
+            assert found[0]["options"]["prog"]["name"] == prog, found[0]
 
 
 def ids(doc: dict) -> dict[str, tuple[int, list[str]]]:
@@ -117,7 +118,8 @@ def test_uninstall_removes_our_filter_and_pins_only(topo: Topology, agents: Agen
     assert cp.returncode == 0, f"uninstall exited {cp.returncode}: {cp.stderr}"
 
     for ifname in host_ifaces(topo):
-        assert our_filters(topo, ifname) == [], f"{ifname} still has our filter"
+        for hook in ("ingress", "egress"):
+            assert our_filters(topo, ifname, hook) == [], f"{ifname} still has our filter at {hook}"
     assert not agents.pin_dir.exists(), f"{agents.pin_dir} still exists"
     foreign = [f for f in all_filters(topo, other) if f["options"].get("match", {}).get("value") == "c612ffff"]
     assert len(foreign) == 1, f"uninstall touched another tool's filter on {other}: {all_filters(topo, other)}"
@@ -141,7 +143,8 @@ def test_cleanup_on_exit_flag_uninstalls_on_sigterm(topo: Topology, agents: Agen
     assert_one_filter_everywhere(topo)
     assert agent.terminate() == 0
     for ifname in host_ifaces(topo):
-        assert our_filters(topo, ifname) == [], f"{ifname} still has our filter"
+        for hook in ("ingress", "egress"):
+            assert our_filters(topo, ifname, hook) == [], f"{ifname} still has our filter at {hook}"
     assert not agents.pin_dir.exists()
 
 

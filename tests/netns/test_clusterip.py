@@ -280,3 +280,19 @@ def test_service_without_ready_endpoints_drops_and_others_are_unaffected(
 
 def agents_dump(agents: Agents) -> dict:
     return dump(agents.topo, agents.pin_dir)
+
+
+def test_replies_are_valid_to_netfilter_conntrack(topo: Topology, agents: Agents) -> None:
+    """Rulesets that drop packets netfilter's conntrack finds INVALID (Calico,
+    kube-router, kube-proxy's own KUBE-FORWARD) must not drop our replies: the
+    reverse NAT happens after netfilter saw the reply as the backend sent it."""
+    rule = ["FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]
+    cp = topo.exec_in("node", ["iptables-legacy", "-A", *rule])
+    assert cp.returncode == 0, cp.stderr
+    agents.start_ready()
+    assert_spread(http(topo), THREE)
+    res = udp(topo)
+    assert res["errors"] == 0, res
+    # The rule was there all along and saw the traffic.
+    cp = topo.exec_in("node", ["iptables-legacy", "-L", "FORWARD", "-v", "-n", "-x"])
+    assert "INVALID" in cp.stdout, cp.stdout
