@@ -101,8 +101,12 @@ class Agent:
     def plan(self, owners: set[str]) -> dict:
         desired = {}
         for owner in sorted(owners):
+            node = self.state.node
             fronts, notes = plan_service(
-                self.state.services.get(owner), self.state.slices_of(owner), self.state.node
+                self.state.services.get(owner),
+                self.state.slices_of(owner),
+                self.state.node_name,
+                node.zone if node is not None else None,
             )
             for note in notes:
                 log.warning("%s", note)

@@ -61,10 +61,19 @@ class Service:
     ports: tuple[ServicePort, ...]
     labels: dict = field(default_factory=dict, hash=False)
     problems: tuple[str, ...] = ()
+    internal_traffic_policy: str = "Cluster"  # spec.internalTrafficPolicy
+    external_traffic_policy: str = "Cluster"  # spec.externalTrafficPolicy
+    external_ips: tuple[str, ...] = ()  # spec.externalIPs
+    lb_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def externally_accessible(self, port: ServicePort) -> bool:
+        """kube-proxy: a port reachable from outside the cluster (NodePort,
+        LoadBalancer ingress IPs, externalIPs)."""
+        return bool(port.node_port) or bool(self.lb_ips) or bool(self.external_ips)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +237,34 @@ def parse_service(raw: dict) -> Service:
             ports.append(ServicePort(pname, port, proto, tp, node_port))
         except ObjectError as e:
             problems.append(str(e))
-    return Service(ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems))
+    itp = spec.get("internalTrafficPolicy") or "Cluster"
+    etp = spec.get("externalTrafficPolicy") or "Cluster"
+    for fld, v in (("spec.internalTrafficPolicy", itp), ("spec.externalTrafficPolicy", etp)):
+        if v not in ("Cluster", "Local"):
+            raise ObjectError(f"{what}: {fld}: {v!r} is neither Cluster nor Local")
+    external_ips = []
+    for i, ip in enumerate(spec.get("externalIPs") or []):
+        try:
+            addr16(ip)
+            external_ips.append(ip)
+        except (ValueError, TypeError, OSError):
+            problems.append(f"{what}: spec.externalIPs[{i}]: {ip!r} is not an IP address")
+    lb_ips = []
+    ingress = ((raw.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    for i, ing in enumerate(ingress):
+        ip = ing.get("ip") if isinstance(ing, dict) else None
+        if ip is None:
+            continue  # hostname-only ingress: nothing for a proxy to match
+        try:
+            addr16(ip)
+            lb_ips.append(ip)
+        except (ValueError, TypeError, OSError):
+            problems.append(f"{what}: status.loadBalancer.ingress[{i}].ip: {ip!r} is not an IP address")
+    return Service(
+        ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems),
+        internal_traffic_policy=itp, external_traffic_policy=etp,
+        external_ips=tuple(external_ips), lb_ips=tuple(lb_ips),
+    )
 
 
 def _flag(cond: dict, key: str, default: bool, what: str) -> bool:

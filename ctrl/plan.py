@@ -11,8 +11,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from .objects import EndpointSlice, Node, Service, addr16
-from .topology import merge_endpoints, select_endpoints
+from .objects import EndpointSlice, Service, ServicePort, addr16
+from .topology import PortPolicy, categorize, merge_endpoints
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -57,10 +57,23 @@ def ignored_reason(svc: Service) -> str | None:
     return None
 
 
+def port_policy(svc: Service, sp: ServicePort) -> PortPolicy:
+    accessible = svc.externally_accessible(sp)
+    return PortPolicy(
+        internal_local=svc.internal_traffic_policy == "Local",
+        external_local=accessible and svc.external_traffic_policy == "Local",
+        externally_accessible=accessible,
+    )
+
+
 def plan_service(
-    svc: Service | None, slices: list[EndpointSlice], node: Node | None = None
+    svc: Service | None,
+    slices: list[EndpointSlice],
+    node_name: str | None = None,
+    zone: str | None = None,
 ) -> tuple[list[Frontend], list[str]]:
-    """Frontends for one service, and notes on what was skipped and why."""
+    """Frontends for one service as this node (name, zone label) serves it,
+    and notes on what was skipped and why."""
     if svc is None or ignored_reason(svc):
         return [], []
     notes: list[str] = []
@@ -79,7 +92,11 @@ def plan_service(
                 )
                 continue
             proto = PROTO_NUMBERS[sp.protocol]
-            eps = select_endpoints(merge_endpoints(sp, slices, family))
+            policy = port_policy(svc, sp)
+            cat = categorize(merge_endpoints(sp, slices, family), policy, node_name, zone)
+            # In-cluster traffic: internalTrafficPolicy Local keeps it on this
+            # node's endpoints, and with none it is dropped (count 0).
+            eps = cat.local if policy.internal_local else cat.cluster
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends.
             backends = tuple(dict.fromkeys([(e.ep.addr, e.port, proto) for e in eps]))

@@ -296,3 +296,28 @@ def test_replies_are_valid_to_netfilter_conntrack(topo: Topology, agents: Agents
     # The rule was there all along and saw the traffic.
     cp = topo.exec_in("node", ["iptables-legacy", "-L", "FORWARD", "-v", "-n", "-x"])
     assert "INVALID" in cp.stdout, cp.stdout
+
+
+def node_obj(zone: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}}}
+
+
+def test_zone_change_of_the_node_refilters_backends(topo: Topology, agents: Agents) -> None:
+    """Topology-aware routing: with zone hints on every ready endpoint, the
+    node uses those for its zone; when its Node's zone label changes, the
+    backends follow."""
+    hinted = []
+    for pod, zone in (("backend-1", "zone-a"), ("backend-2", "zone-a"), ("backend-3", "zone-b")):
+        e = endpoint(BACKENDS[pod])
+        e["hints"] = {"forZones": [{"name": zone}]}
+        hinted.append(e)
+    agents.src.write("slice-a.yaml", endpoint_slice("web-a", "web", SLICE_PORTS, hinted))
+    agents.src.remove("slice-b.yaml")
+    agents.src.write("node.yaml", node_obj("zone-a"))
+    agents.start_ready(web_backends("backend-1", "backend-2"), extra=("--node-name", "node-a"))
+    assert_spread(http(topo), ("backend-1", "backend-2"))
+
+    agents.src.write("node.yaml", node_obj("zone-b"))
+    agents.wait(web_backends("backend-3"))
+    assert_spread(http(topo), ("backend-3",))

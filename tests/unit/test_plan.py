@@ -69,3 +69,18 @@ def test_reordered_endpoints_diff_empty():
     b, _ = plan(service(), endpoint_slice("a", endpoints=eps("198.18.1.1", "198.18.1.2")))
     p.sync({"default/web": a})
     assert len(p.sync({"default/web": b})) == 0
+
+
+def test_internal_traffic_policy_local_keeps_in_cluster_traffic_on_this_node():
+    sl = endpoint_slice("a", endpoints=[endpoint("198.18.1.1", node="node-a"), endpoint("198.18.1.2", node="node-b")])
+    fronts, _ = plan_service(parse(service(internalTrafficPolicy="Local")), [parse(sl)], "node-a", None)
+    assert [b[1] for b in fronts[0].backends] == [8080] and fronts[0].backends[0][0][-1] == 1
+    # No local endpoint: the frontend stays, with no backend (dropped).
+    fronts, _ = plan_service(parse(service(internalTrafficPolicy="Local")), [parse(sl)], "node-c", None)
+    assert len(fronts) == 1 and fronts[0].backends == ()
+
+
+def test_bad_traffic_policy_names_the_field():
+    with pytest.raises(Exception) as e:
+        parse(service(internalTrafficPolicy="Nearby"))
+    assert "spec.internalTrafficPolicy: 'Nearby' is neither Cluster nor Local" in str(e.value)

@@ -85,3 +85,86 @@ def test_endpoint_in_two_slices_appears_once_non_terminating_wins():
 def test_select(eps, expect):
     got = select_endpoints(merge_endpoints(HTTP, slices(endpoint_slice("a", endpoints=eps)), "IPv4"))
     assert [pe.ep.address for pe in got] == expect
+
+
+# -- categorize: kube-proxy's CategorizeEndpoints, one rule per case --------
+
+from ctrl.topology import PortPolicy, categorize  # noqa: E402
+
+NODE, ZONE = "node-a", "zone-a"
+
+
+def ep(ip, node=NODE, ready=True, serving=None, terminating=False, zones=None, nodes=None):
+    raw = endpoint(ip, ready=ready, serving=serving, terminating=terminating, node=node)
+    hints = {}
+    if zones is not None:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes is not None:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    if hints:
+        raw["hints"] = hints
+    return raw
+
+
+def cat(eps, policy=PortPolicy(), node=NODE, zone=ZONE):
+    pes = merge_endpoints(HTTP, slices(endpoint_slice("a", endpoints=eps)), "IPv4")
+    c = categorize(pes, policy, node, zone)
+    names = lambda xs: sorted(x.ep.address for x in xs)  # noqa: E731
+    return names(c.cluster), names(c.local), names(c.reachable), c.has_any
+
+
+ITP_LOCAL = PortPolicy(internal_local=True)
+ETP_LOCAL = PortPolicy(external_local=True, externally_accessible=True)
+BOTH_LOCAL = PortPolicy(internal_local=True, external_local=True, externally_accessible=True)
+T = "198.18.1."
+
+
+@pytest.mark.parametrize(
+    "eps,policy,zone,expect",
+    [
+        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], PortPolicy(), ZONE,
+                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="cluster-policy-all-ready"),
+        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "2", ready=False, serving=False, terminating=True)],
+                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="cluster-fallback-serving-terminating"),
+        pytest.param([ep(T + "1", ready=False, serving=False)], PortPolicy(), ZONE,
+                     ([], [], [], False), id="cluster-nothing-usable-has-any-false"),
+        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), ZONE,
+                     ([T + "1"], [], [T + "1"], True), id="zone-hints-filter-to-this-zone"),
+        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2")], PortPolicy(), ZONE,
+                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-unless-all-ready-have-them"),
+        pytest.param([ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), ZONE,
+                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-when-none-for-this-zone"),
+        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), None,
+                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-when-node-has-no-zone"),
+        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"]), ep(T + "3", ready=False, serving=True, terminating=True)],
+                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="zone-hints-only-ready-endpoints-count"),
+        pytest.param([ep(T + "1", nodes=[NODE], zones=["zone-b"]), ep(T + "2", nodes=["node-b"], zones=["zone-a"])],
+                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="node-hints-win-over-zone-hints"),
+        pytest.param([ep(T + "1", nodes=["node-b"], zones=["zone-a"]), ep(T + "2", nodes=["node-c"], zones=["zone-b"])],
+                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="node-hints-for-other-nodes-fall-back-to-zone"),
+        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
+                     ([], [T + "1"], [T + "1"], True), id="itp-local-only-local-ready"),
+        pytest.param([ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
+                     ([], [], [], True), id="itp-local-no-local-endpoints-has-any-elsewhere"),
+        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
+                     ([], [T + "1"], [T + "1"], True), id="itp-local-falls-back-to-local-terminating"),
+        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "3")], ITP_LOCAL, ZONE,
+                     ([], [T + "3"], [T + "3"], True), id="itp-local-ready-local-beats-terminating-local"),
+        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], ETP_LOCAL, ZONE,
+                     ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True), id="etp-local-uses-both"),
+        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], PortPolicy(external_local=True), ZONE,
+                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="etp-local-ignored-when-not-externally-accessible"),
+        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], BOTH_LOCAL, ZONE,
+                     ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True), id="both-local-externally-accessible-still-needs-cluster"),
+        pytest.param([ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-a"], node="node-b")], ETP_LOCAL, ZONE,
+                     ([T + "2"], [T + "1"], [T + "1", T + "2"], True), id="local-endpoints-ignore-topology"),
+    ],
+)
+def test_categorize(eps, policy, zone, expect):
+    assert cat(eps, policy, zone=zone) == expect
+
+
+def test_zone_change_refilters():
+    eps = [ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])]
+    assert cat(eps, zone="zone-a")[0] == [T + "1"]
+    assert cat(eps, zone="zone-b")[0] == [T + "2"]
