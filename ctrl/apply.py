@@ -9,6 +9,7 @@ points at an unwritten slot, nor a slot that points at a deleted backend.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from itertools import starmap
@@ -113,7 +114,8 @@ class Writer:
                 )
 
     def apply(self, cs: ChangeSet) -> float:
-        """Write cs; returns seconds spent in syscalls. Raises BPFError."""
+        """Write cs, then drop the UDP flows of backends it removed; returns
+        seconds spent in syscalls. Raises BPFError."""
         t0 = time.perf_counter()
         for mapname, op, keys, vals in encode(cs, self.codecs):
             m = self.maps[mapname]
@@ -121,7 +123,37 @@ class Writer:
                 m.update_batch(keys, vals)
             else:
                 m.delete_batch(keys)
+        if cs.removed and "sp_ct_v1" in self.maps:
+            n = purge_udp_flows(self.maps["sp_ct_v1"], cs.removed)
+            if n:
+                log.debug("removed %d conntrack entries of UDP flows to removed backends", n)
         return time.perf_counter() - t0
+
+
+def purge_udp_flows(ct: Map, removed: list[tuple[FKey, Backend]]) -> int:
+    """Delete the conntrack entries (both directions) of UDP flows from a
+    frontend to a backend that no longer serves it, as kube-proxy clears
+    netfilter's UDP conntrack: a client that keeps its socket (DNS) would
+    otherwise keep sending into the void. TCP flows are left to drain."""
+    pairs = {(f[0], f[1], b[0], b[1]) for f, b in removed if f[2] == socket.IPPROTO_UDP}
+    if not pairs:
+        return 0
+    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val")
+    forward = layout.const("SP_CT_FORWARD")
+    doomed = []
+    for k, v in ct.items():
+        saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
+        if proto != socket.IPPROTO_UDP:
+            continue
+        nat_addr, nat_port = vc.unpack(v)[:2]
+        if direction == forward:
+            hit = (daddr, dport, nat_addr, nat_port) in pairs
+        else:
+            hit = (nat_addr, nat_port, saddr, sport) in pairs
+        if hit:
+            doomed.append(k)
+    ct.delete_batch(b"".join(doomed))
+    return len(doomed)
 
 
 @dataclass

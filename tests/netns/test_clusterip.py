@@ -321,3 +321,46 @@ def test_zone_change_of_the_node_refilters_backends(topo: Topology, agents: Agen
     agents.src.write("node.yaml", node_obj("zone-b"))
     agents.wait(web_backends("backend-3"))
     assert_spread(http(topo), ("backend-3",))
+
+
+UDP_PEER = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.settimeout(1.0)\n"
+    "s.connect((sys.argv[1], int(sys.argv[2])))\n"
+    "for line in sys.stdin:\n"
+    "    s.send(line.strip().encode())\n"
+    "    try:\n"
+    "        print(s.recv(512).decode().split()[0], flush=True)\n"
+    "    except OSError as e:\n"
+    "        print('error', e, flush=True)\n"
+)
+
+
+def test_udp_flow_of_a_removed_backend_moves_at_once(topo: Topology, agents: Agents) -> None:
+    """kube-proxy clears the UDP conntrack entries of a backend that stops
+    serving, so a client keeping its socket (a resolver) is not left talking
+    to it: the next datagram of the same flow picks a serving backend."""
+    import sys
+
+    agents.start_ready()
+    peer = topo.run_in("client", [sys.executable, "-c", UDP_PEER, VIP, "53"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        def ask() -> str:
+            peer.stdin.write("q\n")
+            peer.stdin.flush()
+            return peer.stdout.readline().strip()
+
+        first = ask()
+        assert first in THREE, first
+        assert ask() == first  # the same flow keeps its backend
+        rest = [p for p in THREE if p != first]
+        agents.src.write("slice-a.yaml", web_slice("web-a", *rest))
+        agents.src.remove("slice-b.yaml")
+        agents.wait(web_backends(*rest))
+        answers = {ask() for _ in range(3)}
+        assert len(answers) == 1 and answers <= set(rest), answers
+    finally:
+        peer.stdin.close()
+        topo.stop(peer)
