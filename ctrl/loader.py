@@ -23,7 +23,7 @@ from .sizes import MapSizes
 PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 
-MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_stats_v1", "sp_names_v1")
+MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_aff_v1", "sp_stats_v1", "sp_names_v1")
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
 

@@ -65,6 +65,8 @@ class Service:
     external_traffic_policy: str = "Cluster"  # spec.externalTrafficPolicy
     external_ips: tuple[str, ...] = ()  # spec.externalIPs
     lb_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
+    # sessionAffinity ClientIP: seconds of stickiness (timeoutSeconds); 0: None.
+    affinity_timeout: int = 0
 
     @property
     def key(self) -> str:
@@ -237,6 +239,19 @@ def parse_service(raw: dict) -> Service:
             ports.append(ServicePort(pname, port, proto, tp, node_port))
         except ObjectError as e:
             problems.append(str(e))
+    affinity_timeout = 0
+    affinity = spec.get("sessionAffinity") or "None"
+    if affinity not in ("None", "ClientIP"):
+        raise ObjectError(f"{what}: spec.sessionAffinity: {affinity!r} is neither None nor ClientIP")
+    if affinity == "ClientIP":
+        cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds")
+        affinity_timeout = 10800 if cfg is None else cfg  # Kubernetes' default: 3 hours
+        if isinstance(affinity_timeout, bool) or not isinstance(affinity_timeout, int) or not (
+            1 <= affinity_timeout <= 86400
+        ):
+            raise ObjectError(
+                f"{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {cfg!r} is not 1-86400"
+            )
     itp = spec.get("internalTrafficPolicy") or "Cluster"
     etp = spec.get("externalTrafficPolicy") or "Cluster"
     for fld, v in (("spec.internalTrafficPolicy", itp), ("spec.externalTrafficPolicy", etp)):
@@ -263,7 +278,7 @@ def parse_service(raw: dict) -> Service:
     return Service(
         ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems),
         internal_traffic_policy=itp, external_traffic_policy=etp,
-        external_ips=tuple(external_ips), lb_ips=tuple(lb_ips),
+        external_ips=tuple(external_ips), lb_ips=tuple(lb_ips), affinity_timeout=affinity_timeout,
     )
 
 

@@ -20,6 +20,8 @@ PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 SCOPE_INTERNAL = 0
 SCOPE_EXTERNAL = 1
 
+SVC_F_AFFINITY = 1  # ebpf/sliceproxy.h SP_SVC_F_AFFINITY; checked by tests/unit/test_layout.py
+
 # Protocols the datapath rewrites today.
 SERVED_PROTOCOLS = ("TCP", "UDP")
 
@@ -108,6 +110,8 @@ def plan_service(
                     scope=SCOPE_INTERNAL,
                     name=frontend_name(svc, sp.name, sp.port, sp.protocol),
                     backends=backends,
+                    flags=SVC_F_AFFINITY if svc.affinity_timeout else 0,
+                    affinity_timeout=svc.affinity_timeout,
                 )
             )
     return out, notes

@@ -22,4 +22,5 @@ class MapSizes:
             "sp_be_v1": self.backends,
             "sp_slot_v1": self.slots,
             "sp_ct_v1": self.conntrack,
+            "sp_aff_v1": self.conntrack,  # at most one entry per client and service
         }.get(name)

@@ -60,6 +60,7 @@ struct sp_svc_key {
 };
 
 #define SP_SVC_F_NONE 0
+#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v1 */
 
 struct sp_svc_val {
 	__u32 svc_id;           /* key of the slots and names maps */
@@ -109,6 +110,21 @@ struct sp_ct_val {
 	__u32 svc_id;      /* service the flow was given by */
 	__u32 pad2;        /* zero */
 	__u64 last_seen;   /* bpf_ktime_get_ns() of the last packet */
+};
+
+/* sp_aff_v1 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
+ * service go to the backend its last new flow got, while that was less than
+ * affinity_timeout seconds ago and the backend still holds the same slot. */
+struct sp_aff_key {
+	__u32 svc_id;
+	__u32 pad;     /* zero */
+	__u8 addr[16]; /* client address, IPv4-mapped */
+};
+
+struct sp_aff_val {
+	__u32 backend_id;
+	__u32 slot;      /* the slot it was picked from; must still name it */
+	__u64 last_used; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
 /* sp_stats_v1 (per-CPU array, SP_V_MAX entries): counters per verdict. */

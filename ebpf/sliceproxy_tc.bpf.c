@@ -54,6 +54,13 @@ struct {
 } sp_ct_v1 SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct sp_aff_key);
+	__type(value, struct sp_aff_val);
+} sp_aff_v1 SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SP_V_MAX);
 	__type(key, __u32);
@@ -323,10 +330,42 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		.svc_id = svc->svc_id,
 		.slot = bpf_get_prandom_u32() % n,
 	};
-	struct sp_slot_val *sl = bpf_map_lookup_elem(&sp_slot_v1, &slkey);
+	struct sp_slot_val *sl;
+	struct sp_aff_key akey = {};
+	struct sp_aff_val *aff = 0;
+	__u32 be_id = 0;
+	int sticky = 0;
+
+	if (svc->flags & SP_SVC_F_AFFINITY) {
+		/* ClientIP affinity: the backend of this client's last new
+		 * flow, if recent enough and still in the slot it came from
+		 * (a slot rewritten by a removal ends the affinity, as a
+		 * removed endpoint does in kube-proxy). */
+		akey.svc_id = svc->svc_id;
+		__builtin_memcpy(akey.addr, ckey.saddr, sizeof(akey.addr));
+		aff = bpf_map_lookup_elem(&sp_aff_v1, &akey);
+		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * 1000000000ULL &&
+		    aff->slot < n) {
+			struct sp_slot_key ak = { .svc_id = svc->svc_id, .slot = aff->slot };
+			sl = bpf_map_lookup_elem(&sp_slot_v1, &ak);
+			if (sl && sl->backend_id == aff->backend_id) {
+				slkey.slot = aff->slot;
+				sticky = 1;
+			}
+		}
+	}
+	sl = bpf_map_lookup_elem(&sp_slot_v1, &slkey);
 	if (!sl)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-	__u32 be_id = sl->backend_id;
+	be_id = sl->backend_id;
+	if (svc->flags & SP_SVC_F_AFFINITY) {
+		struct sp_aff_val av = { .backend_id = be_id, .slot = slkey.slot, .last_used = now };
+
+		if (sticky && aff)
+			aff->last_used = now;
+		else
+			bpf_map_update_elem(&sp_aff_v1, &akey, &av, BPF_ANY);
+	}
 	be = bpf_map_lookup_elem(&sp_be_v1, &be_id);
 	if (!be || !addr_is_v4(be->addr))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);

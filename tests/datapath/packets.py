@@ -208,6 +208,7 @@ class Svc:
     slots: tuple[int, ...] = ()
     scope: int = 0  # SP_SCOPE_INTERNAL
     count: int | None = None
+    affinity_timeout: int = 0  # seconds; non-zero sets SP_SVC_F_AFFINITY
 
 
 class CtKey(NamedTuple):
@@ -248,7 +249,9 @@ def put_service(dp, s: Svc) -> None:
         put_slot(dp, s.svc_id, i, be_id)
     dp.maps["sp_svc_v1"].update(
         svc_key(s.addr, s.port, s.proto, s.scope),
-        layout.codec("sp_svc_val").pack(s.svc_id, count, 0, 0),
+        layout.codec("sp_svc_val").pack(
+            s.svc_id, count, layout.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0, s.affinity_timeout
+        ),
     )
 
 

@@ -21,6 +21,7 @@ shortest truncated header below is one whose options are cut.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +29,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from ctrl import loader
+from ctrl import layout, loader
 
 from .packets import (
     BE1,
@@ -598,3 +599,67 @@ def test_new_flows_spread_over_all_backends(dp):
             b = by_addr[v.nat_addr]
             assert v == CtVal(b.addr, 8080, b.id, 7)
             assert ct[CtKey(b.addr, CLIENT, 8080, k.sport, TCP_P, REPLY)] == CtVal(VIP, 80, b.id, 7)
+
+
+# -- sessionAffinity ClientIP --------------------------------------------------
+
+AFF_BACKENDS = (BE_WEB1, BE_WEB2, BE_WEB3)
+
+
+def aff_key(svc_id: int, client: str) -> bytes:
+    from ctrl.objects import addr16
+
+    return layout.codec("sp_aff_key").pack(svc_id, addr16(client))
+
+
+def backend_of(dp, pkt: bytes) -> str:
+    retval, out, _ = dp.test_run(pkt)
+    assert retval == TC_ACT_OK
+    return Ether(out)[IP].dst
+
+
+def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),),
+                  backends=AFF_BACKENDS))
+    seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
+    assert len(seen) == 1, seen
+    # Another client is free to land elsewhere, and sticks as well.
+    others = {backend_of(dp, tcp(CLIENT2, VIP, 20000 + i, 80)) for i in range(60)}
+    assert len(others) == 1
+    assert dp.maps["sp_aff_v1"].lookup(aff_key(30, CLIENT)) is not None
+
+
+def test_without_affinity_new_flows_spread(dp):
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5)),), backends=AFF_BACKENDS))
+    seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
+    assert len(seen) == 3, seen
+    assert dp.maps["sp_aff_v1"].items() == []
+
+
+@pytest.mark.parametrize(
+    "slot,backend_id,age_s,sticks",
+    [
+        pytest.param(2, 5, 1, True, id="recent-entry-sticks"),
+        pytest.param(2, 5, 120, False, id="expired-entry-repicks"),
+        pytest.param(2, 1, 1, False, id="slot-rewritten-since-repicks"),
+        pytest.param(7, 5, 1, False, id="slot-beyond-count-repicks"),
+    ],
+)
+def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),),
+                  backends=AFF_BACKENDS))
+    vc = layout.codec("sp_aff_val")
+    firsts = []
+    # Each round: the entry as the case has it, then one new flow. Sticking
+    # always gives BE3 (slot 2); a fresh pick is uniform, so twelve rounds
+    # all on one backend would happen with probability 3 * (1/3)**12.
+    for i in range(12):
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        dp.maps["sp_aff_v1"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
+        firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
+        be, s_, last = vc.unpack(dp.maps["sp_aff_v1"].lookup(aff_key(30, CLIENT)))
+        assert last > now and s_ < 3  # refreshed, and naming a valid slot
+    if sticks:
+        assert set(firsts) == {BE3}
+    else:
+        assert len(set(firsts)) > 1, firsts

@@ -364,3 +364,28 @@ def test_udp_flow_of_a_removed_backend_moves_at_once(topo: Topology, agents: Age
     finally:
         peer.stdin.close()
         topo.stop(peer)
+
+
+def test_session_affinity_sticks_and_expires(topo: Topology, agents: Agents) -> None:
+    """sessionAffinity ClientIP: every new connection of a client reaches one
+    backend; after timeoutSeconds without a new connection the next one is
+    balanced afresh."""
+    svc = service("web", VIP, WEB_PORTS)
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    svc["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 1}}
+    agents.src.write("service.yaml", svc)
+    agents.start_ready()
+    doc = dump(topo, agents.pin_dir)
+    assert frontends(doc)[f"{VIP}:80/TCP"]["affinity_timeout"] == 1
+
+    res = http(topo, count=40)
+    assert res["errors"] == 0 and len(res["counts"]) == 1, res
+    # Expiry: a new connection 1.5 s after the last one is a fresh pick.
+    # Ten fresh picks all on one of three backends: probability 3 * 3**-10.
+    picks = []
+    for _ in range(10):
+        time.sleep(1.5)
+        r = http(topo, count=1)
+        assert r["errors"] == 0, r
+        picks.extend(r["counts"])
+    assert len(set(picks)) > 1, picks

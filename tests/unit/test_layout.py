@@ -59,3 +59,11 @@ def test_codecs_pack_fields_at_header_offsets():
     offs = dict((n, o) for n, o, _ in layout.describe("sp_svc_key"))
     assert raw[offs["port"] : offs["port"] + 2] == (0x1234).to_bytes(2, sys.byteorder)
     assert raw[offs["proto"]] == 6 and raw[offs["scope"]] == 1
+
+
+def test_python_constants_match_the_header():
+    from ctrl import plan
+
+    assert plan.SVC_F_AFFINITY == layout.const("SP_SVC_F_AFFINITY")
+    assert plan.SCOPE_INTERNAL == layout.const("SP_SCOPE_INTERNAL")
+    assert plan.SCOPE_EXTERNAL == layout.const("SP_SCOPE_EXTERNAL")
