@@ -55,6 +55,7 @@ class Agent:
         interface_period: float = 1.0,
         resync_period: float = 60.0,
         metrics=None,
+        health_checks=None,
     ):
         self.source = source
         self.state = state
@@ -65,6 +66,7 @@ class Agent:
         self.interface_period = interface_period
         self.resync_period = resync_period
         self.metrics = metrics
+        self.health_checks = health_checks  # ctrl.healthcheck.HealthCheckServers
         # Changes taken since the last successful sync, for the pending
         # gauges and network programming latency.
         self._pending = {"EndpointSlice": 0, "Service": 0}
@@ -129,6 +131,9 @@ class Agent:
         full = self.need_full
         owners = set(self.state.services) | self.programmed.owners() if full else set(self.dirty)
         desired = self.plan(owners)
+        if self.health_checks is not None:
+            for owner in sorted(owners):
+                self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices_of(owner))
         cs = self.programmed.sync(
             desired, prune_except=set(self.state.services) if full else None, now=time.monotonic()
         )

@@ -215,11 +215,16 @@ def cmd_run(args) -> int:
         metrics=metrics,
     )
 
+    from .health import Health
+    from .healthcheck import HealthCheckServers
+
+    health = Health(agent, args.healthz_stale_after, metrics)
+    agent.health_checks = HealthCheckServers(args.node_name, lambda: health.status(count=False)[0] == 200)
     if args.healthz_bind_address:
-        from .health import Health, serve
+        from .health import serve
 
         try:
-            serve(Health(agent, args.healthz_stale_after, metrics), args.healthz_bind_address)
+            serve(health, args.healthz_bind_address)
         except OSError as e:
             raise SystemExit(f"sliceproxy run: cannot serve /healthz on {args.healthz_bind_address}: {e}") from None
 

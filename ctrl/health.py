@@ -30,7 +30,7 @@ class Health:
         self.stale_after = stale_after
         self.metrics = metrics
 
-    def status(self) -> tuple[int, dict]:
+    def status(self, count: bool = True) -> tuple[int, dict]:
         now = time.time()
         last = self.agent.last_sync_ok
         pending = bool(self.agent.dirty) or self.agent.need_full
@@ -41,7 +41,7 @@ class Health:
             "nodeEligible": True,
         }
         code = 200 if healthy else 503
-        if self.metrics is not None:
+        if count and self.metrics is not None:
             self.metrics.healthz.labels(code=str(code)).inc()
         return code, body
 

@@ -67,6 +67,7 @@ class Service:
     lb_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
     # sessionAffinity ClientIP: seconds of stickiness (timeoutSeconds); 0: None.
     affinity_timeout: int = 0
+    health_check_node_port: int | None = None  # spec.healthCheckNodePort
 
     @property
     def key(self) -> str:
@@ -279,6 +280,7 @@ def parse_service(raw: dict) -> Service:
         ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems),
         internal_traffic_policy=itp, external_traffic_policy=etp,
         external_ips=tuple(external_ips), lb_ips=tuple(lb_ips), affinity_timeout=affinity_timeout,
+        health_check_node_port=_port(spec.get("healthCheckNodePort"), what, "spec.healthCheckNodePort", optional=True),
     )
 
 

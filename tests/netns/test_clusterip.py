@@ -389,3 +389,59 @@ def test_session_affinity_sticks_and_expires(topo: Topology, agents: Agents) -> 
         assert r["errors"] == 0, r
         picks.extend(r["counts"])
     assert len(set(picks)) > 1, picks
+
+
+HC_FETCH = (
+    "import sys, json, urllib.request, urllib.error\n"
+    "try:\n"
+    "    r = urllib.request.urlopen(sys.argv[1], timeout=5)\n"
+    "    code, body, w = r.status, r.read(), r.headers['X-Load-Balancing-Endpoint-Weight']\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    code, body, w = e.code, e.read(), e.headers['X-Load-Balancing-Endpoint-Weight']\n"
+    "except OSError as e:\n"
+    "    code, body, w = 0, b'{}', None\n"
+    "print(json.dumps({'code': code, 'body': json.loads(body), 'weight': w}))\n"
+)
+
+
+def test_health_check_node_port_reports_local_endpoints(topo: Topology, agents: Agents) -> None:
+    """A LoadBalancer Service with externalTrafficPolicy Local gets kube-proxy's
+    health check server on spec.healthCheckNodePort: 200 while this node has a
+    local ready endpoint, 503 otherwise, with kube-proxy's JSON body."""
+    import json
+    import sys
+
+    def probe() -> dict:
+        cp = topo.exec_in("node", [sys.executable, "-c", HC_FETCH, "http://127.0.0.1:32100/"], timeout=15)
+        return json.loads(cp.stdout)
+
+    svc = service("web", VIP, WEB_PORTS)
+    svc["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32100)
+    for p in svc["spec"]["ports"]:
+        p["nodePort"] = 30000 + p["port"]
+    local = endpoint(BACKENDS["backend-1"])
+    remote = endpoint(BACKENDS["backend-2"])
+    remote["nodeName"] = "node-b"
+    agents.src.write("service.yaml", svc)
+    agents.src.write("slice-a.yaml", endpoint_slice("web-a", "web", SLICE_PORTS, [local, remote]))
+    agents.src.remove("slice-b.yaml")
+    agents.start_ready(web_backends("backend-1", "backend-2"), extra=("--node-name", "node-a"))
+
+    r = probe()
+    assert r["code"] == 200 and r["weight"] == "1", r
+    assert r["body"] == {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 1,
+                         "serviceProxyHealthy": True}
+
+    local["conditions"]["ready"] = False
+    agents.src.write("slice-a.yaml", endpoint_slice("web-a", "web", SLICE_PORTS, [local, remote]))
+    agents.wait(web_backends("backend-2"))
+    r = probe()
+    assert r["code"] == 503 and r["body"]["localEndpoints"] == 0, r
+
+    # Cluster policy: no health check server at all.
+    svc["spec"]["externalTrafficPolicy"] = "Cluster"
+    agents.src.write("service.yaml", svc)
+    deadline = time.monotonic() + 30
+    while probe()["code"] != 0:
+        assert time.monotonic() < deadline, "the health check port stayed open"
+        time.sleep(0.2)
