@@ -43,8 +43,14 @@ k8s:
 bpffs:
 	@grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 
-test: all bpffs k8s
+test: all bpffs k8s lint
 	$(BIN)/python -m pytest -q tests
+
+# ruff (lint and format) and mypy on the control plane.
+lint: venv
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster
+	$(BIN)/ruff format --check ctrl
+	$(BIN)/mypy ctrl
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit

@@ -65,7 +65,13 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     def ids(seq) -> bytes:
         return _pack_all(c.u32, ((i,) for i in seq))
 
-    add("sp_be_v1", "update", len(cs.be_upd), ids(i for i, _ in cs.be_upd), _pack_all(c.backend, (b for _, b in cs.be_upd)))
+    add(
+        "sp_be_v1",
+        "update",
+        len(cs.be_upd),
+        ids(i for i, _ in cs.be_upd),
+        _pack_all(c.backend, (b for _, b in cs.be_upd)),
+    )
     add(
         "sp_slot_v1",
         "update",

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source", metavar="DIR", help="directory of Kubernetes YAML to serve (no cluster needed)")
     src.add_argument("--kubeconfig", metavar="PATH", help="watch the Kubernetes API with this kubeconfig")
     src.add_argument(
-        "--in-cluster", action="store_true", help="watch the Kubernetes API as the Pod's ServiceAccount (the default in a Pod)"
+        "--in-cluster",
+        action="store_true",
+        help="watch the Kubernetes API as the Pod's ServiceAccount (the default in a Pod)",
     )
     run.add_argument(
         "--interfaces",
@@ -46,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="interfaces (glob patterns) whose tc ingress gets the program; new matching "
         "interfaces are picked up while running",
     )
-    run.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})")
+    run.add_argument(
+        "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
+    )
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
     run.add_argument(
         "--min-sync-period",
@@ -91,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="/healthz answers 503 when changes wait and no sync succeeded for this long",
     )
-    run.add_argument("--dry-run", action="store_true", help="print the desired map contents and exit; touches no kernel state")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the desired map contents and exit; touches no kernel state"
+    )
     run.add_argument(
         "--cleanup-on-exit",
         action="store_true",
@@ -102,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = MapSizes()
     run.add_argument("--max-services", type=int, default=sizes.services, help="frontend map capacity")
     run.add_argument("--max-backends", type=int, default=sizes.backends, help="backend map capacity")
-    run.add_argument("--max-slots", type=int, default=sizes.slots, help="slot map capacity (sum of backends over frontends)")
+    run.add_argument(
+        "--max-slots", type=int, default=sizes.slots, help="slot map capacity (sum of backends over frontends)"
+    )
     run.add_argument("--max-conntrack", type=int, default=sizes.conntrack, help="conntrack map capacity")
     _log_args(run)
 
@@ -280,7 +288,8 @@ def render_changes(cs, output: str) -> str:
     ]
     slots = [{"key": {"svc_id": s, "slot": i}, "value": {"backend_id": b}} for s, i, b in cs.slot_upd]
     bes = [
-        {"key": i, "value": {"backend": hostport(a, p), "proto": PROTO_NAMES.get(pr, pr)}} for i, (a, p, pr) in cs.be_upd
+        {"key": i, "value": {"backend": hostport(a, p), "proto": PROTO_NAMES.get(pr, pr)}}
+        for i, (a, p, pr) in cs.be_upd
     ]
     names = [{"key": i, "value": n} for i, n in cs.name_upd]
     data = {"sp_svc_v1": svc, "sp_slot_v1": slots, "sp_be_v1": bes, "sp_names_v1": names}

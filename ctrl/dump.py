@@ -15,6 +15,7 @@ from .maps import Map
 from .objects import addr_str, is_v4
 from .plan import PROTO_NAMES, SCOPE_EXTERNAL
 
+
 def verdicts() -> list[str]:
     """Verdict names by index, from the header's enum sp_verdict."""
     names = {layout.const(c): c[len("SP_V_") :].lower() for c in layout.constants_with_prefix("SP_V_")}
@@ -107,13 +108,13 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
         "counters": counters(maps),
     }
     if with_conntrack:
-        ids = {s["svc_id"] for s in services} if service is not None else None
+        ids = {int(str(s["svc_id"])) for s in services} if service is not None else None
         out["conntrack"] = conntrack(maps, ids)
     return out
 
 
 def render_table(data: dict) -> str:
-    rows = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
+    rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
     for s in data["services"]:
         bes = ", ".join(s["backends"]) if s["backends"] else "(none: dropped)"
         rows.append((s["name"] or "<unnamed>", s["frontend"], str(s["svc_id"]), bes))
@@ -130,7 +131,9 @@ def render_table(data: dict) -> str:
     if "conntrack" in data:
         lines.append("")
         rows = [("PROTO", "CLIENT", "FRONTEND", "BACKEND", "IDLE")]
-        rows += [(f["proto"], f["client"], f["frontend"], f["backend"], f"{f['idle_seconds']}s") for f in data["conntrack"]]
+        rows += [
+            (f["proto"], f["client"], f["frontend"], f["backend"], f"{f['idle_seconds']}s") for f in data["conntrack"]
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines += ["  ".join(r[i].ljust(widths[i]) for i in range(5)).rstrip() for r in rows]
     return "\n".join(lines)

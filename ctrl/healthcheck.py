@@ -89,19 +89,19 @@ class HealthCheckServers:
                 log.info("%s Service: health check port %d closed", owner, p)
         if port is None:
             return
-        srv = self.servers.get(port)
-        if srv is not None and srv.owner != owner:
-            log.error("%s Service: spec.healthCheckNodePort %d is already served for %s", owner, port, srv.owner)
+        existing = self.servers.get(port)
+        if existing is not None and existing.owner != owner:
+            log.error("%s Service: spec.healthCheckNodePort %d is already served for %s", owner, port, existing.owner)
             return
-        if srv is None:
+        if existing is None:
             try:
-                srv = _Server(port, self.address, owner, self.healthy)
+                existing = _Server(port, self.address, owner, self.healthy)
             except OSError as e:
                 log.error("%s Service: spec.healthCheckNodePort %d cannot be served: %s", owner, port, e)
                 return
-            self.servers[port] = srv
+            self.servers[port] = existing
             log.info("%s Service: serving its health check on port %d", owner, port)
-        srv.count = local_ready_endpoints(slices, self.node_name)
+        existing.count = local_ready_endpoints(slices, self.node_name)
 
     def close(self) -> None:
         for srv in self.servers.values():

@@ -98,7 +98,9 @@ def _load() -> None:
     ffi.cdef(block)
     _structs.extend(re.findall(r"^struct (\w+) \{", block, re.M))
     for name in re.findall(r"^#define (\w+) ", block, re.M):
-        constants[name] = int(re.search(rf"^#define {name} (\S+)", block, re.M).group(1), 0)
+        m = re.search(rf"^#define {name} (\S+)", block, re.M)
+        assert m is not None
+        constants[name] = int(m.group(1), 0)
     for name in re.findall(r"^\s+(SP_V_\w+) = ", block, re.M):
         constants[name] = int(getattr(lib(), name))
     for sname in _structs:

@@ -136,8 +136,7 @@ def lib():
         except OSError as e:
             raise BPFError(
                 errno.ENOENT,
-                "libbpf.so.1 was not found: install the system libbpf "
-                "(Debian/Ubuntu package libbpf1) on this node",
+                "libbpf.so.1 was not found: install the system libbpf " "(Debian/Ubuntu package libbpf1) on this node",
             ) from e
     return _lib
 

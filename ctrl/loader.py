@@ -143,9 +143,7 @@ def load(
         missing = set(MAP_NAMES) - set(maps)
         if missing:
             raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
-        return Dataplane(
-            pin_dir=pin_dir, maps=maps, prog_fd=fds[PROGRAM], egress_fd=fds[EGRESS_PROGRAM], _obj=obj
-        )
+        return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=fds[PROGRAM], egress_fd=fds[EGRESS_PROGRAM], _obj=obj)
     except BaseException:
         lb.bpf_object__close(obj)
         if pin_dir is not None and created:

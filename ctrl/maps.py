@@ -101,9 +101,7 @@ class Map:
         while done < n:
             chunk = min(BATCH, n - done)
             cnt = ffi.new("__u32 *", chunk)
-            ret = lib().bpf_map_update_batch(
-                self.fd, kb + done * self.key_size, vb + done * self.value_size, cnt, opts
-            )
+            ret = lib().bpf_map_update_batch(self.fd, kb + done * self.key_size, vb + done * self.value_size, cnt, opts)
             if ret < 0:
                 err = ffi.errno
                 raise BPFError(

@@ -43,24 +43,32 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.sync_duration = Histogram(
-            "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", buckets=SYNC_BUCKETS,
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            buckets=SYNC_BUCKETS,
             registry=r,
         )
         self.full_sync_duration = Histogram(
-            "kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs",
-            buckets=SYNC_BUCKETS, registry=r,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            buckets=SYNC_BUCKETS,
+            registry=r,
         )
         self.partial_sync_duration = Histogram(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-            "SyncProxyRules latency in seconds for partial resyncs", buckets=SYNC_BUCKETS, registry=r,
+            "SyncProxyRules latency in seconds for partial resyncs",
+            buckets=SYNC_BUCKETS,
+            registry=r,
         )
         self.last_sync = Gauge(
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
             registry=r,
         )
         self.last_queued = Gauge(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued", registry=r,
+            "The last time a sync of proxy rules was queued",
+            registry=r,
         )
         self.endpoint_changes = Counter(
             "kubeproxy_sync_proxy_rules_endpoint_changes", "Cumulative proxy rules Endpoint changes", registry=r
@@ -75,8 +83,10 @@ class Metrics:
             "kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", registry=r
         )
         self.programming = Histogram(
-            "kubeproxy_network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds",
-            buckets=NPL_BUCKETS, registry=r,
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            buckets=NPL_BUCKETS,
+            registry=r,
         )
         self.sync_failures = Counter(
             "sliceproxy_sync_failures", "Syncs whose map writes failed (a full reconcile follows)", registry=r
@@ -126,7 +136,9 @@ class DataplaneCollector:
     def collect(self):
         from .dump import counters  # the same decoding as `sliceproxy dump`
 
-        pk = CounterMetricFamily("sliceproxy_packets", "Packets seen by the tc program, per verdict", labels=["verdict"])
+        pk = CounterMetricFamily(
+            "sliceproxy_packets", "Packets seen by the tc program, per verdict", labels=["verdict"]
+        )
         by = CounterMetricFamily("sliceproxy_bytes", "Bytes seen by the tc program, per verdict", labels=["verdict"])
         try:
             for verdict, c in counters(self.maps).items():

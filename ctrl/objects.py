@@ -138,7 +138,7 @@ def describe(raw: object) -> str:
     if not isinstance(raw, dict):
         return "object"
     kind = raw.get("kind") or "object"
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    meta: dict = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     name = meta.get("name") or "<unnamed>"
     ns = meta.get("namespace")
     if kind == "Node" or not ns:
@@ -199,7 +199,7 @@ def parse_service(raw: dict) -> Service:
     ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     if not isinstance(ips, list):
         raise ObjectError(f"{what}: spec.clusterIPs: not a list")
-    cluster_ips = []
+    cluster_ips: list[str] = []
     for i, ip in enumerate(ips):
         if ip == "None":
             cluster_ips = []  # headless: nothing for a proxy to do
@@ -237,6 +237,7 @@ def parse_service(raw: dict) -> Service:
             if (port, proto) in seen:
                 raise ObjectError(f"{what}: {fld}: port {port}/{proto} is listed twice")
             seen.add((port, proto))
+            assert port is not None  # _port raised otherwise
             ports.append(ServicePort(pname, port, proto, tp, node_port))
         except ObjectError as e:
             problems.append(str(e))
@@ -247,12 +248,12 @@ def parse_service(raw: dict) -> Service:
     if affinity == "ClientIP":
         cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds")
         affinity_timeout = 10800 if cfg is None else cfg  # Kubernetes' default: 3 hours
-        if isinstance(affinity_timeout, bool) or not isinstance(affinity_timeout, int) or not (
-            1 <= affinity_timeout <= 86400
+        if (
+            isinstance(affinity_timeout, bool)
+            or not isinstance(affinity_timeout, int)
+            or not (1 <= affinity_timeout <= 86400)
         ):
-            raise ObjectError(
-                f"{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {cfg!r} is not 1-86400"
-            )
+            raise ObjectError(f"{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {cfg!r} is not 1-86400")
     itp = spec.get("internalTrafficPolicy") or "Cluster"
     etp = spec.get("externalTrafficPolicy") or "Cluster"
     for fld, v in (("spec.internalTrafficPolicy", itp), ("spec.externalTrafficPolicy", etp)):
@@ -277,9 +278,18 @@ def parse_service(raw: dict) -> Service:
         except (ValueError, TypeError, OSError):
             problems.append(f"{what}: status.loadBalancer.ingress[{i}].ip: {ip!r} is not an IP address")
     return Service(
-        ns, name, stype, tuple(cluster_ips), tuple(ports), labels, tuple(problems),
-        internal_traffic_policy=itp, external_traffic_policy=etp,
-        external_ips=tuple(external_ips), lb_ips=tuple(lb_ips), affinity_timeout=affinity_timeout,
+        ns,
+        name,
+        stype,
+        tuple(cluster_ips),
+        tuple(ports),
+        labels,
+        tuple(problems),
+        internal_traffic_policy=itp,
+        external_traffic_policy=etp,
+        external_ips=tuple(external_ips),
+        lb_ips=tuple(lb_ips),
+        affinity_timeout=affinity_timeout,
         health_check_node_port=_port(spec.get("healthCheckNodePort"), what, "spec.healthCheckNodePort", optional=True),
     )
 
@@ -355,8 +365,8 @@ def parse_slice(raw: dict) -> EndpointSlice:
                     terminating=_flag(cond, "terminating", False, f"{what}: {fld}"),
                     node_name=ep.get("nodeName"),
                     zone=ep.get("zone"),
-                    hint_zones=tuple(z.get("name") for z in hz if isinstance(z, dict)) if hz else None,
-                    hint_nodes=tuple(n.get("name") for n in hn if isinstance(n, dict)) if hn else None,
+                    hint_zones=_hint_names(hz),
+                    hint_nodes=_hint_names(hn),
                 )
             )
         except ObjectError as e:
@@ -364,13 +374,29 @@ def parse_slice(raw: dict) -> EndpointSlice:
     annotations = (raw.get("metadata") or {}).get("annotations") or {}
     trigger = annotations.get("endpoints.kubernetes.io/last-change-trigger-time")
     return EndpointSlice(
-        ns, name, svc, atype, tuple(ports), tuple(endpoints), labels, tuple(problems),
+        ns,
+        name,
+        svc,
+        atype,
+        tuple(ports),
+        tuple(endpoints),
+        labels,
+        tuple(problems),
         trigger if isinstance(trigger, str) else None,
     )
+
+
+def _hint_names(hints: object) -> tuple[str, ...] | None:
+    """Names of forZones / forNodes hints; None when there are none."""
+    if not isinstance(hints, list) or not hints:
+        return None
+    return tuple(str(h["name"]) for h in hints if isinstance(h, dict) and h.get("name"))
 
 
 def parse_node(raw: dict) -> Node:
     _, name, labels = _meta(raw, describe(raw), namespaced=False)
     status = raw.get("status") or {}
-    addrs = tuple(a.get("address") for a in (status.get("addresses") or []) if isinstance(a, dict) and a.get("address"))
+    addrs = tuple(
+        str(a["address"]) for a in (status.get("addresses") or []) if isinstance(a, dict) and a.get("address")
+    )
     return Node(name, labels, addrs)

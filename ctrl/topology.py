@@ -81,7 +81,7 @@ class Categorized:
 
 
 def topology_mode(eps: list[PortEndpoint], node_name: str | None, zone: str | None) -> str | None:
-    """"node", "zone" or None: which hints filter the cluster endpoints.
+    """ "node", "zone" or None: which hints filter the cluster endpoints.
 
     Hints are used only when every ready endpoint carries them and at least
     one is for this node (forNodes, trafficDistribution PreferSameNode) or
@@ -108,9 +108,7 @@ def topology_mode(eps: list[PortEndpoint], node_name: str | None, zone: str | No
     return None
 
 
-def categorize(
-    eps: list[PortEndpoint], policy: PortPolicy, node_name: str | None, zone: str | None
-) -> Categorized:
+def categorize(eps: list[PortEndpoint], policy: PortPolicy, node_name: str | None, zone: str | None) -> Categorized:
     cluster: list[PortEndpoint] = []
     local: list[PortEndpoint] = []
     has_any = False

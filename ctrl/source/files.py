@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -60,12 +61,14 @@ def read_file(path: Path) -> tuple[dict[tuple[str, str], object], set[tuple[str,
         docs = list(yaml.load_all(f, Loader=_Loader))
     out: dict[tuple[str, str], object] = {}
     failed: set[tuple[str, str]] = set()
-    items = []
-    for i, doc in enumerate(docs):
+    items: list[Any] = []
+    for doc in docs:
         if doc is None:
             continue
-        if isinstance(doc, dict) and doc.get("kind") == "List" or (
-            isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and "items" in doc
+        if (
+            isinstance(doc, dict)
+            and doc.get("kind") == "List"
+            or (isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and "items" in doc)
         ):
             items.extend(doc.get("items") or [])
         else:
@@ -130,7 +133,7 @@ class FileSource:
                 log.exception("scanning %s failed", self.dir)
 
     def _list(self) -> dict[Path, tuple[float, int]]:
-        found = {}
+        found: dict[Path, tuple[float, int]] = {}
         for root, dirs, files in os.walk(self.dir):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
@@ -173,7 +176,7 @@ class FileSource:
         if events:
             self.events.put(events)
 
-    def _replace(self, path: Path, objs: dict[tuple[str, str], object]) -> list[Event]:
+    def _replace(self, path: Path, objs: dict[tuple[str, str], Any]) -> list[Event]:
         old = self._objects.get(path, {})
         events = []
         for ident in old.keys() - objs.keys():

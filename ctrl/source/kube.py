@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
 
 import urllib3
 
@@ -71,12 +72,20 @@ class APIError(Exception):
 class Client:
     """Just enough of an API client: GET with auth, JSON, streamed watches."""
 
-    def __init__(self, server: str, ca_file: str | None, token: str | None = None, token_file: str | None = None,
-                 cert_file: str | None = None, key_file: str | None = None, verify: bool = True):
+    def __init__(
+        self,
+        server: str,
+        ca_file: str | None,
+        token: str | None = None,
+        token_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        verify: bool = True,
+    ):
         self.server = server.rstrip("/")
         self.token = token
         self.token_file = token_file
-        kw = {}
+        kw: dict[str, object] = {}
         if verify:
             kw["cert_reqs"] = ssl.CERT_REQUIRED
             if ca_file:
@@ -86,7 +95,7 @@ class Client:
         if cert_file:
             kw["cert_file"] = cert_file
             kw["key_file"] = key_file
-        self.pool = urllib3.PoolManager(num_pools=4, maxsize=4, **kw)
+        self.pool = urllib3.PoolManager(num_pools=4, maxsize=4, **kw)  # type: ignore[arg-type]
 
     @classmethod
     def from_config(cls, kubeconfig: str | None) -> Client:
@@ -103,8 +112,15 @@ class Client:
             token_file = IN_CLUSTER_TOKEN  # rotated by the kubelet: re-read it
         auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
         token = auth.split(" ", 1)[1] if auth and " " in auth else auth
-        return cls(cfg.host, cfg.ssl_ca_cert, token=token, token_file=token_file, cert_file=cfg.cert_file,
-                   key_file=cfg.key_file, verify=cfg.verify_ssl)
+        return cls(
+            cfg.host,
+            cfg.ssl_ca_cert,
+            token=token,
+            token_file=token_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            verify=cfg.verify_ssl,
+        )
 
     def _headers(self) -> dict[str, str]:
         h = {"Accept": "application/json", "User-Agent": "sliceproxy"}
@@ -123,9 +139,14 @@ class Client:
         q = {k: v for k, v in params.items() if v is not None}
         return self.server + path + ("?" + urllib.parse.urlencode(q) if q else "")
 
-    def get_json(self, path: str, timeout: float = 60, **params) -> dict:
-        r = self.pool.request("GET", self.url(path, **params), headers=self._headers(),
-                              timeout=urllib3.Timeout(connect=5, read=timeout), retries=False)
+    def get_json(self, path: str, timeout: float = 60, **params: Any) -> dict:
+        r = self.pool.request(
+            "GET",
+            self.url(path, **params),
+            headers=self._headers(),
+            timeout=urllib3.Timeout(connect=5, read=timeout),
+            retries=False,
+        )
         body = r.data
         if r.status != 200:
             raise APIError(r.status, _status_message(body))
@@ -133,8 +154,14 @@ class Client:
 
     def stream(self, path: str, read_timeout: float, **params):
         """Yield one decoded JSON object per line of a watch response."""
-        r = self.pool.request("GET", self.url(path, **params), headers=self._headers(), preload_content=False,
-                              timeout=urllib3.Timeout(connect=5, read=read_timeout), retries=False)
+        r = self.pool.request(
+            "GET",
+            self.url(path, **params),
+            headers=self._headers(),
+            preload_content=False,
+            timeout=urllib3.Timeout(connect=5, read=read_timeout),
+            retries=False,
+        )
         try:
             if r.status != 200:
                 raise APIError(r.status, _status_message(r.read()))
@@ -145,7 +172,7 @@ class Client:
                     nl = buf.find(b"\n")
                     if nl < 0:
                         break
-                    line, buf = buf[:nl], buf[nl + 1:]
+                    line, buf = buf[:nl], buf[nl + 1 :]
                     if line.strip():
                         yield json.loads(line)
         finally:
@@ -221,8 +248,13 @@ class KubeSource:
                     return
                 self.reconnects += 1
                 wait = delay * (0.5 + random.random())
-                log.warning("%s %s failed (%s); retrying in %.1f s", res.kind, "list" if rv is None else "watch",
-                            _one_line(e), wait)
+                log.warning(
+                    "%s %s failed (%s); retrying in %.1f s",
+                    res.kind,
+                    "list" if rv is None else "watch",
+                    _one_line(e),
+                    wait,
+                )
                 self._stop.wait(wait)
                 delay = min(delay * 2, self.backoff_max)
 
@@ -231,8 +263,13 @@ class KubeSource:
         items: list[dict] = []
         cont = None
         while True:
-            body = self.client.get_json(res.path, limit=LIST_PAGE, labelSelector=res.label_selector,
-                                        fieldSelector=res.field_selector, **{"continue": cont})
+            params: dict[str, Any] = {
+                "limit": LIST_PAGE,
+                "labelSelector": res.label_selector,
+                "fieldSelector": res.field_selector,
+                "continue": cont,
+            }
+            body = self.client.get_json(res.path, **params)
             items.extend(body.get("items") or [])
             cont = (body.get("metadata") or {}).get("continue")
             if not cont:

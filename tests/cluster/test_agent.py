@@ -73,7 +73,9 @@ class Cluster:
                 "metadata": {"name": name, "labels": {"app": app}},
                 "spec": {
                     "nodeName": NODE,
-                    "containers": [{"name": "web", "image": "registry.invalid/web:1", "ports": [{"containerPort": 8080}]}],
+                    "containers": [
+                        {"name": "web", "image": "registry.invalid/web:1", "ports": [{"containerPort": 8080}]}
+                    ],
                 },
             },
         )
@@ -267,8 +269,12 @@ def _objects(path: Path) -> list[dict]:
 def _collection(obj: dict, ns: str | None) -> str:
     api = obj["apiVersion"]
     base = f"/api/{api}" if "/" not in api else f"/apis/{api}"
-    plural = {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles", "ClusterRoleBinding":
-              "clusterrolebindings", "DaemonSet": "daemonsets"}[obj["kind"]]
+    plural = {
+        "ServiceAccount": "serviceaccounts",
+        "ClusterRole": "clusterroles",
+        "ClusterRoleBinding": "clusterrolebindings",
+        "DaemonSet": "daemonsets",
+    }[obj["kind"]]
     if obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):
         return f"{base}/{plural}"
     return f"{base}/namespaces/{ns or obj['metadata']['namespace']}/{plural}"
@@ -312,7 +318,9 @@ def test_agent_runs_with_its_own_serviceaccount_and_nothing_more(
         status, _ = controlplane.request("GET", path_, token=agent_account)
         assert status == 403, path_
     status, _ = controlplane.request(
-        "POST", f"/api/v1/namespaces/{cluster.ns}/services", {"metadata": {"name": "x"}, "spec": {"ports": [{"port": 1}]}},
+        "POST",
+        f"/api/v1/namespaces/{cluster.ns}/services",
+        {"metadata": {"name": "x"}, "spec": {"ports": [{"port": 1}]}},
         token=agent_account,
     )
     assert status == 403
@@ -339,5 +347,7 @@ def test_healthz_and_network_programming_latency(topo, forward, pin_dir, cluster
         out = topo.exec_in("node", [sys.executable, "-c", probe], timeout=10)
         code, text = out.stdout.split(" ", 1)
         assert code == "200"
-        count = [ln for ln in text.splitlines() if ln.startswith("kubeproxy_network_programming_duration_seconds_count")]
+        count = [
+            ln for ln in text.splitlines() if ln.startswith("kubeproxy_network_programming_duration_seconds_count")
+        ]
         assert count and float(count[0].split()[-1]) >= 1, count

@@ -93,7 +93,9 @@ def tcp(
     """An Ethernet/IPv4/TCP frame with real-looking TCP options."""
     ip = ip4(src, dst, ip_options=ip_options, **ipkw)
     opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 7)]
-    seg = TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 2000, window=64240, options=opts)
+    seg = TCP(
+        sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 2000, window=64240, options=opts
+    )
     return bytes(eth() / ip / seg / Raw(payload)) if payload else bytes(eth() / ip / seg)
 
 
@@ -179,9 +181,7 @@ def verify_checksums(raw: bytes) -> Ether:
     r = Ether(bytes(q))
     assert p[IP].chksum == r[IP].chksum, f"IPv4 header checksum {p[IP].chksum:#06x}, correct {r[IP].chksum:#06x}"
     if not udp_none:
-        assert p[l4].chksum == r[l4].chksum, (
-            f"{l4.__name__} checksum {p[l4].chksum:#06x}, correct {r[l4].chksum:#06x}"
-        )
+        assert p[l4].chksum == r[l4].chksum, f"{l4.__name__} checksum {p[l4].chksum:#06x}, correct {r[l4].chksum:#06x}"
     return p
 
 
@@ -262,7 +262,9 @@ def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
 
 
 def put_backend(dp, b: Backend) -> None:
-    dp.maps["sp_be_v1"].update(b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto))
+    dp.maps["sp_be_v1"].update(
+        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto)
+    )
 
 
 def del_backend(dp, be_id: int) -> None:
@@ -275,7 +277,8 @@ def ct_key_bytes(k: CtKey) -> bytes:
 
 def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
     dp.maps["sp_ct_v1"].update(
-        ct_key_bytes(k), layout.codec("sp_ct_val").pack(mapped(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen)
+        ct_key_bytes(k),
+        layout.codec("sp_ct_val").pack(mapped(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen),
     )
 
 
@@ -307,9 +310,7 @@ def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
     return out
 
 
-def ct_pair(
-    client: str, cport: int, vip: str, vport: int, be: Backend, svc_id: int, proto: int
-) -> dict[CtKey, CtVal]:
+def ct_pair(client: str, cport: int, vip: str, vport: int, be: Backend, svc_id: int, proto: int) -> dict[CtKey, CtVal]:
     """The two entries a new flow must create: forward (client -> frontend,
     value: the backend) and reply (backend -> client, value: the frontend)."""
     return {

@@ -189,132 +189,229 @@ def dropped(packet: bytes, verdict: str, s: Seed) -> Case:
 CASES = [
     # --- DNAT of a new flow -------------------------------------------------
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80), WEB_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 8080), ct_new=WEB_FLOW),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80),
+            WEB_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 8080),
+            ct_new=WEB_FLOW,
+        ),
         id="tcp-syn-to-vip-dnat-new",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="PA", payload=PAYLOAD), WEB_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 8080, flags="PA", payload=PAYLOAD), ct_new=WEB_FLOW),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="PA", payload=PAYLOAD),
+            WEB_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 8080, flags="PA", payload=PAYLOAD),
+            ct_new=WEB_FLOW,
+        ),
         id="tcp-data-to-vip-dnat-new",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80),
-             Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(3,)),), backends=(BE_WEB_SAMEPORT,)),
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE2, CPORT, 80),
-             ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB_SAMEPORT, 10, TCP_P)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80),
+            Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(3,)),), backends=(BE_WEB_SAMEPORT,)),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE2, CPORT, 80),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB_SAMEPORT, 10, TCP_P),
+        ),
         id="tcp-backend-same-port-only-address-rewritten",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, ip_options=router_alert()), WEB_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 8080, ip_options=router_alert()), ct_new=WEB_FLOW),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, ip_options=router_alert()),
+            WEB_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 8080, ip_options=router_alert()),
+            ct_new=WEB_FLOW,
+        ),
         id="tcp-ip-options-ihl6-dnat",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="PA", payload=PAYLOAD, ip_options=max_options()), WEB_SEED,
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 8080, flags="PA", payload=PAYLOAD, ip_options=max_options()),
-             ct_new=WEB_FLOW),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="PA", payload=PAYLOAD, ip_options=max_options()),
+            WEB_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 8080, flags="PA", payload=PAYLOAD, ip_options=max_options()),
+            ct_new=WEB_FLOW,
+        ),
         id="tcp-ip-options-ihl15-dnat",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, ip_flags="DF"), WEB_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 8080, ip_flags="DF"), ct_new=WEB_FLOW),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, ip_flags="DF"),
+            WEB_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 8080, ip_flags="DF"),
+            ct_new=WEB_FLOW,
+        ),
         id="tcp-dont-fragment-is-not-a-fragment",
     ),
     pytest.param(
-        Case(udp(CLIENT, VIP, CPORT, 53), DNS_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=udp(CLIENT, BE1, CPORT, 5353), ct_new=DNS_FLOW),
+        Case(
+            udp(CLIENT, VIP, CPORT, 53),
+            DNS_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=udp(CLIENT, BE1, CPORT, 5353),
+            ct_new=DNS_FLOW,
+        ),
         id="udp-to-vip-dnat-new",
     ),
     pytest.param(
-        Case(udp(CLIENT, VIP, CPORT, 53, chksum=0), DNS_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=udp(CLIENT, BE1, CPORT, 5353, chksum=0), ct_new=DNS_FLOW),
+        Case(
+            udp(CLIENT, VIP, CPORT, 53, chksum=0),
+            DNS_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=udp(CLIENT, BE1, CPORT, 5353, chksum=0),
+            ct_new=DNS_FLOW,
+        ),
         id="udp-checksum-0-stays-0",
     ),
     pytest.param(
-        Case(udp(CLIENT, VIP, CPORT, 53, payload=ZERO_SUM_PAYLOAD), DNS_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=udp(CLIENT, BE1, CPORT, 5353, payload=ZERO_SUM_PAYLOAD), ct_new=DNS_FLOW),
+        Case(
+            udp(CLIENT, VIP, CPORT, 53, payload=ZERO_SUM_PAYLOAD),
+            DNS_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=udp(CLIENT, BE1, CPORT, 5353, payload=ZERO_SUM_PAYLOAD),
+            ct_new=DNS_FLOW,
+        ),
         id="udp-checksum-computing-to-0-sent-as-ffff",
     ),
     pytest.param(
-        Case(udp(CLIENT, VIP, CPORT, 53, ip_options=router_alert()), DNS_SEED, TC_ACT_OK, "DNAT_NEW",
-             out=udp(CLIENT, BE1, CPORT, 5353, ip_options=router_alert()), ct_new=DNS_FLOW),
+        Case(
+            udp(CLIENT, VIP, CPORT, 53, ip_options=router_alert()),
+            DNS_SEED,
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=udp(CLIENT, BE1, CPORT, 5353, ip_options=router_alert()),
+            ct_new=DNS_FLOW,
+        ),
         id="udp-ip-options-dnat",
     ),
     # --- a flow already in conntrack -------------------------------------------
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="A"),
-             Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(BE_WEB2.id,)),), backends=(BE_WEB1, BE_WEB2),
-                  ct=WEB_FLOW),
-             TC_ACT_OK, "DNAT_ESTABLISHED",
-             out=tcp(CLIENT, BE1, CPORT, 8080, flags="A"), ct_touched=(WEB_FWD,)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="A"),
+            Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(BE_WEB2.id,)),), backends=(BE_WEB1, BE_WEB2), ct=WEB_FLOW),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=tcp(CLIENT, BE1, CPORT, 8080, flags="A"),
+            ct_touched=(WEB_FWD,),
+        ),
         id="established-keeps-backend-not-in-slots",
     ),
     pytest.param(
-        Case(udp(CLIENT, VIP, CPORT, 53),
-             Seed(services=(DNS,), backends=(BE_DNS1,), ct=DNS_FLOW),
-             TC_ACT_OK, "DNAT_ESTABLISHED",
-             out=udp(CLIENT, BE1, CPORT, 5353), ct_touched=(DNS_FWD,)),
+        Case(
+            udp(CLIENT, VIP, CPORT, 53),
+            Seed(services=(DNS,), backends=(BE_DNS1,), ct=DNS_FLOW),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=udp(CLIENT, BE1, CPORT, 5353),
+            ct_touched=(DNS_FWD,),
+        ),
         id="udp-established",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="A"),
-             Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(BE_WEB2.id,)),), backends=(BE_WEB2,), ct=WEB_FLOW),
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE2, CPORT, 8080, flags="A"),
-             ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB2, 10, TCP_P)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="A"),
+            Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(BE_WEB2.id,)),), backends=(BE_WEB2,), ct=WEB_FLOW),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE2, CPORT, 8080, flags="A"),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB2, 10, TCP_P),
+        ),
         id="established-backend-deleted-repicked",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="A"),
-             Seed(services=(WEB,), backends=(Backend(BE_WEB1.id, BE3, 8080, TCP_P),), ct=WEB_FLOW),
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE3, CPORT, 8080, flags="A"),
-             ct_new=ct_pair(CLIENT, CPORT, VIP, 80, Backend(BE_WEB1.id, BE3, 8080, TCP_P), 10, TCP_P)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="A"),
+            Seed(services=(WEB,), backends=(Backend(BE_WEB1.id, BE3, 8080, TCP_P),), ct=WEB_FLOW),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE3, CPORT, 8080, flags="A"),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, Backend(BE_WEB1.id, BE3, 8080, TCP_P), 10, TCP_P),
+        ),
         id="established-backend-id-reused-other-address-repicked",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="A"),
-             Seed(services=(WEB,), backends=(Backend(BE_WEB1.id, BE1, 9090, TCP_P),), ct=WEB_FLOW),
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE1, CPORT, 9090, flags="A"),
-             ct_new=ct_pair(CLIENT, CPORT, VIP, 80, Backend(BE_WEB1.id, BE1, 9090, TCP_P), 10, TCP_P)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="A"),
+            Seed(services=(WEB,), backends=(Backend(BE_WEB1.id, BE1, 9090, TCP_P),), ct=WEB_FLOW),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE1, CPORT, 9090, flags="A"),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, Backend(BE_WEB1.id, BE1, 9090, TCP_P), 10, TCP_P),
+        ),
         id="established-backend-id-reused-other-port-repicked",
     ),
     pytest.param(
-        Case(tcp(CLIENT, VIP, CPORT, 80, flags="A"),
-             Seed(services=(Svc(VIP, 80, TCP_P, 12, slots=(BE_WEB2.id,)),), backends=(BE_WEB1, BE_WEB2),
-                  ct=WEB_FLOW),
-             TC_ACT_OK, "DNAT_NEW",
-             out=tcp(CLIENT, BE2, CPORT, 8080, flags="A"),
-             ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB2, 12, TCP_P)),
+        Case(
+            tcp(CLIENT, VIP, CPORT, 80, flags="A"),
+            Seed(services=(Svc(VIP, 80, TCP_P, 12, slots=(BE_WEB2.id,)),), backends=(BE_WEB1, BE_WEB2), ct=WEB_FLOW),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=tcp(CLIENT, BE2, CPORT, 8080, flags="A"),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, BE_WEB2, 12, TCP_P),
+        ),
         id="established-of-another-service-id-repicked",
     ),
     # --- replies: reverse NAT ---------------------------------------------------
     pytest.param(
-        Case(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
-             TC_ACT_OK, "REVNAT", out=tcp(VIP, CLIENT, 80, CPORT, flags="SA"), ct_touched=(WEB_REV,), egress=True),
+        Case(
+            tcp(BE1, CLIENT, 8080, CPORT, flags="SA"),
+            Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
+            TC_ACT_OK,
+            "REVNAT",
+            out=tcp(VIP, CLIENT, 80, CPORT, flags="SA"),
+            ct_touched=(WEB_REV,),
+            egress=True,
+        ),
         id="tcp-reply-revnat",
     ),
     pytest.param(
-        Case(tcp(BE1, CLIENT, 8080, CPORT, flags="PA", payload=PAYLOAD, ip_options=router_alert()),
-             Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
-             TC_ACT_OK, "REVNAT",
-             out=tcp(VIP, CLIENT, 80, CPORT, flags="PA", payload=PAYLOAD, ip_options=router_alert()),
-             ct_touched=(WEB_REV,), egress=True),
+        Case(
+            tcp(BE1, CLIENT, 8080, CPORT, flags="PA", payload=PAYLOAD, ip_options=router_alert()),
+            Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
+            TC_ACT_OK,
+            "REVNAT",
+            out=tcp(VIP, CLIENT, 80, CPORT, flags="PA", payload=PAYLOAD, ip_options=router_alert()),
+            ct_touched=(WEB_REV,),
+            egress=True,
+        ),
         id="tcp-reply-ip-options-revnat",
     ),
     pytest.param(
-        Case(udp(BE1, CLIENT, 5353, CPORT), Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
-             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT), ct_touched=(DNS_REV,), egress=True),
+        Case(
+            udp(BE1, CLIENT, 5353, CPORT),
+            Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
+            TC_ACT_OK,
+            "REVNAT",
+            out=udp(VIP, CLIENT, 53, CPORT),
+            ct_touched=(DNS_REV,),
+            egress=True,
+        ),
         id="udp-reply-revnat",
     ),
     pytest.param(
-        Case(udp(BE1, CLIENT, 5353, CPORT, chksum=0), Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
-             TC_ACT_OK, "REVNAT", out=udp(VIP, CLIENT, 53, CPORT, chksum=0), ct_touched=(DNS_REV,),
-             egress=True),
+        Case(
+            udp(BE1, CLIENT, 5353, CPORT, chksum=0),
+            Seed(DNS_SEED.services, DNS_SEED.backends, DNS_FLOW),
+            TC_ACT_OK,
+            "REVNAT",
+            out=udp(VIP, CLIENT, 53, CPORT, chksum=0),
+            ct_touched=(DNS_REV,),
+            egress=True,
+        ),
         id="udp-reply-checksum-0-stays-0",
     ),
     pytest.param(
@@ -322,20 +419,29 @@ CASES = [
         id="reply-without-conntrack-passed",
     ),
     pytest.param(
-        replace(passed(udp(BE1, CLIENT, 8080, CPORT), "PASS_NO_FLOW", Seed(WEB_SEED.services, WEB_SEED.backends,
-                                                                           WEB_FLOW)), egress=True),
+        replace(
+            passed(udp(BE1, CLIENT, 8080, CPORT), "PASS_NO_FLOW", Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)),
+            egress=True,
+        ),
         id="reply-other-protocol-passed",
     ),
     pytest.param(
-        replace(passed(tcp(BE1, CLIENT2, 8080, CPORT, flags="SA"), "PASS_NO_FLOW",
-                       Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)), egress=True),
+        replace(
+            passed(
+                tcp(BE1, CLIENT2, 8080, CPORT, flags="SA"),
+                "PASS_NO_FLOW",
+                Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
+            ),
+            egress=True,
+        ),
         id="reply-to-other-client-passed",
     ),
     pytest.param(
         # Only a forward entry for (client -> VIP:80): the direction is part
         # of the key, so it must not reverse-NAT.
-        replace(passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_FLOW", Seed(ct={WEB_FWD: WEB_FLOW[WEB_FWD]})),
-                egress=True),
+        replace(
+            passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_FLOW", Seed(ct={WEB_FWD: WEB_FLOW[WEB_FWD]})), egress=True
+        ),
         id="forward-entry-never-used-as-reply",
     ),
     pytest.param(
@@ -347,8 +453,11 @@ CASES = [
     pytest.param(
         # Ingress never reverse-NATs: netfilter must see the reply as the
         # backend sent it (see sp_tc_egress).
-        passed(tcp(BE1, CLIENT, 8080, CPORT, flags="SA"), "PASS_NO_SERVICE",
-               Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW)),
+        passed(
+            tcp(BE1, CLIENT, 8080, CPORT, flags="SA"),
+            "PASS_NO_SERVICE",
+            Seed(WEB_SEED.services, WEB_SEED.backends, WEB_FLOW),
+        ),
         id="ingress-leaves-replies-alone",
     ),
     # --- no frontend: passed untouched ---------------------------------------
@@ -360,8 +469,11 @@ CASES = [
     pytest.param(passed(udp(CLIENT, VIP, CPORT, 80), "PASS_NO_SERVICE", WEB_SEED), id="udp-to-tcp-only-frontend"),
     pytest.param(
         # The program sits on pod interfaces: in-cluster traffic, internal scope.
-        passed(tcp(CLIENT, VIP, CPORT, 80), "PASS_NO_SERVICE",
-               Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(1,), scope=1),), backends=(BE_WEB1,))),
+        passed(
+            tcp(CLIENT, VIP, CPORT, 80),
+            "PASS_NO_SERVICE",
+            Seed(services=(Svc(VIP, 80, TCP_P, 10, slots=(1,), scope=1),), backends=(BE_WEB1,)),
+        ),
         id="frontend-only-in-external-scope",
     ),
     # --- not ours: passed untouched -------------------------------------------
@@ -402,8 +514,11 @@ CASES = [
         id="udp-service-without-backend",
     ),
     pytest.param(
-        dropped(tcp(CLIENT, VIP, CPORT, 80), "DROP_ERROR",
-                Seed(services=(Svc(VIP, 80, TCP_P, 10, count=1),), backends=(BE_WEB1,))),
+        dropped(
+            tcp(CLIENT, VIP, CPORT, 80),
+            "DROP_ERROR",
+            Seed(services=(Svc(VIP, 80, TCP_P, 10, count=1),), backends=(BE_WEB1,)),
+        ),
         id="count-without-slot",
     ),
     pytest.param(
@@ -484,25 +599,60 @@ def two_backends(proto: int) -> tuple[Svc, Backend, Backend]:
 def test_flow_keeps_backend_when_slots_rewritten(dp, proto, to_vip, to_be):
     svc, b1, b2 = two_backends(proto)
     seed(dp, Seed(services=(svc,), backends=(b1, b2)))
-    check_run(dp, Case(to_vip(CPORT), Seed(), TC_ACT_OK, "DNAT_NEW", out=to_be(BE1, 8080, CPORT),
-                       ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto)))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=to_be(BE1, 8080, CPORT),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto),
+        ),
+    )
 
     put_slot(dp, svc.svc_id, 0, b2.id)  # the control plane moves slot 0 to b2
 
-    check_run(dp, Case(to_vip(CPORT, flags="A"), Seed(), TC_ACT_OK, "DNAT_ESTABLISHED",
-                       out=to_be(BE1, 8080, CPORT, flags="A"),
-                       ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT, flags="A"),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=to_be(BE1, 8080, CPORT, flags="A"),
+            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
+        ),
+    )
     # A new flow follows the slots.
-    check_run(dp, Case(to_vip(CPORT + 1), Seed(), TC_ACT_OK, "DNAT_NEW", out=to_be(BE2, 8081, CPORT + 1),
-                       ct_new=ct_pair(CLIENT, CPORT + 1, VIP, 80, b2, 20, proto)))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT + 1),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=to_be(BE2, 8081, CPORT + 1),
+            ct_new=ct_pair(CLIENT, CPORT + 1, VIP, 80, b2, 20, proto),
+        ),
+    )
 
 
 @pytest.mark.parametrize(("proto", "to_vip", "to_be"), FLOWS)
 def test_flow_moves_when_backend_deleted(dp, proto, to_vip, to_be):
     svc, b1, b2 = two_backends(proto)
     seed(dp, Seed(services=(svc,), backends=(b1,)))
-    check_run(dp, Case(to_vip(CPORT), Seed(), TC_ACT_OK, "DNAT_NEW", out=to_be(BE1, 8080, CPORT),
-                       ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto)))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=to_be(BE1, 8080, CPORT),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto),
+        ),
+    )
 
     # The control plane's order: the new backend and slot, then the delete.
     put_backend(dp, b2)
@@ -510,12 +660,24 @@ def test_flow_moves_when_backend_deleted(dp, proto, to_vip, to_be):
     del_backend(dp, b1.id)
 
     new = ct_pair(CLIENT, CPORT, VIP, 80, b2, 20, proto)
-    check_run(dp, Case(to_vip(CPORT, flags="A"), Seed(), TC_ACT_OK, "DNAT_NEW",
-                       out=to_be(BE2, 8081, CPORT, flags="A"), ct_new=new))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT, flags="A"), Seed(), TC_ACT_OK, "DNAT_NEW", out=to_be(BE2, 8081, CPORT, flags="A"), ct_new=new
+        ),
+    )
     # From now on the flow is established on b2.
-    check_run(dp, Case(to_vip(CPORT, flags="A"), Seed(), TC_ACT_OK, "DNAT_ESTABLISHED",
-                       out=to_be(BE2, 8081, CPORT, flags="A"),
-                       ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
+    check_run(
+        dp,
+        Case(
+            to_vip(CPORT, flags="A"),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=to_be(BE2, 8081, CPORT, flags="A"),
+            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
+        ),
+    )
 
 
 @pytest.mark.parametrize("proto", [pytest.param(TCP_P, id="tcp"), pytest.param(UDP_P, id="udp")])
@@ -526,15 +688,36 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
     seed(dp, Seed(services=(svc,), backends=(b1,)))
     mk = tcp if proto == TCP_P else udp
     pair = ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto)
-    check_run(dp, Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080),
-                       ct_new=pair))
+    check_run(
+        dp,
+        Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080), ct_new=pair),
+    )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
     assert dp.maps["sp_ct_v1"].delete(ct_key_bytes(rev))
-    check_run(dp, Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_ESTABLISHED",
-                       out=mk(CLIENT, BE1, CPORT, 8080), ct_new={rev: pair[rev]},
-                       ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
-    check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT), Seed(), TC_ACT_OK, "REVNAT", out=mk(VIP, CLIENT, 80, CPORT),
-                       ct_touched=(rev,), egress=True))
+    check_run(
+        dp,
+        Case(
+            mk(CLIENT, VIP, CPORT, 80),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=mk(CLIENT, BE1, CPORT, 8080),
+            ct_new={rev: pair[rev]},
+            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
+        ),
+    )
+    check_run(
+        dp,
+        Case(
+            mk(BE1, CLIENT, 8080, CPORT),
+            Seed(),
+            TC_ACT_OK,
+            "REVNAT",
+            out=mk(VIP, CLIENT, 80, CPORT),
+            ct_touched=(rev,),
+            egress=True,
+        ),
+    )
 
 
 @pytest.mark.parametrize("proto", [pytest.param(TCP_P, id="tcp"), pytest.param(UDP_P, id="udp")])
@@ -544,22 +727,61 @@ def test_round_trip(dp, proto):
     svc, b1, _ = two_backends(proto)
     seed(dp, Seed(services=(svc,), backends=(b1,)))
     if proto == TCP_P:
+
         def mk(src, dst, sport, dport, flags):
             return tcp(src, dst, sport, dport, flags=flags, payload=PAYLOAD if "P" in flags else b"")
     else:
+
         def mk(src, dst, sport, dport, flags):
             return udp(src, dst, sport, dport, payload=flags.encode())
 
-    check_run(dp, Case(mk(CLIENT, VIP, CPORT, 80, "S"), Seed(), TC_ACT_OK, "DNAT_NEW",
-                       out=mk(CLIENT, BE1, CPORT, 8080, "S"), ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto)))
+    check_run(
+        dp,
+        Case(
+            mk(CLIENT, VIP, CPORT, 80, "S"),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_NEW",
+            out=mk(CLIENT, BE1, CPORT, 8080, "S"),
+            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto),
+        ),
+    )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
-    check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT, "SA"), Seed(), TC_ACT_OK, "REVNAT",
-                       out=mk(VIP, CLIENT, 80, CPORT, "SA"), ct_touched=(rev,), egress=True))
-    check_run(dp, Case(mk(CLIENT, VIP, CPORT, 80, "PA"), Seed(), TC_ACT_OK, "DNAT_ESTABLISHED",
-                       out=mk(CLIENT, BE1, CPORT, 8080, "PA"),
-                       ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),)))
-    check_run(dp, Case(mk(BE1, CLIENT, 8080, CPORT, "PA"), Seed(), TC_ACT_OK, "REVNAT",
-                       out=mk(VIP, CLIENT, 80, CPORT, "PA"), ct_touched=(rev,), egress=True))
+    check_run(
+        dp,
+        Case(
+            mk(BE1, CLIENT, 8080, CPORT, "SA"),
+            Seed(),
+            TC_ACT_OK,
+            "REVNAT",
+            out=mk(VIP, CLIENT, 80, CPORT, "SA"),
+            ct_touched=(rev,),
+            egress=True,
+        ),
+    )
+    check_run(
+        dp,
+        Case(
+            mk(CLIENT, VIP, CPORT, 80, "PA"),
+            Seed(),
+            TC_ACT_OK,
+            "DNAT_ESTABLISHED",
+            out=mk(CLIENT, BE1, CPORT, 8080, "PA"),
+            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
+        ),
+    )
+    check_run(
+        dp,
+        Case(
+            mk(BE1, CLIENT, 8080, CPORT, "PA"),
+            Seed(),
+            TC_ACT_OK,
+            "REVNAT",
+            out=mk(VIP, CLIENT, 80, CPORT, "PA"),
+            ct_touched=(rev,),
+            egress=True,
+        ),
+    )
 
 
 def test_new_flows_spread_over_all_backends(dp):
@@ -619,8 +841,7 @@ def backend_of(dp, pkt: bytes) -> str:
 
 
 def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
-    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),),
-                  backends=AFF_BACKENDS))
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),), backends=AFF_BACKENDS))
     seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(seen) == 1, seen
     # Another client is free to land elsewhere, and sticks as well.
@@ -646,8 +867,7 @@ def test_without_affinity_new_flows_spread(dp):
     ],
 )
 def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
-    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),),
-                  backends=AFF_BACKENDS))
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),), backends=AFF_BACKENDS))
     vc = layout.codec("sp_aff_val")
     firsts = []
     # Each round: the entry as the case has it, then one new flow. Sticking

@@ -198,5 +198,5 @@ def test_load_through_repeated_kills_and_source_changes(topo: Topology, agents: 
     failed = [b for b in batches if b["errors"]]
     assert not failed, [(b["errors"], b["error_samples"], b["counts"]) for b in failed][:3]
     for first, removed in checks:
-        reached = [i for i, b in enumerate(batches[first:first + 2], first) if b["counts"].get(removed)]
+        reached = [i for i, b in enumerate(batches[first : first + 2], first) if b["counts"].get(removed)]
         assert not reached, f"{removed} was removed but batches {reached} reached it"

@@ -299,8 +299,11 @@ def test_replies_are_valid_to_netfilter_conntrack(topo: Topology, agents: Agents
 
 
 def node_obj(zone: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": zone}},
+    }
 
 
 def test_zone_change_of_the_node_refilters_backends(topo: Topology, agents: Agents) -> None:
@@ -344,9 +347,11 @@ def test_udp_flow_of_a_removed_backend_moves_at_once(topo: Topology, agents: Age
     import sys
 
     agents.start_ready()
-    peer = topo.run_in("client", [sys.executable, "-c", UDP_PEER, VIP, "53"],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    peer = topo.run_in(
+        "client", [sys.executable, "-c", UDP_PEER, VIP, "53"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
+
         def ask() -> str:
             peer.stdin.write("q\n")
             peer.stdin.flush()
@@ -429,8 +434,11 @@ def test_health_check_node_port_reports_local_endpoints(topo: Topology, agents: 
 
     r = probe()
     assert r["code"] == 200 and r["weight"] == "1", r
-    assert r["body"] == {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 1,
-                         "serviceProxyHealthy": True}
+    assert r["body"] == {
+        "service": {"namespace": "default", "name": "web"},
+        "localEndpoints": 1,
+        "serviceProxyHealthy": True,
+    }
 
     local["conditions"]["ready"] = False
     agents.src.write("slice-a.yaml", endpoint_slice("web-a", "web", SLICE_PORTS, [local, remote]))

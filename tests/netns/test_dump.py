@@ -23,10 +23,17 @@ def run_dump(topo: Topology, agents: Agents, *args: str) -> str:
 
 
 def test_dump_filters_by_service_and_lists_flows(topo: Topology, agents: Agents) -> None:
-    agents.src.write("other.yaml", service("other", OTHER_VIP, [("http", 80, "TCP", 8080)]),
-                     endpoint_slice("other-a", "other", [("http", 8080, "TCP")], [BACKENDS["backend-4"]]))
-    agents.start_ready({**web_backends("backend-1", "backend-2", "backend-3"),
-                        f"{OTHER_VIP}:80/TCP": {f"{BACKENDS['backend-4']}:8080"}})
+    agents.src.write(
+        "other.yaml",
+        service("other", OTHER_VIP, [("http", 80, "TCP", 8080)]),
+        endpoint_slice("other-a", "other", [("http", 8080, "TCP")], [BACKENDS["backend-4"]]),
+    )
+    agents.start_ready(
+        {
+            **web_backends("backend-1", "backend-2", "backend-3"),
+            f"{OTHER_VIP}:80/TCP": {f"{BACKENDS['backend-4']}:8080"},
+        }
+    )
     res = http(topo, count=30)
     assert res["errors"] == 0
 

@@ -11,8 +11,13 @@ from ctrl.metrics import Metrics
 ROOT = Path(__file__).resolve().parents[2]
 
 # Exported at scrape time by DataplaneCollector, from the kernel maps.
-DATAPLANE = {"sliceproxy_packets_total", "sliceproxy_bytes_total", "sliceproxy_map_entries",
-             "sliceproxy_map_capacity", "sliceproxy_conntrack_entries"}
+DATAPLANE = {
+    "sliceproxy_packets_total",
+    "sliceproxy_bytes_total",
+    "sliceproxy_map_entries",
+    "sliceproxy_map_capacity",
+    "sliceproxy_conntrack_entries",
+}
 
 
 def test_every_dashboard_metric_is_exported():
@@ -31,8 +36,10 @@ def test_metrics_doc_lists_every_exported_metric():
     doc = (ROOT / "docs" / "metrics.md").read_text()
     m = Metrics()
     m.healthz.labels(code="200").inc()
-    names = {re.sub(r"_(bucket|count|sum|created)$", "", n) for n in
-             re.findall(r"^([a-z_]+)(?:\{| )", generate_latest(m.registry).decode(), re.M)}
+    names = {
+        re.sub(r"_(bucket|count|sum|created)$", "", n)
+        for n in re.findall(r"^([a-z_]+)(?:\{| )", generate_latest(m.registry).decode(), re.M)
+    }
     names = {n for n in names if not n.endswith("_created")} | DATAPLANE
     missing = [n for n in sorted(names) if n not in doc]
     assert not missing, missing

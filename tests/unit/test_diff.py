@@ -140,21 +140,34 @@ def test_write_order_on_growth_slots_before_count():
     p = Programmed()
     p.sync({"default/web": [front(1)]})
     order = _order(p.sync({"default/web": [front(1, 2)]}))
-    assert order.index(("sp_be_v1", "update")) < order.index(("sp_slot_v1", "update")) < order.index(("sp_svc_v1", "update"))
+    assert (
+        order.index(("sp_be_v1", "update"))
+        < order.index(("sp_slot_v1", "update"))
+        < order.index(("sp_svc_v1", "update"))
+    )
 
 
 def test_write_order_on_shrink_count_before_slot_and_backend_deletes():
     p = Programmed()
     p.sync({"default/web": [front(1, 2, 3)]})
     order = _order(p.sync({"default/web": [front(1)]}))
-    assert order.index(("sp_svc_v1", "update")) < order.index(("sp_slot_v1", "delete")) < order.index(("sp_be_v1", "delete"))
+    assert (
+        order.index(("sp_svc_v1", "update"))
+        < order.index(("sp_slot_v1", "delete"))
+        < order.index(("sp_be_v1", "delete"))
+    )
 
 
 def test_write_order_on_service_removal_frontend_first():
     p = Programmed()
     p.sync({"default/web": [front(1, 2)]})
     order = _order(p.sync({"default/web": []}))
-    assert order == [("sp_svc_v1", "delete"), ("sp_slot_v1", "delete"), ("sp_be_v1", "delete"), ("sp_names_v1", "delete")]
+    assert order == [
+        ("sp_svc_v1", "delete"),
+        ("sp_slot_v1", "delete"),
+        ("sp_be_v1", "delete"),
+        ("sp_names_v1", "delete"),
+    ]
 
 
 def test_unused_backend_drains_before_it_is_deleted():

@@ -25,7 +25,11 @@ def keys(events):
 
 def test_initial_scan_then_changes(tmp_path):
     write(tmp_path / "svc.yaml", service())
-    write(tmp_path / "slices.yaml", endpoint_slice("a", endpoints=eps("198.18.1.1")), endpoint_slice("b", endpoints=eps("198.18.1.2")))
+    write(
+        tmp_path / "slices.yaml",
+        endpoint_slice("a", endpoints=eps("198.18.1.1")),
+        endpoint_slice("b", endpoints=eps("198.18.1.2")),
+    )
     src = FileSource(tmp_path)
     src.scan()
     assert keys(drain(src)) == [
@@ -36,7 +40,10 @@ def test_initial_scan_then_changes(tmp_path):
     src.scan()
     assert drain(src) == []  # nothing changed, nothing sent
     write(tmp_path / "slices.yaml", endpoint_slice("a", endpoints=eps("198.18.1.1", "198.18.1.3")))
-    assert keys(drain_after_scan(src)) == [("delete", "EndpointSlice", "default/b"), ("upsert", "EndpointSlice", "default/a")]
+    assert keys(drain_after_scan(src)) == [
+        ("delete", "EndpointSlice", "default/b"),
+        ("upsert", "EndpointSlice", "default/a"),
+    ]
     (tmp_path / "svc.yaml").unlink()
     assert keys(drain_after_scan(src)) == [("delete", "Service", "default/web")]
 
@@ -62,7 +69,9 @@ def test_malformed_file_keeps_its_objects_and_names_file_and_line(tmp_path, capl
 
 def test_bad_object_named_and_others_in_file_used(tmp_path, caplog):
     bad = service(name="bad", ip="198.19.0.999")
-    write(tmp_path / "svcs.yaml", bad, service(name="good", ip="198.19.0.11"), {"kind": "Pod", "metadata": {"name": "p"}})
+    write(
+        tmp_path / "svcs.yaml", bad, service(name="good", ip="198.19.0.11"), {"kind": "Pod", "metadata": {"name": "p"}}
+    )
     src = FileSource(tmp_path)
     with caplog.at_level(logging.ERROR):
         src.scan()
@@ -72,7 +81,9 @@ def test_bad_object_named_and_others_in_file_used(tmp_path, caplog):
 
 
 def test_list_kind_and_state_dirty_tracking(tmp_path):
-    write(tmp_path / "all.yaml", {"kind": "List", "items": [service(), endpoint_slice("a", endpoints=eps("198.18.1.1"))]})
+    write(
+        tmp_path / "all.yaml", {"kind": "List", "items": [service(), endpoint_slice("a", endpoints=eps("198.18.1.1"))]}
+    )
     src = FileSource(tmp_path)
     src.scan()
     st = ClusterState("node-a")
@@ -84,7 +95,9 @@ def test_list_kind_and_state_dirty_tracking(tmp_path):
     # The same objects again change nothing.
     for ev in [e for e in []]:
         st.apply(ev)
-    write(tmp_path / "all.yaml", {"kind": "List", "items": [service(), endpoint_slice("a", endpoints=eps("198.18.1.1"))]})
+    write(
+        tmp_path / "all.yaml", {"kind": "List", "items": [service(), endpoint_slice("a", endpoints=eps("198.18.1.1"))]}
+    )
     dirty = set()
     for ev in drain_after_scan(src):
         dirty |= st.apply(ev)
@@ -96,8 +109,22 @@ def test_slice_relabelled_to_other_service_moves(tmp_path):
     from ctrl.objects import parse
     from ctrl.state import Event
 
-    st.apply(Event("upsert", "EndpointSlice", "default/a", parse(endpoint_slice("a", service="web", endpoints=eps("198.18.1.1")))))
-    dirty = st.apply(Event("upsert", "EndpointSlice", "default/a", parse(endpoint_slice("a", service="api", endpoints=eps("198.18.1.1")))))
+    st.apply(
+        Event(
+            "upsert",
+            "EndpointSlice",
+            "default/a",
+            parse(endpoint_slice("a", service="web", endpoints=eps("198.18.1.1"))),
+        )
+    )
+    dirty = st.apply(
+        Event(
+            "upsert",
+            "EndpointSlice",
+            "default/a",
+            parse(endpoint_slice("a", service="api", endpoints=eps("198.18.1.1"))),
+        )
+    )
     assert dirty == {"default/web", "default/api"}
     assert st.slices_of("default/web") == [] and len(st.slices_of("default/api")) == 1
 

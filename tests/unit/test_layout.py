@@ -33,8 +33,14 @@ def test_header_matches_compiled_object_btf():
 @pytest.mark.parametrize(
     "old,new",
     [
-        pytest.param("\t__u16 port;    /* frontend port, host order */", "\t__u32 port;    /* widened */", id="field-widened"),
-        pytest.param("\t__u8 proto;    /* IPPROTO_TCP (6) or IPPROTO_UDP (17) */\n\t__u8 scope;", "\t__u8 scope;\n\t__u8 proto;", id="fields-swapped"),
+        pytest.param(
+            "\t__u16 port;    /* frontend port, host order */", "\t__u32 port;    /* widened */", id="field-widened"
+        ),
+        pytest.param(
+            "\t__u8 proto;    /* IPPROTO_TCP (6) or IPPROTO_UDP (17) */\n\t__u8 scope;",
+            "\t__u8 scope;\n\t__u8 proto;",
+            id="fields-swapped",
+        ),
     ],
 )
 def test_divergent_header_is_refused(tmp_path, old, new):

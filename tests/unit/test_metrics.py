@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from prometheus_client import generate_latest
@@ -21,7 +21,7 @@ def value(m: Metrics, name: str) -> float:
 )
 def test_network_programming_latency_from_trigger_time(triggers, expect_count):
     m = Metrics()
-    at = datetime(2026, 1, 1, 0, 0, 3, tzinfo=timezone.utc).timestamp()
+    at = datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC).timestamp()
     m.programmed(triggers, at)
     assert value(m, "kubeproxy_network_programming_duration_seconds_count") == expect_count
     if expect_count:

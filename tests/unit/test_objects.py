@@ -8,12 +8,26 @@ from .helpers import endpoint, endpoint_slice, service
 @pytest.mark.parametrize(
     "raw,message",
     [
-        pytest.param(service(ip="198.19.0.300"), 'default/web Service: spec.clusterIP: \'198.19.0.300\' is not an IP address', id="bad-cluster-ip"),
-        pytest.param({"kind": "Service", "metadata": {"namespace": "x"}, "spec": {}}, "metadata.name: missing", id="no-name"),
-        pytest.param({"kind": "Pod", "metadata": {"name": "p", "namespace": "default"}}, "default/p Pod: kind: unknown kind 'Pod'", id="unknown-kind"),
+        pytest.param(
+            service(ip="198.19.0.300"),
+            "default/web Service: spec.clusterIP: '198.19.0.300' is not an IP address",
+            id="bad-cluster-ip",
+        ),
+        pytest.param(
+            {"kind": "Service", "metadata": {"namespace": "x"}, "spec": {}}, "metadata.name: missing", id="no-name"
+        ),
+        pytest.param(
+            {"kind": "Pod", "metadata": {"name": "p", "namespace": "default"}},
+            "default/p Pod: kind: unknown kind 'Pod'",
+            id="unknown-kind",
+        ),
         pytest.param({**service(), "spec": None}, "default/web Service: spec: missing", id="no-spec"),
         pytest.param(service(type="Weird"), "spec.type: unknown type 'Weird'", id="bad-type"),
-        pytest.param(endpoint_slice("web-1", address_type="IPX"), "default/web EndpointSlice web-1: addressType", id="bad-address-type"),
+        pytest.param(
+            endpoint_slice("web-1", address_type="IPX"),
+            "default/web EndpointSlice web-1: addressType",
+            id="bad-address-type",
+        ),
         pytest.param("just a string", "expected a mapping", id="not-a-mapping"),
     ],
 )

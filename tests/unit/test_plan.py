@@ -17,7 +17,14 @@ def plan(svc_raw, *slice_raws):
         pytest.param(service(ip="None"), id="headless"),
         pytest.param(service(ip=None, type="ExternalName", externalName="example.invalid"), id="external-name"),
         pytest.param(
-            {**service(), "metadata": {"name": "web", "namespace": "default", "labels": {"service.kubernetes.io/service-proxy-name": "other"}}},
+            {
+                **service(),
+                "metadata": {
+                    "name": "web",
+                    "namespace": "default",
+                    "labels": {"service.kubernetes.io/service-proxy-name": "other"},
+                },
+            },
             id="service-proxy-name",
         ),
     ],
@@ -48,7 +55,9 @@ def test_service_without_endpoints_has_frontend_with_no_backends():
 @pytest.mark.parametrize(
     "svc_raw,note",
     [
-        pytest.param(service(ports=[{"name": "s", "port": 80, "protocol": "SCTP"}]), "protocol SCTP is not served", id="sctp"),
+        pytest.param(
+            service(ports=[{"name": "s", "port": 80, "protocol": "SCTP"}]), "protocol SCTP is not served", id="sctp"
+        ),
         pytest.param(service(ip="2001:db8::10"), "IPv6 is not served", id="ipv6"),
     ],
 )

@@ -20,25 +20,38 @@ def addrs(pes):
     "raws,expect",
     [
         pytest.param(
-            [endpoint_slice("a", endpoints=[endpoint("198.18.1.1")]), endpoint_slice("b", endpoints=[endpoint("198.18.1.2")])],
+            [
+                endpoint_slice("a", endpoints=[endpoint("198.18.1.1")]),
+                endpoint_slice("b", endpoints=[endpoint("198.18.1.2")]),
+            ],
             [("198.18.1.1", 8080), ("198.18.1.2", 8080)],
             id="slices-merged",
         ),
         pytest.param(
             [
                 endpoint_slice("a", endpoints=[endpoint("198.18.1.1")]),
-                endpoint_slice("b", endpoints=[endpoint("198.18.1.2")], ports=[{"name": "http", "port": 9090, "protocol": "TCP"}]),
+                endpoint_slice(
+                    "b", endpoints=[endpoint("198.18.1.2")], ports=[{"name": "http", "port": 9090, "protocol": "TCP"}]
+                ),
             ],
             [("198.18.1.1", 8080), ("198.18.1.2", 9090)],
             id="each-slice-keeps-its-port-number",
         ),
         pytest.param(
-            [endpoint_slice("a", endpoints=[endpoint("198.18.1.1")], ports=[{"name": "other", "port": 8080, "protocol": "TCP"}])],
+            [
+                endpoint_slice(
+                    "a", endpoints=[endpoint("198.18.1.1")], ports=[{"name": "other", "port": 8080, "protocol": "TCP"}]
+                )
+            ],
             [],
             id="port-name-must-match",
         ),
         pytest.param(
-            [endpoint_slice("a", endpoints=[endpoint("198.18.1.1")], ports=[{"name": "http", "port": 8080, "protocol": "UDP"}])],
+            [
+                endpoint_slice(
+                    "a", endpoints=[endpoint("198.18.1.1")], ports=[{"name": "http", "port": 8080, "protocol": "UDP"}]
+                )
+            ],
             [],
             id="port-protocol-must-match",
         ),
@@ -106,7 +119,10 @@ def ep(ip, node=NODE, ready=True, serving=None, terminating=False, zones=None, n
     return raw
 
 
-def cat(eps, policy=PortPolicy(), node=NODE, zone=ZONE):
+CLUSTER = PortPolicy()
+
+
+def cat(eps, policy=CLUSTER, node=NODE, zone=ZONE):
     pes = merge_endpoints(HTTP, slices(endpoint_slice("a", endpoints=eps)), "IPv4")
     c = categorize(pes, policy, node, zone)
     names = lambda xs: sorted(x.ep.address for x in xs)  # noqa: E731
@@ -122,42 +138,139 @@ T = "198.18.1."
 @pytest.mark.parametrize(
     "eps,policy,zone,expect",
     [
-        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], PortPolicy(), ZONE,
-                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="cluster-policy-all-ready"),
-        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "2", ready=False, serving=False, terminating=True)],
-                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="cluster-fallback-serving-terminating"),
-        pytest.param([ep(T + "1", ready=False, serving=False)], PortPolicy(), ZONE,
-                     ([], [], [], False), id="cluster-nothing-usable-has-any-false"),
-        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), ZONE,
-                     ([T + "1"], [], [T + "1"], True), id="zone-hints-filter-to-this-zone"),
-        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2")], PortPolicy(), ZONE,
-                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-unless-all-ready-have-them"),
-        pytest.param([ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), ZONE,
-                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-when-none-for-this-zone"),
-        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])], PortPolicy(), None,
-                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="zone-hints-ignored-when-node-has-no-zone"),
-        pytest.param([ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"]), ep(T + "3", ready=False, serving=True, terminating=True)],
-                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="zone-hints-only-ready-endpoints-count"),
-        pytest.param([ep(T + "1", nodes=[NODE], zones=["zone-b"]), ep(T + "2", nodes=["node-b"], zones=["zone-a"])],
-                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="node-hints-win-over-zone-hints"),
-        pytest.param([ep(T + "1", nodes=["node-b"], zones=["zone-a"]), ep(T + "2", nodes=["node-c"], zones=["zone-b"])],
-                     PortPolicy(), ZONE, ([T + "1"], [], [T + "1"], True), id="node-hints-for-other-nodes-fall-back-to-zone"),
-        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
-                     ([], [T + "1"], [T + "1"], True), id="itp-local-only-local-ready"),
-        pytest.param([ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
-                     ([], [], [], True), id="itp-local-no-local-endpoints-has-any-elsewhere"),
-        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "2", node="node-b")], ITP_LOCAL, ZONE,
-                     ([], [T + "1"], [T + "1"], True), id="itp-local-falls-back-to-local-terminating"),
-        pytest.param([ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "3")], ITP_LOCAL, ZONE,
-                     ([], [T + "3"], [T + "3"], True), id="itp-local-ready-local-beats-terminating-local"),
-        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], ETP_LOCAL, ZONE,
-                     ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True), id="etp-local-uses-both"),
-        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], PortPolicy(external_local=True), ZONE,
-                     ([T + "1", T + "2"], [], [T + "1", T + "2"], True), id="etp-local-ignored-when-not-externally-accessible"),
-        pytest.param([ep(T + "1"), ep(T + "2", node="node-b")], BOTH_LOCAL, ZONE,
-                     ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True), id="both-local-externally-accessible-still-needs-cluster"),
-        pytest.param([ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-a"], node="node-b")], ETP_LOCAL, ZONE,
-                     ([T + "2"], [T + "1"], [T + "1", T + "2"], True), id="local-endpoints-ignore-topology"),
+        pytest.param(
+            [ep(T + "1"), ep(T + "2", node="node-b")],
+            PortPolicy(),
+            ZONE,
+            ([T + "1", T + "2"], [], [T + "1", T + "2"], True),
+            id="cluster-policy-all-ready",
+        ),
+        pytest.param(
+            [
+                ep(T + "1", ready=False, serving=True, terminating=True),
+                ep(T + "2", ready=False, serving=False, terminating=True),
+            ],
+            PortPolicy(),
+            ZONE,
+            ([T + "1"], [], [T + "1"], True),
+            id="cluster-fallback-serving-terminating",
+        ),
+        pytest.param(
+            [ep(T + "1", ready=False, serving=False)],
+            PortPolicy(),
+            ZONE,
+            ([], [], [], False),
+            id="cluster-nothing-usable-has-any-false",
+        ),
+        pytest.param(
+            [ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])],
+            PortPolicy(),
+            ZONE,
+            ([T + "1"], [], [T + "1"], True),
+            id="zone-hints-filter-to-this-zone",
+        ),
+        pytest.param(
+            [ep(T + "1", zones=["zone-a"]), ep(T + "2")],
+            PortPolicy(),
+            ZONE,
+            ([T + "1", T + "2"], [], [T + "1", T + "2"], True),
+            id="zone-hints-ignored-unless-all-ready-have-them",
+        ),
+        pytest.param(
+            [ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-b"])],
+            PortPolicy(),
+            ZONE,
+            ([T + "1", T + "2"], [], [T + "1", T + "2"], True),
+            id="zone-hints-ignored-when-none-for-this-zone",
+        ),
+        pytest.param(
+            [ep(T + "1", zones=["zone-a"]), ep(T + "2", zones=["zone-b"])],
+            PortPolicy(),
+            None,
+            ([T + "1", T + "2"], [], [T + "1", T + "2"], True),
+            id="zone-hints-ignored-when-node-has-no-zone",
+        ),
+        pytest.param(
+            [
+                ep(T + "1", zones=["zone-a"]),
+                ep(T + "2", zones=["zone-b"]),
+                ep(T + "3", ready=False, serving=True, terminating=True),
+            ],
+            PortPolicy(),
+            ZONE,
+            ([T + "1"], [], [T + "1"], True),
+            id="zone-hints-only-ready-endpoints-count",
+        ),
+        pytest.param(
+            [ep(T + "1", nodes=[NODE], zones=["zone-b"]), ep(T + "2", nodes=["node-b"], zones=["zone-a"])],
+            PortPolicy(),
+            ZONE,
+            ([T + "1"], [], [T + "1"], True),
+            id="node-hints-win-over-zone-hints",
+        ),
+        pytest.param(
+            [ep(T + "1", nodes=["node-b"], zones=["zone-a"]), ep(T + "2", nodes=["node-c"], zones=["zone-b"])],
+            PortPolicy(),
+            ZONE,
+            ([T + "1"], [], [T + "1"], True),
+            id="node-hints-for-other-nodes-fall-back-to-zone",
+        ),
+        pytest.param(
+            [ep(T + "1"), ep(T + "2", node="node-b")],
+            ITP_LOCAL,
+            ZONE,
+            ([], [T + "1"], [T + "1"], True),
+            id="itp-local-only-local-ready",
+        ),
+        pytest.param(
+            [ep(T + "2", node="node-b")],
+            ITP_LOCAL,
+            ZONE,
+            ([], [], [], True),
+            id="itp-local-no-local-endpoints-has-any-elsewhere",
+        ),
+        pytest.param(
+            [ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "2", node="node-b")],
+            ITP_LOCAL,
+            ZONE,
+            ([], [T + "1"], [T + "1"], True),
+            id="itp-local-falls-back-to-local-terminating",
+        ),
+        pytest.param(
+            [ep(T + "1", ready=False, serving=True, terminating=True), ep(T + "3")],
+            ITP_LOCAL,
+            ZONE,
+            ([], [T + "3"], [T + "3"], True),
+            id="itp-local-ready-local-beats-terminating-local",
+        ),
+        pytest.param(
+            [ep(T + "1"), ep(T + "2", node="node-b")],
+            ETP_LOCAL,
+            ZONE,
+            ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True),
+            id="etp-local-uses-both",
+        ),
+        pytest.param(
+            [ep(T + "1"), ep(T + "2", node="node-b")],
+            PortPolicy(external_local=True),
+            ZONE,
+            ([T + "1", T + "2"], [], [T + "1", T + "2"], True),
+            id="etp-local-ignored-when-not-externally-accessible",
+        ),
+        pytest.param(
+            [ep(T + "1"), ep(T + "2", node="node-b")],
+            BOTH_LOCAL,
+            ZONE,
+            ([T + "1", T + "2"], [T + "1"], [T + "1", T + "2"], True),
+            id="both-local-externally-accessible-still-needs-cluster",
+        ),
+        pytest.param(
+            [ep(T + "1", zones=["zone-b"]), ep(T + "2", zones=["zone-a"], node="node-b")],
+            ETP_LOCAL,
+            ZONE,
+            ([T + "2"], [T + "1"], [T + "1", T + "2"], True),
+            id="local-endpoints-ignore-topology",
+        ),
     ],
 )
 def test_categorize(eps, policy, zone, expect):
