@@ -82,10 +82,9 @@ def plan_service(
     out: list[Frontend] = []
     for ip in svc.cluster_ips:
         a = addr16(ip)
+        # Each cluster IP is served by the slices of its own family
+        # (dual-stack: one frontend per family, no translation between them).
         family = "IPv6" if ":" in ip else "IPv4"
-        if family == "IPv6":
-            notes.append(f"{svc.key} Service: spec.clusterIPs {ip}: IPv6 is not served by this dataplane yet; skipped")
-            continue
         for sp in svc.ports:
             if sp.protocol not in SERVED_PROTOCOLS:
                 notes.append(

@@ -37,7 +37,7 @@
 
 /* Index into the per-CPU counters map: one slot per verdict. */
 enum sp_verdict {
-	SP_V_PASS_NOT_IP = 0,      /* not IPv4: passed untouched */
+	SP_V_PASS_NOT_IP = 0,      /* neither IPv4 nor IPv6: passed untouched */
 	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim: passed */
 	SP_V_PASS_FRAGMENT = 2,    /* IP fragment: passed untouched */
 	SP_V_PASS_OTHER_PROTO = 3, /* neither TCP nor UDP: passed */

@@ -11,6 +11,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -87,6 +88,9 @@ struct {
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP6_SADDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define IP6_DADDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
+#define NEXTHDR_FRAGMENT 44
 
 static __always_inline int count(struct __sk_buff *skb, __u32 verdict, int action)
 {
@@ -162,6 +166,38 @@ static __always_inline int rewrite_v4(struct __sk_buff *skb, __u32 l4_off, __u8 
 	return 0;
 }
 
+/*
+ * The same for IPv6: no header checksum, and the 16-byte address enters the
+ * L4 checksum through its pseudo-header as one precomputed difference.
+ */
+static __always_inline int rewrite_v6(struct __sk_buff *skb, __u32 l4_off, __u8 proto, __u32 addr_off,
+				      __u32 port_off, const __u8 *old_addr, const __u8 *new_addr,
+				      __be16 old_port, __be16 new_port)
+{
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u8 naddr[16];
+
+	if (!addr_eq(old_addr, new_addr)) {
+		__builtin_memcpy(naddr, new_addr, sizeof(naddr));
+		__s64 diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)naddr, 16, 0);
+
+		if (diff < 0)
+			return -1;
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled))
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, naddr, sizeof(naddr), 0))
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, l4_off + port_off, &new_port, sizeof(new_port), 0))
+			return -1;
+	}
+	return 0;
+}
+
 /* The backend a forward conntrack entry points at, if it still exists with
  * the same address: a removed backend's flows are not silently kept. */
 static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct)
@@ -205,16 +241,30 @@ static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct s
 
 /* What both programs need of an IPv4 TCP/UDP packet. */
 struct pkt {
+	__u8 saddr[16]; /* IPv4-mapped for IPv4, as in the maps */
+	__u8 daddr[16];
 	__u32 l4_off;
-	__be32 saddr;
-	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
+	__u8 v6;
 };
 
+/* Rewrite the destination (dst) or the source of p to addr (16 bytes, the
+ * packet's family) and port (network order). */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, int dst, const __u8 *addr,
+				   __be16 port)
+{
+	if (p->v6)
+		return rewrite_v6(skb, p->l4_off, p->proto, dst ? IP6_DADDR_OFF : IP6_SADDR_OFF, dst ? 2 : 0,
+				  dst ? p->daddr : p->saddr, addr, dst ? p->dport : p->sport, port);
+	return rewrite_v4(skb, p->l4_off, p->proto, dst ? IP_DADDR_OFF : IP_SADDR_OFF, dst ? 2 : 0,
+			  addr_to_v4(dst ? p->daddr : p->saddr), addr_to_v4(addr), dst ? p->dport : p->sport,
+			  port);
+}
+
 /*
- * Parse Ethernet / IPv4 / TCP or UDP. Returns -1 and fills p for a packet we
+ * Parse Ethernet / IPv4 or IPv6 / TCP or UDP. Returns -1 and fills p for a packet we
  * may own, or the SP_V_PASS_* verdict of one we pass untouched.
  */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
@@ -236,6 +286,35 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return SP_V_PASS_TRUNCATED;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return SP_V_PASS_TRUNCATED;
+		if (ip6->version != 6)
+			return SP_V_PASS_NOT_IP;
+		/* Extension headers are not walked: a fragment header, or
+		 * any other before TCP/UDP, and the packet is passed. */
+		if (ip6->nexthdr == NEXTHDR_FRAGMENT)
+			return SP_V_PASS_FRAGMENT;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return SP_V_PASS_OTHER_PROTO;
+		l4_off = ETH_HLEN + sizeof(*ip6);
+		l4_min = ip6->nexthdr == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+		if (data + l4_off + l4_min > data_end)
+			return SP_V_PASS_TRUNCATED;
+		ports = data + l4_off;
+		if ((void *)(ports + 2) > data_end)
+			return SP_V_PASS_TRUNCATED;
+		p->l4_off = l4_off;
+		p->proto = ip6->nexthdr;
+		p->v6 = 1;
+		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		p->sport = ports[0];
+		p->dport = ports[1];
+		return -1;
+	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return SP_V_PASS_NOT_IP;
 
@@ -264,8 +343,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 
 	p->l4_off = l4_off;
 	p->proto = ip->protocol;
-	p->saddr = ip->saddr;
-	p->daddr = ip->daddr;
+	addr_from_v4(p->saddr, ip->saddr);
+	addr_from_v4(p->daddr, ip->daddr);
 	p->sport = ports[0];
 	p->dport = ports[1];
 	return -1;
@@ -293,7 +372,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 
-	addr_from_v4(skey.addr, p.daddr);
+	__builtin_memcpy(skey.addr, p.daddr, sizeof(skey.addr));
 	skey.port = bpf_ntohs(p.dport);
 	skey.proto = p.proto;
 	skey.scope = SP_SCOPE_INTERNAL;
@@ -302,8 +381,8 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
 
 	now = bpf_ktime_get_ns();
-	addr_from_v4(ckey.saddr, p.saddr);
-	addr_from_v4(ckey.daddr, p.daddr);
+	__builtin_memcpy(ckey.saddr, p.saddr, sizeof(ckey.saddr));
+	__builtin_memcpy(ckey.daddr, p.daddr, sizeof(ckey.daddr));
 	ckey.sport = bpf_ntohs(p.sport);
 	ckey.dport = bpf_ntohs(p.dport);
 	ckey.proto = p.proto;
@@ -314,8 +393,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		/* The LRU may evict the reply entry alone: put it back, or the
 		 * backend's answers would reach the client unrewritten. */
 		put_reply(&ckey, &skey, ct, BPF_NOEXIST);
-		if (rewrite_v4(skb, p.l4_off, p.proto, IP_DADDR_OFF, 2, p.daddr, addr_to_v4(ct->nat_addr),
-			       p.dport, bpf_htons(ct->nat_port)))
+		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 		return count(skb, SP_V_DNAT_ESTABLISHED, TC_ACT_OK);
 	}
@@ -367,7 +445,9 @@ int sp_tc_ingress(struct __sk_buff *skb)
 			bpf_map_update_elem(&sp_aff_v1, &akey, &av, BPF_ANY);
 	}
 	be = bpf_map_lookup_elem(&sp_be_v1, &be_id);
-	if (!be || !addr_is_v4(be->addr))
+	/* A backend of the other family would mean maps that disagree: the
+	 * control plane never mixes families in one frontend. */
+	if (!be || addr_is_v4(be->addr) == p.v6)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
 	__builtin_memcpy(nct.nat_addr, be->addr, sizeof(nct.nat_addr));
@@ -381,8 +461,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	if (rewrite_v4(skb, p.l4_off, p.proto, IP_DADDR_OFF, 2, p.daddr, addr_to_v4(nct.nat_addr), p.dport,
-		       bpf_htons(nct.nat_port)))
+	if (rewrite(skb, &p, 1, nct.nat_addr, bpf_htons(nct.nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_DNAT_NEW, TC_ACT_OK);
 }
@@ -409,18 +488,17 @@ int sp_tc_egress(struct __sk_buff *skb)
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 
-	addr_from_v4(ckey.saddr, p.saddr);
-	addr_from_v4(ckey.daddr, p.daddr);
+	__builtin_memcpy(ckey.saddr, p.saddr, sizeof(ckey.saddr));
+	__builtin_memcpy(ckey.daddr, p.daddr, sizeof(ckey.daddr));
 	ckey.sport = bpf_ntohs(p.sport);
 	ckey.dport = bpf_ntohs(p.dport);
 	ckey.proto = p.proto;
 	ckey.dir = SP_CT_REPLY;
 	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
-	if (!ct || !addr_is_v4(ct->nat_addr))
+	if (!ct || addr_is_v4(ct->nat_addr) == p.v6)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
 	ct->last_seen = bpf_ktime_get_ns();
-	if (rewrite_v4(skb, p.l4_off, p.proto, IP_SADDR_OFF, 0, p.saddr, addr_to_v4(ct->nat_addr), p.sport,
-		       bpf_htons(ct->nat_port)))
+	if (rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_REVNAT, TC_ACT_OK);
 }

@@ -478,7 +478,7 @@ CASES = [
     ),
     # --- not ours: passed untouched -------------------------------------------
     pytest.param(passed(arp_request(CLIENT, VIP), "PASS_NOT_IP"), id="arp"),
-    pytest.param(passed(ipv6_tcp(CPORT, 80), "PASS_NOT_IP"), id="ipv6"),
+    pytest.param(passed(ipv6_tcp(CPORT, 80), "PASS_NO_SERVICE"), id="ipv6-no-frontend"),
     pytest.param(passed(icmp_echo(CLIENT, VIP), "PASS_OTHER_PROTO"), id="icmp-to-vip"),
     pytest.param(passed(fragment(0, mf=True), "PASS_FRAGMENT"), id="fragment-first-mf"),
     pytest.param(passed(fragment(185, mf=True), "PASS_FRAGMENT"), id="fragment-middle-offset-and-mf"),
@@ -883,3 +883,78 @@ def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
         assert set(firsts) == {BE3}
     else:
         assert len(set(firsts)) > 1, firsts
+
+
+# -- IPv6 ----------------------------------------------------------------------
+
+V6_CLIENT, V6_VIP, V6_BE = "2001:db8:1::2", "2001:db8:ffff::10", "2001:db8:1::11"
+
+
+def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
+    from ctrl.objects import addr16
+
+    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto)
+    dp.maps["sp_be_v1"].update((9).to_bytes(4, "little"), backend)
+    dp.maps["sp_slot_v1"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
+    dp.maps["sp_svc_v1"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
+                                layout.codec("sp_svc_val").pack(40, 1, 0, 0))
+
+
+def v6_packet(l4, src: str, dst: str, ext=None) -> bytes:
+    from scapy.layers.inet6 import IPv6
+
+    ip = IPv6(src=src, dst=dst)
+    frame = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    return bytes(frame / (ip / ext / l4 if ext is not None else ip / l4))
+
+
+def checksum_ok(raw: bytes, layer) -> bool:
+    from scapy.layers.inet6 import IPv6
+
+    pkt = Ether(raw)
+    got = pkt[layer].chksum
+    del pkt[layer].chksum
+    return Ether(bytes(pkt))[layer].chksum == got and IPv6 in pkt
+
+
+@pytest.mark.parametrize("proto,layer", [pytest.param(TCP_P, TCP, id="tcp"), pytest.param(UDP_P, UDP, id="udp")])
+def test_ipv6_dnat_and_reverse_nat(dp, proto, layer):
+    from scapy.layers.inet6 import IPv6
+
+    seed_v6(dp, proto)
+    l4 = (TCP(sport=40000, dport=80, flags="S") if proto == TCP_P else UDP(sport=40000, dport=80)) / b"hello"
+    retval, out, _ = dp.test_run(v6_packet(l4, V6_CLIENT, V6_VIP))
+    assert retval == TC_ACT_OK
+    pkt = Ether(out)
+    assert (pkt[IPv6].src, pkt[IPv6].dst, pkt[layer].sport, pkt[layer].dport) == (V6_CLIENT, V6_BE, 40000, 8080)
+    assert checksum_ok(out, layer) and bytes(pkt[layer].payload) == b"hello"
+
+    back = (TCP(sport=8080, dport=40000, flags="SA") if proto == TCP_P else UDP(sport=8080, dport=40000)) / b"world"
+    retval, out, _ = dp.test_run(v6_packet(back, V6_BE, V6_CLIENT), egress=True)
+    assert retval == TC_ACT_OK
+    pkt = Ether(out)
+    assert (pkt[IPv6].src, pkt[IPv6].dst, pkt[layer].sport, pkt[layer].dport) == (V6_VIP, V6_CLIENT, 80, 40000)
+    assert checksum_ok(out, layer)
+
+
+@pytest.mark.parametrize(
+    "ext,verdict",
+    [
+        pytest.param("frag", "PASS_FRAGMENT", id="fragment-header"),
+        pytest.param("hop", "PASS_OTHER_PROTO", id="hop-by-hop-header-not-walked"),
+    ],
+)
+def test_ipv6_extension_headers_are_passed_untouched(dp, ext, verdict):
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+
+    seed_v6(dp, TCP_P)
+    hdr = IPv6ExtHdrFragment(m=1) if ext == "frag" else IPv6ExtHdrHopByHop()
+    pkt = v6_packet(TCP(sport=40000, dport=80), V6_CLIENT, V6_VIP, ext=hdr)
+    r = run(dp, pkt)
+    assert r.retval == TC_ACT_OK and r.out == pkt and set(r.counted) == {verdict}
+
+
+def test_backend_of_the_other_family_is_never_used(dp):
+    seed_v6(dp, TCP_P, backend_addr="198.18.2.1")
+    r = run(dp, v6_packet(TCP(sport=40000, dport=80), V6_CLIENT, V6_VIP))
+    assert r.retval == TC_ACT_SHOT and set(r.counted) == {"DROP_ERROR"}

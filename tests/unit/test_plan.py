@@ -58,7 +58,6 @@ def test_service_without_endpoints_has_frontend_with_no_backends():
         pytest.param(
             service(ports=[{"name": "s", "port": 80, "protocol": "SCTP"}]), "protocol SCTP is not served", id="sctp"
         ),
-        pytest.param(service(ip="2001:db8::10"), "IPv6 is not served", id="ipv6"),
     ],
 )
 def test_unserved_features_are_skipped_with_a_named_note(svc_raw, note):
@@ -93,3 +92,16 @@ def test_bad_traffic_policy_names_the_field():
     with pytest.raises(Exception) as e:
         parse(service(internalTrafficPolicy="Nearby"))
     assert "spec.internalTrafficPolicy: 'Nearby' is neither Cluster nor Local" in str(e.value)
+
+
+def test_dual_stack_service_gets_one_frontend_per_family_from_its_slices():
+    svc = service(ip=None)
+    svc["spec"]["clusterIPs"] = ["198.19.0.10", "2001:db8:ffff::10"]
+    v4 = endpoint_slice("a", endpoints=eps("198.18.1.1"))
+    v6 = endpoint_slice("b", endpoints=eps("2001:db8:1::1"), address_type="IPv6")
+    fronts, notes = plan(svc, v4, v6)
+    assert notes == []
+    from ctrl.objects import addr_str
+
+    got = {addr_str(f.addr): [addr_str(b[0]) for b in f.backends] for f in fronts}
+    assert got == {"198.19.0.10": ["198.18.1.1"], "2001:db8:ffff::10": ["2001:db8:1::1"]}
