@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from .apply import Writer, read_contents
 from .diff import ChangeSet, Programmed
 from .libbpf import BPFError
-from .plan import plan_service
+from .plan import no_local_endpoints, plan_service
 from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
@@ -73,6 +73,7 @@ class Agent:
         self._queued_at: float | None = None
         self._triggers: list[str] = []
         self._last_sync_at = 0.0  # monotonic time of the last successful sync
+        self._no_local: dict[str, tuple[int, int]] = {}  # owner -> (internal, external)
         self.dirty: set[str] = set()
         self.need_full = True
         self.stop_event = threading.Event()
@@ -113,6 +114,13 @@ class Agent:
             for note in notes:
                 log.warning("%s", note)
             desired[owner] = fronts
+            if self.metrics is not None:
+                self._no_local[owner] = no_local_endpoints(
+                    self.state.services.get(owner),
+                    self.state.slices_of(owner),
+                    self.state.node_name,
+                    node.zone if node is not None else None,
+                )
         return desired
 
     def sync(self) -> ChangeSet | None:
@@ -157,6 +165,10 @@ class Agent:
         self._last_sync_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected))
+            for owner in [o for o in self._no_local if o not in self.state.services]:
+                del self._no_local[owner]
+            self.metrics.no_local.labels(traffic_policy="internal").set(sum(v[0] for v in self._no_local.values()))
+            self.metrics.no_local.labels(traffic_policy="external").set(sum(v[1] for v in self._no_local.values()))
             self.metrics.programmed(self._triggers, self.last_sync_ok)
             self.metrics.pending(0, 0, None)
         self._pending = {"EndpointSlice": 0, "Service": 0}

@@ -94,6 +94,12 @@ class Metrics:
         self.rejected = Gauge(
             "sliceproxy_services_rejected", "Services not programmed because a map is full", registry=r
         )
+        self.no_local = Gauge(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of service ports with a Local traffic policy and no local endpoints",
+            ["traffic_policy"],
+            registry=r,
+        )
         self.healthz = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
 
     # -- what the agent reports ---------------------------------------------

@@ -68,6 +68,30 @@ def port_policy(svc: Service, sp: ServicePort) -> PortPolicy:
     )
 
 
+def no_local_endpoints(
+    svc: Service | None, slices: list[EndpointSlice], node_name: str | None, zone: str | None
+) -> tuple[int, int]:
+    """Service ports with a Local traffic policy and no local endpoint on
+    this node, as (internal, external): kube-proxy's
+    sync_proxy_rules_no_local_endpoints_total."""
+    if svc is None or ignored_reason(svc):
+        return 0, 0
+    internal = external = 0
+    for sp in svc.ports:
+        policy = port_policy(svc, sp)
+        if not policy.uses_local:
+            continue
+        families = {"IPv6" if ":" in ip else "IPv4" for ip in svc.cluster_ips}
+        local = False
+        for family in families:
+            cat = categorize(merge_endpoints(sp, slices, family), policy, node_name, zone)
+            local = local or bool(cat.local)
+        if not local:
+            internal += policy.internal_local
+            external += policy.external_local
+    return internal, external
+
+
 def plan_service(
     svc: Service | None,
     slices: list[EndpointSlice],

@@ -105,3 +105,24 @@ def test_dual_stack_service_gets_one_frontend_per_family_from_its_slices():
 
     got = {addr_str(f.addr): [addr_str(b[0]) for b in f.backends] for f in fronts}
     assert got == {"198.19.0.10": ["198.18.1.1"], "2001:db8:ffff::10": ["2001:db8:1::1"]}
+
+
+@pytest.mark.parametrize(
+    "spec,node,expect",
+    [
+        pytest.param({"internalTrafficPolicy": "Local"}, "node-a", (0, 0), id="itp-local-with-local"),
+        pytest.param({"internalTrafficPolicy": "Local"}, "node-c", (1, 0), id="itp-local-without-local"),
+        pytest.param(
+            {"type": "NodePort", "externalTrafficPolicy": "Local"}, "node-c", (0, 1), id="etp-local-without-local"
+        ),
+        pytest.param({}, "node-c", (0, 0), id="cluster-policies-never-count"),
+    ],
+)
+def test_no_local_endpoints_counts_ports_with_local_policy_and_none_here(spec, node, expect):
+    from ctrl.plan import no_local_endpoints
+
+    raw = service(**spec)
+    if spec.get("type") == "NodePort":
+        raw["spec"]["ports"][0]["nodePort"] = 30080
+    sl = endpoint_slice("a", endpoints=[endpoint("198.18.1.1", node="node-a")])
+    assert no_local_endpoints(parse(raw), [parse(sl)], node, None) == expect
