@@ -12,6 +12,7 @@ import socket
 import sys
 
 from . import __version__
+from .layout import map_name as mn
 from .libbpf import BPFError
 from .loader import DEFAULT_PIN_DIR
 from .logs import setup_logging
@@ -189,6 +190,13 @@ def cmd_run(args) -> int:
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
     dp = loader.load(args.bpf_object, args.pin_dir, sizes)
+    from . import migrate
+
+    if migrate.old_pins(args.pin_dir, dp.maps):
+        # An upgrade across a layout change: carry the old maps' entries
+        # (ids, conntrack) into the new ones before the new programs attach.
+        n = migrate.migrate(args.pin_dir, dp.maps)
+        log.info("carried %d entries over from maps of another layout version", n)
     writer = Writer(dp.maps)
     mc = read_contents(dp.maps)
     programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names)
@@ -200,6 +208,11 @@ def cmd_run(args) -> int:
             args.pin_dir,
         )
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd) if patterns else None
+    if attacher is not None:
+        attacher.refresh()
+    # The new programs are in place (or none was asked for): the old maps
+    # have served their last packet through us.
+    migrate.remove_old_pins(args.pin_dir, dp.maps)
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
     metrics = None
@@ -292,7 +305,7 @@ def render_changes(cs, output: str) -> str:
         for i, (a, p, pr) in cs.be_upd
     ]
     names = [{"key": i, "value": n} for i, n in cs.name_upd]
-    data = {"sp_svc_v1": svc, "sp_slot_v1": slots, "sp_be_v1": bes, "sp_names_v1": names}
+    data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names}
     if output == "json":
         return json.dumps(data, indent=2)
     lines = []

@@ -10,7 +10,8 @@ import json
 import time
 
 from . import layout
-from .apply import read_contents
+from .apply import ct_codecs, read_contents
+from .layout import map_name as mn
 from .maps import Map
 from .objects import addr_str, is_v4
 from .plan import PROTO_NAMES, SCOPE_EXTERNAL
@@ -29,10 +30,10 @@ def hostport(addr: bytes, port: int) -> str:
 
 def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
     """Packets and bytes per verdict, summed over CPUs."""
-    m = maps.get("sp_stats_v1")
+    m = maps.get(mn("sp_stats"))
     if m is None:
         return {}
-    c = layout.codec("sp_stat")
+    c = layout.codec("sp_stat", ("packets", "bytes"))
     out = {}
     for i, name in enumerate(verdicts()):
         per_cpu = m.lookup_percpu(i.to_bytes(4, "little"))
@@ -44,10 +45,10 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
 def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dict]:
     """Forward conntrack entries (one per flow): client, frontend, backend,
     and how long the flow has been idle."""
-    m = maps.get("sp_ct_v1")
+    m = maps.get(mn("sp_ct"))
     if m is None:
         return []
-    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val")
+    kc, vc = ct_codecs()
     forward = layout.const("SP_CT_FORWARD")
     now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
     flows = []
@@ -100,7 +101,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
                 "backends": backends,
             }
         )
-    ct = maps.get("sp_ct_v1")
+    ct = maps.get(mn("sp_ct"))
     out = {
         "services": services,
         "backends": len(mc.backends),

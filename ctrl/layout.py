@@ -14,6 +14,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from itertools import starmap
 from pathlib import Path
 
 from .libbpf import BTF_KIND_STRUCT, ffi, lib
@@ -66,18 +67,36 @@ class LayoutError(RuntimeError):
 
 @dataclass(frozen=True)
 class Codec:
-    """Packs and unpacks one C struct; fields named pad* are written as zeros."""
+    """Packs and unpacks one C struct; fields named pad* are written as zeros.
+
+    Values go in and come out in `fields` order: the header's order, or the
+    order a caller named (codec(name, order)), so Python code refers to
+    fields by name and a struct whose fields move in the header still packs
+    right."""
 
     name: str
     size: int
     fields: tuple[str, ...]
     st: struct.Struct
+    perm: tuple[int, ...] | None = None  # header position of each field in `fields`
 
     def pack(self, *values) -> bytes:
-        return self.st.pack(*values)
+        if self.perm is None:
+            return self.st.pack(*values)
+        ordered = [None] * len(values)
+        for i, pos in enumerate(self.perm):
+            ordered[pos] = values[i]
+        return self.st.pack(*ordered)
 
     def unpack(self, data: bytes) -> tuple:
-        return self.st.unpack(data)
+        raw = self.st.unpack(data)
+        return raw if self.perm is None else tuple(raw[pos] for pos in self.perm)
+
+    def pack_rows(self, rows) -> bytes:
+        """Many entries at once; starmap keeps the loop in C when the order is the header's."""
+        if self.perm is None:
+            return b"".join(starmap(self.st.pack, rows))
+        return b"".join(self.pack(*r) for r in rows)
 
 
 _loaded = False
@@ -136,14 +155,29 @@ def _make_codec(sname: str) -> Codec:
     return Codec(sname, total, tuple(names), st)
 
 
-def codec(sname: str) -> Codec:
+def codec(sname: str, order: tuple[str, ...] | None = None) -> Codec:
+    """The codec of struct sname, taking and giving values in `order` (field
+    names; default the header's order). A name the header lacks is a
+    LayoutError: the Python side and the header disagree."""
     _load()
-    return _codecs[sname]
+    c = _codecs[sname]
+    if order is None or order == c.fields:
+        return c
+    missing = [f for f in order if f not in c.fields]
+    if missing or len(order) != len(c.fields):
+        raise LayoutError(f"struct {sname}: the header has fields {c.fields}, the control plane uses {order}")
+    return Codec(c.name, c.size, order, c.st, tuple(c.fields.index(f) for f in order))
 
 
 def const(name: str) -> int:
     _load()
     return constants[name]
+
+
+def map_name(base: str) -> str:
+    """A map's pinned name: its base and the header's layout version
+    (sp_svc -> sp_svc_v1), so a layout change renames every map."""
+    return f"{base}_v{const('SP_LAYOUT_VERSION')}"
 
 
 def constants_with_prefix(prefix: str) -> list[str]:
@@ -181,6 +215,27 @@ def btf_struct(btf, sname: str) -> tuple[int, list[tuple[str, int, int]]]:
         name = ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode()
         out.append((name, bit_off // 8, int(lb.btf__resolve_size(btf, m.type))))
     return t.size_or_type, out
+
+
+def btf_fields(btf, type_id: int) -> tuple[int, list[tuple[str, int, int]]]:
+    """(size, [(field, byte offset, size)]) of any BTF type: a struct's
+    members, or one unnamed field for a scalar (a bare __u32 key)."""
+    lb = lib()
+    rid = lb.btf__resolve_type(btf, type_id)  # through typedefs and modifiers
+    t = lb.btf__type_by_id(btf, rid if rid >= 0 else type_id)
+    size = int(lb.btf__resolve_size(btf, type_id))
+    if ((t.info >> 24) & 0x1F) != BTF_KIND_STRUCT:
+        return size, [("", 0, size)]
+    vlen = t.info & 0xFFFF
+    kflag = t.info >> 31
+    members = ffi.cast("struct btf_member *", t + 1)
+    out = []
+    for i in range(vlen):
+        m = members[i]
+        bit_off = m.offset & 0xFFFFFF if kflag else m.offset
+        name = ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode()
+        out.append((name, bit_off // 8, int(lb.btf__resolve_size(btf, m.type))))
+    return size, out
 
 
 def check_btf(btf) -> None:

@@ -74,6 +74,13 @@ ffi.cdef(
         __u32 max_entries;
         __u32 map_flags;
         char name[16];
+        __u32 ifindex;
+        __u32 btf_vmlinux_value_type_id;
+        __u64 netns_dev;
+        __u64 netns_ino;
+        __u32 btf_id;
+        __u32 btf_key_type_id;
+        __u32 btf_value_type_id;
     };
 
     struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
@@ -95,6 +102,9 @@ ffi.cdef(
     const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
     const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
     __s64 btf__resolve_size(const struct btf *btf, __u32 type_id);
+    __s32 btf__resolve_type(const struct btf *btf, __u32 type_id);
+    struct btf *btf__load_from_kernel_by_id(__u32 id);
+    void btf__free(struct btf *btf);
 
     int bpf_obj_get(const char *pathname);
     int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);

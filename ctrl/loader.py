@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layout
+from .layout import map_name as mn
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
 from .sizes import MapSizes
@@ -23,7 +24,13 @@ from .sizes import MapSizes
 PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 
-MAP_NAMES = ("sp_svc_v1", "sp_slot_v1", "sp_be_v1", "sp_ct_v1", "sp_aff_v1", "sp_stats_v1", "sp_names_v1")
+MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names")
+
+
+def map_names() -> list[str]:
+    """The maps of this layout version (names from ebpf/sliceproxy.h)."""
+    return [mn(b) for b in MAP_BASES]
+
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
 
@@ -140,7 +147,7 @@ def load(
                 raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}")
             fds[name] = lb.bpf_program__fd(prog)
         maps = {name: Map(lb.bpf_map__fd(m), name) for name, m in bpf_maps.items()}
-        missing = set(MAP_NAMES) - set(maps)
+        missing = set(map_names()) - set(maps)
         if missing:
             raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
         return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=fds[PROGRAM], egress_fd=fds[EGRESS_PROGRAM], _obj=obj)
@@ -157,10 +164,10 @@ def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
     if not os.path.isdir(pin_dir):
         raise BPFError(errno.ENOENT, f"no sliceproxy maps pinned in {pin_dir} (is the agent running there?)")
     out = {}
-    for name in MAP_NAMES:
+    for name in map_names():
         path = os.path.join(pin_dir, name)
         if os.path.exists(path):
             out[name] = Map.open_pinned(path)
-    if "sp_svc_v1" not in out:
+    if mn("sp_svc") not in out:
         raise BPFError(errno.ENOENT, f"{pin_dir} holds no sp_svc_v1 map")
     return out

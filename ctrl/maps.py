@@ -31,6 +31,9 @@ class MapInfo:
     value_size: int
     max_entries: int
     flags: int
+    btf_id: int = 0  # the BTF its key and value types live in (0: none)
+    btf_key_type_id: int = 0
+    btf_value_type_id: int = 0
 
 
 class Map:
@@ -194,4 +197,7 @@ def map_info(fd: int) -> MapInfo:
         value_size=info.value_size,
         max_entries=info.max_entries,
         flags=info.map_flags,
+        btf_id=info.btf_id,
+        btf_key_type_id=info.btf_key_type_id,
+        btf_value_type_id=info.btf_value_type_id,
     )

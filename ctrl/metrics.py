@@ -22,6 +22,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .layout import map_name as mn
+
 # kube-proxy exports no *_created series; neither do we.
 disable_created_metrics()
 
@@ -159,7 +161,7 @@ class DataplaneCollector:
         ct = None
         for name, m in sorted(self.maps.items()):
             cap.add_metric([name], m.max_entries)
-            if name == "sp_stats_v1":
+            if name == mn("sp_stats"):
                 continue
             try:
                 n = m.count()
@@ -167,7 +169,7 @@ class DataplaneCollector:
                 log.warning("counting map %s failed: %s", name, e)
                 continue
             entries.add_metric([name], n)
-            if name == "sp_ct_v1":
+            if name == mn("sp_ct"):
                 ct = n
         yield entries
         yield cap

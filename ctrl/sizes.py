@@ -15,12 +15,12 @@ class MapSizes:
     conntrack: int = 262144  # LRU: full means the oldest flows go
 
     def for_map(self, name: str) -> int | None:
-        """max_entries of one map, None for maps of fixed size."""
+        """max_entries of one map (any layout version), None for maps of fixed size."""
         return {
-            "sp_svc_v1": self.services,
-            "sp_names_v1": self.services,
-            "sp_be_v1": self.backends,
-            "sp_slot_v1": self.slots,
-            "sp_ct_v1": self.conntrack,
-            "sp_aff_v1": self.conntrack,  # at most one entry per client and service
-        }.get(name)
+            "sp_svc": self.services,
+            "sp_names": self.services,
+            "sp_be": self.backends,
+            "sp_slot": self.slots,
+            "sp_ct": self.conntrack,
+            "sp_aff": self.conntrack,  # at most one entry per client and service
+        }.get(name.rsplit("_v", 1)[0])
