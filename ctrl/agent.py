@@ -1,8 +1,9 @@
 """The run loop: source events -> state -> plan -> diff -> apply.
 
-Events are coalesced: after the first event of a burst the loop keeps
-draining for `min_sync_period`, then plans only the services the burst
-touched. The first sync after start is a full one and the only place where
+Events are coalesced: a change after a quiet spell syncs at once, and
+changes within `min_sync_period` of the last sync wait for it to pass and
+become one sync, which plans only the services they touched. The first
+sync after start is a full one and the only place where
 entries nobody owns are pruned: it runs after the source's first full list,
 so a restarted agent never drops what a previous one programmed before it
 knows the whole picture. After a failed write the mirror is re-read from
