@@ -41,7 +41,7 @@ class Codecs:
             svc_val=layout.codec("sp_svc_val", ("svc_id", "count", "flags", "affinity_timeout")),
             slot_key=layout.codec("sp_slot_key", ("svc_id", "slot")),
             slot_val=layout.codec("sp_slot_val", ("backend_id",)),
-            backend=layout.codec("sp_backend", ("addr", "port", "proto")),
+            backend=layout.codec("sp_backend", ("addr", "port", "proto", "flags")),
             name=layout.codec("sp_svc_name", ("name",)),
             # Map keys declared as a bare __u32 in the program (backend and
             # name ids): BTF checks them as the map's key_size.
@@ -64,12 +64,14 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     def ids(seq) -> bytes:
         return _pack_all(c.u32, ((i,) for i in seq))
 
+    # New backends, and draining marks set or cleared (SP_BE_F_DRAINING).
+    be_rows = [(i, b, 0) for i, b in cs.be_upd] + cs.be_mark
     add(
         mn("sp_be"),
         "update",
-        len(cs.be_upd),
-        ids(i for i, _ in cs.be_upd),
-        _pack_all(c.backend, (b for _, b in cs.be_upd)),
+        len(be_rows),
+        ids(i for i, _, _ in be_rows),
+        _pack_all(c.backend, ((*b, f) for _, b, f in be_rows)),
     )
     add(
         mn("sp_slot"),
@@ -182,7 +184,7 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     c = Codecs.get()
     svc = {c.svc_key.unpack(k): c.svc_val.unpack(v) for k, v in maps[mn("sp_svc")].items()}
     slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps[mn("sp_slot")].items()}
-    backends = {c.u32.unpack(k)[0]: c.backend.unpack(v) for k, v in maps[mn("sp_be")].items()}
+    backends = {c.u32.unpack(k)[0]: c.backend.unpack(v)[:3] for k, v in maps[mn("sp_be")].items()}
     names = {}
     if mn("sp_names") in maps:
         for k, v in maps[mn("sp_names")].items():

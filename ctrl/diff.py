@@ -28,6 +28,8 @@ log = logging.getLogger("sliceproxy.diff")
 
 FKey = tuple[bytes, int, int, int]  # (addr16, port, proto, scope)
 
+BE_F_DRAINING = 1  # ebpf/sliceproxy.h SP_BE_F_DRAINING; checked by tests/unit/test_layout.py
+
 
 @dataclass
 class FrontendState:
@@ -46,6 +48,8 @@ class ChangeSet:
     lowered before the slots above it go."""
 
     be_upd: list[tuple[int, Backend]] = field(default_factory=list)
+    # (id, backend, flags) of backends that start or stop draining.
+    be_mark: list[tuple[int, Backend, int]] = field(default_factory=list)
     slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
     svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
@@ -62,6 +66,7 @@ class ChangeSet:
     def __len__(self) -> int:
         return (
             len(self.be_upd)
+            + len(self.be_mark)
             + len(self.slot_upd)
             + len(self.svc_upd)
             + len(self.name_upd)
@@ -204,9 +209,12 @@ class Programmed:
         for bid in sorted(self._unused):
             if self.refs.get(bid, 0) <= 0 and bid in self.backends and bid not in self.draining:
                 self.draining[bid] = now + self.drain_period
+                if self.drain_period > 0:
+                    cs.be_mark.append((bid, self.backends[bid], BE_F_DRAINING))
         for bid, until in sorted(self.draining.items()):
             if self.refs.get(bid, 0) > 0:
                 del self.draining[bid]  # used again: back in service, same id
+                cs.be_mark.append((bid, self.backends[bid], 0))
             elif now >= until:
                 del self.draining[bid]
                 self._drop_backend(bid, cs)

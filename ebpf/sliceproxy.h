@@ -86,8 +86,13 @@ struct sp_backend {
 	__u8 addr[16]; /* backend address, network order, IPv4-mapped */
 	__u16 port;    /* backend port, host order */
 	__u8 proto;    /* IPPROTO_* */
-	__u8 pad;      /* zero */
+	__u8 flags;    /* SP_BE_F_* */
 };
+
+/* The backend left every service and drains: flows on it go on, but a TCP
+ * SYN that finds an old conntrack entry naming it (a reused client port) is
+ * a new connection and gets a serving backend. */
+#define SP_BE_F_DRAINING 1
 
 /* sp_ct_v1 (LRU hash): connection tracking. A forward entry keeps a flow on
  * its backend while slots are rewritten; a reply entry turns the backend's

@@ -200,7 +200,7 @@ static __always_inline int rewrite_v6(struct __sk_buff *skb, __u32 l4_off, __u8 
 
 /* The backend a forward conntrack entry points at, if it still exists with
  * the same address: a removed backend's flows are not silently kept. */
-static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct)
+static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct, int syn)
 {
 	__u32 id = ct->backend_id;
 	struct sp_backend *be = bpf_map_lookup_elem(&sp_be_v1, &id);
@@ -208,6 +208,8 @@ static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct)
 	if (!be)
 		return 0;
 	if (!addr_eq(be->addr, ct->nat_addr) || be->port != ct->nat_port)
+		return 0;
+	if (syn && (be->flags & SP_BE_F_DRAINING))
 		return 0;
 	return be;
 }
@@ -248,6 +250,7 @@ struct pkt {
 	__be16 dport;
 	__u8 proto;
 	__u8 v6;
+	__u8 syn; /* TCP SYN without ACK: the first packet of a connection */
 };
 
 /* Rewrite the destination (dst) or the source of p to addr (16 bytes, the
@@ -313,6 +316,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 		p->sport = ports[0];
 		p->dport = ports[1];
+		if (p->proto == IPPROTO_TCP)
+			p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
 		return -1;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -347,6 +352,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	addr_from_v4(p->daddr, ip->daddr);
 	p->sport = ports[0];
 	p->dport = ports[1];
+	/* The TCP header is whole (checked above): flags are at byte 13. */
+	if (p->proto == IPPROTO_TCP)
+		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
 	return -1;
 }
 
@@ -388,7 +396,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	ckey.proto = p.proto;
 	ckey.dir = SP_CT_FORWARD;
 	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
-	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct)) {
+	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p.syn)) {
 		ct->last_seen = now;
 		/* The LRU may evict the reply entry alone: put it back, or the
 		 * backend's answers would reach the client unrewritten. */

@@ -194,6 +194,7 @@ class Backend:
     addr: str
     port: int
     proto: int = TCP_P
+    flags: int = 0  # SP_BE_F_*
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
 
 def put_backend(dp, b: Backend) -> None:
     dp.maps["sp_be_v1"].update(
-        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto)
+        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto, b.flags)
     )
 
 

@@ -893,7 +893,7 @@ V6_CLIENT, V6_VIP, V6_BE = "2001:db8:1::2", "2001:db8:ffff::10", "2001:db8:1::11
 def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
     from ctrl.objects import addr16
 
-    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto)
+    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0)
     dp.maps["sp_be_v1"].update((9).to_bytes(4, "little"), backend)
     dp.maps["sp_slot_v1"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
     dp.maps["sp_svc_v1"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
@@ -958,3 +958,28 @@ def test_backend_of_the_other_family_is_never_used(dp):
     seed_v6(dp, TCP_P, backend_addr="198.18.2.1")
     r = run(dp, v6_packet(TCP(sport=40000, dport=80), V6_CLIENT, V6_VIP))
     assert r.retval == TC_ACT_SHOT and set(r.counted) == {"DROP_ERROR"}
+
+
+# -- draining backends ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags,draining,stays",
+    [
+        pytest.param("A", True, True, id="established-packet-stays-on-draining-backend"),
+        pytest.param("S", False, True, id="syn-stays-on-serving-backend"),
+        pytest.param("S", True, False, id="syn-reusing-ports-leaves-draining-backend"),
+    ],
+)
+def test_syn_with_a_stale_entry_to_a_draining_backend_is_a_new_connection(dp, flags, draining, stays):
+    """A client port reused after its old connection closed finds the old
+    conntrack entry; if that backend drains (it left the service), the SYN
+    must get a serving backend, as netfilter re-balances a SYN on a closed
+    entry."""
+    old = Backend(7, BE1, 8080, TCP_P, flags=1 if draining else 0)
+    serving = Backend(8, BE2, 8080, TCP_P)
+    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 20, slots=(8,)),), backends=(old, serving),
+                  ct=ct_pair(CLIENT, CPORT, VIP, 80, old, 20, TCP_P)))
+    retval, out, _ = dp.test_run(tcp(CLIENT, VIP, CPORT, 80, flags=flags))
+    assert retval == TC_ACT_OK
+    assert Ether(out)[IP].dst == (BE1 if stays else BE2)

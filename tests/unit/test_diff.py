@@ -174,8 +174,10 @@ def test_unused_backend_drains_before_it_is_deleted():
     p = Programmed(drain_period=10.0)
     p.sync({"default/web": [front(1, 2)]}, now=0.0)
     cs = p.sync({"default/web": [front(1)]}, now=1.0)
-    # Out of the slots at once (no new flow picks it), still in the backend map.
+    # Out of the slots at once (no new flow picks it), still in the backend
+    # map, marked draining (a SYN reusing an old flow's ports re-picks).
     assert cs.slot_del == [(1, 1)] and cs.be_del == []
+    assert cs.be_mark == [(2, be(2), 1)]
     assert p.next_drain_end() == 11.0
     assert len(p.sync({}, now=5.0)) == 0
     cs = p.sync({}, now=11.0)
@@ -188,6 +190,7 @@ def test_draining_backend_used_again_keeps_its_id():
     p.sync({"default/web": [front(1)]}, now=1.0)
     cs = p.sync({"default/web": [front(1, 2)]}, now=2.0)
     assert cs.be_upd == [] and cs.slot_upd == [(1, 1, 2)]
+    assert cs.be_mark == [(2, be(2), 0)]  # serving again
     assert p.next_drain_end() is None
     assert len(p.sync({}, now=50.0)) == 0
 

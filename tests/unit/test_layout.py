@@ -68,8 +68,9 @@ def test_codecs_pack_fields_at_header_offsets():
 
 
 def test_python_constants_match_the_header():
-    from ctrl import plan
+    from ctrl import diff, plan
 
     assert plan.SVC_F_AFFINITY == layout.const("SP_SVC_F_AFFINITY")
+    assert diff.BE_F_DRAINING == layout.const("SP_BE_F_DRAINING")
     assert plan.SCOPE_INTERNAL == layout.const("SP_SCOPE_INTERNAL")
     assert plan.SCOPE_EXTERNAL == layout.const("SP_SCOPE_EXTERNAL")
