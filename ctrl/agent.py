@@ -12,36 +12,21 @@ the kernel and a full sync repairs what is there.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .apply import Writer, read_contents
 from .diff import ChangeSet, Programmed
+from .gcpause import paused_gc
 from .libbpf import BPFError
 from .plan import no_local_endpoints, plan_service
 from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """A sync allocates hundreds of thousands of small tuples, none of them
-    in a reference cycle; the cyclic collector would walk every live
-    endpoint each time it triggers, which more than doubles a 100,000
-    endpoint sync. Reference counting frees the garbage either way."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class Agent:

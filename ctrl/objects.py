@@ -333,40 +333,48 @@ def parse_slice(raw: dict) -> EndpointSlice:
     if not isinstance(raw_eps, list):
         raise ObjectError(f"{what}: endpoints: not a list")
     family = socket.AF_INET6 if atype == "IPv6" else socket.AF_INET
+    # The hot loop of a full list (100,000 endpoints): messages are only
+    # built when something is wrong, and the Endpoint tuple positionally.
+    v4 = family == socket.AF_INET
+    pton = socket.inet_pton
     for i, ep in enumerate(raw_eps):
-        fld = f"endpoints[{i}]"
         try:
             if not isinstance(ep, dict):
-                raise ObjectError(f"{what}: {fld}: not a mapping")
+                raise ObjectError(f"{what}: endpoints[{i}]: not a mapping")
             addrs = ep.get("addresses")
             if not isinstance(addrs, list) or not addrs:
-                raise ObjectError(f"{what}: {fld}.addresses: missing")
+                raise ObjectError(f"{what}: endpoints[{i}].addresses: missing")
             if atype == "FQDN":
                 continue  # names, not addresses: a proxy ignores them
             ip = addrs[0]  # kube-proxy uses an endpoint's first address only
             try:
-                packed = socket.inet_pton(family, ip)
+                packed = pton(family, ip)
             except (OSError, TypeError):
-                raise ObjectError(f"{what}: {fld}.addresses[0]: {ip!r} is not an {atype} address") from None
+                raise ObjectError(f"{what}: endpoints[{i}].addresses[0]: {ip!r} is not an {atype} address") from None
             cond = ep.get("conditions") or {}
             if not isinstance(cond, dict):
-                raise ObjectError(f"{what}: {fld}.conditions: not a mapping")
-            hints = ep.get("hints") or {}
-            hz = hints.get("forZones")
-            hn = hints.get("forNodes")
+                raise ObjectError(f"{what}: endpoints[{i}].conditions: not a mapping")
+            # Kubernetes: a missing ready or serving means true, a missing
+            # terminating means false.
+            ready = cond.get("ready", True)
+            serving = cond.get("serving", True)
+            terminating = cond.get("terminating", False)
+            if ready.__class__ is not bool or serving.__class__ is not bool or terminating.__class__ is not bool:
+                ready = _flag(cond, "ready", True, f"{what}: endpoints[{i}]")
+                serving = _flag(cond, "serving", True, f"{what}: endpoints[{i}]")
+                terminating = _flag(cond, "terminating", False, f"{what}: endpoints[{i}]")
+            hints = ep.get("hints")
             endpoints.append(
                 Endpoint(
-                    address=ip,
-                    addr=V4_PREFIX + packed if family == socket.AF_INET else packed,
-                    # Kubernetes: a missing ready or serving means true,
-                    # a missing terminating means false.
-                    ready=_flag(cond, "ready", True, f"{what}: {fld}"),
-                    serving=_flag(cond, "serving", True, f"{what}: {fld}"),
-                    terminating=_flag(cond, "terminating", False, f"{what}: {fld}"),
-                    node_name=ep.get("nodeName"),
-                    zone=ep.get("zone"),
-                    hint_zones=_hint_names(hz),
-                    hint_nodes=_hint_names(hn),
+                    ip,
+                    V4_PREFIX + packed if v4 else packed,
+                    ready,
+                    serving,
+                    terminating,
+                    ep.get("nodeName"),
+                    ep.get("zone"),
+                    _hint_names(hints.get("forZones")) if hints else None,
+                    _hint_names(hints.get("forNodes")) if hints else None,
                 )
             )
         except ObjectError as e:

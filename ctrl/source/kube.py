@@ -12,7 +12,7 @@ the last resourceVersion it saw.
 agent prunes nothing before that, so a restart or a reconnect never drops
 traffic.
 
-Responses are parsed with json.loads and ctrl.objects.parse, never with the
+Responses are parsed with orjson and ctrl.objects.parse, never with the
 kubernetes client's model classes (seconds on 100,000 endpoints). The
 client package is used only to read a kubeconfig or the in-cluster config.
 """
@@ -33,6 +33,12 @@ from typing import Any
 
 import urllib3
 
+try:  # a list of 100,000 endpoints is tens of MB of JSON: decode it in C, fast
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without
+    _loads = json.loads
+
+from ..gcpause import paused_gc
 from ..objects import ObjectError, describe, parse
 from ..state import Event
 
@@ -150,7 +156,7 @@ class Client:
         body = r.data
         if r.status != 200:
             raise APIError(r.status, _status_message(body))
-        return json.loads(body)
+        return _loads(body)
 
     def stream(self, path: str, read_timeout: float, **params):
         """Yield one decoded JSON object per line of a watch response."""
@@ -174,14 +180,14 @@ class Client:
                         break
                     line, buf = buf[:nl], buf[nl + 1 :]
                     if line.strip():
-                        yield json.loads(line)
+                        yield _loads(line)
         finally:
             r.release_conn()
 
 
 def _status_message(body: bytes) -> str:
     try:
-        return json.loads(body).get("message") or body[:200].decode(errors="replace")
+        return _loads(body).get("message") or body[:200].decode(errors="replace")
     except (ValueError, AttributeError):
         return body[:200].decode(errors="replace")
 
@@ -260,6 +266,10 @@ class KubeSource:
 
     def _list(self, res: Resource, known: dict[str, object]) -> str:
         """List every page; queue upserts for all and deletes for what vanished."""
+        with paused_gc():
+            return self._list_paused(res, known)
+
+    def _list_paused(self, res: Resource, known: dict[str, object]) -> str:
         items: list[dict] = []
         cont = None
         while True:
