@@ -211,18 +211,30 @@ class Programmed:
                 self.draining[bid] = now + self.drain_period
                 if self.drain_period > 0:
                     cs.be_mark.append((bid, self.backends[bid], BE_F_DRAINING))
-        for bid, until in sorted(self.draining.items()):
+        # Deadlines go in in time order (one drain period; `now` never goes
+        # back), so the due ones are at the front: a sync costs O(due), not
+        # O(draining), which during a rolling update of a big cluster is
+        # every endpoint it replaced in the last drain period.
+        draining = self.draining
+        while draining:
+            bid, until = next(iter(draining.items()))
             if self.refs.get(bid, 0) > 0:
-                del self.draining[bid]  # used again: back in service, same id
-                cs.be_mark.append((bid, self.backends[bid], 0))
+                self._undrain(bid, cs)  # normally done when it was used again
             elif now >= until:
-                del self.draining[bid]
+                del draining[bid]
                 self._drop_backend(bid, cs)
+            else:
+                break
         return cs
+
+    def _undrain(self, bid: int, cs: ChangeSet) -> None:
+        """A draining backend used again: back in service, same id."""
+        if self.draining.pop(bid, None) is not None:
+            cs.be_mark.append((bid, self.backends[bid], 0))
 
     def next_drain_end(self) -> float | None:
         """When the next draining backend is due to go, if any."""
-        return min(self.draining.values()) if self.draining else None
+        return next(iter(self.draining.values())) if self.draining else None
 
     def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int]:
         """Entries this owner's change adds (services, slots, backends) at its peak."""
@@ -312,6 +324,7 @@ class Programmed:
         old_set.discard(None)  # type: ignore[arg-type]
         for b in new_set - old_set:
             self.refs[b] += 1
+            self._undrain(b, cs)
         for b in old_set - new_set:
             cs.removed.append((f.key, self.backends[b]))
             self.refs[b] -= 1

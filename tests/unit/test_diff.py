@@ -195,6 +195,19 @@ def test_draining_backend_used_again_keeps_its_id():
     assert len(p.sync({}, now=50.0)) == 0
 
 
+def test_backend_unused_again_after_reuse_gets_a_fresh_drain_period():
+    p = Programmed(drain_period=10.0)
+    p.sync({"default/web": [front(1, 2, 3)]}, now=0.0)
+    p.sync({"default/web": [front(1, 3)]}, now=1.0)  # 2 drains until 11
+    p.sync({"default/web": [front(1)]}, now=2.0)  # 3 drains until 12
+    p.sync({"default/web": [front(1, 2)]}, now=3.0)  # 2 back in service
+    p.sync({"default/web": [front(1)]}, now=4.0)  # 2 drains again, until 14
+    assert p.next_drain_end() == 12.0
+    assert p.sync({}, now=12.0).be_del == [3]
+    assert p.sync({}, now=13.0).be_del == [] and p.next_drain_end() == 14.0
+    assert p.sync({}, now=14.0).be_del == [2]
+
+
 def test_adopted_unused_backends_drain_too():
     q = Programmed(drain_period=10.0)
     q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
