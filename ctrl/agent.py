@@ -23,7 +23,7 @@ from .apply import Writer, read_contents
 from .diff import ChangeSet, Programmed
 from .gcpause import paused_gc
 from .libbpf import BPFError
-from .plan import no_local_endpoints, plan_service
+from .plan import ServicePlanner, no_local_endpoints
 from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
@@ -46,6 +46,9 @@ class Agent:
         self.source = source
         self.state = state
         self.programmed = programmed
+        # Remembers each Service's last plan: a change to one of its slices
+        # is planned (and diffed) in time proportional to the slice.
+        self.planner = ServicePlanner()
         self.writer = writer
         self.refresh_interfaces = refresh_interfaces
         self.min_sync_period = min_sync_period
@@ -91,9 +94,10 @@ class Agent:
         desired = {}
         for owner in sorted(owners):
             node = self.state.node
-            fronts, notes = plan_service(
+            fronts, notes = self.planner.plan(
+                owner,
                 self.state.services.get(owner),
-                self.state.slices_of(owner),
+                self.state.slices.get(owner, {}),
                 self.state.node_name,
                 node.zone if node is not None else None,
             )

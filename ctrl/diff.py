@@ -39,6 +39,10 @@ class FrontendState:
     slots: list[int]  # backend id per slot
     flags: int = 0
     affinity_timeout: int = 0
+    # The plan number (Frontend.version) these slots hold, and each
+    # backend's slot: what a Frontend's added/removed delta applies to.
+    version: int = -1
+    slot_of: dict[int, int] | None = None
 
 
 @dataclass
@@ -236,15 +240,25 @@ class Programmed:
         """When the next draining backend is due to go, if any."""
         return next(iter(self.draining.values())) if self.draining else None
 
+    def _delta_applies(self, f: Frontend) -> bool:
+        """f's added/removed are relative to what this frontend holds."""
+        cur = self.frontends.get(f.key)
+        return f.added is not None and cur is not None and cur.version >= 0 and cur.version == f.base
+
     def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int]:
         """Entries this owner's change adds (services, slots, backends) at its peak."""
         new_fronts = sum(1 for f in fronts if f.key not in self.frontends)
-        new_backends = len({b for f in fronts for b in f.backends if b not in self.backend_ids})
+        new_be: set[Backend] = set()
         slot_growth = 0
         for f in fronts:
             cur = self.frontends.get(f.key)
-            slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
-        return new_fronts, slot_growth, new_backends
+            if self._delta_applies(f):
+                new_be.update(b for b in f.added if b not in self.backend_ids)  # type: ignore[union-attr]
+                slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
+            else:
+                new_be.update(b for b in f.backends if b not in self.backend_ids)
+                slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
+        return new_fronts, slot_growth, len(new_be)
 
     def _sync_owner(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> None:
         g_svc, g_slots, g_be = self._growth(owner, fronts)
@@ -299,6 +313,9 @@ class Programmed:
 
     def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
         cur = self.frontends.get(f.key)
+        if self._delta_applies(f) and cur is not None and cur.owner == owner:
+            self._sync_frontend_delta(owner, f, cur, cs)
+            return
         wanted = self._backend_ids(f.backends, cs)
         if cur is None:
             cur = FrontendState(self.next_svc_id, owner, "", [], -1, -1)
@@ -330,9 +347,18 @@ class Programmed:
             self.refs[b] -= 1
             self._unused.add(b)
         cur.slots = new
-        if len(new) != len(old) or cur.flags != f.flags or cur.affinity_timeout != f.affinity_timeout:
+        cur.version = f.version
+        # Only a plan that may be followed by a delta needs the index.
+        cur.slot_of = dict(zip(new, range(len(new)), strict=True)) if f.version >= 0 else None
+        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+
+    def _finish_frontend(
+        self, owner: str, f: Frontend, cur: FrontendState, n_old: int, changed: bool, cs: ChangeSet
+    ) -> None:
+        n = len(cur.slots)
+        if n != n_old or cur.flags != f.flags or cur.affinity_timeout != f.affinity_timeout:
             cur.flags, cur.affinity_timeout = f.flags, f.affinity_timeout
-            cs.svc_upd.append((f.key, (cur.svc_id, len(new), f.flags, f.affinity_timeout)))
+            cs.svc_upd.append((f.key, (cur.svc_id, n, f.flags, f.affinity_timeout)))
             changed = True
         if cur.name != f.name:
             cur.name = f.name
@@ -340,6 +366,59 @@ class Programmed:
             changed = True
         if changed:
             cs.services.add(owner)
+
+    def _sync_frontend_delta(self, owner: str, f: Frontend, cur: FrontendState, cs: ChangeSet) -> None:
+        """assign_slots' result, from the added and removed backends only:
+        removed ones leave holes, added ones fill them (lowest first) or
+        are appended, and holes left over take the last slot."""
+        sid = cur.svc_id
+        slots: list[int | None] = cur.slots  # type: ignore[assignment]
+        slot_of = cur.slot_of
+        if slot_of is None:
+            slot_of = cur.slot_of = dict(zip(slots, range(len(slots)), strict=True))  # type: ignore[arg-type]
+        n_old = len(slots)
+        ids = self.backend_ids
+        rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
+        add = self._backend_ids(f.added, cs)  # type: ignore[arg-type]
+        holes = sorted(slot_of.pop(b) for b in rem)
+        upd: list[tuple[int, int, int]] = []
+        hi = 0
+        for b in add:
+            if hi < len(holes):
+                i = holes[hi]
+                hi += 1
+                slots[i] = b
+            else:
+                i = len(slots)
+                slots.append(b)
+            slot_of[b] = i
+            upd.append((sid, i, b))
+        left = holes[hi:]
+        for h in left:
+            slots[h] = None
+        for h in left:
+            while slots and slots[-1] is None:
+                slots.pop()
+            if h >= len(slots):
+                break
+            moved = slots.pop()
+            slots[h] = moved
+            slot_of[moved] = h  # type: ignore[index]
+            upd.append((sid, h, moved))  # type: ignore[arg-type]
+        while slots and slots[-1] is None:
+            slots.pop()
+        cs.slot_upd.extend(upd)
+        cs.slot_del.extend((sid, i) for i in range(len(slots), n_old))
+        self.slot_count += len(slots) - n_old
+        for b in add:
+            self.refs[b] += 1
+            self._undrain(b, cs)
+        for b in rem:
+            cs.removed.append((f.key, self.backends[b]))
+            self.refs[b] -= 1
+            self._unused.add(b)
+        cur.version = f.version
+        self._finish_frontend(owner, f, cur, n_old, bool(upd) or len(slots) < n_old, cs)
 
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
         st = self.frontends.pop(key)

@@ -1,0 +1,138 @@
+"""ServicePlanner and the diff's delta path give exactly what planning and
+diffing from scratch give, on random sequences of slice changes: endpoints
+appearing, leaving, turning not ready or terminating, moving between slices,
+topology hints coming and going, under every traffic policy."""
+
+import random
+
+import pytest
+
+from ctrl.diff import Programmed
+from ctrl.objects import parse
+from ctrl.plan import Frontend, ServicePlanner, plan_service
+
+from .helpers import endpoint_slice, service
+
+NODES = ["node-a", "node-b", "node-c"]
+ZONES = ["zone-1", "zone-2"]
+
+
+def rand_endpoint(rnd, ip):
+    ready = rnd.random() < 0.8
+    term = rnd.random() < 0.2
+    ep = {
+        "addresses": [ip],
+        "conditions": {"ready": ready and not term, "serving": ready or rnd.random() < 0.5, "terminating": term},
+        "nodeName": rnd.choice(NODES),
+        "zone": rnd.choice(ZONES),
+    }
+    if rnd.random() < 0.3:
+        ep["hints"] = {"forZones": [{"name": rnd.choice(ZONES)}]}
+    if rnd.random() < 0.1:
+        ep.setdefault("hints", {})["forNodes"] = [{"name": rnd.choice(NODES)}]
+    return ep
+
+
+def rand_slice(rnd, name, pool):
+    n = rnd.randrange(0, 8)
+    ips = rnd.sample(pool, n)
+    return parse(endpoint_slice(name, endpoints=[rand_endpoint(rnd, ip) for ip in ips]))
+
+
+def strip(fronts):
+    """The same frontends without their delta: the diff's full path."""
+    return [
+        Frontend(f.addr, f.port, f.proto, f.scope, f.name, f.backends, f.flags, f.affinity_timeout, version=f.version)
+        for f in fronts
+    ]
+
+
+def cs_view(cs):
+    return (
+        sorted(cs.be_upd),
+        sorted(cs.slot_upd),
+        sorted(cs.svc_upd),
+        sorted(cs.slot_del),
+        sorted(cs.be_del),
+        sorted(cs.removed),
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize(
+    "policy",
+    [{}, {"internalTrafficPolicy": "Local"}, {"type": "NodePort", "externalTrafficPolicy": "Local"}],
+    ids=["cluster", "internal-local", "nodeport-external-local"],
+)
+def test_incremental_equals_from_scratch(seed, policy):
+    rnd = random.Random(seed)
+    # A small pool: endpoints often in two slices at once (moving between
+    # them), which the planner re-plans in full; a large one: the delta path.
+    pool = [f"198.18.{k // 200}.{k % 200 + 1}" for k in range(60 if seed % 4 == 0 else 4000)]
+    svc = parse(service(**policy))
+    names = [f"web-{c}" for c in "abcde"]
+    slices = {}
+    planner = ServicePlanner()
+    delta, full = Programmed(), Programmed()
+    node, zone = "node-a", rnd.choice(ZONES)
+    for step in range(30):
+        # Change one to three slices (or delete one), as watch events do.
+        for name in rnd.sample(names, rnd.randrange(1, 4)):
+            if name in slices and rnd.random() < 0.15:
+                del slices[name]
+            else:
+                slices[name] = rand_slice(rnd, name, pool)
+        got, _ = planner.plan("default/web", svc, dict(slices), node, zone)
+        want, _ = plan_service(svc, list(slices.values()), node, zone)
+        assert [(f.key, set(f.backends)) for f in got] == [(f.key, set(f.backends)) for f in want], step
+        cs_d = delta.sync({"default/web": got})
+        cs_f = full.sync({"default/web": strip(got)})
+        assert cs_view(cs_d) == cs_view(cs_f), step
+        for key, st in full.frontends.items():
+            assert delta.frontends[key].slots == st.slots, step
+            assert delta.frontends[key].slot_of == dict(zip(st.slots, range(len(st.slots)), strict=True))
+        assert delta.backends == full.backends and delta.slot_count == full.slot_count
+
+
+def test_one_slice_change_is_a_delta_of_that_slice():
+    planner = ServicePlanner()
+    svc = parse(service())
+    slices = {
+        f"web-{s:03d}": parse(
+            endpoint_slice(f"web-{s:03d}", endpoints=[{"addresses": [f"198.18.{s}.{k + 1}"]} for k in range(100)])
+        )
+        for s in range(20)
+    }
+    prog = Programmed()
+    fronts, _ = planner.plan("default/web", svc, dict(slices), "node-a")
+    prog.sync({"default/web": fronts})
+    slices["web-007"] = parse(
+        endpoint_slice("web-007", endpoints=[{"addresses": [f"198.18.100.{k + 1}"]} for k in range(100)])
+    )
+    fronts, _ = planner.plan("default/web", svc, dict(slices), "node-a")
+    (f,) = fronts
+    assert len(f.added) == len(f.removed) == 100 and len(f.backends) == 2000
+    cs = prog.sync({"default/web": fronts})
+    s = cs.summary()
+    assert s["slots_set"] == 100 and s["slots_deleted"] == 0 and s["backends_added"] == 100
+
+
+def test_a_rejected_change_is_retried_in_full():
+    from ctrl.sizes import MapSizes
+
+    planner = ServicePlanner()
+    svc = parse(service())
+    sl = {"web-a": parse(endpoint_slice("web-a", endpoints=[{"addresses": ["198.18.0.1"]}]))}
+    prog = Programmed(MapSizes(services=4, backends=2, slots=4, conntrack=4))
+    prog.sync({"default/web": planner.plan("default/web", svc, dict(sl))[0]})
+    two = [{"addresses": ["198.18.0.2"]}, {"addresses": ["198.18.0.3"]}]
+    sl["web-b"] = parse(endpoint_slice("web-b", endpoints=two))
+    cs = prog.sync({"default/web": planner.plan("default/web", svc, dict(sl))[0]})
+    assert cs.rejected  # 3 backends do not fit in 2
+    del sl["web-b"]
+    sl["web-c"] = parse(endpoint_slice("web-c", endpoints=[{"addresses": ["198.18.0.4"]}]))
+    fronts, _ = planner.plan("default/web", svc, dict(sl))
+    cs = prog.sync({"default/web": fronts})
+    assert not cs.rejected
+    (st,) = prog.frontends.values()
+    assert {prog.backends[b][0][-1] for b in st.slots} == {1, 4}
