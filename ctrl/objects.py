@@ -364,6 +364,8 @@ def parse_slice(raw: dict) -> EndpointSlice:
                 serving = _flag(cond, "serving", True, f"{what}: endpoints[{i}]")
                 terminating = _flag(cond, "terminating", False, f"{what}: endpoints[{i}]")
             hints = ep.get("hints")
+            if hints is not None and not isinstance(hints, dict):
+                raise ObjectError(f"{what}: endpoints[{i}].hints: not a mapping")
             endpoints.append(
                 Endpoint(
                     ip,

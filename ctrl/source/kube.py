@@ -12,14 +12,15 @@ the last resourceVersion it saw.
 agent prunes nothing before that, so a restart or a reconnect never drops
 traffic.
 
-Responses are parsed with orjson and ctrl.objects.parse, never with the
-kubernetes client's model classes (seconds on 100,000 endpoints). The
-client package is used only to read a kubeconfig or the in-cluster config.
+Responses are decoded with msgspec: EndpointSlice list pages straight
+into ctrl.objects (ctrl.slicejson), everything else into dicts for
+ctrl.objects.parse; never with the kubernetes client's model classes
+(seconds on 100,000 endpoints). The client package is used only to read a
+kubeconfig or the in-cluster config.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -31,15 +32,12 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import urllib3
 
-try:  # a list of 100,000 endpoints is tens of MB of JSON: decode it in C, fast
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without
-    _loads = json.loads
-
 from ..gcpause import paused_gc
-from ..objects import ObjectError, describe, parse
+from ..objects import EndpointSlice, Node, ObjectError, Service, describe, parse
+from ..slicejson import decode_change, decode_page
 from ..state import Event
 
 log = logging.getLogger("sliceproxy.source.kube")
@@ -146,6 +144,10 @@ class Client:
         return self.server + path + ("?" + urllib.parse.urlencode(q) if q else "")
 
     def get_json(self, path: str, timeout: float = 60, **params: Any) -> dict:
+        return _loads(self.get_bytes(path, timeout, **params))
+
+    def get_bytes(self, path: str, timeout: float = 60, **params: Any) -> bytes:
+        """The body of a GET that answered 200; APIError otherwise."""
         r = self.pool.request(
             "GET",
             self.url(path, **params),
@@ -156,10 +158,10 @@ class Client:
         body = r.data
         if r.status != 200:
             raise APIError(r.status, _status_message(body))
-        return _loads(body)
+        return body
 
     def stream(self, path: str, read_timeout: float, **params):
-        """Yield one decoded JSON object per line of a watch response."""
+        """Yield each line of a watch response (one JSON event each)."""
         r = self.pool.request(
             "GET",
             self.url(path, **params),
@@ -180,9 +182,17 @@ class Client:
                         break
                     line, buf = buf[:nl], buf[nl + 1 :]
                     if line.strip():
-                        yield _loads(line)
+                        yield line
         finally:
             r.release_conn()
+
+
+def _loads(body: bytes) -> Any:
+    """JSON to dicts and lists (msgspec: C, faster than the stdlib's)."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"invalid JSON from the API server: {e}") from None
 
 
 def _status_message(body: bytes) -> str:
@@ -270,7 +280,14 @@ class KubeSource:
             return self._list_paused(res, known)
 
     def _list_paused(self, res: Resource, known: dict[str, object]) -> str:
-        items: list[dict] = []
+        seen: dict[str, object] = {}
+        events = []
+
+        def take(obj: Service | EndpointSlice | Node) -> None:
+            key = _key(res.kind, obj)
+            seen[key] = obj
+            events.append(Event("upsert", res.kind, key, obj))
+
         cont = None
         while True:
             params: dict[str, Any] = {
@@ -279,26 +296,32 @@ class KubeSource:
                 "fieldSelector": res.field_selector,
                 "continue": cont,
             }
-            body = self.client.get_json(res.path, **params)
-            items.extend(body.get("items") or [])
-            cont = (body.get("metadata") or {}).get("continue")
+            body = self.client.get_bytes(res.path, **params)
+            # Each page is parsed before the next is fetched: its JSON is
+            # garbage by then (27 MB for 100,000 endpoints).
+            page = decode_page(body) if res.kind == "EndpointSlice" else None
+            if page is not None:
+                for obj in page.items:
+                    take(obj)
+                cont, rv = page.continue_, page.resource_version
+            else:
+                doc = _loads(body)
+                for raw in doc.get("items") or []:
+                    raw.setdefault("kind", res.kind)  # list items carry no kind
+                    obj = self._parse(raw)
+                    if obj is not None:
+                        take(obj)
+                        continue
+                    # Unusable now: keep the last good version, if any.
+                    key = _raw_key(res.kind, raw)
+                    if key in known:
+                        seen[key] = known[key]
+                meta = doc.get("metadata") or {}
+                cont, rv = meta.get("continue"), meta.get("resourceVersion")
             if not cont:
-                rv = body["metadata"]["resourceVersion"]
+                if not rv:
+                    raise ValueError(f"{res.kind} list response without metadata.resourceVersion")
                 break
-        seen: dict[str, object] = {}
-        events = []
-        for raw in items:
-            raw.setdefault("kind", res.kind)  # list items carry no kind
-            obj = self._parse(raw)
-            if obj is None:
-                # Unusable now: keep the last good version, if any.
-                key = _raw_key(res.kind, raw)
-                if key in known:
-                    seen[key] = known[key]
-                continue
-            key = _key(res.kind, obj)
-            seen[key] = obj
-            events.append(Event("upsert", res.kind, key, obj))
         for key in known.keys() - seen.keys():
             events.append(Event("delete", res.kind, key))
         known.clear()
@@ -318,9 +341,18 @@ class KubeSource:
             labelSelector=res.label_selector,
             fieldSelector=res.field_selector,
         )
-        for ev in stream:
+        fast = res.kind == "EndpointSlice"
+        for line in stream:
             if self._stop.is_set():
                 break
+            change = decode_change(line) if fast else None
+            if change is not None:  # a clean slice added or modified
+                key = _key(res.kind, change.slice)
+                known[key] = change.slice
+                self.events.put([Event("upsert", res.kind, key, change.slice)])
+                rv = change.resource_version or rv
+                continue
+            ev = _loads(line)
             typ = ev.get("type")
             raw = ev.get("object") or {}
             if typ == "ERROR":

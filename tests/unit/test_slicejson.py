@@ -1,0 +1,332 @@
+"""ctrl.slicejson gives exactly ctrl.objects.parse's slices, or declines.
+
+Generated list pages: every clean one must decode to the same objects as
+the exact parser; every page with one unclean item must be declined (None),
+so the caller's exact path names the object and field."""
+
+import copy
+import json
+import logging
+import random
+
+import pytest
+
+from ctrl.objects import ObjectError, parse
+from ctrl.slicejson import decode_change, decode_page
+from ctrl.source.kube import KubeSource, Resource
+
+NODES = ["node-a", "node-b", None]
+ZONES = ["zone-1", "zone-2", None]
+
+
+def rand_endpoint(rnd: random.Random, family: str, k: int) -> dict:
+    ip = f"198.18.{k // 250}.{k % 250 + 1}" if family == "IPv4" else f"2001:db8::{k:x}"
+    ep: dict = {"addresses": [ip] + (["198.19.0.1"] if rnd.random() < 0.1 else [])}
+    r = rnd.random()
+    if r < 0.6:
+        ep["conditions"] = {
+            key: rnd.choice([True, False, None])
+            for key in ("ready", "serving", "terminating")
+            if rnd.random() < 0.7  # a key left out means its default
+        }
+    elif r < 0.7:
+        ep["conditions"] = None
+    for key, pool in (("nodeName", NODES), ("zone", ZONES)):
+        v = rnd.choice(pool)
+        if v is not None or rnd.random() < 0.5:
+            ep[key] = v
+    if rnd.random() < 0.4:
+        hints: dict = {}
+        if rnd.random() < 0.7:
+            hints["forZones"] = [{"name": rnd.choice(["zone-1", "zone-2", ""])} for _ in range(rnd.randrange(0, 3))]
+        if rnd.random() < 0.4:
+            hints["forNodes"] = [{"name": rnd.choice(["node-a", "node-b"])} for _ in range(rnd.randrange(0, 2))]
+        ep["hints"] = hints if rnd.random() < 0.9 else None
+    if rnd.random() < 0.5:  # fields a proxy does not read
+        ep["targetRef"] = {"kind": "Pod", "namespace": "default", "name": f"web-{k}", "uid": "u"}
+        ep["deprecatedTopology"] = {"kubernetes.io/hostname": "node-a"}
+    return ep
+
+
+def rand_slice(rnd: random.Random, n: int) -> dict:
+    family = rnd.choice(["IPv4", "IPv4", "IPv6", "FQDN"])
+    meta: dict = {"name": f"web-{n:04d}", "resourceVersion": str(100 + n), "uid": f"uid-{n}"}
+    if rnd.random() < 0.9:
+        meta["namespace"] = rnd.choice(["default", "shop", ""])
+    if rnd.random() < 0.9:
+        meta["labels"] = {"kubernetes.io/service-name": "web", "app": "web"} if rnd.random() < 0.9 else {}
+    if rnd.random() < 0.5:
+        meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "2026-01-01T00:00:00Z"}
+    meta["managedFields"] = [{"manager": "kube-controller-manager", "fieldsV1": {"f:endpoints": {}}}]
+    ports = []
+    for i in range(rnd.randrange(0, 3)):
+        p: dict = {"port": rnd.randrange(1, 65536)}
+        if rnd.random() < 0.8:
+            p["name"] = f"p{i}"
+        if rnd.random() < 0.8:
+            p["protocol"] = rnd.choice(["TCP", "UDP", "SCTP"])
+        ports.append(p)
+    raw: dict = {"metadata": meta, "addressType": family}
+    if ports or rnd.random() < 0.5:
+        raw["ports"] = ports if ports or rnd.random() < 0.5 else None
+    eps = [rand_endpoint(rnd, "IPv4" if family == "FQDN" else family, k) for k in range(rnd.randrange(0, 12))]
+    if family == "FQDN":
+        for e in eps:
+            e["addresses"] = ["web.example.test"]
+    if eps or rnd.random() < 0.5:
+        raw["endpoints"] = eps if eps or rnd.random() < 0.5 else None
+    return raw
+
+
+def page(items: list[dict], cont: str | None = None, rv: str = "999") -> bytes:
+    meta: dict = {"resourceVersion": rv}
+    if cont:
+        meta["continue"] = cont
+    return json.dumps(
+        {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1", "metadata": meta, "items": items}
+    ).encode()
+
+
+def exact(raw: dict):
+    return parse(dict(copy.deepcopy(raw), kind="EndpointSlice"))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_clean_pages_decode_to_what_parse_gives(seed):
+    rnd = random.Random(seed)
+    items = [rand_slice(rnd, n) for n in range(rnd.randrange(1, 25))]
+    want = [exact(raw) for raw in items]
+    assert all(not s.problems for s in want)  # the generator makes clean slices only
+    got = decode_page(page(items, cont="next-page", rv="4242"))
+    assert got is not None
+    assert got.items == want
+    # Compared field by field too: EndpointSlice's equality skips trigger_time.
+    assert [s.trigger_time for s in got.items] == [s.trigger_time for s in want]
+    assert (got.continue_, got.resource_version) == ("next-page", "4242")
+
+
+def _set(path, value):
+    def mutate(raw):
+        node = raw
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+
+    return mutate
+
+
+def _del(path):
+    def mutate(raw):
+        node = raw
+        for k in path[:-1]:
+            node = node[k]
+        del node[path[-1]]
+
+    return mutate
+
+
+# Each leaves a slice parse() rejects or reports a problem for: the page is
+# declined, so that the exact path names the object and the field.
+REPORTED = {
+    "ready is not a boolean": _set(["endpoints", 0, "conditions", "ready"], "yes"),
+    "terminating is a number": _set(["endpoints", 0, "conditions", "terminating"], 1),
+    "conditions not a mapping": _set(["endpoints", 0, "conditions"], [True]),
+    "addresses empty": _set(["endpoints", 0, "addresses"], []),
+    "addresses missing": _del(["endpoints", 0, "addresses"]),
+    "address not an IPv4 address": _set(["endpoints", 0, "addresses"], ["198.18.0.300"]),
+    "IPv6 address in an IPv4 slice": _set(["endpoints", 0, "addresses"], ["2001:db8::1"]),
+    "endpoint not a mapping": _set(["endpoints", 0], "198.18.0.1"),
+    "endpoints not a list": _set(["endpoints"], {"addresses": ["198.18.0.1"]}),
+    "hints not a mapping": _set(["endpoints", 0, "hints"], ["zone-1"]),
+    "port 0": _set(["ports", 0, "port"], 0),
+    "port 65536": _set(["ports", 0, "port"], 65536),
+    "port is a boolean": _set(["ports", 0, "port"], True),
+    "port missing": _del(["ports", 0, "port"]),
+    "protocol unknown": _set(["ports", 0, "protocol"], "ICMP"),
+    "addressType unknown": _set(["addressType"], "IPX"),
+    "addressType missing": _del(["addressType"]),
+    "name missing": _del(["metadata", "name"]),
+    "name empty": _set(["metadata", "name"], ""),
+    "namespace not a string": _set(["metadata", "namespace"], 5),
+    "metadata not a mapping": _set(["metadata"], "web"),
+}
+# parse() takes these as they are; the typed decoder does not (its types
+# are the API's), and declining is always safe.
+TYPED_ONLY = {
+    "hint name not a string": _set(["endpoints", 0, "hints"], {"forZones": [{"name": 7}]}),
+    "nodeName not a string": _set(["endpoints", 0, "nodeName"], 3),
+    "label value not a string": _set(["metadata", "labels", "app"], 5),
+}
+
+GOOD = {
+    "metadata": {"name": "web-a", "namespace": "default", "labels": {"kubernetes.io/service-name": "web", "app": "x"}},
+    "addressType": "IPv4",
+    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    "endpoints": [{"addresses": ["198.18.0.1"], "conditions": {"ready": True}, "nodeName": "node-a"}],
+}
+
+
+def unclean(mutate) -> dict:
+    bad = copy.deepcopy(GOOD)
+    bad["metadata"]["name"] = "web-b"
+    mutate(bad)
+    return bad
+
+
+@pytest.mark.parametrize("case", sorted(REPORTED) + sorted(TYPED_ONLY))
+def test_a_page_with_one_unclean_item_is_declined(case):
+    bad = unclean({**REPORTED, **TYPED_ONLY}[case])
+    assert decode_page(page([GOOD, GOOD])) is not None  # clean without it
+    assert decode_page(page([GOOD, bad])) is None
+
+
+@pytest.mark.parametrize("case", sorted(REPORTED))
+def test_what_is_declined_the_exact_path_reports(case):
+    bad = unclean(REPORTED[case])
+    try:
+        obj = exact(bad)
+    except ObjectError:
+        return
+    assert obj.problems
+
+
+def test_not_a_list_is_declined():
+    assert decode_page(b'{"items": {"a": 1}}') is None
+    assert decode_page(b"[1, 2]") is None
+    assert decode_page(b"{not json") is None
+
+
+class PagedBytes:
+    """Serves recorded list pages by their continue token, as the API server
+    would (the paging and fallback logic is ours; the server is not in play)."""
+
+    def __init__(self, pages: list[bytes]):
+        self.pages = pages
+        self.asked: list[str | None] = []
+
+    def get_bytes(self, path, timeout=60, **params):
+        cont = params.get("continue")
+        self.asked.append(cont)
+        return self.pages[int(cont or 0)]
+
+
+def test_list_takes_the_exact_path_for_an_unclean_page_only(caplog):
+    def sl(name, ip, **cond):
+        return {
+            "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [ip], "conditions": cond}],
+        }
+
+    bad = sl("web-c", "198.18.0.3", ready="maybe")
+    client = PagedBytes(
+        [
+            page([sl("web-a", "198.18.0.1")], cont="1"),
+            page([sl("web-b", "198.18.0.2"), bad], cont="2"),
+            page([sl("web-d", "198.18.0.4", ready=False)], rv="77"),
+        ]
+    )
+    src = KubeSource(client, "node-a")  # type: ignore[arg-type]
+    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
+    known: dict = {}
+    with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
+        rv = src._list(res, known)
+    assert rv == "77" and client.asked == [None, "1", "2"]
+    assert sorted(known) == ["default/web-a", "default/web-b", "default/web-c", "default/web-d"]
+    # The unclean slice keeps its good endpoints' siblings out and is named.
+    assert known["default/web-c"].endpoints == ()
+    assert "default/web EndpointSlice web-c: endpoints[0].conditions.ready" in caplog.text
+    assert known["default/web-d"].endpoints[0].ready is False
+    assert known == {
+        k: exact(raw)
+        for k, raw in [
+            ("default/web-a", sl("web-a", "198.18.0.1")),
+            ("default/web-b", sl("web-b", "198.18.0.2")),
+            ("default/web-c", bad),
+            ("default/web-d", sl("web-d", "198.18.0.4", ready=False)),
+        ]
+    }
+
+
+def watch_line(typ: str, obj: dict) -> bytes:
+    return json.dumps({"type": typ, "object": obj}).encode()
+
+
+def test_clean_added_and_modified_lines_decode_to_what_parse_gives():
+    rnd = random.Random(7)
+    for n in range(40):
+        raw = rand_slice(rnd, n)
+        typ = "ADDED" if n % 2 else "MODIFIED"
+        ch = decode_change(watch_line(typ, raw))
+        assert ch is not None and ch.type == typ
+        assert ch.slice == exact(raw) and ch.slice.trigger_time == exact(raw).trigger_time
+        assert ch.resource_version == raw["metadata"]["resourceVersion"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        watch_line("DELETED", GOOD),
+        watch_line("BOOKMARK", {"kind": "EndpointSlice", "metadata": {"resourceVersion": "12"}}),
+        watch_line("ERROR", {"kind": "Status", "code": 410, "message": "too old resource version"}),
+        watch_line("ADDED", unclean(REPORTED["ready is not a boolean"])),
+        watch_line("ADDED", unclean(TYPED_ONLY["nodeName not a string"])),
+        b'{"type": "ADDED"}',
+        b"[]",
+    ],
+    ids=["deleted", "bookmark", "error", "unclean", "typed-only", "no-object", "not-an-event"],
+)
+def test_other_lines_are_left_to_the_exact_path(line):
+    assert decode_change(line) is None
+
+
+class WatchLines(PagedBytes):
+    def __init__(self, lines: list[bytes]):
+        super().__init__([])
+        self.lines = lines
+
+    def stream(self, path, read_timeout, **params):
+        yield from self.lines
+
+
+def test_watch_mixes_both_paths_in_order(caplog):
+    def sl(name, ip, rv, **cond):
+        return {
+            "metadata": {
+                "name": name,
+                "namespace": "default",
+                "resourceVersion": rv,
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [ip], "conditions": cond}],
+        }
+
+    client = WatchLines(
+        [
+            watch_line("ADDED", sl("web-a", "198.18.0.1", "11")),
+            watch_line("ADDED", sl("web-b", "198.18.0.2", "12", ready="maybe")),
+            watch_line("BOOKMARK", {"kind": "EndpointSlice", "metadata": {"resourceVersion": "13"}}),
+            watch_line("MODIFIED", sl("web-a", "198.18.0.3", "14", ready=False)),
+            watch_line("DELETED", sl("web-b", "198.18.0.2", "15")),
+        ]
+    )
+    src = KubeSource(client, "node-a")  # type: ignore[arg-type]
+    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
+    known: dict = {}
+    with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
+        rv = src._watch(res, known, "10")
+    assert rv == "15"
+    events = []
+    while not src.events.empty():
+        events += [(e.op, e.key) for e in src.events.get_nowait()]
+    assert events == [
+        ("upsert", "default/web-a"),
+        ("upsert", "default/web-b"),
+        ("upsert", "default/web-a"),
+        ("delete", "default/web-b"),
+    ]
+    assert known == {"default/web-a": exact(sl("web-a", "198.18.0.3", "14", ready=False))}
+    assert "web-b: endpoints[0].conditions.ready" in caplog.text
