@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import filterfalse, repeat
 
 from .plan import Backend, Frontend
 from .sizes import MapSizes
@@ -51,6 +52,8 @@ class ChangeSet:
     backends and slots exist before a count points at them, and a count is
     lowered before the slots above it go."""
 
+    # Draining backends removed early to make room (written first).
+    be_evict: list[int] = field(default_factory=list)
     be_upd: list[tuple[int, Backend]] = field(default_factory=list)
     # (id, backend, flags) of backends that start or stop draining.
     be_mark: list[tuple[int, Backend, int]] = field(default_factory=list)
@@ -69,7 +72,8 @@ class ChangeSet:
 
     def __len__(self) -> int:
         return (
-            len(self.be_upd)
+            len(self.be_evict)
+            + len(self.be_upd)
             + len(self.be_mark)
             + len(self.slot_upd)
             + len(self.svc_upd)
@@ -88,12 +92,14 @@ class ChangeSet:
             "slots_set": len(self.slot_upd),
             "slots_deleted": len(self.slot_del),
             "backends_added": len(self.be_upd),
-            "backends_deleted": len(self.be_del),
+            "backends_deleted": len(self.be_del) + len(self.be_evict),
         }
 
 
 def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
     """New slot list for `wanted` backend ids, moving as few as possible."""
+    if not current:  # a new frontend: wanted's order, duplicates once
+        return list(dict.fromkeys(wanted))
     want = set(wanted)
     slots: list[int | None] = []
     present: set[int] = set()
@@ -231,6 +237,38 @@ class Programmed:
                 break
         return cs
 
+    def _evict_draining(self, n: int, keep: list[Frontend], cs: ChangeSet) -> None:
+        """Make room for n backends by ending the drain of the oldest
+        draining ones early: the drain is a grace period for flows already
+        on them, a new Service's backends are not to be refused for it.
+        Their flows then count as new (the datapath finds no backend).
+        Backends the frontends in `keep` use are spared (they are about to
+        serve again); when that cannot make enough room, nothing is evicted."""
+        evicted: list[int] = []
+        wanted: set[Backend] | None = None
+        for bid in list(self.draining):
+            if len(evicted) >= n:
+                break
+            if self.refs.get(bid, 0) > 0:
+                continue  # in service again: undrained by this sync
+            if wanted is None:
+                wanted = {b for f in keep for b in (f.added if self._delta_applies(f) else f.backends) or ()}
+            if self.backends[bid] not in wanted:
+                evicted.append(bid)
+        if len(evicted) < n:
+            return  # would not be enough: the change is refused, the drains go on
+        for bid in evicted:
+            del self.draining[bid]
+            del self.backend_ids[self.backends.pop(bid)]
+            self.refs.pop(bid, None)
+        cs.be_evict.extend(evicted)
+        if evicted:
+            log.warning(
+                "backend map full: %d draining backends removed before their drain period ended "
+                "(raise --max-backends to keep draining through updates this large)",
+                len(evicted),
+            )
+
     def _undrain(self, bid: int, cs: ChangeSet) -> None:
         """A draining backend used again: back in service, same id."""
         if self.draining.pop(bid, None) is not None:
@@ -256,7 +294,7 @@ class Programmed:
                 new_be.update(b for b in f.added if b not in self.backend_ids)  # type: ignore[union-attr]
                 slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
             else:
-                new_be.update(b for b in f.backends if b not in self.backend_ids)
+                new_be.update(filterfalse(self.backend_ids.__contains__, f.backends))
                 slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
         return new_fronts, slot_growth, len(new_be)
 
@@ -271,6 +309,8 @@ class Programmed:
             full.append(f"the service map holds at most {cap.services} frontends (raise --max-services)")
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
+        if g_be and len(self.backends) + g_be > cap.backends:
+            self._evict_draining(len(self.backends) + g_be - cap.backends, fronts, cs)
         if g_be and len(self.backends) + g_be > cap.backends:
             full.append(
                 f"the backend map holds at most {cap.backends} backends, {g_be} more needed (raise --max-backends)"
@@ -291,6 +331,15 @@ class Programmed:
         ids = self.backend_ids
         get = ids.get
         out = [get(b) for b in bs]
+        if out and out.count(None) == len(out) and len(set(bs)) == len(bs):
+            # All new (a new Service, a first sync): allocate in bulk.
+            first = self.next_be_id
+            new = range(first, first + len(bs))
+            self.next_be_id += len(bs)
+            ids.update(zip(bs, new, strict=False))
+            self.backends.update(zip(new, bs, strict=False))
+            cs.be_upd.extend(zip(new, bs, strict=False))
+            return list(new)
         if None in out:
             for i, bid in enumerate(out):
                 if bid is None:
@@ -332,24 +381,30 @@ class Programmed:
         new = assign_slots(old, wanted)  # type: ignore[arg-type]
         sid = cur.svc_id
         n_old = len(old)
-        upd = [(sid, i, b) for i, b in enumerate(new) if i >= n_old or old[i] != b]
+        if n_old:
+            upd = [(sid, i, b) for i, b in enumerate(new) if i >= n_old or old[i] != b]
+        else:
+            upd = list(zip(repeat(sid), range(len(new)), new))
         cs.slot_upd.extend(upd)
         changed = bool(upd) or len(new) < n_old
         cs.slot_del.extend((sid, i) for i in range(len(new), n_old))
         self.slot_count += len(new) - len(old)
         old_set, new_set = set(old), set(new)
         old_set.discard(None)  # type: ignore[arg-type]
-        for b in new_set - old_set:
-            self.refs[b] += 1
-            self._undrain(b, cs)
+        refs = self.refs
+        added = new_set - old_set
+        for b in added:
+            refs[b] += 1
+        if self.draining:
+            for b in added:
+                self._undrain(b, cs)
         for b in old_set - new_set:
             cs.removed.append((f.key, self.backends[b]))
-            self.refs[b] -= 1
+            refs[b] -= 1
             self._unused.add(b)
         cur.slots = new
         cur.version = f.version
-        # Only a plan that may be followed by a delta needs the index.
-        cur.slot_of = dict(zip(new, range(len(new)), strict=True)) if f.version >= 0 else None
+        cur.slot_of = None  # built by the first delta that needs it
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
     def _finish_frontend(

@@ -4,6 +4,7 @@ import pytest
 
 from ctrl.apply import Codecs, encode
 from ctrl.diff import Programmed, assign_slots
+from ctrl.layout import map_name
 from ctrl.objects import addr16
 from ctrl.plan import Frontend
 from ctrl.sizes import MapSizes
@@ -213,3 +214,38 @@ def test_adopted_unused_backends_drain_too():
     q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
     cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"}, now=100.0)
     assert cs.be_del == [] and q.next_drain_end() == 110.0
+
+
+def web(*nums):
+    return {"default/web": [front(*nums)]}
+
+
+def shop(*nums):
+    return {"default/shop": [front(*nums, name="default/shop:http/TCP", vip=addr16("198.19.0.11"))]}
+
+
+def test_a_full_backend_map_ends_the_oldest_drains_instead_of_refusing_a_service():
+    p = Programmed(MapSizes(services=8, backends=4, slots=8, conntrack=8), drain_period=60.0)
+    p.sync(web(1, 2, 3), now=0.0)
+    p.sync(web(4), now=1.0)  # 1, 2, 3 drain until 61; the map holds 4
+    ids = {b: i for i, b in p.backends.items()}
+    cs = p.sync(shop(5, 6), now=2.0)
+    assert not cs.rejected
+    assert cs.be_evict == [ids[be(1)], ids[be(2)]]  # the oldest first, just enough
+    assert set(p.backends.values()) == {be(3), be(4), be(5), be(6)}
+    # Written before the new backends: the map never holds more than 4.
+    assert _order(cs)[:2] == [(map_name("sp_be"), "delete"), (map_name("sp_be"), "update")]
+    assert p.sync({}, now=61.0).be_del == [ids[be(3)]]  # the rest drains in full
+
+
+def test_eviction_spares_draining_backends_in_service_again_and_still_refuses_what_cannot_fit():
+    p = Programmed(MapSizes(services=8, backends=4, slots=8, conntrack=8), drain_period=60.0)
+    p.sync(web(1, 2), now=0.0)
+    p.sync(web(3), now=1.0)  # 1, 2 drain
+    one = {b: i for i, b in p.backends.items()}[be(1)]
+    cs = p.sync(shop(2, 4, 5, 6), now=2.0)  # 2 is back; 4, 5, 6 need room for 2, only 1 can be made
+    assert "raise --max-backends" in cs.rejected["default/shop"]
+    assert cs.be_evict == [] and be(1) in p.backends.values()  # refused: the drains go on
+    cs = p.sync(shop(2, 4, 5), now=3.0)  # fits once 1 goes
+    assert not cs.rejected and cs.be_evict == [one]
+    assert set(p.backends.values()) == {be(2), be(3), be(4), be(5)}
