@@ -28,6 +28,9 @@ from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
 
+# Net new objects in one sync above which the agent collects and freezes.
+FREEZE_AFTER = 50_000
+
 
 class Agent:
     def __init__(
@@ -117,9 +120,16 @@ class Agent:
         """Plan and write what changed; a full sync plans everything."""
         with paused_gc():
             cs = self._sync()
-        if self.syncs == 1:
-            # What the first full sync built lives as long as the agent: keep
-            # it out of every later collection.
+            # After the write: what a Service's next change will need.
+            self.planner.index_pending()
+            # Objects created since the last collection, net (the collector
+            # is paused, the count still runs).
+            grown = gc.get_count()[0]
+        if grown > FREEZE_AFTER:
+            # A full sync, or a big Service planned from scratch, built
+            # structures that live until its next full plan: collect once,
+            # then keep them out of every later collection (each would walk
+            # them all: milliseconds per change on 100,000 endpoints).
             gc.collect()
             gc.freeze()
         return cs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from array import array
 from dataclasses import dataclass
 from itertools import starmap
 from pathlib import Path
@@ -30,6 +31,7 @@ _PRIMITIVE_CODES = {
     "int32_t": "i",
     "int64_t": "q",
 }
+_U32 = array("I")  # native __u32 (4 bytes on every Linux target)
 
 
 def _package_root() -> Path:
@@ -97,6 +99,21 @@ class Codec:
         if self.perm is None:
             return b"".join(starmap(self.st.pack, rows))
         return b"".join(self.pack(*r) for r in rows)
+
+    def pack_columns(self, *cols) -> bytes:
+        """Many entries given as one sequence per field (in `fields` order).
+        A struct of __u32 fields only (slot keys and values, ids) is built
+        by interleaving arrays, in C; anything else packs row by row."""
+        if not self.st.format.strip("=I") and len(self.st.format) - 1 == len(cols) and _U32.itemsize == 4:
+            if self.perm is not None:
+                cols = tuple(c for _, c in sorted(zip(self.perm, cols, strict=True)))
+            if len(cols) == 1:
+                return array(_U32.typecode, cols[0]).tobytes()
+            out = array(_U32.typecode, bytes(4 * len(cols) * len(cols[0])))
+            for k, c in enumerate(cols):
+                out[k :: len(cols)] = array(_U32.typecode, c)
+            return out.tobytes()
+        return self.pack_rows(zip(*cols, strict=True))
 
 
 _loaded = False

@@ -133,8 +133,9 @@ def plan_service(
             # node's endpoints, and with none it is dropped (count 0).
             eps = cat.local if policy.internal_local else cat.cluster
             # Merge order (slices by name, endpoints in slice order) is
-            # deterministic; no sort needed on 100,000 backends.
-            backends = tuple(dict.fromkeys([(e.ep.addr, e.port, proto) for e in eps]))
+            # deterministic; no sort needed on 100,000 backends. merge keeps
+            # one endpoint per (address, port): no duplicates.
+            backends = tuple([(e.ep.addr, e.port, proto) for e in eps])
             out.append(
                 Frontend(
                     addr=a,
@@ -230,11 +231,11 @@ class _PortState:
         # tie rules need all copies; keep it simple and re-plan in full.
         self.duplicates = total != len(self.winner)
         cls = _endpoint_class
-        self.classes = Counter(cls(pe.ep, node_name, zone) for pe in self.winner.values())
-        self.selected_classes = self._selected_classes()
-        sel = self.selected_classes
+        of = [cls(pe.ep, node_name, zone) for pe in self.winner.values()]
+        self.classes = Counter(of)
+        self.selected_classes = sel = self._selected_classes()
         self.selected: dict[tuple[bytes, int], Backend] = {
-            k: (k[0], k[1], proto) for k, pe in self.winner.items() if cls(pe.ep, node_name, zone) in sel
+            k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel
         }
 
     def _selected_classes(self) -> frozenset:
@@ -309,7 +310,7 @@ class _Cached:
     slices: dict[str, EndpointSlice]
     fronts: list[Frontend]
     notes: list[str]
-    ports: dict[tuple, _PortState] | None = None  # built at the first change
+    ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
 
 
 class ServicePlanner:
@@ -319,9 +320,34 @@ class ServicePlanner:
     def __init__(self) -> None:
         self._cache: dict[str, _Cached] = {}
         self._versions = itertools.count(1)
+        self._unindexed: set[str] = set()
 
     def forget(self, owner: str) -> None:
         self._cache.pop(owner, None)
+        self._unindexed.discard(owner)
+
+    def index_pending(self) -> int:
+        """Build the per-port state of the Services planned in full since
+        the last call, which their next change needs (about as long as
+        planning them). Called after a sync's maps are written, so a full
+        sync programs the kernel first. Returns how many were built."""
+        n = 0
+        for owner in sorted(self._unindexed):
+            c = self._cache.get(owner)
+            if c is not None and c.ports is None:
+                self._index(c)
+                n += 1
+        self._unindexed.clear()
+        return n
+
+    def _index(self, c: _Cached) -> None:
+        svc = c.svc
+        node_name, zone = c.where
+        c.ports = {}
+        for f in c.fronts:
+            sp = next(p for p in svc.ports if p.port == f.port and PROTO_NUMBERS[p.protocol] == f.proto)
+            family = "IPv4" if is_v4(f.addr) else "IPv6"
+            c.ports[f.key] = _PortState(sp, family, f.proto, port_policy(svc, sp), node_name, zone, c.slices)
 
     def plan(
         self,
@@ -341,11 +367,8 @@ class ServicePlanner:
         old = {n: s for n, s in c.slices.items() if slices.get(n) is not s}
         new = {n: s for n, s in slices.items() if c.slices.get(n) is not s}
         if c.ports is None:
-            c.ports = {}
-            for f in c.fronts:
-                sp = next(p for p in svc.ports if p.port == f.port and PROTO_NUMBERS[p.protocol] == f.proto)
-                family = "IPv4" if is_v4(f.addr) else "IPv6"
-                c.ports[f.key] = _PortState(sp, family, f.proto, port_policy(svc, sp), node_name, zone, c.slices)
+            self._index(c)
+        assert c.ports is not None
         fronts = []
         for f in c.fronts:
             delta = c.ports[f.key].update(old, new) if (old or new) else ((), ())
@@ -389,4 +412,5 @@ class ServicePlanner:
             for f in fronts
         ]
         self._cache[owner] = _Cached(svc, (node_name, zone), dict(slices), fronts, notes)
+        self._unindexed.add(owner)
         return fronts, notes
