@@ -28,9 +28,6 @@ from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
 
-# Net new objects in one sync above which the agent collects and freezes.
-FREEZE_AFTER = 50_000
-
 
 class Agent:
     def __init__(
@@ -118,20 +115,24 @@ class Agent:
 
     def sync(self) -> ChangeSet | None:
         """Plan and write what changed; a full sync plans everything."""
+        full = self.need_full
         with paused_gc():
             cs = self._sync()
             # After the write: what a Service's next change will need.
             self.planner.index_pending()
-            # Objects created since the last collection, net (the collector
-            # is paused, the count still runs).
-            grown = gc.get_count()[0]
-        if grown > FREEZE_AFTER:
-            # A full sync, or a big Service planned from scratch, built
-            # structures that live until its next full plan: collect once,
-            # then keep them out of every later collection (each would walk
-            # them all: milliseconds per change on 100,000 endpoints).
+            self.programmed.index_pending()
+        # What a sync builds (plans, the diff's mirror, the planner's
+        # indexes) lives until a later sync replaces it. Frozen, the
+        # collector never walks it again: otherwise each collection between
+        # changes walks every young container, milliseconds at 100,000
+        # endpoints. Freezing is O(1); frozen objects are still freed by
+        # reference counting, only a reference cycle among them would wait.
+        # So a full sync (the first one, every --sync-period) unfreezes and
+        # collects everything once, after its write, then freezes again.
+        if full:
+            gc.unfreeze()
             gc.collect()
-            gc.freeze()
+        gc.freeze()
         return cs
 
     def _sync(self) -> ChangeSet | None:

@@ -152,6 +152,7 @@ class Programmed:
         self.orphan_names: list[int] = []
         self.slot_count = 0
         self._unused: set[int] = set()
+        self._unindexed: set[FKey] = set()
 
     # -- reading back what a previous agent left --------------------------
     def adopt(
@@ -236,6 +237,19 @@ class Programmed:
             else:
                 break
         return cs
+
+    def index_pending(self) -> int:
+        """Build the slot index (backend -> slot) of the frontends set in
+        full since the last call, which their next delta needs. Called
+        after a sync's write; returns how many were built."""
+        n = 0
+        for key in self._unindexed:
+            st = self.frontends.get(key)
+            if st is not None and st.slot_of is None and st.version >= 0:
+                st.slot_of = dict(zip(st.slots, range(len(st.slots)), strict=True))
+                n += 1
+        self._unindexed.clear()
+        return n
 
     def _evict_draining(self, n: int, keep: list[Frontend], cs: ChangeSet) -> None:
         """Make room for n backends by ending the drain of the oldest
@@ -404,7 +418,9 @@ class Programmed:
             self._unused.add(b)
         cur.slots = new
         cur.version = f.version
-        cur.slot_of = None  # built by the first delta that needs it
+        cur.slot_of = None  # built by index_pending or the first delta
+        if f.version >= 0:
+            self._unindexed.add(f.key)
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
     def _finish_frontend(
