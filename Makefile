@@ -48,7 +48,7 @@ test: all bpffs k8s lint
 
 # ruff (lint and format) and mypy on the control plane.
 lint: venv
-	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench scripts/bench.py scripts/bench
 	$(BIN)/ruff format --check ctrl
 	$(BIN)/mypy ctrl
 
@@ -68,7 +68,8 @@ demo: all bpffs
 	$(BIN)/python scripts/demo.py
 
 bench: all bpffs
-	$(BIN)/python scripts/bench.py
+	mkdir -p build
+	$(BIN)/python scripts/bench.py --json build/bench.json --markdown build/bench-table.md --plots docs/bench
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick

@@ -1,338 +1,272 @@
 #!/usr/bin/env python3
-"""`make bench`: how fast sliceproxy programs services, next to kube-proxy's
-iptables mode on the same machine in the same run.
+"""`make bench`: how fast sliceproxy programs Services, next to kube-proxy's
+iptables and nftables modes, on the same machine in the same run.
 
-Figures (ours):
-  full    one Service with N backends, from parsed EndpointSlice objects to
-          every entry in the kernel maps (plan + diff + encode + batch writes)
-  change  one Service's slice of 100 endpoints replaced, among N backends in
-          N/100 services (state update + plan + diff + writes); p50 and p99
-  packet  per-packet cost of the tc program for a service hit
-          (BPF_PROG_TEST_RUN), with 1 service and with many programmed
-Peer:
-  iptables-restore of the ruleset kube-proxy's iptables mode writes for the
-  same Service (KUBE-SERVICES, KUBE-SVC-*, KUBE-SEP-* with statistic
-  probabilities and masquerade marks), into a throwaway network namespace.
-  Generating the rules is not timed, so this is a lower bound of what
-  kube-proxy spends per sync.
+Scenarios (EndpointSlices packed as the EndpointSlice controller packs them,
+up to 100 endpoints a slice):
+  S1   1 Service x 100,000 endpoints (S1b: x 120,000)
+  S2   10,000 Services x 10 endpoints
+  S3   5,000 Services x 50 endpoints (250,000 endpoints)
 
-Prints a progress line per step, a table with peer/ours ratios at the end,
-and with --json the figures as JSON. Run as root.
+Ours, per scenario, in a subprocess of its own (scripts/bench/ours.py):
+full sync from the list JSON the API server would send to every map entry
+in the kernel; one slice replaced (p50, p99, and how that grows from a
+small cluster); a rolling update (every slice replaced, one by one); peak
+RSS and the maps' kernel memory; the tc program's cost per packet for a
+service hit (BPF_PROG_TEST_RUN) at 1 Service and at the scenario's size.
+
+Peers, same Services: kube-proxy's iptables ruleset restored with
+iptables-legacy-restore (and iptables-nft-restore where it finishes) into a
+throwaway namespace, full, after one slice change as a whole-table restore
+and as kube-proxy >= 1.28's partial restore; its nftables ruleset loaded
+with `nft -f`, full and incremental. The rules are generated before the
+clock starts: the peers' figures are lower bounds of kube-proxy's syncs,
+which also compute them.
+
+First-packet latency: new TCP connections between namespaces through the
+iptables and nftables rulesets and through our dataplane, at 10 and 10,000
+Services.
+
+Prints a progress line per step and a table at the end; --json, --markdown
+and --plots write the figures, docs/benchmarks.md's table and its PNG plots
+(the plots need matplotlib: the table is printed without it). Run as root.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import os
-import socket
-import statistics
-import subprocess
+import shutil
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ctrl import loader  # noqa: E402
-from ctrl.agent import paused_gc  # noqa: E402
-from ctrl.apply import Writer  # noqa: E402
-from ctrl.diff import Programmed  # noqa: E402
-from ctrl.objects import parse  # noqa: E402
-from ctrl.plan import plan_service  # noqa: E402
-from ctrl.sizes import MapSizes  # noqa: E402
-from ctrl.state import ClusterState, Event  # noqa: E402
 
+def _worker(argv: list[str]) -> int:
+    kind = argv[0]
+    if kind == "ours":
+        from bench import ours
 
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+        return ours.worker_main(argv[1:])
+    if kind == "attach":
+        from bench import latency
 
-
-def backend_ip(i: int) -> str:
-    # Backends from 198.18.0.0/15: 131,072 addresses, enough for the sizes here.
-    return socket.inet_ntoa((0xC6120000 + 256 + i).to_bytes(4, "big"))
-
-
-def vip(i: int) -> str:
-    return socket.inet_ntoa((0xC6130000 + 1 + i).to_bytes(4, "big"))
-
-
-def raw_service(name: str, ip: str) -> dict:
-    return {
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "bench"},
-        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
-    }
-
-
-def raw_slice(service: str, idx: int, ips: list[str]) -> dict:
-    # Packed the way the EndpointSlice controller packs them: up to 100 a slice.
-    return {
-        "kind": "EndpointSlice",
-        "metadata": {"name": f"{service}-{idx:05d}", "namespace": "bench", "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node-a"} for ip in ips],
-    }
-
-
-def capacity_for(n: int) -> tuple[MapSizes, MapSizes]:
-    size = max(65536, 1 << (n * 2 - 1).bit_length())
-    sizes = MapSizes(services=65536, backends=size, slots=size, conntrack=65536)
-    return sizes, sizes
-
-
-def bench_full(n: int, rounds: int) -> dict:
-    progress(f"full sync: 1 Service, {n} backends, {rounds} rounds")
-    svc = parse(raw_service("big", vip(0)))
-    ips = [backend_ip(i) for i in range(n)]
-    # What the API server sends for a list: one JSON document.
-    body = json.dumps(
-        {"kind": "EndpointSliceList", "items": [raw_slice("big", s, ips[s * 100 : (s + 1) * 100]) for s in range((n + 99) // 100)]}
-    ).encode()
-    t = time.perf_counter()
-    slices = []
-    for item in json.loads(body)["items"]:
-        slices.append(parse(item))
-    parse_s = time.perf_counter() - t
-    sizes, cap = capacity_for(n)
-    times, writes = [], []
-    for _ in range(rounds):
-        dp = loader.load(pin_dir=None, sizes=sizes)
-        w = Writer(dp.maps)
-        with paused_gc():  # as the agent's sync does
-            t0 = time.perf_counter()
-            fronts, _ = plan_service(svc, slices)
-            cs = Programmed(cap).sync({"bench/big": fronts})
-            write_s = w.apply(cs)
-            times.append(time.perf_counter() - t0)
-        writes.append(write_s)
-        assert len(dp.maps["sp_slot_v1"].items()) == n
-        dp.close()
-    return {"n": n, "parse_s": parse_s, "full_s": min(times), "full_median_s": statistics.median(times), "write_s": min(writes)}
-
-
-def bench_change(n: int, changes: int) -> dict:
-    nsvc = max(1, n // 100)
-    progress(f"one-slice change: {nsvc} Services x 100 backends, {changes} changes")
-    sizes, cap = capacity_for(n + 100 * changes)
-    dp = loader.load(pin_dir=None, sizes=sizes)
-    w = Writer(dp.maps)
-    st = ClusterState("node-a")
-    prog = Programmed(cap)
-    for s in range(nsvc):
-        st.apply(Event("upsert", "Service", f"bench/s{s}", parse(raw_service(f"s{s}", vip(s)))))
-        sl = parse(raw_slice(f"s{s}", 0, [backend_ip(s * 100 + i) for i in range(100)]))
-        st.apply(Event("upsert", "EndpointSlice", f"bench/{sl.name}", sl))
-    desired = {k: plan_service(st.services[k], st.slices_of(k))[0] for k in st.services}
-    w.apply(prog.sync(desired, prune_except=set(st.services)))
-    # Fresh addresses for the replacements, beyond the ones in use.
-    spare = iter(range(n, n + 100 * changes + 100))
-    lat = []
-    for c in range(changes):
-        s = (c * 7919) % nsvc
-        raw = raw_slice(f"s{s}", 0, [backend_ip(next(spare)) for _ in range(100)])
-        with paused_gc():
-            t0 = time.perf_counter()
-            sl = parse(raw)
-            dirty = st.apply(Event("upsert", "EndpointSlice", f"bench/{sl.name}", sl))
-            cs = prog.sync({k: plan_service(st.services[k], st.slices_of(k))[0] for k in dirty})
-            w.apply(cs)
-            lat.append(time.perf_counter() - t0)
-        assert cs.summary()["slots_set"] == 100
-    dp.close()
-    lat.sort()
-    return {
-        "n": n,
-        "services": nsvc,
-        "p50_s": lat[len(lat) // 2],
-        "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "max_s": lat[-1],
-    }
-
-
-def bench_packet(nsvc: int, repeat: int) -> dict:
-    """ns per packet for a service hit through a conntrack'd flow and a new one."""
-    from scapy.all import IP, TCP, Ether  # test dependency, present in the venv
-
-    progress(f"per-packet cost: {nsvc} Services programmed, repeat {repeat}")
-    sizes, cap = capacity_for(nsvc * 2)
-    dp = loader.load(pin_dir=None, sizes=sizes)
-    w = Writer(dp.maps)
-    prog = Programmed(cap)
-    desired = {}
-    for s in range(nsvc):
-        svc = parse(raw_service(f"s{s}", vip(s)))
-        sl = parse(raw_slice(f"s{s}", 0, [backend_ip(s), backend_ip(s + nsvc)]))
-        desired[svc.key] = plan_service(svc, [sl])[0]
-    w.apply(prog.sync(desired))
-    pkt = bytes(Ether() / IP(src="198.18.255.2", dst=vip(nsvc // 2)) / TCP(sport=40000, dport=80, flags="A"))
-    ret, _, _ = dp.test_run(pkt)  # creates the flow's conntrack entry
-    samples = [dp.test_run(pkt, repeat=repeat)[2] for _ in range(7)]
-    dp.close()
-    # The least disturbed run: the other core's noise only ever adds time.
-    return {"services": nsvc, "ns_per_packet": min(samples), "verdict": ret}
-
-
-def kube_chain(prefix: str, text: str) -> str:
-    # Chain names as kube-proxy makes them: a prefix and 16 base32 chars of
-    # a SHA-256 of the service port (or endpoint) identity.
-    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
-    return f"{prefix}{digest[:16]}"
-
-
-def iptables_ruleset(n: int) -> str:
-    """kube-proxy's iptables-mode nat table for one ClusterIP Service with n endpoints."""
-    name = "bench/big:http"
-    svc_chain = kube_chain("KUBE-SVC-", name + "tcp")
-    seps = [(backend_ip(i), kube_chain("KUBE-SEP-", name + "tcp" + backend_ip(i) + ":8080")) for i in range(n)]
-    out = ["*nat"]
-    for ch in ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", svc_chain):
-        out.append(f":{ch} - [0:0]")
-    out += [f":{ch} - [0:0]" for _, ch in seps]
-    out += [
-        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
-        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully',
-        f'-A KUBE-SERVICES -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {vip(0)}/32 --dport 80 -j {svc_chain}',
-        f'-A {svc_chain} -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {vip(0)}/32 --dport 80 '
-        f"! -s 198.18.0.0/15 -j KUBE-MARK-MASQ",
-    ]
-    for i, (ip, ch) in enumerate(seps):
-        left = n - i
-        if left > 1:
-            out.append(
-                f'-A {svc_chain} -m comment --comment "{name} -> {ip}:8080" -m statistic --mode random '
-                f"--probability {1.0 / left:.10f} -j {ch}"
-            )
-        else:
-            out.append(f'-A {svc_chain} -m comment --comment "{name} -> {ip}:8080" -j {ch}')
-    for ip, ch in seps:
-        out.append(f'-A {ch} -m comment --comment "{name}" -s {ip}/32 -j KUBE-MARK-MASQ')
-        out.append(f'-A {ch} -m comment --comment "{name}" -m tcp -p tcp -j DNAT --to-destination {ip}:8080')
-    out.append(
-        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule '
-        'in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS'
-    )
-    out.append("COMMIT")
-    return "\n".join(out) + "\n"
-
-
-def bench_iptables(tool: str, n: int, rounds: int, timeout: float) -> dict:
-    """Time `tool` restoring kube-proxy's ruleset for n endpoints: the first
-    load, then (rounds-1) full re-syncs of the same table, as kube-proxy does."""
-    version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip()
-    progress(f"peer: {version}, 1 Service, {n} endpoints, {rounds} rounds")
-    rules = iptables_ruleset(n)
-    ns = f"spbench{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    times: list[float] = []
-    timed_out = False
-    try:
-        with tempfile.NamedTemporaryFile("w", suffix=".rules", delete=False) as f:
-            f.write(rules)
-            path = f.name
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            try:
-                # --noflush with every chain declared replaces their
-                # contents: kube-proxy's full sync.
-                subprocess.run(["ip", "netns", "exec", ns, tool, "--noflush", path], check=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-            times.append(time.perf_counter() - t0)
-        os.unlink(path)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-    return {
-        "tool": version,
-        "n": n,
-        "lines": rules.count("\n"),
-        "first_s": times[0] if times else None,
-        "resync_s": min(times[1:]) if len(times) > 1 else None,
-        "timed_out_after_s": timeout if timed_out else None,
-    }
-
-
-def fmt_s(s: float) -> str:
-    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+        return latency.attach_main(argv[1:])
+    raise SystemExit(f"unknown worker {kind}")
 
 
 def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        return _worker(sys.argv[2:])
+
+    from bench import common, iptables, latency, nft, ours, report
+    from bench.common import FULL_SCENARIOS, QUICK_SCENARIOS, Cluster, LoadMeter, progress
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="10,000 backends, fewer rounds: a few seconds")
-    ap.add_argument("--backends", type=int, help="backends of the big Service (default 100,000; quick 10,000)")
-    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    ap.add_argument("--peer-timeout", type=float, default=300, metavar="SECONDS", help="stop a peer's restore after this")
+    ap.add_argument(
+        "--quick", action="store_true", help="the same scenarios, small (well under a minute): the smoke test"
+    )
+    ap.add_argument("--backends", type=int, help="endpoints of S1's one Service (default 100,000; quick 2,000)")
+    ap.add_argument("--only", metavar="S1,S2...", help="run only these scenarios")
+    ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    ap.add_argument("--markdown", metavar="FILE", help="write the results section of docs/benchmarks.md")
+    ap.add_argument("--plots", metavar="DIR", help="write the PNG plots there (needs matplotlib)")
+    ap.add_argument(
+        "--peer-timeout", type=float, default=300, metavar="S", help="stop one iptables-legacy-restore after S seconds"
+    )
+    ap.add_argument("--nft-timeout", type=float, default=200, metavar="S", help="the same for one nft -f")
+    ap.add_argument(
+        "--iptables-nft-timeout", type=float, default=60, metavar="S", help="the same for one iptables-nft-restore"
+    )
+    ap.add_argument("--no-peers", action="store_true", help="only our figures")
+    ap.add_argument("--no-latency", action="store_true", help="skip the first-packet latency between namespaces")
+    ap.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="cProfile S1's full sync and changes (auto: when a time target is missed, full runs only)",
+    )
+    ap.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="FILE",
+        help="measure nothing: merge these --json outputs (runs made part by part with --only) and print, "
+        "write the table and the plots from them",
+    )
     args = ap.parse_args()
+    if args.from_json:
+        return render(merge([json.loads(Path(f).read_text()) for f in args.from_json]), args)
     if os.geteuid() != 0:
-        print("bench: run as root (it loads BPF programs and makes a network namespace)", file=sys.stderr)
+        print("bench: run as root (it loads BPF programs and makes network namespaces)", file=sys.stderr)
         return 2
-    n = args.backends or (10_000 if args.quick else 100_000)
-    rounds = 2 if args.quick else 5
-    res = {
-        "full": bench_full(n, rounds),
-        "change": bench_change(n, 50 if args.quick else 300),
-        "packet_1": bench_packet(1, 100_000 if not args.quick else 10_000),
-        "packet_many": bench_packet(10_000 if not args.quick else 1_000, 100_000 if not args.quick else 10_000),
-        # The legacy backend is what the published kube-proxy figures used;
-        # the nf_tables backend of iptables-restore is far slower on large
-        # rulesets, so it runs at a size that finishes.
-        "iptables_legacy": bench_iptables("iptables-legacy-restore", n, 2, args.peer_timeout),
-        "iptables_nft": bench_iptables("iptables-nft-restore", min(n, 10_000), 1, args.peer_timeout),
+    # SIGTERM/SIGHUP unwind through the finally blocks: namespaces deleted.
+    common.topology_class()
+    from tests.netns.topo import exit_on_signals
+
+    exit_on_signals((signal.SIGTERM, signal.SIGHUP))
+    for tool in ("nsenter", "iptables-legacy-restore", "iptables-nft-restore", "nft"):
+        if not common.have(tool):
+            print(f"bench: {tool} not found (make deps installs it)", file=sys.stderr)
+            return 2
+
+    scenarios = list(QUICK_SCENARIOS if args.quick else FULL_SCENARIOS)
+    if args.backends:
+        scenarios = [s.scaled(endpoints=args.backends) if s.key == "S1" else s for s in scenarios]
+    want = set(args.only.split(",")) if args.only else None
+    if want is not None:
+        scenarios = [s for s in scenarios if s.key in want]
+    worker_timeout = 900 if not args.quick else 300
+
+    meter = LoadMeter()
+    t_start = time.monotonic()
+    res: dict = {
+        "quick": args.quick,
+        "command": " ".join(["scripts/bench.py", *sys.argv[1:]]),
+        "machine": common.machine(),
+        "scenarios": {},
     }
-    f, c, p1, pm = res["full"], res["change"], res["packet_1"], res["packet_many"]
-    ipt, nft = res["iptables_legacy"], res["iptables_nft"]
+    base = common.scratch_dir()
+    errors: list[str] = []
 
-    def peer(r: dict, key: str) -> str:
-        if r[key] is None:
-            return f"> {r['timed_out_after_s']:.0f} s (stopped)" if r["timed_out_after_s"] else "-"
-        return fmt_s(r[key])
+    def guarded(what: str, fn):
+        """Run one part; a failure is reported and the rest still runs."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every part is independent
+            import traceback
 
-    def ratio(r: dict, key: str, ours: float) -> str:
-        return f"{r[key] / ours:.1f}x" if r[key] else "-"
+            traceback.print_exc()
+            progress(f"FAILED: {what}: {type(e).__name__}: {e}")
+            errors.append(f"{what}: {type(e).__name__}: {e}")
+            return None
 
-    rows = [
-        ("figure", "sliceproxy", "kube-proxy iptables (peer)", "peer/ours"),
-        (
-            f"full sync, 1 Service x {n} endpoints, legacy iptables ({ipt['lines']} lines)",
-            fmt_s(f["full_s"]),
-            peer(ipt, "first_s"),
-            ratio(ipt, "first_s", f["full_s"]),
-        ),
-        ("  re-sync of the same table", fmt_s(f["full_s"]), peer(ipt, "resync_s"), ratio(ipt, "resync_s", f["full_s"])),
-        ("  of which kernel batch writes", fmt_s(f["write_s"]), "", ""),
-        (
-            f"full sync, 1 Service x {nft['n']} endpoints, iptables-nft",
-            "",
-            peer(nft, "first_s"),
-            "",
-        ),
-        (f"  decoding the list JSON of {(n + 99) // 100:,} slices (before the full sync)", fmt_s(f["parse_s"]), "", ""),
-        (f"one slice (100 endpoints) changed, p50, {c['services']} Services", fmt_s(c["p50_s"]), "", ""),
-        ("one slice changed, p99", fmt_s(c["p99_s"]), "", ""),
-        ("per-packet, 1 Service (established flow)", f"{p1['ns_per_packet']:.0f} ns", "", ""),
-        (f"per-packet, {pm['services']} Services", f"{pm['ns_per_packet']:.0f} ns", "", f"{pm['ns_per_packet'] / max(p1['ns_per_packet'], 1):.2f}x of 1 Service"),
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    try:
+        for scn in scenarios:
+            sc = res["scenarios"][scn.key] = {
+                "label": scn.label,
+                "services": scn.services,
+                "endpoints": scn.endpoints,
+                "total": scn.total,
+                "slice_size": scn.slice_size,
+            }
+            # S1b is S1 a fifth larger: no second growth ladder.
+            sc["ours"] = guarded(
+                f"ours {scn.key}", lambda scn=scn: ours.measure(scn, base, args.quick, worker_timeout, scn.key != "S1b")
+            )
+            shutil.rmtree(ours.scratch_for(base, scn), ignore_errors=True)
+            if args.no_peers:
+                continue
+            change = Cluster(scn).change_plan(1)[0]
+            sc["iptables_legacy"] = guarded(
+                f"iptables-legacy {scn.key}",
+                lambda scn=scn, change=change: iptables.measure(
+                    Cluster(scn), change, "iptables-legacy-restore", common.throwaway_netns, args.peer_timeout
+                ),
+            )
+            # The nf_tables backend of iptables-restore is far slower on big
+            # tables: S1 at full size with a timeout, the others at a tenth.
+            if scn.key != "S1b":
+                if scn.key == "S1" or args.quick:
+                    nscn = scn
+                elif scn.services > 1:
+                    nscn = scn.scaled(services=max(1, scn.services // 10))
+                else:
+                    nscn = scn.scaled(endpoints=scn.endpoints // 10)
+                sc["iptables_nft"] = guarded(
+                    f"iptables-nft {scn.key}",
+                    lambda nscn=nscn: iptables.measure(
+                        Cluster(nscn),
+                        Cluster(nscn).change_plan(1)[0],
+                        "iptables-nft-restore",
+                        common.throwaway_netns,
+                        args.iptables_nft_timeout,
+                        resync=False,
+                    ),
+                )
+            sc["nft"] = guarded(
+                f"nft {scn.key}",
+                lambda scn=scn, change=change: nft.measure(
+                    Cluster(scn), change, common.throwaway_netns, args.nft_timeout
+                ),
+            )
+        if not args.no_latency and (want is None or "latency" in want):
+            sizes = [10, 200] if args.quick else [10, 10_000]
+            res["latency"] = guarded(
+                "latency", lambda: latency.measure(sizes, 100 if args.quick else 500, args.nft_timeout, errors)
+            )
+        profile_wanted = args.profile == "always" or (
+            args.profile == "auto" and not args.quick and any(ok is False for _, ok, _ in report.targets(res))
+        )
+        if profile_wanted and "S1" in res["scenarios"]:
+            s1 = next(s for s in scenarios if s.key == "S1")
+            res["profile_S1"] = guarded("profile", lambda: ours.profile(s1, base, worker_timeout))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    res["errors"] = errors
+    res["load"] = meter.report()
+    res["wall_s"] = time.monotonic() - t_start
+    return render(res, args)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from runs made part by part (--only S1, --only latency...)."""
+    res = {**parts[0], "scenarios": {}, "errors": [], "command": " ; ".join(p["command"] for p in parts)}
+    for p in parts:
+        res["scenarios"].update(p["scenarios"])
+        res["errors"] += p.get("errors", [])
+        for k in ("latency", "profile_S1"):
+            if p.get(k):
+                res[k] = p[k]
+    walls = [p["load"]["wall_s"] for p in parts]
+    total = sum(walls)
+    res["load"] = {
+        **parts[0]["load"],
+        "wall_s": total,
+        **{
+            k: sum(p["load"][k] * w for p, w in zip(parts, walls, strict=True)) / total
+            for k in ("busy_cores", "bench_cores", "others_cores")
+        },
+        "loadavg_end": parts[-1]["load"]["loadavg_end"],
+    }
+    res["wall_s"] = sum(p.get("wall_s", 0) for p in parts)
+    return res
+
+
+def render(res: dict, args: argparse.Namespace) -> int:
+    from bench import report
+    from bench.common import progress
+
+    errors = res.get("errors", [])
     print()
-    for r in rows:
-        print("  ".join(r[i].ljust(widths[i]) for i in range(4)))
+    print(report.text_table(res))
+    print()
+    print("Targets (issue 5):")
+    print(report.targets_text(res))
+    print()
+    print(report.load_text(res))
     print(
-        "\nThe iptables figure times iptables-restore alone on a pre-generated ruleset: a lower bound of "
-        "kube-proxy's sync, which also computes the rules."
+        "The peers' figures time iptables-restore / nft alone on rules generated before the clock started: "
+        "lower bounds of kube-proxy's syncs, which also compute the rules."
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(report.markdown_table(res) + "\n")
+    if args.plots:
+        written = report.plots(res, Path(args.plots))
+        if written:
+            print("plots: " + ", ".join(str(p) for p in written))
+        else:
+            print("plots: matplotlib is not installed; none written (pip install matplotlib)")
+    progress(f"done in {res['wall_s']:.0f} s")
+    if errors:
+        print("\nFAILED parts (their figures are missing above):\n  " + "\n  ".join(errors))
+        return 1
     return 0
 
 

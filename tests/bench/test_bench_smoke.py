@@ -1,5 +1,7 @@
-"""`make bench` at a small size: it runs end to end and its figures are sane.
-Speed itself is never asserted here; that is what `make bench` prints."""
+"""`make bench` at its --quick size: it runs end to end (ours, the peers in
+throwaway namespaces, first-packet latency between namespaces) and its
+figures are sane. Speed itself is never asserted here; that is what `make
+bench` prints."""
 
 import json
 import os
@@ -10,42 +12,153 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+S1_BACKENDS = 2000
 
 
 @pytest.fixture(scope="module")
-def figures(tmp_path_factory):
+def run(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.fail("the bench smoke test needs root (BPF, a network namespace)")
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+        pytest.fail("the bench smoke test needs root (BPF, network namespaces)")
+    out = tmp_path_factory.mktemp("bench")
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--backends", "2000", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--quick",
+            "--backends",
+            str(S1_BACKENDS),
+            "--json",
+            str(out / "bench.json"),
+            "--markdown",
+            str(out / "table.md"),
+            "--plots",
+            str(out / "plots"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert r.returncode == 0, r.stderr
-    assert "peer/ours" in r.stdout
-    return json.loads(out.read_text())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, json.loads((out / "bench.json").read_text()), out
 
 
-def test_full_sync_programmed_every_backend(figures):
-    f = figures["full"]
-    assert f["n"] == 2000 and 0 < f["write_s"] <= f["full_s"]
+@pytest.fixture(scope="module")
+def figures(run):
+    return run[1]
 
 
-def test_change_latencies_ordered(figures):
-    c = figures["change"]
-    assert c["services"] == 20 and 0 < c["p50_s"] <= c["p99_s"] <= c["max_s"]
+def test_prints_a_table_with_ratios_and_progress(run):
+    r, _, out = run
+    assert "peer/ours" in r.stdout and "Targets" in r.stdout
+    assert "[bench" in r.stderr  # progress lines
+    assert (out / "table.md").read_text().startswith("| figure |")
 
 
-def test_packet_cost_measured_on_a_service_hit(figures):
-    for k in ("packet_1", "packet_many"):
-        assert figures[k]["verdict"] == 0 and figures[k]["ns_per_packet"] > 0
+def test_scenarios_have_their_shapes(figures):
+    sc = figures["scenarios"]
+    assert set(sc) == {"S1", "S2", "S3"}
+    assert sc["S1"]["services"] == 1 and sc["S1"]["endpoints"] == S1_BACKENDS
+    for s in sc.values():
+        assert s["total"] == s["services"] * s["endpoints"]
+        assert s["slice_size"] == min(100, s["endpoints"])
+
+
+def test_full_sync_programmed_every_entry(figures):
+    for s in figures["scenarios"].values():
+        f = s["ours"]["full"]
+        assert f["entries"]["sp_svc"] == s["services"]
+        assert f["entries"]["sp_slot"] == f["entries"]["sp_be"] == s["total"]
+        assert 0 < f["list_decode_s"] < f["s"]
+        assert f["median_s"] in f["rounds"]
+        assert s["ours"]["list_bytes"] > 100 * s["total"]  # realistic JSON, not a stub
+
+
+def test_change_latencies_ordered_and_growth_measured(figures):
+    for s in figures["scenarios"].values():
+        c = s["ours"]["change"]
+        assert c["n"] >= 20 and 0 < c["min"] <= c["p50"] <= c["p99"] <= c["max"]
+        g = s["ours"]["growth"]
+        assert len(g) >= 2 and g[-1]["total"] == s["total"]
+        assert [x["total"] for x in g] == sorted(x["total"] for x in g)
+
+
+def test_rolling_update_replaced_slices(figures):
+    for s in figures["scenarios"].values():
+        r = s["ours"]["rolling"]
+        assert r["slices"] == -(-s["endpoints"] // 100) * s["services"]
+        assert 0 < r["done"] <= r["slices"] and (r["stopped"] or r["done"] == r["slices"])
+        assert r["s"] > 0
+
+
+def test_memory_measured(figures):
+    for s in figures["scenarios"].values():
+        m = s["ours"]["memory"]
+        assert 0 < m["rss_before"] <= m["rss_peak"]
+        assert m["maps_total"] == sum(v["memlock"] for v in m["maps"].values()) > 0
+
+
+def test_packet_cost_measured_on_service_hits(figures):
+    for s in figures["scenarios"].values():
+        p = s["ours"]["packet"]
+        assert p["one"]["services"] == 1 and p["scaled"]["services"] == s["services"]
+        for side in ("one", "scaled"):
+            for k in ("est", "new", "new_spread", "est_spread"):
+                assert p[side][k] > 0
 
 
 def test_peer_rulesets_loaded(figures):
-    for k in ("iptables_legacy", "iptables_nft"):
-        p = figures[k]
-        # 4 lines per endpoint plus the fixed chains and jumps.
-        assert p["lines"] == 4 * p["n"] + 17
-        assert p["first_s"] is not None and p["first_s"] > 0
+    for s in figures["scenarios"].values():
+        for key in ("iptables_legacy", "iptables_nft"):
+            p = s[key]
+            assert p["full_s"] and p["full_s"] > 0, p
+            assert p["change_partial_s"] > 0
+        ipt = s["iptables_legacy"]
+        # The nat rules kube-proxy's ruleset holds: 3 jumps from built-in
+        # chains, 4 masquerade rules, per Service a KUBE-SERVICES rule and a
+        # masquerade rule, the nodeports rule, and 3 rules per endpoint.
+        assert ipt["nat_rules_loaded"] == 8 + 2 * s["services"] + 3 * s["total"]
+        assert ipt["change_full_s"] > 0
+        if s["services"] > 1:  # a partial restore leaves the other Services' chains out
+            assert ipt["partial_lines"] < ipt["lines"]
+        n = s["nft"]
+        assert n["full_s"] > 0 and n["change_s"] > 0
+
+
+def test_first_packet_latency_through_every_dataplane(figures):
+    lat = figures["latency"]
+    assert lat["direct"]["connect_us"]["n"] == lat["count"]
+    for n in lat["services"]:
+        for dp in ("ours", "iptables", "nft"):
+            c = lat[dp][str(n)]["connect_us"]
+            assert c["n"] == lat["count"] and 0 < c["p50"] <= c["p99"]
+
+
+def test_load_and_machine_reported(figures):
+    assert figures["machine"]["cores"] >= 1
+    assert figures["load"]["busy_cores"] >= 0 and figures["load"]["wall_s"] > 0
+
+
+def test_draws_both_plots(run):
+    _, _, out = run
+    for name in ("sync-vs-endpoints.png", "packet-vs-services.png"):
+        png = (out / "plots" / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n") and len(png) > 10_000
+
+
+def test_renders_the_same_table_again_from_its_json(run, tmp_path):
+    _, _, out = run
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--from-json",
+            str(out / "bench.json"),
+            "--markdown",
+            str(tmp_path / "table.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "table.md").read_text() == (out / "table.md").read_text()
