@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import filterfalse, repeat
 
@@ -403,10 +404,14 @@ class Programmed:
         changed = bool(upd) or len(new) < n_old
         cs.slot_del.extend((sid, i) for i in range(len(new), n_old))
         self.slot_count += len(new) - len(old)
-        old_set, new_set = set(old), set(new)
-        old_set.discard(None)  # type: ignore[arg-type]
         refs = self.refs
-        added = new_set - old_set
+        if n_old:
+            old_set, new_set = set(old), set(new)
+            old_set.discard(None)  # type: ignore[arg-type]
+            added: Collection[int] = new_set - old_set
+        else:  # a new frontend: assign_slots gave each backend once
+            old_set = new_set = set()
+            added = new
         for b in added:
             refs[b] += 1
         if self.draining:

@@ -175,6 +175,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         raise _Unclean
     pton = socket.inet_pton
     no_cond = _NO_CONDITIONS
+    new = tuple.__new__
     endpoints: list[Endpoint] = []
     append = endpoints.append
     # The hot loop: one tuple per endpoint, no message strings.
@@ -191,17 +192,21 @@ def _convert(s: _Slice) -> EndpointSlice:
             raise _Unclean from None
         c = ep.conditions or no_cond
         h = ep.hints
+        # tuple.__new__: the NamedTuple's own __new__ is a Python call.
         append(
-            Endpoint(
-                ip,
-                packed,
-                c.ready is not False,
-                c.serving is not False,
-                c.terminating is True,
-                ep.node_name,
-                ep.zone,
-                _hint_names(h.for_zones) if h else None,
-                _hint_names(h.for_nodes) if h else None,
+            new(
+                Endpoint,
+                (
+                    ip,
+                    packed,
+                    c.ready is not False,
+                    c.serving is not False,
+                    c.terminating is True,
+                    ep.node_name,
+                    ep.zone,
+                    _hint_names(h.for_zones) if h else None,
+                    _hint_names(h.for_nodes) if h else None,
+                ),
             )
         )
     annotations = meta.annotations or {}

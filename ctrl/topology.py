@@ -44,11 +44,12 @@ def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: 
         if port is None:
             continue
         get = merged.get
+        new = tuple.__new__  # PortEndpoint's own __new__ is a Python call
         for ep in sl.endpoints:
             k = (ep.addr, port)
             prev = get(k)
             if prev is None or (prev.ep.terminating and not ep.terminating):
-                merged[k] = PortEndpoint(ep, port)
+                merged[k] = new(PortEndpoint, (ep, port))
     return list(merged.values())
 
 
