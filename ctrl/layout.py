@@ -217,21 +217,10 @@ def describe(sname: str) -> list[tuple[str, int, int]]:
 
 def btf_struct(btf, sname: str) -> tuple[int, list[tuple[str, int, int]]]:
     """(size, [(field, byte offset, size)]) of a struct as the object's BTF has it."""
-    lb = lib()
-    tid = lb.btf__find_by_name_kind(btf, sname.encode(), BTF_KIND_STRUCT)
+    tid = lib().btf__find_by_name_kind(btf, sname.encode(), BTF_KIND_STRUCT)
     if tid < 0:
         raise LayoutError(f"struct {sname} is not in the object's BTF")
-    t = lb.btf__type_by_id(btf, tid)
-    vlen = t.info & 0xFFFF
-    kflag = t.info >> 31
-    members = ffi.cast("struct btf_member *", t + 1)
-    out = []
-    for i in range(vlen):
-        m = members[i]
-        bit_off = m.offset & 0xFFFFFF if kflag else m.offset
-        name = ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode()
-        out.append((name, bit_off // 8, int(lb.btf__resolve_size(btf, m.type))))
-    return t.size_or_type, out
+    return btf_fields(btf, tid)
 
 
 def btf_fields(btf, type_id: int) -> tuple[int, list[tuple[str, int, int]]]:
