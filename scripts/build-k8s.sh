@@ -17,6 +17,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib/debian.sh
+source "$here/lib/debian.sh"
 version=$(tr -d '[:space:]' <"$here/k8s-version")
 if [[ ! $version =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
 	echo "build-k8s: scripts/k8s-version holds '$version', want v1.<minor>.<patch>" >&2
@@ -43,14 +45,7 @@ ensure_etcd() {
 		log "etcd: $(command -v etcd) ($(etcd --version 2>/dev/null | head -n1))"
 		return
 	fi
-	if [[ $(id -u) -ne 0 ]]; then
-		echo "build-k8s: etcd is missing; install Debian's etcd-server package (as root)" >&2
-		exit 1
-	fi
-	log "installing Debian package etcd-server"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+	apt_ensure build-k8s etcd-server
 	# The package ships a service that may start on install and would hold
 	# 127.0.0.1:2379. The tests start their own etcd on random ports and need
 	# no system one: stop and disable it.

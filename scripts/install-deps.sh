@@ -1,20 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages sliceproxy needs to build, test and demo.
-# Safe to run again: it installs only what is missing.
+# Installs the Debian packages sliceproxy needs to build, test, benchmark and
+# demo. Safe to run again: it installs only what is missing.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/debian.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/debian.sh"
 
-pkgs=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables linux-libc-dev python3-venv libyaml-dev util-linux openssl vagrant shellcheck)
-missing=()
-for p in "${pkgs[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-	if [[ $(id -u) -ne 0 ]]; then
-		echo "missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
-		exit 1
-	fi
-	echo "installing: ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure install-deps clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nftables linux-libc-dev \
+	python3-venv libyaml-dev util-linux openssl vagrant shellcheck
