@@ -149,7 +149,7 @@ def ct_codecs() -> tuple[layout.Codec, layout.Codec]:
     """Conntrack key and value, in the field order this module reads them."""
     return (
         layout.codec("sp_ct_key", ("saddr", "daddr", "sport", "dport", "proto", "dir")),
-        layout.codec("sp_ct_val", ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen")),
+        layout.codec("sp_ct_val", ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2")),
     )
 
 

@@ -56,7 +56,7 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dic
         saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
         if direction != forward:
             continue
-        nat_addr, nat_port, be_id, svc_id, last_seen = vc.unpack(v)
+        nat_addr, nat_port, be_id, svc_id, last_seen, snat_addr, snat_port = vc.unpack(v)
         if svc_ids is not None and svc_id not in svc_ids:
             continue
         flows.append(
@@ -65,6 +65,8 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dic
                 "client": hostport(saddr, sport),
                 "frontend": hostport(daddr, dport),
                 "backend": hostport(nat_addr, nat_port),
+                # A masqueraded external flow: the source it has on the wire.
+                "snat": hostport(snat_addr, snat_port) if snat_port else None,
                 "backend_id": be_id,
                 "svc_id": svc_id,
                 "idle_seconds": round(max(0, now - last_seen) / 1e9, 1),

@@ -193,7 +193,7 @@ def const(name: str) -> int:
 
 def map_name(base: str) -> str:
     """A map's pinned name: its base and the header's layout version
-    (sp_svc -> sp_svc_v1), so a layout change renames every map."""
+    (sp_svc -> sp_svc_v2), so a layout change renames every map."""
     return f"{base}_v{const('SP_LAYOUT_VERSION')}"
 
 

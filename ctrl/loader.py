@@ -23,8 +23,10 @@ from .sizes import MapSizes
 
 PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
+EXT_PROGRAM = "sp_tc_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
+EXT_EGRESS_PROGRAM = "sp_tc_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
 
-MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names")
+MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
 
 
 def map_names() -> list[str]:
@@ -43,12 +45,20 @@ class Dataplane:
     maps: dict[str, Map]
     prog_fd: int
     egress_fd: int
+    ext_fd: int = -1
+    ext_egress_fd: int = -1
     _obj: object = field(repr=False, default=None)
 
-    def test_run(self, packet: bytes, repeat: int = 1, egress: bool = False) -> tuple[int, bytes, int]:
-        """Run the ingress (or egress) program on one packet in the kernel
-        (BPF_PROG_TEST_RUN): (tc verdict, packet as the program left it,
-        mean ns per run)."""
+    def test_run(
+        self, packet: bytes, repeat: int = 1, egress: bool = False, external: bool = False
+    ) -> tuple[int, bytes, int]:
+        """Run the ingress (or egress) program of pod interfaces, or of
+        external ones, on one packet in the kernel (BPF_PROG_TEST_RUN):
+        (tc verdict, packet as the program left it, mean ns per run)."""
+        if external:
+            fd = self.ext_egress_fd if egress else self.ext_fd
+        else:
+            fd = self.egress_fd if egress else self.prog_fd
         out = ffi.new("char[]", len(packet) + 256)
         opts = ffi.new(
             "struct bpf_test_run_opts *",
@@ -61,7 +71,7 @@ class Dataplane:
                 "repeat": repeat,
             },
         )
-        check(lib().bpf_prog_test_run_opts(self.egress_fd if egress else self.prog_fd, opts), "BPF_PROG_TEST_RUN")
+        check(lib().bpf_prog_test_run_opts(fd, opts), "BPF_PROG_TEST_RUN")
         return opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), opts.duration
 
     def close(self) -> None:
@@ -141,7 +151,7 @@ def load(
                 )
             raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
         fds = {}
-        for name in (PROGRAM, EGRESS_PROGRAM):
+        for name in (PROGRAM, EGRESS_PROGRAM, EXT_PROGRAM, EXT_EGRESS_PROGRAM):
             prog = lb.bpf_object__find_program_by_name(obj, name.encode())
             if prog == ffi.NULL:
                 raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}")
@@ -150,7 +160,15 @@ def load(
         missing = set(map_names()) - set(maps)
         if missing:
             raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
-        return Dataplane(pin_dir=pin_dir, maps=maps, prog_fd=fds[PROGRAM], egress_fd=fds[EGRESS_PROGRAM], _obj=obj)
+        return Dataplane(
+            pin_dir=pin_dir,
+            maps=maps,
+            prog_fd=fds[PROGRAM],
+            egress_fd=fds[EGRESS_PROGRAM],
+            ext_fd=fds[EXT_PROGRAM],
+            ext_egress_fd=fds[EXT_EGRESS_PROGRAM],
+            _obj=obj,
+        )
     except BaseException:
         lb.bpf_object__close(obj)
         if pin_dir is not None and created:
@@ -169,5 +187,5 @@ def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
         if os.path.exists(path):
             out[name] = Map.open_pinned(path)
     if mn("sp_svc") not in out:
-        raise BPFError(errno.ENOENT, f"{pin_dir} holds no sp_svc_v1 map")
+        raise BPFError(errno.ENOENT, f"{pin_dir} holds no sp_svc_v2 map")
     return out

@@ -17,6 +17,7 @@ from .libbpf import BPFError, check, ffi, lib
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
 
 # Entries per batch syscall: large enough to amortise the syscall, small
 # enough that one failed batch is cheap to retry element by element.
@@ -97,6 +98,12 @@ class Map:
         assert len(values) == n * self.value_size, (self.name, len(values), n)
         if n == 0:
             return 0
+        if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
+            # LPM tries have no batch operations: one syscall per entry.
+            ks, vs = self.key_size, self.value_size
+            for i in range(n):
+                self.update(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs])
+            return n
         opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         kb = ffi.from_buffer(keys)
         vb = ffi.from_buffer(values)
@@ -120,6 +127,11 @@ class Map:
         n = len(keys) // self.key_size
         if n == 0:
             return 0
+        if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
+            ks = self.key_size
+            for i in range(n):
+                self.delete(keys[i * ks : (i + 1) * ks])
+            return n
         opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         kb = ffi.from_buffer(keys)
         done = 0
@@ -138,6 +150,8 @@ class Map:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every entry, read with batch lookups (hash maps) or per key (arrays)."""
+        if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
+            return self._walk()
         if self.info.type not in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):
             out = []
             for i in range(self.max_entries):
@@ -176,6 +190,19 @@ class Map:
             # The kernel wrote where to resume into out_batch; feed it back.
             in_b, out_b, out_b2 = out_b, out_b2, out_b
         return result
+
+    def _walk(self) -> list[tuple[bytes, bytes]]:
+        """Every entry by get_next_key (maps without batch lookups)."""
+        out: list[tuple[bytes, bytes]] = []
+        cur = ffi.NULL
+        nxt = ffi.new("char[]", self.key_size)
+        while lib().bpf_map_get_next_key(self.fd, cur, nxt) == 0:
+            k = bytes(ffi.buffer(nxt, self.key_size))
+            v = self.lookup(k)
+            if v is not None:
+                out.append((k, v))
+            cur = ffi.new("char[]", k)
+        return out
 
     def count(self) -> int:
         """Entries now in the map (a walk with batch lookups)."""

@@ -1,6 +1,6 @@
 """Carry pinned maps of another layout version over to this one.
 
-Map names end in their layout version (`sp_ct_v1`). A release that changes
+Map names end in their layout version (`sp_ct_v2`). A release that changes
 a layout changes the version, so the new agent never misreads an old map:
 libbpf creates the new maps beside the old ones. Before the new programs
 replace the old ones, every entry of an old map is rewritten into its new

@@ -36,7 +36,7 @@ class Frontend:
     port: int
     proto: int
     scope: int
-    name: str  # "namespace/name:portname/PROTO", stored in sp_names_v1
+    name: str  # "namespace/name:portname/PROTO", stored in sp_names_v2
     backends: tuple[Backend, ...]  # no duplicates, in merge order
     flags: int = 0
     affinity_timeout: int = 0

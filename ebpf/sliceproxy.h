@@ -13,7 +13,7 @@
  * Every struct has explicit padding and no implicit holes: the same bytes
  * on both sides of the syscall, whatever the compiler.
  *
- * Map names carry a layout version (`_v1`): a layout change is a new map
+ * Map names carry a layout version (`_v2`): a layout change is a new map
  * name, never a silent misread of an old pinned map.
  */
 #ifndef SLICEPROXY_H
@@ -23,7 +23,7 @@
 
 /* sp:layout:begin */
 
-#define SP_LAYOUT_VERSION 1
+#define SP_LAYOUT_VERSION 2
 
 /* Where the traffic for a frontend comes from. Part of the frontend key so
  * a service can answer in-cluster and external clients differently in one
@@ -34,6 +34,13 @@
 /* Conntrack direction, part of the conntrack key. */
 #define SP_CT_FORWARD 0 /* client -> frontend: value holds the backend */
 #define SP_CT_REPLY 1   /* backend -> client: value holds the frontend */
+/* Masquerade of external flows (externalTrafficPolicy Cluster) whose
+ * backend is on another node: the SNAT happens at the external interface's
+ * egress, which only packets routed off the node reach. */
+#define SP_CT_SNAT 2   /* client -> backend (after DNAT): value holds the node
+			* address and SNAT port (0: none allocated yet) and,
+			* in addr2/port2, the frontend */
+#define SP_CT_UNSNAT 3 /* backend -> node:SNAT port: value holds the client */
 
 /* Index into the per-CPU counters map: one slot per verdict. */
 enum sp_verdict {
@@ -48,10 +55,15 @@ enum sp_verdict {
 	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend: dropped */
 	SP_V_DROP_ERROR = 9,       /* inconsistent maps or a failed rewrite */
 	SP_V_PASS_NO_FLOW = 10,    /* egress: not a reply of a tracked flow */
-	SP_V_MAX = 11,
+	SP_V_SNAT = 11,            /* external egress: source masqueraded */
+	SP_V_UNSNAT = 12,          /* external ingress: a masqueraded reply's
+				    * destination back to the client */
+	SP_V_DROP_SOURCE_RANGE = 13, /* source outside loadBalancerSourceRanges */
+	SP_V_DROP_SNAT = 14,       /* no node address or no free SNAT port */
+	SP_V_MAX = 15,
 };
 
-/* sp_svc_v1 (hash): one entry per frontend (service port). */
+/* sp_svc_v2 (hash): one entry per frontend (service port). */
 struct sp_svc_key {
 	__u8 addr[16]; /* frontend address, network order, IPv4-mapped */
 	__u16 port;    /* frontend port, host order */
@@ -60,7 +72,10 @@ struct sp_svc_key {
 };
 
 #define SP_SVC_F_NONE 0
-#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v1 */
+#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v2 */
+#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v2 */
+#define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
+			 * flow that leaves the node is masqueraded */
 
 struct sp_svc_val {
 	__u32 svc_id;           /* key of the slots and names maps */
@@ -69,7 +84,7 @@ struct sp_svc_val {
 	__u32 affinity_timeout; /* seconds; 0: no session affinity */
 };
 
-/* sp_slot_v1 (hash): backend slots of a service. A new flow picks slot
+/* sp_slot_v2 (hash): backend slots of a service. A new flow picks slot
  * (random % count): one lookup, no loop over backends. */
 struct sp_slot_key {
 	__u32 svc_id;
@@ -80,7 +95,7 @@ struct sp_slot_val {
 	__u32 backend_id; /* key of the backends map */
 };
 
-/* sp_be_v1 (hash): backend id -> where to send. Ids are shared by every
+/* sp_be_v2 (hash): backend id -> where to send. Ids are shared by every
  * service that uses the same address, port and protocol. */
 struct sp_backend {
 	__u8 addr[16]; /* backend address, network order, IPv4-mapped */
@@ -94,7 +109,7 @@ struct sp_backend {
  * a new connection and gets a serving backend. */
 #define SP_BE_F_DRAINING 1
 
-/* sp_ct_v1 (LRU hash): connection tracking. A forward entry keeps a flow on
+/* sp_ct_v2 (LRU hash): connection tracking. A forward entry keeps a flow on
  * its backend while slots are rewritten; a reply entry turns the backend's
  * source back into the frontend the client talked to. */
 struct sp_ct_key {
@@ -108,16 +123,20 @@ struct sp_ct_key {
 };
 
 struct sp_ct_val {
-	__u8 nat_addr[16]; /* forward: backend address; reply: frontend */
-	__u16 nat_port;    /* forward: backend port; reply: frontend port */
-	__u8 pad[2];       /* zero */
+	__u8 nat_addr[16]; /* forward: backend address; reply: frontend;
+			    * snat: node address; unsnat: client */
+	__u16 nat_port;    /* the port that goes with nat_addr */
+	__u16 port2;       /* with addr2 */
 	__u32 backend_id;  /* backend the flow was given */
 	__u32 svc_id;      /* service the flow was given by */
 	__u32 pad2;        /* zero */
 	__u64 last_seen;   /* bpf_ktime_get_ns() of the last packet */
+	__u8 addr2[16];    /* forward: the SNAT address (port2: its port, 0 when
+			    * the flow is not masqueraded); snat: the frontend,
+			    * to find the forward entry; else zero */
 };
 
-/* sp_aff_v1 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
+/* sp_aff_v2 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than
  * affinity_timeout seconds ago and the backend still holds the same slot. */
 struct sp_aff_key {
@@ -132,16 +151,41 @@ struct sp_aff_val {
 	__u64 last_used; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
-/* sp_stats_v1 (per-CPU array, SP_V_MAX entries): counters per verdict. */
+/* sp_stats_v2 (per-CPU array, SP_V_MAX entries): counters per verdict. */
 struct sp_stat {
 	__u64 packets;
 	__u64 bytes;
 };
 
-/* sp_names_v1 (hash): svc_id -> "namespace/name:port/PROTO", for people
+/* sp_names_v2 (hash): svc_id -> "namespace/name:port/PROTO", for people
  * (bpftool, sliceproxy dump) and for restarts; the datapath never reads it. */
 struct sp_svc_name {
 	char name[128]; /* NUL-terminated */
+};
+
+/* sp_src_v2 (LPM trie): loadBalancerSourceRanges of the frontends flagged
+ * SP_SVC_F_SRC_RANGES. A source with no entry under its frontend's svc_id
+ * is dropped. prefixlen counts the svc_id's 32 bits, then the bits of the
+ * IPv4-mapped address (an IPv4 /24 is 32 + 96 + 24). */
+struct sp_src_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u8 addr[16];
+};
+
+struct sp_src_val {
+	__u32 allow; /* 1 */
+};
+
+/* sp_cfg_v2 (array, one entry): node-wide settings the control plane
+ * writes: the node's address per family, the source of masqueraded flows,
+ * and the SNAT port range. */
+struct sp_cfg {
+	__u8 addr4[16];      /* IPv4-mapped; all zero: none, no IPv4 SNAT */
+	__u8 addr6[16];      /* all zero: none */
+	__u16 snat_port_min; /* host order, inclusive */
+	__u16 snat_port_max;
+	__u32 snat_reclaim;  /* seconds: an SNAT port idle this long is reused */
 };
 
 /* sp:layout:end */

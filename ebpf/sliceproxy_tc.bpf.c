@@ -31,42 +31,42 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct sp_svc_key);
 	__type(value, struct sp_svc_val);
-} sp_svc_v1 SEC(".maps");
+} sp_svc_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_slot_key);
 	__type(value, struct sp_slot_val);
-} sp_slot_v1 SEC(".maps");
+} sp_slot_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, __u32);
 	__type(value, struct sp_backend);
-} sp_be_v1 SEC(".maps");
+} sp_be_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_ct_key);
 	__type(value, struct sp_ct_val);
-} sp_ct_v1 SEC(".maps");
+} sp_ct_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_aff_key);
 	__type(value, struct sp_aff_val);
-} sp_aff_v1 SEC(".maps");
+} sp_aff_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SP_V_MAX);
 	__type(key, __u32);
 	__type(value, struct sp_stat);
-} sp_stats_v1 SEC(".maps");
+} sp_stats_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -74,7 +74,23 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct sp_svc_name);
-} sp_names_v1 SEC(".maps");
+} sp_names_v2 SEC(".maps");
+
+/* loadBalancerSourceRanges: (svc_id, source prefix) -> allowed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sp_src_key);
+	__type(value, struct sp_src_val);
+} sp_src_v2 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sp_cfg);
+} sp_cfg_v2 SEC(".maps");
 
 /* Ethernet + the longest IPv4 header + a TCP header. */
 #define PULL_LEN (ETH_HLEN + 60 + 20)
@@ -94,7 +110,7 @@ struct {
 
 static __always_inline int count(struct __sk_buff *skb, __u32 verdict, int action)
 {
-	struct sp_stat *st = bpf_map_lookup_elem(&sp_stats_v1, &verdict);
+	struct sp_stat *st = bpf_map_lookup_elem(&sp_stats_v2, &verdict);
 
 	if (st) {
 		/* Per-CPU slot: no other CPU writes it, plain adds suffice. */
@@ -203,7 +219,7 @@ static __always_inline int rewrite_v6(struct __sk_buff *skb, __u32 l4_off, __u8 
 static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct, int syn)
 {
 	__u32 id = ct->backend_id;
-	struct sp_backend *be = bpf_map_lookup_elem(&sp_be_v1, &id);
+	struct sp_backend *be = bpf_map_lookup_elem(&sp_be_v2, &id);
 
 	if (!be)
 		return 0;
@@ -231,14 +247,14 @@ static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct s
 	rk.dport = fwd->sport;
 	rk.proto = fwd->proto;
 	rk.dir = SP_CT_REPLY;
-	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v1, &rk))
+	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &rk))
 		return 0;
 	__builtin_memcpy(rv.nat_addr, front->addr, sizeof(rv.nat_addr));
 	rv.nat_port = front->port;
 	rv.backend_id = fct->backend_id;
 	rv.svc_id = fct->svc_id;
 	rv.last_seen = fct->last_seen;
-	return bpf_map_update_elem(&sp_ct_v1, &rk, &rv, flags);
+	return bpf_map_update_elem(&sp_ct_v2, &rk, &rv, flags);
 }
 
 /* What both programs need of an IPv4 TCP/UDP packet. */
@@ -358,50 +374,109 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	return -1;
 }
 
+/* Is the packet's source allowed by its frontend's loadBalancerSourceRanges? */
+static __always_inline int source_allowed(const struct sp_svc_val *svc, const struct pkt *p)
+{
+	struct sp_src_key k = {};
+
+	if (!(svc->flags & SP_SVC_F_SRC_RANGES))
+		return 1;
+	k.prefixlen = 32 + 128;
+	k.svc_id = svc->svc_id;
+	__builtin_memcpy(k.addr, p->saddr, sizeof(k.addr));
+	return bpf_map_lookup_elem(&sp_src_v2, &k) != 0;
+}
+
+/* The SNAT entry of a masqueraded flow: keyed by the flow as it leaves
+ * after DNAT (client -> backend); nat = node address and port (port 0: the
+ * external egress allocates one), addr2/port2 = the frontend. */
+static __always_inline int put_snat(const struct sp_ct_key *fwd, const struct sp_ct_val *fct, __u64 flags)
+{
+	struct sp_ct_key sk = {};
+	struct sp_ct_val sv = {};
+
+	__builtin_memcpy(sk.saddr, fwd->saddr, sizeof(sk.saddr));
+	__builtin_memcpy(sk.daddr, fct->nat_addr, sizeof(sk.daddr));
+	sk.sport = fwd->sport;
+	sk.dport = fct->nat_port;
+	sk.proto = fwd->proto;
+	sk.dir = SP_CT_SNAT;
+	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &sk))
+		return 0;
+	__builtin_memcpy(sv.nat_addr, fct->addr2, sizeof(sv.nat_addr));
+	sv.nat_port = fct->port2;
+	__builtin_memcpy(sv.addr2, fwd->daddr, sizeof(sv.addr2));
+	sv.port2 = fwd->dport;
+	sv.backend_id = fct->backend_id;
+	sv.svc_id = fct->svc_id;
+	sv.last_seen = fct->last_seen;
+	return bpf_map_update_elem(&sp_ct_v2, &sk, &sv, flags);
+}
+
+/* The UNSNAT entry: the backend's reply to node:port -> back to the client. */
+static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct sp_ct_val *sv, __u16 port,
+				      __u64 flags)
+{
+	struct sp_ct_key uk = {};
+	struct sp_ct_val uv = {};
+
+	__builtin_memcpy(uk.saddr, sk->daddr, sizeof(uk.saddr));
+	__builtin_memcpy(uk.daddr, sv->nat_addr, sizeof(uk.daddr));
+	uk.sport = sk->dport;
+	uk.dport = port;
+	uk.proto = sk->proto;
+	uk.dir = SP_CT_UNSNAT;
+	__builtin_memcpy(uv.nat_addr, sk->saddr, sizeof(uv.nat_addr));
+	uv.nat_port = sk->sport;
+	uv.backend_id = sv->backend_id;
+	uv.svc_id = sv->svc_id;
+	uv.last_seen = sv->last_seen;
+	return bpf_map_update_elem(&sp_ct_v2, &uk, &uv, flags);
+}
+
 /*
- * Ingress of the host side of a pod interface: packets the pod sends. A
- * packet to a frontend is given a backend and its destination rewritten
- * (DNAT), before netfilter and routing see it. Replies are not touched here:
- * see sp_tc_egress.
+ * A packet to a frontend of this scope gets a backend and its destination
+ * rewritten (DNAT). Shared by the pod ingress (scope internal) and the
+ * external ingress (scope external).
  */
-SEC("tc")
-int sp_tc_ingress(struct __sk_buff *skb)
+static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope)
 {
 	struct sp_svc_key skey = {};
 	struct sp_ct_key ckey = {};
 	struct sp_ct_val *ct, nct = {};
 	struct sp_svc_val *svc;
 	struct sp_backend *be;
-	struct pkt p = {};
 	__u64 now;
-	int v;
 
-	v = parse(skb, &p);
-	if (v >= 0)
-		return count(skb, v, TC_ACT_OK);
-
-	__builtin_memcpy(skey.addr, p.daddr, sizeof(skey.addr));
-	skey.port = bpf_ntohs(p.dport);
-	skey.proto = p.proto;
-	skey.scope = SP_SCOPE_INTERNAL;
-	svc = bpf_map_lookup_elem(&sp_svc_v1, &skey);
+	__builtin_memcpy(skey.addr, p->daddr, sizeof(skey.addr));
+	skey.port = bpf_ntohs(p->dport);
+	skey.proto = p->proto;
+	skey.scope = scope;
+	svc = bpf_map_lookup_elem(&sp_svc_v2, &skey);
 	if (!svc)
 		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
+	/* kube-proxy's firewall chain: before any conntrack, every packet. */
+	if (!source_allowed(svc, p))
+		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
 
 	now = bpf_ktime_get_ns();
-	__builtin_memcpy(ckey.saddr, p.saddr, sizeof(ckey.saddr));
-	__builtin_memcpy(ckey.daddr, p.daddr, sizeof(ckey.daddr));
-	ckey.sport = bpf_ntohs(p.sport);
-	ckey.dport = bpf_ntohs(p.dport);
-	ckey.proto = p.proto;
+	__builtin_memcpy(ckey.saddr, p->saddr, sizeof(ckey.saddr));
+	__builtin_memcpy(ckey.daddr, p->daddr, sizeof(ckey.daddr));
+	ckey.sport = bpf_ntohs(p->sport);
+	ckey.dport = bpf_ntohs(p->dport);
+	ckey.proto = p->proto;
 	ckey.dir = SP_CT_FORWARD;
-	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
-	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p.syn)) {
+	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
+	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
 		ct->last_seen = now;
 		/* The LRU may evict the reply entry alone: put it back, or the
 		 * backend's answers would reach the client unrewritten. */
 		put_reply(&ckey, &skey, ct, BPF_NOEXIST);
-		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
+		/* The same for a masqueraded flow's SNAT entry, with the port
+		 * it had (port2), so the backend keeps seeing one connection. */
+		if (svc->flags & SP_SVC_F_MASQ)
+			put_snat(&ckey, ct, BPF_NOEXIST);
+		if (rewrite(skb, p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 		return count(skb, SP_V_DNAT_ESTABLISHED, TC_ACT_OK);
 	}
@@ -429,18 +504,18 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		 * removed endpoint does in kube-proxy). */
 		akey.svc_id = svc->svc_id;
 		__builtin_memcpy(akey.addr, ckey.saddr, sizeof(akey.addr));
-		aff = bpf_map_lookup_elem(&sp_aff_v1, &akey);
+		aff = bpf_map_lookup_elem(&sp_aff_v2, &akey);
 		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * 1000000000ULL &&
 		    aff->slot < n) {
 			struct sp_slot_key ak = { .svc_id = svc->svc_id, .slot = aff->slot };
-			sl = bpf_map_lookup_elem(&sp_slot_v1, &ak);
+			sl = bpf_map_lookup_elem(&sp_slot_v2, &ak);
 			if (sl && sl->backend_id == aff->backend_id) {
 				slkey.slot = aff->slot;
 				sticky = 1;
 			}
 		}
 	}
-	sl = bpf_map_lookup_elem(&sp_slot_v1, &slkey);
+	sl = bpf_map_lookup_elem(&sp_slot_v2, &slkey);
 	if (!sl)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	be_id = sl->backend_id;
@@ -450,12 +525,12 @@ int sp_tc_ingress(struct __sk_buff *skb)
 		if (sticky && aff)
 			aff->last_used = now;
 		else
-			bpf_map_update_elem(&sp_aff_v1, &akey, &av, BPF_ANY);
+			bpf_map_update_elem(&sp_aff_v2, &akey, &av, BPF_ANY);
 	}
-	be = bpf_map_lookup_elem(&sp_be_v1, &be_id);
+	be = bpf_map_lookup_elem(&sp_be_v2, &be_id);
 	/* A backend of the other family would mean maps that disagree: the
 	 * control plane never mixes families in one frontend. */
-	if (!be || addr_is_v4(be->addr) == p.v6)
+	if (!be || addr_is_v4(be->addr) == p->v6)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
 	__builtin_memcpy(nct.nat_addr, be->addr, sizeof(nct.nat_addr));
@@ -463,15 +538,59 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	nct.backend_id = be_id;
 	nct.svc_id = svc->svc_id;
 	nct.last_seen = now;
-	if (bpf_map_update_elem(&sp_ct_v1, &ckey, &nct, BPF_ANY))
+	if (bpf_map_update_elem(&sp_ct_v2, &ckey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
 	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	/* Masquerade candidate: if the flow leaves through an external
+	 * interface (its backend is on another node), that interface's egress
+	 * allocates the port. A flow to a local pod never gets there. */
+	if ((svc->flags & SP_SVC_F_MASQ) && put_snat(&ckey, &nct, BPF_ANY))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	if (rewrite(skb, &p, 1, nct.nat_addr, bpf_htons(nct.nat_port)))
+	if (rewrite(skb, p, 1, nct.nat_addr, bpf_htons(nct.nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_DNAT_NEW, TC_ACT_OK);
+}
+
+/* A reply of a flow we DNATed: its source back to the frontend. */
+static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
+{
+	struct sp_ct_key ckey = {};
+	struct sp_ct_val *ct;
+
+	__builtin_memcpy(ckey.saddr, p->saddr, sizeof(ckey.saddr));
+	__builtin_memcpy(ckey.daddr, p->daddr, sizeof(ckey.daddr));
+	ckey.sport = bpf_ntohs(p->sport);
+	ckey.dport = bpf_ntohs(p->dport);
+	ckey.proto = p->proto;
+	ckey.dir = SP_CT_REPLY;
+	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
+	if (!ct || addr_is_v4(ct->nat_addr) == p->v6)
+		return -1;
+	ct->last_seen = bpf_ktime_get_ns();
+	if (rewrite(skb, p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	return count(skb, SP_V_REVNAT, TC_ACT_OK);
+}
+
+/*
+ * Ingress of the host side of a pod interface: packets the pod sends. A
+ * packet to a frontend is given a backend and its destination rewritten
+ * (DNAT), before netfilter and routing see it. Replies are not touched here:
+ * see sp_tc_egress.
+ */
+SEC("tc")
+int sp_tc_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int v;
+
+	v = parse(skb, &p);
+	if (v >= 0)
+		return count(skb, v, TC_ACT_OK);
+	return dnat(skb, &p, SP_SCOPE_INTERNAL);
 }
 
 /*
@@ -487,7 +606,31 @@ int sp_tc_ingress(struct __sk_buff *skb)
 SEC("tc")
 int sp_tc_egress(struct __sk_buff *skb)
 {
-	struct sp_ct_key ckey = {};
+	struct pkt p = {};
+	int v;
+
+	v = parse(skb, &p);
+	if (v >= 0)
+		return count(skb, v, TC_ACT_OK);
+	v = revnat(skb, &p);
+	if (v >= 0)
+		return v;
+	return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
+}
+
+/*
+ * Ingress of an external interface (the node's uplink): packets from
+ * outside. A reply of a masqueraded flow (backend -> node:SNAT port) gets
+ * only its destination back to the client: its source stays the backend,
+ * as netfilter's conntrack expects (it saw client -> backend), and the
+ * kernel routes it to the client, whose interface's egress reverses the
+ * DNAT. Anything else to an external-scope frontend (NodePort on a node
+ * address, a LoadBalancer IP, an externalIP) is DNATed.
+ */
+SEC("tc")
+int sp_tc_ext_ingress(struct __sk_buff *skb)
+{
+	struct sp_ct_key ukey = {};
 	struct sp_ct_val *ct;
 	struct pkt p = {};
 	int v;
@@ -496,19 +639,140 @@ int sp_tc_egress(struct __sk_buff *skb)
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 
-	__builtin_memcpy(ckey.saddr, p.saddr, sizeof(ckey.saddr));
-	__builtin_memcpy(ckey.daddr, p.daddr, sizeof(ckey.daddr));
-	ckey.sport = bpf_ntohs(p.sport);
-	ckey.dport = bpf_ntohs(p.dport);
-	ckey.proto = p.proto;
-	ckey.dir = SP_CT_REPLY;
-	ct = bpf_map_lookup_elem(&sp_ct_v1, &ckey);
-	if (!ct || addr_is_v4(ct->nat_addr) == p.v6)
+	__builtin_memcpy(ukey.saddr, p.saddr, sizeof(ukey.saddr));
+	__builtin_memcpy(ukey.daddr, p.daddr, sizeof(ukey.daddr));
+	ukey.sport = bpf_ntohs(p.sport);
+	ukey.dport = bpf_ntohs(p.dport);
+	ukey.proto = p.proto;
+	ukey.dir = SP_CT_UNSNAT;
+	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
+	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
+		ct->last_seen = bpf_ktime_get_ns();
+		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
+			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+		return count(skb, SP_V_UNSNAT, TC_ACT_OK);
+	}
+	return dnat(skb, &p, SP_SCOPE_EXTERNAL);
+}
+
+/* Tries at finding a free SNAT port: one random start, then the next
+ * ports. A bounded loop the verifier unrolls. */
+#define SNAT_TRIES 32
+
+/*
+ * Egress of an external interface: packets leaving the node. A reply to an
+ * outside client gets its source back to the frontend (as at a pod's
+ * egress). A masqueraded flow's packet (external traffic, policy Cluster,
+ * DNATed to a backend on another node: only such flows are routed out here)
+ * gets the node's address and an SNAT port as its source, after netfilter
+ * saw it as client -> backend.
+ */
+SEC("tc")
+int sp_tc_ext_egress(struct __sk_buff *skb)
+{
+	struct sp_ct_key skey = {};
+	struct sp_ct_val *ct;
+	struct sp_cfg *cfg;
+	struct pkt p = {};
+	__u32 zero = 0;
+	__u64 now;
+	int v;
+
+	v = parse(skb, &p);
+	if (v >= 0)
+		return count(skb, v, TC_ACT_OK);
+	v = revnat(skb, &p);
+	if (v >= 0)
+		return v;
+
+	__builtin_memcpy(skey.saddr, p.saddr, sizeof(skey.saddr));
+	__builtin_memcpy(skey.daddr, p.daddr, sizeof(skey.daddr));
+	skey.sport = bpf_ntohs(p.sport);
+	skey.dport = bpf_ntohs(p.dport);
+	skey.proto = p.proto;
+	skey.dir = SP_CT_SNAT;
+	ct = bpf_map_lookup_elem(&sp_ct_v2, &skey);
+	if (!ct)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
-	ct->last_seen = bpf_ktime_get_ns();
-	if (rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
+	now = bpf_ktime_get_ns();
+	ct->last_seen = now;
+	if (ct->nat_port) {
+		/* Put back an UNSNAT entry the LRU evicted. */
+		put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
+		if (addr_is_v4(ct->nat_addr) == p.v6 ||
+		    rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
+			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+		return count(skb, SP_V_SNAT, TC_ACT_OK);
+	}
+
+	/* The first packet of the flow out here: a node address and a port. */
+	cfg = bpf_map_lookup_elem(&sp_cfg_v2, &zero);
+	if (!cfg)
+		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+	const __u8 *node = p.v6 ? cfg->addr6 : cfg->addr4;
+	const __u32 *w = (const __u32 *)node;
+	if (!(w[0] | w[1] | w[2] | w[3]))
+		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+	__u32 lo = cfg->snat_port_min, hi = cfg->snat_port_max;
+	if (lo == 0 || hi < lo)
+		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+	__u32 span = hi - lo + 1;
+	__u32 start = bpf_get_prandom_u32() % span;
+	__u64 reclaim = (__u64)cfg->snat_reclaim * 1000000000ULL;
+	struct sp_ct_key uk = {};
+	struct sp_ct_val uv = {};
+	__u16 port = 0;
+
+	__builtin_memcpy(uk.saddr, skey.daddr, sizeof(uk.saddr));
+	__builtin_memcpy(uk.daddr, node, sizeof(uk.daddr));
+	uk.sport = skey.dport;
+	uk.proto = skey.proto;
+	uk.dir = SP_CT_UNSNAT;
+	__builtin_memcpy(uv.nat_addr, skey.saddr, sizeof(uv.nat_addr));
+	uv.nat_port = skey.sport;
+	uv.backend_id = ct->backend_id;
+	uv.svc_id = ct->svc_id;
+	uv.last_seen = now;
+	for (int i = 0; i < SNAT_TRIES; i++) {
+		__u16 cand = lo + (start + i) % span;
+		struct sp_ct_val *old;
+
+		uk.dport = cand;
+		/* Collision probe: a port is free for this backend when no
+		 * UNSNAT entry holds it, or the one that does has been idle
+		 * longer than snat_reclaim (its flow is over). */
+		old = bpf_map_lookup_elem(&sp_ct_v2, &uk);
+		if (old && !(reclaim && now - old->last_seen > reclaim))
+			continue;
+		if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
+			continue; /* taken by another CPU meanwhile */
+		port = cand;
+		break;
+	}
+	if (!port)
+		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+	__builtin_memcpy(ct->nat_addr, node, sizeof(ct->nat_addr));
+	ct->nat_port = port;
+
+	/* Remember the port in the forward entry (found through the frontend
+	 * in addr2/port2), so an evicted SNAT entry comes back the same. */
+	struct sp_ct_key fk = {};
+	struct sp_ct_val *fwd;
+
+	__builtin_memcpy(fk.saddr, skey.saddr, sizeof(fk.saddr));
+	__builtin_memcpy(fk.daddr, ct->addr2, sizeof(fk.daddr));
+	fk.sport = skey.sport;
+	fk.dport = ct->port2;
+	fk.proto = skey.proto;
+	fk.dir = SP_CT_FORWARD;
+	fwd = bpf_map_lookup_elem(&sp_ct_v2, &fk);
+	if (fwd) {
+		__builtin_memcpy(fwd->addr2, node, sizeof(fwd->addr2));
+		fwd->port2 = port;
+	}
+	if (rewrite(skb, &p, 0, node, bpf_htons(port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-	return count(skb, SP_V_REVNAT, TC_ACT_OK);
+	return count(skb, SP_V_SNAT, TC_ACT_OK);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

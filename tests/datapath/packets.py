@@ -210,6 +210,7 @@ class Svc:
     scope: int = 0  # SP_SCOPE_INTERNAL
     count: int | None = None
     affinity_timeout: int = 0  # seconds; non-zero sets SP_SVC_F_AFFINITY
+    flags: int = 0  # more SP_SVC_F_* (SRC_RANGES, MASQ)
 
 
 class CtKey(NamedTuple):
@@ -222,10 +223,24 @@ class CtKey(NamedTuple):
 
 
 class CtVal(NamedTuple):
-    nat_addr: str
+    nat_addr: str | None
     nat_port: int
     backend_id: int
     svc_id: int
+    addr2: str | None = None  # forward: SNAT address; snat: the frontend
+    port2: int = 0
+
+
+CT_VAL_FIELDS = ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2")
+ZERO16 = b"\0" * 16
+
+
+def _a16(ip: str | None) -> bytes:
+    return ZERO16 if ip is None else mapped(ip)
+
+
+def _ip(a16: bytes) -> str | None:
+    return None if a16 == ZERO16 else unmapped(a16)
 
 
 @dataclass
@@ -248,28 +263,31 @@ def put_service(dp, s: Svc) -> None:
     count = len(s.slots) if s.count is None else s.count
     for i, be_id in enumerate(s.slots):
         put_slot(dp, s.svc_id, i, be_id)
-    dp.maps["sp_svc_v1"].update(
+    dp.maps["sp_svc_v2"].update(
         svc_key(s.addr, s.port, s.proto, s.scope),
         layout.codec("sp_svc_val").pack(
-            s.svc_id, count, layout.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0, s.affinity_timeout
+            s.svc_id,
+            count,
+            (layout.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0) | s.flags,
+            s.affinity_timeout,
         ),
     )
 
 
 def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
-    dp.maps["sp_slot_v1"].update(
+    dp.maps["sp_slot_v2"].update(
         layout.codec("sp_slot_key").pack(svc_id, slot), layout.codec("sp_slot_val").pack(backend_id)
     )
 
 
 def put_backend(dp, b: Backend) -> None:
-    dp.maps["sp_be_v1"].update(
+    dp.maps["sp_be_v2"].update(
         b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto, b.flags)
     )
 
 
 def del_backend(dp, be_id: int) -> None:
-    assert dp.maps["sp_be_v1"].delete(be_id.to_bytes(4, "little"))
+    assert dp.maps["sp_be_v2"].delete(be_id.to_bytes(4, "little"))
 
 
 def ct_key_bytes(k: CtKey) -> bytes:
@@ -277,9 +295,11 @@ def ct_key_bytes(k: CtKey) -> bytes:
 
 
 def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
-    dp.maps["sp_ct_v1"].update(
+    dp.maps["sp_ct_v2"].update(
         ct_key_bytes(k),
-        layout.codec("sp_ct_val").pack(mapped(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen),
+        layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
+            _a16(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen, _a16(v.addr2), v.port2
+        ),
     )
 
 
@@ -299,15 +319,15 @@ def _pad_ranges(sname: str) -> list[tuple[int, int]]:
 def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
     """Every conntrack entry, decoded: key -> (value, last_seen). Pad bytes
     must be zero: a key with garbage in its pad would never be found again."""
-    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val")
+    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val", CT_VAL_FIELDS)
     out = {}
-    for kb, vb in dp.maps["sp_ct_v1"].items():
+    for kb, vb in dp.maps["sp_ct_v2"].items():
         for raw, sname in ((kb, "sp_ct_key"), (vb, "sp_ct_val")):
             for a, b in _pad_ranges(sname):
                 assert raw[a:b] == b"\0" * (b - a), f"{sname} pad bytes {a}..{b} not zero: {raw.hex()}"
         sa, da, sp, dpt, proto, d = kc.unpack(kb)
-        na, np_, be, sid, last = vc.unpack(vb)
-        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (CtVal(unmapped(na), np_, be, sid), last)
+        na, np_, be, sid, last, a2, p2 = vc.unpack(vb)
+        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (CtVal(_ip(na), np_, be, sid, _ip(a2), p2), last)
     return out
 
 
@@ -329,7 +349,7 @@ def verdict_names() -> list[str]:
 def stats(dp) -> dict[str, tuple[int, int]]:
     """Non-zero per-verdict counters summed over CPUs: name -> (packets, bytes)."""
     out = {}
-    m = dp.maps["sp_stats_v1"]
+    m = dp.maps["sp_stats_v2"]
     sc = layout.codec("sp_stat")
     for i, name in enumerate(verdict_names()):
         pk = by = 0
@@ -351,11 +371,12 @@ class Run:
     t1: int
 
 
-def run(dp, pkt: bytes, egress: bool = False) -> Run:
-    """One packet through the ingress (or egress) program, with the counters it moved."""
+def run(dp, pkt: bytes, egress: bool = False, external: bool = False) -> Run:
+    """One packet through the ingress (or egress) program of a pod (or an
+    external) interface, with the counters it moved."""
     before = stats(dp)
     t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    retval, out, _ = dp.test_run(pkt, egress=egress)
+    retval, out, _ = dp.test_run(pkt, egress=egress, external=external)
     t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     after = stats(dp)
     delta = {}

@@ -20,7 +20,6 @@ shortest truncated header below is one whose options are cut.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from ctrl import layout, loader
+from ctrl import layout
 
 from .packets import (
     BE1,
@@ -71,23 +70,6 @@ from .packets import (
     udp,
     verify_checksums,
 )
-
-
-@pytest.fixture
-def dp():
-    """A freshly loaded program with private (unpinned), empty maps."""
-    if os.geteuid() != 0:
-        pytest.fail(
-            "the datapath tests load a BPF program and run it with BPF_PROG_TEST_RUN: "
-            "they need root (run `sudo make test` or pytest as root)",
-            pytrace=False,
-        )
-    d = loader.load(pin_dir=None)
-    try:
-        yield d
-    finally:
-        d.close()
-
 
 # -- the fixture world -------------------------------------------------------
 # Service ids and backend ids are deliberately different numbers, so a
@@ -693,7 +675,7 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
         Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080), ct_new=pair),
     )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v1"].delete(ct_key_bytes(rev))
+    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(rev))
     check_run(
         dp,
         Case(
@@ -847,14 +829,14 @@ def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
     # Another client is free to land elsewhere, and sticks as well.
     others = {backend_of(dp, tcp(CLIENT2, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(others) == 1
-    assert dp.maps["sp_aff_v1"].lookup(aff_key(30, CLIENT)) is not None
+    assert dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)) is not None
 
 
 def test_without_affinity_new_flows_spread(dp):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5)),), backends=AFF_BACKENDS))
     seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(seen) == 3, seen
-    assert dp.maps["sp_aff_v1"].items() == []
+    assert dp.maps["sp_aff_v2"].items() == []
 
 
 @pytest.mark.parametrize(
@@ -875,9 +857,9 @@ def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
     # all on one backend would happen with probability 3 * (1/3)**12.
     for i in range(12):
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        dp.maps["sp_aff_v1"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
+        dp.maps["sp_aff_v2"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
         firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
-        be, s_, last = vc.unpack(dp.maps["sp_aff_v1"].lookup(aff_key(30, CLIENT)))
+        be, s_, last = vc.unpack(dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)))
         assert last > now and s_ < 3  # refreshed, and naming a valid slot
     if sticks:
         assert set(firsts) == {BE3}
@@ -894,9 +876,9 @@ def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
     from ctrl.objects import addr16
 
     backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0)
-    dp.maps["sp_be_v1"].update((9).to_bytes(4, "little"), backend)
-    dp.maps["sp_slot_v1"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v1"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
+    dp.maps["sp_be_v2"].update((9).to_bytes(4, "little"), backend)
+    dp.maps["sp_slot_v2"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
+    dp.maps["sp_svc_v2"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
                                 layout.codec("sp_svc_val").pack(40, 1, 0, 0))
 
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def build_old_release(out: Path) -> tuple[Path, Path]:
     hdr = (REPO / "ebpf" / "sliceproxy.h").read_text()
-    hdr = hdr.replace("#define SP_LAYOUT_VERSION 1", "#define SP_LAYOUT_VERSION 0")
+    hdr = hdr.replace("#define SP_LAYOUT_VERSION 2", "#define SP_LAYOUT_VERSION 0")
     ct_fields = (
         "\t__u32 backend_id;  /* backend the flow was given */\n"
         "\t__u32 svc_id;      /* service the flow was given by */\n"
@@ -36,10 +36,10 @@ def build_old_release(out: Path) -> tuple[Path, Path]:
     be_fields = "\t__u16 port;    /* backend port, host order */\n\t__u8 proto;    /* IPPROTO_* */\n"
     assert be_fields in hdr
     hdr = hdr.replace(be_fields, "\t__u8 proto;\n\t__u8 pad0;\n\t__u16 port;\n").replace(
-        "\t__u8 pad;      /* zero */\n};\n\n/* sp_ct_v1", "\t__u8 pad1[2];\n};\n\n/* sp_ct_v1", 1
+        "\t__u8 pad;      /* zero */\n};\n\n/* sp_ct_v2", "\t__u8 pad1[2];\n};\n\n/* sp_ct_v2", 1
     )
     src = (REPO / "ebpf" / "sliceproxy_tc.bpf.c").read_text()
-    src = re.sub(r"\b(sp_[a-z]+)_v1\b", r"\1_v0", src)
+    src = re.sub(r"\b(sp_[a-z]+)_v2\b", r"\1_v0", src)
     (out / "sliceproxy.h").write_text(hdr)
     (out / "sliceproxy_tc.bpf.c").write_text(src)
     arch = os.uname().machine
@@ -66,7 +66,7 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    # `sliceproxy dump` of this release reads _v1 maps: follow the old
+    # `sliceproxy dump` of this release reads _v2 maps: follow the old
     # release through its log instead.
     old.wait_log(r"sync \(full\): 1 services changed")
     old.wait_attached(p.host_if for p in topo.pods.values())
@@ -86,7 +86,7 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
         assert old.terminate() == 0
         new = agents.start()
         agents.wait_ready(new)
-        new.wait_log(r"migrated \d+ entries of sp_ct_v0 into sp_ct_v1")
+        new.wait_log(r"migrated \d+ entries of sp_ct_v0 into sp_ct_v2")
         assert all(e.poll() is None for e in echoes), "a connection ended before the upgrade; the test proved nothing"
         results = [finish_client(topo, e, timeout=60) for e in echoes]
     finally:

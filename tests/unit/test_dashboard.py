@@ -43,3 +43,11 @@ def test_metrics_doc_lists_every_exported_metric():
     names = {n for n in names if not n.endswith("_created")} | DATAPLANE
     missing = [n for n in sorted(names) if n not in doc]
     assert not missing, missing
+
+
+def test_every_verdict_is_named_in_metrics_doc():
+    from ctrl.dump import verdicts
+
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    missing = [v for v in verdicts() if f"`{v}`" not in doc]
+    assert not missing, f"docs/metrics.md does not name the verdicts {missing}"

@@ -142,9 +142,9 @@ def test_write_order_on_growth_slots_before_count():
     p.sync({"default/web": [front(1)]})
     order = _order(p.sync({"default/web": [front(1, 2)]}))
     assert (
-        order.index(("sp_be_v1", "update"))
-        < order.index(("sp_slot_v1", "update"))
-        < order.index(("sp_svc_v1", "update"))
+        order.index(("sp_be_v2", "update"))
+        < order.index(("sp_slot_v2", "update"))
+        < order.index(("sp_svc_v2", "update"))
     )
 
 
@@ -153,9 +153,9 @@ def test_write_order_on_shrink_count_before_slot_and_backend_deletes():
     p.sync({"default/web": [front(1, 2, 3)]})
     order = _order(p.sync({"default/web": [front(1)]}))
     assert (
-        order.index(("sp_svc_v1", "update"))
-        < order.index(("sp_slot_v1", "delete"))
-        < order.index(("sp_be_v1", "delete"))
+        order.index(("sp_svc_v2", "update"))
+        < order.index(("sp_slot_v2", "delete"))
+        < order.index(("sp_be_v2", "delete"))
     )
 
 
@@ -164,10 +164,10 @@ def test_write_order_on_service_removal_frontend_first():
     p.sync({"default/web": [front(1, 2)]})
     order = _order(p.sync({"default/web": []}))
     assert order == [
-        ("sp_svc_v1", "delete"),
-        ("sp_slot_v1", "delete"),
-        ("sp_be_v1", "delete"),
-        ("sp_names_v1", "delete"),
+        ("sp_svc_v2", "delete"),
+        ("sp_slot_v2", "delete"),
+        ("sp_be_v2", "delete"),
+        ("sp_names_v2", "delete"),
     ]
 
 
