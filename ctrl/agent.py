@@ -19,11 +19,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from .apply import Writer, read_contents
+from .apply import NodeConfig, Writer, read_contents
 from .diff import ChangeSet, Programmed
 from .gcpause import paused_gc
 from .libbpf import BPFError
-from .plan import ServicePlanner, no_local_endpoints
+from .objects import addr16
+from .plan import NodeAddresses, ServicePlanner, no_local_endpoints, nodeport_addresses
 from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
@@ -42,6 +43,9 @@ class Agent:
         resync_period: float = 60.0,
         metrics=None,
         health_checks=None,
+        nodeport_cidrs: tuple[str, ...] = (),
+        snat_ports: tuple[int, int] = (61000, 65535),
+        snat_reclaim: int = 600,
     ):
         self.source = source
         self.state = state
@@ -56,6 +60,10 @@ class Agent:
         self.resync_period = resync_period
         self.metrics = metrics
         self.health_checks = health_checks  # ctrl.healthcheck.HealthCheckServers
+        self.nodeport_cidrs = nodeport_cidrs  # --nodeport-addresses
+        self.snat_ports = snat_ports
+        self.snat_reclaim = snat_reclaim
+        self._config_written: NodeConfig | None = None
         # Changes taken since the last successful sync, for the pending
         # gauges and network programming latency.
         self._pending = {"EndpointSlice": 0, "Service": 0}
@@ -90,8 +98,26 @@ class Agent:
         if self.metrics is not None:
             self.metrics.pending(self._pending["EndpointSlice"], self._pending["Service"], self._queued_at)
 
+    def node_addresses(self) -> NodeAddresses:
+        """This node's addresses for NodePorts (--nodeport-addresses
+        applied) and source ranges; none before its Node object arrives."""
+        node = self.state.node
+        if node is None:
+            return NodeAddresses()
+        return NodeAddresses(nodeport_addresses(node.ips, self.nodeport_cidrs), node.ips)
+
+    def node_config(self) -> NodeConfig:
+        """The masquerade address per family: the Node's first InternalIP of
+        it, else its first ExternalIP."""
+        node = self.state.node
+        ips = node.ips if node is not None else ()
+        v4 = next((addr16(ip) for ip in ips if ":" not in ip), None)
+        v6 = next((addr16(ip) for ip in ips if ":" in ip), None)
+        return NodeConfig(v4, v6, self.snat_ports, self.snat_reclaim)
+
     def plan(self, owners: set[str]) -> dict:
         desired = {}
+        addrs = self.node_addresses()
         for owner in sorted(owners):
             node = self.state.node
             fronts, notes = self.planner.plan(
@@ -100,6 +126,7 @@ class Agent:
                 self.state.slices.get(owner, {}),
                 self.state.node_name,
                 node.zone if node is not None else None,
+                addrs,
             )
             for note in notes:
                 log.warning("%s", note)
@@ -149,6 +176,10 @@ class Agent:
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         try:
+            cfg = self.node_config()
+            if self.writer is not None and cfg != self._config_written:
+                self.writer.write_config(cfg)
+                self._config_written = cfg
             t_write = self.writer.apply(cs) if self.writer is not None and len(cs) else 0.0
         except BPFError as e:
             if self.metrics is not None:
@@ -194,10 +225,11 @@ class Agent:
         return cs
 
     def _readopt(self) -> None:
+        self._config_written = None  # rewritten by the next sync
         if self.writer is not None:
             try:
                 mc = read_contents(self.writer.maps)
-                self.programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names)
+                self.programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names, mc.ranges)
             except BPFError as e:
                 log.error("re-reading the maps failed: %s", e)
         self.need_full = True

@@ -26,6 +26,17 @@ from .plan import Backend
 log = logging.getLogger("sliceproxy.apply")
 
 
+@dataclass(frozen=True)
+class NodeConfig:
+    """sp_cfg: the addresses masqueraded flows leave with (addr16 or None)
+    and the SNAT port range and reclaim time."""
+
+    addr4: bytes | None = None
+    addr6: bytes | None = None
+    snat_ports: tuple[int, int] = (61000, 65535)
+    snat_reclaim: int = 600
+
+
 @dataclass
 class Codecs:
     svc_key: layout.Codec
@@ -35,6 +46,8 @@ class Codecs:
     backend: layout.Codec
     name: layout.Codec
     u32: layout.Codec
+    src_key: layout.Codec
+    src_val: layout.Codec
 
     @classmethod
     def get(cls) -> Codecs:
@@ -50,6 +63,8 @@ class Codecs:
             # Map keys declared as a bare __u32 in the program (backend and
             # name ids): BTF checks them as the map's key_size.
             u32=layout.Codec("u32", 4, ("id",), _struct.Struct("=I")),
+            src_key=layout.codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
+            src_val=layout.codec("sp_src_val", ("allow",)),
         )
 
 
@@ -83,6 +98,15 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         c.slot_key.pack_columns([s for s, _, _ in cs.slot_upd], [i for _, i, _ in cs.slot_upd]),
         c.slot_val.pack_columns([b for _, _, b in cs.slot_upd]),
     )
+    # Source ranges before the frontends that flag them. The LPM key's
+    # prefix length counts the svc_id's 32 bits too.
+    add(
+        mn("sp_src"),
+        "update",
+        len(cs.src_upd),
+        _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_upd)),
+        _pack_all(c.src_val, ((1,) for _ in cs.src_upd)),
+    )
     add(
         mn("sp_svc"),
         "update",
@@ -106,6 +130,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     )
     add(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
     add(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
+    add(mn("sp_src"), "delete", len(cs.src_del), _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_del)))
     return out
 
 
@@ -119,6 +144,7 @@ class Writer:
             mn("sp_slot"): (c.slot_key.size, c.slot_val.size),
             mn("sp_svc"): (c.svc_key.size, c.svc_val.size),
             mn("sp_names"): (c.u32.size, c.name.size),
+            mn("sp_src"): (c.src_key.size, c.src_val.size),
         }
         for name, (ks, vs) in expect.items():
             m = maps[name]
@@ -127,6 +153,13 @@ class Writer:
                     f"map {name}: key/value sizes {m.key_size}/{m.value_size} in the kernel, "
                     f"{ks}/{vs} in ebpf/sliceproxy.h"
                 )
+
+    def write_config(self, cfg: NodeConfig) -> None:
+        """The node-wide settings the external programs read (sp_cfg)."""
+        z = b"\0" * 16
+        codec = layout.codec("sp_cfg", ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim"))
+        val = codec.pack(cfg.addr4 or z, cfg.addr6 or z, cfg.snat_ports[0], cfg.snat_ports[1], cfg.snat_reclaim)
+        self.maps[mn("sp_cfg")].update((0).to_bytes(4, "little"), val)
 
     def apply(self, cs: ChangeSet) -> float:
         """Write cs, then drop the UDP flows of backends it removed; returns
@@ -185,6 +218,7 @@ class MapContents:
     slots: dict[tuple[int, int], int]
     backends: dict[int, Backend]
     names: dict[int, str]
+    ranges: dict[int, set[tuple[bytes, int]]]
 
 
 def read_contents(maps: dict[str, Map]) -> MapContents:
@@ -197,4 +231,9 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     if mn("sp_names") in maps:
         for k, v in maps[mn("sp_names")].items():
             names[c.u32.unpack(k)[0]] = c.name.unpack(v)[0].split(b"\0", 1)[0].decode(errors="replace")
-    return MapContents(svc, slots, backends, names)  # type: ignore[arg-type]
+    ranges: dict[int, set[tuple[bytes, int]]] = {}
+    if mn("sp_src") in maps:
+        for k, _ in maps[mn("sp_src")].items():
+            plen, svc_id, addr = c.src_key.unpack(k)
+            ranges.setdefault(svc_id, set()).add((addr, plen - 32))
+    return MapContents(svc, slots, backends, names, ranges)  # type: ignore[arg-type]

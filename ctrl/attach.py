@@ -111,10 +111,15 @@ class Attacher:
     """Keeps the program attached to every interface matching the patterns,
     including interfaces that appear later (pods come and go)."""
 
-    def __init__(self, patterns: list[str], prog_fd: int, egress_fd: int | None = None):
+    def __init__(
+        self, patterns: list[str], prog_fd: int, egress_fd: int | None = None, exclude: list[str] | None = None
+    ):
         self.patterns = patterns
         self.prog_fd = prog_fd
         self.egress_fd = egress_fd
+        # Interfaces another Attacher owns (the external ones): never ours,
+        # even if our patterns match them too.
+        self.exclude = exclude or []
         self.done: set[tuple[str, int]] = set()
 
     def refresh(self) -> list[str]:
@@ -122,7 +127,9 @@ class Attacher:
         new = []
         with IPRoute() as ipr:
             links = [(link.get_attr("IFLA_IFNAME"), link["index"]) for link in ipr.get_links()]
-        live = {(n, i) for n, i in links if n in match_interfaces(self.patterns, [n for n, _ in links])}
+        names = [n for n, _ in links]
+        mine = set(match_interfaces(self.patterns, names)) - set(match_interfaces(self.exclude, names))
+        live = {(n, i) for n, i in links if n in mine}
         for name, idx in sorted(live - self.done):
             try:
                 attach(name, self.prog_fd, self.egress_fd)

@@ -50,6 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
         "interfaces are picked up while running",
     )
     run.add_argument(
+        "--external-interfaces",
+        action="append",
+        metavar="GLOB[,GLOB]",
+        help="interfaces (glob patterns) that face outside the cluster (the node's uplink): their tc "
+        "ingress serves NodePorts, LoadBalancer IPs and externalIPs, their egress masquerades",
+    )
+    run.add_argument(
+        "--nodeport-addresses",
+        action="append",
+        metavar="CIDR[,CIDR]",
+        help="serve NodePorts only on the node's addresses inside these CIDRs, or 'primary' "
+        "(kube-proxy's flag; default: every InternalIP and ExternalIP of the Node)",
+    )
+    run.add_argument(
+        "--snat-port-range",
+        default="61000-65535",
+        metavar="LOW-HIGH",
+        help="source ports of masqueraded flows; keep it out of net.ipv4.ip_local_port_range "
+        "(default 32768-60999) so the node's own sockets never meet them",
+    )
+    run.add_argument(
+        "--snat-reclaim",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="an SNAT port whose flow was idle this long may be given to a new flow",
+    )
+    run.add_argument(
         "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
     )
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
@@ -124,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     un = sub.add_parser("uninstall", help="detach the program and remove the pinned maps")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
     un.add_argument("--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface")
+    un.add_argument("--external-interfaces", action="append", metavar="GLOB[,GLOB]", help="also detach from these")
     _log_args(un)
     return p
 
@@ -160,10 +189,39 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _snat_ports(value: str) -> tuple[int, int]:
+    try:
+        lo_s, hi_s = value.split("-", 1)
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError:
+        raise SystemExit(f"sliceproxy run: --snat-port-range: {value!r} is not LOW-HIGH") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise SystemExit(f"sliceproxy run: --snat-port-range: {value!r} is not a range of ports (1-65535)")
+    return lo, hi
+
+
+def _cidrs(values: list[str] | None) -> tuple[str, ...]:
+    import ipaddress
+
+    out = []
+    for c in _patterns(values):
+        if c == "primary":
+            out.append(c)
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(c, strict=False)))
+        except ValueError:
+            raise SystemExit(f"sliceproxy run: --nodeport-addresses: {c!r} is not a CIDR") from None
+    return tuple(out)
+
+
 def cmd_run(args) -> int:
     from .agent import Agent
     from .diff import Programmed
     from .state import ClusterState
+
+    snat_ports = _snat_ports(args.snat_port_range)
+    nodeport_cidrs = _cidrs(args.nodeport_addresses)
 
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
     source = make_source(args)
@@ -176,7 +234,7 @@ def cmd_run(args) -> int:
             print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
             return 1
         source.stop()
-        agent = Agent(source, state, programmed, writer=None)
+        agent = Agent(source, state, programmed, writer=None, nodeport_cidrs=nodeport_cidrs)
         agent._drain_nowait()
         cs = agent.sync()
         assert cs is not None
@@ -187,6 +245,7 @@ def cmd_run(args) -> int:
     from .apply import Writer, read_contents
 
     patterns = _patterns(args.interfaces)
+    ext_patterns = _patterns(args.external_interfaces)
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
     dp = loader.load(args.bpf_object, args.pin_dir, sizes)
@@ -199,7 +258,7 @@ def cmd_run(args) -> int:
         log.info("carried %d entries over from maps of another layout version", n)
     writer = Writer(dp.maps)
     mc = read_contents(dp.maps)
-    programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names)
+    programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names, mc.ranges)
     if mc.svc:
         log.info(
             "adopted %d frontends and %d backends pinned in %s; pruning waits for the first full sync",
@@ -207,9 +266,12 @@ def cmd_run(args) -> int:
             len(mc.backends),
             args.pin_dir,
         )
-    attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd) if patterns else None
+    attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
     if attacher is not None:
         attacher.refresh()
+    ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
+    if ext_attacher is not None:
+        ext_attacher.refresh()
     # The new programs are in place (or none was asked for): the old maps
     # have served their last packet through us.
     migrate.remove_old_pins(args.pin_dir, dp.maps)
@@ -230,10 +292,13 @@ def cmd_run(args) -> int:
         state,
         programmed,
         writer,
-        refresh_interfaces=attacher.refresh if attacher else None,
+        refresh_interfaces=_refresher(attacher, ext_attacher),
         min_sync_period=args.min_sync_period,
         resync_period=args.sync_period,
         metrics=metrics,
+        nodeport_cidrs=nodeport_cidrs,
+        snat_ports=snat_ports,
+        snat_reclaim=args.snat_reclaim,
     )
 
     from .health import Health
@@ -261,12 +326,29 @@ def cmd_run(args) -> int:
         ",".join(patterns) or "-",
         args.pin_dir,
     )
+    if ext_patterns:
+        log.info(
+            "external interfaces %s: NodePorts, LoadBalancer IPs and externalIPs served there",
+            ",".join(ext_patterns),
+        )
     agent.run()
     source.stop()
     dp.close()
     if args.cleanup_on_exit:
-        uninstall(patterns or ["*"], args.pin_dir)
+        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir)
     return 0
+
+
+def _refresher(*attachers):
+    live = [a for a in attachers if a is not None]
+    if not live:
+        return None
+
+    def refresh() -> None:
+        for a in live:
+            a.refresh()
+
+    return refresh
 
 
 def make_source(args):
@@ -327,7 +409,7 @@ def cmd_dump(args) -> int:
 
 
 def cmd_uninstall(args) -> int:
-    uninstall(_patterns(args.interfaces) or ["*"], args.pin_dir)
+    uninstall((_patterns(args.interfaces) + _patterns(args.external_interfaces)) or ["*"], args.pin_dir)
     return 0
 
 

@@ -23,7 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import filterfalse, repeat
 
-from .plan import Backend, Frontend
+from .plan import Backend, Frontend, SourceRange
 from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy.diff")
@@ -45,6 +45,7 @@ class FrontendState:
     # backend's slot: what a Frontend's added/removed delta applies to.
     version: int = -1
     slot_of: dict[int, int] | None = None
+    ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
 
 
 @dataclass
@@ -61,6 +62,11 @@ class ChangeSet:
     slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
     svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
+    # loadBalancerSourceRanges entries (svc_id, addr16, prefix length over
+    # 128 bits): written before the frontend that flags them, deleted after
+    # it, so no packet meets the flag without its ranges.
+    src_upd: list[tuple[int, bytes, int]] = field(default_factory=list)
+    src_del: list[tuple[int, bytes, int]] = field(default_factory=list)
     svc_del: list[FKey] = field(default_factory=list)
     slot_del: list[tuple[int, int]] = field(default_factory=list)
     be_del: list[int] = field(default_factory=list)
@@ -83,6 +89,8 @@ class ChangeSet:
             + len(self.slot_del)
             + len(self.be_del)
             + len(self.name_del)
+            + len(self.src_upd)
+            + len(self.src_del)
         )
 
     def summary(self) -> dict[str, int]:
@@ -151,6 +159,7 @@ class Programmed:
         # the first full sync, never before (a restart must not drop traffic).
         self.orphan_slots: list[tuple[int, int]] = []
         self.orphan_names: list[int] = []
+        self.orphan_ranges: list[tuple[int, bytes, int]] = []
         self.slot_count = 0
         self._unused: set[int] = set()
         self._unindexed: set[FKey] = set()
@@ -162,6 +171,7 @@ class Programmed:
         slots: dict[tuple[int, int], int],
         backends: dict[int, Backend],
         names: dict[int, str],
+        ranges: dict[int, set[SourceRange]] | None = None,
     ) -> None:
         """Rebuild the mirror from decoded map contents."""
         self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
@@ -177,6 +187,7 @@ class Programmed:
                 sl.append(b if b in self.backends else None)
                 used_slots.add((svc_id, i))
             st = FrontendState(svc_id, owner, name, sl, flags, timeout)  # type: ignore[arg-type]
+            st.ranges = tuple(sorted((ranges or {}).get(svc_id, ())))
             self.frontends[key] = st
             self.by_owner[owner].add(key)
             for b in set(sl):
@@ -186,6 +197,7 @@ class Programmed:
         self.orphan_slots = [k for k in slots if k not in used_slots]
         live_ids = {st.svc_id for st in self.frontends.values()}
         self.orphan_names = [i for i in names if i not in live_ids]
+        self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.next_svc_id = max([st.svc_id for st in self.frontends.values()] + list(names) + [0]) + 1
         self.next_be_id = max(list(backends) + [0]) + 1
 
@@ -213,7 +225,8 @@ class Programmed:
             cs.slot_del.extend(self.orphan_slots)
             self.slot_count -= len(self.orphan_slots)
             cs.name_del.extend(self.orphan_names)
-            self.orphan_slots, self.orphan_names = [], []
+            cs.src_del.extend(self.orphan_ranges)
+            self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
             self._unused.update(b for b in self.backends if self.refs.get(b, 0) == 0)
         # Backends are dropped once every owner is done, so one that moves
         # from one service to another in the same sync keeps its id; and
@@ -440,6 +453,12 @@ class Programmed:
             cur.name = f.name
             cs.name_upd.append((cur.svc_id, f.name))
             changed = True
+        if cur.ranges != f.source_ranges and set(cur.ranges) != set(f.source_ranges):
+            old_r, new_r = set(cur.ranges), set(f.source_ranges)
+            cs.src_upd.extend((cur.svc_id, a, n) for a, n in f.source_ranges if (a, n) not in old_r)
+            cs.src_del.extend((cur.svc_id, a, n) for a, n in cur.ranges if (a, n) not in new_r)
+            cur.ranges = f.source_ranges
+            changed = True
         if changed:
             cs.services.add(owner)
 
@@ -501,6 +520,7 @@ class Programmed:
         self.by_owner[st.owner].discard(key)
         cs.svc_del.append(key)
         cs.name_del.append(st.svc_id)
+        cs.src_del.extend((st.svc_id, a, n) for a, n in st.ranges)
         cs.services.add(st.owner)
         for i in range(len(st.slots)):
             cs.slot_del.append((st.svc_id, i))

@@ -100,6 +100,9 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
                 "count": count,
                 "flags": flags,
                 "affinity_timeout": timeout,
+                "source_ranges": sorted(
+                    f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())
+                ),
                 "backends": backends,
             }
         )
@@ -120,7 +123,10 @@ def render_table(data: dict) -> str:
     rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
     for s in data["services"]:
         bes = ", ".join(s["backends"]) if s["backends"] else "(none: dropped)"
-        rows.append((s["name"] or "<unnamed>", s["frontend"], str(s["svc_id"]), bes))
+        front = s["frontend"] + (" (external)" if s.get("scope") == "external" else "")
+        if s.get("source_ranges"):
+            bes += "  [from " + ", ".join(s["source_ranges"]) + "]"
+        rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), bes))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
     lines.append("")

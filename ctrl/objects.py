@@ -12,6 +12,7 @@ rest of the object is used.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -68,6 +69,10 @@ class Service:
     # sessionAffinity ClientIP: seconds of stickiness (timeoutSeconds); 0: None.
     affinity_timeout: int = 0
     health_check_node_port: int | None = None  # spec.healthCheckNodePort
+    # spec.loadBalancerSourceRanges (else the annotation
+    # service.beta.kubernetes.io/load-balancer-source-ranges): valid CIDRs,
+    # normalized ("198.18.0.0/16").
+    lb_source_ranges: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -124,6 +129,15 @@ class Node:
     name: str
     labels: dict = field(default_factory=dict, hash=False)
     addresses: tuple[str, ...] = ()
+    # status.addresses of type InternalIP and ExternalIP that are IPs, in
+    # order: where NodePorts are served and masqueraded flows come from.
+    internal_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return self.internal_ips + tuple(ip for ip in self.external_ips if ip not in self.internal_ips)
 
     @property
     def zone(self) -> str | None:
@@ -272,11 +286,33 @@ def parse_service(raw: dict) -> Service:
         ip = ing.get("ip") if isinstance(ing, dict) else None
         if ip is None:
             continue  # hostname-only ingress: nothing for a proxy to match
+        if ing.get("ipMode") == "Proxy":
+            # The load balancer proxies: traffic reaches the node addressed
+            # to the node, not to this IP. kube-proxy skips it too.
+            continue
         try:
             addr16(ip)
             lb_ips.append(ip)
         except (ValueError, TypeError, OSError):
             problems.append(f"{what}: status.loadBalancer.ingress[{i}].ip: {ip!r} is not an IP address")
+    ranges_field = "spec.loadBalancerSourceRanges"
+    raw_ranges = spec.get("loadBalancerSourceRanges") or []
+    if not raw_ranges:
+        ann = ((raw.get("metadata") or {}).get("annotations") or {}).get(
+            "service.beta.kubernetes.io/load-balancer-source-ranges"
+        )
+        if isinstance(ann, str) and ann.strip():
+            raw_ranges = [r.strip() for r in ann.split(",") if r.strip()]
+            ranges_field = "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]"
+    lb_ranges = []
+    if not isinstance(raw_ranges, list):
+        problems.append(f"{what}: {ranges_field}: not a list; ignored")
+        raw_ranges = []
+    for i, cidr in enumerate(raw_ranges):
+        try:
+            lb_ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
+        except ValueError:
+            problems.append(f"{what}: {ranges_field}[{i}]: {cidr!r} is not a CIDR; ignored")
     return Service(
         ns,
         name,
@@ -291,6 +327,7 @@ def parse_service(raw: dict) -> Service:
         lb_ips=tuple(lb_ips),
         affinity_timeout=affinity_timeout,
         health_check_node_port=_port(spec.get("healthCheckNodePort"), what, "spec.healthCheckNodePort", optional=True),
+        lb_source_ranges=tuple(dict.fromkeys(lb_ranges)),
     )
 
 
@@ -406,7 +443,21 @@ def _hint_names(hints: object) -> tuple[str, ...] | None:
 def parse_node(raw: dict) -> Node:
     _, name, labels = _meta(raw, describe(raw), namespaced=False)
     status = raw.get("status") or {}
-    addrs = tuple(
-        str(a["address"]) for a in (status.get("addresses") or []) if isinstance(a, dict) and a.get("address")
-    )
-    return Node(name, labels, addrs)
+    raw_addrs = status.get("addresses") or []
+    if not isinstance(raw_addrs, list):
+        raise ObjectError(f"Node {name}: status.addresses: not a list")
+    addrs = tuple(str(a["address"]) for a in raw_addrs if isinstance(a, dict) and a.get("address"))
+    ips: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
+    problems = []
+    for i, a in enumerate(raw_addrs):
+        if not isinstance(a, dict) or a.get("type") not in ips:
+            continue
+        ip = a.get("address")
+        try:
+            addr16(ip)  # type: ignore[arg-type]
+        except (ValueError, TypeError, OSError):
+            problems.append(f"Node {name}: status.addresses[{i}].address: {ip!r} is not an IP address; ignored")
+            continue
+        if ip not in ips[a["type"]]:
+            ips[a["type"]].append(ip)  # type: ignore[arg-type]
+    return Node(name, labels, addrs, tuple(ips["InternalIP"]), tuple(ips["ExternalIP"]), tuple(problems))

@@ -8,12 +8,13 @@ input always plans the same frontends and an unchanged service diffs empty.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .objects import Endpoint, EndpointSlice, Service, ServicePort, addr16, is_v4
+from .objects import Endpoint, EndpointSlice, Service, ServicePort, addr16
 from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -23,11 +24,57 @@ SCOPE_INTERNAL = 0
 SCOPE_EXTERNAL = 1
 
 SVC_F_AFFINITY = 1  # ebpf/sliceproxy.h SP_SVC_F_AFFINITY; checked by tests/unit/test_layout.py
+SVC_F_SRC_RANGES = 2  # SP_SVC_F_SRC_RANGES
+SVC_F_MASQ = 4  # SP_SVC_F_MASQ
+
+# Which endpoints a frontend spreads over (see _select):
+RULE_CLUSTER_IP = "itp"  # a cluster IP: internalTrafficPolicy decides
+RULE_EXTERNAL_FROM_PODS = "cluster"  # an external address reached from pods
+RULE_EXTERNAL = "etp"  # an external address reached from outside
 
 # Protocols the datapath rewrites today.
 SERVED_PROTOCOLS = ("TCP", "UDP")
 
 Backend = tuple[bytes, int, int]  # (addr16, port, protocol number)
+SourceRange = tuple[bytes, int]  # (addr16 of the network, prefix length over 128 bits)
+
+
+@dataclass(frozen=True)
+class NodeAddresses:
+    """What the external frontends need to know of this node."""
+
+    nodeport: tuple[str, ...] = ()  # addresses NodePorts are served on (--nodeport-addresses applied)
+    ips: tuple[str, ...] = ()  # every InternalIP and ExternalIP of the Node
+
+
+def nodeport_addresses(ips: tuple[str, ...], cidrs: tuple[str, ...]) -> tuple[str, ...]:
+    """kube-proxy's --nodeport-addresses: the node's addresses inside one of
+    the CIDRs; no CIDR: all of them; "primary": the first address of each
+    family."""
+    if not cidrs:
+        return ips
+    if "primary" in cidrs:
+        firsts: dict[bool, str] = {}
+        for ip in ips:
+            firsts.setdefault(":" in ip, ip)
+        return tuple(firsts.values())
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    return tuple(ip for ip in ips if any(ipaddress.ip_address(ip) in n for n in nets))
+
+
+def _select(cat, policy: PortPolicy, rule: str) -> list[PortEndpoint]:
+    """The endpoints of a frontend from categorize()'s sets, kube-proxy's
+    chains: a cluster IP goes to KUBE-SVL (local) under
+    internalTrafficPolicy Local, else KUBE-SVC (cluster); an external
+    address reached from outside goes to the local set under
+    externalTrafficPolicy Local, else the cluster set; reached from a pod
+    (kube-proxy's short circuit of traffic from the cluster) it always goes
+    to the cluster set."""
+    if rule == RULE_CLUSTER_IP:
+        return cat.local if policy.internal_local else cat.cluster
+    if rule == RULE_EXTERNAL:
+        return cat.local if policy.external_local else cat.cluster
+    return cat.cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +91,7 @@ class Frontend:
     # `base` (`backends` holds the whole set either way), so ctrl.diff can
     # apply a one-slice change in time proportional to the slice, not to
     # the Service. None: no earlier plan to be relative to.
+    source_ranges: tuple[SourceRange, ...] = ()  # with SVC_F_SRC_RANGES: the allowed sources
     added: tuple[Backend, ...] | None = field(default=None, compare=False)
     removed: tuple[Backend, ...] | None = field(default=None, compare=False)
     base: int = field(default=-1, compare=False)
@@ -102,53 +150,141 @@ def no_local_endpoints(
     return internal, external
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """One frontend to plan: where, and which endpoints it takes."""
+
+    addr: str
+    port: int
+    scope: int
+    sp: ServicePort
+    family: str
+    rule: str
+    flags: int
+    ranges: tuple[SourceRange, ...]
+
+
+def _family(ip: str) -> str:
+    return "IPv6" if ":" in ip else "IPv4"
+
+
+def _source_ranges(svc: Service, family: str, node: NodeAddresses) -> tuple[SourceRange, ...]:
+    """loadBalancerSourceRanges of one family, as kube-proxy's firewall
+    chain allows them; () means no filtering. A range of the other family
+    only is no filter for this one (kube-proxy filters the ranges per
+    family first). A range holding one of the node's addresses also admits
+    the LB IPs as sources (a node reaching an LB IP that is routed back to
+    it with the LB IP as source)."""
+    out: list[SourceRange] = []
+    nets = [ipaddress.ip_network(c) for c in svc.lb_source_ranges]
+    nets = [n for n in nets if (n.version == 6) == (family == "IPv6")]
+    for n in nets:
+        out.append((addr16(str(n.network_address)), n.prefixlen + (96 if n.version == 4 else 0)))
+    if nets and any(ipaddress.ip_address(ip) in n for ip in node.ips for n in nets):
+        for ip in svc.lb_ips:
+            if _family(ip) == family:
+                out.append((addr16(ip), 128))
+    return tuple(dict.fromkeys(out))
+
+
+def _specs(svc: Service, node: NodeAddresses | None) -> list[_Spec]:
+    """Every frontend of a Service, in a fixed order: per family of its
+    cluster IPs (kube-proxy serves a family only where the Service has a
+    cluster IP of it) the cluster IPs, then NodePorts on the node's
+    addresses, externalIPs and LoadBalancer ingress IPs, the last three
+    each in both scopes."""
+    node = node or NodeAddresses()
+    out: list[_Spec] = []
+    affinity = SVC_F_AFFINITY if svc.affinity_timeout else 0
+    families = list(dict.fromkeys(_family(ip) for ip in svc.cluster_ips))
+    for ip in svc.cluster_ips:
+        for sp in svc.ports:
+            out.append(_Spec(ip, sp.port, SCOPE_INTERNAL, sp, _family(ip), RULE_CLUSTER_IP, affinity, ()))
+    external_local = svc.external_traffic_policy == "Local"
+    for family in families:
+        ext: list[tuple[str, int, ServicePort, tuple[SourceRange, ...]]] = []
+        for sp in svc.ports:
+            if sp.node_port:
+                ext.extend((a, sp.node_port, sp, ()) for a in node.nodeport if _family(a) == family)
+        ranges = _source_ranges(svc, family, node)
+        for sp in svc.ports:
+            ext.extend((a, sp.port, sp, ()) for a in svc.external_ips if _family(a) == family)
+            ext.extend((a, sp.port, sp, ranges) for a in svc.lb_ips if _family(a) == family)
+        for a, port, sp, rng in ext:
+            f = affinity | (SVC_F_SRC_RANGES if rng else 0)
+            out.append(_Spec(a, port, SCOPE_INTERNAL, sp, family, RULE_EXTERNAL_FROM_PODS, f, rng))
+            f_ext = f | (0 if external_local else SVC_F_MASQ)
+            out.append(_Spec(a, port, SCOPE_EXTERNAL, sp, family, RULE_EXTERNAL, f_ext, rng))
+    return out
+
+
+def _state_key(spec: _Spec) -> tuple:
+    return (spec.sp.port, spec.sp.protocol, spec.family, spec.rule)
+
+
 def plan_service(
     svc: Service | None,
     slices: list[EndpointSlice],
     node_name: str | None = None,
     zone: str | None = None,
+    node: NodeAddresses | None = None,
 ) -> tuple[list[Frontend], list[str]]:
-    """Frontends for one service as this node (name, zone label) serves it,
-    and notes on what was skipped and why."""
+    """Frontends for one service as this node (name, zone label, addresses)
+    serves it, and notes on what was skipped and why."""
+    fronts, notes, _ = _plan(svc, slices, node_name, zone, node)
+    return fronts, notes
+
+
+def _plan(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str], dict]:
     if svc is None or ignored_reason(svc):
-        return [], []
+        return [], [], {}
     notes: list[str] = []
     out: list[Frontend] = []
-    for ip in svc.cluster_ips:
-        a = addr16(ip)
-        # Each cluster IP is served by the slices of its own family
-        # (dual-stack: one frontend per family, no translation between them).
-        family = "IPv6" if ":" in ip else "IPv4"
-        for sp in svc.ports:
-            if sp.protocol not in SERVED_PROTOCOLS:
+    meta: dict[tuple, tuple] = {}  # frontend key -> _state_key
+    skipped: set[str] = set()
+    chosen: dict[tuple, tuple[Backend, ...]] = {}
+    for spec in _specs(svc, node):
+        sp = spec.sp
+        if sp.protocol not in SERVED_PROTOCOLS:
+            if sp.name + str(sp.port) not in skipped:
+                skipped.add(sp.name + str(sp.port))
                 notes.append(
                     f"{svc.key} Service: port {sp.name or sp.port}: protocol {sp.protocol} is not "
                     f"served by this dataplane; skipped"
                 )
-                continue
-            proto = PROTO_NUMBERS[sp.protocol]
+            continue
+        proto = PROTO_NUMBERS[sp.protocol]
+        sk = _state_key(spec)
+        backends = chosen.get(sk)
+        if backends is None:
             policy = port_policy(svc, sp)
-            cat = categorize(merge_endpoints(sp, slices, family), policy, node_name, zone)
-            # In-cluster traffic: internalTrafficPolicy Local keeps it on this
-            # node's endpoints, and with none it is dropped (count 0).
-            eps = cat.local if policy.internal_local else cat.cluster
+            cat = categorize(merge_endpoints(sp, slices, spec.family), policy, node_name, zone)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps
             # one endpoint per (address, port): no duplicates.
-            backends = tuple([(e.ep.addr, e.port, proto) for e in eps])
-            out.append(
-                Frontend(
-                    addr=a,
-                    port=sp.port,
-                    proto=proto,
-                    scope=SCOPE_INTERNAL,
-                    name=frontend_name(svc, sp.name, sp.port, sp.protocol),
-                    backends=backends,
-                    flags=SVC_F_AFFINITY if svc.affinity_timeout else 0,
-                    affinity_timeout=svc.affinity_timeout,
-                )
+            eps = _select(cat, policy, spec.rule)
+            backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in eps])
+        f = Frontend(
+            addr=addr16(spec.addr),
+            port=spec.port,
+            proto=proto,
+            scope=spec.scope,
+            name=frontend_name(svc, sp.name, sp.port, sp.protocol),
+            backends=backends,
+            flags=spec.flags,
+            affinity_timeout=svc.affinity_timeout,
+            source_ranges=spec.ranges,
+        )
+        if f.key in meta:
+            # Two ports or addresses of one Service landing on one frontend
+            # (an externalIP equal to a node address...): the first wins.
+            notes.append(
+                f"{svc.key} Service: {spec.addr}:{spec.port}/{sp.protocol} is planned twice; the first one is kept"
             )
-    return out, notes
+            continue
+        meta[f.key] = sk
+        out.append(f)
+    return out, notes, meta
 
 
 # -- incremental planning ---------------------------------------------------------
@@ -215,8 +351,10 @@ def _slice_port(sl: EndpointSlice, sp: ServicePort, family: str) -> int | None:
 class _PortState:
     """One served port of one cluster IP: merged endpoints and selection."""
 
-    def __init__(self, sp: ServicePort, family: str, proto: int, policy: PortPolicy, node_name, zone, slices):
-        self.sp, self.family, self.proto, self.policy = sp, family, proto, policy
+    def __init__(
+        self, sp: ServicePort, family: str, proto: int, policy: PortPolicy, node_name, zone, slices, rule: str
+    ):
+        self.sp, self.family, self.proto, self.policy, self.rule = sp, family, proto, policy, rule
         self.node_name, self.zone = node_name, zone
         self.winner: dict[tuple[bytes, int], PortEndpoint] = {}
         self.classes: Counter = Counter()
@@ -241,7 +379,7 @@ class _PortState:
     def _selected_classes(self) -> frozenset:
         reps = {c: _representative(c, self.node_name, self.zone) for c, n in self.classes.items() if n > 0}
         cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
-        chosen = cat.local if self.policy.internal_local else cat.cluster
+        chosen = _select(cat, self.policy, self.rule)
         ids = {id(pe) for pe in chosen}
         return frozenset(c for c, pe in reps.items() if id(pe) in ids)
 
@@ -310,12 +448,15 @@ class _Cached:
     slices: dict[str, EndpointSlice]
     fronts: list[Frontend]
     notes: list[str]
+    meta: dict[tuple, tuple]  # frontend key -> key of its _PortState
     ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
 
 
 class ServicePlanner:
     """plan_service with memory: per Service, what it planned last; a
-    change to some of its slices is planned in time proportional to them."""
+    change to some of its slices is planned in time proportional to them.
+    Frontends that select alike (same port, family and rule: a NodePort on
+    two node addresses, an LB IP and an externalIP) share one _PortState."""
 
     def __init__(self) -> None:
         self._cache: dict[str, _Cached] = {}
@@ -341,13 +482,16 @@ class ServicePlanner:
         return n
 
     def _index(self, c: _Cached) -> None:
+        """One _PortState per selection (port, family, rule) the frontends use."""
         svc = c.svc
-        node_name, zone = c.where
+        node_name, zone, _ = c.where
         c.ports = {}
-        for f in c.fronts:
-            sp = next(p for p in svc.ports if p.port == f.port and PROTO_NUMBERS[p.protocol] == f.proto)
-            family = "IPv4" if is_v4(f.addr) else "IPv6"
-            c.ports[f.key] = _PortState(sp, family, f.proto, port_policy(svc, sp), node_name, zone, c.slices)
+        for sk in dict.fromkeys(c.meta.values()):
+            port, protocol, family, rule = sk
+            sp = next(p for p in svc.ports if p.port == port and p.protocol == protocol)
+            c.ports[sk] = _PortState(
+                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, rule
+            )
 
     def plan(
         self,
@@ -356,25 +500,30 @@ class ServicePlanner:
         slices: dict[str, EndpointSlice],
         node_name: str | None = None,
         zone: str | None = None,
+        node: NodeAddresses | None = None,
     ) -> tuple[list[Frontend], list[str]]:
         c = self._cache.get(owner)
-        where = (node_name, zone)
+        where = (node_name, zone, node)
         if svc is None or ignored_reason(svc):
             self._cache.pop(owner, None)
-            return plan_service(svc, list(slices.values()), node_name, zone)
+            return plan_service(svc, list(slices.values()), node_name, zone, node)
         if c is None or c.svc is not svc or c.where != where:
-            return self._full(owner, svc, slices, node_name, zone)
+            return self._full(owner, svc, slices, node_name, zone, node)
         old = {n: s for n, s in c.slices.items() if slices.get(n) is not s}
         new = {n: s for n, s in slices.items() if c.slices.get(n) is not s}
         if c.ports is None:
             self._index(c)
         assert c.ports is not None
+        deltas: dict[tuple, tuple] = {}
+        for sk, st in c.ports.items():
+            delta = st.update(old, new) if (old or new) else ((), ())
+            if delta is None:
+                return self._full(owner, svc, slices, node_name, zone, node)
+            deltas[sk] = delta
         fronts = []
         for f in c.fronts:
-            delta = c.ports[f.key].update(old, new) if (old or new) else ((), ())
-            if delta is None:
-                return self._full(owner, svc, slices, node_name, zone)
-            st = c.ports[f.key]
+            sk = c.meta[f.key]
+            st, delta = c.ports[sk], deltas[sk]
             fronts.append(
                 Frontend(
                     addr=f.addr,
@@ -385,6 +534,7 @@ class ServicePlanner:
                     backends=tuple(st.selected.values()),
                     flags=f.flags,
                     affinity_timeout=f.affinity_timeout,
+                    source_ranges=f.source_ranges,
                     added=delta[0],
                     removed=delta[1],
                     base=f.version,
@@ -395,8 +545,8 @@ class ServicePlanner:
         c.fronts = fronts
         return fronts, c.notes
 
-    def _full(self, owner, svc, slices, node_name, zone) -> tuple[list[Frontend], list[str]]:
-        fronts, notes = plan_service(svc, list(slices.values()), node_name, zone)
+    def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
+        fronts, notes, meta = _plan(svc, list(slices.values()), node_name, zone, node)
         fronts = [
             Frontend(
                 addr=f.addr,
@@ -407,10 +557,11 @@ class ServicePlanner:
                 backends=f.backends,
                 flags=f.flags,
                 affinity_timeout=f.affinity_timeout,
+                source_ranges=f.source_ranges,
                 version=next(self._versions),
             )
             for f in fronts
         ]
-        self._cache[owner] = _Cached(svc, (node_name, zone), dict(slices), fronts, notes)
+        self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta)
         self._unindexed.add(owner)
         return fronts, notes

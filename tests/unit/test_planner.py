@@ -9,7 +9,7 @@ import pytest
 
 from ctrl.diff import Programmed
 from ctrl.objects import parse
-from ctrl.plan import Frontend, ServicePlanner, plan_service
+from ctrl.plan import Frontend, NodeAddresses, ServicePlanner, plan_service
 
 from .helpers import endpoint_slice, service
 
@@ -42,7 +42,18 @@ def rand_slice(rnd, name, pool):
 def strip(fronts):
     """The same frontends without their delta: the diff's full path."""
     return [
-        Frontend(f.addr, f.port, f.proto, f.scope, f.name, f.backends, f.flags, f.affinity_timeout, version=f.version)
+        Frontend(
+            f.addr,
+            f.port,
+            f.proto,
+            f.scope,
+            f.name,
+            f.backends,
+            f.flags,
+            f.affinity_timeout,
+            f.source_ranges,
+            version=f.version,
+        )
         for f in fronts
     ]
 
@@ -55,21 +66,55 @@ def cs_view(cs):
         sorted(cs.slot_del),
         sorted(cs.be_del),
         sorted(cs.removed),
+        sorted(cs.src_upd),
+        sorted(cs.src_del),
     )
+
+
+NODE_ADDRS = NodeAddresses(("198.18.250.1", "198.18.250.2"), ("198.18.250.1", "198.18.250.2"))
+NODEPORT = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080}]
+LB_STATUS = {"loadBalancer": {"ingress": [{"ip": "198.19.5.5"}]}}
+
+
+def external_service(etp: str, itp: str = "Cluster") -> dict:
+    raw = service(
+        type="LoadBalancer",
+        ports=NODEPORT,
+        externalTrafficPolicy=etp,
+        internalTrafficPolicy=itp,
+        externalIPs=["198.19.6.6"],
+        loadBalancerSourceRanges=["198.18.0.0/16"],
+    )
+    raw["status"] = LB_STATUS
+    return raw
 
 
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize(
     "policy",
-    [{}, {"internalTrafficPolicy": "Local"}, {"type": "NodePort", "externalTrafficPolicy": "Local"}],
-    ids=["cluster", "internal-local", "nodeport-external-local"],
+    [
+        {},
+        {"internalTrafficPolicy": "Local"},
+        {"type": "NodePort", "externalTrafficPolicy": "Local"},
+        {"external": ("Cluster", "Cluster")},
+        {"external": ("Local", "Cluster")},
+        {"external": ("Local", "Local")},
+    ],
+    ids=[
+        "cluster",
+        "internal-local",
+        "nodeport-external-local",
+        "nodeport-lb-etp-cluster",
+        "nodeport-lb-etp-local",
+        "nodeport-lb-etp-local-itp-local",
+    ],
 )
 def test_incremental_equals_from_scratch(seed, policy):
     rnd = random.Random(seed)
     # A small pool: endpoints often in two slices at once (moving between
     # them), which the planner re-plans in full; a large one: the delta path.
     pool = [f"198.18.{k // 200}.{k % 200 + 1}" for k in range(60 if seed % 4 == 0 else 4000)]
-    svc = parse(service(**policy))
+    svc = parse(external_service(*policy["external"]) if "external" in policy else service(**policy))
     names = [f"web-{c}" for c in "abcde"]
     slices = {}
     planner = ServicePlanner()
@@ -82,9 +127,13 @@ def test_incremental_equals_from_scratch(seed, policy):
                 del slices[name]
             else:
                 slices[name] = rand_slice(rnd, name, pool)
-        got, _ = planner.plan("default/web", svc, dict(slices), node, zone)
-        want, _ = plan_service(svc, list(slices.values()), node, zone)
-        assert [(f.key, set(f.backends)) for f in got] == [(f.key, set(f.backends)) for f in want], step
+        got, _ = planner.plan("default/web", svc, dict(slices), node, zone, NODE_ADDRS)
+        want, _ = plan_service(svc, list(slices.values()), node, zone, NODE_ADDRS)
+        assert [(f.key, set(f.backends), f.flags, f.source_ranges) for f in got] == [
+            (f.key, set(f.backends), f.flags, f.source_ranges) for f in want
+        ], step
+        if "external" in policy:
+            assert len(got) == 1 + 2 * 4  # cluster IP; 2 NodePorts, LB IP, externalIP in 2 scopes
         cs_d = delta.sync({"default/web": got})
         if step % 2:  # the agent builds slot indexes after a write; or the delta does
             delta.index_pending()
