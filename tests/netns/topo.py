@@ -146,6 +146,7 @@ class Topology:
         self.node_ns = f"{self.prefix}-node"
         self.pods: dict[str, Pod] = {}
         self.pod_ip6: dict[str, str] = {}
+        self.uplink_ip: str | None = None
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._next_index = 0
@@ -255,6 +256,35 @@ class Topology:
             _run(["ip", "-n", self.node_ns, "-6", "addr", "add", f"{GATEWAY6}/64", "dev", host_if, "nodad"])
             _run(["ip", "-n", self.node_ns, "-6", "route", "add", f"{ip6}/128", "dev", host_if])
         return pod
+
+    def add_uplink(self, lan: Lan, ip: str, prefixlen: int = 24) -> str:
+        """Join this node to ``lan``'s bridge with an uplink ``<prefix>u0``
+        holding ``ip``/``prefixlen``: the node's external interface (what
+        the agent gets as --external-interfaces). Returns its name."""
+        addr = ipaddress.ip_address(ip)
+        if addr.version != 4 or addr not in TEST_NET4:
+            raise ValueError(f"uplink {ip} must be an IPv4 address in {TEST_NET4}")
+        uplink = f"{self.prefix}u0"
+        port = lan.new_port_name()
+        # Both ends born in our namespaces, as for pods.
+        peer = ["peer", "name", port, "netns", lan.node_ns]
+        _run(["ip", "-n", self.node_ns, "link", "add", uplink, "type", "veth", *peer])
+        lan.attach_port(port)
+        _run(["ip", "-n", self.node_ns, "addr", "add", f"{ip}/{prefixlen}", "dev", uplink])
+        _run(["ip", "-n", self.node_ns, "link", "set", uplink, "up"])
+        # A node forwards a DNATed packet out of the interface it came in
+        # by (client and remote backend both behind the uplink): no ICMP
+        # redirects telling the client to go around us.
+        self._sysctl(self.node_ns, "net.ipv4.conf.all.send_redirects=0", f"net.ipv4.conf.{uplink}.send_redirects=0")
+        self.uplink_ip = str(addr)
+        return uplink
+
+    def add_route(self, name: str, cidr: str, via: str) -> None:
+        """A route in namespace ``name`` ('node', a pod) to a test-range CIDR."""
+        net = ipaddress.ip_network(cidr)
+        if not (net.subnet_of(TEST_NET4) if net.version == 4 else net.subnet_of(TEST_NET6)):  # type: ignore[arg-type]
+            raise ValueError(f"route {cidr} must lie in {TEST_NET4} or {TEST_NET6}")
+        _run(["ip", "-n", self.ns_name(name), "route", "add", cidr, "via", via])
 
     # -- processes -------------------------------------------------------
 
@@ -447,6 +477,52 @@ class Topology:
     def _sysctl(ns: str, *settings: str) -> None:
         # Only ever inside our own namespace: net.* sysctls are per netns.
         _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings])
+
+
+class Lan(Topology):
+    """A shared L2 segment: a bridge in namespace ``<prefix>-node`` (here
+    the "lan", no routing) that node uplinks (Topology.add_uplink) and
+    outside hosts (add_host) plug into. An outside host has a /24 on the
+    segment and routes only what the test gives it: never a default route."""
+
+    BRIDGE = "br0"
+
+    def __init__(self, prefix: str | None = None) -> None:
+        self._ports = 0
+        super().__init__(prefix)
+        try:
+            _run(["ip", "-n", self.node_ns, "link", "add", self.BRIDGE, "type", "bridge"])
+            _run(["ip", "-n", self.node_ns, "link", "set", self.BRIDGE, "up"])
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def new_port_name(self) -> str:
+        name = f"{self.prefix}p{self._ports}"
+        self._ports += 1
+        return name
+
+    def attach_port(self, port: str) -> None:
+        _run(["ip", "-n", self.node_ns, "link", "set", port, "master", self.BRIDGE])
+        _run(["ip", "-n", self.node_ns, "link", "set", port, "up"])
+
+    def add_host(self, name: str, ip: str, prefixlen: int = 24) -> Pod:
+        """An outside host ``<prefix>-<name>`` with eth0 = ip/prefixlen on the bridge."""
+        if not _NAME_RE.match(name) or name == "node" or name in self.pods:
+            raise ValueError(f"bad or duplicate host name {name!r}")
+        addr = ipaddress.ip_address(ip)
+        if addr.version != 4 or addr not in TEST_NET4:
+            raise ValueError(f"host {name}: {ip} must be an IPv4 address in {TEST_NET4}")
+        ns = f"{self.prefix}-{name}"
+        port = self.new_port_name()
+        self._add_ns(ns)
+        host = Pod(ns=ns, ip=str(addr), host_if=port)
+        self.pods[name] = host
+        _run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", self.node_ns])
+        self.attach_port(port)
+        _run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefixlen}", "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        return host
 
 
 def _delete_ns(ns: str) -> None:
