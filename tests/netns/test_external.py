@@ -35,6 +35,7 @@ pytestmark = pytest.mark.root
 CLIENT, OTHER = "198.18.200.100", "198.18.200.101"
 NODE1, NODE2 = "198.18.200.1", "198.18.200.2"
 WEB1, WEB2 = "198.18.1.11", "198.18.2.11"
+CPOD = "198.18.1.50"
 VIP = "198.19.0.10"
 LB_IP, FW_LB_IP, EXT_IP = "198.19.5.5", "198.19.5.7", "198.19.6.6"
 N = 60
@@ -162,6 +163,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             t = Topology()
             stack.append(t)
             t.add_pod(f"web-{i}", pod_ip)
+            if i == 1:
+                t.add_pod("cpod", CPOD)  # a client pod on node-1
             uplink = t.add_uplink(lan, ip)
             t.add_route("node", other_subnet, other_ip)
             cp = t.exec_in("node", ["iptables-legacy", "-A", *INVALID_DROP])
@@ -254,5 +257,22 @@ def test_lb_source_ranges_admit_one_client_and_drop_another(cluster: Cluster) ->
     assert counters["drop_source_range"]["packets"] >= 3
     # The NodePort of the same Service has no source filter (kube-proxy's too).
     res = cluster.client("other", "http", f"{NODE1}:30081", count=10)
+    assert_all_answered(res, {"web-1", "web-2"})
+    invalid_rule_held(cluster)
+
+
+@pytest.mark.parametrize("etp", ["Cluster", "Local"])
+def test_pod_reaching_a_nodeport_gets_the_cluster_set(cluster: Cluster, etp: str) -> None:
+    """kube-proxy short-circuits traffic from pods to external addresses to
+    the cluster endpoints, whatever externalTrafficPolicy says. The remote
+    pod sees the client pod's own address (no masquerade: see
+    docs/semantics.md) and the reply finds its way back through node-1's
+    pod-side reverse NAT."""
+    start(cluster, etp)
+    n1 = cluster.nodes[0]
+    res = n1.topo.client("cpod", "http", "--target", f"{NODE1}:30080", "--count", str(N), "--timeout", "1")
+    assert_all_answered(res, {"web-1", "web-2"})
+    assert res["client_ips_seen"] == [CPOD]
+    res = n1.topo.client("cpod", "http", "--target", f"{LB_IP}:80", "--count", str(N), "--timeout", "1")
     assert_all_answered(res, {"web-1", "web-2"})
     invalid_rule_held(cluster)
