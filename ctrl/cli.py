@@ -387,7 +387,13 @@ def render_changes(cs, output: str) -> str:
         for i, (a, p, pr) in cs.be_upd
     ]
     names = [{"key": i, "value": n} for i, n in cs.name_upd]
-    data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names}
+    from .objects import addr_str, is_v4
+
+    src = [
+        {"key": {"svc_id": i, "source": f"{addr_str(a)}/{n - 96 if is_v4(a) else n}"}, "value": {"allow": 1}}
+        for i, a, n in cs.src_upd
+    ]
+    data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names, mn("sp_src"): src}
     if output == "json":
         return json.dumps(data, indent=2)
     lines = []
