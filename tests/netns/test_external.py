@@ -276,3 +276,22 @@ def test_pod_reaching_a_nodeport_gets_the_cluster_set(cluster: Cluster, etp: str
     res = n1.topo.client("cpod", "http", "--target", f"{LB_IP}:80", "--count", str(N), "--timeout", "1")
     assert_all_answered(res, {"web-1", "web-2"})
     invalid_rule_held(cluster)
+
+
+def test_nodeport_follows_a_node_address_change(cluster: Cluster) -> None:
+    """The Node's InternalIP changes (a second address on the uplink): the
+    NodePort moves to it and leaves the old one, without a restart."""
+    start(cluster)
+    n1 = cluster.nodes[0]
+    new_ip = "198.18.200.11"
+    cp = n1.topo.exec_in("node", ["ip", "addr", "add", f"{new_ip}/24", "dev", n1.uplink])
+    assert cp.returncode == 0, cp.stderr
+    n1.src.write("node.yaml", node_obj("node-1", new_ip))
+    cluster.wait_external(f"{new_ip}:30080/TCP", {f"{WEB1}:8080", f"{WEB2}:8080"}, [n1])
+    res = cluster.client("client", "http", f"{new_ip}:30080")
+    assert_all_answered(res, {"web-1", "web-2"})
+    assert set(res["client_ips_seen"]) == {CLIENT, new_ip}  # masqueraded to the new address
+    doc = dump(n1.topo, n1.pin_dir)
+    assert not [s for s in doc["services"] if s["frontend"] == f"{NODE1}:30080/TCP"]
+    res = cluster.client("client", "http", f"{NODE1}:30080", count=3)
+    assert res["errors"] == 3, res  # nothing serves the old address any more
