@@ -23,8 +23,8 @@ from .sizes import MapSizes
 
 PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
-EXT_PROGRAM = "sp_tc_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
-EXT_EGRESS_PROGRAM = "sp_tc_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
+EXT_PROGRAM = "sp_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
+EXT_EGRESS_PROGRAM = "sp_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
 
 MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
 

@@ -628,7 +628,7 @@ int sp_tc_egress(struct __sk_buff *skb)
  * address, a LoadBalancer IP, an externalIP) is DNATed.
  */
 SEC("tc")
-int sp_tc_ext_ingress(struct __sk_buff *skb)
+int sp_ext_ingress(struct __sk_buff *skb)
 {
 	struct sp_ct_key ukey = {};
 	struct sp_ct_val *ct;
@@ -668,7 +668,7 @@ int sp_tc_ext_ingress(struct __sk_buff *skb)
  * saw it as client -> backend.
  */
 SEC("tc")
-int sp_tc_ext_egress(struct __sk_buff *skb)
+int sp_ext_egress(struct __sk_buff *skb)
 {
 	struct sp_ct_key skey = {};
 	struct sp_ct_val *ct;

@@ -1,4 +1,4 @@
-"""Tier 2: the external interface's programs (sp_tc_ext_ingress/egress)
+"""Tier 2: the external interface's programs (sp_ext_ingress/egress)
 under BPF_PROG_TEST_RUN.
 
 The path of an external flow to a NodePort whose backend is on another
