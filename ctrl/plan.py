@@ -12,7 +12,7 @@ import ipaddress
 import itertools
 import socket
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .objects import Endpoint, EndpointSlice, Service, ServicePort, addr16
 from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
@@ -87,11 +87,11 @@ class Frontend:
     backends: tuple[Backend, ...]  # no duplicates, in merge order
     flags: int = 0
     affinity_timeout: int = 0
+    source_ranges: tuple[SourceRange, ...] = ()  # with SVC_F_SRC_RANGES: the allowed sources
     # Set by ServicePlanner: what changed since this frontend's plan number
     # `base` (`backends` holds the whole set either way), so ctrl.diff can
     # apply a one-slice change in time proportional to the slice, not to
     # the Service. None: no earlier plan to be relative to.
-    source_ranges: tuple[SourceRange, ...] = ()  # with SVC_F_SRC_RANGES: the allowed sources
     added: tuple[Backend, ...] | None = field(default=None, compare=False)
     removed: tuple[Backend, ...] | None = field(default=None, compare=False)
     base: int = field(default=-1, compare=False)
@@ -348,6 +348,19 @@ def _slice_port(sl: EndpointSlice, sp: ServicePort, family: str) -> int | None:
     return None
 
 
+def _port_endpoints(slices: dict[str, EndpointSlice | None], sp: ServicePort, family: str):
+    """((address, port), endpoint) of each endpoint the slices give this
+    service port (None: a slice that is gone)."""
+    for sl in slices.values():
+        if sl is None:
+            continue
+        port = _slice_port(sl, sp, family)
+        if port is None:
+            continue
+        for ep in sl.endpoints:
+            yield (ep.addr, port), ep
+
+
 class _PortState:
     """One served port of one cluster IP: merged endpoints and selection."""
 
@@ -393,32 +406,18 @@ class _PortState:
         cls = _endpoint_class
         touched: dict[tuple[bytes, int], None] = {}
         winner, classes = self.winner, self.classes
-        for sl in old.values():
-            if sl is None:
-                continue
-            port = _slice_port(sl, sp, family)
-            if port is None:
-                continue
-            for ep in sl.endpoints:
-                k = (ep.addr, port)
-                pe = winner.pop(k, None)
-                if pe is not None:
-                    classes[cls(pe.ep, node_name, zone)] -= 1
-                    touched[k] = None
-        for sl in new.values():
-            if sl is None:
-                continue
-            port = _slice_port(sl, sp, family)
-            if port is None:
-                continue
-            for ep in sl.endpoints:
-                k = (ep.addr, port)
-                if k in winner:
-                    self.duplicates = True
-                    return None
-                winner[k] = PortEndpoint(ep, port)
-                classes[cls(ep, node_name, zone)] += 1
+        for k, _ in _port_endpoints(old, sp, family):
+            pe = winner.pop(k, None)
+            if pe is not None:
+                classes[cls(pe.ep, node_name, zone)] -= 1
                 touched[k] = None
+        for k, ep in _port_endpoints(new, sp, family):
+            if k in winner:
+                self.duplicates = True
+                return None
+            winner[k] = PortEndpoint(ep, k[1])
+            classes[cls(ep, node_name, zone)] += 1
+            touched[k] = None
         sel = self._selected_classes()
         selected = self.selected
         added: list[Backend] = []
@@ -525,16 +524,9 @@ class ServicePlanner:
             sk = c.meta[f.key]
             st, delta = c.ports[sk], deltas[sk]
             fronts.append(
-                Frontend(
-                    addr=f.addr,
-                    port=f.port,
-                    proto=f.proto,
-                    scope=f.scope,
-                    name=f.name,
+                replace(
+                    f,
                     backends=tuple(st.selected.values()),
-                    flags=f.flags,
-                    affinity_timeout=f.affinity_timeout,
-                    source_ranges=f.source_ranges,
                     added=delta[0],
                     removed=delta[1],
                     base=f.version,
@@ -547,21 +539,7 @@ class ServicePlanner:
 
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
         fronts, notes, meta = _plan(svc, list(slices.values()), node_name, zone, node)
-        fronts = [
-            Frontend(
-                addr=f.addr,
-                port=f.port,
-                proto=f.proto,
-                scope=f.scope,
-                name=f.name,
-                backends=f.backends,
-                flags=f.flags,
-                affinity_timeout=f.affinity_timeout,
-                source_ranges=f.source_ranges,
-                version=next(self._versions),
-            )
-            for f in fronts
-        ]
+        fronts = [replace(f, version=next(self._versions)) for f in fronts]
         self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta)
         self._unindexed.add(owner)
         return fronts, notes
