@@ -28,13 +28,29 @@ log = logging.getLogger("sliceproxy.apply")
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """sp_cfg: the addresses masqueraded flows leave with (addr16 or None)
-    and the SNAT port range and reclaim time."""
+    """sp_cfg: the addresses masqueraded flows leave with (addr16 or None),
+    the SNAT port range, and how long an idle flow holds its port: open
+    (snat_reclaim, 0: for ever) and once its TCP connection closed
+    (snat_reclaim_closed, 0: close not tracked, snat_reclaim applies)."""
 
     addr4: bytes | None = None
     addr6: bytes | None = None
     snat_ports: tuple[int, int] = (61000, 65535)
     snat_reclaim: int = 600
+    snat_reclaim_closed: int = 10
+
+    def as_dict(self) -> dict[str, object]:
+        """sp_cfg as `--dry-run` and `sliceproxy dump` print it."""
+        from .objects import addr_str
+
+        return {
+            "addr4": addr_str(self.addr4) if self.addr4 else None,
+            "addr6": addr_str(self.addr6) if self.addr6 else None,
+            "snat_port_min": self.snat_ports[0],
+            "snat_port_max": self.snat_ports[1],
+            "snat_reclaim": self.snat_reclaim,
+            "snat_reclaim_closed": self.snat_reclaim_closed,
+        }
 
 
 @dataclass
@@ -157,8 +173,14 @@ class Writer:
     def write_config(self, cfg: NodeConfig) -> None:
         """The node-wide settings the external programs read (sp_cfg)."""
         z = b"\0" * 16
-        codec = layout.codec("sp_cfg", ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim"))
-        val = codec.pack(cfg.addr4 or z, cfg.addr6 or z, cfg.snat_ports[0], cfg.snat_ports[1], cfg.snat_reclaim)
+        val = cfg_codec().pack(
+            cfg.addr4 or z,
+            cfg.addr6 or z,
+            cfg.snat_ports[0],
+            cfg.snat_ports[1],
+            cfg.snat_reclaim,
+            cfg.snat_reclaim_closed,
+        )
         self.maps[mn("sp_cfg")].update((0).to_bytes(4, "little"), val)
 
     def apply(self, cs: ChangeSet) -> float:
@@ -178,11 +200,32 @@ class Writer:
         return time.perf_counter() - t0
 
 
+def cfg_codec() -> layout.Codec:
+    return layout.codec(
+        "sp_cfg", ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
+    )
+
+
+def read_config(maps: dict[str, Map]) -> NodeConfig | None:
+    """sp_cfg as the kernel holds it; None before the agent wrote it."""
+    m = maps.get(mn("sp_cfg"))
+    raw = m.lookup((0).to_bytes(4, "little")) if m is not None else None
+    if raw is None:
+        return None
+    a4, a6, lo, hi, reclaim, closed = cfg_codec().unpack(raw)
+    if not (a4.strip(b"\0") or a6.strip(b"\0") or lo or hi or reclaim or closed):
+        return None  # the array's zeroed entry: never written
+    z = b"\0" * 16
+    return NodeConfig(a4 if a4 != z else None, a6 if a6 != z else None, (lo, hi), reclaim, closed)
+
+
 def ct_codecs() -> tuple[layout.Codec, layout.Codec]:
     """Conntrack key and value, in the field order this module reads them."""
     return (
         layout.codec("sp_ct_key", ("saddr", "daddr", "sport", "dport", "proto", "dir")),
-        layout.codec("sp_ct_val", ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2")),
+        layout.codec(
+            "sp_ct_val", ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2", "flags")
+        ),
     )
 
 

@@ -129,12 +129,27 @@ struct sp_ct_val {
 	__u16 port2;       /* with addr2 */
 	__u32 backend_id;  /* backend the flow was given */
 	__u32 svc_id;      /* service the flow was given by */
-	__u32 pad2;        /* zero */
+	__u32 flags;       /* unsnat: SP_CT_F_* (TCP close seen); else zero */
 	__u64 last_seen;   /* bpf_ktime_get_ns() of the last packet */
 	__u8 addr2[16];    /* forward: the SNAT address (port2: its port, 0 when
 			    * the flow is not masqueraded); snat: the frontend,
 			    * to find the forward entry; else zero */
 };
+
+/* Flags of an UNSNAT entry: how its TCP connection ended, as seen on the
+ * node's uplink. Forward: the client's packets (ext egress, SNAT path);
+ * reply: the backend's (ext ingress, UNSNAT path). A client SYN (no ACK)
+ * on the same tuple clears them: a new connection. They decide how long
+ * the SNAT port stays held once the flow is idle (sp_ext_egress):
+ *  - RST, or both FINs with the client's first: --snat-reclaim-closed (the
+ *    backend's socket ends CLOSED, no TIME_WAIT on its side);
+ *  - both FINs with the backend's first (FIN_REPLY_FIRST): 60 s, Linux's
+ *    TIME_WAIT, which the backend's socket sits in;
+ *  - anything else (open, half-closed, UDP): --snat-reclaim. */
+#define SP_CT_F_FIN_FWD 1         /* the client sent a FIN */
+#define SP_CT_F_FIN_REPLY 2       /* the backend sent a FIN */
+#define SP_CT_F_FIN_REPLY_FIRST 4 /* ... before the client's was seen */
+#define SP_CT_F_RST 8             /* either side sent an RST */
 
 /* sp_aff_v2 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than
@@ -185,7 +200,11 @@ struct sp_cfg {
 	__u8 addr6[16];      /* all zero: none */
 	__u16 snat_port_min; /* host order, inclusive */
 	__u16 snat_port_max;
-	__u32 snat_reclaim;  /* seconds: an SNAT port idle this long is reused */
+	__u32 snat_reclaim;  /* seconds: an SNAT port idle this long is reused;
+			      * 0: never */
+	__u32 snat_reclaim_closed; /* seconds: the same, for a TCP flow that
+				    * closed (SP_CT_F_*); 0: close not tracked,
+				    * snat_reclaim applies */
 };
 
 /* sp:layout:end */

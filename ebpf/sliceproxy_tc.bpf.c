@@ -267,7 +267,14 @@ struct pkt {
 	__u8 proto;
 	__u8 v6;
 	__u8 syn; /* TCP SYN without ACK: the first packet of a connection */
+	__u8 tcp_flags; /* TCP: the header's flags byte (TCP_F_*); else 0 */
 };
+
+/* Bits of the TCP flags byte (byte 13 of the header). */
+#define TCP_F_FIN 0x01
+#define TCP_F_SYN 0x02
+#define TCP_F_RST 0x04
+#define TCP_F_ACK 0x10
 
 /* Rewrite the destination (dst) or the source of p to addr (16 bytes, the
  * packet's family) and port (network order). */
@@ -280,6 +287,12 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, i
 	return rewrite_v4(skb, p->l4_off, p->proto, dst ? IP_DADDR_OFF : IP_SADDR_OFF, dst ? 2 : 0,
 			  addr_to_v4(dst ? p->daddr : p->saddr), addr_to_v4(addr), dst ? p->dport : p->sport,
 			  port);
+}
+
+static __always_inline void tcp_flags(struct pkt *p, __u8 flags)
+{
+	p->tcp_flags = flags;
+	p->syn = (flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN;
 }
 
 /*
@@ -333,7 +346,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->sport = ports[0];
 		p->dport = ports[1];
 		if (p->proto == IPPROTO_TCP)
-			p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
+			tcp_flags(p, ((__u8 *)ports)[13]);
 		return -1;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -370,7 +383,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	p->dport = ports[1];
 	/* The TCP header is whole (checked above): flags are at byte 13. */
 	if (p->proto == IPPROTO_TCP)
-		p->syn = (((__u8 *)ports)[13] & 0x12) == 0x02;
+		tcp_flags(p, ((__u8 *)ports)[13]);
 	return -1;
 }
 
@@ -432,6 +445,69 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
 	uv.svc_id = sv->svc_id;
 	uv.last_seen = sv->last_seen;
 	return bpf_map_update_elem(&sp_ct_v2, &uk, &uv, flags);
+}
+
+/*
+ * Record how a masqueraded TCP connection closes in its UNSNAT entry u
+ * (SP_CT_F_*): p is the client's packet (reply 0, at ext egress) or the
+ * backend's (reply 1, at ext ingress). The two directions may run on two
+ * CPUs at once and the update is a plain read and write (32-bit atomics
+ * need a newer BPF ISA than the object targets): a bit lost to that race
+ * leaves the flow looking open or half-closed, which only holds the port
+ * longer, and a retransmitted FIN sets it again. FIN_REPLY and
+ * FIN_REPLY_FIRST are written together.
+ */
+static __always_inline void track_close(struct sp_ct_val *u, const struct pkt *p, int reply)
+{
+	__u32 cur = u->flags, set = 0;
+
+	if (p->proto != IPPROTO_TCP)
+		return;
+	if (!reply && p->syn) {
+		/* The client opens a new connection on the same tuple (it
+		 * reused its port): the old one's close no longer counts. */
+		if (cur)
+			u->flags = 0;
+		return;
+	}
+	if (p->tcp_flags & TCP_F_RST)
+		set |= SP_CT_F_RST;
+	if (p->tcp_flags & TCP_F_FIN) {
+		if (!reply)
+			set |= SP_CT_F_FIN_FWD;
+		else if (!(cur & SP_CT_F_FIN_REPLY))
+			set |= SP_CT_F_FIN_REPLY | (cur & SP_CT_F_FIN_FWD ? 0 : SP_CT_F_FIN_REPLY_FIRST);
+	}
+	if (set & ~cur)
+		u->flags = cur | set;
+}
+
+/* Linux's TIME_WAIT (TCP_TIMEWAIT_LEN, fixed at 60 s). */
+#define TIME_WAIT_NS (60ULL * 1000000000ULL)
+
+/*
+ * How long an SNAT port stays held after the last packet of the flow its
+ * UNSNAT entry u belongs to; 0: for ever. See SP_CT_F_* in sliceproxy.h.
+ */
+static __always_inline __u64 snat_hold(const struct sp_cfg *cfg, const struct sp_ct_val *u)
+{
+	__u64 open = (__u64)cfg->snat_reclaim * 1000000000ULL;
+	__u64 closed = (__u64)cfg->snat_reclaim_closed * 1000000000ULL;
+	__u32 f = u->flags;
+	__u64 hold;
+
+	if (!closed)
+		return open; /* close tracking off */
+	if (f & SP_CT_F_RST)
+		hold = closed;
+	else if ((f & (SP_CT_F_FIN_FWD | SP_CT_F_FIN_REPLY)) != (SP_CT_F_FIN_FWD | SP_CT_F_FIN_REPLY))
+		return open; /* open or half-closed */
+	else if (f & SP_CT_F_FIN_REPLY_FIRST)
+		hold = closed > TIME_WAIT_NS ? closed : TIME_WAIT_NS;
+	else
+		hold = closed;
+	/* A closed flow never holds its port longer than an open one. */
+	return open && open < hold ? open : hold;
 }
 
 /*
@@ -648,6 +724,7 @@ int sp_ext_ingress(struct __sk_buff *skb)
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
 	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
 		ct->last_seen = bpf_ktime_get_ns();
+		track_close(ct, &p, 1);
 		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 		return count(skb, SP_V_UNSNAT, TC_ACT_OK);
@@ -697,12 +774,34 @@ int sp_ext_egress(struct __sk_buff *skb)
 	now = bpf_ktime_get_ns();
 	ct->last_seen = now;
 	if (ct->nat_port) {
-		/* Put back an UNSNAT entry the LRU evicted. */
-		put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
-		if (addr_is_v4(ct->nat_addr) == p.v6 ||
-		    rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
-			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-		return count(skb, SP_V_SNAT, TC_ACT_OK);
+		struct sp_ct_key ok = {};
+		struct sp_ct_val *u;
+
+		__builtin_memcpy(ok.saddr, skey.daddr, sizeof(ok.saddr));
+		__builtin_memcpy(ok.daddr, ct->nat_addr, sizeof(ok.daddr));
+		ok.sport = skey.dport;
+		ok.dport = ct->nat_port;
+		ok.proto = skey.proto;
+		ok.dir = SP_CT_UNSNAT;
+		u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
+		if (!u) {
+			/* Put back an UNSNAT entry the LRU evicted. */
+			put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
+			u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
+		}
+		/* The entry still names this client: the port is the flow's.
+		 * Otherwise the flow was idle past its hold and the port went
+		 * to another flow: this one gets a new port below. */
+		if (!u || (addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
+			if (u) {
+				u->last_seen = now;
+				track_close(u, &p, 0);
+			}
+			if (addr_is_v4(ct->nat_addr) == p.v6 ||
+			    rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
+				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+			return count(skb, SP_V_SNAT, TC_ACT_OK);
+		}
 	}
 
 	/* The first packet of the flow out here: a node address and a port. */
@@ -718,7 +817,6 @@ int sp_ext_egress(struct __sk_buff *skb)
 		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
 	__u32 span = hi - lo + 1;
 	__u32 start = bpf_get_prandom_u32() % span;
-	__u64 reclaim = (__u64)cfg->snat_reclaim * 1000000000ULL;
 	struct sp_ct_key uk = {};
 	struct sp_ct_val uv = {};
 	__u16 port = 0;
@@ -733,17 +831,26 @@ int sp_ext_egress(struct __sk_buff *skb)
 	uv.backend_id = ct->backend_id;
 	uv.svc_id = ct->svc_id;
 	uv.last_seen = now;
+	/* A packet that ends a flow may come here without a port: one of a
+	 * flow whose port was given away (its RST or FIN, late). */
+	if (p.tcp_flags & TCP_F_RST)
+		uv.flags = SP_CT_F_RST;
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		__u16 cand = lo + (start + i) % span;
 		struct sp_ct_val *old;
+		__u64 hold;
 
 		uk.dport = cand;
 		/* Collision probe: a port is free for this backend when no
 		 * UNSNAT entry holds it, or the one that does has been idle
-		 * longer than snat_reclaim (its flow is over). */
+		 * longer than its flow's hold (snat_hold: snat_reclaim, or
+		 * shorter once its TCP connection closed). */
 		old = bpf_map_lookup_elem(&sp_ct_v2, &uk);
-		if (old && !(reclaim && now - old->last_seen > reclaim))
-			continue;
+		if (old) {
+			hold = snat_hold(cfg, old);
+			if (!hold || old->last_seen >= now || now - old->last_seen <= hold)
+				continue;
+		}
 		if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
 			continue; /* taken by another CPU meanwhile */
 		port = cand;

@@ -229,9 +229,10 @@ class CtVal(NamedTuple):
     svc_id: int
     addr2: str | None = None  # forward: SNAT address; snat: the frontend
     port2: int = 0
+    flags: int = 0  # unsnat: SP_CT_F_*
 
 
-CT_VAL_FIELDS = ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2")
+CT_VAL_FIELDS = ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2", "flags")
 ZERO16 = b"\0" * 16
 
 
@@ -298,7 +299,7 @@ def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
     dp.maps["sp_ct_v2"].update(
         ct_key_bytes(k),
         layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
-            _a16(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen, _a16(v.addr2), v.port2
+            _a16(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen, _a16(v.addr2), v.port2, v.flags
         ),
     )
 
@@ -326,8 +327,11 @@ def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
             for a, b in _pad_ranges(sname):
                 assert raw[a:b] == b"\0" * (b - a), f"{sname} pad bytes {a}..{b} not zero: {raw.hex()}"
         sa, da, sp, dpt, proto, d = kc.unpack(kb)
-        na, np_, be, sid, last, a2, p2 = vc.unpack(vb)
-        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (CtVal(_ip(na), np_, be, sid, _ip(a2), p2), last)
+        na, np_, be, sid, last, a2, p2, fl = vc.unpack(vb)
+        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (
+            CtVal(_ip(na), np_, be, sid, _ip(a2), p2, fl),
+            last,
+        )
     return out
 
 

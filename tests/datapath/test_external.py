@@ -75,12 +75,21 @@ NP_INTERNAL = Svc(NODE, NODEPORT, TCP_P, svc_id=24, slots=(BE.id,), scope=0)
 LB = Svc(LB_IP, 80, TCP_P, svc_id=25, slots=(BE.id,), scope=1, flags=F_MASQ | F_SRC_RANGES)
 
 
-def put_cfg(dp, addr4: str | None = NODE, addr6: str | None = None, lo=PORT_MIN, hi=PORT_MAX, reclaim=300) -> None:
+def put_cfg(
+    dp,
+    addr4: str | None = NODE,
+    addr6: str | None = None,
+    lo=PORT_MIN,
+    hi=PORT_MAX,
+    reclaim=300,
+    reclaim_closed=10,
+) -> None:
     from ctrl.objects import addr16
 
     z = b"\0" * 16
-    val = layout.codec("sp_cfg", ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim")).pack(
-        addr16(addr4) if addr4 else z, addr16(addr6) if addr6 else z, lo, hi, reclaim
+    fields = ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
+    val = layout.codec("sp_cfg", fields).pack(
+        addr16(addr4) if addr4 else z, addr16(addr6) if addr6 else z, lo, hi, reclaim, reclaim_closed
     )
     dp.maps["sp_cfg_v2"].update((0).to_bytes(4, "little"), val)
 
