@@ -46,6 +46,7 @@ class Agent:
         nodeport_cidrs: tuple[str, ...] = (),
         snat_ports: tuple[int, int] = (61000, 65535),
         snat_reclaim: int = 600,
+        snat_reclaim_closed: int = 10,
     ):
         self.source = source
         self.state = state
@@ -63,6 +64,7 @@ class Agent:
         self.nodeport_cidrs = nodeport_cidrs  # --nodeport-addresses
         self.snat_ports = snat_ports
         self.snat_reclaim = snat_reclaim
+        self.snat_reclaim_closed = snat_reclaim_closed
         self._config_written: NodeConfig | None = None
         # Changes taken since the last successful sync, for the pending
         # gauges and network programming latency.
@@ -113,7 +115,7 @@ class Agent:
         ips = node.ips if node is not None else ()
         v4 = next((addr16(ip) for ip in ips if ":" not in ip), None)
         v6 = next((addr16(ip) for ip in ips if ":" in ip), None)
-        return NodeConfig(v4, v6, self.snat_ports, self.snat_reclaim)
+        return NodeConfig(v4, v6, self.snat_ports, self.snat_reclaim, self.snat_reclaim_closed)
 
     def plan(self, owners: set[str]) -> dict:
         desired = {}

@@ -75,7 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=600,
         metavar="SECONDS",
-        help="an SNAT port whose flow was idle this long may be given to a new flow",
+        help="an SNAT port whose flow was idle this long may be given to a new flow; 0: never",
+    )
+    run.add_argument(
+        "--snat-reclaim-closed",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="the same for a TCP flow that closed: reset, or both FINs with the client's first "
+        "(one whose backend sent the first FIN keeps its port 60 s, the backend's TIME_WAIT); "
+        "0: close not tracked, --snat-reclaim applies",
     )
     run.add_argument(
         "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
@@ -221,6 +230,9 @@ def cmd_run(args) -> int:
     from .state import ClusterState
 
     snat_ports = _snat_ports(args.snat_port_range)
+    for flag, v in (("--snat-reclaim", args.snat_reclaim), ("--snat-reclaim-closed", args.snat_reclaim_closed)):
+        if not 0 <= v <= 0xFFFFFFFF:
+            raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
     nodeport_cidrs = _cidrs(args.nodeport_addresses)
 
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
@@ -234,11 +246,20 @@ def cmd_run(args) -> int:
             print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
             return 1
         source.stop()
-        agent = Agent(source, state, programmed, writer=None, nodeport_cidrs=nodeport_cidrs)
+        agent = Agent(
+            source,
+            state,
+            programmed,
+            writer=None,
+            nodeport_cidrs=nodeport_cidrs,
+            snat_ports=snat_ports,
+            snat_reclaim=args.snat_reclaim,
+            snat_reclaim_closed=args.snat_reclaim_closed,
+        )
         agent._drain_nowait()
         cs = agent.sync()
         assert cs is not None
-        print(render_changes(cs, args.output))
+        print(render_changes(cs, args.output, agent.node_config()))
         return 0
 
     from . import attach, loader
@@ -299,6 +320,7 @@ def cmd_run(args) -> int:
         nodeport_cidrs=nodeport_cidrs,
         snat_ports=snat_ports,
         snat_reclaim=args.snat_reclaim,
+        snat_reclaim_closed=args.snat_reclaim_closed,
     )
 
     from .health import Health
@@ -369,8 +391,9 @@ def make_source(args):
     return KubeSource(client, args.node_name)
 
 
-def render_changes(cs, output: str) -> str:
-    """The desired map contents of a dry run (all additions from empty maps)."""
+def render_changes(cs, output: str, cfg=None) -> str:
+    """The desired map contents of a dry run (all additions from empty maps),
+    and the node config (sp_cfg) when given."""
     from .dump import hostport
     from .plan import PROTO_NAMES
 
@@ -394,6 +417,8 @@ def render_changes(cs, output: str) -> str:
         for i, a, n in cs.src_upd
     ]
     data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names, mn("sp_src"): src}
+    if cfg is not None:
+        data[mn("sp_cfg")] = [{"key": 0, "value": cfg.as_dict()}]
     if output == "json":
         return json.dumps(data, indent=2)
     lines = []

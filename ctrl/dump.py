@@ -10,7 +10,7 @@ import json
 import time
 
 from . import layout
-from .apply import ct_codecs, read_contents
+from .apply import ct_codecs, read_config, read_contents
 from .layout import map_name as mn
 from .maps import Map
 from .objects import addr_str, is_v4
@@ -56,7 +56,7 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dic
         saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
         if direction != forward:
             continue
-        nat_addr, nat_port, be_id, svc_id, last_seen, snat_addr, snat_port = vc.unpack(v)
+        nat_addr, nat_port, be_id, svc_id, last_seen, snat_addr, snat_port, _ = vc.unpack(v)
         if svc_ids is not None and svc_id not in svc_ids:
             continue
         flows.append(
@@ -113,6 +113,9 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
         "conntrack_entries": ct.count() if ct is not None else 0,
         "counters": counters(maps),
     }
+    cfg = read_config(maps)
+    if cfg is not None:
+        out["config"] = cfg.as_dict()
     if with_conntrack:
         ids = {int(str(s["svc_id"])) for s in services} if service is not None else None
         out["conntrack"] = conntrack(maps, ids)
@@ -134,6 +137,13 @@ def render_table(data: dict) -> str:
         f"{len(data['services'])} frontends, {data['backends']} backends, "
         f"{data['conntrack_entries']} conntrack entries"
     )
+    cfg = data.get("config")
+    if cfg:
+        addrs = ", ".join(a for a in (cfg["addr4"], cfg["addr6"]) if a) or "none"
+        lines.append(
+            f"masquerade: from {addrs}, ports {cfg['snat_port_min']}-{cfg['snat_port_max']}, "
+            f"reclaim {cfg['snat_reclaim']}s (closed {cfg['snat_reclaim_closed']}s)"
+        )
     nz = {k: v["packets"] for k, v in data["counters"].items() if v["packets"]}
     if nz:
         lines.append("packets: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
