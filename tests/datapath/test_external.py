@@ -395,3 +395,234 @@ def test_unrelated_traffic_on_the_uplink_is_untouched(dp):
         sent = tcp(OUTSIDE, NODE, CPORT, 22)
         r = run(dp, sent, egress=egress, external=True)
         assert r.retval == TC_ACT_OK and r.out == sent
+
+
+# -- TCP close and SNAT port reclaim --------------------------------------------
+
+F_FIN_FWD = layout.const("SP_CT_F_FIN_FWD")
+F_FIN_REPLY = layout.const("SP_CT_F_FIN_REPLY")
+F_FIN_REPLY_FIRST = layout.const("SP_CT_F_FIN_REPLY_FIRST")
+F_RST = layout.const("SP_CT_F_RST")
+CLOSED_CLIENT_FIRST = F_FIN_FWD | F_FIN_REPLY
+CLOSED_BACKEND_FIRST = F_FIN_FWD | F_FIN_REPLY | F_FIN_REPLY_FIRST
+
+# Packets of an established masqueraded flow as the uplink sees them: the
+# client's leave through ext egress (SNAT path), the backend's arrive at ext
+# ingress (UNSNAT path). "c:FA" is the client's FIN+ACK, "b:R" the backend's RST.
+CLOSES = {
+    "client-first": (["c:FA", "b:FA", "c:A"], CLOSED_CLIENT_FIRST),
+    "backend-first": (["b:FA", "c:FA", "b:A"], CLOSED_BACKEND_FIRST),
+    "client-fin-only": (["c:FA", "b:A"], F_FIN_FWD),
+    "backend-fin-only": (["b:FA", "c:A"], F_FIN_REPLY | F_FIN_REPLY_FIRST),
+    "client-rst": (["c:R"], F_RST),
+    "backend-rst": (["b:RA"], F_RST),
+    "fin-then-rst": (["c:FA", "b:R"], F_FIN_FWD | F_RST),
+    "retransmitted-fins": (["c:FA", "c:FA", "b:FA", "b:FA", "c:A"], CLOSED_CLIENT_FIRST),
+    "open": (["c:PA", "b:A", "b:PA", "c:A"], 0),
+}
+
+
+def open_masqueraded_flow(dp, client_port: int = CPORT) -> int:
+    """SYN, SYN-ACK, ACK of a masqueraded flow; returns its SNAT port."""
+    retval, out = snat_after_dnat(dp, client_port)
+    assert retval == TC_ACT_OK
+    port = Ether(out)[TCP].sport
+    send(dp, client_port, port, "b:SA")
+    send(dp, client_port, port, "c:A")
+    return port
+
+
+def send(dp, client_port: int, port: int, step: str) -> None:
+    """One packet of the flow, at the uplink, already past DNAT (client's) or
+    before UNSNAT (backend's): the rewrite it gets is checked as well."""
+    side, flags = step.split(":")
+    if side == "c":
+        sent = tcp(OUTSIDE, BE_REMOTE, client_port, 8080, flags=flags)
+        r = run(dp, sent, egress=True, external=True)
+        assert r.counted.keys() == {"SNAT"}
+        check_rewrite(r.out, sent, tcp(NODE, BE_REMOTE, port, 8080, flags=flags), "src")
+    else:
+        sent = tcp(BE_REMOTE, NODE, 8080, port, flags=flags)
+        r = run(dp, sent, external=True)
+        assert r.counted.keys() == {"UNSNAT"}
+        check_rewrite(r.out, sent, tcp(BE_REMOTE, OUTSIDE, 8080, client_port, flags=flags), "dst")
+
+
+def unsnat_key(port: int) -> CtKey:
+    return CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT)
+
+
+@pytest.mark.parametrize("close", list(CLOSES))
+def test_tcp_close_is_recorded_in_the_unsnat_entry(dp, close):
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp)
+    port = open_masqueraded_flow(dp)
+    assert ct(dp)[unsnat_key(port)].flags == 0
+    steps, want = CLOSES[close]
+    for step in steps:
+        send(dp, CPORT, port, step)
+    assert ct(dp)[unsnat_key(port)] == CtVal(OUTSIDE, CPORT, BE.id, NP.svc_id, flags=want)
+
+
+def test_a_new_syn_on_the_same_tuple_clears_the_close(dp):
+    """The client reuses its port for a new connection: the old close no
+    longer says anything about the port."""
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp)
+    port = open_masqueraded_flow(dp)
+    for step in CLOSES["client-first"][0]:
+        send(dp, CPORT, port, step)
+    assert ct(dp)[unsnat_key(port)].flags == CLOSED_CLIENT_FIRST
+    r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)
+    assert r.counted.keys() == {"DNAT_ESTABLISHED"}
+    r = run(dp, r.out, egress=True, external=True)
+    assert r.counted.keys() == {"SNAT"} and Ether(r.out)[TCP].sport == port
+    assert ct(dp)[unsnat_key(port)].flags == 0
+
+
+def age(dp, key: CtKey, seconds: float) -> None:
+    """Make an entry look idle for `seconds`: its last_seen moved back (the
+    program's clock is CLOCK_MONOTONIC), every other field kept."""
+    val, _ = ct_dump(dp)[key]
+    stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - int(seconds * 1e9)
+    assert stamp > 0, "the machine has been up for less than the idle time simulated"
+    put_ct(dp, key, val, stamp)
+
+
+RECLAIM, RECLAIM_CLOSED = 600, 10
+
+
+@pytest.mark.parametrize(
+    "close,idle,reused",
+    [
+        # Client closed first, or a reset: the short grace.
+        ("client-first", 8, False),
+        ("client-first", 12, True),
+        ("client-rst", 8, False),
+        ("client-rst", 12, True),
+        ("backend-rst", 12, True),
+        ("fin-then-rst", 12, True),
+        # Backend closed first: its socket sits in TIME_WAIT for 60 s.
+        ("backend-first", 12, False),
+        ("backend-first", 58, False),
+        ("backend-first", 62, True),
+        # Open or half-closed: snat_reclaim.
+        ("open", 62, False),
+        ("open", 598, False),
+        ("open", 602, True),
+        ("client-fin-only", 62, False),
+        ("client-fin-only", 602, True),
+        ("backend-fin-only", 62, False),
+    ],
+)
+def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, close, idle, reused):
+    """One SNAT port: client A's flow takes it, ends (or not) as `close`
+    says, is made to look idle for `idle` seconds; then client B's new flow
+    gets the port, or is dropped."""
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    port = open_masqueraded_flow(dp)
+    for step in CLOSES[close][0]:
+        send(dp, CPORT, port, step)
+    retval, _ = snat_after_dnat(dp, CPORT + 1)
+    assert retval == TC_ACT_SHOT, "the port was reused with no idle time at all"
+    age(dp, unsnat_key(port), idle)
+    retval, out = snat_after_dnat(dp, CPORT + 1)
+    if not reused:
+        assert retval == TC_ACT_SHOT
+        assert ct(dp)[unsnat_key(port)].nat_port == CPORT
+        return
+    assert retval == TC_ACT_OK and Ether(out)[TCP].sport == port
+    assert ct(dp)[unsnat_key(port)] == CtVal(OUTSIDE, CPORT + 1, BE.id, NP.svc_id)
+
+
+@pytest.mark.parametrize(
+    "reclaim,reclaim_closed,close,idle,reused",
+    [
+        # Close tracking off: a closed flow holds its port as an open one.
+        (RECLAIM, 0, "client-first", 12, False),
+        (RECLAIM, 0, "client-first", 602, True),
+        (RECLAIM, 0, "backend-first", 62, False),
+        # A closed flow never holds its port longer than an open one.
+        (30, RECLAIM_CLOSED, "backend-first", 32, True),
+        (5, RECLAIM_CLOSED, "client-first", 7, True),
+        # A grace longer than TIME_WAIT applies to backend-first closes too.
+        (RECLAIM, 90, "backend-first", 62, False),
+        (RECLAIM, 90, "backend-first", 92, True),
+        # snat_reclaim 0: open flows keep their ports for ever, closed ones not.
+        (0, RECLAIM_CLOSED, "open", 3600, False),
+        (0, RECLAIM_CLOSED, "client-first", 12, True),
+    ],
+)
+def test_snat_hold_settings(dp, reclaim, reclaim_closed, close, idle, reused):
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=reclaim, reclaim_closed=reclaim_closed)
+    port = open_masqueraded_flow(dp)
+    for step in CLOSES[close][0]:
+        send(dp, CPORT, port, step)
+    age(dp, unsnat_key(port), idle)
+    retval, _ = snat_after_dnat(dp, CPORT + 1)
+    assert retval == (TC_ACT_OK if reused else TC_ACT_SHOT)
+
+
+def test_client_packets_keep_the_port_held(dp):
+    """The client's packets refresh the UNSNAT entry too: a flow whose
+    backend is silent (one-way UDP, a long upload) keeps its port."""
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM)
+    port = open_masqueraded_flow(dp)
+    age(dp, unsnat_key(port), RECLAIM + 2)
+    send(dp, CPORT, port, "c:PA")
+    retval, _ = snat_after_dnat(dp, CPORT + 1)
+    assert retval == TC_ACT_SHOT
+
+
+def test_a_flow_whose_port_was_given_away_takes_another(dp):
+    """Client A's flow closed and its port went to client B. A late packet
+    of A's (a retransmitted ACK) must not enter B's connection: A gets a
+    new port, and B's entry is left alone."""
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    port = open_masqueraded_flow(dp)
+    for step in CLOSES["client-first"][0]:
+        send(dp, CPORT, port, step)
+    age(dp, unsnat_key(port), RECLAIM_CLOSED + 2)
+    port_b = open_masqueraded_flow(dp, CPORT + 1)
+    assert port_b == port
+    b_entry = ct(dp)[unsnat_key(port)]
+
+    put_cfg(dp, lo=61000, hi=61001, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    sent = tcp(OUTSIDE, BE_REMOTE, CPORT, 8080, flags="A")
+    r = run(dp, sent, egress=True, external=True)
+    assert r.counted.keys() == {"SNAT"}
+    check_rewrite(r.out, sent, tcp(NODE, BE_REMOTE, 61001, 8080, flags="A"), "src")
+    entries = ct(dp)
+    assert entries[unsnat_key(port)] == b_entry
+    assert entries[unsnat_key(61001)] == CtVal(OUTSIDE, CPORT, BE.id, NP.svc_id)
+    assert entries[CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)].nat_port == 61001
+
+
+def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_briefly(dp):
+    seed(dp, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    port = open_masqueraded_flow(dp)
+    age(dp, unsnat_key(port), RECLAIM + 2)
+    assert open_masqueraded_flow(dp, CPORT + 1) == port
+    put_cfg(dp, lo=61000, hi=61001, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    r = run(dp, tcp(OUTSIDE, BE_REMOTE, CPORT, 8080, flags="R"), egress=True, external=True)
+    assert r.counted.keys() == {"SNAT"} and Ether(r.out)[TCP].sport == 61001
+    assert ct(dp)[unsnat_key(61001)].flags == F_RST
+
+
+def test_udp_flows_keep_ports_for_snat_reclaim(dp):
+    seed(dp, Seed(services=(NP_UDP,), backends=(BE_UDP,)))
+    put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
+    r = run(dp, udp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)
+    r = run(dp, r.out, egress=True, external=True)
+    assert r.counted.keys() == {"SNAT"}
+    key = CtKey(BE_REMOTE, NODE, 5353, 61000, UDP_P, UNSNAT)
+    for idle, want in ((RECLAIM_CLOSED + 2, TC_ACT_SHOT), (RECLAIM + 2, TC_ACT_OK)):
+        age(dp, key, idle)
+        r = run(dp, udp(OUTSIDE, NODE, CPORT + 1, NODEPORT), external=True)
+        r = run(dp, r.out, egress=True, external=True)
+        assert r.retval == want
