@@ -19,7 +19,9 @@ masqueraded.
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,7 @@ class Cluster:
         for n in self.nodes:
             n.src.write(name, *docs)
 
-    def start_agents(self) -> None:
+    def start_agents(self, *extra: str) -> None:
         for n in self.nodes:
             n.agent = AgentProc(
                 n.topo,
@@ -124,6 +126,7 @@ class Cluster:
                 (
                     "--external-interfaces", n.uplink, "--node-name", n.name,
                     "--metrics-bind-address", "", "--healthz-bind-address", "",
+                    *extra,
                 ),
             )  # fmt: skip
         for n in self.nodes:
@@ -295,3 +298,135 @@ def test_nodeport_follows_a_node_address_change(cluster: Cluster) -> None:
     assert not [s for s in doc["services"] if s["frontend"] == f"{NODE1}:30080/TCP"]
     res = cluster.client("client", "http", f"{NODE1}:30080", count=3)
     assert res["errors"] == 3, res  # nothing serves the old address any more
+
+
+# -- SNAT ports of closed connections --------------------------------------------
+
+ECHO_NODEPORT = 30082
+
+# Runs in the outside client: short connections to the echo port, each
+# closed by the client first (the server closes when it reads EOF), in
+# batches of `batch` with a pause after each; then `hold` connections kept
+# open while one more is tried, then closed. A connect timeout below the
+# first SYN retransmission (1 s) makes a SYN the datapath dropped an error.
+SHORT_CONNS = r"""
+import json, socket, sys, time
+
+host, port, count, batch, pause, hold = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:])
+out = {"ok": 0, "errors": [], "peers": set()}
+
+def conn(line):
+    s = socket.create_connection((host, port), timeout=0.8)
+    s.sendall(line.encode() + b"\n")
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    name, _, echoed = reply.decode().strip().partition(" ")
+    assert echoed == line, reply
+    out["peers"].add(name)
+    return s
+
+def one(i, tag):
+    try:
+        conn(f"{tag}-{i}").close()  # the client's FIN first
+        out["ok"] += 1
+    except (OSError, AssertionError) as e:
+        out["errors"].append(f"{tag} {i}: {type(e).__name__}: {e}")
+
+for i in range(int(count)):
+    if i and i % int(batch) == 0:
+        time.sleep(pause)
+    one(i, "short")
+if hold:
+    time.sleep(pause)
+    held = []
+    for i in range(int(hold)):
+        try:
+            held.append(conn(f"held-{i}"))
+        except (OSError, AssertionError) as e:
+            out["errors"].append(f"held {i}: {type(e).__name__}: {e}")
+    time.sleep(pause)
+    before = len(out["errors"])
+    one(0, "while-held")
+    out["while_held_failed"] = len(out["errors"]) > before
+    for s in held:
+        s.close()
+    time.sleep(pause)
+    one(1, "after-held")
+out["peers"] = sorted(out["peers"])
+print(json.dumps(out))
+"""
+
+
+def echo_service() -> list[dict[str, Any]]:
+    """A NodePort to the line-echo port of web-2 only: entered through
+    node-1, every connection is masqueraded."""
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "echo", "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": "198.19.0.12",
+            "externalTrafficPolicy": "Cluster",
+            "ports": [{"name": "echo", "port": 81, "protocol": "TCP", "targetPort": 8081, "nodePort": ECHO_NODEPORT}],
+        },
+    }
+    sl = endpoint_slice("echo-a", "echo", [("echo", 8081, "TCP")], [WEB2])
+    sl["endpoints"][0]["nodeName"] = "node-2"
+    return [svc, sl]
+
+
+PORTS = 4
+
+
+def short_connections(cluster: Cluster, count: int, hold: int = 0) -> dict[str, Any]:
+    cp = cluster.lan.exec_in(
+        "client",
+        [sys.executable, "-c", SHORT_CONNS, NODE1, str(ECHO_NODEPORT), str(count), str(PORTS), "1.5", str(hold)],
+        timeout=120,
+    )
+    assert cp.returncode == 0, cp.stderr
+    result: dict[str, Any] = json.loads(cp.stdout)
+    return result
+
+
+def snat_drops(cluster: Cluster) -> int:
+    counters = dump(cluster.nodes[0].topo, cluster.nodes[0].pin_dir)["counters"]
+    return int(counters["drop_snat"]["packets"])
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["close-tracked", "close-not-tracked"])
+def test_closed_connections_give_their_snat_ports_back(cluster: Cluster, tracked: bool) -> None:
+    """Four SNAT ports and six times as many short connections, the client
+    closing each: with close tracking (--snat-reclaim-closed 1) a pause of
+    1.5 s after every four frees the ports and every connection succeeds;
+    without it (0: closed flows hold their ports for --snat-reclaim), the
+    fifth is dropped. A connection kept open holds its port either way."""
+    cluster.write("echo.yaml", *echo_service())
+    cluster.start_agents(
+        "--snat-port-range", f"61000-{61000 + PORTS - 1}", "--snat-reclaim-closed", "1" if tracked else "0"
+    )  # fmt: skip
+    cluster.wait_external(f"{NODE1}:{ECHO_NODEPORT}/TCP", {f"{WEB2}:8081"}, cluster.nodes[:1])
+    doc = dump(cluster.nodes[0].topo, cluster.nodes[0].pin_dir)
+    assert doc["config"]["snat_reclaim_closed"] == (1 if tracked else 0)
+    assert (doc["config"]["snat_port_min"], doc["config"]["snat_port_max"]) == (61000, 61000 + PORTS - 1)
+
+    n = 6 * PORTS
+    if not tracked:
+        res = short_connections(cluster, n)
+        assert res["ok"] == PORTS and len(res["errors"]) == n - PORTS, res
+        assert snat_drops(cluster) >= n - PORTS
+        invalid_rule_held(cluster)
+        return
+    res = short_connections(cluster, n, hold=PORTS)
+    assert res["peers"] == ["web-2"]
+    # Every short connection, and the one after the held ones closed.
+    assert res["ok"] == n + 1, res["errors"]
+    # One more while PORTS connections stay open: no port for it.
+    assert res["while_held_failed"] and len(res["errors"]) == 1, res["errors"]
+    assert snat_drops(cluster) >= 1
+    invalid_rule_held(cluster)
