@@ -451,8 +451,8 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
  * Record how a masqueraded TCP connection closes in its UNSNAT entry u
  * (SP_CT_F_*): p is the client's packet (reply 0, at ext egress) or the
  * backend's (reply 1, at ext ingress). The two directions may run on two
- * CPUs at once and the update is a plain read and write (32-bit atomics
- * need a newer BPF ISA than the object targets): a bit lost to that race
+ * CPUs at once and the update is a plain read and write (clang emits no
+ * 32-bit atomic or for the ISA the object targets): a bit lost to that race
  * leaves the flow looking open or half-closed, which only holds the port
  * longer, and a retransmitted FIN sets it again. FIN_REPLY and
  * FIN_REPLY_FIRST are written together.
@@ -831,8 +831,10 @@ int sp_ext_egress(struct __sk_buff *skb)
 	uv.backend_id = ct->backend_id;
 	uv.svc_id = ct->svc_id;
 	uv.last_seen = now;
-	/* A packet that ends a flow may come here without a port: one of a
-	 * flow whose port was given away (its RST or FIN, late). */
+	/* A late packet of a flow whose port was given away comes here for a
+	 * new one: its RST is recorded, so that port is held for the closed
+	 * grace only (the backend, which knows no such connection, answers
+	 * anything else with an RST, recorded at ingress). */
 	if (p.tcp_flags & TCP_F_RST)
 		uv.flags = SP_CT_F_RST;
 	for (int i = 0; i < SNAT_TRIES; i++) {
