@@ -230,6 +230,18 @@ static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct,
 	return be;
 }
 
+/* Fill a conntrack key: addresses in map form, ports in host order. */
+static __always_inline void ct_key(struct sp_ct_key *k, const __u8 *saddr, const __u8 *daddr, __u16 sport,
+				   __u16 dport, __u8 proto, __u8 dir)
+{
+	__builtin_memcpy(k->saddr, saddr, sizeof(k->saddr));
+	__builtin_memcpy(k->daddr, daddr, sizeof(k->daddr));
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+}
+
 /*
  * The reply entry of a flow: backend -> client, rewritten back to the
  * frontend. fwd is the flow's forward key, fct its forward value. With
@@ -241,12 +253,7 @@ static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct s
 	struct sp_ct_key rk = {};
 	struct sp_ct_val rv = {};
 
-	__builtin_memcpy(rk.saddr, fct->nat_addr, sizeof(rk.saddr));
-	__builtin_memcpy(rk.daddr, fwd->saddr, sizeof(rk.daddr));
-	rk.sport = fct->nat_port;
-	rk.dport = fwd->sport;
-	rk.proto = fwd->proto;
-	rk.dir = SP_CT_REPLY;
+	ct_key(&rk, fct->nat_addr, fwd->saddr, fct->nat_port, fwd->sport, fwd->proto, SP_CT_REPLY);
 	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &rk))
 		return 0;
 	__builtin_memcpy(rv.nat_addr, front->addr, sizeof(rv.nat_addr));
@@ -408,12 +415,7 @@ static __always_inline int put_snat(const struct sp_ct_key *fwd, const struct sp
 	struct sp_ct_key sk = {};
 	struct sp_ct_val sv = {};
 
-	__builtin_memcpy(sk.saddr, fwd->saddr, sizeof(sk.saddr));
-	__builtin_memcpy(sk.daddr, fct->nat_addr, sizeof(sk.daddr));
-	sk.sport = fwd->sport;
-	sk.dport = fct->nat_port;
-	sk.proto = fwd->proto;
-	sk.dir = SP_CT_SNAT;
+	ct_key(&sk, fwd->saddr, fct->nat_addr, fwd->sport, fct->nat_port, fwd->proto, SP_CT_SNAT);
 	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &sk))
 		return 0;
 	__builtin_memcpy(sv.nat_addr, fct->addr2, sizeof(sv.nat_addr));
@@ -433,12 +435,7 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
 	struct sp_ct_key uk = {};
 	struct sp_ct_val uv = {};
 
-	__builtin_memcpy(uk.saddr, sk->daddr, sizeof(uk.saddr));
-	__builtin_memcpy(uk.daddr, sv->nat_addr, sizeof(uk.daddr));
-	uk.sport = sk->dport;
-	uk.dport = port;
-	uk.proto = sk->proto;
-	uk.dir = SP_CT_UNSNAT;
+	ct_key(&uk, sk->daddr, sv->nat_addr, sk->dport, port, sk->proto, SP_CT_UNSNAT);
 	__builtin_memcpy(uv.nat_addr, sk->saddr, sizeof(uv.nat_addr));
 	uv.nat_port = sk->sport;
 	uv.backend_id = sv->backend_id;
@@ -536,12 +533,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
 
 	now = bpf_ktime_get_ns();
-	__builtin_memcpy(ckey.saddr, p->saddr, sizeof(ckey.saddr));
-	__builtin_memcpy(ckey.daddr, p->daddr, sizeof(ckey.daddr));
-	ckey.sport = bpf_ntohs(p->sport);
-	ckey.dport = bpf_ntohs(p->dport);
-	ckey.proto = p->proto;
-	ckey.dir = SP_CT_FORWARD;
+	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
 		ct->last_seen = now;
@@ -636,12 +628,7 @@ static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
 	struct sp_ct_key ckey = {};
 	struct sp_ct_val *ct;
 
-	__builtin_memcpy(ckey.saddr, p->saddr, sizeof(ckey.saddr));
-	__builtin_memcpy(ckey.daddr, p->daddr, sizeof(ckey.daddr));
-	ckey.sport = bpf_ntohs(p->sport);
-	ckey.dport = bpf_ntohs(p->dport);
-	ckey.proto = p->proto;
-	ckey.dir = SP_CT_REPLY;
+	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_REPLY);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
 	if (!ct || addr_is_v4(ct->nat_addr) == p->v6)
 		return -1;
@@ -715,12 +702,7 @@ int sp_ext_ingress(struct __sk_buff *skb)
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 
-	__builtin_memcpy(ukey.saddr, p.saddr, sizeof(ukey.saddr));
-	__builtin_memcpy(ukey.daddr, p.daddr, sizeof(ukey.daddr));
-	ukey.sport = bpf_ntohs(p.sport);
-	ukey.dport = bpf_ntohs(p.dport);
-	ukey.proto = p.proto;
-	ukey.dir = SP_CT_UNSNAT;
+	ct_key(&ukey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_UNSNAT);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
 	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
 		ct->last_seen = bpf_ktime_get_ns();
@@ -762,12 +744,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	if (v >= 0)
 		return v;
 
-	__builtin_memcpy(skey.saddr, p.saddr, sizeof(skey.saddr));
-	__builtin_memcpy(skey.daddr, p.daddr, sizeof(skey.daddr));
-	skey.sport = bpf_ntohs(p.sport);
-	skey.dport = bpf_ntohs(p.dport);
-	skey.proto = p.proto;
-	skey.dir = SP_CT_SNAT;
+	ct_key(&skey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_SNAT);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &skey);
 	if (!ct)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
@@ -777,12 +754,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 		struct sp_ct_key ok = {};
 		struct sp_ct_val *u;
 
-		__builtin_memcpy(ok.saddr, skey.daddr, sizeof(ok.saddr));
-		__builtin_memcpy(ok.daddr, ct->nat_addr, sizeof(ok.daddr));
-		ok.sport = skey.dport;
-		ok.dport = ct->nat_port;
-		ok.proto = skey.proto;
-		ok.dir = SP_CT_UNSNAT;
+		ct_key(&ok, skey.daddr, ct->nat_addr, skey.dport, ct->nat_port, skey.proto, SP_CT_UNSNAT);
 		u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
 		if (!u) {
 			/* Put back an UNSNAT entry the LRU evicted. */
@@ -821,11 +793,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	struct sp_ct_val uv = {};
 	__u16 port = 0;
 
-	__builtin_memcpy(uk.saddr, skey.daddr, sizeof(uk.saddr));
-	__builtin_memcpy(uk.daddr, node, sizeof(uk.daddr));
-	uk.sport = skey.dport;
-	uk.proto = skey.proto;
-	uk.dir = SP_CT_UNSNAT;
+	ct_key(&uk, skey.daddr, node, skey.dport, 0, skey.proto, SP_CT_UNSNAT); /* dport: each try below */
 	__builtin_memcpy(uv.nat_addr, skey.saddr, sizeof(uv.nat_addr));
 	uv.nat_port = skey.sport;
 	uv.backend_id = ct->backend_id;
@@ -868,12 +836,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	struct sp_ct_key fk = {};
 	struct sp_ct_val *fwd;
 
-	__builtin_memcpy(fk.saddr, skey.saddr, sizeof(fk.saddr));
-	__builtin_memcpy(fk.daddr, ct->addr2, sizeof(fk.daddr));
-	fk.sport = skey.sport;
-	fk.dport = ct->port2;
-	fk.proto = skey.proto;
-	fk.dir = SP_CT_FORWARD;
+	ct_key(&fk, skey.saddr, ct->addr2, skey.sport, ct->port2, skey.proto, SP_CT_FORWARD);
 	fwd = bpf_map_lookup_elem(&sp_ct_v2, &fk);
 	if (fwd) {
 		__builtin_memcpy(fwd->addr2, node, sizeof(fwd->addr2));
