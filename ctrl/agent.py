@@ -29,6 +29,9 @@ from .state import ClusterState, Event
 
 log = logging.getLogger("sliceproxy.agent")
 
+# Seconds between full garbage collections at the latest (see Agent.sync).
+COLLECT_EVERY = 600.0
+
 
 class Agent:
     def __init__(
@@ -82,6 +85,7 @@ class Agent:
         # sooner than this.
         self.retry_period = 5.0
         self.retry_at = 0.0
+        self._collected_at = time.monotonic()  # the last full collection
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
@@ -156,11 +160,15 @@ class Agent:
         # changes walks every young container, milliseconds at 100,000
         # endpoints. Freezing is O(1); frozen objects are still freed by
         # reference counting, only a reference cycle among them would wait.
-        # So a full sync (the first one, every --sync-period) unfreezes and
-        # collects everything once, after its write, then freezes again.
-        if full:
+        # So a full sync (the first one, every --sync-period), or the first
+        # sync COLLECT_EVERY seconds after the last collection (with
+        # --sync-period 0), unfreezes and collects everything once, after
+        # its write, then freezes again.
+        now = time.monotonic()
+        if full or now - self._collected_at >= COLLECT_EVERY:
             gc.unfreeze()
             gc.collect()
+            self._collected_at = now
         gc.freeze()
         return cs
 

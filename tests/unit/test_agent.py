@@ -74,3 +74,36 @@ def test_nothing_is_synced_before_the_source_has_listed_everything():
     finally:
         agent.stop()
         t.join(5)
+
+
+class Cyclic:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
+    import gc
+    import weakref
+
+    agent = Agent(QueueSource(), ClusterState(), Programmed(), writer=None)
+    agent.take([Event("upsert", "Service", "default/web", parse(service()))])
+    try:
+        agent.sync()  # the first, full
+        assert not agent.need_full and gc.get_freeze_count() > 0
+        ref = weakref.ref(Cyclic())  # garbage at once, but only a collection frees it
+        agent.take(slice_event(0))
+        agent.sync()  # partial: frozen, not collected
+        gc.collect()
+        assert ref() is not None  # frozen objects are out of the collector's reach
+        agent.need_full = True
+        agent.sync()
+        assert ref() is None  # the full sync unfroze and collected
+        ref = weakref.ref(Cyclic())
+        agent.take(slice_event(1))
+        agent._collected_at -= 601  # a long time without a full sync
+        agent.sync()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
