@@ -354,7 +354,7 @@ class Programmed:
         if not self.by_owner.get(owner):
             self.by_owner.pop(owner, None)
 
-    def _backend_ids(self, bs: tuple[Backend, ...], cs: ChangeSet) -> list[int]:
+    def _backend_ids(self, bs: Collection[Backend], cs: ChangeSet) -> list[int]:
         """Ids of these backends, allocating (and writing) new ones."""
         ids = self.backend_ids
         get = ids.get
@@ -369,9 +369,9 @@ class Programmed:
             cs.be_upd.extend(zip(new, bs, strict=False))
             return list(new)
         if None in out:
-            for i, bid in enumerate(out):
+            for i, b in enumerate(bs):
+                bid = out[i]
                 if bid is None:
-                    b = bs[i]
                     bid = ids.get(b)  # listed twice in bs: allocated above
                     if bid is None:
                         bid = self.next_be_id

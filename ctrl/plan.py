@@ -12,6 +12,7 @@ import ipaddress
 import itertools
 import socket
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 from .objects import Endpoint, EndpointSlice, Service, ServicePort, addr16
@@ -84,7 +85,11 @@ class Frontend:
     proto: int
     scope: int
     name: str  # "namespace/name:portname/PROTO", stored in sp_names_v2
-    backends: tuple[Backend, ...]  # no duplicates, in merge order
+    # No duplicates, in merge order. From plan_service a tuple; from
+    # ServicePlanner's delta path a live view of its selection, valid until
+    # the next plan of the same Service (copying 100,000 backends per
+    # one-slice change would cost more than the change).
+    backends: Collection[Backend]
     flags: int = 0
     affinity_timeout: int = 0
     source_ranges: tuple[SourceRange, ...] = ()  # with SVC_F_SRC_RANGES: the allowed sources
@@ -526,7 +531,7 @@ class ServicePlanner:
             fronts.append(
                 replace(
                     f,
-                    backends=tuple(st.selected.values()),
+                    backends=st.selected.values(),
                     added=delta[0],
                     removed=delta[1],
                     base=f.version,
