@@ -577,89 +577,57 @@ def two_backends(proto: int) -> tuple[Svc, Backend, Backend]:
     )
 
 
+def new_flow(to_vip, to_be, cport: int, be: Backend, proto: int, flags: str = "S") -> Case:
+    """A client packet to VIP:80 that opens a flow on `be` (service 20)."""
+    return Case(
+        to_vip(cport, flags=flags),
+        Seed(),
+        TC_ACT_OK,
+        "DNAT_NEW",
+        out=to_be(be.addr, be.port, cport, flags=flags),
+        ct_new=ct_pair(CLIENT, cport, VIP, 80, be, 20, proto),
+    )
+
+
+def established(to_vip, to_be, cport: int, be: Backend, proto: int) -> Case:
+    """A client packet of a flow already on `be`: kept there, entry touched."""
+    return Case(
+        to_vip(cport, flags="A"),
+        Seed(),
+        TC_ACT_OK,
+        "DNAT_ESTABLISHED",
+        out=to_be(be.addr, be.port, cport, flags="A"),
+        ct_touched=(CtKey(CLIENT, VIP, cport, 80, proto, FORWARD),),
+    )
+
+
 @pytest.mark.parametrize(("proto", "to_vip", "to_be"), FLOWS)
 def test_flow_keeps_backend_when_slots_rewritten(dp, proto, to_vip, to_be):
     svc, b1, b2 = two_backends(proto)
     seed(dp, Seed(services=(svc,), backends=(b1, b2)))
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT),
-            Seed(),
-            TC_ACT_OK,
-            "DNAT_NEW",
-            out=to_be(BE1, 8080, CPORT),
-            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto),
-        ),
-    )
+    check_run(dp, new_flow(to_vip, to_be, CPORT, b1, proto))
 
     put_slot(dp, svc.svc_id, 0, b2.id)  # the control plane moves slot 0 to b2
 
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT, flags="A"),
-            Seed(),
-            TC_ACT_OK,
-            "DNAT_ESTABLISHED",
-            out=to_be(BE1, 8080, CPORT, flags="A"),
-            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
-        ),
-    )
+    check_run(dp, established(to_vip, to_be, CPORT, b1, proto))
     # A new flow follows the slots.
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT + 1),
-            Seed(),
-            TC_ACT_OK,
-            "DNAT_NEW",
-            out=to_be(BE2, 8081, CPORT + 1),
-            ct_new=ct_pair(CLIENT, CPORT + 1, VIP, 80, b2, 20, proto),
-        ),
-    )
+    check_run(dp, new_flow(to_vip, to_be, CPORT + 1, b2, proto))
 
 
 @pytest.mark.parametrize(("proto", "to_vip", "to_be"), FLOWS)
 def test_flow_moves_when_backend_deleted(dp, proto, to_vip, to_be):
     svc, b1, b2 = two_backends(proto)
     seed(dp, Seed(services=(svc,), backends=(b1,)))
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT),
-            Seed(),
-            TC_ACT_OK,
-            "DNAT_NEW",
-            out=to_be(BE1, 8080, CPORT),
-            ct_new=ct_pair(CLIENT, CPORT, VIP, 80, b1, 20, proto),
-        ),
-    )
+    check_run(dp, new_flow(to_vip, to_be, CPORT, b1, proto))
 
     # The control plane's order: the new backend and slot, then the delete.
     put_backend(dp, b2)
     put_slot(dp, svc.svc_id, 0, b2.id)
     del_backend(dp, b1.id)
 
-    new = ct_pair(CLIENT, CPORT, VIP, 80, b2, 20, proto)
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT, flags="A"), Seed(), TC_ACT_OK, "DNAT_NEW", out=to_be(BE2, 8081, CPORT, flags="A"), ct_new=new
-        ),
-    )
+    check_run(dp, new_flow(to_vip, to_be, CPORT, b2, proto, flags="A"))
     # From now on the flow is established on b2.
-    check_run(
-        dp,
-        Case(
-            to_vip(CPORT, flags="A"),
-            Seed(),
-            TC_ACT_OK,
-            "DNAT_ESTABLISHED",
-            out=to_be(BE2, 8081, CPORT, flags="A"),
-            ct_touched=(CtKey(CLIENT, VIP, CPORT, 80, proto, FORWARD),),
-        ),
-    )
+    check_run(dp, established(to_vip, to_be, CPORT, b2, proto))
 
 
 @pytest.mark.parametrize("proto", [pytest.param(TCP_P, id="tcp"), pytest.param(UDP_P, id="udp")])
