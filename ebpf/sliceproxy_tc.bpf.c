@@ -243,25 +243,40 @@ static __always_inline void ct_key(struct sp_ct_key *k, const __u8 *saddr, const
 }
 
 /*
+ * Write conntrack entry k: nat_addr/nat_port, addr2/port2 (0: none), and
+ * the backend, service and time of the flow entry `of` it derives from.
+ * With BPF_NOEXIST an existing entry is left as it is (one lookup, no
+ * write).
+ */
+static __always_inline int put_ct(const struct sp_ct_key *k, const __u8 *nat_addr, __u16 nat_port, const __u8 *addr2,
+				  __u16 port2, const struct sp_ct_val *of, __u64 flags)
+{
+	struct sp_ct_val v = {};
+
+	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, k))
+		return 0;
+	__builtin_memcpy(v.nat_addr, nat_addr, sizeof(v.nat_addr));
+	v.nat_port = nat_port;
+	if (addr2)
+		__builtin_memcpy(v.addr2, addr2, sizeof(v.addr2));
+	v.port2 = port2;
+	v.backend_id = of->backend_id;
+	v.svc_id = of->svc_id;
+	v.last_seen = of->last_seen;
+	return bpf_map_update_elem(&sp_ct_v2, k, &v, flags);
+}
+
+/*
  * The reply entry of a flow: backend -> client, rewritten back to the
- * frontend. fwd is the flow's forward key, fct its forward value. With
- * BPF_NOEXIST an existing entry is left as it is (one lookup, no write).
+ * frontend. fwd is the flow's forward key, fct its forward value.
  */
 static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct sp_svc_key *front,
 				     const struct sp_ct_val *fct, __u64 flags)
 {
 	struct sp_ct_key rk = {};
-	struct sp_ct_val rv = {};
 
 	ct_key(&rk, fct->nat_addr, fwd->saddr, fct->nat_port, fwd->sport, fwd->proto, SP_CT_REPLY);
-	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &rk))
-		return 0;
-	__builtin_memcpy(rv.nat_addr, front->addr, sizeof(rv.nat_addr));
-	rv.nat_port = front->port;
-	rv.backend_id = fct->backend_id;
-	rv.svc_id = fct->svc_id;
-	rv.last_seen = fct->last_seen;
-	return bpf_map_update_elem(&sp_ct_v2, &rk, &rv, flags);
+	return put_ct(&rk, front->addr, front->port, 0, 0, fct, flags);
 }
 
 /* What both programs need of an IPv4 TCP/UDP packet. */
@@ -413,19 +428,9 @@ static __always_inline int source_allowed(const struct sp_svc_val *svc, const st
 static __always_inline int put_snat(const struct sp_ct_key *fwd, const struct sp_ct_val *fct, __u64 flags)
 {
 	struct sp_ct_key sk = {};
-	struct sp_ct_val sv = {};
 
 	ct_key(&sk, fwd->saddr, fct->nat_addr, fwd->sport, fct->nat_port, fwd->proto, SP_CT_SNAT);
-	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, &sk))
-		return 0;
-	__builtin_memcpy(sv.nat_addr, fct->addr2, sizeof(sv.nat_addr));
-	sv.nat_port = fct->port2;
-	__builtin_memcpy(sv.addr2, fwd->daddr, sizeof(sv.addr2));
-	sv.port2 = fwd->dport;
-	sv.backend_id = fct->backend_id;
-	sv.svc_id = fct->svc_id;
-	sv.last_seen = fct->last_seen;
-	return bpf_map_update_elem(&sp_ct_v2, &sk, &sv, flags);
+	return put_ct(&sk, fct->addr2, fct->port2, fwd->daddr, fwd->dport, fct, flags);
 }
 
 /* The UNSNAT entry: the backend's reply to node:port -> back to the client. */
@@ -433,15 +438,9 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
 				      __u64 flags)
 {
 	struct sp_ct_key uk = {};
-	struct sp_ct_val uv = {};
 
 	ct_key(&uk, sk->daddr, sv->nat_addr, sk->dport, port, sk->proto, SP_CT_UNSNAT);
-	__builtin_memcpy(uv.nat_addr, sk->saddr, sizeof(uv.nat_addr));
-	uv.nat_port = sk->sport;
-	uv.backend_id = sv->backend_id;
-	uv.svc_id = sv->svc_id;
-	uv.last_seen = sv->last_seen;
-	return bpf_map_update_elem(&sp_ct_v2, &uk, &uv, flags);
+	return put_ct(&uk, sk->saddr, sk->sport, 0, 0, sv, flags);
 }
 
 /*
