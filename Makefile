@@ -9,7 +9,8 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
-.PHONY: all deps bpf venv k8s test unit datapath netns cluster demo bench bench-quick bpffs lint clean \
+.PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e demo bench \
+	bench-quick bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
@@ -39,16 +40,30 @@ $(VENV)/.installed: pyproject.toml | deps
 k8s:
 	bash scripts/build-k8s.sh
 
+# The node tier and the e2e run also need kube-scheduler, kubelet,
+# kube-proxy, kubectl, e2e.test and agnhost from the same module.
+k8s-node:
+	bash scripts/build-k8s.sh node
+
+# The container image (deploy/Containerfile) built with podman on base images
+# made by debootstrap, cached outside the repository by what it is built from
+# (scripts/build-images.sh); `images-node` adds the pause and agnhost images.
+image: deps
+	bash scripts/build-images.sh
+
+images-node: deps k8s-node
+	bash scripts/build-images.sh node
+
 # Pins need a bpf filesystem; most distributions mount one, containers may not.
 bpffs:
 	@grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 
-test: all bpffs k8s lint
+test: all bpffs k8s k8s-node images-node lint
 	$(BIN)/python -m pytest -q tests
 
 # ruff (lint and format) and mypy on the control plane.
 lint: venv
-	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench scripts/bench.py scripts/bench
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/node tests/bench scripts/bench.py scripts/bench
 	$(BIN)/ruff format --check ctrl
 	$(BIN)/mypy ctrl
 
@@ -63,6 +78,11 @@ netns: all bpffs
 
 cluster: all bpffs k8s
 	$(BIN)/python -m pytest -q tests/cluster
+
+# A real node: kubelet, containerd and CNI in a network namespace running the
+# DaemonSet from the image, and a few of Kubernetes' own Service tests.
+node: all bpffs k8s-node images-node
+	$(BIN)/python -m pytest -q tests/node
 
 demo: all bpffs
 	$(BIN)/python scripts/demo.py

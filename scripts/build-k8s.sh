@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kube-controller-manager for the cluster tests
-# (tests/cluster) from the k8s.io/kubernetes Go module, at the release pinned
-# in scripts/k8s-version, into a cache outside the repository:
+# Builds Kubernetes binaries from the k8s.io/kubernetes Go module, at the
+# release pinned in scripts/k8s-version, into a cache outside the repository:
 #
 #   ${SLICEPROXY_K8S_CACHE:-/var/cache/sliceproxy}/k8s-<version>/
 #
+#   build-k8s.sh            kube-apiserver, kube-controller-manager (tests/cluster)
+#   build-k8s.sh node       the above, and kube-scheduler, kubelet, kube-proxy,
+#                           kubectl, e2e.test and agnhost (tests/node, make e2e)
+#   build-k8s.sh NAME...    just those
+#
 # and makes sure an etcd binary is there (Debian's etcd-server package).
 # Safe to run again: a binary that exists and reports the pinned version is
-# not rebuilt. The first build takes 10-30 minutes on 2 cores.
+# not rebuilt. The first build of the control plane takes 10-30 minutes on
+# 2 cores; the node set adds about as much again (e2e.test is the largest).
 #
 # Why a temporary module: k8s.io/kubernetes's go.mod points its staging
 # modules (k8s.io/api, k8s.io/client-go, ...) at ./staging/src/..., which the
@@ -27,14 +32,37 @@ fi
 staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 cache=${SLICEPROXY_K8S_CACHE:-/var/cache/sliceproxy}
 out="$cache/k8s-$version"
-bins=(kube-apiserver kube-controller-manager)
+control_plane=(kube-apiserver kube-controller-manager)
+node_set=(kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost)
+# agnhost's version is the tag the e2e framework asks for
+# (test/utils/image/manifest.go); scripts/build-images.sh tags its image so.
+case "${1:-}" in
+"") bins=("${control_plane[@]}") ;;
+node) bins=("${control_plane[@]}" "${node_set[@]}") ;;
+*) bins=("$@") ;;
+esac
+for b in "${bins[@]}"; do
+	case " ${control_plane[*]} ${node_set[*]} " in
+	*" $b "*) ;;
+	*)
+		echo "build-k8s: unknown binary '$b' (know: ${control_plane[*]} ${node_set[*]})" >&2
+		exit 1
+		;;
+	esac
+done
 
 log() { printf 'build-k8s: %s\n' "$*"; }
 
-# A binary counts as built when it runs and prints the pinned version.
+# A binary counts as built when it runs and prints the pinned version, or,
+# for those with no such flag (kubectl, e2e.test, agnhost), when the stamp
+# written after a complete build names the pinned version.
 is_built() {
 	local b=$1
 	[[ -x "$out/$b" ]] || return 1
+	if [[ -f "$out/.$b.version" ]]; then
+		[[ $(<"$out/.$b.version") == "$version" ]]
+		return
+	fi
 	local v
 	v=$("$out/$b" --version 2>/dev/null) || return 1
 	[[ $v == "Kubernetes $version" ]]
@@ -137,15 +165,30 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 	ldflags+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
+moddir_agnhost="$moddir/test/images/agnhost"
 mkdir -p "$out"
 for b in "${missing[@]}"; do
 	log "building $b $version (this takes a while; GOMAXPROCS=$(nproc))"
 	t0=$SECONDS
-	go build -trimpath -ldflags "$ldflags" -o "$work/$b" "k8s.io/kubernetes/cmd/$b"
+	case $b in
+	e2e.test)
+		# The e2e suite is a test binary: `go test -c` of test/e2e, as
+		# Kubernetes' own build makes it.
+		go test -c -trimpath -ldflags "$ldflags" -o "$work/$b" k8s.io/kubernetes/test/e2e
+		;;
+	agnhost)
+		go build -trimpath -ldflags "-s -w -X main.Version=$(tr -d '[:space:]' <"$moddir_agnhost/VERSION")" \
+			-o "$work/$b" k8s.io/kubernetes/test/images/agnhost
+		;;
+	*)
+		go build -trimpath -ldflags "$ldflags" -o "$work/$b" "k8s.io/kubernetes/cmd/$b"
+		;;
+	esac
 	# Move into place only when complete, so an interrupted build never
-	# leaves a half-written binary in the cache.
+	# leaves a half-written binary in the cache; the stamp comes last.
 	mv -f "$work/$b" "$out/$b"
-	log "built $out/$b in $((SECONDS - t0))s: $("$out/$b" --version)"
+	echo "$version" >"$out/.$b.version"
+	log "built $out/$b in $((SECONDS - t0))s"
 done
 
 for b in "${bins[@]}"; do

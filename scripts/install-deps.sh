@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages sliceproxy needs to build, test, benchmark and
-# demo. Safe to run again: it installs only what is missing.
+# demo: podman, buildah and debootstrap build the images; containerd, runc
+# and the CNI plugins run the node tier's kubelet. Safe to run again: it
+# installs only what is missing.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/debian.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/debian.sh"
 
 apt_ensure install-deps clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nftables linux-libc-dev \
-	python3-venv libyaml-dev util-linux openssl vagrant shellcheck
+	python3-venv libyaml-dev util-linux openssl vagrant shellcheck \
+	podman buildah runc uidmap fuse-overlayfs debootstrap containerd containernetworking-plugins conntrack gcc libc6-dev
