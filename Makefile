@@ -84,6 +84,17 @@ cluster: all bpffs k8s
 node: all bpffs k8s-node images-node
 	$(BIN)/python -m pytest -q tests/node
 
+# Kubernetes' own [sig-network] Service tests (tests/node/e2e-list.txt) on
+# two test nodes, once with sliceproxy and once with kube-proxy built from the
+# same module; reports in build/e2e-*, table in docs/conformance.md.
+E2E_LIST ?= tests/node/e2e-list.txt
+E2E_NODES ?= 2
+e2e: all bpffs k8s-node images-node
+	$(BIN)/python -m tests.node.e2e_run --proxy sliceproxy --nodes $(E2E_NODES) --list $(E2E_LIST) --report build/e2e-sliceproxy; \
+	  sp=$$?; \
+	  $(BIN)/python -m tests.node.e2e_run --proxy kube-proxy --nodes $(E2E_NODES) --list $(E2E_LIST) --report build/e2e-kube-proxy; \
+	  exit $$sp
+
 demo: all bpffs
 	$(BIN)/python scripts/demo.py
 

@@ -6,7 +6,9 @@
 #
 #   build-k8s.sh            kube-apiserver, kube-controller-manager (tests/cluster)
 #   build-k8s.sh node       the above, and kube-scheduler, kubelet, kube-proxy,
-#                           kubectl, e2e.test and agnhost (tests/node, make e2e)
+#                           kubectl, e2e.test, agnhost and coredns (tests/node,
+#                           make e2e; coredns at the version kubeadm of the
+#                           same release deploys, its own Go module)
 #   build-k8s.sh NAME...    just those
 #
 # and makes sure an etcd binary is there (Debian's etcd-server package).
@@ -33,7 +35,7 @@ staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 cache=${SLICEPROXY_K8S_CACHE:-/var/cache/sliceproxy}
 out="$cache/k8s-$version"
 control_plane=(kube-apiserver kube-controller-manager)
-node_set=(kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost)
+node_set=(kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost coredns)
 # agnhost's version is the tag the e2e framework asks for
 # (test/utils/image/manifest.go); scripts/build-images.sh tags its image so.
 case "${1:-}" in
@@ -175,6 +177,18 @@ for b in "${missing[@]}"; do
 		# The e2e suite is a test binary: `go test -c` of test/e2e, as
 		# Kubernetes' own build makes it.
 		go test -c -trimpath -ldflags "$ldflags" -o "$work/$b" k8s.io/kubernetes/test/e2e
+		;;
+	coredns)
+		# Cluster DNS for the test nodes: CoreDNS is a Go module of its own,
+		# installed at the version kubeadm of this release deploys.
+		coredns_version=$(sed -n 's/^[[:space:]]*CoreDNSVersion = "\(v[0-9.]*\)"$/\1/p' \
+			"$moddir/cmd/kubeadm/app/constants/constants.go")
+		[[ -n $coredns_version ]] || {
+			echo "build-k8s: no CoreDNSVersion in the module's kubeadm constants" >&2
+			exit 1
+		}
+		GOBIN="$work/gobin" GOFLAGS='' go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
+		mv -f "$work/gobin/coredns" "$work/$b"
 		;;
 	agnhost)
 		go build -trimpath -ldflags "-s -w -X main.Version=$(tr -d '[:space:]' <"$moddir_agnhost/VERSION")" \

@@ -52,6 +52,10 @@ EGRESS = HERE / "egress.py"
 LAN_NET = ipaddress.ip_network("198.18.10.0/24")
 LAN_GW = "198.18.10.1"
 CLUSTER_DOMAIN = "cluster.local"
+# The cluster DNS Service (kube-system/kube-dns, as kubeadm names it): its
+# ClusterIP goes through the proxy under test like any Service; its one
+# endpoint is CoreDNS on the LAN.
+DNS_CLUSTER_IP = "198.19.0.10"
 
 
 def node_bin(name: str) -> Path:
@@ -168,6 +172,7 @@ class Lan:
         self.net = NetnsLan()
         self.ns = self.net.node_ns
         self.egress: subprocess.Popen[bytes] | None = None
+        self._dns_forward: subprocess.Popen[bytes] | None = None
         try:
             subprocess.run(["ip", "-n", self.ns, "addr", "add", f"{LAN_GW}/24", "dev", NetnsLan.BRIDGE], check=True)
         except BaseException:
@@ -180,10 +185,58 @@ class Lan:
         )
         wait_for_line(self.egress, "ready", 10, "egress proxy")
 
+    def start_dns(self, cp: ControlPlane, workdir: Path) -> None:
+        """CoreDNS (the `kubernetes` plugin, as in a kubeadm cluster) on
+        ``LAN_GW``:53, reading Services and EndpointSlices through an
+        nsforward to the API server. No upstream: names outside the
+        cluster domain fail, as nothing may leave the test's namespaces."""
+        port = int(cp.server.rsplit(":", 1)[1])
+        # nsforward listens in the LAN namespace and dials the API server on
+        # the machine's loopback.
+        fwd = subprocess.Popen(
+            [sys.executable, str(NSFORWARD), self.net.ns_path("node"), str(port)], stdout=subprocess.PIPE
+        )
+        self._dns_forward = fwd
+        wait_for_line(fwd, "ready", 10, "nsforward for CoreDNS")
+        corefile = workdir / "Corefile"
+        corefile.write_text(
+            f""".:53 {{
+    bind {LAN_GW}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {cp.kubeconfig}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    loop
+}}
+"""
+        )
+        log = open(workdir / "coredns.log", "ab")  # noqa: SIM115 - closed with the process
+        self.dns = self.net.run_in(
+            "node", [str(node_bin("coredns")), "-conf", str(corefile)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+        def up() -> bool:
+            if self.dns.poll() is not None:
+                raise ControlPlaneError(
+                    f"coredns exited {self.dns.returncode}: {(workdir / 'coredns.log').read_text()}"
+                )
+            return "CoreDNS-" in (workdir / "coredns.log").read_text(errors="replace")
+
+        wait_until(up, 60, what="CoreDNS")
+
     def route(self, cidr: str, via: str) -> None:
         self.net.add_route("node", cidr, via)
 
     def cleanup(self) -> None:
+        fwd = self._dns_forward
+        if fwd is not None:
+            fwd.kill()
+            fwd.wait(10)
+            self._dns_forward = None
         if self.egress is not None:
             self.egress.kill()
             self.egress.wait(10)
@@ -403,6 +456,7 @@ healthzPort: 10248
 podLogsDir: {d}/pod-logs
 resolvConf: {d}/resolv.conf
 clusterDomain: {CLUSTER_DOMAIN}
+clusterDNS: [{DNS_CLUSTER_IP}]
 # The API server calls the kubelet (logs, exec) with no client certificate
 # of its own here; the kubelet listens only inside the test's namespaces.
 authentication:
@@ -597,6 +651,8 @@ class NodeCluster:
             self.cp.start()
             self.lan = Lan()
             self.lan.start_egress(self.egress_socket)
+            self.lan.start_dns(self.cp, self.dir)
+            self._dns_service()
             for i in range(1, self.n_nodes + 1):
                 node = KubeNode(self.cp, self.lan, i, zone=f"zone-{'abc'[(i - 1) % 3]}")
                 self.nodes.append(node)
@@ -608,6 +664,38 @@ class NodeCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _dns_service(self) -> None:
+        """kube-system/kube-dns: a Service without selector whose one
+        endpoint is CoreDNS on the LAN (kubelets give pods its ClusterIP)."""
+        ports = [("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")]
+        self.cp.ok(
+            "POST",
+            "/api/v1/namespaces/kube-system/services",
+            {
+                "metadata": {"name": "kube-dns", "labels": {"k8s-app": "kube-dns"}},
+                "spec": {
+                    "clusterIP": DNS_CLUSTER_IP,
+                    "ports": [{"name": n, "port": p, "protocol": pr, "targetPort": p} for n, p, pr in ports],
+                },
+            },
+        )
+        self.cp.ok(
+            "POST",
+            "/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices",
+            {
+                "metadata": {
+                    "name": "kube-dns-lan",
+                    "labels": {
+                        "kubernetes.io/service-name": "kube-dns",
+                        "endpointslice.kubernetes.io/managed-by": "sliceproxy-test",
+                    },
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ports],
+                "endpoints": [{"addresses": [LAN_GW], "conditions": {"ready": True}}],
+            },
+        )
 
     @property
     def api_port(self) -> int:

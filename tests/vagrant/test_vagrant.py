@@ -210,7 +210,10 @@ def test_k3s_version_comes_from_the_vagrantfile():
 def test_provisioning_builds_and_applies_the_repository_manifests():
     code = code_lines(PROVISION / "sliceproxy.sh")
     assert re.search(r"^make bpf$", code, re.M)
-    assert re.search(r"^podman build .*-f deploy/Containerfile .*\.$", code, re.M)
+    # The image: the repository's one build (scripts/build-images.sh, as
+    # `make image` and tests/node), imported from the archive it saved.
+    assert re.search(r"^read -r archive image < <\(bash scripts/build-images\.sh --ref sliceproxy\)$", code, re.M)
+    assert re.search(r'^\s*k3s ctr -n k8s\.io images import "\$archive"$', code, re.M)
     assert re.search(r"^\s*k3s ctr -n k8s\.io images import ", code, re.M)
     assert re.search(r"^kubectl apply -f deploy/rbac\.yaml$", code, re.M)
     # The DaemonSet: rendered from the repository's file, adapted, applied.

@@ -8,7 +8,7 @@ source "$SLICEPROXY_REPO/vagrant/provision/lib.sh"
 require_root
 
 export DEBIAN_FRONTEND=noninteractive
-log "apt: make, podman (builds deploy/Containerfile), jq (the smoke test), curl"
+log "apt: make, podman (scripts/build-images.sh), jq (the smoke test), curl"
 apt-get update -qq
 apt-get install -y -qq ca-certificates curl jq make podman python3 iptables >/dev/null
 
@@ -17,15 +17,6 @@ apt-get install -y -qq ca-certificates curl jq make podman python3 iptables >/de
 # libbpf-dev, linux-libc-dev, bpftool...
 log "scripts/install-deps.sh: clang, libbpf-dev and the rest of the repository's list"
 bash "$SLICEPROXY_REPO/scripts/install-deps.sh"
-
-# deploy/Containerfile names its base images by short name
-# (debian:bookworm); say where podman looks them up, so the build never
-# stops to ask.
-install -d -m 0755 /etc/containers/registries.conf.d
-cat >/etc/containers/registries.conf.d/50-sliceproxy-vm.conf <<'CONF'
-# Written by vagrant/provision/base.sh.
-unqualified-search-registries = ["docker.io"]
-CONF
 
 # The DaemonSet pins its maps in the node's bpffs. systemd mounts it; this
 # is the fallback for a box that does not.

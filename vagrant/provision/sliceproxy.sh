@@ -24,21 +24,18 @@ STATE=/var/lib/sliceproxy-vm
 log "make bpf"
 make bpf
 
-# The image nodes run, from deploy/Containerfile as documented in
-# docs/running-on-kubernetes.md. --network host: the build's apt and pip
-# steps use the VM's network, no podman CNI network needed.
-log "podman build -f deploy/Containerfile"
-podman build --network host -f deploy/Containerfile -t localhost/sliceproxy:vm-build .
-
-# Tag by image id: an unchanged tree keeps its tag (apply is a no-op), a
-# changed one gets a new tag, so the apply below rolls the DaemonSet.
-id=$(podman image inspect --format '{{.Id}}' localhost/sliceproxy:vm-build)
-id=${id#sha256:}
-image="docker.io/library/sliceproxy:vm-${id:0:12}"
-podman tag localhost/sliceproxy:vm-build "$image"
+# The image nodes run: deploy/Containerfile built by scripts/build-images.sh,
+# the same build `make image` and the node tier (tests/node) use: base images
+# made with debootstrap, podman with the repository's own settings, the
+# result cached by what it is built from. It prints the archive and the
+# image's name; the name's tag is that key, so an unchanged tree keeps its
+# tag (the apply below is a no-op) and a changed one rolls the DaemonSet.
+log "scripts/build-images.sh (deploy/Containerfile)"
+read -r archive image < <(bash scripts/build-images.sh --ref sliceproxy)
+[[ -s $archive && -n $image ]] || die "scripts/build-images.sh printed no image"
 
 # k3s runs its own containerd, which does not see podman's storage: hand
-# the image over as an archive.
+# the image over as the archive the build saved.
 k3s_has_image() {
 	# The list first, then grep: `ctr | grep -q` could fail on SIGPIPE.
 	local images
@@ -47,10 +44,7 @@ k3s_has_image() {
 }
 if ! k3s_has_image "$image"; then
 	log "importing $image into k3s's containerd"
-	work=$(mktemp -d)
-	trap 'rm -rf "$work"' EXIT
-	podman save --format docker-archive -o "$work/sliceproxy.tar" "$image"
-	k3s ctr -n k8s.io images import "$work/sliceproxy.tar"
+	k3s ctr -n k8s.io images import "$archive"
 	k3s_has_image "$image" || die "k3s ctr import finished but containerd does not list $image"
 fi
 
