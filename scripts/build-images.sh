@@ -3,7 +3,8 @@
 # mirror and this repository: no registry is pulled from.
 #
 #   build-images.sh [sliceproxy]   the base images and sliceproxy's image
-#   build-images.sh node           also the pause and agnhost images the node
+#   build-images.sh node           also the pause, agnhost, busybox and
+#                                  regression-issue-74839 images the node
 #                                  tier and the e2e tests run (needs
 #                                  `scripts/build-k8s.sh node` first)
 #   build-images.sh --ref NAME     build NAME if needed, then print
@@ -22,7 +23,10 @@
 #    compiled static, in a FROM scratch image named exactly as containerd's
 #    sandbox_image and the e2e framework ask (registry.k8s.io/pause:<tag>).
 # 4. agnhost: the binary build-k8s.sh made, in a Debian image named as the
-#    e2e framework asks (registry.k8s.io/e2e-test-images/agnhost:<version>).
+#    e2e framework asks (registry.k8s.io/e2e-test-images/agnhost:<version>);
+#    likewise regression-issue-74839 (a conntrack e2e test's server), and
+#    busybox from Debian's busybox-static, tagged as the framework's
+#    test/utils/image/manifest.go names them.
 #
 # Everything is cached outside the repository, in
 # ${SLICEPROXY_IMAGE_CACHE:-/var/cache/sliceproxy/images}: the root
@@ -60,7 +64,7 @@ case "${1:-}" in
 	targets=("$2")
 	;;
 "" | sliceproxy) targets=(sliceproxy) ;;
-node) targets=(sliceproxy pause agnhost) ;;
+node) targets=(sliceproxy pause agnhost busybox regression) ;;
 *) die "unknown target '$1' (sliceproxy, node, --ref NAME)" ;;
 esac
 
@@ -190,6 +194,19 @@ host_ca_args() {
 	printf '%s\n' -v "$bundle:/etc/sliceproxy-build-ca.crt:ro" -v "$work/pip.conf:/etc/pip.conf:ro"
 }
 
+# Each tree built leaves an archive of some 400 MB: keep the newest three
+# (other checkouts of the repository may still want theirs) and drop the
+# rest, archive and image.
+prune_sliceproxy() {
+	local keep=$1 old
+	while IFS= read -r old; do
+		[[ $old == "$keep" ]] && continue
+		rm -f "$old"
+		old=${old##*/sliceproxy-}
+		pm rmi --force "localhost/sliceproxy:${old%.tar}" >/dev/null 2>&1 || true
+	done < <(find "$cache" -maxdepth 1 -name 'sliceproxy-*.tar' -printf '%T@ %p\n' | sort -rn | tail -n +4 | cut -d' ' -f2-)
+}
+
 sliceproxy_key() {
 	{
 		echo "suite $suite"
@@ -209,6 +226,7 @@ ensure_sliceproxy() {
 		mapfile -t ca < <(host_ca_args)
 		build_image sliceproxy "$ref" "$archive" "$repo/deploy/Containerfile" "$repo" "${ca[@]}"
 		pm tag "$ref" localhost/sliceproxy:0.1.0
+		prune_sliceproxy "$archive"
 	fi
 	echo "$archive $ref"
 }
@@ -265,14 +283,59 @@ ensure_agnhost() {
 	echo "$archive $ref"
 }
 
+# The tag the e2e framework asks for, from test/utils/image/manifest.go.
+manifest_tag() {
+	sed -n "s/^[[:space:]]*configs\[$1\] = Config{[^,]*, \"[^\"]*\", \"\([^\"]*\)\"}.*/\1/p" \
+		"$moddir/test/utils/image/manifest.go"
+}
+
+ensure_busybox() {
+	local tag key archive ref
+	tag=$(manifest_tag BusyBox)
+	[[ -n $tag ]] || die "no BusyBox tag in the module's test/utils/image/manifest.go"
+	ref="registry.k8s.io/e2e-test-images/busybox:$tag"
+	key=$( (
+		echo "suite $suite"
+		base_key
+		sha256sum <"$here/images/busybox.Containerfile"
+	) | sha256sum | cut -c1-16)
+	archive="$cache/busybox-$tag-$key.tar"
+	if [[ ! -s $archive ]] || ! pm image exists "$ref"; then
+		mkdir -p "$work/busybox"
+		build_image busybox "$ref" "$archive" "$here/images/busybox.Containerfile" "$work/busybox"
+	fi
+	echo "$archive $ref"
+}
+
+ensure_regression() {
+	local tag key archive ref bin=$k8s_out/regression-issue-74839
+	[[ -x $bin ]] || die "$bin is missing: run scripts/build-k8s.sh node first"
+	tag=$(manifest_tag RegressionIssue74839)
+	[[ -n $tag ]] || die "no RegressionIssue74839 tag in the module's test/utils/image/manifest.go"
+	ref="registry.k8s.io/e2e-test-images/regression-issue-74839:$tag"
+	key=$( (
+		echo "suite $suite"
+		base_key
+		sha256sum <"$bin"
+		sha256sum <"$here/images/regression.Containerfile"
+	) | sha256sum | cut -c1-16)
+	archive="$cache/regression-issue-74839-$tag-$key.tar"
+	if [[ ! -s $archive ]] || ! pm image exists "$ref"; then
+		mkdir -p "$work/regression"
+		cp "$bin" "$work/regression/regression-issue-74839"
+		build_image regression "$ref" "$archive" "$here/images/regression.Containerfile" "$work/regression"
+	fi
+	echo "$archive $ref"
+}
+
 ensure_tools
 start=$SECONDS
 needs_k8s=
 for t in "${targets[@]}"; do
 	case $t in
-	pause | agnhost) needs_k8s=1 ;;
+	pause | agnhost | busybox | regression) needs_k8s=1 ;;
 	sliceproxy) ;;
-	*) die "unknown image '$t' (sliceproxy, pause, agnhost)" ;;
+	*) die "unknown image '$t' (sliceproxy, pause, agnhost, busybox, regression)" ;;
 	esac
 done
 [[ -n $needs_k8s ]] && moddir=$(k8s_moddir)

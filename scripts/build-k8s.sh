@@ -6,7 +6,8 @@
 #
 #   build-k8s.sh            kube-apiserver, kube-controller-manager (tests/cluster)
 #   build-k8s.sh node       the above, and kube-scheduler, kubelet, kube-proxy,
-#                           kubectl, e2e.test, agnhost and coredns (tests/node,
+#                           kubectl, e2e.test, agnhost, regression-issue-74839
+#                           (an e2e test server) and coredns (tests/node,
 #                           make e2e; coredns at the version kubeadm of the
 #                           same release deploys, its own Go module)
 #   build-k8s.sh NAME...    just those
@@ -35,7 +36,7 @@ staging_version="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 cache=${SLICEPROXY_K8S_CACHE:-/var/cache/sliceproxy}
 out="$cache/k8s-$version"
 control_plane=(kube-apiserver kube-controller-manager)
-node_set=(kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost coredns)
+node_set=(kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost regression-issue-74839 coredns)
 # agnhost's version is the tag the e2e framework asks for
 # (test/utils/image/manifest.go); scripts/build-images.sh tags its image so.
 case "${1:-}" in
@@ -189,6 +190,9 @@ for b in "${missing[@]}"; do
 		}
 		GOBIN="$work/gobin" GOFLAGS='' go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
 		mv -f "$work/gobin/coredns" "$work/$b"
+		;;
+	regression-issue-74839)
+		go build -trimpath -ldflags "-s -w" -o "$work/$b" k8s.io/kubernetes/test/images/regression-issue-74839
 		;;
 	agnhost)
 		go build -trimpath -ldflags "-s -w -X main.Version=$(tr -d '[:space:]' <"$moddir_agnhost/VERSION")" \
