@@ -23,6 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import filterfalse, repeat
 
+from . import layout
 from .plan import Backend, Frontend, SourceRange
 from .sizes import MapSizes
 
@@ -30,7 +31,7 @@ log = logging.getLogger("sliceproxy.diff")
 
 FKey = tuple[bytes, int, int, int]  # (addr16, port, proto, scope)
 
-BE_F_DRAINING = 1  # ebpf/sliceproxy.h SP_BE_F_DRAINING; checked by tests/unit/test_layout.py
+BE_F_DRAINING = layout.const("SP_BE_F_DRAINING")  # read from ebpf/sliceproxy.h, never copied
 
 
 @dataclass

@@ -122,23 +122,37 @@ _structs: list[str] = []
 constants: dict[str, int] = {}
 
 
+def _block() -> str:
+    text = header_path().read_text()
+    try:
+        return text[text.index(_BEGIN) + len(_BEGIN) : text.index(_END)]
+    except ValueError as e:
+        raise LayoutError(f"{header_path()}: no sp:layout block") from e
+
+
+def _load_constants(block: str) -> None:
+    """Every #define and enum member of the layout block, read from the
+    text alone (no libbpf needed), so the planner and the diff take their
+    flag and scope values from the header instead of keeping copies."""
+    if constants:
+        return
+    for name, value in re.findall(r"^#define (\w+) (\S+)", block, re.M):
+        constants[name] = int(value, 0)
+    for name, value in re.findall(r"^\s+(SP_\w+) = (\w+),", block, re.M):
+        constants[name] = int(value, 0)
+    implicit = re.findall(r"^\s+(SP_\w+),", block, re.M)
+    if implicit:
+        raise LayoutError(f"{header_path()}: enum members {implicit} need an explicit value")
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
-    text = header_path().read_text()
-    try:
-        block = text[text.index(_BEGIN) + len(_BEGIN) : text.index(_END)]
-    except ValueError as e:
-        raise LayoutError(f"{header_path()}: no sp:layout block") from e
+    block = _block()
+    _load_constants(block)
     ffi.cdef(block)
     _structs.extend(re.findall(r"^struct (\w+) \{", block, re.M))
-    for name in re.findall(r"^#define (\w+) ", block, re.M):
-        m = re.search(rf"^#define {name} (\S+)", block, re.M)
-        assert m is not None
-        constants[name] = int(m.group(1), 0)
-    for name in re.findall(r"^\s+(SP_V_\w+) = ", block, re.M):
-        constants[name] = int(getattr(lib(), name))
     for sname in _structs:
         _codecs[sname] = _make_codec(sname)
     _loaded = True
@@ -187,8 +201,13 @@ def codec(sname: str, order: tuple[str, ...] | None = None) -> Codec:
 
 
 def const(name: str) -> int:
-    _load()
-    return constants[name]
+    """A #define or enum value of the header's layout block."""
+    if not constants:
+        _load_constants(_block())
+    try:
+        return constants[name]
+    except KeyError:
+        raise LayoutError(f"{header_path()} defines no {name}") from None
 
 
 def map_name(base: str) -> str:
@@ -199,7 +218,8 @@ def map_name(base: str) -> str:
 
 def constants_with_prefix(prefix: str) -> list[str]:
     """Names of the header's constants starting with prefix (SP_V_ without SP_V_MAX)."""
-    _load()
+    if not constants:
+        _load_constants(_block())
     return [n for n in constants if n.startswith(prefix) and not n.endswith("_MAX")]
 
 

@@ -15,18 +15,21 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
+from . import layout
 from .objects import Endpoint, EndpointSlice, Service, ServicePort, addr16
 from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
-SCOPE_INTERNAL = 0
-SCOPE_EXTERNAL = 1
+# Scopes and frontend flags as ebpf/sliceproxy.h defines them: read from
+# the header, never copied (tests/unit/test_layout.py refuses a copy).
+SCOPE_INTERNAL = layout.const("SP_SCOPE_INTERNAL")
+SCOPE_EXTERNAL = layout.const("SP_SCOPE_EXTERNAL")
 
-SVC_F_AFFINITY = 1  # ebpf/sliceproxy.h SP_SVC_F_AFFINITY; checked by tests/unit/test_layout.py
-SVC_F_SRC_RANGES = 2  # SP_SVC_F_SRC_RANGES
-SVC_F_MASQ = 4  # SP_SVC_F_MASQ
+SVC_F_AFFINITY = layout.const("SP_SVC_F_AFFINITY")
+SVC_F_SRC_RANGES = layout.const("SP_SVC_F_SRC_RANGES")
+SVC_F_MASQ = layout.const("SP_SVC_F_MASQ")
 
 # Which endpoints a frontend spreads over (see _select):
 RULE_CLUSTER_IP = "itp"  # a cluster IP: internalTrafficPolicy decides
