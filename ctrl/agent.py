@@ -50,8 +50,13 @@ class Agent:
         snat_ports: tuple[int, int] = (61000, 65535),
         snat_reclaim: int = 600,
         snat_reclaim_closed: int = 10,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.source = source
+        # CLOCK_MONOTONIC seconds: drain deadlines go into the backend map
+        # in this clock (ctrl.apply.to_ns), so a test can pass its own
+        # clock to age them, but a real agent must keep time.monotonic.
+        self.clock = clock
         self.state = state
         self.programmed = programmed
         # Remembers each Service's last plan: a change to one of its slices
@@ -85,7 +90,9 @@ class Agent:
         # sooner than this.
         self.retry_period = 5.0
         self.retry_at = 0.0
-        self._collected_at = time.monotonic()  # the last full collection
+        self._collected_at = clock()  # the last full collection
+        self._next_ifaces = 0.0
+        self._next_resync: float | None = None
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
@@ -164,7 +171,7 @@ class Agent:
         # sync COLLECT_EVERY seconds after the last collection (with
         # --sync-period 0), unfreezes and collects everything once, after
         # its write, then freezes again.
-        now = time.monotonic()
+        now = self.clock()
         if full or now - self._collected_at >= COLLECT_EVERY:
             gc.unfreeze()
             gc.collect()
@@ -180,9 +187,7 @@ class Agent:
         if self.health_checks is not None:
             for owner in sorted(owners):
                 self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices_of(owner))
-        cs = self.programmed.sync(
-            desired, prune_except=set(self.state.services) if full else None, now=time.monotonic()
-        )
+        cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         try:
@@ -196,15 +201,15 @@ class Agent:
                 self.metrics.sync_failures.inc()
             log.error("writing the maps failed, re-reading them for a full sync: %s", e)
             self._readopt()
-            self.retry_at = time.monotonic() + self.retry_period
+            self.retry_at = self.clock() + self.retry_period
             return None
         self.dirty.clear()
         # Rejected services are retried at the next full sync.
         self.need_full = bool(cs.rejected)
-        self.retry_at = time.monotonic() + self.retry_period
+        self.retry_at = self.clock() + self.retry_period
         self.syncs += 1
         self.last_sync_ok = time.time()
-        self._last_sync_at = time.monotonic()
+        self._last_sync_at = self.clock()
         if self.metrics is not None:
             self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected))
             for owner in [o for o in self._no_local if o not in self.state.services]:
@@ -239,7 +244,7 @@ class Agent:
         if self.writer is not None:
             try:
                 mc = read_contents(self.writer.maps)
-                self.programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names, mc.ranges)
+                mc.adopt_into(self.programmed)
             except BPFError as e:
                 log.error("re-reading the maps failed: %s", e)
         self.need_full = True
@@ -248,49 +253,52 @@ class Agent:
         """Until stop(). Nothing is written before the source's first full
         list of every resource (source.synced); then a full sync, then only
         what changes, plus a full reconcile every resync_period."""
-        next_ifaces = 0.0
-        next_resync = time.monotonic() + self.resync_period
         while not self.stop_event.is_set():
-            now = time.monotonic()
-            if self.resync_period and now >= next_resync and self.syncs:
-                # Repair what changed behind our back (a map edited by hand,
-                # a write lost): read the kernel, diff everything.
-                self._readopt()
-                self.retry_at = 0.0
-                next_resync = now + self.resync_period
-            if self.refresh_interfaces is not None and now >= next_ifaces:
-                try:
-                    self.refresh_interfaces()
-                except Exception as e:  # netlink trouble must not stop the proxy
-                    log.error("refreshing interfaces failed: %s", e)
-                next_ifaces = now + self.interface_period
+            self.step()
+
+    def step(self, timeout: float = 0.2) -> None:
+        """One turn of the run loop: wait up to `timeout` for source
+        events, then sync if anything is due (changes, a retry, the end of
+        a drain, the periodic reconcile)."""
+        now = self.clock()
+        if self._next_resync is None:
+            self._next_resync = now + self.resync_period
+        if self.resync_period and now >= self._next_resync and self.syncs:
+            # Repair what changed behind our back (a map edited by hand,
+            # a write lost): read the kernel, diff everything.
+            self._readopt()
+            self.retry_at = 0.0
+            self._next_resync = now + self.resync_period
+        if self.refresh_interfaces is not None and now >= self._next_ifaces:
             try:
-                events = self.source.events.get(timeout=0.2)
-            except queue.Empty:
-                events = None
-            if events:
-                self.take(events)
-                # kube-proxy's --min-sync-period: a change after a quiet
-                # spell syncs at once; within min_sync_period of the last
-                # sync, wait and take the rest of the burst into one sync.
-                deadline = self._last_sync_at + self.min_sync_period
-                while (left := deadline - time.monotonic()) > 0:
-                    try:
-                        self.take(self.source.events.get(timeout=left))
-                    except queue.Empty:
-                        break
-            if not self.source.synced:
-                continue
-            # A source queues a resource's list before it reports it synced:
-            # take everything queued so far before the first (pruning) sync.
-            self._drain_nowait()
-            drain_end = self.programmed.next_drain_end()
-            if (
-                self.dirty
-                or (self.need_full and time.monotonic() >= self.retry_at)
-                or (drain_end is not None and time.monotonic() >= drain_end)
-            ):
-                self.sync()
+                self.refresh_interfaces()
+            except Exception as e:  # netlink trouble must not stop the proxy
+                log.error("refreshing interfaces failed: %s", e)
+            self._next_ifaces = now + self.interface_period
+        try:
+            events = self.source.events.get(timeout=timeout)
+        except queue.Empty:
+            events = None
+        if events:
+            self.take(events)
+            # kube-proxy's --min-sync-period: a change after a quiet
+            # spell syncs at once; within min_sync_period of the last
+            # sync, wait and take the rest of the burst into one sync.
+            deadline = self._last_sync_at + self.min_sync_period
+            while (left := deadline - self.clock()) > 0:
+                try:
+                    self.take(self.source.events.get(timeout=left))
+                except queue.Empty:
+                    break
+        if not self.source.synced:
+            return
+        # A source queues a resource's list before it reports it synced:
+        # take everything queued so far before the first (pruning) sync.
+        self._drain_nowait()
+        drain_end = self.programmed.next_drain_end()
+        now = self.clock()
+        if self.dirty or (self.need_full and now >= self.retry_at) or (drain_end is not None and now >= drain_end):
+            self.sync()
 
     def _drain_nowait(self) -> None:
         while True:

@@ -74,7 +74,7 @@ class Codecs:
             svc_val=layout.codec("sp_svc_val", ("svc_id", "count", "flags", "affinity_timeout")),
             slot_key=layout.codec("sp_slot_key", ("svc_id", "slot")),
             slot_val=layout.codec("sp_slot_val", ("backend_id",)),
-            backend=layout.codec("sp_backend", ("addr", "port", "proto", "flags")),
+            backend=layout.codec("sp_backend", ("addr", "port", "proto", "flags", "drain_end")),
             name=layout.codec("sp_svc_name", ("name",)),
             # Map keys declared as a bare __u32 in the program (backend and
             # name ids): BTF checks them as the map's key_size.
@@ -86,6 +86,13 @@ class Codecs:
 
 def _pack_all(codec: layout.Codec, rows) -> bytes:
     return codec.pack_rows(rows)
+
+
+def to_ns(seconds: float) -> int:
+    """A time.monotonic() reading as bpf_ktime_get_ns() gives it: both read
+    CLOCK_MONOTONIC, so a deadline written by one agent means the same to
+    the next one (and to the kernel)."""
+    return max(0, round(seconds * 1e9))
 
 
 def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
@@ -101,10 +108,12 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
 
     # Draining backends evicted to make room: gone before the new ones
     # arrive (no slot names them). Then new backends, and draining marks
-    # set or cleared (SP_BE_F_DRAINING);
+    # set or cleared (SP_BE_F_DRAINING, with the drain's end in ns);
     # built with map/zip so 100,000 rows stay in C.
-    be_ids = list(map(itemgetter(0), cs.be_upd)) + [i for i, _, _ in cs.be_mark]
-    be_rows = list(map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0,)))) + [(*b, f) for _, b, f in cs.be_mark]
+    be_ids = list(map(itemgetter(0), cs.be_upd)) + [m[0] for m in cs.be_mark]
+    be_rows = list(map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0)))) + [
+        (*b, f, to_ns(until) if f else 0) for _, b, f, until in cs.be_mark
+    ]
     add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
     add(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows))
     add(
@@ -262,6 +271,14 @@ class MapContents:
     backends: dict[int, Backend]
     names: dict[int, str]
     ranges: dict[int, set[tuple[bytes, int]]]
+    # Backend id -> end of its drain (CLOCK_MONOTONIC seconds), for those
+    # flagged draining with a deadline (a map carried over from a layout
+    # without one has none: their drain starts again).
+    draining: dict[int, float]
+
+    def adopt_into(self, programmed) -> None:
+        """Rebuild a diff.Programmed mirror from these contents."""
+        programmed.adopt(self.svc, self.slots, self.backends, self.names, self.ranges, self.draining)
 
 
 def read_contents(maps: dict[str, Map]) -> MapContents:
@@ -269,7 +286,15 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     c = Codecs.get()
     svc = {c.svc_key.unpack(k): c.svc_val.unpack(v) for k, v in maps[mn("sp_svc")].items()}
     slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps[mn("sp_slot")].items()}
-    backends = {c.u32.unpack(k)[0]: c.backend.unpack(v)[:3] for k, v in maps[mn("sp_be")].items()}
+    backends = {}
+    draining = {}
+    flag = layout.const("SP_BE_F_DRAINING")
+    for k, v in maps[mn("sp_be")].items():
+        bid = c.u32.unpack(k)[0]
+        addr, port, proto, flags, drain_end = c.backend.unpack(v)
+        backends[bid] = (addr, port, proto)
+        if flags & flag and drain_end:
+            draining[bid] = drain_end / 1e9
     names = {}
     if mn("sp_names") in maps:
         for k, v in maps[mn("sp_names")].items():
@@ -279,4 +304,4 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
         for k, _ in maps[mn("sp_src")].items():
             plen, svc_id, addr = c.src_key.unpack(k)
             ranges.setdefault(svc_id, set()).add((addr, plen - 32))
-    return MapContents(svc, slots, backends, names, ranges)  # type: ignore[arg-type]
+    return MapContents(svc, slots, backends, names, ranges, draining)  # type: ignore[arg-type]

@@ -279,7 +279,7 @@ def cmd_run(args) -> int:
         log.info("carried %d entries over from maps of another layout version", n)
     writer = Writer(dp.maps)
     mc = read_contents(dp.maps)
-    programmed.adopt(mc.svc, mc.slots, mc.backends, mc.names, mc.ranges)
+    mc.adopt_into(programmed)
     if mc.svc:
         log.info(
             "adopted %d frontends and %d backends pinned in %s; pruning waits for the first full sync",

@@ -58,8 +58,10 @@ class ChangeSet:
     # Draining backends removed early to make room (written first).
     be_evict: list[int] = field(default_factory=list)
     be_upd: list[tuple[int, Backend]] = field(default_factory=list)
-    # (id, backend, flags) of backends that start or stop draining.
-    be_mark: list[tuple[int, Backend, int]] = field(default_factory=list)
+    # (id, backend, flags, drain end) of backends that start or stop
+    # draining; the drain end (seconds on the caller's clock, 0.0 when not
+    # draining) goes into the backend's entry, so it outlives this process.
+    be_mark: list[tuple[int, Backend, int, float]] = field(default_factory=list)
     slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
     svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
@@ -148,7 +150,10 @@ class Programmed:
         # long: flows already on it keep going (a terminating Pod finishes
         # its requests), while no new flow can pick it (no slot names it).
         self.drain_period = drain_period
-        self.draining: dict[int, float] = {}  # backend id -> when it goes
+        # backend id -> when it goes, in time order (see sync). Also in the
+        # kernel (sp_backend.drain_end): a re-adoption reads it back.
+        self.draining: dict[int, float] = {}
+        self._clear_marks: list[int] = []  # adopted with the draining flag but in use
         self.frontends: dict[FKey, FrontendState] = {}
         self.by_owner: dict[str, set[FKey]] = defaultdict(set)
         self.backend_ids: dict[Backend, int] = {}
@@ -173,8 +178,12 @@ class Programmed:
         backends: dict[int, Backend],
         names: dict[int, str],
         ranges: dict[int, set[SourceRange]] | None = None,
+        draining: dict[int, float] | None = None,
     ) -> None:
-        """Rebuild the mirror from decoded map contents."""
+        """Rebuild the mirror from decoded map contents. `draining` holds
+        the drain end of every backend the kernel has flagged draining (on
+        the clock sync's `now` uses): a periodic re-adoption or a restart
+        keeps each deadline instead of starting a new drain period."""
         self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
         self.backends = dict(backends)
         self.backend_ids = {b: i for i, b in backends.items()}
@@ -201,6 +210,16 @@ class Programmed:
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.next_svc_id = max([st.svc_id for st in self.frontends.values()] + list(names) + [0]) + 1
         self.next_be_id = max(list(backends) + [0]) + 1
+        for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
+            if bid not in self.backends:
+                continue
+            if self.refs.get(bid, 0) > 0:
+                # Flagged, yet a slot names it (the agent stopped between
+                # the mark and the slot deletes, then the Service kept it):
+                # serving; the next sync clears the flag.
+                self._clear_marks.append(bid)
+            else:
+                self.draining[bid] = until
 
     # -- the diff ----------------------------------------------------------
     def owners(self) -> set[str]:
@@ -220,6 +239,10 @@ class Programmed:
                 if owner not in prune_except and owner not in desired and self.by_owner[owner]:
                     desired = {**desired, owner: []}
         self._unused = set()
+        for bid in self._clear_marks:
+            if bid in self.backends and bid not in self.draining:
+                cs.be_mark.append((bid, self.backends[bid], 0, 0.0))
+        self._clear_marks = []
         for owner in sorted(desired):
             self._sync_owner(owner, desired[owner], cs)
         if prune_except is not None:
@@ -234,9 +257,10 @@ class Programmed:
         # only after draining.
         for bid in sorted(self._unused):
             if self.refs.get(bid, 0) <= 0 and bid in self.backends and bid not in self.draining:
-                self.draining[bid] = now + self.drain_period
+                until = now + self.drain_period
+                self._start_drain(bid, until)
                 if self.drain_period > 0:
-                    cs.be_mark.append((bid, self.backends[bid], BE_F_DRAINING))
+                    cs.be_mark.append((bid, self.backends[bid], BE_F_DRAINING, until))
         # Deadlines go in in time order (one drain period; `now` never goes
         # back), so the due ones are at the front: a sync costs O(due), not
         # O(draining), which during a rolling update of a big cluster is
@@ -298,10 +322,20 @@ class Programmed:
                 len(evicted),
             )
 
+    def _start_drain(self, bid: int, until: float) -> None:
+        """Add a deadline, keeping `draining` in time order. Deadlines read
+        back from the kernel may lie later than a new one (the previous
+        agent ran with a longer --drain-period): then re-sort, once."""
+        d = self.draining
+        last = next(reversed(d.values())) if d else None
+        d[bid] = until
+        if last is not None and until < last:
+            self.draining = dict(sorted(d.items(), key=lambda kv: kv[1]))
+
     def _undrain(self, bid: int, cs: ChangeSet) -> None:
         """A draining backend used again: back in service, same id."""
         if self.draining.pop(bid, None) is not None:
-            cs.be_mark.append((bid, self.backends[bid], 0))
+            cs.be_mark.append((bid, self.backends[bid], 0, 0.0))
 
     def next_drain_end(self) -> float | None:
         """When the next draining backend is due to go, if any."""

@@ -187,5 +187,5 @@ def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
         if os.path.exists(path):
             out[name] = Map.open_pinned(path)
     if mn("sp_svc") not in out:
-        raise BPFError(errno.ENOENT, f"{pin_dir} holds no sp_svc_v2 map")
+        raise BPFError(errno.ENOENT, f"{pin_dir} holds no {mn('sp_svc')} map")
     return out

@@ -87,7 +87,7 @@ class Frontend:
     port: int
     proto: int
     scope: int
-    name: str  # "namespace/name:portname/PROTO", stored in sp_names_v2
+    name: str  # "namespace/name:portname/PROTO", stored in sp_names_v3
     # No duplicates, in merge order. From plan_service a tuple; from
     # ServicePlanner's delta path a live view of its selection, valid until
     # the next plan of the same Service (copying 100,000 backends per

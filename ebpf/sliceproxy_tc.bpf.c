@@ -31,42 +31,42 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct sp_svc_key);
 	__type(value, struct sp_svc_val);
-} sp_svc_v2 SEC(".maps");
+} sp_svc_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_slot_key);
 	__type(value, struct sp_slot_val);
-} sp_slot_v2 SEC(".maps");
+} sp_slot_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	__type(key, __u32);
 	__type(value, struct sp_backend);
-} sp_be_v2 SEC(".maps");
+} sp_be_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_ct_key);
 	__type(value, struct sp_ct_val);
-} sp_ct_v2 SEC(".maps");
+} sp_ct_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
 	__type(key, struct sp_aff_key);
 	__type(value, struct sp_aff_val);
-} sp_aff_v2 SEC(".maps");
+} sp_aff_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SP_V_MAX);
 	__type(key, __u32);
 	__type(value, struct sp_stat);
-} sp_stats_v2 SEC(".maps");
+} sp_stats_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -74,7 +74,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct sp_svc_name);
-} sp_names_v2 SEC(".maps");
+} sp_names_v3 SEC(".maps");
 
 /* loadBalancerSourceRanges: (svc_id, source prefix) -> allowed. */
 struct {
@@ -83,14 +83,14 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct sp_src_key);
 	__type(value, struct sp_src_val);
-} sp_src_v2 SEC(".maps");
+} sp_src_v3 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct sp_cfg);
-} sp_cfg_v2 SEC(".maps");
+} sp_cfg_v3 SEC(".maps");
 
 /* Ethernet + the longest IPv4 header + a TCP header. */
 #define PULL_LEN (ETH_HLEN + 60 + 20)
@@ -110,7 +110,7 @@ struct {
 
 static __always_inline int count(struct __sk_buff *skb, __u32 verdict, int action)
 {
-	struct sp_stat *st = bpf_map_lookup_elem(&sp_stats_v2, &verdict);
+	struct sp_stat *st = bpf_map_lookup_elem(&sp_stats_v3, &verdict);
 
 	if (st) {
 		/* Per-CPU slot: no other CPU writes it, plain adds suffice. */
@@ -219,7 +219,7 @@ static __always_inline int rewrite_v6(struct __sk_buff *skb, __u32 l4_off, __u8 
 static __always_inline struct sp_backend *ct_backend(const struct sp_ct_val *ct, int syn)
 {
 	__u32 id = ct->backend_id;
-	struct sp_backend *be = bpf_map_lookup_elem(&sp_be_v2, &id);
+	struct sp_backend *be = bpf_map_lookup_elem(&sp_be_v3, &id);
 
 	if (!be)
 		return 0;
@@ -253,7 +253,7 @@ static __always_inline int put_ct(const struct sp_ct_key *k, const __u8 *nat_add
 {
 	struct sp_ct_val v = {};
 
-	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v2, k))
+	if (flags == BPF_NOEXIST && bpf_map_lookup_elem(&sp_ct_v3, k))
 		return 0;
 	__builtin_memcpy(v.nat_addr, nat_addr, sizeof(v.nat_addr));
 	v.nat_port = nat_port;
@@ -263,7 +263,7 @@ static __always_inline int put_ct(const struct sp_ct_key *k, const __u8 *nat_add
 	v.backend_id = of->backend_id;
 	v.svc_id = of->svc_id;
 	v.last_seen = of->last_seen;
-	return bpf_map_update_elem(&sp_ct_v2, k, &v, flags);
+	return bpf_map_update_elem(&sp_ct_v3, k, &v, flags);
 }
 
 /*
@@ -419,7 +419,7 @@ static __always_inline int source_allowed(const struct sp_svc_val *svc, const st
 	k.prefixlen = 32 + 128;
 	k.svc_id = svc->svc_id;
 	__builtin_memcpy(k.addr, p->saddr, sizeof(k.addr));
-	return bpf_map_lookup_elem(&sp_src_v2, &k) != 0;
+	return bpf_map_lookup_elem(&sp_src_v3, &k) != 0;
 }
 
 /* The SNAT entry of a masqueraded flow: keyed by the flow as it leaves
@@ -524,7 +524,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	skey.port = bpf_ntohs(p->dport);
 	skey.proto = p->proto;
 	skey.scope = scope;
-	svc = bpf_map_lookup_elem(&sp_svc_v2, &skey);
+	svc = bpf_map_lookup_elem(&sp_svc_v3, &skey);
 	if (!svc)
 		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
 	/* kube-proxy's firewall chain: before any conntrack, every packet. */
@@ -533,7 +533,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 
 	now = bpf_ktime_get_ns();
 	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
-	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
+	ct = bpf_map_lookup_elem(&sp_ct_v3, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
 		ct->last_seen = now;
 		/* The LRU may evict the reply entry alone: put it back, or the
@@ -571,18 +571,18 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		 * removed endpoint does in kube-proxy). */
 		akey.svc_id = svc->svc_id;
 		__builtin_memcpy(akey.addr, ckey.saddr, sizeof(akey.addr));
-		aff = bpf_map_lookup_elem(&sp_aff_v2, &akey);
+		aff = bpf_map_lookup_elem(&sp_aff_v3, &akey);
 		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * 1000000000ULL &&
 		    aff->slot < n) {
 			struct sp_slot_key ak = { .svc_id = svc->svc_id, .slot = aff->slot };
-			sl = bpf_map_lookup_elem(&sp_slot_v2, &ak);
+			sl = bpf_map_lookup_elem(&sp_slot_v3, &ak);
 			if (sl && sl->backend_id == aff->backend_id) {
 				slkey.slot = aff->slot;
 				sticky = 1;
 			}
 		}
 	}
-	sl = bpf_map_lookup_elem(&sp_slot_v2, &slkey);
+	sl = bpf_map_lookup_elem(&sp_slot_v3, &slkey);
 	if (!sl)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	be_id = sl->backend_id;
@@ -592,9 +592,9 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		if (sticky && aff)
 			aff->last_used = now;
 		else
-			bpf_map_update_elem(&sp_aff_v2, &akey, &av, BPF_ANY);
+			bpf_map_update_elem(&sp_aff_v3, &akey, &av, BPF_ANY);
 	}
-	be = bpf_map_lookup_elem(&sp_be_v2, &be_id);
+	be = bpf_map_lookup_elem(&sp_be_v3, &be_id);
 	/* A backend of the other family would mean maps that disagree: the
 	 * control plane never mixes families in one frontend. */
 	if (!be || addr_is_v4(be->addr) == p->v6)
@@ -605,7 +605,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	nct.backend_id = be_id;
 	nct.svc_id = svc->svc_id;
 	nct.last_seen = now;
-	if (bpf_map_update_elem(&sp_ct_v2, &ckey, &nct, BPF_ANY))
+	if (bpf_map_update_elem(&sp_ct_v3, &ckey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
 	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
@@ -628,7 +628,7 @@ static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
 	struct sp_ct_val *ct;
 
 	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_REPLY);
-	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
+	ct = bpf_map_lookup_elem(&sp_ct_v3, &ckey);
 	if (!ct || addr_is_v4(ct->nat_addr) == p->v6)
 		return -1;
 	ct->last_seen = bpf_ktime_get_ns();
@@ -702,7 +702,7 @@ int sp_ext_ingress(struct __sk_buff *skb)
 		return count(skb, v, TC_ACT_OK);
 
 	ct_key(&ukey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_UNSNAT);
-	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
+	ct = bpf_map_lookup_elem(&sp_ct_v3, &ukey);
 	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
 		ct->last_seen = bpf_ktime_get_ns();
 		track_close(ct, &p, 1);
@@ -744,7 +744,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 		return v;
 
 	ct_key(&skey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_SNAT);
-	ct = bpf_map_lookup_elem(&sp_ct_v2, &skey);
+	ct = bpf_map_lookup_elem(&sp_ct_v3, &skey);
 	if (!ct)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
 	now = bpf_ktime_get_ns();
@@ -754,11 +754,11 @@ int sp_ext_egress(struct __sk_buff *skb)
 		struct sp_ct_val *u;
 
 		ct_key(&ok, skey.daddr, ct->nat_addr, skey.dport, ct->nat_port, skey.proto, SP_CT_UNSNAT);
-		u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
+		u = bpf_map_lookup_elem(&sp_ct_v3, &ok);
 		if (!u) {
 			/* Put back an UNSNAT entry the LRU evicted. */
 			put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
-			u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
+			u = bpf_map_lookup_elem(&sp_ct_v3, &ok);
 		}
 		/* The entry still names this client: the port is the flow's.
 		 * Otherwise the flow was idle past its hold and the port went
@@ -776,7 +776,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	}
 
 	/* The first packet of the flow out here: a node address and a port. */
-	cfg = bpf_map_lookup_elem(&sp_cfg_v2, &zero);
+	cfg = bpf_map_lookup_elem(&sp_cfg_v3, &zero);
 	if (!cfg)
 		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
 	const __u8 *node = p.v6 ? cfg->addr6 : cfg->addr4;
@@ -814,13 +814,13 @@ int sp_ext_egress(struct __sk_buff *skb)
 		 * UNSNAT entry holds it, or the one that does has been idle
 		 * longer than its flow's hold (snat_hold: snat_reclaim, or
 		 * shorter once its TCP connection closed). */
-		old = bpf_map_lookup_elem(&sp_ct_v2, &uk);
+		old = bpf_map_lookup_elem(&sp_ct_v3, &uk);
 		if (old) {
 			hold = snat_hold(cfg, old);
 			if (!hold || old->last_seen >= now || now - old->last_seen <= hold)
 				continue;
 		}
-		if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
+		if (bpf_map_update_elem(&sp_ct_v3, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
 			continue; /* taken by another CPU meanwhile */
 		port = cand;
 		break;
@@ -836,7 +836,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	struct sp_ct_val *fwd;
 
 	ct_key(&fk, skey.saddr, ct->addr2, skey.sport, ct->port2, skey.proto, SP_CT_FORWARD);
-	fwd = bpf_map_lookup_elem(&sp_ct_v2, &fk);
+	fwd = bpf_map_lookup_elem(&sp_ct_v3, &fk);
 	if (fwd) {
 		__builtin_memcpy(fwd->addr2, node, sizeof(fwd->addr2));
 		fwd->port2 = port;

@@ -11,7 +11,7 @@ out, so the machine's own network is never touched:
   4. wait until `sliceproxy dump` shows the service with its 3 backends
   5. 300 HTTP requests from the client pod to 198.19.0.10:80: the spread
   6. empty one EndpointSlice (backend-3 leaves), 300 more: backend-3 gets 0
-  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v2`
+  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v3`
 
 and always cleans up: agent, namespaces, veths, pinned maps, temp files,
 including on Ctrl-C or SIGTERM. Needs root (namespaces, BPF).
@@ -304,9 +304,9 @@ def main() -> int:
         if cp.returncode != 0:
             raise DemoError(f"sliceproxy dump exited {cp.returncode}: {cp.stderr.strip()}")
         say(indent(cp.stdout.rstrip()))
-        say(f"\n    $ bpftool map dump pinned {pin}/sp_svc_v2")
+        say(f"\n    $ bpftool map dump pinned {pin}/sp_svc_v3")
         cp = subprocess.run(
-            ["bpftool", "map", "dump", "pinned", str(pin / "sp_svc_v2")], capture_output=True, text=True
+            ["bpftool", "map", "dump", "pinned", str(pin / "sp_svc_v3")], capture_output=True, text=True
         )
         if cp.returncode != 0:
             raise DemoError(f"bpftool map dump exited {cp.returncode}: {cp.stderr.strip()}")

@@ -265,7 +265,7 @@ class Worker:
         steady = rss_now()
         if cs is None or cs.rejected:
             raise RuntimeError(f"full sync failed or rejected services: {cs and cs.rejected}")
-        # By base name: map names carry the layout version (sp_svc_v2...).
+        # By base name: map names carry the layout version (sp_svc_v3...).
         counts = (
             {}
             if self.a.profile

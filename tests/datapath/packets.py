@@ -264,7 +264,7 @@ def put_service(dp, s: Svc) -> None:
     count = len(s.slots) if s.count is None else s.count
     for i, be_id in enumerate(s.slots):
         put_slot(dp, s.svc_id, i, be_id)
-    dp.maps["sp_svc_v2"].update(
+    dp.maps["sp_svc_v3"].update(
         svc_key(s.addr, s.port, s.proto, s.scope),
         layout.codec("sp_svc_val").pack(
             s.svc_id,
@@ -276,19 +276,19 @@ def put_service(dp, s: Svc) -> None:
 
 
 def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
-    dp.maps["sp_slot_v2"].update(
+    dp.maps["sp_slot_v3"].update(
         layout.codec("sp_slot_key").pack(svc_id, slot), layout.codec("sp_slot_val").pack(backend_id)
     )
 
 
 def put_backend(dp, b: Backend) -> None:
-    dp.maps["sp_be_v2"].update(
-        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto, b.flags)
+    dp.maps["sp_be_v3"].update(
+        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto, b.flags, 0)
     )
 
 
 def del_backend(dp, be_id: int) -> None:
-    assert dp.maps["sp_be_v2"].delete(be_id.to_bytes(4, "little"))
+    assert dp.maps["sp_be_v3"].delete(be_id.to_bytes(4, "little"))
 
 
 def ct_key_bytes(k: CtKey) -> bytes:
@@ -296,7 +296,7 @@ def ct_key_bytes(k: CtKey) -> bytes:
 
 
 def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
-    dp.maps["sp_ct_v2"].update(
+    dp.maps["sp_ct_v3"].update(
         ct_key_bytes(k),
         layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
             _a16(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen, _a16(v.addr2), v.port2, v.flags
@@ -322,7 +322,7 @@ def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
     must be zero: a key with garbage in its pad would never be found again."""
     kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val", CT_VAL_FIELDS)
     out = {}
-    for kb, vb in dp.maps["sp_ct_v2"].items():
+    for kb, vb in dp.maps["sp_ct_v3"].items():
         for raw, sname in ((kb, "sp_ct_key"), (vb, "sp_ct_val")):
             for a, b in _pad_ranges(sname):
                 assert raw[a:b] == b"\0" * (b - a), f"{sname} pad bytes {a}..{b} not zero: {raw.hex()}"
@@ -353,7 +353,7 @@ def verdict_names() -> list[str]:
 def stats(dp) -> dict[str, tuple[int, int]]:
     """Non-zero per-verdict counters summed over CPUs: name -> (packets, bytes)."""
     out = {}
-    m = dp.maps["sp_stats_v2"]
+    m = dp.maps["sp_stats_v3"]
     sc = layout.codec("sp_stat")
     for i, name in enumerate(verdict_names()):
         pk = by = 0

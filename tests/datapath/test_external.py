@@ -91,7 +91,7 @@ def put_cfg(
     val = layout.codec("sp_cfg", fields).pack(
         addr16(addr4) if addr4 else z, addr16(addr6) if addr6 else z, lo, hi, reclaim, reclaim_closed
     )
-    dp.maps["sp_cfg_v2"].update((0).to_bytes(4, "little"), val)
+    dp.maps["sp_cfg_v3"].update((0).to_bytes(4, "little"), val)
 
 
 def put_range(dp, svc_id: int, cidr: str) -> None:
@@ -100,7 +100,7 @@ def put_range(dp, svc_id: int, cidr: str) -> None:
     net, bits = cidr.split("/")
     plen = 32 + (96 if ":" not in net else 0) + int(bits)
     key = layout.codec("sp_src_key", ("prefixlen", "svc_id", "addr")).pack(plen, svc_id, addr16(net))
-    dp.maps["sp_src_v2"].update(key, layout.codec("sp_src_val").pack(1))
+    dp.maps["sp_src_v3"].update(key, layout.codec("sp_src_val").pack(1))
 
 
 def fwd_ct(svc: Svc, be: Backend, snat: tuple[str, int] | None = None) -> tuple[CtKey, CtVal]:
@@ -325,7 +325,7 @@ def test_evicted_snat_entry_comes_back_with_its_port(dp):
     port = Ether(out)[TCP].sport
     from .packets import ct_key_bytes
 
-    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
+    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT, flags="A"), external=True)
     assert r.counted.keys() == {"DNAT_ESTABLISHED"}
     r = run(dp, r.out, egress=True, external=True)
@@ -355,10 +355,10 @@ def v6_ok(raw: bytes, l4) -> Ether:
 def test_ipv6_masqueraded_round_trip(dp, proto, l4):
     from ctrl.objects import addr16
 
-    be = layout.codec("sp_backend").pack(addr16(V6_BE), 8080, proto, 0)
-    dp.maps["sp_be_v2"].update((9).to_bytes(4, "little"), be)
-    dp.maps["sp_slot_v2"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v2"].update(
+    be = layout.codec("sp_backend").pack(addr16(V6_BE), 8080, proto, 0, 0)
+    dp.maps["sp_be_v3"].update((9).to_bytes(4, "little"), be)
+    dp.maps["sp_slot_v3"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
+    dp.maps["sp_svc_v3"].update(
         layout.codec("sp_svc_key").pack(addr16(V6_NODE), NODEPORT, proto, 1),
         layout.codec("sp_svc_val").pack(40, 1, F_MASQ, 0),
     )

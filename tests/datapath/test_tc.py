@@ -643,7 +643,7 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
         Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080), ct_new=pair),
     )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(rev))
+    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(rev))
     check_run(
         dp,
         Case(
@@ -797,14 +797,14 @@ def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
     # Another client is free to land elsewhere, and sticks as well.
     others = {backend_of(dp, tcp(CLIENT2, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(others) == 1
-    assert dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)) is not None
+    assert dp.maps["sp_aff_v3"].lookup(aff_key(30, CLIENT)) is not None
 
 
 def test_without_affinity_new_flows_spread(dp):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5)),), backends=AFF_BACKENDS))
     seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(seen) == 3, seen
-    assert dp.maps["sp_aff_v2"].items() == []
+    assert dp.maps["sp_aff_v3"].items() == []
 
 
 @pytest.mark.parametrize(
@@ -825,9 +825,9 @@ def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
     # all on one backend would happen with probability 3 * (1/3)**12.
     for i in range(12):
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        dp.maps["sp_aff_v2"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
+        dp.maps["sp_aff_v3"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
         firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
-        be, s_, last = vc.unpack(dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)))
+        be, s_, last = vc.unpack(dp.maps["sp_aff_v3"].lookup(aff_key(30, CLIENT)))
         assert last > now and s_ < 3  # refreshed, and naming a valid slot
     if sticks:
         assert set(firsts) == {BE3}
@@ -843,10 +843,10 @@ V6_CLIENT, V6_VIP, V6_BE = "2001:db8:1::2", "2001:db8:ffff::10", "2001:db8:1::11
 def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
     from ctrl.objects import addr16
 
-    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0)
-    dp.maps["sp_be_v2"].update((9).to_bytes(4, "little"), backend)
-    dp.maps["sp_slot_v2"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v2"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
+    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0, 0)
+    dp.maps["sp_be_v3"].update((9).to_bytes(4, "little"), backend)
+    dp.maps["sp_slot_v3"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
+    dp.maps["sp_svc_v3"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
                                 layout.codec("sp_svc_val").pack(40, 1, 0, 0))
 
 

@@ -188,6 +188,20 @@ def agents(topo: Topology, src: SourceDir) -> Iterator[Agents]:
         ag.teardown()
 
 
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    """A bpffs directory of the test's own, for maps it loads in-process.
+    A topology (only its node namespace) makes the name unique and marks
+    it live, so the stale-pin cleanup of a parallel session leaves it
+    alone; removed at the end, also when the test fails."""
+    with Topology() as t:
+        d = BPFFS / f"{PIN_PREFIX}{t.prefix}"
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
     # A failing test's report carries the log of every agent it started:

@@ -154,7 +154,7 @@ def test_periodic_reconcile_repairs_maps_changed_behind_its_back(topo: Topology,
     from ctrl.objects import addr16
 
     agents.start_ready(extra=("--sync-period", "1"))
-    svc = Map.open_pinned(str(agents.pin_dir / "sp_svc_v2"))
+    svc = Map.open_pinned(str(agents.pin_dir / "sp_svc_v3"))
     try:
         # Someone deletes the http frontend by hand: its traffic stops...
         assert svc.delete(Codecs.get().svc_key.pack(addr16(VIP), 80, 6, 0))

@@ -142,9 +142,9 @@ def test_write_order_on_growth_slots_before_count():
     p.sync({"default/web": [front(1)]})
     order = _order(p.sync({"default/web": [front(1, 2)]}))
     assert (
-        order.index(("sp_be_v2", "update"))
-        < order.index(("sp_slot_v2", "update"))
-        < order.index(("sp_svc_v2", "update"))
+        order.index(("sp_be_v3", "update"))
+        < order.index(("sp_slot_v3", "update"))
+        < order.index(("sp_svc_v3", "update"))
     )
 
 
@@ -153,9 +153,9 @@ def test_write_order_on_shrink_count_before_slot_and_backend_deletes():
     p.sync({"default/web": [front(1, 2, 3)]})
     order = _order(p.sync({"default/web": [front(1)]}))
     assert (
-        order.index(("sp_svc_v2", "update"))
-        < order.index(("sp_slot_v2", "delete"))
-        < order.index(("sp_be_v2", "delete"))
+        order.index(("sp_svc_v3", "update"))
+        < order.index(("sp_slot_v3", "delete"))
+        < order.index(("sp_be_v3", "delete"))
     )
 
 
@@ -164,10 +164,10 @@ def test_write_order_on_service_removal_frontend_first():
     p.sync({"default/web": [front(1, 2)]})
     order = _order(p.sync({"default/web": []}))
     assert order == [
-        ("sp_svc_v2", "delete"),
-        ("sp_slot_v2", "delete"),
-        ("sp_be_v2", "delete"),
-        ("sp_names_v2", "delete"),
+        ("sp_svc_v3", "delete"),
+        ("sp_slot_v3", "delete"),
+        ("sp_be_v3", "delete"),
+        ("sp_names_v3", "delete"),
     ]
 
 
@@ -178,7 +178,7 @@ def test_unused_backend_drains_before_it_is_deleted():
     # Out of the slots at once (no new flow picks it), still in the backend
     # map, marked draining (a SYN reusing an old flow's ports re-picks).
     assert cs.slot_del == [(1, 1)] and cs.be_del == []
-    assert cs.be_mark == [(2, be(2), 1)]
+    assert cs.be_mark == [(2, be(2), 1, 11.0)]
     assert p.next_drain_end() == 11.0
     assert len(p.sync({}, now=5.0)) == 0
     cs = p.sync({}, now=11.0)
@@ -191,7 +191,7 @@ def test_draining_backend_used_again_keeps_its_id():
     p.sync({"default/web": [front(1)]}, now=1.0)
     cs = p.sync({"default/web": [front(1, 2)]}, now=2.0)
     assert cs.be_upd == [] and cs.slot_upd == [(1, 1, 2)]
-    assert cs.be_mark == [(2, be(2), 0)]  # serving again
+    assert cs.be_mark == [(2, be(2), 0, 0.0)]  # serving again
     assert p.next_drain_end() is None
     assert len(p.sync({}, now=50.0)) == 0
 
@@ -249,3 +249,48 @@ def test_eviction_spares_draining_backends_in_service_again_and_still_refuses_wh
     cs = p.sync(shop(2, 4, 5), now=3.0)  # fits once 1 goes
     assert not cs.rejected and cs.be_evict == [one]
     assert set(p.backends.values()) == {be(2), be(3), be(4), be(5)}
+
+
+def test_adopted_drain_deadlines_are_kept_not_restarted():
+    q = Programmed(drain_period=10.0)
+    q.adopt(
+        {(VIP, 80, TCP, 0): (7, 1, 0, 0)},
+        {(7, 0): 1},
+        {1: be(1), 2: be(2), 3: be(3)},
+        {7: "default/web:http/TCP"},
+        draining={3: 104.0, 2: 103.0},
+    )
+    assert list(q.draining.items()) == [(2, 103.0), (3, 104.0)]  # time order
+    cs = q.sync(web(1), prune_except={"default/web"}, now=100.0)
+    assert cs.be_mark == [] and cs.be_del == []  # no new drain period, no new mark
+    assert q.sync({}, now=103.0).be_del == [2]
+    assert q.sync({}, now=104.0).be_del == [3]
+
+
+def test_a_deadline_earlier_than_adopted_ones_is_not_stuck_behind_them():
+    # The previous agent ran with a longer drain period than this one.
+    q = Programmed(drain_period=5.0)
+    q.adopt({(VIP, 80, TCP, 0): (7, 2, 0, 0)}, {(7, 0): 1, (7, 1): 2}, {1: be(1), 2: be(2), 3: be(3)},
+            {7: "default/web:http/TCP"}, draining={3: 200.0})  # fmt: skip
+    q.sync(web(1), now=100.0)  # 2 drains until 105
+    assert q.next_drain_end() == 105.0
+    assert q.sync({}, now=105.0).be_del == [2]
+
+
+def test_an_adopted_backend_flagged_draining_but_in_a_slot_is_unflagged():
+    q = Programmed(drain_period=10.0)
+    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {7: "default/web:http/TCP"},
+            draining={1: 50.0})  # fmt: skip
+    assert q.draining == {}
+    cs = q.sync(web(1), prune_except={"default/web"}, now=100.0)
+    assert cs.be_mark == [(1, be(1), 0, 0.0)] and cs.be_del == []
+
+
+def test_a_drain_mark_carries_its_end_in_nanoseconds():
+    p = Programmed(drain_period=10.0)
+    p.sync(web(1, 2), now=0.0)
+    cs = p.sync(web(1), now=1234.5)
+    ((_, op, keys, vals),) = [e for e in encode(cs, Codecs.get()) if e[0] == map_name("sp_be")]
+    assert op == "update"
+    c = Codecs.get().backend
+    assert c.unpack(vals) == (be(2)[0], 8080, TCP, 1, 1244_500_000_000)

@@ -270,11 +270,11 @@ def test_source_ranges_written_before_and_deleted_after_their_frontend():
     p = Programmed()
     cs = p.sync({"default/web": list(fronts(s1).values())})
     order = [(m, op) for m, op, _, _ in encode(cs, Codecs.get())]
-    assert order.index(("sp_src_v2", "update")) < order.index(("sp_svc_v2", "update"))
+    assert order.index(("sp_src_v3", "update")) < order.index(("sp_svc_v3", "update"))
     assert len(cs.src_upd) == 2  # the LB IP's frontend in each scope
     cs = p.sync({"default/web": []})
     order = [(m, op) for m, op, _, _ in encode(cs, Codecs.get())]
-    assert order.index(("sp_svc_v2", "delete")) < order.index(("sp_src_v2", "delete"))
+    assert order.index(("sp_svc_v3", "delete")) < order.index(("sp_src_v3", "delete"))
     assert len(cs.src_del) == 2
 
 

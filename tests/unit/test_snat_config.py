@@ -47,7 +47,7 @@ def test_dry_run_prints_the_node_config(tmp_path: Path, capsys: pytest.CaptureFi
     rc = main([*argv, "--snat-port-range", "61000-61003", "--snat-reclaim", "300", "--snat-reclaim-closed", "3"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["sp_cfg_v2"] == [
+    assert doc["sp_cfg_v3"] == [
         {
             "key": 0,
             "value": {
