@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from itertools import starmap
 from pathlib import Path
 
-from .libbpf import BTF_KIND_STRUCT, ffi, lib
+from .libbpf import BTF_KIND_ARRAY, BTF_KIND_STRUCT, ffi, lib
 
 _BEGIN = "/* sp:layout:begin */"
 _END = "/* sp:layout:end */"
@@ -212,7 +212,7 @@ def const(name: str) -> int:
 
 def map_name(base: str) -> str:
     """A map's pinned name: its base and the header's layout version
-    (sp_svc -> sp_svc_v2), so a layout change renames every map."""
+    (sp_svc -> sp_svc_v3), so a layout change renames every map."""
     return f"{base}_v{const('SP_LAYOUT_VERSION')}"
 
 
@@ -262,6 +262,25 @@ def btf_fields(btf, type_id: int) -> tuple[int, list[tuple[str, int, int]]]:
         name = ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode()
         out.append((name, bit_off // 8, int(lb.btf__resolve_size(btf, m.type))))
     return size, out
+
+
+def btf_array_fields(btf, type_id: int) -> set[str]:
+    """Names of the members of a BTF struct that are arrays (addresses,
+    names): a migration may carry such a field into a longer one."""
+    lb = lib()
+    rid = lb.btf__resolve_type(btf, type_id)
+    t = lb.btf__type_by_id(btf, rid if rid >= 0 else type_id)
+    if ((t.info >> 24) & 0x1F) != BTF_KIND_STRUCT:
+        return set()
+    members = ffi.cast("struct btf_member *", t + 1)
+    out = set()
+    for i in range(t.info & 0xFFFF):
+        m = members[i]
+        mid = lb.btf__resolve_type(btf, m.type)
+        mt = lb.btf__type_by_id(btf, mid if mid >= 0 else m.type)
+        if ((mt.info >> 24) & 0x1F) == BTF_KIND_ARRAY:
+            out.add(ffi.string(lb.btf__name_by_offset(btf, m.name_off)).decode())
+    return out
 
 
 def check_btf(btf) -> None:

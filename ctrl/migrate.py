@@ -1,13 +1,15 @@
 """Carry pinned maps of another layout version over to this one.
 
-Map names end in their layout version (`sp_ct_v2`). A release that changes
+Map names end in their layout version (`sp_ct_v3`). A release that changes
 a layout changes the version, so the new agent never misreads an old map:
 libbpf creates the new maps beside the old ones. Before the new programs
 replace the old ones, every entry of an old map is rewritten into its new
 counterpart, field by field by name, with the layouts read from the BTF
 each map was created with: fields that kept their name and size keep their
-value wherever they moved, new fields start at zero, dropped fields are
-dropped. Backend and service ids therefore survive, and so do the
+value wherever they moved, an array that grew (a longer name) keeps its old
+bytes at its start, new fields start at zero, dropped fields are dropped
+(and so is a field that shrank or changed size otherwise: cut, it could
+mean something else). Backend and service ids therefore survive, and so do the
 conntrack and affinity entries that name them: established connections
 keep their backends across the upgrade. The old pins are then removed (the
 old maps go when the old programs detach).
@@ -31,32 +33,37 @@ _NAME = re.compile(r"^(sp_[a-z]+)_v(\d+)$")
 Fields = list[tuple[str, int, int]]
 
 
-def _layouts(m: Map) -> tuple[Fields, Fields]:
-    """Key and value fields of a map, from the BTF it was created with."""
+def _layouts(m: Map) -> tuple[tuple[Fields, set[str]], tuple[Fields, set[str]]]:
+    """Key and value fields of a map, from the BTF it was created with,
+    each with the names of its fields that are arrays."""
     if not m.info.btf_id:
         raise BPFError(0, f"map {m.name} carries no BTF: its layout is unknown")
     btf = lib().btf__load_from_kernel_by_id(m.info.btf_id)
     if btf == ffi.NULL:
         raise BPFError(ffi.errno, f"map {m.name}: cannot load its BTF {m.info.btf_id}")
     try:
+        k, v = m.info.btf_key_type_id, m.info.btf_value_type_id
         return (
-            layout.btf_fields(btf, m.info.btf_key_type_id)[1],
-            layout.btf_fields(btf, m.info.btf_value_type_id)[1],
+            (layout.btf_fields(btf, k)[1], layout.btf_array_fields(btf, k)),
+            (layout.btf_fields(btf, v)[1], layout.btf_array_fields(btf, v)),
         )
     finally:
         lib().btf__free(btf)
 
 
-def converter(old: Fields, new: Fields, new_size: int):
-    """bytes in the old layout -> bytes in the new one, by field name."""
+def converter(old: Fields, new: Fields, new_size: int, arrays: set[str] | frozenset[str] = frozenset()):
+    """bytes in the old layout -> bytes in the new one, by field name.
+    Fields named in `arrays` (arrays in both layouts) may grow: the old
+    elements come first, the rest is zero (a NUL-terminated name stays
+    one)."""
     moves = []
     by_name = {name: (off, size) for name, off, size in old}
     for name, off, size in new:
         if name.startswith("pad"):
             continue
         src = by_name.get(name)
-        if src is not None and src[1] == size:
-            moves.append((src[0], off, size))
+        if src is not None and (src[1] == size or (name in arrays and src[1] < size)):
+            moves.append((src[0], off, src[1]))
 
     def convert(raw: bytes) -> bytes:
         out = bytearray(new_size)
@@ -92,10 +99,10 @@ def migrate(pin_dir: str, current: dict[str, Map]) -> int:
         try:
             if old.info.type == BPF_MAP_TYPE_PERCPU_ARRAY:
                 continue
-            ok, ov = _layouts(old)
-            nk, nv = _layouts(new)
-            ck = converter(ok, nk, new.key_size)
-            cv = converter(ov, nv, new.value_size)
+            (ok, oka), (ov, ova) = _layouts(old)
+            (nk, nka), (nv, nva) = _layouts(new)
+            ck = converter(ok, nk, new.key_size, oka & nka)
+            cv = converter(ov, nv, new.value_size, ova & nva)
             items = old.items()
             if items:
                 new.update_batch(b"".join(ck(k) for k, _ in items), b"".join(cv(v) for _, v in items))
