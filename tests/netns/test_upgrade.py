@@ -1,12 +1,13 @@
 """Tier 3: an upgrade across a map layout change keeps established flows.
 
-The "old release" is this tree with the layouts of layout version 2 (a
-128-byte name, a backend without its drain deadline) and two structs
-reordered besides (backend_id and svc_id of the conntrack value swap
+The "old release" is this tree with layout version 2's 128-byte names and
+two structs reordered (backend_id and svc_id of the conntrack value swap
 places, as do port and proto of the backend): its own object built from its
 own header, run by the same agent code. Established connections through it
-must survive the new release taking over its pinned maps, and so must the
-names the new release reads owners from."""
+must survive the new release taking over its pinned maps. Its backends keep
+their drain deadline (this tree's agent needs it); the migration of layout
+2's real backend entries, which had none, is tested with entries written
+straight into an old object's maps."""
 
 from __future__ import annotations
 
@@ -28,16 +29,19 @@ REPO = Path(__file__).resolve().parents[2]
 OLD = 2  # the layout version the old release pins its maps under
 
 
-def build_old_release(out: Path) -> tuple[Path, Path]:
+def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
+    """The old object and header; with v2_backend the backend loses its
+    drain deadline, as in layout 2 (this tree's agent cannot run that)."""
     hdr = (REPO / "ebpf" / "sliceproxy.h").read_text()
     m = re.search(r"#define SP_LAYOUT_VERSION (\d+)", hdr)
     assert m is not None and int(m.group(1)) > OLD
     cur = int(m.group(1))
     hdr = hdr.replace(m.group(0), f"#define SP_LAYOUT_VERSION {OLD}")
-    # Version 2's backend had no drain deadline, and its names were 128 bytes.
+    # Version 2's names were 128 bytes, and its backend had no drain deadline.
     drain = re.search(r"\t__u32 pad; +/\* zero \*/\n\t__u64 drain_end;.*?\*/\n", hdr, re.S)
     assert drain is not None
-    hdr = hdr.replace(drain.group(0), "")
+    if v2_backend:
+        hdr = hdr.replace(drain.group(0), "")
     name = re.search(r"\tchar name\[(\d+)\];", hdr)
     assert name is not None and int(name.group(1)) > 128
     hdr = hdr.replace(name.group(0), "\tchar name[128];")
@@ -133,7 +137,7 @@ def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir:
     from ctrl.apply import read_contents
     from ctrl.objects import addr16
 
-    obj, hdr = build_old_release(tmp_path)
+    obj, hdr = build_old_release(tmp_path, v2_backend=True)
     name = "n" * 50 + "/" + "s" * 63 + ":http/TCP"  # 123 bytes: fits version 2
     env = {**os.environ, "SLICEPROXY_BPF_OBJECT": str(obj), "SLICEPROXY_HEADER": str(hdr)}
     subprocess.run(
