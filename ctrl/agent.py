@@ -190,6 +190,8 @@ class Agent:
         cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
+        for owner, why in sorted(cs.refused.items()):
+            log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         try:
             cfg = self.node_config()
             if self.writer is not None and cfg != self._config_written:
@@ -211,7 +213,7 @@ class Agent:
         self.last_sync_ok = time.time()
         self._last_sync_at = self.clock()
         if self.metrics is not None:
-            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected))
+            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected) + len(cs.refused))
             for owner in [o for o in self._no_local if o not in self.state.services]:
                 del self._no_local[owner]
             self.metrics.no_local.labels(traffic_policy="internal").set(sum(v[0] for v in self._no_local.values()))

@@ -139,12 +139,17 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         _pack_all(c.svc_key, (k for k, _ in cs.svc_upd)),
         _pack_all(c.svc_val, (v for _, v in cs.svc_upd)),
     )
+    names = [n.encode() for _, n in cs.name_upd]
+    if any(len(n) >= c.name.size for n in names):
+        # ctrl.diff refuses such a frontend; never cut one (the owner is
+        # read back from the name).
+        raise layout.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
     add(
         mn("sp_names"),
         "update",
         len(cs.name_upd),
         ids(i for i, _ in cs.name_upd),
-        _pack_all(c.name, ((n.encode()[:127],) for _, n in cs.name_upd)),
+        _pack_all(c.name, ((n,) for n in names)),
     )
     add(mn("sp_svc"), "delete", len(cs.svc_del), _pack_all(c.svc_key, cs.svc_del))
     add(
@@ -298,7 +303,13 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     names = {}
     if mn("sp_names") in maps:
         for k, v in maps[mn("sp_names")].items():
-            names[c.u32.unpack(k)[0]] = c.name.unpack(v)[0].split(b"\0", 1)[0].decode(errors="replace")
+            raw = c.name.unpack(v)[0]
+            if b"\0" not in raw:
+                # Not written by a control plane of this layout (ours never
+                # cuts a name): its owner would be a guess, so none.
+                log.warning("map %s: the name of id %d has no end; its owner is unknown", mn("sp_names"), k[0])
+                continue
+            names[c.u32.unpack(k)[0]] = raw.split(b"\0", 1)[0].decode(errors="replace")
     ranges: dict[int, set[tuple[bytes, int]]] = {}
     if mn("sp_src") in maps:
         for k, _ in maps[mn("sp_src")].items():

@@ -78,7 +78,11 @@ class ChangeSet:
     # whose conntrack entries may be purged.
     removed: list[tuple[FKey, Backend]] = field(default_factory=list)
     services: set[str] = field(default_factory=set)  # owners that changed
-    rejected: dict[str, str] = field(default_factory=dict)  # owner -> why
+    # Owners not programmed (their previous entries kept), and why: a map
+    # would overflow (retried: room may come), or the Service itself
+    # cannot be programmed as it is (refused until it changes).
+    rejected: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return (
@@ -143,9 +147,15 @@ def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
     return slots  # type: ignore[return-value]
 
 
+def name_capacity() -> int:
+    """Bytes of a frontend name the names map holds (its NUL aside)."""
+    return layout.codec("sp_svc_name").size - 1
+
+
 class Programmed:
     def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0):
         self.capacity = capacity or MapSizes()
+        self.name_max = name_capacity()
         # A backend no frontend uses any more stays in the backend map this
         # long: flows already on it keep going (a terminating Pod finishes
         # its requests), while no new flow can pick it (no slot names it).
@@ -361,7 +371,24 @@ class Programmed:
                 slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
         return new_fronts, slot_growth, len(new_be)
 
+    def _long_name(self, fronts: list[Frontend]) -> str | None:
+        """Why a frontend's name cannot go into the names map whole. A cut
+        name would lose its owner at the next adoption (restart, reconcile),
+        or worse name another: refuse instead."""
+        for f in fronts:
+            n = len(f.name.encode())
+            if n > self.name_max:
+                return (
+                    f"frontend name {f.name[:60]!r}... is {n} bytes, the names map holds {self.name_max} "
+                    f"(Kubernetes allows 63 characters for a namespace or Service name, 15 for a port name)"
+                )
+        return None
+
     def _sync_owner(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> None:
+        why = self._long_name(fronts)
+        if why is not None:
+            cs.refused[owner] = why
+            return
         g_svc, g_slots, g_be = self._growth(owner, fronts)
         cap = self.capacity
         # Deletes happen after upserts in one apply: count additions only.

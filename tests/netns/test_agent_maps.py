@@ -20,7 +20,9 @@ from ctrl import loader
 from ctrl.agent import Agent
 from ctrl.apply import Writer, read_contents
 from ctrl.diff import Programmed
-from ctrl.objects import parse
+from ctrl.layout import map_name
+from ctrl.objects import addr16, parse
+from ctrl.plan import Frontend
 from ctrl.sizes import MapSizes
 from ctrl.state import ClusterState, Event
 
@@ -153,3 +155,95 @@ def test_a_draining_backend_keeps_its_deadline_across_a_restart(pin_dir: Path) -
         assert kernel_backends(dp.maps) == {"198.18.1.11"}
     finally:
         dp.close()
+
+
+# -- names ----------------------------------------------------------------------
+
+
+def frontend_ids(programmed: Programmed) -> dict[tuple, tuple[int, str, str]]:
+    return {k: (st.svc_id, st.owner, st.name) for k, st in programmed.frontends.items()}
+
+
+def test_the_longest_kubernetes_names_survive_a_restart_with_their_ids(pin_dir: Path) -> None:
+    """A 63-character namespace and Service name with a 15-character port
+    name: the owner is read back from the names map after a restart, so
+    the frontends keep their ids and nothing is rewritten."""
+    ns, name, port = "n" * 63, "s" * 63, "p" * 15
+    raw_svc = service(name, "198.19.0.10", [(port, 80, "TCP", 8080), ("dns", 53, "UDP", 5353)], namespace=ns)
+    raw_slice = endpoint_slice("x" * 253, name, [(port, 8080, "TCP"), ("dns", 5353, "UDP")], ["198.18.1.11"],
+                               namespace=ns)  # fmt: skip
+    events = [
+        Event("upsert", "Service", f"{ns}/{name}", parse(raw_svc)),
+        Event("upsert", "EndpointSlice", f"{ns}/{'x' * 253}", parse(raw_slice)),
+    ]
+    dp = loader.load(pin_dir=str(pin_dir))
+    try:
+        agent, src = make_agent(dp.maps, Clock())
+        src.put(*events)
+        agent.step(timeout=0)
+        before = frontend_ids(agent.programmed)
+        assert len(before) == 2 and {o for _, o, _ in before.values()} == {f"{ns}/{name}"}
+        assert {n for _, _, n in before.values()} == {f"{ns}/{name}:{port}/TCP", f"{ns}/{name}:dns/UDP"}
+    finally:
+        dp.close()
+    dp = loader.load(pin_dir=str(pin_dir))
+    try:
+        agent, src = make_agent(dp.maps, Clock())
+        read_contents(dp.maps).adopt_into(agent.programmed)
+        assert frontend_ids(agent.programmed) == before
+        agent.take(events)
+        cs = agent.sync()  # the first, full sync of the new agent
+        assert cs is not None and len(cs) == 0, cs
+        assert frontend_ids(agent.programmed) == before
+    finally:
+        dp.close()
+
+
+def test_a_name_too_long_for_the_names_map_is_refused_and_cannot_corrupt_adoption(pin_dir: Path) -> None:
+    """A 253-character Service name (the file source refuses it; another
+    source might not): never cut into the names map, where a restart would
+    read a wrong or no owner out of it. The Service is refused by name,
+    the others are programmed and adopted whole."""
+    long_owner = "default/" + "l" * 253
+    vip, vip2 = addr16("198.19.0.10"), addr16("198.19.0.11")
+    be1 = (addr16("198.18.1.11"), 8080, 6)
+
+    def desired() -> dict[str, list[Frontend]]:
+        return {
+            "default/web": [Frontend(vip, 80, 6, 0, "default/web:http/TCP", (be1,))],
+            long_owner: [Frontend(vip2, 80, 6, 0, f"{long_owner}:http/TCP", (be1,))],
+        }
+
+    dp = loader.load(pin_dir=str(pin_dir))
+    try:
+        p = Programmed()
+        cs = p.sync(desired(), prune_except=set(desired()))
+        assert set(cs.refused) == {long_owner} and "names map holds 159" in cs.refused[long_owner]
+        Writer(dp.maps).apply(cs)
+        before = frontend_ids(p)
+    finally:
+        dp.close()
+    dp = loader.load(pin_dir=str(pin_dir))
+    try:
+        q = Programmed()
+        read_contents(dp.maps).adopt_into(q)
+        assert frontend_ids(q) == before and q.owners() == {"default/web"}
+        cs = q.sync(desired(), prune_except=set(desired()))
+        assert len(cs) == 0 and set(cs.refused) == {long_owner}
+    finally:
+        dp.close()
+
+
+def test_a_name_without_its_end_gives_no_owner(private_maps) -> None:
+    """A names entry that fills its array (not written by this control
+    plane, which never cuts a name) is not parsed for an owner."""
+    p = Programmed()
+    Writer(private_maps).apply(
+        p.sync({"default/web": [Frontend(addr16("198.19.0.10"), 80, 6, 0, "default/web:http/TCP", ())]})
+    )
+    (svc_id,) = read_contents(private_maps).names
+    full = ("default/web:" + "x" * 200).encode()[: private_maps[map_name("sp_names")].value_size]
+    private_maps[map_name("sp_names")].update(svc_id.to_bytes(4, "little"), full)
+    q = Programmed()
+    read_contents(private_maps).adopt_into(q)
+    assert [st.owner for st in q.frontends.values()] == [""]

@@ -294,3 +294,27 @@ def test_a_drain_mark_carries_its_end_in_nanoseconds():
     assert op == "update"
     c = Codecs.get().backend
     assert c.unpack(vals) == (be(2)[0], 8080, TCP, 1, 1244_500_000_000)
+
+
+def test_a_name_that_does_not_fit_the_names_map_refuses_its_service_only():
+    p = Programmed()
+    longest = "n" * 63 + "/" + "s" * 63 + ":" + "p" * 15 + "/SCTP"  # Kubernetes' limits: 148 bytes
+    assert len(longest) == 148 <= p.name_max
+    too_long = "default/" + "l" * 253 + ":http/TCP"
+    cs = p.sync(
+        {
+            "default/long": [front(1, name=too_long)],
+            "n/s": [front(2, port=81, name=longest)],
+        }
+    )
+    assert set(cs.refused) == {"default/long"} and "names map holds" in cs.refused["default/long"]
+    assert cs.name_upd == [(1, longest)] and [k[1] for k, _ in cs.svc_upd] == [81]
+    assert p.owners() == {"n/s"}
+
+
+def test_a_refused_service_keeps_what_it_had():
+    p = Programmed()
+    p.sync({"default/web": [front(1, 2)]})
+    cs = p.sync({"default/web": [front(1, 2, 3, name="default/web:" + "x" * 200 + "/TCP")]})
+    assert "default/web" in cs.refused and len(cs) == 0
+    assert len(p.frontends[(VIP, 80, TCP, 0)].slots) == 2
