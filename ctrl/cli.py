@@ -144,12 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output", choices=("text", "json"), default="text", help="format of --dry-run")
     sizes = MapSizes()
-    run.add_argument("--max-services", type=int, default=sizes.services, help="frontend map capacity")
+    run.add_argument(
+        "--max-services", type=int, default=sizes.services, help="frontend map capacity (and the names map's)"
+    )
     run.add_argument("--max-backends", type=int, default=sizes.backends, help="backend map capacity")
     run.add_argument(
         "--max-slots", type=int, default=sizes.slots, help="slot map capacity (sum of backends over frontends)"
     )
     run.add_argument("--max-conntrack", type=int, default=sizes.conntrack, help="conntrack map capacity")
+    run.add_argument(
+        "--max-source-ranges",
+        type=int,
+        default=sizes.source_ranges,
+        help="source range map capacity (loadBalancerSourceRanges entries, summed over frontends)",
+    )
     _log_args(run)
 
     dump = sub.add_parser("dump", help="services and backends as the kernel maps hold them")
@@ -224,6 +232,21 @@ def _cidrs(values: list[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def map_sizes(args) -> MapSizes:
+    """The --max-* flags; a map holds at least one entry (BPF refuses 0)."""
+    flags = {
+        "--max-services": args.max_services,
+        "--max-backends": args.max_backends,
+        "--max-slots": args.max_slots,
+        "--max-conntrack": args.max_conntrack,
+        "--max-source-ranges": args.max_source_ranges,
+    }
+    for flag, v in flags.items():
+        if v < 1:
+            raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of map entries (1 or more)")
+    return MapSizes(*flags.values())
+
+
 def cmd_run(args) -> int:
     from .agent import Agent
     from .diff import Programmed
@@ -235,7 +258,7 @@ def cmd_run(args) -> int:
             raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
     nodeport_cidrs = _cidrs(args.nodeport_addresses)
 
-    sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
+    sizes = map_sizes(args)
     source = make_source(args)
     state = ClusterState(args.node_name)
     programmed = Programmed(sizes, drain_period=0.0 if args.dry_run else args.drain_period)

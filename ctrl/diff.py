@@ -177,6 +177,7 @@ class Programmed:
         self.orphan_names: list[int] = []
         self.orphan_ranges: list[tuple[int, bytes, int]] = []
         self.slot_count = 0
+        self.range_count = 0  # entries in the source range map
         self._unused: set[int] = set()
         self._unindexed: set[FKey] = set()
 
@@ -214,6 +215,7 @@ class Programmed:
                 if b is not None:
                     self.refs[b] += 1
         self.slot_count = len(slots)
+        self.range_count = sum(len(rs) for rs in (ranges or {}).values())
         self.orphan_slots = [k for k in slots if k not in used_slots]
         live_ids = {st.svc_id for st in self.frontends.values()}
         self.orphan_names = [i for i in names if i not in live_ids]
@@ -260,6 +262,7 @@ class Programmed:
             self.slot_count -= len(self.orphan_slots)
             cs.name_del.extend(self.orphan_names)
             cs.src_del.extend(self.orphan_ranges)
+            self.range_count -= len(self.orphan_ranges)
             self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
             self._unused.update(b for b in self.backends if self.refs.get(b, 0) == 0)
         # Backends are dropped once every owner is done, so one that moves
@@ -356,20 +359,24 @@ class Programmed:
         cur = self.frontends.get(f.key)
         return f.added is not None and cur is not None and cur.version >= 0 and cur.version == f.base
 
-    def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int]:
-        """Entries this owner's change adds (services, slots, backends) at its peak."""
+    def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int, int]:
+        """Entries this owner's change adds (services, slots, backends,
+        source ranges) at its peak."""
         new_fronts = sum(1 for f in fronts if f.key not in self.frontends)
         new_be: set[Backend] = set()
         slot_growth = 0
+        range_growth = 0
         for f in fronts:
             cur = self.frontends.get(f.key)
+            if f.source_ranges:
+                range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
             if self._delta_applies(f):
                 new_be.update(b for b in f.added if b not in self.backend_ids)  # type: ignore[union-attr]
                 slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
             else:
                 new_be.update(filterfalse(self.backend_ids.__contains__, f.backends))
                 slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
-        return new_fronts, slot_growth, len(new_be)
+        return new_fronts, slot_growth, len(new_be), range_growth
 
     def _long_name(self, fronts: list[Frontend]) -> str | None:
         """Why a frontend's name cannot go into the names map whole. A cut
@@ -389,7 +396,7 @@ class Programmed:
         if why is not None:
             cs.refused[owner] = why
             return
-        g_svc, g_slots, g_be = self._growth(owner, fronts)
+        g_svc, g_slots, g_be, g_src = self._growth(owner, fronts)
         cap = self.capacity
         # Deletes happen after upserts in one apply: count additions only.
         full = []
@@ -397,6 +404,18 @@ class Programmed:
         # additions are written: count them towards the peak.
         if g_svc and len(self.frontends) + len(cs.svc_del) + g_svc > cap.services:
             full.append(f"the service map holds at most {cap.services} frontends (raise --max-services)")
+        # One name per frontend, and the names nothing owns until the
+        # first full sync removes them; sized by --max-services too.
+        elif g_svc and len(self.frontends) + len(self.orphan_names) + len(cs.name_del) + g_svc > cap.services:
+            full.append(
+                f"the names map holds at most {cap.services} entries, {len(self.orphan_names)} of them "
+                f"names of frontends gone before a restart (raise --max-services)"
+            )
+        if g_src and self.range_count + len(cs.src_del) + g_src > cap.source_ranges:
+            full.append(
+                f"the source range map holds at most {cap.source_ranges} entries, {g_src} more needed "
+                f"(raise --max-source-ranges)"
+            )
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
         if g_be and len(self.backends) + g_be > cap.backends:
@@ -519,6 +538,7 @@ class Programmed:
             old_r, new_r = set(cur.ranges), set(f.source_ranges)
             cs.src_upd.extend((cur.svc_id, a, n) for a, n in f.source_ranges if (a, n) not in old_r)
             cs.src_del.extend((cur.svc_id, a, n) for a, n in cur.ranges if (a, n) not in new_r)
+            self.range_count += len(new_r) - len(old_r)
             cur.ranges = f.source_ranges
             changed = True
         if changed:
@@ -583,6 +603,7 @@ class Programmed:
         cs.svc_del.append(key)
         cs.name_del.append(st.svc_id)
         cs.src_del.extend((st.svc_id, a, n) for a, n in st.ranges)
+        self.range_count -= len(st.ranges)
         cs.services.add(st.owner)
         for i in range(len(st.slots)):
             cs.slot_del.append((st.svc_id, i))

@@ -10,6 +10,7 @@ moving the clock.
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,3 +248,48 @@ def test_a_name_without_its_end_gives_no_owner(private_maps) -> None:
     q = Programmed()
     read_contents(private_maps).adopt_into(q)
     assert [st.owner for st in q.frontends.values()] == [""]
+
+
+# -- capacity ------------------------------------------------------------------
+
+
+def lb_event(name: str, lb_ip: str, *ranges: str) -> Event:
+    raw = service(name, "198.19.0.20" if name == "lb-a" else "198.19.0.21", PORTS)
+    raw["spec"].update(type="LoadBalancer", loadBalancerSourceRanges=list(ranges))
+    raw["status"] = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}
+    return Event("upsert", "Service", f"default/{name}", parse(raw))
+
+
+def names_in_kernel(maps) -> set[str]:
+    return {n.split(":", 1)[0] for n in read_contents(maps).names.values()}
+
+
+def test_a_full_source_range_map_refuses_one_service_and_the_others_go_on(caplog) -> None:
+    """--max-source-ranges 4: a LoadBalancer IP has two frontends (pods and
+    outside), each with its ranges. A Service whose ranges do not fit is
+    refused by name; a Service added at the same time is programmed; once
+    room is made the refused one follows."""
+    dp = loader.load(pin_dir=None, sizes=MapSizes(source_ranges=4))
+    try:
+        clock = Clock()
+        agent, src = make_agent(dp.maps, clock, sizes=MapSizes(source_ranges=4))
+        src.put(lb_event("lb-a", "198.19.1.1", "198.18.0.0/24", "198.18.1.0/24"))
+        agent.step(timeout=0)
+        assert len(read_contents(dp.maps).ranges) == 2  # two frontends, two ranges each
+        clock.t += 1
+        with caplog.at_level(logging.ERROR, logger="sliceproxy.agent"):
+            src.put(lb_event("lb-b", "198.19.1.2", "198.18.2.0/24"), svc_event("web", "198.19.0.10"))
+            agent.step(timeout=0)
+        assert names_in_kernel(dp.maps) == {"default/lb-a", "default/web"}
+        (line,) = [r.getMessage() for r in caplog.records if "default/lb-b" in r.getMessage()]
+        assert "--max-source-ranges" in line
+        src.put(delete_event("Service", "lb-a"))
+        for _ in range(120):  # retried (with backoff) until room is made
+            clock.t += 1
+            agent.step(timeout=0)
+            if "default/lb-b" in names_in_kernel(dp.maps):
+                break
+        assert names_in_kernel(dp.maps) == {"default/lb-b", "default/web"}
+        assert sum(len(r) for r in read_contents(dp.maps).ranges.values()) == 2
+    finally:
+        dp.close()

@@ -318,3 +318,60 @@ def test_a_refused_service_keeps_what_it_had():
     cs = p.sync({"default/web": [front(1, 2, 3, name="default/web:" + "x" * 200 + "/TCP")]})
     assert "default/web" in cs.refused and len(cs) == 0
     assert len(p.frontends[(VIP, 80, TCP, 0)].slots) == 2
+
+
+def lb(owner, num, *cidrs, port=80):
+    """A frontend of `owner` filtering sources by `cidrs` (IPv4 /24s)."""
+    ranges = tuple((addr16(c), 96 + 24) for c in cidrs)
+    vip = addr16(f"198.19.1.{num}")
+    return [Frontend(vip, port, TCP, 1, f"{owner}:http/TCP", (be(num),), flags=2, source_ranges=ranges)]
+
+
+def test_source_ranges_that_do_not_fit_refuse_that_service_only():
+    p = Programmed(MapSizes(source_ranges=3))
+    p.sync({"default/a": lb("default/a", 1, "198.18.0.0", "198.18.1.0")})
+    cs = p.sync({"default/b": lb("default/b", 2, "198.18.2.0", "198.18.3.0"), "default/web": [front(1)]})
+    assert set(cs.rejected) == {"default/b"}
+    assert "source range map holds at most 3 entries, 2 more needed (raise --max-source-ranges)" in cs.rejected[
+        "default/b"
+    ]
+    assert cs.src_upd == [] and [k[0] for k, _ in cs.svc_upd] == [VIP]  # web only
+    # Ranges given back make room: a's shrink is written before b grows.
+    cs = p.sync({"default/a": lb("default/a", 1, "198.18.0.0"), "default/b": lb("default/b", 2, "198.18.2.0")})
+    assert not cs.rejected and p.range_count == 2
+    assert len(cs.src_del) == 1 and len(cs.src_upd) == 1
+    cs = p.sync({"default/a": []})
+    assert p.range_count == 1 and len(cs.src_del) == 1
+
+
+def test_deleted_ranges_count_until_the_write_that_deletes_them():
+    # Deletes are written after every addition of the change set: the
+    # ranges a removed Service gives back are not room for another yet.
+    p = Programmed(MapSizes(source_ranges=2))
+    p.sync({"default/a": lb("default/a", 1, "198.18.0.0", "198.18.1.0")})
+    cs = p.sync({"default/a": [], "default/b": lb("default/b", 2, "198.18.2.0")})
+    assert set(cs.rejected) == {"default/b"} and len(cs.src_del) == 2
+
+
+def test_adopted_and_orphan_ranges_count():
+    q = Programmed(MapSizes(source_ranges=3))
+    r = {(addr16("198.18.0.0"), 120), (addr16("198.18.1.0"), 120)}
+    q.adopt({(VIP, 80, TCP, 0): (7, 0, 2, 0)}, {}, {}, {7: "default/web:http/TCP"}, ranges={7: r, 9: {next(iter(r))}})
+    assert q.range_count == 3
+    cs = q.sync({"default/b": lb("default/b", 2, "198.18.2.0")})
+    assert "raise --max-source-ranges" in cs.rejected["default/b"]
+    q.sync({}, prune_except={"default/web"})  # the orphan of id 9 goes
+    assert q.range_count == 2
+    assert not q.sync({"default/b": lb("default/b", 2, "198.18.2.0")}).rejected
+
+
+def test_names_left_by_gone_frontends_count_against_the_names_map():
+    q = Programmed(MapSizes(services=3))
+    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)},
+            {7: "default/web:http/TCP", 8: "default/old:a/TCP", 9: "default/old:b/TCP"})  # fmt: skip
+    b = {"default/b": [front(2, port=81, name="default/b:http/TCP")]}
+    cs = q.sync(b)
+    assert "names map holds at most 3 entries, 2 of them names of frontends gone" in cs.rejected["default/b"]
+    cs = q.sync(b, prune_except={"default/web", "default/b"})
+    assert "default/b" in cs.rejected  # the orphans still count until deleted, after the additions
+    assert not q.sync(b).rejected
