@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from .apply import NodeConfig, Writer, read_contents
-from .diff import ChangeSet, Programmed
+from .diff import ChangeSet, Programmed, frontend_str
 from .gcpause import paused_gc
 from .libbpf import BPFError
 from .objects import addr16
@@ -192,6 +192,14 @@ class Agent:
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         for owner, why in sorted(cs.refused.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
+        for owner, holder, key in cs.conflicts:
+            log.error(
+                "%s Service: frontend %s is already %s Service's: not programmed while that one has it "
+                "(its other frontends are)",
+                owner,
+                frontend_str(key),
+                holder,
+            )
         try:
             cfg = self.node_config()
             if self.writer is not None and cfg != self._config_written:
@@ -206,6 +214,8 @@ class Agent:
             self.retry_at = self.clock() + self.retry_period
             return None
         self.dirty.clear()
+        # Services waiting for a frontend this sync freed get it next.
+        self.dirty |= cs.resync
         # Rejected services are retried at the next full sync.
         self.need_full = bool(cs.rejected)
         self.retry_at = self.clock() + self.retry_period

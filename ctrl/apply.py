@@ -151,7 +151,13 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         ids(i for i, _ in cs.name_upd),
         _pack_all(c.name, ((n,) for n in names)),
     )
-    add(mn("sp_svc"), "delete", len(cs.svc_del), _pack_all(c.svc_key, cs.svc_del))
+    svc_del = cs.svc_del
+    if svc_del and cs.svc_upd:
+        # A frontend one Service gave up and another took in this change
+        # set (ctrl.diff's claims): its new entry must survive the deletes.
+        taken = {k for k, _ in cs.svc_upd}
+        svc_del = [k for k in svc_del if k not in taken]
+    add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, svc_del))
     add(
         mn("sp_slot"),
         "delete",

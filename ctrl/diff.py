@@ -83,6 +83,11 @@ class ChangeSet:
     # cannot be programmed as it is (refused until it changes).
     rejected: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    # (claimant, holder, frontend key): a Service claiming a frontend
+    # another one serves, new in this sync (the holder keeps it).
+    conflicts: list[tuple[str, str, FKey]] = field(default_factory=list)
+    # Owners waiting for a frontend this sync freed: plan them again.
+    resync: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return (
@@ -152,10 +157,27 @@ def name_capacity() -> int:
     return layout.codec("sp_svc_name").size - 1
 
 
+def frontend_str(key: FKey) -> str:
+    """198.19.0.10:80/TCP (external) for people."""
+    from .objects import addr_str, is_v4
+    from .plan import PROTO_NAMES, SCOPE_EXTERNAL
+
+    addr, port, proto, scope = key
+    host = addr_str(addr) if is_v4(addr) else f"[{addr_str(addr)}]"
+    where = " (external)" if scope == SCOPE_EXTERNAL else ""
+    return f"{host}:{port}/{PROTO_NAMES.get(proto, proto)}{where}"
+
+
 class Programmed:
     def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0):
         self.capacity = capacity or MapSizes()
         self.name_max = name_capacity()
+        # Frontends two Services claim: the one that holds it keeps it
+        # (owner -> {key: holder} of what it waits for; key -> who waits),
+        # and a claimant gets it when the holder lets it go.
+        self.blocked: dict[str, dict[FKey, str]] = {}
+        self.waiting: dict[FKey, set[str]] = {}
+        self._freed: list[FKey] = []
         # A backend no frontend uses any more stays in the backend map this
         # long: flows already on it keep going (a terminating Pod finishes
         # its requests), while no new flow can pick it (no slot names it).
@@ -195,7 +217,11 @@ class Programmed:
         the drain end of every backend the kernel has flagged draining (on
         the clock sync's `now` uses): a periodic re-adoption or a restart
         keeps each deadline instead of starting a new drain period."""
+        # Who waits for which frontend is this process's knowledge, not the
+        # kernel's: a re-adoption keeps it (a restart starts without).
+        blocked, waiting = self.blocked, self.waiting
         self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
+        self.blocked, self.waiting = blocked, waiting
         self.backends = dict(backends)
         self.backend_ids = {b: i for i, b in backends.items()}
         used_slots: set[tuple[int, int]] = set()
@@ -255,8 +281,14 @@ class Programmed:
             if bid in self.backends and bid not in self.draining:
                 cs.be_mark.append((bid, self.backends[bid], 0, 0.0))
         self._clear_marks = []
-        for owner in sorted(desired):
+        self._freed = []
+        # Frontends of no known owner (adopted without a name) go last: a
+        # Service that claims one takes it over with its id first.
+        for owner in sorted(desired, key=lambda o: (o == "", o)):
             self._sync_owner(owner, desired[owner], cs)
+        for key in self._freed:
+            if key not in self.frontends:
+                cs.resync.update(self.waiting.get(key, ()))
         if prune_except is not None:
             cs.slot_del.extend(self.orphan_slots)
             self.slot_count -= len(self.orphan_slots)
@@ -391,11 +423,41 @@ class Programmed:
                 )
         return None
 
+    def _claims(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> list[Frontend]:
+        """The frontends of `fronts` this owner may program: not those
+        another Service holds. In a cluster the API server refuses a
+        second Service on a ClusterIP, but externalIPs, LoadBalancer IPs
+        and a directory of YAML can claim one twice; kube-proxy's rules
+        then let one of them win at random. Here the holder keeps it, the
+        claimant is reported once (and when the holder changes) and gets
+        it when the holder lets go (cs.resync)."""
+        held: dict[FKey, str] = {}
+        for f in fronts:
+            cur = self.frontends.get(f.key)
+            if cur is not None and cur.owner not in (owner, ""):
+                held[f.key] = cur.owner
+        before = self.blocked.pop(owner, {})
+        for key in before.keys() - held.keys():
+            waiters = self.waiting.get(key)
+            if waiters is not None:
+                waiters.discard(owner)
+                if not waiters:
+                    del self.waiting[key]
+        if not held:
+            return fronts
+        self.blocked[owner] = held
+        for key, holder in held.items():
+            self.waiting.setdefault(key, set()).add(owner)
+            if before.get(key) != holder:
+                cs.conflicts.append((owner, holder, key))
+        return [f for f in fronts if f.key not in held]
+
     def _sync_owner(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> None:
         why = self._long_name(fronts)
         if why is not None:
             cs.refused[owner] = why
             return
+        fronts = self._claims(owner, fronts, cs)
         g_svc, g_slots, g_be, g_src = self._growth(owner, fronts)
         cap = self.capacity
         # Deletes happen after upserts in one apply: count additions only.
@@ -480,9 +542,9 @@ class Programmed:
             self.next_svc_id += 1
             self.frontends[f.key] = cur
         elif cur.owner != owner:
-            # Two services claiming one address:port: the later one wins,
-            # as with kube-proxy's rules; say so.
-            log.warning("frontend %s moves from %s to %s", f.name, cur.owner or "<unknown>", owner)
+            # Adopted without a name (_claims lets no other owner here):
+            # this Service takes it over, id and slots included.
+            log.info("frontend %s of no known owner is %s's", frontend_str(f.key), owner)
             self.by_owner[cur.owner].discard(f.key)
         self.by_owner[owner].add(f.key)
         cur.owner = owner
@@ -599,6 +661,8 @@ class Programmed:
 
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
         st = self.frontends.pop(key)
+        if key in self.waiting:
+            self._freed.append(key)
         self.by_owner[st.owner].discard(key)
         cs.svc_del.append(key)
         cs.name_del.append(st.svc_id)

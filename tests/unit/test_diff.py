@@ -375,3 +375,89 @@ def test_names_left_by_gone_frontends_count_against_the_names_map():
     cs = q.sync(b, prune_except={"default/web", "default/b"})
     assert "default/b" in cs.rejected  # the orphans still count until deleted, after the additions
     assert not q.sync(b).rejected
+
+
+VIP2 = addr16("198.19.0.11")
+
+
+def claims(owner, *nums, port=80, vip=VIP, other_port=None):
+    """owner's frontends: vip:port with backends nums, and one of its own on
+    other_port (at VIP2) when given."""
+    out = [front(*nums, port=port, vip=vip, name=f"{owner}:http/TCP")]
+    if other_port:
+        out.append(front(*nums, port=other_port, vip=VIP2, name=f"{owner}:alt/TCP"))
+    return out
+
+
+def test_the_holder_keeps_a_frontend_a_second_service_claims():
+    p = Programmed()
+    p.sync({"default/first": claims("default/first", 1)})
+    sid = p.frontends[(VIP, 80, TCP, 0)].svc_id
+    cs = p.sync({"default/second": claims("default/second", 2, other_port=90)})
+    assert cs.conflicts == [("default/second", "default/first", (VIP, 80, TCP, 0))]
+    # The second Service's other frontend is programmed, the claimed one not.
+    assert [k for k, _ in cs.svc_upd] == [(VIP2, 90, TCP, 0)]
+    st = p.frontends[(VIP, 80, TCP, 0)]
+    assert (st.owner, st.svc_id, st.slots) == ("default/first", sid, [1])
+    # Reported once: the next sync of the claimant says nothing new.
+    cs = p.sync({"default/second": claims("default/second", 2, 3, other_port=90)})
+    assert cs.conflicts == [] and p.frontends[(VIP, 80, TCP, 0)].owner == "default/first"
+
+
+def test_the_claimant_gets_the_frontend_when_the_holder_goes():
+    p = Programmed()
+    p.sync({"default/first": claims("default/first", 1)})
+    p.sync({"default/second": claims("default/second", 2)})
+    cs = p.sync({"default/first": []})
+    assert cs.svc_del == [(VIP, 80, TCP, 0)] and cs.resync == {"default/second"}
+    cs = p.sync({"default/second": claims("default/second", 2)})
+    st = p.frontends[(VIP, 80, TCP, 0)]
+    assert st.owner == "default/second" and cs.conflicts == [] and not p.waiting
+    assert [b for _, _, b in cs.slot_upd] == [p.backend_ids[be(2)]]
+
+
+def test_a_frontend_given_up_and_taken_in_one_sync_is_not_deleted_by_it():
+    p = Programmed()
+    p.sync({"default/a": claims("default/a", 1)})
+    p.sync({"default/b": claims("default/b", 2)})  # waits for a's
+    cs = p.sync({"default/a": [], "default/b": claims("default/b", 2)})  # a goes first (sorted)
+    assert p.frontends[(VIP, 80, TCP, 0)].owner == "default/b" and cs.resync == set()
+    ops = encode(cs, Codecs.get())
+    (svc_upd,) = [keys for m, op, keys, _ in ops if m == map_name("sp_svc") and op == "update"]
+    assert svc_upd == Codecs.get().svc_key.pack(VIP, 80, TCP, 0)
+    assert not [op for m, op, _, _ in ops if m == map_name("sp_svc") and op == "delete"]
+
+
+def test_two_new_claimants_in_one_sync_first_by_name_wins():
+    p = Programmed()
+    cs = p.sync({"default/zeta": claims("default/zeta", 2), "default/alpha": claims("default/alpha", 1)})
+    assert p.frontends[(VIP, 80, TCP, 0)].owner == "default/alpha"
+    assert cs.conflicts == [("default/zeta", "default/alpha", (VIP, 80, TCP, 0))]
+
+
+def test_a_claimant_that_stops_claiming_no_longer_waits():
+    p = Programmed()
+    p.sync({"default/a": claims("default/a", 1)})
+    p.sync({"default/b": claims("default/b", 2, other_port=90)})
+    p.sync({"default/b": claims("default/b", 2, vip=addr16("198.19.0.12"))})
+    assert not p.waiting and not p.blocked
+    assert p.sync({"default/a": []}).resync == set()
+
+
+def test_waiting_claimants_survive_a_readoption():
+    p = Programmed()
+    p.sync({"default/a": claims("default/a", 1)})
+    p.sync({"default/b": claims("default/b", 2)})
+    st = p.frontends[(VIP, 80, TCP, 0)]
+    p.adopt({(VIP, 80, TCP, 0): (st.svc_id, 1, 0, 0)}, {(st.svc_id, 0): 1}, dict(p.backends),
+            {st.svc_id: "default/a:http/TCP"})  # fmt: skip
+    assert p.sync({"default/a": []}).resync == {"default/b"}
+
+
+def test_a_frontend_of_no_known_owner_is_taken_over_with_its_id_at_the_full_sync():
+    q = Programmed()
+    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {})
+    cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"})
+    st = q.frontends[(VIP, 80, TCP, 0)]
+    assert (st.owner, st.svc_id) == ("default/web", 7)
+    assert cs.svc_del == [] and cs.name_upd == [(7, "default/web:http/TCP")]
