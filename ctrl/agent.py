@@ -6,8 +6,15 @@ become one sync, which plans only the services they touched. The first
 sync after start is a full one and the only place where
 entries nobody owns are pruned: it runs after the source's first full list,
 so a restarted agent never drops what a previous one programmed before it
-knows the whole picture. After a failed write the mirror is re-read from
-the kernel and a full sync repairs what is there.
+knows the whole picture.
+
+Failures are per Service: when a batch write fails, the change set is
+written again Service by Service (ctrl.apply.Writer.apply_each), the
+mirror is re-read from the kernel, and each Service that could not be
+written (or did not fit a map) is planned again after a delay that doubles
+with every failure (Retries), while the others go on. Only a failure that
+belongs to no Service (the node config, the maps unreadable) falls back to
+a full sync from the re-read maps.
 """
 
 from __future__ import annotations
@@ -31,6 +38,43 @@ log = logging.getLogger("sliceproxy.agent")
 
 # Seconds between full garbage collections at the latest (see Agent.sync).
 COLLECT_EVERY = 600.0
+
+# The longest wait before a Service that failed is tried again: the
+# default --sync-period, so backoff never waits longer than a reconcile
+# would.
+RETRY_MAX = 60.0
+
+
+class Retries:
+    """Services not programmed by their last sync, each tried again after
+    a delay that starts at `first` seconds and doubles on every failure up
+    to `most`: a write the kernel refused ("failed"), or a change that does
+    not fit a map ("rejected": room may come). A success forgets it."""
+
+    def __init__(self, first: float = 5.0, most: float = RETRY_MAX):
+        self.first = first
+        self.most = most
+        self._due: dict[str, tuple[int, float, str]] = {}  # owner -> (failures, when, kind)
+
+    def failed(self, owner: str, now: float, kind: str) -> float:
+        """Record a failure; the seconds until the next try."""
+        n = self._due[owner][0] + 1 if owner in self._due else 1
+        delay = min(self.first * 2 ** (n - 1), self.most)
+        self._due[owner] = (n, now + delay, kind)
+        return delay
+
+    def succeeded(self, owners) -> None:
+        for owner in owners:
+            self._due.pop(owner, None)
+
+    def due(self, now: float) -> set[str]:
+        return {o for o, (_, when, _) in self._due.items() if when <= now}
+
+    def owners(self, kind: str) -> set[str]:
+        return {o for o, (_, _, k) in self._due.items() if k == kind}
+
+    def __contains__(self, owner: str) -> bool:
+        return owner in self._due
 
 
 class Agent:
@@ -86,10 +130,13 @@ class Agent:
         self.stop_event = threading.Event()
         self.syncs = 0
         self.last_sync_ok: float | None = None
-        # A failed or partly rejected sync is retried as a full one, not
-        # sooner than this.
+        # A sync that failed for no Service in particular is retried as a
+        # full one, not sooner than this; Services are retried on their own
+        # (self.retries), first after this long too.
         self.retry_period = 5.0
         self.retry_at = 0.0
+        self.retries = Retries(self.retry_period)
+        self._refused: set[str] = set()  # Services refused as they are (retried when they change)
         self._collected_at = clock()  # the last full collection
         self._next_ifaces = 0.0
         self._next_resync: float | None = None
@@ -205,25 +252,35 @@ class Agent:
             if self.writer is not None and cfg != self._config_written:
                 self.writer.write_config(cfg)
                 self._config_written = cfg
-            t_write = self.writer.apply(cs) if self.writer is not None and len(cs) else 0.0
         except BPFError as e:
-            if self.metrics is not None:
-                self.metrics.sync_failures.inc()
-            log.error("writing the maps failed, re-reading them for a full sync: %s", e)
-            self._readopt()
-            self.retry_at = self.clock() + self.retry_period
+            self._failed(f"writing the node config failed: {e}")
             return None
+        t_write = 0.0
+        if self.writer is not None and len(cs):
+            try:
+                t_write = self.writer.apply(cs)
+            except BPFError as e:
+                t1 = time.perf_counter()
+                if not self._write_each(cs, e):
+                    return None
+                t_write = time.perf_counter() - t1
+        now = self.clock()
         self.dirty.clear()
         # Services waiting for a frontend this sync freed get it next.
         self.dirty |= cs.resync
-        # Rejected services are retried at the next full sync.
-        self.need_full = bool(cs.rejected)
-        self.retry_at = self.clock() + self.retry_period
+        self.need_full = False
+        self.retry_at = now + self.retry_period
+        for owner in sorted(cs.rejected):
+            self.retries.failed(owner, now, "rejected")
+        self.retries.succeeded(o for o in owners if o not in cs.rejected and o not in cs.failed)
+        self._refused = (self._refused - owners) | set(cs.refused)
         self.syncs += 1
         self.last_sync_ok = time.time()
         self._last_sync_at = self.clock()
         if self.metrics is not None:
-            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(cs.rejected) + len(cs.refused))
+            rejected = self.retries.owners("rejected") | self._refused
+            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(rejected))
+            self.metrics.failing(self.retries.owners("failed"))
             for owner in [o for o in self._no_local if o not in self.state.services]:
                 del self._no_local[owner]
             self.metrics.no_local.labels(traffic_policy="internal").set(sum(v[0] for v in self._no_local.values()))
@@ -251,7 +308,49 @@ class Agent:
             )
         return cs
 
-    def _readopt(self) -> None:
+    def _failed(self, why: str) -> None:
+        """A failure that belongs to no Service: re-read the maps and
+        retry everything with a full sync after retry_period."""
+        if self.metrics is not None:
+            self.metrics.sync_failures.inc()
+        log.error("%s; re-reading the maps for a full sync", why)
+        self._readopt()
+        self.retry_at = self.clock() + self.retry_period
+
+    def _write_each(self, cs: ChangeSet, batch_error: BPFError) -> bool:
+        """The batch write of cs failed: write it Service by Service, name
+        the Services that failed (log, metric) and retry them with backoff,
+        then make the mirror the kernel's contents again (the failed
+        Services' entries are what the kernel kept). False when something
+        that belongs to no Service failed too (then a full sync follows)."""
+        assert self.writer is not None
+        if self.metrics is not None:
+            self.metrics.sync_failures.inc()
+        log.warning("writing the maps in batches failed (%s); writing them Service by Service", batch_error)
+        try:
+            failed, rest_error = self.writer.apply_each(cs)
+        except BPFError as e:
+            failed, rest_error = {}, e
+        cs.failed = failed
+        now = self.clock()
+        for owner, why in sorted(failed.items()):
+            delay = self.retries.failed(owner, now, "failed")
+            log.error(
+                "%s Service: writing its map entries failed, it keeps what the maps hold and is retried in "
+                "%.0f s (the other Services are written): %s",
+                owner,
+                delay,
+                why,
+            )
+        if rest_error is not None:
+            self._failed(f"writing the maps failed outside any one Service: {rest_error}")
+            return False
+        self._readopt(full=False)
+        return True
+
+    def _readopt(self, full: bool = True) -> None:
+        """Rebuild the mirror from the kernel maps; with full, the next sync
+        plans every Service against them."""
         self._config_written = None  # rewritten by the next sync
         if self.writer is not None:
             try:
@@ -259,7 +358,9 @@ class Agent:
                 mc.adopt_into(self.programmed)
             except BPFError as e:
                 log.error("re-reading the maps failed: %s", e)
-        self.need_full = True
+                full = True
+        if full:
+            self.need_full = True
 
     def run(self) -> None:
         """Until stop(). Nothing is written before the source's first full
@@ -309,6 +410,7 @@ class Agent:
         self._drain_nowait()
         drain_end = self.programmed.next_drain_end()
         now = self.clock()
+        self.dirty |= self.retries.due(now)
         if self.dirty or (self.need_full and now >= self.retry_at) or (drain_end is not None and now >= drain_end):
             self.sync()
 

@@ -5,6 +5,11 @@ draining backends evicted to make room, backends, slots, frontends
 (counts), names; then frontend deletes, slot deletes, backend deletes, name
 deletes. A packet never sees a count that
 points at an unwritten slot, nor a slot that points at a deleted backend.
+
+When a batch fails (a map full behind our back, an entry the kernel
+refuses), Writer.apply_each writes the same change set again Service by
+Service, so one Service that cannot be written does not hold back the
+others (docs/semantics.md, "When a Service cannot be programmed").
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from operator import itemgetter
 from . import layout
 from .diff import ChangeSet, FKey
 from .layout import map_name as mn
+from .libbpf import BPFError
 from .maps import Map
 from .plan import Backend
 
@@ -207,17 +213,81 @@ class Writer:
         """Write cs, then drop the UDP flows of backends it removed; returns
         seconds spent in syscalls. Raises BPFError."""
         t0 = time.perf_counter()
+        self._write(cs)
+        self._purge(cs.removed)
+        return time.perf_counter() - t0
+
+    def _write(self, cs: ChangeSet) -> None:
         for mapname, op, keys, vals in encode(cs, self.codecs):
             m = self.maps[mapname]
             if op == "update":
                 m.update_batch(keys, vals)
             else:
                 m.delete_batch(keys)
-        if cs.removed and mn("sp_ct") in self.maps:
-            n = purge_udp_flows(self.maps[mn("sp_ct")], cs.removed)
+
+    def _purge(self, removed: list[tuple[FKey, Backend]]) -> None:
+        if removed and mn("sp_ct") in self.maps:
+            n = purge_udp_flows(self.maps[mn("sp_ct")], removed)
             if n:
                 log.debug("removed %d conntrack entries of UDP flows to removed backends", n)
-        return time.perf_counter() - t0
+
+    def apply_each(self, cs: ChangeSet) -> tuple[dict[str, str], BPFError | None]:
+        """Write cs again, Service by Service, after its batch write failed
+        part way (what it wrote is written again: every write is an
+        update, every delete tolerates a missing key). Each Service's
+        writes keep their phase order: the backends its slots name (a new
+        backend shared by two Services comes with both), its slots, source
+        ranges, frontends and names, then its deletes. A Service whose
+        write fails is left as the kernel has it and named in the result
+        (owner -> error); the others are written. Then the node-wide rest:
+        orphans of a restart; drains started and ended only when no
+        Service failed (a failed one may still name a backend the rest
+        would delete; re-adopted maps tell later). Returns the failed
+        Services and the error of the rest, if any."""
+        parts, rest = cs.split()
+        rows = {bid: (b, 0, 0.0) for bid, b in cs.be_upd}
+        rows.update({bid: (b, f, until) for bid, b, f, until in cs.be_mark})
+        failed: dict[str, str] = {}
+        rest_error: BPFError | None = None
+        evict = rest.be_evict + [b for _, part in parts for b in part.be_evict]
+        try:
+            # Draining backends no slot names: room for the new ones.
+            self._write(ChangeSet(be_evict=evict))
+        except BPFError as e:
+            rest_error = e
+        removed: list[tuple[FKey, Backend]] = []
+        for owner, part in parts:
+            named = {b for _, _, b in part.slot_upd if b in rows}
+            own = {bid for bid, _ in part.be_upd} | {m[0] for m in part.be_mark}
+            try:
+                self._write(
+                    ChangeSet(
+                        be_mark=[(bid, *rows[bid]) for bid in sorted(named | own)],
+                        slot_upd=part.slot_upd,
+                        src_upd=part.src_upd,
+                        svc_upd=part.svc_upd,
+                        name_upd=part.name_upd,
+                    )
+                )
+                self._write(
+                    ChangeSet(
+                        svc_del=part.svc_del, slot_del=part.slot_del, name_del=part.name_del, src_del=part.src_del
+                    )
+                )
+            except BPFError as e:
+                failed[owner] = e.strerror or str(e)
+                continue
+            removed.extend(part.removed)
+        if failed:
+            rest = ChangeSet(slot_del=rest.slot_del, name_del=rest.name_del, src_del=rest.src_del)
+        else:
+            rest.be_evict = []
+        try:
+            self._write(rest)
+            self._purge(removed + rest.removed)
+        except BPFError as e:
+            rest_error = rest_error or e
+        return failed, rest_error
 
 
 def cfg_codec() -> layout.Codec:

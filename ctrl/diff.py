@@ -49,6 +49,24 @@ class FrontendState:
     ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
 
 
+# The ChangeSet lists, each an ordered list of map writes or removed pairs.
+_LISTS = (
+    "be_evict",
+    "be_upd",
+    "be_mark",
+    "slot_upd",
+    "svc_upd",
+    "name_upd",
+    "src_upd",
+    "src_del",
+    "svc_del",
+    "slot_del",
+    "be_del",
+    "name_del",
+    "removed",
+)
+
+
 @dataclass
 class ChangeSet:
     """Map writes in the order that keeps every packet consistent:
@@ -88,6 +106,42 @@ class ChangeSet:
     conflicts: list[tuple[str, str, FKey]] = field(default_factory=list)
     # Owners waiting for a frontend this sync freed: plan them again.
     resync: set[str] = field(default_factory=set)
+    # Owners whose writes failed (set by the agent after a per-Service
+    # write, ctrl.apply.Writer.apply_each), and why.
+    failed: dict[str, str] = field(default_factory=dict)
+    # (owner, length of every list before its entries): each owner's
+    # entries are one run in each list, so split() can cut them out.
+    marks: list[tuple[str | None, tuple[int, ...]]] = field(default_factory=list, repr=False)
+
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(getattr(self, f)) for f in _LISTS)
+
+    def mark(self, owner: str | None) -> None:
+        """The entries from here on are owner's (None: the node's)."""
+        self.marks.append((owner, self.lengths()))
+
+    def split(self) -> tuple[list[tuple[str, ChangeSet]], ChangeSet]:
+        """This change set as one part per owner, in the order they were
+        synced, and the rest: what belongs to no Service (drains started
+        and ended, orphans of a restart removed). Writing the parts one
+        after another and then the rest writes the same entries; a part
+        holds its owner's writes in phase order, so one Service can be
+        written (or fail) alone."""
+        parts: list[tuple[str, ChangeSet]] = []
+        marks = self.marks
+        for (owner, start), (_, end) in zip(marks, marks[1:], strict=False):
+            if owner is None or start == end:
+                continue
+            part = ChangeSet(**{f: getattr(self, f)[a:b] for f, a, b in zip(_LISTS, start, end, strict=True)})
+            part.services = self.services & {owner}
+            parts.append((owner, part))
+        first = marks[0][1] if marks else self.lengths()
+        last = marks[-1][1] if marks else self.lengths()
+        rest = ChangeSet()
+        for f, a, b in zip(_LISTS, first, last, strict=True):
+            entries = getattr(self, f)
+            setattr(rest, f, entries[:a] + entries[b:])
+        return parts, rest
 
     def __len__(self) -> int:
         return (
@@ -186,6 +240,10 @@ class Programmed:
         # kernel (sp_backend.drain_end): a re-adoption reads it back.
         self.draining: dict[int, float] = {}
         self._clear_marks: list[int] = []  # adopted with the draining flag but in use
+        # Adopted backends no slot names and no drain holds: their drain
+        # starts at the next sync (a restart's first sync is a full one
+        # anyway; after a failed write the re-adopted maps can hold such).
+        self._adopted_unused: list[int] = []
         self.frontends: dict[FKey, FrontendState] = {}
         self.by_owner: dict[str, set[FKey]] = defaultdict(set)
         self.backend_ids: dict[Backend, int] = {}
@@ -258,6 +316,7 @@ class Programmed:
                 self._clear_marks.append(bid)
             else:
                 self.draining[bid] = until
+        self._adopted_unused = [b for b in self.backends if self.refs.get(b, 0) == 0 and b not in self.draining]
 
     # -- the diff ----------------------------------------------------------
     def owners(self) -> set[str]:
@@ -276,7 +335,8 @@ class Programmed:
             for owner in list(self.by_owner):
                 if owner not in prune_except and owner not in desired and self.by_owner[owner]:
                     desired = {**desired, owner: []}
-        self._unused = set()
+        self._unused = set(self._adopted_unused)
+        self._adopted_unused = []
         for bid in self._clear_marks:
             if bid in self.backends and bid not in self.draining:
                 cs.be_mark.append((bid, self.backends[bid], 0, 0.0))
@@ -285,7 +345,9 @@ class Programmed:
         # Frontends of no known owner (adopted without a name) go last: a
         # Service that claims one takes it over with its id first.
         for owner in sorted(desired, key=lambda o: (o == "", o)):
+            cs.mark(owner)
             self._sync_owner(owner, desired[owner], cs)
+        cs.mark(None)
         for key in self._freed:
             if key not in self.frontends:
                 cs.resync.update(self.waiting.get(key, ()))

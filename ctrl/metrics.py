@@ -91,11 +91,22 @@ class Metrics:
             registry=r,
         )
         self.sync_failures = Counter(
-            "sliceproxy_sync_failures", "Syncs whose map writes failed (a full reconcile follows)", registry=r
+            "sliceproxy_sync_failures",
+            "Syncs whose batched map writes failed (the change is then written Service by Service)",
+            registry=r,
         )
         self.rejected = Gauge(
-            "sliceproxy_services_rejected", "Services not programmed because a map is full", registry=r
+            "sliceproxy_services_rejected",
+            "Services not programmed because a map is full or a name does not fit",
+            registry=r,
         )
+        self.write_failing = Gauge(
+            "sliceproxy_service_write_failing",
+            "1 for each Service whose map writes failed and are retried with backoff",
+            ["service"],
+            registry=r,
+        )
+        self._failing: set[str] = set()
         self.no_local = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of service ports with a Local traffic policy and no local endpoints",
@@ -122,6 +133,15 @@ class Metrics:
         (self.full_sync_duration if full else self.partial_sync_duration).observe(seconds)
         self.last_sync.set(at)
         self.rejected.set(rejected)
+
+    def failing(self, services: set[str]) -> None:
+        """The Services whose writes fail now: a series each, gone when
+        they are written again."""
+        for s in self._failing - services:
+            self.write_failing.remove(s)
+        for s in services - self._failing:
+            self.write_failing.labels(service=s).set(1)
+        self._failing = set(services)
 
     def programmed(self, trigger_times: list[str], at: float) -> None:
         """Network programming latency of slices now in the maps, from the

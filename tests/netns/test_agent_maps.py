@@ -22,6 +22,7 @@ from ctrl.agent import Agent
 from ctrl.apply import Writer, read_contents
 from ctrl.diff import Programmed
 from ctrl.layout import map_name
+from ctrl.libbpf import BPFError
 from ctrl.objects import addr16, parse
 from ctrl.plan import Frontend
 from ctrl.sizes import MapSizes
@@ -293,3 +294,128 @@ def test_a_full_source_range_map_refuses_one_service_and_the_others_go_on(caplog
         assert sum(len(r) for r in read_contents(dp.maps).ranges.values()) == 2
     finally:
         dp.close()
+
+
+# -- one Service's failed write ---------------------------------------------------
+
+
+def mirror(p: Programmed) -> tuple[dict, dict]:
+    fronts = {k: (st.svc_id, st.owner, st.name, list(st.slots), st.flags, st.ranges) for k, st in p.frontends.items()}
+    return fronts, dict(p.backends)
+
+
+def assert_mirror_is_the_kernel(p: Programmed, maps) -> None:
+    fresh = Programmed()
+    read_contents(maps).adopt_into(fresh)
+    assert mirror(p) == mirror(fresh)
+
+
+def served(maps) -> dict[str, set[str]]:
+    """Owner -> backend addresses its frontends' slots name, from the kernel."""
+    mc = read_contents(maps)
+    out: dict[str, set[str]] = {}
+    for svc_id, count, _, _ in mc.svc.values():
+        owner = mc.names[svc_id].split(":", 1)[0]
+        for i in range(count):
+            addr = mc.backends[mc.slots[(svc_id, i)]][0]
+            out.setdefault(owner, set()).add(".".join(str(b) for b in addr[12:]))
+    return out
+
+
+def failing_metric(metrics) -> dict[str, float]:
+    return {
+        s.labels["service"]: s.value
+        for fam in metrics.registry.collect()
+        if fam.name == "sliceproxy_service_write_failing"
+        for s in fam.samples
+    }
+
+
+def test_a_write_the_kernel_refuses_fails_one_service_and_the_others_are_written(caplog) -> None:
+    """The backend map holds 5 entries, though the agent was told more (a
+    map made too small behind its back). A Service growing past it fails
+    alone: named in the log and a metric, left as the kernel has it, and
+    retried after 5 s, 10 s...; a Service changed and one added in the
+    same sync are written; the mirror matches the kernel; once room is
+    made, the retry succeeds."""
+    from ctrl.metrics import Metrics
+
+    dp = loader.load(pin_dir=None, sizes=MapSizes(backends=5))
+    try:
+        clock = Clock()
+        agent, src = make_agent(dp.maps, clock, metrics=Metrics())
+        src.put(
+            svc_event("a", "198.19.0.10"),
+            slice_event("a-1", "a", "198.18.1.11", "198.18.1.12"),
+            svc_event("b", "198.19.0.11"),
+            slice_event("b-1", "b", "198.18.1.13"),
+        )
+        agent.step(timeout=0)
+        assert served(dp.maps) == {"default/a": {"198.18.1.11", "198.18.1.12"}, "default/b": {"198.18.1.13"}}
+
+        clock.t += 1  # 1001
+        with caplog.at_level(logging.WARNING, logger="sliceproxy.agent"):
+            src.put(
+                slice_event("a-1", "a", "198.18.1.11", "198.18.1.12", "198.18.1.14", "198.18.1.15", "198.18.1.16"),
+                slice_event("b-1", "b", "198.18.1.13", "198.18.1.11"),
+                svc_event("c", "198.19.0.12"),
+                slice_event("c-1", "c", "198.18.1.12"),
+            )
+            agent.step(timeout=0)
+        assert served(dp.maps) == {
+            "default/a": {"198.18.1.11", "198.18.1.12"},  # as before
+            "default/b": {"198.18.1.13", "198.18.1.11"},
+            "default/c": {"198.18.1.12"},
+        }
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and errors[0].startswith("default/a Service: writing its map entries failed")
+        assert "retried in 5 s" in errors[0]
+        assert failing_metric(agent.metrics) == {"default/a": 1.0}
+        assert_mirror_is_the_kernel(agent.programmed, dp.maps)
+
+        # Retried after 5 s, not sooner; still no room: 10 s.
+        caplog.clear()
+        syncs = agent.syncs
+        clock.t = 1005.9
+        agent.step(timeout=0)
+        assert agent.syncs == syncs
+        clock.t = 1006.0
+        with caplog.at_level(logging.ERROR, logger="sliceproxy.agent"):
+            agent.step(timeout=0)
+        assert agent.syncs == syncs + 1
+        assert ["retried in 10 s" in r.getMessage() for r in caplog.records] == [True]
+
+        # b goes, and its backend with it: room for a at its next retry.
+        src.put(delete_event("Service", "b"))
+        agent.step(timeout=0)
+        assert "default/b" not in served(dp.maps) and failing_metric(agent.metrics) == {"default/a": 1.0}
+        clock.t = 1016.0
+        agent.step(timeout=0)
+        assert served(dp.maps) == {
+            "default/a": {"198.18.1.11", "198.18.1.12", "198.18.1.14", "198.18.1.15", "198.18.1.16"},
+            "default/c": {"198.18.1.12"},
+        }
+        assert failing_metric(agent.metrics) == {}
+        assert_mirror_is_the_kernel(agent.programmed, dp.maps)
+    finally:
+        dp.close()
+
+
+def test_a_key_the_kernel_refuses_fails_its_service_only(private_maps) -> None:
+    """A source range the LPM trie refuses (a prefix longer than its key):
+    that Service's frontend, which would point at it, is not written; the
+    other Service's write goes through."""
+    vip, vip2 = addr16("198.19.0.10"), addr16("198.19.0.11")
+    be1 = (addr16("198.18.1.11"), 8080, 6)
+    bad = Frontend(vip, 80, 6, 1, "default/bad:http/TCP", (be1,), flags=2, source_ranges=((addr16("198.18.0.0"), 200),))
+    good = Frontend(vip2, 80, 6, 0, "default/good:http/TCP", (be1,))
+    p = Programmed()
+    cs = p.sync({"default/bad": [bad], "default/good": [good]})
+    w = Writer(private_maps)
+    with pytest.raises(BPFError):
+        w.apply(cs)
+    failed, rest_error = w.apply_each(cs)
+    assert set(failed) == {"default/bad"} and rest_error is None
+    mc = read_contents(private_maps)
+    assert [k[0] for k in mc.svc] == [vip2] and list(mc.backends.values()) == [be1]
+    assert mc.ranges == {}

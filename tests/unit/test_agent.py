@@ -107,3 +107,62 @@ def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def test_retries_double_up_to_the_cap_and_a_success_forgets():
+    from ctrl.agent import Retries
+
+    r = Retries(first=5.0, most=60.0)
+    delays = [r.failed("default/a", 0.0, "failed") for _ in range(6)]
+    assert delays == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    r.failed("default/b", 0.0, "rejected")
+    assert r.due(4.9) == set() and r.due(5.0) == {"default/b"} and r.due(60.0) == {"default/a", "default/b"}
+    assert r.owners("failed") == {"default/a"} and r.owners("rejected") == {"default/b"}
+    r.succeeded(["default/a"])
+    assert "default/a" not in r and r.failed("default/a", 100.0, "failed") == 5.0
+
+
+def test_a_service_that_does_not_fit_is_retried_alone_with_backoff_while_others_sync():
+    from ctrl.sizes import MapSizes
+
+    clock = Clock()
+    src = QueueSource()
+    agent = Agent(src, ClusterState(), Programmed(MapSizes(services=8, backends=2, slots=8)), writer=None,
+                  min_sync_period=0.0, resync_period=0.0, clock=clock)  # fmt: skip
+    big = parse(endpoint_slice("web-a", endpoints=eps("198.18.1.1", "198.18.1.2", "198.18.1.3")))
+    src.events.put([Event("upsert", "Service", "default/web", parse(service())),
+                    Event("upsert", "EndpointSlice", "default/web-a", big)])  # fmt: skip
+    agent.step(timeout=0)
+    assert agent.syncs == 1 and not agent.programmed.owners()
+    planned = []
+    real_plan = agent.plan
+    agent.plan = lambda owners: planned.append(set(owners)) or real_plan(owners)
+    # Another Service goes on meanwhile (a partial sync: web is not in it).
+    src.events.put([Event("upsert", "Service", "default/other", parse(service("other", ip="198.19.0.11")))])
+    agent.step(timeout=0)
+    assert planned == [{"default/other"}] and not agent.need_full
+    clock.t = 1004.9
+    agent.step(timeout=0)
+    assert len(planned) == 1
+    clock.t = 1005.0
+    agent.step(timeout=0)
+    assert planned[-1] == {"default/web"}  # retried alone, still too big: next in 10 s
+    clock.t = 1014.9
+    agent.step(timeout=0)
+    assert len(planned) == 2
+    small = parse(endpoint_slice("web-a", endpoints=eps("198.18.1.1")))
+    clock.t = 1015.0
+    src.events.put([Event("upsert", "EndpointSlice", "default/web-a", small)])
+    agent.step(timeout=0)
+    assert "default/web" in agent.programmed.owners()
+    clock.t = 2000.0
+    agent.step(timeout=0)
+    assert len(planned) == 3  # nothing left to retry

@@ -3,7 +3,7 @@ import socket
 import pytest
 
 from ctrl.apply import Codecs, encode
-from ctrl.diff import Programmed, assign_slots
+from ctrl.diff import ChangeSet, Programmed, assign_slots
 from ctrl.layout import map_name
 from ctrl.objects import addr16
 from ctrl.plan import Frontend
@@ -461,3 +461,46 @@ def test_a_frontend_of_no_known_owner_is_taken_over_with_its_id_at_the_full_sync
     st = q.frontends[(VIP, 80, TCP, 0)]
     assert (st.owner, st.svc_id) == ("default/web", 7)
     assert cs.svc_del == [] and cs.name_upd == [(7, "default/web:http/TCP")]
+
+
+def _entries(cs):
+    from ctrl.diff import _LISTS
+
+    return {f: sorted(map(repr, getattr(cs, f))) for f in _LISTS}
+
+
+def test_split_cuts_a_change_set_into_services_and_the_node_rest():
+    p = Programmed(drain_period=10.0)
+    p.sync({**web(1, 2), **shop(3)}, now=0.0)
+    cs = p.sync(
+        {
+            "default/web": [front(1, 4)],  # 2 drains (the node's part), 4 is new
+            "default/shop": [front(3, 4, name="default/shop:http/TCP", vip=addr16("198.19.0.11"))],
+            "default/new": [front(5, port=81, name="default/new:http/TCP")],
+        },
+        now=1.0,
+    )
+    parts, rest = cs.split()
+    assert [o for o, _ in parts] == ["default/new", "default/shop", "default/web"]
+    by = dict(parts)
+    four = p.backend_ids[be(4)]
+    # 4 is allocated by the first Service that names it (shop, sorted
+    # first); web's slots name it too.
+    assert [b for b, _ in by["default/shop"].be_upd] == [four] and by["default/web"].be_upd == []
+    assert four in {b for _, _, b in by["default/web"].slot_upd}
+    assert [k[1] for k, _ in by["default/new"].svc_upd] == [81]
+    assert rest.be_mark == [(p.backend_ids[be(2)], be(2), 1, 11.0)] and rest.svc_upd == []
+    # Every entry is in exactly one piece.
+    merged = ChangeSet()
+    for piece in [*by.values(), rest]:
+        for f, v in vars(piece).items():
+            if isinstance(v, list) and f != "marks":
+                getattr(merged, f).extend(v)
+    assert _entries(merged) == _entries(cs)
+    assert by["default/web"].services == {"default/web"}
+
+
+def test_split_of_a_change_set_made_by_hand_is_all_rest():
+    cs = ChangeSet(be_del=[1, 2])
+    parts, rest = cs.split()
+    assert parts == [] and rest.be_del == [1, 2]
