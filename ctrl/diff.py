@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from itertools import filterfalse, repeat
+from operator import attrgetter
 
 from . import layout
 from .plan import Backend, Frontend, SourceRange
@@ -65,6 +66,9 @@ _LISTS = (
     "name_del",
     "removed",
 )
+
+
+_lists_of = attrgetter(*_LISTS)
 
 
 @dataclass
@@ -114,7 +118,7 @@ class ChangeSet:
     marks: list[tuple[str | None, tuple[int, ...]]] = field(default_factory=list, repr=False)
 
     def lengths(self) -> tuple[int, ...]:
-        return tuple(len(getattr(self, f)) for f in _LISTS)
+        return tuple(map(len, _lists_of(self)))  # in C: a mark per owner of a full sync
 
     def mark(self, owner: str | None) -> None:
         """The entries from here on are owner's (None: the node's)."""
@@ -477,6 +481,8 @@ class Programmed:
         name would lose its owner at the next adoption (restart, reconcile),
         or worse name another: refuse instead."""
         for f in fronts:
+            if len(f.name) * 4 <= self.name_max:
+                continue  # fits whatever its characters (UTF-8: 4 bytes at most)
             n = len(f.name.encode())
             if n > self.name_max:
                 return (
