@@ -25,7 +25,8 @@ from itertools import filterfalse, repeat
 from operator import attrgetter
 
 from . import layout
-from .plan import Backend, Frontend, SourceRange
+from .objects import addr_str, is_v4
+from .plan import PROTO_NAMES, SCOPE_EXTERNAL, Backend, Frontend, SourceRange
 from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy.diff")
@@ -217,9 +218,6 @@ def name_capacity() -> int:
 
 def frontend_str(key: FKey) -> str:
     """198.19.0.10:80/TCP (external) for people."""
-    from .objects import addr_str, is_v4
-    from .plan import PROTO_NAMES, SCOPE_EXTERNAL
-
     addr, port, proto, scope = key
     host = addr_str(addr) if is_v4(addr) else f"[{addr_str(addr)}]"
     where = " (external)" if scope == SCOPE_EXTERNAL else ""
@@ -496,7 +494,7 @@ class Programmed:
         another Service holds. In a cluster the API server refuses a
         second Service on a ClusterIP, but externalIPs, LoadBalancer IPs
         and a directory of YAML can claim one twice; kube-proxy's rules
-        then let one of them win at random. Here the holder keeps it, the
+        then let either win, by rule order. Here the holder keeps it, the
         claimant is reported once (and when the holder changes) and gets
         it when the holder lets go (cs.resync)."""
         held: dict[FKey, str] = {}
