@@ -367,25 +367,20 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     c = Codecs.get()
     svc = {c.svc_key.unpack(k): c.svc_val.unpack(v) for k, v in maps[mn("sp_svc")].items()}
     slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps[mn("sp_slot")].items()}
-    backends = {}
-    draining = {}
+    rows = [(c.u32.unpack(k)[0], c.backend.unpack(v)) for k, v in maps[mn("sp_be")].items()]
+    backends = {bid: r[:3] for bid, r in rows}
     flag = layout.const("SP_BE_F_DRAINING")
-    for k, v in maps[mn("sp_be")].items():
-        bid = c.u32.unpack(k)[0]
-        addr, port, proto, flags, drain_end = c.backend.unpack(v)
-        backends[bid] = (addr, port, proto)
-        if flags & flag and drain_end:
-            draining[bid] = drain_end / 1e9
+    draining = {bid: r[4] / 1e9 for bid, r in rows if r[3] & flag and r[4]}
     names = {}
     if mn("sp_names") in maps:
         for k, v in maps[mn("sp_names")].items():
-            raw = c.name.unpack(v)[0]
+            svc_id, raw = c.u32.unpack(k)[0], c.name.unpack(v)[0]
             if b"\0" not in raw:
                 # Not written by a control plane of this layout (ours never
                 # cuts a name): its owner would be a guess, so none.
-                log.warning("map %s: the name of id %d has no end; its owner is unknown", mn("sp_names"), k[0])
+                log.warning("map %s: the name of id %d has no end; its owner is unknown", mn("sp_names"), svc_id)
                 continue
-            names[c.u32.unpack(k)[0]] = raw.split(b"\0", 1)[0].decode(errors="replace")
+            names[svc_id] = raw.split(b"\0", 1)[0].decode(errors="replace")
     ranges: dict[int, set[tuple[bytes, int]]] = {}
     if mn("sp_src") in maps:
         for k, _ in maps[mn("sp_src")].items():

@@ -236,7 +236,7 @@ def test_a_name_too_long_for_the_names_map_is_refused_and_cannot_corrupt_adoptio
         dp.close()
 
 
-def test_a_name_without_its_end_gives_no_owner(private_maps) -> None:
+def test_a_name_without_its_end_gives_no_owner(private_maps, caplog) -> None:
     """A names entry that fills its array (not written by this control
     plane, which never cuts a name) is not parsed for an owner."""
     p = Programmed()
@@ -247,8 +247,12 @@ def test_a_name_without_its_end_gives_no_owner(private_maps) -> None:
     full = ("default/web:" + "x" * 200).encode()[: private_maps[map_name("sp_names")].value_size]
     private_maps[map_name("sp_names")].update(svc_id.to_bytes(4, "little"), full)
     q = Programmed()
-    read_contents(private_maps).adopt_into(q)
+    with caplog.at_level(logging.WARNING, logger="sliceproxy.apply"):
+        read_contents(private_maps).adopt_into(q)
     assert [st.owner for st in q.frontends.values()] == [""]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"map {map_name('sp_names')}: the name of id {svc_id} has no end; its owner is unknown"
+    ]
 
 
 # -- capacity ------------------------------------------------------------------
