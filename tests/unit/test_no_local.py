@@ -184,7 +184,10 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
 
     # The last local endpoints leave: the gauge follows, still without a merge.
     def elsewhere(j: int):
-        eps = [{"addresses": [f"198.18.{j}.{i + 1}"], "conditions": {"ready": True}, "nodeName": "node-b"} for i in range(100)]
+        eps = [
+            {"addresses": [f"198.18.{j}.{i + 1}"], "conditions": {"ready": True}, "nodeName": "node-b"}
+            for i in range(100)
+        ]
         return parse(endpoint_slice(f"web-{j:02d}", endpoints=eps))
 
     agent.take([Event("upsert", "EndpointSlice", f"default/web-{j:02d}", elsewhere(j)) for j in range(50)])
