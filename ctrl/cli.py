@@ -371,11 +371,13 @@ def cmd_run(args) -> int:
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
     dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes)
+    # An upgrade across a layout change, or maps resized by the flags: carry
+    # the old maps' entries (ids, conntrack) into the new ones before the
+    # new programs attach.
+    carry = migrate.Carry(args.pin_dir, dp.maps)
     if migrate.old_pins(args.pin_dir, dp.maps):
-        # An upgrade across a layout change: carry the old maps' entries
-        # (ids, conntrack) into the new ones before the new programs attach.
-        n = migrate.migrate(args.pin_dir, dp.maps)
-        log.info("carried %d entries over from maps of another layout version", n)
+        n = carry.copy()
+        log.info("carried %d entries over from maps of another layout version or size", n)
     writer = Writer(dp.maps)
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
     ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
@@ -386,7 +388,7 @@ def cmd_run(args) -> int:
         ext_attacher.refresh()
     # The new programs are in place (or none was asked for): the old maps
     # have served their last packet through us.
-    migrate.remove_old_pins(args.pin_dir, dp.maps)
+    carry.finish()
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
     source.start()

@@ -3,7 +3,8 @@
 Maps are pinned by name under one bpffs directory per instance. When a map
 is already pinned there (a restart), libbpf reuses it instead of creating an
 empty one, so the backends, slots and conntrack of the running dataplane
-survive the agent. The program itself is attached by ctrl.attach; a tc
+survive the agent. One pinned with another capacity than asked for is set
+aside and carried into a new one (ctrl.migrate). The program itself is attached by ctrl.attach; a tc
 filter holds a reference to it, so it too outlives the agent.
 """
 
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layout
+from . import layout, migrate
 from .layout import map_name as mn
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
@@ -119,6 +120,7 @@ def load(
             os.makedirs(pin_dir, exist_ok=True)
         except PermissionError as e:
             raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    resized: list[migrate.Resize] = []
     obj = lb.bpf_object__open_file(obj_path.encode(), ffi.NULL)
     if obj == ffi.NULL:
         err = ffi.errno
@@ -140,14 +142,21 @@ def load(
                 if pin_dir is not None:
                     lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
             m = lb.bpf_object__next_map(obj, m)
+        if pin_dir is not None:
+            # A pinned map of another capacity cannot be reused (libbpf
+            # refuses it): set it aside for ctrl.migrate to carry over.
+            wanted = {name: int(lb.bpf_map__max_entries(bm)) for name, bm in bpf_maps.items()}
+            resized = migrate.set_aside(pin_dir, wanted)
         ret = lb.bpf_object__load(obj)
         if ret < 0:
+            if resized and pin_dir is not None:
+                migrate.put_back(pin_dir, resized)
             err = -ret if ret != -1 else ffi.errno
             hint = explain(err) + " (--log-level debug shows libbpf's and the verifier's detail)"
             if err == errno.EINVAL and pin_dir is not None:
                 hint += (
-                    f"; or a map pinned in {pin_dir} has another size or layout than this build "
-                    f"asks for (remove it with `sliceproxy uninstall`-style cleanup: rm -r {pin_dir})"
+                    f"; or a map pinned in {pin_dir} has another layout than this build with the same "
+                    f"version (a build from another tree: `sliceproxy uninstall --pin-dir {pin_dir}` removes it)"
                 )
             raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
         fds = {}
