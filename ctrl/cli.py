@@ -370,7 +370,20 @@ def cmd_run(args) -> int:
     ext_patterns = _patterns(args.external_interfaces)
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
-    dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes)
+    # Before anything is written: one agent per pin directory.
+    try:
+        lock = loader.lock_pin_dir(args.pin_dir)
+    except loader.PinDirBusy as e:
+        raise loader.PinDirBusy(
+            e.errno,
+            f"{e.strerror}: two agents on one pin directory undo each other's writes; stop that one "
+            f"first, or give this one its own --pin-dir. Nothing was changed",
+        ) from None
+    try:
+        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes)
+    except BaseException:
+        lock.discard()
+        raise
     # An upgrade across a layout change, or maps resized by the flags: carry
     # the old maps' entries (ids, conntrack) into the new ones before the
     # new programs attach.
@@ -414,7 +427,8 @@ def cmd_run(args) -> int:
     source.stop()
     dp.close()
     if args.cleanup_on_exit:
-        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir)
+        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir, lock)
+    lock.release()
     return 0
 
 
@@ -501,20 +515,34 @@ def cmd_uninstall(args) -> int:
     return 0
 
 
-def uninstall(patterns: list[str], pin_dir: str) -> None:
-    """Detach our filter from matching interfaces and remove the pins."""
-    from . import attach
+def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
+    """Detach our filter from matching interfaces and remove the pins.
+    Refused while an agent holds the pin directory (it would rewrite what
+    was removed), unless `lock` is that agent's own (--cleanup-on-exit)."""
+    from . import attach, loader
 
-    n = 0
-    for ifname in attach.match_interfaces(patterns):
-        if attach.detach(ifname):
-            log.info("detached from %s", ifname)
-            n += 1
-    if os.path.isdir(pin_dir):
-        # Unlinking a pin drops the map once no program uses it.
-        shutil.rmtree(pin_dir)
-        log.info("removed pins in %s", pin_dir)
-    log.info("uninstalled: detached from %d interfaces", n)
+    own = None
+    if lock is None and os.path.isdir(pin_dir):
+        try:
+            own = loader.lock_pin_dir(pin_dir, create=False)
+        except loader.PinDirBusy as e:
+            raise loader.PinDirBusy(
+                e.errno, f"{e.strerror}: stop that agent first. Nothing was detached or removed"
+            ) from None
+    try:
+        n = 0
+        for ifname in attach.match_interfaces(patterns):
+            if attach.detach(ifname):
+                log.info("detached from %s", ifname)
+                n += 1
+        if os.path.isdir(pin_dir):
+            # Unlinking a pin drops the map once no program uses it.
+            shutil.rmtree(pin_dir)
+            log.info("removed pins in %s", pin_dir)
+        log.info("uninstalled: detached from %d interfaces", n)
+    finally:
+        if own is not None:
+            own.release()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,96 @@ def is_bpffs(path: str) -> bool:
     return best[1] == "bpf"
 
 
+def _make_pin_dir(pin_dir: str) -> bool:
+    """Create the pin directory on a bpffs; True if it was made now."""
+    parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
+    if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
+        raise BPFError(
+            errno.ENOTSUP,
+            f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
+            f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
+        )
+    created = not os.path.exists(pin_dir)
+    try:
+        os.makedirs(pin_dir, exist_ok=True)
+    except PermissionError as e:
+        raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    return created
+
+
+class PinDirBusy(BPFError):
+    """Another process holds the pin directory's lock."""
+
+
+@dataclass
+class PinLock:
+    """An exclusive lock on one pin directory, held until release() or
+    the end of the process (the kernel drops it then, SIGKILL included)."""
+
+    pin_dir: str
+    fd: int
+    created: bool  # the directory was made by lock_pin_dir
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Release, and remove the directory if we made it and it is empty."""
+        self.release()
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pin_dir)
+
+
+def lock_pin_dir(pin_dir: str, create: bool = True) -> PinLock:
+    """Take the pin directory for this process alone, or raise PinDirBusy
+    naming the process that holds it. Two agents on one directory undo each
+    other's writes (each prunes what the other programmed). bpffs holds
+    only pins and directories, so the lock is a flock on the directory
+    itself: every process that sees this bpffs sees it, in any container
+    or mount namespace, and a dead holder never leaves it behind. `sliceproxy
+    dump` takes no lock: it only reads."""
+    created = _make_pin_dir(pin_dir) if create else False
+    fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(fd)
+        os.close(fd)
+        raise PinDirBusy(errno.EBUSY, f"pin directory {pin_dir} is in use by {holder}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return PinLock(pin_dir, fd, created)
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the flock on fd's file: "pid N (its command line)", from
+    /proc/locks (pid 0 there: a process of another PID namespace)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pid = None
+    with contextlib.suppress(OSError), open("/proc/locks") as f:
+        for line in f:
+            # "1: FLOCK  ADVISORY  WRITE 4242 00:28:25027 0 EOF"; waiters carry "->".
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                pid = int(parts[4])
+                break
+    if not pid:
+        return "a process this one cannot see (another PID namespace: a container)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    if len(cmd) > 200:
+        cmd = cmd[:197] + "..."
+    return f"pid {pid} ({cmd})" if cmd else f"pid {pid}"
+
+
 def load(
     obj_path: str | os.PathLike | None = None,
     pin_dir: str | None = DEFAULT_PIN_DIR,
@@ -106,20 +197,7 @@ def load(
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
     sizes = sizes or MapSizes()
     lb = lib()
-    created = False
-    if pin_dir is not None:
-        parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
-        if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
-            raise BPFError(
-                errno.ENOTSUP,
-                f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
-                f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
-            )
-        created = not os.path.exists(pin_dir)
-        try:
-            os.makedirs(pin_dir, exist_ok=True)
-        except PermissionError as e:
-            raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    created = _make_pin_dir(pin_dir) if pin_dir is not None else False
     resized: list[migrate.Resize] = []
     obj = lb.bpf_object__open_file(obj_path.encode(), ffi.NULL)
     if obj == ffi.NULL:
