@@ -184,3 +184,48 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
     assert not [n for n in caps if n.endswith("_old")], caps
     assert caps["sp_ct_v2"] == (8192 if then == "same-size" else 16384)
     assert_spread(http(topo), THREE)
+
+
+def test_flows_written_to_the_old_map_during_the_switch_are_carried_too(agents: Agents) -> None:
+    """Between the copy and the attach of the new programs, the old ones
+    keep writing flows into the old conntrack map: the second pass after
+    the attach carries those, without overwriting what the new programs
+    wrote meanwhile (their entry of a flow is newer)."""
+    from ctrl.apply import ct_codecs
+    from ctrl.layout import map_name
+    from ctrl.migrate import Carry
+
+    key, val = ct_codecs()
+    pin = str(agents.pin_dir)
+
+    def k(i: int) -> bytes:
+        return key.pack(b"\0" * 10 + b"\xff\xff" + bytes([198, 18, 1, i]), b"\0" * 16, 40000 + i, 80, 6, 0)
+
+    def v(backend: int) -> bytes:
+        return val.pack(b"\0" * 16, 8080, backend, 1, 1000 + backend, b"\0" * 16, 0, 0)
+
+    ct = map_name("sp_ct")
+    dp = loader.load(None, pin, _sizes(SMALL))
+    dp.maps[ct].update(k(1), v(1))
+    dp.maps[ct].update(k(2), v(2))
+    dp.close()
+    dp = loader.load(None, pin, _sizes(BIG))  # sp_ct_v2 set aside, a new one made
+    try:
+        carry = Carry(pin, dp.maps)
+        assert carry.copy() >= 2
+        new = dp.maps[ct]
+        assert new.lookup(k(1)) == v(1) and new.lookup(k(2)) == v(2)
+        old = Map.open_pinned(str(agents.pin_dir / f"{ct}_old"))
+        try:
+            old.update(k(3), v(3))  # a flow the old programs took on after the copy
+            old.update(k(2), v(20))  # and one they refreshed...
+        finally:
+            old.close()
+        new.update(k(2), v(21))  # ...which the new programs have seen since: theirs stands
+        carry.finish()
+        assert new.lookup(k(3)) == v(3)
+        assert new.lookup(k(2)) == v(21)
+        assert new.lookup(k(1)) == v(1)
+        assert not (agents.pin_dir / f"{ct}_old").exists()
+    finally:
+        dp.close()
