@@ -10,6 +10,8 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import __version__
 from .layout import map_name as mn
@@ -243,25 +245,125 @@ def map_sizes(args) -> MapSizes:
     }
     for flag, v in flags.items():
         if v < 1:
-            raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of map entries (1 or more)")
+            raise SystemExit(f"sliceproxy run: {flag}: {v} is not a map capacity (1 or more)")
     return MapSizes(*flags.values())
 
 
-def cmd_run(args) -> int:
-    from .agent import Agent
-    from .diff import Programmed
-    from .state import ClusterState
+@dataclass(frozen=True)
+class RunOptions:
+    """The flags of `sliceproxy run` that build its agent, checked."""
 
+    node_name: str
+    sizes: MapSizes
+    nodeport_cidrs: tuple[str, ...]
+    snat_ports: tuple[int, int]
+    snat_reclaim: int
+    snat_reclaim_closed: int
+    drain_period: float
+    min_sync_period: float
+    sync_period: float
+    metrics_bind_address: str
+    healthz_bind_address: str
+    healthz_stale_after: float
+    dry_run: bool
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """Check the flags before anything touches the kernel; a bad one exits
+    naming it."""
     snat_ports = _snat_ports(args.snat_port_range)
     for flag, v in (("--snat-reclaim", args.snat_reclaim), ("--snat-reclaim-closed", args.snat_reclaim_closed)):
         if not 0 <= v <= 0xFFFFFFFF:
             raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
-    nodeport_cidrs = _cidrs(args.nodeport_addresses)
-
     sizes = map_sizes(args)
+    return RunOptions(
+        node_name=args.node_name,
+        sizes=sizes,
+        nodeport_cidrs=_cidrs(args.nodeport_addresses),
+        snat_ports=snat_ports,
+        snat_reclaim=args.snat_reclaim,
+        snat_reclaim_closed=args.snat_reclaim_closed,
+        drain_period=args.drain_period,
+        min_sync_period=args.min_sync_period,
+        sync_period=args.sync_period,
+        metrics_bind_address=args.metrics_bind_address,
+        healthz_bind_address=args.healthz_bind_address,
+        healthz_stale_after=args.healthz_stale_after,
+        dry_run=args.dry_run,
+    )
+
+
+def build_agent(
+    opts: RunOptions,
+    source,
+    writer=None,
+    maps: dict | None = None,
+    refresh_interfaces: Callable[[], object] | None = None,
+):
+    """The agent `sliceproxy run` runs, and what runs around it: what is
+    pinned adopted (with a writer), /metrics and /healthz served (their
+    addresses empty: off), health check node ports. A dry run gets no
+    servers and no drain period. scripts/bench/ours.py builds its agent
+    here too, so the bench measures what production runs."""
+    from .agent import Agent
+    from .apply import read_contents
+    from .diff import Programmed
+    from .state import ClusterState
+
+    programmed = Programmed(opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period)
+    if writer is not None:
+        mc = read_contents(writer.maps)
+        mc.adopt_into(programmed)
+        if mc.svc:
+            log.info(
+                "adopted %d frontends and %d backends pinned; pruning waits for the first full sync",
+                len(mc.svc),
+                len(mc.backends),
+            )
+    metrics = None
+    if opts.metrics_bind_address and not opts.dry_run:
+        from . import metrics as metrics_mod
+
+        metrics = metrics_mod.Metrics()
+        try:
+            metrics_mod.serve(metrics, opts.metrics_bind_address, maps)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /metrics on {opts.metrics_bind_address}: {e}") from None
+    agent = Agent(
+        source,
+        ClusterState(opts.node_name),
+        programmed,
+        writer,
+        refresh_interfaces=refresh_interfaces,
+        min_sync_period=opts.min_sync_period,
+        resync_period=opts.sync_period,
+        metrics=metrics,
+        nodeport_cidrs=opts.nodeport_cidrs,
+        snat_ports=opts.snat_ports,
+        snat_reclaim=opts.snat_reclaim,
+        snat_reclaim_closed=opts.snat_reclaim_closed,
+    )
+    if opts.dry_run:
+        return agent
+
+    from .health import Health
+    from .healthcheck import HealthCheckServers
+
+    health = Health(agent, opts.healthz_stale_after, metrics)
+    agent.health_checks = HealthCheckServers(opts.node_name, lambda: health.status(count=False)[0] == 200)
+    if opts.healthz_bind_address:
+        from .health import serve
+
+        try:
+            serve(health, opts.healthz_bind_address)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /healthz on {opts.healthz_bind_address}: {e}") from None
+    return agent
+
+
+def cmd_run(args) -> int:
+    opts = run_options(args)
     source = make_source(args)
-    state = ClusterState(args.node_name)
-    programmed = Programmed(sizes, drain_period=0.0 if args.dry_run else args.drain_period)
 
     if args.dry_run:
         source.start()
@@ -269,95 +371,55 @@ def cmd_run(args) -> int:
             print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
             return 1
         source.stop()
-        agent = Agent(
-            source,
-            state,
-            programmed,
-            writer=None,
-            nodeport_cidrs=nodeport_cidrs,
-            snat_ports=snat_ports,
-            snat_reclaim=args.snat_reclaim,
-            snat_reclaim_closed=args.snat_reclaim_closed,
-        )
+        agent = build_agent(opts, source)
         agent._drain_nowait()
         cs = agent.sync()
         assert cs is not None
         print(render_changes(cs, args.output, agent.node_config()))
         return 0
 
-    from . import attach, loader
-    from .apply import Writer, read_contents
+    from . import attach, loader, migrate
+    from .apply import Writer
 
     patterns = _patterns(args.interfaces)
     ext_patterns = _patterns(args.external_interfaces)
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
-    dp = loader.load(args.bpf_object, args.pin_dir, sizes)
-    from . import migrate
-
+    # Before anything is written: one agent per pin directory.
+    try:
+        lock = loader.lock_pin_dir(args.pin_dir)
+    except loader.PinDirBusy as e:
+        raise loader.PinDirBusy(
+            e.errno,
+            f"{e.strerror}: two agents on one pin directory undo each other's writes; stop that one "
+            f"first, or give this one its own --pin-dir. Nothing was changed",
+        ) from None
+    try:
+        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes)
+    except BaseException:
+        lock.discard()
+        raise
+    # An upgrade across a layout change, or maps resized by the flags: carry
+    # the old maps' entries (ids, conntrack) into the new ones before the
+    # new programs attach.
+    carry = migrate.Carry(args.pin_dir, dp.maps)
     if migrate.old_pins(args.pin_dir, dp.maps):
-        # An upgrade across a layout change: carry the old maps' entries
-        # (ids, conntrack) into the new ones before the new programs attach.
-        n = migrate.migrate(args.pin_dir, dp.maps)
-        log.info("carried %d entries over from maps of another layout version", n)
+        n = carry.copy()
+        log.info("carried %d entries over from maps of another layout version or size", n)
     writer = Writer(dp.maps)
-    mc = read_contents(dp.maps)
-    mc.adopt_into(programmed)
-    if mc.svc:
-        log.info(
-            "adopted %d frontends and %d backends pinned in %s; pruning waits for the first full sync",
-            len(mc.svc),
-            len(mc.backends),
-            args.pin_dir,
-        )
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
+    ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
+    agent = build_agent(opts, source, writer, dp.maps, _refresher(attacher, ext_attacher))
     if attacher is not None:
         attacher.refresh()
-    ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
     if ext_attacher is not None:
         ext_attacher.refresh()
     # The new programs are in place (or none was asked for): the old maps
     # have served their last packet through us.
-    migrate.remove_old_pins(args.pin_dir, dp.maps)
+    carry.finish()
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
-    metrics = None
-    if args.metrics_bind_address:
-        from . import metrics as metrics_mod
-
-        metrics = metrics_mod.Metrics()
-        try:
-            metrics_mod.serve(metrics, args.metrics_bind_address, dp.maps)
-        except OSError as e:
-            raise SystemExit(f"sliceproxy run: cannot serve /metrics on {args.metrics_bind_address}: {e}") from None
     source.start()
-    agent = Agent(
-        source,
-        state,
-        programmed,
-        writer,
-        refresh_interfaces=_refresher(attacher, ext_attacher),
-        min_sync_period=args.min_sync_period,
-        resync_period=args.sync_period,
-        metrics=metrics,
-        nodeport_cidrs=nodeport_cidrs,
-        snat_ports=snat_ports,
-        snat_reclaim=args.snat_reclaim,
-        snat_reclaim_closed=args.snat_reclaim_closed,
-    )
-
-    from .health import Health
-    from .healthcheck import HealthCheckServers
-
-    health = Health(agent, args.healthz_stale_after, metrics)
-    agent.health_checks = HealthCheckServers(args.node_name, lambda: health.status(count=False)[0] == 200)
-    if args.healthz_bind_address:
-        from .health import serve
-
-        try:
-            serve(health, args.healthz_bind_address)
-        except OSError as e:
-            raise SystemExit(f"sliceproxy run: cannot serve /healthz on {args.healthz_bind_address}: {e}") from None
 
     def on_signal(signum, frame):
         log.info("signal %s: stopping; programs stay attached and maps pinned", signal.Signals(signum).name)
@@ -380,7 +442,8 @@ def cmd_run(args) -> int:
     source.stop()
     dp.close()
     if args.cleanup_on_exit:
-        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir)
+        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir, lock)
+    lock.release()
     return 0
 
 
@@ -467,20 +530,34 @@ def cmd_uninstall(args) -> int:
     return 0
 
 
-def uninstall(patterns: list[str], pin_dir: str) -> None:
-    """Detach our filter from matching interfaces and remove the pins."""
-    from . import attach
+def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
+    """Detach our filter from matching interfaces and remove the pins.
+    Refused while an agent holds the pin directory (it would rewrite what
+    was removed), unless `lock` is that agent's own (--cleanup-on-exit)."""
+    from . import attach, loader
 
-    n = 0
-    for ifname in attach.match_interfaces(patterns):
-        if attach.detach(ifname):
-            log.info("detached from %s", ifname)
-            n += 1
-    if os.path.isdir(pin_dir):
-        # Unlinking a pin drops the map once no program uses it.
-        shutil.rmtree(pin_dir)
-        log.info("removed pins in %s", pin_dir)
-    log.info("uninstalled: detached from %d interfaces", n)
+    own = None
+    if lock is None and os.path.isdir(pin_dir):
+        try:
+            own = loader.lock_pin_dir(pin_dir, create=False)
+        except loader.PinDirBusy as e:
+            raise loader.PinDirBusy(
+                e.errno, f"{e.strerror}: stop that agent first. Nothing was detached or removed"
+            ) from None
+    try:
+        n = 0
+        for ifname in attach.match_interfaces(patterns):
+            if attach.detach(ifname):
+                log.info("detached from %s", ifname)
+                n += 1
+        if os.path.isdir(pin_dir):
+            # Unlinking a pin drops the map once no program uses it.
+            shutil.rmtree(pin_dir)
+            log.info("removed pins in %s", pin_dir)
+        log.info("uninstalled: detached from %d interfaces", n)
+    finally:
+        if own is not None:
+            own.release()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Maps are pinned by name under one bpffs directory per instance. When a map
 is already pinned there (a restart), libbpf reuses it instead of creating an
 empty one, so the backends, slots and conntrack of the running dataplane
-survive the agent. The program itself is attached by ctrl.attach; a tc
+survive the agent. One pinned with another capacity than asked for is set
+aside and carried into a new one (ctrl.migrate). The program itself is attached by ctrl.attach; a tc
 filter holds a reference to it, so it too outlives the agent.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layout
+from . import layout, migrate
 from .layout import map_name as mn
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
@@ -93,6 +95,96 @@ def is_bpffs(path: str) -> bool:
     return best[1] == "bpf"
 
 
+def _make_pin_dir(pin_dir: str) -> bool:
+    """Create the pin directory on a bpffs; True if it was made now."""
+    parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
+    if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
+        raise BPFError(
+            errno.ENOTSUP,
+            f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
+            f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
+        )
+    created = not os.path.exists(pin_dir)
+    try:
+        os.makedirs(pin_dir, exist_ok=True)
+    except PermissionError as e:
+        raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    return created
+
+
+class PinDirBusy(BPFError):
+    """Another process holds the pin directory's lock."""
+
+
+@dataclass
+class PinLock:
+    """An exclusive lock on one pin directory, held until release() or
+    the end of the process (the kernel drops it then, SIGKILL included)."""
+
+    pin_dir: str
+    fd: int
+    created: bool  # the directory was made by lock_pin_dir
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Release, and remove the directory if we made it and it is empty."""
+        self.release()
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pin_dir)
+
+
+def lock_pin_dir(pin_dir: str, create: bool = True) -> PinLock:
+    """Take the pin directory for this process alone, or raise PinDirBusy
+    naming the process that holds it. Two agents on one directory undo each
+    other's writes (each prunes what the other programmed). bpffs holds
+    only pins and directories, so the lock is a flock on the directory
+    itself: every process that sees this bpffs sees it, in any container
+    or mount namespace, and a dead holder never leaves it behind. `sliceproxy
+    dump` takes no lock: it only reads."""
+    created = _make_pin_dir(pin_dir) if create else False
+    fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(fd)
+        os.close(fd)
+        raise PinDirBusy(errno.EBUSY, f"pin directory {pin_dir} is in use by {holder}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return PinLock(pin_dir, fd, created)
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the flock on fd's file: "pid N (its command line)", from
+    /proc/locks (pid 0 there: a process of another PID namespace)."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pid = None
+    with contextlib.suppress(OSError), open("/proc/locks") as f:
+        for line in f:
+            # "1: FLOCK  ADVISORY  WRITE 4242 00:28:25027 0 EOF"; waiters carry "->".
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+                pid = int(parts[4])
+                break
+    if not pid:
+        return "a process this one cannot see (another PID namespace: a container)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    if len(cmd) > 200:
+        cmd = cmd[:197] + "..."
+    return f"pid {pid} ({cmd})" if cmd else f"pid {pid}"
+
+
 def load(
     obj_path: str | os.PathLike | None = None,
     pin_dir: str | None = DEFAULT_PIN_DIR,
@@ -105,20 +197,8 @@ def load(
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
     sizes = sizes or MapSizes()
     lb = lib()
-    created = False
-    if pin_dir is not None:
-        parent = os.path.dirname(pin_dir.rstrip("/")) or "/"
-        if not is_bpffs(parent if not os.path.exists(pin_dir) else pin_dir):
-            raise BPFError(
-                errno.ENOTSUP,
-                f"pin directory {pin_dir} is not on a bpf filesystem: mount one with "
-                f"`mount -t bpf bpf /sys/fs/bpf` or pass --pin-dir",
-            )
-        created = not os.path.exists(pin_dir)
-        try:
-            os.makedirs(pin_dir, exist_ok=True)
-        except PermissionError as e:
-            raise BPFError(errno.EPERM, f"cannot create pin directory {pin_dir}: {explain(errno.EPERM)}") from e
+    created = _make_pin_dir(pin_dir) if pin_dir is not None else False
+    resized: list[migrate.Resize] = []
     obj = lb.bpf_object__open_file(obj_path.encode(), ffi.NULL)
     if obj == ffi.NULL:
         err = ffi.errno
@@ -140,14 +220,21 @@ def load(
                 if pin_dir is not None:
                     lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
             m = lb.bpf_object__next_map(obj, m)
+        if pin_dir is not None:
+            # A pinned map of another capacity cannot be reused (libbpf
+            # refuses it): set it aside for ctrl.migrate to carry over.
+            wanted = {name: int(lb.bpf_map__max_entries(bm)) for name, bm in bpf_maps.items()}
+            resized = migrate.set_aside(pin_dir, wanted)
         ret = lb.bpf_object__load(obj)
         if ret < 0:
+            if resized and pin_dir is not None:
+                migrate.put_back(pin_dir, resized)
             err = -ret if ret != -1 else ffi.errno
             hint = explain(err) + " (--log-level debug shows libbpf's and the verifier's detail)"
             if err == errno.EINVAL and pin_dir is not None:
                 hint += (
-                    f"; or a map pinned in {pin_dir} has another size or layout than this build "
-                    f"asks for (remove it with `sliceproxy uninstall`-style cleanup: rm -r {pin_dir})"
+                    f"; or a map pinned in {pin_dir} has another layout than this build with the same "
+                    f"version (a build from another tree: `sliceproxy uninstall --pin-dir {pin_dir}` removes it)"
                 )
             raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
         fds = {}

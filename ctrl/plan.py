@@ -12,7 +12,7 @@ import ipaddress
 import itertools
 import socket
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from . import layout
@@ -139,20 +139,32 @@ def no_local_endpoints(
 ) -> tuple[int, int]:
     """Service ports with a Local traffic policy and no local endpoint on
     this node, as (internal, external): kube-proxy's
-    sync_proxy_rules_no_local_endpoints_total."""
+    sync_proxy_rules_no_local_endpoints_total. Ports of a protocol this
+    dataplane does not serve are not counted: nothing is programmed for
+    them. From scratch (every slice merged again): the agent reads the
+    same count from ServicePlanner.no_local, which keeps it per change;
+    tests/unit/test_no_local.py checks that both agree."""
     if svc is None or ignored_reason(svc):
         return 0, 0
+    families = {_family(ip) for ip in svc.cluster_ips}
+
+    def has_local(sp: ServicePort) -> bool:
+        policy = port_policy(svc, sp)
+        return any(categorize(merge_endpoints(sp, slices, f), policy, node_name, zone).local for f in families)
+
+    return _count_no_local(svc, has_local)
+
+
+def _count_no_local(svc: Service, has_local: Callable[[ServicePort], bool]) -> tuple[int, int]:
+    """(internal, external) of no_local_endpoints, given whether a served
+    port has a local endpoint (in any family of the Service's cluster IPs:
+    categorize()'s local set, which exists only for a port using it)."""
     internal = external = 0
     for sp in svc.ports:
-        policy = port_policy(svc, sp)
-        if not policy.uses_local:
+        if sp.protocol not in SERVED_PROTOCOLS:
             continue
-        families = {"IPv6" if ":" in ip else "IPv4" for ip in svc.cluster_ips}
-        local = False
-        for family in families:
-            cat = categorize(merge_endpoints(sp, slices, family), policy, node_name, zone)
-            local = local or bool(cat.local)
-        if not local:
+        policy = port_policy(svc, sp)
+        if policy.uses_local and not has_local(sp):
             internal += policy.internal_local
             external += policy.external_local
     return internal, external
@@ -239,18 +251,22 @@ def plan_service(
 ) -> tuple[list[Frontend], list[str]]:
     """Frontends for one service as this node (name, zone label, addresses)
     serves it, and notes on what was skipped and why."""
-    fronts, notes, _ = _plan(svc, slices, node_name, zone, node)
+    fronts, notes, _, _ = _plan(svc, slices, node_name, zone, node)
     return fronts, notes
 
 
-def _plan(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str], dict]:
+def _plan(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str], dict, dict]:
+    """plan_service, and what ServicePlanner keeps of it: the _state_key
+    of each frontend, and per (port, protocol) whether categorize() found a
+    local endpoint (for no_local; known for the ports using one)."""
     if svc is None or ignored_reason(svc):
-        return [], [], {}
+        return [], [], {}, {}
     notes: list[str] = []
     out: list[Frontend] = []
     meta: dict[tuple, tuple] = {}  # frontend key -> _state_key
     skipped: set[str] = set()
     chosen: dict[tuple, tuple[Backend, ...]] = {}
+    local: dict[tuple[int, str], bool] = {}
     for spec in _specs(svc, node):
         sp = spec.sp
         if sp.protocol not in SERVED_PROTOCOLS:
@@ -267,6 +283,7 @@ def _plan(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]
         if backends is None:
             policy = port_policy(svc, sp)
             cat = categorize(merge_endpoints(sp, slices, spec.family), policy, node_name, zone)
+            local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps
             # one endpoint per (address, port): no duplicates.
@@ -292,7 +309,7 @@ def _plan(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]
             continue
         meta[f.key] = sk
         out.append(f)
-    return out, notes, meta
+    return out, notes, meta, local
 
 
 # -- incremental planning ---------------------------------------------------------
@@ -397,6 +414,14 @@ class _PortState:
             k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel
         }
 
+    def has_local(self) -> bool:
+        """categorize()'s local set is not empty: an endpoint on this node,
+        ready, or serving and terminating (the class says both)."""
+        return any(
+            n > 0 and local and (ready or (serving and terminating))
+            for (ready, serving, terminating, local, *_), n in self.classes.items()
+        )
+
     def _selected_classes(self) -> frozenset:
         reps = {c: _representative(c, self.node_name, self.zone) for c, n in self.classes.items() if n > 0}
         cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
@@ -456,6 +481,7 @@ class _Cached:
     fronts: list[Frontend]
     notes: list[str]
     meta: dict[tuple, tuple]  # frontend key -> key of its _PortState
+    local: dict[tuple[int, str], bool]  # of the full plan: (port, protocol) -> has a local endpoint
     ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
 
 
@@ -469,6 +495,24 @@ class ServicePlanner:
         self._cache: dict[str, _Cached] = {}
         self._versions = itertools.count(1)
         self._unindexed: set[str] = set()
+
+    def no_local(self, owner: str) -> tuple[int, int]:
+        """no_local_endpoints of the Service as last planned, from what
+        planning it found: no slice is merged again, so a one-slice change
+        of a big Service with a Local policy stays a one-slice cost."""
+        c = self._cache.get(owner)
+        if c is None:  # gone, ignored, or never planned
+            return 0, 0
+        if c.ports is None:  # planned in full since the last index
+            full = c.local
+            return _count_no_local(c.svc, lambda sp: full.get((sp.port, sp.protocol), False))
+        ports = c.ports
+        return _count_no_local(
+            c.svc,
+            lambda sp: any(
+                st.has_local() for (port, proto, *_), st in ports.items() if (port, proto) == (sp.port, sp.protocol)
+            ),
+        )
 
     def forget(self, owner: str) -> None:
         self._cache.pop(owner, None)
@@ -546,8 +590,8 @@ class ServicePlanner:
         return fronts, c.notes
 
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
-        fronts, notes, meta = _plan(svc, list(slices.values()), node_name, zone, node)
+        fronts, notes, meta, local = _plan(svc, list(slices.values()), node_name, zone, node)
         fronts = [replace(f, version=next(self._versions)) for f in fronts]
-        self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta)
+        self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta, local)
         self._unindexed.add(owner)
         return fronts, notes

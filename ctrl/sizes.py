@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The flag that sizes each map, for the messages that tell an operator
+# which one to raise.
+FLAGS = {
+    "sp_svc": "--max-services",
+    "sp_names": "--max-services",
+    "sp_be": "--max-backends",
+    "sp_slot": "--max-slots",
+    "sp_ct": "--max-conntrack",
+    "sp_aff": "--max-conntrack",
+    "sp_src": "--max-source-ranges",
+}
+
 
 @dataclass(frozen=True)
 class MapSizes:

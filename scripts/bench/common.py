@@ -64,6 +64,9 @@ class Scenario:
     services: int
     endpoints: int  # per Service
     slice_max: int = 100  # the EndpointSlice controller's maxEndpointsPerSlice
+    # Local: every Service has internalTrafficPolicy Local, so the bench's
+    # node (NODE, 1 endpoint in 100) uses only its own endpoints.
+    internal_traffic_policy: str = "Cluster"
 
     @property
     def slices_per_service(self) -> int:
@@ -88,7 +91,13 @@ class Scenario:
         return f"{self.services:,} {s} x {self.endpoints:,}"
 
     def scaled(self, services: int | None = None, endpoints: int | None = None) -> Scenario:
-        return Scenario(self.key, services or self.services, endpoints or self.endpoints, self.slice_max)
+        return Scenario(
+            self.key,
+            services or self.services,
+            endpoints or self.endpoints,
+            self.slice_max,
+            self.internal_traffic_policy,
+        )
 
     def ladder(self) -> list[Scenario]:
         """From a small cluster to this one, each 10 times the last: the
@@ -185,6 +194,15 @@ class Cluster:
     def svc_name(i: int) -> str:
         return f"svc-{i:05d}"
 
+    @staticmethod
+    def node_of(addr: int) -> str:
+        """The node an endpoint runs on: 100 nodes, NODE one of them."""
+        return f"node-{addr % 100}"
+
+    def local_endpoints(self) -> int:
+        """Endpoints on NODE: what it programs under internalTrafficPolicy Local."""
+        return sum(1 for row in self.slices for s in row for a in s.addrs if self.node_of(a) == NODE)
+
     def endpoints(self, i: int) -> list[tuple[str, int]]:
         """(address, port) of Service i in merge order."""
         return [(ipv4(a), s.port) for s in self.slices[i] for a in s.addrs]
@@ -249,7 +267,7 @@ class Cluster:
                 "sessionAffinity": "None",
                 "ipFamilies": ["IPv4"],
                 "ipFamilyPolicy": "SingleStack",
-                "internalTrafficPolicy": "Cluster",
+                "internalTrafficPolicy": self.scn.internal_traffic_policy,
             },
             "status": {"loadBalancer": {}},
         }
@@ -321,7 +339,7 @@ class Cluster:
                         "name": f"{svc}-7d4b9c-{_suffix(a)}",
                         "uid": _uid("pod", a, s.generation),
                     },
-                    "nodeName": f"node-{a % 100}",
+                    "nodeName": self.node_of(a),
                     "zone": f"zone-{'abc'[a % 3]}",
                 }
                 for a in s.addrs

@@ -145,14 +145,15 @@ def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir:
     )
     dp = loader.load(pin_dir=str(pin_dir))
     try:
-        assert migrate.migrate(str(pin_dir), dp.maps) >= 2
+        carry = migrate.Carry(str(pin_dir), dp.maps)
+        assert carry.copy() >= 2
         mc = read_contents(dp.maps)
         assert mc.names == {7: name}
         assert mc.backends == {3: (addr16("198.18.1.11"), 8080, 6)}
         # Flagged draining by version 2, which kept no deadline: none is
         # made up (the first full sync starts a drain period).
         assert mc.draining == {}
-        migrate.remove_old_pins(str(pin_dir), dp.maps)
+        carry.finish()
         assert not [p.name for p in pin_dir.iterdir() if p.name.endswith(f"_v{OLD}")]
     finally:
         dp.close()
