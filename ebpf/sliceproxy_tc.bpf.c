@@ -92,6 +92,38 @@ struct {
 	__type(value, struct sp_cfg);
 } sp_cfg_v2 SEC(".maps");
 
+/*
+ * Time. Every stamp in the maps (conntrack last_seen, affinity last_used) is
+ * now_ns() of its last packet, and every age is idle_ns() of it: nothing
+ * compares stamps by magnitude. The clock is CLOCK_MONOTONIC, which starts
+ * near zero at boot, so "now - idle" of a flow idle longer than the uptime
+ * is a stamp below zero; with unsigned wrap-around arithmetic it is still
+ * exactly `idle` old, whatever the uptime.
+ *
+ * sp_clock_shift is added to the kernel's clock: always 0 in production
+ * (nothing in the control plane writes it); the datapath tests set it to run
+ * the programs as on a machine booted seconds ago. Its own data section
+ * gives its map a name starting with a dot (libbpf names the maps of
+ * .data.* sections after the section), which the loader neither pins nor
+ * lists with the dataplane's maps.
+ */
+__u64 sp_clock_shift SEC(".data.clock") = 0;
+
+static __always_inline __u64 now_ns(void)
+{
+	return bpf_ktime_get_ns() + sp_clock_shift;
+}
+
+/* How long ago stamp was: now - stamp modulo 2^64. A stamp ahead of now (a
+ * packet on another CPU stamped the entry after this one read the clock)
+ * is idle 0, not 584 years. */
+static __always_inline __u64 idle_ns(__u64 now, __u64 stamp)
+{
+	__u64 d = now - stamp;
+
+	return (__s64)d < 0 ? 0 : d;
+}
+
 /* Ethernet + the longest IPv4 header + a TCP header. */
 #define PULL_LEN (ETH_HLEN + 60 + 20)
 
@@ -531,7 +563,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	if (!source_allowed(svc, p))
 		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
 
-	now = bpf_ktime_get_ns();
+	now = now_ns();
 	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
@@ -572,7 +604,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		akey.svc_id = svc->svc_id;
 		__builtin_memcpy(akey.addr, ckey.saddr, sizeof(akey.addr));
 		aff = bpf_map_lookup_elem(&sp_aff_v2, &akey);
-		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * 1000000000ULL &&
+		if (aff && idle_ns(now, aff->last_used) < (__u64)svc->affinity_timeout * 1000000000ULL &&
 		    aff->slot < n) {
 			struct sp_slot_key ak = { .svc_id = svc->svc_id, .slot = aff->slot };
 			sl = bpf_map_lookup_elem(&sp_slot_v2, &ak);
@@ -631,7 +663,7 @@ static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ckey);
 	if (!ct || addr_is_v4(ct->nat_addr) == p->v6)
 		return -1;
-	ct->last_seen = bpf_ktime_get_ns();
+	ct->last_seen = now_ns();
 	if (rewrite(skb, p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_REVNAT, TC_ACT_OK);
@@ -704,7 +736,7 @@ int sp_ext_ingress(struct __sk_buff *skb)
 	ct_key(&ukey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_UNSNAT);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
 	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
-		ct->last_seen = bpf_ktime_get_ns();
+		ct->last_seen = now_ns();
 		track_close(ct, &p, 1);
 		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
 			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
@@ -747,7 +779,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &skey);
 	if (!ct)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
-	now = bpf_ktime_get_ns();
+	now = now_ns();
 	ct->last_seen = now;
 	if (ct->nat_port) {
 		struct sp_ct_key ok = {};
@@ -817,7 +849,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 		old = bpf_map_lookup_elem(&sp_ct_v2, &uk);
 		if (old) {
 			hold = snat_hold(cfg, old);
-			if (!hold || old->last_seen >= now || now - old->last_seen <= hold)
+			if (!hold || idle_ns(now, old->last_seen) <= hold)
 				continue;
 		}
 		if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
