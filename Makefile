@@ -6,7 +6,9 @@ CLANG ?= clang
 VENV := .venv
 BIN := $(VENV)/bin
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
-BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
+# -mcpu=v3: BPF atomics (compare-and-swap, fetch-or), which hand SNAT ports
+# over between CPUs (kernel 5.12 or later), and 32-bit subregisters.
+BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
 .PHONY: all deps bpf venv k8s test unit datapath netns cluster demo bench bench-quick bpffs lint clean \

@@ -478,12 +478,12 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
 /*
  * Record how a masqueraded TCP connection closes in its UNSNAT entry u
  * (SP_CT_F_*): p is the client's packet (reply 0, at ext egress) or the
- * backend's (reply 1, at ext ingress). The two directions may run on two
- * CPUs at once and the update is a plain read and write (clang emits no
- * 32-bit atomic or for the ISA the object targets): a bit lost to that race
- * leaves the flow looking open or half-closed, which only holds the port
- * longer, and a retransmitted FIN sets it again. FIN_REPLY and
- * FIN_REPLY_FIRST are written together.
+ * backend's (reply 1, at ext ingress), after its ct_touch() succeeded. The
+ * two directions may run on two CPUs at once: bits are set with an atomic
+ * or, so none is lost. FIN_REPLY_FIRST is decided on the flags read before:
+ * a backend FIN crossing the client's on another CPU may be taken for the
+ * first, which only holds the port for TIME_WAIT. FIN_REPLY and
+ * FIN_REPLY_FIRST are set together.
  */
 static __always_inline void track_close(struct sp_ct_val *u, const struct pkt *p, int reply)
 {
@@ -507,7 +507,7 @@ static __always_inline void track_close(struct sp_ct_val *u, const struct pkt *p
 			set |= SP_CT_F_FIN_REPLY | (cur & SP_CT_F_FIN_FWD ? 0 : SP_CT_F_FIN_REPLY_FIRST);
 	}
 	if (set & ~cur)
-		u->flags = cur | set;
+		__sync_fetch_and_or(&u->flags, set);
 }
 
 /* Linux's TIME_WAIT (TCP_TIMEWAIT_LEN, fixed at 60 s). */
@@ -536,6 +536,49 @@ static __always_inline __u64 snat_hold(const struct sp_cfg *cfg, const struct sp
 		hold = closed;
 	/* A closed flow never holds its port longer than an open one. */
 	return open && open < hold ? open : hold;
+}
+
+/*
+ * An SNAT port changes hands atomically. The UNSNAT entry of a port (backend
+ * -> node:port, value: the client) says which flow holds it, and its
+ * last_seen doubles as the entry's version word, which every writer changes
+ * with a compare-and-swap (bpf_spin_lock is not allowed in LRU hash values):
+ *  - the flow's packets (its client's at ext egress, its backend's at ext
+ *    ingress) refresh it with ct_touch(): a CAS from the stamp they read to
+ *    now, and only after it succeeded do they read who owns the entry;
+ *  - a new flow taking an idle port (sp_ext_egress) CASes the stamp it found
+ *    idle past the hold to CT_CLAIMING, writes its own client into the
+ *    entry, and publishes it with a CAS from CT_CLAIMING to now.
+ * The first CAS to land wins. After a refresh the stamp is fresh, so the
+ * claim's CAS fails (and no new claim can start until the entry has been
+ * idle for its hold, a second at least: the fields read after the refresh
+ * stay as read). After a claim the refresh's CAS fails, and its retry reads
+ * CT_CLAIMING or the new owner: the old flow takes another port. With a
+ * plain write (BPF_EXIST) both flows could go on using the port. The CAS is
+ * fully ordered, so reading the owner after it never sees a half-written
+ * claim, on weakly ordered CPUs too.
+ *
+ * The mark reads as a stamp in the future (idle 0) for the first 292 years
+ * of uptime: no other claimer and no reader of the map (sliceproxy dump)
+ * takes an entry being claimed for an idle one.
+ */
+#define CT_CLAIMING 0x7fffffffffffffffULL
+/* Tries at a CAS on a stamp that other CPUs keep refreshing. */
+#define TOUCH_TRIES 4
+#define TOUCH_LOST 1 /* the entry is being given to another flow */
+#define TOUCH_BUSY 2 /* it kept changing under us: TOUCH_TRIES CASes failed */
+
+static __always_inline int ct_touch(struct sp_ct_val *u, __u64 now)
+{
+	for (int i = 0; i < TOUCH_TRIES; i++) {
+		__u64 s = *(volatile __u64 *)&u->last_seen;
+
+		if (s == CT_CLAIMING)
+			return TOUCH_LOST;
+		if (__sync_val_compare_and_swap(&u->last_seen, s, now) == s)
+			return 0;
+	}
+	return TOUCH_BUSY;
 }
 
 /*
@@ -735,12 +778,19 @@ int sp_ext_ingress(struct __sk_buff *skb)
 
 	ct_key(&ukey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_UNSNAT);
 	ct = bpf_map_lookup_elem(&sp_ct_v2, &ukey);
-	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
-		ct->last_seen = now_ns();
-		track_close(ct, &p, 1);
-		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
-			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-		return count(skb, SP_V_UNSNAT, TC_ACT_OK);
+	if (ct) {
+		/* The stamp first, then the client it names (see ct_touch).
+		 * A port being handed to another flow was idle past its hold:
+		 * this late packet of the flow that lost it is dropped, as is
+		 * one that found the entry changing too often (TCP resends). */
+		if (ct_touch(ct, now_ns()))
+			return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		if (addr_is_v4(ct->nat_addr) != p.v6) {
+			track_close(ct, &p, 1);
+			if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
+				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+			return count(skb, SP_V_UNSNAT, TC_ACT_OK);
+		}
 	}
 	return dnat(skb, &p, SP_SCOPE_EXTERNAL);
 }
@@ -784,6 +834,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	if (ct->nat_port) {
 		struct sp_ct_key ok = {};
 		struct sp_ct_val *u;
+		int t = 0;
 
 		ct_key(&ok, skey.daddr, ct->nat_addr, skey.dport, ct->nat_port, skey.proto, SP_CT_UNSNAT);
 		u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
@@ -792,14 +843,17 @@ int sp_ext_egress(struct __sk_buff *skb)
 			put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
 			u = bpf_map_lookup_elem(&sp_ct_v2, &ok);
 		}
-		/* The entry still names this client: the port is the flow's.
-		 * Otherwise the flow was idle past its hold and the port went
+		if (u)
+			t = ct_touch(u, now);
+		if (t == TOUCH_BUSY)
+			return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		/* Refreshed, and the entry still names this client: the port
+		 * is the flow's. Otherwise (being claimed, or naming another
+		 * client) the flow was idle past its hold and the port went
 		 * to another flow: this one gets a new port below. */
-		if (!u || (addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
-			if (u) {
-				u->last_seen = now;
+		if (!u || (!t && addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
+			if (u)
 				track_close(u, &p, 0);
-			}
 			if (addr_is_v4(ct->nat_addr) == p.v6 ||
 			    rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
 				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
@@ -838,8 +892,8 @@ int sp_ext_egress(struct __sk_buff *skb)
 		uv.flags = SP_CT_F_RST;
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		__u16 cand = lo + (start + i) % span;
-		struct sp_ct_val *old;
-		__u64 hold;
+		struct sp_ct_val *old, claim;
+		__u64 hold, s;
 
 		uk.dport = cand;
 		/* Collision probe: a port is free for this backend when no
@@ -847,13 +901,27 @@ int sp_ext_egress(struct __sk_buff *skb)
 		 * longer than its flow's hold (snat_hold: snat_reclaim, or
 		 * shorter once its TCP connection closed). */
 		old = bpf_map_lookup_elem(&sp_ct_v2, &uk);
-		if (old) {
-			hold = snat_hold(cfg, old);
-			if (!hold || idle_ns(now, old->last_seen) <= hold)
-				continue;
+		if (!old) {
+			/* The map's bucket lock makes this insert atomic. */
+			if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, BPF_NOEXIST))
+				continue; /* taken by another CPU meanwhile */
+			port = cand;
+			break;
 		}
-		if (bpf_map_update_elem(&sp_ct_v2, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
-			continue; /* taken by another CPU meanwhile */
+		/* Flags only change right after a refresh, while the stamp is
+		 * fresh: read with a stamp idle past the hold, they are the
+		 * entry's. */
+		s = *(volatile __u64 *)&old->last_seen;
+		hold = snat_hold(cfg, old);
+		if (s == CT_CLAIMING || !hold || idle_ns(now, s) <= hold)
+			continue;
+		/* Claim it (see ct_touch): mark, write, publish. */
+		if (__sync_val_compare_and_swap(&old->last_seen, s, CT_CLAIMING) != s)
+			continue; /* refreshed or claimed on another CPU meanwhile */
+		claim = uv;
+		claim.last_seen = CT_CLAIMING;
+		__builtin_memcpy(old, &claim, sizeof(claim));
+		__sync_val_compare_and_swap(&old->last_seen, CT_CLAIMING, now);
 		port = cand;
 		break;
 	}

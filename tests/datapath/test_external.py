@@ -285,7 +285,9 @@ def test_snat_port_collisions(dp, uptime, taken, last_seen, expect):
 def test_snat_drop_is_counted(dp, uptime):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000)
-    put_ct(dp, CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id), stamp(dp, 0))
+    put_ct(
+        dp, CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id), stamp(dp, 0)
+    )
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)
     r = run(dp, r.out, egress=True, external=True)
     assert (r.retval, r.counted.keys()) == (TC_ACT_SHOT, {"DROP_SNAT"})
