@@ -350,8 +350,25 @@ static __always_inline void tcp_flags(struct pkt *p, __u8 flags)
 }
 
 /*
+ * The length of an IP datagram as its header gives it (IPv4 total length,
+ * or IPv6 payload length; `before`: the bytes of the frame before what it
+ * counts). 0 in a TCP GSO packet is BIG TCP's "more than 64 KiB": the
+ * length is then the skb's, as the kernel reads it (iph_totlen(),
+ * ipv6_payload_len() in Linux).
+ */
+static __always_inline __u32 ip_len(struct __sk_buff *skb, __u32 len, __u8 proto, __u32 before)
+{
+	if (len == 0 && proto == IPPROTO_TCP && skb->gso_size && skb->len > before)
+		return skb->len - before;
+	return len;
+}
+
+/*
  * Parse Ethernet / IPv4 or IPv6 / TCP or UDP. Returns -1 and fills p for a packet we
- * may own, or the SP_V_PASS_* verdict of one we pass untouched.
+ * may own, or the SP_V_PASS_* verdict of one we pass untouched. The TCP or
+ * UDP header must lie within the frame and within the IP datagram: bytes
+ * past the datagram's length (Ethernet padding, or garbage behind a short
+ * length) are no header to translate or track.
  */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
@@ -360,7 +377,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__be16 *ports;
-	__u32 l4_off, l4_min, ihl;
+	__u32 l4_off, l4_min, ihl, tot_len;
 
 	/* Headers split over a non-linear skb (GRO, some drivers): pull what
 	 * we may need into the linear part, once, before any bound check. */
@@ -387,7 +404,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return SP_V_PASS_OTHER_PROTO;
 		l4_off = ETH_HLEN + sizeof(*ip6);
 		l4_min = ip6->nexthdr == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-		if (data + l4_off + l4_min > data_end)
+		if (data + l4_off + l4_min > data_end ||
+		    ip_len(skb, bpf_ntohs(ip6->payload_len), ip6->nexthdr, l4_off) < l4_min)
 			return SP_V_PASS_TRUNCATED;
 		ports = data + l4_off;
 		if ((void *)(ports + 2) > data_end)
@@ -414,6 +432,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	ihl = ip->ihl;
 	if (ihl < 5)
 		return SP_V_PASS_TRUNCATED;
+	tot_len = ip_len(skb, bpf_ntohs(ip->tot_len), ip->protocol, ETH_HLEN);
+	if (tot_len < ihl * 4)
+		return SP_V_PASS_TRUNCATED; /* shorter than its own header */
 	/* Only the first fragment carries ports, and we do not reassemble. */
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return SP_V_PASS_FRAGMENT;
@@ -421,9 +442,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return SP_V_PASS_OTHER_PROTO;
 
 	l4_off = ETH_HLEN + ihl * 4;
-	/* The whole L4 header must be there: we rewrite its checksum. */
+	/* The whole L4 header must be there, in the frame and in the
+	 * datagram: we rewrite its checksum. */
 	l4_min = ip->protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-	if (l4_off > 60 + ETH_HLEN || data + l4_off + l4_min > data_end)
+	if (l4_off > 60 + ETH_HLEN || data + l4_off + l4_min > data_end || ihl * 4 + l4_min > tot_len)
 		return SP_V_PASS_TRUNCATED;
 	ports = data + l4_off;
 	if ((void *)(ports + 2) > data_end)
