@@ -42,15 +42,27 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
     return out
 
 
-def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dict]:
+def idle_ns(now: int, stamp: int) -> int:
+    """How long ago a stamp of the programs was, as they compute it
+    (idle_ns() in ebpf/sliceproxy_tc.bpf.c): now - stamp modulo 2**64. A
+    flow idle longer than the machine's uptime has a stamp below the clock's
+    zero, wrapped around; a stamp ahead of now (written on another CPU after
+    now was read) is idle 0."""
+    d = (now - stamp) % 2**64
+    return 0 if d >= 2**63 else d
+
+
+def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | None = None) -> list[dict]:
     """Forward conntrack entries (one per flow): client, frontend, backend,
-    and how long the flow has been idle."""
+    and how long the flow has been idle at `now` (the programs' clock,
+    CLOCK_MONOTONIC in ns: by default the current time)."""
     m = maps.get(mn("sp_ct"))
     if m is None:
         return []
     kc, vc = ct_codecs()
     forward = layout.const("SP_CT_FORWARD")
-    now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
+    if now is None:
+        now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
     flows = []
     for k, v in m.items():
         saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
@@ -69,7 +81,7 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None) -> list[dic
                 "snat": hostport(snat_addr, snat_port) if snat_port else None,
                 "backend_id": be_id,
                 "svc_id": svc_id,
-                "idle_seconds": round(max(0, now - last_seen) / 1e9, 1),
+                "idle_seconds": round(idle_ns(now, last_seen) / 1e9, 1),
             }
         )
     flows.sort(key=lambda f: (f["frontend"], f["client"]))

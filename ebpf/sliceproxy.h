@@ -45,7 +45,8 @@
 /* Index into the per-CPU counters map: one slot per verdict. */
 enum sp_verdict {
 	SP_V_PASS_NOT_IP = 0,      /* neither IPv4 nor IPv6: passed untouched */
-	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim: passed */
+	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim, or an IP
+				    * length too short for them: passed */
 	SP_V_PASS_FRAGMENT = 2,    /* IP fragment: passed untouched */
 	SP_V_PASS_OTHER_PROTO = 3, /* neither TCP nor UDP: passed */
 	SP_V_PASS_NO_SERVICE = 4,  /* ingress: no frontend: passed */

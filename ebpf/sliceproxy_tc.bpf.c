@@ -92,6 +92,38 @@ struct {
 	__type(value, struct sp_cfg);
 } sp_cfg_v3 SEC(".maps");
 
+/*
+ * Time. Every stamp in the maps (conntrack last_seen, affinity last_used) is
+ * now_ns() of its last packet, and every age is idle_ns() of it: nothing
+ * compares stamps by magnitude. The clock is CLOCK_MONOTONIC, which starts
+ * near zero at boot, so "now - idle" of a flow idle longer than the uptime
+ * is a stamp below zero; with unsigned wrap-around arithmetic it is still
+ * exactly `idle` old, whatever the uptime.
+ *
+ * sp_clock_shift is added to the kernel's clock: always 0 in production
+ * (nothing in the control plane writes it); the datapath tests set it to run
+ * the programs as on a machine booted seconds ago. Its own data section
+ * gives its map a name starting with a dot (libbpf names the maps of
+ * .data.* sections after the section), which the loader neither pins nor
+ * lists with the dataplane's maps.
+ */
+__u64 sp_clock_shift SEC(".data.clock") = 0;
+
+static __always_inline __u64 now_ns(void)
+{
+	return bpf_ktime_get_ns() + sp_clock_shift;
+}
+
+/* How long ago stamp was: now - stamp modulo 2^64. A stamp ahead of now (a
+ * packet on another CPU stamped the entry after this one read the clock)
+ * is idle 0, not 584 years. */
+static __always_inline __u64 idle_ns(__u64 now, __u64 stamp)
+{
+	__u64 d = now - stamp;
+
+	return (__s64)d < 0 ? 0 : d;
+}
+
 /* Ethernet + the longest IPv4 header + a TCP header. */
 #define PULL_LEN (ETH_HLEN + 60 + 20)
 
@@ -318,8 +350,25 @@ static __always_inline void tcp_flags(struct pkt *p, __u8 flags)
 }
 
 /*
+ * The length of an IP datagram as its header gives it (IPv4 total length,
+ * or IPv6 payload length; `before`: the bytes of the frame before what it
+ * counts). 0 in a TCP GSO packet is BIG TCP's "more than 64 KiB": the
+ * length is then the skb's, as the kernel reads it (iph_totlen(),
+ * ipv6_payload_len() in Linux).
+ */
+static __always_inline __u32 ip_len(struct __sk_buff *skb, __u32 len, __u8 proto, __u32 before)
+{
+	if (len == 0 && proto == IPPROTO_TCP && skb->gso_size && skb->len > before)
+		return skb->len - before;
+	return len;
+}
+
+/*
  * Parse Ethernet / IPv4 or IPv6 / TCP or UDP. Returns -1 and fills p for a packet we
- * may own, or the SP_V_PASS_* verdict of one we pass untouched.
+ * may own, or the SP_V_PASS_* verdict of one we pass untouched. The TCP or
+ * UDP header must lie within the frame and within the IP datagram: bytes
+ * past the datagram's length (Ethernet padding, or garbage behind a short
+ * length) are no header to translate or track.
  */
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 {
@@ -328,7 +377,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	__be16 *ports;
-	__u32 l4_off, l4_min, ihl;
+	__u32 l4_off, l4_min, ihl, tot_len;
 
 	/* Headers split over a non-linear skb (GRO, some drivers): pull what
 	 * we may need into the linear part, once, before any bound check. */
@@ -355,7 +404,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return SP_V_PASS_OTHER_PROTO;
 		l4_off = ETH_HLEN + sizeof(*ip6);
 		l4_min = ip6->nexthdr == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-		if (data + l4_off + l4_min > data_end)
+		if (data + l4_off + l4_min > data_end ||
+		    ip_len(skb, bpf_ntohs(ip6->payload_len), ip6->nexthdr, l4_off) < l4_min)
 			return SP_V_PASS_TRUNCATED;
 		ports = data + l4_off;
 		if ((void *)(ports + 2) > data_end)
@@ -382,6 +432,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	ihl = ip->ihl;
 	if (ihl < 5)
 		return SP_V_PASS_TRUNCATED;
+	tot_len = ip_len(skb, bpf_ntohs(ip->tot_len), ip->protocol, ETH_HLEN);
+	if (tot_len < ihl * 4)
+		return SP_V_PASS_TRUNCATED; /* shorter than its own header */
 	/* Only the first fragment carries ports, and we do not reassemble. */
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return SP_V_PASS_FRAGMENT;
@@ -389,9 +442,10 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return SP_V_PASS_OTHER_PROTO;
 
 	l4_off = ETH_HLEN + ihl * 4;
-	/* The whole L4 header must be there: we rewrite its checksum. */
+	/* The whole L4 header must be there, in the frame and in the
+	 * datagram: we rewrite its checksum. */
 	l4_min = ip->protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
-	if (l4_off > 60 + ETH_HLEN || data + l4_off + l4_min > data_end)
+	if (l4_off > 60 + ETH_HLEN || data + l4_off + l4_min > data_end || ihl * 4 + l4_min > tot_len)
 		return SP_V_PASS_TRUNCATED;
 	ports = data + l4_off;
 	if ((void *)(ports + 2) > data_end)
@@ -446,12 +500,12 @@ static __always_inline int put_unsnat(const struct sp_ct_key *sk, const struct s
 /*
  * Record how a masqueraded TCP connection closes in its UNSNAT entry u
  * (SP_CT_F_*): p is the client's packet (reply 0, at ext egress) or the
- * backend's (reply 1, at ext ingress). The two directions may run on two
- * CPUs at once and the update is a plain read and write (clang emits no
- * 32-bit atomic or for the ISA the object targets): a bit lost to that race
- * leaves the flow looking open or half-closed, which only holds the port
- * longer, and a retransmitted FIN sets it again. FIN_REPLY and
- * FIN_REPLY_FIRST are written together.
+ * backend's (reply 1, at ext ingress), after its ct_touch() succeeded. The
+ * two directions may run on two CPUs at once: bits are set with an atomic
+ * or, so none is lost. FIN_REPLY_FIRST is decided on the flags read before:
+ * a backend FIN crossing the client's on another CPU may be taken for the
+ * first, which only holds the port for TIME_WAIT. FIN_REPLY and
+ * FIN_REPLY_FIRST are set together.
  */
 static __always_inline void track_close(struct sp_ct_val *u, const struct pkt *p, int reply)
 {
@@ -475,7 +529,7 @@ static __always_inline void track_close(struct sp_ct_val *u, const struct pkt *p
 			set |= SP_CT_F_FIN_REPLY | (cur & SP_CT_F_FIN_FWD ? 0 : SP_CT_F_FIN_REPLY_FIRST);
 	}
 	if (set & ~cur)
-		u->flags = cur | set;
+		__sync_fetch_and_or(&u->flags, set);
 }
 
 /* Linux's TIME_WAIT (TCP_TIMEWAIT_LEN, fixed at 60 s). */
@@ -507,6 +561,49 @@ static __always_inline __u64 snat_hold(const struct sp_cfg *cfg, const struct sp
 }
 
 /*
+ * An SNAT port changes hands atomically. The UNSNAT entry of a port (backend
+ * -> node:port, value: the client) says which flow holds it, and its
+ * last_seen doubles as the entry's version word, which every writer changes
+ * with a compare-and-swap (bpf_spin_lock is not allowed in LRU hash values):
+ *  - the flow's packets (its client's at ext egress, its backend's at ext
+ *    ingress) refresh it with ct_touch(): a CAS from the stamp they read to
+ *    now, and only after it succeeded do they read who owns the entry;
+ *  - a new flow taking an idle port (sp_ext_egress) CASes the stamp it found
+ *    idle past the hold to CT_CLAIMING, writes its own client into the
+ *    entry, and publishes it with a CAS from CT_CLAIMING to now.
+ * The first CAS to land wins. After a refresh the stamp is fresh, so the
+ * claim's CAS fails (and no new claim can start until the entry has been
+ * idle for its hold, a second at least: the fields read after the refresh
+ * stay as read). After a claim the refresh's CAS fails, and its retry reads
+ * CT_CLAIMING or the new owner: the old flow takes another port. With a
+ * plain write (BPF_EXIST) both flows could go on using the port. The CAS is
+ * fully ordered, so reading the owner after it never sees a half-written
+ * claim, on weakly ordered CPUs too.
+ *
+ * The mark reads as a stamp in the future (idle 0) for the first 292 years
+ * of uptime: no other claimer and no reader of the map (sliceproxy dump)
+ * takes an entry being claimed for an idle one.
+ */
+#define CT_CLAIMING 0x7fffffffffffffffULL
+/* Tries at a CAS on a stamp that other CPUs keep refreshing. */
+#define TOUCH_TRIES 4
+#define TOUCH_LOST 1 /* the entry is being given to another flow */
+#define TOUCH_BUSY 2 /* it kept changing under us: TOUCH_TRIES CASes failed */
+
+static __always_inline int ct_touch(struct sp_ct_val *u, __u64 now)
+{
+	for (int i = 0; i < TOUCH_TRIES; i++) {
+		__u64 s = *(volatile __u64 *)&u->last_seen;
+
+		if (s == CT_CLAIMING)
+			return TOUCH_LOST;
+		if (__sync_val_compare_and_swap(&u->last_seen, s, now) == s)
+			return 0;
+	}
+	return TOUCH_BUSY;
+}
+
+/*
  * A packet to a frontend of this scope gets a backend and its destination
  * rewritten (DNAT). Shared by the pod ingress (scope internal) and the
  * external ingress (scope external).
@@ -531,7 +628,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	if (!source_allowed(svc, p))
 		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
 
-	now = bpf_ktime_get_ns();
+	now = now_ns();
 	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
 	ct = bpf_map_lookup_elem(&sp_ct_v3, &ckey);
 	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
@@ -572,7 +669,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		akey.svc_id = svc->svc_id;
 		__builtin_memcpy(akey.addr, ckey.saddr, sizeof(akey.addr));
 		aff = bpf_map_lookup_elem(&sp_aff_v3, &akey);
-		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * 1000000000ULL &&
+		if (aff && idle_ns(now, aff->last_used) < (__u64)svc->affinity_timeout * 1000000000ULL &&
 		    aff->slot < n) {
 			struct sp_slot_key ak = { .svc_id = svc->svc_id, .slot = aff->slot };
 			sl = bpf_map_lookup_elem(&sp_slot_v3, &ak);
@@ -631,7 +728,7 @@ static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
 	ct = bpf_map_lookup_elem(&sp_ct_v3, &ckey);
 	if (!ct || addr_is_v4(ct->nat_addr) == p->v6)
 		return -1;
-	ct->last_seen = bpf_ktime_get_ns();
+	ct->last_seen = now_ns();
 	if (rewrite(skb, p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_REVNAT, TC_ACT_OK);
@@ -703,12 +800,19 @@ int sp_ext_ingress(struct __sk_buff *skb)
 
 	ct_key(&ukey, p.saddr, p.daddr, bpf_ntohs(p.sport), bpf_ntohs(p.dport), p.proto, SP_CT_UNSNAT);
 	ct = bpf_map_lookup_elem(&sp_ct_v3, &ukey);
-	if (ct && addr_is_v4(ct->nat_addr) != p.v6) {
-		ct->last_seen = bpf_ktime_get_ns();
-		track_close(ct, &p, 1);
-		if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
-			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-		return count(skb, SP_V_UNSNAT, TC_ACT_OK);
+	if (ct) {
+		/* The stamp first, then the client it names (see ct_touch).
+		 * A port being handed to another flow was idle past its hold:
+		 * this late packet of the flow that lost it is dropped, as is
+		 * one that found the entry changing too often (TCP resends). */
+		if (ct_touch(ct, now_ns()))
+			return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		if (addr_is_v4(ct->nat_addr) != p.v6) {
+			track_close(ct, &p, 1);
+			if (rewrite(skb, &p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
+				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+			return count(skb, SP_V_UNSNAT, TC_ACT_OK);
+		}
 	}
 	return dnat(skb, &p, SP_SCOPE_EXTERNAL);
 }
@@ -747,11 +851,12 @@ int sp_ext_egress(struct __sk_buff *skb)
 	ct = bpf_map_lookup_elem(&sp_ct_v3, &skey);
 	if (!ct)
 		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
-	now = bpf_ktime_get_ns();
+	now = now_ns();
 	ct->last_seen = now;
 	if (ct->nat_port) {
 		struct sp_ct_key ok = {};
 		struct sp_ct_val *u;
+		int t = 0;
 
 		ct_key(&ok, skey.daddr, ct->nat_addr, skey.dport, ct->nat_port, skey.proto, SP_CT_UNSNAT);
 		u = bpf_map_lookup_elem(&sp_ct_v3, &ok);
@@ -760,14 +865,17 @@ int sp_ext_egress(struct __sk_buff *skb)
 			put_unsnat(&skey, ct, ct->nat_port, BPF_NOEXIST);
 			u = bpf_map_lookup_elem(&sp_ct_v3, &ok);
 		}
-		/* The entry still names this client: the port is the flow's.
-		 * Otherwise the flow was idle past its hold and the port went
+		if (u)
+			t = ct_touch(u, now);
+		if (t == TOUCH_BUSY)
+			return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		/* Refreshed, and the entry still names this client: the port
+		 * is the flow's. Otherwise (being claimed, or naming another
+		 * client) the flow was idle past its hold and the port went
 		 * to another flow: this one gets a new port below. */
-		if (!u || (addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
-			if (u) {
-				u->last_seen = now;
+		if (!u || (!t && addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
+			if (u)
 				track_close(u, &p, 0);
-			}
 			if (addr_is_v4(ct->nat_addr) == p.v6 ||
 			    rewrite(skb, &p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
 				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
@@ -806,8 +914,8 @@ int sp_ext_egress(struct __sk_buff *skb)
 		uv.flags = SP_CT_F_RST;
 	for (int i = 0; i < SNAT_TRIES; i++) {
 		__u16 cand = lo + (start + i) % span;
-		struct sp_ct_val *old;
-		__u64 hold;
+		struct sp_ct_val *old, claim;
+		__u64 hold, s;
 
 		uk.dport = cand;
 		/* Collision probe: a port is free for this backend when no
@@ -815,13 +923,27 @@ int sp_ext_egress(struct __sk_buff *skb)
 		 * longer than its flow's hold (snat_hold: snat_reclaim, or
 		 * shorter once its TCP connection closed). */
 		old = bpf_map_lookup_elem(&sp_ct_v3, &uk);
-		if (old) {
-			hold = snat_hold(cfg, old);
-			if (!hold || old->last_seen >= now || now - old->last_seen <= hold)
-				continue;
+		if (!old) {
+			/* The map's bucket lock makes this insert atomic. */
+			if (bpf_map_update_elem(&sp_ct_v3, &uk, &uv, BPF_NOEXIST))
+				continue; /* taken by another CPU meanwhile */
+			port = cand;
+			break;
 		}
-		if (bpf_map_update_elem(&sp_ct_v3, &uk, &uv, old ? BPF_EXIST : BPF_NOEXIST))
-			continue; /* taken by another CPU meanwhile */
+		/* Flags only change right after a refresh, while the stamp is
+		 * fresh: read with a stamp idle past the hold, they are the
+		 * entry's. */
+		s = *(volatile __u64 *)&old->last_seen;
+		hold = snat_hold(cfg, old);
+		if (s == CT_CLAIMING || !hold || idle_ns(now, s) <= hold)
+			continue;
+		/* Claim it (see ct_touch): mark, write, publish. */
+		if (__sync_val_compare_and_swap(&old->last_seen, s, CT_CLAIMING) != s)
+			continue; /* refreshed or claimed on another CPU meanwhile */
+		claim = uv;
+		claim.last_seen = CT_CLAIMING;
+		__builtin_memcpy(old, &claim, sizeof(claim));
+		__sync_val_compare_and_swap(&old->last_seen, CT_CLAIMING, now);
 		port = cand;
 		break;
 	}

@@ -6,6 +6,8 @@ import pytest
 
 from ctrl import loader
 
+from .packets import set_uptime
+
 
 @pytest.fixture
 def dp():
@@ -21,3 +23,12 @@ def dp():
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture(params=[None, 5], ids=["machine-clock", "uptime-5s"])
+def uptime(request, dp):
+    """Tests that age entries run twice: on this machine's clock, and with
+    the programs' clock reading 5 seconds, as in the first minute after
+    boot, where "idle for 600 s" is a stamp before the clock's zero."""
+    set_uptime(dp, request.param)
+    return request.param

@@ -20,6 +20,8 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from ctrl import layout
+from ctrl.libbpf import ffi, lib
+from ctrl.maps import Map
 
 TCP_P = socket.IPPROTO_TCP
 UDP_P = socket.IPPROTO_UDP
@@ -253,7 +255,66 @@ class Seed:
 
 FORWARD = 0
 REPLY = 1
-SEEDED_LAST_SEEN = 1  # last_seen of seeded conntrack entries: long ago
+# last_seen of seeded conntrack entries: a value the tests recognise. How
+# old it looks depends on the clock; a test that needs an age writes one
+# with stamp().
+SEEDED_LAST_SEEN = 1
+
+
+# -- the programs' clock -------------------------------------------------------
+# The programs stamp entries with bpf_ktime_get_ns() (CLOCK_MONOTONIC) plus
+# sp_clock_shift, a global the tests may set: set_uptime(dp, 5) runs them as
+# on a machine booted 5 seconds ago, whatever this machine's uptime, so the
+# stamps the aging tests write ("idle for 600 s") lie before the clock's zero
+# and wrap around, as they would in the first minute after boot.
+
+NS = 1_000_000_000
+U64 = 1 << 64
+
+
+def _clock_map(dp) -> Map | None:
+    """The map of the programs' .data.clock section (sp_clock_shift), or
+    None for an object built without it."""
+    m = lib().bpf_object__next_map(dp._obj, ffi.NULL)
+    while m != ffi.NULL:
+        if ffi.string(lib().bpf_map__name(m)) == b".data.clock":
+            return Map(lib().bpf_map__fd(m), ".data.clock")
+        m = lib().bpf_object__next_map(dp._obj, m)
+    return None
+
+
+def clock_shift(dp) -> int:
+    m = _clock_map(dp)
+    raw = m.lookup((0).to_bytes(4, "little")) if m is not None else None
+    return int.from_bytes(raw[:8], "little") if raw else 0
+
+
+def set_uptime(dp, seconds: float | None) -> None:
+    """Shift the programs' clock so that it reads `seconds` now; None: the
+    machine's own clock (no shift)."""
+    shift = 0 if seconds is None else (int(seconds * NS) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) % U64
+    m = _clock_map(dp)
+    if m is None:
+        assert seconds is None, "this BPF object has no sp_clock_shift: it cannot run at another uptime"
+        return
+    m.update((0).to_bytes(4, "little"), shift.to_bytes(8, "little"))
+
+
+def prog_now(dp) -> int:
+    """What now_ns() in the programs reads at this moment."""
+    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) + clock_shift(dp)) % U64
+
+
+def stamp(dp, idle: float) -> int:
+    """A stamp `idle` seconds old by the programs' clock (negative: ahead of
+    it), modulo 2**64 as the programs compute ages."""
+    return (prog_now(dp) - int(idle * NS)) % U64
+
+
+def idle_of(dp, last_seen: int) -> float:
+    """Seconds since last_seen by the programs' clock (negative: ahead)."""
+    d = (prog_now(dp) - last_seen) % U64
+    return (d - U64 if d >= 1 << 63 else d) / NS
 
 
 def svc_key(addr: str, port: int, proto: int, scope: int = 0) -> bytes:
@@ -371,7 +432,7 @@ class Run:
     retval: int
     out: bytes
     counted: dict[str, tuple[int, int]]  # counters this packet moved
-    t0: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns) bounds of the run
+    t0: int  # the programs' clock (prog_now) at the bounds of the run
     t1: int
 
 
@@ -379,9 +440,10 @@ def run(dp, pkt: bytes, egress: bool = False, external: bool = False) -> Run:
     """One packet through the ingress (or egress) program of a pod (or an
     external) interface, with the counters it moved."""
     before = stats(dp)
-    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    shift = clock_shift(dp)
+    t0 = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) + shift) % U64
     retval, out, _ = dp.test_run(pkt, egress=egress, external=external)
-    t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    t1 = (time.clock_gettime_ns(time.CLOCK_MONOTONIC) + shift) % U64
     after = stats(dp)
     delta = {}
     for k, (p, b) in after.items():

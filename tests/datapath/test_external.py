@@ -15,8 +15,6 @@ checksums recomputed by scapy. Addresses: 198.18.0.0/15, 2001:db8::/32.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -27,7 +25,6 @@ from ctrl import layout
 from .packets import (
     FORWARD,
     REPLY,
-    SEEDED_LAST_SEEN,
     TC_ACT_OK,
     TC_ACT_SHOT,
     TCP_P,
@@ -43,6 +40,7 @@ from .packets import (
     put_ct,
     run,
     seed,
+    stamp,
     tcp,
     udp,
     verify_checksums,
@@ -261,16 +259,18 @@ def snat_after_dnat(dp, client_port: int = CPORT) -> tuple[int, bytes]:
         pytest.param((61001,), "now", 61000, id="other-busy-port-skipped"),
         pytest.param((61000, 61001), "now", None, id="all-busy-dropped"),
         pytest.param((61000, 61001), "long-ago", "any", id="idle-entries-reclaimed"),
+        # Stamped on another CPU after this one read its clock: idle 0, held.
+        pytest.param((61000,), "ahead", 61001, id="stamp-ahead-of-now-held"),
     ],
 )
-def test_snat_port_collisions(dp, taken, last_seen, expect):
+def test_snat_port_collisions(dp, uptime, taken, last_seen, expect):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61001, reclaim=300)
-    stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if last_seen == "now" else SEEDED_LAST_SEEN
+    last = stamp(dp, {"now": 0, "long-ago": 3600, "ahead": -1}[last_seen])
     for i, port in enumerate(taken):
         # Another client's flow to the same backend holds the port.
         put_ct(
-            dp, CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000 + i, BE.id, NP.svc_id), stamp
+            dp, CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000 + i, BE.id, NP.svc_id), last
         )
     retval, out = snat_after_dnat(dp)
     if expect is None:
@@ -282,14 +282,11 @@ def test_snat_port_collisions(dp, taken, last_seen, expect):
     assert ct(dp)[CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT)] == CtVal(OUTSIDE, CPORT, BE.id, NP.svc_id)
 
 
-def test_snat_drop_is_counted(dp):
+def test_snat_drop_is_counted(dp, uptime):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000)
     put_ct(
-        dp,
-        CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT),
-        CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id),
-        time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+        dp, CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id), stamp(dp, 0)
     )
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)
     r = run(dp, r.out, egress=True, external=True)
@@ -481,12 +478,11 @@ def test_a_new_syn_on_the_same_tuple_clears_the_close(dp):
 
 
 def age(dp, key: CtKey, seconds: float) -> None:
-    """Make an entry look idle for `seconds`: its last_seen moved back (the
-    program's clock is CLOCK_MONOTONIC), every other field kept."""
+    """Make an entry look idle for `seconds`: its last_seen moved back by the
+    programs' clock, modulo 2**64 (at an uptime below `seconds` the stamp
+    wraps, as the programs' arithmetic does), every other field kept."""
     val, _ = ct_dump(dp)[key]
-    stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - int(seconds * 1e9)
-    assert stamp > 0, "the machine has been up for less than the idle time simulated"
-    put_ct(dp, key, val, stamp)
+    put_ct(dp, key, val, stamp(dp, seconds))
 
 
 RECLAIM, RECLAIM_CLOSED = 600, 10
@@ -515,7 +511,7 @@ RECLAIM, RECLAIM_CLOSED = 600, 10
         ("backend-fin-only", 62, False),
     ],
 )
-def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, close, idle, reused):
+def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, uptime, close, idle, reused):
     """One SNAT port: client A's flow takes it, ends (or not) as `close`
     says, is made to look idle for `idle` seconds; then client B's new flow
     gets the port, or is dropped."""
@@ -554,7 +550,7 @@ def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, close, idle, re
         (0, RECLAIM_CLOSED, "client-first", 12, True),
     ],
 )
-def test_snat_hold_settings(dp, reclaim, reclaim_closed, close, idle, reused):
+def test_snat_hold_settings(dp, uptime, reclaim, reclaim_closed, close, idle, reused):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=reclaim, reclaim_closed=reclaim_closed)
     port = open_masqueraded_flow(dp)
@@ -565,7 +561,7 @@ def test_snat_hold_settings(dp, reclaim, reclaim_closed, close, idle, reused):
     assert retval == (TC_ACT_OK if reused else TC_ACT_SHOT)
 
 
-def test_client_packets_keep_the_port_held(dp):
+def test_client_packets_keep_the_port_held(dp, uptime):
     """The client's packets refresh the UNSNAT entry too: a flow whose
     backend is silent (one-way UDP, a long upload) keeps its port."""
     seed(dp, Seed(services=(NP,), backends=(BE,)))
@@ -577,7 +573,7 @@ def test_client_packets_keep_the_port_held(dp):
     assert retval == TC_ACT_SHOT
 
 
-def test_a_flow_whose_port_was_given_away_takes_another(dp):
+def test_a_flow_whose_port_was_given_away_takes_another(dp, uptime):
     """Client A's flow closed and its port went to client B. A late packet
     of A's (a retransmitted ACK) must not enter B's connection: A gets a
     new port, and B's entry is left alone."""
@@ -602,7 +598,7 @@ def test_a_flow_whose_port_was_given_away_takes_another(dp):
     assert entries[CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)].nat_port == 61001
 
 
-def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_briefly(dp):
+def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_briefly(dp, uptime):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
     port = open_masqueraded_flow(dp)
@@ -614,7 +610,7 @@ def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_bri
     assert ct(dp)[unsnat_key(61001)].flags == F_RST
 
 
-def test_udp_flows_keep_ports_for_snat_reclaim(dp):
+def test_udp_flows_keep_ports_for_snat_reclaim(dp, uptime):
     seed(dp, Seed(services=(NP_UDP,), backends=(BE_UDP,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
     r = run(dp, udp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)

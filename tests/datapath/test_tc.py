@@ -20,7 +20,6 @@ shortest truncated header below is one whose options are cut.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -60,12 +59,14 @@ from .packets import (
     ipv6_tcp,
     max_options,
     nat_offsets,
+    prog_now,
     put_backend,
     put_slot,
     router_alert,
     run,
     seed,
     set_bytes,
+    stamp,
     tcp,
     udp,
     verify_checksums,
@@ -812,11 +813,17 @@ def test_without_affinity_new_flows_spread(dp):
     [
         pytest.param(2, 5, 1, True, id="recent-entry-sticks"),
         pytest.param(2, 5, 120, False, id="expired-entry-repicks"),
+        pytest.param(2, 5, 59, True, id="entry-just-within-timeout-sticks"),
+        pytest.param(2, 5, 61, False, id="entry-just-past-timeout-repicks"),
+        # Another CPU stamped the entry after this one read its clock: the
+        # stamp is ahead of now, idle 0, not 584 years (1 s ahead here, so
+        # that it still is when the packet runs).
+        pytest.param(2, 5, -1, True, id="stamp-ahead-of-now-sticks"),
         pytest.param(2, 1, 1, False, id="slot-rewritten-since-repicks"),
         pytest.param(7, 5, 1, False, id="slot-beyond-count-repicks"),
     ],
 )
-def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
+def test_affinity_entry_rules(dp, uptime, slot, backend_id, age_s, sticks):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),), backends=AFF_BACKENDS))
     vc = layout.codec("sp_aff_val")
     firsts = []
@@ -824,11 +831,12 @@ def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
     # always gives BE3 (slot 2); a fresh pick is uniform, so twelve rounds
     # all on one backend would happen with probability 3 * (1/3)**12.
     for i in range(12):
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        dp.maps["sp_aff_v3"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
+        now = prog_now(dp)
+        dp.maps["sp_aff_v3"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, stamp(dp, age_s)))
         firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
         be, s_, last = vc.unpack(dp.maps["sp_aff_v3"].lookup(aff_key(30, CLIENT)))
-        assert last > now and s_ < 3  # refreshed, and naming a valid slot
+        # Refreshed (stamped after `now`, modulo 2**64), and naming a valid slot.
+        assert 0 < (last - now) % 2**64 < 2**63 and s_ < 3
     if sticks:
         assert set(firsts) == {BE3}
     else:

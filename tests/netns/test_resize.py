@@ -74,15 +74,15 @@ def finish_echoes(topo: Topology, echoes: list[subprocess.Popen[bytes]], lines: 
 def test_bigger_maps_keep_established_connections(topo: Topology, agents: Agents) -> None:
     old = agents.start_ready(extra=SMALL)
     before = ids(dump(topo, agents.pin_dir))
-    assert capacities(agents.pin_dir)["sp_be_v2"] == 12
+    assert capacities(agents.pin_dir)["sp_be_v3"] == 12
     echoes = echo_clients(topo)
     try:
         assert old.terminate() == 0
         new = agents.start(extra=BIG)
         agents.wait_ready(new)
-        new.wait_log(r"resizing sp_be_v2 from 12 to 64 entries")
-        new.wait_log(r"resizing sp_ct_v2 from 4096 to 8192 entries")
-        new.wait_log(r"migrated \d+ entries of sp_ct_v2_old into sp_ct_v2")
+        new.wait_log(r"resizing sp_be_v3 from 12 to 64 entries")
+        new.wait_log(r"resizing sp_ct_v3 from 4096 to 8192 entries")
+        new.wait_log(r"migrated \d+ entries of sp_ct_v2_old into sp_ct_v3")
         assert all(e.poll() is None for e in echoes), "a connection ended before the restart; the test proved nothing"
     except BaseException:
         for e in echoes:
@@ -91,8 +91,8 @@ def test_bigger_maps_keep_established_connections(topo: Topology, agents: Agents
     finish_echoes(topo, echoes)
     caps = capacities(agents.pin_dir)
     assert not [n for n in caps if n.endswith("_old")], caps
-    assert (caps["sp_svc_v2"], caps["sp_names_v2"], caps["sp_be_v2"], caps["sp_slot_v2"]) == (64, 64, 64, 128)
-    assert (caps["sp_ct_v2"], caps["sp_aff_v2"]) == (8192, 8192)
+    assert (caps["sp_svc_v3"], caps["sp_names_v3"], caps["sp_be_v3"], caps["sp_slot_v3"]) == (64, 64, 64, 128)
+    assert (caps["sp_ct_v3"], caps["sp_aff_v3"]) == (8192, 8192)
     after = dump(topo, agents.pin_dir)
     assert ids(after) == before, "service ids or backend slots changed across the resize"
     full = new.wait_log(r"sync \(full\):")
@@ -111,8 +111,8 @@ def test_shrinking_below_what_is_held_is_refused_and_changes_nothing(topo: Topol
     small.terminate()
     assert rc == 1, f"expected exit status 1, got {rc}:\n{small.log_tail()}"
     msg = "\n".join(small.log())
-    assert "sp_be_v2 holds 9 entries, more than --max-backends 4 allows: raise --max-backends to at least 9" in msg
-    assert "sp_slot_v2 holds 9 entries, more than --max-slots 8 allows" in msg
+    assert "sp_be_v3 holds 9 entries, more than --max-backends 4 allows: raise --max-backends to at least 9" in msg
+    assert "sp_slot_v3 holds 9 entries, more than --max-slots 8 allows" in msg
     assert "Nothing was changed" in msg
     assert "kernel" not in msg, msg  # not the misleading "kernel does not support" of before
     assert capacities(agents.pin_dir) == caps
@@ -122,7 +122,7 @@ def test_shrinking_below_what_is_held_is_refused_and_changes_nothing(topo: Topol
     ok = agents.start(extra=("--max-backends", "9", "--max-slots", "9", "--max-services", "64"))
     agents.wait_ready(ok)
     assert ids(dump(topo, agents.pin_dir)) == before
-    assert capacities(agents.pin_dir)["sp_be_v2"] == 9
+    assert capacities(agents.pin_dir)["sp_be_v3"] == 9
 
 
 def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents) -> None:
@@ -134,7 +134,7 @@ def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents
         assert old.terminate() == 0
         new = agents.start(extra=(*BIG[:6], "--max-conntrack", "256"))
         agents.wait_ready(new)
-        lines = new.wait_log(r"sp_ct_v2 has room for 256 entries: the \d+ least recently used")
+        lines = new.wait_log(r"sp_ct_v3 has room for 256 entries: the \d+ least recently used")
         dropped = int(lines[0].split("the ")[1].split()[0])
         assert dropped >= 600 - 256, lines[0]
         assert all(e.poll() is None for e in echoes), "a connection ended before the restart; the test proved nothing"
@@ -144,7 +144,7 @@ def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents
         raise
     # The six connections in use were among the most recently used: kept.
     finish_echoes(topo, echoes)
-    assert capacities(agents.pin_dir)["sp_ct_v2"] == 256
+    assert capacities(agents.pin_dir)["sp_ct_v3"] == 256
     assert_spread(http(topo), THREE)
 
 
@@ -168,8 +168,8 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
         dp = loader.load(None, str(agents.pin_dir), _sizes(BIG))
         dp.close()
         names = {p.name for p in agents.pin_dir.iterdir()}
-        assert {"sp_be_v2_old", "sp_be_v2", "sp_ct_v2_old"} <= names, names
-        assert os.path.exists(agents.pin_dir / "sp_ct_v2")
+        assert {"sp_be_v2_old", "sp_be_v3", "sp_ct_v2_old"} <= names, names
+        assert os.path.exists(agents.pin_dir / "sp_ct_v3")
         extra = BIG if then == "same-size" else (*BIG[:6], "--max-conntrack", "16384")
         new = agents.start(extra=extra)
         agents.wait_ready(new)
@@ -182,7 +182,7 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
     assert ids(dump(topo, agents.pin_dir)) == before
     caps = capacities(agents.pin_dir)
     assert not [n for n in caps if n.endswith("_old")], caps
-    assert caps["sp_ct_v2"] == (8192 if then == "same-size" else 16384)
+    assert caps["sp_ct_v3"] == (8192 if then == "same-size" else 16384)
     assert_spread(http(topo), THREE)
 
 
@@ -209,7 +209,7 @@ def test_flows_written_to_the_old_map_during_the_switch_are_carried_too(agents: 
     dp.maps[ct].update(k(1), v(1))
     dp.maps[ct].update(k(2), v(2))
     dp.close()
-    dp = loader.load(None, pin, _sizes(BIG))  # sp_ct_v2 set aside, a new one made
+    dp = loader.load(None, pin, _sizes(BIG))  # sp_ct_v3 set aside, a new one made
     try:
         carry = Carry(pin, dp.maps)
         assert carry.copy() >= 2

@@ -59,8 +59,9 @@ def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     (out / "sliceproxy.h").write_text(hdr)
     (out / "sliceproxy_tc.bpf.c").write_text(src)
     arch = os.uname().machine
+    # The Makefile's BPF_CFLAGS (-mcpu=v3: the programs use BPF atomics).
     subprocess.run(
-        ["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu", f"-I{out}", "-c",
+        ["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", f"-I/usr/include/{arch}-linux-gnu", f"-I{out}", "-c",
          str(out / "sliceproxy_tc.bpf.c"), "-o", str(out / "old.bpf.o")],
         check=True,
     )  # fmt: skip
