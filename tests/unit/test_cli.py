@@ -61,7 +61,9 @@ def test_empty_addresses_turn_the_servers_off():
     assert agent.health_checks is not None  # health check node ports are the Services', not a flag's
 
 
-@pytest.mark.parametrize("flag", ["--max-services", "--max-backends", "--max-slots", "--max-conntrack", "--max-source-ranges"])
+@pytest.mark.parametrize(
+    "flag", ["--max-services", "--max-backends", "--max-slots", "--max-conntrack", "--max-source-ranges"]
+)
 def test_a_map_capacity_below_one_is_refused_naming_the_flag(flag):
     with pytest.raises(SystemExit, match=f"{flag}: 0 is not a map capacity"):
         options(flag, "0")
