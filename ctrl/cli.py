@@ -14,11 +14,23 @@ import sys
 from . import __version__
 from .layout import map_name as mn
 from .libbpf import BPFError
-from .loader import DEFAULT_PIN_DIR
+from .loader import DEFAULT_PIN_DIR, Hairpin
 from .logs import setup_logging
 from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy")
+
+# Hairpin source addresses (docs/semantics.md, "Hairpin"): addresses no
+# one else uses. IPv4: in 169.254.255.0/24, the link-local block's last 256
+# addresses, which RFC 3927 (2.1) bars hosts from picking for themselves,
+# away from the link-local addresses operators do use (169.254.169.254
+# metadata, 169.254.20.10 node-local DNS, 169.254.1.1 Calico's gateway).
+# IPv6: a link-local address would be resolved on the pod's link (neighbour
+# discovery, which nothing answers), so an address of the discard-only
+# block 100::/64 (RFC 6666), which no host may use and pods route to their
+# gateway like any global address.
+DEFAULT_HAIRPIN4 = "169.254.255.1"
+DEFAULT_HAIRPIN6 = "100::1"
 
 
 def _patterns(values: list[str] | None) -> list[str]:
@@ -85,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same for a TCP flow that closed: reset, or both FINs with the client's first "
         "(one whose backend sent the first FIN keeps its port 60 s, the backend's TIME_WAIT); "
         "0: close not tracked, --snat-reclaim applies",
+    )
+    run.add_argument(
+        "--hairpin-ipv4",
+        default=DEFAULT_HAIRPIN4,
+        metavar="ADDRESS",
+        help="source address of a pod's packets that its own Service sends back to it (hairpin; "
+        f"docs/semantics.md); pods must route it to their gateway; empty: off (default {DEFAULT_HAIRPIN4})",
+    )
+    run.add_argument(
+        "--hairpin-ipv6",
+        default=DEFAULT_HAIRPIN6,
+        metavar="ADDRESS",
+        help=f"the same for IPv6; empty: off (default {DEFAULT_HAIRPIN6})",
     )
     run.add_argument(
         "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
@@ -224,6 +249,27 @@ def _cidrs(values: list[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _hairpin(args) -> Hairpin:
+    """The hairpin addresses of --hairpin-ipv4 and --hairpin-ipv6 (map form)."""
+    import ipaddress
+
+    from .objects import addr16
+
+    out: list[bytes | None] = []
+    for flag, value, version in (("--hairpin-ipv4", args.hairpin_ipv4, 4), ("--hairpin-ipv6", args.hairpin_ipv6, 6)):
+        if not value:
+            out.append(None)
+            continue
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            ip = None
+        if ip is None or ip.version != version or ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            raise SystemExit(f"sliceproxy run: {flag}: {value!r} is not a unicast IPv{version} address")
+        out.append(addr16(str(ip)))
+    return Hairpin(out[0], out[1])
+
+
 def cmd_run(args) -> int:
     from .agent import Agent
     from .diff import Programmed
@@ -234,6 +280,7 @@ def cmd_run(args) -> int:
         if not 0 <= v <= 0xFFFFFFFF:
             raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
     nodeport_cidrs = _cidrs(args.nodeport_addresses)
+    hairpin = _hairpin(args)
 
     sizes = MapSizes(args.max_services, args.max_backends, args.max_slots, args.max_conntrack)
     source = make_source(args)
@@ -269,7 +316,7 @@ def cmd_run(args) -> int:
     ext_patterns = _patterns(args.external_interfaces)
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
-    dp = loader.load(args.bpf_object, args.pin_dir, sizes)
+    dp = loader.load(args.bpf_object, args.pin_dir, sizes, hairpin)
     from . import migrate
 
     if migrate.old_pins(args.pin_dir, dp.maps):

@@ -92,6 +92,13 @@ struct {
 	__type(value, struct sp_cfg);
 } sp_cfg_v2 SEC(".maps");
 
+/* The hairpin source addresses (struct sp_hairpin in sliceproxy.h). A
+ * read-only global rather than a map field: the control plane writes it
+ * into the object before load (ctrl/loader.py), no map layout changes, and
+ * the verifier sees the values. Its own section, so the loader finds it at
+ * offset 0 of its own internal map. */
+const volatile struct sp_hairpin sp_hairpin SEC(".rodata.hairpin") = {};
+
 /* Ethernet + the longest IPv4 header + a TCP header. */
 #define PULL_LEN (ETH_HLEN + 60 + 20)
 
@@ -147,6 +154,32 @@ static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
 	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* The hairpin address of a family (map form), or 0 when none is set. */
+static __always_inline const __u8 *hairpin_addr(int v6)
+{
+	const __u8 *a = v6 ? (const __u8 *)sp_hairpin.addr6 : (const __u8 *)sp_hairpin.addr4;
+	const __u32 *w = (const __u32 *)a;
+
+	return (w[0] | w[1] | w[2] | w[3]) ? a : 0;
+}
+
+/*
+ * The address a flow from client to backend gets as its source, or 0 to
+ * keep the client's: a pod whose packet to a frontend of its own scope is
+ * given the pod itself as backend (hairpin). Left as it is, the packet
+ * would enter the pod from its own address, which the pod drops as a
+ * martian, and the pod's answer would go to itself over lo, bypassing the
+ * reverse NAT. kube-proxy masquerades this case (KUBE-MARK-MASQ when the
+ * source is the endpoint itself). Only pods' traffic (scope internal):
+ * external traffic never comes from a pod of this node.
+ */
+static __always_inline const __u8 *hairpin_for(__u8 scope, const __u8 *backend, const __u8 *client)
+{
+	if (scope != SP_SCOPE_INTERNAL || !addr_eq(backend, client))
+		return 0;
+	return hairpin_addr(!addr_is_v4(client));
 }
 
 /*
@@ -274,8 +307,10 @@ static __always_inline int put_reply(const struct sp_ct_key *fwd, const struct s
 				     const struct sp_ct_val *fct, __u64 flags)
 {
 	struct sp_ct_key rk = {};
+	/* A hairpin flow's backend answers the hairpin address, not itself. */
+	const __u8 *hp = hairpin_for(front->scope, fct->nat_addr, fwd->saddr);
 
-	ct_key(&rk, fct->nat_addr, fwd->saddr, fct->nat_port, fwd->sport, fwd->proto, SP_CT_REPLY);
+	ct_key(&rk, fct->nat_addr, hp ? hp : fwd->saddr, fct->nat_port, fwd->sport, fwd->proto, SP_CT_REPLY);
 	return put_ct(&rk, front->addr, front->port, 0, 0, fct, flags);
 }
 
@@ -507,6 +542,55 @@ static __always_inline __u64 snat_hold(const struct sp_cfg *cfg, const struct sp
 }
 
 /*
+ * Send a packet back into the pod it came from: out of the interface it
+ * came in by, with the Ethernet addresses swapped (the pod addressed the
+ * frame to the host side; it takes only frames addressed to itself).
+ * Returns the tc action, or -1 when the frame could not be rewritten.
+ *
+ * Both directions of a hairpin flow take this short cut, so they never
+ * enter the node's IP stack: netfilter's conntrack sees none of the flow
+ * rather than half of it (a reply it never saw the request of is INVALID,
+ * which many rulesets drop), and neither routing nor rp_filter has to
+ * accept the hairpin address, which is routed nowhere on the node.
+ */
+static __always_inline int reflect(struct __sk_buff *skb)
+{
+	__u8 macs[2 * ETH_ALEN], swapped[2 * ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)))
+		return -1;
+	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0))
+		return -1;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/*
+ * The last step of a DNAT: the destination becomes the backend be:port
+ * (host order), counted as verdict. A hairpin flow's packet also gets the
+ * hairpin address as its source (the port stays: the reply entry is keyed
+ * by it) and goes straight back into the pod.
+ */
+static __always_inline int dnat_to(struct __sk_buff *skb, struct pkt *p, __u8 scope, const __u8 *be, __u16 port,
+				   __u32 verdict)
+{
+	const __u8 *hp = hairpin_for(scope, be, p->saddr);
+	int act;
+
+	if (rewrite(skb, p, 1, be, bpf_htons(port)))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	if (!hp)
+		return count(skb, verdict, TC_ACT_OK);
+	if (rewrite(skb, p, 0, hp, p->sport))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	act = reflect(skb);
+	if (act < 0)
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	return count(skb, verdict, act);
+}
+
+/*
  * A packet to a frontend of this scope gets a backend and its destination
  * rewritten (DNAT). Shared by the pod ingress (scope internal) and the
  * external ingress (scope external).
@@ -543,9 +627,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 		 * it had (port2), so the backend keeps seeing one connection. */
 		if (svc->flags & SP_SVC_F_MASQ)
 			put_snat(&ckey, ct, BPF_NOEXIST);
-		if (rewrite(skb, p, 1, ct->nat_addr, bpf_htons(ct->nat_port)))
-			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-		return count(skb, SP_V_DNAT_ESTABLISHED, TC_ACT_OK);
+		return dnat_to(skb, p, scope, ct->nat_addr, ct->nat_port, SP_V_DNAT_ESTABLISHED);
 	}
 
 	/* A new flow (or one whose backend went away): pick a slot. The
@@ -616,9 +698,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	if ((svc->flags & SP_SVC_F_MASQ) && put_snat(&ckey, &nct, BPF_ANY))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	if (rewrite(skb, p, 1, nct.nat_addr, bpf_htons(nct.nat_port)))
-		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-	return count(skb, SP_V_DNAT_NEW, TC_ACT_OK);
+	return dnat_to(skb, p, scope, nct.nat_addr, nct.nat_port, SP_V_DNAT_NEW);
 }
 
 /* A reply of a flow we DNATed: its source back to the frontend. */
@@ -638,6 +718,29 @@ static __always_inline int revnat(struct __sk_buff *skb, struct pkt *p)
 }
 
 /*
+ * A pod's packet to the hairpin address: the answer of a hairpin flow's
+ * backend to the pod itself as client. Its source goes back to the
+ * frontend (the flow's reply entry is keyed by the hairpin address), its
+ * destination to the pod's own address, and it goes straight back into the
+ * pod. -1: not such a packet.
+ */
+static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt *p)
+{
+	const __u8 *hp = hairpin_addr(p->v6);
+	int v;
+
+	if (!hp || !addr_eq(p->daddr, hp))
+		return -1;
+	v = revnat(skb, p);
+	if (v != TC_ACT_OK)
+		return v; /* no flow (-1), or a failed rewrite, counted */
+	if (rewrite(skb, p, 1, p->saddr, p->dport))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	v = reflect(skb);
+	return v < 0 ? count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT) : v;
+}
+
+/*
  * Ingress of the host side of a pod interface: packets the pod sends. A
  * packet to a frontend is given a backend and its destination rewritten
  * (DNAT), before netfilter and routing see it. Replies are not touched here:
@@ -652,6 +755,9 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	v = parse(skb, &p);
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
+	v = hairpin_reply(skb, &p);
+	if (v >= 0)
+		return v;
 	return dnat(skb, &p, SP_SCOPE_INTERNAL);
 }
 
