@@ -740,6 +740,322 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, struct pkt *p)
 	return v < 0 ? count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT) : v;
 }
 
+/* ICMP and ICMPv6 error types that quote the packet they are about
+ * (linux/icmp.h and linux/icmpv6.h, whose userspace includes pull in
+ * libc headers a BPF build does not have). */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+/* The checksum of both is at byte 2 of their header; the quoted packet
+ * starts at byte 8 (RFC 792, RFC 4443). */
+#define ICMP_CSUM_OFF 2
+#define ICMP_QUOTE_OFF 8
+
+/* An ICMP error about a TCP or UDP packet: where its parts are, and the
+ * quoted packet's tuple. */
+struct icmp_err {
+	struct pkt in;  /* the quoted packet; in.l4_off: its TCP/UDP header */
+	__u8 saddr[16]; /* outer source and destination, map form */
+	__u8 daddr[16];
+	__u32 icmp_off; /* the ICMP header */
+	__u32 ip_off;   /* the quoted IP header */
+	__u32 end;      /* end of the outer IP packet: nothing beyond is read
+			 * or written (Ethernet padding, a lying length) */
+};
+
+static __always_inline int icmp_error_type(__u8 type, int v6)
+{
+	if (v6)
+		return type == ICMPV6_DEST_UNREACH || type == ICMPV6_PKT_TOOBIG || type == ICMPV6_TIME_EXCEED ||
+		       type == ICMPV6_PARAMPROB;
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/*
+ * Parse an ICMP (IPv4) or ICMPv6 error quoting a TCP or UDP packet. 0 and
+ * ie filled, or -1 for anything else. Its own parser, not parse(): only
+ * packets parse() found neither TCP nor UDP come here, and the headers are
+ * copied out with bpf_skb_load_bytes (an error quotes an IP header whose
+ * options move everything after it; copies need no packet bounds proofs).
+ * The outer IP length bounds every read: the quote may be cut anywhere
+ * after its ports (RFC 792 guarantees 8 bytes of the quoted L4 header).
+ */
+static __always_inline int parse_icmp(struct __sk_buff *skb, struct icmp_err *ie)
+{
+	__be16 proto;
+	__u8 type;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)))
+		return -1;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip, in;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+			return -1;
+		if (ip.version != 4 || ip.ihl < 5 || ip.protocol != IPPROTO_ICMP ||
+		    (ip.frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+			return -1;
+		ie->end = ETH_HLEN + bpf_ntohs(ip.tot_len);
+		ie->icmp_off = ETH_HLEN + ip.ihl * 4;
+		ie->ip_off = ie->icmp_off + ICMP_QUOTE_OFF;
+		if (ie->end > skb->len || ie->ip_off + sizeof(in) > ie->end)
+			return -1;
+		if (bpf_skb_load_bytes(skb, ie->icmp_off, &type, 1) || !icmp_error_type(type, 0))
+			return -1;
+		if (bpf_skb_load_bytes(skb, ie->ip_off, &in, sizeof(in)))
+			return -1;
+		/* A quoted fragment other than the first has no ports. */
+		if (in.version != 4 || in.ihl < 5 || (in.frag_off & bpf_htons(IP_OFFSET)))
+			return -1;
+		ie->in.proto = in.protocol;
+		ie->in.l4_off = ie->ip_off + in.ihl * 4;
+		addr_from_v4(ie->saddr, ip.saddr);
+		addr_from_v4(ie->daddr, ip.daddr);
+		addr_from_v4(ie->in.saddr, in.saddr);
+		addr_from_v4(ie->in.daddr, in.daddr);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6, in6;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+			return -1;
+		/* As parse(): extension headers are not walked. */
+		if (ip6.version != 6 || ip6.nexthdr != IPPROTO_ICMPV6)
+			return -1;
+		ie->end = ETH_HLEN + sizeof(ip6) + bpf_ntohs(ip6.payload_len);
+		ie->icmp_off = ETH_HLEN + sizeof(ip6);
+		ie->ip_off = ie->icmp_off + ICMP_QUOTE_OFF;
+		if (ie->end > skb->len || ie->ip_off + sizeof(in6) > ie->end)
+			return -1;
+		if (bpf_skb_load_bytes(skb, ie->icmp_off, &type, 1) || !icmp_error_type(type, 1))
+			return -1;
+		if (bpf_skb_load_bytes(skb, ie->ip_off, &in6, sizeof(in6)) || in6.version != 6)
+			return -1;
+		ie->in.v6 = 1;
+		ie->in.proto = in6.nexthdr;
+		ie->in.l4_off = ie->ip_off + sizeof(in6);
+		__builtin_memcpy(ie->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(ie->daddr, &ip6.daddr, 16);
+		__builtin_memcpy(ie->in.saddr, &in6.saddr, 16);
+		__builtin_memcpy(ie->in.daddr, &in6.daddr, 16);
+	} else {
+		return -1;
+	}
+	if (ie->in.proto != IPPROTO_TCP && ie->in.proto != IPPROTO_UDP)
+		return -1;
+	/* An error goes to the sender of the packet it quotes (RFC 1122
+	 * 3.2.2, RFC 4443 2.2); anything else is not one to translate. */
+	if (!addr_eq(ie->daddr, ie->in.saddr))
+		return -1;
+	if (ie->in.l4_off + 4 > ie->end || bpf_skb_load_bytes(skb, ie->in.l4_off, &ie->in.sport, 4))
+		return -1;
+	return 0;
+}
+
+/*
+ * Rewrite the quoted packet's source (dst 0) or destination (dst 1) to
+ * addr:port (map form, network order), and the outer address that named
+ * the same host: the outer source for a quoted destination (a backend
+ * reporting on a packet sent to it becomes the frontend), the outer
+ * destination for a quoted source (the node's SNAT address becomes the
+ * client). An outer address naming another host (a router on the way)
+ * stays.
+ *
+ * Checksums: the quoted IPv4 header's, the quoted TCP/UDP checksum when
+ * the quote holds it (its pseudo-header has the address), and the ICMP
+ * checksum over the whole quote (ICMPv6: and over the outer addresses, in
+ * its pseudo-header). Every change inside the ICMP message is offset by a
+ * checksum inside it, and an outer IPv6 address by the ICMPv6 checksum: the
+ * sum over the packet stays what it was, so a CHECKSUM_COMPLETE skb->csum
+ * stays right and no BPF_F_PSEUDO_HDR is used (it would adjust skb->csum).
+ * An ICMP error is never CHECKSUM_PARTIAL (stacks checksum it when they
+ * build it), which the plain replaces below rely on.
+ */
+static __always_inline int icmp_rewrite(struct __sk_buff *skb, const struct icmp_err *ie, int dst, const __u8 *addr,
+					__be16 port)
+{
+	const __u32 *ow = (const __u32 *)(dst ? ie->in.daddr : ie->in.saddr);
+	const __u32 *nw = (const __u32 *)addr;
+	const __u8 *outer = dst ? ie->saddr : ie->daddr;
+	__be16 oport = dst ? ie->in.dport : ie->in.sport;
+	__u32 icsum = ie->icmp_off + ICMP_CSUM_OFF;
+	__u32 l4csum = ie->in.l4_off + (ie->in.proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+	__u64 mangled = ie->in.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	int v6 = ie->in.v6, first = v6 ? 0 : 3, outer_too = addr_eq(outer, (const __u8 *)ow);
+	__u32 aoff, ooff;
+	__u16 before, after;
+
+	if (v6) {
+		aoff = ie->ip_off + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		ooff = dst ? IP6_SADDR_OFF : IP6_DADDR_OFF;
+	} else {
+		aoff = ie->ip_off + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		ooff = dst ? IP_SADDR_OFF : IP_DADDR_OFF;
+	}
+
+	/* The quoted L4 checksum, if quoted; the ICMP checksum follows its
+	 * change (read back: a UDP zero stays zero, a computed zero is 0xffff). */
+	if (l4csum + 2 <= ie->end) {
+		if (bpf_skb_load_bytes(skb, l4csum, &before, 2))
+			return -1;
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			if (i >= first && ow[i] != nw[i] &&
+			    bpf_l4_csum_replace(skb, l4csum, ow[i], nw[i], mangled | sizeof(__u32)))
+				return -1;
+		if (oport != port && bpf_l4_csum_replace(skb, l4csum, oport, port, mangled | sizeof(port)))
+			return -1;
+		if (bpf_skb_load_bytes(skb, l4csum, &after, 2))
+			return -1;
+		if (before != after && bpf_l4_csum_replace(skb, icsum, before, after, sizeof(after)))
+			return -1;
+	}
+	if (oport != port) {
+		if (bpf_l4_csum_replace(skb, icsum, oport, port, sizeof(port)) ||
+		    bpf_skb_store_bytes(skb, ie->in.l4_off + (dst ? 2 : 0), &port, sizeof(port), 0))
+			return -1;
+	}
+	/* The quoted address: offset by the quoted IPv4 header checksum, which
+	 * the ICMP checksum covers too; IPv6 has none, the ICMPv6 checksum
+	 * takes the change. The outer address: the IPv4 header checksum, or the
+	 * ICMPv6 pseudo-header. */
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (i < first || ow[i] == nw[i])
+			continue;
+		if (v6 ? bpf_l4_csum_replace(skb, icsum, ow[i], nw[i], sizeof(__u32))
+		       : bpf_l3_csum_replace(skb, ie->ip_off + offsetof(struct iphdr, check), ow[i], nw[i],
+					     sizeof(__u32)))
+			return -1;
+		if (outer_too && (v6 ? bpf_l4_csum_replace(skb, icsum, ow[i], nw[i], sizeof(__u32))
+				     : bpf_l3_csum_replace(skb, IP_CSUM_OFF, ow[i], nw[i], sizeof(__u32))))
+			return -1;
+	}
+	if (bpf_skb_store_bytes(skb, aoff, addr + (v6 ? 0 : 12), v6 ? 16 : 4, 0))
+		return -1;
+	if (outer_too && bpf_skb_store_bytes(skb, ooff, addr + (v6 ? 0 : 12), v6 ? 16 : 4, 0))
+		return -1;
+	return 0;
+}
+
+/*
+ * The flow an ICMP error is about, from its conntrack entry of direction
+ * dir. The quoted packet went the other way from the error, so the entry
+ * is keyed by the quoted tuple reversed: an error travelling like a reply
+ * (to the client) quotes a forward packet, client -> backend, and finds the
+ * flow's reply entry backend -> client; one travelling like a request
+ * quotes a reply and finds the forward entry.
+ */
+static __always_inline struct sp_ct_val *icmp_flow(const struct icmp_err *ie, __u8 dir)
+{
+	struct sp_ct_key k = {};
+	struct sp_ct_val *ct;
+
+	ct_key(&k, ie->in.daddr, ie->in.saddr, bpf_ntohs(ie->in.dport), bpf_ntohs(ie->in.sport), ie->in.proto, dir);
+	ct = bpf_map_lookup_elem(&sp_ct_v2, &k);
+	/* An SNAT entry without a port: the flow never left the node. */
+	if (!ct || addr_is_v4(ct->nat_addr) == ie->in.v6 || (dir == SP_CT_SNAT && !ct->nat_port))
+		return 0;
+	return ct;
+}
+
+/*
+ * Translate an ICMP error as the flow's own packets in its direction are:
+ * through the flow's entry of direction dir (icmp_flow), whose address and
+ * port replace the quoted destination (reply and SNAT entries: the error
+ * goes to the client, or out masqueraded) or the quoted source (forward
+ * and UNSNAT entries). Counted as verdict; -1: no such flow.
+ */
+static __always_inline int icmp_xlate(struct __sk_buff *skb, const struct icmp_err *ie, __u8 dir, __u32 verdict)
+{
+	struct sp_ct_val *ct = icmp_flow(ie, dir);
+	__u8 nat[16];
+
+	if (!ct)
+		return -1;
+	__builtin_memcpy(nat, ct->nat_addr, sizeof(nat));
+	if (icmp_rewrite(skb, ie, dir == SP_CT_REPLY || dir == SP_CT_SNAT, nat, bpf_htons(ct->nat_port)))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	return count(skb, verdict, TC_ACT_OK);
+}
+
+/*
+ * An ICMP error a pod sends. About a reply it got from a frontend (its
+ * socket is gone: port unreachable): to the flow's backend, as the pod's
+ * own packets of the flow are. About a hairpin flow it serves (sent to the
+ * hairpin address): back into the pod, as if from the frontend, about the
+ * packet the pod sent as client. -1: neither.
+ */
+static __always_inline int icmp_from_pod(struct __sk_buff *skb)
+{
+	struct icmp_err ie = {};
+	const __u8 *hp;
+	struct sp_ct_val *ct;
+	__u8 nat[16];
+	int act;
+
+	if (parse_icmp(skb, &ie))
+		return -1;
+	hp = hairpin_addr(ie.in.v6);
+	if (!hp || !addr_eq(ie.daddr, hp))
+		return icmp_xlate(skb, &ie, SP_CT_FORWARD, SP_V_DNAT_ESTABLISHED);
+	/* It quotes hairpin -> pod:backend port; the pod sent pod -> frontend. */
+	ct = icmp_flow(&ie, SP_CT_REPLY);
+	if (!ct)
+		return -1;
+	__builtin_memcpy(nat, ct->nat_addr, sizeof(nat));
+	if (icmp_rewrite(skb, &ie, 1, nat, bpf_htons(ct->nat_port)) ||
+	    icmp_rewrite(skb, &ie, 0, ie.in.daddr, ie.in.sport))
+		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+	act = reflect(skb);
+	return act < 0 ? count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT) : count(skb, SP_V_REVNAT, act);
+}
+
+/*
+ * An ICMP error leaving through an interface's egress (to a pod, or out of
+ * the node). About a flow's request (client -> backend, quoted by the
+ * backend or a router on the way): reverse NAT, as the flow's replies. At
+ * an external interface also about a masqueraded flow's reply (backend ->
+ * client, quoted by the client or a router near it, on its way to the
+ * backend): masqueraded, as the flow's requests. -1: neither.
+ */
+static __always_inline int icmp_out(struct __sk_buff *skb, int external)
+{
+	struct icmp_err ie = {};
+	int v;
+
+	if (parse_icmp(skb, &ie))
+		return -1;
+	v = icmp_xlate(skb, &ie, SP_CT_REPLY, SP_V_REVNAT);
+	if (v >= 0 || !external)
+		return v;
+	return icmp_xlate(skb, &ie, SP_CT_SNAT, SP_V_SNAT);
+}
+
+/*
+ * An ICMP error arriving at an external interface. About a masqueraded
+ * flow's request (node:SNAT port -> backend): its quoted source and outer
+ * destination back to the client, as UNSNAT does for the flow's replies;
+ * the client's interface then reverses the DNAT (icmp_out). About a reply
+ * an outside client got (frontend -> client): to the flow's backend, as
+ * the flow's requests. -1: neither.
+ */
+static __always_inline int icmp_ext_in(struct __sk_buff *skb)
+{
+	struct icmp_err ie = {};
+	int v;
+
+	if (parse_icmp(skb, &ie))
+		return -1;
+	v = icmp_xlate(skb, &ie, SP_CT_UNSNAT, SP_V_UNSNAT);
+	if (v >= 0)
+		return v;
+	return icmp_xlate(skb, &ie, SP_CT_FORWARD, SP_V_DNAT_ESTABLISHED);
+}
+
 /*
  * Ingress of the host side of a pod interface: packets the pod sends. A
  * packet to a frontend is given a backend and its destination rewritten
@@ -750,9 +1066,11 @@ SEC("tc")
 int sp_tc_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	int v;
+	int v, icmp;
 
 	v = parse(skb, &p);
+	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_from_pod(skb)) >= 0)
+		return icmp;
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 	v = hairpin_reply(skb, &p);
@@ -775,9 +1093,11 @@ SEC("tc")
 int sp_tc_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	int v;
+	int v, icmp;
 
 	v = parse(skb, &p);
+	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_out(skb, 0)) >= 0)
+		return icmp;
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 	v = revnat(skb, &p);
@@ -801,9 +1121,11 @@ int sp_ext_ingress(struct __sk_buff *skb)
 	struct sp_ct_key ukey = {};
 	struct sp_ct_val *ct;
 	struct pkt p = {};
-	int v;
+	int v, icmp;
 
 	v = parse(skb, &p);
+	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_ext_in(skb)) >= 0)
+		return icmp;
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 
@@ -840,9 +1162,11 @@ int sp_ext_egress(struct __sk_buff *skb)
 	struct pkt p = {};
 	__u32 zero = 0;
 	__u64 now;
-	int v;
+	int v, icmp;
 
 	v = parse(skb, &p);
+	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_out(skb, 1)) >= 0)
+		return icmp;
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 	v = revnat(skb, &p);

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, IPOption_Router_Alert
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption, IPOption_Router_Alert
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -193,6 +193,63 @@ def swap_macs(raw: bytes) -> bytes:
 def ip_part(raw: bytes) -> bytes:
     """The IP packet of a frame (what an ICMP error quotes)."""
     return raw[ETH_HLEN:]
+
+
+ICMP_KINDS = ("port-unreachable", "too-big", "time-exceeded")
+
+
+def icmp_error(src: str, dst: str, quoted: bytes, kind: str = "port-unreachable", ip_options=None) -> bytes:
+    """Ether / IP src -> dst / an ICMP (ICMPv6 for IPv6 addresses) error of
+    kind ICMP_KINDS quoting `quoted` (an IP packet, cut where the sender of
+    the error cut it). Checksums computed by scapy."""
+    if is6(src):
+        msg = {
+            "port-unreachable": ICMPv6DestUnreach(code=4),
+            "too-big": ICMPv6PacketTooBig(mtu=1280),
+            "time-exceeded": ICMPv6TimeExceeded(code=0),
+        }[kind]
+    else:
+        msg = {
+            "port-unreachable": ICMP(type=3, code=3),
+            "too-big": ICMP(type=3, code=4, nexthopmtu=1280),
+            "time-exceeded": ICMP(type=11, code=0),
+        }[kind]
+    return frame(src, dst, msg / Raw(quoted), ip_options=ip_options)
+
+
+def _icmp_layer(p: Ether):
+    if IP in p:
+        return p[ICMP]
+    for cls in (ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded):
+        if cls in p:
+            return p[cls]
+    raise AssertionError(f"no ICMP error in {p!r}")
+
+
+def verify_icmp_checksums(raw: bytes) -> Ether:
+    """Parse an ICMP error frame with scapy and recompute from scratch the
+    outer IPv4 header checksum, the ICMP checksum (ICMPv6: over its
+    pseudo-header too) and the quoted IPv4 header's checksum: each must
+    equal the one in raw. (A quoted TCP/UDP checksum covers data the quote
+    may not hold: tests compare the quote with the packet it stands for.)"""
+    p = Ether(raw)
+    assert bytes(p) == raw, "scapy does not round-trip the output frame"
+    q = Ether(raw)
+    field = "chksum" if IP in q else "cksum"
+    if IP in q:
+        del q[IP].chksum
+        if IPerror in q:
+            del q[IPerror].chksum
+    delattr(_icmp_layer(q), field)
+    r = Ether(bytes(q))
+    if IP in p:
+        assert p[IP].chksum == r[IP].chksum, f"IPv4 header checksum {p[IP].chksum:#06x}, correct {r[IP].chksum:#06x}"
+        if IPerror in p:
+            got, want = p[IPerror].chksum, r[IPerror].chksum
+            assert got == want, f"quoted IPv4 header checksum {got:#06x}, correct {want:#06x}"
+    got, want = getattr(_icmp_layer(p), field), getattr(_icmp_layer(r), field)
+    assert got == want, f"ICMP checksum {got:#06x}, correct {want:#06x}"
+    return p
 
 
 # -- checking output ------------------------------------------------------
