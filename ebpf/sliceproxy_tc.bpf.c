@@ -4,8 +4,10 @@
  * interfaces. At ingress, a packet to a service frontend gets a backend with
  * one slot lookup and its destination rewritten (DNAT); the kernel then
  * routes it by its new destination. At egress, a reply of such a flow gets
- * its source rewritten back to the frontend. Every other packet leaves
- * untouched with TC_ACT_OK.
+ * its source rewritten back to the frontend. A pod given itself as backend
+ * (hairpin) has its packets sent straight back into it, and ICMP errors
+ * about a translated flow are translated as the flow's packets are. Every
+ * other packet leaves untouched with TC_ACT_OK.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
