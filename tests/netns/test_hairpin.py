@@ -11,7 +11,9 @@ INVALID, as Calico and kube-proxy rulesets do.
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,37 @@ def test_an_established_hairpin_connection_carries_every_line(topo: Topology, ag
     res = request(topo, "echo", f"{SELF_VIP}:8081", 40, "--interval", "0.02")
     assert_answered(res, {POD})
     assert res["connections"] == 1
+
+
+# Runs in the pod: one line of `size` bytes to the echo port through the
+# ClusterIP and the whole echo back (servers.py prefixes its name).
+BIG_LINE = r"""
+import json, socket, sys
+
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+line = bytes(i % 251 + 1 for i in range(size)).replace(b"\n", b"x")
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(line + b"\n")
+got = b""
+while not got.endswith(b"\n"):
+    chunk = s.recv(1 << 20)
+    if not chunk:
+        break
+    got += chunk
+print(json.dumps({"echoed": got == b"backend-1 " + line + b"\n", "bytes": len(got)}))
+"""
+
+
+def test_a_large_transfer_over_a_hairpin_connection(topo: Topology, agents: Agents, src: SourceDir) -> None:
+    """Megabytes both ways over one connection: the pod's stack hands its
+    veth large (GSO) segments whose checksums are left to offload, which
+    BPF_PROG_TEST_RUN never shows; rewritten and sent back into the pod,
+    every byte must arrive in order."""
+    start(topo, agents, src)
+    size = 4 << 20
+    cp = topo.exec_in(POD, [sys.executable, "-c", BIG_LINE, SELF_VIP, "8081", str(size)], timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == {"echoed": True, "bytes": size + len("backend-1 \n")}
 
 
 def test_a_pod_reaching_a_service_with_other_backends(topo: Topology, agents: Agents, src: SourceDir) -> None:
