@@ -16,11 +16,23 @@ from dataclasses import dataclass
 from . import __version__
 from .layout import map_name as mn
 from .libbpf import BPFError
-from .loader import DEFAULT_PIN_DIR
+from .loader import DEFAULT_PIN_DIR, Hairpin
 from .logs import setup_logging
 from .sizes import MapSizes
 
 log = logging.getLogger("sliceproxy")
+
+# Hairpin source addresses (docs/semantics.md, "Hairpin"): addresses no
+# one else uses. IPv4: in 169.254.255.0/24, the link-local block's last 256
+# addresses, which RFC 3927 (2.1) bars hosts from picking for themselves,
+# away from the link-local addresses operators do use (169.254.169.254
+# metadata, 169.254.20.10 node-local DNS, 169.254.1.1 Calico's gateway).
+# IPv6: a link-local address would be resolved on the pod's link (neighbour
+# discovery, which nothing answers), so an address of the discard-only
+# block 100::/64 (RFC 6666), which no host may use and pods route to their
+# gateway like any global address.
+DEFAULT_HAIRPIN4 = "169.254.255.1"
+DEFAULT_HAIRPIN6 = "100::1"
 
 
 def _patterns(values: list[str] | None) -> list[str]:
@@ -87,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same for a TCP flow that closed: reset, or both FINs with the client's first "
         "(one whose backend sent the first FIN keeps its port 60 s, the backend's TIME_WAIT); "
         "0: close not tracked, --snat-reclaim applies",
+    )
+    run.add_argument(
+        "--hairpin-ipv4",
+        default=DEFAULT_HAIRPIN4,
+        metavar="ADDRESS",
+        help="source address of a pod's packets that its own Service sends back to it (hairpin; "
+        f"docs/semantics.md); pods must route it to their gateway; empty: off (default {DEFAULT_HAIRPIN4})",
+    )
+    run.add_argument(
+        "--hairpin-ipv6",
+        default=DEFAULT_HAIRPIN6,
+        metavar="ADDRESS",
+        help=f"the same for IPv6; empty: off (default {DEFAULT_HAIRPIN6})",
     )
     run.add_argument(
         "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
@@ -249,6 +274,27 @@ def map_sizes(args) -> MapSizes:
     return MapSizes(*flags.values())
 
 
+def _hairpin(args) -> Hairpin:
+    """The hairpin addresses of --hairpin-ipv4 and --hairpin-ipv6 (map form)."""
+    import ipaddress
+
+    from .objects import addr16
+
+    out: list[bytes | None] = []
+    for flag, value, version in (("--hairpin-ipv4", args.hairpin_ipv4, 4), ("--hairpin-ipv6", args.hairpin_ipv6, 6)):
+        if not value:
+            out.append(None)
+            continue
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            ip = None
+        if ip is None or ip.version != version or ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            raise SystemExit(f"sliceproxy run: {flag}: {value!r} is not a unicast IPv{version} address")
+        out.append(addr16(str(ip)))
+    return Hairpin(out[0], out[1])
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """The flags of `sliceproxy run` that build its agent, checked."""
@@ -266,6 +312,7 @@ class RunOptions:
     healthz_bind_address: str
     healthz_stale_after: float
     dry_run: bool
+    hairpin: Hairpin  # loaded into the programs (ctrl.loader), not the agent's
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -290,6 +337,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         healthz_bind_address=args.healthz_bind_address,
         healthz_stale_after=args.healthz_stale_after,
         dry_run=args.dry_run,
+        hairpin=_hairpin(args),
     )
 
 
@@ -395,7 +443,7 @@ def cmd_run(args) -> int:
             f"first, or give this one its own --pin-dir. Nothing was changed",
         ) from None
     try:
-        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes)
+        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin)
     except BaseException:
         lock.discard()
         raise

@@ -28,6 +28,10 @@ EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 EXT_PROGRAM = "sp_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
 EXT_EGRESS_PROGRAM = "sp_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
 
+# The program's read-only global struct sp_hairpin lives alone in this
+# section, which libbpf loads as an internal map of its own.
+HAIRPIN_SECTION = ".rodata.hairpin"
+
 MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
 
 
@@ -37,6 +41,17 @@ def map_names() -> list[str]:
 
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
+
+
+@dataclass(frozen=True)
+class Hairpin:
+    """The source addresses a pod's flow gets when its Service picks the pod
+    itself as backend (16-byte map form, see ctrl.objects.addr16), per
+    family; None: no hairpin for that family. Set in the program before
+    load: changing them takes a reload (an agent restart)."""
+
+    addr4: bytes | None = None
+    addr6: bytes | None = None
 
 
 @dataclass
@@ -189,9 +204,10 @@ def load(
     obj_path: str | os.PathLike | None = None,
     pin_dir: str | None = DEFAULT_PIN_DIR,
     sizes: MapSizes | None = None,
+    hairpin: Hairpin | None = None,
 ) -> Dataplane:
     """Open, size, pin and load the tc program; pin_dir None means no pins
-    (private maps, as the datapath tests use)."""
+    (private maps, as the datapath tests use); hairpin None: no hairpin."""
     obj_path = str(obj_path or layout.object_path())
     if not os.path.exists(obj_path):
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
@@ -210,8 +226,12 @@ def load(
         layout.check_btf(btf)
         m = lb.bpf_object__next_map(obj, ffi.NULL)
         bpf_maps = {}
+        hairpin_set = False
         while m != ffi.NULL:
             name = ffi.string(lb.bpf_map__name(m)).decode()
+            if name == HAIRPIN_SECTION:
+                _set_hairpin(m, hairpin or Hairpin())
+                hairpin_set = True
             if not name.startswith("."):  # .rodata/.bss: not ours to pin
                 bpf_maps[name] = m
                 size = sizes.for_map(name)
@@ -220,6 +240,8 @@ def load(
                 if pin_dir is not None:
                     lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
             m = lb.bpf_object__next_map(obj, m)
+        if not hairpin_set:
+            raise BPFError(errno.ENOENT, f"{obj_path} has no {HAIRPIN_SECTION} section: rebuild it with `make`")
         if pin_dir is not None:
             # A pinned map of another capacity cannot be reused (libbpf
             # refuses it): set it aside for ctrl.migrate to carry over.
@@ -262,6 +284,20 @@ def load(
             with contextlib.suppress(OSError):
                 os.rmdir(pin_dir)  # only if still empty
         raise
+
+
+def _set_hairpin(m: object, hairpin: Hairpin) -> None:
+    """Write the hairpin addresses into the program's sp_hairpin global
+    (the initial value of its internal map, before load; read-only after)."""
+    codec = layout.codec("sp_hairpin", ("addr4", "addr6"))
+    size = ffi.new("size_t *")
+    data = lib().bpf_map__initial_value(m, size)
+    if data == ffi.NULL or size[0] != codec.size:
+        raise layout.LayoutError(
+            f"{HAIRPIN_SECTION} holds {size[0]} bytes, struct sp_hairpin {codec.size}: rebuild with `make`"
+        )
+    zero = bytes(16)
+    ffi.memmove(data, codec.pack(hairpin.addr4 or zero, hairpin.addr6 or zero), codec.size)
 
 
 def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:

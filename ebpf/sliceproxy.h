@@ -217,6 +217,16 @@ struct sp_cfg {
 				    * snat_reclaim applies */
 };
 
+/* sp_hairpin: not a map entry but the program's read-only global of the
+ * same name (section .rodata.hairpin), which the control plane fills in
+ * before load (--hairpin-ipv4, --hairpin-ipv6). A pod whose packet to a
+ * frontend is given the pod itself as backend gets this source address
+ * instead of its own (docs/semantics.md, "Hairpin"). */
+struct sp_hairpin {
+	__u8 addr4[16]; /* IPv4-mapped; all zero: no IPv4 hairpin */
+	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
+};
+
 /* sp:layout:end */
 
 #endif /* SLICEPROXY_H */

@@ -253,7 +253,7 @@ class Worker:
                 h.setStream(log_file)
         opts = cli.run_options(run_args)
         self.sizes = opts.sizes
-        self.dp = loader.load(pin_dir=None, sizes=self.sizes)
+        self.dp = loader.load(pin_dir=None, sizes=self.sizes, hairpin=opts.hairpin)
 
         last_write = [0.0]
 

@@ -6,19 +6,20 @@ import pytest
 
 from ctrl import loader
 
-from .packets import set_uptime
+from .packets import HAIRPIN4, HAIRPIN6, mapped, set_uptime
 
 
 @pytest.fixture
 def dp():
-    """A freshly loaded program with private (unpinned), empty maps."""
+    """A freshly loaded program with private (unpinned), empty maps, and
+    the test range's hairpin addresses (HAIRPIN4, HAIRPIN6)."""
     if os.geteuid() != 0:
         pytest.fail(
             "the datapath tests load a BPF program and run it with BPF_PROG_TEST_RUN: "
             "they need root (run `sudo make test` or pytest as root)",
             pytrace=False,
         )
-    d = loader.load(pin_dir=None)
+    d = loader.load(pin_dir=None, hairpin=loader.Hairpin(mapped(HAIRPIN4), mapped(HAIRPIN6)))
     try:
         yield d
     finally:

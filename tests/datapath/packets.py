@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, IPOption_Router_Alert
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, IPOption, IPOption_Router_Alert
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -28,6 +28,7 @@ UDP_P = socket.IPPROTO_UDP
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7  # bpf_redirect(): a hairpin packet sent back into its pod
 
 CLIENT = "198.18.1.1"
 CLIENT2 = "198.18.1.2"
@@ -43,12 +44,22 @@ VIP6 = "2001:db8::10"
 MAC_POD = "02:00:00:00:00:01"
 MAC_NODE = "02:00:00:00:00:02"
 
+# The hairpin source addresses the datapath tests load the program with
+# (the `dp` fixture): what a pod that is its own Service's backend is
+# reached from.
+HAIRPIN4 = "198.18.255.254"
+HAIRPIN6 = "2001:db8:ffff:ffff::fe"
+
 ETH_HLEN = 14
 
 _TEST_NETS = ("198.18.", "198.19.")
 
 
 def _check_addr(ip: str) -> str:
+    if ":" in ip:
+        if not ip.lower().startswith("2001:db8:"):
+            raise ValueError(f"{ip}: test addresses must come from 2001:db8::/32")
+        return ip
     if not ip.startswith(_TEST_NETS):
         raise ValueError(f"{ip}: test addresses must come from 198.18.0.0/15")
     return ip
@@ -58,13 +69,18 @@ def _check_addr(ip: str) -> str:
 
 
 def mapped(ip: str) -> bytes:
-    """The 16-byte IPv4-mapped form (::ffff:a.b.c.d) the maps store."""
+    """The 16-byte form the maps store: IPv4-mapped (::ffff:a.b.c.d) for
+    IPv4, the address itself for IPv6."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, _check_addr(ip))
     return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(_check_addr(ip))
 
 
 def unmapped(a16: bytes) -> str:
-    """Dotted quad of an IPv4-mapped address; anything else is an error."""
-    assert len(a16) == 16 and a16[:12] == b"\0" * 10 + b"\xff\xff", f"not IPv4-mapped: {a16.hex()}"
+    """Inverse of mapped: a dotted quad for IPv4-mapped, else IPv6 text."""
+    assert len(a16) == 16, a16.hex()
+    if a16[:12] != b"\0" * 10 + b"\xff\xff":
+        return socket.inet_ntop(socket.AF_INET6, a16)
     return socket.inet_ntoa(a16[12:])
 
 
@@ -145,6 +161,97 @@ def set_bytes(pkt: bytes, off: int, new: bytes) -> bytes:
 
 def l4_offset(pkt: bytes) -> int:
     return ETH_HLEN + (pkt[ETH_HLEN] & 0x0F) * 4
+
+
+# -- either family ----------------------------------------------------------
+
+
+def is6(ip: str) -> bool:
+    return ":" in ip
+
+
+def frame(src: str, dst: str, l4, ip_options=None) -> bytes:
+    """Ether / IPv4 or IPv6 (by the addresses' family) / l4 (scapy layers)."""
+    if is6(src):
+        return bytes(eth() / IPv6(src=_check_addr(src), dst=_check_addr(dst), hlim=63) / l4)
+    return bytes(eth() / ip4(src, dst, ip_options=ip_options) / l4)
+
+
+def l4pkt(proto: int, src: str, dst: str, sport: int, dport: int, flags: str = "S", payload: bytes = b"") -> bytes:
+    """A TCP segment (flags; a payload if given) or a UDP datagram (payload
+    defaults to the flags, so each step of a flow differs), either family."""
+    if proto == TCP_P:
+        seg = TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=0 if flags == "S" else 2000, window=64240)
+        return frame(src, dst, seg / Raw(payload) if payload else seg)
+    return frame(src, dst, UDP(sport=sport, dport=dport) / Raw(payload or flags.encode()))
+
+
+def swap_macs(raw: bytes) -> bytes:
+    """The frame with its Ethernet source and destination exchanged: how a
+    packet sent back into the pod it came from leaves."""
+    return raw[6:12] + raw[0:6] + raw[12:]
+
+
+def ip_part(raw: bytes) -> bytes:
+    """The IP packet of a frame (what an ICMP error quotes)."""
+    return raw[ETH_HLEN:]
+
+
+ICMP_KINDS = ("port-unreachable", "too-big", "time-exceeded")
+
+
+def icmp_error(src: str, dst: str, quoted: bytes, kind: str = "port-unreachable", ip_options=None) -> bytes:
+    """Ether / IP src -> dst / an ICMP (ICMPv6 for IPv6 addresses) error of
+    kind ICMP_KINDS quoting `quoted` (an IP packet, cut where the sender of
+    the error cut it). Checksums computed by scapy."""
+    if is6(src):
+        msg = {
+            "port-unreachable": ICMPv6DestUnreach(code=4),
+            "too-big": ICMPv6PacketTooBig(mtu=1280),
+            "time-exceeded": ICMPv6TimeExceeded(code=0),
+        }[kind]
+    else:
+        msg = {
+            "port-unreachable": ICMP(type=3, code=3),
+            "too-big": ICMP(type=3, code=4, nexthopmtu=1280),
+            "time-exceeded": ICMP(type=11, code=0),
+        }[kind]
+    return frame(src, dst, msg / Raw(quoted), ip_options=ip_options)
+
+
+def _icmp_layer(p: Ether):
+    if IP in p:
+        return p[ICMP]
+    for cls in (ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6TimeExceeded):
+        if cls in p:
+            return p[cls]
+    raise AssertionError(f"no ICMP error in {p!r}")
+
+
+def verify_icmp_checksums(raw: bytes) -> Ether:
+    """Parse an ICMP error frame with scapy and recompute from scratch the
+    outer IPv4 header checksum, the ICMP checksum (ICMPv6: over its
+    pseudo-header too) and the quoted IPv4 header's checksum: each must
+    equal the one in raw. (A quoted TCP/UDP checksum covers data the quote
+    may not hold: tests compare the quote with the packet it stands for.)"""
+    p = Ether(raw)
+    assert bytes(p) == raw, "scapy does not round-trip the output frame"
+    q = Ether(raw)
+    field = "chksum" if IP in q else "cksum"
+    if IP in q:
+        del q[IP].chksum
+        if IPerror in q:
+            del q[IPerror].chksum
+    delattr(_icmp_layer(q), field)
+    r = Ether(bytes(q))
+    if IP in p:
+        assert p[IP].chksum == r[IP].chksum, f"IPv4 header checksum {p[IP].chksum:#06x}, correct {r[IP].chksum:#06x}"
+        if IPerror in p:
+            got, want = p[IPerror].chksum, r[IPerror].chksum
+            assert got == want, f"quoted IPv4 header checksum {got:#06x}, correct {want:#06x}"
+    got, want = getattr(_icmp_layer(p), field), getattr(_icmp_layer(r), field)
+    assert got == want, f"ICMP checksum {got:#06x}, correct {want:#06x}"
+    return p
 
 
 # -- checking output ------------------------------------------------------
