@@ -137,7 +137,7 @@ def test_an_evicted_hairpin_reply_entry_comes_back_with_the_next_request(dp, fam
     seed(dp, s)
     run(dp, l4pkt(proto, pod, vip, CPORT, 80))
     rev = CtKey(pod, hp, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(rev))
+    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(rev))
     hairpin_step(
         dp, proto, l4pkt(proto, pod, vip, CPORT, 80, flags="A"),
         swap_macs(l4pkt(proto, hp, pod, CPORT, 8080, flags="A")), "DNAT_ESTABLISHED",
