@@ -82,7 +82,7 @@ def test_bigger_maps_keep_established_connections(topo: Topology, agents: Agents
         agents.wait_ready(new)
         new.wait_log(r"resizing sp_be_v3 from 12 to 64 entries")
         new.wait_log(r"resizing sp_ct_v3 from 4096 to 8192 entries")
-        new.wait_log(r"migrated \d+ entries of sp_ct_v2_old into sp_ct_v3")
+        new.wait_log(r"migrated \d+ entries of sp_ct_v3_old into sp_ct_v3")
         assert all(e.poll() is None for e in echoes), "a connection ended before the restart; the test proved nothing"
     except BaseException:
         for e in echoes:
@@ -168,7 +168,7 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
         dp = loader.load(None, str(agents.pin_dir), _sizes(BIG))
         dp.close()
         names = {p.name for p in agents.pin_dir.iterdir()}
-        assert {"sp_be_v2_old", "sp_be_v3", "sp_ct_v2_old"} <= names, names
+        assert {"sp_be_v3_old", "sp_be_v3", "sp_ct_v3_old"} <= names, names
         assert os.path.exists(agents.pin_dir / "sp_ct_v3")
         extra = BIG if then == "same-size" else (*BIG[:6], "--max-conntrack", "16384")
         new = agents.start(extra=extra)
