@@ -21,9 +21,18 @@ import socket
 
 import msgspec
 
-from .objects import V4_PREFIX, Endpoint, EndpointSlice, SlicePort
+from .objects import (
+    LABEL,
+    SERVICE_NAME_LABEL,
+    SUBDOMAIN,
+    TRIGGER_ANNOTATION,
+    V4_PREFIX,
+    Endpoint,
+    EndpointSlice,
+    SlicePort,
+    name_problem,
+)
 
-TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 _PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
 
 
@@ -153,15 +162,22 @@ def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
 
 def _convert(s: _Slice) -> EndpointSlice:
     meta = s.metadata
-    if meta is None or not meta.name:
+    if meta is None or not meta.name or name_problem(meta.name, SUBDOMAIN):
+        raise _Unclean
+    if meta.namespace and name_problem(meta.namespace, LABEL):
         raise _Unclean
     labels = meta.labels or {}
+    service_name = labels.get(SERVICE_NAME_LABEL) or None
+    if service_name is not None and name_problem(service_name, LABEL):
+        raise _Unclean
     atype = s.address_type
     ports = []
     for p in s.ports or ():
         proto = p.protocol or "TCP"
         port = p.port
         if proto not in _PROTOCOLS or port is None or not 1 <= port <= 65535:
+            raise _Unclean
+        if p.name and name_problem(p.name, LABEL):
             raise _Unclean
         ports.append(SlicePort(p.name or "", port, proto))
     family: int
@@ -213,11 +229,11 @@ def _convert(s: _Slice) -> EndpointSlice:
     return EndpointSlice(
         meta.namespace or "default",
         meta.name,
-        labels.get("kubernetes.io/service-name"),
+        service_name,
         atype,
         tuple(ports),
         tuple(endpoints),
         labels,
         (),
-        annotations.get(TRIGGER),
+        annotations.get(TRIGGER_ANNOTATION),
     )
