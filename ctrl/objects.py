@@ -251,7 +251,9 @@ def describe(raw: object) -> str:
     """'default/web Service' style label for messages, as far as raw allows."""
     if not isinstance(raw, dict):
         return "object"
-    kind = _shown(raw.get("kind")) or "object"
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or _shown(kind) != kind:
+        kind = "object"  # no kind to speak of: the kind field's own error shows it
     meta: dict = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     name = _shown(meta.get("name")) or "<unnamed>"
     raw_ns = meta.get("namespace")
@@ -276,6 +278,13 @@ def describe(raw: object) -> str:
 def _mapping(value: object, what: str, fld: str) -> dict:
     if value is None:
         return {}
+    if not isinstance(value, dict):
+        raise ObjectError(f"{what}: {fld}: {short(value)} is not a mapping")
+    return value
+
+
+def _entry(value: object, what: str, fld: str) -> dict:
+    """An entry of a list of objects: null there is no object at all."""
     if not isinstance(value, dict):
         raise ObjectError(f"{what}: {fld}: {short(value)} is not a mapping")
     return value
@@ -504,7 +513,7 @@ def _lb_ips(raw: dict, what: str, problems: list[str]) -> list[str]:
     for i, ing in enumerate(_list(lb.get("ingress"), what, "status.loadBalancer.ingress")):
         fld = f"status.loadBalancer.ingress[{i}]"
         try:
-            ing = _mapping(ing, what, fld)
+            ing = _entry(ing, what, fld)
             ip = ing.get("ip")
             mode = _str(ing.get("ipMode"), what, f"{fld}.ipMode")
             if ip is None or ip == "":
@@ -648,7 +657,7 @@ def _hint_names(hints: object, what: str, fld: str) -> tuple[str, ...] | None:
         return None
     names = []
     for j, h in enumerate(entries):
-        name = _str(_mapping(h, what, f"{fld}[{j}]").get("name"), what, f"{fld}[{j}].name")
+        name = _str(_entry(h, what, f"{fld}[{j}]").get("name"), what, f"{fld}[{j}].name")
         if name:
             names.append(name)
     return tuple(names)
@@ -665,7 +674,7 @@ def parse_node(raw: dict) -> Node:
     for i, a in enumerate(raw_addrs):
         fld = f"status.addresses[{i}]"
         try:
-            a = _mapping(a, what, fld)
+            a = _entry(a, what, fld)
             typ = _str(a.get("type"), what, f"{fld}.type")
             address = _str(a.get("address"), what, f"{fld}.address")
         except ObjectError as e:

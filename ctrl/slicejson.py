@@ -74,6 +74,7 @@ class _Meta(msgspec.Struct, rename="camel"):
 
 
 class _Slice(msgspec.Struct, rename="camel"):
+    kind: str | None = None  # absent in list items
     metadata: _Meta | None = None
     address_type: str | None = None
     endpoints: list[_Endpoint] | None = None
@@ -162,6 +163,8 @@ def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
 
 def _convert(s: _Slice) -> EndpointSlice:
     meta = s.metadata
+    if s.kind is not None and s.kind != "EndpointSlice":
+        raise _Unclean  # the exact path names the object of another kind
     if meta is None or not meta.name or name_problem(meta.name, SUBDOMAIN):
         raise _Unclean
     if meta.namespace and name_problem(meta.namespace, LABEL):
@@ -204,7 +207,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         ip = addrs[0]
         try:
             packed = prefix + pton(family, ip)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the string
             raise _Unclean from None
         c = ep.conditions or no_cond
         h = ep.hints

@@ -411,7 +411,9 @@ class KubeSource:
         if not isinstance(raw, dict):
             log.error("%s: %s is not a mapping", where, short(raw))
             return None
-        raw_kind = raw.setdefault("kind", kind)  # list items carry no kind
+        if raw.get("kind") is None:
+            raw["kind"] = kind  # list items carry no kind (and null is absent)
+        raw_kind = raw["kind"]
         if raw_kind != kind:
             # Taken as what the resource holds, another kind would reach
             # the state as the wrong type.

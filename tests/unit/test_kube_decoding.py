@@ -111,6 +111,17 @@ def with_rv(raw: dict, rv: str) -> dict:
     return {**raw, "metadata": {**raw["metadata"], "resourceVersion": rv}}
 
 
+def test_a_null_kind_is_the_kind_of_the_list(caplog):
+    # JSON null is an absent field to the API machinery: the object is a
+    # Service, as the fast path of EndpointSlices takes it too.
+    lines = [event("ADDED", {**with_rv(service(name="a"), "11"), "kind": None})]
+    src = KubeSource(Pages([], lines), "node-a")  # type: ignore[arg-type]
+    known: dict = {}
+    with caplog.at_level(logging.ERROR, logger=LOG):
+        assert src._watch(SERVICES, known, "10") == "11"
+    assert list(known) == ["default/a"] and errors(caplog) == []
+
+
 def test_bad_watch_events_are_one_line_each_and_the_stream_goes_on(caplog):
     a = service(name="a", ip="198.19.0.11")
     lines = [

@@ -147,6 +147,7 @@ def full_node() -> dict:
 
 
 NOT_MAP = [5, "x", [1], True]
+NOT_ENTRY = [*NOT_MAP, None]  # null in a list of objects is no object
 NOT_LIST = [5, "x", {"a": 1}, True]
 NOT_STR = [5, 1.5, [], {"a": 1}, True]
 NOT_INT = ["80", 1.5, [], {"a": 1}, True]
@@ -172,7 +173,7 @@ WRONG_TYPES = [
     (full_service, ("spec", "clusterIPs"), NOT_LIST, "spec.clusterIPs", REFUSED),
     (full_service, ("spec", "clusterIPs", 0), NOT_STR, "spec.clusterIPs[0]", REFUSED),
     (full_service, ("spec", "ports"), NOT_LIST, "spec.ports", REFUSED),
-    (full_service, ("spec", "ports", 0), NOT_MAP, "spec.ports[0]", DROPPED),
+    (full_service, ("spec", "ports", 0), NOT_ENTRY, "spec.ports[0]", DROPPED),
     (full_service, ("spec", "ports", 0, "name"), NOT_STR, "spec.ports[0].name", DROPPED),
     (full_service, ("spec", "ports", 0, "port"), NOT_INT, "spec.ports[0].port", DROPPED),
     (full_service, ("spec", "ports", 0, "protocol"), NOT_STR, "spec.ports[0].protocol", DROPPED),
@@ -204,7 +205,7 @@ WRONG_TYPES = [
     (full_service, ("status",), NOT_MAP, "status", REFUSED),
     (full_service, ("status", "loadBalancer"), NOT_MAP, "status.loadBalancer", REFUSED),
     (full_service, ("status", "loadBalancer", "ingress"), NOT_LIST, "status.loadBalancer.ingress", REFUSED),
-    (full_service, ("status", "loadBalancer", "ingress", 0), NOT_MAP, "status.loadBalancer.ingress[0]", DROPPED),
+    (full_service, ("status", "loadBalancer", "ingress", 0), NOT_ENTRY, "status.loadBalancer.ingress[0]", DROPPED),
     (
         full_service,
         ("status", "loadBalancer", "ingress", 0, "ip"),
@@ -234,12 +235,12 @@ WRONG_TYPES = [
     (full_slice, ("metadata", "annotations", TRIGGER), NOT_STR, f"metadata.annotations[{TRIGGER}]", REFUSED),
     (full_slice, ("addressType",), NOT_STR, "addressType", REFUSED),
     (full_slice, ("ports",), NOT_LIST, "ports", REFUSED),
-    (full_slice, ("ports", 0), NOT_MAP, "ports[0]", DROPPED),
+    (full_slice, ("ports", 0), NOT_ENTRY, "ports[0]", DROPPED),
     (full_slice, ("ports", 0, "name"), NOT_STR, "ports[0].name", DROPPED),
     (full_slice, ("ports", 0, "port"), NOT_INT, "ports[0].port", DROPPED),
     (full_slice, ("ports", 0, "protocol"), NOT_STR, "ports[0].protocol", DROPPED),
     (full_slice, ("endpoints",), NOT_LIST, "endpoints", REFUSED),
-    (full_slice, ("endpoints", 0), NOT_MAP, "endpoints[0]", DROPPED),
+    (full_slice, ("endpoints", 0), NOT_ENTRY, "endpoints[0]", DROPPED),
     (full_slice, ("endpoints", 0, "addresses"), NOT_LIST, "endpoints[0].addresses", DROPPED),
     (full_slice, ("endpoints", 0, "addresses", 0), NOT_STR, "endpoints[0].addresses[0]", DROPPED),
     (full_slice, ("endpoints", 0, "conditions"), NOT_MAP, "endpoints[0].conditions", DROPPED),
@@ -256,7 +257,7 @@ WRONG_TYPES = [
     (full_slice, ("endpoints", 0, "zone"), NOT_STR, "endpoints[0].zone", DROPPED),
     (full_slice, ("endpoints", 0, "hints"), NOT_MAP, "endpoints[0].hints", DROPPED),
     (full_slice, ("endpoints", 0, "hints", "forZones"), NOT_LIST, "endpoints[0].hints.forZones", DROPPED),
-    (full_slice, ("endpoints", 0, "hints", "forZones", 0), NOT_MAP, "endpoints[0].hints.forZones[0]", DROPPED),
+    (full_slice, ("endpoints", 0, "hints", "forZones", 0), NOT_ENTRY, "endpoints[0].hints.forZones[0]", DROPPED),
     (
         full_slice,
         ("endpoints", 0, "hints", "forZones", 0, "name"),
@@ -265,7 +266,7 @@ WRONG_TYPES = [
         DROPPED,
     ),
     (full_slice, ("endpoints", 0, "hints", "forNodes"), NOT_LIST, "endpoints[0].hints.forNodes", DROPPED),
-    (full_slice, ("endpoints", 0, "hints", "forNodes", 0), NOT_MAP, "endpoints[0].hints.forNodes[0]", DROPPED),
+    (full_slice, ("endpoints", 0, "hints", "forNodes", 0), NOT_ENTRY, "endpoints[0].hints.forNodes[0]", DROPPED),
     (
         full_slice,
         ("endpoints", 0, "hints", "forNodes", 0, "name"),
@@ -285,7 +286,7 @@ WRONG_TYPES = [
     ),
     (full_node, ("status",), NOT_MAP, "status", REFUSED),
     (full_node, ("status", "addresses"), NOT_LIST, "status.addresses", REFUSED),
-    (full_node, ("status", "addresses", 0), NOT_MAP, "status.addresses[0]", DROPPED),
+    (full_node, ("status", "addresses", 0), NOT_ENTRY, "status.addresses[0]", DROPPED),
     (full_node, ("status", "addresses", 0, "type"), NOT_STR, "status.addresses[0].type", DROPPED),
     (full_node, ("status", "addresses", 0, "address"), NOT_STR, "status.addresses[0].address", DROPPED),
 ]

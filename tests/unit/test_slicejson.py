@@ -135,6 +135,8 @@ REPORTED = {
     "addresses missing": _del(["endpoints", 0, "addresses"]),
     "address not an IPv4 address": _set(["endpoints", 0, "addresses"], ["198.18.0.300"]),
     "IPv6 address in an IPv4 slice": _set(["endpoints", 0, "addresses"], ["2001:db8::1"]),
+    "address with a NUL": _set(["endpoints", 0, "addresses"], ["198.18.0.1\x00"]),
+    "hint entry null": _set(["endpoints", 0, "hints"], {"forZones": [None]}),
     "endpoint not a mapping": _set(["endpoints", 0], "198.18.0.1"),
     "endpoints not a list": _set(["endpoints"], {"addresses": ["198.18.0.1"]}),
     "hints not a mapping": _set(["endpoints", 0, "hints"], ["zone-1"]),
@@ -285,10 +287,11 @@ def test_clean_added_and_modified_lines_decode_to_what_parse_gives():
         watch_line("ERROR", {"kind": "Status", "code": 410, "message": "too old resource version"}),
         watch_line("ADDED", unclean(REPORTED["ready is not a boolean"])),
         watch_line("ADDED", unclean(TYPED_ONLY["a second address not a string"])),
+        watch_line("ADDED", {**GOOD, "kind": "Service"}),
         b'{"type": "ADDED"}',
         b"[]",
     ],
-    ids=["deleted", "bookmark", "error", "unclean", "typed-only", "no-object", "not-an-event"],
+    ids=["deleted", "bookmark", "error", "unclean", "typed-only", "other-kind", "no-object", "not-an-event"],
 )
 def test_other_lines_are_left_to_the_exact_path(line):
     assert decode_change(line) is None
