@@ -166,7 +166,6 @@ MAX_SUBDOMAIN = 253
 MAX_PORT_NAME = 15
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_PORT_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HAS_LETTER_RE = re.compile(r"[a-z]")
 
 LABEL, SUBDOMAIN, PORT_NAME = "a DNS label", "a DNS subdomain", "an IANA port name"
@@ -185,7 +184,7 @@ def name_problem(value: str, rule: str) -> str | None:
         ok = _SUBDOMAIN_RE.fullmatch(value) is not None
         chars = "dot-separated DNS labels: lowercase letters, digits and '-'"
     else:
-        ok = _PORT_NAME_RE.fullmatch(value) is not None and "--" not in value and bool(_HAS_LETTER_RE.search(value))
+        ok = _LABEL_RE.fullmatch(value) is not None and "--" not in value and bool(_HAS_LETTER_RE.search(value))
         chars = "lowercase letters, digits and single '-', with at least one letter"
     return None if ok else f"{short(value)} is not {rule} ({chars})"
 
@@ -209,6 +208,7 @@ def short(value: object) -> str:
     if isinstance(value, str):
         r = repr(value) if len(value) <= 40 else f"{value[:32]!r}... ({len(value)} characters)"
     elif isinstance(value, bool | int | float | type(None)):
+        # Python refuses str() of an integer of more than 4300 digits.
         r = (
             repr(value)
             if not isinstance(value, int) or abs(value) < 10**30
