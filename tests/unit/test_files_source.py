@@ -518,3 +518,16 @@ def test_documents_are_what_pyyaml_gives(text):
             list(load_documents(text.encode(), 10_000))
         return
     assert list(load_documents(text.encode(), 10_000)) == want
+
+
+def test_the_size_limit_flag_reaches_the_file_source(tmp_path):
+    from ctrl.cli import build_parser, make_source
+    from ctrl.source.files import DEFAULT_MAX_FILE_SIZE
+
+    def source(*flags):
+        return make_source(build_parser().parse_args(["run", "--source", str(tmp_path), *flags]))
+
+    assert source().max_file_size == DEFAULT_MAX_FILE_SIZE == 2 * 1024 * 1024
+    assert source("--source-max-file-size", "4096").max_file_size == 4096
+    with pytest.raises(SystemExit, match="--source-max-file-size must be at least 1"):
+        source("--source-max-file-size", "0")
