@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch the Kubernetes API as the Pod's ServiceAccount (the default in a Pod)",
     )
     run.add_argument(
+        "--source-max-file-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="with --source: files larger than this are not read (an error names them and they keep "
+        "their previous objects); default 2 MiB (2097152)",
+    )
+    run.add_argument(
         "--interfaces",
         action="append",
         metavar="GLOB[,GLOB]",
@@ -510,9 +518,12 @@ def _refresher(*attachers):
 def make_source(args):
     """The file source, or the Kubernetes API (kubeconfig, or in-cluster)."""
     if args.source:
-        from .source.files import FileSource
+        from .source.files import DEFAULT_MAX_FILE_SIZE, FileSource
 
-        return FileSource(args.source)
+        max_size = DEFAULT_MAX_FILE_SIZE if args.source_max_file_size is None else args.source_max_file_size
+        if max_size < 1:
+            raise SystemExit("sliceproxy run: --source-max-file-size must be at least 1")
+        return FileSource(args.source, max_file_size=max_size)
     in_cluster = args.in_cluster or (not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"))
     if not args.kubeconfig and not in_cluster:
         raise SystemExit("sliceproxy run: give --source DIR, --kubeconfig PATH or --in-cluster")

@@ -21,9 +21,18 @@ import socket
 
 import msgspec
 
-from .objects import V4_PREFIX, Endpoint, EndpointSlice, SlicePort
+from .objects import (
+    LABEL,
+    SERVICE_NAME_LABEL,
+    SUBDOMAIN,
+    TRIGGER_ANNOTATION,
+    V4_PREFIX,
+    Endpoint,
+    EndpointSlice,
+    SlicePort,
+    name_problem,
+)
 
-TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 _PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
 
 
@@ -65,6 +74,7 @@ class _Meta(msgspec.Struct, rename="camel"):
 
 
 class _Slice(msgspec.Struct, rename="camel"):
+    kind: str | None = None  # absent in list items
     metadata: _Meta | None = None
     address_type: str | None = None
     endpoints: list[_Endpoint] | None = None
@@ -153,15 +163,24 @@ def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
 
 def _convert(s: _Slice) -> EndpointSlice:
     meta = s.metadata
-    if meta is None or not meta.name:
+    if s.kind is not None and s.kind != "EndpointSlice":
+        raise _Unclean  # the exact path names the object of another kind
+    if meta is None or not meta.name or name_problem(meta.name, SUBDOMAIN):
+        raise _Unclean
+    if meta.namespace and name_problem(meta.namespace, LABEL):
         raise _Unclean
     labels = meta.labels or {}
+    service_name = labels.get(SERVICE_NAME_LABEL) or None
+    if service_name is not None and name_problem(service_name, LABEL):
+        raise _Unclean
     atype = s.address_type
     ports = []
     for p in s.ports or ():
         proto = p.protocol or "TCP"
         port = p.port
         if proto not in _PROTOCOLS or port is None or not 1 <= port <= 65535:
+            raise _Unclean
+        if p.name and name_problem(p.name, LABEL):
             raise _Unclean
         ports.append(SlicePort(p.name or "", port, proto))
     family: int
@@ -188,7 +207,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         ip = addrs[0]
         try:
             packed = prefix + pton(family, ip)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the string
             raise _Unclean from None
         c = ep.conditions or no_cond
         h = ep.hints
@@ -213,11 +232,11 @@ def _convert(s: _Slice) -> EndpointSlice:
     return EndpointSlice(
         meta.namespace or "default",
         meta.name,
-        labels.get("kubernetes.io/service-name"),
+        service_name,
         atype,
         tuple(ports),
         tuple(endpoints),
         labels,
         (),
-        annotations.get(TRIGGER),
+        annotations.get(TRIGGER_ANNOTATION),
     )

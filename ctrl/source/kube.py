@@ -36,7 +36,7 @@ import msgspec
 import urllib3
 
 from ..gcpause import paused_gc
-from ..objects import EndpointSlice, Node, ObjectError, Service, describe, parse
+from ..objects import EndpointSlice, Node, ObjectError, Service, describe, parse, problem_line, short
 from ..slicejson import decode_change, decode_page
 from ..state import Event
 
@@ -192,14 +192,25 @@ def _loads(body: bytes) -> Any:
     try:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as e:
-        raise ValueError(f"invalid JSON from the API server: {e}") from None
+        raise ValueError(f"invalid JSON from the API server: {_one_line(e)}") from None
+    except RecursionError:  # msgspec stops at the interpreter's recursion limit
+        raise ValueError("invalid JSON from the API server: nested too deep") from None
+
+
+def _loads_object(body: bytes, what: str) -> dict:
+    """A response or watch event that must be a JSON object."""
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} from the API server is not a JSON object: {short(doc)}")
+    return doc
 
 
 def _status_message(body: bytes) -> str:
     try:
-        return _loads(body).get("message") or body[:200].decode(errors="replace")
+        msg = _loads(body).get("message")
     except (ValueError, AttributeError):
-        return body[:200].decode(errors="replace")
+        msg = None
+    return _one_line(msg) if isinstance(msg, str) and msg else body[:200].decode(errors="replace")
 
 
 class GoneError(Exception):
@@ -305,19 +316,24 @@ class KubeSource:
                     take(obj)
                 cont, rv = page.continue_, page.resource_version
             else:
-                doc = _loads(body)
-                for raw in doc.get("items") or []:
-                    raw.setdefault("kind", res.kind)  # list items carry no kind
-                    obj = self._parse(raw)
-                    if obj is not None:
-                        take(obj)
+                doc = _loads_object(body, f"a {res.kind} list")
+                items = doc.get("items") or []
+                if not isinstance(items, list):
+                    raise ValueError(f"{res.kind} list response: items: {short(items)} is not a list")
+                for i, raw in enumerate(items):
+                    parsed = self._parse(raw, res.kind, f"{res.kind} list items[{i}]")
+                    if parsed is not None:
+                        take(parsed)
                         continue
                     # Unusable now: keep the last good version, if any.
-                    key = _raw_key(res.kind, raw)
-                    if key in known:
-                        seen[key] = known[key]
-                meta = doc.get("metadata") or {}
+                    old_key = _raw_key(res.kind, raw)
+                    if old_key is not None and old_key in known:
+                        seen[old_key] = known[old_key]
+                meta = doc.get("metadata")
+                meta = meta if isinstance(meta, dict) else {}
                 cont, rv = meta.get("continue"), meta.get("resourceVersion")
+                cont = cont if isinstance(cont, str) else None
+                rv = rv if isinstance(rv, str) else None
             if not cont:
                 if not rv:
                     raise ValueError(f"{res.kind} list response without metadata.resourceVersion")
@@ -352,53 +368,83 @@ class KubeSource:
                 self.events.put([Event("upsert", res.kind, key, change.slice)])
                 rv = change.resource_version or rv
                 continue
-            ev = _loads(line)
+            # A line that is not an event object means a broken stream:
+            # the ValueError makes _run resume from the last good rv.
+            ev = _loads_object(line, f"a {res.kind} watch event")
             typ = ev.get("type")
-            raw = ev.get("object") or {}
+            raw = ev.get("object")
             if typ == "ERROR":
-                if raw.get("code") == 410:
+                status = raw if isinstance(raw, dict) else {}
+                code, message = status.get("code"), status.get("message")
+                if code == 410:
                     raise GoneError()
-                raise APIError(raw.get("code") or 0, raw.get("message") or "watch error")
-            new_rv = (raw.get("metadata") or {}).get("resourceVersion")
+                raise APIError(
+                    code if isinstance(code, int) else 0,
+                    _one_line(message) if isinstance(message, str) and message else "watch error",
+                )
+            if not isinstance(raw, dict):
+                log.error("%s watch event %s: object: %s is not a mapping", res.kind, short(typ), short(raw))
+                continue
+            meta = raw.get("metadata")
+            new_rv = meta.get("resourceVersion") if isinstance(meta, dict) else None
+            new_rv = new_rv if isinstance(new_rv, str) and new_rv else None
             if typ == "BOOKMARK":
                 rv = new_rv or rv
                 continue
-            raw.setdefault("kind", res.kind)
             if typ in ("ADDED", "MODIFIED"):
-                obj = self._parse(raw)
+                obj = self._parse(raw, res.kind, f"{res.kind} watch event")
                 if obj is not None:
                     key = _key(res.kind, obj)
                     known[key] = obj
                     self.events.put([Event("upsert", res.kind, key, obj)])
             elif typ == "DELETED":
-                key = _raw_key(res.kind, raw)
-                if known.pop(key, None) is not None:
-                    self.events.put([Event("delete", res.kind, key)])
+                gone = _raw_key(res.kind, raw)
+                if gone is not None and known.pop(gone, None) is not None:
+                    self.events.put([Event("delete", res.kind, gone)])
             rv = new_rv or rv
         return rv
 
     @staticmethod
-    def _parse(raw: dict):
+    def _parse(raw: object, kind: str, where: str) -> Service | EndpointSlice | Node | None:
+        """One object of a `kind` list or watch, or None (logged in one line
+        naming the object and the field)."""
+        if not isinstance(raw, dict):
+            log.error("%s: %s is not a mapping", where, short(raw))
+            return None
+        if raw.get("kind") is None:
+            raw["kind"] = kind  # list items carry no kind (and null is absent)
+        raw_kind = raw["kind"]
+        if raw_kind != kind:
+            # Taken as what the resource holds, another kind would reach
+            # the state as the wrong type.
+            log.error("%s: kind: %s among %s objects; ignored", describe(raw), short(raw_kind), kind)
+            return None
         try:
             obj = parse(raw)
         except ObjectError as e:
             log.error("%s", e)
             return None
-        for problem in getattr(obj, "problems", ()):
-            log.error("%s", problem)
+        if obj.problems:
+            log.error("%s", problem_line(obj.problems))
         return obj
 
 
-def _raw_key(kind: str, raw: dict) -> str:
-    meta = raw.get("metadata") or {}
-    return meta.get("name", "") if kind == "Node" else f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+def _raw_key(kind: str, raw: object) -> str | None:
+    """The key of an object that may not parse, as far as it tells."""
+    meta = raw.get("metadata") if isinstance(raw, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    if kind == "Node":
+        return meta["name"]
+    ns = meta.get("namespace")
+    return f"{ns if isinstance(ns, str) and ns else 'default'}/{meta['name']}"
 
 
 def _key(kind: str, obj) -> str:
     return obj.name if kind == "Node" else f"{obj.namespace}/{obj.name}"
 
 
-def _one_line(e: Exception) -> str:
+def _one_line(e: object) -> str:
     return " ".join(str(e).split())[:300]
 
 
