@@ -63,11 +63,14 @@ datapath: all
 netns: all bpffs
 	$(BIN)/python -m pytest -q tests/netns
 
-# The packet fuzz at length: 1,000,000 packets through every program (`make
-# test` runs 50,000). SLICEPROXY_FUZZ_SEED=N replays the run that printed N.
+# The fuzz tier at length: 1,000,000 packets through every program and
+# 20,000 malformed objects through both sources (`make test` runs 50,000
+# and 300). SLICEPROXY_FUZZ_SEED=N replays the run that printed N.
 FUZZ_PACKETS ?= 1000000
+FUZZ_OBJECTS ?= 20000
 fuzz: all
-	SLICEPROXY_FUZZ_PACKETS=$(FUZZ_PACKETS) $(BIN)/python -m pytest -q -s tests/fuzz
+	SLICEPROXY_FUZZ_PACKETS=$(FUZZ_PACKETS) SLICEPROXY_FUZZ_OBJECTS=$(FUZZ_OBJECTS) \
+		$(BIN)/python -m pytest -q -s tests/fuzz
 
 cluster: all bpffs k8s
 	$(BIN)/python -m pytest -q tests/cluster

@@ -182,10 +182,11 @@ struct sp_stat {
  * (bpftool, sliceproxy dump) and for restarts; the datapath never reads it. */
 struct sp_svc_name {
 	/* NUL-terminated. Kubernetes names are at most 63 bytes (namespace,
-	 * Service) and port names 15: "63/63:15/SCTP" is 148 bytes. The
-	 * control plane refuses a frontend whose name does not fit rather
-	 * than cut it: a restart reads the owner back from here. */
-	char name[160];
+	 * Service, and a Service port's name, a DNS label):
+	 * "63/63:63/SCTP" is 196 bytes. The control plane refuses a frontend
+	 * whose name does not fit rather than cut it: a restart reads the
+	 * owner back from here. */
+	char name[200];
 };
 
 /* sp_src_v3 (LPM trie): loadBalancerSourceRanges of the frontends flagged

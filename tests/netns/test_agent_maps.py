@@ -167,10 +167,10 @@ def frontend_ids(programmed: Programmed) -> dict[tuple, tuple[int, str, str]]:
 
 
 def test_the_longest_kubernetes_names_survive_a_restart_with_their_ids(pin_dir: Path) -> None:
-    """A 63-character namespace and Service name with a 15-character port
-    name: the owner is read back from the names map after a restart, so
+    """A 63-character namespace, Service name and port name (Kubernetes'
+    longest): the owner is read back from the names map after a restart, so
     the frontends keep their ids and nothing is rewritten."""
-    ns, name, port = "n" * 63, "s" * 63, "p" * 15
+    ns, name, port = "n" * 63, "s" * 63, "p" * 63
     raw_svc = service(name, "198.19.0.10", [(port, 80, "TCP", 8080), ("dns", 53, "UDP", 5353)], namespace=ns)
     raw_slice = endpoint_slice("x" * 253, name, [(port, 8080, "TCP"), ("dns", 5353, "UDP")], ["198.18.1.11"],
                                namespace=ns)  # fmt: skip

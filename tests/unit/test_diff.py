@@ -298,8 +298,8 @@ def test_a_drain_mark_carries_its_end_in_nanoseconds():
 
 def test_a_name_that_does_not_fit_the_names_map_refuses_its_service_only():
     p = Programmed()
-    longest = "n" * 63 + "/" + "s" * 63 + ":" + "p" * 15 + "/SCTP"  # Kubernetes' limits: 148 bytes
-    assert len(longest) == 148 <= p.name_max
+    longest = "n" * 63 + "/" + "s" * 63 + ":" + "p" * 63 + "/SCTP"  # Kubernetes' limits: 196 bytes
+    assert len(longest) == 196 <= p.name_max
     too_long = "default/" + "l" * 253 + ":http/TCP"
     cs = p.sync(
         {
