@@ -485,7 +485,7 @@ class Programmed:
             if n > self.name_max:
                 return (
                     f"frontend name {f.name[:60]!r}... is {n} bytes, the names map holds {self.name_max} "
-                    f"(Kubernetes allows 63 characters for a namespace or Service name, 15 for a port name)"
+                    f"(Kubernetes allows 63 characters for a namespace, a Service name or a port name)"
                 )
         return None
 

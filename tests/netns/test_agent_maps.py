@@ -220,7 +220,7 @@ def test_a_name_too_long_for_the_names_map_is_refused_and_cannot_corrupt_adoptio
     try:
         p = Programmed()
         cs = p.sync(desired(), prune_except=set(desired()))
-        assert set(cs.refused) == {long_owner} and "names map holds 159" in cs.refused[long_owner]
+        assert set(cs.refused) == {long_owner} and "names map holds 199" in cs.refused[long_owner]
         Writer(dp.maps).apply(cs)
         before = frontend_ids(p)
     finally:
