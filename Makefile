@@ -21,9 +21,13 @@ deps:
 
 bpf: $(BPF_OBJS)
 
-# One pattern rule per hook: every program is compiled once, with BTF (-g),
-# so bpftool prints field names and the agent checks layouts at start.
-build/%.bpf.o: ebpf/%.bpf.c ebpf/sliceproxy.h | deps
+# The tc object is one translation unit (ebpf/sliceproxy_tc.bpf.c includes
+# one file per attach point, which include ebpf/lib/): rebuilt when any of
+# them changes. Compiled once, with BTF (-g), so bpftool prints field names
+# and the agent checks layouts at start.
+BPF_SRCS := $(wildcard ebpf/*.h ebpf/*.c ebpf/lib/*.h)
+
+build/%.bpf.o: ebpf/%.bpf.c $(BPF_SRCS) | deps
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

@@ -252,14 +252,15 @@ def test_an_idle_snat_port_goes_to_exactly_one_of_two_racing_flows(dp):
 
 
 def claiming_mark() -> int:
-    """CT_CLAIMING, read from the program's source (it is no layout, so not
-    in the header): the stamp of an UNSNAT entry another CPU is claiming."""
+    """CT_CLAIMING, read from the programs' conntrack code (it is no layout,
+    so not in the header): the stamp of an UNSNAT entry another CPU is
+    claiming."""
     import re
     from pathlib import Path
 
-    src = (Path(__file__).resolve().parents[2] / "ebpf" / "sliceproxy_tc.bpf.c").read_text()
+    src = (Path(__file__).resolve().parents[2] / "ebpf" / "lib" / "conntrack.h").read_text()
     m = re.search(r"#define CT_CLAIMING (0x[0-9a-fA-F]+)ULL", src)
-    assert m, "CT_CLAIMING not found in ebpf/sliceproxy_tc.bpf.c"
+    assert m, "CT_CLAIMING not found in ebpf/lib/conntrack.h"
     return int(m.group(1), 16)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +32,14 @@ OLD = 2  # the layout version the old release pins its maps under
 
 def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     """The old object and header; with v2_backend the backend loses its
-    drain deadline, as in layout 2 (this tree's agent cannot run that)."""
-    hdr = (REPO / "ebpf" / "sliceproxy.h").read_text()
+    drain deadline, as in layout 2 (this tree's agent cannot run that).
+    The programs name their maps after the header's SP_LAYOUT_VERSION, so
+    the header is all that changes."""
+    src = out / "ebpf"
+    shutil.copytree(REPO / "ebpf", src)
+    hdr = (src / "sliceproxy.h").read_text()
     m = re.search(r"#define SP_LAYOUT_VERSION (\d+)", hdr)
     assert m is not None and int(m.group(1)) > OLD
-    cur = int(m.group(1))
     hdr = hdr.replace(m.group(0), f"#define SP_LAYOUT_VERSION {OLD}")
     # Version 2's names were 128 bytes, and its backend had no drain deadline.
     drain = re.search(r"\t__u32 pad; +/\* zero \*/\n\t__u64 drain_end;.*?\*/\n", hdr, re.S)
@@ -54,18 +58,15 @@ def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     be_fields = re.search(r"\t__u16 port; +/\* backend port, host order \*/\n\t__u8 proto; +/\* IPPROTO_\* \*/\n", hdr)
     assert be_fields is not None
     hdr = hdr.replace(be_fields.group(0), "\t__u8 proto;\n\t__u8 pad0;\n\t__u16 port;\n")
-    src = (REPO / "ebpf" / "sliceproxy_tc.bpf.c").read_text()
-    src = re.sub(rf"\b(sp_[a-z]+)_v{cur}\b", rf"\1_v{OLD}", src)
-    (out / "sliceproxy.h").write_text(hdr)
-    (out / "sliceproxy_tc.bpf.c").write_text(src)
+    (src / "sliceproxy.h").write_text(hdr)
     arch = os.uname().machine
     # The Makefile's BPF_CFLAGS (-mcpu=v3: the programs use BPF atomics).
     subprocess.run(
-        ["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", f"-I/usr/include/{arch}-linux-gnu", f"-I{out}", "-c",
-         str(out / "sliceproxy_tc.bpf.c"), "-o", str(out / "old.bpf.o")],
+        ["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", f"-I/usr/include/{arch}-linux-gnu", f"-I{src}", "-c",
+         str(src / "sliceproxy_tc.bpf.c"), "-o", str(out / "old.bpf.o")],
         check=True,
     )  # fmt: skip
-    return out / "old.bpf.o", out / "sliceproxy.h"
+    return out / "old.bpf.o", src / "sliceproxy.h"
 
 
 def test_upgrade_across_a_layout_change_keeps_established_connections(
