@@ -40,7 +40,7 @@ POOL_SIZE = 65_000
 VIP_BASE = 0xC6130001  # 198.19.0.1
 BASE_PORT = 8080
 CLUSTER_CIDR = "198.18.0.0/16"  # pod addresses: what kube-proxy's --cluster-cidr would say
-LIST_PAGE = 500  # what ctrl.source.kube asks the API server for (limit=500)
+LIST_PAGE = 500  # what ctrl.k8s.kube asks the API server for (limit=500)
 
 
 def progress(msg: str) -> None:

@@ -1,17 +1,17 @@
 """sliceproxy's figures, each scenario in a subprocess of its own.
 
 The parent writes what the API server would send into a scratch directory:
-the list responses page by page (limit=500, as ctrl.source.kube asks) and
+the list responses page by page (limit=500, as ctrl.k8s.kube asks) and
 the watch lines of the changes. The worker (`scripts/bench.py --worker
 ours ...`) starts clean, so its peak RSS is the agent's own, and runs the
-production code on them. Its agent is built by ctrl.cli.build_agent from
+production code on them. Its agent is built by ctrl.cli.run.build_agent from
 `sliceproxy run`'s own flag parser, as `sliceproxy run` builds it: default
 flags (metrics and /healthz served, on ephemeral loopback ports here),
 logging at the default level (into a file of the scratch directory), the
 map sizes an operator would pass for the scenario:
 
-  full     ctrl.source.kube.KubeSource._list on every page (the client's JSON decoder and
-           ctrl.objects.parse, exactly as in the agent) -> Agent.take ->
+  full     ctrl.k8s.kube.KubeSource._list on every page (the client's JSON decoder and
+           ctrl.k8s.objects.parse, exactly as in the agent) -> Agent.take ->
            Agent.sync (plan, diff, batch writes), into freshly loaded maps.
            The clock stops when the last map write returns; then every map
            is read back and counted.
@@ -117,10 +117,6 @@ def run_worker(scn: Scenario, d: Path, steps: list[str], opts: dict, timeout: fl
 # -- worker side -------------------------------------------------------------------
 
 
-def map_base(map_name: str) -> str:
-    return map_name.rsplit("_v", 1)[0]
-
-
 def rss_now() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -140,7 +136,7 @@ def memlock(fd: int) -> int:
 
 
 class Replay:
-    """ctrl.source.kube.Client's two calls, answered from the files: the
+    """ctrl.k8s.kube.Client's two calls, answered from the files: the
     bytes are decoded with the same function the real client uses."""
 
     PATHS = {
@@ -152,9 +148,9 @@ class Replay:
     def __init__(self, d: Path):
         self.d = d
         self.pending: list[bytes] = []
-        # The real client's decoding (ctrl.source.kube), so the figure
+        # The real client's decoding (ctrl.k8s.kube), so the figure
         # follows what the agent does.
-        from ctrl.source import kube
+        from ctrl.k8s import kube
 
         self.loads = kube._loads
 
@@ -199,11 +195,13 @@ def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
 class Worker:
     def __init__(self, a: argparse.Namespace):
         sys.path.insert(0, str(ROOT))
-        from ctrl import cli, loader
-        from ctrl.apply import Writer
-        from ctrl.logs import setup_logging
-        from ctrl.sizes import MapSizes
-        from ctrl.source.kube import KubeSource
+        from ctrl.cli import parser as cli
+        from ctrl.cli.run import build_agent
+        from ctrl.dataplane import loader
+        from ctrl.dataplane.abi import MapSizes
+        from ctrl.dataplane.apply import Writer
+        from ctrl.k8s.kube import KubeSource
+        from ctrl.util.logs import setup_logging
 
         self.a = a
         self.loader = loader
@@ -270,7 +268,7 @@ class Worker:
         self.res = {r.kind: r for r in self.source._resources}
         self.known: dict[str, dict] = {k: {} for k in self.res}
         self.rv: dict[str, str] = {}
-        self.agent = cli.build_agent(opts, self.source, self.writer, self.dp.maps)
+        self.agent = build_agent(opts, self.source, self.writer, self.dp.maps)
         if self.agent.metrics is None or self.agent.health_checks is None:
             raise RuntimeError("the bench's agent lacks the metrics or health checks `sliceproxy run` has")
         self.out: dict = {
@@ -338,11 +336,13 @@ class Worker:
         steady = rss_now()
         if cs is None or cs.rejected:
             raise RuntimeError(f"full sync failed or rejected services: {cs and cs.rejected}")
+        from ctrl.dataplane.abi import map_base
+
         # By base name: map names carry the layout version (sp_svc_v3...).
         counts = (
             {}
             if self.a.profile
-            else {map_base(name): len(m.items()) for name, m in self.dp.maps.items() if map_base(name) != "sp_stats"}
+            else {map_base(n): len(m.items()) for n, m in self.dp.maps.items() if map_base(n) != "sp_stats"}
         )
         want = {"sp_svc": self.scn.services, "sp_slot": self.expect["full"], "sp_be": self.expect["full"]}
         for name, n in want.items():
@@ -433,10 +433,10 @@ class Worker:
         }
 
     def packet(self) -> None:
-        from ctrl.apply import Writer
-        from ctrl.diff import Programmed
-        from ctrl.objects import parse
-        from ctrl.plan import plan_service
+        from ctrl.dataplane.apply import Writer
+        from ctrl.dataplane.programmed import Programmed
+        from ctrl.k8s.objects import parse
+        from ctrl.model.plan import plan_service
 
         one = self.loader.load(pin_dir=None, sizes=self.sizes)
         n = min(self.scn.endpoints, 100)

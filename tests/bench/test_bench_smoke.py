@@ -165,7 +165,7 @@ def test_renders_the_same_table_again_from_its_json(run, tmp_path):
 
 
 def test_the_agent_ran_as_sliceproxy_run_builds_it(figures):
-    """The bench's agent comes from ctrl.cli.build_agent with `sliceproxy
+    """The bench's agent comes from ctrl.cli.run.build_agent with `sliceproxy
     run`'s default flags: its own /metrics counted every sync and change
     it made, and its /healthz answered. (Built without metrics, the bench
     never saw a cost production pays on every change.)"""

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ctrl import loader
+from ctrl.dataplane import abi, loader
 
 from .packets import HAIRPIN4, HAIRPIN6, mapped, set_uptime
 
@@ -19,7 +19,7 @@ def dp():
             "they need root (run `sudo make test` or pytest as root)",
             pytrace=False,
         )
-    d = loader.load(pin_dir=None, hairpin=loader.Hairpin(mapped(HAIRPIN4), mapped(HAIRPIN6)))
+    d = loader.load(pin_dir=None, hairpin=abi.Hairpin(mapped(HAIRPIN4), mapped(HAIRPIN6)))
     try:
         yield d
     finally:

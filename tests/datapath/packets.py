@@ -1,8 +1,9 @@
 """Helpers for the datapath tests (tier 2: BPF_PROG_TEST_RUN).
 
 Packets are built and checked with scapy, a parser that shares no code with
-the program under test, and map entries are packed with the ctrl.layout
-codecs (read from ebpf/sliceproxy.h and checked against the object's BTF).
+the program under test, and map entries are packed by field name with
+ctrl.dataplane.abi (layouts read from ebpf/sliceproxy.h and checked against
+the object's BTF); a field a test does not name is zero.
 
 Addresses: only 198.18.0.0/15 and 2001:db8::/32 (DESIGN.md, "Test tiers").
 """
@@ -19,9 +20,9 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, ICMPv6Time
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from ctrl import layout
-from ctrl.libbpf import ffi, lib
-from ctrl.maps import Map
+from ctrl.dataplane import abi
+from ctrl.dataplane.libbpf import ffi, lib
+from ctrl.dataplane.maps import Map
 
 TCP_P = socket.IPPROTO_TCP
 UDP_P = socket.IPPROTO_UDP
@@ -341,7 +342,6 @@ class CtVal(NamedTuple):
     flags: int = 0  # unsnat: SP_CT_F_*
 
 
-CT_VAL_FIELDS = ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2", "flags")
 ZERO16 = b"\0" * 16
 
 
@@ -360,8 +360,8 @@ class Seed:
     ct: dict[CtKey, CtVal] = field(default_factory=dict)
 
 
-FORWARD = 0
-REPLY = 1
+FORWARD = abi.CT_FORWARD
+REPLY = abi.CT_REPLY
 # last_seen of seeded conntrack entries: a value the tests recognise. How
 # old it looks depends on the clock; a test that needs an age writes one
 # with stamp().
@@ -424,52 +424,64 @@ def idle_of(dp, last_seen: int) -> float:
     return (d - U64 if d >= 1 << 63 else d) / NS
 
 
+def mapname(base: str) -> str:
+    """A map's name in this build (sp_ct -> sp_ct_v3): the layout version
+    comes from the header, so a layout change renames no test."""
+    return abi.map_name(base)
+
+
 def svc_key(addr: str, port: int, proto: int, scope: int = 0) -> bytes:
-    return layout.codec("sp_svc_key").pack(mapped(addr), port, proto, scope)
+    return abi.pack("sp_svc_key", addr=mapped(addr), port=port, proto=proto, scope=scope)
 
 
 def put_service(dp, s: Svc) -> None:
     count = len(s.slots) if s.count is None else s.count
     for i, be_id in enumerate(s.slots):
         put_slot(dp, s.svc_id, i, be_id)
-    dp.maps["sp_svc_v3"].update(
+    flags = (abi.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0) | s.flags
+    dp.maps[mapname("sp_svc")].update(
         svc_key(s.addr, s.port, s.proto, s.scope),
-        layout.codec("sp_svc_val").pack(
-            s.svc_id,
-            count,
-            (layout.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0) | s.flags,
-            s.affinity_timeout,
-        ),
+        abi.pack("sp_svc_val", svc_id=s.svc_id, count=count, flags=flags, affinity_timeout=s.affinity_timeout),
     )
 
 
 def put_slot(dp, svc_id: int, slot: int, backend_id: int) -> None:
-    dp.maps["sp_slot_v3"].update(
-        layout.codec("sp_slot_key").pack(svc_id, slot), layout.codec("sp_slot_val").pack(backend_id)
+    dp.maps[mapname("sp_slot")].update(
+        abi.pack("sp_slot_key", svc_id=svc_id, slot=slot), abi.pack("sp_slot_val", backend_id=backend_id)
     )
 
 
 def put_backend(dp, b: Backend) -> None:
-    dp.maps["sp_be_v3"].update(
-        b.id.to_bytes(4, "little"), layout.codec("sp_backend").pack(mapped(b.addr), b.port, b.proto, b.flags, 0)
+    dp.maps[mapname("sp_be")].update(
+        abi.u32(b.id), abi.pack("sp_backend", addr=mapped(b.addr), port=b.port, proto=b.proto, flags=b.flags)
     )
 
 
 def del_backend(dp, be_id: int) -> None:
-    assert dp.maps["sp_be_v3"].delete(be_id.to_bytes(4, "little"))
+    assert dp.maps[mapname("sp_be")].delete(abi.u32(be_id))
 
 
 def ct_key_bytes(k: CtKey) -> bytes:
-    return layout.codec("sp_ct_key").pack(mapped(k.saddr), mapped(k.daddr), k.sport, k.dport, k.proto, k.dir)
+    a, b = mapped(k.saddr), mapped(k.daddr)
+    return abi.pack("sp_ct_key", saddr=a, daddr=b, sport=k.sport, dport=k.dport, proto=k.proto, dir=k.dir)
+
+
+def ct_val_bytes(v: CtVal, last_seen: int = 0) -> bytes:
+    return abi.pack(
+        "sp_ct_val",
+        nat_addr=_a16(v.nat_addr),
+        nat_port=v.nat_port,
+        backend_id=v.backend_id,
+        svc_id=v.svc_id,
+        last_seen=last_seen,
+        addr2=_a16(v.addr2),
+        port2=v.port2,
+        flags=v.flags,
+    )
 
 
 def put_ct(dp, k: CtKey, v: CtVal, last_seen: int = SEEDED_LAST_SEEN) -> None:
-    dp.maps["sp_ct_v3"].update(
-        ct_key_bytes(k),
-        layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
-            _a16(v.nat_addr), v.nat_port, v.backend_id, v.svc_id, last_seen, _a16(v.addr2), v.port2, v.flags
-        ),
-    )
+    dp.maps[mapname("sp_ct")].update(ct_key_bytes(k), ct_val_bytes(v, last_seen))
 
 
 def seed(dp, s: Seed) -> None:
@@ -482,24 +494,23 @@ def seed(dp, s: Seed) -> None:
 
 
 def _pad_ranges(sname: str) -> list[tuple[int, int]]:
-    return [(off, off + size) for name, off, size in layout.describe(sname) if name.startswith("pad")]
+    return [(off, off + size) for name, off, size in abi.describe(sname) if name.startswith("pad")]
 
 
 def ct_dump(dp) -> dict[CtKey, tuple[CtVal, int]]:
     """Every conntrack entry, decoded: key -> (value, last_seen). Pad bytes
     must be zero: a key with garbage in its pad would never be found again."""
-    kc, vc = layout.codec("sp_ct_key"), layout.codec("sp_ct_val", CT_VAL_FIELDS)
     out = {}
-    for kb, vb in dp.maps["sp_ct_v3"].items():
+    for kb, vb in dp.maps[mapname("sp_ct")].items():
         for raw, sname in ((kb, "sp_ct_key"), (vb, "sp_ct_val")):
             for a, b in _pad_ranges(sname):
                 assert raw[a:b] == b"\0" * (b - a), f"{sname} pad bytes {a}..{b} not zero: {raw.hex()}"
-        sa, da, sp, dpt, proto, d = kc.unpack(kb)
-        na, np_, be, sid, last, a2, p2, fl = vc.unpack(vb)
-        out[CtKey(unmapped(sa), unmapped(da), sp, dpt, proto, d)] = (
-            CtVal(_ip(na), np_, be, sid, _ip(a2), p2, fl),
-            last,
+        k, v = abi.unpack("sp_ct_key", kb), abi.unpack("sp_ct_val", vb)
+        key = CtKey(unmapped(k["saddr"]), unmapped(k["daddr"]), k["sport"], k["dport"], k["proto"], k["dir"])
+        val = CtVal(
+            _ip(v["nat_addr"]), v["nat_port"], v["backend_id"], v["svc_id"], _ip(v["addr2"]), v["port2"], v["flags"]
         )
+        out[key] = (val, v["last_seen"])
     return out
 
 
@@ -513,24 +524,15 @@ def ct_pair(client: str, cport: int, vip: str, vport: int, be: Backend, svc_id: 
 
 
 def verdict_names() -> list[str]:
-    n = layout.const("SP_V_MAX")
-    names = {layout.const(c): c[len("SP_V_") :] for c in layout.constants if c.startswith("SP_V_") and c != "SP_V_MAX"}
-    return [names[i] for i in range(n)]
+    return [v.upper() for v in abi.verdicts()]
 
 
 def stats(dp) -> dict[str, tuple[int, int]]:
     """Non-zero per-verdict counters summed over CPUs: name -> (packets, bytes)."""
     out = {}
-    m = dp.maps["sp_stats_v3"]
-    sc = layout.codec("sp_stat")
-    for i, name in enumerate(verdict_names()):
-        pk = by = 0
-        for raw in m.lookup_percpu(i.to_bytes(4, "little")):
-            p, b = sc.unpack(raw)
-            pk += p
-            by += b
-        if pk or by:
-            out[name] = (pk, by)
+    for name, c in abi.counters(dp.maps).items():
+        if c["packets"] or c["bytes"]:
+            out[name.upper()] = (c["packets"], c["bytes"])
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctrl import dump
+from ctrl.cli import dump
 
 from .packets import (
     FORWARD,

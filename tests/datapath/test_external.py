@@ -20,7 +20,7 @@ from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ctrl import layout
+from ctrl.dataplane import abi
 
 from .packets import (
     FORWARD,
@@ -36,8 +36,11 @@ from .packets import (
     Svc,
     changed_offsets,
     ct_dump,
+    mapname,
     nat_offsets,
+    put_backend,
     put_ct,
+    put_service,
     run,
     seed,
     stamp,
@@ -46,8 +49,8 @@ from .packets import (
     verify_checksums,
 )
 
-SNAT = 2
-UNSNAT = 3
+SNAT = abi.CT_SNAT
+UNSNAT = abi.CT_UNSNAT
 
 OUTSIDE = "198.18.100.5"  # a client outside the cluster
 OUTSIDE2 = "198.18.101.7"  # another one, outside the source ranges
@@ -58,8 +61,8 @@ CPORT = 40000
 NODEPORT = 30080
 PORT_MIN, PORT_MAX = 61000, 65535
 
-F_SRC_RANGES = 2
-F_MASQ = 4
+F_SRC_RANGES = abi.const("SP_SVC_F_SRC_RANGES")
+F_MASQ = abi.const("SP_SVC_F_MASQ")
 
 BE = Backend(7, BE_REMOTE, 8080, TCP_P)
 BE_UDP = Backend(8, BE_REMOTE, 5353, UDP_P)
@@ -82,23 +85,28 @@ def put_cfg(
     reclaim=300,
     reclaim_closed=10,
 ) -> None:
-    from ctrl.objects import addr16
+    from ctrl.util.addrs import addr16
 
     z = b"\0" * 16
-    fields = ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
-    val = layout.codec("sp_cfg", fields).pack(
-        addr16(addr4) if addr4 else z, addr16(addr6) if addr6 else z, lo, hi, reclaim, reclaim_closed
+    val = abi.pack(
+        "sp_cfg",
+        addr4=addr16(addr4) if addr4 else z,
+        addr6=addr16(addr6) if addr6 else z,
+        snat_port_min=lo,
+        snat_port_max=hi,
+        snat_reclaim=reclaim,
+        snat_reclaim_closed=reclaim_closed,
     )
-    dp.maps["sp_cfg_v3"].update((0).to_bytes(4, "little"), val)
+    dp.maps[mapname("sp_cfg")].update(abi.u32(0), val)
 
 
 def put_range(dp, svc_id: int, cidr: str) -> None:
-    from ctrl.objects import addr16
+    from ctrl.util.addrs import addr16
 
     net, bits = cidr.split("/")
     plen = 32 + (96 if ":" not in net else 0) + int(bits)
-    key = layout.codec("sp_src_key", ("prefixlen", "svc_id", "addr")).pack(plen, svc_id, addr16(net))
-    dp.maps["sp_src_v3"].update(key, layout.codec("sp_src_val").pack(1))
+    key = abi.pack("sp_src_key", prefixlen=plen, svc_id=svc_id, addr=addr16(net))
+    dp.maps[mapname("sp_src")].update(key, abi.pack("sp_src_val", allow=1))
 
 
 def fwd_ct(svc: Svc, be: Backend, snat: tuple[str, int] | None = None) -> tuple[CtKey, CtVal]:
@@ -322,7 +330,7 @@ def test_evicted_snat_entry_comes_back_with_its_port(dp):
     port = Ether(out)[TCP].sport
     from .packets import ct_key_bytes
 
-    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
+    assert dp.maps[mapname("sp_ct")].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT, flags="A"), external=True)
     assert r.counted.keys() == {"DNAT_ESTABLISHED"}
     r = run(dp, r.out, egress=True, external=True)
@@ -350,15 +358,8 @@ def v6_ok(raw: bytes, l4) -> Ether:
 
 @pytest.mark.parametrize("proto,l4", [pytest.param(TCP_P, TCP, id="tcp"), pytest.param(UDP_P, UDP, id="udp")])
 def test_ipv6_masqueraded_round_trip(dp, proto, l4):
-    from ctrl.objects import addr16
-
-    be = layout.codec("sp_backend").pack(addr16(V6_BE), 8080, proto, 0, 0)
-    dp.maps["sp_be_v3"].update((9).to_bytes(4, "little"), be)
-    dp.maps["sp_slot_v3"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v3"].update(
-        layout.codec("sp_svc_key").pack(addr16(V6_NODE), NODEPORT, proto, 1),
-        layout.codec("sp_svc_val").pack(40, 1, F_MASQ, 0),
-    )
+    put_backend(dp, Backend(9, V6_BE, 8080, proto))
+    put_service(dp, Svc(V6_NODE, NODEPORT, proto, svc_id=40, slots=(9,), scope=1, flags=F_MASQ))
     put_cfg(dp, addr6=V6_NODE)
     steps = [
         (v6(proto, V6_OUT, V6_NODE, CPORT, NODEPORT), False, (V6_OUT, V6_BE, CPORT, 8080)),
@@ -396,10 +397,10 @@ def test_unrelated_traffic_on_the_uplink_is_untouched(dp):
 
 # -- TCP close and SNAT port reclaim --------------------------------------------
 
-F_FIN_FWD = layout.const("SP_CT_F_FIN_FWD")
-F_FIN_REPLY = layout.const("SP_CT_F_FIN_REPLY")
-F_FIN_REPLY_FIRST = layout.const("SP_CT_F_FIN_REPLY_FIRST")
-F_RST = layout.const("SP_CT_F_RST")
+F_FIN_FWD = abi.const("SP_CT_F_FIN_FWD")
+F_FIN_REPLY = abi.const("SP_CT_F_FIN_REPLY")
+F_FIN_REPLY_FIRST = abi.const("SP_CT_F_FIN_REPLY_FIRST")
+F_RST = abi.const("SP_CT_F_RST")
 CLOSED_CLIENT_FIRST = F_FIN_FWD | F_FIN_REPLY
 CLOSED_BACKEND_FIRST = F_FIN_FWD | F_FIN_REPLY | F_FIN_REPLY_FIRST
 

@@ -20,7 +20,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ctrl import loader
+from ctrl.dataplane import abi, loader
 
 from .packets import (
     FORWARD,
@@ -40,6 +40,7 @@ from .packets import (
     ct_dump,
     ct_key_bytes,
     l4pkt,
+    mapname,
     mapped,
     run,
     seed,
@@ -137,7 +138,7 @@ def test_an_evicted_hairpin_reply_entry_comes_back_with_the_next_request(dp, fam
     seed(dp, s)
     run(dp, l4pkt(proto, pod, vip, CPORT, 80))
     rev = CtKey(pod, hp, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(rev))
+    assert dp.maps[mapname("sp_ct")].delete(ct_key_bytes(rev))
     hairpin_step(
         dp, proto, l4pkt(proto, pod, vip, CPORT, 80, flags="A"),
         swap_macs(l4pkt(proto, hp, pod, CPORT, 8080, flags="A")), "DNAT_ESTABLISHED",
@@ -237,7 +238,7 @@ def test_the_hairpin_address_is_set_per_family_before_load(hairpin, fam, hairpin
     """Without a hairpin address for its family, a pod reaching itself gets
     the plain DNAT (the behaviour before hairpin support)."""
     a4, a6 = hairpin
-    d = loader.load(pin_dir=None, hairpin=loader.Hairpin(mapped(a4) if a4 else None, mapped(a6) if a6 else None))
+    d = loader.load(pin_dir=None, hairpin=abi.Hairpin(mapped(a4) if a4 else None, mapped(a6) if a6 else None))
     try:
         pod, _, vip, hp = FAMILIES[fam]
         s, _ = world(fam, TCP_P, pod)

@@ -24,14 +24,15 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from ctrl import layout
-from ctrl.libbpf import check, ffi, lib
-from ctrl.objects import addr16
+from ctrl.dataplane import abi
+from ctrl.dataplane.libbpf import check, ffi, lib
+from ctrl.util.addrs import addr16
 
-from .packets import CT_VAL_FIELDS, TC_ACT_OK, TCP_P, UDP_P, ZERO16, stamp, stats
+from . import packets
+from .packets import TC_ACT_OK, TCP_P, UDP_P, Backend, CtKey, CtVal, Svc, mapname, stamp, stats
 
-FORWARD, REPLY, SNAT, UNSNAT = 0, 1, 2, 3
-F_MASQ = 4
+FORWARD, REPLY, SNAT, UNSNAT = abi.CT_FORWARD, abi.CT_REPLY, abi.CT_SNAT, abi.CT_UNSNAT
+F_MASQ = abi.const("SP_SVC_F_MASQ")
 
 ADDRS = {
     4: {"client": "198.18.1.1", "vip": "198.19.0.10", "be": "198.18.2.1", "node": "198.18.0.101"},
@@ -103,36 +104,28 @@ BAD_V4_ONLY = {
 def put_ct(dp, k: tuple, v: tuple, last_seen: int) -> None:
     """k: (saddr, daddr, sport, dport, proto, dir); v: (nat_addr, nat_port,
     backend_id, svc_id, addr2, port2)."""
-    sa, da, sp, dpt, proto, d = k
-    na, np_, be, svc, a2, p2 = v
-    dp.maps["sp_ct_v3"].update(
-        layout.codec("sp_ct_key").pack(addr16(sa), addr16(da), sp, dpt, proto, d),
-        layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
-            addr16(na), np_, be, svc, last_seen, addr16(a2) if a2 else ZERO16, p2, 0
-        ),
-    )
+    packets.put_ct(dp, CtKey(*k), CtVal(*v), last_seen)
 
 
 def put_service(dp, addr: str, port: int, proto: int, scope: int, flags: int = 0) -> None:
-    dp.maps["sp_be_v3"].update(
-        (7).to_bytes(4, "little"), layout.codec("sp_backend").pack(addr16(BE[addr]), BPORT, proto, 0, 0)
-    )
-    dp.maps["sp_slot_v3"].update(layout.codec("sp_slot_key").pack(50, 0), (7).to_bytes(4, "little"))
-    dp.maps["sp_svc_v3"].update(
-        layout.codec("sp_svc_key").pack(addr16(addr), port, proto, scope),
-        layout.codec("sp_svc_val").pack(50, 1, flags, 0),
-    )
+    packets.put_backend(dp, Backend(7, BE[addr], BPORT, proto))
+    packets.put_service(dp, Svc(addr, port, proto, svc_id=50, slots=(7,), scope=scope, flags=flags))
 
 
 BE = {a["vip"]: a["be"] for a in ADDRS.values()} | {a["node"]: a["be"] for a in ADDRS.values()}
 
 
 def put_cfg(dp) -> None:
-    fields = ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
-    val = layout.codec("sp_cfg", fields).pack(
-        addr16(ADDRS[4]["node"]), addr16(ADDRS[6]["node"]), SNAT_PORT, SNAT_PORT + 100, 600, 10
+    cfg = abi.pack(
+        "sp_cfg",
+        addr4=addr16(ADDRS[4]["node"]),
+        addr6=addr16(ADDRS[6]["node"]),
+        snat_port_min=SNAT_PORT,
+        snat_port_max=SNAT_PORT + 100,
+        snat_reclaim=600,
+        snat_reclaim_closed=10,
     )
-    dp.maps["sp_cfg_v3"].update((0).to_bytes(4, "little"), val)
+    dp.maps[mapname("sp_cfg")].update(abi.u32(0), cfg)
 
 
 @dataclass(frozen=True)
@@ -205,7 +198,7 @@ def run(dp, pkt: bytes, egress: bool, external: bool, gso_size: int = 0) -> tupl
         fd = dp.ext_egress_fd if egress else dp.ext_fd
     else:
         fd = dp.egress_fd if egress else dp.prog_fd
-    size, fields = layout.btf_struct(lib().bpf_object__btf(dp._obj), "__sk_buff")
+    size, fields = abi.btf_struct(lib().bpf_object__btf(dp._obj), "__sk_buff")
     ctx = bytearray(size)
     off = {name: o for name, o, _ in fields}["gso_size"]
     struct.pack_into("<I", ctx, off, gso_size)
@@ -261,7 +254,7 @@ def test_a_datagram_too_short_for_its_l4_header_passes_untouched(dp, scenario, f
 
 def raw_ct(dp) -> dict[bytes, bytes]:
     """The conntrack map as raw bytes (either family)."""
-    return dict(dp.maps["sp_ct_v3"].items())
+    return dict(dp.maps[mapname("sp_ct")].items())
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

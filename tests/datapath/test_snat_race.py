@@ -31,6 +31,8 @@ import struct
 
 import pytest
 
+from ctrl.dataplane import abi
+
 from .packets import (
     TC_ACT_OK,
     TC_ACT_SHOT,
@@ -48,7 +50,7 @@ from .packets import (
 )
 from .test_external import NODE, put_cfg
 
-SNAT, UNSNAT = 2, 3
+SNAT, UNSNAT = abi.CT_SNAT, abi.CT_UNSNAT
 CLIENT_A = "198.18.100.5"
 CLIENT_B = "198.18.100.6"
 PORT = 61000
@@ -58,7 +60,7 @@ ROUNDS = 1000
 # Only to notice a worker that hangs (a test must not wait for ever): a
 # round takes well under a millisecond.
 STUCK_SECONDS = 120
-F_MASQ = 4
+F_MASQ = abi.const("SP_SVC_F_MASQ")
 
 
 def lanes() -> list[tuple[Svc, Backend]]:
@@ -99,7 +101,7 @@ class Worker:
         os.close(self.res_w)
 
     def _serve(self, prog_fd: int, index: int, packets: list[bytes], shm: mmap.mmap) -> None:
-        from ctrl.libbpf import ffi, lib
+        from ctrl.dataplane.libbpf import ffi, lib
 
         test_run = lib().bpf_prog_test_run_opts
         size = 256

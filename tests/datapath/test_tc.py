@@ -27,7 +27,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from ctrl import layout
+from ctrl.dataplane import abi
 
 from .packets import (
     BE1,
@@ -57,10 +57,13 @@ from .packets import (
     del_backend,
     icmp_echo,
     ipv6_tcp,
+    mapname,
+    mapped,
     max_options,
     nat_offsets,
     prog_now,
     put_backend,
+    put_service,
     put_slot,
     router_alert,
     run,
@@ -644,7 +647,7 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
         Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080), ct_new=pair),
     )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v3"].delete(ct_key_bytes(rev))
+    assert dp.maps[mapname("sp_ct")].delete(ct_key_bytes(rev))
     check_run(
         dp,
         Case(
@@ -780,9 +783,7 @@ AFF_BACKENDS = (BE_WEB1, BE_WEB2, BE_WEB3)
 
 
 def aff_key(svc_id: int, client: str) -> bytes:
-    from ctrl.objects import addr16
-
-    return layout.codec("sp_aff_key").pack(svc_id, addr16(client))
+    return abi.pack("sp_aff_key", svc_id=svc_id, addr=mapped(client))
 
 
 def backend_of(dp, pkt: bytes) -> str:
@@ -798,14 +799,14 @@ def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
     # Another client is free to land elsewhere, and sticks as well.
     others = {backend_of(dp, tcp(CLIENT2, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(others) == 1
-    assert dp.maps["sp_aff_v3"].lookup(aff_key(30, CLIENT)) is not None
+    assert dp.maps[mapname("sp_aff")].lookup(aff_key(30, CLIENT)) is not None
 
 
 def test_without_affinity_new_flows_spread(dp):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5)),), backends=AFF_BACKENDS))
     seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(seen) == 3, seen
-    assert dp.maps["sp_aff_v3"].items() == []
+    assert dp.maps[mapname("sp_aff")].items() == []
 
 
 @pytest.mark.parametrize(
@@ -825,16 +826,16 @@ def test_without_affinity_new_flows_spread(dp):
 )
 def test_affinity_entry_rules(dp, uptime, slot, backend_id, age_s, sticks):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),), backends=AFF_BACKENDS))
-    vc = layout.codec("sp_aff_val")
+    vc = abi.codec("sp_aff_val", ("backend_id", "slot", "last_used"))
     firsts = []
     # Each round: the entry as the case has it, then one new flow. Sticking
     # always gives BE3 (slot 2); a fresh pick is uniform, so twelve rounds
     # all on one backend would happen with probability 3 * (1/3)**12.
     for i in range(12):
         now = prog_now(dp)
-        dp.maps["sp_aff_v3"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, stamp(dp, age_s)))
+        dp.maps[mapname("sp_aff")].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, stamp(dp, age_s)))
         firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
-        be, s_, last = vc.unpack(dp.maps["sp_aff_v3"].lookup(aff_key(30, CLIENT)))
+        be, s_, last = vc.unpack(dp.maps[mapname("sp_aff")].lookup(aff_key(30, CLIENT)))
         # Refreshed (stamped after `now`, modulo 2**64), and naming a valid slot.
         assert 0 < (last - now) % 2**64 < 2**63 and s_ < 3
     if sticks:
@@ -849,13 +850,8 @@ V6_CLIENT, V6_VIP, V6_BE = "2001:db8:1::2", "2001:db8:ffff::10", "2001:db8:1::11
 
 
 def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
-    from ctrl.objects import addr16
-
-    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0, 0)
-    dp.maps["sp_be_v3"].update((9).to_bytes(4, "little"), backend)
-    dp.maps["sp_slot_v3"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v3"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
-                                layout.codec("sp_svc_val").pack(40, 1, 0, 0))
+    put_backend(dp, Backend(9, backend_addr, 8080, proto))
+    put_service(dp, Svc(V6_VIP, 80, proto, svc_id=40, slots=(9,)))
 
 
 def v6_packet(l4, src: str, dst: str, ext=None) -> bytes:

@@ -37,9 +37,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctrl.objects import ObjectError, parse
-from ctrl.source.files import DEFAULT_MAX_FILE_SIZE, FileSource
-from ctrl.source.kube import KubeSource, Resource
+from ctrl.k8s.files import DEFAULT_MAX_FILE_SIZE, FileSource
+from ctrl.k8s.kube import KubeSource, Resource
+from ctrl.k8s.objects import ObjectError, parse
 
 DEFAULT_OBJECTS = 300
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"

@@ -44,8 +44,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ctrl import layout
-from ctrl.libbpf import ffi, lib
+from ctrl.dataplane import abi
+from ctrl.dataplane.libbpf import ffi, lib
 
 from ..datapath.packets import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, stats
 from . import gen
@@ -92,10 +92,10 @@ class Prog:
 class Judge:
     def __init__(self, dp, world: World):
         self.w = world
-        self.ct = dp.maps["sp_ct_v3"]
-        self.kc = layout.codec("sp_ct_key")
+        self.ct = dp.maps[abi.map_name("sp_ct")]
+        self.kc = abi.codec("sp_ct_key", ("saddr", "daddr", "sport", "dport", "proto", "dir"))
         # Every conntrack direction the header defines (SP_CT_*, not the flags).
-        self.dirs = [layout.const(c) for c in layout.constants_with_prefix("SP_CT_") if not c.startswith("SP_CT_F_")]
+        self.dirs = [abi.const(c) for c in abi.constants_with_prefix("SP_CT_") if not c.startswith("SP_CT_F_")]
 
     def tracked(self, src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> bool:
         return any(self.ct.lookup(self.kc.pack(src, dst, sport, dport, proto, d)) is not None for d in self.dirs)

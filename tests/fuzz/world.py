@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ctrl import layout
-from ctrl.objects import addr16
+from ctrl.dataplane import abi
+from ctrl.util.addrs import addr16
 
-from ..datapath.packets import CT_VAL_FIELDS, ZERO16, stamp
+from ..datapath.packets import Backend, CtKey, CtVal, Svc, mapname, put_backend, put_ct, put_service, stamp
 from ..datapath.test_external import put_cfg, put_range
 from .gen import TCP, UDP, Tuple, a16
 
-F_AFFINITY = 1
-F_SRC_RANGES = 2
-F_MASQ = 4
-INTERNAL, EXTERNAL = 0, 1
-FORWARD, REPLY, SNAT, UNSNAT = 0, 1, 2, 3
+F_AFFINITY = abi.const("SP_SVC_F_AFFINITY")
+F_SRC_RANGES = abi.const("SP_SVC_F_SRC_RANGES")
+F_MASQ = abi.const("SP_SVC_F_MASQ")
+INTERNAL, EXTERNAL = abi.SCOPE_INTERNAL, abi.SCOPE_EXTERNAL
+FORWARD, REPLY, SNAT, UNSNAT = abi.CT_FORWARD, abi.CT_REPLY, abi.CT_SNAT, abi.CT_UNSNAT
 
 NODE4, NODE6 = "198.18.0.101", "2001:db8::101"
 PORT_MIN, PORT_MAX = 61000, 61999
@@ -84,33 +84,18 @@ def _backend_ids() -> dict[tuple[str, int, int], int]:
 def _put_ct(dp, k: tuple, v: tuple, last_seen: int) -> None:
     """Either family: k (saddr, daddr, sport, dport, proto, dir), v (nat
     address, nat port, backend id, service id, addr2 or None, port2)."""
-    sa, da, sp, dpt, proto, d = k
-    na, np_, be, svc, a2, p2 = v
-    dp.maps["sp_ct_v3"].update(
-        layout.codec("sp_ct_key").pack(addr16(sa), addr16(da), sp, dpt, proto, d),
-        layout.codec("sp_ct_val", CT_VAL_FIELDS).pack(
-            addr16(na), np_, be, svc, last_seen, addr16(a2) if a2 else ZERO16, p2, 0
-        ),
-    )
+    put_ct(dp, CtKey(*k), CtVal(*v), last_seen)
 
 
 def program(dp) -> World:
     w = World()
     ids = _backend_ids()
     for (addr, port, proto), bid in ids.items():
-        dp.maps["sp_be_v3"].update(
-            bid.to_bytes(4, "little"), layout.codec("sp_backend").pack(addr16(addr), port, proto, 0, 0)
-        )
+        put_backend(dp, Backend(bid, addr, port, proto))
         w.addrs.add(a16(addr))
     for f in FRONTS:
-        for slot, (addr, port) in enumerate(f.backends):
-            dp.maps["sp_slot_v3"].update(
-                layout.codec("sp_slot_key").pack(f.svc_id, slot), ids[(addr, port, f.proto)].to_bytes(4, "little")
-            )
-        dp.maps["sp_svc_v3"].update(
-            layout.codec("sp_svc_key").pack(addr16(f.addr), f.port, f.proto, f.scope),
-            layout.codec("sp_svc_val").pack(f.svc_id, len(f.backends), f.flags, f.affinity),
-        )
+        slots = tuple(ids[(addr, port, f.proto)] for addr, port in f.backends)
+        put_service(dp, Svc(f.addr, f.port, f.proto, f.svc_id, slots, f.scope, None, f.affinity, f.flags))
         w.addrs.add(a16(f.addr))
         w.frontends.add((a16(f.addr), f.port, f.proto))
     for svc_id, cidrs in RANGES.items():
@@ -149,9 +134,9 @@ def program(dp) -> World:
         w.addrs.add(a16(client))
     # A client with session affinity to the affinity frontend.
     aff = FRONTS[2]
-    dp.maps["sp_aff_v3"].update(
-        layout.codec("sp_aff_key").pack(aff.svc_id, addr16("198.18.1.1")),
-        layout.codec("sp_aff_val").pack(ids[(*aff.backends[0], aff.proto)], 0, fresh),
+    dp.maps[mapname("sp_aff")].update(
+        abi.pack("sp_aff_key", svc_id=aff.svc_id, addr=addr16("198.18.1.1")),
+        abi.pack("sp_aff_val", backend_id=ids[(*aff.backends[0], aff.proto)], slot=0, last_used=fresh),
     )
     return w
 

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from ctrl import loader
-from ctrl.agent import Agent
-from ctrl.apply import Writer, read_contents
-from ctrl.diff import Programmed
-from ctrl.layout import map_name
-from ctrl.libbpf import BPFError
-from ctrl.objects import addr16, parse
-from ctrl.plan import Frontend
-from ctrl.sizes import MapSizes
-from ctrl.state import ClusterState, Event
+from ctrl.dataplane import loader
+from ctrl.dataplane.abi import MapSizes, map_name, read_contents
+from ctrl.dataplane.apply import Writer
+from ctrl.dataplane.libbpf import BPFError
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.events import Event
+from ctrl.k8s.objects import parse
+from ctrl.model.plan import Frontend, FrontendFlag, Scope
+from ctrl.model.state import ClusterState
+from ctrl.runtime.agent import Agent
+from ctrl.util.addrs import addr16
 
 from .agent import endpoint_slice, service
 
@@ -212,8 +213,8 @@ def test_a_name_too_long_for_the_names_map_is_refused_and_cannot_corrupt_adoptio
 
     def desired() -> dict[str, list[Frontend]]:
         return {
-            "default/web": [Frontend(vip, 80, 6, 0, "default/web:http/TCP", (be1,))],
-            long_owner: [Frontend(vip2, 80, 6, 0, f"{long_owner}:http/TCP", (be1,))],
+            "default/web": [Frontend(vip, 80, 6, Scope.INTERNAL, "default/web:http/TCP", (be1,))],
+            long_owner: [Frontend(vip2, 80, 6, Scope.INTERNAL, f"{long_owner}:http/TCP", (be1,))],
         }
 
     dp = loader.load(pin_dir=str(pin_dir))
@@ -241,7 +242,7 @@ def test_a_name_without_its_end_gives_no_owner(private_maps, caplog) -> None:
     plane, which never cuts a name) is not parsed for an owner."""
     p = Programmed()
     Writer(private_maps).apply(
-        p.sync({"default/web": [Frontend(addr16("198.19.0.10"), 80, 6, 0, "default/web:http/TCP", ())]})
+        p.sync({"default/web": [Frontend(addr16("198.19.0.10"), 80, 6, Scope.INTERNAL, "default/web:http/TCP", ())]})
     )
     (svc_id,) = read_contents(private_maps).names
     full = ("default/web:" + "x" * 200).encode()[: private_maps[map_name("sp_names")].value_size]
@@ -342,7 +343,7 @@ def test_a_write_the_kernel_refuses_fails_one_service_and_the_others_are_written
     retried after 5 s, 10 s...; a Service changed and one added in the
     same sync are written; the mirror matches the kernel; once room is
     made, the retry succeeds."""
-    from ctrl.metrics import Metrics
+    from ctrl.runtime.metrics import Metrics
 
     dp = loader.load(pin_dir=None, sizes=MapSizes(backends=5))
     try:
@@ -411,8 +412,11 @@ def test_a_key_the_kernel_refuses_fails_its_service_only(private_maps) -> None:
     other Service's write goes through."""
     vip, vip2 = addr16("198.19.0.10"), addr16("198.19.0.11")
     be1 = (addr16("198.18.1.11"), 8080, 6)
-    bad = Frontend(vip, 80, 6, 1, "default/bad:http/TCP", (be1,), flags=2, source_ranges=((addr16("198.18.0.0"), 200),))
-    good = Frontend(vip2, 80, 6, 0, "default/good:http/TCP", (be1,))
+    bad = Frontend(
+        vip, 80, 6, Scope.EXTERNAL, "default/bad:http/TCP", (be1,), flags=FrontendFlag.SRC_RANGES,
+        source_ranges=((addr16("198.18.0.0"), 200),),
+    )  # fmt: skip
+    good = Frontend(vip2, 80, 6, Scope.INTERNAL, "default/good:http/TCP", (be1,))
     p = Programmed()
     cs = p.sync({"default/bad": [bad], "default/good": [good]})
     w = Writer(private_maps)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ctrl import loader
-from ctrl.maps import Map
-from ctrl.sizes import MapSizes
+from ctrl.dataplane import loader
+from ctrl.dataplane.abi import MapSizes, map_name
+from ctrl.dataplane.maps import Map
 
 from .agent import dump, finish_client, frontends, start_client
 from .conftest import THREE, VIP, Agents, assert_spread, http
@@ -31,6 +31,8 @@ pytestmark = pytest.mark.root
 # backends, 9 slots, 3 names.
 SMALL = ("--max-services", "4", "--max-backends", "12", "--max-slots", "12", "--max-conntrack", "4096")
 BIG = ("--max-services", "64", "--max-backends", "64", "--max-slots", "128", "--max-conntrack", "8192")
+# This build's map names (sp_be_v3...): the layout version is the header's.
+SVC, NAMES, BE, SLOT, CT, AFF = (map_name(b) for b in ("sp_svc", "sp_names", "sp_be", "sp_slot", "sp_ct", "sp_aff"))
 
 
 def capacities(pin_dir: Path) -> dict[str, int]:
@@ -74,15 +76,15 @@ def finish_echoes(topo: Topology, echoes: list[subprocess.Popen[bytes]], lines: 
 def test_bigger_maps_keep_established_connections(topo: Topology, agents: Agents) -> None:
     old = agents.start_ready(extra=SMALL)
     before = ids(dump(topo, agents.pin_dir))
-    assert capacities(agents.pin_dir)["sp_be_v3"] == 12
+    assert capacities(agents.pin_dir)[BE] == 12
     echoes = echo_clients(topo)
     try:
         assert old.terminate() == 0
         new = agents.start(extra=BIG)
         agents.wait_ready(new)
-        new.wait_log(r"resizing sp_be_v3 from 12 to 64 entries")
-        new.wait_log(r"resizing sp_ct_v3 from 4096 to 8192 entries")
-        new.wait_log(r"migrated \d+ entries of sp_ct_v3_old into sp_ct_v3")
+        new.wait_log(rf"resizing {BE} from 12 to 64 entries")
+        new.wait_log(rf"resizing {CT} from 4096 to 8192 entries")
+        new.wait_log(rf"migrated \d+ entries of {CT}_old into {CT}")
         assert all(e.poll() is None for e in echoes), "a connection ended before the restart; the test proved nothing"
     except BaseException:
         for e in echoes:
@@ -91,8 +93,8 @@ def test_bigger_maps_keep_established_connections(topo: Topology, agents: Agents
     finish_echoes(topo, echoes)
     caps = capacities(agents.pin_dir)
     assert not [n for n in caps if n.endswith("_old")], caps
-    assert (caps["sp_svc_v3"], caps["sp_names_v3"], caps["sp_be_v3"], caps["sp_slot_v3"]) == (64, 64, 64, 128)
-    assert (caps["sp_ct_v3"], caps["sp_aff_v3"]) == (8192, 8192)
+    assert (caps[SVC], caps[NAMES], caps[BE], caps[SLOT]) == (64, 64, 64, 128)
+    assert (caps[CT], caps[AFF]) == (8192, 8192)
     after = dump(topo, agents.pin_dir)
     assert ids(after) == before, "service ids or backend slots changed across the resize"
     full = new.wait_log(r"sync \(full\):")
@@ -111,8 +113,8 @@ def test_shrinking_below_what_is_held_is_refused_and_changes_nothing(topo: Topol
     small.terminate()
     assert rc == 1, f"expected exit status 1, got {rc}:\n{small.log_tail()}"
     msg = "\n".join(small.log())
-    assert "sp_be_v3 holds 9 entries, more than --max-backends 4 allows: raise --max-backends to at least 9" in msg
-    assert "sp_slot_v3 holds 9 entries, more than --max-slots 8 allows" in msg
+    assert f"{BE} holds 9 entries, more than --max-backends 4 allows: raise --max-backends to at least 9" in msg
+    assert f"{SLOT} holds 9 entries, more than --max-slots 8 allows" in msg
     assert "Nothing was changed" in msg
     assert "kernel" not in msg, msg  # not the misleading "kernel does not support" of before
     assert capacities(agents.pin_dir) == caps
@@ -122,7 +124,7 @@ def test_shrinking_below_what_is_held_is_refused_and_changes_nothing(topo: Topol
     ok = agents.start(extra=("--max-backends", "9", "--max-slots", "9", "--max-services", "64"))
     agents.wait_ready(ok)
     assert ids(dump(topo, agents.pin_dir)) == before
-    assert capacities(agents.pin_dir)["sp_be_v3"] == 9
+    assert capacities(agents.pin_dir)[BE] == 9
 
 
 def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents) -> None:
@@ -134,7 +136,7 @@ def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents
         assert old.terminate() == 0
         new = agents.start(extra=(*BIG[:6], "--max-conntrack", "256"))
         agents.wait_ready(new)
-        lines = new.wait_log(r"sp_ct_v3 has room for 256 entries: the \d+ least recently used")
+        lines = new.wait_log(rf"{CT} has room for 256 entries: the \d+ least recently used")
         dropped = int(lines[0].split("the ")[1].split()[0])
         assert dropped >= 600 - 256, lines[0]
         assert all(e.poll() is None for e in echoes), "a connection ended before the restart; the test proved nothing"
@@ -144,7 +146,7 @@ def test_smaller_conntrack_keeps_the_flows_in_use(topo: Topology, agents: Agents
         raise
     # The six connections in use were among the most recently used: kept.
     finish_echoes(topo, echoes)
-    assert capacities(agents.pin_dir)["sp_ct_v3"] == 256
+    assert capacities(agents.pin_dir)[CT] == 256
     assert_spread(http(topo), THREE)
 
 
@@ -168,8 +170,8 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
         dp = loader.load(None, str(agents.pin_dir), _sizes(BIG))
         dp.close()
         names = {p.name for p in agents.pin_dir.iterdir()}
-        assert {"sp_be_v3_old", "sp_be_v3", "sp_ct_v3_old"} <= names, names
-        assert os.path.exists(agents.pin_dir / "sp_ct_v3")
+        assert {f"{BE}_old", BE, f"{CT}_old"} <= names, names
+        assert os.path.exists(agents.pin_dir / CT)
         extra = BIG if then == "same-size" else (*BIG[:6], "--max-conntrack", "16384")
         new = agents.start(extra=extra)
         agents.wait_ready(new)
@@ -182,7 +184,7 @@ def test_a_resize_stopped_half_way_is_finished_by_the_next_start(topo: Topology,
     assert ids(dump(topo, agents.pin_dir)) == before
     caps = capacities(agents.pin_dir)
     assert not [n for n in caps if n.endswith("_old")], caps
-    assert caps["sp_ct_v3"] == (8192 if then == "same-size" else 16384)
+    assert caps[CT] == (8192 if then == "same-size" else 16384)
     assert_spread(http(topo), THREE)
 
 
@@ -191,25 +193,24 @@ def test_flows_written_to_the_old_map_during_the_switch_are_carried_too(agents: 
     keep writing flows into the old conntrack map: the second pass after
     the attach carries those, without overwriting what the new programs
     wrote meanwhile (their entry of a flow is newer)."""
-    from ctrl.apply import ct_codecs
-    from ctrl.layout import map_name
-    from ctrl.migrate import Carry
+    from ctrl.dataplane import abi
+    from ctrl.dataplane.migrate import Carry
 
-    key, val = ct_codecs()
     pin = str(agents.pin_dir)
 
     def k(i: int) -> bytes:
-        return key.pack(b"\0" * 10 + b"\xff\xff" + bytes([198, 18, 1, i]), b"\0" * 16, 40000 + i, 80, 6, 0)
+        client = b"\0" * 10 + b"\xff\xff" + bytes([198, 18, 1, i])
+        return abi.pack("sp_ct_key", saddr=client, daddr=b"\0" * 16, sport=40000 + i, dport=80, proto=6, dir=0)
 
     def v(backend: int) -> bytes:
-        return val.pack(b"\0" * 16, 8080, backend, 1, 1000 + backend, b"\0" * 16, 0, 0)
+        return abi.pack("sp_ct_val", nat_port=8080, backend_id=backend, svc_id=1, last_seen=1000 + backend)
 
     ct = map_name("sp_ct")
     dp = loader.load(None, pin, _sizes(SMALL))
     dp.maps[ct].update(k(1), v(1))
     dp.maps[ct].update(k(2), v(2))
     dp.close()
-    dp = loader.load(None, pin, _sizes(BIG))  # sp_ct_v3 set aside, a new one made
+    dp = loader.load(None, pin, _sizes(BIG))  # the conntrack map set aside, a new one made
     try:
         carry = Carry(pin, dp.maps)
         assert carry.copy() >= 2

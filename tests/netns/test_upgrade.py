@@ -122,12 +122,12 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
 
 OLD_WRITER = """
 import sys
-from ctrl import layout, loader
+from ctrl.dataplane import abi, loader
 dp = loader.load(None, sys.argv[1])
-names, backends = dp.maps["sp_names_v{old}"], dp.maps["sp_be_v{old}"]
-names.update((7).to_bytes(4, "little"), sys.argv[2].encode().ljust(128, b"\\0"))
-be = layout.codec("sp_backend", ("addr", "port", "proto", "flags"))
-backends.update((3).to_bytes(4, "little"), be.pack(bytes(10) + b"\\xff\\xff" + bytes([198, 18, 1, 11]), 8080, 6, 1))
+names, backends = dp.maps[abi.map_name("sp_names")], dp.maps[abi.map_name("sp_be")]
+names.update(abi.u32(7), abi.pack("sp_svc_name", name=sys.argv[2].encode()))
+addr = bytes(10) + b"\\xff\\xff" + bytes([198, 18, 1, 11])
+backends.update(abi.u32(3), abi.pack("sp_backend", addr=addr, port=8080, proto=6, flags=1))
 dp.close()
 """
 
@@ -135,15 +135,15 @@ dp.close()
 def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir: Path) -> None:
     """Version 2's 128-byte names go into the longer array whole: the new
     agent reads each frontend's owner from its name."""
-    from ctrl import loader, migrate
-    from ctrl.apply import read_contents
-    from ctrl.objects import addr16
+    from ctrl.dataplane import loader, migrate
+    from ctrl.dataplane.abi import read_contents
+    from ctrl.util.addrs import addr16
 
     obj, hdr = build_old_release(tmp_path, v2_backend=True)
     name = "n" * 50 + "/" + "s" * 63 + ":http/TCP"  # 123 bytes: fits version 2
     env = {**os.environ, "SLICEPROXY_BPF_OBJECT": str(obj), "SLICEPROXY_HEADER": str(hdr)}
     subprocess.run(
-        [sys.executable, "-c", OLD_WRITER.format(old=OLD), str(pin_dir), name], env=env, cwd=REPO, check=True
+        [sys.executable, "-c", OLD_WRITER, str(pin_dir), name], env=env, cwd=REPO, check=True
     )
     dp = loader.load(pin_dir=str(pin_dir))
     try:

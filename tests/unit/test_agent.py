@@ -4,10 +4,11 @@ import queue
 import threading
 import time
 
-from ctrl.agent import Agent
-from ctrl.diff import Programmed
-from ctrl.objects import parse
-from ctrl.state import ClusterState, Event
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.events import Event
+from ctrl.k8s.objects import parse
+from ctrl.model.state import ClusterState
+from ctrl.runtime.agent import Agent
 
 from .helpers import endpoint_slice, eps, service
 
@@ -118,7 +119,7 @@ class Clock:
 
 
 def test_retries_double_up_to_the_cap_and_a_success_forgets():
-    from ctrl.agent import Retries
+    from ctrl.runtime.agent import Retries
 
     r = Retries(first=5.0, most=60.0)
     delays = [r.failed("default/a", 0.0, "failed") for _ in range(6)]
@@ -131,7 +132,7 @@ def test_retries_double_up_to_the_cap_and_a_success_forgets():
 
 
 def test_a_service_that_does_not_fit_is_retried_alone_with_backoff_while_others_sync():
-    from ctrl.sizes import MapSizes
+    from ctrl.dataplane.abi import MapSizes
 
     clock = Clock()
     src = QueueSource()

@@ -1,4 +1,4 @@
-"""ctrl.cli.build_agent: the one place `sliceproxy run` (and the bench,
+"""ctrl.cli.run.build_agent: the one place `sliceproxy run` (and the bench,
 scripts/bench/ours.py) builds its agent, from the run flags' own parser."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from ctrl import cli
+from ctrl.cli import parser, run
 
 
 class NoSource:
@@ -16,14 +16,14 @@ class NoSource:
     synced = True
 
 
-def options(*flags: str) -> cli.RunOptions:
-    return cli.run_options(cli.build_parser().parse_args(["run", "--node-name", "node-a", *flags]))
+def options(*flags: str) -> parser.RunOptions:
+    return parser.run_options(parser.build_parser().parse_args(["run", "--node-name", "node-a", *flags]))
 
 
 def test_the_defaults_build_metrics_health_and_the_drain_period():
     # Free ports on loopback instead of the defaults' fixed ones; nothing else changed.
     opts = options("--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0")
-    agent = cli.build_agent(opts, NoSource())
+    agent = run.build_agent(opts, NoSource())
     assert agent.metrics is not None and agent.health_checks is not None
     assert agent.programmed.drain_period == 60.0
     assert agent.resync_period == 60.0 and agent.min_sync_period == 0.1
@@ -40,7 +40,7 @@ def test_the_servers_answer(tmp_path):
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     opts = options("--metrics-bind-address", f"127.0.0.1:{ports[0]}", "--healthz-bind-address", f"127.0.0.1:{ports[1]}")
-    agent = cli.build_agent(opts, NoSource())
+    agent = run.build_agent(opts, NoSource())
     agent.metrics.changes_seen("EndpointSlice", 3)
     with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10) as r:
         assert "kubeproxy_sync_proxy_rules_endpoint_changes_total 3.0" in r.read().decode()
@@ -50,13 +50,13 @@ def test_the_servers_answer(tmp_path):
 
 
 def test_a_dry_run_serves_nothing_and_drains_nothing():
-    agent = cli.build_agent(options("--dry-run"), NoSource())
+    agent = run.build_agent(options("--dry-run"), NoSource())
     assert agent.metrics is None and agent.health_checks is None
     assert agent.programmed.drain_period == 0.0
 
 
 def test_empty_addresses_turn_the_servers_off():
-    agent = cli.build_agent(options("--metrics-bind-address", "", "--healthz-bind-address", ""), NoSource())
+    agent = run.build_agent(options("--metrics-bind-address", "", "--healthz-bind-address", ""), NoSource())
     assert agent.metrics is None
     assert agent.health_checks is not None  # health check node ports are the Services', not a flag's
 

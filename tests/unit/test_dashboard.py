@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from ctrl.metrics import Metrics
+from ctrl.runtime.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_metrics_doc_lists_every_exported_metric():
 
 
 def test_every_verdict_is_named_in_metrics_doc():
-    from ctrl.dump import verdicts
+    from ctrl.dataplane.abi import verdicts
 
     doc = (ROOT / "docs" / "metrics.md").read_text()
     missing = [v for v in verdicts() if f"`{v}`" not in doc]

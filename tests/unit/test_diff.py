@@ -2,15 +2,19 @@ import socket
 
 import pytest
 
-from ctrl.apply import Codecs, encode
-from ctrl.diff import ChangeSet, Programmed, assign_slots
-from ctrl.layout import map_name
-from ctrl.objects import addr16
-from ctrl.plan import Frontend
-from ctrl.sizes import MapSizes
+from ctrl.dataplane import abi
+from ctrl.dataplane.abi import Codecs, MapSizes, map_name
+from ctrl.dataplane.apply import encode
+from ctrl.dataplane.changeset import ChangeSet
+from ctrl.dataplane.programmed import Programmed
+from ctrl.dataplane.slots import assign_slots
+from ctrl.model.plan import Frontend, FrontendFlag, Scope
+from ctrl.util.addrs import addr16
 
 TCP = socket.IPPROTO_TCP
 VIP = addr16("198.19.0.10")
+INT, EXT = Scope.INTERNAL, Scope.EXTERNAL
+SCOPE_INTERNAL_VALUE = abi.SCOPE_INTERNAL  # the frontend map's value of INT
 
 
 def be(i, port=8080):
@@ -18,7 +22,7 @@ def be(i, port=8080):
 
 
 def front(*backend_nums, port=80, name="default/web:http/TCP", vip=VIP):
-    return Frontend(vip, port, TCP, 0, name, tuple(sorted(be(i) for i in backend_nums)))
+    return Frontend(vip, port, TCP, INT, name, tuple(sorted(be(i) for i in backend_nums)))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +55,7 @@ def test_new_service_writes_backends_slots_frontend_and_name():
     cs = Programmed().sync({"default/web": [front(1, 2)]})
     assert [b for _, b in cs.be_upd] == [be(1), be(2)]
     assert [(s, i) for s, i, _ in cs.slot_upd] == [(1, 0), (1, 1)]
-    assert cs.svc_upd == [((VIP, 80, TCP, 0), (1, 2, 0, 0))]
+    assert cs.svc_upd == [((VIP, 80, TCP, INT), (1, 2, 0, 0))]
     assert cs.name_upd == [(1, "default/web:http/TCP")]
 
 
@@ -61,16 +65,16 @@ def test_removing_one_backend_of_100_touches_few_entries():
     cs = p.sync({"default/web": [front(*range(2, 101))]})
     assert len(cs.slot_upd) <= 1 and len(cs.slot_del) == 1 and len(cs.be_del) == 1
     assert cs.svc_upd[0][1][1] == 99
-    assert cs.removed == [((VIP, 80, TCP, 0), be(1))]
+    assert cs.removed == [((VIP, 80, TCP, INT), be(1))]
 
 
 def test_ids_stable_across_changes_and_other_services():
     p = Programmed()
     p.sync({"default/web": [front(1, 2)]})
-    sid = p.frontends[(VIP, 80, TCP, 0)].svc_id
+    sid = p.frontends[(VIP, 80, TCP, INT)].svc_id
     p.sync({"default/other": [front(3, port=81, name="default/other:81/TCP")]})
     p.sync({"default/web": [front(1, 2, 4)]})
-    assert p.frontends[(VIP, 80, TCP, 0)].svc_id == sid
+    assert p.frontends[(VIP, 80, TCP, INT)].svc_id == sid
     assert p.backend_ids[be(1)] == 1 and p.backend_ids[be(2)] == 2
 
 
@@ -98,8 +102,8 @@ def test_full_map_rejects_whole_service_and_keeps_previous():
     assert "slot map holds at most 5" in cs.rejected["default/web"]
     # Nothing of the rejected service was written; the other one was.
     assert all(s != 1 for s, _, _ in cs.slot_upd)
-    assert len(p.frontends[(VIP, 80, TCP, 0)].slots) == 2
-    assert (VIP, 81, TCP, 0) in p.frontends
+    assert len(p.frontends[(VIP, 80, TCP, INT)].slots) == 2
+    assert (VIP, 81, TCP, INT) in p.frontends
 
 
 def test_prune_only_with_full_sync():
@@ -107,14 +111,14 @@ def test_prune_only_with_full_sync():
     p.sync({"default/a": [front(1, port=80, name="a")], "default/b": [front(2, port=81, name="b")]})
     assert len(p.sync({})) == 0
     cs = p.sync({}, prune_except={"default/a"})
-    assert cs.svc_del == [(VIP, 81, TCP, 0)] and cs.be_del == [2]
+    assert cs.svc_del == [(VIP, 81, TCP, INT)] and cs.be_del == [2]
 
 
 def test_adopt_rebuilds_ids_and_diffs_empty():
     p = Programmed()
     p.sync({"default/web": [front(1, 2, 3)]})
-    st = p.frontends[(VIP, 80, TCP, 0)]
-    svc = {(VIP, 80, TCP, 0): (st.svc_id, 3, 0, 0)}
+    st = p.frontends[(VIP, 80, TCP, INT)]
+    svc = {(VIP, 80, TCP, INT): (st.svc_id, 3, 0, 0)}
     slots = {(st.svc_id, i): b for i, b in enumerate(st.slots)}
     q = Programmed()
     q.adopt(svc, slots, dict(p.backends), {st.svc_id: "default/web:http/TCP"})
@@ -125,10 +129,10 @@ def test_adopt_rebuilds_ids_and_diffs_empty():
 
 def test_adopt_unnamed_orphans_are_removed_only_at_full_sync():
     q = Programmed()
-    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1, (9, 0): 1}, {1: be(1)}, {})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1, (9, 0): 1}, {1: be(1)}, {})
     assert len(q.sync({})) == 0
     cs = q.sync({}, prune_except=set())
-    assert cs.svc_del == [(VIP, 80, TCP, 0)]
+    assert cs.svc_del == [(VIP, 80, TCP, INT)]
     assert sorted(cs.slot_del) == [(7, 0), (9, 0)]
     assert cs.be_del == [1]
 
@@ -142,9 +146,9 @@ def test_write_order_on_growth_slots_before_count():
     p.sync({"default/web": [front(1)]})
     order = _order(p.sync({"default/web": [front(1, 2)]}))
     assert (
-        order.index(("sp_be_v3", "update"))
-        < order.index(("sp_slot_v3", "update"))
-        < order.index(("sp_svc_v3", "update"))
+        order.index((map_name("sp_be"), "update"))
+        < order.index((map_name("sp_slot"), "update"))
+        < order.index((map_name("sp_svc"), "update"))
     )
 
 
@@ -153,9 +157,9 @@ def test_write_order_on_shrink_count_before_slot_and_backend_deletes():
     p.sync({"default/web": [front(1, 2, 3)]})
     order = _order(p.sync({"default/web": [front(1)]}))
     assert (
-        order.index(("sp_svc_v3", "update"))
-        < order.index(("sp_slot_v3", "delete"))
-        < order.index(("sp_be_v3", "delete"))
+        order.index((map_name("sp_svc"), "update"))
+        < order.index((map_name("sp_slot"), "delete"))
+        < order.index((map_name("sp_be"), "delete"))
     )
 
 
@@ -164,10 +168,10 @@ def test_write_order_on_service_removal_frontend_first():
     p.sync({"default/web": [front(1, 2)]})
     order = _order(p.sync({"default/web": []}))
     assert order == [
-        ("sp_svc_v3", "delete"),
-        ("sp_slot_v3", "delete"),
-        ("sp_be_v3", "delete"),
-        ("sp_names_v3", "delete"),
+        (map_name("sp_svc"), "delete"),
+        (map_name("sp_slot"), "delete"),
+        (map_name("sp_be"), "delete"),
+        (map_name("sp_names"), "delete"),
     ]
 
 
@@ -211,7 +215,7 @@ def test_backend_unused_again_after_reuse_gets_a_fresh_drain_period():
 
 def test_adopted_unused_backends_drain_too():
     q = Programmed(drain_period=10.0)
-    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
     cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"}, now=100.0)
     assert cs.be_del == [] and q.next_drain_end() == 110.0
 
@@ -254,7 +258,7 @@ def test_eviction_spares_draining_backends_in_service_again_and_still_refuses_wh
 def test_adopted_drain_deadlines_are_kept_not_restarted():
     q = Programmed(drain_period=10.0)
     q.adopt(
-        {(VIP, 80, TCP, 0): (7, 1, 0, 0)},
+        {(VIP, 80, TCP, INT): (7, 1, 0, 0)},
         {(7, 0): 1},
         {1: be(1), 2: be(2), 3: be(3)},
         {7: "default/web:http/TCP"},
@@ -270,7 +274,7 @@ def test_adopted_drain_deadlines_are_kept_not_restarted():
 def test_a_deadline_earlier_than_adopted_ones_is_not_stuck_behind_them():
     # The previous agent ran with a longer drain period than this one.
     q = Programmed(drain_period=5.0)
-    q.adopt({(VIP, 80, TCP, 0): (7, 2, 0, 0)}, {(7, 0): 1, (7, 1): 2}, {1: be(1), 2: be(2), 3: be(3)},
+    q.adopt({(VIP, 80, TCP, INT): (7, 2, 0, 0)}, {(7, 0): 1, (7, 1): 2}, {1: be(1), 2: be(2), 3: be(3)},
             {7: "default/web:http/TCP"}, draining={3: 200.0})  # fmt: skip
     q.sync(web(1), now=100.0)  # 2 drains until 105
     assert q.next_drain_end() == 105.0
@@ -279,7 +283,7 @@ def test_a_deadline_earlier_than_adopted_ones_is_not_stuck_behind_them():
 
 def test_an_adopted_backend_flagged_draining_but_in_a_slot_is_unflagged():
     q = Programmed(drain_period=10.0)
-    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {7: "default/web:http/TCP"},
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {7: "default/web:http/TCP"},
             draining={1: 50.0})  # fmt: skip
     assert q.draining == {}
     cs = q.sync(web(1), prune_except={"default/web"}, now=100.0)
@@ -317,14 +321,15 @@ def test_a_refused_service_keeps_what_it_had():
     p.sync({"default/web": [front(1, 2)]})
     cs = p.sync({"default/web": [front(1, 2, 3, name="default/web:" + "x" * 200 + "/TCP")]})
     assert "default/web" in cs.refused and len(cs) == 0
-    assert len(p.frontends[(VIP, 80, TCP, 0)].slots) == 2
+    assert len(p.frontends[(VIP, 80, TCP, INT)].slots) == 2
 
 
 def lb(owner, num, *cidrs, port=80):
     """A frontend of `owner` filtering sources by `cidrs` (IPv4 /24s)."""
     ranges = tuple((addr16(c), 96 + 24) for c in cidrs)
     vip = addr16(f"198.19.1.{num}")
-    return [Frontend(vip, port, TCP, 1, f"{owner}:http/TCP", (be(num),), flags=2, source_ranges=ranges)]
+    flags = FrontendFlag.SRC_RANGES
+    return [Frontend(vip, port, TCP, EXT, f"{owner}:http/TCP", (be(num),), flags=flags, source_ranges=ranges)]
 
 
 def test_source_ranges_that_do_not_fit_refuse_that_service_only():
@@ -356,7 +361,7 @@ def test_deleted_ranges_count_until_the_write_that_deletes_them():
 def test_adopted_and_orphan_ranges_count():
     q = Programmed(MapSizes(source_ranges=3))
     r = {(addr16("198.18.0.0"), 120), (addr16("198.18.1.0"), 120)}
-    q.adopt({(VIP, 80, TCP, 0): (7, 0, 2, 0)}, {}, {}, {7: "default/web:http/TCP"}, ranges={7: r, 9: {next(iter(r))}})
+    q.adopt({(VIP, 80, TCP, INT): (7, 0, 2, 0)}, {}, {}, {7: "default/web:http/TCP"}, ranges={7: r, 9: {next(iter(r))}})
     assert q.range_count == 3
     cs = q.sync({"default/b": lb("default/b", 2, "198.18.2.0")})
     assert "raise --max-source-ranges" in cs.rejected["default/b"]
@@ -367,7 +372,7 @@ def test_adopted_and_orphan_ranges_count():
 
 def test_names_left_by_gone_frontends_count_against_the_names_map():
     q = Programmed(MapSizes(services=3))
-    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)},
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)},
             {7: "default/web:http/TCP", 8: "default/old:a/TCP", 9: "default/old:b/TCP"})  # fmt: skip
     b = {"default/b": [front(2, port=81, name="default/b:http/TCP")]}
     cs = q.sync(b)
@@ -392,16 +397,16 @@ def claims(owner, *nums, port=80, vip=VIP, other_port=None):
 def test_the_holder_keeps_a_frontend_a_second_service_claims():
     p = Programmed()
     p.sync({"default/first": claims("default/first", 1)})
-    sid = p.frontends[(VIP, 80, TCP, 0)].svc_id
+    sid = p.frontends[(VIP, 80, TCP, INT)].svc_id
     cs = p.sync({"default/second": claims("default/second", 2, other_port=90)})
-    assert cs.conflicts == [("default/second", "default/first", (VIP, 80, TCP, 0))]
+    assert cs.conflicts == [("default/second", "default/first", (VIP, 80, TCP, INT))]
     # The second Service's other frontend is programmed, the claimed one not.
-    assert [k for k, _ in cs.svc_upd] == [(VIP2, 90, TCP, 0)]
-    st = p.frontends[(VIP, 80, TCP, 0)]
+    assert [k for k, _ in cs.svc_upd] == [(VIP2, 90, TCP, INT)]
+    st = p.frontends[(VIP, 80, TCP, INT)]
     assert (st.owner, st.svc_id, st.slots) == ("default/first", sid, [1])
     # Reported once: the next sync of the claimant says nothing new.
     cs = p.sync({"default/second": claims("default/second", 2, 3, other_port=90)})
-    assert cs.conflicts == [] and p.frontends[(VIP, 80, TCP, 0)].owner == "default/first"
+    assert cs.conflicts == [] and p.frontends[(VIP, 80, TCP, INT)].owner == "default/first"
 
 
 def test_the_claimant_gets_the_frontend_when_the_holder_goes():
@@ -409,9 +414,9 @@ def test_the_claimant_gets_the_frontend_when_the_holder_goes():
     p.sync({"default/first": claims("default/first", 1)})
     p.sync({"default/second": claims("default/second", 2)})
     cs = p.sync({"default/first": []})
-    assert cs.svc_del == [(VIP, 80, TCP, 0)] and cs.resync == {"default/second"}
+    assert cs.svc_del == [(VIP, 80, TCP, INT)] and cs.resync == {"default/second"}
     cs = p.sync({"default/second": claims("default/second", 2)})
-    st = p.frontends[(VIP, 80, TCP, 0)]
+    st = p.frontends[(VIP, 80, TCP, INT)]
     assert st.owner == "default/second" and cs.conflicts == [] and not p.waiting
     assert [b for _, _, b in cs.slot_upd] == [p.backend_ids[be(2)]]
 
@@ -421,18 +426,18 @@ def test_a_frontend_given_up_and_taken_in_one_sync_is_not_deleted_by_it():
     p.sync({"default/a": claims("default/a", 1)})
     p.sync({"default/b": claims("default/b", 2)})  # waits for a's
     cs = p.sync({"default/a": [], "default/b": claims("default/b", 2)})  # a goes first (sorted)
-    assert p.frontends[(VIP, 80, TCP, 0)].owner == "default/b" and cs.resync == set()
+    assert p.frontends[(VIP, 80, TCP, INT)].owner == "default/b" and cs.resync == set()
     ops = encode(cs, Codecs.get())
     (svc_upd,) = [keys for m, op, keys, _ in ops if m == map_name("sp_svc") and op == "update"]
-    assert svc_upd == Codecs.get().svc_key.pack(VIP, 80, TCP, 0)
+    assert svc_upd == Codecs.get().svc_key.pack(VIP, 80, TCP, SCOPE_INTERNAL_VALUE)
     assert not [op for m, op, _, _ in ops if m == map_name("sp_svc") and op == "delete"]
 
 
 def test_two_new_claimants_in_one_sync_first_by_name_wins():
     p = Programmed()
     cs = p.sync({"default/zeta": claims("default/zeta", 2), "default/alpha": claims("default/alpha", 1)})
-    assert p.frontends[(VIP, 80, TCP, 0)].owner == "default/alpha"
-    assert cs.conflicts == [("default/zeta", "default/alpha", (VIP, 80, TCP, 0))]
+    assert p.frontends[(VIP, 80, TCP, INT)].owner == "default/alpha"
+    assert cs.conflicts == [("default/zeta", "default/alpha", (VIP, 80, TCP, INT))]
 
 
 def test_a_claimant_that_stops_claiming_no_longer_waits():
@@ -448,23 +453,23 @@ def test_waiting_claimants_survive_a_readoption():
     p = Programmed()
     p.sync({"default/a": claims("default/a", 1)})
     p.sync({"default/b": claims("default/b", 2)})
-    st = p.frontends[(VIP, 80, TCP, 0)]
-    p.adopt({(VIP, 80, TCP, 0): (st.svc_id, 1, 0, 0)}, {(st.svc_id, 0): 1}, dict(p.backends),
+    st = p.frontends[(VIP, 80, TCP, INT)]
+    p.adopt({(VIP, 80, TCP, INT): (st.svc_id, 1, 0, 0)}, {(st.svc_id, 0): 1}, dict(p.backends),
             {st.svc_id: "default/a:http/TCP"})  # fmt: skip
     assert p.sync({"default/a": []}).resync == {"default/b"}
 
 
 def test_a_frontend_of_no_known_owner_is_taken_over_with_its_id_at_the_full_sync():
     q = Programmed()
-    q.adopt({(VIP, 80, TCP, 0): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {})
     cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"})
-    st = q.frontends[(VIP, 80, TCP, 0)]
+    st = q.frontends[(VIP, 80, TCP, INT)]
     assert (st.owner, st.svc_id) == ("default/web", 7)
     assert cs.svc_del == [] and cs.name_upd == [(7, "default/web:http/TCP")]
 
 
 def _entries(cs):
-    from ctrl.diff import _LISTS
+    from ctrl.dataplane.changeset import _LISTS
 
     return {f: sorted(map(repr, getattr(cs, f))) for f in _LISTS}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctrl.source.files import FileSource
-from ctrl.state import ClusterState
+from ctrl.k8s.files import FileSource
+from ctrl.model.state import ClusterState
 
 from .helpers import endpoint_slice, eps, service
 
@@ -112,8 +112,8 @@ def test_list_kind_and_state_dirty_tracking(tmp_path):
 
 def test_slice_relabelled_to_other_service_moves(tmp_path):
     st = ClusterState()
-    from ctrl.objects import parse
-    from ctrl.state import Event
+    from ctrl.k8s.events import Event
+    from ctrl.k8s.objects import parse
 
     st.apply(
         Event(
@@ -251,7 +251,7 @@ def test_a_file_failing_in_any_way_costs_no_other_files_events(tmp_path, caplog,
     """Per-file isolation: whatever reading one file raises, the other files'
     changes of the same scan are queued, and the failing file is retried
     when it changes again."""
-    import ctrl.source.files as files
+    import ctrl.k8s.files as files
 
     write(tmp_path / "a.yaml", service(name="first", ip="198.19.0.11"))
     write(tmp_path / "b.yaml", service(name="boom", ip="198.19.0.12"))
@@ -415,7 +415,7 @@ def test_deep_nesting_is_refused_not_a_crash(tmp_path, caplog, depth):
 
 
 def test_nesting_up_to_the_limit_is_read(tmp_path):
-    from ctrl.source.files import MAX_DEPTH, load_documents
+    from ctrl.k8s.files import MAX_DEPTH, load_documents
 
     text = "[" * MAX_DEPTH + "]" * MAX_DEPTH
     assert list(load_documents(text.encode(), 10_000)) == [yaml.safe_load(text)]
@@ -466,7 +466,7 @@ def test_an_integer_python_refuses_to_build_is_one_line(tmp_path, caplog):
 
 
 def test_an_unlisted_directory_does_not_delete_its_files_objects(tmp_path, caplog, monkeypatch):
-    import ctrl.source.files as files
+    import ctrl.k8s.files as files
 
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "svc.yaml", service())
@@ -509,7 +509,7 @@ YAML_FEATURES = [
 
 @pytest.mark.parametrize("text", YAML_FEATURES)
 def test_documents_are_what_pyyaml_gives(text):
-    from ctrl.source.files import load_documents
+    from ctrl.k8s.files import load_documents
 
     try:
         want = list(yaml.load_all(text, Loader=yaml.CSafeLoader))
@@ -521,8 +521,9 @@ def test_documents_are_what_pyyaml_gives(text):
 
 
 def test_the_size_limit_flag_reaches_the_file_source(tmp_path):
-    from ctrl.cli import build_parser, make_source
-    from ctrl.source.files import DEFAULT_MAX_FILE_SIZE
+    from ctrl.cli.parser import build_parser
+    from ctrl.cli.run import make_source
+    from ctrl.k8s.files import DEFAULT_MAX_FILE_SIZE
 
     def source(*flags):
         return make_source(build_parser().parse_args(["run", "--source", str(tmp_path), *flags]))

@@ -7,9 +7,9 @@ import ipaddress
 
 import pytest
 
-from ctrl import cli
-from ctrl.loader import Hairpin
-from ctrl.objects import addr16
+from ctrl.cli import parser as cli
+from ctrl.dataplane.abi import Hairpin
+from ctrl.util.addrs import addr16
 
 
 def hairpin(*argv: str) -> Hairpin:

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from ctrl.objects import parse
-from ctrl.source.kube import APIError, KubeSource, Resource
+from ctrl.k8s.kube import APIError, KubeSource, Resource
+from ctrl.k8s.objects import parse
 
 from .helpers import service
 

@@ -1,6 +1,6 @@
 """kubeproxy_sync_proxy_rules_no_local_endpoints_total as the agent keeps
 it: per change, from what the planner found, equal at every step to
-counting from scratch (ctrl.plan.no_local_endpoints over every Service and
+counting from scratch (ctrl.model.plan.no_local_endpoints over every Service and
 all its slices), and without merging a Service's slices again on a
 one-slice change."""
 
@@ -8,13 +8,15 @@ import random
 
 import pytest
 
-import ctrl.plan
-from ctrl.agent import Agent
-from ctrl.diff import Programmed
-from ctrl.metrics import Metrics
-from ctrl.objects import parse
-from ctrl.plan import no_local_endpoints
-from ctrl.state import ClusterState, Event
+import ctrl.model.plan
+import ctrl.model.planner
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.events import Event
+from ctrl.k8s.objects import parse
+from ctrl.model.plan import no_local_endpoints
+from ctrl.model.state import ClusterState
+from ctrl.runtime.agent import Agent
+from ctrl.runtime.metrics import Metrics
 
 from .helpers import endpoint_slice, service
 from .test_agent import QueueSource
@@ -162,7 +164,7 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
 
     merged: list[int] = []
     categorized: list[int] = []
-    real_merge, real_categorize = ctrl.plan.merge_endpoints, ctrl.plan.categorize
+    real_merge, real_categorize = ctrl.model.plan.merge_endpoints, ctrl.model.plan.categorize
 
     def merge(sp, slices, family):
         merged.append(len(slices))
@@ -172,8 +174,9 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
         categorized.append(len(eps))
         return real_categorize(eps, *args)
 
-    monkeypatch.setattr(ctrl.plan, "merge_endpoints", merge)
-    monkeypatch.setattr(ctrl.plan, "categorize", categorize)
+    for mod in (ctrl.model.plan, ctrl.model.planner):  # full plans and the planner's per-port state
+        monkeypatch.setattr(mod, "merge_endpoints", merge)
+        monkeypatch.setattr(mod, "categorize", categorize)
     for step in range(3):
         agent.take([Event("upsert", "EndpointSlice", "default/web-07", sl(7, step + 1))])
         cs = agent.sync()

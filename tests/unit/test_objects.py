@@ -1,6 +1,7 @@
 import pytest
 
-from ctrl.objects import ObjectError, addr16, addr_str, parse
+from ctrl.k8s.objects import ObjectError, parse
+from ctrl.util.addrs import addr16, addr_str
 
 from .helpers import endpoint, endpoint_slice, service
 
@@ -480,7 +481,7 @@ def test_a_huge_value_is_cut_short_in_the_message():
 
 
 def test_many_problems_of_one_object_make_one_line():
-    from ctrl.objects import problem_line
+    from ctrl.k8s.objects import problem_line
 
     raw = full_slice()
     raw["endpoints"] = [{"addresses": [f"198.18.1.{300 + i}"]} for i in range(50)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ctrl import loader
-from ctrl.cli import build_parser, map_sizes
-from ctrl.sizes import MapSizes
+from ctrl.cli.parser import build_parser, map_sizes
+from ctrl.dataplane import loader
+from ctrl.dataplane.abi import MapSizes
 
 
 def test_every_flag_reaches_its_map():

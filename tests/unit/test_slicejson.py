@@ -11,9 +11,9 @@ import random
 
 import pytest
 
-from ctrl.objects import ObjectError, parse
-from ctrl.slicejson import decode_change, decode_page
-from ctrl.source.kube import KubeSource, Resource
+from ctrl.k8s.kube import KubeSource, Resource
+from ctrl.k8s.objects import ObjectError, parse
+from ctrl.k8s.slicejson import decode_change, decode_page
 
 NODES = ["node-a", "node-b", None]
 ZONES = ["zone-1", "zone-2", None]

@@ -9,47 +9,12 @@ from __future__ import annotations
 import json
 import time
 
-from . import layout
-from .apply import ct_codecs, read_config, read_contents
-from .layout import map_name as mn
-from .maps import Map
-from .objects import addr_str, is_v4
-from .plan import PROTO_NAMES, SCOPE_EXTERNAL
-
-
-def verdicts() -> list[str]:
-    """Verdict names by index, from the header's enum sp_verdict."""
-    names = {layout.const(c): c[len("SP_V_") :].lower() for c in layout.constants_with_prefix("SP_V_")}
-    return [names[i] for i in range(layout.const("SP_V_MAX"))]
-
-
-def hostport(addr: bytes, port: int) -> str:
-    a = addr_str(addr)
-    return f"{a}:{port}" if is_v4(addr) else f"[{a}]:{port}"
-
-
-def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
-    """Packets and bytes per verdict, summed over CPUs."""
-    m = maps.get(mn("sp_stats"))
-    if m is None:
-        return {}
-    c = layout.codec("sp_stat", ("packets", "bytes"))
-    out = {}
-    for i, name in enumerate(verdicts()):
-        per_cpu = m.lookup_percpu(i.to_bytes(4, "little"))
-        vals = [c.unpack(v) for v in per_cpu]
-        out[name] = {"packets": sum(v[0] for v in vals), "bytes": sum(v[1] for v in vals)}
-    return out
-
-
-def idle_ns(now: int, stamp: int) -> int:
-    """How long ago a stamp of the programs was, as they compute it
-    (idle_ns() in ebpf/sliceproxy_tc.bpf.c): now - stamp modulo 2**64. A
-    flow idle longer than the machine's uptime has a stamp below the clock's
-    zero, wrapped around; a stamp ahead of now (written on another CPU after
-    now was read) is idle 0."""
-    d = (now - stamp) % 2**64
-    return 0 if d >= 2**63 else d
+from ..dataplane import abi
+from ..dataplane.abi import ct_codecs, idle_ns, read_config, read_contents
+from ..dataplane.abi import map_name as mn
+from ..dataplane.maps import Map
+from ..model.plan import PROTO_NAMES, Scope
+from ..util.addrs import addr_str, hostport, is_v4
 
 
 def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | None = None) -> list[dict]:
@@ -60,7 +25,7 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | 
     if m is None:
         return []
     kc, vc = ct_codecs()
-    forward = layout.const("SP_CT_FORWARD")
+    forward = abi.CT_FORWARD
     if now is None:
         now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
     flows = []
@@ -107,7 +72,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
             {
                 "name": mc.names.get(svc_id, ""),
                 "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
-                "scope": "external" if scope == SCOPE_EXTERNAL else "internal",
+                "scope": "external" if scope == Scope.EXTERNAL else "internal",
                 "svc_id": svc_id,
                 "count": count,
                 "flags": flags,
@@ -123,7 +88,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
         "services": services,
         "backends": len(mc.backends),
         "conntrack_entries": ct.count() if ct is not None else 0,
-        "counters": counters(maps),
+        "counters": abi.counters(maps),
     }
     cfg = read_config(maps)
     if cfg is not None:
@@ -172,3 +137,12 @@ def render_table(data: dict) -> str:
 
 def render_json(data: dict) -> str:
     return json.dumps(data, indent=2)
+
+
+def cmd_dump(args) -> int:
+    from ..dataplane import loader
+
+    maps = loader.open_pinned(args.pin_dir)
+    data = collect(maps, service=args.service, with_conntrack=args.conntrack)
+    print(render_json(data) if args.json else render_table(data))
+    return 0

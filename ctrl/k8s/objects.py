@@ -22,31 +22,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+from ..util.addrs import V4_PREFIX, addr16
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
 class ObjectError(ValueError):
     """An object that cannot be used at all; the message names it and the field."""
-
-
-def addr16(ip: str) -> bytes:
-    """16-byte map form of an address: IPv4 as ::ffff:a.b.c.d. Raises ValueError."""
-    if ":" in ip:
-        return socket.inet_pton(socket.AF_INET6, ip)
-    return V4_PREFIX + socket.inet_pton(socket.AF_INET, ip)
-
-
-def addr_str(a: bytes) -> str:
-    """Inverse of addr16, for people."""
-    if a[:12] == V4_PREFIX:
-        return socket.inet_ntop(socket.AF_INET, a[12:])
-    return socket.inet_ntop(socket.AF_INET6, a)
-
-
-def is_v4(a: bytes) -> bool:
-    return a[:12] == V4_PREFIX
 
 
 @dataclass(frozen=True, slots=True)

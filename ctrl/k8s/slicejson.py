@@ -21,12 +21,12 @@ import socket
 
 import msgspec
 
+from ..util.addrs import V4_PREFIX
 from .objects import (
     LABEL,
     SERVICE_NAME_LABEL,
     SUBDOMAIN,
     TRIGGER_ANNOTATION,
-    V4_PREFIX,
     Endpoint,
     EndpointSlice,
     SlicePort,

@@ -8,19 +8,8 @@ trackers do the same): a watch resync or a touched file costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .objects import EndpointSlice, Node, Service
-
-
-@dataclass(frozen=True)
-class Event:
-    """One change from a source. obj is None for a delete of `key`."""
-
-    op: str  # "upsert" or "delete"
-    kind: str  # "Service", "EndpointSlice", "Node"
-    key: str  # "namespace/name" (Node: name)
-    obj: Service | EndpointSlice | Node | None = None
+from ..k8s.events import Event
+from ..k8s.objects import EndpointSlice, Node, Service
 
 
 class ClusterState:

@@ -35,10 +35,10 @@ from typing import Any
 import msgspec
 import urllib3
 
-from ..gcpause import paused_gc
-from ..objects import EndpointSlice, Node, ObjectError, Service, describe, parse, problem_line, short
-from ..slicejson import decode_change, decode_page
-from ..state import Event
+from ..util.gcpause import paused_gc
+from .events import Event
+from .objects import EndpointSlice, Node, ObjectError, Service, describe, parse, problem_line, short
+from .slicejson import decode_change, decode_page
 
 log = logging.getLogger("sliceproxy.source.kube")
 

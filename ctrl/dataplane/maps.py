@@ -1,7 +1,7 @@
 """BPF maps as Python objects: raw bytes in and out, batch syscalls.
 
-Keys and values cross this layer as bytes packed by ctrl.layout codecs; the
-layer above decides what they mean. Batch calls move thousands of entries
+Keys and values cross this layer as bytes packed by ctrl.dataplane.abi's
+codecs; the layer above decides what they mean. Batch calls move thousands of entries
 per syscall: updating 100,000 entries one syscall at a time would cost more
 than the whole sync budget.
 """

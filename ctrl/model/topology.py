@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .objects import Endpoint, EndpointSlice, ServicePort
+from ..k8s.objects import Endpoint, EndpointSlice, ServicePort
 
 
 class PortEndpoint(NamedTuple):

@@ -4,8 +4,9 @@ Maps are pinned by name under one bpffs directory per instance. When a map
 is already pinned there (a restart), libbpf reuses it instead of creating an
 empty one, so the backends, slots and conntrack of the running dataplane
 survive the agent. One pinned with another capacity than asked for is set
-aside and carried into a new one (ctrl.migrate). The program itself is attached by ctrl.attach; a tc
-filter holds a reference to it, so it too outlives the agent.
+aside and carried into a new one (ctrl.dataplane.migrate). The programs
+themselves are attached by ctrl.dataplane.attach; a tc filter holds a
+reference to each, so they too outlive the agent.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layout, migrate
-from .layout import map_name as mn
+from . import abi, migrate
+from .abi import Hairpin, MapSizes, map_name, map_names
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
-from .sizes import MapSizes
 
 PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
@@ -32,26 +32,19 @@ EXT_EGRESS_PROGRAM = "sp_ext_egress"  # external interfaces: SNAT, reverse NAT o
 # section, which libbpf loads as an internal map of its own.
 HAIRPIN_SECTION = ".rodata.hairpin"
 
-MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
-
-
-def map_names() -> list[str]:
-    """The maps of this layout version (names from ebpf/sliceproxy.h)."""
-    return [mn(b) for b in MAP_BASES]
-
-
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
 
 
-@dataclass(frozen=True)
-class Hairpin:
-    """The source addresses a pod's flow gets when its Service picks the pod
-    itself as backend (16-byte map form, see ctrl.objects.addr16), per
-    family; None: no hairpin for that family. Set in the program before
-    load: changing them takes a reload (an agent restart)."""
-
-    addr4: bytes | None = None
-    addr6: bytes | None = None
+def object_path() -> Path:
+    """The compiled tc programs: build/ next to the package, or SLICEPROXY_BPF_OBJECT."""
+    env = os.environ.get("SLICEPROXY_BPF_OBJECT")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    for cand in (root / "build" / "sliceproxy_tc.bpf.o", Path("/usr/share/sliceproxy/sliceproxy_tc.bpf.o")):
+        if cand.exists():
+            return cand
+    return root / "build" / "sliceproxy_tc.bpf.o"
 
 
 @dataclass
@@ -208,7 +201,7 @@ def load(
 ) -> Dataplane:
     """Open, size, pin and load the tc program; pin_dir None means no pins
     (private maps, as the datapath tests use); hairpin None: no hairpin."""
-    obj_path = str(obj_path or layout.object_path())
+    obj_path = str(obj_path or object_path())
     if not os.path.exists(obj_path):
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
     sizes = sizes or MapSizes()
@@ -222,8 +215,8 @@ def load(
     try:
         btf = lb.bpf_object__btf(obj)
         if btf == ffi.NULL:
-            raise layout.LayoutError(f"{obj_path} has no BTF: build it with clang -g")
-        layout.check_btf(btf)
+            raise abi.LayoutError(f"{obj_path} has no BTF: build it with clang -g")
+        abi.check_btf(btf)
         m = lb.bpf_object__next_map(obj, ffi.NULL)
         bpf_maps = {}
         hairpin_set = False
@@ -289,15 +282,14 @@ def load(
 def _set_hairpin(m: object, hairpin: Hairpin) -> None:
     """Write the hairpin addresses into the program's sp_hairpin global
     (the initial value of its internal map, before load; read-only after)."""
-    codec = layout.codec("sp_hairpin", ("addr4", "addr6"))
+    packed = hairpin.packed()
     size = ffi.new("size_t *")
     data = lib().bpf_map__initial_value(m, size)
-    if data == ffi.NULL or size[0] != codec.size:
-        raise layout.LayoutError(
-            f"{HAIRPIN_SECTION} holds {size[0]} bytes, struct sp_hairpin {codec.size}: rebuild with `make`"
+    if data == ffi.NULL or size[0] != len(packed):
+        raise abi.LayoutError(
+            f"{HAIRPIN_SECTION} holds {size[0]} bytes, struct sp_hairpin {len(packed)}: rebuild with `make`"
         )
-    zero = bytes(16)
-    ffi.memmove(data, codec.pack(hairpin.addr4 or zero, hairpin.addr6 or zero), codec.size)
+    ffi.memmove(data, packed, len(packed))
 
 
 def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
@@ -309,6 +301,6 @@ def open_pinned(pin_dir: str = DEFAULT_PIN_DIR) -> dict[str, Map]:
         path = os.path.join(pin_dir, name)
         if os.path.exists(path):
             out[name] = Map.open_pinned(path)
-    if mn("sp_svc") not in out:
-        raise BPFError(errno.ENOENT, f"{pin_dir} holds no {mn('sp_svc')} map")
+    if map_name("sp_svc") not in out:
+        raise BPFError(errno.ENOENT, f"{pin_dir} holds no {map_name('sp_svc')} map")
     return out

@@ -22,7 +22,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .layout import map_name as mn
+from ..dataplane.abi import counters
+from ..dataplane.abi import map_name as mn
 
 # kube-proxy exports no *_created series; neither do we.
 disable_created_metrics()
@@ -162,8 +163,6 @@ class DataplaneCollector:
         self.maps = maps
 
     def collect(self):
-        from .dump import counters  # the same decoding as `sliceproxy dump`
-
         pk = CounterMetricFamily(
             "sliceproxy_packets", "Packets seen by the tc program, per verdict", labels=["verdict"]
         )

@@ -43,10 +43,9 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from . import layout
+from . import abi
 from .libbpf import BPFError, ffi, lib
 from .maps import BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, Map
-from .sizes import FLAGS
 
 log = logging.getLogger("sliceproxy.migrate")
 
@@ -65,10 +64,6 @@ class ResizeRefused(BPFError):
     """A map would shrink below the entries it holds; nothing was changed."""
 
 
-def _flag(name: str) -> str:
-    return FLAGS.get(name.rsplit("_v", 1)[0], "its size")
-
-
 def is_lru(m: Map) -> bool:
     return m.info.type in (BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH)
 
@@ -84,8 +79,8 @@ def _layouts(m: Map) -> tuple[tuple[Fields, set[str]], tuple[Fields, set[str]]]:
     try:
         k, v = m.info.btf_key_type_id, m.info.btf_value_type_id
         return (
-            (layout.btf_fields(btf, k)[1], layout.btf_array_fields(btf, k)),
-            (layout.btf_fields(btf, v)[1], layout.btf_array_fields(btf, v)),
+            (abi.btf_fields(btf, k)[1], abi.btf_array_fields(btf, k)),
+            (abi.btf_fields(btf, v)[1], abi.btf_array_fields(btf, v)),
         )
     finally:
         lib().btf__free(btf)
@@ -125,7 +120,7 @@ def _stamp(fields: Fields):
 def old_pins(pin_dir: str, current: Collection[str]) -> list[tuple[str, str]]:
     """(old pin path, current map name) for pins of another layout version
     and pins set aside by a resize, whose current map is in `current`."""
-    version = layout.const("SP_LAYOUT_VERSION")
+    version = abi.LAYOUT_VERSION
     out = []
     with contextlib.suppress(FileNotFoundError):
         for entry in sorted(os.listdir(pin_dir)):
@@ -184,8 +179,8 @@ def set_aside(pin_dir: str, wanted: dict[str, int]) -> list[Resize]:
             held = _count(m)
             if held > size and not is_lru(m):
                 refused.append(
-                    f"{name} holds {held} entries, more than {_flag(name)} {size} allows: "
-                    f"raise {_flag(name)} to at least {held}"
+                    f"{name} holds {held} entries, more than {abi.size_flag(name)} {size} allows: "
+                    f"raise {abi.size_flag(name)} to at least {held}"
                 )
             resizes.append(Resize(name, m.max_entries, size))
         finally:
@@ -199,7 +194,7 @@ def set_aside(pin_dir: str, wanted: dict[str, int]) -> list[Resize]:
             if held > wanted[target] and not is_lru(m):
                 refused.append(
                     f"{os.path.basename(path)} holds {held} entries to carry into {target}, more than "
-                    f"{_flag(target)} {wanted[target]} allows: raise {_flag(target)} to at least {held}"
+                    f"{abi.size_flag(target)} {wanted[target]} allows: raise {abi.size_flag(target)} to at least {held}"
                 )
         finally:
             m.close()
@@ -290,7 +285,7 @@ def _carry(path: str, new: Map, skip: set[bytes] | None = None, seen: set[bytes]
                 raise ResizeRefused(
                     errno.ENOSPC,
                     f"{os.path.basename(path)} holds {len(items)} entries, more than {new.name} has room "
-                    f"for ({new.max_entries}): raise {_flag(new.name)}",
+                    f"for ({new.max_entries}): raise {abi.size_flag(new.name)}",
                 )
             new.update_batch(b"".join(ck(k) for k, _ in items), b"".join(cv(v) for _, v in items))
             return len(items)

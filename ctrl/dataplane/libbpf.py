@@ -3,8 +3,8 @@
 ABI mode needs no compiler and no headers on the node: cffi computes the
 layouts of the few libbpf structs we pass from the declarations below, which
 follow libbpf's stable API (bpf/bpf.h, bpf/libbpf.h, bpf/btf.h of libbpf 1.x).
-Struct layouts of our own maps are not declared here: ctrl.layout reads them
-from ebpf/sliceproxy.h.
+Struct layouts of our own maps are not declared here: ctrl.dataplane.abi reads
+them from ebpf/sliceproxy.h.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ so a restarted agent never drops what a previous one programmed before it
 knows the whole picture.
 
 Failures are per Service: when a batch write fails, the change set is
-written again Service by Service (ctrl.apply.Writer.apply_each), the
+written again Service by Service (ctrl.dataplane.apply.Writer.apply_each), the
 mirror is re-read from the kernel, and each Service that could not be
 written (or did not fit a map) is planned again after a delay that doubles
 with every failure (Retries), while the others go on. Only a failure that
@@ -26,13 +26,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from .apply import NodeConfig, Writer, read_contents
-from .diff import ChangeSet, Programmed, frontend_str
-from .gcpause import paused_gc
-from .libbpf import BPFError
-from .objects import addr16
-from .plan import NodeAddresses, ServicePlanner, nodeport_addresses
-from .state import ClusterState, Event
+from ..dataplane.abi import NodeConfig, read_contents
+from ..dataplane.apply import Writer
+from ..dataplane.changeset import ChangeSet
+from ..dataplane.libbpf import BPFError
+from ..dataplane.programmed import Programmed
+from ..k8s.events import Event
+from ..model.plan import NodeAddresses, frontend_str, nodeport_addresses
+from ..model.planner import ServicePlanner
+from ..model.state import ClusterState
+from ..util.addrs import addr16
+from ..util.gcpause import paused_gc
 
 log = logging.getLogger("sliceproxy.agent")
 
@@ -98,7 +102,7 @@ class Agent:
     ):
         self.source = source
         # CLOCK_MONOTONIC seconds: drain deadlines go into the backend map
-        # in this clock (ctrl.apply.to_ns), so a test can pass its own
+        # in this clock (ctrl.dataplane.abi.to_ns), so a test can pass its own
         # clock to age them, but a real agent must keep time.monotonic.
         self.clock = clock
         self.state = state
@@ -112,7 +116,7 @@ class Agent:
         self.interface_period = interface_period
         self.resync_period = resync_period
         self.metrics = metrics
-        self.health_checks = health_checks  # ctrl.healthcheck.HealthCheckServers
+        self.health_checks = health_checks  # ctrl.runtime.healthcheck.HealthCheckServers
         self.nodeport_cidrs = nodeport_cidrs  # --nodeport-addresses
         self.snat_ports = snat_ports
         self.snat_reclaim = snat_reclaim

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .objects import EndpointSlice, Service
+from ..k8s.objects import EndpointSlice, Service
 
 log = logging.getLogger("sliceproxy.healthcheck")
 

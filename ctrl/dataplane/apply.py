@@ -1,4 +1,4 @@
-"""Write a ChangeSet into the maps, and read the maps back.
+"""Write a ChangeSet into the maps.
 
 Phases run in ChangeSet order, each one batch syscall per map (chunked):
 draining backends evicted to make room, backends, slots, frontends
@@ -17,88 +17,30 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from itertools import repeat
 from operator import add as add_tuple
 from operator import itemgetter
 
-from . import layout
-from .diff import ChangeSet, FKey
-from .layout import map_name as mn
+from ..model.plan import Backend, FKey
+from . import abi
+from .abi import U32, Codecs, NodeConfig
+from .abi import map_name as mn
+from .changeset import ChangeSet
 from .libbpf import BPFError
 from .maps import Map
-from .plan import Backend
 
 log = logging.getLogger("sliceproxy.apply")
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    """sp_cfg: the addresses masqueraded flows leave with (addr16 or None),
-    the SNAT port range, and how long an idle flow holds its port: open
-    (snat_reclaim, 0: for ever) and once its TCP connection closed
-    (snat_reclaim_closed, 0: close not tracked, snat_reclaim applies)."""
-
-    addr4: bytes | None = None
-    addr6: bytes | None = None
-    snat_ports: tuple[int, int] = (61000, 65535)
-    snat_reclaim: int = 600
-    snat_reclaim_closed: int = 10
-
-    def as_dict(self) -> dict[str, object]:
-        """sp_cfg as `--dry-run` and `sliceproxy dump` print it."""
-        from .objects import addr_str
-
-        return {
-            "addr4": addr_str(self.addr4) if self.addr4 else None,
-            "addr6": addr_str(self.addr6) if self.addr6 else None,
-            "snat_port_min": self.snat_ports[0],
-            "snat_port_max": self.snat_ports[1],
-            "snat_reclaim": self.snat_reclaim,
-            "snat_reclaim_closed": self.snat_reclaim_closed,
-        }
-
-
-@dataclass
-class Codecs:
-    svc_key: layout.Codec
-    svc_val: layout.Codec
-    slot_key: layout.Codec
-    slot_val: layout.Codec
-    backend: layout.Codec
-    name: layout.Codec
-    u32: layout.Codec
-    src_key: layout.Codec
-    src_val: layout.Codec
-
-    @classmethod
-    def get(cls) -> Codecs:
-        import struct as _struct
-
-        return cls(
-            svc_key=layout.codec("sp_svc_key", ("addr", "port", "proto", "scope")),
-            svc_val=layout.codec("sp_svc_val", ("svc_id", "count", "flags", "affinity_timeout")),
-            slot_key=layout.codec("sp_slot_key", ("svc_id", "slot")),
-            slot_val=layout.codec("sp_slot_val", ("backend_id",)),
-            backend=layout.codec("sp_backend", ("addr", "port", "proto", "flags", "drain_end")),
-            name=layout.codec("sp_svc_name", ("name",)),
-            # Map keys declared as a bare __u32 in the program (backend and
-            # name ids): BTF checks them as the map's key_size.
-            u32=layout.Codec("u32", 4, ("id",), _struct.Struct("=I")),
-            src_key=layout.codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
-            src_val=layout.codec("sp_src_val", ("allow",)),
-        )
-
-
-def _pack_all(codec: layout.Codec, rows) -> bytes:
+def _pack_all(codec: abi.Codec, rows) -> bytes:
     return codec.pack_rows(rows)
 
 
-def to_ns(seconds: float) -> int:
-    """A time.monotonic() reading as bpf_ktime_get_ns() gives it: both read
-    CLOCK_MONOTONIC, so a deadline written by one agent means the same to
-    the next one (and to the kernel)."""
-    return max(0, round(seconds * 1e9))
+def _svc_keys(keys) -> list[tuple]:
+    """Frontend keys with the header's scope values (SP_SCOPE_*); a scope
+    read back as a number (no symbol for it) stays that number."""
+    scope = abi.SCOPE_VALUE
+    return [(a, p, pr, scope.get(s, s)) for a, p, pr, s in keys]
 
 
 def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
@@ -110,7 +52,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
             out.append((mapname, op, keys, vals))
 
     def ids(seq) -> bytes:
-        return c.u32.pack_columns(list(seq))
+        return U32.pack_columns(list(seq))
 
     # Draining backends evicted to make room: gone before the new ones
     # arrive (no slot names them). Then new backends, and draining marks
@@ -118,7 +60,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     # built with map/zip so 100,000 rows stay in C.
     be_ids = list(map(itemgetter(0), cs.be_upd)) + [m[0] for m in cs.be_mark]
     be_rows = list(map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0)))) + [
-        (*b, f, to_ns(until) if f else 0) for _, b, f, until in cs.be_mark
+        (*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark
     ]
     add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
     add(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows))
@@ -142,14 +84,14 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         mn("sp_svc"),
         "update",
         len(cs.svc_upd),
-        _pack_all(c.svc_key, (k for k, _ in cs.svc_upd)),
+        _pack_all(c.svc_key, _svc_keys(k for k, _ in cs.svc_upd)),
         _pack_all(c.svc_val, (v for _, v in cs.svc_upd)),
     )
     names = [n.encode() for _, n in cs.name_upd]
     if any(len(n) >= c.name.size for n in names):
         # ctrl.diff refuses such a frontend; never cut one (the owner is
         # read back from the name).
-        raise layout.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
+        raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
     add(
         mn("sp_names"),
         "update",
@@ -163,7 +105,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         # set (ctrl.diff's claims): its new entry must survive the deletes.
         taken = {k for k, _ in cs.svc_upd}
         svc_del = [k for k in svc_del if k not in taken]
-    add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, svc_del))
+    add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, _svc_keys(svc_del)))
     add(
         mn("sp_slot"),
         "delete",
@@ -180,34 +122,17 @@ class Writer:
     def __init__(self, maps: dict[str, Map]):
         self.maps = maps
         self.codecs = Codecs.get()
-        c = self.codecs
-        expect = {
-            mn("sp_be"): (c.u32.size, c.backend.size),
-            mn("sp_slot"): (c.slot_key.size, c.slot_val.size),
-            mn("sp_svc"): (c.svc_key.size, c.svc_val.size),
-            mn("sp_names"): (c.u32.size, c.name.size),
-            mn("sp_src"): (c.src_key.size, c.src_val.size),
-        }
-        for name, (ks, vs) in expect.items():
+        for name, (ks, vs) in self.codecs.sizes().items():
             m = maps[name]
             if (m.key_size, m.value_size) != (ks, vs):
-                raise layout.LayoutError(
+                raise abi.LayoutError(
                     f"map {name}: key/value sizes {m.key_size}/{m.value_size} in the kernel, "
                     f"{ks}/{vs} in ebpf/sliceproxy.h"
                 )
 
     def write_config(self, cfg: NodeConfig) -> None:
         """The node-wide settings the external programs read (sp_cfg)."""
-        z = b"\0" * 16
-        val = cfg_codec().pack(
-            cfg.addr4 or z,
-            cfg.addr6 or z,
-            cfg.snat_ports[0],
-            cfg.snat_ports[1],
-            cfg.snat_reclaim,
-            cfg.snat_reclaim_closed,
-        )
-        self.maps[mn("sp_cfg")].update((0).to_bytes(4, "little"), val)
+        self.maps[mn("sp_cfg")].update(abi.u32(0), cfg.packed())
 
     def apply(self, cs: ChangeSet) -> float:
         """Write cs, then drop the UDP flows of backends it removed; returns
@@ -290,35 +215,6 @@ class Writer:
         return failed, rest_error
 
 
-def cfg_codec() -> layout.Codec:
-    return layout.codec(
-        "sp_cfg", ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
-    )
-
-
-def read_config(maps: dict[str, Map]) -> NodeConfig | None:
-    """sp_cfg as the kernel holds it; None before the agent wrote it."""
-    m = maps.get(mn("sp_cfg"))
-    raw = m.lookup((0).to_bytes(4, "little")) if m is not None else None
-    if raw is None:
-        return None
-    a4, a6, lo, hi, reclaim, closed = cfg_codec().unpack(raw)
-    if not (a4.strip(b"\0") or a6.strip(b"\0") or lo or hi or reclaim or closed):
-        return None  # the array's zeroed entry: never written
-    z = b"\0" * 16
-    return NodeConfig(a4 if a4 != z else None, a6 if a6 != z else None, (lo, hi), reclaim, closed)
-
-
-def ct_codecs() -> tuple[layout.Codec, layout.Codec]:
-    """Conntrack key and value, in the field order this module reads them."""
-    return (
-        layout.codec("sp_ct_key", ("saddr", "daddr", "sport", "dport", "proto", "dir")),
-        layout.codec(
-            "sp_ct_val", ("nat_addr", "nat_port", "backend_id", "svc_id", "last_seen", "addr2", "port2", "flags")
-        ),
-    )
-
-
 def purge_udp_flows(ct: Map, removed: list[tuple[FKey, Backend]]) -> int:
     """Delete the conntrack entries (both directions) of UDP flows from a
     frontend to a backend that no longer serves it, as kube-proxy clears
@@ -327,8 +223,8 @@ def purge_udp_flows(ct: Map, removed: list[tuple[FKey, Backend]]) -> int:
     pairs = {(f[0], f[1], b[0], b[1]) for f, b in removed if f[2] == socket.IPPROTO_UDP}
     if not pairs:
         return 0
-    kc, vc = ct_codecs()
-    forward = layout.const("SP_CT_FORWARD")
+    kc, vc = abi.ct_codecs()
+    forward = abi.CT_FORWARD
     doomed = []
     for k, v in ct.items():
         saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
@@ -343,47 +239,3 @@ def purge_udp_flows(ct: Map, removed: list[tuple[FKey, Backend]]) -> int:
             doomed.append(k)
     ct.delete_batch(b"".join(doomed))
     return len(doomed)
-
-
-@dataclass
-class MapContents:
-    svc: dict[FKey, tuple[int, int, int, int]]
-    slots: dict[tuple[int, int], int]
-    backends: dict[int, Backend]
-    names: dict[int, str]
-    ranges: dict[int, set[tuple[bytes, int]]]
-    # Backend id -> end of its drain (CLOCK_MONOTONIC seconds), for those
-    # flagged draining with a deadline (a map carried over from a layout
-    # without one has none: their drain starts again).
-    draining: dict[int, float]
-
-    def adopt_into(self, programmed) -> None:
-        """Rebuild a diff.Programmed mirror from these contents."""
-        programmed.adopt(self.svc, self.slots, self.backends, self.names, self.ranges, self.draining)
-
-
-def read_contents(maps: dict[str, Map]) -> MapContents:
-    """Decode the service, slot, backend and name maps."""
-    c = Codecs.get()
-    svc = {c.svc_key.unpack(k): c.svc_val.unpack(v) for k, v in maps[mn("sp_svc")].items()}
-    slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps[mn("sp_slot")].items()}
-    rows = [(c.u32.unpack(k)[0], c.backend.unpack(v)) for k, v in maps[mn("sp_be")].items()]
-    backends = {bid: r[:3] for bid, r in rows}
-    flag = layout.const("SP_BE_F_DRAINING")
-    draining = {bid: r[4] / 1e9 for bid, r in rows if r[3] & flag and r[4]}
-    names = {}
-    if mn("sp_names") in maps:
-        for k, v in maps[mn("sp_names")].items():
-            svc_id, raw = c.u32.unpack(k)[0], c.name.unpack(v)[0]
-            if b"\0" not in raw:
-                # Not written by a control plane of this layout (ours never
-                # cuts a name): its owner would be a guess, so none.
-                log.warning("map %s: the name of id %d has no end; its owner is unknown", mn("sp_names"), svc_id)
-                continue
-            names[svc_id] = raw.split(b"\0", 1)[0].decode(errors="replace")
-    ranges: dict[int, set[tuple[bytes, int]]] = {}
-    if mn("sp_src") in maps:
-        for k, _ in maps[mn("sp_src")].items():
-            plen, svc_id, addr = c.src_key.unpack(k)
-            ranges.setdefault(svc_id, set()).add((addr, plen - 32))
-    return MapContents(svc, slots, backends, names, ranges, draining)  # type: ignore[arg-type]

@@ -53,9 +53,9 @@ from yaml.events import (
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from ..gcpause import paused_gc
-from ..objects import KINDS, ObjectError, describe, parse, problem_line, short
-from ..state import Event
+from ..util.gcpause import paused_gc
+from .events import Event
+from .objects import KINDS, ObjectError, describe, parse, problem_line, short
 
 log = logging.getLogger("sliceproxy.source.files")
 
