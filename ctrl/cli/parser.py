@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from dataclasses import dataclass
 
 from .. import __version__
 from ..dataplane.abi import Hairpin, MapSizes
 from ..dataplane.loader import DEFAULT_PIN_DIR
+from ..runtime.settings import Settings
 
 # Hairpin source addresses (docs/semantics.md, "Hairpin"): addresses no
 # one else uses. IPv4: in 169.254.255.0/24, the link-local block's last 256
@@ -267,35 +267,15 @@ def _hairpin(args) -> Hairpin:
     return Hairpin(out[0], out[1])
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """The flags of `sliceproxy run` that build its agent, checked."""
-
-    node_name: str
-    sizes: MapSizes
-    nodeport_cidrs: tuple[str, ...]
-    snat_ports: tuple[int, int]
-    snat_reclaim: int
-    snat_reclaim_closed: int
-    drain_period: float
-    min_sync_period: float
-    sync_period: float
-    metrics_bind_address: str
-    healthz_bind_address: str
-    healthz_stale_after: float
-    dry_run: bool
-    hairpin: Hairpin  # loaded into the programs (ctrl.loader), not the agent's
-
-
-def run_options(args: argparse.Namespace) -> RunOptions:
-    """Check the flags before anything touches the kernel; a bad one exits
-    naming it."""
+def settings(args: argparse.Namespace) -> Settings:
+    """The agent's settings from `sliceproxy run`'s flags, checked before
+    anything touches the kernel; a bad one exits naming it."""
     snat_ports = _snat_ports(args.snat_port_range)
     for flag, v in (("--snat-reclaim", args.snat_reclaim), ("--snat-reclaim-closed", args.snat_reclaim_closed)):
         if not 0 <= v <= 0xFFFFFFFF:
             raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
     sizes = map_sizes(args)
-    return RunOptions(
+    return Settings(
         node_name=args.node_name,
         sizes=sizes,
         nodeport_cidrs=_cidrs(args.nodeport_addresses),

@@ -11,14 +11,15 @@ import sys
 from collections.abc import Callable
 
 from ..dataplane.abi import map_name as mn
-from .parser import RunOptions, globs, run_options
+from ..runtime.settings import Settings
+from .parser import globs, settings
 from .uninstall import uninstall
 
 log = logging.getLogger("sliceproxy")
 
 
 def build_agent(
-    opts: RunOptions,
+    opts: Settings,
     source,
     writer=None,
     maps: dict | None = None,
@@ -58,14 +59,9 @@ def build_agent(
         ClusterState(opts.node_name),
         programmed,
         writer,
+        opts,
         refresh_interfaces=refresh_interfaces,
-        min_sync_period=opts.min_sync_period,
-        resync_period=opts.sync_period,
         metrics=metrics,
-        nodeport_cidrs=opts.nodeport_cidrs,
-        snat_ports=opts.snat_ports,
-        snat_reclaim=opts.snat_reclaim,
-        snat_reclaim_closed=opts.snat_reclaim_closed,
     )
     if opts.dry_run:
         return agent
@@ -73,7 +69,7 @@ def build_agent(
     from ..runtime.health import Health
     from ..runtime.healthcheck import HealthCheckServers
 
-    health = Health(agent, opts.healthz_stale_after, metrics)
+    health = Health(agent.status, opts.healthz_stale_after, metrics)
     agent.health_checks = HealthCheckServers(opts.node_name, lambda: health.status(count=False)[0] == 200)
     if opts.healthz_bind_address:
         from ..runtime.health import serve
@@ -86,7 +82,7 @@ def build_agent(
 
 
 def cmd_run(args) -> int:
-    opts = run_options(args)
+    opts = settings(args)
     source = make_source(args)
 
     if args.dry_run:

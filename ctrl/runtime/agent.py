@@ -1,20 +1,22 @@
 """The run loop: source events -> state -> plan -> diff -> apply.
 
-Events are coalesced: a change after a quiet spell syncs at once, and
-changes within `min_sync_period` of the last sync wait for it to pass and
-become one sync, which plans only the services they touched. The first
-sync after start is a full one and the only place where
-entries nobody owns are pruned: it runs after the source's first full list,
-so a restarted agent never drops what a previous one programmed before it
-knows the whole picture.
+What a sync does lives here; when one is due is ctrl.runtime.schedule's
+(coalescing bursts, retries with backoff, the periodic reconcile, drain
+deadlines). The first sync after start is a full one and the only place
+where entries nobody owns are pruned: it runs after the source's first full
+list, so a restarted agent never drops what a previous one programmed
+before it knows the whole picture.
 
 Failures are per Service: when a batch write fails, the change set is
-written again Service by Service (ctrl.dataplane.apply.Writer.apply_each), the
-mirror is re-read from the kernel, and each Service that could not be
+written again Service by Service (ctrl.dataplane.apply.Writer.apply_each),
+the mirror is re-read from the kernel, and each Service that could not be
 written (or did not fit a map) is planned again after a delay that doubles
-with every failure (Retries), while the others go on. Only a failure that
-belongs to no Service (the node config, the maps unreadable) falls back to
-a full sync from the re-read maps.
+with every failure, while the others go on. Only a failure that belongs to
+no Service (the node config, the maps unreadable) falls back to a full sync
+from the re-read maps.
+
+After each sync (and each change taken) the agent publishes its status
+(ctrl.runtime.health.SyncStatus): /healthz reads that, never the agent.
 """
 
 from __future__ import annotations
@@ -37,48 +39,14 @@ from ..model.planner import ServicePlanner
 from ..model.state import ClusterState
 from ..util.addrs import addr16
 from ..util.gcpause import paused_gc
+from .health import StatusBoard, SyncStatus
+from .schedule import Schedule
+from .settings import Settings
 
 log = logging.getLogger("sliceproxy.agent")
 
 # Seconds between full garbage collections at the latest (see Agent.sync).
 COLLECT_EVERY = 600.0
-
-# The longest wait before a Service that failed is tried again: the
-# default --sync-period, so backoff never waits longer than a reconcile
-# would.
-RETRY_MAX = 60.0
-
-
-class Retries:
-    """Services not programmed by their last sync, each tried again after
-    a delay that starts at `first` seconds and doubles on every failure up
-    to `most`: a write the kernel refused ("failed"), or a change that does
-    not fit a map ("rejected": room may come). A success forgets it."""
-
-    def __init__(self, first: float = 5.0, most: float = RETRY_MAX):
-        self.first = first
-        self.most = most
-        self._due: dict[str, tuple[int, float, str]] = {}  # owner -> (failures, when, kind)
-
-    def failed(self, owner: str, now: float, kind: str) -> float:
-        """Record a failure; the seconds until the next try."""
-        n = self._due[owner][0] + 1 if owner in self._due else 1
-        delay = min(self.first * 2 ** (n - 1), self.most)
-        self._due[owner] = (n, now + delay, kind)
-        return delay
-
-    def succeeded(self, owners) -> None:
-        for owner in owners:
-            self._due.pop(owner, None)
-
-    def due(self, now: float) -> set[str]:
-        return {o for o, (_, when, _) in self._due.items() if when <= now}
-
-    def owners(self, kind: str) -> set[str]:
-        return {o for o, (_, _, k) in self._due.items() if k == kind}
-
-    def __contains__(self, owner: str) -> bool:
-        return owner in self._due
 
 
 class Agent:
@@ -88,22 +56,17 @@ class Agent:
         state: ClusterState,
         programmed: Programmed,
         writer: Writer | None,
+        settings: Settings | None = None,
         refresh_interfaces: Callable[[], object] | None = None,
-        min_sync_period: float = 0.1,
-        interface_period: float = 1.0,
-        resync_period: float = 60.0,
         metrics=None,
         health_checks=None,
-        nodeport_cidrs: tuple[str, ...] = (),
-        snat_ports: tuple[int, int] = (61000, 65535),
-        snat_reclaim: int = 600,
-        snat_reclaim_closed: int = 10,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.source = source
+        self.settings = settings = settings or Settings()
         # CLOCK_MONOTONIC seconds: drain deadlines go into the backend map
-        # in this clock (ctrl.dataplane.abi.to_ns), so a test can pass its own
-        # clock to age them, but a real agent must keep time.monotonic.
+        # in this clock (ctrl.dataplane.abi.to_ns), so a test can pass its
+        # own clock to age them, but a real agent must keep time.monotonic.
         self.clock = clock
         self.state = state
         self.programmed = programmed
@@ -112,46 +75,37 @@ class Agent:
         self.planner = ServicePlanner()
         self.writer = writer
         self.refresh_interfaces = refresh_interfaces
-        self.min_sync_period = min_sync_period
-        self.interface_period = interface_period
-        self.resync_period = resync_period
         self.metrics = metrics
         self.health_checks = health_checks  # ctrl.runtime.healthcheck.HealthCheckServers
-        self.nodeport_cidrs = nodeport_cidrs  # --nodeport-addresses
-        self.snat_ports = snat_ports
-        self.snat_reclaim = snat_reclaim
-        self.snat_reclaim_closed = snat_reclaim_closed
+        self.schedule = Schedule(
+            clock,
+            min_sync_period=settings.min_sync_period,
+            resync_period=settings.sync_period,
+            retry_period=settings.retry_period,
+            retry_max=settings.retry_max,
+            interface_period=settings.interface_period,
+        )
+        self.status = StatusBoard()
         self._config_written: NodeConfig | None = None
         # Changes taken since the last successful sync, for the pending
         # gauges and network programming latency.
         self._pending = {"EndpointSlice": 0, "Service": 0}
         self._queued_at: float | None = None
         self._triggers: list[str] = []
-        self._last_sync_at = 0.0  # monotonic time of the last successful sync
         # kube-proxy's no_local_endpoints gauges, kept per change: the
         # Services counting in them, and their sums.
         self._no_local: dict[str, tuple[int, int]] = {}  # owner -> (internal, external), nonzero only
         self._no_local_sum = [0, 0]
-        self.dirty: set[str] = set()
-        self.need_full = True
         self.stop_event = threading.Event()
         self.syncs = 0
         self.last_sync_ok: float | None = None
-        # A sync that failed for no Service in particular is retried as a
-        # full one, not sooner than this; Services are retried on their own
-        # (self.retries), first after this long too.
-        self.retry_period = 5.0
-        self.retry_at = 0.0
-        self.retries = Retries(self.retry_period)
         self._refused: set[str] = set()  # Services refused as they are (retried when they change)
         self._collected_at = clock()  # the last full collection
-        self._next_ifaces = 0.0
-        self._next_resync: float | None = None
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
             touched = self.state.apply(ev)
-            self.dirty |= touched
+            self.schedule.changed(touched)
             if not touched or ev.kind not in self._pending:
                 continue
             self._pending[ev.kind] += 1
@@ -164,6 +118,10 @@ class Agent:
                 self.metrics.changes_seen(ev.kind)
         if self.metrics is not None:
             self.metrics.pending(self._pending["EndpointSlice"], self._pending["Service"], self._queued_at)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.status.publish(SyncStatus(self.last_sync_ok, self.schedule.pending()))
 
     def node_addresses(self) -> NodeAddresses:
         """This node's addresses for NodePorts (--nodeport-addresses
@@ -171,7 +129,7 @@ class Agent:
         node = self.state.node
         if node is None:
             return NodeAddresses()
-        return NodeAddresses(nodeport_addresses(node.ips, self.nodeport_cidrs), node.ips)
+        return NodeAddresses(nodeport_addresses(node.ips, self.settings.nodeport_cidrs), node.ips)
 
     def node_config(self) -> NodeConfig:
         """The masquerade address per family: the Node's first InternalIP of
@@ -180,7 +138,8 @@ class Agent:
         ips = node.ips if node is not None else ()
         v4 = next((addr16(ip) for ip in ips if ":" not in ip), None)
         v6 = next((addr16(ip) for ip in ips if ":" in ip), None)
-        return NodeConfig(v4, v6, self.snat_ports, self.snat_reclaim, self.snat_reclaim_closed)
+        s = self.settings
+        return NodeConfig(v4, v6, s.snat_ports, s.snat_reclaim, s.snat_reclaim_closed)
 
     def plan(self, owners: set[str]) -> dict:
         desired = {}
@@ -214,7 +173,7 @@ class Agent:
 
     def sync(self) -> ChangeSet | None:
         """Plan and write what changed; a full sync plans everything."""
-        full = self.need_full
+        full = self.schedule.need_full
         with paused_gc():
             cs = self._sync()
             # After the write: what a Service's next change will need.
@@ -240,8 +199,9 @@ class Agent:
 
     def _sync(self) -> ChangeSet | None:
         t0 = time.perf_counter()
-        full = self.need_full
-        owners = set(self.state.services) | self.programmed.owners() if full else set(self.dirty)
+        sched = self.schedule
+        full = sched.need_full
+        owners = set(self.state.services) | self.programmed.owners() if full else set(sched.dirty)
         desired = self.plan(owners)
         if self.health_checks is not None:
             for owner in sorted(owners):
@@ -276,23 +236,16 @@ class Agent:
                 if not self._write_each(cs, e):
                     return None
                 t_write = time.perf_counter() - t1
-        now = self.clock()
-        self.dirty.clear()
         # Services waiting for a frontend this sync freed get it next.
-        self.dirty |= cs.resync
-        self.need_full = False
-        self.retry_at = now + self.retry_period
-        for owner in sorted(cs.rejected):
-            self.retries.failed(owner, now, "rejected")
-        self.retries.succeeded(o for o in owners if o not in cs.rejected and o not in cs.failed)
+        sched.synced(self.clock(), owners, cs.rejected, cs.failed, cs.resync)
         self._refused = (self._refused - owners) | set(cs.refused)
         self.syncs += 1
         self.last_sync_ok = time.time()
-        self._last_sync_at = self.clock()
+        self._publish()
         if self.metrics is not None:
-            rejected = self.retries.owners("rejected") | self._refused
+            rejected = sched.rejected() | self._refused
             self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(rejected))
-            self.metrics.failing(self.retries.owners("failed"))
+            self.metrics.failing(sched.failing())
             self.metrics.no_local.labels(traffic_policy="internal").set(self._no_local_sum[0])
             self.metrics.no_local.labels(traffic_policy="external").set(self._no_local_sum[1])
             self.metrics.programmed(self._triggers, self.last_sync_ok)
@@ -325,7 +278,8 @@ class Agent:
             self.metrics.sync_failures.inc()
         log.error("%s; re-reading the maps for a full sync", why)
         self._readopt()
-        self.retry_at = self.clock() + self.retry_period
+        self.schedule.sync_failed(self.clock())
+        self._publish()
 
     def _write_each(self, cs: ChangeSet, batch_error: BPFError) -> bool:
         """The batch write of cs failed: write it Service by Service, name
@@ -344,7 +298,7 @@ class Agent:
         cs.failed = failed
         now = self.clock()
         for owner, why in sorted(failed.items()):
-            delay = self.retries.failed(owner, now, "failed")
+            delay = self.schedule.service_failed(owner, now)
             log.error(
                 "%s Service: writing its map entries failed, it keeps what the maps hold and is retried in "
                 "%.0f s (the other Services are written): %s",
@@ -370,45 +324,40 @@ class Agent:
                 log.error("re-reading the maps failed: %s", e)
                 full = True
         if full:
-            self.need_full = True
+            self.schedule.full_needed()
 
     def run(self) -> None:
         """Until stop(). Nothing is written before the source's first full
         list of every resource (source.synced); then a full sync, then only
-        what changes, plus a full reconcile every resync_period."""
+        what changes, plus a full reconcile every sync_period."""
         while not self.stop_event.is_set():
             self.step()
 
     def step(self, timeout: float = 0.2) -> None:
         """One turn of the run loop: wait up to `timeout` for source
-        events, then sync if anything is due (changes, a retry, the end of
-        a drain, the periodic reconcile)."""
+        events, then sync if the schedule says anything is due (changes, a
+        retry, the end of a drain, the periodic reconcile)."""
+        sched = self.schedule
         now = self.clock()
-        if self._next_resync is None:
-            self._next_resync = now + self.resync_period
-        if self.resync_period and now >= self._next_resync and self.syncs:
+        if sched.reconcile_due(now):
             # Repair what changed behind our back (a map edited by hand,
             # a write lost): read the kernel, diff everything.
             self._readopt()
-            self.retry_at = 0.0
-            self._next_resync = now + self.resync_period
-        if self.refresh_interfaces is not None and now >= self._next_ifaces:
+        if self.refresh_interfaces is not None and sched.interfaces_due(now):
             try:
                 self.refresh_interfaces()
             except Exception as e:  # netlink trouble must not stop the proxy
                 log.error("refreshing interfaces failed: %s", e)
-            self._next_ifaces = now + self.interface_period
         try:
             events = self.source.events.get(timeout=timeout)
         except queue.Empty:
             events = None
         if events:
             self.take(events)
-            # kube-proxy's --min-sync-period: a change after a quiet
-            # spell syncs at once; within min_sync_period of the last
-            # sync, wait and take the rest of the burst into one sync.
-            deadline = self._last_sync_at + self.min_sync_period
-            while (left := deadline - self.clock()) > 0:
+            # A change after a quiet spell syncs at once; within
+            # min_sync_period of the last sync, wait and take the rest of
+            # the burst into one sync.
+            while (left := sched.burst_left(self.clock())) > 0:
                 try:
                     self.take(self.source.events.get(timeout=left))
                 except queue.Empty:
@@ -418,10 +367,7 @@ class Agent:
         # A source queues a resource's list before it reports it synced:
         # take everything queued so far before the first (pruning) sync.
         self._drain_nowait()
-        drain_end = self.programmed.next_drain_end()
-        now = self.clock()
-        self.dirty |= self.retries.due(now)
-        if self.dirty or (self.need_full and now >= self.retry_at) or (drain_end is not None and now >= drain_end):
+        if sched.due(self.clock(), self.programmed.next_drain_end()):
             self.sync()
 
     def _drain_nowait(self) -> None:

@@ -3,7 +3,9 @@
 The body carries kube-proxy's fields (lastUpdated, currentTime,
 nodeEligible), so probes and tools written for kube-proxy read it as they
 are. Unhealthy (503) when changes are waiting and no sync has succeeded for
-longer than `stale_after`, or before the first sync.
+longer than `stale_after`, or before the first sync. It reads the status the
+agent publishes (SyncStatus on a StatusBoard), never the agent itself: the
+server runs in threads of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,17 +27,40 @@ def _rfc3339(t: float | None) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(frozen=True)
+class SyncStatus:
+    """What /healthz needs of the agent, published after each sync and
+    each change it takes."""
+
+    last_ok: float | None = None  # wall-clock time of the last successful sync; None: none yet
+    pending: bool = True  # changes wait for a sync (or a full sync is due)
+
+
+class StatusBoard:
+    """The agent's latest SyncStatus: replaced whole by the agent, read by
+    the HTTP threads (one reference: no torn reads)."""
+
+    def __init__(self) -> None:
+        self._status = SyncStatus()
+
+    def publish(self, status: SyncStatus) -> None:
+        self._status = status
+
+    def get(self) -> SyncStatus:
+        return self._status
+
+
 class Health:
-    def __init__(self, agent, stale_after: float = 60.0, metrics=None):
-        self.agent = agent
+    def __init__(self, board: StatusBoard, stale_after: float = 60.0, metrics=None):
+        self.board = board
         self.stale_after = stale_after
         self.metrics = metrics
 
     def status(self, count: bool = True) -> tuple[int, dict]:
         now = time.time()
-        last = self.agent.last_sync_ok
-        pending = bool(self.agent.dirty) or self.agent.need_full
-        healthy = last is not None and (not pending or now - last <= self.stale_after)
+        st = self.board.get()
+        last = st.last_ok
+        healthy = last is not None and (not st.pending or now - last <= self.stale_after)
         body = {
             "lastUpdated": _rfc3339(last),
             "currentTime": _rfc3339(now),

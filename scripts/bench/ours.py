@@ -249,7 +249,7 @@ class Worker:
         for h in logging.getLogger().handlers:
             if isinstance(h, logging.StreamHandler):
                 h.setStream(log_file)
-        opts = cli.run_options(run_args)
+        opts = cli.settings(run_args)
         self.sizes = opts.sizes
         self.dp = loader.load(pin_dir=None, sizes=self.sizes, hairpin=opts.hairpin)
 

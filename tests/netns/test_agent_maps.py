@@ -27,6 +27,7 @@ from ctrl.k8s.objects import parse
 from ctrl.model.plan import Frontend, FrontendFlag, Scope
 from ctrl.model.state import ClusterState
 from ctrl.runtime.agent import Agent
+from ctrl.runtime.settings import Settings
 from ctrl.util.addrs import addr16
 
 from .agent import endpoint_slice, service
@@ -89,7 +90,8 @@ def private_maps() -> Iterator[dict]:
 def make_agent(maps, clock: Clock, sizes: MapSizes | None = None, **kw) -> tuple[Agent, QueueSource]:
     src = QueueSource()
     programmed = Programmed(sizes or MapSizes(), drain_period=kw.pop("drain_period", 0.0))
-    agent = Agent(src, ClusterState("node-a"), programmed, Writer(maps), min_sync_period=0.0, clock=clock, **kw)
+    settings = Settings(min_sync_period=0.0, sync_period=kw.pop("sync_period", 60.0))
+    agent = Agent(src, ClusterState("node-a"), programmed, Writer(maps), settings, clock=clock, **kw)
     return agent, src
 
 
@@ -101,7 +103,7 @@ def test_a_drained_backend_goes_although_every_reconcile_rereads_the_maps(privat
     the kernel maps; the drain deadline must come back with them, so the
     backend goes at the end of its drain instead of never."""
     clock = Clock()
-    agent, src = make_agent(private_maps, clock, drain_period=2.0, resync_period=2.0)
+    agent, src = make_agent(private_maps, clock, drain_period=2.0, sync_period=2.0)
     src.put(svc_event("web", "198.19.0.10"), slice_event("web-a", "web", "198.18.1.11", "198.18.1.12"))
     agent.step(timeout=0)
     assert kernel_backends(private_maps) == {"198.18.1.11", "198.18.1.12"}

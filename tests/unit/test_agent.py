@@ -9,6 +9,7 @@ from ctrl.k8s.events import Event
 from ctrl.k8s.objects import parse
 from ctrl.model.state import ClusterState
 from ctrl.runtime.agent import Agent
+from ctrl.runtime.settings import Settings
 
 from .helpers import endpoint_slice, eps, service
 
@@ -41,14 +42,14 @@ def slice_event(i):
 
 def test_a_burst_within_min_sync_period_becomes_one_sync():
     src = QueueSource()
-    agent = Agent(src, ClusterState(), Programmed(), writer=None, min_sync_period=0.5)
+    agent = Agent(src, ClusterState(), Programmed(), writer=None, settings=Settings(min_sync_period=0.5))
     t = run(agent)
     try:
         src.events.put([Event("upsert", "Service", "default/web", parse(service()))])
         wait(lambda: agent.syncs == 1, "first sync")
         for i in range(20):
             src.events.put(slice_event(i))
-        wait(lambda: not agent.dirty and src.events.empty() and agent.syncs >= 2, "burst synced")
+        wait(lambda: not agent.schedule.dirty and src.events.empty() and agent.syncs >= 2, "burst synced")
         time.sleep(0.6)  # anything left would sync within one more period
         assert agent.syncs <= 3, agent.syncs
         assert len(agent.programmed.frontends[next(iter(agent.programmed.frontends))].slots) == 20
@@ -59,7 +60,7 @@ def test_a_burst_within_min_sync_period_becomes_one_sync():
 
 def test_nothing_is_synced_before_the_source_has_listed_everything():
     src = QueueSource(synced=False)
-    agent = Agent(src, ClusterState(), Programmed(), writer=None, min_sync_period=0.0)
+    agent = Agent(src, ClusterState(), Programmed(), writer=None, settings=Settings(min_sync_period=0.0))
     t = run(agent)
     try:
         src.events.put([Event("upsert", "Service", "default/web", parse(service()))])
@@ -92,13 +93,13 @@ def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
     agent.take([Event("upsert", "Service", "default/web", parse(service()))])
     try:
         agent.sync()  # the first, full
-        assert not agent.need_full and gc.get_freeze_count() > 0
+        assert not agent.schedule.need_full and gc.get_freeze_count() > 0
         ref = weakref.ref(Cyclic())  # garbage at once, but only a collection frees it
         agent.take(slice_event(0))
         agent.sync()  # partial: frozen, not collected
         gc.collect()
         assert ref() is not None  # frozen objects are out of the collector's reach
-        agent.need_full = True
+        agent.schedule.full_needed()
         agent.sync()
         assert ref() is None  # the full sync unfroze and collected
         ref = weakref.ref(Cyclic())
@@ -118,26 +119,13 @@ class Clock:
         return self.t
 
 
-def test_retries_double_up_to_the_cap_and_a_success_forgets():
-    from ctrl.runtime.agent import Retries
-
-    r = Retries(first=5.0, most=60.0)
-    delays = [r.failed("default/a", 0.0, "failed") for _ in range(6)]
-    assert delays == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
-    r.failed("default/b", 0.0, "rejected")
-    assert r.due(4.9) == set() and r.due(5.0) == {"default/b"} and r.due(60.0) == {"default/a", "default/b"}
-    assert r.owners("failed") == {"default/a"} and r.owners("rejected") == {"default/b"}
-    r.succeeded(["default/a"])
-    assert "default/a" not in r and r.failed("default/a", 100.0, "failed") == 5.0
-
-
 def test_a_service_that_does_not_fit_is_retried_alone_with_backoff_while_others_sync():
     from ctrl.dataplane.abi import MapSizes
 
     clock = Clock()
     src = QueueSource()
     agent = Agent(src, ClusterState(), Programmed(MapSizes(services=8, backends=2, slots=8)), writer=None,
-                  min_sync_period=0.0, resync_period=0.0, clock=clock)  # fmt: skip
+                  settings=Settings(min_sync_period=0.0, sync_period=0.0), clock=clock)  # fmt: skip
     big = parse(endpoint_slice("web-a", endpoints=eps("198.18.1.1", "198.18.1.2", "198.18.1.3")))
     src.events.put([Event("upsert", "Service", "default/web", parse(service())),
                     Event("upsert", "EndpointSlice", "default/web-a", big)])  # fmt: skip
@@ -149,7 +137,7 @@ def test_a_service_that_does_not_fit_is_retried_alone_with_backoff_while_others_
     # Another Service goes on meanwhile (a partial sync: web is not in it).
     src.events.put([Event("upsert", "Service", "default/other", parse(service("other", ip="198.19.0.11")))])
     agent.step(timeout=0)
-    assert planned == [{"default/other"}] and not agent.need_full
+    assert planned == [{"default/other"}] and not agent.schedule.need_full
     clock.t = 1004.9
     agent.step(timeout=0)
     assert len(planned) == 1

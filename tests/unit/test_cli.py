@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from ctrl.cli import parser, run
+from ctrl.runtime.settings import Settings
 
 
 class NoSource:
@@ -16,8 +17,8 @@ class NoSource:
     synced = True
 
 
-def options(*flags: str) -> parser.RunOptions:
-    return parser.run_options(parser.build_parser().parse_args(["run", "--node-name", "node-a", *flags]))
+def options(*flags: str) -> Settings:
+    return parser.settings(parser.build_parser().parse_args(["run", "--node-name", "node-a", *flags]))
 
 
 def test_the_defaults_build_metrics_health_and_the_drain_period():
@@ -26,9 +27,10 @@ def test_the_defaults_build_metrics_health_and_the_drain_period():
     agent = run.build_agent(opts, NoSource())
     assert agent.metrics is not None and agent.health_checks is not None
     assert agent.programmed.drain_period == 60.0
-    assert agent.resync_period == 60.0 and agent.min_sync_period == 0.1
+    assert agent.schedule.resync_period == 60.0 and agent.schedule.min_sync_period == 0.1
     assert agent.programmed.capacity == opts.sizes
-    assert (agent.snat_ports, agent.snat_reclaim, agent.snat_reclaim_closed) == ((61000, 65535), 600, 10)
+    assert agent.settings == opts
+    assert (opts.snat_ports, opts.snat_reclaim, opts.snat_reclaim_closed) == ((61000, 65535), 600, 10)
 
 
 def test_the_servers_answer(tmp_path):

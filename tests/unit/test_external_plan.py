@@ -23,6 +23,7 @@ from ctrl.model.plan import (
 from ctrl.model.planner import ServicePlanner
 from ctrl.model.state import ClusterState
 from ctrl.runtime.agent import Agent
+from ctrl.runtime.settings import Settings
 from ctrl.util.addrs import addr16, addr_str
 
 from .helpers import endpoint, endpoint_slice, service
@@ -233,7 +234,7 @@ def node_obj(*ips):
 
 def agent_with(service_, cidrs=()):
     state = ClusterState(NODE)
-    a = Agent(source=None, state=state, programmed=Programmed(), writer=None, nodeport_cidrs=cidrs)
+    a = Agent(source=None, state=state, programmed=Programmed(), writer=None, settings=Settings(nodeport_cidrs=cidrs))
     a.take(
         [Event("upsert", "Service", "default/web", service_), Event("upsert", "EndpointSlice", "default/web-a", SLICE)]
     )

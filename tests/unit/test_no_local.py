@@ -131,7 +131,7 @@ def test_gauges_equal_counting_from_scratch_after_every_change(seed):
         agent.take(events)
         events = []
         if rnd.random() < 0.05:
-            agent.need_full = True  # a periodic full sync plans every Service in full
+            agent.schedule.full_needed()  # a periodic full sync plans every Service in full
         assert agent.sync() is not None
         want = from_scratch(state)
         assert gauges(metrics) == want, f"seed {seed} step {step}"
