@@ -114,7 +114,7 @@ def main() -> int:
         return 2
     # SIGTERM/SIGHUP unwind through the finally blocks: namespaces deleted.
     common.topology_class()
-    from tests.netns.topo import exit_on_signals
+    from scripts.harness.topo import exit_on_signals
 
     exit_on_signals((signal.SIGTERM, signal.SIGHUP))
     for tool in ("nsenter", "iptables-legacy-restore", "iptables-nft-restore", "nft"):

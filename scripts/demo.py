@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ctrl.dataplane.abi import map_name  # noqa: E402
-from tests.netns.client import histogram  # noqa: E402
-from tests.netns.topo import Topology, TopologyError  # noqa: E402
+from scripts.harness.client import histogram  # noqa: E402
+from scripts.harness.topo import Topology, TopologyError  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "web"
 BPFFS = Path("/sys/fs/bpf")

@@ -42,7 +42,7 @@ from ..util.addrs import addr_str
 from .libbpf import BTF_KIND_ARRAY, BTF_KIND_STRUCT, ffi, lib
 from .maps import Map
 
-log = logging.getLogger("sliceproxy.abi")
+log = logging.getLogger("sliceproxy.apply")  # the logger name operators filter on
 
 _BEGIN = "/* sp:layout:begin */"
 _END = "/* sp:layout:end */"

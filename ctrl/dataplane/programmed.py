@@ -29,7 +29,7 @@ from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
 
-log = logging.getLogger("sliceproxy.programmed")
+log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
 
 
 @dataclass

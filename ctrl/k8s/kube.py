@@ -226,6 +226,11 @@ class KubeSource:
         self.events: queue.Queue[list[Event]] = queue.Queue()
         self.backoff_max = backoff_max
         self._resources = resources(node_name)
+        self._by_kind = {r.kind: r for r in self._resources}
+        # Per resource: the objects held (key -> parsed object) and the
+        # resourceVersion to watch from (None: list first).
+        self._known: dict[str, dict[str, object]] = {r.kind: {} for r in self._resources}
+        self._rv: dict[str, str | None] = {r.kind: None for r in self._resources}
         self._listed: set[str] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -254,22 +259,44 @@ class KubeSource:
         return True
 
     # -- one resource ------------------------------------------------------
+    def list_all(self, kind: str) -> str:
+        """List every object of `kind` ("Service", "EndpointSlice", "Node"),
+        page by page: queue an upsert for each and a delete for each one held
+        that vanished, and return the list's resourceVersion, from which
+        watch() goes on. The run threads call it (at start, on 410 Gone);
+        the bench (scripts/bench/ours.py) too, to time one list."""
+        rv = self._list(self._by_kind[kind], self._known[kind])
+        self._rv[kind] = rv
+        return rv
+
+    def watch(self, kind: str) -> str:
+        """Watch `kind` from the resourceVersion of its last list or watch
+        until the server ends the stream, queueing each change; returns the
+        resourceVersion reached. Raises GoneError when the server no longer
+        has that version (list again), or the error that broke the stream
+        (the resourceVersion stays: a retry resumes where this one began)."""
+        rv = self._rv[kind]
+        if rv is None:
+            raise GoneError()  # never listed: there is nothing to resume from
+        rv = self._watch(self._by_kind[kind], self._known[kind], rv)
+        self._rv[kind] = rv
+        return rv
+
     def _run(self, res: Resource) -> None:
-        known: dict[str, object] = {}  # key -> parsed object
-        rv: str | None = None
+        kind = res.kind
         delay = 0.5
         while not self._stop.is_set():
             try:
-                if rv is None:
-                    rv = self._list(res, known)
-                    self._listed.add(res.kind)
+                if self._rv[kind] is None:
+                    self.list_all(kind)
+                    self._listed.add(kind)
                     delay = 0.5
-                rv = self._watch(res, known, rv)
+                self.watch(kind)
                 delay = 0.5  # a watch that ended normally: resume at once
             except GoneError:
-                log.info("%s watch: resourceVersion %s is too old, listing again", res.kind, rv)
+                log.info("%s watch: resourceVersion %s is too old, listing again", kind, self._rv[kind])
                 self.relists += 1
-                rv = None
+                self._rv[kind] = None
             except Exception as e:  # network, API errors: back off and resume
                 if self._stop.is_set():
                     return
@@ -277,8 +304,8 @@ class KubeSource:
                 wait = delay * (0.5 + random.random())
                 log.warning(
                     "%s %s failed (%s); retrying in %.1f s",
-                    res.kind,
-                    "list" if rv is None else "watch",
+                    kind,
+                    "list" if self._rv[kind] is None else "watch",
                     _one_line(e),
                     wait,
                 )

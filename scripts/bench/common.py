@@ -451,7 +451,7 @@ def fmt_bytes(n: float | None) -> str:
 
 def topology_class():
     sys.path.insert(0, str(ROOT))
-    from tests.netns.topo import Topology
+    from scripts.harness.topo import Topology
 
     return Topology
 
@@ -459,7 +459,7 @@ def topology_class():
 @contextlib.contextmanager
 def throwaway_netns() -> Iterator[str]:
     """A namespace of our own, deleted on the way out (also on errors and
-    SIGTERM, and by tests/netns/topo.py's atexit backstop)."""
+    SIGTERM, and by scripts/harness/topo.py's atexit backstop)."""
     topo = topology_class()()
     try:
         yield topo.node_ns

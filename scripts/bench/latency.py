@@ -1,5 +1,5 @@
 """First-packet latency of new TCP connections through a ClusterIP, between
-network namespaces (tests/netns/topo.py: a node and two pods on veths).
+network namespaces (scripts/harness/topo.py: a node and two pods on veths).
 
 For each dataplane and each number of Services (10 and 10,000, 10
 endpoints each), a fresh topology: a client pod, a backend pod listening on
@@ -73,7 +73,7 @@ def _topology():
             [sys.executable, str(CONNECT_PY), "serve", "--ports", f"{BACKEND_PORTS[0]}-{BACKEND_PORTS[-1]}"],
             stdout=subprocess.PIPE,
         )
-        from tests.netns.topo import wait_for_line
+        from scripts.harness.topo import wait_for_line
 
         wait_for_line(proc, "ready", 10, what="latency server")
     except BaseException:
@@ -141,7 +141,7 @@ def run_ours(nsvc: int, count: int) -> dict:
             stdout=subprocess.PIPE,
             stdin=subprocess.PIPE,
         )
-        from tests.netns.topo import wait_for_line
+        from scripts.harness.topo import wait_for_line
 
         wait_for_line(proc, "ready", 120, what="sliceproxy dataplane in the node namespace")
         _, k = _cluster(nsvc)

@@ -10,13 +10,13 @@ flags (metrics and /healthz served, on ephemeral loopback ports here),
 logging at the default level (into a file of the scratch directory), the
 map sizes an operator would pass for the scenario:
 
-  full     ctrl.k8s.kube.KubeSource._list on every page (the client's JSON decoder and
+  full     ctrl.k8s.kube.KubeSource.list_all on every page (the client's JSON decoder and
            ctrl.k8s.objects.parse, exactly as in the agent) -> Agent.take ->
            Agent.sync (plan, diff, batch writes), into freshly loaded maps.
            The clock stops when the last map write returns; then every map
            is read back and counted.
   change   one watch line (a slice replaced by fresh endpoints) through
-           KubeSource._watch -> Agent.take -> Agent.sync; one sync each.
+           KubeSource.watch -> Agent.take -> Agent.sync; one sync each.
   rolling  every slice replaced once, one after another, one sync each.
   packet   BPF_PROG_TEST_RUN of the tc program on the maps the full sync
            wrote, and on maps holding 1 Service, interleaved.
@@ -265,9 +265,6 @@ class Worker:
         self.writer = TimedWriter(self.dp.maps)
         self.client = Replay(Path(a.dir))
         self.source = KubeSource(self.client, NODE)
-        self.res = {r.kind: r for r in self.source._resources}
-        self.known: dict[str, dict] = {k: {} for k in self.res}
-        self.rv: dict[str, str] = {}
         self.agent = build_agent(opts, self.source, self.writer, self.dp.maps)
         if self.agent.metrics is None or self.agent.health_checks is None:
             raise RuntimeError("the bench's agent lacks the metrics or health checks `sliceproxy run` has")
@@ -325,7 +322,7 @@ class Worker:
         base = rss_now()
         t0 = time.perf_counter()
         for kind in ("Service", "EndpointSlice", "Node"):
-            self.rv[kind] = self.source._list(self.res[kind], self.known[kind])
+            self.source.list_all(kind)
         t_list = time.perf_counter()
         self._drain()
         t_take = time.perf_counter()
@@ -377,9 +374,7 @@ class Worker:
     def _one(self, line: bytes) -> tuple[float, dict]:
         self.client.pending.append(line)
         t0 = time.perf_counter()
-        self.rv["EndpointSlice"] = self.source._watch(
-            self.res["EndpointSlice"], self.known["EndpointSlice"], self.rv["EndpointSlice"]
-        )
+        self.source.watch("EndpointSlice")
         self._drain()
         cs = self.agent.sync()
         dt = time.perf_counter() - t0

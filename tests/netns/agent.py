@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .topo import CLIENT_PY, Topology
+from scripts.harness.topo import CLIENT_PY, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 SLICEPROXY = Path(sys.executable).parent / "sliceproxy"

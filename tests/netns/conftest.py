@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology, exit_on_signals
+
 from .agent import (
     BPFFS,
     PIN_PREFIX,
@@ -34,7 +36,6 @@ from .agent import (
     stale_pin_dirs,
     wait_dump,
 )
-from .topo import Topology, exit_on_signals
 
 CLIENT_IP = "198.18.1.2"
 BACKENDS = {

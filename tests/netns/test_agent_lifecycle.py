@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import SLICEPROXY, TrafficLoop, all_filters, dump, frontends, our_filters
 from .conftest import CLIENT_IP, THREE, VIP, Agents, assert_spread, http, udp, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

@@ -17,10 +17,11 @@ import re
 import pytest
 import yaml
 
+from scripts.harness.topo import Topology
+
 from ..fuzz.test_objects_fuzz import cases
 from .agent import SourceDir, service
 from .conftest import THREE, VIP, Agents, assert_spread, http, udp, web_backends, web_slice
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

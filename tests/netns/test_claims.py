@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import endpoint_slice, service
 from .conftest import BACKENDS, THREE, VIP, Agents, assert_spread, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, endpoint_slice, has_backends, service, wait_dump
 from .conftest import BACKENDS, SLICE_PORTS, THREE, VIP, WEB_PORTS, Agents, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

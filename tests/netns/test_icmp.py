@@ -33,11 +33,12 @@ from typing import Any
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, endpoint_slice, has_backends, service, wait_dump
 from .test_external import CLIENT, ECHO_NODEPORT, INVALID_DROP, NODE1, NODE2, WEB2, Cluster, echo_service
 from .test_external import cluster as external_cluster  # noqa: F401 - a fixture, used by two_nodes
 from .test_hairpin import HAIRPIN_FLAGS
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from ctrl.dataplane.abi import map_name
+from scripts.harness.topo import Topology
 
 from .conftest import THREE, Agents, assert_spread, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

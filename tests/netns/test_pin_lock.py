@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import SLICEPROXY, AgentProc, SourceDir, dump, endpoint_slice, frontends, our_filters, service
 from .conftest import BACKENDS, SLICE_PORTS, THREE, WEB_PORTS, Agents, assert_spread, http
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

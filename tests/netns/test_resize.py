@@ -20,10 +20,10 @@ import pytest
 from ctrl.dataplane import loader
 from ctrl.dataplane.abi import MapSizes, map_name
 from ctrl.dataplane.maps import Map
+from scripts.harness.topo import Topology
 
 from .agent import dump, finish_client, frontends, start_client
 from .conftest import THREE, VIP, Agents, assert_spread, http
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

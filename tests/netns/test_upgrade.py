@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import finish_client, start_client
 from .conftest import THREE, VIP, Agents, assert_spread, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

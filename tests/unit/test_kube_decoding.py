@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from ctrl.k8s.kube import APIError, KubeSource, Resource
+from ctrl.k8s.kube import APIError, GoneError, KubeSource, Resource
 from ctrl.k8s.objects import parse
 
 from .helpers import service
@@ -175,3 +175,32 @@ def test_a_broken_list_response_is_an_error_that_lists_again(body):
     src = KubeSource(Pages([body]), "node-a")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         src._list(SERVICES, {})
+
+
+def test_list_all_then_watch_resumes_from_the_lists_version():
+    """The public entry points the bench times (KubeSource.list_all and
+    watch): a watch goes on from the resourceVersion of the last list or
+    watch, and a later list compares with what the watch added."""
+
+    class Recording(Pages):
+        def stream(self, path, read_timeout, **params):
+            self.asked.append(params["resourceVersion"])
+            yield from self.lines
+            self.lines = []  # the stream ends; the next one has nothing new
+
+    client = Recording([page([good("a", "198.19.0.11")], rv="50")])
+    client.asked = []
+    client.lines = [event("ADDED", with_rv(item(service(name="b", ip="198.19.0.12")), "51"))]
+    src = KubeSource(client, "node-a")  # type: ignore[arg-type]
+    with pytest.raises(GoneError):
+        src.watch("Service")  # nothing listed yet: nothing to resume from
+    assert src.list_all("Service") == "50"
+    assert src.watch("Service") == "51" and client.asked == ["50"]
+    assert src.watch("Service") == "51" and client.asked == ["50", "51"]
+    queued = []
+    while not src.events.empty():
+        queued.extend(src.events.get_nowait())
+    assert [(e.op, e.key) for e in queued] == [("upsert", "default/a"), ("upsert", "default/b")]
+    src.client = Pages([page([good("a", "198.19.0.11")], rv="60")])
+    assert src.list_all("Service") == "60"
+    assert [(e.op, e.key) for e in src.events.get_nowait()] == [("upsert", "default/a"), ("delete", "default/b")]

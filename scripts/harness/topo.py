@@ -8,7 +8,7 @@ veths (all named ``<prefix>h<n>`` so one glob selects them), and ClusterIPs
 (198.19.0.0/16) sit on no interface at all: pods send them to the node only
 because their 198.18.0.0/15 route covers them.
 
-Safety rules this module keeps (see /work/shared/DESIGN.md):
+Safety rules this module keeps (docs/architecture.md, "Test tiers"):
 
 * Addresses only from 198.18.0.0/15 and 2001:db8::/32, checked on input.
 * Everything lives in namespaces created here; veths are created directly
