@@ -52,11 +52,14 @@ bpffs:
 test: all bpffs k8s lint
 	$(BIN)/python -m pytest -q tests
 
-# ruff (lint and format) and mypy on the control plane.
+# ruff (lint and format) and mypy on the control plane, and its import
+# layering (the table in docs/architecture.md).
 lint: venv
-	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench tests/fuzz scripts/bench.py scripts/bench
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench tests/fuzz \
+		scripts/bench.py scripts/bench scripts/harness scripts/check_layers.py
 	$(BIN)/ruff format --check ctrl
 	$(BIN)/mypy ctrl
+	$(BIN)/python scripts/check_layers.py
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit

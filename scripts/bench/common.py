@@ -2,7 +2,7 @@
 describe (Services and EndpointSlices, as the API server would send them),
 addresses, percentiles, throwaway namespaces, the machine and its load.
 
-Addresses come only from 198.18.0.0/15 (DESIGN.md): ClusterIPs from
+Addresses come only from 198.18.0.0/15 (docs/architecture.md, "Test tiers"): ClusterIPs from
 198.19.0.0/16, endpoints from a pool of 65,000 addresses in 198.18.1.0 -
 198.18.254.232. The scenarios need more endpoints than that (S3 has 250,000,
 and a rolling update replaces all of them once more), so when the pool wraps

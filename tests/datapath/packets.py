@@ -5,7 +5,7 @@ the program under test, and map entries are packed by field name with
 ctrl.dataplane.abi (layouts read from ebpf/sliceproxy.h and checked against
 the object's BTF); a field a test does not name is zero.
 
-Addresses: only 198.18.0.0/15 and 2001:db8::/32 (DESIGN.md, "Test tiers").
+Addresses: only 198.18.0.0/15 and 2001:db8::/32 (docs/architecture.md, "Test tiers").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tier 2: the tc program under BPF_PROG_TEST_RUN (DESIGN.md, "Test tiers").
+"""Tier 2: the tc program under BPF_PROG_TEST_RUN (docs/architecture.md, "Test tiers").
 
 Each case is {packet in, maps seeded, expected verdict (return code and the
 one counter moved), expected packet out, expected conntrack}. Expected

@@ -1,4 +1,4 @@
-"""Fixtures for tier 3 (DESIGN.md "Test tiers"): real connections between
+"""Fixtures for tier 3 (docs/architecture.md, "Test tiers"): real connections between
 network namespaces, with the agent attached to the node side of the pods'
 veths as in production.
 
