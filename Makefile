@@ -55,7 +55,7 @@ test: all bpffs k8s lint
 # ruff (lint and format) and mypy on the control plane, and its import
 # layering (the table in docs/architecture.md).
 lint: venv
-	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench tests/fuzz \
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/bench tests/fuzz tests/bpfbuild.py \
 		scripts/bench.py scripts/bench scripts/harness scripts/check_layers.py
 	$(BIN)/ruff format --check ctrl
 	$(BIN)/mypy ctrl

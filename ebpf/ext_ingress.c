@@ -6,22 +6,17 @@
  * on a node address, a LoadBalancer IP, an externalIP) is DNATed; ICMP
  * errors about either kind of flow are translated as the flow is.
  */
-#include "lib/icmp.h"
+#include "lib/hook.h"
 #include "lib/nat.h"
-#include "lib/parse.h"
-#include "lib/stats.h"
 
 SEC("tc")
 int sp_ext_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	int v, icmp;
+	int v = hook_start(skb, &p, SP_HOOK_EXT_INGRESS);
 
-	v = parse(skb, &p);
-	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_ext_in(skb)) >= 0)
-		return icmp;
 	if (v >= 0)
-		return count(skb, v, TC_ACT_OK);
+		return v;
 	v = unsnat(skb, &p);
 	if (v >= 0)
 		return v;

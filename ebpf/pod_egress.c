@@ -9,22 +9,17 @@
  * that drop those). And it works wherever the backend is: a local pod, or
  * another node whose reply reaches this pod through the node's uplink.
  */
-#include "lib/icmp.h"
+#include "lib/hook.h"
 #include "lib/nat.h"
-#include "lib/parse.h"
-#include "lib/stats.h"
 
 SEC("tc")
 int sp_tc_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	int v, icmp;
+	int v = hook_start(skb, &p, SP_HOOK_POD_EGRESS);
 
-	v = parse(skb, &p);
-	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_out(skb, 0)) >= 0)
-		return icmp;
 	if (v >= 0)
-		return count(skb, v, TC_ACT_OK);
+		return v;
 	v = revnat(skb, &p);
 	if (v >= 0)
 		return v;

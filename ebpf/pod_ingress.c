@@ -6,22 +6,17 @@
  * back into the pod; an ICMP error the pod sends about a translated flow is
  * translated as the flow is. Replies are not touched here: see pod_egress.c.
  */
-#include "lib/icmp.h"
+#include "lib/hook.h"
 #include "lib/nat.h"
-#include "lib/parse.h"
-#include "lib/stats.h"
 
 SEC("tc")
 int sp_tc_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	int v, icmp;
+	int v = hook_start(skb, &p, SP_HOOK_POD_INGRESS);
 
-	v = parse(skb, &p);
-	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_from_pod(skb)) >= 0)
-		return icmp;
 	if (v >= 0)
-		return count(skb, v, TC_ACT_OK);
+		return v;
 	v = hairpin_reply(skb, &p);
 	if (v >= 0)
 		return v;

@@ -60,27 +60,28 @@ class Dataplane:
     _obj: object = field(repr=False, default=None)
 
     def test_run(
-        self, packet: bytes, repeat: int = 1, egress: bool = False, external: bool = False
+        self, packet: bytes, repeat: int = 1, egress: bool = False, external: bool = False, ctx: bytes | None = None
     ) -> tuple[int, bytes, int]:
         """Run the ingress (or egress) program of pod interfaces, or of
         external ones, on one packet in the kernel (BPF_PROG_TEST_RUN):
-        (tc verdict, packet as the program left it, mean ns per run)."""
+        (tc verdict, packet as the program left it, mean ns per run). ctx:
+        the __sk_buff the run starts from (its gso_size, say), if given."""
         if external:
             fd = self.ext_egress_fd if egress else self.ext_fd
         else:
             fd = self.egress_fd if egress else self.prog_fd
         out = ffi.new("char[]", len(packet) + 256)
-        opts = ffi.new(
-            "struct bpf_test_run_opts *",
-            {
-                "sz": ffi.sizeof("struct bpf_test_run_opts"),
-                "data_in": ffi.from_buffer(packet),
-                "data_size_in": len(packet),
-                "data_out": out,
-                "data_size_out": len(packet) + 256,
-                "repeat": repeat,
-            },
-        )
+        fields = {
+            "sz": ffi.sizeof("struct bpf_test_run_opts"),
+            "data_in": ffi.from_buffer(packet),
+            "data_size_in": len(packet),
+            "data_out": out,
+            "data_size_out": len(packet) + 256,
+            "repeat": repeat,
+        }
+        if ctx is not None:
+            fields |= {"ctx_in": ffi.from_buffer(ctx), "ctx_size_in": len(ctx)}
+        opts = ffi.new("struct bpf_test_run_opts *", fields)
         check(lib().bpf_prog_test_run_opts(fd, opts), "BPF_PROG_TEST_RUN")
         return opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), opts.duration
 

@@ -408,10 +408,7 @@ class Programmed:
         n_old = len(sl)
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
         old_set.discard(None)  # type: ignore[arg-type]
-        writes = slots.assign(cur.svc_id, sl, wanted)
-        cs.slot_upd.extend(writes)
-        cs.slot_del.extend((cur.svc_id, i) for i in range(len(sl), n_old))
-        self.slot_count += len(sl) - n_old
+        changed = self._slots_written(cur, slots.assign(cur.svc_id, sl, wanted), n_old, cs)
         refs = self.bids.refs
         new_set: set[int]
         if n_old:
@@ -425,15 +422,12 @@ class Programmed:
         if self.drains:
             for b in added:
                 self._undrain(b, cs)
-        for b in old_set - new_set:
-            cs.removed.append((f.key, self.bids.backends[b]))
-            refs[b] -= 1
-            self._unused.add(b)
+        self._released(f.key, old_set - new_set, cs)
         cur.version = f.version
         cur.slot_of = None  # built by index_pending or the first delta
         if f.version >= 0:
             self._unindexed.add(f.key)
-        self._finish_frontend(owner, f, cur, n_old, bool(writes) or len(sl) < n_old, cs)
+        self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
     def _sync_frontend_delta(self, owner: str, f: Frontend, cur: FrontendState, cs: ChangeSet) -> None:
         """The same from the added and removed backends only: the removed
@@ -447,20 +441,33 @@ class Programmed:
         rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
-        writes = slots.fill(cur.svc_id, sl, holes, add, slot_of)
-        cs.slot_upd.extend(writes)
-        cs.slot_del.extend((cur.svc_id, i) for i in range(len(sl), n_old))
-        self.slot_count += len(sl) - n_old
+        changed = self._slots_written(cur, slots.fill(cur.svc_id, sl, holes, add, slot_of), n_old, cs)
         refs = self.bids.refs
         for b in add:
             refs[b] += 1
             self._undrain(b, cs)
-        for b in rem:
-            cs.removed.append((f.key, self.bids.backends[b]))
+        self._released(f.key, rem, cs)
+        cur.version = f.version
+        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+
+    def _slots_written(self, cur: FrontendState, writes: list[slots.SlotWrite], n_old: int, cs: ChangeSet) -> bool:
+        """Record a frontend's slot writes and the deletes of its slots past
+        the new count (it had n_old); whether any slot changed."""
+        n = len(cur.slots)
+        cs.slot_upd.extend(writes)
+        cs.slot_del.extend((cur.svc_id, i) for i in range(n, n_old))
+        self.slot_count += n - n_old
+        return bool(writes) or n < n_old
+
+    def _released(self, key: FKey, bids: Collection[int], cs: ChangeSet) -> None:
+        """Backends that stopped serving frontend `key`: their UDP flows
+        to it are purged after the write, and each starts draining once no
+        frontend uses it (end of sync)."""
+        refs, backends = self.bids.refs, self.bids.backends
+        for b in bids:
+            cs.removed.append((key, backends[b]))
             refs[b] -= 1
             self._unused.add(b)
-        cur.version = f.version
-        self._finish_frontend(owner, f, cur, n_old, bool(writes) or len(sl) < n_old, cs)
 
     def _finish_frontend(
         self, owner: str, f: Frontend, cur: FrontendState, n_old: int, changed: bool, cs: ChangeSet
@@ -500,10 +507,4 @@ class Programmed:
         for i in range(len(st.slots)):
             cs.slot_del.append((st.svc_id, i))
         self.slot_count -= len(st.slots)
-        refs = self.bids.refs
-        for b in set(st.slots):
-            if b is None:
-                continue
-            cs.removed.append((key, self.bids.backends[b]))
-            refs[b] -= 1
-            self._unused.add(b)
+        self._released(key, {b for b in st.slots if b is not None}, cs)

@@ -25,7 +25,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from ctrl.dataplane import abi
-from ctrl.dataplane.libbpf import check, ffi, lib
+from ctrl.dataplane.libbpf import lib
 from ctrl.util.addrs import addr16
 
 from . import packets
@@ -194,34 +194,15 @@ def run(dp, pkt: bytes, egress: bool, external: bool, gso_size: int = 0) -> tupl
     """One packet through a program: (return code, frame out, counters it
     moved). gso_size, set through the test run's __sk_buff, makes the
     kernel's skb a GSO one."""
-    if external:
-        fd = dp.ext_egress_fd if egress else dp.ext_fd
-    else:
-        fd = dp.egress_fd if egress else dp.prog_fd
     size, fields = abi.btf_struct(lib().bpf_object__btf(dp._obj), "__sk_buff")
     ctx = bytearray(size)
     off = {name: o for name, o, _ in fields}["gso_size"]
     struct.pack_into("<I", ctx, off, gso_size)
-    ctx_b = bytes(ctx)
-    out = ffi.new("char[]", len(pkt) + 256)
-    opts = ffi.new(
-        "struct bpf_test_run_opts *",
-        {
-            "sz": ffi.sizeof("struct bpf_test_run_opts"),
-            "data_in": ffi.from_buffer(pkt),
-            "data_size_in": len(pkt),
-            "data_out": out,
-            "data_size_out": len(pkt) + 256,
-            "ctx_in": ffi.from_buffer(ctx_b),
-            "ctx_size_in": len(ctx_b),
-            "repeat": 1,
-        },
-    )
     before = stats(dp)
-    check(lib().bpf_prog_test_run_opts(fd, opts), "BPF_PROG_TEST_RUN")
+    ret, out, _ = dp.test_run(pkt, egress=egress, external=external, ctx=bytes(ctx))
     after = stats(dp)
     moved = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after if after[k][0] != before.get(k, (0, 0))[0]}
-    return opts.retval, bytes(ffi.buffer(out, opts.data_size_out)), moved
+    return ret, out, moved
 
 
 def cases():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from scripts.harness.topo import Topology
 
+from ..bpfbuild import build_object, copy_sources
 from .agent import finish_client, start_client
 from .conftest import THREE, VIP, Agents, assert_spread, http, web_backends
 
@@ -36,8 +36,7 @@ def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     drain deadline, as in layout 2 (this tree's agent cannot run that).
     The programs name their maps after the header's SP_LAYOUT_VERSION, so
     the header is all that changes."""
-    src = out / "ebpf"
-    shutil.copytree(REPO / "ebpf", src)
+    src = copy_sources(out)
     hdr = (src / "sliceproxy.h").read_text()
     m = re.search(r"#define SP_LAYOUT_VERSION (\d+)", hdr)
     assert m is not None and int(m.group(1)) > OLD
@@ -60,14 +59,7 @@ def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     assert be_fields is not None
     hdr = hdr.replace(be_fields.group(0), "\t__u8 proto;\n\t__u8 pad0;\n\t__u16 port;\n")
     (src / "sliceproxy.h").write_text(hdr)
-    arch = os.uname().machine
-    # The Makefile's BPF_CFLAGS (-mcpu=v3: the programs use BPF atomics).
-    subprocess.run(
-        ["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", f"-I/usr/include/{arch}-linux-gnu", f"-I{src}", "-c",
-         str(src / "sliceproxy_tc.bpf.c"), "-o", str(out / "old.bpf.o")],
-        check=True,
-    )  # fmt: skip
-    return out / "old.bpf.o", src / "sliceproxy.h"
+    return build_object(out), src / "sliceproxy.h"
 
 
 def test_upgrade_across_a_layout_change_keeps_established_connections(

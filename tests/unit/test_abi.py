@@ -14,6 +14,8 @@ from ctrl.dataplane import abi, loader
 from ctrl.dataplane.libbpf import ffi, lib
 from ctrl.model.plan import FrontendFlag, Scope
 
+from ..bpfbuild import build_object, copy_sources
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -107,20 +109,10 @@ def test_the_programs_map_names_follow_the_header(tmp_path):
     """SP_MAP() in ebpf/lib/maps.h pastes SP_LAYOUT_VERSION: the object
     built from a header of another version names its maps after it, and the
     control plane reading that header expects those names."""
-    import shutil
-
-    src = tmp_path / "ebpf"
-    shutil.copytree(ROOT / "ebpf", src)
-    hdr = src / "sliceproxy.h"
+    hdr = copy_sources(tmp_path) / "sliceproxy.h"
     version = abi.const("SP_LAYOUT_VERSION")
     hdr.write_text(hdr.read_text().replace(f"#define SP_LAYOUT_VERSION {version}", "#define SP_LAYOUT_VERSION 97"))
-    arch = os.uname().machine
-    obj = tmp_path / "x.bpf.o"
-    subprocess.run(
-        ["clang", "-O2", "-g", "-target", "bpf", "-mcpu=v3", f"-I/usr/include/{arch}-linux-gnu", f"-I{src}", "-c",
-         str(src / "sliceproxy_tc.bpf.c"), "-o", str(obj)],
-        check=True,
-    )  # fmt: skip
+    obj = build_object(tmp_path)
     names = subprocess.run(["llvm-objdump", "-t", str(obj)], capture_output=True, text=True, check=True).stdout
     code = "from ctrl.dataplane import abi; print(' '.join(abi.map_names()))"
     env = {**os.environ, "SLICEPROXY_HEADER": str(hdr)}
