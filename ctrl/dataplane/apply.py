@@ -89,7 +89,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     )
     names = [n.encode() for _, n in cs.name_upd]
     if any(len(n) >= c.name.size for n in names):
-        # ctrl.diff refuses such a frontend; never cut one (the owner is
+        # Programmed refuses such a frontend; never cut one (the owner is
         # read back from the name).
         raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
     add(
@@ -102,7 +102,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     svc_del = cs.svc_del
     if svc_del and cs.svc_upd:
         # A frontend one Service gave up and another took in this change
-        # set (ctrl.diff's claims): its new entry must survive the deletes.
+        # set (Programmed's claims): its new entry must survive the deletes.
         taken = {k for k, _ in cs.svc_upd}
         svc_del = [k for k in svc_del if k not in taken]
     add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, _svc_keys(svc_del)))

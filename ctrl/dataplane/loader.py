@@ -238,7 +238,7 @@ def load(
             raise BPFError(errno.ENOENT, f"{obj_path} has no {HAIRPIN_SECTION} section: rebuild it with `make`")
         if pin_dir is not None:
             # A pinned map of another capacity cannot be reused (libbpf
-            # refuses it): set it aside for ctrl.migrate to carry over.
+            # refuses it): set it aside for ctrl.dataplane.migrate to carry over.
             wanted = {name: int(lb.bpf_map__max_entries(bm)) for name, bm in bpf_maps.items()}
             resized = migrate.set_aside(pin_dir, wanted)
         ret = lb.bpf_object__load(obj)

@@ -13,8 +13,8 @@ agent prunes nothing before that, so a restart or a reconnect never drops
 traffic.
 
 Responses are decoded with msgspec: EndpointSlice list pages straight
-into ctrl.objects (ctrl.slicejson), everything else into dicts for
-ctrl.objects.parse; never with the kubernetes client's model classes
+into ctrl.k8s.objects (ctrl.k8s.slicejson), everything else into dicts for
+ctrl.k8s.objects.parse; never with the kubernetes client's model classes
 (seconds on 100,000 endpoints). The client package is used only to read a
 kubeconfig or the in-cluster config.
 """

@@ -1,7 +1,7 @@
-"""EndpointSlice lists decoded straight into ctrl.objects, fast.
+"""EndpointSlice lists decoded straight into ctrl.k8s.objects, fast.
 
 A list of 100,000 endpoints is about 27 MB of JSON. Decoding it into dicts
-and walking them with ctrl.objects.parse_slice costs ~0.45 s; decoding it
+and walking them with ctrl.k8s.objects.parse_slice costs ~0.45 s; decoding it
 with msgspec into typed structs that declare only the fields a proxy reads
 (the rest, targetRef and managedFields among them, is skipped without being
 built) and converting those costs ~0.12 s.
@@ -123,7 +123,7 @@ class _Unclean(Exception):
 
 def decode_page(body: bytes) -> Page | None:
     """An EndpointSliceList response body as parsed slices, or None when
-    some item needs ctrl.objects.parse_slice's exact handling (or the body
+    some item needs ctrl.k8s.objects.parse_slice's exact handling (or the body
     is not a list of the declared shape)."""
     try:
         lst = _decoder.decode(body)

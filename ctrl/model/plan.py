@@ -114,7 +114,7 @@ class Frontend:
     affinity_timeout: int = 0
     source_ranges: tuple[SourceRange, ...] = ()  # with FrontendFlag.SRC_RANGES: the allowed sources
     # Set by ServicePlanner: what changed since this frontend's plan number
-    # `base` (`backends` holds the whole set either way), so ctrl.diff can
+    # `base` (`backends` holds the whole set either way), so the dataplane (ctrl.dataplane.programmed) can
     # apply a one-slice change in time proportional to the slice, not to
     # the Service. None: no earlier plan to be relative to.
     added: tuple[Backend, ...] | None = field(default=None, compare=False)

@@ -10,7 +10,7 @@ one:
 * file source: the pair is one YAML file of a directory that FileSource
   scans once;
 * API source: the pairs are items of list pages read by KubeSource._list
-  (EndpointSlices through the msgspec fast path first, ctrl.slicejson) and
+  (EndpointSlices through the msgspec fast path first, ctrl.k8s.slicejson) and
   ADDED events of a stream read by KubeSource._watch.
 
 Asserted: nothing raises; every object that the parser refuses or reports

@@ -39,7 +39,7 @@ BPFFS = Path("/sys/fs/bpf")
 # Pin directories are named after the topology so a later session can tell
 # a crashed run's leftovers (owner gone) from a parallel run's live ones.
 PIN_PREFIX = "sliceproxy-test-"
-FILTER_NAME = "sliceproxy"  # TCA_BPF_NAME of our tc filter (ctrl.attach)
+FILTER_NAME = "sliceproxy"  # TCA_BPF_NAME of our tc filter (ctrl.dataplane.attach)
 
 WAIT = 30.0  # generous upper bound for "the agent caught up"; never a speed goal
 

@@ -1,6 +1,6 @@
 """Tier 3: the agent's loop on real kernel maps, in this process.
 
-No namespaces or traffic here: the agent (ctrl.agent.Agent) is driven one
+No namespaces or traffic here: the agent (ctrl.runtime.agent.Agent) is driven one
 turn at a time (Agent.step) from a queue of source events, with a clock the
 test moves, and writes real BPF maps: private ones (loader.load with no pin
 directory), or pinned ones in a directory of this test's own when a restart

@@ -83,8 +83,9 @@ def test_a_field_left_unnamed_packs_as_zeros_and_reads_back_by_name():
     offs = {n: (o, s) for n, o, s in abi.describe("sp_backend")}
     o, s = offs["drain_end"]
     assert part[o : o + s] == bytes(s) and full[o : o + s] == (5).to_bytes(s, sys.byteorder)
-    want = {"addr": b"\x07" * 16, "port": 8080, "proto": 6, "flags": 0, "drain_end": 0}
-    assert abi.unpack("sp_backend", part) == want
+    got = abi.unpack("sp_backend", part)
+    assert {k: got[k] for k in ("addr", "port", "proto")} == {"addr": b"\x07" * 16, "port": 8080, "proto": 6}
+    assert not [k for k, v in got.items() if k not in ("addr", "port", "proto") and v]  # the rest reads zero
     # A codec of some fields, in the caller's order, reads only those.
     assert abi.codec("sp_backend", ("port", "addr")).unpack(full) == (8080, b"\x07" * 16)
 

@@ -39,7 +39,7 @@ SLICE_PORTS = [
 
 @pytest.fixture(autouse=True)
 def unfreeze():
-    """Agent.sync freezes what it built (ctrl/agent.py); give it back."""
+    """Agent.sync freezes what it built (ctrl/runtime/agent.py); give it back."""
     import gc
 
     yield

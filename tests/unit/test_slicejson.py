@@ -1,4 +1,4 @@
-"""ctrl.slicejson gives exactly ctrl.objects.parse's slices, or declines.
+"""ctrl.k8s.slicejson gives exactly ctrl.k8s.objects.parse's slices, or declines.
 
 Generated list pages: every clean one must decode to the same objects as
 the exact parser; every page with one unclean item must be declined (None),
