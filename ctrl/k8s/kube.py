@@ -29,7 +29,9 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -269,13 +271,18 @@ class KubeSource:
         self._rv[kind] = rv
         return rv
 
-    def watch(self, kind: str) -> str:
+    def held(self, kind: str) -> Mapping[str, object]:
+        """The objects of `kind` the source holds, by key (read only)."""
+        return MappingProxyType(self._known[kind])
+
+    def watch(self, kind: str, since: str | None = None) -> str:
         """Watch `kind` from the resourceVersion of its last list or watch
-        until the server ends the stream, queueing each change; returns the
-        resourceVersion reached. Raises GoneError when the server no longer
-        has that version (list again), or the error that broke the stream
-        (the resourceVersion stays: a retry resumes where this one began)."""
-        rv = self._rv[kind]
+        (or from `since`) until the server ends the stream, queueing each
+        change; returns the resourceVersion reached. Raises GoneError when
+        the server no longer has that version (list again), or the error
+        that broke the stream (the resourceVersion stays: a retry resumes
+        where this one began)."""
+        rv = since if since is not None else self._rv[kind]
         if rv is None:
             raise GoneError()  # never listed: there is nothing to resume from
         rv = self._watch(self._by_kind[kind], self._known[kind], rv)

@@ -158,9 +158,13 @@ class Schedule:
         join the changed ones), a full sync past its retry time, or the end
         of a drain (drain_end: the next one, if any)."""
         self.dirty |= self.retries.due(now)
-        return bool(
-            self.dirty or (self.need_full and now >= self.retry_at) or (drain_end is not None and now >= drain_end)
-        )
+        if self.need_full:
+            # A full sync plans the changed Services too; after a failure
+            # that belongs to no Service it waits for retry_period, and a
+            # change meanwhile must not bring it forward (it would fail
+            # again, every loop turn), nor must a drain's end.
+            return now >= self.retry_at
+        return bool(self.dirty or (drain_end is not None and now >= drain_end))
 
     def failing(self) -> set[str]:
         """Services whose writes fail and are retried (a metric's series)."""

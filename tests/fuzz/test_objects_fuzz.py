@@ -9,9 +9,9 @@ one:
 
 * file source: the pair is one YAML file of a directory that FileSource
   scans once;
-* API source: the pairs are items of list pages read by KubeSource._list
+* API source: the pairs are items of list pages read by KubeSource.list_all
   (EndpointSlices through the msgspec fast path first, ctrl.k8s.slicejson) and
-  ADDED events of a stream read by KubeSource._watch.
+  ADDED events of a stream read by KubeSource.watch.
 
 Asserted: nothing raises; every object that the parser refuses or reports
 costs exactly one log line, and every other object none; a wrong type
@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from ctrl.k8s.files import DEFAULT_MAX_FILE_SIZE, FileSource
-from ctrl.k8s.kube import KubeSource, Resource
+from ctrl.k8s.kube import KubeSource
 from ctrl.k8s.objects import ObjectError, parse
 
 DEFAULT_OBJECTS = 300
@@ -570,16 +570,15 @@ def test_malformed_objects_in_api_lists_and_watches(caplog, object_fuzz_run, kin
         for bad, _, good in items
         for x in (bad, good)
     ]
-    res = Resource(kind, f"/fuzz/{kind}")
     for how in ("list", "watch"):
         caplog.clear()
         src = KubeSource(Recorded(pages, lines), "node-a")  # type: ignore[arg-type]
-        known: dict = {}
+        known = src.held(kind)
         with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
             if how == "list":
-                assert src._list(res, known) == "900"
+                assert src.list_all(kind) == "900"
             else:
-                src._watch(res, known, "1")
+                src.watch(kind, since="1")
         got = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         want_lines = 0
         for bad, mutated, good in items:

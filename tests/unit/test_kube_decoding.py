@@ -8,13 +8,12 @@ import logging
 
 import pytest
 
-from ctrl.k8s.kube import APIError, GoneError, KubeSource, Resource
+from ctrl.k8s.kube import APIError, GoneError, KubeSource
 from ctrl.k8s.objects import parse
 
 from .helpers import service
 
 LOG = "sliceproxy.source.kube"
-SERVICES = Resource("Service", "/api/v1/services")
 
 
 class Pages:
@@ -80,9 +79,9 @@ BAD_ITEMS = [
 def test_a_bad_list_item_is_one_line_and_the_rest_is_listed(caplog, bad, message):
     items = [good("a", "198.19.0.11"), bad, good("c", "198.19.0.13")]
     src = KubeSource(Pages([page(items)]), "node-a")  # type: ignore[arg-type]
-    known: dict = {}
+    known = src.held("Service")
     with caplog.at_level(logging.ERROR, logger=LOG):
-        rv = src._list(SERVICES, known)
+        rv = src.list_all("Service")
     assert rv == "50"
     assert known == {
         "default/a": parse({**items[0], "kind": "Service"}),
@@ -94,12 +93,12 @@ def test_a_bad_list_item_is_one_line_and_the_rest_is_listed(caplog, bad, message
 
 def test_a_bad_item_keeps_the_last_good_version_on_relist(caplog):
     src = KubeSource(Pages([page([good("a", "198.19.0.11")])]), "node-a")  # type: ignore[arg-type]
-    known: dict = {}
-    src._list(SERVICES, known)
+    known = src.held("Service")
+    src.list_all("Service")
     before = known["default/a"]
     src.client = Pages([page([item(service(name="a", externalIPs=5))], rv="60")])
     with caplog.at_level(logging.ERROR, logger=LOG):
-        assert src._list(SERVICES, known) == "60"
+        assert src.list_all("Service") == "60"
     assert known == {"default/a": before}
 
 
@@ -116,9 +115,9 @@ def test_a_null_kind_is_the_kind_of_the_list(caplog):
     # Service, as the fast path of EndpointSlices takes it too.
     lines = [event("ADDED", {**with_rv(service(name="a"), "11"), "kind": None})]
     src = KubeSource(Pages([], lines), "node-a")  # type: ignore[arg-type]
-    known: dict = {}
+    known = src.held("Service")
     with caplog.at_level(logging.ERROR, logger=LOG):
-        assert src._watch(SERVICES, known, "10") == "11"
+        assert src.watch("Service", since="10") == "11"
     assert list(known) == ["default/a"] and errors(caplog) == []
 
 
@@ -134,9 +133,9 @@ def test_bad_watch_events_are_one_line_each_and_the_stream_goes_on(caplog):
         event("MODIFIED", with_rv(service(name="a", ip="198.19.0.21"), "17")),
     ]
     src = KubeSource(Pages([], lines), "node-a")  # type: ignore[arg-type]
-    known: dict = {}
+    known = src.held("Service")
     with caplog.at_level(logging.ERROR, logger=LOG):
-        rv = src._watch(SERVICES, known, "10")
+        rv = src.watch("Service", since="10")
     assert rv == "17"
     events = []
     while not src.events.empty():
@@ -163,7 +162,7 @@ def test_a_broken_stream_is_an_error_that_resumes_the_watch(line, error):
     # _run catches these, backs off, and watches again from the last rv.
     src = KubeSource(Pages([], [line]), "node-a")  # type: ignore[arg-type]
     with pytest.raises(error):
-        src._watch(SERVICES, {}, "10")
+        src.watch("Service", since="10")
 
 
 @pytest.mark.parametrize(
@@ -174,7 +173,7 @@ def test_a_broken_stream_is_an_error_that_resumes_the_watch(line, error):
 def test_a_broken_list_response_is_an_error_that_lists_again(body):
     src = KubeSource(Pages([body]), "node-a")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        src._list(SERVICES, {})
+        src.list_all("Service")
 
 
 def test_list_all_then_watch_resumes_from_the_lists_version():

@@ -101,6 +101,23 @@ def test_a_failed_sync_is_retried_in_full_after_the_retry_period():
     assert s.due(clock()) and s.need_full
 
 
+def test_changes_do_not_bring_a_failed_full_sync_forward():
+    # A failed full sync leaves its Services dirty; they, new changes, a
+    # Service's retry or a drain's end must not make it due before
+    # retry_period (it would fail again on every loop turn).
+    s, clock = started(retry_period=5.0)
+    s.changed({"default/a"})
+    assert s.due(clock())
+    assert s.service_failed("default/b", clock()) == 5.0
+    s.sync_failed(clock())
+    for _ in range(49):
+        clock.t += 0.1
+        s.changed({"default/c"})
+        assert not s.due(clock(), drain_end=clock() - 1.0), clock.t
+    clock.t += 0.1
+    assert s.due(clock()) and s.need_full and {"default/a", "default/b", "default/c"} <= s.dirty
+
+
 def test_services_waiting_for_a_freed_frontend_are_synced_next():
     s, clock = started()
     s.changed({"default/a"})

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from ctrl.k8s.kube import KubeSource, Resource
+from ctrl.k8s.kube import KubeSource
 from ctrl.k8s.objects import ObjectError, parse
 from ctrl.k8s.slicejson import decode_change, decode_page
 
@@ -243,10 +243,9 @@ def test_list_takes_the_exact_path_for_an_unclean_page_only(caplog):
         ]
     )
     src = KubeSource(client, "node-a")  # type: ignore[arg-type]
-    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
-    known: dict = {}
+    known = src.held("EndpointSlice")
     with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
-        rv = src._list(res, known)
+        rv = src.list_all("EndpointSlice")
     assert rv == "77" and client.asked == [None, "1", "2"]
     assert sorted(known) == ["default/web-a", "default/web-b", "default/web-c", "default/web-d"]
     # The unclean slice keeps its good endpoints' siblings out and is named.
@@ -330,10 +329,9 @@ def test_watch_mixes_both_paths_in_order(caplog):
         ]
     )
     src = KubeSource(client, "node-a")  # type: ignore[arg-type]
-    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
-    known: dict = {}
+    known = src.held("EndpointSlice")
     with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
-        rv = src._watch(res, known, "10")
+        rv = src.watch("EndpointSlice", since="10")
     assert rv == "15"
     events = []
     while not src.events.empty():
