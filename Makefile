@@ -6,10 +6,12 @@ CLANG ?= clang
 VENV := .venv
 BIN := $(VENV)/bin
 ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
-BPF_CFLAGS := -O2 -g -target bpf -I$(ARCH_INC) -Iebpf -Wall -Werror
+# -mcpu=v3: BPF atomics (compare-and-swap, fetch-or), which hand SNAT ports
+# over between CPUs (kernel 5.12 or later), and 32-bit subregisters.
+BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
-.PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e demo bench \
+.PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
 	bench-quick bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
@@ -20,9 +22,13 @@ deps:
 
 bpf: $(BPF_OBJS)
 
-# One pattern rule per hook: every program is compiled once, with BTF (-g),
-# so bpftool prints field names and the agent checks layouts at start.
-build/%.bpf.o: ebpf/%.bpf.c ebpf/sliceproxy.h | deps
+# The tc object is one translation unit (ebpf/sliceproxy_tc.bpf.c includes
+# one file per attach point, which include ebpf/lib/): rebuilt when any of
+# them changes. Compiled once, with BTF (-g), so bpftool prints field names
+# and the agent checks layouts at start.
+BPF_SRCS := $(wildcard ebpf/*.h ebpf/*.c ebpf/lib/*.h)
+
+build/%.bpf.o: ebpf/%.bpf.c $(BPF_SRCS) | deps
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
@@ -61,11 +67,14 @@ bpffs:
 test: all bpffs k8s k8s-node images-node lint
 	$(BIN)/python -m pytest -q tests
 
-# ruff (lint and format) and mypy on the control plane.
+# ruff (lint and format) and mypy on the control plane, and its import
+# layering (the table in docs/architecture.md).
 lint: venv
-	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/node tests/bench scripts/bench.py scripts/bench
+	$(BIN)/ruff check ctrl tests/unit tests/datapath tests/netns tests/cluster tests/node tests/bench tests/fuzz \
+		tests/bpfbuild.py scripts/bench.py scripts/bench scripts/harness scripts/check_layers.py
 	$(BIN)/ruff format --check ctrl
 	$(BIN)/mypy ctrl
+	$(BIN)/python scripts/check_layers.py
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
@@ -75,6 +84,15 @@ datapath: all
 
 netns: all bpffs
 	$(BIN)/python -m pytest -q tests/netns
+
+# The fuzz tier at length: 1,000,000 packets through every program and
+# 20,000 malformed objects through both sources (`make test` runs 50,000
+# and 300). SLICEPROXY_FUZZ_SEED=N replays the run that printed N.
+FUZZ_PACKETS ?= 1000000
+FUZZ_OBJECTS ?= 20000
+fuzz: all
+	SLICEPROXY_FUZZ_PACKETS=$(FUZZ_PACKETS) SLICEPROXY_FUZZ_OBJECTS=$(FUZZ_OBJECTS) \
+		$(BIN)/python -m pytest -q -s tests/fuzz
 
 cluster: all bpffs k8s
 	$(BIN)/python -m pytest -q tests/cluster

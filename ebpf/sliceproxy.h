@@ -13,7 +13,7 @@
  * Every struct has explicit padding and no implicit holes: the same bytes
  * on both sides of the syscall, whatever the compiler.
  *
- * Map names carry a layout version (`_v2`): a layout change is a new map
+ * Map names carry a layout version (`_v3`): a layout change is a new map
  * name, never a silent misread of an old pinned map.
  */
 #ifndef SLICEPROXY_H
@@ -23,7 +23,7 @@
 
 /* sp:layout:begin */
 
-#define SP_LAYOUT_VERSION 2
+#define SP_LAYOUT_VERSION 3
 
 /* Where the traffic for a frontend comes from. Part of the frontend key so
  * a service can answer in-cluster and external clients differently in one
@@ -45,7 +45,8 @@
 /* Index into the per-CPU counters map: one slot per verdict. */
 enum sp_verdict {
 	SP_V_PASS_NOT_IP = 0,      /* neither IPv4 nor IPv6: passed untouched */
-	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim: passed */
+	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim, or an IP
+				    * length too short for them: passed */
 	SP_V_PASS_FRAGMENT = 2,    /* IP fragment: passed untouched */
 	SP_V_PASS_OTHER_PROTO = 3, /* neither TCP nor UDP: passed */
 	SP_V_PASS_NO_SERVICE = 4,  /* ingress: no frontend: passed */
@@ -63,7 +64,7 @@ enum sp_verdict {
 	SP_V_MAX = 15,
 };
 
-/* sp_svc_v2 (hash): one entry per frontend (service port). */
+/* sp_svc_v3 (hash): one entry per frontend (service port). */
 struct sp_svc_key {
 	__u8 addr[16]; /* frontend address, network order, IPv4-mapped */
 	__u16 port;    /* frontend port, host order */
@@ -72,8 +73,8 @@ struct sp_svc_key {
 };
 
 #define SP_SVC_F_NONE 0
-#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v2 */
-#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v2 */
+#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v3 */
+#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v3 */
 #define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
 			 * flow that leaves the node is masqueraded */
 
@@ -84,7 +85,7 @@ struct sp_svc_val {
 	__u32 affinity_timeout; /* seconds; 0: no session affinity */
 };
 
-/* sp_slot_v2 (hash): backend slots of a service. A new flow picks slot
+/* sp_slot_v3 (hash): backend slots of a service. A new flow picks slot
  * (random % count): one lookup, no loop over backends. */
 struct sp_slot_key {
 	__u32 svc_id;
@@ -95,13 +96,18 @@ struct sp_slot_val {
 	__u32 backend_id; /* key of the backends map */
 };
 
-/* sp_be_v2 (hash): backend id -> where to send. Ids are shared by every
+/* sp_be_v3 (hash): backend id -> where to send. Ids are shared by every
  * service that uses the same address, port and protocol. */
 struct sp_backend {
-	__u8 addr[16]; /* backend address, network order, IPv4-mapped */
-	__u16 port;    /* backend port, host order */
-	__u8 proto;    /* IPPROTO_* */
-	__u8 flags;    /* SP_BE_F_* */
+	__u8 addr[16];   /* backend address, network order, IPv4-mapped */
+	__u16 port;      /* backend port, host order */
+	__u8 proto;      /* IPPROTO_* */
+	__u8 flags;      /* SP_BE_F_* */
+	__u32 pad;       /* zero */
+	__u64 drain_end; /* with SP_BE_F_DRAINING: CLOCK_MONOTONIC ns (the
+			  * clock of bpf_ktime_get_ns) when the control plane
+			  * deletes it; kept here so a restarted or resyncing
+			  * agent reads the deadline back. 0 otherwise */
 };
 
 /* The backend left every service and drains: flows on it go on, but a TCP
@@ -109,7 +115,7 @@ struct sp_backend {
  * a new connection and gets a serving backend. */
 #define SP_BE_F_DRAINING 1
 
-/* sp_ct_v2 (LRU hash): connection tracking. A forward entry keeps a flow on
+/* sp_ct_v3 (LRU hash): connection tracking. A forward entry keeps a flow on
  * its backend while slots are rewritten; a reply entry turns the backend's
  * source back into the frontend the client talked to. */
 struct sp_ct_key {
@@ -151,7 +157,7 @@ struct sp_ct_val {
 #define SP_CT_F_FIN_REPLY_FIRST 4 /* ... before the client's was seen */
 #define SP_CT_F_RST 8             /* either side sent an RST */
 
-/* sp_aff_v2 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
+/* sp_aff_v3 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than
  * affinity_timeout seconds ago and the backend still holds the same slot. */
 struct sp_aff_key {
@@ -166,19 +172,24 @@ struct sp_aff_val {
 	__u64 last_used; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
-/* sp_stats_v2 (per-CPU array, SP_V_MAX entries): counters per verdict. */
+/* sp_stats_v3 (per-CPU array, SP_V_MAX entries): counters per verdict. */
 struct sp_stat {
 	__u64 packets;
 	__u64 bytes;
 };
 
-/* sp_names_v2 (hash): svc_id -> "namespace/name:port/PROTO", for people
+/* sp_names_v3 (hash): svc_id -> "namespace/name:port/PROTO", for people
  * (bpftool, sliceproxy dump) and for restarts; the datapath never reads it. */
 struct sp_svc_name {
-	char name[128]; /* NUL-terminated */
+	/* NUL-terminated. Kubernetes names are at most 63 bytes (namespace,
+	 * Service, and a Service port's name, a DNS label):
+	 * "63/63:63/SCTP" is 196 bytes. The control plane refuses a frontend
+	 * whose name does not fit rather than cut it: a restart reads the
+	 * owner back from here. */
+	char name[200];
 };
 
-/* sp_src_v2 (LPM trie): loadBalancerSourceRanges of the frontends flagged
+/* sp_src_v3 (LPM trie): loadBalancerSourceRanges of the frontends flagged
  * SP_SVC_F_SRC_RANGES. A source with no entry under its frontend's svc_id
  * is dropped. prefixlen counts the svc_id's 32 bits, then the bits of the
  * IPv4-mapped address (an IPv4 /24 is 32 + 96 + 24). */
@@ -192,7 +203,7 @@ struct sp_src_val {
 	__u32 allow; /* 1 */
 };
 
-/* sp_cfg_v2 (array, one entry): node-wide settings the control plane
+/* sp_cfg_v3 (array, one entry): node-wide settings the control plane
  * writes: the node's address per family, the source of masqueraded flows,
  * and the SNAT port range. */
 struct sp_cfg {
@@ -205,6 +216,16 @@ struct sp_cfg {
 	__u32 snat_reclaim_closed; /* seconds: the same, for a TCP flow that
 				    * closed (SP_CT_F_*); 0: close not tracked,
 				    * snat_reclaim applies */
+};
+
+/* sp_hairpin: not a map entry but the program's read-only global of the
+ * same name (section .rodata.hairpin), which the control plane fills in
+ * before load (--hairpin-ipv4, --hairpin-ipv6). A pod whose packet to a
+ * frontend is given the pod itself as backend gets this source address
+ * instead of its own (docs/semantics.md, "Hairpin"). */
+struct sp_hairpin {
+	__u8 addr4[16]; /* IPv4-mapped; all zero: no IPv4 hairpin */
+	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
 /* sp:layout:end */

@@ -35,6 +35,7 @@ and --plots write the figures, docs/benchmarks.md's table and its PNG plots
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -84,6 +85,13 @@ def main() -> int:
         "--iptables-nft-timeout", type=float, default=60, metavar="S", help="the same for one iptables-nft-restore"
     )
     ap.add_argument("--no-peers", action="store_true", help="only our figures")
+    ap.add_argument(
+        "--internal-traffic-policy",
+        choices=("Cluster", "Local"),
+        default="Cluster",
+        help="the Services' policy; Local: this node uses its own endpoints only (1 in 100), and only our "
+        "syncs are measured (no peers, no per-packet figures, no latency)",
+    )
     ap.add_argument("--no-latency", action="store_true", help="skip the first-packet latency between namespaces")
     ap.add_argument(
         "--profile",
@@ -106,7 +114,7 @@ def main() -> int:
         return 2
     # SIGTERM/SIGHUP unwind through the finally blocks: namespaces deleted.
     common.topology_class()
-    from tests.netns.topo import exit_on_signals
+    from scripts.harness.topo import exit_on_signals
 
     exit_on_signals((signal.SIGTERM, signal.SIGHUP))
     for tool in ("nsenter", "iptables-legacy-restore", "iptables-nft-restore", "nft"):
@@ -115,6 +123,10 @@ def main() -> int:
             return 2
 
     scenarios = list(QUICK_SCENARIOS if args.quick else FULL_SCENARIOS)
+    if args.internal_traffic_policy != "Cluster":
+        # The peers' rulesets and the latency topology model Cluster only.
+        scenarios = [dataclasses.replace(s, internal_traffic_policy=args.internal_traffic_policy) for s in scenarios]
+        args.no_peers = args.no_latency = True
     if args.backends:
         scenarios = [s.scaled(endpoints=args.backends) if s.key == "S1" else s for s in scenarios]
     want = set(args.only.split(",")) if args.only else None
@@ -149,6 +161,7 @@ def main() -> int:
         for scn in scenarios:
             sc = res["scenarios"][scn.key] = {
                 "label": scn.label,
+                "internal_traffic_policy": scn.internal_traffic_policy,
                 "services": scn.services,
                 "endpoints": scn.endpoints,
                 "total": scn.total,

@@ -11,7 +11,8 @@ out, so the machine's own network is never touched:
   4. wait until `sliceproxy dump` shows the service with its 3 backends
   5. 300 HTTP requests from the client pod to 198.19.0.10:80: the spread
   6. empty one EndpointSlice (backend-3 leaves), 300 more: backend-3 gets 0
-  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v2`
+  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v3` (the
+     frontend map, named after the header's layout version)
 
 and always cleans up: agent, namespaces, veths, pinned maps, temp files,
 including on Ctrl-C or SIGTERM. Needs root (namespaces, BPF).
@@ -36,8 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.netns.client import histogram  # noqa: E402
-from tests.netns.topo import Topology, TopologyError  # noqa: E402
+from ctrl.dataplane.abi import map_name  # noqa: E402
+from scripts.harness.client import histogram  # noqa: E402
+from scripts.harness.topo import Topology, TopologyError  # noqa: E402
 
 EXAMPLES = REPO / "examples" / "web"
 BPFFS = Path("/sys/fs/bpf")
@@ -304,10 +306,9 @@ def main() -> int:
         if cp.returncode != 0:
             raise DemoError(f"sliceproxy dump exited {cp.returncode}: {cp.stderr.strip()}")
         say(indent(cp.stdout.rstrip()))
-        say(f"\n    $ bpftool map dump pinned {pin}/sp_svc_v2")
-        cp = subprocess.run(
-            ["bpftool", "map", "dump", "pinned", str(pin / "sp_svc_v2")], capture_output=True, text=True
-        )
+        svc_map = map_name("sp_svc")  # sp_svc_v<the header's layout version>
+        say(f"\n    $ bpftool map dump pinned {pin}/{svc_map}")
+        cp = subprocess.run(["bpftool", "map", "dump", "pinned", str(pin / svc_map)], capture_output=True, text=True)
         if cp.returncode != 0:
             raise DemoError(f"bpftool map dump exited {cp.returncode}: {cp.stderr.strip()}")
         say(indent(cp.stdout.rstrip()))

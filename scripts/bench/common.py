@@ -2,7 +2,7 @@
 describe (Services and EndpointSlices, as the API server would send them),
 addresses, percentiles, throwaway namespaces, the machine and its load.
 
-Addresses come only from 198.18.0.0/15 (DESIGN.md): ClusterIPs from
+Addresses come only from 198.18.0.0/15 (docs/architecture.md, "Test tiers"): ClusterIPs from
 198.19.0.0/16, endpoints from a pool of 65,000 addresses in 198.18.1.0 -
 198.18.254.232. The scenarios need more endpoints than that (S3 has 250,000,
 and a rolling update replaces all of them once more), so when the pool wraps
@@ -40,7 +40,7 @@ POOL_SIZE = 65_000
 VIP_BASE = 0xC6130001  # 198.19.0.1
 BASE_PORT = 8080
 CLUSTER_CIDR = "198.18.0.0/16"  # pod addresses: what kube-proxy's --cluster-cidr would say
-LIST_PAGE = 500  # what ctrl.source.kube asks the API server for (limit=500)
+LIST_PAGE = 500  # what ctrl.k8s.kube asks the API server for (limit=500)
 
 
 def progress(msg: str) -> None:
@@ -64,6 +64,9 @@ class Scenario:
     services: int
     endpoints: int  # per Service
     slice_max: int = 100  # the EndpointSlice controller's maxEndpointsPerSlice
+    # Local: every Service has internalTrafficPolicy Local, so the bench's
+    # node (NODE, 1 endpoint in 100) uses only its own endpoints.
+    internal_traffic_policy: str = "Cluster"
 
     @property
     def slices_per_service(self) -> int:
@@ -88,7 +91,13 @@ class Scenario:
         return f"{self.services:,} {s} x {self.endpoints:,}"
 
     def scaled(self, services: int | None = None, endpoints: int | None = None) -> Scenario:
-        return Scenario(self.key, services or self.services, endpoints or self.endpoints, self.slice_max)
+        return Scenario(
+            self.key,
+            services or self.services,
+            endpoints or self.endpoints,
+            self.slice_max,
+            self.internal_traffic_policy,
+        )
 
     def ladder(self) -> list[Scenario]:
         """From a small cluster to this one, each 10 times the last: the
@@ -185,6 +194,15 @@ class Cluster:
     def svc_name(i: int) -> str:
         return f"svc-{i:05d}"
 
+    @staticmethod
+    def node_of(addr: int) -> str:
+        """The node an endpoint runs on: 100 nodes, NODE one of them."""
+        return f"node-{addr % 100}"
+
+    def local_endpoints(self) -> int:
+        """Endpoints on NODE: what it programs under internalTrafficPolicy Local."""
+        return sum(1 for row in self.slices for s in row for a in s.addrs if self.node_of(a) == NODE)
+
     def endpoints(self, i: int) -> list[tuple[str, int]]:
         """(address, port) of Service i in merge order."""
         return [(ipv4(a), s.port) for s in self.slices[i] for a in s.addrs]
@@ -249,7 +267,7 @@ class Cluster:
                 "sessionAffinity": "None",
                 "ipFamilies": ["IPv4"],
                 "ipFamilyPolicy": "SingleStack",
-                "internalTrafficPolicy": "Cluster",
+                "internalTrafficPolicy": self.scn.internal_traffic_policy,
             },
             "status": {"loadBalancer": {}},
         }
@@ -321,7 +339,7 @@ class Cluster:
                         "name": f"{svc}-7d4b9c-{_suffix(a)}",
                         "uid": _uid("pod", a, s.generation),
                     },
-                    "nodeName": f"node-{a % 100}",
+                    "nodeName": self.node_of(a),
                     "zone": f"zone-{'abc'[a % 3]}",
                 }
                 for a in s.addrs
@@ -433,7 +451,7 @@ def fmt_bytes(n: float | None) -> str:
 
 def topology_class():
     sys.path.insert(0, str(ROOT))
-    from tests.netns.topo import Topology
+    from scripts.harness.topo import Topology
 
     return Topology
 
@@ -441,7 +459,7 @@ def topology_class():
 @contextlib.contextmanager
 def throwaway_netns() -> Iterator[str]:
     """A namespace of our own, deleted on the way out (also on errors and
-    SIGTERM, and by tests/netns/topo.py's atexit backstop)."""
+    SIGTERM, and by scripts/harness/topo.py's atexit backstop)."""
     topo = topology_class()()
     try:
         yield topo.node_ns

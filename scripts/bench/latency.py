@@ -1,5 +1,5 @@
 """First-packet latency of new TCP connections through a ClusterIP, between
-network namespaces (tests/netns/topo.py: a node and two pods on veths).
+network namespaces (scripts/harness/topo.py: a node and two pods on veths).
 
 For each dataplane and each number of Services (10 and 10,000, 10
 endpoints each), a fresh topology: a client pod, a backend pod listening on
@@ -9,7 +9,7 @@ other Services' endpoints are addresses nobody answers (never used).
 
   direct     client -> backend pod address, no Service: the floor
   ours       the tc program attached to the node side of the pods' veths,
-             its maps written with ctrl.plan/diff/apply, from a process
+             its maps written with ctrl.model.plan and ctrl.dataplane, from a process
              started in the node namespace (nsenter), as the agent runs
   iptables   kube-proxy's iptables ruleset (scripts/bench/iptables.py)
              restored with iptables-legacy-restore into the node namespace,
@@ -73,7 +73,7 @@ def _topology():
             [sys.executable, str(CONNECT_PY), "serve", "--ports", f"{BACKEND_PORTS[0]}-{BACKEND_PORTS[-1]}"],
             stdout=subprocess.PIPE,
         )
-        from tests.netns.topo import wait_for_line
+        from scripts.harness.topo import wait_for_line
 
         wait_for_line(proc, "ready", 10, what="latency server")
     except BaseException:
@@ -141,7 +141,7 @@ def run_ours(nsvc: int, count: int) -> dict:
             stdout=subprocess.PIPE,
             stdin=subprocess.PIPE,
         )
-        from tests.netns.topo import wait_for_line
+        from scripts.harness.topo import wait_for_line
 
         wait_for_line(proc, "ready", 120, what="sliceproxy dataplane in the node namespace")
         _, k = _cluster(nsvc)
@@ -152,7 +152,7 @@ def run_ours(nsvc: int, count: int) -> dict:
 
 def attach_main(argv: list[str]) -> int:
     """`bench.py --worker attach`: in the node namespace (started there by
-    nsenter: ctrl.attach works on the current one), load the program, write
+    nsenter: ctrl.dataplane.attach works on the current one), load the program, write
     the maps for nsvc Services and attach to the pods' veths; print ready;
     stay until stdin closes or SIGTERM (the topology's cleanup)."""
     import argparse
@@ -162,12 +162,12 @@ def attach_main(argv: list[str]) -> int:
     ap.add_argument("--interfaces", required=True)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from ctrl import attach, loader
-    from ctrl.apply import Writer
-    from ctrl.diff import Programmed
-    from ctrl.objects import parse
-    from ctrl.plan import plan_service
-    from ctrl.sizes import MapSizes
+    from ctrl.dataplane import attach, loader
+    from ctrl.dataplane.abi import MapSizes
+    from ctrl.dataplane.apply import Writer
+    from ctrl.dataplane.programmed import Programmed
+    from ctrl.k8s.objects import parse
+    from ctrl.model.plan import plan_service
 
     cl, k = _cluster(a.services)
     desired = {}

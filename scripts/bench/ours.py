@@ -1,18 +1,22 @@
 """sliceproxy's figures, each scenario in a subprocess of its own.
 
 The parent writes what the API server would send into a scratch directory:
-the list responses page by page (limit=500, as ctrl.source.kube asks) and
+the list responses page by page (limit=500, as ctrl.k8s.kube asks) and
 the watch lines of the changes. The worker (`scripts/bench.py --worker
 ours ...`) starts clean, so its peak RSS is the agent's own, and runs the
-production code on them:
+production code on them. Its agent is built by ctrl.cli.run.build_agent from
+`sliceproxy run`'s own flag parser, as `sliceproxy run` builds it: default
+flags (metrics and /healthz served, on ephemeral loopback ports here),
+logging at the default level (into a file of the scratch directory), the
+map sizes an operator would pass for the scenario:
 
-  full     ctrl.source.kube.KubeSource._list on every page (the client's JSON decoder and
-           ctrl.objects.parse, exactly as in the agent) -> Agent.take ->
+  full     ctrl.k8s.kube.KubeSource.list_all on every page (the client's JSON decoder and
+           ctrl.k8s.objects.parse, exactly as in the agent) -> Agent.take ->
            Agent.sync (plan, diff, batch writes), into freshly loaded maps.
            The clock stops when the last map write returns; then every map
            is read back and counted.
   change   one watch line (a slice replaced by fresh endpoints) through
-           KubeSource._watch -> Agent.take -> Agent.sync; one sync each.
+           KubeSource.watch -> Agent.take -> Agent.sync; one sync each.
   rolling  every slice replaced once, one after another, one sync each.
   packet   BPF_PROG_TEST_RUN of the tc program on the maps the full sync
            wrote, and on maps holding 1 Service, interleaved.
@@ -30,6 +34,7 @@ import cProfile
 import gc
 import io
 import json
+import logging
 import pstats
 import queue
 import resource
@@ -57,6 +62,10 @@ from .common import (
 def prepare(scn: Scenario, d: Path, changes: int, rolling: bool) -> dict:
     """Write the list pages and the watch lines for scenario `scn` into d."""
     cl = Cluster(scn)
+    local = scn.internal_traffic_policy == "Local"
+    (d / "expect.json").parent.mkdir(parents=True, exist_ok=True)
+    # Entries the full sync must leave in the slot and backend maps.
+    (d / "expect.json").write_text(json.dumps({"full": cl.local_endpoints() if local else scn.total}))
     d.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for kind, tag in (("Service", "svc"), ("EndpointSlice", "slices")):
@@ -92,6 +101,8 @@ def run_worker(scn: Scenario, d: Path, steps: list[str], opts: dict, timeout: fl
         str(scn.endpoints),
         "--slice-max",
         str(scn.slice_max),
+        "--internal-traffic-policy",
+        scn.internal_traffic_policy,
         "--steps",
         ",".join(steps),
     ]
@@ -104,10 +115,6 @@ def run_worker(scn: Scenario, d: Path, steps: list[str], opts: dict, timeout: fl
 
 
 # -- worker side -------------------------------------------------------------------
-
-
-def map_base(map_name: str) -> str:
-    return map_name.rsplit("_v", 1)[0]
 
 
 def rss_now() -> int:
@@ -129,7 +136,7 @@ def memlock(fd: int) -> int:
 
 
 class Replay:
-    """ctrl.source.kube.Client's two calls, answered from the files: the
+    """ctrl.k8s.kube.Client's two calls, answered from the files: the
     bytes are decoded with the same function the real client uses."""
 
     PATHS = {
@@ -141,9 +148,9 @@ class Replay:
     def __init__(self, d: Path):
         self.d = d
         self.pending: list[bytes] = []
-        # The real client's decoding (ctrl.source.kube), so the figure
+        # The real client's decoding (ctrl.k8s.kube), so the figure
         # follows what the agent does.
-        from ctrl.source import kube
+        from ctrl.k8s import kube
 
         self.loads = kube._loads
 
@@ -157,6 +164,13 @@ class Replay:
     def stream(self, path: str, read_timeout: float, **params):
         while self.pending:
             yield self.pending.pop(0)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the agent binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _csum(data: bytes) -> int:
@@ -181,17 +195,32 @@ def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
 class Worker:
     def __init__(self, a: argparse.Namespace):
         sys.path.insert(0, str(ROOT))
-        from ctrl import loader
-        from ctrl.agent import Agent
-        from ctrl.apply import Writer
-        from ctrl.diff import Programmed
-        from ctrl.sizes import MapSizes
-        from ctrl.source.kube import KubeSource
-        from ctrl.state import ClusterState
+        from ctrl.cli import parser as cli
+        from ctrl.cli.run import build_agent
+        from ctrl.dataplane import loader
+        from ctrl.dataplane.abi import MapSizes
+        from ctrl.dataplane.apply import Writer
+        from ctrl.k8s.kube import KubeSource
+        from ctrl.util.logs import setup_logging
 
         self.a = a
         self.loader = loader
-        self.scn = Scenario("-", a.services, a.endpoints, a.slice_max)
+        self.scn = Scenario("-", a.services, a.endpoints, a.slice_max, a.internal_traffic_policy)
+        self.local = a.internal_traffic_policy == "Local"
+        self.expect = json.loads((Path(a.dir) / "expect.json").read_text())
+        # `sliceproxy run` with its defaults, but for the HTTP servers'
+        # ports (free ones, on loopback: several benches may run at once)
+        # and the map sizes (below).
+        self.ports = {"metrics": free_port(), "healthz": free_port()}
+        flags = [
+            "--node-name", NODE,
+            "--metrics-bind-address", f"127.0.0.1:{self.ports['metrics']}",
+            "--healthz-bind-address", f"127.0.0.1:{self.ports['healthz']}",
+        ]  # fmt: skip
+        if a.drain_period is not None:
+            flags += ["--drain-period", str(a.drain_period)]
+        parser = cli.build_parser()
+        drain_period = parser.parse_args(["run", *flags]).drain_period
         # The agent's default map sizes (what a user runs with, and what the
         # kernel memory figure is about) where the scenario fits: replaced
         # backends stay in the backend map for the drain period, so during
@@ -200,14 +229,29 @@ class Worker:
         # (an operator's --max-backends / --max-slots).
         d = MapSizes()
         total = a.endpoints * a.services
-        need_be = 2 * total + 400 * self.scn.slice_size if a.drain_period > 0 else total + 2 * self.scn.slice_size
-        self.sizes = MapSizes(
+        need_be = 2 * total + 400 * self.scn.slice_size if drain_period > 0 else total + 2 * self.scn.slice_size
+        sizes = MapSizes(
             services=max(d.services, 1 << int(a.services * 1.1).bit_length()),
             backends=d.backends if need_be <= d.backends else 1 << need_be.bit_length(),
             slots=d.slots if total * 1.05 <= d.slots else 1 << int(total * 1.05).bit_length(),
             conntrack=d.conntrack,
         )
-        self.dp = loader.load(pin_dir=None, sizes=self.sizes)
+        for flag, v, default in (
+            ("--max-services", sizes.services, d.services),
+            ("--max-backends", sizes.backends, d.backends),
+            ("--max-slots", sizes.slots, d.slots),
+        ):
+            if v != default:
+                flags += [flag, str(v)]
+        run_args = parser.parse_args(["run", *flags])
+        setup_logging(run_args.log_level, run_args.log_format)
+        log_file = open(Path(a.dir) / "agent.log", "a")  # noqa: SIM115 - lives as long as the worker
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(log_file)
+        opts = cli.settings(run_args)
+        self.sizes = opts.sizes
+        self.dp = loader.load(pin_dir=None, sizes=self.sizes, hairpin=opts.hairpin)
 
         last_write = [0.0]
 
@@ -221,25 +265,49 @@ class Worker:
         self.writer = TimedWriter(self.dp.maps)
         self.client = Replay(Path(a.dir))
         self.source = KubeSource(self.client, NODE)
-        self.res = {r.kind: r for r in self.source._resources}
-        self.known: dict[str, dict] = {k: {} for k in self.res}
-        self.rv: dict[str, str] = {}
-        # --drain-period as the agent runs by default (ctrl/cli.py): removed
-        # backends stay in the map that long and are deleted by a later sync.
-        self.agent = Agent(
-            self.source, ClusterState(NODE), Programmed(self.sizes, drain_period=a.drain_period), self.writer
-        )
+        self.agent = build_agent(opts, self.source, self.writer, self.dp.maps)
+        if self.agent.metrics is None or self.agent.health_checks is None:
+            raise RuntimeError("the bench's agent lacks the metrics or health checks `sliceproxy run` has")
         self.out: dict = {
             "services": a.services,
             "endpoints": a.endpoints,
             "total": self.scn.total,
-            "drain_period_s": a.drain_period,
+            "internal_traffic_policy": a.internal_traffic_policy,
+            "drain_period_s": opts.drain_period,
+            "agent_flags": ["sliceproxy", "run", *flags],
             "map_sizes": {
                 "services": self.sizes.services,
                 "backends": self.sizes.backends,
                 "slots": self.sizes.slots,
                 "conntrack": self.sizes.conntrack,
             },
+        }
+
+    def scrape(self) -> None:
+        """What the agent's own /metrics and /healthz say after the steps:
+        the proof that the servers `sliceproxy run` starts ran all along."""
+        import urllib.request
+
+        def get(port: int, path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, ""
+
+        _, text = get(self.ports["metrics"], "/metrics")
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in (
+                "kubeproxy_sync_proxy_rules_duration_seconds_count",
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            ):
+                values[name] = float(value)
+        self.out["scraped"] = {
+            "syncs": values.get("kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            "endpoint_changes": values.get("kubeproxy_sync_proxy_rules_endpoint_changes_total"),
+            "healthz": get(self.ports["healthz"], "/healthz")[0],
         }
 
     def _drain(self) -> None:
@@ -254,7 +322,7 @@ class Worker:
         base = rss_now()
         t0 = time.perf_counter()
         for kind in ("Service", "EndpointSlice", "Node"):
-            self.rv[kind] = self.source._list(self.res[kind], self.known[kind])
+            self.source.list_all(kind)
         t_list = time.perf_counter()
         self._drain()
         t_take = time.perf_counter()
@@ -265,13 +333,15 @@ class Worker:
         steady = rss_now()
         if cs is None or cs.rejected:
             raise RuntimeError(f"full sync failed or rejected services: {cs and cs.rejected}")
-        # By base name: map names carry the layout version (sp_svc_v2...).
+        from ctrl.dataplane.abi import map_base
+
+        # By base name: map names carry the layout version (sp_svc_v3...).
         counts = (
             {}
             if self.a.profile
-            else {map_base(name): len(m.items()) for name, m in self.dp.maps.items() if map_base(name) != "sp_stats"}
+            else {map_base(n): len(m.items()) for n, m in self.dp.maps.items() if map_base(n) != "sp_stats"}
         )
-        want = {"sp_svc": self.scn.services, "sp_slot": self.scn.total, "sp_be": self.scn.total}
+        want = {"sp_svc": self.scn.services, "sp_slot": self.expect["full"], "sp_be": self.expect["full"]}
         for name, n in want.items():
             if counts and counts[name] != n:
                 raise RuntimeError(f"after the full sync {name} holds {counts[name]} entries, expected {n}")
@@ -293,12 +363,18 @@ class Worker:
         }
         self.out["memory"]["maps_total"] = sum(v["memlock"] for v in self.out["memory"]["maps"].values())
 
+    def _added(self, line: bytes) -> int:
+        """Backends a change must add: the new slice's endpoints, or under
+        internalTrafficPolicy Local those on this node."""
+        if not self.local:
+            return self.scn.slice_size
+        eps = json.loads(line)["object"]["endpoints"]
+        return sum(1 for e in eps if e.get("nodeName") == NODE)
+
     def _one(self, line: bytes) -> tuple[float, dict]:
         self.client.pending.append(line)
         t0 = time.perf_counter()
-        self.rv["EndpointSlice"] = self.source._watch(
-            self.res["EndpointSlice"], self.known["EndpointSlice"], self.rv["EndpointSlice"]
-        )
+        self.source.watch("EndpointSlice")
         self._drain()
         cs = self.agent.sync()
         dt = time.perf_counter() - t0
@@ -316,8 +392,11 @@ class Worker:
         budget_end = time.monotonic() + self.a.change_budget
         for k, line in enumerate(self._lines("changes.jsonl")):
             dt, s = self._one(line)
-            if s["slots_set"] != self.scn.slice_size or s["backends_added"] != self.scn.slice_size:
-                raise RuntimeError(f"change {k}: expected {self.scn.slice_size} slots and backends written, got {s}")
+            n = self._added(line)
+            # Under a Local policy fewer backends than slots may move (a
+            # removed local backend's slot takes the last one's backend).
+            if s["backends_added"] != n or (not self.local and s["slots_set"] != n):
+                raise RuntimeError(f"change {k}: expected {n} slots and backends written, got {s}")
             lat.append(dt)
             if len(lat) >= 20 and time.monotonic() > budget_end:
                 break
@@ -349,10 +428,10 @@ class Worker:
         }
 
     def packet(self) -> None:
-        from ctrl.apply import Writer
-        from ctrl.diff import Programmed
-        from ctrl.objects import parse
-        from ctrl.plan import plan_service
+        from ctrl.dataplane.apply import Writer
+        from ctrl.dataplane.programmed import Programmed
+        from ctrl.k8s.objects import parse
+        from ctrl.model.plan import plan_service
 
         one = self.loader.load(pin_dir=None, sizes=self.sizes)
         n = min(self.scn.endpoints, 100)
@@ -447,7 +526,8 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--packet-repeat", type=int, default=100_000)
     ap.add_argument("--packet-rounds", type=int, default=5)
     ap.add_argument("--flows", type=int, default=1000)
-    ap.add_argument("--drain-period", type=float, default=60.0, help="the agent's default --drain-period")
+    ap.add_argument("--internal-traffic-policy", choices=("Cluster", "Local"), default="Cluster")
+    ap.add_argument("--drain-period", type=float, help="the agent's --drain-period (default: its default)")
     ap.add_argument("--profile", action="store_true", help="cProfile the full sync and the changes instead")
     a = ap.parse_args(argv)
     w = Worker(a)
@@ -464,6 +544,7 @@ def worker_main(argv: list[str]) -> int:
         return 0
     for step in steps:
         getattr(w, step)()
+    w.scrape()
     w.dp.close()
     print(json.dumps(w.out))
     return 0
@@ -487,7 +568,10 @@ def measure(scn: Scenario, base: Path, quick: bool, timeout: float, ladder: bool
         "packet_rounds": 3 if quick else 5,
         "flows": 200 if quick else 1000,
     }
-    res = run_worker(scn, d, ["full", "change", "rolling", "packet"], opts, timeout)
+    # The per-packet figures need every Service to have a backend here,
+    # which internalTrafficPolicy Local does not give.
+    steps = ["full", "change", "rolling"] + (["packet"] if scn.internal_traffic_policy == "Cluster" else [])
+    res = run_worker(scn, d, steps, opts, timeout)
     res.update(sizes)
     # Two more full syncs in fresh processes: the figure is the median
     # round, with its own breakdown.

@@ -52,6 +52,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
     for key, sc in res["scenarios"].items():
         o = _Ours(sc.get("ours"))
         title = f"{key}: {sc['label']} endpoints ({sc['total']:,})"
+        if sc.get("internal_traffic_policy", "Cluster") != "Cluster":
+            title += f", internalTrafficPolicy {sc['internal_traffic_policy']}"
         out.append((f"**{title}**", "", "", "", ""))
         if not sc.get("ours"):
             out.append(("sliceproxy: this scenario failed (see the errors)", "", "", "", ""))

@@ -162,3 +162,18 @@ def test_renders_the_same_table_again_from_its_json(run, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "table.md").read_text() == (out / "table.md").read_text()
+
+
+def test_the_agent_ran_as_sliceproxy_run_builds_it(figures):
+    """The bench's agent comes from ctrl.cli.run.build_agent with `sliceproxy
+    run`'s default flags: its own /metrics counted every sync and change
+    it made, and its /healthz answered. (Built without metrics, the bench
+    never saw a cost production pays on every change.)"""
+    for s in figures["scenarios"].values():
+        o = s["ours"]
+        assert o["agent_flags"][:2] == ["sliceproxy", "run"]
+        got = o["scraped"]
+        n, done = o["change"]["n"], o["rolling"]["done"]
+        assert got["syncs"] == 1 + n + done, got  # the full sync, each change, each rolling step
+        assert got["endpoint_changes"] == o["rolling"]["slices"] + n + done, got  # listed, changed, rolled
+        assert got["healthz"] == 200

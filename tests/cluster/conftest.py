@@ -1,4 +1,4 @@
-"""Fixtures for tier 4 (DESIGN.md "Test tiers"): one real control plane
+"""Fixtures for tier 4 (docs/architecture.md, "Test tiers"): one real control plane
 (etcd, kube-apiserver, kube-controller-manager) on loopback per session.
 
 The binaries come from `make k8s`. When they are missing the tests fail,

@@ -1,4 +1,4 @@
-"""A real Kubernetes control plane on loopback for tier 4 (DESIGN.md "Test
+"""A real Kubernetes control plane on loopback for tier 4 (docs/architecture.md, "Test
 tiers"): etcd, kube-apiserver and kube-controller-manager, started from the
 binaries `make k8s` (scripts/build-k8s.sh) puts in a cache outside the repo.
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 VERSION_FILE = REPO / "scripts" / "k8s-version"
 DEFAULT_CACHE = "/var/cache/sliceproxy"
 
-# The test range for virtual IPs (DESIGN.md: 198.18.0.0/15 only).
+# The test range for virtual IPs (docs/architecture.md: 198.18.0.0/15 only).
 SERVICE_CIDR = "198.19.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts.harness.topo import Topology, wait_for_line
 from tests.netns.agent import BPFFS, PIN_PREFIX, AgentProc, TrafficLoop, has_backends, wait_dump
-from tests.netns.topo import Topology, wait_for_line
 
 from .controlplane import ControlPlane
 

@@ -15,19 +15,16 @@ checksums recomputed by scapy. Addresses: 198.18.0.0/15, 2001:db8::/32.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ctrl import layout
+from ctrl.dataplane import abi
 
 from .packets import (
     FORWARD,
     REPLY,
-    SEEDED_LAST_SEEN,
     TC_ACT_OK,
     TC_ACT_SHOT,
     TCP_P,
@@ -39,17 +36,21 @@ from .packets import (
     Svc,
     changed_offsets,
     ct_dump,
+    mapname,
     nat_offsets,
+    put_backend,
     put_ct,
+    put_service,
     run,
     seed,
+    stamp,
     tcp,
     udp,
     verify_checksums,
 )
 
-SNAT = 2
-UNSNAT = 3
+SNAT = abi.CT_SNAT
+UNSNAT = abi.CT_UNSNAT
 
 OUTSIDE = "198.18.100.5"  # a client outside the cluster
 OUTSIDE2 = "198.18.101.7"  # another one, outside the source ranges
@@ -60,8 +61,8 @@ CPORT = 40000
 NODEPORT = 30080
 PORT_MIN, PORT_MAX = 61000, 65535
 
-F_SRC_RANGES = 2
-F_MASQ = 4
+F_SRC_RANGES = abi.const("SP_SVC_F_SRC_RANGES")
+F_MASQ = abi.const("SP_SVC_F_MASQ")
 
 BE = Backend(7, BE_REMOTE, 8080, TCP_P)
 BE_UDP = Backend(8, BE_REMOTE, 5353, UDP_P)
@@ -84,23 +85,28 @@ def put_cfg(
     reclaim=300,
     reclaim_closed=10,
 ) -> None:
-    from ctrl.objects import addr16
+    from ctrl.util.addrs import addr16
 
     z = b"\0" * 16
-    fields = ("addr4", "addr6", "snat_port_min", "snat_port_max", "snat_reclaim", "snat_reclaim_closed")
-    val = layout.codec("sp_cfg", fields).pack(
-        addr16(addr4) if addr4 else z, addr16(addr6) if addr6 else z, lo, hi, reclaim, reclaim_closed
+    val = abi.pack(
+        "sp_cfg",
+        addr4=addr16(addr4) if addr4 else z,
+        addr6=addr16(addr6) if addr6 else z,
+        snat_port_min=lo,
+        snat_port_max=hi,
+        snat_reclaim=reclaim,
+        snat_reclaim_closed=reclaim_closed,
     )
-    dp.maps["sp_cfg_v2"].update((0).to_bytes(4, "little"), val)
+    dp.maps[mapname("sp_cfg")].update(abi.u32(0), val)
 
 
 def put_range(dp, svc_id: int, cidr: str) -> None:
-    from ctrl.objects import addr16
+    from ctrl.util.addrs import addr16
 
     net, bits = cidr.split("/")
     plen = 32 + (96 if ":" not in net else 0) + int(bits)
-    key = layout.codec("sp_src_key", ("prefixlen", "svc_id", "addr")).pack(plen, svc_id, addr16(net))
-    dp.maps["sp_src_v2"].update(key, layout.codec("sp_src_val").pack(1))
+    key = abi.pack("sp_src_key", prefixlen=plen, svc_id=svc_id, addr=addr16(net))
+    dp.maps[mapname("sp_src")].update(key, abi.pack("sp_src_val", allow=1))
 
 
 def fwd_ct(svc: Svc, be: Backend, snat: tuple[str, int] | None = None) -> tuple[CtKey, CtVal]:
@@ -261,16 +267,18 @@ def snat_after_dnat(dp, client_port: int = CPORT) -> tuple[int, bytes]:
         pytest.param((61001,), "now", 61000, id="other-busy-port-skipped"),
         pytest.param((61000, 61001), "now", None, id="all-busy-dropped"),
         pytest.param((61000, 61001), "long-ago", "any", id="idle-entries-reclaimed"),
+        # Stamped on another CPU after this one read its clock: idle 0, held.
+        pytest.param((61000,), "ahead", 61001, id="stamp-ahead-of-now-held"),
     ],
 )
-def test_snat_port_collisions(dp, taken, last_seen, expect):
+def test_snat_port_collisions(dp, uptime, taken, last_seen, expect):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61001, reclaim=300)
-    stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if last_seen == "now" else SEEDED_LAST_SEEN
+    last = stamp(dp, {"now": 0, "long-ago": 3600, "ahead": -1}[last_seen])
     for i, port in enumerate(taken):
         # Another client's flow to the same backend holds the port.
         put_ct(
-            dp, CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000 + i, BE.id, NP.svc_id), stamp
+            dp, CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000 + i, BE.id, NP.svc_id), last
         )
     retval, out = snat_after_dnat(dp)
     if expect is None:
@@ -282,14 +290,11 @@ def test_snat_port_collisions(dp, taken, last_seen, expect):
     assert ct(dp)[CtKey(BE_REMOTE, NODE, 8080, port, TCP_P, UNSNAT)] == CtVal(OUTSIDE, CPORT, BE.id, NP.svc_id)
 
 
-def test_snat_drop_is_counted(dp):
+def test_snat_drop_is_counted(dp, uptime):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000)
     put_ct(
-        dp,
-        CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT),
-        CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id),
-        time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+        dp, CtKey(BE_REMOTE, NODE, 8080, 61000, TCP_P, UNSNAT), CtVal(OUTSIDE2, 50000, BE.id, NP.svc_id), stamp(dp, 0)
     )
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)
     r = run(dp, r.out, egress=True, external=True)
@@ -325,7 +330,7 @@ def test_evicted_snat_entry_comes_back_with_its_port(dp):
     port = Ether(out)[TCP].sport
     from .packets import ct_key_bytes
 
-    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
+    assert dp.maps[mapname("sp_ct")].delete(ct_key_bytes(CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)))
     r = run(dp, tcp(OUTSIDE, NODE, CPORT, NODEPORT, flags="A"), external=True)
     assert r.counted.keys() == {"DNAT_ESTABLISHED"}
     r = run(dp, r.out, egress=True, external=True)
@@ -353,15 +358,8 @@ def v6_ok(raw: bytes, l4) -> Ether:
 
 @pytest.mark.parametrize("proto,l4", [pytest.param(TCP_P, TCP, id="tcp"), pytest.param(UDP_P, UDP, id="udp")])
 def test_ipv6_masqueraded_round_trip(dp, proto, l4):
-    from ctrl.objects import addr16
-
-    be = layout.codec("sp_backend").pack(addr16(V6_BE), 8080, proto, 0)
-    dp.maps["sp_be_v2"].update((9).to_bytes(4, "little"), be)
-    dp.maps["sp_slot_v2"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v2"].update(
-        layout.codec("sp_svc_key").pack(addr16(V6_NODE), NODEPORT, proto, 1),
-        layout.codec("sp_svc_val").pack(40, 1, F_MASQ, 0),
-    )
+    put_backend(dp, Backend(9, V6_BE, 8080, proto))
+    put_service(dp, Svc(V6_NODE, NODEPORT, proto, svc_id=40, slots=(9,), scope=1, flags=F_MASQ))
     put_cfg(dp, addr6=V6_NODE)
     steps = [
         (v6(proto, V6_OUT, V6_NODE, CPORT, NODEPORT), False, (V6_OUT, V6_BE, CPORT, 8080)),
@@ -399,10 +397,10 @@ def test_unrelated_traffic_on_the_uplink_is_untouched(dp):
 
 # -- TCP close and SNAT port reclaim --------------------------------------------
 
-F_FIN_FWD = layout.const("SP_CT_F_FIN_FWD")
-F_FIN_REPLY = layout.const("SP_CT_F_FIN_REPLY")
-F_FIN_REPLY_FIRST = layout.const("SP_CT_F_FIN_REPLY_FIRST")
-F_RST = layout.const("SP_CT_F_RST")
+F_FIN_FWD = abi.const("SP_CT_F_FIN_FWD")
+F_FIN_REPLY = abi.const("SP_CT_F_FIN_REPLY")
+F_FIN_REPLY_FIRST = abi.const("SP_CT_F_FIN_REPLY_FIRST")
+F_RST = abi.const("SP_CT_F_RST")
 CLOSED_CLIENT_FIRST = F_FIN_FWD | F_FIN_REPLY
 CLOSED_BACKEND_FIRST = F_FIN_FWD | F_FIN_REPLY | F_FIN_REPLY_FIRST
 
@@ -481,12 +479,11 @@ def test_a_new_syn_on_the_same_tuple_clears_the_close(dp):
 
 
 def age(dp, key: CtKey, seconds: float) -> None:
-    """Make an entry look idle for `seconds`: its last_seen moved back (the
-    program's clock is CLOCK_MONOTONIC), every other field kept."""
+    """Make an entry look idle for `seconds`: its last_seen moved back by the
+    programs' clock, modulo 2**64 (at an uptime below `seconds` the stamp
+    wraps, as the programs' arithmetic does), every other field kept."""
     val, _ = ct_dump(dp)[key]
-    stamp = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - int(seconds * 1e9)
-    assert stamp > 0, "the machine has been up for less than the idle time simulated"
-    put_ct(dp, key, val, stamp)
+    put_ct(dp, key, val, stamp(dp, seconds))
 
 
 RECLAIM, RECLAIM_CLOSED = 600, 10
@@ -515,7 +512,7 @@ RECLAIM, RECLAIM_CLOSED = 600, 10
         ("backend-fin-only", 62, False),
     ],
 )
-def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, close, idle, reused):
+def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, uptime, close, idle, reused):
     """One SNAT port: client A's flow takes it, ends (or not) as `close`
     says, is made to look idle for `idle` seconds; then client B's new flow
     gets the port, or is dropped."""
@@ -554,7 +551,7 @@ def test_snat_port_of_a_closed_flow_is_reused_after_its_hold(dp, close, idle, re
         (0, RECLAIM_CLOSED, "client-first", 12, True),
     ],
 )
-def test_snat_hold_settings(dp, reclaim, reclaim_closed, close, idle, reused):
+def test_snat_hold_settings(dp, uptime, reclaim, reclaim_closed, close, idle, reused):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=reclaim, reclaim_closed=reclaim_closed)
     port = open_masqueraded_flow(dp)
@@ -565,7 +562,7 @@ def test_snat_hold_settings(dp, reclaim, reclaim_closed, close, idle, reused):
     assert retval == (TC_ACT_OK if reused else TC_ACT_SHOT)
 
 
-def test_client_packets_keep_the_port_held(dp):
+def test_client_packets_keep_the_port_held(dp, uptime):
     """The client's packets refresh the UNSNAT entry too: a flow whose
     backend is silent (one-way UDP, a long upload) keeps its port."""
     seed(dp, Seed(services=(NP,), backends=(BE,)))
@@ -577,7 +574,7 @@ def test_client_packets_keep_the_port_held(dp):
     assert retval == TC_ACT_SHOT
 
 
-def test_a_flow_whose_port_was_given_away_takes_another(dp):
+def test_a_flow_whose_port_was_given_away_takes_another(dp, uptime):
     """Client A's flow closed and its port went to client B. A late packet
     of A's (a retransmitted ACK) must not enter B's connection: A gets a
     new port, and B's entry is left alone."""
@@ -602,7 +599,7 @@ def test_a_flow_whose_port_was_given_away_takes_another(dp):
     assert entries[CtKey(OUTSIDE, BE_REMOTE, CPORT, 8080, TCP_P, SNAT)].nat_port == 61001
 
 
-def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_briefly(dp):
+def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_briefly(dp, uptime):
     seed(dp, Seed(services=(NP,), backends=(BE,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
     port = open_masqueraded_flow(dp)
@@ -614,7 +611,7 @@ def test_a_late_reset_of_a_flow_whose_port_was_given_away_holds_its_new_port_bri
     assert ct(dp)[unsnat_key(61001)].flags == F_RST
 
 
-def test_udp_flows_keep_ports_for_snat_reclaim(dp):
+def test_udp_flows_keep_ports_for_snat_reclaim(dp, uptime):
     seed(dp, Seed(services=(NP_UDP,), backends=(BE_UDP,)))
     put_cfg(dp, lo=61000, hi=61000, reclaim=RECLAIM, reclaim_closed=RECLAIM_CLOSED)
     r = run(dp, udp(OUTSIDE, NODE, CPORT, NODEPORT), external=True)

@@ -1,4 +1,4 @@
-"""Tier 2: the tc program under BPF_PROG_TEST_RUN (DESIGN.md, "Test tiers").
+"""Tier 2: the tc program under BPF_PROG_TEST_RUN (docs/architecture.md, "Test tiers").
 
 Each case is {packet in, maps seeded, expected verdict (return code and the
 one counter moved), expected packet out, expected conntrack}. Expected
@@ -20,7 +20,6 @@ shortest truncated header below is one whose options are cut.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +27,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from ctrl import layout
+from ctrl.dataplane import abi
 
 from .packets import (
     BE1,
@@ -58,14 +57,19 @@ from .packets import (
     del_backend,
     icmp_echo,
     ipv6_tcp,
+    mapname,
+    mapped,
     max_options,
     nat_offsets,
+    prog_now,
     put_backend,
+    put_service,
     put_slot,
     router_alert,
     run,
     seed,
     set_bytes,
+    stamp,
     tcp,
     udp,
     verify_checksums,
@@ -643,7 +647,7 @@ def test_evicted_reply_entry_is_restored_by_the_next_forward_packet(dp, proto):
         Case(mk(CLIENT, VIP, CPORT, 80), Seed(), TC_ACT_OK, "DNAT_NEW", out=mk(CLIENT, BE1, CPORT, 8080), ct_new=pair),
     )
     rev = CtKey(BE1, CLIENT, 8080, CPORT, proto, REPLY)
-    assert dp.maps["sp_ct_v2"].delete(ct_key_bytes(rev))
+    assert dp.maps[mapname("sp_ct")].delete(ct_key_bytes(rev))
     check_run(
         dp,
         Case(
@@ -779,9 +783,7 @@ AFF_BACKENDS = (BE_WEB1, BE_WEB2, BE_WEB3)
 
 
 def aff_key(svc_id: int, client: str) -> bytes:
-    from ctrl.objects import addr16
-
-    return layout.codec("sp_aff_key").pack(svc_id, addr16(client))
+    return abi.pack("sp_aff_key", svc_id=svc_id, addr=mapped(client))
 
 
 def backend_of(dp, pkt: bytes) -> str:
@@ -797,14 +799,14 @@ def test_affinity_keeps_a_clients_new_flows_on_one_backend(dp):
     # Another client is free to land elsewhere, and sticks as well.
     others = {backend_of(dp, tcp(CLIENT2, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(others) == 1
-    assert dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)) is not None
+    assert dp.maps[mapname("sp_aff")].lookup(aff_key(30, CLIENT)) is not None
 
 
 def test_without_affinity_new_flows_spread(dp):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5)),), backends=AFF_BACKENDS))
     seen = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
     assert len(seen) == 3, seen
-    assert dp.maps["sp_aff_v2"].items() == []
+    assert dp.maps[mapname("sp_aff")].items() == []
 
 
 @pytest.mark.parametrize(
@@ -812,23 +814,30 @@ def test_without_affinity_new_flows_spread(dp):
     [
         pytest.param(2, 5, 1, True, id="recent-entry-sticks"),
         pytest.param(2, 5, 120, False, id="expired-entry-repicks"),
+        pytest.param(2, 5, 59, True, id="entry-just-within-timeout-sticks"),
+        pytest.param(2, 5, 61, False, id="entry-just-past-timeout-repicks"),
+        # Another CPU stamped the entry after this one read its clock: the
+        # stamp is ahead of now, idle 0, not 584 years (1 s ahead here, so
+        # that it still is when the packet runs).
+        pytest.param(2, 5, -1, True, id="stamp-ahead-of-now-sticks"),
         pytest.param(2, 1, 1, False, id="slot-rewritten-since-repicks"),
         pytest.param(7, 5, 1, False, id="slot-beyond-count-repicks"),
     ],
 )
-def test_affinity_entry_rules(dp, slot, backend_id, age_s, sticks):
+def test_affinity_entry_rules(dp, uptime, slot, backend_id, age_s, sticks):
     seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 30, slots=(1, 4, 5), affinity_timeout=60),), backends=AFF_BACKENDS))
-    vc = layout.codec("sp_aff_val")
+    vc = abi.codec("sp_aff_val", ("backend_id", "slot", "last_used"))
     firsts = []
     # Each round: the entry as the case has it, then one new flow. Sticking
     # always gives BE3 (slot 2); a fresh pick is uniform, so twelve rounds
     # all on one backend would happen with probability 3 * (1/3)**12.
     for i in range(12):
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        dp.maps["sp_aff_v2"].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, now - age_s * 1_000_000_000))
+        now = prog_now(dp)
+        dp.maps[mapname("sp_aff")].update(aff_key(30, CLIENT), vc.pack(backend_id, slot, stamp(dp, age_s)))
         firsts.append(backend_of(dp, tcp(CLIENT, VIP, 30000 + i, 80)))
-        be, s_, last = vc.unpack(dp.maps["sp_aff_v2"].lookup(aff_key(30, CLIENT)))
-        assert last > now and s_ < 3  # refreshed, and naming a valid slot
+        be, s_, last = vc.unpack(dp.maps[mapname("sp_aff")].lookup(aff_key(30, CLIENT)))
+        # Refreshed (stamped after `now`, modulo 2**64), and naming a valid slot.
+        assert 0 < (last - now) % 2**64 < 2**63 and s_ < 3
     if sticks:
         assert set(firsts) == {BE3}
     else:
@@ -841,13 +850,8 @@ V6_CLIENT, V6_VIP, V6_BE = "2001:db8:1::2", "2001:db8:ffff::10", "2001:db8:1::11
 
 
 def seed_v6(dp, proto: int, backend_addr: str = V6_BE) -> None:
-    from ctrl.objects import addr16
-
-    backend = layout.codec("sp_backend").pack(addr16(backend_addr), 8080, proto, 0)
-    dp.maps["sp_be_v2"].update((9).to_bytes(4, "little"), backend)
-    dp.maps["sp_slot_v2"].update(layout.codec("sp_slot_key").pack(40, 0), (9).to_bytes(4, "little"))
-    dp.maps["sp_svc_v2"].update(layout.codec("sp_svc_key").pack(addr16(V6_VIP), 80, proto, 0),
-                                layout.codec("sp_svc_val").pack(40, 1, 0, 0))
+    put_backend(dp, Backend(9, backend_addr, 8080, proto))
+    put_service(dp, Svc(V6_VIP, 80, proto, svc_id=40, slots=(9,)))
 
 
 def v6_packet(l4, src: str, dst: str, ext=None) -> bytes:

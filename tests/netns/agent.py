@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .topo import CLIENT_PY, Topology
+from scripts.harness.topo import CLIENT_PY, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 SLICEPROXY = Path(sys.executable).parent / "sliceproxy"
@@ -39,7 +39,7 @@ BPFFS = Path("/sys/fs/bpf")
 # Pin directories are named after the topology so a later session can tell
 # a crashed run's leftovers (owner gone) from a parallel run's live ones.
 PIN_PREFIX = "sliceproxy-test-"
-FILTER_NAME = "sliceproxy"  # TCA_BPF_NAME of our tc filter (ctrl.attach)
+FILTER_NAME = "sliceproxy"  # TCA_BPF_NAME of our tc filter (ctrl.dataplane.attach)
 
 WAIT = 30.0  # generous upper bound for "the agent caught up"; never a speed goal
 

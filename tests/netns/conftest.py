@@ -1,4 +1,4 @@
-"""Fixtures for tier 3 (DESIGN.md "Test tiers"): real connections between
+"""Fixtures for tier 3 (docs/architecture.md, "Test tiers"): real connections between
 network namespaces, with the agent attached to the node side of the pods'
 veths as in production.
 
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology, exit_on_signals
+
 from .agent import (
     BPFFS,
     PIN_PREFIX,
@@ -34,7 +36,6 @@ from .agent import (
     stale_pin_dirs,
     wait_dump,
 )
-from .topo import Topology, exit_on_signals
 
 CLIENT_IP = "198.18.1.2"
 BACKENDS = {
@@ -186,6 +187,20 @@ def agents(topo: Topology, src: SourceDir) -> Iterator[Agents]:
         yield ag
     finally:
         ag.teardown()
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    """A bpffs directory of the test's own, for maps it loads in-process.
+    A topology (only its node namespace) makes the name unique and marks
+    it live, so the stale-pin cleanup of a parallel session leaves it
+    alone; removed at the end, also when the test fails."""
+    with Topology() as t:
+        d = BPFFS / f"{PIN_PREFIX}{t.prefix}"
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import SLICEPROXY, TrafficLoop, all_filters, dump, frontends, our_filters
 from .conftest import CLIENT_IP, THREE, VIP, Agents, assert_spread, http, udp, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 
@@ -149,15 +150,16 @@ def test_cleanup_on_exit_flag_uninstalls_on_sigterm(topo: Topology, agents: Agen
 
 
 def test_periodic_reconcile_repairs_maps_changed_behind_its_back(topo: Topology, agents: Agents) -> None:
-    from ctrl.apply import Codecs
-    from ctrl.maps import Map
-    from ctrl.objects import addr16
+    from ctrl.dataplane import abi
+    from ctrl.dataplane.maps import Map
+    from ctrl.util.addrs import addr16
 
     agents.start_ready(extra=("--sync-period", "1"))
-    svc = Map.open_pinned(str(agents.pin_dir / "sp_svc_v2"))
+    svc = Map.open_pinned(str(agents.pin_dir / abi.map_name("sp_svc")))
     try:
         # Someone deletes the http frontend by hand: its traffic stops...
-        assert svc.delete(Codecs.get().svc_key.pack(addr16(VIP), 80, 6, 0))
+        key = abi.pack("sp_svc_key", addr=addr16(VIP), port=80, proto=6, scope=abi.SCOPE_INTERNAL)
+        assert svc.delete(key)
         assert f"{VIP}:80/TCP" not in frontends(dump(topo, agents.pin_dir))
     finally:
         svc.close()

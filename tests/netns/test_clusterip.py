@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import (
     SourceDir,
     dump,
@@ -39,7 +41,6 @@ from .conftest import (
     web_backends,
     web_slice,
 )
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

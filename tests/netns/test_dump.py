@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import SLICEPROXY, endpoint_slice, service
 from .conftest import BACKENDS, CLIENT_IP, VIP, Agents, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
+from scripts.harness.topo import Lan, Topology
+
 from .agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, dump, endpoint_slice, wait_dump
-from .topo import Lan, Topology
 
 pytestmark = pytest.mark.root
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import SLICEPROXY, our_filters
 from .conftest import Agents
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
+
 from .agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, endpoint_slice, has_backends, service, wait_dump
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 

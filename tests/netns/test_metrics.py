@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+from ctrl.dataplane.abi import map_name
+from scripts.harness.topo import Topology
+
 from .conftest import THREE, Agents, assert_spread, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 
@@ -60,8 +62,9 @@ def test_metrics_count_syncs_changes_packets_and_map_entries(topo: Topology, age
     # Read from the kernel at scrape time.
     assert m['sliceproxy_packets_total{verdict="dnat_new"}'] >= 200
     assert m['sliceproxy_packets_total{verdict="revnat"}'] >= 200
-    assert m['sliceproxy_map_entries{map="sp_svc_v2"}'] == 3  # http, dns, echo
-    assert m['sliceproxy_map_capacity{map="sp_svc_v2"}'] == 65536
+    svc = map_name("sp_svc")
+    assert m[f'sliceproxy_map_entries{{map="{svc}"}}'] == 3  # http, dns, echo
+    assert m[f'sliceproxy_map_capacity{{map="{svc}"}}'] == 65536
     assert m["sliceproxy_conntrack_entries"] >= 2 * 200
 
 

@@ -1,54 +1,65 @@
 """Tier 3: an upgrade across a map layout change keeps established flows.
 
-The "old release" is this tree with its layout version set to 0 and two
-structs reordered (backend_id and svc_id of the conntrack value swap
+The "old release" is this tree with layout version 2's 128-byte names and
+two structs reordered (backend_id and svc_id of the conntrack value swap
 places, as do port and proto of the backend): its own object built from its
 own header, run by the same agent code. Established connections through it
-must survive the new release taking over its pinned maps."""
+must survive the new release taking over its pinned maps. Its backends keep
+their drain deadline (this tree's agent needs it); the migration of layout
+2's real backend entries, which had none, is tested with entries written
+straight into an old object's maps."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
+
+from ..bpfbuild import build_object, copy_sources
 from .agent import finish_client, start_client
 from .conftest import THREE, VIP, Agents, assert_spread, http, web_backends
-from .topo import Topology
 
 pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parents[2]
+OLD = 2  # the layout version the old release pins its maps under
 
 
-def build_old_release(out: Path) -> tuple[Path, Path]:
-    hdr = (REPO / "ebpf" / "sliceproxy.h").read_text()
-    hdr = hdr.replace("#define SP_LAYOUT_VERSION 2", "#define SP_LAYOUT_VERSION 0")
+def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
+    """The old object and header; with v2_backend the backend loses its
+    drain deadline, as in layout 2 (this tree's agent cannot run that).
+    The programs name their maps after the header's SP_LAYOUT_VERSION, so
+    the header is all that changes."""
+    src = copy_sources(out)
+    hdr = (src / "sliceproxy.h").read_text()
+    m = re.search(r"#define SP_LAYOUT_VERSION (\d+)", hdr)
+    assert m is not None and int(m.group(1)) > OLD
+    hdr = hdr.replace(m.group(0), f"#define SP_LAYOUT_VERSION {OLD}")
+    # Version 2's names were 128 bytes, and its backend had no drain deadline.
+    drain = re.search(r"\t__u32 pad; +/\* zero \*/\n\t__u64 drain_end;.*?\*/\n", hdr, re.S)
+    assert drain is not None
+    if v2_backend:
+        hdr = hdr.replace(drain.group(0), "")
+    name = re.search(r"\tchar name\[(\d+)\];", hdr)
+    assert name is not None and int(name.group(1)) > 128
+    hdr = hdr.replace(name.group(0), "\tchar name[128];")
     ct_fields = (
         "\t__u32 backend_id;  /* backend the flow was given */\n"
         "\t__u32 svc_id;      /* service the flow was given by */\n"
     )
     assert ct_fields in hdr
     hdr = hdr.replace(ct_fields, "\t__u32 svc_id;\n\t__u32 backend_id;\n")
-    be_fields = "\t__u16 port;    /* backend port, host order */\n\t__u8 proto;    /* IPPROTO_* */\n"
-    assert be_fields in hdr
-    hdr = hdr.replace(be_fields, "\t__u8 proto;\n\t__u8 pad0;\n\t__u16 port;\n").replace(
-        "\t__u8 pad;      /* zero */\n};\n\n/* sp_ct_v2", "\t__u8 pad1[2];\n};\n\n/* sp_ct_v2", 1
-    )
-    src = (REPO / "ebpf" / "sliceproxy_tc.bpf.c").read_text()
-    src = re.sub(r"\b(sp_[a-z]+)_v2\b", r"\1_v0", src)
-    (out / "sliceproxy.h").write_text(hdr)
-    (out / "sliceproxy_tc.bpf.c").write_text(src)
-    arch = os.uname().machine
-    subprocess.run(
-        ["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}-linux-gnu", f"-I{out}", "-c",
-         str(out / "sliceproxy_tc.bpf.c"), "-o", str(out / "old.bpf.o")],
-        check=True,
-    )  # fmt: skip
-    return out / "old.bpf.o", out / "sliceproxy.h"
+    be_fields = re.search(r"\t__u16 port; +/\* backend port, host order \*/\n\t__u8 proto; +/\* IPPROTO_\* \*/\n", hdr)
+    assert be_fields is not None
+    hdr = hdr.replace(be_fields.group(0), "\t__u8 proto;\n\t__u8 pad0;\n\t__u16 port;\n")
+    (src / "sliceproxy.h").write_text(hdr)
+    return build_object(out), src / "sliceproxy.h"
 
 
 def test_upgrade_across_a_layout_change_keeps_established_connections(
@@ -66,11 +77,11 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    # `sliceproxy dump` of this release reads _v2 maps: follow the old
-    # release through its log instead.
+    # `sliceproxy dump` of this release reads the current layout's maps:
+    # follow the old release through its log instead.
     old.wait_log(r"sync \(full\): 1 services changed")
     old.wait_attached(p.host_if for p in topo.pods.values())
-    assert sorted(p.name for p in agents.pin_dir.iterdir() if p.name.endswith("_v0"))
+    assert sorted(p.name for p in agents.pin_dir.iterdir() if p.name.endswith(f"_v{OLD}"))
     assert_spread(http(topo), THREE)
 
     # Six long-lived connections through the old release. Without their
@@ -86,7 +97,7 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
         assert old.terminate() == 0
         new = agents.start()
         agents.wait_ready(new)
-        new.wait_log(r"migrated \d+ entries of sp_ct_v0 into sp_ct_v2")
+        new.wait_log(rf"migrated \d+ entries of sp_ct_v{OLD} into sp_ct_v\d+")
         assert all(e.poll() is None for e in echoes), "a connection ended before the upgrade; the test proved nothing"
         results = [finish_client(topo, e, timeout=60) for e in echoes]
     finally:
@@ -97,6 +108,47 @@ def test_upgrade_across_a_layout_change_keeps_established_connections(
         assert res["errors"] == 0, res["error_samples"]
         assert len(res["counts"]) == 1 and sum(res["counts"].values()) == lines, res["counts"]
     names = sorted(p.name for p in agents.pin_dir.iterdir())
-    assert not [n for n in names if n.endswith("_v0")], names
+    assert not [n for n in names if n.endswith(f"_v{OLD}")], names
     assert_spread(http(topo), THREE)
     agents.wait(web_backends(*THREE))
+
+
+OLD_WRITER = """
+import sys
+from ctrl.dataplane import abi, loader
+dp = loader.load(None, sys.argv[1])
+names, backends = dp.maps[abi.map_name("sp_names")], dp.maps[abi.map_name("sp_be")]
+names.update(abi.u32(7), abi.pack("sp_svc_name", name=sys.argv[2].encode()))
+addr = bytes(10) + b"\\xff\\xff" + bytes([198, 18, 1, 11])
+backends.update(abi.u32(3), abi.pack("sp_backend", addr=addr, port=8080, proto=6, flags=1))
+dp.close()
+"""
+
+
+def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir: Path) -> None:
+    """Version 2's 128-byte names go into the longer array whole: the new
+    agent reads each frontend's owner from its name."""
+    from ctrl.dataplane import loader, migrate
+    from ctrl.dataplane.abi import read_contents
+    from ctrl.util.addrs import addr16
+
+    obj, hdr = build_old_release(tmp_path, v2_backend=True)
+    name = "n" * 50 + "/" + "s" * 63 + ":http/TCP"  # 123 bytes: fits version 2
+    env = {**os.environ, "SLICEPROXY_BPF_OBJECT": str(obj), "SLICEPROXY_HEADER": str(hdr)}
+    subprocess.run(
+        [sys.executable, "-c", OLD_WRITER, str(pin_dir), name], env=env, cwd=REPO, check=True
+    )
+    dp = loader.load(pin_dir=str(pin_dir))
+    try:
+        carry = migrate.Carry(str(pin_dir), dp.maps)
+        assert carry.copy() >= 2
+        mc = read_contents(dp.maps)
+        assert mc.names == {7: name}
+        assert mc.backends == {3: (addr16("198.18.1.11"), 8080, 6)}
+        # Flagged draining by version 2, which kept no deadline: none is
+        # made up (the first full sync starts a drain period).
+        assert mc.draining == {}
+        carry.finish()
+        assert not [p.name for p in pin_dir.iterdir() if p.name.endswith(f"_v{OLD}")]
+    finally:
+        dp.close()

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from scripts.harness.topo import Topology, exit_on_signals
 from tests.netns.agent import stale_pin_dirs
-from tests.netns.topo import Topology, exit_on_signals
 
 from .images import image
 from .kubenode import NodeCluster

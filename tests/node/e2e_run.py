@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from tests.netns.topo import exit_on_signals
+from scripts.harness.topo import exit_on_signals
 
 from .images import image
 from .kubenode import KubeNode, NodeCluster, node_bin

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.harness.topo import Topology
 from tests.netns.agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, dump, has_backends, service, wait_dump
 from tests.netns.conftest import (
     BACKENDS,
@@ -33,7 +34,6 @@ from tests.netns.conftest import (
     web_backends,
     web_slice,
 )
-from tests.netns.topo import Topology
 
 from .cgroups import remove_tree
 from .images import image, podman, podman_env

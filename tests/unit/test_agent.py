@@ -4,10 +4,12 @@ import queue
 import threading
 import time
 
-from ctrl.agent import Agent
-from ctrl.diff import Programmed
-from ctrl.objects import parse
-from ctrl.state import ClusterState, Event
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.events import Event
+from ctrl.k8s.objects import parse
+from ctrl.model.state import ClusterState
+from ctrl.runtime.agent import Agent
+from ctrl.runtime.settings import Settings
 
 from .helpers import endpoint_slice, eps, service
 
@@ -40,14 +42,14 @@ def slice_event(i):
 
 def test_a_burst_within_min_sync_period_becomes_one_sync():
     src = QueueSource()
-    agent = Agent(src, ClusterState(), Programmed(), writer=None, min_sync_period=0.5)
+    agent = Agent(src, ClusterState(), Programmed(), writer=None, settings=Settings(min_sync_period=0.5))
     t = run(agent)
     try:
         src.events.put([Event("upsert", "Service", "default/web", parse(service()))])
         wait(lambda: agent.syncs == 1, "first sync")
         for i in range(20):
             src.events.put(slice_event(i))
-        wait(lambda: not agent.dirty and src.events.empty() and agent.syncs >= 2, "burst synced")
+        wait(lambda: not agent.schedule.dirty and src.events.empty() and agent.syncs >= 2, "burst synced")
         time.sleep(0.6)  # anything left would sync within one more period
         assert agent.syncs <= 3, agent.syncs
         assert len(agent.programmed.frontends[next(iter(agent.programmed.frontends))].slots) == 20
@@ -58,7 +60,7 @@ def test_a_burst_within_min_sync_period_becomes_one_sync():
 
 def test_nothing_is_synced_before_the_source_has_listed_everything():
     src = QueueSource(synced=False)
-    agent = Agent(src, ClusterState(), Programmed(), writer=None, min_sync_period=0.0)
+    agent = Agent(src, ClusterState(), Programmed(), writer=None, settings=Settings(min_sync_period=0.0))
     t = run(agent)
     try:
         src.events.put([Event("upsert", "Service", "default/web", parse(service()))])
@@ -91,13 +93,13 @@ def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
     agent.take([Event("upsert", "Service", "default/web", parse(service()))])
     try:
         agent.sync()  # the first, full
-        assert not agent.need_full and gc.get_freeze_count() > 0
+        assert not agent.schedule.need_full and gc.get_freeze_count() > 0
         ref = weakref.ref(Cyclic())  # garbage at once, but only a collection frees it
         agent.take(slice_event(0))
         agent.sync()  # partial: frozen, not collected
         gc.collect()
         assert ref() is not None  # frozen objects are out of the collector's reach
-        agent.need_full = True
+        agent.schedule.full_needed()
         agent.sync()
         assert ref() is None  # the full sync unfroze and collected
         ref = weakref.ref(Cyclic())
@@ -107,3 +109,49 @@ def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_service_that_does_not_fit_is_retried_alone_with_backoff_while_others_sync():
+    from ctrl.dataplane.abi import MapSizes
+
+    clock = Clock()
+    src = QueueSource()
+    agent = Agent(src, ClusterState(), Programmed(MapSizes(services=8, backends=2, slots=8)), writer=None,
+                  settings=Settings(min_sync_period=0.0, sync_period=0.0), clock=clock)  # fmt: skip
+    big = parse(endpoint_slice("web-a", endpoints=eps("198.18.1.1", "198.18.1.2", "198.18.1.3")))
+    src.events.put([Event("upsert", "Service", "default/web", parse(service())),
+                    Event("upsert", "EndpointSlice", "default/web-a", big)])  # fmt: skip
+    agent.step(timeout=0)
+    assert agent.syncs == 1 and not agent.programmed.owners()
+    planned = []
+    real_plan = agent.plan
+    agent.plan = lambda owners: planned.append(set(owners)) or real_plan(owners)
+    # Another Service goes on meanwhile (a partial sync: web is not in it).
+    src.events.put([Event("upsert", "Service", "default/other", parse(service("other", ip="198.19.0.11")))])
+    agent.step(timeout=0)
+    assert planned == [{"default/other"}] and not agent.schedule.need_full
+    clock.t = 1004.9
+    agent.step(timeout=0)
+    assert len(planned) == 1
+    clock.t = 1005.0
+    agent.step(timeout=0)
+    assert planned[-1] == {"default/web"}  # retried alone, still too big: next in 10 s
+    clock.t = 1014.9
+    agent.step(timeout=0)
+    assert len(planned) == 2
+    small = parse(endpoint_slice("web-a", endpoints=eps("198.18.1.1")))
+    clock.t = 1015.0
+    src.events.put([Event("upsert", "EndpointSlice", "default/web-a", small)])
+    agent.step(timeout=0)
+    assert "default/web" in agent.programmed.owners()
+    clock.t = 2000.0
+    agent.step(timeout=0)
+    assert len(planned) == 3  # nothing left to retry

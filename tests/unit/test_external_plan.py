@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import pytest
 
-from ctrl.agent import Agent
-from ctrl.apply import NodeConfig
-from ctrl.diff import Programmed
-from ctrl.objects import addr16, addr_str, parse
-from ctrl.plan import (
-    SCOPE_EXTERNAL,
-    SCOPE_INTERNAL,
-    SVC_F_MASQ,
-    SVC_F_SRC_RANGES,
+from ctrl.dataplane.abi import MapSizes, NodeConfig, map_name
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.events import Event
+from ctrl.k8s.objects import parse
+from ctrl.model.plan import (
+    NO_FLAGS,
+    FrontendFlag,
     NodeAddresses,
-    ServicePlanner,
+    Scope,
     nodeport_addresses,
     plan_service,
 )
-from ctrl.sizes import MapSizes
-from ctrl.state import ClusterState, Event
+from ctrl.model.planner import ServicePlanner
+from ctrl.model.state import ClusterState
+from ctrl.runtime.agent import Agent
+from ctrl.runtime.settings import Settings
+from ctrl.util.addrs import addr16, addr_str
 
 from .helpers import endpoint, endpoint_slice, service
 
@@ -59,51 +60,56 @@ def ips(f):
 
 
 BOTH = [LOCAL_EP, REMOTE_EP]
-INT, EXT = SCOPE_INTERNAL, SCOPE_EXTERNAL
+INT, EXT = Scope.INTERNAL, Scope.EXTERNAL
+MASQ, RANGES, NONE = FrontendFlag.MASQ, FrontendFlag.SRC_RANGES, NO_FLAGS
 
 
 @pytest.mark.parametrize(
     "service_,key,backends,flags",
     [
-        pytest.param(svc(), (NODE_IP, 30080, EXT), BOTH, SVC_F_MASQ, id="nodeport-etp-cluster-external-all-masq"),
-        pytest.param(svc(), (NODE_IP2, 30080, EXT), BOTH, SVC_F_MASQ, id="nodeport-on-every-node-address"),
-        pytest.param(svc(), (NODE_IP, 30080, INT), BOTH, 0, id="nodeport-from-pods-cluster-set"),
-        pytest.param(svc("Local"), (NODE_IP, 30080, EXT), [LOCAL_EP], 0, id="nodeport-etp-local-external-local-only"),
-        pytest.param(svc("Local"), (NODE_IP, 30080, INT), BOTH, 0, id="nodeport-etp-local-from-pods-cluster-set"),
-        pytest.param(svc(itp="Local"), (NODE_IP, 30080, INT), BOTH, 0, id="nodeport-itp-local-from-pods-cluster-set"),
-        pytest.param(svc(itp="Local"), ("198.19.0.10", 80, INT), [LOCAL_EP], 0, id="clusterip-itp-local-local-only"),
-        pytest.param(svc(ext_ips=[EXT_IP]), (EXT_IP, 80, EXT), BOTH, SVC_F_MASQ, id="externalip-external-scope"),
-        pytest.param(svc(ext_ips=[EXT_IP]), (EXT_IP, 80, INT), BOTH, 0, id="externalip-internal-scope"),
-        pytest.param(svc(stype="LoadBalancer", lb=[LB_IP]), (LB_IP, 80, EXT), BOTH, SVC_F_MASQ, id="lb-ip-external"),
+        pytest.param(svc(), (NODE_IP, 30080, EXT), BOTH, MASQ, id="nodeport-etp-cluster-external-all-masq"),
+        pytest.param(svc(), (NODE_IP2, 30080, EXT), BOTH, MASQ, id="nodeport-on-every-node-address"),
+        pytest.param(svc(), (NODE_IP, 30080, INT), BOTH, NONE, id="nodeport-from-pods-cluster-set"),
         pytest.param(
-            svc("Local", stype="LoadBalancer", lb=[LB_IP]), (LB_IP, 80, EXT), [LOCAL_EP], 0, id="lb-etp-local"
+            svc("Local"), (NODE_IP, 30080, EXT), [LOCAL_EP], NONE, id="nodeport-etp-local-external-local-only"
+        ),
+        pytest.param(svc("Local"), (NODE_IP, 30080, INT), BOTH, NONE, id="nodeport-etp-local-from-pods-cluster-set"),
+        pytest.param(
+            svc(itp="Local"), (NODE_IP, 30080, INT), BOTH, NONE, id="nodeport-itp-local-from-pods-cluster-set"
+        ),
+        pytest.param(svc(itp="Local"), ("198.19.0.10", 80, INT), [LOCAL_EP], NONE, id="clusterip-itp-local-local-only"),
+        pytest.param(svc(ext_ips=[EXT_IP]), (EXT_IP, 80, EXT), BOTH, MASQ, id="externalip-external-scope"),
+        pytest.param(svc(ext_ips=[EXT_IP]), (EXT_IP, 80, INT), BOTH, NONE, id="externalip-internal-scope"),
+        pytest.param(svc(stype="LoadBalancer", lb=[LB_IP]), (LB_IP, 80, EXT), BOTH, MASQ, id="lb-ip-external"),
+        pytest.param(
+            svc("Local", stype="LoadBalancer", lb=[LB_IP]), (LB_IP, 80, EXT), [LOCAL_EP], NONE, id="lb-etp-local"
         ),
         pytest.param(
             svc(stype="LoadBalancer", lb=[LB_IP], ranges=["198.18.100.0/24"]),
             (LB_IP, 80, EXT),
             BOTH,
-            SVC_F_MASQ | SVC_F_SRC_RANGES,
+            MASQ | RANGES,
             id="lb-source-ranges-flagged-external",
         ),
         pytest.param(
             svc(stype="LoadBalancer", lb=[LB_IP], ranges=["198.18.100.0/24"]),
             (LB_IP, 80, INT),
             BOTH,
-            SVC_F_SRC_RANGES,
+            RANGES,
             id="lb-source-ranges-flagged-from-pods-too",
         ),
         pytest.param(
             svc(stype="LoadBalancer", lb=[LB_IP], ranges=["198.18.100.0/24"]),
             (NODE_IP, 30080, EXT),
             BOTH,
-            SVC_F_MASQ,
+            MASQ,
             id="source-ranges-not-on-nodeport",
         ),
         pytest.param(
             svc(stype="LoadBalancer", lb=[LB_IP], ranges=["2001:db8::/32"]),
             (LB_IP, 80, EXT),
             BOTH,
-            SVC_F_MASQ,
+            MASQ,
             id="source-ranges-of-other-family-only-no-filter",
         ),
     ],
@@ -228,7 +234,7 @@ def node_obj(*ips):
 
 def agent_with(service_, cidrs=()):
     state = ClusterState(NODE)
-    a = Agent(source=None, state=state, programmed=Programmed(), writer=None, nodeport_cidrs=cidrs)
+    a = Agent(source=None, state=state, programmed=Programmed(), writer=None, settings=Settings(nodeport_cidrs=cidrs))
     a.take(
         [Event("upsert", "Service", "default/web", service_), Event("upsert", "EndpointSlice", "default/web-a", SLICE)]
     )
@@ -236,17 +242,17 @@ def agent_with(service_, cidrs=()):
 
 
 def nodeport_keys(a):
-    return sorted((addr_str(k[0]), k[3]) for k in a.programmed.frontends if k[1] == 30080)
+    return {(addr_str(k[0]), k[3]) for k in a.programmed.frontends if k[1] == 30080}
 
 
 def test_node_address_change_moves_nodeport_frontends():
     a = agent_with(svc())
     a.take([Event("upsert", "Node", NODE, node_obj(NODE_IP))])
     a.sync()
-    assert nodeport_keys(a) == [(NODE_IP, INT), (NODE_IP, EXT)]
+    assert nodeport_keys(a) == {(NODE_IP, INT), (NODE_IP, EXT)}
     a.take([Event("upsert", "Node", NODE, node_obj(NODE_IP2))])
     cs = a.sync()
-    assert nodeport_keys(a) == [(NODE_IP2, INT), (NODE_IP2, EXT)]
+    assert nodeport_keys(a) == {(NODE_IP2, INT), (NODE_IP2, EXT)}
     assert {addr_str(k[0]) for k in cs.svc_del} == {NODE_IP}
     assert a.node_config() == NodeConfig(addr16(NODE_IP2), None)
 
@@ -255,7 +261,7 @@ def test_nodeport_addresses_filter_in_the_agent():
     a = agent_with(svc(), cidrs=("198.18.251.0/24",))
     a.take([Event("upsert", "Node", NODE, node_obj(NODE_IP, NODE_IP2))])
     a.sync()
-    assert nodeport_keys(a) == [(NODE_IP2, INT), (NODE_IP2, EXT)]
+    assert nodeport_keys(a) == {(NODE_IP2, INT), (NODE_IP2, EXT)}
     # The masquerade address is the first InternalIP, whatever the filter.
     assert a.node_config().addr4 == addr16(NODE_IP)
 
@@ -264,17 +270,18 @@ def test_nodeport_addresses_filter_in_the_agent():
 
 
 def test_source_ranges_written_before_and_deleted_after_their_frontend():
-    from ctrl.apply import Codecs, encode
+    from ctrl.dataplane.abi import Codecs
+    from ctrl.dataplane.apply import encode
 
     s1 = svc(stype="LoadBalancer", lb=[LB_IP], ranges=["198.18.100.0/24"])
     p = Programmed()
     cs = p.sync({"default/web": list(fronts(s1).values())})
     order = [(m, op) for m, op, _, _ in encode(cs, Codecs.get())]
-    assert order.index(("sp_src_v2", "update")) < order.index(("sp_svc_v2", "update"))
+    assert order.index((map_name("sp_src"), "update")) < order.index((map_name("sp_svc"), "update"))
     assert len(cs.src_upd) == 2  # the LB IP's frontend in each scope
     cs = p.sync({"default/web": []})
     order = [(m, op) for m, op, _, _ in encode(cs, Codecs.get())]
-    assert order.index(("sp_svc_v2", "delete")) < order.index(("sp_src_v2", "delete"))
+    assert order.index((map_name("sp_svc"), "delete")) < order.index((map_name("sp_src"), "delete"))
     assert len(cs.src_del) == 2
 
 

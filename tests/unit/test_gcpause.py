@@ -1,7 +1,7 @@
 import gc
 import threading
 
-from ctrl.gcpause import paused_gc
+from ctrl.util.gcpause import paused_gc
 
 
 def test_nested_and_concurrent_pauses_restore_the_collector_once_all_end():

@@ -3,7 +3,7 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import generate_latest
 
-from ctrl.metrics import Metrics
+from ctrl.runtime.metrics import Metrics
 
 
 def value(m: Metrics, name: str) -> float:

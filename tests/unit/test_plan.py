@@ -1,8 +1,8 @@
 import pytest
 
-from ctrl.diff import Programmed
-from ctrl.objects import parse
-from ctrl.plan import plan_service
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.objects import parse
+from ctrl.model.plan import plan_service
 
 from .helpers import endpoint, endpoint_slice, eps, service
 
@@ -101,7 +101,7 @@ def test_dual_stack_service_gets_one_frontend_per_family_from_its_slices():
     v6 = endpoint_slice("b", endpoints=eps("2001:db8:1::1"), address_type="IPv6")
     fronts, notes = plan(svc, v4, v6)
     assert notes == []
-    from ctrl.objects import addr_str
+    from ctrl.util.addrs import addr_str
 
     got = {addr_str(f.addr): [addr_str(b[0]) for b in f.backends] for f in fronts}
     assert got == {"198.19.0.10": ["198.18.1.1"], "2001:db8:ffff::10": ["2001:db8:1::1"]}
@@ -119,7 +119,7 @@ def test_dual_stack_service_gets_one_frontend_per_family_from_its_slices():
     ],
 )
 def test_no_local_endpoints_counts_ports_with_local_policy_and_none_here(spec, node, expect):
-    from ctrl.plan import no_local_endpoints
+    from ctrl.model.plan import no_local_endpoints
 
     raw = service(**spec)
     if spec.get("type") == "NodePort":

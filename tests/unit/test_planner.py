@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from ctrl.diff import Programmed
-from ctrl.objects import parse
-from ctrl.plan import Frontend, NodeAddresses, ServicePlanner, plan_service
+from ctrl.dataplane.programmed import Programmed
+from ctrl.k8s.objects import parse
+from ctrl.model.plan import Frontend, NodeAddresses, plan_service
+from ctrl.model.planner import ServicePlanner
 
 from .helpers import endpoint_slice, service
 
@@ -171,7 +172,7 @@ def test_one_slice_change_is_a_delta_of_that_slice():
 
 
 def test_a_rejected_change_is_retried_in_full():
-    from ctrl.sizes import MapSizes
+    from ctrl.dataplane.abi import MapSizes
 
     planner = ServicePlanner()
     svc = parse(service())

@@ -1,4 +1,4 @@
-"""ctrl.slicejson gives exactly ctrl.objects.parse's slices, or declines.
+"""ctrl.k8s.slicejson gives exactly ctrl.k8s.objects.parse's slices, or declines.
 
 Generated list pages: every clean one must decode to the same objects as
 the exact parser; every page with one unclean item must be declined (None),
@@ -11,9 +11,9 @@ import random
 
 import pytest
 
-from ctrl.objects import ObjectError, parse
-from ctrl.slicejson import decode_change, decode_page
-from ctrl.source.kube import KubeSource, Resource
+from ctrl.k8s.kube import KubeSource
+from ctrl.k8s.objects import ObjectError, parse
+from ctrl.k8s.slicejson import decode_change, decode_page
 
 NODES = ["node-a", "node-b", None]
 ZONES = ["zone-1", "zone-2", None]
@@ -135,6 +135,8 @@ REPORTED = {
     "addresses missing": _del(["endpoints", 0, "addresses"]),
     "address not an IPv4 address": _set(["endpoints", 0, "addresses"], ["198.18.0.300"]),
     "IPv6 address in an IPv4 slice": _set(["endpoints", 0, "addresses"], ["2001:db8::1"]),
+    "address with a NUL": _set(["endpoints", 0, "addresses"], ["198.18.0.1\x00"]),
+    "hint entry null": _set(["endpoints", 0, "hints"], {"forZones": [None]}),
     "endpoint not a mapping": _set(["endpoints", 0], "198.18.0.1"),
     "endpoints not a list": _set(["endpoints"], {"addresses": ["198.18.0.1"]}),
     "hints not a mapping": _set(["endpoints", 0, "hints"], ["zone-1"]),
@@ -149,13 +151,26 @@ REPORTED = {
     "name empty": _set(["metadata", "name"], ""),
     "namespace not a string": _set(["metadata", "namespace"], 5),
     "metadata not a mapping": _set(["metadata"], "web"),
+    "hint name not a string": _set(["endpoints", 0, "hints"], {"forZones": [{"name": 7}]}),
+    "hints.forZones not a list": _set(["endpoints", 0, "hints"], {"forZones": "zone-1"}),
+    "nodeName not a string": _set(["endpoints", 0, "nodeName"], 3),
+    "zone not a string": _set(["endpoints", 0, "zone"], ["zone-1"]),
+    "label value not a string": _set(["metadata", "labels", "app"], 5),
+    "labels not a mapping": _set(["metadata", "labels"], ["app"]),
+    "annotation value not a string": _set(["metadata", "annotations"], {"a": 1}),
+    "port name not a string": _set(["ports", 0, "name"], 80),
+    # Kubernetes' name rules
+    "name longer than 253": _set(["metadata", "name"], "a" * 254),
+    "name not a DNS subdomain": _set(["metadata", "name"], "Web_B"),
+    "namespace longer than 63": _set(["metadata", "namespace"], "n" * 64),
+    "service-name label longer than 63": _set(["metadata", "labels", "kubernetes.io/service-name"], "s" * 64),
+    "port name longer than 63": _set(["ports", 0, "name"], "p" * 64),
+    "port name not a DNS label": _set(["ports", 0, "name"], "HTTP"),
 }
 # parse() takes these as they are; the typed decoder does not (its types
 # are the API's), and declining is always safe.
 TYPED_ONLY = {
-    "hint name not a string": _set(["endpoints", 0, "hints"], {"forZones": [{"name": 7}]}),
-    "nodeName not a string": _set(["endpoints", 0, "nodeName"], 3),
-    "label value not a string": _set(["metadata", "labels", "app"], 5),
+    "a second address not a string": _set(["endpoints", 0, "addresses"], ["198.18.0.1", 5]),
 }
 
 GOOD = {
@@ -228,10 +243,9 @@ def test_list_takes_the_exact_path_for_an_unclean_page_only(caplog):
         ]
     )
     src = KubeSource(client, "node-a")  # type: ignore[arg-type]
-    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
-    known: dict = {}
+    known = src.held("EndpointSlice")
     with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
-        rv = src._list(res, known)
+        rv = src.list_all("EndpointSlice")
     assert rv == "77" and client.asked == [None, "1", "2"]
     assert sorted(known) == ["default/web-a", "default/web-b", "default/web-c", "default/web-d"]
     # The unclean slice keeps its good endpoints' siblings out and is named.
@@ -271,11 +285,12 @@ def test_clean_added_and_modified_lines_decode_to_what_parse_gives():
         watch_line("BOOKMARK", {"kind": "EndpointSlice", "metadata": {"resourceVersion": "12"}}),
         watch_line("ERROR", {"kind": "Status", "code": 410, "message": "too old resource version"}),
         watch_line("ADDED", unclean(REPORTED["ready is not a boolean"])),
-        watch_line("ADDED", unclean(TYPED_ONLY["nodeName not a string"])),
+        watch_line("ADDED", unclean(TYPED_ONLY["a second address not a string"])),
+        watch_line("ADDED", {**GOOD, "kind": "Service"}),
         b'{"type": "ADDED"}',
         b"[]",
     ],
-    ids=["deleted", "bookmark", "error", "unclean", "typed-only", "no-object", "not-an-event"],
+    ids=["deleted", "bookmark", "error", "unclean", "typed-only", "other-kind", "no-object", "not-an-event"],
 )
 def test_other_lines_are_left_to_the_exact_path(line):
     assert decode_change(line) is None
@@ -314,10 +329,9 @@ def test_watch_mixes_both_paths_in_order(caplog):
         ]
     )
     src = KubeSource(client, "node-a")  # type: ignore[arg-type]
-    res = Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices")
-    known: dict = {}
+    known = src.held("EndpointSlice")
     with caplog.at_level(logging.ERROR, logger="sliceproxy.source.kube"):
-        rv = src._watch(res, known, "10")
+        rv = src.watch("EndpointSlice", since="10")
     assert rv == "15"
     events = []
     while not src.events.empty():
@@ -330,3 +344,13 @@ def test_watch_mixes_both_paths_in_order(caplog):
     ]
     assert known == {"default/web-a": exact(sl("web-a", "198.18.0.3", "14", ready=False))}
     assert "web-b: endpoints[0].conditions.ready" in caplog.text
+
+
+def test_the_longest_names_kubernetes_allows_take_the_fast_path():
+    raw = copy.deepcopy(GOOD)
+    raw["metadata"]["name"] = ".".join(["a" * 63] * 4)[:253]
+    raw["metadata"]["namespace"] = "n" * 63
+    raw["metadata"]["labels"]["kubernetes.io/service-name"] = "s" * 63
+    raw["ports"][0]["name"] = "p" * 63
+    got = decode_page(page([raw]))
+    assert got is not None and got.items == [exact(raw)] and not got.items[0].problems

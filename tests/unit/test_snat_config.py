@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ctrl.apply import NodeConfig, cfg_codec
-from ctrl.cli import build_parser, main
-from ctrl.objects import addr16
+from ctrl.cli import main
+from ctrl.cli.parser import build_parser
+from ctrl.dataplane import abi
+from ctrl.dataplane.abi import NodeConfig
+from ctrl.util.addrs import addr16
 
 NODE_YAML = """apiVersion: v1
 kind: Node
@@ -29,10 +31,10 @@ def test_defaults():
     assert NodeConfig().snat_reclaim_closed == 10
 
 
-def test_cfg_codec_round_trips_the_new_field():
-    c = cfg_codec()
-    raw = c.pack(addr16("198.18.250.1"), b"\0" * 16, 61000, 61003, 600, 7)
-    assert c.unpack(raw)[4:] == (600, 7)
+def test_node_config_round_trips_the_new_field():
+    raw = NodeConfig(addr16("198.18.250.1"), None, (61000, 61003), 600, 7).packed()
+    v = abi.unpack("sp_cfg", raw)
+    assert (v["snat_reclaim"], v["snat_reclaim_closed"]) == (600, 7)
 
 
 @pytest.mark.parametrize("flag", ["--snat-reclaim", "--snat-reclaim-closed"])
@@ -47,7 +49,7 @@ def test_dry_run_prints_the_node_config(tmp_path: Path, capsys: pytest.CaptureFi
     rc = main([*argv, "--snat-port-range", "61000-61003", "--snat-reclaim", "300", "--snat-reclaim-closed", "3"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["sp_cfg_v2"] == [
+    assert doc[abi.map_name("sp_cfg")] == [
         {
             "key": 0,
             "value": {

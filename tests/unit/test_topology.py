@@ -1,7 +1,7 @@
 import pytest
 
-from ctrl.objects import ServicePort, parse
-from ctrl.topology import merge_endpoints, select_endpoints
+from ctrl.k8s.objects import ServicePort, parse
+from ctrl.model.topology import merge_endpoints, select_endpoints
 
 from .helpers import endpoint, endpoint_slice
 
@@ -102,7 +102,7 @@ def test_select(eps, expect):
 
 # -- categorize: kube-proxy's CategorizeEndpoints, one rule per case --------
 
-from ctrl.topology import PortPolicy, categorize  # noqa: E402
+from ctrl.model.topology import PortPolicy, categorize  # noqa: E402
 
 NODE, ZONE = "node-a", "zone-a"
 

@@ -1,0 +1,148 @@
+"""`sliceproxy dump`: what the kernel holds, read from the pinned maps.
+
+It reads the maps, not the agent, so it works while the agent is down and
+shows what packets actually see.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..dataplane import abi
+from ..dataplane.abi import ct_codecs, idle_ns, read_config, read_contents
+from ..dataplane.abi import map_name as mn
+from ..dataplane.maps import Map
+from ..model.plan import PROTO_NAMES, Scope
+from ..util.addrs import addr_str, hostport, is_v4
+
+
+def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | None = None) -> list[dict]:
+    """Forward conntrack entries (one per flow): client, frontend, backend,
+    and how long the flow has been idle at `now` (the programs' clock,
+    CLOCK_MONOTONIC in ns: by default the current time)."""
+    m = maps.get(mn("sp_ct"))
+    if m is None:
+        return []
+    kc, vc = ct_codecs()
+    forward = abi.CT_FORWARD
+    if now is None:
+        now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
+    flows = []
+    for k, v in m.items():
+        saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
+        if direction != forward:
+            continue
+        nat_addr, nat_port, be_id, svc_id, last_seen, snat_addr, snat_port, _ = vc.unpack(v)
+        if svc_ids is not None and svc_id not in svc_ids:
+            continue
+        flows.append(
+            {
+                "proto": PROTO_NAMES.get(proto, str(proto)),
+                "client": hostport(saddr, sport),
+                "frontend": hostport(daddr, dport),
+                "backend": hostport(nat_addr, nat_port),
+                # A masqueraded external flow: the source it has on the wire.
+                "snat": hostport(snat_addr, snat_port) if snat_port else None,
+                "backend_id": be_id,
+                "svc_id": svc_id,
+                "idle_seconds": round(idle_ns(now, last_seen) / 1e9, 1),
+            }
+        )
+    flows.sort(key=lambda f: (f["frontend"], f["client"]))
+    return flows
+
+
+def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bool = False) -> dict:
+    """Frontends with their backends; service "namespace/name" filters."""
+    mc = read_contents(maps)
+    services = []
+    for key, (svc_id, count, flags, timeout) in sorted(
+        mc.svc.items(), key=lambda kv: (mc.names.get(kv[1][0], ""), kv[0])
+    ):
+        if service is not None and mc.names.get(svc_id, "").split(":", 1)[0] != service:
+            continue
+        addr, port, proto, scope = key
+        backends = []
+        for i in range(count):
+            bid = mc.slots.get((svc_id, i))
+            b = mc.backends.get(bid) if bid is not None else None
+            backends.append(hostport(b[0], b[1]) if b else f"<slot {i} missing>")
+        services.append(
+            {
+                "name": mc.names.get(svc_id, ""),
+                "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
+                "scope": "external" if scope == Scope.EXTERNAL else "internal",
+                "svc_id": svc_id,
+                "count": count,
+                "flags": flags,
+                "affinity_timeout": timeout,
+                "source_ranges": sorted(
+                    f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())
+                ),
+                "backends": backends,
+            }
+        )
+    ct = maps.get(mn("sp_ct"))
+    out = {
+        "services": services,
+        "backends": len(mc.backends),
+        "conntrack_entries": ct.count() if ct is not None else 0,
+        "counters": abi.counters(maps),
+    }
+    cfg = read_config(maps)
+    if cfg is not None:
+        out["config"] = cfg.as_dict()
+    if with_conntrack:
+        ids = {int(str(s["svc_id"])) for s in services} if service is not None else None
+        out["conntrack"] = conntrack(maps, ids)
+    return out
+
+
+def render_table(data: dict) -> str:
+    rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
+    for s in data["services"]:
+        bes = ", ".join(s["backends"]) if s["backends"] else "(none: dropped)"
+        front = s["frontend"] + (" (external)" if s.get("scope") == "external" else "")
+        if s.get("source_ranges"):
+            bes += "  [from " + ", ".join(s["source_ranges"]) + "]"
+        rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), bes))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    lines.append("")
+    lines.append(
+        f"{len(data['services'])} frontends, {data['backends']} backends, "
+        f"{data['conntrack_entries']} conntrack entries"
+    )
+    cfg = data.get("config")
+    if cfg:
+        addrs = ", ".join(a for a in (cfg["addr4"], cfg["addr6"]) if a) or "none"
+        lines.append(
+            f"masquerade: from {addrs}, ports {cfg['snat_port_min']}-{cfg['snat_port_max']}, "
+            f"reclaim {cfg['snat_reclaim']}s (closed {cfg['snat_reclaim_closed']}s)"
+        )
+    nz = {k: v["packets"] for k, v in data["counters"].items() if v["packets"]}
+    if nz:
+        lines.append("packets: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
+    if "conntrack" in data:
+        lines.append("")
+        rows = [("PROTO", "CLIENT", "FRONTEND", "BACKEND", "IDLE")]
+        rows += [
+            (f["proto"], f["client"], f["frontend"], f["backend"], f"{f['idle_seconds']}s") for f in data["conntrack"]
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines += ["  ".join(r[i].ljust(widths[i]) for i in range(5)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def render_json(data: dict) -> str:
+    return json.dumps(data, indent=2)
+
+
+def cmd_dump(args) -> int:
+    from ..dataplane import loader
+
+    maps = loader.open_pinned(args.pin_dir)
+    data = collect(maps, service=args.service, with_conntrack=args.conntrack)
+    print(render_json(data) if args.json else render_table(data))
+    return 0

@@ -1,0 +1,240 @@
+"""`sliceproxy run`: the agent built from its settings, the programs loaded
+and attached, the source started; and --dry-run's rendering."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from ..dataplane.abi import map_name as mn
+from ..runtime.settings import Settings
+from .parser import globs, settings
+from .uninstall import uninstall
+
+log = logging.getLogger("sliceproxy")
+
+
+def build_agent(
+    opts: Settings,
+    source,
+    writer=None,
+    maps: dict | None = None,
+    refresh_interfaces: Callable[[], object] | None = None,
+):
+    """The agent `sliceproxy run` runs, and what runs around it: what is
+    pinned adopted (with a writer), /metrics and /healthz served (their
+    addresses empty: off), health check node ports. A dry run gets no
+    servers and no drain period. scripts/bench/ours.py builds its agent
+    here too, so the bench measures what production runs."""
+    from ..dataplane.abi import read_contents
+    from ..dataplane.programmed import Programmed
+    from ..model.state import ClusterState
+    from ..runtime.agent import Agent
+
+    programmed = Programmed(opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period)
+    if writer is not None:
+        mc = read_contents(writer.maps)
+        mc.adopt_into(programmed)
+        if mc.svc:
+            log.info(
+                "adopted %d frontends and %d backends pinned; pruning waits for the first full sync",
+                len(mc.svc),
+                len(mc.backends),
+            )
+    metrics = None
+    if opts.metrics_bind_address and not opts.dry_run:
+        from ..runtime import metrics as metrics_mod
+
+        metrics = metrics_mod.Metrics()
+        try:
+            metrics_mod.serve(metrics, opts.metrics_bind_address, maps)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /metrics on {opts.metrics_bind_address}: {e}") from None
+    agent = Agent(
+        source,
+        ClusterState(opts.node_name),
+        programmed,
+        writer,
+        opts,
+        refresh_interfaces=refresh_interfaces,
+        metrics=metrics,
+    )
+    if opts.dry_run:
+        return agent
+
+    from ..runtime.health import Health
+    from ..runtime.healthcheck import HealthCheckServers
+
+    health = Health(agent.status, opts.healthz_stale_after, metrics)
+    agent.health_checks = HealthCheckServers(opts.node_name, lambda: health.status(count=False)[0] == 200)
+    if opts.healthz_bind_address:
+        from ..runtime.health import serve
+
+        try:
+            serve(health, opts.healthz_bind_address)
+        except OSError as e:
+            raise SystemExit(f"sliceproxy run: cannot serve /healthz on {opts.healthz_bind_address}: {e}") from None
+    return agent
+
+
+def cmd_run(args) -> int:
+    opts = settings(args)
+    source = make_source(args)
+
+    if args.dry_run:
+        source.start()
+        if not source.synced and not source.wait_synced(timeout=60):
+            print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
+            return 1
+        source.stop()
+        agent = build_agent(opts, source)
+        agent._drain_nowait()
+        cs = agent.sync()
+        assert cs is not None
+        print(render_changes(cs, args.output, agent.node_config()))
+        return 0
+
+    from ..dataplane import attach, loader, migrate
+    from ..dataplane.apply import Writer
+
+    patterns = globs(args.interfaces)
+    ext_patterns = globs(args.external_interfaces)
+    if os.geteuid() != 0:
+        log.warning("not running as root: loading BPF needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    # Before anything is written: one agent per pin directory.
+    try:
+        lock = loader.lock_pin_dir(args.pin_dir)
+    except loader.PinDirBusy as e:
+        raise loader.PinDirBusy(
+            e.errno,
+            f"{e.strerror}: two agents on one pin directory undo each other's writes; stop that one "
+            f"first, or give this one its own --pin-dir. Nothing was changed",
+        ) from None
+    try:
+        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin)
+    except BaseException:
+        lock.discard()
+        raise
+    # An upgrade across a layout change, or maps resized by the flags: carry
+    # the old maps' entries (ids, conntrack) into the new ones before the
+    # new programs attach.
+    carry = migrate.Carry(args.pin_dir, dp.maps)
+    if migrate.old_pins(args.pin_dir, dp.maps):
+        n = carry.copy()
+        log.info("carried %d entries over from maps of another layout version or size", n)
+    writer = Writer(dp.maps)
+    attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
+    ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
+    agent = build_agent(opts, source, writer, dp.maps, _refresher(attacher, ext_attacher))
+    if attacher is not None:
+        attacher.refresh()
+    if ext_attacher is not None:
+        ext_attacher.refresh()
+    # The new programs are in place (or none was asked for): the old maps
+    # have served their last packet through us.
+    carry.finish()
+    if not patterns:
+        log.warning("no --interfaces given: maps are programmed but no interface gets the program")
+    source.start()
+
+    def on_signal(signum, frame):
+        log.info("signal %s: stopping; programs stay attached and maps pinned", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "serving %s on interfaces %s, maps pinned in %s",
+        args.source or args.kubeconfig or "the in-cluster API",
+        ",".join(patterns) or "-",
+        args.pin_dir,
+    )
+    if ext_patterns:
+        log.info(
+            "external interfaces %s: NodePorts, LoadBalancer IPs and externalIPs served there",
+            ",".join(ext_patterns),
+        )
+    agent.run()
+    source.stop()
+    dp.close()
+    if args.cleanup_on_exit:
+        uninstall((patterns + ext_patterns) or ["*"], args.pin_dir, lock)
+    lock.release()
+    return 0
+
+
+def _refresher(*attachers):
+    live = [a for a in attachers if a is not None]
+    if not live:
+        return None
+
+    def refresh() -> None:
+        for a in live:
+            a.refresh()
+
+    return refresh
+
+
+def make_source(args):
+    """The file source, or the Kubernetes API (kubeconfig, or in-cluster)."""
+    if args.source:
+        from ..k8s.files import DEFAULT_MAX_FILE_SIZE, FileSource
+
+        max_size = DEFAULT_MAX_FILE_SIZE if args.source_max_file_size is None else args.source_max_file_size
+        if max_size < 1:
+            raise SystemExit("sliceproxy run: --source-max-file-size must be at least 1")
+        return FileSource(args.source, max_file_size=max_size)
+    in_cluster = args.in_cluster or (not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if not args.kubeconfig and not in_cluster:
+        raise SystemExit("sliceproxy run: give --source DIR, --kubeconfig PATH or --in-cluster")
+    from ..k8s.kube import Client, KubeSource
+
+    try:
+        client = Client.from_config(None if in_cluster else args.kubeconfig)
+    except Exception as e:  # the kubernetes package raises several kinds
+        raise SystemExit(f"sliceproxy run: cannot read the Kubernetes client configuration: {e}") from None
+    return KubeSource(client, args.node_name)
+
+
+def render_changes(cs, output: str, cfg=None) -> str:
+    """The desired map contents of a dry run (all additions from empty maps),
+    and the node config (sp_cfg) when given."""
+    from ..dataplane.abi import SCOPE_VALUE
+    from ..model.plan import PROTO_NAMES
+    from ..util.addrs import addr_str, hostport, is_v4
+
+    svc = [
+        {
+            "key": {
+                "frontend": f"{hostport(k[0], k[1])}/{PROTO_NAMES.get(k[2], k[2])}",
+                "scope": SCOPE_VALUE[k[3]],  # as the frontend map holds it
+            },
+            "value": {"svc_id": v[0], "count": v[1], "flags": v[2], "affinity_timeout": v[3]},
+        }
+        for k, v in cs.svc_upd
+    ]
+    slots = [{"key": {"svc_id": s, "slot": i}, "value": {"backend_id": b}} for s, i, b in cs.slot_upd]
+    bes = [
+        {"key": i, "value": {"backend": hostport(a, p), "proto": PROTO_NAMES.get(pr, pr)}}
+        for i, (a, p, pr) in cs.be_upd
+    ]
+    names = [{"key": i, "value": n} for i, n in cs.name_upd]
+    src = [
+        {"key": {"svc_id": i, "source": f"{addr_str(a)}/{n - 96 if is_v4(a) else n}"}, "value": {"allow": 1}}
+        for i, a, n in cs.src_upd
+    ]
+    data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names, mn("sp_src"): src}
+    if cfg is not None:
+        data[mn("sp_cfg")] = [{"key": 0, "value": cfg.as_dict()}]
+    if output == "json":
+        return json.dumps(data, indent=2)
+    lines = []
+    for mapname, entries in data.items():
+        lines.append(f"{mapname} ({len(entries)} entries)")
+        for e in entries:
+            lines.append(f"  {json.dumps(e['key'])} -> {json.dumps(e['value'])}")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Write a ChangeSet into the maps.
+
+Phases run in ChangeSet order, each one batch syscall per map (chunked):
+draining backends evicted to make room, backends, slots, frontends
+(counts), names; then frontend deletes, slot deletes, backend deletes, name
+deletes. A packet never sees a count that
+points at an unwritten slot, nor a slot that points at a deleted backend.
+
+When a batch fails (a map full behind our back, an entry the kernel
+refuses), Writer.apply_each writes the same change set again Service by
+Service, so one Service that cannot be written does not hold back the
+others (docs/semantics.md, "When a Service cannot be programmed").
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from itertools import repeat
+from operator import add as add_tuple
+from operator import itemgetter
+
+from ..model.plan import Backend, FKey
+from . import abi
+from .abi import U32, Codecs, NodeConfig
+from .abi import map_name as mn
+from .changeset import ChangeSet
+from .libbpf import BPFError
+from .maps import Map
+
+log = logging.getLogger("sliceproxy.apply")
+
+
+def _pack_all(codec: abi.Codec, rows) -> bytes:
+    return codec.pack_rows(rows)
+
+
+def _svc_keys(keys) -> list[tuple]:
+    """Frontend keys with the header's scope values (SP_SCOPE_*); a scope
+    read back as a number (no symbol for it) stays that number."""
+    scope = abi.SCOPE_VALUE
+    return [(a, p, pr, scope.get(s, s)) for a, p, pr, s in keys]
+
+
+def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
+    """(map, op, keys, values) in the order they must reach the kernel."""
+    out: list[tuple[str, str, bytes, bytes]] = []
+
+    def add(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> None:
+        if n:
+            out.append((mapname, op, keys, vals))
+
+    def ids(seq) -> bytes:
+        return U32.pack_columns(list(seq))
+
+    # Draining backends evicted to make room: gone before the new ones
+    # arrive (no slot names them). Then new backends, and draining marks
+    # set or cleared (SP_BE_F_DRAINING, with the drain's end in ns);
+    # built with map/zip so 100,000 rows stay in C.
+    be_ids = list(map(itemgetter(0), cs.be_upd)) + [m[0] for m in cs.be_mark]
+    be_rows = list(map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0)))) + [
+        (*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark
+    ]
+    add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
+    add(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows))
+    add(
+        mn("sp_slot"),
+        "update",
+        len(cs.slot_upd),
+        c.slot_key.pack_columns([s for s, _, _ in cs.slot_upd], [i for _, i, _ in cs.slot_upd]),
+        c.slot_val.pack_columns([b for _, _, b in cs.slot_upd]),
+    )
+    # Source ranges before the frontends that flag them. The LPM key's
+    # prefix length counts the svc_id's 32 bits too.
+    add(
+        mn("sp_src"),
+        "update",
+        len(cs.src_upd),
+        _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_upd)),
+        _pack_all(c.src_val, ((1,) for _ in cs.src_upd)),
+    )
+    add(
+        mn("sp_svc"),
+        "update",
+        len(cs.svc_upd),
+        _pack_all(c.svc_key, _svc_keys(k for k, _ in cs.svc_upd)),
+        _pack_all(c.svc_val, (v for _, v in cs.svc_upd)),
+    )
+    names = [n.encode() for _, n in cs.name_upd]
+    if any(len(n) >= c.name.size for n in names):
+        # Programmed refuses such a frontend; never cut one (the owner is
+        # read back from the name).
+        raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
+    add(
+        mn("sp_names"),
+        "update",
+        len(cs.name_upd),
+        ids(i for i, _ in cs.name_upd),
+        _pack_all(c.name, ((n,) for n in names)),
+    )
+    svc_del = cs.svc_del
+    if svc_del and cs.svc_upd:
+        # A frontend one Service gave up and another took in this change
+        # set (Programmed's claims): its new entry must survive the deletes.
+        taken = {k for k, _ in cs.svc_upd}
+        svc_del = [k for k in svc_del if k not in taken]
+    add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, _svc_keys(svc_del)))
+    add(
+        mn("sp_slot"),
+        "delete",
+        len(cs.slot_del),
+        c.slot_key.pack_columns([s for s, _ in cs.slot_del], [i for _, i in cs.slot_del]),
+    )
+    add(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
+    add(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
+    add(mn("sp_src"), "delete", len(cs.src_del), _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_del)))
+    return out
+
+
+class Writer:
+    def __init__(self, maps: dict[str, Map]):
+        self.maps = maps
+        self.codecs = Codecs.get()
+        for name, (ks, vs) in self.codecs.sizes().items():
+            m = maps[name]
+            if (m.key_size, m.value_size) != (ks, vs):
+                raise abi.LayoutError(
+                    f"map {name}: key/value sizes {m.key_size}/{m.value_size} in the kernel, "
+                    f"{ks}/{vs} in ebpf/sliceproxy.h"
+                )
+
+    def write_config(self, cfg: NodeConfig) -> None:
+        """The node-wide settings the external programs read (sp_cfg)."""
+        self.maps[mn("sp_cfg")].update(abi.u32(0), cfg.packed())
+
+    def apply(self, cs: ChangeSet) -> float:
+        """Write cs, then drop the UDP flows of backends it removed; returns
+        seconds spent in syscalls. Raises BPFError."""
+        t0 = time.perf_counter()
+        self._write(cs)
+        self._purge(cs.removed)
+        return time.perf_counter() - t0
+
+    def _write(self, cs: ChangeSet) -> None:
+        for mapname, op, keys, vals in encode(cs, self.codecs):
+            m = self.maps[mapname]
+            if op == "update":
+                m.update_batch(keys, vals)
+            else:
+                m.delete_batch(keys)
+
+    def _purge(self, removed: list[tuple[FKey, Backend]]) -> None:
+        if removed and mn("sp_ct") in self.maps:
+            n = purge_udp_flows(self.maps[mn("sp_ct")], removed)
+            if n:
+                log.debug("removed %d conntrack entries of UDP flows to removed backends", n)
+
+    def apply_each(self, cs: ChangeSet) -> tuple[dict[str, str], BPFError | None]:
+        """Write cs again, Service by Service, after its batch write failed
+        part way (what it wrote is written again: every write is an
+        update, every delete tolerates a missing key). Each Service's
+        writes keep their phase order: the backends its slots name (a new
+        backend shared by two Services comes with both), its slots, source
+        ranges, frontends and names, then its deletes. A Service whose
+        write fails is left as the kernel has it and named in the result
+        (owner -> error); the others are written. Then the node-wide rest:
+        orphans of a restart; drains started and ended only when no
+        Service failed (a failed one may still name a backend the rest
+        would delete; re-adopted maps tell later). Returns the failed
+        Services and the error of the rest, if any."""
+        parts, rest = cs.split()
+        rows = {bid: (b, 0, 0.0) for bid, b in cs.be_upd}
+        rows.update({bid: (b, f, until) for bid, b, f, until in cs.be_mark})
+        failed: dict[str, str] = {}
+        rest_error: BPFError | None = None
+        evict = rest.be_evict + [b for _, part in parts for b in part.be_evict]
+        try:
+            # Draining backends no slot names: room for the new ones.
+            self._write(ChangeSet(be_evict=evict))
+        except BPFError as e:
+            rest_error = e
+        removed: list[tuple[FKey, Backend]] = []
+        for owner, part in parts:
+            named = {b for _, _, b in part.slot_upd if b in rows}
+            own = {bid for bid, _ in part.be_upd} | {m[0] for m in part.be_mark}
+            try:
+                self._write(
+                    ChangeSet(
+                        be_mark=[(bid, *rows[bid]) for bid in sorted(named | own)],
+                        slot_upd=part.slot_upd,
+                        src_upd=part.src_upd,
+                        svc_upd=part.svc_upd,
+                        name_upd=part.name_upd,
+                    )
+                )
+                self._write(
+                    ChangeSet(
+                        svc_del=part.svc_del, slot_del=part.slot_del, name_del=part.name_del, src_del=part.src_del
+                    )
+                )
+            except BPFError as e:
+                failed[owner] = e.strerror or str(e)
+                continue
+            removed.extend(part.removed)
+        if failed:
+            rest = ChangeSet(slot_del=rest.slot_del, name_del=rest.name_del, src_del=rest.src_del)
+        else:
+            rest.be_evict = []
+        try:
+            self._write(rest)
+            self._purge(removed + rest.removed)
+        except BPFError as e:
+            rest_error = rest_error or e
+        return failed, rest_error
+
+
+def purge_udp_flows(ct: Map, removed: list[tuple[FKey, Backend]]) -> int:
+    """Delete the conntrack entries (both directions) of UDP flows from a
+    frontend to a backend that no longer serves it, as kube-proxy clears
+    netfilter's UDP conntrack: a client that keeps its socket (DNS) would
+    otherwise keep sending into the void. TCP flows are left to drain."""
+    pairs = {(f[0], f[1], b[0], b[1]) for f, b in removed if f[2] == socket.IPPROTO_UDP}
+    if not pairs:
+        return 0
+    kc, vc = abi.ct_codecs()
+    forward = abi.CT_FORWARD
+    doomed = []
+    for k, v in ct.items():
+        saddr, daddr, sport, dport, proto, direction = kc.unpack(k)
+        if proto != socket.IPPROTO_UDP:
+            continue
+        nat_addr, nat_port = vc.unpack(v)[:2]
+        if direction == forward:
+            hit = (daddr, dport, nat_addr, nat_port) in pairs
+        else:
+            hit = (nat_addr, nat_port, saddr, sport) in pairs
+        if hit:
+            doomed.append(k)
+    ct.delete_batch(b"".join(doomed))
+    return len(doomed)

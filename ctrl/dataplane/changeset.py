@@ -1,0 +1,135 @@
+"""A change set: the map writes that take the kernel from what is
+programmed to what is wanted, in the order that keeps every packet
+consistent. ctrl.dataplane.programmed computes one per sync; the writer
+(ctrl.dataplane.apply) writes it, whole or Service by Service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+from ..model.plan import Backend, FKey
+
+# The ChangeSet lists, each an ordered list of map writes or removed pairs.
+_LISTS = (
+    "be_evict",
+    "be_upd",
+    "be_mark",
+    "slot_upd",
+    "svc_upd",
+    "name_upd",
+    "src_upd",
+    "src_del",
+    "svc_del",
+    "slot_del",
+    "be_del",
+    "name_del",
+    "removed",
+)
+
+
+_lists_of = attrgetter(*_LISTS)
+
+
+@dataclass
+class ChangeSet:
+    """Map writes in the order that keeps every packet consistent:
+    backends and slots exist before a count points at them, and a count is
+    lowered before the slots above it go."""
+
+    # Draining backends removed early to make room (written first).
+    be_evict: list[int] = field(default_factory=list)
+    be_upd: list[tuple[int, Backend]] = field(default_factory=list)
+    # (id, backend, flags, drain end) of backends that start or stop
+    # draining; the drain end (seconds on the caller's clock, 0.0 when not
+    # draining) goes into the backend's entry, so it outlives this process.
+    be_mark: list[tuple[int, Backend, int, float]] = field(default_factory=list)
+    slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
+    svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
+    name_upd: list[tuple[int, str]] = field(default_factory=list)
+    # loadBalancerSourceRanges entries (svc_id, addr16, prefix length over
+    # 128 bits): written before the frontend that flags them, deleted after
+    # it, so no packet meets the flag without its ranges.
+    src_upd: list[tuple[int, bytes, int]] = field(default_factory=list)
+    src_del: list[tuple[int, bytes, int]] = field(default_factory=list)
+    svc_del: list[FKey] = field(default_factory=list)
+    slot_del: list[tuple[int, int]] = field(default_factory=list)
+    be_del: list[int] = field(default_factory=list)
+    name_del: list[int] = field(default_factory=list)
+    # Backends that stopped serving some frontend: (frontend, backend) pairs
+    # whose conntrack entries may be purged.
+    removed: list[tuple[FKey, Backend]] = field(default_factory=list)
+    services: set[str] = field(default_factory=set)  # owners that changed
+    # Owners not programmed (their previous entries kept), and why: a map
+    # would overflow (retried: room may come), or the Service itself
+    # cannot be programmed as it is (refused until it changes).
+    rejected: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    # (claimant, holder, frontend key): a Service claiming a frontend
+    # another one serves, new in this sync (the holder keeps it).
+    conflicts: list[tuple[str, str, FKey]] = field(default_factory=list)
+    # Owners waiting for a frontend this sync freed: plan them again.
+    resync: set[str] = field(default_factory=set)
+    # Owners whose writes failed (set by the agent after a per-Service
+    # write, ctrl.dataplane.apply.Writer.apply_each), and why.
+    failed: dict[str, str] = field(default_factory=dict)
+    # (owner, length of every list before its entries): each owner's
+    # entries are one run in each list, so split() can cut them out.
+    marks: list[tuple[str | None, tuple[int, ...]]] = field(default_factory=list, repr=False)
+
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(map(len, _lists_of(self)))  # in C: a mark per owner of a full sync
+
+    def mark(self, owner: str | None) -> None:
+        """The entries from here on are owner's (None: the node's)."""
+        self.marks.append((owner, self.lengths()))
+
+    def split(self) -> tuple[list[tuple[str, ChangeSet]], ChangeSet]:
+        """This change set as one part per owner, in the order they were
+        synced, and the rest: what belongs to no Service (drains started
+        and ended, orphans of a restart removed). Writing the parts one
+        after another and then the rest writes the same entries; a part
+        holds its owner's writes in phase order, so one Service can be
+        written (or fail) alone."""
+        parts: list[tuple[str, ChangeSet]] = []
+        marks = self.marks
+        for (owner, start), (_, end) in zip(marks, marks[1:], strict=False):
+            if owner is None or start == end:
+                continue
+            part = ChangeSet(**{f: getattr(self, f)[a:b] for f, a, b in zip(_LISTS, start, end, strict=True)})
+            part.services = self.services & {owner}
+            parts.append((owner, part))
+        first = marks[0][1] if marks else self.lengths()
+        last = marks[-1][1] if marks else self.lengths()
+        rest = ChangeSet()
+        for f, a, b in zip(_LISTS, first, last, strict=True):
+            entries = getattr(self, f)
+            setattr(rest, f, entries[:a] + entries[b:])
+        return parts, rest
+
+    def __len__(self) -> int:
+        return (
+            len(self.be_evict)
+            + len(self.be_upd)
+            + len(self.be_mark)
+            + len(self.slot_upd)
+            + len(self.svc_upd)
+            + len(self.name_upd)
+            + len(self.svc_del)
+            + len(self.slot_del)
+            + len(self.be_del)
+            + len(self.name_del)
+            + len(self.src_upd)
+            + len(self.src_del)
+        )
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "services": len(self.services),
+            "frontends_set": len(self.svc_upd),
+            "frontends_deleted": len(self.svc_del),
+            "slots_set": len(self.slot_upd),
+            "slots_deleted": len(self.slot_del),
+            "backends_added": len(self.be_upd),
+            "backends_deleted": len(self.be_del) + len(self.be_evict),
+        }

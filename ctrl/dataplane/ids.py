@@ -1,0 +1,80 @@
+"""Stable ids: a frontend keeps its service id and an (address, port,
+protocol) keeps its backend id for as long as it exists, and both are read
+back from the pinned maps after a restart. Conntrack entries name them, so
+an id that changed under a flow would move the flow."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection
+
+from ..model.plan import Backend
+
+
+class BackendIds:
+    """Backend <-> id, and how many frontends use each id (refs). New ids
+    count up from one past the highest ever seen, never reusing one a
+    conntrack entry may still name."""
+
+    def __init__(self, backends: dict[int, Backend] | None = None):
+        self.backends: dict[int, Backend] = dict(backends or {})
+        self.ids: dict[Backend, int] = {b: i for i, b in self.backends.items()}
+        self.refs: dict[int, int] = defaultdict(int)  # backend id -> frontends using it
+        self.next_id = max(list(self.backends) + [0]) + 1
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def get(self, bs: Collection[Backend], new: list[tuple[int, Backend]]) -> list[int]:
+        """Ids of these backends, allocating new ones (appended to `new`,
+        the backends to write)."""
+        ids = self.ids
+        get = ids.get
+        out = [get(b) for b in bs]
+        if out and out.count(None) == len(out) and len(set(bs)) == len(bs):
+            # All new (a new Service, a first sync): allocate in bulk.
+            first = self.next_id
+            fresh = range(first, first + len(bs))
+            self.next_id += len(bs)
+            ids.update(zip(bs, fresh, strict=False))
+            self.backends.update(zip(fresh, bs, strict=False))
+            new.extend(zip(fresh, bs, strict=False))
+            return list(fresh)
+        if None in out:
+            for i, b in enumerate(bs):
+                bid = out[i]
+                if bid is None:
+                    bid = ids.get(b)  # listed twice in bs: allocated above
+                    if bid is None:
+                        bid = self.next_id
+                        self.next_id += 1
+                        ids[b] = bid
+                        self.backends[bid] = b
+                        new.append((bid, b))
+                    out[i] = bid
+        return out  # type: ignore[return-value]
+
+    def drop(self, bid: int) -> Backend:
+        """Forget a backend id (its entry is deleted from the map)."""
+        b = self.backends.pop(bid)
+        del self.ids[b]
+        self.refs.pop(bid, None)
+        return b
+
+    def unused(self) -> list[int]:
+        """Ids no frontend uses."""
+        refs = self.refs
+        return [b for b in self.backends if refs.get(b, 0) <= 0]
+
+
+class ServiceIds:
+    """Service ids (the key of a frontend's slots, name and source ranges),
+    counting up from one past the highest seen."""
+
+    def __init__(self, seen: Collection[int] = ()):
+        self.next_id = max(list(seen) + [0]) + 1
+
+    def new(self) -> int:
+        sid = self.next_id
+        self.next_id += 1
+        return sid

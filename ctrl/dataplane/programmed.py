@@ -1,0 +1,510 @@
+"""What is programmed, and the smallest ordered change to reach what is wanted.
+
+`Programmed` mirrors the contents of the service, slot, backend, name and
+source range maps: its frontends with their slots, backends with their ids
+(ctrl.dataplane.ids), the drains under way (ctrl.dataplane.drain), all
+read back from the pinned maps after a restart (`adopt`).
+
+`Programmed.sync` takes the desired frontends of some services, updates the
+mirror and returns a ChangeSet (ctrl.dataplane.changeset): only the entries
+that differ, slots moved as little as possible (ctrl.dataplane.slots).
+Pure Python; ctrl.dataplane.apply writes a ChangeSet to the kernel in its
+phase order. The planner's symbols become the header's values here: scopes
+when the maps are written and read (ctrl.dataplane.abi), frontend flags as
+the mirror records them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
+from itertools import filterfalse
+
+from ..model.plan import Backend, FKey, Frontend, SourceRange, frontend_str
+from . import abi, slots
+from .abi import MapSizes
+from .changeset import ChangeSet
+from .drain import Drains
+from .ids import BackendIds, ServiceIds
+
+log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
+
+
+@dataclass
+class FrontendState:
+    svc_id: int
+    owner: str  # service key "namespace/name"; "" when unknown (adopted, unnamed)
+    name: str
+    slots: list[int]  # backend id per slot
+    flags: int = 0  # SP_SVC_F_*, as the frontend map holds them
+    affinity_timeout: int = 0
+    # The plan number (Frontend.version) these slots hold, and each
+    # backend's slot: what a Frontend's added/removed delta applies to.
+    version: int = -1
+    slot_of: dict[int, int] | None = None
+    ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
+
+
+def name_capacity() -> int:
+    """Bytes of a frontend name the names map holds (its NUL aside)."""
+    return abi.codec("sp_svc_name").size - 1
+
+
+class Programmed:
+    def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0):
+        self.capacity = capacity or MapSizes()
+        self.name_max = name_capacity()
+        # Frontends two Services claim: the one that holds it keeps it
+        # (owner -> {key: holder} of what it waits for; key -> who waits),
+        # and a claimant gets it when the holder lets it go.
+        self.blocked: dict[str, dict[FKey, str]] = {}
+        self.waiting: dict[FKey, set[str]] = {}
+        self._freed: list[FKey] = []
+        # How long a backend no frontend uses stays in the backend map
+        # (ctrl.dataplane.drain).
+        self.drain_period = drain_period
+        self.drains = Drains()
+        self._clear_marks: list[int] = []  # adopted with the draining flag but in use
+        # Adopted backends no slot names and no drain holds: their drain
+        # starts at the next sync (a restart's first sync is a full one
+        # anyway; after a failed write the re-adopted maps can hold such).
+        self._adopted_unused: list[int] = []
+        self.frontends: dict[FKey, FrontendState] = {}
+        self.by_owner: dict[str, set[FKey]] = defaultdict(set)
+        self.bids = BackendIds()
+        self.sids = ServiceIds()
+        # Entries found in the maps at adoption that nothing owns; removed at
+        # the first full sync, never before (a restart must not drop traffic).
+        self.orphan_slots: list[tuple[int, int]] = []
+        self.orphan_names: list[int] = []
+        self.orphan_ranges: list[tuple[int, bytes, int]] = []
+        self.slot_count = 0
+        self.range_count = 0  # entries in the source range map
+        self._unused: set[int] = set()
+        self._unindexed: set[FKey] = set()
+
+    # The backend ids, and the drains, as dicts (tests, the bench).
+    @property
+    def backends(self) -> dict[int, Backend]:
+        return self.bids.backends
+
+    @property
+    def backend_ids(self) -> dict[Backend, int]:
+        return self.bids.ids
+
+    @property
+    def draining(self) -> dict[int, float]:
+        return self.drains.until
+
+    # -- reading back what a previous agent left --------------------------
+    def adopt(
+        self,
+        svc: dict[FKey, tuple[int, int, int, int]],
+        slots: dict[tuple[int, int], int],
+        backends: dict[int, Backend],
+        names: dict[int, str],
+        ranges: dict[int, set[SourceRange]] | None = None,
+        draining: dict[int, float] | None = None,
+    ) -> None:
+        """Rebuild the mirror from decoded map contents. `draining` holds
+        the drain end of every backend the kernel has flagged draining (on
+        the clock sync's `now` uses): a periodic re-adoption or a restart
+        keeps each deadline instead of starting a new drain period."""
+        # Who waits for which frontend is this process's knowledge, not the
+        # kernel's: a re-adoption keeps it (a restart starts without).
+        blocked, waiting = self.blocked, self.waiting
+        self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
+        self.blocked, self.waiting = blocked, waiting
+        self.bids = bids = BackendIds(backends)
+        refs = bids.refs
+        used_slots: set[tuple[int, int]] = set()
+        for key, (svc_id, count, flags, timeout) in svc.items():
+            name = names.get(svc_id, "")
+            owner = name.split(":", 1)[0] if ":" in name else ""
+            sl: list[int | None] = []
+            for i in range(count):
+                b = slots.get((svc_id, i))
+                sl.append(b if b in bids.backends else None)
+                used_slots.add((svc_id, i))
+            st = FrontendState(svc_id, owner, name, sl, flags, timeout)  # type: ignore[arg-type]
+            st.ranges = tuple(sorted((ranges or {}).get(svc_id, ())))
+            self.frontends[key] = st
+            self.by_owner[owner].add(key)
+            for b in set(sl):
+                if b is not None:
+                    refs[b] += 1
+        self.slot_count = len(slots)
+        self.range_count = sum(len(rs) for rs in (ranges or {}).values())
+        self.orphan_slots = [k for k in slots if k not in used_slots]
+        live_ids = {st.svc_id for st in self.frontends.values()}
+        self.orphan_names = [i for i in names if i not in live_ids]
+        self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
+        self.sids = ServiceIds([st.svc_id for st in self.frontends.values()] + list(names))
+        kept = {}
+        for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
+            if bid not in bids.backends:
+                continue
+            if refs.get(bid, 0) > 0:
+                # Flagged, yet a slot names it (the agent stopped between
+                # the mark and the slot deletes, then the Service kept it):
+                # serving; the next sync clears the flag.
+                self._clear_marks.append(bid)
+            else:
+                kept[bid] = until
+        self.drains = Drains(kept)
+        self._adopted_unused = [b for b in bids.backends if refs.get(b, 0) == 0 and b not in self.drains]
+
+    # -- the diff ----------------------------------------------------------
+    def owners(self) -> set[str]:
+        return {o for o, keys in self.by_owner.items() if keys}
+
+    def sync(
+        self, desired: dict[str, list[Frontend]], prune_except: set[str] | None = None, now: float = 0.0
+    ) -> ChangeSet:
+        """Bring the owners in `desired` to their frontends (an empty list
+        removes them). With prune_except, also remove every owner not in it
+        and every orphan entry: only after the first full list of every
+        resource. `now` (seconds, any clock the caller keeps using) times
+        the draining of unused backends."""
+        cs = ChangeSet()
+        if prune_except is not None:
+            for owner in list(self.by_owner):
+                if owner not in prune_except and owner not in desired and self.by_owner[owner]:
+                    desired = {**desired, owner: []}
+        self._unused = set(self._adopted_unused)
+        self._adopted_unused = []
+        for bid in self._clear_marks:
+            if bid in self.bids.backends and bid not in self.drains:
+                cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
+        self._clear_marks = []
+        self._freed = []
+        # Frontends of no known owner (adopted without a name) go last: a
+        # Service that claims one takes it over with its id first.
+        for owner in sorted(desired, key=lambda o: (o == "", o)):
+            cs.mark(owner)
+            self._sync_owner(owner, desired[owner], cs)
+        cs.mark(None)
+        for key in self._freed:
+            if key not in self.frontends:
+                cs.resync.update(self.waiting.get(key, ()))
+        refs = self.bids.refs
+        if prune_except is not None:
+            cs.slot_del.extend(self.orphan_slots)
+            self.slot_count -= len(self.orphan_slots)
+            cs.name_del.extend(self.orphan_names)
+            cs.src_del.extend(self.orphan_ranges)
+            self.range_count -= len(self.orphan_ranges)
+            self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
+            self._unused.update(b for b in self.bids.backends if refs.get(b, 0) == 0)
+        # Backends drain once every owner is done, so one that moves from
+        # one service to another in the same sync keeps its id; and they go
+        # only after draining.
+        for bid in sorted(self._unused):
+            if refs.get(bid, 0) <= 0 and bid in self.bids.backends and bid not in self.drains:
+                until = now + self.drain_period
+                self.drains.start(bid, until)
+                if self.drain_period > 0:
+                    cs.be_mark.append((bid, self.bids.backends[bid], abi.BE_F_DRAINING, until))
+        for bid, serving in self.drains.due(now, lambda b: refs.get(b, 0) > 0):
+            if serving:  # normally undrained when it was used again
+                cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
+            else:
+                self._drop_backend(bid, cs)
+        return cs
+
+    def index_pending(self) -> int:
+        """Build the slot index (backend -> slot) of the frontends set in
+        full since the last call, which their next delta needs. Called
+        after a sync's write; returns how many were built."""
+        n = 0
+        for key in self._unindexed:
+            st = self.frontends.get(key)
+            if st is not None and st.slot_of is None and st.version >= 0:
+                st.slot_of = dict(zip(st.slots, range(len(st.slots)), strict=True))
+                n += 1
+        self._unindexed.clear()
+        return n
+
+    def next_drain_end(self) -> float | None:
+        """When the next draining backend is due to go, if any."""
+        return self.drains.next_end()
+
+    def _evict_draining(self, n: int, keep: list[Frontend], cs: ChangeSet) -> None:
+        """Make room for n backends by ending the drain of the oldest
+        draining ones early: the drain is a grace period for flows already
+        on them, a new Service's backends are not to be refused for it.
+        Their flows then count as new (the datapath finds no backend).
+        Backends the frontends in `keep` use are spared (they are about to
+        serve again); when that cannot make enough room, nothing is evicted."""
+        refs, backends = self.bids.refs, self.bids.backends
+        wanted: set[Backend] | None = None
+
+        def spare(bid: int) -> bool:
+            nonlocal wanted
+            if refs.get(bid, 0) > 0:
+                return True  # in service again: undrained by this sync
+            if wanted is None:
+                wanted = {b for f in keep for b in (f.added if self._delta_applies(f) else f.backends) or ()}
+            return backends[bid] in wanted
+
+        evicted = self.drains.oldest(n, spare)
+        if len(evicted) < n:
+            return  # would not be enough: the change is refused, the drains go on
+        for bid in evicted:
+            self.drains.stop(bid)
+            self.bids.drop(bid)
+        cs.be_evict.extend(evicted)
+        if evicted:
+            log.warning(
+                "backend map full: %d draining backends removed before their drain period ended "
+                "(raise --max-backends to keep draining through updates this large)",
+                len(evicted),
+            )
+
+    def _undrain(self, bid: int, cs: ChangeSet) -> None:
+        """A draining backend used again: back in service, same id."""
+        if self.drains.stop(bid):
+            cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
+
+    def _delta_applies(self, f: Frontend) -> bool:
+        """f's added/removed are relative to what this frontend holds."""
+        cur = self.frontends.get(f.key)
+        return f.added is not None and cur is not None and cur.version >= 0 and cur.version == f.base
+
+    def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int, int]:
+        """Entries this owner's change adds (services, slots, backends,
+        source ranges) at its peak."""
+        new_fronts = sum(1 for f in fronts if f.key not in self.frontends)
+        new_be: set[Backend] = set()
+        slot_growth = 0
+        range_growth = 0
+        ids = self.bids.ids
+        for f in fronts:
+            cur = self.frontends.get(f.key)
+            if f.source_ranges:
+                range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
+            if self._delta_applies(f):
+                new_be.update(b for b in f.added if b not in ids)  # type: ignore[union-attr]
+                slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
+            else:
+                new_be.update(filterfalse(ids.__contains__, f.backends))
+                slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
+        return new_fronts, slot_growth, len(new_be), range_growth
+
+    def _long_name(self, fronts: list[Frontend]) -> str | None:
+        """Why a frontend's name cannot go into the names map whole. A cut
+        name would lose its owner at the next adoption (restart, reconcile),
+        or worse name another: refuse instead."""
+        for f in fronts:
+            if len(f.name) * 4 <= self.name_max:
+                continue  # fits whatever its characters (UTF-8: 4 bytes at most)
+            n = len(f.name.encode())
+            if n > self.name_max:
+                return (
+                    f"frontend name {f.name[:60]!r}... is {n} bytes, the names map holds {self.name_max} "
+                    f"(Kubernetes allows 63 characters for a namespace, a Service name or a port name)"
+                )
+        return None
+
+    def _claims(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> list[Frontend]:
+        """The frontends of `fronts` this owner may program: not those
+        another Service holds. In a cluster the API server refuses a
+        second Service on a ClusterIP, but externalIPs, LoadBalancer IPs
+        and a directory of YAML can claim one twice; kube-proxy's rules
+        then let either win, by rule order. Here the holder keeps it, the
+        claimant is reported once (and when the holder changes) and gets
+        it when the holder lets go (cs.resync)."""
+        held: dict[FKey, str] = {}
+        for f in fronts:
+            cur = self.frontends.get(f.key)
+            if cur is not None and cur.owner not in (owner, ""):
+                held[f.key] = cur.owner
+        before = self.blocked.pop(owner, {})
+        for key in before.keys() - held.keys():
+            waiters = self.waiting.get(key)
+            if waiters is not None:
+                waiters.discard(owner)
+                if not waiters:
+                    del self.waiting[key]
+        if not held:
+            return fronts
+        self.blocked[owner] = held
+        for key, holder in held.items():
+            self.waiting.setdefault(key, set()).add(owner)
+            if before.get(key) != holder:
+                cs.conflicts.append((owner, holder, key))
+        return [f for f in fronts if f.key not in held]
+
+    def _sync_owner(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> None:
+        why = self._long_name(fronts)
+        if why is not None:
+            cs.refused[owner] = why
+            return
+        fronts = self._claims(owner, fronts, cs)
+        g_svc, g_slots, g_be, g_src = self._growth(owner, fronts)
+        cap = self.capacity
+        # Deletes happen after upserts in one apply: count additions only.
+        full = []
+        # Entries this change set deletes are still in the kernel while its
+        # additions are written: count them towards the peak.
+        if g_svc and len(self.frontends) + len(cs.svc_del) + g_svc > cap.services:
+            full.append(f"the service map holds at most {cap.services} frontends (raise --max-services)")
+        # One name per frontend, and the names nothing owns until the
+        # first full sync removes them; sized by --max-services too.
+        elif g_svc and len(self.frontends) + len(self.orphan_names) + len(cs.name_del) + g_svc > cap.services:
+            full.append(
+                f"the names map holds at most {cap.services} entries, {len(self.orphan_names)} of them "
+                f"names of frontends gone before a restart (raise --max-services)"
+            )
+        if g_src and self.range_count + len(cs.src_del) + g_src > cap.source_ranges:
+            full.append(
+                f"the source range map holds at most {cap.source_ranges} entries, {g_src} more needed "
+                f"(raise --max-source-ranges)"
+            )
+        if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
+            full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
+        if g_be and len(self.bids) + g_be > cap.backends:
+            self._evict_draining(len(self.bids) + g_be - cap.backends, fronts, cs)
+        if g_be and len(self.bids) + g_be > cap.backends:
+            full.append(
+                f"the backend map holds at most {cap.backends} backends, {g_be} more needed (raise --max-backends)"
+            )
+        if full:
+            cs.rejected[owner] = "; ".join(full)
+            return
+        wanted_keys = {f.key for f in fronts}
+        for key in sorted(self.by_owner.get(owner, set()) - wanted_keys):
+            self._remove_frontend(key, cs)
+        for f in fronts:
+            self._sync_frontend(owner, f, cs)
+        if not self.by_owner.get(owner):
+            self.by_owner.pop(owner, None)
+
+    def _drop_backend(self, bid: int, cs: ChangeSet) -> None:
+        self.bids.drop(bid)
+        cs.be_del.append(bid)
+
+    def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
+        """One frontend to its planned backends: from its delta when the
+        plan is relative to what it holds (O(change)), else in full."""
+        cur = self.frontends.get(f.key)
+        if self._delta_applies(f) and cur is not None and cur.owner == owner:
+            self._sync_frontend_delta(owner, f, cur, cs)
+            return
+        wanted = self.bids.get(f.backends, cs.be_upd)
+        if cur is None:
+            cur = FrontendState(self.sids.new(), owner, "", [], -1, -1)
+            self.frontends[f.key] = cur
+        elif cur.owner != owner:
+            # Adopted without a name (_claims lets no other owner here):
+            # this Service takes it over, id and slots included.
+            log.info("frontend %s of no known owner is %s's", frontend_str(f.key), owner)
+            self.by_owner[cur.owner].discard(f.key)
+        self.by_owner[owner].add(f.key)
+        cur.owner = owner
+        sl: list[int | None] = cur.slots  # type: ignore[assignment]
+        n_old = len(sl)
+        old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
+        old_set.discard(None)  # type: ignore[arg-type]
+        changed = self._slots_written(cur, slots.assign(cur.svc_id, sl, wanted), n_old, cs)
+        refs = self.bids.refs
+        new_set: set[int]
+        if n_old:
+            new_set = set(sl)  # type: ignore[arg-type]
+            added: Collection[int] = new_set - old_set
+        else:  # a new frontend: assign gave each backend once
+            new_set = set()
+            added = sl  # type: ignore[assignment]
+        for b in added:
+            refs[b] += 1
+        if self.drains:
+            for b in added:
+                self._undrain(b, cs)
+        self._released(f.key, old_set - new_set, cs)
+        cur.version = f.version
+        cur.slot_of = None  # built by index_pending or the first delta
+        if f.version >= 0:
+            self._unindexed.add(f.key)
+        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+
+    def _sync_frontend_delta(self, owner: str, f: Frontend, cur: FrontendState, cs: ChangeSet) -> None:
+        """The same from the added and removed backends only: the removed
+        ones' slots (from the slot index) are the holes."""
+        sl: list[int | None] = cur.slots  # type: ignore[assignment]
+        slot_of = cur.slot_of
+        if slot_of is None:
+            slot_of = cur.slot_of = dict(zip(sl, range(len(sl)), strict=True))  # type: ignore[arg-type]
+        n_old = len(sl)
+        ids = self.bids.ids
+        rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
+        add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
+        holes = sorted(slot_of.pop(b) for b in rem)
+        changed = self._slots_written(cur, slots.fill(cur.svc_id, sl, holes, add, slot_of), n_old, cs)
+        refs = self.bids.refs
+        for b in add:
+            refs[b] += 1
+            self._undrain(b, cs)
+        self._released(f.key, rem, cs)
+        cur.version = f.version
+        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+
+    def _slots_written(self, cur: FrontendState, writes: list[slots.SlotWrite], n_old: int, cs: ChangeSet) -> bool:
+        """Record a frontend's slot writes and the deletes of its slots past
+        the new count (it had n_old); whether any slot changed."""
+        n = len(cur.slots)
+        cs.slot_upd.extend(writes)
+        cs.slot_del.extend((cur.svc_id, i) for i in range(n, n_old))
+        self.slot_count += n - n_old
+        return bool(writes) or n < n_old
+
+    def _released(self, key: FKey, bids: Collection[int], cs: ChangeSet) -> None:
+        """Backends that stopped serving frontend `key`: their UDP flows
+        to it are purged after the write, and each starts draining once no
+        frontend uses it (end of sync)."""
+        refs, backends = self.bids.refs, self.bids.backends
+        for b in bids:
+            cs.removed.append((key, backends[b]))
+            refs[b] -= 1
+            self._unused.add(b)
+
+    def _finish_frontend(
+        self, owner: str, f: Frontend, cur: FrontendState, n_old: int, changed: bool, cs: ChangeSet
+    ) -> None:
+        """The frontend entry (count, flags, affinity), its name and its
+        source ranges, where they changed."""
+        n = len(cur.slots)
+        flags = abi.frontend_flags(f.flags)
+        if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:
+            cur.flags, cur.affinity_timeout = flags, f.affinity_timeout
+            cs.svc_upd.append((f.key, (cur.svc_id, n, flags, f.affinity_timeout)))
+            changed = True
+        if cur.name != f.name:
+            cur.name = f.name
+            cs.name_upd.append((cur.svc_id, f.name))
+            changed = True
+        if cur.ranges != f.source_ranges and set(cur.ranges) != set(f.source_ranges):
+            old_r, new_r = set(cur.ranges), set(f.source_ranges)
+            cs.src_upd.extend((cur.svc_id, a, n) for a, n in f.source_ranges if (a, n) not in old_r)
+            cs.src_del.extend((cur.svc_id, a, n) for a, n in cur.ranges if (a, n) not in new_r)
+            self.range_count += len(new_r) - len(old_r)
+            cur.ranges = f.source_ranges
+            changed = True
+        if changed:
+            cs.services.add(owner)
+
+    def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
+        st = self.frontends.pop(key)
+        if key in self.waiting:
+            self._freed.append(key)
+        self.by_owner[st.owner].discard(key)
+        cs.svc_del.append(key)
+        cs.name_del.append(st.svc_id)
+        cs.src_del.extend((st.svc_id, a, n) for a, n in st.ranges)
+        self.range_count -= len(st.ranges)
+        cs.services.add(st.owner)
+        for i in range(len(st.slots)):
+            cs.slot_del.append((st.svc_id, i))
+        self.slot_count -= len(st.slots)
+        self._released(key, {b for b in st.slots if b is not None}, cs)

@@ -1,0 +1,305 @@
+"""Incremental planning: plan_service with memory.
+
+plan_service re-merges every slice of a Service: on a Service of 100,000
+endpoints a one-slice change costs as much as a full plan (about 100 ms),
+and so does the dataplane comparing 100,000 backends. ServicePlanner keeps,
+per Service port, the merged endpoints and which of them are selected,
+applies only the slices that changed (by object identity: a parsed slice is
+immutable and replaced on every change), and hands the dataplane the added
+and removed backends.
+
+Selection stays categorize()'s: its decisions depend only on a few facts
+about each endpoint (its class below) and on which classes exist at all.
+Running categorize on one representative endpoint per class present says
+which classes are selected; while that answer does not change, a changed
+endpoint is selected exactly when its class is. When it changes (the last
+ready endpoint went, topology hints appeared...), the port is re-selected
+in full. tests/unit/test_planner.py checks the result against plan_service
+on random sequences of changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from ..k8s.objects import Endpoint, EndpointSlice, Service, ServicePort
+from .plan import (
+    PROTO_NUMBERS,
+    Backend,
+    Frontend,
+    NodeAddresses,
+    count_no_local,
+    ignored_reason,
+    plan_full,
+    plan_service,
+    port_policy,
+    select_for_rule,
+)
+from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
+
+_OTHER = "\0other"  # equals no node or zone name
+
+
+def _endpoint_class(ep: Endpoint, node_name: str | None, zone: str | None) -> tuple:
+    hn, hz = ep.hint_nodes, ep.hint_zones
+    return (
+        ep.ready,
+        ep.serving,
+        ep.terminating,
+        ep.node_name == node_name,
+        bool(hn),
+        node_name in (hn or ()),
+        bool(hz),
+        zone in (hz or ()),
+    )
+
+
+def _representative(c: tuple, node_name: str | None, zone: str | None) -> PortEndpoint:
+    ready, serving, terminating, local, hn, hn_me, hz, hz_me = c
+    ep = Endpoint(
+        address="",
+        addr=b"",
+        ready=ready,
+        serving=serving,
+        terminating=terminating,
+        node_name=node_name if local else _OTHER,
+        zone=None,
+        hint_zones=((zone or _OTHER,) if hz_me else (_OTHER,)) if hz else None,
+        hint_nodes=((node_name or _OTHER,) if hn_me else (_OTHER,)) if hn else None,
+    )
+    return PortEndpoint(ep, 0)
+
+
+def _slice_port(sl: EndpointSlice, sp: ServicePort, family: str) -> int | None:
+    if sl.address_type != family:
+        return None
+    for p in sl.ports:
+        if p.name == sp.name and p.protocol == sp.protocol:
+            return p.port
+    return None
+
+
+def _port_endpoints(slices: dict[str, EndpointSlice | None], sp: ServicePort, family: str):
+    """((address, port), endpoint) of each endpoint the slices give this
+    service port (None: a slice that is gone)."""
+    for sl in slices.values():
+        if sl is None:
+            continue
+        port = _slice_port(sl, sp, family)
+        if port is None:
+            continue
+        for ep in sl.endpoints:
+            yield (ep.addr, port), ep
+
+
+class _PortState:
+    """One served port of one cluster IP: merged endpoints and selection."""
+
+    def __init__(
+        self, sp: ServicePort, family: str, proto: int, policy: PortPolicy, node_name, zone, slices, rule: str
+    ):
+        self.sp, self.family, self.proto, self.policy, self.rule = sp, family, proto, policy, rule
+        self.node_name, self.zone = node_name, zone
+        self.winner: dict[tuple[bytes, int], PortEndpoint] = {}
+        self.classes: Counter = Counter()
+        total = 0
+        for pe in merge_endpoints(sp, list(slices.values()), family):
+            self.winner[(pe.ep.addr, pe.port)] = pe
+        for sl in slices.values():
+            port = _slice_port(sl, sp, family)
+            if port is not None:
+                total += len(sl.endpoints)
+        # An ip:port in two slices (moving between them): merge_endpoints'
+        # tie rules need all copies; keep it simple and re-plan in full.
+        self.duplicates = total != len(self.winner)
+        cls = _endpoint_class
+        of = [cls(pe.ep, node_name, zone) for pe in self.winner.values()]
+        self.classes = Counter(of)
+        self.selected_classes = sel = self._selected_classes()
+        self.selected: dict[tuple[bytes, int], Backend] = {
+            k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel
+        }
+
+    def has_local(self) -> bool:
+        """categorize()'s local set is not empty: an endpoint on this node,
+        ready, or serving and terminating (the class says both)."""
+        return any(
+            n > 0 and local and (ready or (serving and terminating))
+            for (ready, serving, terminating, local, *_), n in self.classes.items()
+        )
+
+    def _selected_classes(self) -> frozenset:
+        reps = {c: _representative(c, self.node_name, self.zone) for c, n in self.classes.items() if n > 0}
+        cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
+        chosen = select_for_rule(cat, self.policy, self.rule)
+        ids = {id(pe) for pe in chosen}
+        return frozenset(c for c, pe in reps.items() if id(pe) in ids)
+
+    def update(self, old: dict, new: dict) -> tuple[tuple[Backend, ...], tuple[Backend, ...]] | None:
+        """Apply changed slices (name -> slice, None when gone) given the
+        old objects; (added, removed) backends, or None when only a full
+        re-plan is right (duplicates across slices)."""
+        if self.duplicates:
+            return None
+        sp, family, node_name, zone = self.sp, self.family, self.node_name, self.zone
+        cls = _endpoint_class
+        touched: dict[tuple[bytes, int], None] = {}
+        winner, classes = self.winner, self.classes
+        for k, _ in _port_endpoints(old, sp, family):
+            pe = winner.pop(k, None)
+            if pe is not None:
+                classes[cls(pe.ep, node_name, zone)] -= 1
+                touched[k] = None
+        for k, ep in _port_endpoints(new, sp, family):
+            if k in winner:
+                self.duplicates = True
+                return None
+            winner[k] = PortEndpoint(ep, k[1])
+            classes[cls(ep, node_name, zone)] += 1
+            touched[k] = None
+        sel = self._selected_classes()
+        selected = self.selected
+        added: list[Backend] = []
+        removed: list[Backend] = []
+        if sel != self.selected_classes:
+            self.selected_classes = sel
+            now = {k: (k[0], k[1], self.proto) for k, pe in winner.items() if cls(pe.ep, node_name, zone) in sel}
+            removed = [b for k, b in selected.items() if k not in now]
+            added = [b for k, b in now.items() if k not in selected]
+            self.selected = now
+            return tuple(added), tuple(removed)
+        for k in touched:
+            pe = winner.get(k)
+            want = pe is not None and cls(pe.ep, node_name, zone) in sel
+            if want and k not in selected:
+                b = selected[k] = (k[0], k[1], self.proto)
+                added.append(b)
+            elif not want and k in selected:
+                removed.append(selected.pop(k))
+        return tuple(added), tuple(removed)
+
+
+@dataclass
+class _Cached:
+    svc: Service
+    where: tuple
+    slices: dict[str, EndpointSlice]
+    fronts: list[Frontend]
+    notes: list[str]
+    meta: dict[tuple, tuple]  # frontend key -> key of its _PortState
+    local: dict[tuple[int, str], bool]  # of the full plan: (port, protocol) -> has a local endpoint
+    ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
+
+
+class ServicePlanner:
+    """plan_service with memory: per Service, what it planned last; a
+    change to some of its slices is planned in time proportional to them.
+    Frontends that select alike (same port, family and rule: a NodePort on
+    two node addresses, an LB IP and an externalIP) share one _PortState."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, _Cached] = {}
+        self._versions = itertools.count(1)
+        self._unindexed: set[str] = set()
+
+    def no_local(self, owner: str) -> tuple[int, int]:
+        """no_local_endpoints of the Service as last planned, from what
+        planning it found: no slice is merged again, so a one-slice change
+        of a big Service with a Local policy stays a one-slice cost."""
+        c = self._cache.get(owner)
+        if c is None:  # gone, ignored, or never planned
+            return 0, 0
+        if c.ports is None:  # planned in full since the last index
+            full = c.local
+            return count_no_local(c.svc, lambda sp: full.get((sp.port, sp.protocol), False))
+        ports = c.ports
+        return count_no_local(
+            c.svc,
+            lambda sp: any(
+                st.has_local() for (port, proto, *_), st in ports.items() if (port, proto) == (sp.port, sp.protocol)
+            ),
+        )
+
+    def forget(self, owner: str) -> None:
+        self._cache.pop(owner, None)
+        self._unindexed.discard(owner)
+
+    def index_pending(self) -> int:
+        """Build the per-port state of the Services planned in full since
+        the last call, which their next change needs (about as long as
+        planning them). Called after a sync's maps are written, so a full
+        sync programs the kernel first. Returns how many were built."""
+        n = 0
+        for owner in sorted(self._unindexed):
+            c = self._cache.get(owner)
+            if c is not None and c.ports is None:
+                self._index(c)
+                n += 1
+        self._unindexed.clear()
+        return n
+
+    def _index(self, c: _Cached) -> None:
+        """One _PortState per selection (port, family, rule) the frontends use."""
+        svc = c.svc
+        node_name, zone, _ = c.where
+        c.ports = {}
+        for sk in dict.fromkeys(c.meta.values()):
+            port, protocol, family, rule = sk
+            sp = next(p for p in svc.ports if p.port == port and p.protocol == protocol)
+            c.ports[sk] = _PortState(
+                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, rule
+            )
+
+    def plan(
+        self,
+        owner: str,
+        svc: Service | None,
+        slices: dict[str, EndpointSlice],
+        node_name: str | None = None,
+        zone: str | None = None,
+        node: NodeAddresses | None = None,
+    ) -> tuple[list[Frontend], list[str]]:
+        c = self._cache.get(owner)
+        where = (node_name, zone, node)
+        if svc is None or ignored_reason(svc):
+            self._cache.pop(owner, None)
+            return plan_service(svc, list(slices.values()), node_name, zone, node)
+        if c is None or c.svc is not svc or c.where != where:
+            return self._full(owner, svc, slices, node_name, zone, node)
+        old = {n: s for n, s in c.slices.items() if slices.get(n) is not s}
+        new = {n: s for n, s in slices.items() if c.slices.get(n) is not s}
+        if c.ports is None:
+            self._index(c)
+        assert c.ports is not None
+        deltas: dict[tuple, tuple] = {}
+        for sk, st in c.ports.items():
+            delta = st.update(old, new) if (old or new) else ((), ())
+            if delta is None:
+                return self._full(owner, svc, slices, node_name, zone, node)
+            deltas[sk] = delta
+        fronts = []
+        for f in c.fronts:
+            sk = c.meta[f.key]
+            st, delta = c.ports[sk], deltas[sk]
+            fronts.append(
+                replace(
+                    f,
+                    backends=st.selected.values(),
+                    added=delta[0],
+                    removed=delta[1],
+                    base=f.version,
+                    version=next(self._versions),
+                )
+            )
+        c.slices = dict(slices)
+        c.fronts = fronts
+        return fronts, c.notes
+
+    def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
+        fronts, notes, meta, local = plan_full(svc, list(slices.values()), node_name, zone, node)
+        fronts = [replace(f, version=next(self._versions)) for f in fronts]
+        self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta, local)
+        self._unindexed.add(owner)
+        return fronts, notes

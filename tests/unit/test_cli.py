@@ -1,0 +1,71 @@
+"""ctrl.cli.run.build_agent: the one place `sliceproxy run` (and the bench,
+scripts/bench/ours.py) builds its agent, from the run flags' own parser."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from ctrl.cli import parser, run
+from ctrl.runtime.settings import Settings
+
+
+class NoSource:
+    events = None
+    synced = True
+
+
+def options(*flags: str) -> Settings:
+    return parser.settings(parser.build_parser().parse_args(["run", "--node-name", "node-a", *flags]))
+
+
+def test_the_defaults_build_metrics_health_and_the_drain_period():
+    # Free ports on loopback instead of the defaults' fixed ones; nothing else changed.
+    opts = options("--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0")
+    agent = run.build_agent(opts, NoSource())
+    assert agent.metrics is not None and agent.health_checks is not None
+    assert agent.programmed.drain_period == 60.0
+    assert agent.schedule.resync_period == 60.0 and agent.schedule.min_sync_period == 0.1
+    assert agent.programmed.capacity == opts.sizes
+    assert agent.settings == opts
+    assert (opts.snat_ports, opts.snat_reclaim, opts.snat_reclaim_closed) == ((61000, 65535), 600, 10)
+
+
+def test_the_servers_answer(tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    opts = options("--metrics-bind-address", f"127.0.0.1:{ports[0]}", "--healthz-bind-address", f"127.0.0.1:{ports[1]}")
+    agent = run.build_agent(opts, NoSource())
+    agent.metrics.changes_seen("EndpointSlice", 3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10) as r:
+        assert "kubeproxy_sync_proxy_rules_endpoint_changes_total 3.0" in r.read().decode()
+    with pytest.raises(urllib.error.HTTPError) as e:  # before the first sync: unhealthy
+        urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/healthz", timeout=10)
+    assert e.value.code == 503 and "lastUpdated" in json.loads(e.value.read())
+
+
+def test_a_dry_run_serves_nothing_and_drains_nothing():
+    agent = run.build_agent(options("--dry-run"), NoSource())
+    assert agent.metrics is None and agent.health_checks is None
+    assert agent.programmed.drain_period == 0.0
+
+
+def test_empty_addresses_turn_the_servers_off():
+    agent = run.build_agent(options("--metrics-bind-address", "", "--healthz-bind-address", ""), NoSource())
+    assert agent.metrics is None
+    assert agent.health_checks is not None  # health check node ports are the Services', not a flag's
+
+
+@pytest.mark.parametrize(
+    "flag", ["--max-services", "--max-backends", "--max-slots", "--max-conntrack", "--max-source-ranges"]
+)
+def test_a_map_capacity_below_one_is_refused_naming_the_flag(flag):
+    with pytest.raises(SystemExit, match=f"{flag}: 0 is not a map capacity"):
+        options(flag, "0")
