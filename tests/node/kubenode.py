@@ -51,6 +51,7 @@ EGRESS = HERE / "egress.py"
 
 LAN_NET = ipaddress.ip_network("198.18.10.0/24")
 LAN_GW = "198.18.10.1"
+TEST_RANGE_V4 = "198.18.0.0/15"
 CLUSTER_DOMAIN = "cluster.local"
 # The cluster DNS Service (kube-system/kube-dns, as kubeadm names it): its
 # ClusterIP goes through the proxy under test like any Service; its one
@@ -363,6 +364,13 @@ class KubeNode:
         self.uplink = self.topo.add_uplink(self.lan.net, self.ip)
         # The node's pods and the other nodes' pods: routed by the LAN.
         self.lan.route(self.pod_cidr, self.ip)
+        # What a real node's default route gives it, within the test range:
+        # a ClusterIP or external IP is routable from the node, so a
+        # host-network client's connect() and a pod's packet to a Service
+        # without endpoints reach the proxy's rules instead of failing with
+        # "network unreachable" first. The LAN namespace has no route out,
+        # so nothing leaves the test's namespaces.
+        self.topo.add_route("node", TEST_RANGE_V4, LAN_GW)
 
     def add_peer_route(self, other: KubeNode) -> None:
         self.topo.add_route("node", other.pod_cidr, other.ip)
