@@ -488,8 +488,15 @@ serializeImagePulls: false
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Proc:
         """``argv`` inside the node namespace (nsenter: bpffs and cgroup
         mounts stay visible, unlike with `ip netns exec`), in this node's
-        cgroup, logging to a file."""
-        full = ["nsenter", f"--net={self.ns_path}", "--", *argv]
+        cgroup, logging to a file. Also in a UTS namespace of its own named
+        as the node: host-network pods share the UTS namespace of the
+        runtime that starts them, and upstream's tests expect such a pod's
+        hostname to be its node's name (the machine's would be the same
+        on every node)."""
+        full = [
+            *("unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.name),
+            *("nsenter", f"--net={self.ns_path}", "--", *argv),
+        ]
         proc = _Proc(name, full, self.log(name), env or self.cp._env())
         rel = f"{self.cgroup}/{name}"
         with open(proc.log, "ab") as out:
