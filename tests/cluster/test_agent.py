@@ -274,13 +274,16 @@ def _collection(obj: dict, ns: str | None) -> str:
         "ClusterRole": "clusterroles",
         "ClusterRoleBinding": "clusterrolebindings",
         "DaemonSet": "daemonsets",
+        "Role": "roles",
+        "RoleBinding": "rolebindings",
+        "Deployment": "deployments",
     }[obj["kind"]]
     if obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):
         return f"{base}/{plural}"
     return f"{base}/namespaces/{ns or obj['metadata']['namespace']}/{plural}"
 
 
-@pytest.mark.parametrize("manifest", ["rbac.yaml", "daemonset.yaml"])
+@pytest.mark.parametrize("manifest", ["rbac.yaml", "daemonset.yaml", "subsetter.yaml"])
 def test_manifests_pass_server_side_dry_run(controlplane, manifest):
     for obj in _objects(REPO / "deploy" / manifest):
         status, body = controlplane.request("POST", _collection(obj, None) + "?dryRun=All&fieldValidation=Strict", obj)
