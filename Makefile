@@ -11,7 +11,7 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
-.PHONY: all deps bpf venv k8s test unit datapath netns cluster fuzz demo bench bench-quick bpffs lint clean \
+.PHONY: all deps bpf venv k8s test unit datapath netns cluster fuzz demo bench bench-quick bench-subsets bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
@@ -88,6 +88,13 @@ demo: all bpffs
 bench: all bpffs
 	mkdir -p build
 	$(BIN)/python scripts/bench.py --json build/bench.json --markdown build/bench-table.md --plots docs/bench
+	$(MAKE) bench-subsets
+
+# EndpointSlice subsetting's watch traffic per agent, subsetted and not
+# (docs/subsetting.md): needs a real API server, from `make k8s`.
+bench-subsets: all k8s
+	mkdir -p build
+	$(BIN)/python scripts/bench/subsets.py --json build/bench-subsets.json
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick
