@@ -213,7 +213,10 @@ def make_source(args):
         if not args.subsets_stale_after > 0:
             raise SystemExit(f"sliceproxy run: --subsets-stale-after: {args.subsets_stale_after} is not above 0")
         lease = LeaseReader(client, ns, name, args.subsets_stale_after)
-        period = min(1.0, args.subsets_stale_after / 4)
+        # One GET of the Lease per period and agent: every 5 s at the
+        # default (a thousand nodes read it 200 times a second), often
+        # enough to notice a dead subsetter well within the stale time.
+        period = min(5.0, args.subsets_stale_after / 4)
         SliceMode(source, mode, args.node_name, lease, period)
     return source
 

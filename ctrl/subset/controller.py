@@ -151,6 +151,8 @@ class Subsetter:
         now = self.clock()
         self.wake_at = None
         done = True
+        if len(self.last_write) > 4096:  # forget writes too old to hold anything back
+            self.last_write = {k: t for k, t in self.last_write.items() if now - t < self.opts.write_period}
         for key in sorted(self.dirty):
             due = self.held_until.get(key)
             if due is not None and now < due:
