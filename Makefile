@@ -12,7 +12,7 @@ BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
 .PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
-	bench-quick bpffs lint clean \
+	bench-quick bench-subsets bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
@@ -119,6 +119,13 @@ demo: all bpffs
 bench: all bpffs
 	mkdir -p build
 	$(BIN)/python scripts/bench.py --json build/bench.json --markdown build/bench-table.md --plots docs/bench
+	$(MAKE) bench-subsets
+
+# EndpointSlice subsetting's watch traffic per agent, subsetted and not
+# (docs/subsetting.md): needs a real API server, from `make k8s`.
+bench-subsets: all k8s
+	mkdir -p build
+	$(BIN)/python scripts/bench/subsets.py --json build/bench-subsets.json
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick

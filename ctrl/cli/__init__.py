@@ -1,4 +1,4 @@
-"""The `sliceproxy` command: run, dump, uninstall."""
+"""The `sliceproxy` command: run, subsetter, dump, uninstall."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
             from .run import cmd_run
 
             return cmd_run(args)
+        if args.cmd == "subsetter":
+            from .subsetter import cmd_subsetter
+
+            return cmd_subsetter(args)
         if args.cmd == "dump":
             from .dump import cmd_dump
 

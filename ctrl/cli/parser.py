@@ -139,6 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="full reconcile against the kernel maps this often (repairs changes made behind our back); 0: never",
     )
+    run.add_argument(
+        "--subsets",
+        choices=("auto", "on", "off"),
+        default="off",
+        help="with the Kubernetes API: watch only the subset slices of this node's zone "
+        "(docs/subsetting.md): auto while the subsetter's Lease is fresh and the Node has a zone label, "
+        "on whenever it has one, off never (default off)",
+    )
+    run.add_argument(
+        "--subsets-lease",
+        default="kube-system/sliceproxy-subsetter",
+        metavar="NAMESPACE/NAME",
+        help="the subsetter's Lease (default kube-system/sliceproxy-subsetter)",
+    )
+    run.add_argument(
+        "--subsets-stale-after",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="with --subsets=auto: back to the original slices when the subsetter's Lease has not been "
+        "renewed for this long (default 20)",
+    )
     run.add_argument("--bpf-object", help="compiled tc program (default: build/sliceproxy_tc.bpf.o)")
     run.add_argument(
         "--healthz-bind-address",
@@ -185,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="source range map capacity (loadBalancerSourceRanges entries, summed over frontends)",
     )
     _log_args(run)
+
+    sb = sub.add_parser("subsetter", help="write zone subsets of EndpointSlices (docs/subsetting.md)")
+    ssrc = sb.add_mutually_exclusive_group()
+    ssrc.add_argument("--kubeconfig", metavar="PATH", help="the Kubernetes API with this kubeconfig")
+    ssrc.add_argument("--in-cluster", action="store_true", help="as the Pod's ServiceAccount (the default in a Pod)")
+    sb.add_argument("--lease-namespace", default="kube-system", help="namespace of the leader election Lease")
+    sb.add_argument("--lease-name", default="sliceproxy-subsetter", help="name of the leader election Lease")
+    sb.add_argument("--identity", default="", help="this replica's name in the Lease (default: host name and pid)")
+    sb.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="a replica takes the Lease over when its holder has not renewed it this long",
+    )
+    sb.add_argument("--renew-period", type=float, default=5.0, metavar="SECONDS", help="the leader renews this often")
+    sb.add_argument(
+        "--write-period",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="at most one write per subset slice this often; changes in between are coalesced",
+    )
+    sb.add_argument(
+        "--metrics-bind-address",
+        default="127.0.0.1:10251",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here; empty: off",
+    )
+    _log_args(sb)
 
     dump = sub.add_parser("dump", help="services and backends as the kernel maps hold them")
     dump.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)

@@ -87,6 +87,8 @@ def cmd_run(args) -> int:
 
     if args.dry_run:
         source.start()
+        if getattr(source, "slice_mode", None) is not None:
+            source.slice_mode.start()
         if not source.synced and not source.wait_synced(timeout=60):
             print("sliceproxy: the source did not deliver a full list within 60 s", file=sys.stderr)
             return 1
@@ -140,6 +142,8 @@ def cmd_run(args) -> int:
     if not patterns:
         log.warning("no --interfaces given: maps are programmed but no interface gets the program")
     source.start()
+    if getattr(source, "slice_mode", None) is not None:
+        source.slice_mode.start()
 
     def on_signal(signum, frame):
         log.info("signal %s: stopping; programs stay attached and maps pinned", signal.Signals(signum).name)
@@ -197,7 +201,24 @@ def make_source(args):
         client = Client.from_config(None if in_cluster else args.kubeconfig)
     except Exception as e:  # the kubernetes package raises several kinds
         raise SystemExit(f"sliceproxy run: cannot read the Kubernetes client configuration: {e}") from None
-    return KubeSource(client, args.node_name)
+    source = KubeSource(client, args.node_name)
+    mode = getattr(args, "subsets", "off")
+    if mode != "off":
+        from ..k8s.lease import LeaseReader
+        from ..k8s.slicemode import SliceMode
+
+        ns, sep, name = args.subsets_lease.partition("/")
+        if not sep or not ns or not name:
+            raise SystemExit(f"sliceproxy run: --subsets-lease: {args.subsets_lease!r} is not NAMESPACE/NAME")
+        if not args.subsets_stale_after > 0:
+            raise SystemExit(f"sliceproxy run: --subsets-stale-after: {args.subsets_stale_after} is not above 0")
+        lease = LeaseReader(client, ns, name, args.subsets_stale_after)
+        # One GET of the Lease per period and agent: every 5 s at the
+        # default (a thousand nodes read it 200 times a second), often
+        # enough to notice a dead subsetter well within the stale time.
+        period = min(5.0, args.subsets_stale_after / 4)
+        SliceMode(source, mode, args.node_name, lease, period)
+    return source
 
 
 def render_changes(cs, output: str, cfg=None) -> str:

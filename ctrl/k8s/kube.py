@@ -39,7 +39,19 @@ import urllib3
 
 from ..util.gcpause import paused_gc
 from .events import Event
-from .objects import EndpointSlice, Node, ObjectError, Service, describe, parse, problem_line, short
+from .objects import (
+    SERVICE_NAME_LABEL,
+    SUBSET_ALL,
+    SUBSET_LABEL,
+    EndpointSlice,
+    Node,
+    ObjectError,
+    Service,
+    describe,
+    parse,
+    problem_line,
+    short,
+)
 from .slicejson import decode_change, decode_page
 
 log = logging.getLogger("sliceproxy.source.kube")
@@ -53,18 +65,37 @@ WATCH_TIMEOUT = 300  # seconds the server keeps one watch open
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
+# The original slices: the EndpointSlice controller's (and any other
+# manager's) for a Service, never the subset slices, which carry no
+# service-name label (docs/subsetting.md).
+ORIGINALS_SELECTOR = f"{SERVICE_NAME_LABEL},{PROXY_SELECTOR}"
+SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
+
+
+def subsets_selector(zone: str) -> str:
+    """The subset slices an agent in `zone` reads: its zone's and `all`."""
+    return f"{SUBSET_LABEL} in ({zone},{SUBSET_ALL})"
+
+
 @dataclass
 class Resource:
     kind: str
     path: str  # collection path
     label_selector: str | None = None
     field_selector: str | None = None
+    # Names one of several resources of one kind (the subsetter watches
+    # original and subset slices apart); the kind when empty.
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.kind
 
 
 def resources(node_name: str) -> list[Resource]:
     return [
         Resource("Service", "/api/v1/services", PROXY_SELECTOR),
-        Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices", PROXY_SELECTOR),
+        Resource("EndpointSlice", SLICES_PATH, ORIGINALS_SELECTOR),
         Resource("Node", "/api/v1/nodes", field_selector=f"metadata.name={node_name}"),
     ]
 
@@ -148,6 +179,28 @@ class Client:
     def get_json(self, path: str, timeout: float = 60, **params: Any) -> dict:
         return _loads(self.get_bytes(path, timeout, **params))
 
+    def send(self, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+        """One write (POST, PUT, DELETE...) with a JSON body: the status and
+        the decoded answer (None when it is not JSON)."""
+        headers = self._headers()
+        data = None
+        if body is not None:
+            data = msgspec.json.encode(body)
+            headers["Content-Type"] = "application/json"
+        r = self.pool.request(
+            method,
+            self.url(path),
+            body=data,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=5, read=timeout),
+            retries=False,
+        )
+        try:
+            doc = _loads(r.data) if r.data else None
+        except ValueError:
+            doc = None
+        return r.status, doc
+
     def get_bytes(self, path: str, timeout: float = 60, **params: Any) -> bytes:
         """The body of a GET that answered 200; APIError otherwise."""
         r = self.pool.request(
@@ -162,8 +215,10 @@ class Client:
             raise APIError(r.status, _status_message(body))
         return body
 
-    def stream(self, path: str, read_timeout: float, **params):
-        """Yield each line of a watch response (one JSON event each)."""
+    def stream(self, path: str, read_timeout: float, on_open=None, **params):
+        """Yield each line of a watch response (one JSON event each).
+        on_open(response), when given, gets the response first: calling
+        its shutdown() from another thread ends the stream."""
         r = self.pool.request(
             "GET",
             self.url(path, **params),
@@ -172,6 +227,8 @@ class Client:
             timeout=urllib3.Timeout(connect=5, read=read_timeout),
             retries=False,
         )
+        if on_open is not None:
+            on_open(r)
         try:
             if r.status != 200:
                 raise APIError(r.status, _status_message(r.read()))
@@ -222,30 +279,82 @@ class GoneError(Exception):
 class KubeSource:
     """Events from the API server; same interface as FileSource."""
 
-    def __init__(self, client: Client, node_name: str, backoff_max: float = 30.0):
+    def __init__(
+        self,
+        client: Client,
+        node_name: str,
+        backoff_max: float = 30.0,
+        watched: list[Resource] | None = None,
+    ):
         self.client = client
         self.node_name = node_name
         self.events: queue.Queue[list[Event]] = queue.Queue()
         self.backoff_max = backoff_max
-        self._resources = resources(node_name)
-        self._by_kind = {r.kind: r for r in self._resources}
+        # The agent's three resources, or what another consumer (the
+        # subsetter) watches; each named by Resource.key.
+        self._resources = watched if watched is not None else resources(node_name)
+        self._by_kind = {r.key: r for r in self._resources}
         # Per resource: the objects held (key -> parsed object) and the
         # resourceVersion to watch from (None: list first).
-        self._known: dict[str, dict[str, object]] = {r.kind: {} for r in self._resources}
-        self._rv: dict[str, str | None] = {r.kind: None for r in self._resources}
+        self._known: dict[str, dict[str, object]] = {r.key: {} for r in self._resources}
+        self._rv: dict[str, str | None] = {r.key: None for r in self._resources}
         self._listed: set[str] = set()
+        # Selector switches (set_selector): a generation per resource, the
+        # open watch response to cut, and the resources waiting for their
+        # first selector (gate) before they list.
+        self._gen: dict[str, int] = {r.key: 0 for r in self._resources}
+        self._open: dict[str, Any] = {}
+        self._switched: set[str] = set()
+        self._gates: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.relists = 0  # 410 Gone handled, for tests and metrics
+        self.slice_mode: Any = None  # ctrl.k8s.slicemode.SliceMode, when the agent chooses its slices
         self.reconnects = 0
 
     @property
     def synced(self) -> bool:
         return len(self._listed) == len(self._resources)
 
+    def listed(self, kind: str) -> bool:
+        """Whether `kind` has been listed completely once."""
+        return kind in self._listed
+
+    def gate(self, kind: str) -> None:
+        """Before start(): `kind` lists nothing until set_selector gives
+        it its selector (the agent's slices wait for the subset mode)."""
+        self._gates[kind] = threading.Event()
+
+    def selector(self, kind: str) -> str | None:
+        return self._by_kind[kind].label_selector
+
+    def set_selector(self, kind: str, selector: str) -> None:
+        """Watch `kind` with another label selector from now on: its watch
+        is cut, and it lists again with the new selector. That list goes to
+        the queue as one batch (upserts for what the selector now matches,
+        deletes for what only the old one did), so a consumer taking it
+        whole never sees a mix of the two sets (docs/subsetting.md)."""
+        with self._lock:
+            res = self._by_kind[kind]
+            gate = self._gates.get(kind)
+            if res.label_selector == selector and (gate is None or gate.is_set()):
+                return
+            res.label_selector = selector
+            self._gen[kind] += 1
+            self._switched.add(kind)
+            r = self._open.get(kind)
+        if gate is not None:
+            gate.set()
+        if r is not None:
+            try:
+                r.shutdown()
+            except Exception:  # already closed: the watch ends anyway
+                pass
+
     def start(self) -> None:
         for res in self._resources:
-            t = threading.Thread(target=self._run, args=(res,), name=f"watch-{res.kind}", daemon=True)
+            t = threading.Thread(target=self._run, args=(res,), name=f"watch-{res.key}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -285,14 +394,24 @@ class KubeSource:
         rv = since if since is not None else self._rv[kind]
         if rv is None:
             raise GoneError()  # never listed: there is nothing to resume from
+        gen = self._gen[kind]
         rv = self._watch(self._by_kind[kind], self._known[kind], rv)
-        self._rv[kind] = rv
+        if gen == self._gen[kind]:  # else a new selector: the next list sets it
+            self._rv[kind] = rv
         return rv
 
     def _run(self, res: Resource) -> None:
-        kind = res.kind
+        kind = res.key
         delay = 0.5
+        gate = self._gates.get(kind)
+        while gate is not None and not gate.wait(0.2):
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
+            with self._lock:
+                if kind in self._switched:
+                    self._switched.discard(kind)
+                    self._rv[kind] = None  # list with the new selector
             try:
                 if self._rv[kind] is None:
                     self.list_all(kind)
@@ -307,6 +426,8 @@ class KubeSource:
             except Exception as e:  # network, API errors: back off and resume
                 if self._stop.is_set():
                     return
+                if kind in self._switched:
+                    continue  # cut on purpose by set_selector: list at once
                 self.reconnects += 1
                 wait = delay * (0.5 + random.random())
                 log.warning(
@@ -381,9 +502,19 @@ class KubeSource:
         return rv
 
     def _watch(self, res: Resource, known: dict[str, object], rv: str) -> str:
+        gen = self._gen[res.key]
+
+        def opened(r) -> None:
+            with self._lock:
+                self._open[res.key] = r
+                cut = gen != self._gen[res.key]
+            if cut:  # switched between the request and now
+                r.shutdown()
+
         stream = self.client.stream(
             res.path,
             read_timeout=WATCH_TIMEOUT + 30,
+            on_open=opened,
             watch=1,
             allowWatchBookmarks="true",
             resourceVersion=rv,
@@ -393,7 +524,7 @@ class KubeSource:
         )
         fast = res.kind == "EndpointSlice"
         for line in stream:
-            if self._stop.is_set():
+            if self._stop.is_set() or gen != self._gen[res.key]:
                 break
             change = decode_change(line) if fast else None
             if change is not None:  # a clean slice added or modified

@@ -60,6 +60,10 @@ class Service:
     # service.beta.kubernetes.io/load-balancer-source-ranges): valid CIDRs,
     # normalized ("198.18.0.0/16").
     lb_source_ranges: tuple[str, ...] = ()
+    # metadata.uid: subset slices name their Service by it (an
+    # ownerReference), so a Service deleted and made again under the same
+    # name never takes the old one's subsets (docs/subsetting.md).
+    uid: str = ""
 
     @property
     def key(self) -> str:
@@ -105,10 +109,25 @@ class EndpointSlice:
     # endpoints.kubernetes.io/last-change-trigger-time: when the change this
     # slice carries happened (network programming latency starts there).
     trigger_time: str | None = field(default=None, compare=False)
+    # The uids of its ownerReferences of kind Service: a subset slice is
+    # taken only when one of them is its Service's (docs/subsetting.md).
+    owner_uids: tuple[str, ...] = ()
 
     @property
     def service_key(self) -> str | None:
         return f"{self.namespace}/{self.service_name}" if self.service_name else None
+
+    @property
+    def subset(self) -> str | None:
+        """The subset a subset slice holds (a zone, or SUBSET_ALL); None
+        for an original slice."""
+        return self.labels.get(SUBSET_LABEL)
+
+    @property
+    def subset_service_key(self) -> str | None:
+        """The Service a subset slice says it serves (not yet checked)."""
+        name = self.labels.get(SUBSET_SERVICE_LABEL)
+        return f"{self.namespace}/{name}" if name else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +153,15 @@ class Node:
 KINDS = ("Service", "EndpointSlice", "Node")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+# Subset slices (docs/subsetting.md): written by `sliceproxy subsetter`,
+# labelled with the subset they hold (a zone, or "all") and the Service they
+# serve, never with SERVICE_NAME_LABEL (so DNS, other proxies and the
+# EndpointSlice controller never take them for the originals).
+SUBSET_LABEL = "sliceproxy.io/subset"
+SUBSET_SERVICE_LABEL = "sliceproxy.io/service-name"
+SUBSET_MANAGER = "subsetter.sliceproxy.io"
+SUBSET_ALL = "all"
 TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 
@@ -364,6 +392,7 @@ def _meta(raw: dict, namespaced: bool, rule: str) -> tuple[str, str, dict[str, s
 def parse_service(raw: dict) -> Service:
     ns, name, labels, annotations = _meta(raw, namespaced=True, rule=LABEL)
     what = f"{ns}/{name} Service"
+    uid = _str(_mapping(raw.get("metadata"), what, "metadata").get("uid"), what, "metadata.uid") or ""
     spec = raw.get("spec")
     if spec is None:
         raise ObjectError(f"{what}: spec: missing")
@@ -439,6 +468,7 @@ def parse_service(raw: dict) -> Service:
         affinity_timeout=affinity_timeout,
         health_check_node_port=_port(spec.get("healthCheckNodePort"), what, "spec.healthCheckNodePort", optional=True),
         lb_source_ranges=tuple(dict.fromkeys(lb_ranges)),
+        uid=uid,
     )
 
 
@@ -629,7 +659,21 @@ def parse_slice(raw: dict) -> EndpointSlice:
         labels,
         tuple(problems),
         annotations.get(TRIGGER_ANNOTATION),
+        _service_owners(raw["metadata"], what),
     )
+
+
+def _service_owners(meta: dict, what: str) -> tuple[str, ...]:
+    """The uids of metadata.ownerReferences of kind Service."""
+    out = []
+    for i, ref in enumerate(_list(meta.get("ownerReferences"), what, "metadata.ownerReferences")):
+        fld = f"metadata.ownerReferences[{i}]"
+        ref = _entry(ref, what, fld)
+        if _str(ref.get("kind"), what, f"{fld}.kind") == "Service":
+            uid = _str(ref.get("uid"), what, f"{fld}.uid")
+            if uid:
+                out.append(uid)
+    return tuple(out)
 
 
 def _hint_names(hints: object, what: str, fld: str) -> tuple[str, ...] | None:

@@ -65,12 +65,18 @@ class _Port(msgspec.Struct):
     protocol: str | None = None
 
 
+class _OwnerRef(msgspec.Struct):
+    kind: str | None = None
+    uid: str | None = None
+
+
 class _Meta(msgspec.Struct, rename="camel"):
     name: str | None = None
     namespace: str | None = None
     resource_version: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+    owner_references: list[_OwnerRef] | None = None
 
 
 class _Slice(msgspec.Struct, rename="camel"):
@@ -239,4 +245,5 @@ def _convert(s: _Slice) -> EndpointSlice:
         labels,
         (),
         annotations.get(TRIGGER_ANNOTATION),
+        tuple(r.uid for r in meta.owner_references or () if r.kind == "Service" and r.uid),
     )

@@ -8,8 +8,12 @@ trackers do the same): a watch resync or a touched file costs nothing.
 
 from __future__ import annotations
 
+import logging
+
 from ..k8s.events import Event
-from ..k8s.objects import EndpointSlice, Node, Service
+from ..k8s.objects import MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SUBSET_MANAGER, EndpointSlice, Node, Service
+
+log = logging.getLogger("sliceproxy.state")
 
 
 class ClusterState:
@@ -21,6 +25,10 @@ class ClusterState:
         self.slices: dict[str, dict[str, EndpointSlice]] = {}
         # "namespace/slice-name" -> service key it was filed under
         self._slice_owner: dict[str, str] = {}
+        # Subset slices not taken (yet): service key -> "ns/name" -> slice,
+        # and why each one was refused (logged once per reason).
+        self._parked: dict[str, dict[str, EndpointSlice]] = {}
+        self._refused: dict[str, str] = {}
 
     def apply(self, ev: Event) -> set[str]:
         """Record one event; return the service keys it touches."""
@@ -30,11 +38,14 @@ class ClusterState:
                 if old is None:
                     return set()
                 del self.services[ev.key]
+                self._recheck_subsets(ev.key)
                 return {ev.key}
             assert isinstance(ev.obj, Service)
             if old == ev.obj:
                 return set()
             self.services[ev.key] = ev.obj
+            if old is None or old.uid != ev.obj.uid:
+                self._recheck_subsets(ev.key)
             return {ev.key}
         if ev.kind == "EndpointSlice":
             return self._apply_slice(ev)
@@ -53,7 +64,9 @@ class ClusterState:
         dirty = set()
         prev_owner = self._slice_owner.get(ev.key)
         name = ev.key.split("/", 1)[1]
+        self._unpark(ev.key)
         if ev.op == "delete":
+            self._refused.pop(ev.key, None)
             if prev_owner is None:
                 return set()
             self.slices[prev_owner].pop(name, None)
@@ -63,7 +76,7 @@ class ClusterState:
             return {prev_owner}
         sl = ev.obj
         assert isinstance(sl, EndpointSlice)
-        owner = sl.service_key
+        owner = sl.service_key if sl.subset is None else self._subset_owner(ev.key, sl)
         if prev_owner is not None and prev_owner != owner:
             # The slice was relabelled to another service (or unlabelled).
             self.slices[prev_owner].pop(name, None)
@@ -80,6 +93,53 @@ class ClusterState:
         self._slice_owner[ev.key] = owner
         dirty.add(owner)
         return dirty
+
+    # -- subset slices (docs/subsetting.md) ------------------------------------
+    def _subset_owner(self, key: str, sl: EndpointSlice) -> str | None:
+        """The Service a subset slice is taken for, or None: refused (a
+        forgery, or left from an older Service of that name: logged once)
+        or waiting for its Service to arrive (parked, checked again then)."""
+        owner = sl.subset_service_key
+        why = None
+        if sl.labels.get(MANAGED_BY_LABEL) != SUBSET_MANAGER:
+            why = f"its label {MANAGED_BY_LABEL} is not {SUBSET_MANAGER}"
+        elif SERVICE_NAME_LABEL in sl.labels:
+            why = f"a subset slice must not carry {SERVICE_NAME_LABEL}"
+        elif owner is None:
+            why = "it names no Service"
+        if owner is not None:
+            self._parked.setdefault(owner, {})[key] = sl
+        if why is None and owner is not None:
+            svc = self.services.get(owner)
+            if svc is None:
+                return None  # its Service has not arrived (yet)
+            if not svc.uid or svc.uid not in sl.owner_uids:
+                why = f"no ownerReference names the Service's uid {svc.uid or '(none)'}"
+        if why is not None:
+            if self._refused.get(key) != why:
+                self._refused[key] = why
+                log.error("%s EndpointSlice %s: subset slice ignored: %s", owner or "?", key, why)
+            return None
+        self._refused.pop(key, None)
+        self._parked[owner].pop(key, None)  # type: ignore[index]
+        if not self._parked[owner]:  # type: ignore[index]
+            del self._parked[owner]  # type: ignore[arg-type]
+        return owner
+
+    def _unpark(self, key: str) -> None:
+        for owner, parked in list(self._parked.items()):
+            if parked.pop(key, None) is not None and not parked:
+                del self._parked[owner]
+
+    def _recheck_subsets(self, owner: str) -> None:
+        """Its Service came, went or was made again (another uid): take or
+        drop its subset slices accordingly."""
+        held = [
+            (f"{sl.namespace}/{sl.name}", sl) for sl in self.slices.get(owner, {}).values() if sl.subset is not None
+        ]
+        parked = list(self._parked.get(owner, {}).items())
+        for key, sl in held + parked:
+            self._apply_slice(Event("upsert", "EndpointSlice", key, sl))
 
     def slices_of(self, service_key: str) -> list[EndpointSlice]:
         return list(self.slices.get(service_key, {}).values())

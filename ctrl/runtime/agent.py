@@ -122,6 +122,10 @@ class Agent:
 
     def _publish(self) -> None:
         self.status.publish(SyncStatus(self.last_sync_ok, self.schedule.pending()))
+        mode = getattr(self.source, "slice_mode", None)
+        if self.metrics is not None and mode is not None and mode.current is not None:
+            for m in ("originals", "subsets"):
+                self.metrics.slice_mode.labels(mode=m).set(1 if mode.current == m else 0)
 
     def node_addresses(self) -> NodeAddresses:
         """This node's addresses for NodePorts (--nodeport-addresses

@@ -45,6 +45,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.slice_mode = Gauge(
+            "sliceproxy_endpointslice_mode",
+            "1 for the EndpointSlices this agent watches: originals, or subsets of its zone " "(docs/subsetting.md)",
+            ["mode"],
+            registry=r,
+        )
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .controlplane import ControlPlane, ControlPlaneError
+from scripts.harness.controlplane import ControlPlane, ControlPlaneError
 
 _ns_counter = itertools.count(1)
 

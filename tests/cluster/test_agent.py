@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts.harness.controlplane import ControlPlane
 from scripts.harness.topo import Topology, wait_for_line
 from tests.netns.agent import BPFFS, PIN_PREFIX, AgentProc, TrafficLoop, has_backends, wait_dump
-
-from .controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "node-a"
@@ -274,13 +273,16 @@ def _collection(obj: dict, ns: str | None) -> str:
         "ClusterRole": "clusterroles",
         "ClusterRoleBinding": "clusterrolebindings",
         "DaemonSet": "daemonsets",
+        "Role": "roles",
+        "RoleBinding": "rolebindings",
+        "Deployment": "deployments",
     }[obj["kind"]]
     if obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):
         return f"{base}/{plural}"
     return f"{base}/namespaces/{ns or obj['metadata']['namespace']}/{plural}"
 
 
-@pytest.mark.parametrize("manifest", ["rbac.yaml", "daemonset.yaml"])
+@pytest.mark.parametrize("manifest", ["rbac.yaml", "daemonset.yaml", "subsetter.yaml"])
 def test_manifests_pass_server_side_dry_run(controlplane, manifest):
     for obj in _objects(REPO / "deploy" / manifest):
         status, body = controlplane.request("POST", _collection(obj, None) + "?dryRun=All&fieldValidation=Strict", obj)

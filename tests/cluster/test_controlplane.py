@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .controlplane import SERVICE_CIDR, ControlPlane, k8s_version, wait_until
+from scripts.harness.controlplane import SERVICE_CIDR, ControlPlane, k8s_version, wait_until
 
 SMP = "application/strategic-merge-patch+json"
 _node_counter = itertools.count(1)

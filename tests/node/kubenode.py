@@ -37,10 +37,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from scripts.harness import controlplane
+from scripts.harness.controlplane import (
+    REPO,
+    ControlPlane,
+    ControlPlaneError,
+    _Proc,
+    free_port,
+    k8s_bin_dir,
+    wait_until,
+)
 from scripts.harness.topo import Lan as NetnsLan
 from scripts.harness.topo import Topology, wait_for_line
-from tests.cluster import controlplane
-from tests.cluster.controlplane import REPO, ControlPlane, ControlPlaneError, _Proc, free_port, k8s_bin_dir, wait_until
 
 from .cgroups import hierarchies, remove_tree
 from .images import image

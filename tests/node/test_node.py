@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.controlplane import wait_until
+from scripts.harness.controlplane import wait_until
 
 from .images import image
 from .kubenode import LAN_GW, NodeCluster
