@@ -162,6 +162,16 @@ def _prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
+def create_link(prog_fd: int, attach_type: int, cgroup_fd: int, what: str) -> int:
+    """A new BPF link of the program to the cgroup: its fd (the link lives
+    while an fd or a pin holds it)."""
+    fd = lib().bpf_link_create(prog_fd, cgroup_fd, attach_type, ffi.NULL)
+    if fd < 0:
+        err = -fd if fd != -1 else ffi.errno
+        raise HostClientsError(err, f"attaching {what}: {os.strerror(err)}")
+    return int(fd)
+
+
 def attach_links(pin_dir: str, cgroup: str, progs: dict[str, tuple[int, int]]) -> dict[str, str]:
     """Attach each program (name -> (fd, attach type)) to cgroup by a
     link pinned as <pin dir>/links/<name>, in the order given (the reverse
@@ -187,10 +197,7 @@ def attach_links(pin_dir: str, cgroup: str, progs: dict[str, tuple[int, int]]) -
                         check(lib().bpf_link_update(old, prog_fd, ffi.NULL), f"updating the link {path}")
                         done[name] = "adopted"
                         continue
-                new = lib().bpf_link_create(prog_fd, cg_fd, attach_type, ffi.NULL)
-                if new < 0:
-                    err = -new if new != -1 else ffi.errno
-                    raise HostClientsError(err, f"attaching {name} to cgroup {cgroup}: {os.strerror(err)}")
+                new = create_link(prog_fd, attach_type, cg_fd, f"{name} to cgroup {cgroup}")
                 try:
                     if old >= 0:
                         lib().bpf_link_detach(old)
