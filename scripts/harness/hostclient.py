@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(str(os.getpid()))
     if args.mode == "cookie":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            out: dict[str, Any] = {"netns_cookie": struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]}
+            out: dict[str, Any] = {
+                "netns_cookie": struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+            }
     elif args.target is None:
         ap.error("--target is required")
     else:
@@ -199,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "udp-unconnected":
             out = run_udp_unconnected(host, port, args.count, args.timeout)
         elif args.mode == "resolver":
-            out = run_resolver(
-                host, port, args.count, args.timeout, args.interval, args.stop_file, args.max_seconds
-            )
+            out = run_resolver(host, port, args.count, args.timeout, args.interval, args.stop_file, args.max_seconds)
         else:
             out = run_connect(host, port, args.timeout)
     json.dump(out, sys.stdout)

@@ -23,13 +23,17 @@ from ctrl.dataplane import abi, hostclients, loader
 from scripts.harness import cgroup as cgroups
 from scripts.harness.topo import GATEWAY4, Topology
 
-from .packets import TCP_P, UDP_P, Backend, Svc, mapped, mapname, put_backend, put_service
+from .packets import TCP_P, UDP_P, Backend, Svc, mapname, mapped, put_backend, put_service
 
 HOSTCLIENT = os.path.join(os.path.dirname(cgroups.__file__), "hostclient.py")
 
 VIP = "198.19.0.10"
 VIP6 = "2001:db8:ff::10"
-PODS = {"be1": ("198.18.2.1", "2001:db8:2::1"), "be2": ("198.18.2.2", "2001:db8:2::2"), "be3": ("198.18.2.3", "2001:db8:2::3")}
+PODS = {
+    "be1": ("198.18.2.1", "2001:db8:2::1"),
+    "be2": ("198.18.2.2", "2001:db8:2::2"),
+    "be3": ("198.18.2.3", "2001:db8:2::3"),
+}
 NODE = GATEWAY4  # the node's source address towards the pods, and its address in sp_cfg
 # A global IPv6 address of the node: its source towards the pods (with only
 # the link-local gateway, a pod would answer from its link-local address).
