@@ -18,11 +18,12 @@ reports what it saw as JSON.
       A resolver: ONE connected UDP socket, a request and its answer per
       round; on an error it records the error, connects a new socket and
       goes on. "answers" lists who answered each round, "errors" the
-      errors in order. Stops after N rounds or when --stop-file exists.
+      errors in order.
   hostclient.py --cgroup DIR connect --target IP:PORT
       One TCP connect(): {"errno": "ECONNREFUSED"} or {"errno": null}.
 
-Answers are counted by the name servers.py puts in them ("counts");
+http and resolver stop after N requests, or when --stop-file exists, and
+append each answer to --progress-file as it comes. Answers are counted by the name servers.py puts in them ("counts");
 errors by errno name ("errors", "error_samples"). Stdlib only.
 """
 
@@ -79,9 +80,29 @@ class Report:
         }
 
 
-def run_http(host: str, port: int, count: int, timeout: float) -> dict[str, Any]:
+class Progress:
+    """--progress-file: one line per answer, who gave it, as it comes (a
+    test follows a running client); --stop-file: stop once it exists; both
+    bounded by --max-seconds."""
+
+    def __init__(self, progress_file: str | None, stop_file: str | None, max_seconds: float) -> None:
+        self.f = open(progress_file, "a", buffering=1) if progress_file else None  # noqa: SIM115
+        self.stop_file = stop_file
+        self.deadline = time.monotonic() + max_seconds
+
+    def answered(self, name: str) -> None:
+        if self.f is not None:
+            self.f.write(name + "\n")
+
+    def stop(self) -> bool:
+        return bool(self.stop_file and os.path.exists(self.stop_file)) or time.monotonic() > self.deadline
+
+
+def run_http(host: str, port: int, count: int, timeout: float, progress: Progress) -> dict[str, Any]:
     r = Report()
     for _ in range(count):
+        if progress.stop():
+            break
         try:
             with socket.socket(fam(host), socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
@@ -93,6 +114,7 @@ def run_http(host: str, port: int, count: int, timeout: float) -> dict[str, Any]
                     data += chunk
             body = data.split(b"\r\n\r\n", 1)[1].decode().strip()
             r.counts[body] += 1
+            progress.answered(body)
         except (OSError, IndexError) as e:
             r.errors.append(err_name(e))
     return r.as_dict()
@@ -130,16 +152,15 @@ def run_udp_unconnected(host: str, port: int, count: int, timeout: float) -> dic
 
 
 def run_resolver(
-    host: str, port: int, count: int, timeout: float, interval: float, stop_file: str | None, max_seconds: float
+    host: str, port: int, count: int, timeout: float, interval: float, progress: Progress
 ) -> dict[str, Any]:
     answers: list[str] = []
     errors: list[str] = []
     sockets = 0
-    deadline = time.monotonic() + max_seconds
     s: socket.socket | None = None
     try:
         for i in range(count):
-            if (stop_file and os.path.exists(stop_file)) or time.monotonic() > deadline:
+            if progress.stop():
                 break
             try:
                 if s is None:
@@ -149,6 +170,7 @@ def run_resolver(
                     sockets += 1
                 s.send(f"q{i}".encode())
                 answers.append(s.recv(2048).decode().split()[0])
+                progress.answered(answers[-1])
             except OSError as e:
                 errors.append(err_name(e))
                 if s is not None:
@@ -179,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1.0)
     ap.add_argument("--interval", type=float, default=0.05, help="resolver: seconds between rounds")
-    ap.add_argument("--stop-file", help="resolver: stop once this file exists")
-    ap.add_argument("--max-seconds", type=float, default=60.0, help="resolver: stop after this long at most")
+    ap.add_argument("--stop-file", help="http, resolver: stop once this file exists")
+    ap.add_argument("--progress-file", help="http, resolver: append who answered, a line per answer")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="http, resolver: stop after this long at most")
     args = ap.parse_args(argv)
     if args.cgroup:
         with open(os.path.join(args.cgroup, "cgroup.procs"), "w") as f:
@@ -194,14 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--target is required")
     else:
         host, port = args.target
+        progress = Progress(args.progress_file, args.stop_file, args.max_seconds)
         if args.mode == "http":
-            out = run_http(host, port, args.count, args.timeout)
+            out = run_http(host, port, args.count, args.timeout, progress)
         elif args.mode == "udp":
             out = run_udp(host, port, args.count, args.timeout)
         elif args.mode == "udp-unconnected":
             out = run_udp_unconnected(host, port, args.count, args.timeout)
         elif args.mode == "resolver":
-            out = run_resolver(host, port, args.count, args.timeout, args.interval, args.stop_file, args.max_seconds)
+            out = run_resolver(host, port, args.count, args.timeout, args.interval, progress)
         else:
             out = run_connect(host, port, args.timeout)
     json.dump(out, sys.stdout)
