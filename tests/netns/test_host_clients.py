@@ -27,7 +27,7 @@ import pytest
 from scripts.harness import cgroup as cgroups
 from scripts.harness.topo import GATEWAY4, Topology
 
-from .agent import SLICEPROXY, WAIT, AgentProc, SourceDir, endpoint_slice, service
+from .agent import SLICEPROXY, WAIT, AgentProc, SourceDir, dump, endpoint_slice, service
 from .conftest import Agents
 
 HOSTCLIENT = str(Path(cgroups.__file__).with_name("hostclient.py"))
@@ -173,6 +173,14 @@ def test_clusterip_tcp_and_udp_with_the_service_as_peer(host: HostNode) -> None:
     assert res["peers"] == {f"{VIP}:53": 60}
     res = host.client("udp-unconnected", "--target", f"{VIP}:53", "--count", "20")
     assert res["errors"] == 0 and res["sources"] == {f"{VIP}:53": 20}, res
+    # `sliceproxy dump` says so, with the cgroup and the links.
+    hc = dump(host.topo, host.agents.pin_dir)["host_clients"]
+    assert hc["served"] and hc["cgroups"] == [{"id": host.cg.path.stat().st_ino, "path": str(host.cg.path)}], hc
+    assert sorted(link["attach_type"] for link in hc["links"]) == sorted(
+        f"{op}{v}" for op in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)
+    )
+    text = host.topo.exec_in("node", [str(SLICEPROXY), "dump", "--pin-dir", str(host.agents.pin_dir)]).stdout
+    assert f"host clients: served on cgroup {host.cg.path} (8 links:" in text, text
 
 
 @pytest.mark.parametrize("target", [f"{NODE_IP}:30080", f"{EXT_IP}:80"], ids=["nodeport-own-address", "external-ip"])
