@@ -228,6 +228,36 @@ struct sp_hairpin {
 	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
+/* sp_host_v3 (array, one entry): host clients, served by the cgroup socket
+ * programs (host_sock.c) at connect() and sendmsg() time. */
+struct sp_host_cfg {
+	__u64 netns_cookie; /* the node's network namespace (SO_NETNS_COOKIE of
+			     * the agent's own): only sockets of that namespace
+			     * are served; pods keep the tc path. 0: none */
+};
+
+/* Frontends a host socket reached, remembered per socket (sp_sock_v3, a
+ * socket-local storage map: freed with the socket). Reverse translation:
+ * getpeername() and the source of a received datagram turn the backend
+ * back into the frontend. An unconnected UDP socket keeps its backend per
+ * frontend while slot `slot` still names it. 4 entries: a socket
+ * reaching a fifth frontend takes the oldest entry's place. */
+struct sp_sock_ent {
+	__u8 frontend[16];   /* map form (IPv4-mapped) */
+	__u8 backend[16];
+	__u16 frontend_port; /* host order */
+	__u16 backend_port;  /* host order; 0: unused entry */
+	__u32 backend_id;
+	__u32 svc_id;
+	__u32 slot;          /* the slot the backend was picked from */
+};
+
+struct sp_sock {
+	struct sp_sock_ent ent[4];
+	__u32 next; /* the entry a new frontend takes (modulo 4) */
+	__u32 pad;  /* zero */
+};
+
 /* sp:layout:end */
 
 #endif /* SLICEPROXY_H */

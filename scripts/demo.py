@@ -267,6 +267,7 @@ def main() -> int:
         argv = [
             str(SLICEPROXY), "run", "--source", str(src), "--interfaces", topo.iface_glob,
             "--pin-dir", str(pin), "--log-level", "info",
+            "--host-clients", "off",  # the demo's client is a pod; never hook the machine's cgroups
         ]  # fmt: skip
         say(f"    nsenter --net={topo.ns_path('node')} -- {' '.join(argv)}")
         agent = Agent(topo, argv)

@@ -99,6 +99,33 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
     return out
 
 
+def host_clients(pin_dir: str, maps: dict[str, Map]) -> dict:
+    """Whether host clients are served: the network namespace the programs
+    serve (its cookie; 0: none), the links pinned under the pin directory
+    and the cgroup they are attached to."""
+    from ..dataplane import hostclients
+
+    links = hostclients.list_links(pin_dir)
+    cookie = hostclients.read_host_config(maps)
+    cgroups = sorted({link.cgroup_id for link in links})
+    return {
+        "served": bool(links) and cookie != 0,
+        "netns_cookie": cookie,
+        "cgroups": [{"id": c, "path": hostclients.cgroup_path(c)} for c in cgroups],
+        "links": [
+            {
+                "pin": link.program,
+                "link_id": link.link_id,
+                "prog_id": link.prog_id,
+                "program": link.prog_name,
+                "attach_type": link.attach_type,
+                "cgroup_id": link.cgroup_id,
+            }
+            for link in links
+        ],
+    }
+
+
 def render_table(data: dict) -> str:
     rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
     for s in data["services"]:
@@ -121,6 +148,14 @@ def render_table(data: dict) -> str:
             f"masquerade: from {addrs}, ports {cfg['snat_port_min']}-{cfg['snat_port_max']}, "
             f"reclaim {cfg['snat_reclaim']}s (closed {cfg['snat_reclaim_closed']}s)"
         )
+    host = data.get("host_clients")
+    if host is not None:
+        if host["served"]:
+            where = ", ".join(c["path"] or f"id {c['id']}" for c in host["cgroups"])
+            kinds = " ".join(link["attach_type"] for link in host["links"])
+            lines.append(f"host clients: served on cgroup {where} ({len(host['links'])} links: {kinds})")
+        else:
+            lines.append("host clients: not served")
     nz = {k: v["packets"] for k, v in data["counters"].items() if v["packets"]}
     if nz:
         lines.append("packets: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
@@ -144,5 +179,6 @@ def cmd_dump(args) -> int:
 
     maps = loader.open_pinned(args.pin_dir)
     data = collect(maps, service=args.service, with_conntrack=args.conntrack)
+    data["host_clients"] = host_clients(args.pin_dir, maps)
     print(render_json(data) if args.json else render_table(data))
     return 0

@@ -113,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the same for IPv6; empty: off (default {DEFAULT_HAIRPIN6})",
     )
     run.add_argument(
+        "--host-clients",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="serve the node's own sockets (host network: the kubelet, hostNetwork pods) at connect() and "
+        "sendmsg() time with cgroup socket programs; auto: when the kernel loads and attaches them (one "
+        "log line says why not); on: exit if it does not; off: detach them",
+    )
+    run.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        help="cgroup v2 directory the host clients' programs attach to (default: the root of the node's "
+        "cgroup v2 hierarchy, found in /proc/self/mountinfo, mounted if none is)",
+    )
+    run.add_argument(
         "--pin-dir", default=DEFAULT_PIN_DIR, help=f"bpffs directory for this instance's maps ({DEFAULT_PIN_DIR})"
     )
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
@@ -342,4 +356,16 @@ def settings(args: argparse.Namespace) -> Settings:
         healthz_stale_after=args.healthz_stale_after,
         dry_run=args.dry_run,
         hairpin=_hairpin(args),
+        host_clients=args.host_clients,
+        cgroup=_cgroup(args.cgroup),
     )
+
+
+def _cgroup(value: str | None) -> str | None:
+    """--cgroup: an existing directory (that it is cgroup v2 is checked
+    when the programs attach)."""
+    if value is None:
+        return None
+    if not os.path.isdir(value):
+        raise SystemExit(f"sliceproxy run: --cgroup: {value!r} is not a directory")
+    return os.path.abspath(value)

@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
             f"first, or give this one its own --pin-dir. Nothing was changed",
         ) from None
     try:
-        dp = loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin)
+        dp = _load(args, opts)
     except BaseException:
         lock.discard()
         raise
@@ -128,7 +128,8 @@ def cmd_run(args) -> int:
     if migrate.old_pins(args.pin_dir, dp.maps):
         n = carry.copy()
         log.info("carried %d entries over from maps of another layout version or size", n)
-    writer = Writer(dp.maps)
+    host = _host_clients(args, opts, dp)
+    writer = Writer(dp.maps, destroy_host_udp=host is not None)
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
     ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
     agent = build_agent(opts, source, writer, dp.maps, _refresher(attacher, ext_attacher))
@@ -162,6 +163,8 @@ def cmd_run(args) -> int:
             "external interfaces %s: NodePorts, LoadBalancer IPs and externalIPs served there",
             ",".join(ext_patterns),
         )
+    if host is not None:
+        log.info("host clients served: programs attached to cgroup %s", host)
     agent.run()
     source.stop()
     dp.close()
@@ -169,6 +172,51 @@ def cmd_run(args) -> int:
         uninstall((patterns + ext_patterns) or ["*"], args.pin_dir, lock)
     lock.release()
     return 0
+
+
+def _load(args, opts):
+    """Load the programs; with --host-clients auto, without the host
+    clients' programs when the kernel refuses them (one line says why)."""
+    from ..dataplane import loader
+    from ..dataplane.libbpf import BPFError
+
+    want = opts.host_clients != "off"
+    try:
+        return loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=want)
+    except BPFError as e:
+        if opts.host_clients != "auto" or not want:
+            raise
+        log.warning("host clients off: this kernel refused their cgroup socket programs (%s)", e)
+        return loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=False)
+
+
+def _host_clients(args, opts, dp) -> str | None:
+    """Serve host clients as --host-clients and --cgroup say: the node's
+    network namespace written for the programs and their links attached
+    (pinned links of an earlier agent adopted). The cgroup served, or None
+    (off: links an earlier agent pinned are detached)."""
+    from ..dataplane import hostclients
+
+    if not dp.host_progs:
+        n = hostclients.detach_links(args.pin_dir)
+        hostclients.write_host_config(dp.maps, 0)
+        if opts.host_clients == "off":
+            log.info("host clients off (--host-clients off)%s", f": detached {n} links" if n else "")
+        return None
+    try:
+        cgroup = opts.cgroup or hostclients.default_cgroup()
+        hostclients.write_host_config(dp.maps, hostclients.netns_cookie())
+        done = hostclients.attach_links(args.pin_dir, cgroup, dp.host_progs)
+    except OSError as e:
+        if opts.host_clients == "on":
+            raise SystemExit(f"sliceproxy run: --host-clients on: {e}") from None
+        log.warning("host clients off: attaching their programs failed (%s)", e)
+        hostclients.detach_links(args.pin_dir)
+        hostclients.write_host_config(dp.maps, 0)
+        return None
+    how = sorted(set(done.values()))
+    log.info("host clients: %d links on cgroup %s (%s)", len(done), cgroup, ", ".join(how))
+    return cgroup
 
 
 def _refresher(*attachers):

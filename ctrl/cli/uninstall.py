@@ -1,4 +1,5 @@
-"""`sliceproxy uninstall`: detach the programs and remove the pins."""
+"""`sliceproxy uninstall`: detach the programs (tc filters, the host clients'
+cgroup links) and remove the pins."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
     """Detach our filter from matching interfaces and remove the pins.
     Refused while an agent holds the pin directory (it would rewrite what
     was removed), unless `lock` is that agent's own (--cleanup-on-exit)."""
-    from ..dataplane import attach, loader
+    from ..dataplane import attach, hostclients, loader
 
     own = None
     if lock is None and os.path.isdir(pin_dir):
@@ -31,6 +32,10 @@ def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
                 e.errno, f"{e.strerror}: stop that agent first. Nothing was detached or removed"
             ) from None
     try:
+        # Host clients first: their links live in the pin directory.
+        links = hostclients.detach_links(pin_dir)
+        if links:
+            log.info("detached %d host client links", links)
         n = 0
         for ifname in attach.match_interfaces(patterns):
             if attach.detach(ifname):

@@ -155,7 +155,19 @@ def verdicts() -> list[str]:
 
 # Every map of the dataplane, by base name; its pinned name adds the layout
 # version (map_name).
-MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
+MAP_BASES = (
+    "sp_svc",
+    "sp_slot",
+    "sp_be",
+    "sp_ct",
+    "sp_aff",
+    "sp_stats",
+    "sp_names",
+    "sp_src",
+    "sp_cfg",
+    "sp_host",
+    "sp_sock",
+)
 
 
 def map_name(base: str) -> str:
@@ -326,7 +338,7 @@ def codec(sname: str, fields: tuple[str, ...] | None = None) -> Codec:
         if fname not in want:
             fmt += f"{size}x"  # a pad, or a field this caller leaves at zero
         elif f.type.kind == "array":
-            fmt += f"{f.type.length}s"
+            fmt += f"{size}s"  # raw bytes (an array of structs too)
             taken.append(fname)
         elif f.type.kind == "primitive" and f.type.cname in _PRIMITIVE_CODES:
             fmt += _PRIMITIVE_CODES[f.type.cname]

@@ -22,7 +22,7 @@ from operator import add as add_tuple
 from operator import itemgetter
 
 from ..model.plan import Backend, FKey
-from . import abi
+from . import abi, sockdiag
 from .abi import U32, Codecs, NodeConfig
 from .abi import map_name as mn
 from .changeset import ChangeSet
@@ -119,8 +119,12 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
 
 
 class Writer:
-    def __init__(self, maps: dict[str, Map]):
+    def __init__(self, maps: dict[str, Map], destroy_host_udp: bool = False):
+        """destroy_host_udp: host clients are served, so the node's
+        connected UDP sockets to a removed backend are destroyed
+        (ctrl.dataplane.sockdiag) after the write that removed it."""
         self.maps = maps
+        self.destroy_host_udp = destroy_host_udp
         self.codecs = Codecs.get()
         for name, (ks, vs) in self.codecs.sizes().items():
             m = maps[name]
@@ -155,6 +159,17 @@ class Writer:
             n = purge_udp_flows(self.maps[mn("sp_ct")], removed)
             if n:
                 log.debug("removed %d conntrack entries of UDP flows to removed backends", n)
+        gone = {(b[0], b[1]) for f, b in removed if f[2] == socket.IPPROTO_UDP}
+        if gone and self.destroy_host_udp:
+            try:
+                n = sockdiag.destroy_udp(gone)
+            except OSError as e:
+                # Not a failed write: the maps are right; such a socket
+                # keeps its dead backend until it connects again.
+                log.warning("destroying host sockets connected to removed UDP backends failed: %s", e)
+            else:
+                if n:
+                    log.info("destroyed %d host UDP sockets connected to removed backends", n)
 
     def apply_each(self, cs: ChangeSet) -> tuple[dict[str, str], BPFError | None]:
         """Write cs again, Service by Service, after its batch write failed

@@ -83,6 +83,34 @@ ffi.cdef(
         __u32 btf_value_type_id;
     };
 
+    /* The head of the kernel's struct bpf_link_info, with its cgroup
+       member (the union starts 8-aligned). */
+    struct bpf_link_info_cgroup {
+        __u32 type;
+        __u32 id;
+        __u32 prog_id;
+        __u32 pad;
+        __u64 cgroup_id;
+        __u32 attach_type;
+        __u32 pad2;
+    };
+
+    /* The head of the kernel's struct bpf_prog_info, up to its name. */
+    struct bpf_prog_info_head {
+        __u32 type;
+        __u32 id;
+        __u8 tag[8];
+        __u32 jited_prog_len;
+        __u32 xlated_prog_len;
+        __u64 jited_prog_insns;
+        __u64 xlated_prog_insns;
+        __u64 load_time;
+        __u32 created_by_uid;
+        __u32 nr_map_ids;
+        __u64 map_ids;
+        char name[16];
+    };
+
     struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
     int bpf_object__load(struct bpf_object *obj);
     void bpf_object__close(struct bpf_object *obj);
@@ -97,6 +125,14 @@ ffi.cdef(
     struct bpf_program *bpf_object__find_program_by_name(
         const struct bpf_object *obj, const char *name);
     int bpf_program__fd(const struct bpf_program *prog);
+    int bpf_program__set_autoload(struct bpf_program *prog, bool autoload);
+    int bpf_program__expected_attach_type(const struct bpf_program *prog);
+    int bpf_map__set_autocreate(struct bpf_map *map, bool autocreate);
+    int bpf_obj_pin(int fd, const char *pathname);
+    int bpf_prog_get_fd_by_id(__u32 id);
+    int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+    int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
+    int bpf_link_detach(int link_fd);
     struct btf *bpf_object__btf(const struct bpf_object *obj);
 
     __s32 btf__find_by_name_kind(const struct btf *btf, const char *name, __u32 kind);

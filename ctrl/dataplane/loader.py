@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import abi, migrate
-from .abi import Hairpin, MapSizes, map_name, map_names
+from .abi import Hairpin, MapSizes, map_base, map_name, map_names
 from .libbpf import BPFError, check, explain, ffi, lib
 from .maps import Map
 
@@ -27,6 +27,22 @@ PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 EXT_PROGRAM = "sp_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
 EXT_EGRESS_PROGRAM = "sp_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
+# Host clients (ebpf/host_sock.c): cgroup socket programs, loaded only when
+# asked for, so a kernel that refuses them still runs the tc programs. The
+# ones that turn a backend back into its frontend come first: attached in
+# this order, no socket is given a backend it could not name back.
+HOST_PROGRAMS = (
+    "sp_host_recvmsg4",
+    "sp_host_recvmsg6",
+    "sp_host_getpeername4",
+    "sp_host_getpeername6",
+    "sp_host_connect4",
+    "sp_host_connect6",
+    "sp_host_sendmsg4",
+    "sp_host_sendmsg6",
+)
+# Maps only the host programs use: not created without them.
+HOST_MAPS = ("sp_sock",)
 
 # The program's read-only global struct sp_hairpin lives alone in this
 # section, which libbpf loads as an internal map of its own.
@@ -57,6 +73,9 @@ class Dataplane:
     egress_fd: int
     ext_fd: int = -1
     ext_egress_fd: int = -1
+    # Host clients' programs by name (HOST_PROGRAMS): (fd, BPF attach
+    # type). Empty when loaded without them.
+    host_progs: dict[str, tuple[int, int]] = field(default_factory=dict)
     _obj: object = field(repr=False, default=None)
 
     def test_run(
@@ -199,9 +218,12 @@ def load(
     pin_dir: str | None = DEFAULT_PIN_DIR,
     sizes: MapSizes | None = None,
     hairpin: Hairpin | None = None,
+    host_clients: bool = False,
 ) -> Dataplane:
-    """Open, size, pin and load the tc program; pin_dir None means no pins
-    (private maps, as the datapath tests use); hairpin None: no hairpin."""
+    """Open, size, pin and load the programs; pin_dir None means no pins
+    (private maps, as the datapath tests use); hairpin None: no hairpin;
+    host_clients: also the cgroup socket programs of host clients (and
+    their maps)."""
     obj_path = str(obj_path or object_path())
     if not os.path.exists(obj_path):
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
@@ -226,7 +248,9 @@ def load(
             if name == HAIRPIN_SECTION:
                 _set_hairpin(m, hairpin or Hairpin())
                 hairpin_set = True
-            if not name.startswith("."):  # .rodata/.bss: not ours to pin
+            if not host_clients and map_base(name) in HOST_MAPS:
+                lb.bpf_map__set_autocreate(m, False)
+            elif not name.startswith("."):  # .rodata/.bss: not ours to pin
                 bpf_maps[name] = m
                 size = sizes.for_map(name)
                 if size is not None:
@@ -241,6 +265,12 @@ def load(
             # refuses it): set it aside for ctrl.dataplane.migrate to carry over.
             wanted = {name: int(lb.bpf_map__max_entries(bm)) for name, bm in bpf_maps.items()}
             resized = migrate.set_aside(pin_dir, wanted)
+        for name in HOST_PROGRAMS:
+            prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+            if prog == ffi.NULL:
+                raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}: rebuild it with `make`")
+            if not host_clients:
+                lb.bpf_program__set_autoload(prog, False)
         ret = lb.bpf_object__load(obj)
         if ret < 0:
             if resized and pin_dir is not None:
@@ -259,8 +289,12 @@ def load(
             if prog == ffi.NULL:
                 raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}")
             fds[name] = lb.bpf_program__fd(prog)
+        host_progs = {}
+        for name in HOST_PROGRAMS if host_clients else ():
+            prog = lb.bpf_object__find_program_by_name(obj, name.encode())
+            host_progs[name] = (lb.bpf_program__fd(prog), lb.bpf_program__expected_attach_type(prog))
         maps = {name: Map(lb.bpf_map__fd(m), name) for name, m in bpf_maps.items()}
-        missing = set(map_names()) - set(maps)
+        missing = set(map_names()) - set(maps) - (set() if host_clients else {map_name(b) for b in HOST_MAPS})
         if missing:
             raise BPFError(errno.ENOENT, f"{obj_path} lacks maps {sorted(missing)}")
         return Dataplane(
@@ -270,6 +304,7 @@ def load(
             egress_fd=fds[EGRESS_PROGRAM],
             ext_fd=fds[EXT_PROGRAM],
             ext_egress_fd=fds[EXT_EGRESS_PROGRAM],
+            host_progs=host_progs,
             _obj=obj,
         )
     except BaseException:

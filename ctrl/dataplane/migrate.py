@@ -52,6 +52,9 @@ log = logging.getLogger("sliceproxy.migrate")
 _NAME = re.compile(r"^(sp_[a-z]+)_v(\d+)$")
 ASIDE = "_old"  # suffix of a pin set aside by a resize
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+# Socket-local storage (sp_sock): keyed by live sockets, it can be neither
+# listed nor carried; the sockets keep what the old map holds for them.
+BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_NOEXIST = 1
 # Value fields stamped by the datapath on each use (ebpf/sliceproxy.h):
 # the newest entries are the ones kept when an LRU map shrinks.
@@ -147,7 +150,7 @@ class Resize:
 
 
 def _count(m: Map) -> int:
-    return 0 if m.info.type == BPF_MAP_TYPE_PERCPU_ARRAY else m.count()
+    return 0 if m.info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_SK_STORAGE) else m.count()
 
 
 def _open(path: str) -> Map | None:
@@ -269,6 +272,8 @@ def _carry(path: str, new: Map, skip: set[bytes] | None = None, seen: set[bytes]
     try:
         if old.info.type == BPF_MAP_TYPE_PERCPU_ARRAY:
             return 0  # per-CPU counters start afresh
+        if old.info.type == BPF_MAP_TYPE_SK_STORAGE:
+            return 0  # cannot be listed: see BPF_MAP_TYPE_SK_STORAGE
         (ok, oka), (ov, ova) = _layouts(old)
         (nk, nka), (nv, nva) = _layouts(new)
         ck = converter(ok, nk, new.key_size, oka & nka)

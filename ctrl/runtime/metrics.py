@@ -185,6 +185,8 @@ class DataplaneCollector:
         cap = GaugeMetricFamily("sliceproxy_map_capacity", "max_entries of each BPF map", labels=["map"])
         ct = None
         for name, m in sorted(self.maps.items()):
+            if name == mn("sp_sock"):
+                continue  # socket-local storage: neither listable nor sized
             cap.add_metric([name], m.max_entries)
             if name == mn("sp_stats"):
                 continue

@@ -5,6 +5,7 @@ argument per setting. The defaults are the flags' defaults."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..dataplane.abi import Hairpin, MapSizes
 
@@ -33,3 +34,8 @@ class Settings:
     healthz_bind_address: str = "0.0.0.0:10256"  # empty: no /healthz
     healthz_stale_after: float = 60.0
     dry_run: bool = False  # plan and print, touch no kernel state
+    # --host-clients: serve the node's own sockets with the cgroup socket
+    # programs (auto: when the kernel loads and attaches them), attached to
+    # --cgroup (None: the root of the node's cgroup v2 hierarchy).
+    host_clients: Literal["auto", "on", "off"] = "auto"
+    cgroup: str | None = None

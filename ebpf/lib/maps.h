@@ -91,4 +91,22 @@ struct {
 	__type(value, struct sp_cfg);
 } SP_MAP(sp_cfg) SEC(".maps");
 
+/* Host clients: the node's netns cookie (written by the agent). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sp_host_cfg);
+} SP_MAP(sp_host) SEC(".maps");
+
+/* Per host socket: the frontends it reached (struct sp_sock). Socket-local
+ * storage is freed by the kernel with the socket: nothing to clean up, no
+ * capacity to size (max_entries must be 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sp_sock);
+} SP_MAP(sp_sock) SEC(".maps");
+
 #endif /* SP_LIB_MAPS_H */

@@ -61,15 +61,15 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	struct sp_ct_key ckey = {};
 	struct sp_ct_val *ct, nct = {};
 	struct sp_svc_val *svc;
-	struct sp_backend *be;
-	__u32 n, be_id = 0;
+	struct lb_choice c = {};
 	__u64 now;
+	int r;
 
-	svc = lb_frontend(p, scope, &skey);
+	svc = lb_lookup(p->daddr, bpf_ntohs(p->dport), p->proto, scope, &skey);
 	if (!svc)
 		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
 	/* kube-proxy's firewall chain: before any conntrack, every packet. */
-	if (!source_allowed(svc, p))
+	if (!lb_source_allowed(svc, p->saddr))
 		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
 
 	now = now_ns();
@@ -88,20 +88,15 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	}
 
 	/* A new flow (or one whose backend went away): pick a backend. */
-	n = svc->count;
-	if (n == 0)
+	r = lb_choose(svc, ckey.saddr, p->v6, now, LB_NO_HINT, 0, &c);
+	if (r == LB_NO_BACKEND)
 		return count(skb, SP_V_DROP_NO_BACKEND, TC_ACT_SHOT);
-	if (!lb_pick(svc, n, ckey.saddr, now, &be_id))
-		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-	be = bpf_map_lookup_elem(&SP_MAP(sp_be), &be_id);
-	/* A backend of the other family would mean maps that disagree: the
-	 * control plane never mixes families in one frontend. */
-	if (!be || addr_is_v4(be->addr) == p->v6)
+	if (r != LB_OK)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 
-	__builtin_memcpy(nct.nat_addr, be->addr, sizeof(nct.nat_addr));
-	nct.nat_port = be->port;
-	nct.backend_id = be_id;
+	__builtin_memcpy(nct.nat_addr, c.be->addr, sizeof(nct.nat_addr));
+	nct.nat_port = c.be->port;
+	nct.backend_id = c.be_id;
 	nct.svc_id = svc->svc_id;
 	nct.last_seen = now;
 	if (bpf_map_update_elem(&SP_MAP(sp_ct), &ckey, &nct, BPF_ANY))

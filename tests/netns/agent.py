@@ -141,6 +141,7 @@ class AgentProc:
 
     def __init__(self, topo: Topology, source: Path | None, pin_dir: Path, extra: Iterable[str] = ()) -> None:
         """source None: the source flags are in extra (--kubeconfig ...)."""
+        extra = tuple(extra)
         self.topo = topo
         self.pin_dir = pin_dir
         self.argv = [
@@ -149,6 +150,9 @@ class AgentProc:
             "--interfaces", topo.iface_glob,
             "--pin-dir", str(pin_dir),
             "--min-sync-period", "0.05",
+            # Host clients only on a cgroup of the test's own (--cgroup):
+            # never the machine's root cgroup, the default.
+            *(() if "--cgroup" in extra or "--host-clients" in extra else ("--host-clients", "off")),
             *extra,
         ]  # fmt: skip
         self.lines: list[str] = []

@@ -11,10 +11,10 @@ container named `sliceproxy` changes, and only here:
 - `--interfaces`: the host sides of pod interfaces for the VM's CNI. k3s's
   flannel uses the bridge plugin, whose host-side veths are named `veth*`.
 - `KUBERNETES_SERVICE_HOST`/`_PORT`: the API server's real address. The
-  kubelet points them at the `kubernetes` Service's ClusterIP, and on a node
-  without kube-proxy nothing translates that address for a host-network pod
-  (sliceproxy serves traffic from pod interfaces): the agent would wait for
-  a proxy that is itself.
+  kubelet points them at the `kubernetes` Service's ClusterIP, which the
+  agent's host client programs serve only once the agent has read it from
+  the API server: on the VM's first start, with no kube-proxy ever, the
+  agent would wait for a proxy that is itself.
 - `securityContext.appArmorProfile: Unconfined`: the container runtime's
   default AppArmor profile denies writes under /sys/fs/ except cgroup, which
   includes creating the pin directory and the pins in /sys/fs/bpf.
