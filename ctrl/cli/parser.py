@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch the Kubernetes API as the Pod's ServiceAccount (the default in a Pod)",
     )
     run.add_argument(
+        "--api-server-from",
+        metavar="KUBECONFIG",
+        help="in the cluster: reach the API server at the address this kubeconfig (the kubelet's) names, "
+        "with the ServiceAccount's credentials, instead of the `kubernetes` Service's ClusterIP, which "
+        "nothing serves on a node without kube-proxy before this agent's first sync",
+    )
+    run.add_argument(
         "--source-max-file-size",
         type=int,
         default=None,

@@ -243,10 +243,19 @@ def make_source(args):
     in_cluster = args.in_cluster or (not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"))
     if not args.kubeconfig and not in_cluster:
         raise SystemExit("sliceproxy run: give --source DIR, --kubeconfig PATH or --in-cluster")
-    from ..k8s.kube import Client, KubeSource
+    from ..k8s.kube import Client, KubeconfigError, KubeSource, kubeconfig_server
 
+    server = None
+    if args.api_server_from:
+        if not in_cluster:
+            raise SystemExit("sliceproxy run: --api-server-from is for --in-cluster (a kubeconfig names its server)")
+        try:
+            server = kubeconfig_server(args.api_server_from)
+        except KubeconfigError as e:
+            raise SystemExit(f"sliceproxy run: --api-server-from: {e}") from None
+        log.info("API server at %s, as %s names it", server, args.api_server_from)
     try:
-        client = Client.from_config(None if in_cluster else args.kubeconfig)
+        client = Client.from_config(None if in_cluster else args.kubeconfig, server=server)
     except Exception as e:  # the kubernetes package raises several kinds
         raise SystemExit(f"sliceproxy run: cannot read the Kubernetes client configuration: {e}") from None
     source = KubeSource(client, args.node_name)

@@ -135,8 +135,9 @@ class Client:
         self.pool = urllib3.PoolManager(num_pools=4, maxsize=4, **kw)  # type: ignore[arg-type]
 
     @classmethod
-    def from_config(cls, kubeconfig: str | None) -> Client:
-        """From a kubeconfig file, or the in-cluster ServiceAccount when None."""
+    def from_config(cls, kubeconfig: str | None, server: str | None = None) -> Client:
+        """From a kubeconfig file, or the in-cluster ServiceAccount when None
+        (then at `server` if given, instead of the `kubernetes` Service)."""
         from kubernetes import client as kclient
         from kubernetes import config as kconfig
 
@@ -147,6 +148,8 @@ class Client:
         else:
             kconfig.load_incluster_config(client_configuration=cfg)
             token_file = IN_CLUSTER_TOKEN  # rotated by the kubelet: re-read it
+            if server:
+                cfg.host = server
         auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken")
         token = auth.split(" ", 1)[1] if auth and " " in auth else auth
         return cls(
@@ -270,6 +273,44 @@ def _status_message(body: bytes) -> str:
     except (ValueError, AttributeError):
         msg = None
     return _one_line(msg) if isinstance(msg, str) and msg else body[:200].decode(errors="replace")
+
+
+class KubeconfigError(Exception):
+    pass
+
+
+def kubeconfig_server(path: str) -> str:
+    """The server URL of the current context's cluster in kubeconfig `path`
+    (the kubelet's: the API server's own address, which a node reaches
+    without any Service proxy). Raises KubeconfigError naming the field."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise KubeconfigError(f"{path}: {_one_line(e)}") from None
+    if not isinstance(doc, dict):
+        raise KubeconfigError(f"{path}: not a kubeconfig (a mapping)")
+    clusters = {c.get("name"): c.get("cluster") for c in doc.get("clusters") or [] if isinstance(c, dict)}
+    contexts = {c.get("name"): c.get("context") for c in doc.get("contexts") or [] if isinstance(c, dict)}
+    current = doc.get("current-context")
+    if current:
+        ctx = contexts.get(current)
+        if not isinstance(ctx, dict):
+            raise KubeconfigError(f"{path}: current-context {current!r} is not among contexts")
+        name = ctx.get("cluster")
+        cluster = clusters.get(name)
+        where = f"clusters[{name!r}].cluster.server"
+    elif len(clusters) == 1:
+        cluster = next(iter(clusters.values()))
+        where = "clusters[0].cluster.server"
+    else:
+        raise KubeconfigError(f"{path}: no current-context, and not exactly one cluster")
+    server = cluster.get("server") if isinstance(cluster, dict) else None
+    if not isinstance(server, str) or not server.startswith("https://"):
+        raise KubeconfigError(f"{path}: {where}: {server!r} is not an https:// URL")
+    return server
 
 
 class GoneError(Exception):

@@ -326,7 +326,9 @@ class KubeNode:
         self.uplink = ""
         # Short: containerd's sockets live here (108-byte limit on their paths).
         self.dir = Path(tempfile.mkdtemp(prefix=f"spn-{self.topo.prefix}-", dir="/tmp"))
-        self.cgroup = f"sliceproxy-test-{self.topo.prefix}"
+        # Named after the node: the DaemonSet's --cgroup mount finds it by
+        # $(NODE_NAME) (NodeCluster.deploy_sliceproxy).
+        self.cgroup = f"sliceproxy-test-{self.name}"
         self.procs: dict[str, _Proc] = {}
         self._forward: subprocess.Popen[bytes] | None = None
 
@@ -759,11 +761,27 @@ class NodeCluster:
             args.append(a)
         args += ["--external-interfaces=sp??????u0", *extra_args]
         c["command"] = args
-        for e in c["env"]:
-            if e["name"] == "KUBERNETES_SERVICE_HOST":
-                e["value"] = "127.0.0.1"
-            elif e["name"] == "KUBERNETES_SERVICE_PORT":
-                e["value"] = str(self.api_port)
+        # The host's paths the manifest mounts, made this node's: its
+        # kubelet's kubeconfig (--api-server-from), and its own cgroup v2
+        # subtree for the host clients' hooks (--cgroup): the test must
+        # never hook the machine's root cgroup, where every process lives.
+        # One DaemonSet serves every node, so both go by $(NODE_NAME).
+        confs = self.dir / "kubelet-conf"
+        confs.mkdir(exist_ok=True)
+        for node in self.nodes:
+            shutil.copyfile(node.dir / "kubelet.kubeconfig", confs / f"{node.name}.kubeconfig")
+        cgroup2 = [h for h in hierarchies() if h.name == "unified"]
+        pod = ds["spec"]["template"]["spec"]
+        for v in pod["volumes"]:
+            if v["name"] == "kubelet-conf":
+                v["hostPath"] = {"path": str(confs), "type": "Directory"}
+            elif v["name"] == "cgroup2":
+                v["hostPath"] = {"path": str(cgroup2[0] if cgroup2 else Path("/sys/fs/cgroup")), "type": "Directory"}
+        for m in c["volumeMounts"]:
+            if m["name"] == "kubelet-conf":
+                m["subPathExpr"] = "$(NODE_NAME).kubeconfig"
+            elif m["name"] == "cgroup2":
+                m["subPathExpr"] = "sliceproxy-test-$(NODE_NAME)"
         # A capability outside the machine's bounding set cannot be granted
         # (runc: "unable to apply caps"). This CI machine lacks
         # CAP_SYS_RESOURCE, which the manifest asks for kernels before 5.11

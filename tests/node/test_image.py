@@ -61,6 +61,10 @@ class ImageAgent(AgentProc):
             ref,
             "sliceproxy", "run", "--source", str(source), "--interfaces", topo.iface_glob,
             "--pin-dir", str(pin_dir), "--min-sync-period", "0.05",
+            # The pods' path only: no cgroup hooks from a container whose
+            # cgroup view this test does not control (the node tier serves
+            # host clients on a cgroup of its own).
+            "--host-clients", "off",
         )  # fmt: skip
         self.lines: list[str] = []
         self._cond = threading.Condition()

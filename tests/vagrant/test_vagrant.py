@@ -220,7 +220,7 @@ def test_provisioning_builds_and_applies_the_repository_manifests():
     assert re.search(
         r"^kubectl create --dry-run=client -o json -f deploy/daemonset\.yaml \|\n"
         r"\s*python3 vagrant/provision/adapt_daemonset\.py \\\n"
-        r'\s*--image "\$image" --interfaces "\$POD_INTERFACES" --api-server "\$API_SERVER" \\\n'
+        r'\s*--image "\$image" --interfaces "\$POD_INTERFACES" --kubelet-kubeconfig "\$KUBELET_KUBECONFIG" \\\n'
         r'\s*>"\$STATE/daemonset\.json\.new"$',
         code,
         re.M,
@@ -287,13 +287,14 @@ def the_container(ds: dict) -> tuple[int, dict]:
 def test_adapted_daemonset_is_the_manifest_plus_the_vm_settings():
     adapter = load_adapter()
     interfaces = script_setting("POD_INTERFACES")
-    host, port = script_setting("API_SERVER").rsplit(":", 1)
+    kubelet_conf = script_setting("KUBELET_KUBECONFIG")
+    assert kubelet_conf == "/var/lib/rancher/k3s/agent/kubelet.kubeconfig"  # k3s's agent
     assert interfaces == "veth*"  # k3s's flannel (bridge plugin) host-side veths
 
     original = yaml.safe_load(DAEMONSET.read_text())
     pristine = copy.deepcopy(original)
     image = "docker.io/library/sliceproxy:vm-0123456789ab"
-    out = adapter.adapt(original, image, interfaces, host, int(port))
+    out = adapter.adapt(original, image, interfaces, kubelet_conf)
     assert original == pristine, "adapt() changed its input"
 
     i, c = the_container(out)
@@ -302,18 +303,18 @@ def test_adapted_daemonset_is_the_manifest_plus_the_vm_settings():
     args = c0["command"]
     [k] = [n for n, a in enumerate(args) if a.startswith("--interfaces=")]
     assert c["command"] == args[:k] + [f"--interfaces={interfaces}"] + args[k + 1 :]
-    api = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
-    assert c["env"] == [e for e in c0.get("env", []) if e["name"] not in api] + [
-        {"name": "KUBERNETES_SERVICE_HOST", "value": host},
-        {"name": "KUBERNETES_SERVICE_PORT", "value": port},
-    ]
+    assert c["env"] == c0["env"]  # no API address override: --api-server-from
+    [vol] = [v for v in out["spec"]["template"]["spec"]["volumes"] if v["name"] == "kubelet-conf"]
+    assert vol["hostPath"]["path"] == kubelet_conf
     assert c["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
 
     base = ("spec", "template", "spec", "containers", i)
     changed = leaf_paths(original, out)
-    allowed = {(*base, "image"), (*base, "imagePullPolicy"), (*base, "command", k)}
-    # env and appArmorProfile may already hold the manifest's placeholders.
-    prefixes = [(*base, "env"), (*base, "securityContext", "appArmorProfile")]
+    [v] = [n for n, v in enumerate(original["spec"]["template"]["spec"]["volumes"]) if v["name"] == "kubelet-conf"]
+    conf_path = ("spec", "template", "spec", "volumes", v, "hostPath", "path")
+    allowed = {(*base, "image"), (*base, "imagePullPolicy"), (*base, "command", k), conf_path}
+    # appArmorProfile may already hold the manifest's placeholder.
+    prefixes = [(*base, "securityContext", "appArmorProfile")]
     unexpected = {p for p in changed if p not in allowed and not any(p[: len(q)] == q for q in prefixes)}
     assert not unexpected, unexpected
     assert {(*base, "image"), (*base, "command", k)} <= changed
@@ -331,8 +332,8 @@ def test_adapter_command_line_end_to_end():
             "img:1",
             "--interfaces",
             "veth*",
-            "--api-server",
-            "127.0.0.1:6443",
+            "--kubelet-kubeconfig",
+            "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
         ],
         input=json.dumps(ds),
         capture_output=True,
@@ -344,11 +345,13 @@ def test_adapter_command_line_end_to_end():
     assert c["image"] == "img:1" and "--interfaces=veth*" in c["command"]
 
 
-def _ds(container: dict, kind: str = "DaemonSet") -> dict:
+def _ds(container: dict, kind: str = "DaemonSet", volumes: list | None = None) -> dict:
+    if volumes is None:
+        volumes = [{"name": "kubelet-conf", "hostPath": {"path": "/etc/kubernetes/kubelet.conf", "type": "File"}}]
     return {
         "kind": kind,
         "metadata": {"name": "sliceproxy"},
-        "spec": {"template": {"spec": {"containers": [container]}}},
+        "spec": {"template": {"spec": {"containers": [container], "volumes": volumes}}},
     }
 
 
@@ -364,6 +367,7 @@ def _ds(container: dict, kind: str = "DaemonSet") -> dict:
             "one --interfaces argument in command or args",
         ),
         (_ds({"name": "sliceproxy", "command": ["run", "--interfaces"]}), "has no value"),
+        (_ds({"name": "sliceproxy", "command": ["run", "--interfaces=a"]}, volumes=[]), "volume named 'kubelet-conf'"),
     ],
     ids=[
         "not-a-daemonset",
@@ -372,13 +376,14 @@ def _ds(container: dict, kind: str = "DaemonSet") -> dict:
         "two-interfaces",
         "interfaces-twice",
         "interfaces-without-value",
+        "no-kubelet-conf-volume",
     ],
 )
 def test_adapter_refuses_a_manifest_it_cannot_adapt(ds, message):
     """If deploy/daemonset.yaml changes shape, provisioning stops with a reason instead of guessing."""
     adapter = load_adapter()
     with pytest.raises(adapter.AdaptError, match=re.escape(message)):
-        adapter.adapt(ds, "img", "veth*", "127.0.0.1", 6443)
+        adapter.adapt(ds, "img", "veth*", "/k3s/kubelet.kubeconfig")
 
 
 @pytest.mark.parametrize(
@@ -390,26 +395,15 @@ def test_adapter_refuses_a_manifest_it_cannot_adapt(ds, message):
             ("args", ["--interfaces=veth*"]),
         ),
         (
-            {
-                "name": "sliceproxy",
-                "command": ["run", "--interfaces=x"],
-                "env": [{"name": "KUBERNETES_SERVICE_HOST", "value": "10.0.0.1"}, {"name": "A", "value": "1"}],
-            },
-            (
-                "env",
-                [
-                    {"name": "A", "value": "1"},
-                    {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                    {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
-                ],
-            ),
+            {"name": "sliceproxy", "command": ["run", "--interfaces=x"], "env": [{"name": "A", "value": "1"}]},
+            ("env", [{"name": "A", "value": "1"}]),
         ),
     ],
-    ids=["separate-value-in-args", "in-args", "replaces-api-env"],
+    ids=["separate-value-in-args", "in-args", "env-untouched"],
 )
 def test_adapter_variants(container, expected):
     adapter = load_adapter()
-    _, c = the_container(adapter.adapt(_ds(container), "img", "veth*", "127.0.0.1", 6443))
+    _, c = the_container(adapter.adapt(_ds(container), "img", "veth*", "/k3s/kubelet.kubeconfig"))
     key, value = expected
     assert c[key] == value
 

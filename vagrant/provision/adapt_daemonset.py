@@ -10,11 +10,11 @@ container named `sliceproxy` changes, and only here:
   fail at once (ErrImageNeverPull) instead of retrying pulls.
 - `--interfaces`: the host sides of pod interfaces for the VM's CNI. k3s's
   flannel uses the bridge plugin, whose host-side veths are named `veth*`.
-- `KUBERNETES_SERVICE_HOST`/`_PORT`: the API server's real address. The
-  kubelet points them at the `kubernetes` Service's ClusterIP, which the
-  agent's host client programs serve only once the agent has read it from
-  the API server: on the VM's first start, with no kube-proxy ever, the
-  agent would wait for a proxy that is itself.
+- the `kubelet-conf` volume: k3s's kubelet kubeconfig
+  (/var/lib/rancher/k3s/agent/kubelet.kubeconfig) instead of kubeadm's
+  /etc/kubernetes/kubelet.conf. The agent reads the API server's address
+  from it (`--api-server-from`): the `kubernetes` Service's ClusterIP is
+  served by the agent itself, so on the VM's first start nothing would.
 - `securityContext.appArmorProfile: Unconfined`: the container runtime's
   default AppArmor profile denies writes under /sys/fs/ except cgroup, which
   includes creating the pin directory and the pins in /sys/fs/bpf.
@@ -32,7 +32,7 @@ import sys
 
 CONTAINER = "sliceproxy"
 INTERFACES_FLAG = "--interfaces"
-API_ENV = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+KUBELET_CONF_VOLUME = "kubelet-conf"
 
 
 class AdaptError(Exception):
@@ -55,7 +55,7 @@ def _replace_interfaces(argv: list[str], interfaces: str, where: str) -> list[st
     return out
 
 
-def adapt(ds: dict, image: str, interfaces: str, api_host: str, api_port: int) -> dict:
+def adapt(ds: dict, image: str, interfaces: str, kubelet_conf: str) -> dict:
     """A copy of the DaemonSet ``ds`` with the VM's changes (module docstring)."""
     if ds.get("kind") != "DaemonSet":
         raise AdaptError(f"expected a DaemonSet, got kind {ds.get('kind')!r}")
@@ -81,33 +81,25 @@ def adapt(ds: dict, image: str, interfaces: str, api_host: str, api_port: int) -
         raise AdaptError(f"{where}: expected one {INTERFACES_FLAG} argument in command or args")
     c[holders[0]] = _replace_interfaces(c[holders[0]], interfaces, where)
 
-    env = [e for e in c.get("env") or [] if e.get("name") not in API_ENV]
-    env += [
-        {"name": API_ENV[0], "value": api_host},
-        {"name": API_ENV[1], "value": str(api_port)},
-    ]
-    c["env"] = env
+    volumes = out["spec"]["template"]["spec"].get("volumes") or []
+    confs = [v for v in volumes if v.get("name") == KUBELET_CONF_VOLUME and "hostPath" in v]
+    if len(confs) != 1:
+        raise AdaptError(f"DaemonSet {name}: expected one hostPath volume named {KUBELET_CONF_VOLUME!r}")
+    confs[0]["hostPath"]["path"] = kubelet_conf
 
     c.setdefault("securityContext", {})["appArmorProfile"] = {"type": "Unconfined"}
     return out
-
-
-def _host_port(s: str) -> tuple[str, int]:
-    host, sep, port = s.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{s!r} is not HOST:PORT")
-    return host, int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image", required=True)
     p.add_argument("--interfaces", required=True, help="glob list for sliceproxy --interfaces")
-    p.add_argument("--api-server", required=True, type=_host_port, metavar="HOST:PORT")
+    p.add_argument("--kubelet-kubeconfig", required=True, metavar="PATH", help="the node's kubelet kubeconfig")
     args = p.parse_args(argv)
     try:
         ds = json.load(sys.stdin)
-        out = adapt(ds, args.image, args.interfaces, *args.api_server)
+        out = adapt(ds, args.image, args.interfaces, args.kubelet_kubeconfig)
     except (AdaptError, json.JSONDecodeError) as e:
         print(f"adapt_daemonset: {e}", file=sys.stderr)
         return 1

@@ -11,9 +11,9 @@ source "$SLICEPROXY_REPO/vagrant/provision/lib.sh"
 require_root
 cd "$SLICEPROXY_REPO"
 
-# The API server's address for the agent (see adapt_daemonset.py): k3s
-# serves it on the node's loopback, which a host-network pod shares.
-API_SERVER=127.0.0.1:6443
+# k3s's kubelet kubeconfig: the agent reads the API server's address from
+# it (--api-server-from; see adapt_daemonset.py).
+KUBELET_KUBECONFIG=/var/lib/rancher/k3s/agent/kubelet.kubeconfig
 # Host sides of flannel's pod veths (vagrant/provision/k3s.sh).
 POD_INTERFACES='veth*'
 STATE=/var/lib/sliceproxy-vm
@@ -49,7 +49,7 @@ if ! k3s_has_image "$image"; then
 fi
 
 # The repository's manifests, as they are: RBAC unchanged, the DaemonSet
-# with the VM's image, interfaces, API address and AppArmor profile
+# with the VM's image, interfaces, kubelet kubeconfig and AppArmor profile
 # (adapt_daemonset.py says why for each). The rendered copy stays in
 # $STATE for inspection.
 log "kubectl apply -f deploy/rbac.yaml"
@@ -59,7 +59,7 @@ log "kubectl apply deploy/daemonset.yaml (image $image, --interfaces=$POD_INTERF
 install -d -m 0755 "$STATE"
 kubectl create --dry-run=client -o json -f deploy/daemonset.yaml |
 	python3 vagrant/provision/adapt_daemonset.py \
-		--image "$image" --interfaces "$POD_INTERFACES" --api-server "$API_SERVER" \
+		--image "$image" --interfaces "$POD_INTERFACES" --kubelet-kubeconfig "$KUBELET_KUBECONFIG" \
 		>"$STATE/daemonset.json.new"
 mv "$STATE/daemonset.json.new" "$STATE/daemonset.json"
 kubectl apply -f "$STATE/daemonset.json"
