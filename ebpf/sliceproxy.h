@@ -53,7 +53,10 @@ enum sp_verdict {
 	SP_V_DNAT_NEW = 5,         /* new flow: backend chosen and rewritten */
 	SP_V_DNAT_ESTABLISHED = 6, /* known flow: its backend kept */
 	SP_V_REVNAT = 7,           /* egress: reply's source back to the frontend */
-	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend: dropped */
+	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend and no
+				    * SP_SVC_F_REJECT (a Local traffic policy
+				    * with no local endpoint), or a source no
+				    * error may be sent to: dropped */
 	SP_V_DROP_ERROR = 9,       /* inconsistent maps or a failed rewrite */
 	SP_V_PASS_NO_FLOW = 10,    /* egress: not a reply of a tracked flow */
 	SP_V_SNAT = 11,            /* external egress: source masqueraded */
@@ -61,7 +64,11 @@ enum sp_verdict {
 				    * destination back to the client */
 	SP_V_DROP_SOURCE_RANGE = 13, /* source outside loadBalancerSourceRanges */
 	SP_V_DROP_SNAT = 14,       /* no node address or no free SNAT port */
-	SP_V_MAX = 15,
+	SP_V_REJECT_NO_BACKEND = 15, /* frontend with no backend, flagged
+				      * SP_SVC_F_REJECT: answered with an ICMP
+				      * port unreachable, sent back to the
+				      * client */
+	SP_V_MAX = 16,
 };
 
 /* sp_svc_v3 (hash): one entry per frontend (service port). */
@@ -77,6 +84,11 @@ struct sp_svc_key {
 #define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v3 */
 #define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
 			 * flow that leaves the node is masqueraded */
+#define SP_SVC_F_REJECT 8 /* the Service has no endpoint anywhere: a new
+			   * flow finding no backend is answered with an ICMP
+			   * port unreachable (kube-proxy's REJECT) instead of
+			   * dropped (its DROP, for a Local traffic policy
+			   * with no local endpoint) */
 
 struct sp_svc_val {
 	__u32 svc_id;           /* key of the slots and names maps */

@@ -102,7 +102,9 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
 def render_table(data: dict) -> str:
     rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
     for s in data["services"]:
-        bes = ", ".join(s["backends"]) if s["backends"] else "(none: dropped)"
+        # No backend: kube-proxy's REJECT (no endpoint anywhere) or DROP.
+        empty = "(none: rejected)" if int(str(s["flags"])) & abi.const("SP_SVC_F_REJECT") else "(none: dropped)"
+        bes = ", ".join(s["backends"]) if s["backends"] else empty
         front = s["frontend"] + (" (external)" if s.get("scope") == "external" else "")
         if s.get("source_ranges"):
             bes += "  [from " + ", ".join(s["source_ranges"]) + "]"

@@ -14,6 +14,7 @@
 #include "csum.h"
 #include "hairpin.h"
 #include "lb.h"
+#include "reject.h"
 #include "stats.h"
 
 /*
@@ -90,7 +91,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	/* A new flow (or one whose backend went away): pick a backend. */
 	n = svc->count;
 	if (n == 0)
-		return count(skb, SP_V_DROP_NO_BACKEND, TC_ACT_SHOT);
+		return reject(skb, p, svc);
 	if (!lb_pick(svc, n, ckey.saddr, now, &be_id))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	be = bpf_map_lookup_elem(&SP_MAP(sp_be), &be_id);

@@ -69,3 +69,25 @@ def test_dual_stack_service_serves_ipv6_and_ipv4(dual, tmp_path) -> None:
         assert res.get("client_ips_seen") == ["2001:db8:1::2"], res
     finally:
         agent.terminate()
+
+
+def test_ipv6_service_without_endpoints_refuses(dual, tmp_path) -> None:
+    """An IPv6 ClusterIP with no endpoint: ICMPv6 port unreachable back to
+    the client, whose TCP connect() and connected UDP socket fail with
+    ECONNREFUSED (not a 5 s timeout)."""
+    topo, pin = dual
+    src = SourceDir(tmp_path)
+    svc = service("idle", VIP6, PORTS)
+    svc["spec"]["clusterIPs"] = [VIP6]
+    svc["spec"]["ipFamilies"] = ["IPv6"]
+    src.write("service.yaml", svc)
+    agent = AgentProc(topo, src.path, pin, ["--min-sync-period", "0.05"])
+    try:
+        want = {f"[{VIP6}]:80/TCP": set(), f"[{VIP6}]:53/UDP": set()}
+        wait_dump(topo, pin, has_backends(want), "IPv6 frontends without backends", agent=agent)
+        for mode, port in (("http", 80), ("udp", 53)):
+            res = topo.client("client", mode, "--target", f"[{VIP6}]:{port}", "--count", "3", "--timeout", "5")
+            assert res["counts"] == {} and res["errors"] == 3, res
+            assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
+    finally:
+        agent.terminate()
