@@ -155,7 +155,7 @@ def verdicts() -> list[str]:
 
 # Every map of the dataplane, by base name; its pinned name adds the layout
 # version (map_name).
-MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg")
+MAP_BASES = ("sp_svc", "sp_slot", "sp_be", "sp_ct", "sp_aff", "sp_stats", "sp_names", "sp_src", "sp_cfg", "sp_frag")
 
 
 def map_name(base: str) -> str:

@@ -99,10 +99,28 @@ class Judge:
         # Every conntrack direction the header defines (SP_CT_*, not the flags).
         self.dirs = [abi.const(c) for c in abi.constants_with_prefix("SP_CT_") if not c.startswith("SP_CT_F_")]
 
+        self.frag = dp.maps[abi.map_name("sp_frag")]
+        self.fk = abi.codec("sp_frag_key", ("saddr", "daddr", "id", "proto", "hook"))
+
+    def frag_tracked(self, pkt: bytes) -> bool:
+        """A fragment other than the first whose datagram's first fragment
+        was translated (sp_frag, at any attach point): the programs give
+        it the same rewrite."""
+        et = struct.unpack_from("!H", pkt, 12)[0]
+        if et == gen.ETH_IP and len(pkt) >= 34:
+            src, dst, ident, proto = v4(pkt[26:30]), v4(pkt[30:34]), struct.unpack_from("!H", pkt, 18)[0], pkt[23]
+        elif et == gen.ETH_IP6 and len(pkt) >= 62 and pkt[20] == gen.FRAGMENT:
+            src, dst, ident, proto = pkt[22:38], pkt[38:54], struct.unpack_from("!I", pkt, 58)[0], pkt[54]
+        else:
+            return False
+        return any(self.frag.lookup(self.fk.pack(src, dst, ident, proto, h)) is not None for h in range(4))
+
     def tracked(self, src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> bool:
         return any(self.ct.lookup(self.kc.pack(src, dst, sport, dport, proto, d)) is not None for d in self.dirs)
 
     def related(self, pkt: bytes) -> bool:
+        if self.frag_tracked(pkt):
+            return True
         for src, dst, proto, off, end in views(pkt):
             # A TCP or UDP header counts only whole, in the frame and in the
             # datagram (docs/semantics.md).

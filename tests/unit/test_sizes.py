@@ -27,6 +27,7 @@ def test_every_flag_reaches_its_map():
         "sp_src": 15,
         "sp_stats": None,  # one entry per verdict
         "sp_cfg": None,  # one entry
+        "sp_frag": None,  # fragmented datagrams in flight: fixed, LRU
     }
 
 
