@@ -460,3 +460,18 @@ def test_health_check_node_port_reports_local_endpoints(topo: Topology, agents: 
     while probe()["code"] != 0:
         assert time.monotonic() < deadline, "the health check port stayed open"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_udp_datagrams_to_a_clusterip_are_echoed_whole(topo: Topology, agents: Agents, size: int) -> None:
+    """Upstream's "should be able to handle large requests: udp": datagrams
+    bigger than the pod's 1500-byte MTU leave the client in fragments;
+    every fragment must reach the backend translated and every fragment of
+    the echo come back from the ClusterIP, or the datagram is lost."""
+    agents.start_ready()
+    before = agents_dump(agents)["counters"]["fragment"]["packets"]
+    res = topo.client("client", "udp", "--target", f"{VIP}:53", "--count", "30", "--timeout", "2", "--size", str(size))
+    assert_spread(res, THREE)
+    after = agents_dump(agents)["counters"]["fragment"]["packets"]
+    # Both ways: at least one later fragment per datagram and per echo.
+    assert after - before >= 2 * 30, f"fragment moved by {after - before}"

@@ -460,3 +460,16 @@ def test_nodeport_without_endpoints_refuses_outside_clients(cluster: Cluster) ->
         assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
     after = dump(node.topo, node.pin_dir)["counters"]["reject_no_backend"]["packets"]
     assert after - before == 2 * tries, f"reject_no_backend moved by {after - before}"
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_udp_datagrams_to_a_nodeport_are_echoed_whole(cluster: Cluster, size: int) -> None:
+    """Fragmented datagrams from outside to a NodePort: DNAT at the
+    uplink's ingress and, towards the other node's pod, the masquerade at
+    its egress, fragment by fragment; the echoes come back whole."""
+    start(cluster)
+    for entry in (NODE1, NODE2):
+        res = cluster.lan.client(
+            "client", "udp", "--target", f"{entry}:30053", "--count", "30", "--timeout", "2", "--size", str(size)
+        )
+        assert_all_answered(res, {"web-1", "web-2"})

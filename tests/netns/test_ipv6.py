@@ -91,3 +91,28 @@ def test_ipv6_service_without_endpoints_refuses(dual, tmp_path) -> None:
             assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
     finally:
         agent.terminate()
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_ipv6_udp_datagrams_are_echoed_whole(dual, tmp_path, size: int) -> None:
+    """IPv6 fragments (a Fragment header after the IPv6 header) to and from
+    an IPv6 ClusterIP: each datagram echoed whole."""
+    topo, pin = dual
+    src = SourceDir(tmp_path)
+    svc = service("web", VIP6, PORTS)
+    svc["spec"]["clusterIPs"] = [VIP6]
+    svc["spec"]["ipFamilies"] = ["IPv6"]
+    v6 = endpoint_slice("web-v6", "web", SLICE_PORTS, [ip6 for _, ip6 in PODS.values()])
+    v6["addressType"] = "IPv6"
+    src.write("service.yaml", svc)
+    src.write("slice-v6.yaml", v6)
+    agent = AgentProc(topo, src.path, pin, ["--min-sync-period", "0.05"])
+    try:
+        want = {f"[{VIP6}]:53/UDP": {f"[{ip6}]:5353" for _, ip6 in PODS.values()}}
+        wait_dump(topo, pin, has_backends(want), "IPv6 UDP frontend", agent=agent)
+        res = topo.client(
+            "client", "udp", "--target", f"[{VIP6}]:53", "--count", "30", "--timeout", "2", "--size", str(size)
+        )
+        assert res["errors"] == 0 and set(res["counts"]) == set(PODS), res
+    finally:
+        agent.terminate()
