@@ -18,7 +18,7 @@ int sp_ext_egress(struct __sk_buff *skb)
 	if (v >= 0)
 		return v;
 	v = revnat(skb, &p);
-	if (v >= 0)
-		return v;
-	return snat(skb, &p);
+	if (v < 0)
+		v = snat(skb, &p);
+	return hook_end(skb, &p, SP_HOOK_EXT_EGRESS, v);
 }

@@ -18,7 +18,7 @@ int sp_ext_ingress(struct __sk_buff *skb)
 	if (v >= 0)
 		return v;
 	v = unsnat(skb, &p);
-	if (v >= 0)
-		return v;
-	return dnat(skb, &p, SP_SCOPE_EXTERNAL);
+	if (v < 0)
+		v = dnat(skb, &p, SP_SCOPE_EXTERNAL);
+	return hook_end(skb, &p, SP_HOOK_EXT_INGRESS, v);
 }

@@ -21,7 +21,7 @@ int sp_tc_egress(struct __sk_buff *skb)
 	if (v >= 0)
 		return v;
 	v = revnat(skb, &p);
-	if (v >= 0)
-		return v;
-	return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
+	if (v < 0)
+		v = count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
+	return hook_end(skb, &p, SP_HOOK_POD_EGRESS, v);
 }

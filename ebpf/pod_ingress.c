@@ -18,7 +18,7 @@ int sp_tc_ingress(struct __sk_buff *skb)
 	if (v >= 0)
 		return v;
 	v = hairpin_reply(skb, &p);
-	if (v >= 0)
-		return v;
-	return dnat(skb, &p, SP_SCOPE_INTERNAL);
+	if (v < 0)
+		v = dnat(skb, &p, SP_SCOPE_INTERNAL);
+	return hook_end(skb, &p, SP_HOOK_POD_INGRESS, v);
 }

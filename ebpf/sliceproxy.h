@@ -47,13 +47,18 @@ enum sp_verdict {
 	SP_V_PASS_NOT_IP = 0,      /* neither IPv4 nor IPv6: passed untouched */
 	SP_V_PASS_TRUNCATED = 1,   /* headers shorter than they claim, or an IP
 				    * length too short for them: passed */
-	SP_V_PASS_FRAGMENT = 2,    /* IP fragment: passed untouched */
+	SP_V_PASS_FRAGMENT = 2,    /* IP fragment other than the first whose
+				    * first fragment was not translated (or
+				    * not seen yet): passed untouched */
 	SP_V_PASS_OTHER_PROTO = 3, /* neither TCP nor UDP: passed */
 	SP_V_PASS_NO_SERVICE = 4,  /* ingress: no frontend: passed */
 	SP_V_DNAT_NEW = 5,         /* new flow: backend chosen and rewritten */
 	SP_V_DNAT_ESTABLISHED = 6, /* known flow: its backend kept */
 	SP_V_REVNAT = 7,           /* egress: reply's source back to the frontend */
-	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend: dropped */
+	SP_V_DROP_NO_BACKEND = 8,  /* frontend with no backend and no
+				    * SP_SVC_F_REJECT (a Local traffic policy
+				    * with no local endpoint), or a source no
+				    * error may be sent to: dropped */
 	SP_V_DROP_ERROR = 9,       /* inconsistent maps or a failed rewrite */
 	SP_V_PASS_NO_FLOW = 10,    /* egress: not a reply of a tracked flow */
 	SP_V_SNAT = 11,            /* external egress: source masqueraded */
@@ -61,7 +66,15 @@ enum sp_verdict {
 				    * destination back to the client */
 	SP_V_DROP_SOURCE_RANGE = 13, /* source outside loadBalancerSourceRanges */
 	SP_V_DROP_SNAT = 14,       /* no node address or no free SNAT port */
-	SP_V_MAX = 15,
+	SP_V_REJECT_NO_BACKEND = 15, /* frontend with no backend, flagged
+				      * SP_SVC_F_REJECT: answered with an ICMP
+				      * port unreachable, sent back to the
+				      * client */
+	SP_V_FRAGMENT = 16,        /* IP fragment other than the first, given
+				    * what its first fragment got: the same
+				    * address rewrite, sent the same way, or
+				    * dropped (see sp_frag_v3) */
+	SP_V_MAX = 17,
 };
 
 /* sp_svc_v3 (hash): one entry per frontend (service port). */
@@ -77,6 +90,11 @@ struct sp_svc_key {
 #define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v3 */
 #define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
 			 * flow that leaves the node is masqueraded */
+#define SP_SVC_F_REJECT 8 /* the Service has no endpoint anywhere: a new
+			   * flow finding no backend is answered with an ICMP
+			   * port unreachable (kube-proxy's REJECT) instead of
+			   * dropped (its DROP, for a Local traffic policy
+			   * with no local endpoint) */
 
 struct sp_svc_val {
 	__u32 svc_id;           /* key of the slots and names maps */
@@ -156,6 +174,32 @@ struct sp_ct_val {
 #define SP_CT_F_FIN_REPLY 2       /* the backend sent a FIN */
 #define SP_CT_F_FIN_REPLY_FIRST 4 /* ... before the client's was seen */
 #define SP_CT_F_RST 8             /* either side sent an RST */
+
+/* sp_frag_v3 (LRU hash): what an attach point did to the first fragment
+ * of a fragmented datagram, for its other fragments, which carry no ports
+ * (docs/semantics.md, "Fragments"). Keyed by the datagram as it arrived
+ * there; the value holds the addresses its IP header left with. */
+struct sp_frag_key {
+	__u8 saddr[16]; /* as the first fragment arrived, IPv4-mapped */
+	__u8 daddr[16];
+	__u32 id;       /* IPv4 identification (16 bits) or IPv6 Fragment
+			 * header identification, host order */
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 hook;      /* the attach point (enum sp_hook in ebpf/lib/hook.h) */
+	__u8 pad[2];    /* zero */
+};
+
+#define SP_FRAG_F_REDIRECT 1 /* sent back out of the interface it came in by
+			      * (hairpin) */
+#define SP_FRAG_F_DROP 2     /* dropped, or rejected: the rest is dropped */
+
+struct sp_frag_val {
+	__u8 saddr[16];  /* the first fragment's addresses as it left */
+	__u8 daddr[16];
+	__u64 first_seen; /* bpf_ktime_get_ns() of the first fragment */
+	__u32 flags;      /* SP_FRAG_F_* */
+	__u32 pad;        /* zero */
+};
 
 /* sp_aff_v3 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than

@@ -129,7 +129,9 @@ def host_clients(pin_dir: str, maps: dict[str, Map]) -> dict:
 def render_table(data: dict) -> str:
     rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
     for s in data["services"]:
-        bes = ", ".join(s["backends"]) if s["backends"] else "(none: dropped)"
+        # No backend: kube-proxy's REJECT (no endpoint anywhere) or DROP.
+        empty = "(none: rejected)" if int(str(s["flags"])) & abi.const("SP_SVC_F_REJECT") else "(none: dropped)"
+        bes = ", ".join(s["backends"]) if s["backends"] else empty
         front = s["frontend"] + (" (external)" if s.get("scope") == "external" else "")
         if s.get("source_ranges"):
             bes += "  [from " + ", ".join(s["source_ranges"]) + "]"

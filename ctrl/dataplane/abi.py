@@ -167,6 +167,7 @@ MAP_BASES = (
     "sp_cfg",
     "sp_host",
     "sp_sock",
+    "sp_frag",
 )
 
 

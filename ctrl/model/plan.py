@@ -43,6 +43,11 @@ class FrontendFlag(Flag):
     AFFINITY = auto()  # sessionAffinity ClientIP
     SRC_RANGES = auto()  # loadBalancerSourceRanges filter the sources
     MASQ = auto()  # external scope, externalTrafficPolicy Cluster: masquerade flows leaving the node
+    # The Service port has no endpoint anywhere (categorize()'s has_any is
+    # false): with no backend, a new flow is answered with an ICMP port
+    # unreachable, kube-proxy's REJECT; without this flag (a Local policy
+    # and no local endpoint) it is dropped, kube-proxy's DROP.
+    REJECT = auto()
 
 
 NO_FLAGS = FrontendFlag(0)
@@ -291,6 +296,7 @@ def plan_full(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[
     meta: dict[tuple, tuple] = {}  # frontend key -> selection_key
     skipped: set[str] = set()
     chosen: dict[tuple, tuple[Backend, ...]] = {}
+    reject: dict[tuple, FrontendFlag] = {}
     local: dict[tuple[int, str], bool] = {}
     for spec in _specs(svc, node):
         sp = spec.sp
@@ -314,6 +320,7 @@ def plan_full(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[
             # one endpoint per (address, port): no duplicates.
             eps = select_for_rule(cat, policy, spec.rule)
             backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in eps])
+            reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
         f = Frontend(
             addr=addr16(spec.addr),
             port=spec.port,
@@ -321,7 +328,7 @@ def plan_full(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[
             scope=spec.scope,
             name=frontend_name(svc, sp.name, sp.port, sp.protocol),
             backends=backends,
-            flags=spec.flags,
+            flags=spec.flags | reject[sk],
             affinity_timeout=svc.affinity_timeout,
             source_ranges=spec.ranges,
         )

@@ -26,9 +26,11 @@ from dataclasses import dataclass, replace
 
 from ..k8s.objects import Endpoint, EndpointSlice, Service, ServicePort
 from .plan import (
+    NO_FLAGS,
     PROTO_NUMBERS,
     Backend,
     Frontend,
+    FrontendFlag,
     NodeAddresses,
     count_no_local,
     ignored_reason,
@@ -128,6 +130,14 @@ class _PortState:
         return any(
             n > 0 and local and (ready or (serving and terminating))
             for (ready, serving, terminating, local, *_), n in self.classes.items()
+        )
+
+    def has_any(self) -> bool:
+        """categorize()'s has_any: an endpoint anywhere that may serve
+        (ready, or serving and terminating)."""
+        return any(
+            n > 0 and (ready or (serving and terminating))
+            for (ready, serving, terminating, *_), n in self.classes.items()
         )
 
     def _selected_classes(self) -> frozenset:
@@ -283,10 +293,12 @@ class ServicePlanner:
         for f in c.fronts:
             sk = c.meta[f.key]
             st, delta = c.ports[sk], deltas[sk]
+            reject = NO_FLAGS if st.has_any() else FrontendFlag.REJECT
             fronts.append(
                 replace(
                     f,
                     backends=st.selected.values(),
+                    flags=(f.flags & ~FrontendFlag.REJECT) | reject,
                     added=delta[0],
                     removed=delta[1],
                     base=f.version,

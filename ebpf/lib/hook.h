@@ -9,6 +9,7 @@
 #define SP_LIB_HOOK_H
 
 #include <linux/pkt_cls.h>
+#include "frag.h"
 #include "icmp.h"
 #include "parse.h"
 #include "stats.h"
@@ -40,8 +41,9 @@ static __always_inline int icmp_at(struct __sk_buff *skb, enum sp_hook hook)
 
 /*
  * Parse the packet into p: -1 when it is a TCP or UDP packet the hook goes
- * on with, else the tc action it gets here (an ICMP error translated, or
- * the packet counted with its SP_V_PASS_* verdict and passed untouched).
+ * on with, else the tc action it gets here (an ICMP error translated, a
+ * fragment other than the first given what its first fragment got here,
+ * or the packet counted with its SP_V_PASS_* verdict and passed untouched).
  */
 static __always_inline int hook_start(struct __sk_buff *skb, struct pkt *p, enum sp_hook hook)
 {
@@ -49,9 +51,18 @@ static __always_inline int hook_start(struct __sk_buff *skb, struct pkt *p, enum
 
 	if (v == SP_V_PASS_OTHER_PROTO && (icmp = icmp_at(skb, hook)) >= 0)
 		return icmp;
+	if (v == SP_V_PASS_FRAGMENT && (icmp = frag_follow(skb, hook)) >= 0)
+		return icmp;
 	if (v >= 0)
 		return count(skb, v, TC_ACT_OK);
 	return -1;
+}
+
+/* The tc action act this hook gave p, and for a first fragment what its
+ * other fragments are to get (frag_first). */
+static __always_inline int hook_end(struct __sk_buff *skb, const struct pkt *p, enum sp_hook hook, int act)
+{
+	return p->frag ? frag_first(skb, p, hook, act) : act;
 }
 
 #endif /* SP_LIB_HOOK_H */

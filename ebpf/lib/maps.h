@@ -60,6 +60,17 @@ struct {
 	__type(value, struct sp_aff_val);
 } SP_MAP(sp_aff) SEC(".maps");
 
+/* Fragments in flight: one entry per fragmented datagram whose first
+ * fragment was translated, for as long as reassembly waits for the rest
+ * (30 s IPv4, 60 s IPv6, as Linux). Not sized by a flag: it holds only
+ * datagrams in flight, and the LRU forgets the oldest. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct sp_frag_key);
+	__type(value, struct sp_frag_val);
+} SP_MAP(sp_frag) SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SP_V_MAX);

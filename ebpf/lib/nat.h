@@ -14,6 +14,7 @@
 #include "csum.h"
 #include "hairpin.h"
 #include "lb.h"
+#include "reject.h"
 #include "stats.h"
 
 /*
@@ -90,7 +91,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	/* A new flow (or one whose backend went away): pick a backend. */
 	r = lb_choose(svc, ckey.saddr, p->v6, now, LB_NO_HINT, 0, &c);
 	if (r == LB_NO_BACKEND)
-		return count(skb, SP_V_DROP_NO_BACKEND, TC_ACT_SHOT);
+		return reject(skb, p, svc);
 	if (r != LB_OK)
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 

@@ -49,7 +49,23 @@ struct pkt {
 	__u8 v6;
 	__u8 syn; /* TCP SYN without ACK: the first packet of a connection */
 	__u8 tcp_flags; /* TCP: the header's flags byte (TCP_F_*); else 0 */
+	__u32 frag_id;  /* with frag: the datagram's identification */
+	__u8 frag;      /* the first fragment of a fragmented datagram (IPv4
+			 * MF and offset 0; IPv6 a Fragment header with M and
+			 * offset 0): its other fragments follow what is done
+			 * to it (frag.h) */
 };
+
+/* The IPv6 Fragment header (RFC 8200 4.5). */
+struct frag6hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off; /* offset in 8-byte units << 3, M in bit 0 */
+	__be32 id;
+};
+
+#define IP6_MF 0x0001
+#define IP6_OFFSET 0xfff8
 
 /* Bits of the TCP flags byte (byte 13 of the header). */
 #define TCP_F_FIN 0x01
@@ -110,30 +126,55 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 			return SP_V_PASS_TRUNCATED;
 		if (ip6->version != 6)
 			return SP_V_PASS_NOT_IP;
-		/* Extension headers are not walked: a fragment header, or
-		 * any other before TCP/UDP, and the packet is passed. */
-		if (ip6->nexthdr == NEXTHDR_FRAGMENT)
-			return SP_V_PASS_FRAGMENT;
-		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-			return SP_V_PASS_OTHER_PROTO;
+		__u8 nh = ip6->nexthdr;
+		__u32 ext = 0;
+
 		l4_off = ETH_HLEN + sizeof(*ip6);
-		l4_min = ip6->nexthdr == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
+		/* Extension headers are not walked, but for a Fragment header
+		 * right after the IPv6 header (the common case: only the
+		 * sender inserts it, after no other header in practice). A
+		 * fragment other than the first has no ports: frag.h. */
+		if (nh == NEXTHDR_FRAGMENT) {
+			struct frag6hdr *fh = data + l4_off;
+
+			if ((void *)(fh + 1) > data_end)
+				return SP_V_PASS_TRUNCATED;
+			if (fh->frag_off & bpf_htons(IP6_OFFSET))
+				return SP_V_PASS_FRAGMENT;
+			/* M clear: an atomic fragment (RFC 6946), a whole
+			 * datagram, translated as one. */
+			p->frag = !!(fh->frag_off & bpf_htons(IP6_MF));
+			p->frag_id = bpf_ntohl(fh->id);
+			nh = fh->nexthdr;
+			ext = sizeof(*fh);
+			l4_off += ext;
+		}
+		if (nh != IPPROTO_TCP && nh != IPPROTO_UDP)
+			return SP_V_PASS_OTHER_PROTO;
+		l4_min = nh == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 		if (data + l4_off + l4_min > data_end ||
-		    ip_len(skb, bpf_ntohs(ip6->payload_len), ip6->nexthdr, l4_off) < l4_min)
+		    ip_len(skb, bpf_ntohs(ip6->payload_len), nh, l4_off - ext) < ext + l4_min)
 			return SP_V_PASS_TRUNCATED;
 		ports = data + l4_off;
 		if ((void *)(ports + 2) > data_end)
 			return SP_V_PASS_TRUNCATED;
 		p->l4_off = l4_off;
-		p->csum_off = l4_off + (ip6->nexthdr == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
-		p->proto = ip6->nexthdr;
+		p->csum_off = l4_off + (nh == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+		p->proto = nh;
 		p->v6 = 1;
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 		p->sport = ports[0];
 		p->dport = ports[1];
-		if (p->proto == IPPROTO_TCP)
-			tcp_flags(p, ((__u8 *)ports)[13]);
+		if (p->proto == IPPROTO_TCP) {
+			/* Checked again for the verifier, which loses the
+			 * bound above when l4_off is one of two values. */
+			__u8 *flags = (__u8 *)ports + 13;
+
+			if ((void *)(flags + 1) > data_end)
+				return SP_V_PASS_TRUNCATED;
+			tcp_flags(p, *flags);
+		}
 		return -1;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -150,9 +191,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	tot_len = ip_len(skb, bpf_ntohs(ip->tot_len), ip->protocol, ETH_HLEN);
 	if (tot_len < ihl * 4)
 		return SP_V_PASS_TRUNCATED; /* shorter than its own header */
-	/* Only the first fragment carries ports, and we do not reassemble. */
-	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+	/* Only the first fragment carries ports, and we do not reassemble:
+	 * the others follow what is done to it (frag.h). */
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
 		return SP_V_PASS_FRAGMENT;
+	if (ip->frag_off & bpf_htons(IP_MF)) {
+		p->frag = 1;
+		p->frag_id = bpf_ntohs(ip->id);
+	}
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
 		return SP_V_PASS_OTHER_PROTO;
 

@@ -4,7 +4,7 @@
   client.py http --target IP:PORT --count N [--timeout S]
       N sequential HTTP GETs, each on a NEW TCP connection (so each one is a
       new flow the load balancer places afresh).
-  client.py udp --target IP:PORT --count N [--timeout S]
+  client.py udp --target IP:PORT --count N [--timeout S] [--size BYTES]
       N datagrams, each from a NEW socket (so a new source port, a new flow).
   client.py echo --target IP:PORT --count N [--interval S] [--timeout S]
       N lines over ONE TCP connection to the servers.py line-echo port, a
@@ -118,10 +118,11 @@ def run_http(host: str, port: int, fam: socket.AddressFamily, count: int, timeou
     return t
 
 
-def run_udp(host: str, port: int, fam: socket.AddressFamily, count: int, timeout: float) -> Tally:
+def run_udp(host: str, port: int, fam: socket.AddressFamily, count: int, timeout: float, size: int = 0) -> Tally:
     t = Tally()
     for i in range(count):
-        payload = f"req-{i}".encode()
+        # --size: padded to that many bytes (a big datagram leaves in fragments).
+        payload = f"req-{i}".encode().ljust(size, b".")
         try:
             # A new socket per datagram: a new source port, hence a new flow.
             with socket.socket(fam, socket.SOCK_DGRAM) as s:
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", required=True, type=parse_target, help="IP:PORT or [IPv6]:PORT")
     ap.add_argument("--count", type=int, default=1, help="number of requests (default 1)")
     ap.add_argument("--timeout", type=float, default=1.0, help="seconds per request (default 1)")
+    ap.add_argument("--size", type=int, default=0, help="udp mode: pad each datagram to this many bytes")
     ap.add_argument("--interval", type=float, default=0.1, help="echo mode: seconds between lines (default 0.1)")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON (the default)")
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         t = run_http(host, port, fam, args.count, args.timeout)
         result["client_ips_seen"] = sorted(t.client_ips)
     elif args.mode == "udp":
-        t = run_udp(host, port, fam, args.count, args.timeout)
+        t = run_udp(host, port, fam, args.count, args.timeout, args.size)
     else:
         t, connections = run_echo(host, port, fam, args.count, args.timeout, args.interval)
         result["connections"] = connections

@@ -126,6 +126,9 @@ class EchoServer(_DualStackMixin, socketserver.ThreadingTCPServer):
 class UDPServer(_DualStackMixin, socketserver.UDPServer):
     # Sequential handling is fine for UDP: each reply is one sendto.
     allow_reuse_address = True
+    # The largest UDP datagram: big ones (fragmented on the way) are read
+    # and echoed whole, not cut at socketserver's default of 8192 bytes.
+    max_packet_size = 65535
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,7 +140,7 @@ def ihl(pkt: bytes, words: int) -> bytes:
 def fragment(offset_words: int, mf: bool) -> bytes:
     """A TCP SYN to the VIP marked as a fragment. Its bytes after the IP
     header still read as ports 40000 -> 80: only the fragment check stops
-    a DNAT."""
+    a DNAT of one that is not the first."""
     return tcp(CLIENT, VIP, CPORT, 80, ip_flags="MF" if mf else "", frag=offset_words)
 
 
@@ -466,7 +466,8 @@ CASES = [
     pytest.param(passed(arp_request(CLIENT, VIP), "PASS_NOT_IP"), id="arp"),
     pytest.param(passed(ipv6_tcp(CPORT, 80), "PASS_NO_SERVICE"), id="ipv6-no-frontend"),
     pytest.param(passed(icmp_echo(CLIENT, VIP), "PASS_OTHER_PROTO"), id="icmp-to-vip"),
-    pytest.param(passed(fragment(0, mf=True), "PASS_FRAGMENT"), id="fragment-first-mf"),
+    # A first fragment (MF, offset 0) is translated: tests/datapath/test_frag.py.
+    # The others, with no first fragment seen, pass untouched.
     pytest.param(passed(fragment(185, mf=True), "PASS_FRAGMENT"), id="fragment-middle-offset-and-mf"),
     pytest.param(passed(fragment(185, mf=False), "PASS_FRAGMENT"), id="fragment-last-offset-only"),
     pytest.param(passed(fragment(1, mf=False), "PASS_FRAGMENT"), id="fragment-offset-1"),
@@ -894,7 +895,9 @@ def test_ipv6_dnat_and_reverse_nat(dp, proto, layer):
 @pytest.mark.parametrize(
     "ext,verdict",
     [
-        pytest.param("frag", "PASS_FRAGMENT", id="fragment-header"),
+        # A first fragment is translated (test_frag.py); another, whose
+        # first fragment was never seen here, passes.
+        pytest.param("frag", "PASS_FRAGMENT", id="fragment-header-not-first"),
         pytest.param("hop", "PASS_OTHER_PROTO", id="hop-by-hop-header-not-walked"),
     ],
 )
@@ -902,7 +905,7 @@ def test_ipv6_extension_headers_are_passed_untouched(dp, ext, verdict):
     from scapy.layers.inet6 import IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 
     seed_v6(dp, TCP_P)
-    hdr = IPv6ExtHdrFragment(m=1) if ext == "frag" else IPv6ExtHdrHopByHop()
+    hdr = IPv6ExtHdrFragment(m=1, offset=185) if ext == "frag" else IPv6ExtHdrHopByHop()
     pkt = v6_packet(TCP(sport=40000, dport=80), V6_CLIENT, V6_VIP, ext=hdr)
     r = run(dp, pkt)
     assert r.retval == TC_ACT_OK and r.out == pkt and set(r.counted) == {verdict}

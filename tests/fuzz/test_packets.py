@@ -53,10 +53,12 @@ from .world import World, program
 
 DEFAULT_PACKETS = 50_000
 # What the programs return; any other value (an SP_V_* index returned by
-# mistake, say) is a bug. Only the pod ingress redirects: hairpin packets
-# go back into the pod they came from (docs/semantics.md, "Hairpin").
+# mistake, say) is a bug. Only the ingress programs redirect: hairpin
+# packets go back into the pod they came from (docs/semantics.md,
+# "Hairpin"), and a rejected packet, turned into an ICMP error, back out
+# of the interface it came in by.
 VERDICTS = {TC_ACT_OK, TC_ACT_SHOT}
-PROG_VERDICTS = {"sp_tc_ingress": VERDICTS | {TC_ACT_REDIRECT}}
+PROG_VERDICTS = {"sp_tc_ingress": VERDICTS | {TC_ACT_REDIRECT}, "sp_ext_ingress": VERDICTS | {TC_ACT_REDIRECT}}
 SCAPY_SAMPLE = 200  # rewritten well-formed packets also re-checked by scapy (slow)
 KERNEL_TROUBLE = re.compile(r"WARNING|BUG|Oops|Call Trace|general protection|\bbpf|\bBPF")
 
@@ -97,10 +99,28 @@ class Judge:
         # Every conntrack direction the header defines (SP_CT_*, not the flags).
         self.dirs = [abi.const(c) for c in abi.constants_with_prefix("SP_CT_") if not c.startswith("SP_CT_F_")]
 
+        self.frag = dp.maps[abi.map_name("sp_frag")]
+        self.fk = abi.codec("sp_frag_key", ("saddr", "daddr", "id", "proto", "hook"))
+
+    def frag_tracked(self, pkt: bytes) -> bool:
+        """A fragment other than the first whose datagram's first fragment
+        was translated (sp_frag, at any attach point): the programs give
+        it the same rewrite."""
+        et = struct.unpack_from("!H", pkt, 12)[0]
+        if et == gen.ETH_IP and len(pkt) >= 34:
+            src, dst, ident, proto = v4(pkt[26:30]), v4(pkt[30:34]), struct.unpack_from("!H", pkt, 18)[0], pkt[23]
+        elif et == gen.ETH_IP6 and len(pkt) >= 62 and pkt[20] == gen.FRAGMENT:
+            src, dst, ident, proto = pkt[22:38], pkt[38:54], struct.unpack_from("!I", pkt, 58)[0], pkt[54]
+        else:
+            return False
+        return any(self.frag.lookup(self.fk.pack(src, dst, ident, proto, h)) is not None for h in range(4))
+
     def tracked(self, src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> bool:
         return any(self.ct.lookup(self.kc.pack(src, dst, sport, dport, proto, d)) is not None for d in self.dirs)
 
     def related(self, pkt: bytes) -> bool:
+        if self.frag_tracked(pkt):
+            return True
         for src, dst, proto, off, end in views(pkt):
             # A TCP or UDP header counts only whole, in the frame and in the
             # datagram (docs/semantics.md).
@@ -306,6 +326,10 @@ def sums_wrong(raw: bytes) -> str | None:
         src, dst, l4 = raw[22:38], raw[38:54], 54
     else:
         return None
+    if proto in (gen.ICMP, gen.ICMP6):
+        msg = raw[l4:end]
+        sum_over = msg if proto == gen.ICMP else gen.pseudo(src, dst, proto, len(msg)) + msg
+        return "ICMP checksum wrong" if gen.csum(sum_over) else None
     if proto not in (gen.TCP, gen.UDP):
         return None
     seg = raw[l4:end]
@@ -334,6 +358,41 @@ def scapy_sums_wrong(raw: bytes) -> str | None:
     if r[l4].chksum != p[l4].chksum:
         return f"{l4.__name__} checksum {p[l4].chksum:#06x}, correct {r[l4].chksum:#06x}"
     return None
+
+
+def is_icmp_unreach(out: bytes) -> bool:
+    et = struct.unpack_from("!H", out, 12)[0]
+    if et == gen.ETH_IP and len(out) >= 42:
+        return out[23] == gen.ICMP and out[34] == 3
+    return et == gen.ETH_IP6 and len(out) >= 62 and out[20] == gen.ICMP6 and out[54] == 1
+
+
+def reject_wrong(pkt: bytes, out: bytes) -> str | None:
+    """None if out is the ICMP (ICMPv6) port unreachable about pkt that a
+    rejected packet becomes (docs/semantics.md): Ethernet addresses
+    swapped, the addresses swapped, and the quote the start of pkt's
+    datagram, at most 576 (1280) bytes in all; else what is wrong."""
+    et = struct.unpack_from("!H", pkt, 12)[0]
+    if out[:6] != pkt[6:12] or out[6:12] != pkt[:6] or out[12:14] != pkt[12:14]:
+        return "Ethernet addresses not swapped"
+    if et == gen.ETH_IP:
+        if out[14 + 12 : 14 + 20] != pkt[14 + 16 : 14 + 20] + pkt[14 + 12 : 14 + 16]:
+            return "addresses not swapped"
+        dgram = pkt[14 : 14 + struct.unpack_from("!H", pkt, 16)[0]]
+        head, limit = out[34:42], 576
+        want = bytes([3, 3])
+    else:
+        if out[14 + 8 : 14 + 40] != pkt[14 + 24 : 14 + 40] + pkt[14 + 8 : 14 + 24]:
+            return "addresses not swapped"
+        dgram = pkt[14 : 14 + 40 + struct.unpack_from("!H", pkt, 18)[0]]
+        head, limit = out[54:62], 1280
+        want = bytes([1, 4])
+    quote = out[(42 if et == gen.ETH_IP else 62) :]
+    if head[:2] != want:
+        return f"ICMP type/code {head[:2].hex()}"
+    if len(out) - 14 > limit or quote != dgram[: len(quote)] or (len(quote) < len(dgram) and len(out) - 14 < limit):
+        return "the quote is not the start of the datagram, cut at the limit"
+    return sums_wrong(out)
 
 
 def test_random_packets_through_every_program(dp):
@@ -376,6 +435,13 @@ def test_random_packets_through_every_program(dp):
                 problems.append(f"packet {i} {prog.name}: to no frontend and no tracked flow, {what}: {pkt.hex()}")
                 continue
             outcome["rewritten or dropped, related"] += 1
+            if ret == TC_ACT_REDIRECT and out[:6] == pkt[6:12] and is_icmp_unreach(out):
+                # Rejected (or a hairpin packet that happens to be an ICMP
+                # error: never, the world has none).
+                bad = reject_wrong(pkt, out)
+                if bad:
+                    problems.append(f"packet {i} {prog.name}: rejected: {bad}: in {pkt.hex()} out {out.hex()}")
+                continue
             if clean and out != pkt:
                 checked_sums += 1
                 bad = sums_wrong(out)
@@ -404,5 +470,5 @@ def test_random_packets_through_every_program(dp):
     assert sum(counted.values()) == runs, f"{replay}: {runs} runs, {sum(counted.values())} counted: {counted}"
     assert not added, f"{replay}: the kernel logged during the run:\n" + "\n".join(added)
     # Not vacuous: the world was reached (translations, drops, passes).
-    reached = {"DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT", "SNAT", "UNSNAT", "PASS_NO_SERVICE"}
+    reached = {"DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT", "SNAT", "UNSNAT", "PASS_NO_SERVICE", "REJECT_NO_BACKEND"}
     assert reached <= counted.keys() or n < 1000, f"{replay}: verdicts seen {sorted(counted)}"

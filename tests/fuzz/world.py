@@ -1,5 +1,6 @@
 """The programmed world the fuzz tier throws packets at: frontends in both
-scopes (masquerade, source ranges, affinity, one with no backend), the
+scopes (masquerade, source ranges, affinity, without backends: dropped
+or rejected), the
 node's masquerade settings, and established flows in every conntrack
 direction, IPv4 and IPv6, seeded with the datapath tier's helpers.
 
@@ -21,6 +22,7 @@ from .gen import TCP, UDP, Tuple, a16
 F_AFFINITY = abi.const("SP_SVC_F_AFFINITY")
 F_SRC_RANGES = abi.const("SP_SVC_F_SRC_RANGES")
 F_MASQ = abi.const("SP_SVC_F_MASQ")
+F_REJECT = abi.const("SP_SVC_F_REJECT")
 INTERNAL, EXTERNAL = abi.SCOPE_INTERNAL, abi.SCOPE_EXTERNAL
 FORWARD, REPLY, SNAT, UNSNAT = abi.CT_FORWARD, abi.CT_REPLY, abi.CT_SNAT, abi.CT_UNSNAT
 
@@ -45,7 +47,7 @@ FRONTS = (
     Front("198.19.0.10", 80, TCP, INTERNAL, 10, (("198.18.2.1", 8080), ("198.18.2.2", 8080))),
     Front("198.19.0.10", 53, UDP, INTERNAL, 11, (("198.18.2.1", 5353),)),
     Front("198.19.0.11", 80, TCP, INTERNAL, 12, (("198.18.2.3", 8080),), F_AFFINITY, 60),
-    Front("198.19.0.12", 80, TCP, INTERNAL, 13, ()),  # no backend: dropped
+    Front("198.19.0.12", 80, TCP, INTERNAL, 13, ()),  # no backend, a Local policy: dropped
     Front("198.19.1.1", 80, TCP, INTERNAL, 14, (("198.18.2.2", 8080),), F_SRC_RANGES),
     Front("2001:db8:ffff::10", 80, TCP, INTERNAL, 15, (("2001:db8:2::1", 8080),)),
     Front("2001:db8:ffff::10", 53, UDP, INTERNAL, 16, (("2001:db8:2::1", 5353),)),
@@ -56,6 +58,10 @@ FRONTS = (
     Front("198.19.1.1", 80, TCP, EXTERNAL, 23, (("198.18.2.2", 8080),), F_MASQ | F_SRC_RANGES),
     Front(NODE6, 30080, TCP, EXTERNAL, 24, (("2001:db8:2::2", 8080),), F_MASQ),
     Front(NODE6, 30080, UDP, EXTERNAL, 25, (("2001:db8:2::2", 5353),), F_MASQ),
+    # No endpoint anywhere: rejected (ICMP port unreachable), both scopes.
+    Front(NODE4, 30090, UDP, EXTERNAL, 26, (), F_REJECT),
+    Front("198.19.0.13", 80, TCP, INTERNAL, 17, (), F_REJECT),
+    Front("2001:db8:ffff::13", 53, UDP, INTERNAL, 18, (), F_REJECT),
 )
 RANGES = {14: ("198.18.100.0/24",), 23: ("198.18.100.0/24", "198.18.1.0/24")}
 

@@ -245,9 +245,14 @@ def test_bad_edit_of_a_programmed_service_keeps_it(topo: Topology, agents: Agent
 # -- no ready endpoint ----------------------------------------------------------
 
 
-def test_service_without_ready_endpoints_drops_and_others_are_unaffected(
+def test_service_without_ready_endpoints_rejects_and_others_are_unaffected(
     topo: Topology, agents: Agents, src: SourceDir
 ) -> None:
+    """kube-proxy's REJECT: a Service whose only endpoint is neither ready
+    nor serving (an evicted pod) has no endpoint; a TCP connect() to it is
+    refused at once, and a connected UDP socket gets ECONNREFUSED on its
+    next call, from the ICMP port unreachable the dataplane sends back
+    (never a timeout: the client waits 5 s per request)."""
     src.write(
         "idle.yaml",
         service("idle", "198.19.0.20", [("http", 80, "TCP", 8080), ("dns", 53, "UDP", 5353)]),
@@ -261,19 +266,20 @@ def test_service_without_ready_endpoints_drops_and_others_are_unaffected(
     )
     want = web_backends(*THREE) | {"198.19.0.20:80/TCP": set(), "198.19.0.20:53/UDP": set()}
     agents.start_ready(want)
-    before = agents_dump(agents)["counters"]["drop_no_backend"]["packets"]
+    before = agents_dump(agents)["counters"]["reject_no_backend"]["packets"]
 
     tries = 3
-    res = http(topo, "198.19.0.20:80", count=tries, timeout=1.0)
-    assert res["counts"] == {}, f"a service without ready endpoints answered: {res['counts']}"
-    assert res["errors"] == tries
-    res = udp(topo, "198.19.0.20:53", count=tries, timeout=1.0)
-    assert res["counts"] == {} and res["errors"] == tries, res
+    for res in (
+        http(topo, "198.19.0.20:80", count=tries, timeout=5.0),
+        udp(topo, "198.19.0.20:53", count=tries, timeout=5.0),
+    ):
+        assert res["counts"] == {} and res["errors"] == tries, res
+        assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
 
-    # Dropped by the dataplane as "no backend" (not passed on to the node,
-    # which would answer with an ICMP error: also a failure, but not ours).
-    after = agents_dump(agents)["counters"]["drop_no_backend"]["packets"]
-    assert after - before >= 2 * tries, f"drop_no_backend moved by {after - before}, expected >= {2 * tries}"
+    # Answered by the dataplane (not passed on to the node, whose own
+    # error would also refuse, but would not be ours).
+    after = agents_dump(agents)["counters"]["reject_no_backend"]["packets"]
+    assert after - before == 2 * tries, f"reject_no_backend moved by {after - before}, expected {2 * tries}"
 
     assert_spread(http(topo), THREE)
     assert_spread(udp(topo), THREE)
@@ -454,3 +460,18 @@ def test_health_check_node_port_reports_local_endpoints(topo: Topology, agents: 
     while probe()["code"] != 0:
         assert time.monotonic() < deadline, "the health check port stayed open"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_udp_datagrams_to_a_clusterip_are_echoed_whole(topo: Topology, agents: Agents, size: int) -> None:
+    """Upstream's "should be able to handle large requests: udp": datagrams
+    bigger than the pod's 1500-byte MTU leave the client in fragments;
+    every fragment must reach the backend translated and every fragment of
+    the echo come back from the ClusterIP, or the datagram is lost."""
+    agents.start_ready()
+    before = agents_dump(agents)["counters"]["fragment"]["packets"]
+    res = topo.client("client", "udp", "--target", f"{VIP}:53", "--count", "30", "--timeout", "2", "--size", str(size))
+    assert_spread(res, THREE)
+    after = agents_dump(agents)["counters"]["fragment"]["packets"]
+    # Both ways: at least one later fragment per datagram and per echo.
+    assert after - before >= 2 * 30, f"fragment moved by {after - before}"

@@ -431,3 +431,45 @@ def test_closed_connections_give_their_snat_ports_back(cluster: Cluster, tracked
     assert res["while_held_failed"] and len(res["errors"]) == 1, res["errors"]
     assert snat_drops(cluster) >= 1
     invalid_rule_held(cluster)
+
+
+def test_nodeport_without_endpoints_refuses_outside_clients(cluster: Cluster) -> None:
+    """kube-proxy's REJECT on the external path: a NodePort of a Service
+    with no endpoint answers an outside client's TCP connect() and UDP
+    datagram with an ICMP port unreachable, sent back out of the uplink,
+    so the client fails at once with ECONNREFUSED (each request waits up
+    to 5 s: a drop would show as a timeout)."""
+    gone = web_service("Cluster")
+    gone["metadata"]["name"] = "gone"
+    gone["spec"].update(clusterIP="198.19.0.12", clusterIPs=["198.19.0.12"], externalIPs=[])
+    gone["spec"]["ports"] = [
+        {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30090},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30091},
+    ]
+    gone["status"] = {}
+    cluster.write("gone.yaml", gone)
+    cluster.start_agents()
+    cluster.wait_external(f"{NODE1}:30090/TCP", set(), cluster.nodes[:1])
+    cluster.wait_external(f"{NODE1}:30091/UDP", set(), cluster.nodes[:1])
+    node = cluster.nodes[0]
+    before = dump(node.topo, node.pin_dir)["counters"]["reject_no_backend"]["packets"]
+    tries = 3
+    for mode, port in (("http", 30090), ("udp", 30091)):
+        res = cluster.lan.client("client", mode, "--target", f"{NODE1}:{port}", "--count", str(tries), "--timeout", "5")
+        assert res["counts"] == {} and res["errors"] == tries, res
+        assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
+    after = dump(node.topo, node.pin_dir)["counters"]["reject_no_backend"]["packets"]
+    assert after - before == 2 * tries, f"reject_no_backend moved by {after - before}"
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_udp_datagrams_to_a_nodeport_are_echoed_whole(cluster: Cluster, size: int) -> None:
+    """Fragmented datagrams from outside to a NodePort: DNAT at the
+    uplink's ingress and, towards the other node's pod, the masquerade at
+    its egress, fragment by fragment; the echoes come back whole."""
+    start(cluster)
+    for entry in (NODE1, NODE2):
+        res = cluster.lan.client(
+            "client", "udp", "--target", f"{entry}:30053", "--count", "30", "--timeout", "2", "--size", str(size)
+        )
+        assert_all_answered(res, {"web-1", "web-2"})

@@ -69,3 +69,50 @@ def test_dual_stack_service_serves_ipv6_and_ipv4(dual, tmp_path) -> None:
         assert res.get("client_ips_seen") == ["2001:db8:1::2"], res
     finally:
         agent.terminate()
+
+
+def test_ipv6_service_without_endpoints_refuses(dual, tmp_path) -> None:
+    """An IPv6 ClusterIP with no endpoint: ICMPv6 port unreachable back to
+    the client, whose TCP connect() and connected UDP socket fail with
+    ECONNREFUSED (not a 5 s timeout)."""
+    topo, pin = dual
+    src = SourceDir(tmp_path)
+    svc = service("idle", VIP6, PORTS)
+    svc["spec"]["clusterIPs"] = [VIP6]
+    svc["spec"]["ipFamilies"] = ["IPv6"]
+    src.write("service.yaml", svc)
+    agent = AgentProc(topo, src.path, pin, ["--min-sync-period", "0.05"])
+    try:
+        want = {f"[{VIP6}]:80/TCP": set(), f"[{VIP6}]:53/UDP": set()}
+        wait_dump(topo, pin, has_backends(want), "IPv6 frontends without backends", agent=agent)
+        for mode, port in (("http", 80), ("udp", 53)):
+            res = topo.client("client", mode, "--target", f"[{VIP6}]:{port}", "--count", "3", "--timeout", "5")
+            assert res["counts"] == {} and res["errors"] == 3, res
+            assert all("ConnectionRefusedError" in e for e in res["error_samples"]), res["error_samples"]
+    finally:
+        agent.terminate()
+
+
+@pytest.mark.parametrize("size", [2000, 8000])
+def test_big_ipv6_udp_datagrams_are_echoed_whole(dual, tmp_path, size: int) -> None:
+    """IPv6 fragments (a Fragment header after the IPv6 header) to and from
+    an IPv6 ClusterIP: each datagram echoed whole."""
+    topo, pin = dual
+    src = SourceDir(tmp_path)
+    svc = service("web", VIP6, PORTS)
+    svc["spec"]["clusterIPs"] = [VIP6]
+    svc["spec"]["ipFamilies"] = ["IPv6"]
+    v6 = endpoint_slice("web-v6", "web", SLICE_PORTS, [ip6 for _, ip6 in PODS.values()])
+    v6["addressType"] = "IPv6"
+    src.write("service.yaml", svc)
+    src.write("slice-v6.yaml", v6)
+    agent = AgentProc(topo, src.path, pin, ["--min-sync-period", "0.05"])
+    try:
+        want = {f"[{VIP6}]:53/UDP": {f"[{ip6}]:5353" for _, ip6 in PODS.values()}}
+        wait_dump(topo, pin, has_backends(want), "IPv6 UDP frontend", agent=agent)
+        res = topo.client(
+            "client", "udp", "--target", f"[{VIP6}]:53", "--count", "30", "--timeout", "2", "--size", str(size)
+        )
+        assert res["errors"] == 0 and set(res["counts"]) == set(PODS), res
+    finally:
+        agent.terminate()

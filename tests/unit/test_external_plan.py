@@ -314,3 +314,51 @@ def test_planner_follows_node_addresses():
     b, _ = planner.plan("default/web", s, {"web-a": SLICE}, NODE, None, NodeAddresses((NODE_IP2,), (NODE_IP2,)))
     assert {addr_str(f.addr) for f in a if f.port == 30080} == {NODE_IP}
     assert {addr_str(f.addr) for f in b if f.port == 30080} == {NODE_IP2}
+
+
+# -- no endpoint: REJECT or DROP -------------------------------------------------
+
+REJECT = FrontendFlag.REJECT
+REMOTE_ONLY = parse(endpoint_slice("web-a", endpoints=[endpoint(REMOTE_EP, node="node-b")]))
+EVICTED = parse(endpoint_slice("web-a", endpoints=[endpoint(LOCAL_EP, ready=False, serving=False, node=NODE)]))
+TERMINATING = parse(
+    endpoint_slice("web-a", endpoints=[endpoint(REMOTE_EP, ready=False, serving=True, terminating=True, node="node-b")])
+)
+
+
+@pytest.mark.parametrize(
+    ("s", "slices", "where", "backends", "rejects"),
+    [
+        # kube-proxy REJECTs when the Service port has no endpoint at all...
+        pytest.param(svc(), (), (NODE_IP, 30080, EXT), [], True, id="no-slice-external-rejects"),
+        pytest.param(svc(), (), ("198.19.0.10", 80, INT), [], True, id="no-slice-cluster-ip-rejects"),
+        pytest.param(svc(), (EVICTED,), ("198.19.0.10", 80, INT), [], True, id="evicted-pod-rejects"),
+        pytest.param(svc(itp="Local"), (), ("198.19.0.10", 80, INT), [], True, id="itp-local-no-endpoint-rejects"),
+        # ... and DROPs when endpoints exist but the policy allows none here.
+        pytest.param(
+            svc(itp="Local"), (REMOTE_ONLY,), ("198.19.0.10", 80, INT), [], False, id="itp-local-remote-drops"
+        ),
+        pytest.param(svc(etp="Local"), (REMOTE_ONLY,), (NODE_IP, 30080, EXT), [], False, id="etp-local-remote-drops"),
+        pytest.param(
+            svc(etp="Local"), (REMOTE_ONLY,), (NODE_IP, 30080, INT), [REMOTE_EP], False, id="etp-local-pods-use-cluster"
+        ),
+        # Serving terminating endpoints are endpoints: used, no reject.
+        pytest.param(svc(), (TERMINATING,), (NODE_IP, 30080, EXT), [REMOTE_EP], False, id="terminating-serves"),
+        pytest.param(svc(), (SLICE,), ("198.19.0.10", 80, INT), BOTH, False, id="ready"),
+    ],
+)
+def test_reject_flag_when_the_service_has_no_endpoint_anywhere(s, slices, where, backends, rejects):
+    f = fronts(s, slices=slices)[where]
+    assert ips(f) == backends
+    assert bool(f.flags & REJECT) == rejects
+
+
+def test_reject_flag_follows_endpoints_in_the_incremental_planner():
+    """The delta path (ServicePlanner on a changed slice) sets and clears
+    the flag as the last endpoint goes and comes back."""
+    planner = ServicePlanner()
+    s = svc()
+    steps = [((SLICE,), False), ((EVICTED,), True), ((TERMINATING,), False), ((), True), ((SLICE,), False)]
+    for slices, rejects in steps:
+        out, _ = planner.plan("default/web", s, {sl.name: sl for sl in slices}, NODE, None, ADDRS)
+        assert out and all(bool(f.flags & REJECT) == rejects for f in out), (slices, [f.flags for f in out])

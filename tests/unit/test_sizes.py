@@ -29,6 +29,7 @@ def test_every_flag_reaches_its_map():
         "sp_cfg": None,  # one entry
         "sp_host": None,  # one entry
         "sp_sock": None,  # socket-local storage: one entry per socket, no capacity
+        "sp_frag": None,  # fragmented datagrams in flight: fixed, LRU
     }
 
 
