@@ -44,18 +44,19 @@
 /*
  * The ones' complement sum of the packet's bytes [off, end) on top of seed,
  * as bpf_csum_diff() sums (32 bits, unfolded); bytes past end count as
- * zeros, which is how an odd length is padded (RFC 1071). Read 64 bytes at
+ * zeros, which is how an odd length is padded (RFC 1071). Read 32 bytes at
  * a time with bpf_skb_load_bytes, so a non-linear skb needs no pull and
  * the verifier sees one bounded loop. At most REJECT_MAX6 bytes; -1 on a
  * helper's failure. A subprogram: its buffer takes stack only while it
- * runs.
+ * runs; 32 bytes, not more: with dnat's frame below it, the deepest chain
+ * (program, reject4/6, this) must stay within the verifier's 512 bytes.
  */
 static __noinline __s64 csum_bytes(struct __sk_buff *skb, __u32 off, __u32 end, __u32 seed)
 {
-	__u8 buf[64];
+	__u8 buf[32];
 	__s64 s = seed;
 
-	for (int i = 0; i < REJECT_MAX6 / 64 + 1; i++) {
+	for (int i = 0; i < REJECT_MAX6 / sizeof(buf) + 1; i++) {
 		__u32 n;
 
 		if (off >= end)
