@@ -80,13 +80,14 @@ def web_services() -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def client_pod() -> dict[str, Any]:
+def client_pod(name: str = "client", host_network: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "client", "labels": {"app": "client"}},
+        "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
             "terminationGracePeriodSeconds": 0,
+            "hostNetwork": host_network,
             "containers": [{"name": "client", "image": agnhost(), "imagePullPolicy": "Never", "args": ["pause"]}],
         },
     }
@@ -152,9 +153,11 @@ def parse_loop(out: str) -> tuple[Counter[str], list[str], int, int]:
     return answers, failures, int(m.group(1)), int(m.group(2))
 
 
-def requests_from_pod(kube: NodeCluster, ns: str, target: str, count: int) -> tuple[Counter[str], list[str]]:
+def requests_from_pod(
+    kube: NodeCluster, ns: str, target: str, count: int, pod: str = "client"
+) -> tuple[Counter[str], list[str]]:
     out = kube.kubectl(
-        "-n", ns, "exec", "client", "--", "sh", "-c", LOOP.format(tag="x", max=count, target=target), timeout=300
+        "-n", ns, "exec", pod, "--", "sh", "-c", LOOP.format(tag="x", max=count, target=target), timeout=300
     )
     answers, failures, ok, _ = parse_loop(out)
     assert ok + len(failures) == count
@@ -295,6 +298,25 @@ def test_nodeport_from_a_pod_and_from_the_lan(kube: NodeCluster, web: dict[str, 
     # backends are local, so they see the LAN client's own address.
     status, ip = http_get_in_ns(kube.lan.net.ns_path("node"), f"http://{node.ip}:{web['nodePort']}/clientip")
     assert status == 200 and ip.rsplit(":", 1)[0] == LAN_GW, ip
+
+
+def test_a_host_network_pod_reaches_services_through_the_socket_hooks(kube: NodeCluster, web: dict[str, Any]) -> None:
+    # hostNetwork: its packets never cross a pod interface. The DaemonSet
+    # (no API address override) serves it by its cgroup hooks on the
+    # node's cgroup subtree, with the pods' endpoint choice.
+    pods = web["pods"]
+    node = kube.nodes[0]
+    apply(kube, web["ns"], client_pod("hostclient", host_network=True))
+    wait_ready_pods(kube, web["ns"], "app=hostclient", 1)
+    wait_programmed(kube, f"{web['clusterIP']}:80/TCP", {f"{ip}:8080" for ip in pods.values()})
+    for target in (f"{web['clusterIP']}:80", f"{node.ip}:{web['nodePort']}"):
+        answers, failures = requests_from_pod(kube, web["ns"], target, 60, pod="hostclient")
+        assert not failures, (target, failures[:5])
+        assert set(answers) == set(pods), (target, answers)
+    # The agent says which cgroup it serves: the node's own, not the machine's.
+    [agent] = [p for p in kube.agent_pods() if p["spec"]["nodeName"] == node.name]
+    logs = kube.kubectl("-n", "kube-system", "logs", agent["metadata"]["name"])
+    assert "host clients:" in logs, logs[-2000:]
 
 
 def test_headless_service_is_not_programmed_and_its_pods_answer_directly(
