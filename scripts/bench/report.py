@@ -189,10 +189,22 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                 "total_us",
                 mean=True,
             )
+            # Its first part alone: where the dataplanes differ (the rest is
+            # the server's and the client's wake-ups, the same for all).
+            out += _latency_rows(
+                host,
+                "  of which connect() alone, p50 / p99 (mean)",
+                "  no Service",
+                "connect_us",
+                mean=True,
+                indent="  ",
+            )
     return out
 
 
-def _latency_rows(lat: dict, title: str, direct: str, key: str, mean: bool) -> list[tuple[str, str, str, str, str]]:
+def _latency_rows(
+    lat: dict, title: str, direct: str, key: str, mean: bool, indent: str = ""
+) -> list[tuple[str, str, str, str, str]]:
     """A latency figure's rows: the floor, then per number of Services ours
     next to each peer, the ratio of the p50s."""
 
@@ -209,7 +221,7 @@ def _latency_rows(lat: dict, title: str, direct: str, key: str, mean: bool) -> l
             r = lat[name].get(str(n))
             out.append(
                 (
-                    f"{n:,} Services" if name == "iptables" else "",
+                    f"{indent}{n:,} Services" if name == "iptables" else "",
                     cell(o) if name == "iptables" else "",
                     label,
                     cell(r),
