@@ -427,7 +427,14 @@ def pct(sorted_values: list[float], p: float) -> float:
 
 def summary(values: list[float]) -> dict:
     v = sorted(values)
-    return {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99), "max": v[-1] if v else None, "min": v[0] if v else None}
+    return {
+        "n": len(v),
+        "p50": pct(v, 50),
+        "p99": pct(v, 99),
+        "mean": sum(v) / len(v) if v else None,
+        "max": v[-1] if v else None,
+        "min": v[0] if v else None,
+    }
 
 
 def fmt_s(s: float | None) -> str:

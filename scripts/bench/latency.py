@@ -1,5 +1,6 @@
 """First-packet latency of new TCP connections through a ClusterIP, between
-network namespaces (scripts/harness/topo.py: a node and two pods on veths).
+network namespaces (scripts/harness/topo.py: a node and two pods on veths),
+from a pod and from a host client.
 
 For each dataplane and each number of Services (10 and 10,000, 10
 endpoints each), a fresh topology: a client pod, a backend pod listening on
@@ -16,13 +17,29 @@ other Services' endpoints are addresses nobody answers (never used).
              where the pods' packets meet nat PREROUTING
   nftables   kube-proxy's nftables ruleset (scripts/bench/nft.py)
 
-The client times connect() (SYN out, SYN-ACK back, through the NAT both
+The client pod times connect() (SYN out, SYN-ACK back, through the NAT both
 ways) over N new connections, after 20 not counted.
+
+Then, in the same topology, a host client: a process in the node
+namespace, in a cgroup v2 directory the bench makes for the run (never the
+machine's root cgroup), times connect(), one byte echoed and close() over N
+new connections to the same Service (direct: to the backend pod). Ours
+serves it with the cgroup socket programs (ebpf/host_sock.c), which the
+attach worker attaches to that cgroup; the peers with their rulesets' nat
+OUTPUT hooks (iptables' OUTPUT -> KUBE-SERVICES, nftables' nat-output
+chain), where kube-proxy meets locally generated traffic. The node's own
+address (NODE_IP) is outside the cluster CIDR, as a node's is, so the peers
+mark it for masquerade as kube-proxy does. The node routes the Service
+range to an interface of its own that leads nowhere (a bridge without
+ports), as a node's default route would take it: the peers need a route
+before their OUTPUT DNAT re-routes the packet to the backend; nothing is
+ever sent there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +52,11 @@ CLIENT_IP = "198.18.255.2"
 BACKEND_IP = "198.18.255.3"
 BACKEND_PORTS = list(range(8080, 8090))
 CONNECT_PY = Path(__file__).resolve().parent / "connect.py"
+# The node's own address: in the test range, outside common.CLUSTER_CIDR
+# and above the ClusterIPs (common.vip), on the interface SERVICE_RANGE is
+# routed to.
+NODE_IP = "198.19.255.254"
+SERVICE_RANGE = "198.19.0.0/16"
 
 
 def _cluster(nsvc: int) -> tuple[Cluster, int]:
@@ -46,87 +68,122 @@ def _backend_eps() -> list[tuple[str, int]]:
     return [(BACKEND_IP, p) for p in BACKEND_PORTS]
 
 
-def _measure(topo, target: str, count: int) -> dict:
-    cp = topo.exec_in(
-        "client",
-        [sys.executable, str(CONNECT_PY), "connect", "--target", target, "--count", str(count)],
-        timeout=300,
-    )
-    if cp.returncode != 0:
-        raise RuntimeError(f"latency client failed: {cp.stderr.strip()[-500:]}")
-    r = json.loads(cp.stdout)
-    if r["errors"]:
-        raise RuntimeError(
-            f"latency client: {r['errors']} of {count} connections to {target} failed: {r['error_samples']}"
-        )
-    return {"connect_us": summary(r["connect_us"]), "ttfb_us": summary(r["ttfb_us"])}
+class _Bench:
+    """The topology (client and backend pods, the node with its address and
+    route) and the host client's cgroup; cleanup() removes both, also after
+    a failure."""
 
-
-def _topology():
-    Topology = topology_class()
-    topo = Topology()
-    try:
-        topo.add_pod("client", CLIENT_IP)
-        topo.add_pod("backend", BACKEND_IP)
-        proc = topo.run_in(
-            "backend",
-            [sys.executable, str(CONNECT_PY), "serve", "--ports", f"{BACKEND_PORTS[0]}-{BACKEND_PORTS[-1]}"],
-            stdout=subprocess.PIPE,
-        )
+    def __init__(self) -> None:
+        from scripts.harness.cgroup import TestCgroup
         from scripts.harness.topo import wait_for_line
 
-        wait_for_line(proc, "ready", 10, what="latency server")
-    except BaseException:
-        topo.cleanup()
-        raise
-    return topo
+        self.topo = topology_class()()
+        self.cgroup: TestCgroup | None = None
+        try:
+            # Named after the topology: a killed run's cgroup is removed by
+            # the harness's stale cleanup, as its namespaces are.
+            self.cgroup = TestCgroup(self.topo.prefix)
+            self.topo.add_pod("client", CLIENT_IP)
+            self.topo.add_pod("backend", BACKEND_IP)
+            # A bridge without ports: what is sent there goes nowhere (a
+            # dummy interface would do, but not every kernel has the driver).
+            sink = f"{self.topo.prefix}s0"
+            for cmd in (
+                ["link", "add", sink, "type", "bridge"],
+                ["link", "set", sink, "up"],
+                ["addr", "add", f"{NODE_IP}/32", "dev", sink],
+                ["route", "add", SERVICE_RANGE, "dev", sink, "src", NODE_IP],
+            ):
+                self.topo.exec_in("node", ["ip", *cmd], check=True)
+            proc = self.topo.run_in(
+                "backend",
+                [sys.executable, str(CONNECT_PY), "serve", "--ports", f"{BACKEND_PORTS[0]}-{BACKEND_PORTS[-1]}"],
+                stdout=subprocess.PIPE,
+            )
+            wait_for_line(proc, "ready", 10, what="latency server")
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def cleanup(self) -> None:
+        # The topology first: its processes (the attach worker, which holds
+        # the cgroup's links) end before the cgroup is removed.
+        try:
+            self.topo.cleanup()
+        finally:
+            if self.cgroup is not None:
+                self.cgroup.cleanup()
+
+    def measure(self, target: str, count: int, host: bool) -> dict:
+        """N new connections to target from the client pod, or (host) from
+        the node namespace in the cgroup: connect, echo, close."""
+        argv = [sys.executable, str(CONNECT_PY), "connect", "--target", target, "--count", str(count)]
+        if host:
+            assert self.cgroup is not None
+            argv += ["--echo", "--cgroup", str(self.cgroup.path)]
+        cp = self.topo.exec_in("node" if host else "client", argv, timeout=300)
+        who = "host client" if host else "latency client"
+        if cp.returncode != 0:
+            raise RuntimeError(f"{who} failed: {cp.stderr.strip()[-500:]}")
+        r = json.loads(cp.stdout)
+        if r["errors"]:
+            raise RuntimeError(f"{who}: {r['errors']} of {count} connections to {target} failed: {r['error_samples']}")
+        out = {"connect_us": summary(r["connect_us"]), "ttfb_us": summary(r["ttfb_us"]), "backends": r["backends"]}
+        if host:
+            out |= {"echo_us": summary(r["echo_us"]), "total_us": summary(r["total_us"])}
+        return out
+
+    def both(self, target: str, count: int, host_count: int) -> dict:
+        """The pod's figure, then the host client's, in this topology."""
+        return {"pod": self.measure(target, count, host=False), "host": self.measure(target, host_count, host=True)}
 
 
-def run_direct(count: int) -> dict:
-    topo = _topology()
+def run_direct(count: int, host_count: int) -> dict:
+    bench = _Bench()
     try:
-        return _measure(topo, f"{BACKEND_IP}:{BACKEND_PORTS[0]}", count)
+        return bench.both(f"{BACKEND_IP}:{BACKEND_PORTS[0]}", count, host_count)
     finally:
-        topo.cleanup()
+        bench.cleanup()
 
 
-def run_iptables(nsvc: int, count: int) -> dict:
+def run_iptables(nsvc: int, count: int, host_count: int) -> dict:
     cl, k = _cluster(nsvc)
     rs = iptables.Ruleset(cl)
     rs.eps[k] = [f"{a}:{p}" for a, p in _backend_eps()]
-    topo = _topology()
+    bench = _Bench()
     try:
         with tempfile.TemporaryDirectory(prefix="sliceproxy-bench-") as td:
             for name, text in (("setup", iptables.SETUP), ("full", rs.render())):
                 p = Path(td) / name
                 p.write_text(text)
-                if iptables.restore("iptables-legacy-restore", topo.node_ns, str(p), 300) is None:
+                if iptables.restore("iptables-legacy-restore", bench.topo.node_ns, str(p), 300) is None:
                     raise RuntimeError("iptables-legacy-restore timed out")
-        return _measure(topo, f"{vip(k)}:80", count)
+        return bench.both(f"{vip(k)}:80", count, host_count)
     finally:
-        topo.cleanup()
+        bench.cleanup()
 
 
-def run_nft(nsvc: int, count: int, timeout: float) -> dict | None:
+def run_nft(nsvc: int, count: int, host_count: int, timeout: float) -> dict | None:
     cl, k = _cluster(nsvc)
     rs = nft.Ruleset(cl)
     rs.eps[k] = _backend_eps()
-    topo = _topology()
+    bench = _Bench()
     try:
         with tempfile.TemporaryDirectory(prefix="sliceproxy-bench-") as td:
             p = Path(td) / "full.nft"
             p.write_text(rs.render_full())
-            if nft.load(topo.node_ns, str(p), timeout) is None:
+            if nft.load(bench.topo.node_ns, str(p), timeout) is None:
                 return None
-        return _measure(topo, f"{vip(k)}:80", count)
+        return bench.both(f"{vip(k)}:80", count, host_count)
     finally:
-        topo.cleanup()
+        bench.cleanup()
 
 
-def run_ours(nsvc: int, count: int) -> dict:
-    topo = _topology()
+def run_ours(nsvc: int, count: int, host_count: int) -> dict:
+    bench = _Bench()
     try:
-        proc = topo.run_in(
+        assert bench.cgroup is not None
+        proc = bench.topo.run_in(
             "node",
             [
                 sys.executable,
@@ -136,7 +193,9 @@ def run_ours(nsvc: int, count: int) -> dict:
                 "--services",
                 str(nsvc),
                 "--interfaces",
-                topo.iface_glob,
+                bench.topo.iface_glob,
+                "--cgroup",
+                str(bench.cgroup.path),
             ],
             stdout=subprocess.PIPE,
             stdin=subprocess.PIPE,
@@ -145,24 +204,27 @@ def run_ours(nsvc: int, count: int) -> dict:
 
         wait_for_line(proc, "ready", 120, what="sliceproxy dataplane in the node namespace")
         _, k = _cluster(nsvc)
-        return _measure(topo, f"{vip(k)}:80", count)
+        return bench.both(f"{vip(k)}:80", count, host_count)
     finally:
-        topo.cleanup()
+        bench.cleanup()
 
 
 def attach_main(argv: list[str]) -> int:
     """`bench.py --worker attach`: in the node namespace (started there by
     nsenter: ctrl.dataplane.attach works on the current one), load the program, write
-    the maps for nsvc Services and attach to the pods' veths; print ready;
-    stay until stdin closes or SIGTERM (the topology's cleanup)."""
+    the maps for nsvc Services and attach to the pods' veths; with --cgroup,
+    also serve host clients in that cgroup (as `sliceproxy run --cgroup`,
+    but by links this process holds rather than pins: they go with it);
+    print ready; stay until stdin closes or SIGTERM (the topology's cleanup)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="bench.py --worker attach")
     ap.add_argument("--services", type=int, required=True)
     ap.add_argument("--interfaces", required=True)
+    ap.add_argument("--cgroup", help="cgroup v2 directory to attach the host clients' programs to")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from ctrl.dataplane import attach, loader
+    from ctrl.dataplane import attach, hostclients, loader
     from ctrl.dataplane.abi import MapSizes
     from ctrl.dataplane.apply import Writer
     from ctrl.dataplane.programmed import Programmed
@@ -194,7 +256,7 @@ def attach_main(argv: list[str]) -> int:
             slices = [parse({"kind": "EndpointSlice", **cl.raw_slice(i, j)}) for j in range(len(cl.slices[i]))]
         desired[svc.key] = plan_service(svc, slices)[0]
     sizes = MapSizes()
-    dp = loader.load(pin_dir=None, sizes=sizes)
+    dp = loader.load(pin_dir=None, sizes=sizes, host_clients=a.cgroup is not None)
     cs = Programmed(sizes).sync(desired)
     Writer(dp.maps).apply(cs)
     names = attach.match_interfaces([a.interfaces])
@@ -206,28 +268,46 @@ def attach_main(argv: list[str]) -> int:
             attach.attach(n, dp.prog_fd, egress)
         else:
             attach.attach(n, dp.prog_fd)
+    links = []  # held open: a link stays attached while its fd does
+    if a.cgroup is not None:
+        hostclients.check_cgroup(a.cgroup)
+        hostclients.write_host_config(dp.maps, hostclients.netns_cookie())
+        cg_fd = os.open(a.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, (fd, attach_type) in dp.host_progs.items():
+                links.append(hostclients.create_link(fd, attach_type, cg_fd, f"{name} to {a.cgroup}"))
+        finally:
+            os.close(cg_fd)
     print("ready", flush=True)
     sys.stdin.read()
     return 0
 
 
-def measure(sizes: list[int], count: int, nft_timeout: float, errors: list[str]) -> dict:
-    """Every condition in its own topology; one that fails is reported in
-    `errors` and left out (None), the others still run."""
+def measure(sizes: list[int], count: int, host_count: int, nft_timeout: float, errors: list[str]) -> dict:
+    """Every condition in its own topology, the pod's figure and the host
+    client's from it (the host's under "host", shaped as the pod's); one
+    that fails is reported in `errors` and left out (None), the others
+    still run."""
     out: dict = {"count": count, "services": sizes, "direct": None, "ours": {}, "iptables": {}, "nft": {}}
+    host: dict = {"count": host_count, "services": sizes, "direct": None, "ours": {}, "iptables": {}, "nft": {}}
+    out["host"] = host
 
-    def one(what: str, fn):
-        progress(f"latency: {what} ({count} new connections)")
+    def one(what: str, fn) -> tuple[dict | None, dict | None]:
+        progress(f"latency: {what} ({count} new connections from a pod, then {host_count} from the node)")
         try:
-            return fn()
+            r = fn()
         except Exception as e:  # noqa: BLE001
             progress(f"FAILED: latency {what}: {type(e).__name__}: {e}")
             errors.append(f"latency {what}: {type(e).__name__}: {e}")
-            return None
+            return None, None
+        return (r["pod"], r["host"]) if r else (None, None)
 
-    out["direct"] = one("direct to the pod, no Service", lambda: run_direct(count))
+    out["direct"], host["direct"] = one("direct to the backend pod, no Service", lambda: run_direct(count, host_count))
     for n in sizes:
-        out["ours"][str(n)] = one(f"ours, {n:,} Services", lambda n=n: run_ours(n, count))
-        out["iptables"][str(n)] = one(f"iptables (legacy) ruleset, {n:,} Services", lambda n=n: run_iptables(n, count))
-        out["nft"][str(n)] = one(f"nftables ruleset, {n:,} Services", lambda n=n: run_nft(n, count, nft_timeout))
+        for dp, what, fn in (
+            ("ours", "ours", lambda n=n: run_ours(n, count, host_count)),
+            ("iptables", "iptables (legacy) ruleset", lambda n=n: run_iptables(n, count, host_count)),
+            ("nft", "nftables ruleset", lambda n=n: run_nft(n, count, host_count, nft_timeout)),
+        ):
+            out[dp][str(n)], host[dp][str(n)] = one(f"{what}, {n:,} Services", fn)
     return out

@@ -172,25 +172,62 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                 out.append((label, f"{po[k]:.0f} -> {ps[k]:.0f} ns ({ps[k] / po[k]:.2f}x)", "", "", ""))
     lat = res.get("latency")
     if lat:
-        out.append((f"**first-packet latency: connect() p50 / p99, {lat['count']} new connections**", "", "", "", ""))
+        out += _latency_rows(
+            lat,
+            f"**first-packet latency: connect() p50 / p99, {lat['count']} new connections**",
+            "no Service (straight to the pod)",
+            "connect_us",
+            mean=False,
+        )
+        host = lat.get("host")
+        if host:
+            out += _latency_rows(
+                host,
+                f"**host client: connect() + 1 byte echoed + close(), p50 / p99 (mean), {host['count']} new "
+                "connections**",
+                "no Service (straight to the backend pod)",
+                "total_us",
+                mean=True,
+            )
+            # Its first part alone: where the dataplanes differ (the rest is
+            # the server's and the client's wake-ups, the same for all).
+            out += _latency_rows(
+                host,
+                "  of which connect() alone, p50 / p99 (mean)",
+                "  no Service",
+                "connect_us",
+                mean=True,
+                indent="  ",
+            )
+    return out
 
-        def cell(r):
-            return f"{r['connect_us']['p50']:.0f} / {r['connect_us']['p99']:.0f} µs" if r else "-"
 
-        out.append(("no Service (straight to the pod)", cell(lat.get("direct")), "", "", ""))
-        for n in lat["services"]:
-            o = lat["ours"].get(str(n))
-            for name, label in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
-                r = lat[name].get(str(n))
-                out.append(
-                    (
-                        f"{n:,} Services" if name == "iptables" else "",
-                        cell(o) if name == "iptables" else "",
-                        label,
-                        cell(r),
-                        ratio(r["connect_us"]["p50"], o["connect_us"]["p50"]) if r and o else "",
-                    )
+def _latency_rows(
+    lat: dict, title: str, direct: str, key: str, mean: bool, indent: str = ""
+) -> list[tuple[str, str, str, str, str]]:
+    """A latency figure's rows: the floor, then per number of Services ours
+    next to each peer, the ratio of the p50s."""
+
+    def cell(r):
+        if not r:
+            return "-"
+        f = r[key]
+        return f"{f['p50']:.0f} / {f['p99']:.0f} µs" + (f" ({f['mean']:.0f})" if mean else "")
+
+    out = [(title, "", "", "", ""), (direct, cell(lat.get("direct")), "", "", "")]
+    for n in lat["services"]:
+        o = lat["ours"].get(str(n))
+        for name, label in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
+            r = lat[name].get(str(n))
+            out.append(
+                (
+                    f"{indent}{n:,} Services" if name == "iptables" else "",
+                    cell(o) if name == "iptables" else "",
+                    label,
+                    cell(r),
+                    ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
                 )
+            )
     return out
 
 

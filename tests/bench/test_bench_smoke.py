@@ -1,5 +1,6 @@
 """`make bench` at its --quick size: it runs end to end (ours, the peers in
-throwaway namespaces, first-packet latency between namespaces) and its
+throwaway namespaces, first-packet latency between namespaces, a host
+client's connections from the node namespace) and its
 figures are sane. Speed itself is never asserted here; that is what `make
 bench` prints."""
 
@@ -131,6 +132,25 @@ def test_first_packet_latency_through_every_dataplane(figures):
         for dp in ("ours", "iptables", "nft"):
             c = lat[dp][str(n)]["connect_us"]
             assert c["n"] == lat["count"] and 0 < c["p50"] <= c["p99"]
+
+
+def test_host_client_through_every_dataplane(figures):
+    """A process in the node namespace (in the bench's cgroup) reached the
+    Service through our cgroup hook and the peers' nat OUTPUT rules: every
+    connection timed, its phases in order, and the Service's 10 backends
+    all answered (straight to the pod, only the first port does)."""
+    host = figures["latency"]["host"]
+    d = host["direct"]
+    assert d["total_us"]["n"] == host["count"] and d["backends"] == {"0": host["count"]}
+    for n in host["services"]:
+        for dp in ("ours", "iptables", "nft"):
+            r = host[dp][str(n)]
+            c, e, t = r["connect_us"], r["echo_us"], r["total_us"]
+            assert c["n"] == e["n"] == t["n"] == host["count"], (dp, n)
+            assert 0 < c["p50"] <= e["p50"] <= t["p50"] <= t["p99"] <= t["max"], (dp, n, r)
+            assert t["min"] <= t["mean"] <= t["max"]
+            assert sorted(r["backends"]) == [str(i) for i in range(10)], (dp, n, r["backends"])
+            assert sum(r["backends"].values()) == host["count"]
 
 
 def test_load_and_machine_reported(figures):

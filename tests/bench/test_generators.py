@@ -119,6 +119,21 @@ def test_nft_ruleset_has_kube_proxy_shape():
     assert text.count("dnat to") == 6
 
 
+def test_both_rulesets_meet_locally_generated_traffic_in_nat_output():
+    """kube-proxy serves the node's own processes (host clients) from the nat
+    OUTPUT hook, as pods from PREROUTING: the host client's latency figure
+    goes through these jumps."""
+    nat = iptables.SETUP.split("*nat\n", 1)[1]
+    assert '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in nat.splitlines()
+    assert '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES' in nat.splitlines()
+    filt = iptables.SETUP.split("*nat\n", 1)[0]
+    assert "-A OUTPUT -m conntrack --ctstate NEW" in filt and "-j KUBE-SERVICES" in filt
+    lines = nft.SETUP.splitlines()
+    assert "add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }" in lines
+    assert "add rule ip kube-proxy nat-output jump services" in lines
+    assert "add rule ip kube-proxy filter-output ct state new jump endpoints-check" in lines
+
+
 def test_nft_incremental_rewrites_one_service_and_deletes_stale_chains():
     cl = Cluster(Scenario("S", 3, 10))
     rs = nft.Ruleset(cl)
