@@ -60,6 +60,7 @@ EGRESS = HERE / "egress.py"
 LAN_NET = ipaddress.ip_network("198.18.10.0/24")
 LAN_GW = "198.18.10.1"
 TEST_RANGE_V4 = "198.18.0.0/15"
+HAIRPIN_V4 = "198.18.255.1"  # no node, pod or Service range holds it
 CLUSTER_DOMAIN = "cluster.local"
 # The cluster DNS Service (kube-system/kube-dns, as kubeadm names it): its
 # ClusterIP goes through the proxy under test like any Service; its one
@@ -759,7 +760,11 @@ class NodeCluster:
             elif a.startswith("--pin-dir="):
                 a = "--pin-dir=/sys/fs/bpf/sliceproxy-test-$(NODE_NAME)"
             args.append(a)
-        args += ["--external-interfaces=sp??????u0", *extra_args]
+        # The hairpin source inside the test range: the pods here route
+        # only that range (no default route, so nothing can leave), and a
+        # pod answers its hairpin flows by routing to that address
+        # (docs/semantics.md, "Hairpin").
+        args += ["--external-interfaces=sp??????u0", f"--hairpin-ipv4={HAIRPIN_V4}", *extra_args]
         c["command"] = args
         # The host's paths the manifest mounts, made this node's: its
         # kubelet's kubeconfig (--api-server-from), and its own cgroup v2
