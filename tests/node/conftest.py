@@ -1,4 +1,4 @@
-"""Fixtures for tier 5 (DESIGN.md "Test tiers"): the container image, and a
+"""Fixtures for the node tier (docs/architecture.md, "Test tiers"): the container image, and a
 real node (kubelet, containerd, CNI) running the DaemonSet from it.
 
 Like the other root tiers it fails, never skips, when it cannot run: a

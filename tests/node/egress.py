@@ -15,36 +15,18 @@ listening. Refuses targets outside the test ranges.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import socket
 import sys
 import threading
+from pathlib import Path
 
-CLONE_NEWNET = 0x40000000
 ALLOWED = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8::/32"))
-_libc = ctypes.CDLL(None, use_errno=True)
 
-
-def setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+# Run as a script: the cluster tier's forwarder gives setns and the byte pump.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.cluster.nsforward import pump, setns  # noqa: E402
 
 
 def read_head(conn: socket.socket) -> tuple[bytes, bytes]:

@@ -1,4 +1,4 @@
-"""The container images of tier 5 (DESIGN.md "Test tiers"), built by
+"""The container images of the node tier (docs/architecture.md, "Test tiers"), built by
 scripts/build-images.sh, and podman run with the same settings as that
 script (its own containers.conf, registries.conf and image store under the
 image cache, never the machine's /etc).

@@ -1,5 +1,5 @@
-"""A real Kubernetes node in a network namespace, for tier 5 (DESIGN.md
-"Test tiers").
+"""A real Kubernetes node in a network namespace, for the node tier
+(docs/architecture.md, "Test tiers").
 
 * ``NodeControlPlane``: the cluster tier's control plane (etcd,
   kube-apiserver, kube-controller-manager on loopback) plus kube-scheduler,
