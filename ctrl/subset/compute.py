@@ -255,6 +255,10 @@ def group_of(sl: EndpointSlice) -> Group | None:
     return Group(sl.address_type, _ports_key(sl), subset)
 
 
+def subset_labels(svc: Service, group: Group) -> dict[str, str]:
+    return {SUBSET_LABEL: group.subset, SUBSET_SERVICE_LABEL: svc.name, MANAGED_BY_LABEL: SUBSET_MANAGER}
+
+
 def render(svc: Service, group: Group, name: str, eps: Iterable[Endpoint]) -> dict:
     """One subset slice as the API takes it."""
     return {
@@ -263,11 +267,7 @@ def render(svc: Service, group: Group, name: str, eps: Iterable[Endpoint]) -> di
         "metadata": {
             "name": name,
             "namespace": svc.namespace,
-            "labels": {
-                SUBSET_LABEL: group.subset,
-                SUBSET_SERVICE_LABEL: svc.name,
-                MANAGED_BY_LABEL: SUBSET_MANAGER,
-            },
+            "labels": subset_labels(svc, group),
             # Garbage collected with the Service; and how an agent tells a
             # subset slice of this Service from a forged one.
             "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc.name, "uid": svc.uid}],
@@ -300,6 +300,26 @@ def endpoint_json(e: Endpoint) -> dict:
     return out
 
 
+def subset_plan(
+    svc: Service,
+    originals: Iterable[EndpointSlice],
+    zones: Mapping[str, frozenset[str]],
+    existing: Iterable[EndpointSlice] = (),
+) -> dict[str, tuple[Group, list[Endpoint]]]:
+    """name -> (group, endpoints) of every subset slice the Service should
+    have, packed around `existing` (its subset slices written so far)."""
+    held: dict[Group, dict[str, list[bytes]]] = {}
+    for sl in existing:
+        g = group_of(sl)
+        if g is not None:
+            held.setdefault(g, {})[sl.name] = [e.addr for e in sl.endpoints]
+    out: dict[str, tuple[Group, list[Endpoint]]] = {}
+    for group, want in desired(svc, originals, zones).items():
+        for name, eps in pack(group.base_name(svc.name), want, held.get(group, {})).items():
+            out[name] = (group, eps)
+    return out
+
+
 def subset_slices(
     svc: Service,
     originals: Iterable[EndpointSlice],
@@ -308,13 +328,22 @@ def subset_slices(
 ) -> dict[str, dict]:
     """name -> subset slice (API form) the Service should have, packed
     around `existing` (its subset slices written so far)."""
-    held: dict[Group, dict[str, list[bytes]]] = {}
-    for sl in existing:
-        g = group_of(sl)
-        if g is not None:
-            held.setdefault(g, {})[sl.name] = [e.addr for e in sl.endpoints]
-    out: dict[str, dict] = {}
-    for group, want in desired(svc, originals, zones).items():
-        for name, eps in pack(group.base_name(svc.name), want, held.get(group, {})).items():
-            out[name] = render(svc, group, name, eps)
-    return out
+    return {
+        name: render(svc, group, name, eps)
+        for name, (group, eps) in subset_plan(svc, originals, zones, existing).items()
+    }
+
+
+def holds(cur: EndpointSlice, svc: Service, group: Group, eps: list[Endpoint]) -> bool:
+    """Whether the subset slice `cur`, as read back, already is what
+    render(svc, group, cur.name, eps) writes: compared on the parsed form,
+    so an unchanged slice costs no rendering (endpoint_json round-trips an
+    Endpoint exactly; tests/unit/test_subset.py checks it)."""
+    return (
+        cur.endpoints == tuple(eps)
+        and group_of(cur) == group
+        and cur.labels == subset_labels(svc, group)
+        and svc.uid in cur.owner_uids
+        and len(cur.owner_uids) == 1
+        and not cur.problems
+    )
