@@ -247,9 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument(
         "--write-period",
         type=float,
-        default=1.0,
+        default=0.1,
         metavar="SECONDS",
-        help="at most one write per subset slice this often; changes in between are coalesced",
+        help="at most one write per subset slice this often; changes in between are coalesced (docs/subsetting.md)",
+    )
+    sb.add_argument(
+        "--write-qps",
+        type=float,
+        default=50.0,
+        metavar="RATE",
+        help="all subset slice writes together, a second, after --write-burst at once; 0: no bound",
+    )
+    sb.add_argument(
+        "--write-burst", type=int, default=100, metavar="N", help="writes at once before --write-qps applies"
     )
     sb.add_argument(
         "--metrics-bind-address",

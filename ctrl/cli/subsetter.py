@@ -23,6 +23,10 @@ def cmd_subsetter(args) -> int:
     ):
         if not v > 0:
             raise SystemExit(f"sliceproxy subsetter: {flag}: {v} is not a number of seconds above 0")
+    if not args.write_qps >= 0:
+        raise SystemExit(f"sliceproxy subsetter: --write-qps: {args.write_qps} is not a rate of 0 (no bound) or more")
+    if args.write_burst < 1:
+        raise SystemExit(f"sliceproxy subsetter: --write-burst: {args.write_burst} is not a count of 1 or more")
     if args.renew_period >= args.lease_duration * 2 / 3:
         raise SystemExit("sliceproxy subsetter: --renew-period must be below 2/3 of --lease-duration")
     in_cluster = args.in_cluster or (not args.kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -39,6 +43,8 @@ def cmd_subsetter(args) -> int:
         lease_duration=args.lease_duration,
         renew_period=args.renew_period,
         write_period=args.write_period,
+        write_qps=args.write_qps,
+        write_burst=args.write_burst,
     )
     metrics = None
     if args.metrics_bind_address:

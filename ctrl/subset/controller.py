@@ -7,8 +7,10 @@ owns and the Nodes through ctrl.k8s.kube's list and watch, and, while it
 holds the Lease (ctrl.k8s.lease.Elector), creates, updates and deletes
 subset slices so that they match. Writes are coalesced: a slice written
 less than `write_period` ago waits for the rest of that period, and then
-gets the latest content (a hint rebalance that touches many originals in
-a burst costs one write per subset slice). After its first complete pass
+gets the latest content (changes to one slice faster than that cost one
+write per period); and all writes together are bounded by a token bucket
+(`write_qps`, `write_burst`), so a hint rebalance that touches every
+subset slice at once is spread out, not sent in one burst. After its first complete pass
 as leader it marks the Lease synced: agents switch to subsets only then.
 """
 
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 from ..k8s.events import Event
 from ..k8s.kube import ORIGINALS_SELECTOR, PROXY_SELECTOR, SLICES_PATH, Client, KubeSource, Resource
 from ..k8s.lease import Elector
-from ..k8s.objects import MANAGED_BY_LABEL, SUBSET_MANAGER, EndpointSlice, Node, Service, parse
-from .compute import subset_slices, zones_of
+from ..k8s.objects import MANAGED_BY_LABEL, SUBSET_MANAGER, Endpoint, EndpointSlice, Node, Service, parse
+from .compute import Group, holds, render, subset_plan, zones_of
 
 log = logging.getLogger("sliceproxy.subsetter")
 
@@ -48,7 +50,40 @@ class Options:
     identity: str = ""
     lease_duration: float = 15.0
     renew_period: float = 5.0
-    write_period: float = 1.0  # at most one write per subset slice this often
+    write_period: float = 0.1  # at most one write per subset slice this often
+    write_qps: float = 50.0  # writes a second, all slices together (0: no bound)
+    write_burst: int = 100  # ... after this many at once
+
+
+class Budget:
+    """A token bucket over all the subsetter's writes: `burst` at once, then
+    `rate` a second. The per-slice write period coalesces a hot slice; this
+    bounds what a hint rebalance (every subset slice of many Services at
+    once) asks of the API server, as client-go's QPS and burst do for
+    Kubernetes' own controllers."""
+
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate, self.burst = rate, max(1, burst)
+        self.tokens, self.stamp = float(self.burst), now
+
+    def _fill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def take(self, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        self._fill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def ready_at(self, now: float) -> float:
+        """When take() will next succeed."""
+        self._fill(now)
+        return now + max(0.0, 1.0 - self.tokens) / self.rate
 
 
 class Subsetter:
@@ -78,6 +113,7 @@ class Subsetter:
         self.stop_event = threading.Event()
         self.synced_once = False
         self.writes = 0
+        self.budget = Budget(opts.write_qps, opts.write_burst, clock())
 
     # -- what the watches say ---------------------------------------------
     def take(self, events: list[Event]) -> None:
@@ -178,24 +214,18 @@ class Subsetter:
         svc = self.services.get(key)
         have = self.owned.get(key, {})
         if svc is None or not svc.uid:
-            want: dict[str, dict] = {}
+            want: dict[str, tuple[Group, list[Endpoint]]] = {}
         else:
             # Slices of an older Service of the same name are not ours to
             # pack around: their ownerReference names another uid.
             mine = [s for s in have.values() if svc.uid in s.owner_uids]
-            want = subset_slices(svc, self.originals.get(key, {}).values(), self.zones, mine)
+            want = subset_plan(svc, self.originals.get(key, {}).values(), self.zones, mine)
         ns = key.split("/", 1)[0]
         complete = True
         for name in sorted(set(want) | set(have)):
-            raw = want.get(name)
+            planned = want.get(name)
             cur = have.get(name)
-            if (
-                raw is not None
-                and cur is not None
-                and parse(raw) == cur
-                and svc is not None
-                and svc.uid in cur.owner_uids
-            ):
+            if planned is not None and cur is not None and svc is not None and holds(cur, svc, *planned):
                 continue
             full = f"{ns}/{name}"
             last = self.last_write.get(full)
@@ -207,6 +237,12 @@ class Subsetter:
                 continue
             if not self.elector.leader:
                 return False
+            if not self.budget.take(self.clock()):
+                due = self.budget.ready_at(self.clock())
+                self.held_until[key] = max(self.held_until.get(key, due), due)
+                self._wake(due)
+                return False
+            raw = None if planned is None or svc is None else render(svc, planned[0], name, planned[1])
             if not self._write(ns, name, raw, cur, key):
                 complete = False
             self.last_write[full] = now

@@ -37,6 +37,9 @@ DEFAULT_CACHE = "/var/cache/sliceproxy"
 
 # The test range for virtual IPs (docs/architecture.md: 198.18.0.0/15 only).
 SERVICE_CIDR = "198.19.0.0/16"
+# The secondary (IPv6) range: Services may be dual-stack. 2001:db8::/32 is
+# the IPv6 test range; an IPv6 Service range may hold at most 2^20 addresses.
+SERVICE_CIDR_V6 = "2001:db8:19::/112"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # KCM controllers left out, and why:
@@ -474,7 +477,7 @@ class ControlPlane:
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={self._path('sa.pub')}",
             f"--service-account-signing-key-file={self._path('sa.key')}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR_V6}",
             # The reconciler would publish 127.0.0.1 as the endpoint of the
             # `kubernetes` Service, which Endpoints validation rejects
             # (loopback); nothing here needs that Service to have endpoints.

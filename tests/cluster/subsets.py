@@ -60,7 +60,9 @@ def make_service(cp: ControlPlane, ns: str, name: str, ip: str, hinted: bool = T
     return cp.ok("POST", f"/api/v1/namespaces/{ns}/services", {"metadata": {"name": name}, "spec": body})
 
 
-def make_pod(cp: ControlPlane, ns: str, name: str, app: str, node: str, ip: str, ready: bool = True) -> None:
+def make_pod(
+    cp: ControlPlane, ns: str, name: str, app: str, node: str, ip: str | tuple[str, ...], ready: bool = True
+) -> None:
     cp.ok(
         "POST",
         f"/api/v1/namespaces/{ns}/pods",
@@ -76,7 +78,10 @@ def make_pod(cp: ControlPlane, ns: str, name: str, app: str, node: str, ip: str,
     set_ready(cp, ns, name, ip, ready)
 
 
-def set_ready(cp: ControlPlane, ns: str, name: str, ip: str, ready: bool) -> None:
+def set_ready(cp: ControlPlane, ns: str, name: str, ip: str | tuple[str, ...], ready: bool) -> None:
+    """The Pod Running with `ip` (one address, or one of each family), and
+    Ready or not."""
+    ips = (ip,) if isinstance(ip, str) else ip
     flag = "True" if ready else "False"
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cp.ok(
@@ -85,8 +90,8 @@ def set_ready(cp: ControlPlane, ns: str, name: str, ip: str, ready: bool) -> Non
         {
             "status": {
                 "phase": "Running",
-                "podIP": ip,
-                "podIPs": [{"ip": ip}],
+                "podIP": ips[0],
+                "podIPs": [{"ip": a} for a in ips],
                 "conditions": [
                     {"type": "Ready", "status": flag, "lastTransitionTime": now},
                     {"type": "ContainersReady", "status": flag, "lastTransitionTime": now},
@@ -131,14 +136,16 @@ def wait_hinted(cp: ControlPlane, ns: str, service: str, count: int) -> None:
 class Subsetter:
     """`sliceproxy subsetter` as a process, its log collected."""
 
-    def __init__(self, cp: ControlPlane, lease_ns: str, lease: str, identity: str, duration: float = 3.0):
+    def __init__(
+        self, cp: ControlPlane, lease_ns: str, lease: str, identity: str, duration: float = 3.0, extra: tuple = ()
+    ):
         self.identity = identity
         self.metrics_port = free_port()
         self.argv = [
             str(SLICEPROXY), "subsetter", "--kubeconfig", cp.kubeconfig,
             "--lease-namespace", lease_ns, "--lease-name", lease, "--identity", identity,
             "--lease-duration", str(duration), "--renew-period", str(duration / 4),
-            "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}",
+            "--metrics-bind-address", f"127.0.0.1:{self.metrics_port}", *extra,
         ]  # fmt: skip
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
@@ -166,7 +173,7 @@ class Subsetter:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)  # name may carry {labels}
         return float(m.group(1)) if m else None
 
     def kill(self) -> None:

@@ -8,9 +8,8 @@ as a process. Agents of every zone plan (`sliceproxy run --dry-run`: the
 agent's source, model and planner, no kernel) from their subsets exactly
 what they plan from the originals; and one real agent, with real traffic,
 lives through the subsetter being killed, a forged subset slice, its
-Node's zone label changing and the subsetter coming back. Dual-stack is
-covered by tests/unit/test_subset.py: this control plane's Service range
-is IPv4 only.
+Node's zone label changing and the subsetter coming back. A dual-stack
+Service gets subsets of both families.
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ def subsetters(controlplane, lease):
     """Start subsetters for the test's Lease; all stopped at its end."""
     started: list[Subsetter] = []
 
-    def start(identity: str) -> Subsetter:
-        s = Subsetter(controlplane, lease[0], lease[1], identity)
+    def start(identity: str, *extra: str) -> Subsetter:
+        s = Subsetter(controlplane, lease[0], lease[1], identity, extra=extra)
         started.append(s)
         return s
 
@@ -138,6 +137,83 @@ def test_every_zone_plans_from_its_subsets_what_it_plans_from_the_originals(
     # Service deleted: its subsets go with it.
     cp.ok("DELETE", f"/api/v1/namespaces/{ns}/services/hinted")
     wait_until(lambda: not subset_view(cp, ns, "hinted"), 30, what="the deleted Service's subsets gone")
+
+
+def test_a_dual_stack_service_gets_subsets_of_both_families(controlplane, namespace, nodes, lease, subsetters):
+    """The EndpointSlice controller writes one slice family each; the
+    subsetter splits both by zone, and every zone plans both families from
+    its subsets as it does from the originals."""
+    cp, ns = controlplane, namespace
+    n = next(_vips)
+    make_service(
+        cp, ns, "dual", f"198.19.1.{n}", ipFamilyPolicy="RequireDualStack",
+        clusterIPs=[f"198.19.1.{n}", f"2001:db8:19::{n:x}"],
+    )  # fmt: skip
+    for i, node in enumerate(nodes):
+        make_pod(cp, ns, f"dual-{i}", "dual", node, (f"198.18.20.{i + 1}", f"2001:db8:20::{i + 1:x}"))
+
+    def hinted_both() -> bool:
+        fams: dict[str, int] = {}
+        for sl in slices(cp, ns, "kubernetes.io/service-name%3Ddual"):
+            for e in sl.get("endpoints") or []:
+                if (e.get("hints") or {}).get("forZones"):
+                    fams[sl["addressType"]] = fams.get(sl["addressType"], 0) + 1
+        return fams == {"IPv4": len(nodes), "IPv6": len(nodes)}
+
+    wait_until(hinted_both, 60, what="hinted endpoints of both families")
+    sub = subsetters("replica-a")
+    sub.wait_log(r"marking the Lease synced")
+
+    def per_family_zone() -> dict[tuple[str, str], set[str]]:
+        out: dict[tuple[str, str], set[str]] = {}
+        for sl in slices(cp, ns, "sliceproxy.io/service-name%3Ddual"):
+            key = (sl["addressType"], sl["metadata"]["labels"]["sliceproxy.io/subset"])
+            out.setdefault(key, set()).update(e["addresses"][0] for e in sl.get("endpoints") or [])
+        return out
+
+    view = wait_until(
+        lambda: (v := per_family_zone()) and all((f, z) in v for f in ("IPv4", "IPv6") for z in ZONES) and v,
+        30,
+        what="subsets of both families in every zone",
+    )
+    for i, node in enumerate(nodes):
+        assert f"198.18.20.{i + 1}" in view["IPv4", nodes[node]]
+        assert f"2001:db8:20::{i + 1:x}" in view["IPv6", nodes[node]]
+    lease_ref = f"{lease[0]}/{lease[1]}"
+    for node in nodes:
+        got, log = planned(cp, node, "auto", lease_ref, ns)
+        assert f"watching the subset slices of zone {nodes[node]}" in log, log[-2000:]
+        want, _ = planned(cp, node, "off", lease_ref, ns)
+        assert got == want, node
+        v6 = [k for k in got if k.startswith(f"{ns}/dual:") and ":19::" in k]
+        assert v6 and all(len(got[k]) == 2 for k in v6), got  # the zone's two, of two nodes
+
+
+def test_changes_to_one_subset_slice_within_the_write_period_are_one_write(
+    controlplane, namespace, nodes, lease, subsetters
+):
+    """Four changes to zone-1's endpoints, each seen in the originals before
+    the next is made, within one or two write periods of the slice's
+    creation: they go as one or two writes (uncoalesced: four), and the
+    last write has the latest content."""
+    cp, ns = controlplane, namespace
+    make_service(cp, ns, "burst", vip())
+    for i, node in enumerate(nodes):
+        make_pod(cp, ns, f"burst-{i}", "burst", node, f"198.18.21.{i + 1}")
+    wait_hinted(cp, ns, "burst", len(nodes))
+    sub = subsetters("replica-a", "--write-period", "20")
+    sub.wait_log(r"marking the Lease synced")
+    updates = 'sliceproxy_subsetter_writes_total{op="update"}'
+    before = sub.metric(updates) or 0.0
+    zone1 = next(n for n, z in nodes.items() if z == ZONES[0])
+    added = [f"198.18.21.{50 + k}" for k in range(4)]
+    for k, ip in enumerate(added):
+        make_pod(cp, ns, f"burst-new-{k}", "burst", zone1, ip)
+        wait_hinted(cp, ns, "burst", len(nodes) + k + 1)  # the originals carry it: a change of its own
+    wait_until(
+        lambda: set(added) <= subset_view(cp, ns, "burst").get(ZONES[0], set()), 60, what="every new address written"
+    )
+    assert 1 <= (sub.metric(updates) or 0.0) - before <= 2
 
 
 def test_two_replicas_one_leads_the_other_takes_over(controlplane, namespace, nodes, lease, subsetters):
