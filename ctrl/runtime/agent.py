@@ -101,6 +101,7 @@ class Agent:
         self.last_sync_ok: float | None = None
         self._refused: set[str] = set()  # Services refused as they are (retried when they change)
         self._collected_at = clock()  # the last full collection
+        self.stages: dict[str, float] = {}  # seconds, per stage of the last sync (see _sync)
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
@@ -181,8 +182,10 @@ class Agent:
         with paused_gc():
             cs = self._sync()
             # After the write: what a Service's next change will need.
+            t0 = time.perf_counter()
             self.planner.index_pending()
             self.programmed.index_pending()
+            self.stages["index"] = time.perf_counter() - t0
         # What a sync builds (plans, the diff's mirror, the planner's
         # indexes) lives until a later sync replaces it. Frozen, the
         # collector never walks it again: otherwise each collection between
@@ -194,11 +197,13 @@ class Agent:
         # --sync-period 0), unfreezes and collects everything once, after
         # its write, then freezes again.
         now = self.clock()
+        t0 = time.perf_counter()
         if full or now - self._collected_at >= COLLECT_EVERY:
             gc.unfreeze()
             gc.collect()
             self._collected_at = now
         gc.freeze()
+        self.stages["gc"] = time.perf_counter() - t0
         return cs
 
     def _sync(self) -> ChangeSet | None:
@@ -206,11 +211,18 @@ class Agent:
         sched = self.schedule
         full = sched.need_full
         owners = set(self.state.services) | self.programmed.owners() if full else set(sched.dirty)
+        # Seconds each stage of the last sync took (docs/metrics.md: the
+        # sync log line; the bench prints them so a regression names its
+        # stage).
+        self.stages = stages = dict.fromkeys(("plan", "diff", "write", "index", "gc"), 0.0)
         desired = self.plan(owners)
         if self.health_checks is not None:
             for owner in sorted(owners):
                 self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices_of(owner))
+        t_plan = time.perf_counter()
+        stages["plan"] = t_plan - t0
         cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
+        stages["diff"] = time.perf_counter() - t_plan
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         for owner, why in sorted(cs.refused.items()):
@@ -240,6 +252,7 @@ class Agent:
                 if not self._write_each(cs, e):
                     return None
                 t_write = time.perf_counter() - t1
+        stages["write"] = t_write
         # Services waiting for a frontend this sync freed get it next.
         sched.synced(self.clock(), owners, cs.rejected, cs.failed, cs.resync)
         self._refused = (self._refused - owners) | set(cs.refused)
@@ -261,7 +274,7 @@ class Agent:
             s = cs.summary()
             log.info(
                 "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d "
-                "in %.1f ms (write %.1f ms)",
+                "in %.1f ms (plan %.1f, diff %.1f, write %.1f ms)",
                 " (full)" if full else "",
                 s["services"],
                 s["frontends_set"],
@@ -271,6 +284,8 @@ class Agent:
                 s["backends_added"],
                 s["backends_deleted"],
                 (time.perf_counter() - t0) * 1000,
+                stages["plan"] * 1000,
+                stages["diff"] * 1000,
                 t_write * 1000,
             )
         return cs

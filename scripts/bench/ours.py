@@ -352,6 +352,9 @@ class Worker:
             "plan_diff_write_s": t_written - t_take,
             "after_write_s": t_end - t_written,  # the agent's gc.collect + gc.freeze after its first sync
             "entries": counts,
+            # The agent's own split of its sync (plan, diff, write; index
+            # and gc come after the write): a regression names its stage.
+            "stages": dict(self.agent.stages),
         }
         self.out["memory"] = {
             "rss_before": base,

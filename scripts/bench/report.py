@@ -60,6 +60,18 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         full = o.get("full", "median_s")
         out.append(("full sync from the list JSON to the maps", fmt_s(full), "", "", ""))
         out.append(("  of which decoding the JSON and parsing it", fmt_s(o.get("full", "list_decode_s")), "", "", ""))
+        out.append(("  then the events into the agent's model", fmt_s(o.get("full", "state_s")), "", "", ""))
+        for stage, what in (
+            ("plan", "planning"),
+            ("diff", "the diff with what is programmed"),
+            ("write", "map writes"),
+        ):
+            out.append((f"  then {what}", fmt_s(o.get("full", "stages", stage)), "", "", ""))
+        idx, gcs = o.get("full", "stages", "index"), o.get("full", "stages", "gc")
+        if idx is not None:
+            out.append(
+                ("after the write: indexes for the next change, collection", f"{fmt_s(idx)}, {fmt_s(gcs)}", "", "", "")
+            )
         ipt, iptn, nf = sc.get("iptables_legacy"), sc.get("iptables_nft"), sc.get("nft")
         if ipt:
             out.append(

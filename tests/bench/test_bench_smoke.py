@@ -71,6 +71,11 @@ def test_full_sync_programmed_every_entry(figures):
         assert f["entries"]["sp_slot"] == f["entries"]["sp_be"] == s["total"]
         assert 0 < f["list_decode_s"] < f["s"]
         assert f["median_s"] in f["rounds"]
+        # The agent's own stages: each ran, and those before the last write
+        # fit in the time to it.
+        st = f["stages"]
+        assert all(st[k] > 0 for k in ("plan", "diff", "write", "index", "gc")), st
+        assert f["list_decode_s"] + st["plan"] + st["diff"] + st["write"] < f["s"]
         assert s["ours"]["list_bytes"] > 100 * s["total"]  # realistic JSON, not a stub
 
 
