@@ -21,7 +21,7 @@ from enum import Flag, StrEnum, auto
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
 from ..util.addrs import addr16, addr_str, is_v4
-from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
+from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_keyed
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -285,10 +285,15 @@ def plan_service(
     return fronts, notes
 
 
-def plan_full(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str], dict, dict]:
+def plan_full(
+    svc, slices, node_name, zone, node, merged_out: dict | None = None
+) -> tuple[list[Frontend], list[str], dict, dict]:
     """plan_service, and what ServicePlanner keeps of it: the selection_key
     of each frontend, and per (port, protocol) whether categorize() found a
-    local endpoint (for no_local; known for the ports using one)."""
+    local endpoint (for no_local; known for the ports using one). With
+    `merged_out`, also each selection_key's merged endpoints by (address,
+    port), which the planner's per-port state adopts instead of merging
+    the slices again."""
     if svc is None or ignored_reason(svc):
         return [], [], {}, {}
     notes: list[str] = []
@@ -313,7 +318,10 @@ def plan_full(svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[
         backends = chosen.get(sk)
         if backends is None:
             policy = port_policy(svc, sp)
-            cat = categorize(merge_endpoints(sp, slices, spec.family), policy, node_name, zone)
+            merged = merge_endpoints_keyed(sp, slices, spec.family)
+            if merged_out is not None:
+                merged_out[sk] = merged
+            cat = categorize(list(merged.values()), policy, node_name, zone)
             local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps

@@ -39,7 +39,7 @@ from .plan import (
     port_policy,
     select_for_rule,
 )
-from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints
+from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints_keyed
 
 _OTHER = "\0other"  # equals no node or zone name
 
@@ -100,15 +100,26 @@ class _PortState:
     """One served port of one cluster IP: merged endpoints and selection."""
 
     def __init__(
-        self, sp: ServicePort, family: str, proto: int, policy: PortPolicy, node_name, zone, slices, rule: str
+        self,
+        sp: ServicePort,
+        family: str,
+        proto: int,
+        policy: PortPolicy,
+        node_name,
+        zone,
+        slices,
+        rule: str,
+        merged: dict[tuple[bytes, int], PortEndpoint] | None = None,
     ):
+        """`merged`: merge_endpoints_keyed of these slices, from the full
+        plan, adopted (not copied: this state owns it from now on)."""
         self.sp, self.family, self.proto, self.policy, self.rule = sp, family, proto, policy, rule
         self.node_name, self.zone = node_name, zone
-        self.winner: dict[tuple[bytes, int], PortEndpoint] = {}
+        if merged is None:
+            merged = merge_endpoints_keyed(sp, list(slices.values()), family)
+        self.winner: dict[tuple[bytes, int], PortEndpoint] = merged
         self.classes: Counter = Counter()
         total = 0
-        for pe in merge_endpoints(sp, list(slices.values()), family):
-            self.winner[(pe.ep.addr, pe.port)] = pe
         for sl in slices.values():
             port = _slice_port(sl, sp, family)
             if port is not None:
@@ -201,6 +212,8 @@ class _Cached:
     meta: dict[tuple, tuple]  # frontend key -> key of its _PortState
     local: dict[tuple[int, str], bool]  # of the full plan: (port, protocol) -> has a local endpoint
     ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
+    # selection_key -> the full plan's merged endpoints, until _index adopts them
+    merged: dict[tuple, dict] | None = None
 
 
 class ServicePlanner:
@@ -258,9 +271,11 @@ class ServicePlanner:
         for sk in dict.fromkeys(c.meta.values()):
             port, protocol, family, rule = sk
             sp = next(p for p in svc.ports if p.port == port and p.protocol == protocol)
+            seed = (c.merged or {}).get(sk)
             c.ports[sk] = _PortState(
-                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, rule
+                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, rule, seed
             )
+        c.merged = None
 
     def plan(
         self,
@@ -310,8 +325,10 @@ class ServicePlanner:
         return fronts, c.notes
 
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
-        fronts, notes, meta, local = plan_full(svc, list(slices.values()), node_name, zone, node)
+        merged: dict[tuple, dict] = {}
+        fronts, notes, meta, local = plan_full(svc, list(slices.values()), node_name, zone, node, merged)
         fronts = [replace(f, version=next(self._versions)) for f in fronts]
-        self._cache[owner] = _Cached(svc, (node_name, zone, node), dict(slices), fronts, notes, meta, local)
+        where = (node_name, zone, node)
+        self._cache[owner] = _Cached(svc, where, dict(slices), fronts, notes, meta, local, merged=merged)
         self._unindexed.add(owner)
         return fronts, notes

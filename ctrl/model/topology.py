@@ -32,6 +32,14 @@ class PortEndpoint(NamedTuple):
 
 def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
     """Endpoints of every slice of one address family for one service port."""
+    return list(merge_endpoints_keyed(sp, slices, address_type).values())
+
+
+def merge_endpoints_keyed(
+    sp: ServicePort, slices: list[EndpointSlice], address_type: str
+) -> dict[tuple[bytes, int], PortEndpoint]:
+    """merge_endpoints by (address, port): the planner keeps this dict as
+    its per-port state instead of building it again."""
     merged: dict[tuple[bytes, int], PortEndpoint] = {}
     for sl in sorted(slices, key=lambda s: s.name):
         if sl.address_type != address_type:
@@ -50,7 +58,7 @@ def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: 
             prev = get(k)
             if prev is None or (prev.ep.terminating and not ep.terminating):
                 merged[k] = new(PortEndpoint, (ep, port))
-    return list(merged.values())
+    return merged
 
 
 @dataclass(frozen=True)
