@@ -165,17 +165,23 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
     merged: list[int] = []
     categorized: list[int] = []
     real_merge, real_categorize = ctrl.model.plan.merge_endpoints, ctrl.model.plan.categorize
+    real_keyed = ctrl.model.plan.merge_endpoints_keyed
 
     def merge(sp, slices, family):
         merged.append(len(slices))
         return real_merge(sp, slices, family)
 
+    def keyed(sp, slices, family):
+        merged.append(len(slices))
+        return real_keyed(sp, slices, family)
+
     def categorize(eps, *args):
         categorized.append(len(eps))
         return real_categorize(eps, *args)
 
+    monkeypatch.setattr(ctrl.model.plan, "merge_endpoints", merge)
     for mod in (ctrl.model.plan, ctrl.model.planner):  # full plans and the planner's per-port state
-        monkeypatch.setattr(mod, "merge_endpoints", merge)
+        monkeypatch.setattr(mod, "merge_endpoints_keyed", keyed)
         monkeypatch.setattr(mod, "categorize", categorize)
     for step in range(3):
         agent.take([Event("upsert", "EndpointSlice", "default/web-07", sl(7, step + 1))])
