@@ -52,7 +52,7 @@ from .objects import (
     problem_line,
     short,
 )
-from .slicejson import decode_change, decode_page
+from .slicejson import decode_change, decode_page, decode_trimmed_list
 
 log = logging.getLogger("sliceproxy.source.kube")
 
@@ -512,7 +512,10 @@ class KubeSource:
                     take(obj)
                 cont, rv = page.continue_, page.resource_version
             else:
-                doc = _loads_object(body, f"a {res.kind} list")
+                # Services and Nodes: only what parse reads is decoded. (A
+                # slice page that decode_page declined is parsed whole.)
+                trimmed = decode_trimmed_list(body) if res.kind != "EndpointSlice" else None
+                doc = trimmed if trimmed is not None else _loads_object(body, f"a {res.kind} list")
                 items = doc.get("items") or []
                 if not isinstance(items, list):
                     raise ValueError(f"{res.kind} list response: items: {short(items)} is not a list")

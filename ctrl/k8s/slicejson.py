@@ -18,6 +18,7 @@ on generated slices, valid and not.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import msgspec
 
@@ -247,3 +248,73 @@ def _convert(s: _Slice) -> EndpointSlice:
         annotations.get(TRIGGER_ANNOTATION),
         tuple(r.uid for r in meta.owner_references or () if r.kind == "Service" and r.uid),
     )
+
+
+# -- Service and Node lists, trimmed -----------------------------------------
+# ctrl.k8s.objects.parse_service and parse_node read only metadata's name,
+# namespace, uid, labels and annotations, and spec and status; decoding the
+# rest (managedFields is most of a Service's JSON) into dicts is wasted. A
+# list is decoded keeping exactly those fields, each as the JSON holds it
+# (whatever its type: parse gives its own error for a wrong one), and an
+# absent field stays absent; anything else about an item's shape (an item
+# or a metadata that is not an object) sends the whole list the exact way.
+
+
+class _TrimmedMeta(msgspec.Struct, omit_defaults=True):
+    name: Any = msgspec.UNSET
+    namespace: Any = msgspec.UNSET
+    uid: Any = msgspec.UNSET
+    labels: Any = msgspec.UNSET
+    annotations: Any = msgspec.UNSET
+
+
+class _Trimmed(msgspec.Struct, omit_defaults=True):
+    kind: Any = msgspec.UNSET
+    metadata: _TrimmedMeta | None | msgspec.UnsetType = msgspec.UNSET
+    spec: Any = msgspec.UNSET
+    status: Any = msgspec.UNSET
+
+
+class _TrimmedList(msgspec.Struct):
+    metadata: Any = None
+    items: list[_Trimmed] | None = None
+
+
+_trimmed_decoder = msgspec.json.Decoder(_TrimmedList)
+
+
+def decode_trimmed_list(body: bytes) -> dict | None:
+    """A Service or Node list response as {"metadata": ..., "items": [...]}
+    with each item holding only what parse reads; None when the body needs
+    the exact decoding (not a list of objects of that shape)."""
+    try:
+        lst = _trimmed_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    unset = msgspec.UNSET
+    items = []
+    for it in lst.items or ():
+        raw: dict[str, Any] = {}
+        if it.kind is not unset:
+            raw["kind"] = it.kind
+        m = it.metadata
+        if isinstance(m, _TrimmedMeta):
+            meta: dict[str, Any] = {}
+            for f, v in (
+                ("name", m.name),
+                ("namespace", m.namespace),
+                ("uid", m.uid),
+                ("labels", m.labels),
+                ("annotations", m.annotations),
+            ):
+                if v is not unset:
+                    meta[f] = v
+            raw["metadata"] = meta
+        elif m is not unset:
+            raw["metadata"] = m  # null
+        if it.spec is not unset:
+            raw["spec"] = it.spec
+        if it.status is not unset:
+            raw["status"] = it.status
+        items.append(raw)
+    return {"metadata": lst.metadata, "items": items}
