@@ -150,13 +150,17 @@ class Metrics:
             self.write_failing.labels(service=s).set(1)
         self._failing = set(services)
 
-    def programmed(self, trigger_times: list[str], at: float) -> None:
+    def programmed(self, trigger_times: list[str], at: float, since: float | None = None) -> None:
         """Network programming latency of slices now in the maps, from the
-        EndpointSlice controller's last-change-trigger-time annotation."""
+        EndpointSlice controller's last-change-trigger-time annotation;
+        changes triggered before `since` (the agent's start) are not
+        counted, as kube-proxy counts none from before its own start."""
         for t in trigger_times:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
             except ValueError:
+                continue
+            if since is not None and ts <= since:
                 continue
             if at >= ts:
                 self.programming.observe(at - ts)
