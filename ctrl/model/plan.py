@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Flag, StrEnum, auto
 
@@ -286,14 +286,15 @@ def plan_service(
 
 
 def plan_full(
-    svc, slices, node_name, zone, node, merged_out: dict | None = None
+    svc, slices, node_name, zone, node, merged_out: dict | None = None, versions: Iterator[int] | None = None
 ) -> tuple[list[Frontend], list[str], dict, dict]:
     """plan_service, and what ServicePlanner keeps of it: the selection_key
     of each frontend, and per (port, protocol) whether categorize() found a
     local endpoint (for no_local; known for the ports using one). With
     `merged_out`, also each selection_key's merged endpoints by (address,
     port), which the planner's per-port state adopts instead of merging
-    the slices again."""
+    the slices again; with `versions`, each frontend numbered from it (the
+    planner's plan numbers: set here, not copied in afterwards)."""
     if svc is None or ignored_reason(svc):
         return [], [], {}, {}
     notes: list[str] = []
@@ -339,6 +340,7 @@ def plan_full(
             flags=spec.flags | reject[sk],
             affinity_timeout=svc.affinity_timeout,
             source_ranges=spec.ranges,
+            version=-1 if versions is None else next(versions),
         )
         if f.key in meta:
             # Two ports or addresses of one Service landing on one frontend

@@ -326,8 +326,9 @@ class ServicePlanner:
 
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
         merged: dict[tuple, dict] = {}
-        fronts, notes, meta, local = plan_full(svc, list(slices.values()), node_name, zone, node, merged)
-        fronts = [replace(f, version=next(self._versions)) for f in fronts]
+        fronts, notes, meta, local = plan_full(
+            svc, list(slices.values()), node_name, zone, node, merged, self._versions
+        )
         where = (node_name, zone, node)
         self._cache[owner] = _Cached(svc, where, dict(slices), fronts, notes, meta, local, merged=merged)
         self._unindexed.add(owner)
