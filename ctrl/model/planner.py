@@ -216,6 +216,13 @@ class _Cached:
     merged: dict[tuple, dict] | None = None
 
 
+# A Service with at least this many merged endpoints (over its ports and
+# families) gets its per-port state built right after the sync that planned
+# it in full, so its next change is planned in time proportional to the
+# change; a smaller one gets it at its first change.
+EAGER_INDEX_FROM = 1000
+
+
 class ServicePlanner:
     """plan_service with memory: per Service, what it planned last; a
     change to some of its slices is planned in time proportional to them.
@@ -250,10 +257,11 @@ class ServicePlanner:
         self._unindexed.discard(owner)
 
     def index_pending(self) -> int:
-        """Build the per-port state of the Services planned in full since
-        the last call, which their next change needs (about as long as
-        planning them). Called after a sync's maps are written, so a full
-        sync programs the kernel first. Returns how many were built."""
+        """Build the per-port state of the large Services (EAGER_INDEX_FROM)
+        planned in full since the last call, which their next change needs
+        (less than planning them: the plan's merged endpoints are adopted).
+        Called after a sync's maps are written, so a full sync programs the
+        kernel first. Returns how many were built."""
         n = 0
         for owner in sorted(self._unindexed):
             c = self._cache.get(owner)
@@ -330,6 +338,14 @@ class ServicePlanner:
             svc, list(slices.values()), node_name, zone, node, merged, self._versions
         )
         where = (node_name, zone, node)
-        self._cache[owner] = _Cached(svc, where, dict(slices), fronts, notes, meta, local, merged=merged)
-        self._unindexed.add(owner)
+        size = sum(len(m) for m in merged.values())
+        if size < EAGER_INDEX_FROM:
+            # Small: its first change builds the per-port state (a fraction
+            # of a millisecond); until then nothing of it is kept. 10,000
+            # small Services then cost no index after a full sync, and no
+            # memory for Services that never change.
+            self._cache[owner] = _Cached(svc, where, dict(slices), fronts, notes, meta, local)
+        else:
+            self._cache[owner] = _Cached(svc, where, dict(slices), fronts, notes, meta, local, merged=merged)
+            self._unindexed.add(owner)
         return fronts, notes
