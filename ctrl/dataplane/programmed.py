@@ -29,6 +29,10 @@ from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
 
+# A frontend with at least this many slots gets its slot index right after
+# the write that set it in full; a smaller one at its first delta.
+EAGER_INDEX_FROM = 1000
+
 log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
 
 
@@ -425,7 +429,9 @@ class Programmed:
         self._released(f.key, old_set - new_set, cs)
         cur.version = f.version
         cur.slot_of = None  # built by index_pending or the first delta
-        if f.version >= 0:
+        if f.version >= 0 and len(cur.slots) >= EAGER_INDEX_FROM:
+            # A large frontend's index right after the write; a small one's
+            # at its first delta, in a fraction of a millisecond.
             self._unindexed.add(f.key)
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+import ctrl.dataplane.programmed
 import ctrl.model.planner
 from ctrl.dataplane.programmed import Programmed
 from ctrl.k8s.objects import parse
@@ -116,7 +117,9 @@ def test_incremental_equals_from_scratch(seed, policy, monkeypatch):
     # Half the seeds keep every full plan's merged endpoints for the
     # per-port state (built after the sync, or at the next change), half
     # keep none (the state merges the slices itself at the next change).
-    monkeypatch.setattr(ctrl.model.planner, "EAGER_INDEX_FROM", 0 if seed % 2 else 10**9)
+    eager = 0 if seed % 2 else 10**9
+    monkeypatch.setattr(ctrl.model.planner, "EAGER_INDEX_FROM", eager)
+    monkeypatch.setattr(ctrl.dataplane.programmed, "EAGER_INDEX_FROM", eager)  # its slot indexes alike
     # A small pool: endpoints often in two slices at once (moving between
     # them), which the planner re-plans in full; a large one: the delta path.
     pool = [f"198.18.{k // 200}.{k % 200 + 1}" for k in range(60 if seed % 4 == 0 else 4000)]
