@@ -6,6 +6,11 @@ with msgspec into typed structs that declare only the fields a proxy reads
 (the rest, targetRef and managedFields among them, is skipped without being
 built) and converting those costs ~0.12 s.
 
+The decoding structs are declared gc=False: decoded JSON holds no reference
+cycles, and untracked structs are allocated and freed without the cyclic
+collector's bookkeeping (a third of a 100,000-endpoint page's decoding time
+went to freeing them).
+
 parse_slice stays the definition: this module gives exactly its result for
 every slice it accepts, and accepts a page only when every item of it is
 clean (types as declared, every value parse_slice would accept, nothing
@@ -37,22 +42,22 @@ from .objects import (
 _PROTOCOLS = frozenset(("TCP", "UDP", "SCTP"))
 
 
-class _Conditions(msgspec.Struct):
+class _Conditions(msgspec.Struct, gc=False):
     ready: bool | None = None
     serving: bool | None = None
     terminating: bool | None = None
 
 
-class _Hint(msgspec.Struct):
+class _Hint(msgspec.Struct, gc=False):
     name: str | None = None
 
 
-class _Hints(msgspec.Struct, rename="camel"):
+class _Hints(msgspec.Struct, rename="camel", gc=False):
     for_zones: list[_Hint] | None = None
     for_nodes: list[_Hint] | None = None
 
 
-class _Endpoint(msgspec.Struct, rename="camel"):
+class _Endpoint(msgspec.Struct, rename="camel", gc=False):
     addresses: list[str] | None = None
     conditions: _Conditions | None = None
     node_name: str | None = None
@@ -60,18 +65,18 @@ class _Endpoint(msgspec.Struct, rename="camel"):
     hints: _Hints | None = None
 
 
-class _Port(msgspec.Struct):
+class _Port(msgspec.Struct, gc=False):
     name: str | None = None
     port: int | None = None
     protocol: str | None = None
 
 
-class _OwnerRef(msgspec.Struct):
+class _OwnerRef(msgspec.Struct, gc=False):
     kind: str | None = None
     uid: str | None = None
 
 
-class _Meta(msgspec.Struct, rename="camel"):
+class _Meta(msgspec.Struct, rename="camel", gc=False):
     name: str | None = None
     namespace: str | None = None
     resource_version: str | None = None
@@ -80,7 +85,7 @@ class _Meta(msgspec.Struct, rename="camel"):
     owner_references: list[_OwnerRef] | None = None
 
 
-class _Slice(msgspec.Struct, rename="camel"):
+class _Slice(msgspec.Struct, rename="camel", gc=False):
     kind: str | None = None  # absent in list items
     metadata: _Meta | None = None
     address_type: str | None = None
@@ -88,12 +93,12 @@ class _Slice(msgspec.Struct, rename="camel"):
     ports: list[_Port] | None = None
 
 
-class _ListMeta(msgspec.Struct, rename="camel"):
+class _ListMeta(msgspec.Struct, rename="camel", gc=False):
     resource_version: str | None = None
     continue_: str | None = msgspec.field(name="continue", default=None)
 
 
-class _List(msgspec.Struct):
+class _List(msgspec.Struct, gc=False):
     metadata: _ListMeta | None = None
     items: list[_Slice] | None = None
 
@@ -106,7 +111,7 @@ class Page(msgspec.Struct):
     continue_: str | None
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     type: str | None = None
     object: _Slice | None = None
 
@@ -260,7 +265,7 @@ def _convert(s: _Slice) -> EndpointSlice:
 # or a metadata that is not an object) sends the whole list the exact way.
 
 
-class _TrimmedMeta(msgspec.Struct, omit_defaults=True):
+class _TrimmedMeta(msgspec.Struct, omit_defaults=True, gc=False):
     name: Any = msgspec.UNSET
     namespace: Any = msgspec.UNSET
     uid: Any = msgspec.UNSET
@@ -268,14 +273,14 @@ class _TrimmedMeta(msgspec.Struct, omit_defaults=True):
     annotations: Any = msgspec.UNSET
 
 
-class _Trimmed(msgspec.Struct, omit_defaults=True):
+class _Trimmed(msgspec.Struct, omit_defaults=True, gc=False):
     kind: Any = msgspec.UNSET
     metadata: _TrimmedMeta | None | msgspec.UnsetType = msgspec.UNSET
     spec: Any = msgspec.UNSET
     status: Any = msgspec.UNSET
 
 
-class _TrimmedList(msgspec.Struct):
+class _TrimmedList(msgspec.Struct, gc=False):
     metadata: Any = None
     items: list[_Trimmed] | None = None
 
