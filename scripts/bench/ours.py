@@ -503,6 +503,16 @@ class Worker:
         self.out["packet"]["one"]["endpoints"] = n
         self.out["packet"]["scaled"]["services"] = nsvc
         self.out["packet"]["scaled"]["endpoints"] = self.scn.endpoints
+        # The control: what the lookups and inserts that grow with the
+        # cluster cost alone, at this one's slot count and at this scenario's
+        # (scripts/bench/probe.py).
+        from . import probe
+
+        sizes = [n, self.scn.total]
+        self.out["packet"]["probe"] = {
+            "sizes": sizes,
+            **probe.measure(sizes, flows, self.a.packet_rounds),
+        }
 
 
 def profile_top(prof: cProfile.Profile, n: int = 14) -> list[dict]:

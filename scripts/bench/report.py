@@ -182,6 +182,15 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                 ("new_spread", "  new flows spread over all Services (working set grows)"),
             ):
                 out.append((label, f"{po[k]:.0f} -> {ps[k]:.0f} ns ({ps[k] / po[k]:.2f}x)", "", "", ""))
+            pr = p.get("probe")
+            if pr:
+                a, b = pr["sizes"]
+                for kind, label in (
+                    ("full", f"  control: slot and backend lookups, 2 conntrack inserts alone, {a:,} -> {b:,} slots"),
+                    ("no_backend", "  control without the backend lookup (a slot holding its backend)"),
+                ):
+                    x, y = pr[kind][str(a)], pr[kind][str(b)]
+                    out.append((label, f"{x:.0f} -> {y:.0f} ns ({y / x:.2f}x)", "", "", ""))
     lat = res.get("latency")
     if lat:
         out += _latency_rows(

@@ -110,6 +110,12 @@ def test_packet_cost_measured_on_service_hits(figures):
         for side in ("one", "scaled"):
             for k in ("est", "new", "new_spread", "est_spread"):
                 assert p[side][k] > 0
+        # The memory-system control ran at both slot counts, both ways (the
+        # probe refuses to time a flow whose slot or backend it missed).
+        pr = p["probe"]
+        assert pr["sizes"] == [p["one"]["endpoints"], s["total"]]
+        for kind in ("full", "no_backend"):
+            assert all(pr[kind][str(n)] > 0 for n in pr["sizes"])
 
 
 def test_peer_rulesets_loaded(figures):
