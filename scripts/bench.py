@@ -221,7 +221,12 @@ def main() -> int:
                 # A host client's connection costs ~0.1-0.3 ms: 2,000 take
                 # under a second, against the rulesets' minutes of loading.
                 lambda: latency.measure(
-                    sizes, 100 if args.quick else 500, 200 if args.quick else 2000, args.nft_timeout, errors
+                    sizes,
+                    100 if args.quick else 500,
+                    200 if args.quick else 2000,
+                    args.nft_timeout,
+                    errors,
+                    wide=2_000 if args.quick else latency.WIDE,
                 ),
             )
         profile_wanted = args.profile == "always" or (

@@ -8,6 +8,14 @@ endpoints each), a fresh topology: a client pod, a backend pod listening on
 the middle of the list; its 10 endpoints are the backend pod's 10 ports, the
 other Services' endpoints are addresses nobody answers (never used).
 
+Then S1's shape: 1 Service of WIDE (100,000) endpoints, every one of them
+answering: the backend pod holds WIDE_NET as a local route (any address in
+it is its own) and listens on all 10 ports, and the endpoints are WIDE / 10
+of those addresses times the 10 ports. A new connection's cost then includes
+what each dataplane pays to pick one of 100,000: ours a random slot, the
+iptables ruleset a walk down a probability chain of one rule per endpoint,
+the nftables ruleset a numgen map.
+
   direct     client -> backend pod address, no Service: the floor
   ours       the tc program attached to the node side of the pods' veths,
              its maps written with ctrl.model.plan and ctrl.dataplane, from a process
@@ -57,6 +65,11 @@ CONNECT_PY = Path(__file__).resolve().parent / "connect.py"
 # routed to.
 NODE_IP = "198.19.255.254"
 SERVICE_RANGE = "198.19.0.0/16"
+# The wide Service's endpoints: addresses of this network, all the backend
+# pod's own (a local route), away from the pods' 198.18.255.x and the
+# gateway 198.18.0.1.
+WIDE_NET = "198.18.128.0/18"
+WIDE = 100_000
 
 
 def _cluster(nsvc: int) -> tuple[Cluster, int]:
@@ -68,12 +81,23 @@ def _backend_eps() -> list[tuple[str, int]]:
     return [(BACKEND_IP, p) for p in BACKEND_PORTS]
 
 
+def wide_eps(n: int) -> list[tuple[str, int]]:
+    """n endpoints in WIDE_NET: n/10 addresses (.1-.254 of each /24) times
+    the backend pod's 10 ports."""
+    per = len(BACKEND_PORTS)
+    out = []
+    for i in range(n):
+        a = i // per
+        out.append((f"198.18.{128 + a // 254}.{1 + a % 254}", BACKEND_PORTS[i % per]))
+    return out
+
+
 class _Bench:
     """The topology (client and backend pods, the node with its address and
     route) and the host client's cgroup; cleanup() removes both, also after
     a failure."""
 
-    def __init__(self) -> None:
+    def __init__(self, wide: bool = False) -> None:
         from scripts.harness.cgroup import TestCgroup
         from scripts.harness.topo import wait_for_line
 
@@ -84,7 +108,14 @@ class _Bench:
             # the harness's stale cleanup, as its namespaces are.
             self.cgroup = TestCgroup(self.topo.prefix)
             self.topo.add_pod("client", CLIENT_IP)
-            self.topo.add_pod("backend", BACKEND_IP)
+            backend = self.topo.add_pod("backend", BACKEND_IP)
+            if wide:
+                # Every address of WIDE_NET is the backend pod's own, and
+                # the node routes WIDE_NET down the backend pod's veth.
+                self.topo.exec_in("backend", ["ip", "route", "add", "local", WIDE_NET, "dev", "lo"], check=True)
+                self.topo.exec_in(
+                    "node", ["ip", "route", "add", WIDE_NET, "dev", backend.host_if, "scope", "link"], check=True
+                )
             # A bridge without ports: what is sent there goes nowhere (a
             # dummy interface would do, but not every kernel has the driver).
             sink = f"{self.topo.prefix}s0"
@@ -146,11 +177,12 @@ def run_direct(count: int, host_count: int) -> dict:
         bench.cleanup()
 
 
-def run_iptables(nsvc: int, count: int, host_count: int) -> dict:
-    cl, k = _cluster(nsvc)
+def run_iptables(nsvc: int, count: int, host_count: int, wide: int = 0) -> dict:
+    """wide: 1 Service of that many endpoints instead (nsvc is ignored)."""
+    cl, k = _cluster(1 if wide else nsvc)
     rs = iptables.Ruleset(cl)
-    rs.eps[k] = [f"{a}:{p}" for a, p in _backend_eps()]
-    bench = _Bench()
+    rs.eps[k] = [f"{a}:{p}" for a, p in (wide_eps(wide) if wide else _backend_eps())]
+    bench = _Bench(wide=bool(wide))
     try:
         with tempfile.TemporaryDirectory(prefix="sliceproxy-bench-") as td:
             for name, text in (("setup", iptables.SETUP), ("full", rs.render())):
@@ -163,11 +195,11 @@ def run_iptables(nsvc: int, count: int, host_count: int) -> dict:
         bench.cleanup()
 
 
-def run_nft(nsvc: int, count: int, host_count: int, timeout: float) -> dict | None:
-    cl, k = _cluster(nsvc)
+def run_nft(nsvc: int, count: int, host_count: int, timeout: float, wide: int = 0) -> dict | None:
+    cl, k = _cluster(1 if wide else nsvc)
     rs = nft.Ruleset(cl)
-    rs.eps[k] = _backend_eps()
-    bench = _Bench()
+    rs.eps[k] = wide_eps(wide) if wide else _backend_eps()
+    bench = _Bench(wide=bool(wide))
     try:
         with tempfile.TemporaryDirectory(prefix="sliceproxy-bench-") as td:
             p = Path(td) / "full.nft"
@@ -179,8 +211,8 @@ def run_nft(nsvc: int, count: int, host_count: int, timeout: float) -> dict | No
         bench.cleanup()
 
 
-def run_ours(nsvc: int, count: int, host_count: int) -> dict:
-    bench = _Bench()
+def run_ours(nsvc: int, count: int, host_count: int, wide: int = 0) -> dict:
+    bench = _Bench(wide=bool(wide))
     try:
         assert bench.cgroup is not None
         proc = bench.topo.run_in(
@@ -191,7 +223,9 @@ def run_ours(nsvc: int, count: int, host_count: int) -> dict:
                 "--worker",
                 "attach",
                 "--services",
-                str(nsvc),
+                str(1 if wide else nsvc),
+                "--wide",
+                str(wide),
                 "--interfaces",
                 bench.topo.iface_glob,
                 "--cgroup",
@@ -203,7 +237,7 @@ def run_ours(nsvc: int, count: int, host_count: int) -> dict:
         from scripts.harness.topo import wait_for_line
 
         wait_for_line(proc, "ready", 120, what="sliceproxy dataplane in the node namespace")
-        _, k = _cluster(nsvc)
+        _, k = _cluster(1 if wide else nsvc)
         return bench.both(f"{vip(k)}:80", count, host_count)
     finally:
         bench.cleanup()
@@ -220,6 +254,7 @@ def attach_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="bench.py --worker attach")
     ap.add_argument("--services", type=int, required=True)
+    ap.add_argument("--wide", type=int, default=0, help="the Service under test has this many endpoints (wide_eps)")
     ap.add_argument("--interfaces", required=True)
     ap.add_argument("--cgroup", help="cgroup v2 directory to attach the host clients' programs to")
     a = ap.parse_args(argv)
@@ -236,21 +271,27 @@ def attach_main(argv: list[str]) -> int:
     for i in range(a.services):
         svc = parse({"kind": "Service", **cl.raw_service(i)})
         if i == k:
+            # One slice per port (a slice has one port set), at most 100
+            # endpoints each, as the EndpointSlice controller packs them.
+            by_port: dict[int, list[str]] = {}
+            for ip, p in wide_eps(a.wide) if a.wide else _backend_eps():
+                by_port.setdefault(p, []).append(ip)
             slices = [
                 parse(
                     {
                         "kind": "EndpointSlice",
                         "metadata": {
-                            "name": f"real-{p}",
+                            "name": f"real-{p}-{j}",
                             "namespace": "bench",
                             "labels": {"kubernetes.io/service-name": svc.name},
                         },
                         "addressType": "IPv4",
                         "ports": [{"name": "http", "port": p}],
-                        "endpoints": [{"addresses": [ip]}],
+                        "endpoints": [{"addresses": [ip]} for ip in ips[j : j + 100]],
                     }
                 )
-                for ip, p in _backend_eps()
+                for p, ips in by_port.items()
+                for j in range(0, len(ips), 100)
             ]
         else:
             slices = [parse({"kind": "EndpointSlice", **cl.raw_slice(i, j)}) for j in range(len(cl.slices[i]))]
@@ -283,13 +324,17 @@ def attach_main(argv: list[str]) -> int:
     return 0
 
 
-def measure(sizes: list[int], count: int, host_count: int, nft_timeout: float, errors: list[str]) -> dict:
+def measure(
+    sizes: list[int], count: int, host_count: int, nft_timeout: float, errors: list[str], wide: int = 0
+) -> dict:
     """Every condition in its own topology, the pod's figure and the host
     client's from it (the host's under "host", shaped as the pod's); one
     that fails is reported in `errors` and left out (None), the others
     still run."""
-    out: dict = {"count": count, "services": sizes, "direct": None, "ours": {}, "iptables": {}, "nft": {}}
-    host: dict = {"count": host_count, "services": sizes, "direct": None, "ours": {}, "iptables": {}, "nft": {}}
+    out: dict = {"count": count, "services": sizes, "wide": wide, "direct": None, "ours": {}, "iptables": {}, "nft": {}}
+    host: dict = {
+        "count": host_count, "services": sizes, "wide": wide, "direct": None, "ours": {}, "iptables": {}, "nft": {},
+    }  # fmt: skip
     out["host"] = host
 
     def one(what: str, fn) -> tuple[dict | None, dict | None]:
@@ -310,4 +355,11 @@ def measure(sizes: list[int], count: int, host_count: int, nft_timeout: float, e
             ("nft", "nftables ruleset", lambda n=n: run_nft(n, count, host_count, nft_timeout)),
         ):
             out[dp][str(n)], host[dp][str(n)] = one(f"{what}, {n:,} Services", fn)
+    if wide:
+        for dp, what, fn in (
+            ("ours", "ours", lambda: run_ours(1, count, host_count, wide)),
+            ("iptables", "iptables (legacy) ruleset", lambda: run_iptables(1, count, host_count, wide)),
+            ("nft", "nftables ruleset", lambda: run_nft(1, count, host_count, nft_timeout, wide)),
+        ):
+            out[dp]["wide"], host[dp]["wide"] = one(f"{what}, 1 Service of {wide:,} endpoints", fn)
     return out

@@ -249,6 +249,19 @@ def _latency_rows(
                     ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
                 )
             )
+    if lat.get("wide"):
+        o = lat["ours"].get("wide")
+        for name, label in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
+            r = lat[name].get("wide")
+            out.append(
+                (
+                    f"{indent}1 Service of {lat['wide']:,} endpoints" if name == "iptables" else "",
+                    cell(o) if name == "iptables" else "",
+                    label,
+                    cell(r),
+                    ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
+                )
+            )
     return out
 
 

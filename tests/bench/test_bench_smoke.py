@@ -143,6 +143,12 @@ def test_first_packet_latency_through_every_dataplane(figures):
         for dp in ("ours", "iptables", "nft"):
             c = lat[dp][str(n)]["connect_us"]
             assert c["n"] == lat["count"] and 0 < c["p50"] <= c["p99"]
+    # S1's shape: 1 Service whose every endpoint answers; connections spread
+    # over the backend pod's ports (the reply names the port's digit).
+    assert lat["wide"] > 1000
+    for dp in ("ours", "iptables", "nft"):
+        r = lat[dp]["wide"]
+        assert r["connect_us"]["n"] == lat["count"] and len(r["backends"]) >= 5, (dp, r["backends"])
 
 
 def test_host_client_through_every_dataplane(figures):
