@@ -23,6 +23,7 @@ on generated slices, valid and not.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 import msgspec
@@ -167,10 +168,25 @@ def decode_change(line: bytes) -> Change | None:
     return Change(ev.type, sl, meta.resource_version if meta is not None else None)
 
 
+# Node and zone names, and hint tuples, repeat across endpoints (a cluster
+# has a few zones and at most thousands of nodes, 100,000s of endpoints):
+# each endpoint keeps the one shared copy, not a string of its own from the
+# JSON (at 250,000 endpoints, tens of MiB).
+_intern = sys.intern
+_HINTS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_HINTS = 65536  # distinct hint tuples remembered; past that, start over
+
+
 def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
     if not hints:
         return None
-    return tuple(h.name for h in hints if h.name)
+    t = tuple([_intern(h.name) for h in hints if h.name])
+    shared = _HINTS.get(t)
+    if shared is None:
+        if len(_HINTS) >= _MAX_HINTS:
+            _HINTS.clear()
+        shared = _HINTS[t] = t
+    return shared
 
 
 def _convert(s: _Slice) -> EndpointSlice:
@@ -233,8 +249,8 @@ def _convert(s: _Slice) -> EndpointSlice:
                     c.ready is not False,
                     c.serving is not False,
                     c.terminating is True,
-                    ep.node_name,
-                    ep.zone,
+                    _intern(ep.node_name) if ep.node_name else ep.node_name,
+                    _intern(ep.zone) if ep.zone else ep.zone,
                     _hint_names(h.for_zones) if h else None,
                     _hint_names(h.for_nodes) if h else None,
                 ),
