@@ -275,7 +275,7 @@ def render(res: dict, args: argparse.Namespace) -> int:
     print()
     print(report.text_table(res))
     print()
-    print("Targets (issue 5):")
+    print("Targets:")
     print(report.targets_text(res))
     print()
     print(report.load_text(res))
