@@ -221,12 +221,12 @@ def compile_tap(pin_dir: str, f: Filter, workdir: str) -> tuple[Any, dict[str, i
         os.environ["BCC_KERNEL_SOURCE"] = ksrc
     text = prelude(pin_dir, f, lib().libbpf_num_possible_cpus()) + tap_source().read_text()
     try:
-        b = bcc.BPF(text=text, cflags=[f"-I{abi.header_path().parent}", "-Wno-unused-variable"])
+        b = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.header_path().parent}"])
     except Exception as e:  # bcc raises a bare Exception, its errors went to stderr
         raise BPFError(errno.EINVAL, f"bcc could not compile {tap_source()} (its errors are above): {e}") from None
     fds = {}
     for fn in TAP_FUNCTIONS.values():
-        fds[fn] = b.load_func(fn, bcc.BPF.SCHED_CLS).fd
+        fds[fn] = b.load_func(fn.encode(), bcc.BPF.SCHED_CLS).fd
     return b, fds
 
 
@@ -414,6 +414,47 @@ class Counts:
     lost: int = 0  # the ring buffer was full
 
 
+def set_state(m: Map, value: bytes) -> None:
+    """Write struct sp_trace `value` as every CPU's entry of map m (sp_trace)."""
+    one = value + bytes(m.stride - len(value))
+    m.update(abi.u32(0), one * m._ncpu)
+
+
+class EventReader:
+    """The events in a ring buffer map (struct sp_trace_event, decoded by
+    field name), handed to on_event by poll(). An exception raised by
+    on_event stops that poll and is raised by it."""
+
+    def __init__(self, rb: Map, on_event: Callable[[dict[str, Any]], None]) -> None:
+        self._on_event = on_event
+        self._error: BaseException | None = None
+        self._cb = ffi.callback("int(void *, void *, size_t)", self._sample)
+        self._rb = lib().ring_buffer__new(rb.fd, self._cb, ffi.NULL, ffi.NULL)
+        if self._rb == ffi.NULL:
+            raise BPFError(ffi.errno, f"opening ring buffer {rb.name}: {os.strerror(ffi.errno)}")
+
+    def _sample(self, _ctx: Any, data: Any, size: int) -> int:
+        try:
+            self._on_event(abi.unpack("sp_trace_event", bytes(ffi.buffer(data, size))))
+        except BaseException as e:  # noqa: BLE001 - raised again by poll(), not through C
+            self._error = e
+            return -1
+        return 0
+
+    def poll(self, timeout_ms: int) -> None:
+        ret = lib().ring_buffer__poll(self._rb, timeout_ms)
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+        if ret < 0 and -ret != errno.EINTR:
+            raise BPFError(-ret, f"reading ring buffer {abi.map_name('sp_trace_rb')}: {os.strerror(-ret)}")
+
+    def close(self) -> None:
+        if self._rb is not None:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None
+
+
 @dataclass
 class Trace:
     """A running trace: the tap attached in front of every hook of one
@@ -430,10 +471,7 @@ class Trace:
     _bpf: Any = None
     _fds: dict[str, int] = field(default_factory=dict)
     _state: Map | None = None
-    _rb: Any = None
-    _cb: Any = None
-    _on_event: Callable[[dict[str, Any]], None] | None = None
-    _error: BaseException | None = None
+    _reader: EventReader | None = None
 
     def __enter__(self) -> Trace:
         return self
@@ -450,12 +488,10 @@ class Trace:
             self._state = Map.open_pinned(os.path.join(self.pin_dir, abi.map_name("sp_trace")))
             self._reset_state(tokens=max(1, self.filter.rate // max(1, self._state._ncpu)))
             rb = Map.open_pinned(os.path.join(self.pin_dir, abi.map_name("sp_trace_rb")))
-            self._on_event = on_event
-            self._cb = ffi.callback("int(void *, void *, size_t)", self._sample)
-            self._rb = lib().ring_buffer__new(rb.fd, self._cb, ffi.NULL, ffi.NULL)
-            rb.close()  # the ring buffer keeps its own mapping
-            if self._rb == ffi.NULL:
-                raise BPFError(ffi.errno, f"opening ring buffer {abi.map_name('sp_trace_rb')}: {os.strerror(ffi.errno)}")
+            try:
+                self._reader = EventReader(rb, on_event)
+            finally:
+                rb.close()  # the reader keeps its own mapping of the buffer
             self.refresh()
         except BaseException:
             self.close()
@@ -465,9 +501,7 @@ class Trace:
         """Every CPU's sp_trace entry: disarmed, counters at zero, the
         verdicts asked for, a full bucket."""
         assert self._state is not None
-        one = abi.pack("sp_trace", tokens=tokens, verdicts=self.filter.verdict_mask() if tokens else 0)
-        one += bytes(self._state.stride - len(one))
-        self._state.update(abi.u32(0), one * self._state._ncpu)
+        set_state(self._state, abi.pack("sp_trace", tokens=tokens, verdicts=self.filter.verdict_mask() if tokens else 0))
 
     def refresh(self) -> list[Hook]:
         """Put the tap in front of hooks that appeared (new pods); forget
@@ -484,23 +518,10 @@ class Trace:
         self.hooks = live
         return new
 
-    def _sample(self, _ctx: Any, data: Any, size: int) -> int:
-        try:
-            assert self._on_event is not None
-            self._on_event(abi.unpack("sp_trace_event", bytes(ffi.buffer(data, size))))
-        except BaseException as e:  # noqa: BLE001 - raised again by poll(), not through C
-            self._error = e
-            return -1
-        return 0
-
     def poll(self, timeout_ms: int) -> None:
         """Deliver the events that arrive within timeout_ms to on_event."""
-        ret = lib().ring_buffer__poll(self._rb, timeout_ms)
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
-        if ret < 0 and -ret != errno.EINTR and ffi.errno != errno.EINTR:
-            raise BPFError(-ret, f"reading ring buffer {abi.map_name('sp_trace_rb')}: {os.strerror(-ret)}")
+        assert self._reader is not None
+        self._reader.poll(timeout_ms)
 
     def counts(self) -> Counts:
         if self._state is None:
@@ -520,9 +541,9 @@ class Trace:
                 self._reset_state(tokens=0)
             self._state.close()
             self._state = None
-        if self._rb is not None and self._rb != ffi.NULL:
-            lib().ring_buffer__free(self._rb)
-        self._rb = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._bpf is not None:
             with contextlib.suppress(Exception):
                 self._bpf.cleanup()

@@ -45,14 +45,6 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct sp_trace, traces, 1, TAP_PIN_TRAC
 #define TAP_ETH_HLEN 14
 #define TAP_NEXTHDR_FRAGMENT 44
 
-/* a == b, 16-byte addresses as four words. */
-static __always_inline int tap_addr_eq(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
 /* Parse the packet into ev (addresses in map form, ports in host order):
  * 0 for a TCP or UDP packet with ports (what our programs translate). */
 static __always_inline int tap_parse(struct __sk_buff *skb, struct sp_trace_event *ev)
@@ -135,7 +127,6 @@ static __always_inline int tap(struct __sk_buff *skb, __u8 hook)
 	struct sp_ct_key ck = {};
 	struct sp_ct_val *ct;
 	struct sp_svc_val *svc;
-	struct sp_svc_name *name;
 	const __u8 *backend = 0;
 	__u64 now, n;
 
@@ -210,7 +201,8 @@ static __always_inline int tap(struct __sk_buff *skb, __u8 hook)
 			return TC_ACT_UNSPEC;
 	}
 #ifdef TAP_SVC_FILTER
-	name = names.lookup(&ev->svc_id);
+	struct sp_svc_name *name = names.lookup(&ev->svc_id);
+
 	if (!name || !(TAP_SVC_MATCH(name->name)))
 		return TC_ACT_UNSPEC;
 #endif
