@@ -119,8 +119,14 @@ class Formatter:
     """Raw events (abi.unpack of struct sp_trace_event) -> records, with
     the service named from sp_names and the interface by its name."""
 
-    def __init__(self, names: Callable[[int], str | None], clock_offset: float | None = None) -> None:
+    def __init__(
+        self,
+        names: Callable[[int], str | None],
+        clock_offset: float | None = None,
+        ifnames: Callable[[int], str] = socket.if_indextoname,
+    ) -> None:
         self.names = names
+        self._if_indextoname = ifnames
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: wall time = it + offset.
         self.offset = time.time() - time.monotonic() if clock_offset is None else clock_offset
         self.verdicts = abi.verdicts()
@@ -130,7 +136,7 @@ class Formatter:
     def ifname(self, idx: int) -> str:
         if idx not in self._ifnames:
             try:
-                self._ifnames[idx] = socket.if_indextoname(idx)
+                self._ifnames[idx] = self._if_indextoname(idx)
             except OSError:
                 return f"if{idx}"  # gone already: not cached, the index may come back
         return self._ifnames[idx]
@@ -209,6 +215,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         filt = trace_filter(args)
     except ValueError as e:
+        say(str(e))
+        return 2
+    try:
+        dtrace.check_tools()
+    except dtrace.TraceUnavailable as e:
         say(str(e))
         return 2
     patterns = globs(args.interfaces) or ["*"]

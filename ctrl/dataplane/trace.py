@@ -127,14 +127,20 @@ def merged_kernel_tree(arch_dir: str, common: str, into: str) -> str:
     return into
 
 
-def kernel_source(workdir: str) -> str | None:
-    """What BCC_KERNEL_SOURCE should be: None when bcc finds the running
-    kernel's headers by itself (or the operator set it), else a merged
-    Debian tree made in workdir; TraceUnavailable when there are none."""
+def running_kernel_headers(release: str) -> bool:
+    """Where bcc looks by itself: the running kernel's build tree, or the
+    headers it carries (CONFIG_IKHEADERS)."""
+    return os.path.isdir(f"/lib/modules/{release}/build") or os.path.exists("/sys/kernel/kheaders.tar.xz")
+
+
+def headers() -> tuple[str, str] | None:
+    """None when bcc finds kernel headers by itself (the running kernel's,
+    or BCC_KERNEL_SOURCE set by the operator), else Debian's (debian_headers);
+    TraceUnavailable when there are none."""
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return None
     release = os.uname().release
-    if os.path.isdir(f"/lib/modules/{release}/build") or os.path.exists("/sys/kernel/kheaders.tar.xz"):
+    if running_kernel_headers(release):
         return None
     deb = debian_headers()
     if deb is None:
@@ -143,7 +149,14 @@ def kernel_source(workdir: str) -> str | None:
             f"/lib/modules/{release}/build nor /usr/src/linux-headers-*): install linux-headers-amd64 "
             "(Debian; any version serves), your distribution's kernel headers package, or set BCC_KERNEL_SOURCE"
         )
-    return merged_kernel_tree(*deb, os.path.join(workdir, "kernel"))
+    return deb
+
+
+def check_tools() -> None:
+    """TraceUnavailable, saying what to install, unless bcc and kernel
+    headers are there: checked before anything is attached."""
+    import_bcc()
+    headers()
 
 
 # -- the filter ---------------------------------------------------------------------
@@ -216,9 +229,9 @@ def compile_tap(pin_dir: str, f: Filter, workdir: str) -> tuple[Any, dict[str, i
                 errno.ENOENT, f"{pin_dir} holds no {abi.map_name(base)}: is an agent of this version running there?"
             )
     bcc = import_bcc()
-    ksrc = kernel_source(workdir)
-    if ksrc is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = ksrc
+    deb = headers()
+    if deb is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = merged_kernel_tree(*deb, os.path.join(workdir, "kernel"))
     text = prelude(pin_dir, f, lib().libbpf_num_possible_cpus()) + tap_source().read_text()
     try:
         b = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.header_path().parent}"])
@@ -501,7 +514,9 @@ class Trace:
         """Every CPU's sp_trace entry: disarmed, counters at zero, the
         verdicts asked for, a full bucket."""
         assert self._state is not None
-        set_state(self._state, abi.pack("sp_trace", tokens=tokens, verdicts=self.filter.verdict_mask() if tokens else 0))
+        set_state(
+            self._state, abi.pack("sp_trace", tokens=tokens, verdicts=self.filter.verdict_mask() if tokens else 0)
+        )
 
     def refresh(self) -> list[Hook]:
         """Put the tap in front of hooks that appeared (new pods); forget

@@ -250,16 +250,12 @@ def test_tap_in_front_of_the_program(pinned, one_cpu, tmp_path, flags, dst, sent
     from ctrl.cli.trace import trace_filter
 
     seed(pinned, SEED)
-    pinned.maps[mapname("sp_names")].update(
-        abi.u32(WEB.svc_id), abi.pack("sp_svc_name", name=b"default/web:http/TCP")
-    )
+    pinned.maps[mapname("sp_names")].update(abi.u32(WEB.svc_id), abi.pack("sp_svc_name", name=b"default/web:http/TCP"))
     args = build_parser().parse_args(["trace", *flags])
     filt = trace_filter(args)
     b, fds = dtrace.compile_tap(pinned.pin_dir, filt, str(tmp_path))
     try:
-        dtrace.set_state(
-            pinned.maps[mapname("sp_trace")], abi.pack("sp_trace", tokens=5, verdicts=filt.verdict_mask())
-        )
+        dtrace.set_state(pinned.maps[mapname("sp_trace")], abi.pack("sp_trace", tokens=5, verdicts=filt.verdict_mask()))
         pkt = tcp(CLIENT, dst, 40000, 80)
         assert _test_run(fds["tap_pod_ingress"], pkt) == -1  # TC_ACT_UNSPEC: the next filter decides
         run(pinned, pkt)

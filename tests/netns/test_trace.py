@@ -119,9 +119,7 @@ def taps(topo: Topology, ifname: str, ns: str = "node") -> dict[str, list[dict[s
     for hook in ("ingress", "egress"):
         cp = topo.exec_in(ns, ["tc", "-j", "filter", "show", "dev", ifname, hook], timeout=20)
         entries = json.loads(cp.stdout or "[]") if cp.returncode == 0 else []
-        out[hook] = [
-            e for e in entries if (e.get("options") or {}).get("bpf_name", "").startswith(TAP_NAME + " ")
-        ]
+        out[hook] = [e for e in entries if (e.get("options") or {}).get("bpf_name", "").startswith(TAP_NAME + " ")]
     return out
 
 
@@ -173,7 +171,7 @@ def test_clusterip_flows_show_their_backend_and_reply_translation(topo: Topology
     assert {(e["dst"], e["src"]) for e in replies} <= {(e["src"], e["nat_dst"]) for e in new}
 
 
-def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:
+def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:  # noqa: F811 - the fixture
     """A NodePort reached from outside: the external interface's line names
     the NodePort, the Service and the pod picked; a flow to the other
     node's pod also shows its masquerade on the way out."""
@@ -207,7 +205,7 @@ def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:
     assert {e["src"] for e in snat} == to_other
 
 
-def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:
+def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:  # noqa: F811 - the fixture
     """loadBalancerSourceRanges: the refused client's packets are dropped
     lines saying why; the admitted client's flows are no drop."""
     cluster.write("fw.yaml", fw_service(), slice_of("fw", [("http", 8080, "TCP")]))
