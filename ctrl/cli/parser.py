@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="VERDICT[,VERDICT]",
         help="only these verdicts: a name (dnat_new, drop_source_range...) or a family (dnat, drop, reject, "
-        "revnat, snat, unsnat, pass); default: every one",
+        "revnat, snat, unsnat, pass); default: every one but pass_*",
     )
     tr.add_argument(
         "--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface with our program"

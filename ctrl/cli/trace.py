@@ -97,7 +97,10 @@ def trace_filter(args: argparse.Namespace) -> Any:
         service=args.service,
         frontend=_frontend(args.frontend) if args.frontend is not None else None,
         backend=backend,
-        verdicts=verdict_names(args.verdict),
+        # By default what the programs did to a Service's packets; the
+        # pass_* verdicts (a reply crossing the backend's own interface,
+        # where nothing is done to it) only when asked for.
+        verdicts=verdict_names(args.verdict) or frozenset(v for v in abi.verdicts() if not v.startswith("pass_")),
         rate=args.rate,
     )
 
@@ -169,7 +172,8 @@ class Formatter:
     def line(r: dict[str, Any]) -> str:
         """One readable line: time, hook, interface, the packet before and
         (=>) after the program, the service, the backend, the verdict."""
-        after = f" => {r['nat_src']} > {r['nat_dst']}" if r["nat_src"] else ""
+        changed = r["nat_src"] and (r["nat_src"], r["nat_dst"]) != (r["src"], r["dst"])
+        after = f" => {r['nat_src']} > {r['nat_dst']}" if changed else ""
         parts = [
             r["time"][11:26],
             f"{r['hook']:<11}",

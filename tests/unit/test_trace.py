@@ -36,6 +36,13 @@ def test_verdict_names(given, want):
     assert verdict_names(given) == want
 
 
+def test_default_verdicts_are_what_the_programs_did():
+    f = trace_filter(args())
+    assert f.verdicts == {v for v in VERDICTS if not v.startswith("pass_")}
+    assert "dnat_new" in f.verdicts and "drop_source_range" in f.verdicts
+    assert trace_filter(args("--verdict", "pass")).verdicts == {v for v in VERDICTS if v.startswith("pass_")}
+
+
 def test_unknown_verdict_names_itself():
     with pytest.raises(ValueError, match="'accept'"):
         verdict_names(["dnat,accept"])
