@@ -157,6 +157,8 @@ def check_tools() -> None:
     headers are there: checked before anything is attached."""
     import_bcc()
     headers()
+    if not tap_source().exists():
+        raise TraceUnavailable(f"sliceproxy trace needs the tap's source, {tap_source()}, which is not there")
 
 
 # -- the filter ---------------------------------------------------------------------
@@ -230,13 +232,21 @@ def compile_tap(pin_dir: str, f: Filter, workdir: str) -> tuple[Any, dict[str, i
             )
     bcc = import_bcc()
     deb = headers()
+    text = prelude(pin_dir, f, lib().libbpf_num_possible_cpus()) + tap_source().read_text()
+    # bcc reads BCC_KERNEL_SOURCE while it compiles: set for that only, so
+    # no later compile of this process uses a tree removed since.
+    before = os.environ.get("BCC_KERNEL_SOURCE")
     if deb is not None:
         os.environ["BCC_KERNEL_SOURCE"] = merged_kernel_tree(*deb, os.path.join(workdir, "kernel"))
-    text = prelude(pin_dir, f, lib().libbpf_num_possible_cpus()) + tap_source().read_text()
     try:
         b = bcc.BPF(text=text.encode(), cflags=[f"-I{abi.header_path().parent}"])
     except Exception as e:  # bcc raises a bare Exception, its errors went to stderr
         raise BPFError(errno.EINVAL, f"bcc could not compile {tap_source()} (its errors are above): {e}") from None
+    finally:
+        if before is None:
+            os.environ.pop("BCC_KERNEL_SOURCE", None)
+        else:
+            os.environ["BCC_KERNEL_SOURCE"] = before
     fds = {}
     for fn in TAP_FUNCTIONS.values():
         fds[fn] = b.load_func(fn.encode(), bcc.BPF.SCHED_CLS).fd
