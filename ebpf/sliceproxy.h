@@ -306,7 +306,7 @@ struct sp_sock {
  * time (ebpf/trace/tap.c) runs in front of the programs on each hook, and
  * for a packet its filter matches it fills this CPU's sp_trace_v3 entry and
  * arms it; the program's verdict (count() in ebpf/lib/stats.h) then sends
- * one struct sp_trace_event into the ring buffer sp_trace_rb_v3 and
+ * one struct sp_trace_event into the ring buffer sp_events_v3 and
  * disarms it. No trace, nothing armed: one per-CPU array lookup and a test
  * per packet. */
 struct sp_trace_event {

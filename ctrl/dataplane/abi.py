@@ -169,7 +169,7 @@ MAP_BASES = (
     "sp_sock",
     "sp_frag",
     "sp_trace",
-    "sp_trace_rb",
+    "sp_events",
 )
 
 

@@ -6,7 +6,7 @@ program on every hook of this pin directory's dataplane: the same clsact
 hook, one tc priority number lower (it runs first), returning "continue".
 It arms this CPU's sp_trace entry for the packets it matches; our program
 sends one event per armed packet at its verdict into the ring buffer
-sp_trace_rb (ebpf/lib/trace.h), which `Trace.poll` reads with libbpf.
+sp_events (ebpf/lib/trace.h), which `Trace.poll` reads with libbpf.
 
 Only one trace runs per pin directory (a flock in /run/sliceproxy): two
 would share one ring buffer and each see half the events. A tap left by a
@@ -470,7 +470,7 @@ class EventReader:
             e, self._error = self._error, None
             raise e
         if ret < 0 and -ret != errno.EINTR:
-            raise BPFError(-ret, f"reading ring buffer {abi.map_name('sp_trace_rb')}: {os.strerror(-ret)}")
+            raise BPFError(-ret, f"reading ring buffer {abi.map_name('sp_events')}: {os.strerror(-ret)}")
 
     def close(self) -> None:
         if self._rb is not None:
@@ -510,7 +510,7 @@ class Trace:
             self._bpf, self._fds = compile_tap(self.pin_dir, self.filter, self._workdir)
             self._state = Map.open_pinned(os.path.join(self.pin_dir, abi.map_name("sp_trace")))
             self._reset_state(tokens=max(1, self.filter.rate // max(1, self._state._ncpu)))
-            rb = Map.open_pinned(os.path.join(self.pin_dir, abi.map_name("sp_trace_rb")))
+            rb = Map.open_pinned(os.path.join(self.pin_dir, abi.map_name("sp_events")))
             try:
                 self._reader = EventReader(rb, on_event)
             finally:

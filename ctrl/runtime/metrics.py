@@ -185,7 +185,7 @@ class DataplaneCollector:
         cap = GaugeMetricFamily("sliceproxy_map_capacity", "max_entries of each BPF map", labels=["map"])
         ct = None
         for name, m in sorted(self.maps.items()):
-            if name in (mn("sp_sock"), mn("sp_trace"), mn("sp_trace_rb")):
+            if name in (mn("sp_sock"), mn("sp_trace"), mn("sp_events")):
                 # Socket-local storage: neither listable nor sized; the
                 # trace's per-CPU state and ring buffer: no entries to count.
                 continue

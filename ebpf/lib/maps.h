@@ -135,6 +135,6 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
-} SP_MAP(sp_trace_rb) SEC(".maps");
+} SP_MAP(sp_events) SEC(".maps");
 
 #endif /* SP_LIB_MAPS_H */

@@ -58,7 +58,7 @@ static __noinline void trace_emit(struct __sk_buff *skb, struct sp_trace *t, __u
 		t->limited++;
 		return;
 	}
-	e = bpf_ringbuf_reserve(&SP_MAP(sp_trace_rb), sizeof(*e), 0);
+	e = bpf_ringbuf_reserve(&SP_MAP(sp_events), sizeof(*e), 0);
 	if (!e) {
 		t->lost++;
 		return;

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             take("tap, no filter", run_fd(taps[0][1], pkt, a.repeat))
             take("tap, --service default/web", run_fd(taps[1][1], pkt, a.repeat))
             dtrace.set_state(state, abi.pack("sp_trace"))
-        rb = dtrace.EventReader(ours.maps[abi.map_name("sp_trace_rb")], lambda ev: None)
+        rb = dtrace.EventReader(ours.maps[abi.map_name("sp_events")], lambda ev: None)
         armed, disarmed = [], []
         try:
             for i in range(a.single):

@@ -2,7 +2,7 @@
 and the bcc tap compiled against the current header (ebpf/trace/tap.c).
 
 The gate (ebpf/lib/trace.h): a packet counted while this CPU's sp_trace
-entry is armed for its interface sends one event into sp_trace_rb with the
+entry is armed for its interface sends one event into sp_events with the
 verdict, the tc action and the packet as the program left it, takes a
 token and disarms the entry; anything else sends nothing. The tap: it
 compiles with bcc against this header and the pinned maps, and run in
@@ -95,7 +95,7 @@ def states(dp) -> list[dict]:
 def events(dp) -> list[dict]:
     """What the ring buffer holds now (read, so consumed)."""
     got: list[dict] = []
-    r = dtrace.EventReader(dp.maps[mapname("sp_trace_rb")], got.append)
+    r = dtrace.EventReader(dp.maps[mapname("sp_events")], got.append)
     try:
         r.poll(0)
     finally:

@@ -67,7 +67,7 @@ def test_metrics_count_syncs_changes_packets_and_map_entries(topo: Topology, age
     assert m[f'sliceproxy_map_capacity{{map="{svc}"}}'] == 65536
     assert m["sliceproxy_conntrack_entries"] >= 2 * 200
     # The trace's per-CPU state and ring buffer hold no entries to count.
-    for base in ("sp_trace", "sp_trace_rb"):
+    for base in ("sp_trace", "sp_events"):
         assert f'sliceproxy_map_capacity{{map="{map_name(base)}"}}' not in m
     assert not agent.matching("counting map"), agent.matching("counting map")
 

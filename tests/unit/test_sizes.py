@@ -31,7 +31,7 @@ def test_every_flag_reaches_its_map():
         "sp_sock": None,  # socket-local storage: one entry per socket, no capacity
         "sp_frag": None,  # fragmented datagrams in flight: fixed, LRU
         "sp_trace": None,  # one entry per CPU
-        "sp_trace_rb": None,  # a ring buffer of fixed bytes
+        "sp_events": None,  # a ring buffer of fixed bytes
     }
 
 
