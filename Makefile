@@ -32,7 +32,15 @@ build/%.bpf.o: ebpf/%.bpf.c $(BPF_SRCS) | deps
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+# bcc's Python module (python3-bpfcc, for `sliceproxy trace`) is Debian's, in
+# the system Python's dist-packages: it alone is linked into the virtualenv
+# (a symlink in its site-packages), so no other system package joins ours or
+# shadows a pinned one. Without python3-bpfcc, `trace` says what to install.
+BCC_PY := /usr/lib/python3/dist-packages/bcc
 venv: $(VENV)/.installed
+	@if [ -d $(BCC_PY) ]; then \
+		ln -sfn $(BCC_PY) "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)

@@ -302,6 +302,62 @@ struct sp_sock {
 	__u32 pad;  /* zero */
 };
 
+/* `sliceproxy trace` (docs/inspecting.md): a tap compiled by bcc at trace
+ * time (ebpf/trace/tap.c) runs in front of the programs on each hook, and
+ * for a packet its filter matches it fills this CPU's sp_trace_v3 entry and
+ * arms it; the program's verdict (count() in ebpf/lib/stats.h) then sends
+ * one struct sp_trace_event into the ring buffer sp_events_v3 and
+ * disarms it. No trace, nothing armed: one per-CPU array lookup and a test
+ * per packet. */
+struct sp_trace_event {
+	__u64 time;          /* bpf_ktime_get_ns() when the tap saw the packet */
+	__u8 saddr[16];      /* the packet as it arrived, IPv4-mapped */
+	__u8 daddr[16];
+	__u8 nat_saddr[16];  /* as the program left it (all zero when it was
+			      * dropped or answered with an ICMP error) */
+	__u8 nat_daddr[16];
+	__u8 front_addr[16]; /* the frontend of its flow; zero: unknown */
+	__u16 sport;         /* host order, as every port below */
+	__u16 dport;
+	__u16 nat_sport;
+	__u16 nat_dport;
+	__u16 front_port;
+	__u16 l4_off;        /* where its TCP/UDP header starts (the tap's) */
+	__u32 ifindex;
+	__u32 svc_id;        /* the flow's service (sp_names_v3); 0: none */
+	__s32 action;        /* the tc action the program returned */
+	__u8 proto;
+	__u8 v6;
+	__u8 hook;           /* SP_TRACE_HOOK_* */
+	__u8 verdict;        /* enum sp_verdict */
+	__u8 tcp_flags;
+	__u8 pad[3];         /* zero */
+};
+
+/* The attach point of an event (the program the tap sits in front of). */
+#define SP_TRACE_HOOK_POD_INGRESS 0
+#define SP_TRACE_HOOK_POD_EGRESS 1
+#define SP_TRACE_HOOK_EXT_INGRESS 2
+#define SP_TRACE_HOOK_EXT_EGRESS 3
+
+/* sp_trace_v3 (per-CPU array, one entry): this CPU's trace state. tc runs
+ * a hook's filters one after the other on one CPU with bottom halves off,
+ * so the packet the tap armed is the next one our program counts there. */
+struct sp_trace {
+	__u32 armed;     /* the tap's: ifindex of the packet it matched; 0:
+			  * none. The program clears it at its verdict */
+	__u32 tokens;    /* events this CPU may still send: the program takes
+			  * one per event, the tap adds them at the rate asked */
+	__u64 verdicts;  /* the verdicts that send an event: bit 1 << SP_V_* */
+	__u64 refilled;  /* the tap's: bpf_ktime_get_ns() of its last refill */
+	__u64 emitted;   /* events sent */
+	__u64 limited;   /* matched, but over the rate: not sent */
+	__u64 lost;      /* matched, but the ring buffer was full */
+	struct sp_trace_event ev; /* the tap's half of the event: the packet as
+				   * it arrived, its flow's service and
+				   * frontend */
+};
+
 /* sp:layout:end */
 
 #endif /* SLICEPROXY_H */

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_LIBRARIES = ("cffi", "pyroute2")  # only ctrl.dataplane imports them
+KERNEL_LIBRARIES = ("cffi", "pyroute2", "bcc")  # only ctrl.dataplane imports them
 KERNEL_PACKAGE = "ctrl.dataplane"
 
 

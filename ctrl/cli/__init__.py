@@ -1,4 +1,4 @@
-"""The `sliceproxy` command: run, subsetter, dump, uninstall."""
+"""The `sliceproxy` command: run, subsetter, dump, trace, uninstall."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
             from .dump import cmd_dump
 
             return cmd_dump(args)
+        if args.cmd == "trace":
+            from .trace import cmd_trace
+
+            return cmd_trace(args)
         if args.cmd == "uninstall":
             from .uninstall import cmd_uninstall
 

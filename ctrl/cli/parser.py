@@ -275,6 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--service", metavar="NAMESPACE/NAME", help="only this Service's frontends (and flows)")
     dump.add_argument("--conntrack", action="store_true", help="also list the tracked flows")
 
+    tr = sub.add_parser(
+        "trace",
+        help="live flows through the dataplane, one line per packet event (bcc; docs/inspecting.md)",
+    )
+    tr.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    tr.add_argument("--service", metavar="NAMESPACE/NAME", help="only this Service's flows")
+    tr.add_argument("--frontend", metavar="IP:PORT", help="only flows to this frontend ([IPv6]:PORT)")
+    tr.add_argument("--backend", metavar="IP", help="only flows to or from this backend")
+    tr.add_argument(
+        "--verdict",
+        action="append",
+        metavar="VERDICT[,VERDICT]",
+        help="only these verdicts: a name (dnat_new, drop_source_range...) or a family (dnat, drop, reject, "
+        "revnat, snat, unsnat, pass); default: every one but pass_*",
+    )
+    tr.add_argument(
+        "--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface with our program"
+    )
+    tr.add_argument("--json", action="store_true", help="one JSON object per line")
+    tr.add_argument(
+        "--rate", type=int, default=100, help="at most this many events per second (each CPU its share; default 100)"
+    )
+    tr.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events (default: at Ctrl-C)")
+    _log_args(tr)
+
     un = sub.add_parser("uninstall", help="detach the program and remove the pinned maps")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
     un.add_argument("--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface")

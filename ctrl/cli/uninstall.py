@@ -1,5 +1,5 @@
-"""`sliceproxy uninstall`: detach the programs (tc filters, the host clients'
-cgroup links) and remove the pins."""
+"""`sliceproxy uninstall`: detach the programs (tc filters, the taps of
+`sliceproxy trace`, the host clients' cgroup links) and remove the pins."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
     """Detach our filter from matching interfaces and remove the pins.
     Refused while an agent holds the pin directory (it would rewrite what
     was removed), unless `lock` is that agent's own (--cleanup-on-exit)."""
-    from ..dataplane import attach, hostclients, loader
+    from ..dataplane import attach, hostclients, loader, trace
 
     own = None
     if lock is None and os.path.isdir(pin_dir):
@@ -36,6 +36,11 @@ def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
         links = hostclients.detach_links(pin_dir)
         if links:
             log.info("detached %d host client links", links)
+        # A trace's taps (one killed outright leaves them): they name this
+        # pin directory and read its maps.
+        taps = trace.detach_taps(pin_dir, patterns)
+        if taps:
+            log.info("detached %d trace taps", taps)
         n = 0
         for ifname in attach.match_interfaces(patterns):
             if attach.detach(ifname):

@@ -168,6 +168,8 @@ MAP_BASES = (
     "sp_host",
     "sp_sock",
     "sp_frag",
+    "sp_trace",
+    "sp_events",
 )
 
 
@@ -338,8 +340,8 @@ def codec(sname: str, fields: tuple[str, ...] | None = None) -> Codec:
         size = ffi.sizeof(f.type)
         if fname not in want:
             fmt += f"{size}x"  # a pad, or a field this caller leaves at zero
-        elif f.type.kind == "array":
-            fmt += f"{size}s"  # raw bytes (an array of structs too)
+        elif f.type.kind in ("array", "struct"):
+            fmt += f"{size}s"  # raw bytes (an array of structs, a struct: unpack it with its own codec)
             taken.append(fname)
         elif f.type.kind == "primitive" and f.type.cname in _PRIMITIVE_CODES:
             fmt += _PRIMITIVE_CODES[f.type.cname]

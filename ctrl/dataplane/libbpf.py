@@ -158,6 +158,12 @@ ffi.cdef(
                              const struct bpf_map_batch_opts *opts);
     int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
     int libbpf_num_possible_cpus(void);
+    /* Ring buffer maps (`sliceproxy trace`). */
+    struct ring_buffer;
+    struct ring_buffer *ring_buffer__new(int map_fd, int (*sample_cb)(void *ctx, void *data, size_t size),
+                                         void *ctx, const void *opts);
+    int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+    void ring_buffer__free(struct ring_buffer *rb);
     void *libbpf_set_print(void *fn);
     """
 )

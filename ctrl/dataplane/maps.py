@@ -18,6 +18,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_RINGBUF = 27
 
 # Entries per batch syscall: large enough to amortise the syscall, small
 # enough that one failed batch is cheap to retry element by element.

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from . import abi
 from .libbpf import BPFError, ffi, lib
-from .maps import BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, Map
+from .maps import BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_RINGBUF, Map
 
 log = logging.getLogger("sliceproxy.migrate")
 
@@ -150,7 +150,7 @@ class Resize:
 
 
 def _count(m: Map) -> int:
-    return 0 if m.info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_SK_STORAGE) else m.count()
+    return 0 if m.info.type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_SK_STORAGE, BPF_MAP_TYPE_RINGBUF) else m.count()
 
 
 def _open(path: str) -> Map | None:
@@ -274,6 +274,8 @@ def _carry(path: str, new: Map, skip: set[bytes] | None = None, seen: set[bytes]
             return 0  # per-CPU counters start afresh
         if old.info.type == BPF_MAP_TYPE_SK_STORAGE:
             return 0  # cannot be listed: see BPF_MAP_TYPE_SK_STORAGE
+        if old.info.type == BPF_MAP_TYPE_RINGBUF:
+            return 0  # trace events nobody read: nothing to carry
         (ok, oka), (ov, ova) = _layouts(old)
         (nk, nka), (nv, nva) = _layouts(new)
         ck = converter(ok, nk, new.key_size, oka & nka)

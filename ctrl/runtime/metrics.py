@@ -189,8 +189,10 @@ class DataplaneCollector:
         cap = GaugeMetricFamily("sliceproxy_map_capacity", "max_entries of each BPF map", labels=["map"])
         ct = None
         for name, m in sorted(self.maps.items()):
-            if name == mn("sp_sock"):
-                continue  # socket-local storage: neither listable nor sized
+            if name in (mn("sp_sock"), mn("sp_trace"), mn("sp_events")):
+                # Socket-local storage: neither listable nor sized; the
+                # trace's per-CPU state and ring buffer: no entries to count.
+                continue
             cap.add_metric([name], m.max_entries)
             if name == mn("sp_stats"):
                 continue

@@ -120,4 +120,21 @@ struct {
 	__type(value, struct sp_sock);
 } SP_MAP(sp_sock) SEC(".maps");
 
+/* `sliceproxy trace`: this CPU's trace state, armed per packet by the tap
+ * bcc compiles at trace time (struct sp_trace). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sp_trace);
+} SP_MAP(sp_trace) SEC(".maps");
+
+/* The events of armed packets (struct sp_trace_event), read by `sliceproxy
+ * trace`. 256 KiB, about 1900 events: two seconds at the fastest --rate a
+ * reader polling ten times a second needs, and memory nobody misses. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} SP_MAP(sp_events) SEC(".maps");
+
 #endif /* SP_LIB_MAPS_H */

@@ -1,10 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Per-CPU counters per verdict (enum sp_verdict): every packet is counted
- * once, by the verdict it leaves with. */
+ * once, by the verdict it leaves with; a packet `sliceproxy trace` armed
+ * sends its event there too (trace.h). */
 #ifndef SP_LIB_STATS_H
 #define SP_LIB_STATS_H
 
 #include "maps.h"
+#include "trace.h"
 
 static __always_inline int count(struct __sk_buff *skb, __u32 verdict, int action)
 {
@@ -15,6 +17,7 @@ static __always_inline int count(struct __sk_buff *skb, __u32 verdict, int actio
 		st->packets += 1;
 		st->bytes += skb->len;
 	}
+	trace_verdict(skb, verdict, action);
 	return action;
 }
 

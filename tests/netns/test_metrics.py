@@ -44,7 +44,7 @@ def samples(text: str) -> dict[str, float]:
 
 
 def test_metrics_count_syncs_changes_packets_and_map_entries(topo: Topology, agents: Agents) -> None:
-    agents.start_ready()
+    agent = agents.start_ready()
     assert_spread(http(topo), THREE)
     # One change through the source: counted as an endpoint change.
     agents.src.remove("slice-b.yaml")  # backend-3 leaves
@@ -66,6 +66,10 @@ def test_metrics_count_syncs_changes_packets_and_map_entries(topo: Topology, age
     assert m[f'sliceproxy_map_entries{{map="{svc}"}}'] == 3  # http, dns, echo
     assert m[f'sliceproxy_map_capacity{{map="{svc}"}}'] == 65536
     assert m["sliceproxy_conntrack_entries"] >= 2 * 200
+    # The trace's per-CPU state and ring buffer hold no entries to count.
+    for base in ("sp_trace", "sp_events"):
+        assert f'sliceproxy_map_capacity{{map="{map_name(base)}"}}' not in m
+    assert not agent.matching("counting map"), agent.matching("counting map")
 
 
 def test_healthz_body_and_counter(topo: Topology, agents: Agents) -> None:

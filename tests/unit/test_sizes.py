@@ -30,6 +30,8 @@ def test_every_flag_reaches_its_map():
         "sp_host": None,  # one entry
         "sp_sock": None,  # socket-local storage: one entry per socket, no capacity
         "sp_frag": None,  # fragmented datagrams in flight: fixed, LRU
+        "sp_trace": None,  # one entry per CPU
+        "sp_events": None,  # a ring buffer of fixed bytes
     }
 
 
