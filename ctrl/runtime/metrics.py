@@ -10,6 +10,7 @@ entries.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from prometheus_client import (
@@ -42,8 +43,10 @@ NPL_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, started_at: float | None = None):
         self.registry = registry or CollectorRegistry()
+        # Wall-clock start, against which trigger times are compared.
+        self.started_at = time.time() if started_at is None else started_at
         r = self.registry
         self.slice_mode = Gauge(
             "sliceproxy_endpointslice_mode",
@@ -152,13 +155,18 @@ class Metrics:
 
     def programmed(self, trigger_times: list[str], at: float) -> None:
         """Network programming latency of slices now in the maps, from the
-        EndpointSlice controller's last-change-trigger-time annotation."""
+        EndpointSlice controller's last-change-trigger-time annotation.
+
+        As kube-proxy counts it: only changes made after this process
+        started (an older trigger time, listed after a restart, would
+        measure the restart, not the change), and none from the future
+        (clock skew)."""
         for t in trigger_times:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 continue
-            if at >= ts:
+            if self.started_at < ts <= at:
                 self.programming.observe(at - ts)
 
 
