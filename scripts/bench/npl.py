@@ -22,7 +22,9 @@ server through a port forwarded from that namespace's loopback, and serves
   iptables     kube-proxy --proxy-mode=iptables, built from the same
   nftables     Kubernetes module (`make k8s-node`), default flags but for
                what would touch the machine (conntrack sizing is left
-               alone) and the ports.
+               alone) and the ports. iptables mode finds the legacy
+               backend's iptables first on its PATH: the nf_tables
+               backend's restore of S1 runs for minutes.
 
 Once the proxy's full sync is done, a rolling update rewrites slices one
 after another at a steady rate: each write gives a slice fresh addresses,
@@ -83,7 +85,7 @@ from scripts.bench.common import (  # noqa: E402
     vip,
 )
 from scripts.harness.controlplane import ControlPlane, k8s_bin_dir, wait_until  # noqa: E402
-from scripts.harness.topo import Topology  # noqa: E402
+from scripts.harness.topo import Topology, exit_on_signals  # noqa: E402
 
 NS = "bench-npl"
 NODE = "npl-node"
@@ -436,6 +438,7 @@ class Proxy:
         self.forward: NsForward | None = None
         self.proc: subprocess.Popen | None = None
         self.log = workdir / f"{self.name}-{wl.scn.key}.log"
+        self.env: dict[str, str] | None = None  # the caller's
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -446,7 +449,7 @@ class Proxy:
         subprocess.run(["ip", "-n", self.topo.node_ns, "addr", "add", f"{NODE_IP}/32", "dev", "lo"], check=True)
         self.forward = NsForward(self.ns_path, int(self.cp.server.rsplit(":", 1)[1]))
         with open(self.log, "ab") as out:
-            self.proc = self.topo.run_in("node", self.argv(), stdout=out, stderr=subprocess.STDOUT)
+            self.proc = self.topo.run_in("node", self.argv(), stdout=out, stderr=subprocess.STDOUT, env=self.env)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -614,6 +617,28 @@ class KubeProxy(Proxy):
 
     def argv(self) -> list[str]:
         return [str(k8s_bin_dir() / "kube-proxy"), *self.flags()]
+
+    def start(self) -> None:
+        if self.mode == "iptables":
+            self._legacy_path()
+        super().start()
+
+    def _legacy_path(self) -> None:
+        """kube-proxy runs `iptables`, `iptables-save` and `iptables-restore`
+        (and the ip6 ones) from PATH. The legacy backend's, as the restore
+        figures of scripts/bench/iptables.py: the nf_tables backend's restore
+        of S1's table runs for minutes (docs/benchmarks.md)."""
+        d = self.workdir / "legacy-bin"
+        d.mkdir(exist_ok=True)
+        for fam in ("iptables", "ip6tables"):
+            for suffix in ("", "-save", "-restore"):
+                target = shutil.which(f"{fam}-legacy{suffix}")
+                if target is None:
+                    raise RuntimeError(f"{fam}-legacy{suffix} not found (scripts/install-deps.sh installs iptables)")
+                link = d / f"{fam}{suffix}"
+                if not link.exists():
+                    link.symlink_to(target)
+        self.env = dict(os.environ, PATH=f"{d}:{os.environ.get('PATH', '')}")
 
     def _settled(self, after_s: float) -> bool:
         text = self.metrics()
@@ -844,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", metavar="DIR", help="keep each proxy's log here")
     ap.add_argument("--plot", metavar="FILE", default=str(ROOT / "build" / "npl.png"), help="the plot (PNG)")
     a = ap.parse_args(argv)
+    exit_on_signals()  # SIGTERM too stops the proxies and removes their namespaces
     table = QUICK_SCENARIOS if a.quick else SCENARIOS
     writes = 20 if a.quick else a.writes
     proxies = [p for p in a.proxies.split(",") if p]
