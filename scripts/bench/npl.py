@@ -840,21 +840,28 @@ def plot(results: list[dict], path: Path) -> bool:
             means.append(p["npl"]["mean_s"] or 0)
             p99 = p["client"]["p99"] if "client" in p else p["npl"]["p99_le_s"]
             p99s.append(p99 if p99 is not None and not math.isinf(p99) else 0)
-        bars = ax.bar(xs, means, width, label=f"{name} mean")
-        ax.scatter(xs, p99s, marker="_", s=400, color=bars.patches[0].get_facecolor() if bars.patches else None)
+        color = f"C{PROXIES.index(name)}"
+        ax.bar(xs, means, width, label=f"{name} mean", color=color)
+        ax.scatter(xs, p99s, marker="_", s=400, color=color)
     ax.axhline(TARGET_P99_S, color="grey", linestyle="--", linewidth=1, label="target p99 50 ms")
     ax.set_yscale("log")
+    heights = [b.get_height() for b in ax.patches if b.get_height() > 0] + [TARGET_P99_S]
+    ax.set_ylim(min(heights) / 3, max(heights) * 100)  # room for the legend above the bars
     ax.set_xticks(range(len(results)), [f"{r['scenario']}: {r['label']}" for r in results])
     ax.set_ylabel("seconds, trigger time to programmed")
     ax.set_title("network programming latency (bar: mean; dash: p99)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
     ax = axes[1]
     for r in results:
         for name in OURS:
             samples = sorted((r["proxies"].get(name) or {}).get("client_samples_s") or [])
             if samples:
                 ys = [(i + 1) / len(samples) for i in range(len(samples))]
-                ax.plot([s * 1000 for s in samples], ys, label=f"{r['scenario']} {name}")
+                style = "-" if r is results[0] else "--"
+                ax.plot(
+                    [s * 1000 for s in samples], ys, style, color=f"C{PROXIES.index(name)}",
+                    label=f"{r['scenario']} {name}",
+                )  # fmt: skip
     ax.axvline(TARGET_P99_S * 1000, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("ms, trigger time to the count in our frontend map")
@@ -883,11 +890,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--logs", metavar="DIR", help="keep each proxy's log here")
     ap.add_argument("--plot", metavar="FILE", default=str(ROOT / "build" / "npl.png"), help="the plot (PNG)")
-    ap.add_argument("--from-json", metavar="FILE", help="print the table and draw the plot of an earlier --json")
+    ap.add_argument(
+        "--from-json", metavar="FILE", nargs="+",
+        help="print the table and draw the plot of earlier --json runs (a proxy of a later file replaces the "
+        "same proxy of an earlier one: e.g. ours from one run, the peers from another); with --json, write them as one",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     if a.from_json:
-        results = json.loads(Path(a.from_json).read_text())["scenarios"]
+        merged: dict[str, dict] = {}
+        for f in a.from_json:
+            for r in json.loads(Path(f).read_text())["scenarios"]:
+                into = merged.setdefault(r["scenario"], {**r, "proxies": {}})
+                into["proxies"].update(r["proxies"])
+        results = [merged[k] for k in sorted(merged)]
+        for r in results:  # the proxies in the usual order
+            r["proxies"] = {n: r["proxies"][n] for n in PROXIES if n in r["proxies"]}
         print(report(results))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"merged_from": a.from_json, "scenarios": results}, indent=2))
         if a.plot and plot(results, Path(a.plot)):
             print(f"plot: {a.plot}")
         return 0
