@@ -641,18 +641,15 @@ class KubeProxy(Proxy):
         self.env = dict(os.environ, PATH=f"{d}:{os.environ.get('PATH', '')}")
 
     def _settled(self, seen_after_s: float) -> bool:
-        """A sync ended after the last change kube-proxy queued, none is
-        pending, and that last change was queued after seen_after_s (the
-        last write's trigger time: kube-proxy has it). The pending gauges
-        drop to 0 when a sync starts, so they alone would pass while the
-        sync holding the last writes still runs."""
+        """A sync ended after the last change this family's proxier
+        queued, and that change was queued after seen_after_s (the last
+        write's trigger time: kube-proxy has it). Not the pending gauges:
+        they carry no family, and the IPv6 proxier's syncs set them to 0
+        while the IPv4 one has changes waiting."""
         text = self.metrics()
         last = gauge(text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") or 0.0
         queued = gauge(text, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") or 0.0
-        pending = (gauge(text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") or 0.0) + (
-            gauge(text, "kubeproxy_sync_proxy_rules_service_changes_pending") or 0.0
-        )
-        return last > 0 and last >= queued >= seen_after_s and pending == 0
+        return last > 0 and last >= queued >= seen_after_s
 
     def synced(self) -> bool:
         # kube-proxy's first sync waits for its Service and EndpointSlice
@@ -702,14 +699,16 @@ def run_proxy(proxy: Proxy, writes: int, rate: float, timeout: float) -> dict:
         ru = wl.rolling_update(writes, rate, announce)
         done: list[Write] = ru["writes"]
         wait_until(lambda: proxy.caught_up(done), timeout, interval=0.1, what=f"{proxy.name} programming every write")
-        if isinstance(proxy, Ours):
-            # Each write's trigger time is observed by the sync that wrote
-            # it: wait for the histogram to hold them all.
-            wait_until(
-                lambda: histogram(proxy.metrics(), NPL).count - npl0.count >= writes,
-                timeout,
-                what="sliceproxy's latency histogram holding every write",
-            )
+        # Each write's trigger time is observed by the sync that wrote it
+        # (both proxies keep every trigger time of a Service's slices until
+        # a sync): wait for the histogram to hold them all. A sync that
+        # began before the last write may end after it, which the
+        # timestamps alone do not tell.
+        wait_until(
+            lambda: histogram(proxy.metrics(), NPL).count - npl0.count >= writes,
+            timeout,
+            what=f"{proxy.name}'s latency histogram holding every write",
+        )
         out["cpu_s"] = cpu_seconds(proxy.proc.pid) - cpu0
         text = proxy.metrics()
         out["npl"] = figures(histogram(text, NPL).minus(npl0))
