@@ -22,7 +22,9 @@ WRITES = 10
 @pytest.mark.parametrize("key", ["S1", "S2"])
 def test_npl_bench_smoke(key, tmp_path):
     scn = npl.QUICK_SCENARIOS[key]
-    res = npl.run_scenario(scn, WRITES, 10.0, npl.PROXIES, timeout=120)
+    # A generous bound on each wait (a full sync, catching up) on a busy
+    # machine; never a speed goal.
+    res = npl.run_scenario(scn, WRITES, 10.0, npl.PROXIES, timeout=300)
     assert res["scenario"] == key and res["populate_s"] > 0
     assert set(res["proxies"]) == set(npl.PROXIES)
     for name, p in res["proxies"].items():
