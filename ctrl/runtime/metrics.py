@@ -10,6 +10,7 @@ entries.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from datetime import datetime
 
@@ -160,13 +161,16 @@ class Metrics:
         As kube-proxy counts it: only changes made after this process
         started (an older trigger time, listed after a restart, would
         measure the restart, not the change), and none from the future
-        (clock skew)."""
+        (clock skew). Compared to the second: the trigger time is a Pod
+        condition's lastTransitionTime, which the API keeps in whole
+        seconds, so a change in the second the agent started counts."""
+        since = math.floor(self.started_at)
         for t in trigger_times:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 continue
-            if self.started_at < ts <= at:
+            if since <= ts <= at:
                 self.programming.observe(at - ts)
 
 
