@@ -12,7 +12,7 @@ BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
 .PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
-	bench-quick bench-subsets bpffs lint clean \
+	bench-quick bench-subsets bench-npl bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
@@ -102,7 +102,8 @@ fuzz: all
 	SLICEPROXY_FUZZ_PACKETS=$(FUZZ_PACKETS) SLICEPROXY_FUZZ_OBJECTS=$(FUZZ_OBJECTS) \
 		$(BIN)/python -m pytest -q -s tests/fuzz
 
-cluster: all bpffs k8s
+# k8s-node: the bench smoke test runs kube-proxy.
+cluster: all bpffs k8s k8s-node
 	$(BIN)/python -m pytest -q tests/cluster
 
 # A real node: kubelet, containerd and CNI in a network namespace running the
@@ -128,12 +129,21 @@ bench: all bpffs
 	mkdir -p build
 	$(BIN)/python scripts/bench.py --json build/bench.json --markdown build/bench-table.md --plots docs/bench
 	$(MAKE) bench-subsets
+	$(MAKE) bench-npl
 
 # EndpointSlice subsetting's watch traffic per agent, subsetted and not
 # (docs/subsetting.md): needs a real API server, from `make k8s`.
 bench-subsets: all k8s
 	mkdir -p build
 	$(BIN)/python scripts/bench/subsets.py --json build/bench-subsets.json
+
+# Network programming latency on a real API server (docs/benchmarks.md):
+# sliceproxy and kube-proxy's iptables and nftables modes follow the same
+# rolling update of S1 and S2; table, JSON and plot. Needs `make k8s-node`
+# (kube-proxy).
+bench-npl: all bpffs k8s-node
+	mkdir -p build
+	$(BIN)/python scripts/bench/npl.py --json build/bench-npl.json --plot build/npl.png
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick

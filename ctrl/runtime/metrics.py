@@ -10,6 +10,8 @@ entries.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from datetime import datetime
 
 from prometheus_client import (
@@ -42,8 +44,10 @@ NPL_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, started_at: float | None = None):
         self.registry = registry or CollectorRegistry()
+        # Wall-clock start, against which trigger times are compared.
+        self.started_at = time.time() if started_at is None else started_at
         r = self.registry
         self.slice_mode = Gauge(
             "sliceproxy_endpointslice_mode",
@@ -152,17 +156,22 @@ class Metrics:
 
     def programmed(self, trigger_times: list[str], at: float, since: float | None = None) -> None:
         """Network programming latency of slices now in the maps, from the
-        EndpointSlice controller's last-change-trigger-time annotation;
-        changes triggered before `since` (the agent's start) are not
-        counted, as kube-proxy counts none from before its own start."""
+        EndpointSlice controller's last-change-trigger-time annotation.
+
+        As kube-proxy counts it: only changes made after the agent started
+        (`since`, else this registry's start: an older trigger time, listed
+        after a restart, would measure the restart, not the change), and
+        none from the future (clock skew). Compared to the second: the
+        trigger time is a Pod condition's lastTransitionTime, which the API
+        keeps in whole seconds, so a change in the second the agent started
+        counts."""
+        since = math.floor(self.started_at if since is None else since)
         for t in trigger_times:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 continue
-            if since is not None and ts <= since:
-                continue
-            if at >= ts:
+            if since <= ts <= at:
                 self.programming.observe(at - ts)
 
 

@@ -20,12 +20,27 @@ def value(m: Metrics, name: str) -> float:
     ],
 )
 def test_network_programming_latency_from_trigger_time(triggers, expect_count):
-    m = Metrics()
+    m = Metrics(started_at=datetime(2025, 12, 31, tzinfo=UTC).timestamp())
     at = datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC).timestamp()
     m.programmed(triggers, at)
     assert value(m, "kubeproxy_network_programming_duration_seconds_count") == expect_count
     if expect_count:
         assert value(m, "kubeproxy_network_programming_duration_seconds_sum") == pytest.approx(3.0)
+
+
+def test_network_programming_latency_ignores_changes_from_before_the_start():
+    # kube-proxy's rule (pkg/proxy EndpointsChangeTracker): a slice whose
+    # trigger time is older than the process measures the restart, not the
+    # change; a restarted agent relisting 1,000 slices must not put 1,000
+    # observations of hours into the SLI. Changes after the start count,
+    # and so does one stamped with the start's second (trigger times are
+    # whole seconds: a Pod condition's lastTransitionTime).
+    start = datetime(2026, 1, 1, 0, 0, 1, 500000, tzinfo=UTC).timestamp()
+    m = Metrics(started_at=start)
+    at = datetime(2026, 1, 1, 0, 0, 3, tzinfo=UTC).timestamp()
+    m.programmed(["2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:02.5Z"], at)
+    assert value(m, "kubeproxy_network_programming_duration_seconds_count") == 2
+    assert value(m, "kubeproxy_network_programming_duration_seconds_sum") == pytest.approx(2.0 + 0.5)
 
 
 def test_kube_proxy_metric_names_are_exposed():
