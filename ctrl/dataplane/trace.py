@@ -317,6 +317,21 @@ class Hook:
     program: str  # ours there (loader.PROGRAM...)
 
 
+def _bpf_filters(ipr: IPRoute, patterns: list[str], prio: int):
+    """(interface, ifindex, parent, options) of every tc bpf filter of
+    priority `prio` on the interfaces matching the patterns."""
+    links = [(link.get_attr("IFLA_IFNAME"), link["index"]) for link in ipr.get_links()]
+    names = set(attach.match_interfaces(patterns, [n for n, _ in links]))
+    for ifname, idx in links:
+        if ifname not in names:
+            continue
+        for parent in _PARENTS:
+            for f in _filters(ipr, idx, parent):
+                opts = f.get_attr("TCA_OPTIONS")
+                if f.get_attr("TCA_KIND") == "bpf" and opts and (f["info"] >> 16) == prio:
+                    yield ifname, idx, parent, opts
+
+
 def our_hooks(pin_dir: str, patterns: list[str]) -> list[Hook]:
     """The hooks where a program of this pin directory's dataplane is
     attached (the one using its sp_trace map), on interfaces matching the
@@ -324,22 +339,13 @@ def our_hooks(pin_dir: str, patterns: list[str]) -> list[Hook]:
     want = _map_id(os.path.join(pin_dir, abi.map_name("sp_trace")))
     out = []
     with IPRoute() as ipr:
-        links = [(link.get_attr("IFLA_IFNAME"), link["index"]) for link in ipr.get_links()]
-        names = set(attach.match_interfaces(patterns, [n for n, _ in links]))
-        for ifname, idx in links:
-            if ifname not in names:
+        for ifname, idx, parent, opts in _bpf_filters(ipr, patterns, attach.PRIO):
+            prog_id = _bpf_prog_id(opts)
+            if not prog_id:
                 continue
-            for parent in _PARENTS:
-                for f in _filters(ipr, idx, parent):
-                    opts = f.get_attr("TCA_OPTIONS")
-                    if f.get_attr("TCA_KIND") != "bpf" or not opts or (f["info"] >> 16) != attach.PRIO:
-                        continue
-                    prog_id = _bpf_prog_id(opts)
-                    if not prog_id:
-                        continue
-                    name, maps = _prog_maps(prog_id)
-                    if want in maps and name in TAP_FUNCTIONS:
-                        out.append(Hook(ifname, idx, parent, name))
+            name, maps = _prog_maps(prog_id)
+            if want in maps and name in TAP_FUNCTIONS:
+                out.append(Hook(ifname, idx, parent, name))
     return out
 
 
@@ -362,23 +368,11 @@ def attach_tap(hook: Hook, fd: int, pin_dir: str) -> None:
 def _taps(ipr: IPRoute, pin_dir: str, patterns: list[str] | None) -> list[tuple[str, int, int]]:
     """(interface, ifindex, parent) of this pin directory's taps."""
     name = tap_name(pin_dir)
-    links = [(link.get_attr("IFLA_IFNAME"), link["index"]) for link in ipr.get_links()]
-    names = set(attach.match_interfaces(patterns or ["*"], [ln for ln, _ in links]))
-    out = []
-    for ifname, idx in links:
-        if ifname not in names:
-            continue
-        for parent in _PARENTS:
-            for f in _filters(ipr, idx, parent):
-                opts = f.get_attr("TCA_OPTIONS")
-                if (
-                    f.get_attr("TCA_KIND") == "bpf"
-                    and opts
-                    and (f["info"] >> 16) == TAP_PRIO
-                    and opts.get_attr("TCA_BPF_NAME") == name
-                ):
-                    out.append((ifname, idx, parent))
-    return out
+    return [
+        (ifname, idx, parent)
+        for ifname, idx, parent, opts in _bpf_filters(ipr, patterns or ["*"], TAP_PRIO)
+        if opts.get_attr("TCA_BPF_NAME") == name
+    ]
 
 
 def taps(pin_dir: str, patterns: list[str] | None = None) -> list[tuple[str, int]]:

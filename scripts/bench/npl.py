@@ -52,7 +52,6 @@ Needs root, and the binaries of `make k8s-node`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -85,6 +84,7 @@ from scripts.bench.common import (  # noqa: E402
     vip,
 )
 from scripts.harness.controlplane import ControlPlane, k8s_bin_dir, wait_until  # noqa: E402
+from scripts.harness.nsforward import pump, setns  # noqa: E402
 from scripts.harness.topo import Topology, exit_on_signals  # noqa: E402
 
 NS = "bench-npl"
@@ -124,8 +124,6 @@ def rfc3339nano(ns: int) -> str:
 
 # -- reaching into a network namespace ------------------------------------------
 
-CLONE_NEWNET = 0x40000000
-
 
 def ns_socket(ns_path: str, family: int = socket.AF_INET) -> socket.socket:
     """A TCP socket made inside the namespace at ns_path: it binds and
@@ -136,12 +134,11 @@ def ns_socket(ns_path: str, family: int = socket.AF_INET) -> socket.socket:
 
     def make() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             fd = os.open(ns_path, os.O_RDONLY)
             try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {ns_path}: {os.strerror(err)}")
+                setns(fd)
+            except OSError as e:
+                raise OSError(e.errno, f"setns {ns_path}: {e.strerror}") from None
             finally:
                 os.close(fd)
             out.append(socket.socket(family, socket.SOCK_STREAM))
@@ -154,20 +151,6 @@ def ns_socket(ns_path: str, family: int = socket.AF_INET) -> socket.socket:
     if isinstance(out[0], BaseException):
         raise out[0]
     return out[0]
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(262144):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class NsForward:
@@ -199,7 +182,7 @@ class NsForward:
                 continue
             self.conns += [conn, up]
             for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         for s in (self.lsock, *self.conns):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ctrl.dataplane import abi
 from ctrl.dataplane.libbpf import BPFError, check, ffi, lib
+from ctrl.dataplane.loader import test_run
 from ctrl.dataplane.maps import Map
 
 from .common import ROOT
@@ -78,20 +79,8 @@ class Probe:
         self.maps["probe_cfg"].update(abi.u32(1), abi.u32(1 if skip_backend else 0))
 
     def run(self, packet: bytes) -> tuple[int, int]:
-        out = ffi.new("char[]", len(packet) + 64)
-        opts = ffi.new(
-            "struct bpf_test_run_opts *",
-            {
-                "sz": ffi.sizeof("struct bpf_test_run_opts"),
-                "data_in": ffi.from_buffer(packet),
-                "data_size_in": len(packet),
-                "data_out": out,
-                "data_size_out": len(packet) + 64,
-                "repeat": 1,
-            },
-        )
-        check(lib().bpf_prog_test_run_opts(self.prog_fd, opts), "BPF_PROG_TEST_RUN")
-        return opts.retval, opts.duration
+        ret, _, ns = test_run(self.prog_fd, packet)
+        return ret, ns
 
     def close(self) -> None:
         if self._obj is not None:

@@ -237,32 +237,26 @@ def _latency_rows(
         return f"{f['p50']:.0f} / {f['p99']:.0f} µs" + (f" ({f['mean']:.0f})" if mean else "")
 
     out = [(title, "", "", "", ""), (direct, cell(lat.get("direct")), "", "", "")]
+
+    def against_peers(label: str, k: str) -> None:
+        o = lat["ours"].get(k)
+        for name, peer in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
+            r = lat[name].get(k)
+            first = name == "iptables"
+            out.append(
+                (
+                    f"{indent}{label}" if first else "",
+                    cell(o) if first else "",
+                    peer,
+                    cell(r),
+                    ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
+                )
+            )
+
     for n in lat["services"]:
-        o = lat["ours"].get(str(n))
-        for name, label in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
-            r = lat[name].get(str(n))
-            out.append(
-                (
-                    f"{indent}{n:,} Services" if name == "iptables" else "",
-                    cell(o) if name == "iptables" else "",
-                    label,
-                    cell(r),
-                    ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
-                )
-            )
+        against_peers(f"{n:,} Services", str(n))
     if lat.get("wide"):
-        o = lat["ours"].get("wide")
-        for name, label in (("iptables", "iptables (legacy)"), ("nft", "nftables")):
-            r = lat[name].get("wide")
-            out.append(
-                (
-                    f"{indent}1 Service of {lat['wide']:,} endpoints" if name == "iptables" else "",
-                    cell(o) if name == "iptables" else "",
-                    label,
-                    cell(r),
-                    ratio(r[key]["p50"], o[key]["p50"]) if r and o else "",
-                )
-            )
+        against_peers(f"1 Service of {lat['wide']:,} endpoints", "wide")
     return out
 
 

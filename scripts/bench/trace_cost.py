@@ -106,21 +106,7 @@ def seed(d: loader.Dataplane | Raw) -> bytes:
 
 
 def run_fd(fd: int, pkt: bytes, repeat: int) -> int:
-    out = ffi.new("char[]", len(pkt) + 256)
-    opts = ffi.new(
-        "struct bpf_test_run_opts *",
-        {
-            "sz": ffi.sizeof("struct bpf_test_run_opts"),
-            "data_in": ffi.from_buffer(pkt),
-            "data_size_in": len(pkt),
-            "data_out": out,
-            "data_size_out": len(pkt) + 256,
-            "repeat": repeat,
-        },
-    )
-    if lib().bpf_prog_test_run_opts(fd, opts) != 0:
-        raise OSError(ffi.errno, "BPF_PROG_TEST_RUN")
-    return int(opts.duration)
+    return loader.test_run(fd, pkt, repeat)[2]
 
 
 def main(argv: list[str] | None = None) -> int:

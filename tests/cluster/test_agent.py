@@ -5,7 +5,7 @@ There is no kubelet: Pods are created through the API with a nodeName, and
 their status is patched to Running/Ready with the address of a backend
 namespace the test made. The controller-manager's EndpointSlice controller
 writes the slices, the agent (in the node namespace, reaching the API
-server through tests/cluster/nsforward.py) programs the maps, and a client
+server through scripts/harness/nsforward.py) programs the maps, and a client
 namespace sends requests to the ClusterIP.
 """
 
@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 NODE = "node-a"
 CLIENT_IP = "198.18.1.2"
 PODS = {"web-1": "198.18.1.11", "web-2": "198.18.1.12", "web-3": "198.18.1.13"}
+
+NSFORWARD = Path(__file__).resolve().parents[2] / "scripts" / "harness" / "nsforward.py"
 
 
 _vips = itertools.count(10)
@@ -132,7 +134,7 @@ def forward(topo, controlplane):
     """The API server's port, reachable on 127.0.0.1 inside the node namespace."""
     port = int(controlplane.server.rsplit(":", 1)[1])
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("nsforward.py")), topo.ns_path("node"), str(port)],
+        [sys.executable, str(NSFORWARD), topo.ns_path("node"), str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )

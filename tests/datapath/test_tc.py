@@ -935,8 +935,14 @@ def test_syn_with_a_stale_entry_to_a_draining_backend_is_a_new_connection(dp, fl
     entry."""
     old = Backend(7, BE1, 8080, TCP_P, flags=1 if draining else 0)
     serving = Backend(8, BE2, 8080, TCP_P)
-    seed(dp, Seed(services=(Svc(VIP, 80, TCP_P, 20, slots=(8,)),), backends=(old, serving),
-                  ct=ct_pair(CLIENT, CPORT, VIP, 80, old, 20, TCP_P)))
+    seed(
+        dp,
+        Seed(
+            services=(Svc(VIP, 80, TCP_P, 20, slots=(8,)),),
+            backends=(old, serving),
+            ct=ct_pair(CLIENT, CPORT, VIP, 80, old, 20, TCP_P),
+        ),
+    )
     retval, out, _ = dp.test_run(tcp(CLIENT, VIP, CPORT, 80, flags=flags))
     assert retval == TC_ACT_OK
     assert Ether(out)[IP].dst == (BE1 if stays else BE2)

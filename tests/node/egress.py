@@ -26,7 +26,7 @@ ALLOWED = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8
 
 # Run as a script: the cluster tier's forwarder gives setns and the byte pump.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.cluster.nsforward import pump, setns  # noqa: E402
+from scripts.harness.nsforward import pump, setns  # noqa: E402
 
 
 def read_head(conn: socket.socket) -> tuple[bytes, bytes]:

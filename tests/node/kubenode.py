@@ -11,7 +11,7 @@
 * ``KubeNode``: one node: its own network namespace holding containerd (own
   root, state and socket), the CNI bridge/host-local/loopback plugins and a
   kubelet (cgroupfs driver, private directories, its cgroups under a root of
-  its own), reaching the API server through tests/cluster/nsforward.py.
+  its own), reaching the API server through scripts/harness/nsforward.py.
   No kube-proxy.
 
 Only 198.18.0.0/15 addresses, only in namespaces made here. Stopping removes
@@ -54,7 +54,7 @@ from .cgroups import hierarchies, remove_tree
 from .images import image
 
 HERE = Path(__file__).resolve().parent
-NSFORWARD = REPO / "tests" / "cluster" / "nsforward.py"
+NSFORWARD = REPO / "scripts" / "harness" / "nsforward.py"
 EGRESS = HERE / "egress.py"
 
 LAN_NET = ipaddress.ip_network("198.18.10.0/24")
