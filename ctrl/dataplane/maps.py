@@ -150,7 +150,10 @@ class Map:
         return done
 
     def items(self) -> list[tuple[bytes, bytes]]:
-        """Every entry, read with batch lookups (hash maps) or per key (arrays)."""
+        """Every entry, read with batch lookups (hash maps) or per key (arrays);
+        a ring buffer (the trace's events) has no entries to read."""
+        if self.info.type == BPF_MAP_TYPE_RINGBUF:
+            return []
         if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
             return self._walk()
         if self.info.type not in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):
