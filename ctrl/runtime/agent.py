@@ -92,10 +92,6 @@ class Agent:
         self._pending = {"EndpointSlice": 0, "Service": 0}
         self._queued_at: float | None = None
         self._triggers: list[str] = []
-        # Wall-clock start: as kube-proxy, network programming latency counts
-        # only changes triggered after it (a restart's initial list would
-        # otherwise observe every slice's age since its last change).
-        self.started_at = time.time()
         # kube-proxy's no_local_endpoints gauges, kept per change: the
         # Services counting in them, and their sums.
         self._no_local: dict[str, tuple[int, int]] = {}  # owner -> (internal, external), nonzero only
@@ -271,7 +267,7 @@ class Agent:
             self.metrics.failing(sched.failing())
             self.metrics.no_local.labels(traffic_policy="internal").set(self._no_local_sum[0])
             self.metrics.no_local.labels(traffic_policy="external").set(self._no_local_sum[1])
-            self.metrics.programmed(self._triggers, self.last_sync_ok, since=self.started_at)
+            self.metrics.programmed(self._triggers, self.last_sync_ok)
             self.metrics.pending(0, 0, None)
         self._pending = {"EndpointSlice": 0, "Service": 0}
         self._queued_at = None

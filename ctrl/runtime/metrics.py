@@ -154,18 +154,18 @@ class Metrics:
             self.write_failing.labels(service=s).set(1)
         self._failing = set(services)
 
-    def programmed(self, trigger_times: list[str], at: float, since: float | None = None) -> None:
+    def programmed(self, trigger_times: list[str], at: float) -> None:
         """Network programming latency of slices now in the maps, from the
         EndpointSlice controller's last-change-trigger-time annotation.
 
         As kube-proxy counts it: only changes made after the agent started
-        (`since`, else this registry's start: an older trigger time, listed
+        (this registry's start, made with the agent: an older trigger time, listed
         after a restart, would measure the restart, not the change), and
         none from the future (clock skew). Compared to the second: the
         trigger time is a Pod condition's lastTransitionTime, which the API
         keeps in whole seconds, so a change in the second the agent started
         counts."""
-        since = math.floor(self.started_at if since is None else since)
+        since = math.floor(self.started_at)
         for t in trigger_times:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()

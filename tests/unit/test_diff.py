@@ -337,9 +337,10 @@ def test_source_ranges_that_do_not_fit_refuse_that_service_only():
     p.sync({"default/a": lb("default/a", 1, "198.18.0.0", "198.18.1.0")})
     cs = p.sync({"default/b": lb("default/b", 2, "198.18.2.0", "198.18.3.0"), "default/web": [front(1)]})
     assert set(cs.rejected) == {"default/b"}
-    assert "source range map holds at most 3 entries, 2 more needed (raise --max-source-ranges)" in cs.rejected[
-        "default/b"
-    ]
+    assert (
+        "source range map holds at most 3 entries, 2 more needed (raise --max-source-ranges)"
+        in cs.rejected["default/b"]
+    )
     assert cs.src_upd == [] and [k[0] for k, _ in cs.svc_upd] == [VIP]  # web only
     # Ranges given back make room: a's shrink is written before b grows.
     cs = p.sync({"default/a": lb("default/a", 1, "198.18.0.0"), "default/b": lb("default/b", 2, "198.18.2.0")})

@@ -29,9 +29,7 @@ def test_defaults_are_reserved_addresses_of_each_family():
 
 
 def test_each_family_is_set_or_turned_off_on_its_own():
-    assert hairpin("--hairpin-ipv4", "198.18.255.254", "--hairpin-ipv6", "") == Hairpin(
-        addr16("198.18.255.254"), None
-    )
+    assert hairpin("--hairpin-ipv4", "198.18.255.254", "--hairpin-ipv6", "") == Hairpin(addr16("198.18.255.254"), None)
     assert hairpin("--hairpin-ipv4", "", "--hairpin-ipv6", "2001:db8::fe") == Hairpin(None, addr16("2001:db8::fe"))
 
 

@@ -36,7 +36,7 @@ def count(m: Metrics) -> float:
 def test_only_changes_after_the_start_count_and_deletions_never():
     m = Metrics()
     agent = Agent(QueueSource(), ClusterState("node-a"), Programmed(), writer=None, metrics=m)
-    start = agent.started_at
+    start = m.started_at
     agent.take([Event("upsert", "Service", "default/web", parse(service()))])
     # The initial list: slices last changed a day and a second before start.
     agent.take([Event("upsert", "EndpointSlice", "default/web-a", slice_at("web-a", "198.18.0.1", start - 86400))])
