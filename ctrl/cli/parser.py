@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="full reconcile against the kernel maps this often (repairs changes made behind our back); 0: never",
+        help="check the kernel maps against what was written this often; a difference (a change made behind our "
+        "back) re-reads them for a full sync; 0: never",
     )
     run.add_argument(
         "--subsets",

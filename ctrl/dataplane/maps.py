@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .libbpf import BPFError, check, ffi, lib
@@ -152,10 +153,23 @@ class Map:
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every entry, read with batch lookups (hash maps) or per key (arrays);
         a ring buffer (the trace's events) has no entries to read."""
+        out: list[tuple[bytes, bytes]] = []
+        for chunk in self.chunks():
+            out.extend(chunk)
+        return out
+
+    def chunks(self, chunk: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry, about `chunk` at a time (a hash map's batch lookups
+        resume where the last one stopped, so a caller may do other work,
+        map writes included, between two chunks: an entry neither written
+        nor deleted meanwhile is read exactly once, since a BPF hash map
+        never moves an entry to another bucket). Maps without batch
+        lookups come in one chunk."""
         if self.info.type == BPF_MAP_TYPE_RINGBUF:
-            return []
+            return
         if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
-            return self._walk()
+            yield self._walk()
+            return
         if self.info.type not in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):
             out = []
             for i in range(self.max_entries):
@@ -163,16 +177,15 @@ class Map:
                 v = self.lookup(k)
                 if v is not None:
                     out.append((k, v))
-            return out
+            yield out
+            return
         ks, vs = self.key_size, self.stride * self._ncpu
-        chunk = 4096
         keys = ffi.new("char[]", ks * chunk)
         vals = ffi.new("char[]", vs * chunk)
         in_b = ffi.NULL
         out_b = ffi.new("char[]", max(ks, 8))
         out_b2 = ffi.new("char[]", max(ks, 8))
         opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
-        result: list[tuple[bytes, bytes]] = []
         while True:
             cnt = ffi.new("__u32 *", chunk)
             ret = lib().bpf_map_lookup_batch(self.fd, in_b, out_b, keys, vals, cnt, opts)
@@ -187,13 +200,11 @@ class Map:
                 check(ret, f"map {self.name}: batch lookup")
             kbuf = ffi.buffer(keys, ks * cnt[0])[:]
             vbuf = ffi.buffer(vals, vs * cnt[0])[:]
-            for i in range(cnt[0]):
-                result.append((kbuf[i * ks : (i + 1) * ks], vbuf[i * vs : (i + 1) * vs]))
+            yield [(kbuf[i * ks : (i + 1) * ks], vbuf[i * vs : (i + 1) * vs]) for i in range(cnt[0])]
             if ret < 0:  # ENOENT: the walk is complete
-                break
+                return
             # The kernel wrote where to resume into out_batch; feed it back.
             in_b, out_b, out_b2 = out_b, out_b2, out_b
-        return result
 
     def _walk(self) -> list[tuple[bytes, bytes]]:
         """Every entry by get_next_key (maps without batch lookups)."""

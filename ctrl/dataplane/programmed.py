@@ -195,7 +195,13 @@ class Programmed:
                 cs.resync.update(self.waiting.get(key, ()))
         refs = self.bids.refs
         if prune_except is not None:
-            cs.slot_del.extend(self.orphan_slots)
+            # An orphan slot past the count its frontend had when adopted
+            # (the count was lowered, the slots above not yet deleted) may
+            # have been written again since, by the frontend growing into
+            # it: only those still past its count go. Every orphan was
+            # counted at adoption and again when rewritten.
+            counts = {st.svc_id: len(st.slots) for st in self.frontends.values()}
+            cs.slot_del.extend((sid, i) for sid, i in self.orphan_slots if i >= counts.get(sid, 0))
             self.slot_count -= len(self.orphan_slots)
             cs.name_del.extend(self.orphan_names)
             cs.src_del.extend(self.orphan_ranges)

@@ -33,6 +33,7 @@ from ..dataplane.apply import Writer
 from ..dataplane.changeset import ChangeSet
 from ..dataplane.libbpf import BPFError
 from ..dataplane.programmed import Programmed
+from ..dataplane.verify import Verifier
 from ..k8s.events import Event
 from ..model.plan import NodeAddresses, frontend_str, nodeport_addresses
 from ..model.planner import ServicePlanner
@@ -47,6 +48,11 @@ log = logging.getLogger("sliceproxy.agent")
 
 # Seconds between full garbage collections at the latest (see Agent.sync).
 COLLECT_EVERY = 600.0
+
+
+# Seconds of the periodic check per loop turn: what a change arriving
+# meanwhile may wait for it (ctrl.dataplane.verify).
+CHECK_SLICE = 0.005
 
 
 class Agent:
@@ -102,6 +108,8 @@ class Agent:
         self._refused: set[str] = set()  # Services refused as they are (retried when they change)
         self._collected_at = clock()  # the last full collection
         self.stages: dict[str, float] = {}  # seconds, per stage of the last sync (see _sync)
+        self.check: Verifier | None = None  # the periodic check of the maps, while it runs
+        self.checks = 0  # periodic checks completed
 
     def take(self, events: list[Event]) -> None:
         for ev in events:
@@ -225,6 +233,8 @@ class Agent:
         stages["plan"] = t_plan - t0
         cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
         stages["diff"] = time.perf_counter() - t_plan
+        if self.check is not None:
+            self.check.touched(cs)
         for owner, why in sorted(cs.rejected.items()):
             log.error("%s Service: not programmed, its previous entries are kept: %s", owner, why)
         for owner, why in sorted(cs.refused.items()):
@@ -337,6 +347,7 @@ class Agent:
         """Rebuild the mirror from the kernel maps; with full, the next sync
         plans every Service against them."""
         self._config_written = None  # rewritten by the next sync
+        self.check = None  # it compared against the mirror being replaced
         if self.writer is not None:
             try:
                 mc = read_contents(self.writer.maps)
@@ -361,9 +372,11 @@ class Agent:
         sched = self.schedule
         now = self.clock()
         if sched.reconcile_due(now):
-            # Repair what changed behind our back (a map edited by hand,
-            # a write lost): read the kernel, diff everything.
-            self._readopt()
+            # Look for what changed behind our back (a map edited by hand,
+            # a write lost), a chunk at a time between syncs.
+            self._start_check()
+        if self.check is not None:
+            timeout = 0.0  # the check goes on at the end of this turn
         if self.refresh_interfaces is not None and sched.interfaces_due(now):
             try:
                 self.refresh_interfaces()
@@ -390,6 +403,48 @@ class Agent:
         self._drain_nowait()
         if sched.due(self.clock(), self.programmed.next_drain_end()):
             self.sync()
+        if self.check is not None:
+            self._check_some()
+
+    def _start_check(self) -> None:
+        if self.writer is None:
+            return
+        if self.check is not None:  # longer than a period: begin again, with what is written now
+            log.warning("the check of the maps took longer than --sync-period; starting it again")
+        cfg = self._config_written
+        self.check = Verifier(self.writer.maps, self.programmed, cfg.packed() if cfg is not None else None)
+
+    def _check_some(self) -> None:
+        """Go on with the periodic check for about CHECK_SLICE seconds (a
+        change waits at most that long for it). When complete, repair what
+        it found: re-read the maps and sync in full."""
+        check = self.check
+        assert check is not None
+        end = time.perf_counter() + CHECK_SLICE
+        try:
+            while not check.step() and time.perf_counter() < end:
+                pass
+        except BPFError as e:
+            self.check = None
+            self._failed(f"reading the maps for the periodic check failed: {e}")
+            return
+        if not check.done:
+            return
+        self.check = None
+        self.checks += 1
+        if not check.found:
+            log.debug("periodic check: %d map entries as written", check.entries)
+            return
+        if self.metrics is not None:
+            self.metrics.map_differences.inc(check.found)
+        log.error(
+            "periodic check: %d map entries differ from what was written (%s%s); re-reading the maps for a full sync",
+            check.found,
+            "; ".join(check.differences),
+            "; ..." if check.found > len(check.differences) else "",
+        )
+        self._readopt()
+        self.schedule.repair_needed()
 
     def _drain_nowait(self) -> None:
         while True:

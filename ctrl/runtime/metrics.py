@@ -106,6 +106,12 @@ class Metrics:
             "Syncs whose batched map writes failed (the change is then written Service by Service)",
             registry=r,
         )
+        self.map_differences = Counter(
+            "sliceproxy_map_differences",
+            "Map entries the periodic check found to differ from what the agent wrote (each check that finds"
+            " some re-reads the maps and syncs in full)",
+            registry=r,
+        )
         self.rejected = Gauge(
             "sliceproxy_services_rejected",
             "Services not programmed because a map is full or a name does not fit",

@@ -11,8 +11,10 @@ succeeded, a Service or a whole sync failed) and asks it what is due now:
   alone after a delay that doubles with every failure (`Retries`);
 - a failure that belongs to no Service makes the next sync a full one, not
   sooner than `retry_period` after it;
-- every `resync_period` a full reconcile against the kernel maps (the
-  agent re-reads them, then plans every Service);
+- every `resync_period` a check of the kernel maps against what was
+  written (the agent runs it a chunk at a time between syncs:
+  ctrl.dataplane.verify; only differences make it re-read the maps and
+  plan every Service);
 - the end of a backend's drain (the dataplane knows the next one);
 - the interfaces are looked at again every `interface_period`.
 
@@ -96,6 +98,13 @@ class Schedule:
         """The next sync plans every Service (the mirror was re-read)."""
         self.need_full = True
 
+    def repair_needed(self) -> None:
+        """The periodic check found the maps differ from what was written
+        (the agent re-read them): a full sync at once, not held back by
+        retry_period as one after a failure is."""
+        self.need_full = True
+        self.retry_at = 0.0
+
     def synced(
         self, now: float, owners: Iterable[str], rejected: Iterable[str], failed: Iterable[str], resync: Iterable[str]
     ) -> None:
@@ -135,15 +144,13 @@ class Schedule:
         return self.last_sync_at + self.min_sync_period - now
 
     def reconcile_due(self, now: float) -> bool:
-        """Time for the periodic full reconcile (every resync_period once
-        a sync succeeded); when it is, the next sync is a full one at once."""
+        """Time for the periodic check of the maps (every resync_period once
+        a sync succeeded)."""
         if self._next_resync is None:
             self._next_resync = now + self.resync_period
         if not (self.resync_period and self.synced_once and now >= self._next_resync):
             return False
         self._next_resync = now + self.resync_period
-        self.need_full = True
-        self.retry_at = 0.0
         return True
 
     def interfaces_due(self, now: float) -> bool:

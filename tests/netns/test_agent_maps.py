@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrl.dataplane import loader
+from ctrl.dataplane import abi, loader
 from ctrl.dataplane.abi import MapSizes, map_name, read_contents
 from ctrl.dataplane.apply import Writer
 from ctrl.dataplane.libbpf import BPFError
@@ -98,9 +98,10 @@ def make_agent(maps, clock: Clock, sizes: MapSizes | None = None, **kw) -> tuple
 # -- drains -------------------------------------------------------------------
 
 
-def test_a_drained_backend_goes_although_every_reconcile_rereads_the_maps(private_maps) -> None:
-    """--sync-period 2 / --drain-period 2: each periodic reconcile re-reads
-    the kernel maps; the drain deadline must come back with them, so the
+def test_a_drained_backend_goes_although_a_repair_rereads_the_maps(private_maps, caplog) -> None:
+    """--sync-period 2 / --drain-period 2: the periodic checks run during the
+    drain, and one finds an entry added by hand, so the agent re-reads the
+    kernel maps; the drain deadline must come back with them, so the
     backend goes at the end of its drain instead of never."""
     clock = Clock()
     agent, src = make_agent(private_maps, clock, drain_period=2.0, sync_period=2.0)
@@ -113,16 +114,24 @@ def test_a_drained_backend_goes_although_every_reconcile_rereads_the_maps(privat
     agent.step(timeout=0)
     (drain_end,) = read_contents(private_maps).draining.values()
     assert drain_end == pytest.approx(1002.5)
+    stray = abi.pack("sp_slot_key", svc_id=4242, slot=0)
+    private_maps[map_name("sp_slot")].update(stray, abi.pack("sp_slot_val", backend_id=1))
 
     gone_at = None
-    while clock.t < 1012.0:
-        clock.t += 0.5
-        agent.step(timeout=0)
-        if gone_at is None and "198.18.1.12" not in kernel_backends(private_maps):
-            gone_at = clock.t
+    with caplog.at_level(logging.ERROR, logger="sliceproxy"):
+        while clock.t < 1012.0:
+            clock.t += 0.5
+            for _ in range(100):  # a check completes within a few turns
+                agent.step(timeout=0)
+                if agent.check is None:
+                    break
+            if gone_at is None and "198.18.1.12" not in kernel_backends(private_maps):
+                gone_at = clock.t
+    assert "slot 0 of id 4242: in the map" in caplog.text  # found, so the maps were re-read
+    assert private_maps[map_name("sp_slot")].lookup(stray) is None  # and the full sync removed it
     assert gone_at == 1002.5, f"the drained backend went at {gone_at} (due at 1002.5)"
     assert kernel_backends(private_maps) == {"198.18.1.11"}
-    assert agent.syncs >= 7  # two changes, a drain's end, the reconcile every 2 s
+    assert agent.checks >= 4
 
 
 def test_a_draining_backend_keeps_its_deadline_across_a_restart(pin_dir: Path) -> None:

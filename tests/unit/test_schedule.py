@@ -92,7 +92,8 @@ def test_a_service_that_does_not_fit_is_retried_until_it_does():
 def test_a_failed_sync_is_retried_in_full_after_the_retry_period():
     s, clock = started(retry_period=5.0)
     clock.t += 60.0
-    assert s.reconcile_due(clock()) and s.due(clock())
+    s.full_needed()  # the periodic check found a difference
+    assert s.due(clock())
     s.sync_failed(clock())  # the full sync could not write the node config
     assert s.pending() and s.need_full
     clock.t += 4.9
@@ -125,19 +126,32 @@ def test_services_waiting_for_a_freed_frontend_are_synced_next():
     assert s.dirty == {"default/b"} and s.due(clock())
 
 
-def test_the_periodic_reconcile_is_a_full_sync_due_at_once():
+def test_the_periodic_check_is_due_every_period_and_syncs_nothing_by_itself():
     clock = Clock()
     s = Schedule(clock, resync_period=60.0, retry_period=5.0)
     assert not s.reconcile_due(clock())  # the period counts from the first step
     clock.t += 70.0
     assert not s.reconcile_due(clock())  # never before a first sync
     synced(s, clock)
-    assert s.reconcile_due(clock()) and s.need_full and s.due(clock())  # no retry delay for it
-    synced(s, clock)
+    # The agent checks the maps a chunk at a time; only a difference it
+    # finds asks for a full sync (full_needed).
+    assert s.reconcile_due(clock()) and not s.need_full and not s.due(clock())
     clock.t += 59.9
     assert not s.reconcile_due(clock())
     clock.t += 0.1
     assert s.reconcile_due(clock())
+
+
+def test_a_repair_is_a_full_sync_at_once_even_right_after_a_sync():
+    s, clock = started(retry_period=5.0)
+    clock.t += 60.0
+    s.changed({"default/a"})
+    synced(s, clock, owners={"default/a"})
+    clock.t += 0.1
+    s.full_needed()  # a re-read after a failure waits for retry_period...
+    assert not s.due(clock())
+    s.repair_needed()  # ...one after the periodic check found a difference does not
+    assert s.due(clock()) and s.need_full
 
 
 def test_no_periodic_reconcile_with_a_sync_period_of_zero():
