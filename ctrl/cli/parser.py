@@ -33,6 +33,18 @@ def globs(values: list[str] | None) -> list[str]:
     return out
 
 
+def _min_sync_period(v: str) -> float | None:
+    if v == "auto":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        f = -1.0
+    if not f >= 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of seconds (0 or more) or auto")
+    return f
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sliceproxy", description="eBPF service proxy for Kubernetes nodes")
     p.add_argument("--version", action="version", version=f"sliceproxy {__version__}")
@@ -139,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname())
     run.add_argument(
         "--min-sync-period",
-        type=float,
-        default=0.1,
-        metavar="SECONDS",
+        type=_min_sync_period,
+        default=None,
+        metavar="SECONDS|auto",
         help="at most one sync this often: a burst of changes within it becomes one sync "
-        "(kube-proxy's --min-sync-period)",
+        "(kube-proxy's --min-sync-period); auto (the default): as long as the last sync took, at most 1 s",
     )
     run.add_argument(
         "--drain-period",

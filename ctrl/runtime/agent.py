@@ -189,6 +189,7 @@ class Agent:
     def sync(self) -> ChangeSet | None:
         """Plan and write what changed; a full sync plans everything."""
         full = self.schedule.need_full
+        t_start = time.perf_counter()
         with paused_gc():
             cs = self._sync()
             # After the write: what a Service's next change will need.
@@ -213,7 +214,9 @@ class Agent:
             gc.collect()
             self._collected_at = now
         gc.freeze()
-        self.stages["gc"] = time.perf_counter() - t0
+        end = time.perf_counter()
+        self.stages["gc"] = end - t0
+        self.schedule.sync_took(self.clock(), end - t_start, full)
         return cs
 
     def _sync(self) -> ChangeSet | None:

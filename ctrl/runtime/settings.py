@@ -21,11 +21,12 @@ class Settings:
     snat_reclaim_closed: int = 10  # seconds
     drain_period: float = 60.0  # seconds a backend that left every Service keeps its flows
     # When to sync (ctrl.runtime.schedule): at most one sync per
-    # min_sync_period, a full reconcile every sync_period (0: never), a
+    # min_sync_period (None: auto, from what the last sync took), a check
+    # of the maps every sync_period (0: never), a
     # failed sync retried after retry_period (a failed Service first after
     # it too, doubling up to retry_max), interfaces looked at again every
     # interface_period.
-    min_sync_period: float = 0.1
+    min_sync_period: float | None = None
     sync_period: float = 60.0
     retry_period: float = 5.0
     retry_max: float = 60.0

@@ -260,6 +260,11 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             "latency_subsets_p50_s": pct(lat_s, 0.5),
             "latency_subsets_p95_s": pct(lat_s, 0.95),
         }
+        # The subset path's own part: from the original reaching its watch
+        # to the subset reaching the zone's.
+        hop = [s.seen[ip] - o.seen[ip] for ip, (_, zz) in ready_at.items() if zz == z]
+        per_zone[z]["hop_p50_s"] = pct(hop, 0.5)
+        per_zone[z]["hop_p95_s"] = pct(hop, 0.95)
         per_zone[z]["latency_ratio_p50"] = per_zone[z]["latency_subsets_p50_s"] / per_zone[z]["latency_originals_p50_s"]
         per_zone[z]["latency_ratio_p95"] = per_zone[z]["latency_subsets_p95_s"] / per_zone[z]["latency_originals_p95_s"]
     return {
@@ -286,14 +291,15 @@ def report(r: dict) -> str:
         f"rolling update of {r['pods']} Pods of one hinted Service, {r['zones']} zones, {r['nodes']} nodes "
         f"({r['rollout_seconds']:.1f} s); subsetter --write-period {r['write_period_s']:g}",
         f"{'zone':8} {'originals B':>12} {'ev':>5} {'subsets B':>10} {'ev':>5} {'bytes':>6} {'events':>6} "
-        f"{'p50 orig':>9} {'p50 sub':>8} {'p95 orig':>9} {'p95 sub':>8}",
+        f"{'p50 orig':>9} {'p50 sub':>8} {'p95 orig':>9} {'p95 sub':>8} {'hop p50':>8} {'p95':>6}",
     ]
     for z, v in r["per_zone"].items():
         lines.append(
             f"{z:8} {v['originals']['bytes']:>12} {v['originals']['events']:>5} {v['subsets']['bytes']:>10} "
             f"{v['subsets']['events']:>5} {v['bytes_ratio']:>6.2f} {v['events_ratio']:>6.2f} "
             f"{v['latency_originals_p50_s'] * 1000:>7.0f}ms {v['latency_subsets_p50_s'] * 1000:>6.0f}ms "
-            f"{v['latency_originals_p95_s'] * 1000:>7.0f}ms {v['latency_subsets_p95_s'] * 1000:>6.0f}ms"
+            f"{v['latency_originals_p95_s'] * 1000:>7.0f}ms {v['latency_subsets_p95_s'] * 1000:>6.0f}ms "
+            f"{v['hop_p50_s'] * 1000:>6.0f}ms {v['hop_p95_s'] * 1000:>4.0f}ms"
         )
     lines.append(
         f"per agent, subsets / originals: bytes {r['bytes_ratio_mean']:.2f}, events {r['events_ratio_mean']:.2f} "

@@ -27,7 +27,7 @@ def test_the_defaults_build_metrics_health_and_the_drain_period():
     agent = run.build_agent(opts, NoSource())
     assert agent.metrics is not None and agent.health_checks is not None
     assert agent.programmed.drain_period == 60.0
-    assert agent.schedule.resync_period == 60.0 and agent.schedule.min_sync_period == 0.1
+    assert agent.schedule.resync_period == 60.0 and agent.schedule.min_sync_period is None  # auto
     assert agent.programmed.capacity == opts.sizes
     assert agent.settings == opts
     assert (opts.snat_ports, opts.snat_reclaim, opts.snat_reclaim_closed) == ((61000, 65535), 600, 10)
@@ -69,3 +69,16 @@ def test_empty_addresses_turn_the_servers_off():
 def test_a_map_capacity_below_one_is_refused_naming_the_flag(flag):
     with pytest.raises(SystemExit, match=f"{flag}: 0 is not a map capacity"):
         options(flag, "0")
+
+
+@pytest.mark.parametrize(("value", "want"), [("auto", None), ("0", 0.0), ("0.25", 0.25)])
+def test_the_min_sync_period_is_a_number_of_seconds_or_auto(value, want):
+    assert options("--min-sync-period", value).min_sync_period == want
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_a_min_sync_period_neither_seconds_nor_auto_is_refused_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit):
+        options("--min-sync-period", value)
+    err = capsys.readouterr().err
+    assert "--min-sync-period" in err and f"{value!r} is not a number of seconds (0 or more) or auto" in err

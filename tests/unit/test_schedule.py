@@ -188,3 +188,27 @@ def test_health_reads_the_published_status_only():
     board.publish(SyncStatus(last_ok=now - 120, pending=True))  # changes wait, no sync for 120 s
     code, body = health.status(count=False)
     assert code == 503 and body["lastUpdated"]
+
+
+def test_auto_waits_as_long_as_the_last_sync_took_at_most_a_second():
+    s, clock = started(min_sync_period=None)
+    s.sync_took(clock(), 0.004)  # one slice changed
+    assert s.burst_left(clock()) == pytest.approx(0.004)
+    clock.t += 0.003
+    assert s.burst_left(clock()) == pytest.approx(0.001)
+    clock.t += 0.002
+    assert s.burst_left(clock()) < 0  # a change now syncs at once
+    s.sync_took(clock(), 0.5)  # many Services changed at once
+    assert s.burst_left(clock()) == pytest.approx(0.5)
+    s.sync_took(clock(), 2.5)
+    assert s.burst_left(clock()) == pytest.approx(1.0)
+    s.sync_took(clock(), 2.5, full=True)  # the first sync, or a repair
+    assert s.burst_left(clock()) == 0.0
+
+
+def test_a_fixed_min_sync_period_does_not_follow_what_a_sync_took():
+    s, clock = started(min_sync_period=0.1)
+    s.sync_took(clock(), 0.004)
+    assert s.burst_left(clock()) == pytest.approx(0.1)
+    s.sync_took(clock(), 2.0)
+    assert s.burst_left(clock()) == pytest.approx(0.1)
