@@ -347,3 +347,19 @@ def holds(cur: EndpointSlice, svc: Service, group: Group, eps: list[Endpoint]) -
         and len(cur.owner_uids) == 1
         and not cur.problems
     )
+
+
+def gains(cur: EndpointSlice | None, eps: list[Endpoint]) -> bool:
+    """Whether writing `eps` where `cur` is gives a zone's nodes an endpoint
+    to use that `cur` does not hold usable: a new address, or one turned
+    ready or serving. Such a write is not held back for coalescing (a new
+    Pod's capacity reaches the agents one write after the originals); a
+    write that only removes or demotes endpoints is."""
+    if cur is None:
+        return bool(eps)
+    have = {e.addr: e for e in cur.endpoints}
+    for e in eps:
+        old = have.get(e.addr)
+        if old is None or (e.ready and not old.ready) or (e.serving and not old.serving):
+            return True
+    return False

@@ -8,7 +8,9 @@ holds the Lease (ctrl.k8s.lease.Elector), creates, updates and deletes
 subset slices so that they match. Writes are coalesced: a slice written
 less than `write_period` ago waits for the rest of that period, and then
 gets the latest content (changes to one slice faster than that cost one
-write per period); and all writes together are bounded by a token bucket
+write per period), unless the write gives the zone an endpoint to use
+(compute.gains: a new Pod's address is not held back, and carries the
+removals waiting with it); and all writes together are bounded by a token bucket
 (`write_qps`, `write_burst`), so a hint rebalance that touches every
 subset slice at once is spread out, not sent in one burst. After its first complete pass
 as leader it marks the Lease synced: agents switch to subsets only then.
@@ -27,7 +29,7 @@ from ..k8s.events import Event
 from ..k8s.kube import ORIGINALS_SELECTOR, PROXY_SELECTOR, SLICES_PATH, Client, KubeSource, Resource
 from ..k8s.lease import Elector
 from ..k8s.objects import MANAGED_BY_LABEL, SUBSET_MANAGER, Endpoint, EndpointSlice, Node, Service, parse
-from .compute import Group, holds, render, subset_plan, zones_of
+from .compute import Group, gains, holds, render, subset_plan, zones_of
 
 log = logging.getLogger("sliceproxy.subsetter")
 
@@ -191,7 +193,7 @@ class Subsetter:
             self.last_write = {k: t for k, t in self.last_write.items() if now - t < self.opts.write_period}
         for key in sorted(self.dirty):
             due = self.held_until.get(key)
-            if due is not None and now < due:
+            if due is not None and now < due and not self._gains(key):
                 # Written less than write_period ago: its changes gather
                 # until then (one write per slice per period).
                 self._wake(due)
@@ -209,6 +211,17 @@ class Subsetter:
             oldest = min(self.dirty_since.values(), default=None)
             self.metrics.lag_now.set(0.0 if oldest is None else self.clock() - oldest)
         return done
+
+    def _gains(self, key: str) -> bool:
+        """Whether a held Service's subsets now gain an endpoint (then its
+        write goes now, see compute.gains); cheap next to the write."""
+        svc = self.services.get(key)
+        if svc is None or not svc.uid:
+            return False
+        have = self.owned.get(key, {})
+        mine = [s for s in have.values() if svc.uid in s.owner_uids]
+        want = subset_plan(svc, self.originals.get(key, {}).values(), self.zones, mine)
+        return any(gains(have.get(name), eps) for name, (_, eps) in want.items())
 
     def _reconcile(self, key: str, now: float) -> bool:
         svc = self.services.get(key)
@@ -229,7 +242,8 @@ class Subsetter:
                 continue
             full = f"{ns}/{name}"
             last = self.last_write.get(full)
-            if last is not None and now - last < self.opts.write_period:
+            urgent = planned is not None and gains(cur, planned[1])
+            if last is not None and now - last < self.opts.write_period and not urgent:
                 due = last + self.opts.write_period
                 self.held_until[key] = max(self.held_until.get(key, due), due)
                 self._wake(due)

@@ -53,11 +53,19 @@ class Watch(threading.Thread):
     """One watch of EndpointSlices with a label selector: bytes and events
     received, and when each address was first seen ready."""
 
-    def __init__(self, client: Client, selector: str, rv: str):
+    def __init__(self, client: Client, selector: str):
         super().__init__(daemon=True)
-        self.client, self.selector, self.rv = client, selector, rv
+        self.client, self.selector = client, selector
         self.bytes = self.events = 0
         self.seen: dict[str, float] = {}
+        self.gone: dict[str, float] = {}  # address -> when first missing from a slice that had it
+        # Slice name -> its addresses, from a list: the watch goes on from it.
+        listed = client.get_json(SLICES, labelSelector=selector)
+        self.rv = listed["metadata"]["resourceVersion"]
+        self.held: dict[str, set[str]] = {
+            sl["metadata"]["name"]: {e["addresses"][0] for e in sl.get("endpoints") or []}
+            for sl in listed.get("items") or []
+        }
         self.stop = threading.Event()
         self.resp = None
 
@@ -76,9 +84,18 @@ class Watch(threading.Thread):
                 self.bytes += len(line) + 1
                 ev = json.loads(line)
                 self.events += 1
-                for ep in (ev.get("object") or {}).get("endpoints") or []:
+                obj = ev.get("object") or {}
+                addrs = set()
+                for ep in obj.get("endpoints") or []:
+                    addrs.add(ep["addresses"][0])
                     if (ep.get("conditions") or {}).get("ready", True):
                         self.seen.setdefault(ep["addresses"][0], now)
+                name = (obj.get("metadata") or {}).get("name", "")
+                if ev.get("type") == "DELETED":
+                    addrs = set()
+                for a in self.held.get(name, set()) - addrs:
+                    self.gone.setdefault(a, now)
+                self.held[name] = addrs
         except Exception:  # cut at the end
             if not self.stop.is_set():
                 raise
@@ -199,11 +216,10 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             what="subsets synced",
         )
         client = Client(cp.server, cp.ca_file, token=cp.token)
-        rv = client.get_json(SLICES, limit=1)["metadata"]["resourceVersion"]
         watches = {}
         for z in ZONES:
-            watches[z, "originals"] = Watch(client, ORIGINALS_SELECTOR, rv)
-            watches[z, "subsets"] = Watch(client, f"{subsets_selector(z)},{PROXY_SELECTOR}", rv)
+            watches[z, "originals"] = Watch(client, ORIGINALS_SELECTOR)
+            watches[z, "subsets"] = Watch(client, f"{subsets_selector(z)},{PROXY_SELECTOR}")
         for w in watches.values():
             w.start()
         cpu0 = cpu_seconds(sub.pid)
@@ -214,6 +230,7 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             metric_sum(port, "sliceproxy_subsetter_lag_seconds_count"),
         )
         ready_at: dict[str, tuple[float, str]] = {}
+        deleted_at: dict[str, tuple[float, str]] = {}  # the old Pods' addresses
         t0 = time.monotonic()
         for i in range(pods):
             # Rolling update, maxSurge 1: the new Pod Ready, then the old one gone.
@@ -222,6 +239,7 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             ip = ip_of(pods + i)
             pod(cp, f"web-v2-{i}", node, ip)
             ready_at[ip] = (time.monotonic(), nodes[node])
+            deleted_at[where[old][1]] = (time.monotonic(), nodes[node])
             cp.ok("DELETE", f"/api/v1/namespaces/{NS}/pods/{old}?gracePeriodSeconds=0")
         rollout = time.monotonic() - t0
 
@@ -229,6 +247,9 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             return all(
                 ip in watches[z, "subsets"].seen and ip in watches[z, "originals"].seen
                 for ip, (_, z) in ready_at.items()
+            ) and all(
+                ip in watches[z, "subsets"].gone and ip in watches[z, "originals"].gone
+                for ip, (_, z) in deleted_at.items()
             )
 
         wait_until(caught_up, 120, what="every new address in every watch")
@@ -260,6 +281,13 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
             "latency_subsets_p50_s": pct(lat_s, 0.5),
             "latency_subsets_p95_s": pct(lat_s, 0.95),
         }
+        gone_o = [o.gone[ip] - t for ip, (t, zz) in deleted_at.items() if zz == z]
+        gone_s = [s.gone[ip] - t for ip, (t, zz) in deleted_at.items() if zz == z]
+        per_zone[z]["removal_originals_p50_s"] = pct(gone_o, 0.5)
+        per_zone[z]["removal_subsets_p50_s"] = pct(gone_s, 0.5)
+        per_zone[z]["removal_originals_p95_s"] = pct(gone_o, 0.95)
+        per_zone[z]["removal_subsets_p95_s"] = pct(gone_s, 0.95)
+        per_zone[z]["removal_ratio_p50"] = pct(gone_s, 0.5) / pct(gone_o, 0.5)
         # The subset path's own part: from the original reaching its watch
         # to the subset reaching the zone's.
         hop = [s.seen[ip] - o.seen[ip] for ip, (_, zz) in ready_at.items() if zz == z]
@@ -278,6 +306,7 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
         "events_ratio_mean": statistics.mean(v["events_ratio"] for v in per_zone.values()),
         "latency_ratio_p50_max": max(v["latency_ratio_p50"] for v in per_zone.values()),
         "latency_ratio_p95_max": max(v["latency_ratio_p95"] for v in per_zone.values()),
+        "removal_ratio_p50_max": max(v["removal_ratio_p50"] for v in per_zone.values()),
         "subsetter_cpu_seconds": cpu,
         "subsetter_writes": writes,
         "original_slice_changes": changes,
@@ -308,6 +337,14 @@ def report(r: dict) -> str:
     lines.append(
         f"latency, subsets / originals, worst zone: p50 {r['latency_ratio_p50_max']:.2f}x, "
         f"p95 {r['latency_ratio_p95_max']:.2f}x (target <= 2x)"
+    )
+    lines.append(
+        "removals, Pod deleted to address gone, p50 originals / subsets: "
+        + ", ".join(
+            f"{z} {v['removal_originals_p50_s'] * 1000:.0f} / {v['removal_subsets_p50_s'] * 1000:.0f} ms"
+            for z, v in r["per_zone"].items()
+        )
+        + f"; worst ratio {r['removal_ratio_p50_max']:.2f}x"
     )
     lines.append(
         f"subsetter: {r['subsetter_cpu_seconds']:.2f} CPU s, {r['subsetter_writes']:.0f} writes for "

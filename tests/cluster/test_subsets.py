@@ -189,13 +189,14 @@ def test_a_dual_stack_service_gets_subsets_of_both_families(controlplane, namesp
         assert v6 and all(len(got[k]) == 2 for k in v6), got  # the zone's two, of two nodes
 
 
-def test_changes_to_one_subset_slice_within_the_write_period_are_one_write(
+def test_additions_go_at_once_and_removals_within_the_write_period_are_one_write(
     controlplane, namespace, nodes, lease, subsetters
 ):
-    """Four changes to zone-1's endpoints, each seen in the originals before
-    the next is made, within one or two write periods of the slice's
-    creation: they go as one or two writes (uncoalesced: four), and the
-    last write has the latest content."""
+    """With a write period of 20 s: each new endpoint of zone-1 reaches its
+    subset well within the period (a write that adds is not held), one
+    write each; then four removals, each seen in the originals before the
+    next is made, within the period of the last write: one or two writes
+    (uncoalesced: four), and the last one has the latest content."""
     cp, ns = controlplane, namespace
     make_service(cp, ns, "burst", vip())
     for i, node in enumerate(nodes):
@@ -209,9 +210,18 @@ def test_changes_to_one_subset_slice_within_the_write_period_are_one_write(
     added = [f"198.18.21.{50 + k}" for k in range(4)]
     for k, ip in enumerate(added):
         make_pod(cp, ns, f"burst-new-{k}", "burst", zone1, ip)
-        wait_hinted(cp, ns, "burst", len(nodes) + k + 1)  # the originals carry it: a change of its own
+        wait_until(
+            lambda ip=ip: ip in subset_view(cp, ns, "burst").get(ZONES[0], set()),
+            15,  # a held write would wait for the 20 s period
+            what=f"{ip} in zone-1's subset",
+        )
+    assert (sub.metric(updates) or 0.0) - before == len(added)
+    before = sub.metric(updates) or 0.0
+    for k in range(len(added)):
+        cp.ok("DELETE", f"/api/v1/namespaces/{ns}/pods/burst-new-{k}?gracePeriodSeconds=0")
+        wait_hinted(cp, ns, "burst", len(nodes) + len(added) - k - 1)  # the originals carry it
     wait_until(
-        lambda: set(added) <= subset_view(cp, ns, "burst").get(ZONES[0], set()), 60, what="every new address written"
+        lambda: not set(added) & subset_view(cp, ns, "burst").get(ZONES[0], set()), 60, what="every removal written"
     )
     assert 1 <= (sub.metric(updates) or 0.0) - before <= 2
 

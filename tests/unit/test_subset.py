@@ -24,7 +24,7 @@ from ctrl.k8s.objects import (
 )
 from ctrl.model.plan import NodeAddresses, plan_service, port_policy
 from ctrl.model.topology import categorize, merge_endpoints
-from ctrl.subset.compute import MAX_ENDPOINTS, desired, pack, subset_slices, zones_of
+from ctrl.subset.compute import MAX_ENDPOINTS, desired, gains, pack, subset_slices, zones_of
 
 from .helpers import endpoint_slice, service
 
@@ -276,3 +276,30 @@ def test_a_written_subset_slice_read_back_holds_its_plan_by_either_decoder(seed)
             assert not holds(back, svc, group, flipped)
             assert not holds(back, dataclasses.replace(svc, uid="another-uid"), group, eps)
             assert not holds(back, svc, dataclasses.replace(group, subset="zone-9"), eps)
+
+
+def test_a_write_gains_when_it_adds_an_address_or_makes_one_ready_or_serving():
+    """compute.gains: what the subsetter writes at once, not held for the
+    write period (a new Pod's capacity), and what waits (removals,
+    demotions)."""
+
+    def sl(*eps: dict):
+        return parse(endpoint_slice("sub", endpoints=list(eps)))
+
+    def ep(ip: str, **cond: bool) -> dict:
+        return {"addresses": [ip], "nodeName": "node-1a", "zone": "zone-1", "conditions": cond}
+
+    draining = ep("198.18.1.2", ready=False, serving=True, terminating=True)
+    cur = sl(ep("198.18.1.1"), draining)
+    same = list(cur.endpoints)
+    assert not gains(cur, same)
+    assert not gains(cur, same[:1])  # one removed
+    assert not gains(cur, [])
+    demoted = sl(ep("198.18.1.1", ready=False, serving=False), draining)
+    assert not gains(cur, list(demoted.endpoints))
+    assert gains(cur, [*same, *sl(ep("198.18.1.3")).endpoints])  # a new address
+    readied = sl(ep("198.18.1.1"), ep("198.18.1.2"))
+    assert gains(cur, list(readied.endpoints))  # turned ready
+    serving = sl(ep("198.18.1.1", ready=False, serving=False), draining)
+    assert gains(serving, list(cur.endpoints))  # turned ready (and serving) again
+    assert gains(None, same) and not gains(None, [])  # a new slice, unless empty
