@@ -35,7 +35,9 @@ def build_agent(
     from ..model.state import ClusterState
     from ..runtime.agent import Agent
 
-    programmed = Programmed(opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period)
+    programmed = Programmed(
+        opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period, maglev_size=opts.maglev_size
+    )
     if writer is not None:
         mc = read_contents(writer.maps)
         mc.adopt_into(programmed)
