@@ -86,24 +86,21 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
             bid = mc.slots.get((svc_id, i))
             b = mc.backends.get(bid) if bid is not None else None
             backends.append(hostport(b[0], b[1]) if b else f"<slot {i} missing>")
-        services.append(
-            {
-                "name": mc.names.get(svc_id, ""),
-                "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
-                "scope": "external" if scope == Scope.EXTERNAL else "internal",
-                "svc_id": svc_id,
-                "count": count,
-                "flags": flags,
-                "affinity_timeout": timeout,
-                "source_ranges": sorted(
-                    f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())
-                ),
-                "backends": backends,
-            }
-        )
-        table = mc.maglev.get(svc_id)
-        if table is not None:
-            services[-1]["maglev"] = maglev_summary(table, mc.backends)
+        entry: dict[str, object] = {
+            "name": mc.names.get(svc_id, ""),
+            "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
+            "scope": "external" if scope == Scope.EXTERNAL else "internal",
+            "svc_id": svc_id,
+            "count": count,
+            "flags": flags,
+            "affinity_timeout": timeout,
+            "source_ranges": sorted(f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())),
+            "backends": backends,
+        }
+        tid = mc.maglev.get(svc_id, {}).get(abi.MGL_TABLE)
+        if tid is not None:
+            entry["maglev"] = {"table": tid, **maglev_summary(mc.maglev.get(tid, {}), mc.backends)}
+        services.append(entry)
     ct = maps.get(mn("sp_ct"))
     out = {
         "services": services,
@@ -157,7 +154,7 @@ def render_table(data: dict) -> str:
         if s.get("source_ranges"):
             bes += "  [from " + ", ".join(s["source_ranges"]) + "]"
         if s.get("maglev"):
-            bes += f"  [maglev {s['maglev']['size']}]"
+            bes += f"  [maglev table {s['maglev']['table']} of {s['maglev']['size']}]"
         rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), bes))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]

@@ -140,8 +140,10 @@ _FLAG_BITS = {m: const(f"SP_SVC_F_{m.name}") for m in FrontendFlag}
 _FLAG_WORDS = {v: reduce(or_, (_FLAG_BITS[m] for m in FrontendFlag(v)), 0) for v in range(1 << len(FrontendFlag))}
 
 
-# The index of a Maglev table's size entry (sp_mgl_v3).
+# The indexes of a Maglev table's size entry and of a frontend's pointer
+# to its table (sp_mgl_v3).
 MGL_SIZE = const("SP_MGL_SIZE")
+MGL_TABLE = const("SP_MGL_TABLE")
 
 
 def frontend_flags(flags: FrontendFlag) -> int:
@@ -486,8 +488,8 @@ class Codecs:
             name=codec("sp_svc_name", ("name",)),
             src_key=codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
             src_val=codec("sp_src_val", ("allow",)),
-            mgl_key=codec("sp_mgl_key", ("svc_id", "index")),
-            mgl_val=codec("sp_mgl_val", ("backend_id",)),
+            mgl_key=codec("sp_mgl_key", ("id", "index")),
+            mgl_val=codec("sp_mgl_val", ("value",)),
         )
 
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -620,8 +622,9 @@ class MapContents:
     # flagged draining with a deadline (a map carried over from a layout
     # without one has none: their drain starts again).
     draining: dict[int, float]
-    # Maglev tables: svc_id -> {index: backend id}, the SP_MGL_SIZE entry
-    # (the table's size) included.
+    # The Maglev map by its key's id: a table id -> {index: backend id, and
+    # SP_MGL_SIZE: its size}, a frontend's svc_id -> {SP_MGL_TABLE: its
+    # table id} (one id can be both).
     maglev: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def adopt_into(self, programmed) -> None:
@@ -660,6 +663,6 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     maglev: dict[int, dict[int, int]] = {}
     if map_name("sp_mgl") in maps:
         for k, v in maps[map_name("sp_mgl")].items():
-            svc_id, index = c.mgl_key.unpack(k)
-            maglev.setdefault(svc_id, {})[index] = c.mgl_val.unpack(v)[0]
+            ident, index = c.mgl_key.unpack(k)
+            maglev.setdefault(ident, {})[index] = c.mgl_val.unpack(v)[0]
     return MapContents(svc, slots, backends, names, ranges, draining, maglev)  # type: ignore[arg-type]

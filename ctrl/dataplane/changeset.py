@@ -47,9 +47,9 @@ class ChangeSet:
     # draining) goes into the backend's entry, so it outlives this process.
     be_mark: list[tuple[int, Backend, int, float]] = field(default_factory=list)
     slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
-    # Maglev table entries (svc_id, index, backend id; at SP_MGL_SIZE the
-    # table's size, written after its entries) and their deletes (the size
-    # entry first): only the entries that changed.
+    # Maglev map writes (id, index, value: ctrl.dataplane.tables): a
+    # table's changed entries, then its size, then the frontends' pointers
+    # to it; and deletes (id, index): pointers, sizes, then entries.
     mgl_upd: list[tuple[int, int, int]] = field(default_factory=list)
     svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)

@@ -22,13 +22,13 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import filterfalse
 
-from ..model import maglev
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
 from .abi import MapSizes
 from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
+from .tables import MaglevTables
 
 # A frontend with at least this many slots gets its slot index right after
 # the write that set it in full; a smaller one at its first delta.
@@ -50,9 +50,6 @@ class FrontendState:
     version: int = -1
     slot_of: dict[int, int] | None = None
     ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
-    # The Maglev table as the map holds it (backend id per entry, 0 for an
-    # entry missing), or None: no table (random mode, internal scope).
-    maglev: list[int] | None = None
 
 
 def name_capacity() -> int:
@@ -66,11 +63,8 @@ class Programmed:
         (ctrl.model.maglev.check_size has checked it); 0: random mode."""
         self.capacity = capacity or MapSizes()
         self.maglev_size = maglev_size
-        self.maglev_count = 0  # entries in the Maglev map
-        self.orphan_maglev: list[tuple[int, int]] = []
-        # Tables built in this sync, by their set of backend ids: the
-        # external frontends of one Service port share their backends.
-        self._tables: dict[frozenset[int], list[int]] = {}
+        # The external frontends' Maglev tables (ctrl.dataplane.tables).
+        self.tables = MaglevTables(maglev_size)
         self.name_max = name_capacity()
         # Frontends two Services claim: the one that holds it keeps it
         # (owner -> {key: holder} of what it waits for; key -> who waits),
@@ -100,6 +94,8 @@ class Programmed:
         self.range_count = 0  # entries in the source range map
         self._unused: set[int] = set()
         self._unindexed: set[FKey] = set()
+        # The external frontends of the owner being synced, for its tables.
+        self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
 
     # The backend ids, and the drains, as dicts (tests, the bench).
     @property
@@ -159,7 +155,7 @@ class Programmed:
         self.orphan_names = [i for i in names if i not in live_ids]
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.sids = ServiceIds([st.svc_id for st in self.frontends.values()] + list(names))
-        self._adopt_tables(tables or {})
+        self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()))
         kept = {}
         for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
             if bid not in bids.backends:
@@ -173,23 +169,6 @@ class Programmed:
                 kept[bid] = until
         self.drains = Drains(kept)
         self._adopted_unused = [b for b in bids.backends if refs.get(b, 0) == 0 and b not in self.drains]
-
-    def _adopt_tables(self, tables: dict[int, dict[int, int]]) -> None:
-        """Each frontend's Maglev table as the map holds it; entries past
-        its size, and tables of no frontend, go at the first full sync. An
-        entry missing reads as 0, which no backend id is: rewritten at the
-        frontend's next sync."""
-        by_id = {st.svc_id: st for st in self.frontends.values()}
-        size_index = abi.MGL_SIZE
-        for svc_id, entries in tables.items():
-            self.maglev_count += len(entries)
-            st = by_id.get(svc_id)
-            m = entries.get(size_index, 0)
-            if st is None or not m:
-                self.orphan_maglev.extend((svc_id, i) for i in entries)
-                continue
-            st.maglev = [entries.get(i, 0) for i in range(m)]
-            self.orphan_maglev.extend((svc_id, i) for i in entries if i != size_index and i >= m)
 
     # -- the diff ----------------------------------------------------------
     def owners(self) -> set[str]:
@@ -215,7 +194,7 @@ class Programmed:
                 cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
         self._clear_marks = []
         self._freed = []
-        self._tables = {}
+        self.tables.begin()
         # Frontends of no known owner (adopted without a name) go last: a
         # Service that claims one takes it over with its id first.
         for owner in sorted(desired, key=lambda o: (o == "", o)):
@@ -233,9 +212,7 @@ class Programmed:
             cs.src_del.extend(self.orphan_ranges)
             self.range_count -= len(self.orphan_ranges)
             self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
-            cs.mgl_del.extend(self.orphan_maglev)
-            self.maglev_count -= len(self.orphan_maglev)
-            self.orphan_maglev = []
+            self.tables.prune(cs)
             self._unused.update(b for b in self.bids.backends if refs.get(b, 0) == 0)
         # Backends drain once every owner is done, so one that moves from
         # one service to another in the same sync keeps its id; and they go
@@ -332,21 +309,6 @@ class Programmed:
                 slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
         return new_fronts, slot_growth, len(new_be), range_growth
 
-    def _maglev_growth(self, fronts: list[Frontend]) -> int:
-        """Maglev entries this owner's change adds: a table per external
-        frontend with backends that has none yet, or one of another size."""
-        m = self.maglev_size
-        if not m:
-            return 0
-        n = 0
-        for f in fronts:
-            if f.scope != Scope.EXTERNAL or not f.backends:
-                continue
-            cur = self.frontends.get(f.key)
-            held = len(cur.maglev) + 1 if cur is not None and cur.maglev is not None else 0
-            n += max(0, m + 1 - held)
-        return n
-
     def _long_name(self, fronts: list[Frontend]) -> str | None:
         """Why a frontend's name cannot go into the names map whole. A cut
         name would lose its owner at the next adoption (restart, reconcile),
@@ -417,11 +379,11 @@ class Programmed:
                 f"the source range map holds at most {cap.source_ranges} entries, {g_src} more needed "
                 f"(raise --max-source-ranges)"
             )
-        g_mgl = self._maglev_growth(fronts)
-        if g_mgl and self.maglev_count + len(cs.mgl_del) + g_mgl > cap.maglev:
+        g_mgl = self.tables.growth(f.key for f in fronts if f.scope == Scope.EXTERNAL and f.backends)
+        if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev:
             full.append(
                 f"the Maglev map holds at most {cap.maglev} entries, {g_mgl} more needed "
-                f"({self.maglev_size + 1} per external frontend; raise --max-maglev-entries)"
+                f"({self.maglev_size + 1} per table of an external frontend; raise --max-maglev-entries)"
             )
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
@@ -437,8 +399,13 @@ class Programmed:
         wanted_keys = {f.key for f in fronts}
         for key in sorted(self.by_owner.get(owner, set()) - wanted_keys):
             self._remove_frontend(key, cs)
+        self._tabled = []
         for f in fronts:
             self._sync_frontend(owner, f, cs)
+        # The Maglev tables once every frontend has its backends: those
+        # sharing a table change it together (ctrl.dataplane.tables).
+        if self._tabled and self.tables.sync_owner(owner, self._tabled, self.bids.backends, cs):
+            cs.services.add(owner)
         if not self.by_owner.get(owner):
             self.by_owner.pop(owner, None)
 
@@ -541,7 +508,10 @@ class Programmed:
         if self.maglev_size and f.scope == Scope.EXTERNAL:
             fflags |= FrontendFlag.MAGLEV
         flags = abi.frontend_flags(fflags)
-        changed = self._sync_table(cur, FrontendFlag.MAGLEV in fflags, cs) or changed
+        if FrontendFlag.MAGLEV in fflags:
+            self._tabled.append((f.key, cur.svc_id, frozenset(b for b in cur.slots if b is not None)))
+        elif f.key in self.tables.of:
+            self._tabled.append((f.key, cur.svc_id, frozenset()))
         if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:
             cur.flags, cur.affinity_timeout = flags, f.affinity_timeout
             cs.svc_upd.append((f.key, (cur.svc_id, n, flags, f.affinity_timeout)))
@@ -560,49 +530,9 @@ class Programmed:
         if changed:
             cs.services.add(owner)
 
-    def _sync_table(self, cur: FrontendState, want: bool, cs: ChangeSet) -> bool:
-        """Bring the frontend's Maglev table to its backends (none when not
-        wanted, or when it has none): the entries that differ only, so
-        one backend removed rewrites its own entries and about 1/N of the
-        others. Whether any entry changed."""
-        table = self._table(cur.slots) if want else []
-        old = cur.maglev or []
-        if table == old:
-            return False
-        sid = cur.svc_id
-        if table:
-            cs.mgl_upd.extend((sid, i, table[i]) for i in maglev.changed(old, table))
-            if len(old) != len(table):
-                cs.mgl_upd.append((sid, abi.MGL_SIZE, len(table)))  # after its entries
-            if cur.maglev is None:
-                self.maglev_count += 1
-            gone = range(len(table), len(old))
-        else:
-            cs.mgl_del.append((sid, abi.MGL_SIZE))  # first: no flow reads the table past it
-            self.maglev_count -= 1
-            gone = range(len(old))
-        cs.mgl_del.extend((sid, i) for i in gone)
-        self.maglev_count += len(table) - len(old)
-        cur.maglev = table or None
-        return True
-
-    def _table(self, slot_list: list[int]) -> list[int]:
-        """The Maglev table (backend id per entry) of these backends, by
-        their address and port (the same on every node), not their ids."""
-        ids = frozenset(slot_list)
-        ids = ids - {None} if None in ids else ids  # type: ignore[operator]
-        table = self._tables.get(ids)
-        if table is None:
-            be = self.bids.backends
-            ordered = sorted(ids, key=lambda b: (be[b][0], be[b][1]))
-            positions = maglev.build([maglev.identity(be[b][0], be[b][1]) for b in ordered], self.maglev_size)
-            table = self._tables[ids] = [ordered[i] for i in positions]
-        return table
-
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
         st = self.frontends.pop(key)
-        if st.maglev is not None:
-            self._sync_table(st, False, cs)
+        self.tables.remove(key, st.svc_id, cs)
         if key in self.waiting:
             self._freed.append(key)
         self.by_owner[st.owner].discard(key)

@@ -44,19 +44,33 @@ static __always_inline int lb_source_allowed(const struct sp_svc_val *svc, const
  * the frontend's table. Tables hold fewer than 2^31 entries. */
 #define LB_MGL_SLOT 0x80000000U
 
+/* The entry at index of the Maglev table frontend svc_id reads (its
+ * pointer entry names it), or 0. */
+static __always_inline struct sp_mgl_val *lb_mgl_entry(__u32 svc_id, __u32 index)
+{
+	struct sp_mgl_key k = { .id = svc_id, .index = SP_MGL_TABLE };
+	struct sp_mgl_val *t;
+
+	t = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!t)
+		return 0;
+	k.id = t->value;
+	k.index = index;
+	return bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+}
+
 /* Does slot `slot` of svc (count n) still name backend be_id? A slot
  * rewritten by a removal names another one, or lies past the count. For a
  * Maglev entry (LB_MGL_SLOT), the same of the table's entry. */
 static __always_inline int lb_slot_holds(__u32 svc_id, __u32 slot, __u32 n, __u32 be_id)
 {
 	struct sp_slot_key k = { .svc_id = svc_id, .slot = slot };
-	struct sp_mgl_key mk = { .svc_id = svc_id, .index = slot & ~LB_MGL_SLOT };
 	struct sp_slot_val *sl;
 	struct sp_mgl_val *e;
 
 	if (slot & LB_MGL_SLOT) {
-		e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &mk);
-		return e && e->backend_id == be_id;
+		e = lb_mgl_entry(svc_id, slot & ~LB_MGL_SLOT);
+		return e && e->value == be_id;
 	}
 	if (slot >= n)
 		return 0;
@@ -101,17 +115,9 @@ static __always_inline __u32 lb_flow_hash(const __u8 *saddr, __u16 sport, __u16 
 	return h;
 }
 
-/* The flow a new connection is: its source (map form) and ports (host
- * order), for the Maglev hash. */
-struct lb_flow {
-	const __u8 *saddr;
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-};
-
 /*
- * The backend of entry (flow hash % M) of svc's Maglev table, and that
+ * The backend of entry (flow hash % M) of the Maglev table svc reads (its
+ * pointer entry, then the table's size), and that
  * entry as a slot (LB_MGL_SLOT | index); 0 when the table or the entry is
  * missing (being written, or not yet: the caller takes a random slot).
  * Under ClientIP affinity the source port is left out of the hash: every
@@ -119,23 +125,28 @@ struct lb_flow {
  * affinity asks for and what a node that never saw the client can agree
  * with.
  */
-static __always_inline int lb_maglev(const struct sp_svc_val *svc, const struct lb_flow *f, __u32 *be_id,
+static __always_inline int lb_maglev(const struct sp_svc_val *svc, const struct sp_ct_key *f, __u32 *be_id,
 				     __u32 *slot)
 {
-	struct sp_mgl_key k = { .svc_id = svc->svc_id, .index = SP_MGL_SIZE };
+	struct sp_mgl_key k = { .id = svc->svc_id, .index = SP_MGL_TABLE };
 	struct sp_mgl_val *e;
 	__u16 sport = (svc->flags & SP_SVC_F_AFFINITY) ? 0 : f->sport;
 	__u32 m;
 
 	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!e || e->backend_id == 0 || e->backend_id >= LB_MGL_SLOT)
+	if (!e)
 		return 0;
-	m = e->backend_id;
+	k.id = e->value;
+	k.index = SP_MGL_SIZE;
+	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!e || e->value == 0 || e->value >= LB_MGL_SLOT)
+		return 0;
+	m = e->value;
 	k.index = lb_flow_hash(f->saddr, sport, f->dport, f->proto) % m;
 	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!e || e->backend_id == 0)
+	if (!e || e->value == 0)
 		return 0;
-	*be_id = e->backend_id;
+	*be_id = e->value;
 	*slot = LB_MGL_SLOT | k.index;
 	return 1;
 }
@@ -156,7 +167,7 @@ static __always_inline int lb_maglev(const struct sp_svc_val *svc, const struct 
  * count, and lowers count before deleting slots, so every slot below count
  * exists; 0 when one is missing all the same (maps that disagree), else 1.
  */
-static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const struct lb_flow *f, __u64 now,
+static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const struct sp_ct_key *f, __u64 now,
 				   __u32 hint_slot, __u32 hint_be, __u32 *be_id, __u32 *slot)
 {
 	struct sp_slot_key slkey = {
@@ -218,16 +229,16 @@ struct lb_choice {
 };
 
 /*
- * The endpoint choice: the backend a new flow f (its source in map form:
- * the affinity key; its ports: the Maglev hash) to frontend svc gets, for
- * a flow of family v6. What the
+ * The endpoint choice: the backend a new flow f (its forward conntrack
+ * key: the source in map form is the affinity key; source, ports and
+ * protocol the Maglev hash) to frontend svc gets, for a flow of family v6. What the
  * control plane planned decides the rest: the traffic policies, topology,
  * and the terminating fallback are in which backends fill the slots of
  * which frontend scope. hint_slot/hint_be: an earlier choice to keep while
  * its slot still names it (LB_NO_HINT: none). LB_* result; c filled on
  * LB_OK.
  */
-static __always_inline int lb_choose(const struct sp_svc_val *svc, const struct lb_flow *f, int v6, __u64 now,
+static __always_inline int lb_choose(const struct sp_svc_val *svc, const struct sp_ct_key *f, int v6, __u64 now,
 				     __u32 hint_slot, __u32 hint_be, struct lb_choice *c)
 {
 	__u32 n = svc->count;

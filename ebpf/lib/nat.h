@@ -89,13 +89,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	}
 
 	/* A new flow (or one whose backend went away): pick a backend. */
-	struct lb_flow fl = {
-		.saddr = ckey.saddr,
-		.sport = ckey.sport,
-		.dport = ckey.dport,
-		.proto = p->proto,
-	};
-	r = lb_choose(svc, &fl, p->v6, now, LB_NO_HINT, 0, &c);
+	r = lb_choose(svc, &ckey, p->v6, now, LB_NO_HINT, 0, &c);
 	if (r == LB_NO_BACKEND)
 		return reject(skb, p, svc);
 	if (r != LB_OK)

@@ -46,17 +46,20 @@ def backends(v: int, proto: int = TCP_P) -> list[Backend]:
     return [Backend(10 + i, a, 8080, proto) for i, a in enumerate(FAMILIES[v][2])]
 
 
-def put_table(dp, svc_id: int, bes: list[Backend], m: int = M, size_entry: bool = True) -> list[int]:
+def put_table(dp, svc_id: int, bes: list[Backend], m: int = M, size_entry: bool = True, tid: int = 0) -> list[int]:
     """The control plane's table of these backends, written as it writes
-    it; returns the backend id per entry."""
+    it (entries, size, then the frontend's pointer), under table id tid
+    (default: 100 + svc_id); returns the backend id per entry."""
     ordered, positions = maglev.build_for([(mapped(b.addr), b.port) for b in bes], m)
     by_ident = {(mapped(b.addr), b.port): b.id for b in bes}
     table = [by_ident[ordered[i]] for i in positions]
-    key = abi.codec("sp_mgl_key", ("svc_id", "index"))
-    val = abi.codec("sp_mgl_val", ("backend_id",))
-    idx = list(range(m)) + ([abi.MGL_SIZE] if size_entry else [])
-    vals = table + ([m] if size_entry else [])
-    dp.maps[mapname("sp_mgl")].update_batch(key.pack_columns([svc_id] * len(idx), idx), val.pack_columns(vals))
+    tid = tid or 100 + svc_id
+    ids = [tid] * m + ([tid] if size_entry else []) + [svc_id]
+    idx = list(range(m)) + ([abi.MGL_SIZE] if size_entry else []) + [abi.MGL_TABLE]
+    vals = table + ([m] if size_entry else []) + [tid]
+    key = abi.codec("sp_mgl_key", ("id", "index"))
+    val = abi.codec("sp_mgl_val", ("value",))
+    dp.maps[mapname("sp_mgl")].update_batch(key.pack_columns(ids, idx), val.pack_columns(vals))
     return table
 
 

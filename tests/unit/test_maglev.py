@@ -148,19 +148,31 @@ def test_flow_hash_spreads_and_keeps_its_inputs():
 
 # -- the dataplane's tables ------------------------------------------------------------
 
+TABLE = abi.MGL_TABLE
+
 
 def be(i: int) -> tuple[bytes, int, int]:
     return (*ep(i), TCP)
 
 
-def ext(*nums: int, addr: bytes = LB, scope: Scope = Scope.EXTERNAL) -> Frontend:
-    return Frontend(addr, 80, TCP, scope, "default/web:http/TCP", tuple(be(i) for i in nums))
+def ext(*nums: int, addr: bytes = LB, scope: Scope = Scope.EXTERNAL, port: int = 80, name: str = "http") -> Frontend:
+    return Frontend(addr, port, TCP, scope, f"default/web:{name}/TCP", tuple(be(i) for i in nums))
 
 
 def table_of(p: Programmed, f: Frontend) -> list[tuple[bytes, int, int]]:
-    st = p.frontends[f.key]
-    assert st.maglev is not None
-    return [p.backends[b] for b in st.maglev]
+    entries = p.tables.entries_of(f.key)
+    assert entries is not None
+    return [p.backends[b] for b in entries]
+
+
+def owners_of(nums) -> list[int]:
+    """The endpoint number each entry of the table of these names."""
+    number = {ep(i): i for i in nums}
+    return [number[e] for e in owners([ep(i) for i in nums])]
+
+
+def written(cs) -> dict[tuple[int, int], int]:
+    return {(i, j): v for i, j, v in cs.mgl_upd}
 
 
 def test_external_frontend_gets_table_and_flag():
@@ -171,12 +183,15 @@ def test_external_frontend_gets_table_and_flag():
     flags = {k: v[2] for k, v in cs.svc_upd}
     assert flags[f.key] & MAGLEV_BIT
     assert not flags[internal.key] & MAGLEV_BIT  # ClusterIP scope keeps random
-    entries = {i: b for s, i, b in cs.mgl_upd if s == sid}
-    assert len(entries) == M + 1 and entries[SIZE] == M
-    assert cs.mgl_upd[-1] == (sid, SIZE, M)  # the size last: the entries are there before it
-    assert {s for s, _, _ in cs.mgl_upd} == {sid}
+    w = written(cs)
+    tid = w[sid, TABLE]
+    assert (p.frontends[internal.key].svc_id, TABLE) not in w
+    assert len(w) == M + 2 and w[tid, SIZE] == M
+    # The entries, then the size, then the pointer: a flow never reads
+    # a table before it is whole.
+    assert cs.mgl_upd[-2:] == [(tid, SIZE, M), (sid, TABLE, tid)]
     want = owners([ep(1), ep(2), ep(3)])
-    assert [p.backends[entries[i]][:2] for i in range(M)] == want
+    assert [p.backends[w[tid, i]][:2] for i in range(M)] == want
     assert len(p.sync({"default/web": [internal, f]})) == 0
 
 
@@ -184,6 +199,48 @@ def test_random_mode_writes_no_table():
     p = Programmed()
     cs = p.sync({"default/web": [ext(1, 2, 3)]})
     assert cs.mgl_upd == [] and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+
+
+def test_frontends_with_the_same_backends_share_a_table():
+    """An LB IP, a NodePort and a second port to the same endpoints: one
+    table, three pointers; a change rewrites the one table once."""
+    p = Programmed(maglev_size=M)
+    fronts = [
+        ext(*range(10)),
+        ext(*range(10), addr=addr16("198.18.0.1"), port=30080),
+        ext(*range(10), port=8080, name="alt"),
+    ]
+    cs = p.sync({"default/web": fronts})
+    w = written(cs)
+    tids = {w[p.frontends[f.key].svc_id, TABLE] for f in fronts}
+    assert len(tids) == 1 and len(w) == M + 1 + 3
+    assert p.tables.count == M + 1 + 3
+    fewer = [Frontend(f.addr, f.port, f.proto, f.scope, f.name, tuple(be(i) for i in range(1, 10))) for f in fronts]
+    cs = p.sync({"default/web": fewer})
+    w = written(cs)
+    assert {i for i, _ in w} == tids  # the table's entries only, no pointer moved
+    assert len(w) < (1 / 10 + 0.02) * M  # one backend of 10 removed
+    # One of them gets other backends: a table of its own; the old one stays.
+    other = Frontend(fewer[2].addr, 8080, TCP, Scope.EXTERNAL, fewer[2].name, (be(50), be(51)))
+    cs = p.sync({"default/web": [fewer[0], fewer[1], other]})
+    w = written(cs)
+    (new_tid,) = {i for i, j in w if j == SIZE}
+    assert new_tid not in tids and w[p.frontends[other.key].svc_id, TABLE] == new_tid
+    assert cs.mgl_del == []
+    # The same planned in the other order (the odd one first): the two
+    # that still share keep their table untouched.
+    p = Programmed(maglev_size=M)
+    p.sync({"default/web": fewer})
+    (tid,) = {p.tables.of[f.key] for f in fewer}
+    cs = p.sync({"default/web": [other, fewer[0], fewer[1]]})
+    assert {p.tables.of[fewer[0].key], p.tables.of[fewer[1].key]} == {tid}
+    assert p.tables.of[other.key] != tid
+    assert {i for i, _, _ in cs.mgl_upd} == {p.tables.of[other.key], p.frontends[other.key].svc_id}
+    assert table_of(p, fewer[0]) == [be(i) for i in owners_of(range(1, 10))]
+    # Two other Services with the same endpoints do not share (owner's own).
+    q = Programmed(maglev_size=M)
+    cs = q.sync({"default/a": [ext(1, 2)], "default/b": [ext(1, 2, addr=addr16("198.19.0.11"))]})
+    assert len([1 for _, j, _ in cs.mgl_upd if j == SIZE]) == 2
 
 
 def test_same_table_whatever_the_node_ids():
@@ -200,57 +257,67 @@ def test_removal_writes_only_changed_entries():
     p = Programmed(maglev_size=M)
     before = ext(*range(100))
     p.sync({"default/web": [before]})
-    old = list(p.frontends[before.key].maglev or [])
+    old = list(p.tables.entries_of(before.key) or [])
     after = ext(*range(1, 100))
     cs = p.sync({"default/web": [after]})
-    new = p.frontends[after.key].maglev or []
+    new = p.tables.entries_of(after.key) or []
     changed = [i for i in range(M) if old[i] != new[i]]
-    sid = p.frontends[after.key].svc_id
     assert sorted(i for _, i, _ in cs.mgl_upd) == changed
-    assert all(new[i] == b and s == sid for s, i, b in cs.mgl_upd)
+    assert all(new[i] == b for _, i, b in cs.mgl_upd)
     assert cs.mgl_del == []
     # Its own ~1/100 and few others.
     assert 0.01 * M <= len(changed) < (0.01 + 0.02) * M
 
 
-def test_removed_frontend_deletes_its_table_size_first():
+def test_removed_frontend_deletes_pointer_then_table():
     p = Programmed(maglev_size=M)
-    f = ext(1, 2)
-    p.sync({"default/web": [f]})
-    sid = p.frontends[f.key].svc_id
+    f, g = ext(1, 2), ext(1, 2, port=30080)
+    cs = p.sync({"default/web": [f, g]})
+    tid = written(cs)[p.frontends[f.key].svc_id, TABLE]
+    sid_f, sid_g = p.frontends[f.key].svc_id, p.frontends[g.key].svc_id
+    cs = p.sync({"default/web": [g]})
+    assert cs.mgl_del == [(sid_f, TABLE)]  # g still reads the table
     cs = p.sync({"default/web": []})
-    assert cs.mgl_del[0] == (sid, SIZE)
-    assert sorted(cs.mgl_del[1:]) == [(sid, i) for i in range(M)]
-    assert p.maglev_count == 0
+    assert cs.mgl_del[:2] == [(sid_g, TABLE), (tid, SIZE)]
+    assert sorted(cs.mgl_del[2:]) == [(tid, i) for i in range(M)]
+    assert p.tables.count == 0
 
 
 def test_last_backend_gone_deletes_table():
     p = Programmed(maglev_size=M)
     p.sync({"default/web": [ext(1, 2)]})
     cs = p.sync({"default/web": [ext()]})
-    assert len(cs.mgl_del) == M + 1 and p.maglev_count == 0
+    assert len(cs.mgl_del) == M + 2 and p.tables.count == 0
+
+
+def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, int]]]:
+    tables: dict[int, dict[int, int]] = {}
+    for i, j, v in cs.mgl_upd:
+        tables.setdefault(i, {})[j] = v
+    return dict(cs.svc_upd), {(s, i): b for s, i, b in cs.slot_upd}, dict(cs.name_upd), tables
 
 
 def test_adopted_tables_diff_empty_and_mode_change():
     p = Programmed(maglev_size=M)
     f = ext(*range(20))
-    cs = p.sync({"default/web": [f]})
-    tables: dict[int, dict[int, int]] = {}
-    for s, i, b in cs.mgl_upd:
-        tables.setdefault(s, {})[i] = b
-    svc = {k: v for k, v in cs.svc_upd}
-    slots = {(s, i): b for s, i, b in cs.slot_upd}
-    names = dict(cs.name_upd)
+    svc, slots, names, tables = adopted(p.sync({"default/web": [f]}))
     # A restart in the same mode: nothing to write.
     q = Programmed(maglev_size=M)
     q.adopt(svc, slots, dict(p.backends), names, tables=tables)
-    assert q.maglev_count == M + 1
+    assert q.tables.count == M + 2
     assert len(q.sync({"default/web": [f]}, prune_except={"default/web"})) == 0
+    # An entry lost: the first sync writes it back, and only it.
+    tid = next(iter(t for t in tables if abi.MGL_SIZE in tables[t]))
+    damaged = {k: dict(v) for k, v in tables.items()}
+    lost = damaged[tid].pop(7)
+    q = Programmed(maglev_size=M)
+    q.adopt(svc, slots, dict(p.backends), names, tables=damaged)
+    assert q.sync({"default/web": [f]}).mgl_upd == [(tid, 7, lost)]
     # Restarted in random mode: the table goes, the flag with it.
     r = Programmed()
     r.adopt(svc, slots, dict(p.backends), names, tables=tables)
     cs = r.sync({"default/web": [f]})
-    assert len(cs.mgl_del) == M + 1 and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+    assert len(cs.mgl_del) == M + 2 and not cs.svc_upd[0][1][2] & MAGLEV_BIT
     # Another table size: every entry rewritten, the tail deleted.
     small = maglev.MIN_SIZE
     s2 = Programmed(maglev_size=small)
@@ -262,13 +329,13 @@ def test_adopted_tables_diff_empty_and_mode_change():
 
 def test_orphan_tables_go_at_the_first_full_sync():
     p = Programmed(maglev_size=M)
-    p.adopt({}, {}, {}, {}, tables={77: {0: 1, SIZE: 1}})
+    p.adopt({}, {}, {}, {}, tables={77: {0: 1, SIZE: 1}, 5: {TABLE: 77}})
     assert p.sync({}).mgl_del == []
-    assert sorted(p.sync({}, prune_except=set()).mgl_del) == [(77, 0), (77, SIZE)]
+    assert sorted(p.sync({}, prune_except=set()).mgl_del) == [(5, TABLE), (77, 0), (77, SIZE)]
 
 
 def test_full_map_refuses_the_service():
-    p = Programmed(MapSizes(maglev=M + 1), maglev_size=M)
+    p = Programmed(MapSizes(maglev=M + 2), maglev_size=M)
     assert p.sync({"default/a": [ext(1)]}).rejected == {}
     cs = p.sync({"default/b": [ext(2, addr=addr16("198.19.0.11"))]})
     assert "--max-maglev-entries" in cs.rejected["default/b"]
