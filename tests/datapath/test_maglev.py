@@ -29,6 +29,7 @@ from .packets import (
     mapped,
     run,
     seed,
+    stamp,
     verify_checksums,
 )
 
@@ -163,3 +164,34 @@ def test_affinity_hashes_the_client_only(dp):
     assert len(aff) == 1
     val = abi.unpack("sp_aff_val", aff[0][1])
     assert (val["backend_id"], val["slot"]) == (table[index], MGL_SLOT | index)
+
+
+def put_entry(dp, tid: int, index: int, backend_id: int) -> None:
+    key = abi.codec("sp_mgl_key", ("id", "index"))
+    val = abi.codec("sp_mgl_val", ("value",))
+    dp.maps[mapname("sp_mgl")].update(key.pack(tid, index), val.pack(backend_id))
+
+
+def test_affinity_holds_while_its_table_entry_names_its_backend(dp):
+    """A client's affinity entry recorded from table entry j (not the one
+    its hash picks now) keeps it on that backend while entry j names it;
+    once entry j is rewritten the affinity ends and the table decides."""
+    client, lb, _ = FAMILIES[4]
+    bes = backends(4)
+    svc = lb_svc(4, bes, affinity_timeout=600)
+    seed(dp, Seed(services=(svc,), backends=tuple(bes)))
+    table = put_table(dp, svc.svc_id, bes)
+    tid = 100 + svc.svc_id
+    index = maglev.flow_hash(mapped(client), 0, 80, TCP_P) % M
+    j = next(i for i in range(M) if table[i] != table[index])
+    addr_of = {b.id: b.addr for b in bes}
+    dp.maps[mapname("sp_aff")].update(
+        abi.pack("sp_aff_key", svc_id=svc.svc_id, addr=mapped(client)),
+        abi.pack("sp_aff_val", backend_id=table[j], slot=MGL_SLOT | j, last_used=stamp(dp, 1)),
+    )
+    r = run(dp, l4pkt(TCP_P, client, lb, 45000, 80), external=True)
+    assert dest(r.out) == (addr_of[table[j]], 8080)
+    other = next(b.id for b in bes if b.id not in (table[j], table[index]))
+    put_entry(dp, tid, j, other)
+    r = run(dp, l4pkt(TCP_P, client, lb, 45001, 80), external=True)
+    assert dest(r.out) == (addr_of[table[index]], 8080)
