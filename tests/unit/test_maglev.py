@@ -5,6 +5,7 @@ entries written, and the size checks."""
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from collections import Counter
@@ -340,3 +341,16 @@ def test_full_map_refuses_the_service():
     cs = p.sync({"default/b": [ext(2, addr=addr16("198.19.0.11"))]})
     assert "--max-maglev-entries" in cs.rejected["default/b"]
     assert cs.mgl_upd == []
+
+
+def test_dry_run_lists_the_tables():
+    from ctrl.cli.run import render_changes
+
+    cs = Programmed(maglev_size=maglev.MIN_SIZE).sync({"default/web": [ext(1, 2)]})
+    doc = json.loads(render_changes(cs, "json"))
+    entries = doc[abi.map_name("sp_mgl")]
+    assert len(entries) == maglev.MIN_SIZE + 2
+    assert entries[-1]["key"]["index"] == TABLE
+    assert abi.map_name("sp_mgl") not in json.loads(
+        render_changes(Programmed().sync({"default/web": [ext(1)]}), "json")
+    )
