@@ -155,7 +155,7 @@ class Programmed:
         self.orphan_names = [i for i in names if i not in live_ids]
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.sids = ServiceIds([st.svc_id for st in self.frontends.values()] + list(names))
-        self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()))
+        self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()), bids.backends)
         kept = {}
         for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
             if bid not in bids.backends:

@@ -19,7 +19,7 @@ The tables themselves come from ctrl.model.maglev. Pure Python.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ..model import maglev
@@ -50,23 +50,33 @@ class MaglevTables:
         self._built: dict[frozenset[int], list[int]] = {}  # tables built in this sync
 
     # -- reading back ---------------------------------------------------------
-    def adopt(self, raw: dict[int, dict[int, int]], frontends: Iterable[tuple[FKey, int, str]]) -> None:
+    def adopt(
+        self, raw: dict[int, dict[int, int]], frontends: Iterable[tuple[FKey, int, str]], known: Collection[int]
+    ) -> None:
         """The tables and pointers of the map (id -> {index: value}), for
-        frontends (key, svc_id, owner). A table no frontend names, a
-        pointer of no frontend or to no table, and entries past a table's
-        size are orphans: deleted at the first full sync. An adopted
-        table is checked entry by entry at its first sync."""
+        frontends (key, svc_id, owner), with the backend ids the backend
+        map holds (known). A table no frontend names, a pointer of no
+        frontend or to no table, and entries past a table's size are
+        orphans: deleted at the first full sync. A whole table (every
+        entry there, each naming a known backend) is taken for the table of
+        the backends it names: the periodic reconcile, which adopts the
+        maps again, builds no table whose backends did not change. One
+        with an entry missing is built and compared entry by entry at its
+        first sync."""
         table_idx, size_idx = abi.MGL_TABLE, abi.MGL_SIZE
         pointers: dict[int, int] = {}
-        for i, entries in raw.items():
-            self.count += len(entries)
-            rest = dict(entries)
+        for i, raw_entries in raw.items():
+            self.count += len(raw_entries)
+            rest = dict(raw_entries)
             if table_idx in rest:
                 pointers[i] = rest.pop(table_idx)
             if not rest:
                 continue
             m = rest.get(size_idx, 0)
-            self.tables[i] = Table(i, "", None, [rest.get(j, 0) for j in range(m)])
+            entries = [rest.get(j, 0) for j in range(m)]
+            ids = frozenset(entries)
+            whole = m == self.size and all(b in known for b in ids)  # 0 is never a backend id
+            self.tables[i] = Table(i, "", ids if whole else None, entries)
             self.orphans.extend((i, j) for j in rest if j != size_idx and j >= m)
             if not m:  # entries with no size: never read
                 self.orphans.extend((i, j) for j in rest)
@@ -83,6 +93,8 @@ class MaglevTables:
             t.owner = owner
             t.users.add(key)
             self.of[key] = tid
+            if t.backends is not None:
+                self._by_set.setdefault((owner, t.backends), tid)
         self.orphans.extend((sid, table_idx) for sid in pointers)
         for tid, t in list(self.tables.items()):
             if not t.users:

@@ -298,7 +298,10 @@ def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, int]]]:
     return dict(cs.svc_upd), {(s, i): b for s, i, b in cs.slot_upd}, dict(cs.name_upd), tables
 
 
-def test_adopted_tables_diff_empty_and_mode_change():
+def test_adopted_tables_diff_empty_and_mode_change(monkeypatch):
+    builds = []
+    real_build = maglev.build
+    monkeypatch.setattr(maglev, "build", lambda idents, m: builds.append(m) or real_build(idents, m))
     p = Programmed(maglev_size=M)
     f = ext(*range(20))
     svc, slots, names, tables = adopted(p.sync({"default/web": [f]}))
@@ -306,7 +309,9 @@ def test_adopted_tables_diff_empty_and_mode_change():
     q = Programmed(maglev_size=M)
     q.adopt(svc, slots, dict(p.backends), names, tables=tables)
     assert q.tables.count == M + 2
+    builds.clear()
     assert len(q.sync({"default/web": [f]}, prune_except={"default/web"})) == 0
+    assert builds == []  # a whole table is taken as it is: the reconcile builds nothing
     # An entry lost: the first sync writes it back, and only it.
     tid = next(iter(t for t in tables if abi.MGL_SIZE in tables[t]))
     damaged = {k: dict(v) for k, v in tables.items()}
@@ -314,6 +319,7 @@ def test_adopted_tables_diff_empty_and_mode_change():
     q = Programmed(maglev_size=M)
     q.adopt(svc, slots, dict(p.backends), names, tables=damaged)
     assert q.sync({"default/web": [f]}).mgl_upd == [(tid, 7, lost)]
+    assert builds == [M]
     # Restarted in random mode: the table goes, the flag with it.
     r = Programmed()
     r.adopt(svc, slots, dict(p.backends), names, tables=tables)
