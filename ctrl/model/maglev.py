@@ -24,6 +24,7 @@ backend ids and writes the entries that changed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from hashlib import blake2b
 
 DEFAULT_SIZE = 16381
@@ -76,6 +77,9 @@ def identity(addr16: bytes, port: int) -> bytes:
     return addr16 + port.to_bytes(2, "big")
 
 
+# A Service's next table is mostly the same backends: their permutations
+# are kept (about 200 bytes each), not hashed again.
+@lru_cache(maxsize=1 << 17)
 def _permutation(ident: bytes, m: int) -> tuple[int, int]:
     """(offset, skip) of a backend's permutation of the m entries."""
     h = blake2b(ident, digest_size=8, person=b"sp-maglev").digest()
