@@ -383,7 +383,7 @@ class Programmed:
         if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev:
             full.append(
                 f"the Maglev map holds at most {cap.maglev} entries, {g_mgl} more needed "
-                f"({self.maglev_size + 1} per table of an external frontend; raise --max-maglev-entries)"
+                f"(at most {self.maglev_size + 2} per external frontend; raise --max-maglev-entries)"
             )
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")

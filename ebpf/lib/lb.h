@@ -117,8 +117,8 @@ static __always_inline __u32 lb_flow_hash(const __u8 *saddr, __u16 sport, __u16 
 
 /*
  * The backend of entry (flow hash % M) of the Maglev table svc reads (its
- * pointer entry, then the table's size), and that
- * entry as a slot (LB_MGL_SLOT | index); 0 when the table or the entry is
+ * pointer entry names the table, whose size entry holds M), and that entry
+ * as a slot (LB_MGL_SLOT | index); 0 when the table or the entry is
  * missing (being written, or not yet: the caller takes a random slot).
  * Under ClientIP affinity the source port is left out of the hash: every
  * flow of a client takes the same entry, on every node, which is what the
