@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-maglev-entries",
         type=int,
         default=sizes.maglev,
-        help="Maglev map capacity (M + 1 entries per external frontend under --external-lb maglev; "
-        f"default {sizes.maglev}: 16 frontends of the default M)",
+        help="Maglev map capacity under --external-lb maglev: M + 1 entries per table (one per Service port "
+        f"and family) and one per external frontend (default {sizes.maglev}: about 16 tables of the default M)",
     )
     run.add_argument(
         "--external-lb",

@@ -226,8 +226,9 @@ class MapSizes:
     slots: int = 262144  # sum of backends over frontends
     conntrack: int = 262144  # LRU: full means the oldest flows go
     source_ranges: int = 65536  # loadBalancerSourceRanges entries, summed over frontends
-    # Maglev table entries, summed over the tables (M + 1 per external
-    # frontend under --external-lb=maglev: 16 tables of the default size).
+    # Maglev map entries under --external-lb=maglev: M + 1 per table (one
+    # per Service port and family) and one per external frontend; about 16
+    # tables of the default size.
     maglev: int = 262144
 
     def for_map(self, name: str) -> int | None:
