@@ -12,7 +12,7 @@ BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
 
 .PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
-	bench-quick bench-subsets bench-npl bpffs lint clean \
+	bench-quick bench-subsets bench-npl bench-maglev bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
 all: bpf venv
@@ -130,6 +130,7 @@ bench: all bpffs
 	$(BIN)/python scripts/bench.py --json build/bench.json --markdown build/bench-table.md --plots docs/bench
 	$(MAKE) bench-subsets
 	$(MAKE) bench-npl
+	$(MAKE) bench-maglev
 
 # EndpointSlice subsetting's watch traffic per agent, subsetted and not
 # (docs/subsetting.md): needs a real API server, from `make k8s`.
@@ -144,6 +145,12 @@ bench-subsets: all k8s
 bench-npl: all bpffs k8s-node
 	mkdir -p build
 	$(BIN)/python scripts/bench/npl.py --json build/bench-npl.json --plot build/npl.png
+
+# Maglev tables (--external-lb=maglev, docs/benchmarks.md): build time,
+# disruption, kernel memory per table, one-slice change with and without.
+bench-maglev: all
+	mkdir -p build
+	$(BIN)/python scripts/bench/maglev.py --json build/bench-maglev.json
 
 bench-quick: all bpffs
 	$(BIN)/python scripts/bench.py --quick

@@ -100,6 +100,9 @@ static __always_inline int host_forward(struct bpf_sock_addr *ctx, int inet6, in
 	struct sp_svc_key skey = {};
 	struct sp_svc_val *svc;
 	struct lb_choice c = {};
+	struct sp_ct_key fl = {}; /* the flow, for lb_choose: internal scope,
+				   * never a Maglev frontend, so only the
+				   * source (the affinity key) matters */
 	struct sp_sock *st;
 	struct sp_sock_ent *e = 0;
 	__u32 hint_slot = LB_NO_HINT, hint_be = 0, proto = ctx->protocol;
@@ -144,7 +147,10 @@ static __always_inline int host_forward(struct bpf_sock_addr *ctx, int inet6, in
 			hint_be = e->backend_id;
 		}
 	}
-	r = lb_choose(svc, node, v6, now_ns(), hint_slot, hint_be, &c);
+	__builtin_memcpy(fl.saddr, node, sizeof(fl.saddr));
+	fl.dport = port;
+	fl.proto = proto;
+	r = lb_choose(svc, &fl, v6, now_ns(), hint_slot, hint_be, &c);
 	if (r != LB_OK)
 		return refuse(); /* no backend (or maps that disagree) */
 	if (e) {

@@ -95,6 +95,10 @@ struct sp_svc_key {
 			   * port unreachable (kube-proxy's REJECT) instead of
 			   * dropped (its DROP, for a Local traffic policy
 			   * with no local endpoint) */
+#define SP_SVC_F_MAGLEV 16 /* external frontend under --external-lb=maglev:
+			    * a new flow takes the entry of its frontend's
+			    * Maglev table (sp_mgl_v3) its flow hash picks, the
+			    * same on every node, instead of a random slot */
 
 struct sp_svc_val {
 	__u32 svc_id;           /* key of the slots and names maps */
@@ -112,6 +116,28 @@ struct sp_slot_key {
 
 struct sp_slot_val {
 	__u32 backend_id; /* key of the backends map */
+};
+
+/* sp_mgl_v3 (hash): the Maglev lookup tables of the frontends flagged
+ * SP_SVC_F_MAGLEV (docs/semantics.md, "Maglev"). A frontend's entry
+ * (svc_id, SP_MGL_TABLE) names its table; frontends of one Service with
+ * the same backends share one. A table's entries (table id, 0..M-1) name a
+ * backend each, and (table id, SP_MGL_SIZE) holds M, so a table says its
+ * own size and a new flow takes entry (lb_flow_hash % M). Every node
+ * computes the same table from the same endpoints (by their address and
+ * port, not their node-local ids). No table, or a missing entry: the flow
+ * takes a random slot, as without the flag. */
+#define SP_MGL_SIZE 0xffffffff
+#define SP_MGL_TABLE 0xfffffffe
+
+struct sp_mgl_key {
+	__u32 id;    /* a table id; with SP_MGL_TABLE, a frontend's svc_id */
+	__u32 index; /* 0..M-1, SP_MGL_SIZE or SP_MGL_TABLE */
+};
+
+struct sp_mgl_val {
+	__u32 value; /* entries: a backend id (key of the backends map); at
+		      * SP_MGL_SIZE: M; at SP_MGL_TABLE: the table id */
 };
 
 /* sp_be_v3 (hash): backend id -> where to send. Ids are shared by every

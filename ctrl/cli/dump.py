@@ -53,6 +53,24 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | 
     return flows
 
 
+def maglev_summary(table: dict[int, int], backends: dict) -> dict:
+    """A frontend's Maglev table (sp_mgl_v3) for people: its size M (the
+    SP_MGL_SIZE entry), the entries each backend holds, and entries
+    missing or naming no backend (a table being written, or maps that
+    disagree)."""
+    size = table.get(abi.MGL_SIZE, 0)
+    shares: dict[str, int] = {}
+    missing = 0
+    for i in range(size):
+        b = backends.get(table.get(i, 0))
+        if b is None:
+            missing += 1
+        else:
+            hp = hostport(b[0], b[1])
+            shares[hp] = shares.get(hp, 0) + 1
+    return {"size": size, "entries": dict(sorted(shares.items())), "missing": missing}
+
+
 def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bool = False) -> dict:
     """Frontends with their backends; service "namespace/name" filters."""
     mc = read_contents(maps)
@@ -68,21 +86,21 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
             bid = mc.slots.get((svc_id, i))
             b = mc.backends.get(bid) if bid is not None else None
             backends.append(hostport(b[0], b[1]) if b else f"<slot {i} missing>")
-        services.append(
-            {
-                "name": mc.names.get(svc_id, ""),
-                "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
-                "scope": "external" if scope == Scope.EXTERNAL else "internal",
-                "svc_id": svc_id,
-                "count": count,
-                "flags": flags,
-                "affinity_timeout": timeout,
-                "source_ranges": sorted(
-                    f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())
-                ),
-                "backends": backends,
-            }
-        )
+        entry: dict[str, object] = {
+            "name": mc.names.get(svc_id, ""),
+            "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
+            "scope": "external" if scope == Scope.EXTERNAL else "internal",
+            "svc_id": svc_id,
+            "count": count,
+            "flags": flags,
+            "affinity_timeout": timeout,
+            "source_ranges": sorted(f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())),
+            "backends": backends,
+        }
+        tid = mc.maglev.get(svc_id, {}).get(abi.MGL_TABLE)
+        if tid is not None:
+            entry["maglev"] = {"table": tid, **maglev_summary(mc.maglev.get(tid, {}), mc.backends)}
+        services.append(entry)
     ct = maps.get(mn("sp_ct"))
     out = {
         "services": services,
@@ -135,6 +153,8 @@ def render_table(data: dict) -> str:
         front = s["frontend"] + (" (external)" if s.get("scope") == "external" else "")
         if s.get("source_ranges"):
             bes += "  [from " + ", ".join(s["source_ranges"]) + "]"
+        if s.get("maglev"):
+            bes += f"  [maglev table {s['maglev']['table']} of {s['maglev']['size']}]"
         rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), bes))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]

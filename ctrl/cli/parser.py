@@ -10,6 +10,7 @@ import socket
 from .. import __version__
 from ..dataplane.abi import Hairpin, MapSizes
 from ..dataplane.loader import DEFAULT_PIN_DIR
+from ..model import maglev
 from ..runtime.settings import Settings
 
 # Hairpin source addresses (docs/semantics.md, "Hairpin"): addresses no
@@ -240,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=sizes.source_ranges,
         help="source range map capacity (loadBalancerSourceRanges entries, summed over frontends)",
     )
+    run.add_argument(
+        "--max-maglev-entries",
+        type=int,
+        default=sizes.maglev,
+        help="Maglev map capacity under --external-lb maglev: M + 1 entries per table (one per Service port "
+        f"and family) and one per external frontend (default {sizes.maglev}: about 16 tables of the default M)",
+    )
+    run.add_argument(
+        "--external-lb",
+        choices=("random", "maglev"),
+        default="random",
+        help="how a new flow to an external frontend (NodePort, LoadBalancer IP, externalIP) picks its "
+        "backend: random, or maglev: a Maglev table per frontend, the same on every node, so a flow an "
+        "outside load balancer moves to another node keeps its backend (docs/semantics.md)",
+    )
+    run.add_argument(
+        "--maglev-table-size",
+        type=int,
+        default=maglev.DEFAULT_SIZE,
+        metavar="M",
+        help=f"entries of each Maglev table: a prime from {maglev.MIN_SIZE} to {maglev.MAX_SIZE}, best "
+        f"above 100 per backend (default {maglev.DEFAULT_SIZE})",
+    )
     _log_args(run)
 
     sb = sub.add_parser("subsetter", help="write zone subsets of EndpointSlices (docs/subsetting.md)")
@@ -360,6 +384,7 @@ def map_sizes(args) -> MapSizes:
         "--max-slots": args.max_slots,
         "--max-conntrack": args.max_conntrack,
         "--max-source-ranges": args.max_source_ranges,
+        "--max-maglev-entries": args.max_maglev_entries,
     }
     for flag, v in flags.items():
         if v < 1:
@@ -396,7 +421,13 @@ def settings(args: argparse.Namespace) -> Settings:
         if not 0 <= v <= 0xFFFFFFFF:
             raise SystemExit(f"sliceproxy run: {flag}: {v} is not a number of seconds (0 or more)")
     sizes = map_sizes(args)
+    try:
+        maglev.check_size(args.maglev_table_size)
+    except maglev.TableSizeError as e:
+        raise SystemExit(f"sliceproxy run: {e}") from None
     return Settings(
+        external_lb=args.external_lb,
+        maglev_table_size=args.maglev_table_size,
         node_name=args.node_name,
         sizes=sizes,
         nodeport_cidrs=_cidrs(args.nodeport_addresses),

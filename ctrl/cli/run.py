@@ -35,7 +35,9 @@ def build_agent(
     from ..model.state import ClusterState
     from ..runtime.agent import Agent
 
-    programmed = Programmed(opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period)
+    programmed = Programmed(
+        opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period, maglev_size=opts.maglev_size
+    )
     if writer is not None:
         mc = read_contents(writer.maps)
         mc.adopt_into(programmed)
@@ -306,6 +308,8 @@ def render_changes(cs, output: str, cfg=None) -> str:
         for i, a, n in cs.src_upd
     ]
     data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names, mn("sp_src"): src}
+    if cs.mgl_upd:  # --external-lb=maglev: the tables and the frontends' pointers to them
+        data[mn("sp_mgl")] = [{"key": {"id": i, "index": j}, "value": {"value": v}} for i, j, v in cs.mgl_upd]
     if cfg is not None:
         data[mn("sp_cfg")] = [{"key": 0, "value": cfg.as_dict()}]
     if output == "json":

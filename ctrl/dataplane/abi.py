@@ -30,7 +30,7 @@ import re
 import struct
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, reduce
 from itertools import starmap
 from operator import or_
@@ -140,6 +140,12 @@ _FLAG_BITS = {m: const(f"SP_SVC_F_{m.name}") for m in FrontendFlag}
 _FLAG_WORDS = {v: reduce(or_, (_FLAG_BITS[m] for m in FrontendFlag(v)), 0) for v in range(1 << len(FrontendFlag))}
 
 
+# The indexes of a Maglev table's size entry and of a frontend's pointer
+# to its table (sp_mgl_v3).
+MGL_SIZE = const("SP_MGL_SIZE")
+MGL_TABLE = const("SP_MGL_TABLE")
+
+
 def frontend_flags(flags: FrontendFlag) -> int:
     """A frontend's flags as sp_svc_val.flags holds them (SP_SVC_F_*)."""
     return _FLAG_WORDS[flags._value_]
@@ -158,6 +164,7 @@ def verdicts() -> list[str]:
 MAP_BASES = (
     "sp_svc",
     "sp_slot",
+    "sp_mgl",
     "sp_be",
     "sp_ct",
     "sp_aff",
@@ -200,6 +207,7 @@ SIZE_FLAGS = {
     "sp_ct": "--max-conntrack",
     "sp_aff": "--max-conntrack",
     "sp_src": "--max-source-ranges",
+    "sp_mgl": "--max-maglev-entries",
 }
 
 
@@ -218,6 +226,10 @@ class MapSizes:
     slots: int = 262144  # sum of backends over frontends
     conntrack: int = 262144  # LRU: full means the oldest flows go
     source_ranges: int = 65536  # loadBalancerSourceRanges entries, summed over frontends
+    # Maglev map entries under --external-lb=maglev: M + 1 per table (one
+    # per Service port and family) and one per external frontend; about 16
+    # tables of the default size.
+    maglev: int = 262144
 
     def for_map(self, name: str) -> int | None:
         """max_entries of one map (any layout version), None for maps of fixed size."""
@@ -229,6 +241,7 @@ class MapSizes:
             "sp_ct": self.conntrack,
             "sp_aff": self.conntrack,  # at most one entry per client and service
             "sp_src": self.source_ranges,
+            "sp_mgl": self.maglev,
         }.get(map_base(name))
 
 
@@ -462,6 +475,8 @@ class Codecs:
     name: Codec
     src_key: Codec
     src_val: Codec
+    mgl_key: Codec
+    mgl_val: Codec
 
     @classmethod
     def get(cls) -> Codecs:
@@ -474,6 +489,8 @@ class Codecs:
             name=codec("sp_svc_name", ("name",)),
             src_key=codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
             src_val=codec("sp_src_val", ("allow",)),
+            mgl_key=codec("sp_mgl_key", ("id", "index")),
+            mgl_val=codec("sp_mgl_val", ("value",)),
         )
 
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -484,6 +501,7 @@ class Codecs:
             map_name("sp_svc"): (self.svc_key.size, self.svc_val.size),
             map_name("sp_names"): (U32.size, self.name.size),
             map_name("sp_src"): (self.src_key.size, self.src_val.size),
+            map_name("sp_mgl"): (self.mgl_key.size, self.mgl_val.size),
         }
 
 
@@ -605,10 +623,14 @@ class MapContents:
     # flagged draining with a deadline (a map carried over from a layout
     # without one has none: their drain starts again).
     draining: dict[int, float]
+    # The Maglev map by its key's id: a table id -> {index: backend id, and
+    # SP_MGL_SIZE: its size}, a frontend's svc_id -> {SP_MGL_TABLE: its
+    # table id} (one id can be both).
+    maglev: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def adopt_into(self, programmed) -> None:
         """Rebuild a mirror (ctrl.dataplane.programmed.Programmed) from these contents."""
-        programmed.adopt(self.svc, self.slots, self.backends, self.names, self.ranges, self.draining)
+        programmed.adopt(self.svc, self.slots, self.backends, self.names, self.ranges, self.draining, self.maglev)
 
 
 def read_contents(maps: dict[str, Map]) -> MapContents:
@@ -639,4 +661,9 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
         for k, _ in maps[map_name("sp_src")].items():
             plen, svc_id, addr = c.src_key.unpack(k)
             ranges.setdefault(svc_id, set()).add((addr, plen - 32))
-    return MapContents(svc, slots, backends, names, ranges, draining)  # type: ignore[arg-type]
+    maglev: dict[int, dict[int, int]] = {}
+    if map_name("sp_mgl") in maps:
+        for k, v in maps[map_name("sp_mgl")].items():
+            ident, index = c.mgl_key.unpack(k)
+            maglev.setdefault(ident, {})[index] = c.mgl_val.unpack(v)[0]
+    return MapContents(svc, slots, backends, names, ranges, draining, maglev)  # type: ignore[arg-type]

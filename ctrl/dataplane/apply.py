@@ -1,8 +1,8 @@
 """Write a ChangeSet into the maps.
 
 Phases run in ChangeSet order, each one batch syscall per map (chunked):
-draining backends evicted to make room, backends, slots, frontends
-(counts), names; then frontend deletes, slot deletes, backend deletes, name
+draining backends evicted to make room, backends, slots, Maglev entries, frontends
+(counts), names; then frontend deletes, slot deletes, Maglev entry deletes, backend deletes, name
 deletes. A packet never sees a count that
 points at an unwritten slot, nor a slot that points at a deleted backend.
 
@@ -71,6 +71,14 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         c.slot_key.pack_columns([s for s, _, _ in cs.slot_upd], [i for _, i, _ in cs.slot_upd]),
         c.slot_val.pack_columns([b for _, _, b in cs.slot_upd]),
     )
+    # Maglev entries before the frontend whose flag sends flows to them.
+    add(
+        mn("sp_mgl"),
+        "update",
+        len(cs.mgl_upd),
+        c.mgl_key.pack_columns([s for s, _, _ in cs.mgl_upd], [i for _, i, _ in cs.mgl_upd]),
+        c.mgl_val.pack_columns([b for _, _, b in cs.mgl_upd]),
+    )
     # Source ranges before the frontends that flag them. The LPM key's
     # prefix length counts the svc_id's 32 bits too.
     add(
@@ -111,6 +119,12 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         "delete",
         len(cs.slot_del),
         c.slot_key.pack_columns([s for s, _ in cs.slot_del], [i for _, i in cs.slot_del]),
+    )
+    add(
+        mn("sp_mgl"),
+        "delete",
+        len(cs.mgl_del),
+        c.mgl_key.pack_columns([s for s, _ in cs.mgl_del], [i for _, i in cs.mgl_del]),
     )
     add(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
     add(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
@@ -204,6 +218,7 @@ class Writer:
                     ChangeSet(
                         be_mark=[(bid, *rows[bid]) for bid in sorted(named | own)],
                         slot_upd=part.slot_upd,
+                        mgl_upd=part.mgl_upd,
                         src_upd=part.src_upd,
                         svc_upd=part.svc_upd,
                         name_upd=part.name_upd,
@@ -211,7 +226,11 @@ class Writer:
                 )
                 self._write(
                     ChangeSet(
-                        svc_del=part.svc_del, slot_del=part.slot_del, name_del=part.name_del, src_del=part.src_del
+                        svc_del=part.svc_del,
+                        slot_del=part.slot_del,
+                        mgl_del=part.mgl_del,
+                        name_del=part.name_del,
+                        src_del=part.src_del,
                     )
                 )
             except BPFError as e:
@@ -219,7 +238,7 @@ class Writer:
                 continue
             removed.extend(part.removed)
         if failed:
-            rest = ChangeSet(slot_del=rest.slot_del, name_del=rest.name_del, src_del=rest.src_del)
+            rest = ChangeSet(slot_del=rest.slot_del, mgl_del=rest.mgl_del, name_del=rest.name_del, src_del=rest.src_del)
         else:
             rest.be_evict = []
         try:

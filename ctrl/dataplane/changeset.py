@@ -16,12 +16,14 @@ _LISTS = (
     "be_upd",
     "be_mark",
     "slot_upd",
+    "mgl_upd",
     "svc_upd",
     "name_upd",
     "src_upd",
     "src_del",
     "svc_del",
     "slot_del",
+    "mgl_del",
     "be_del",
     "name_del",
     "removed",
@@ -45,6 +47,10 @@ class ChangeSet:
     # draining) goes into the backend's entry, so it outlives this process.
     be_mark: list[tuple[int, Backend, int, float]] = field(default_factory=list)
     slot_upd: list[tuple[int, int, int]] = field(default_factory=list)  # svc_id, slot, be_id
+    # Maglev map writes (id, index, value: ctrl.dataplane.tables): a
+    # table's changed entries, then its size, then the frontends' pointers
+    # to it; and deletes (id, index): pointers, sizes, then entries.
+    mgl_upd: list[tuple[int, int, int]] = field(default_factory=list)
     svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
     # loadBalancerSourceRanges entries (svc_id, addr16, prefix length over
@@ -54,6 +60,7 @@ class ChangeSet:
     src_del: list[tuple[int, bytes, int]] = field(default_factory=list)
     svc_del: list[FKey] = field(default_factory=list)
     slot_del: list[tuple[int, int]] = field(default_factory=list)
+    mgl_del: list[tuple[int, int]] = field(default_factory=list)
     be_del: list[int] = field(default_factory=list)
     name_del: list[int] = field(default_factory=list)
     # Backends that stopped serving some frontend: (frontend, backend) pairs
@@ -113,6 +120,8 @@ class ChangeSet:
             + len(self.be_upd)
             + len(self.be_mark)
             + len(self.slot_upd)
+            + len(self.mgl_upd)
+            + len(self.mgl_del)
             + len(self.svc_upd)
             + len(self.name_upd)
             + len(self.svc_del)
@@ -130,6 +139,8 @@ class ChangeSet:
             "frontends_deleted": len(self.svc_del),
             "slots_set": len(self.slot_upd),
             "slots_deleted": len(self.slot_del),
+            "maglev_set": len(self.mgl_upd),
+            "maglev_deleted": len(self.mgl_del),
             "backends_added": len(self.be_upd),
             "backends_deleted": len(self.be_del) + len(self.be_evict),
         }

@@ -22,12 +22,13 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import filterfalse
 
-from ..model.plan import Backend, FKey, Frontend, SourceRange, frontend_str
+from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
 from .abi import MapSizes
 from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
+from .tables import MaglevTables
 
 # A frontend with at least this many slots gets its slot index right after
 # the write that set it in full; a smaller one at its first delta.
@@ -57,8 +58,13 @@ def name_capacity() -> int:
 
 
 class Programmed:
-    def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0):
+    def __init__(self, capacity: MapSizes | None = None, drain_period: float = 0.0, maglev_size: int = 0):
+        """maglev_size: the Maglev table size M of --external-lb=maglev
+        (ctrl.model.maglev.check_size has checked it); 0: random mode."""
         self.capacity = capacity or MapSizes()
+        self.maglev_size = maglev_size
+        # The external frontends' Maglev tables (ctrl.dataplane.tables).
+        self.tables = MaglevTables(maglev_size)
         self.name_max = name_capacity()
         # Frontends two Services claim: the one that holds it keeps it
         # (owner -> {key: holder} of what it waits for; key -> who waits),
@@ -88,6 +94,8 @@ class Programmed:
         self.range_count = 0  # entries in the source range map
         self._unused: set[int] = set()
         self._unindexed: set[FKey] = set()
+        # The external frontends of the owner being synced, for its tables.
+        self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
 
     # The backend ids, and the drains, as dicts (tests, the bench).
     @property
@@ -111,6 +119,7 @@ class Programmed:
         names: dict[int, str],
         ranges: dict[int, set[SourceRange]] | None = None,
         draining: dict[int, float] | None = None,
+        tables: dict[int, dict[int, int]] | None = None,
     ) -> None:
         """Rebuild the mirror from decoded map contents. `draining` holds
         the drain end of every backend the kernel has flagged draining (on
@@ -119,7 +128,7 @@ class Programmed:
         # Who waits for which frontend is this process's knowledge, not the
         # kernel's: a re-adoption keeps it (a restart starts without).
         blocked, waiting = self.blocked, self.waiting
-        self.__init__(self.capacity, self.drain_period)  # type: ignore[misc]
+        self.__init__(self.capacity, self.drain_period, self.maglev_size)  # type: ignore[misc]
         self.blocked, self.waiting = blocked, waiting
         self.bids = bids = BackendIds(backends)
         refs = bids.refs
@@ -146,6 +155,7 @@ class Programmed:
         self.orphan_names = [i for i in names if i not in live_ids]
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.sids = ServiceIds([st.svc_id for st in self.frontends.values()] + list(names))
+        self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()), bids.backends)
         kept = {}
         for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
             if bid not in bids.backends:
@@ -184,6 +194,7 @@ class Programmed:
                 cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
         self._clear_marks = []
         self._freed = []
+        self.tables.begin()
         # Frontends of no known owner (adopted without a name) go last: a
         # Service that claims one takes it over with its id first.
         for owner in sorted(desired, key=lambda o: (o == "", o)):
@@ -207,6 +218,7 @@ class Programmed:
             cs.src_del.extend(self.orphan_ranges)
             self.range_count -= len(self.orphan_ranges)
             self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
+            self.tables.prune(cs)
             self._unused.update(b for b in self.bids.backends if refs.get(b, 0) == 0)
         # Backends drain once every owner is done, so one that moves from
         # one service to another in the same sync keeps its id; and they go
@@ -373,6 +385,12 @@ class Programmed:
                 f"the source range map holds at most {cap.source_ranges} entries, {g_src} more needed "
                 f"(raise --max-source-ranges)"
             )
+        g_mgl = self.tables.growth(f.key for f in fronts if f.scope == Scope.EXTERNAL and f.backends)
+        if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev:
+            full.append(
+                f"the Maglev map holds at most {cap.maglev} entries, {g_mgl} more needed "
+                f"(at most {self.maglev_size + 2} per external frontend; raise --max-maglev-entries)"
+            )
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")
         if g_be and len(self.bids) + g_be > cap.backends:
@@ -387,8 +405,13 @@ class Programmed:
         wanted_keys = {f.key for f in fronts}
         for key in sorted(self.by_owner.get(owner, set()) - wanted_keys):
             self._remove_frontend(key, cs)
+        self._tabled = []
         for f in fronts:
             self._sync_frontend(owner, f, cs)
+        # The Maglev tables once every frontend has its backends: those
+        # sharing a table change it together (ctrl.dataplane.tables).
+        if self._tabled and self.tables.sync_owner(owner, self._tabled, self.bids.backends, cs):
+            cs.services.add(owner)
         if not self.by_owner.get(owner):
             self.by_owner.pop(owner, None)
 
@@ -487,7 +510,14 @@ class Programmed:
         """The frontend entry (count, flags, affinity), its name and its
         source ranges, where they changed."""
         n = len(cur.slots)
-        flags = abi.frontend_flags(f.flags)
+        fflags = f.flags
+        if self.maglev_size and f.scope == Scope.EXTERNAL:
+            fflags |= FrontendFlag.MAGLEV
+        flags = abi.frontend_flags(fflags)
+        if FrontendFlag.MAGLEV in fflags:
+            self._tabled.append((f.key, cur.svc_id, frozenset(b for b in cur.slots if b is not None)))
+        elif f.key in self.tables.of:
+            self._tabled.append((f.key, cur.svc_id, frozenset()))
         if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:
             cur.flags, cur.affinity_timeout = flags, f.affinity_timeout
             cs.svc_upd.append((f.key, (cur.svc_id, n, flags, f.affinity_timeout)))
@@ -508,6 +538,7 @@ class Programmed:
 
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
         st = self.frontends.pop(key)
+        self.tables.remove(key, st.svc_id, cs)
         if key in self.waiting:
             self._freed.append(key)
         self.by_owner[st.owner].discard(key)

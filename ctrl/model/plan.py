@@ -48,6 +48,10 @@ class FrontendFlag(Flag):
     # unreachable, kube-proxy's REJECT; without this flag (a Local policy
     # and no local endpoint) it is dropped, kube-proxy's DROP.
     REJECT = auto()
+    # External scope under --external-lb=maglev: a new flow takes the entry
+    # of the frontend's Maglev table (ctrl.model.maglev) its hash picks, the
+    # same on every node. Set by the dataplane, which knows the mode.
+    MAGLEV = auto()
 
 
 NO_FLAGS = FrontendFlag(0)

@@ -287,8 +287,10 @@ class Agent:
         self._triggers = []
         if len(cs) or full:
             s = cs.summary()
+            # Under --external-lb=maglev, the Maglev entries written and deleted.
+            mgl = f", maglev +{s['maglev_set']}/-{s['maglev_deleted']}" if cs.mgl_upd or cs.mgl_del else ""
             log.info(
-                "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d "
+                "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d%s "
                 "in %.1f ms (plan %.1f, diff %.1f, write %.1f ms)",
                 " (full)" if full else "",
                 s["services"],
@@ -298,6 +300,7 @@ class Agent:
                 s["slots_deleted"],
                 s["backends_added"],
                 s["backends_deleted"],
+                mgl,
                 (time.perf_counter() - t0) * 1000,
                 stages["plan"] * 1000,
                 stages["diff"] * 1000,

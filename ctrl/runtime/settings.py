@@ -40,3 +40,14 @@ class Settings:
     # --cgroup (None: the root of the node's cgroup v2 hierarchy).
     host_clients: Literal["auto", "on", "off"] = "auto"
     cgroup: str | None = None
+    # --external-lb: how a new flow to an external frontend picks its
+    # backend: "random" (a random slot) or "maglev" (the frontend's Maglev
+    # table, the same on every node; docs/semantics.md, "Maglev"), with
+    # tables of maglev_table_size entries (a prime: ctrl.model.maglev).
+    external_lb: Literal["random", "maglev"] = "random"
+    maglev_table_size: int = 16381
+
+    @property
+    def maglev_size(self) -> int:
+        """The table size the dataplane builds tables of; 0: random mode."""
+        return self.maglev_table_size if self.external_lb == "maglev" else 0

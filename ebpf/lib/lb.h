@@ -39,35 +39,135 @@ static __always_inline int lb_source_allowed(const struct sp_svc_val *svc, const
 	return bpf_map_lookup_elem(&SP_MAP(sp_src), &k) != 0;
 }
 
+/* A pick from a Maglev table is recorded (affinity, a host socket's hint)
+ * as its entry's index with this bit: "slot" LB_MGL_SLOT | i is entry i of
+ * the frontend's table. Tables hold fewer than 2^31 entries. */
+#define LB_MGL_SLOT 0x80000000U
+
+/* The entry at index of the Maglev table frontend svc_id reads (its
+ * pointer entry names it), or 0. */
+static __always_inline struct sp_mgl_val *lb_mgl_entry(__u32 svc_id, __u32 index)
+{
+	struct sp_mgl_key k = { .id = svc_id, .index = SP_MGL_TABLE };
+	struct sp_mgl_val *t;
+
+	t = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!t)
+		return 0;
+	k.id = t->value;
+	k.index = index;
+	return bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+}
+
 /* Does slot `slot` of svc (count n) still name backend be_id? A slot
- * rewritten by a removal names another one, or lies past the count. */
+ * rewritten by a removal names another one, or lies past the count. For a
+ * Maglev entry (LB_MGL_SLOT), the same of the table's entry. */
 static __always_inline int lb_slot_holds(__u32 svc_id, __u32 slot, __u32 n, __u32 be_id)
 {
 	struct sp_slot_key k = { .svc_id = svc_id, .slot = slot };
 	struct sp_slot_val *sl;
+	struct sp_mgl_val *e;
 
+	if (slot & LB_MGL_SLOT) {
+		e = lb_mgl_entry(svc_id, slot & ~LB_MGL_SLOT);
+		return e && e->value == be_id;
+	}
 	if (slot >= n)
 		return 0;
 	sl = bpf_map_lookup_elem(&SP_MAP(sp_slot), &k);
 	return sl && sl->backend_id == be_id;
 }
 
+#define LB_FNV_OFFSET 0x811c9dc5U
+#define LB_FNV_PRIME 0x01000193U
+
+static __always_inline __u32 lb_fnv(__u32 h, __u8 b)
+{
+	return (h ^ b) * LB_FNV_PRIME;
+}
+
+/*
+ * The hash of a flow that picks its Maglev entry: FNV-1a over the source
+ * address (map form), the source port and the frontend's port (each
+ * big-endian) and the protocol, then murmur3's finaliser so the low bits
+ * the modulo reads depend on every byte. Ports in host order. Not the
+ * destination address: a NodePort flow moved to another node arrives at
+ * that node's address, and must find the same entry there. The control
+ * plane computes the same (ctrl/model/maglev.py, flow_hash).
+ */
+static __always_inline __u32 lb_flow_hash(const __u8 *saddr, __u16 sport, __u16 dport, __u8 proto)
+{
+	__u32 h = LB_FNV_OFFSET;
+
+#pragma unroll
+	for (int i = 0; i < 16; i++)
+		h = lb_fnv(h, saddr[i]);
+	h = lb_fnv(h, sport >> 8);
+	h = lb_fnv(h, sport & 0xff);
+	h = lb_fnv(h, dport >> 8);
+	h = lb_fnv(h, dport & 0xff);
+	h = lb_fnv(h, proto);
+	h ^= h >> 16;
+	h *= 0x85ebca6bU;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35U;
+	h ^= h >> 16;
+	return h;
+}
+
+/*
+ * The backend of entry (flow hash % M) of the Maglev table svc reads (its
+ * pointer entry names the table, whose size entry holds M), and that entry
+ * as a slot (LB_MGL_SLOT | index); 0 when the table or the entry is
+ * missing (being written, or not yet: the caller takes a random slot).
+ * Under ClientIP affinity the source port is left out of the hash: every
+ * flow of a client takes the same entry, on every node, which is what the
+ * affinity asks for and what a node that never saw the client can agree
+ * with.
+ */
+static __always_inline int lb_maglev(const struct sp_svc_val *svc, const struct sp_ct_key *f, __u32 *be_id,
+				     __u32 *slot)
+{
+	struct sp_mgl_key k = { .id = svc->svc_id, .index = SP_MGL_TABLE };
+	struct sp_mgl_val *e;
+	__u16 sport = (svc->flags & SP_SVC_F_AFFINITY) ? 0 : f->sport;
+	__u32 m;
+
+	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!e)
+		return 0;
+	k.id = e->value;
+	k.index = SP_MGL_SIZE;
+	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!e || e->value == 0 || e->value >= LB_MGL_SLOT)
+		return 0;
+	m = e->value;
+	k.index = lb_flow_hash(f->saddr, sport, f->dport, f->proto) % m;
+	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	if (!e || e->value == 0)
+		return 0;
+	*be_id = e->value;
+	*slot = LB_MGL_SLOT | k.index;
+	return 1;
+}
+
 /* No earlier choice to keep (lb_choose's hint). */
 #define LB_NO_HINT 0xffffffffU
 
 /*
- * The backend id (and its slot) of a new flow from client to frontend svc,
- * whose count (n) is not 0: the hinted slot when it still names the hinted
+ * The backend id (and its slot) of a new flow f to frontend svc, whose
+ * count (n) is not 0: the hinted slot when it still names the hinted
  * backend (an unconnected UDP socket keeps its backend per frontend, as
  * netfilter's conntrack keeps a socket's datagrams on one); else under
  * ClientIP affinity the backend of this client's last new flow, if recent
  * enough and still in the slot it came from (a slot rewritten by a removal
- * ends the affinity, as a removed endpoint does in kube-proxy); else slot
- * (random % n). The control plane writes slots before raising count, and
- * lowers count before deleting slots, so every slot below count exists; 0
- * when one is missing all the same (maps that disagree), else 1.
+ * ends the affinity, as a removed endpoint does in kube-proxy); else, for a
+ * frontend flagged SP_SVC_F_MAGLEV, its Maglev table's entry for the flow;
+ * else slot (random % n). The control plane writes slots before raising
+ * count, and lowers count before deleting slots, so every slot below count
+ * exists; 0 when one is missing all the same (maps that disagree), else 1.
  */
-static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const __u8 *client, __u64 now,
+static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const struct sp_ct_key *f, __u64 now,
 				   __u32 hint_slot, __u32 hint_be, __u32 *be_id, __u32 *slot)
 {
 	struct sp_slot_key slkey = {
@@ -79,27 +179,34 @@ static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const 
 	struct sp_aff_val *aff = 0;
 	int sticky = 0;
 
-	if (hint_slot != LB_NO_HINT && lb_slot_holds(svc->svc_id, hint_slot, n, hint_be))
+	if (hint_slot != LB_NO_HINT && lb_slot_holds(svc->svc_id, hint_slot, n, hint_be)) {
 		slkey.slot = hint_slot;
-	else if (svc->flags & SP_SVC_F_AFFINITY) {
+		sticky = 1;
+	} else if (svc->flags & SP_SVC_F_AFFINITY) {
 		akey.svc_id = svc->svc_id;
-		__builtin_memcpy(akey.addr, client, sizeof(akey.addr));
+		__builtin_memcpy(akey.addr, f->saddr, sizeof(akey.addr));
 		aff = bpf_map_lookup_elem(&SP_MAP(sp_aff), &akey);
 		if (aff && idle_ns(now, aff->last_used) < (__u64)svc->affinity_timeout * 1000000000ULL &&
 		    lb_slot_holds(svc->svc_id, aff->slot, n, aff->backend_id)) {
 			slkey.slot = aff->slot;
-			sticky = 1;
+			sticky = 2;
 		}
 	}
-	sl = bpf_map_lookup_elem(&SP_MAP(sp_slot), &slkey);
-	if (!sl)
-		return 0;
-	*be_id = sl->backend_id;
-	*slot = slkey.slot;
+	if (sticky && (slkey.slot & LB_MGL_SLOT)) {
+		/* An earlier Maglev pick, checked above: its backend. */
+		*be_id = sticky == 1 ? hint_be : aff->backend_id;
+		*slot = slkey.slot;
+	} else if (sticky || !(svc->flags & SP_SVC_F_MAGLEV) || !lb_maglev(svc, f, be_id, slot)) {
+		sl = bpf_map_lookup_elem(&SP_MAP(sp_slot), &slkey);
+		if (!sl)
+			return 0;
+		*be_id = sl->backend_id;
+		*slot = slkey.slot;
+	}
 	if (svc->flags & SP_SVC_F_AFFINITY) {
-		struct sp_aff_val av = { .backend_id = *be_id, .slot = slkey.slot, .last_used = now };
+		struct sp_aff_val av = { .backend_id = *be_id, .slot = *slot, .last_used = now };
 
-		if (sticky && aff)
+		if (sticky == 2 && aff)
 			aff->last_used = now;
 		else
 			bpf_map_update_elem(&SP_MAP(sp_aff), &akey, &av, BPF_ANY);
@@ -122,22 +229,23 @@ struct lb_choice {
 };
 
 /*
- * The endpoint choice: the backend a new flow from client (map form; the
- * affinity key) to frontend svc gets, for a flow of family v6. What the
+ * The endpoint choice: the backend a new flow f (its forward conntrack
+ * key: the source in map form is the affinity key; source, ports and
+ * protocol the Maglev hash) to frontend svc gets, for a flow of family v6. What the
  * control plane planned decides the rest: the traffic policies, topology,
  * and the terminating fallback are in which backends fill the slots of
  * which frontend scope. hint_slot/hint_be: an earlier choice to keep while
  * its slot still names it (LB_NO_HINT: none). LB_* result; c filled on
  * LB_OK.
  */
-static __always_inline int lb_choose(const struct sp_svc_val *svc, const __u8 *client, int v6, __u64 now,
+static __always_inline int lb_choose(const struct sp_svc_val *svc, const struct sp_ct_key *f, int v6, __u64 now,
 				     __u32 hint_slot, __u32 hint_be, struct lb_choice *c)
 {
 	__u32 n = svc->count;
 
 	if (n == 0)
 		return LB_NO_BACKEND;
-	if (!lb_pick(svc, n, client, now, hint_slot, hint_be, &c->be_id, &c->slot))
+	if (!lb_pick(svc, n, f, now, hint_slot, hint_be, &c->be_id, &c->slot))
 		return LB_ERROR;
 	c->be = bpf_map_lookup_elem(&SP_MAP(sp_be), &c->be_id);
 	/* The control plane never mixes families in one frontend. */

@@ -39,6 +39,17 @@ struct {
 	__type(value, struct sp_slot_val);
 } SP_MAP(sp_slot) SEC(".maps");
 
+/* Maglev tables (--max-maglev-entries): not preallocated, so a node in
+ * random mode (the default) pays for its buckets only, and a table is
+ * allocated when its frontend is first written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sp_mgl_key);
+	__type(value, struct sp_mgl_val);
+} SP_MAP(sp_mgl) SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);

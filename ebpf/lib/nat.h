@@ -89,7 +89,7 @@ static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope
 	}
 
 	/* A new flow (or one whose backend went away): pick a backend. */
-	r = lb_choose(svc, ckey.saddr, p->v6, now, LB_NO_HINT, 0, &c);
+	r = lb_choose(svc, &ckey, p->v6, now, LB_NO_HINT, 0, &c);
 	if (r == LB_NO_BACKEND)
 		return reject(skb, p, svc);
 	if (r != LB_OK)

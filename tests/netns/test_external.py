@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from ctrl.model import maglev
+from ctrl.util.addrs import addr16
 from scripts.harness.topo import Lan, Topology
 
 from .agent import BPFFS, PIN_PREFIX, AgentProc, SourceDir, dump, endpoint_slice, wait_dump
@@ -473,3 +477,146 @@ def test_big_udp_datagrams_to_a_nodeport_are_echoed_whole(cluster: Cluster, size
             "client", "udp", "--target", f"{entry}:30053", "--count", "30", "--timeout", "2", "--size", str(size)
         )
         assert_all_answered(res, {"web-1", "web-2"})
+
+
+# -- Maglev: a flow moved to another node keeps its backend ----------------------
+
+STICKY_LB_IP = "198.19.5.9"
+STICKY_PORT = 81
+# A link between the nodes that is not an --external-interface (a cluster
+# network beside the uplink, as an overlay or a second NIC is): pod traffic
+# between nodes crosses it without the uplink's masquerade.
+INTERCONNECT = {"node-1": "198.18.210.1", "node-2": "198.18.210.2"}
+
+# Runs in the outside client: one TCP connection from a given source port
+# to the line-echo port; one line and its echo, then (after "go" on stdin,
+# once the test moved the route) another on the same connection.
+MOVED_CONN = r"""
+import socket, sys
+
+host, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", sport))
+s.settimeout(5)
+s.connect((host, port))
+f = s.makefile("rwb")
+
+def line(text):
+    f.write(text.encode() + b"\n")
+    f.flush()
+    reply = f.readline().decode().strip()
+    print(reply or "EOF", flush=True)
+
+line("before")
+sys.stdin.readline()
+try:
+    line("after")
+except OSError as e:
+    print(f"ERROR {type(e).__name__}: {e}", flush=True)
+"""
+
+
+def sticky_service() -> list[dict[str, Any]]:
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "sticky", "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "198.19.0.13",
+            "clusterIPs": ["198.19.0.13"],
+            "externalTrafficPolicy": "Cluster",
+            "ports": [{"name": "echo", "port": STICKY_PORT, "protocol": "TCP", "targetPort": 8081, "nodePort": 30085}],
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": STICKY_LB_IP}]}},
+    }
+    return [svc, slice_of("sticky", [("echo", 8081, "TCP")])]
+
+
+def interconnect(cluster: Cluster, stack_lan: Lan) -> None:
+    """Join the nodes by a second segment and route each one's pod subnet
+    to the other over it."""
+    for n in cluster.nodes:
+        link = f"{n.topo.prefix}i0"
+        port = stack_lan.new_port_name()
+        cp = n.topo.exec_in(
+            "node", ["ip", "link", "add", link, "type", "veth", "peer", "name", port, "netns", stack_lan.node_ns]
+        )
+        assert cp.returncode == 0, cp.stderr
+        stack_lan.attach_port(port)
+        for argv in (
+            ["ip", "addr", "add", f"{INTERCONNECT[n.name]}/24", "dev", link],
+            ["ip", "link", "set", link, "up"],
+        ):
+            cp = n.topo.exec_in("node", argv)
+            assert cp.returncode == 0, cp.stderr
+    for n, other, subnet in (
+        (cluster.nodes[0], "node-2", "198.18.2.0/24"),
+        (cluster.nodes[1], "node-1", "198.18.1.0/24"),
+    ):
+        cp = n.topo.exec_in("node", ["ip", "route", "replace", subnet, "via", INTERCONNECT[other]])
+        assert cp.returncode == 0, cp.stderr
+
+
+def source_port_for(backend: str) -> int:
+    """A source port of the outside client whose flow to the sticky LB IP
+    the Maglev table (ctrl.model.maglev, as both agents build it from the
+    same endpoints) gives to `backend`."""
+    ordered, table = maglev.build_for([(addr16(WEB1), 8081), (addr16(WEB2), 8081)], maglev.DEFAULT_SIZE)
+    for sport in range(45000, 46000):
+        h = maglev.flow_hash(addr16(CLIENT), sport, STICKY_PORT, socket.IPPROTO_TCP)
+        if ordered[table[h % maglev.DEFAULT_SIZE]] == (addr16(backend), 8081):
+            return sport
+    raise AssertionError("no source port maps to " + backend)
+
+
+def test_maglev_flow_moved_to_another_node_keeps_its_backend(cluster: Cluster) -> None:
+    """--external-lb=maglev on both nodes: a connection to an LB IP that
+    enters node-1, then (the outside router now sending the LB IP to
+    node-2) node-2, which never saw it, reaches the same backend there
+    and goes on. Its backend is web-1, node-1's pod: node-1 took it
+    without masquerade, so web-1 sees the client itself both times, and
+    its replies still leave through node-1, whose flow entry turns them
+    back into the LB IP. (With random picks node-2 may choose web-2, which
+    resets the connection; not asserted.)"""
+    ic = Lan()
+    try:
+        interconnect(cluster, ic)
+        cluster.write("sticky.yaml", *sticky_service())
+        cluster.start_agents("--external-lb", "maglev")
+        target = f"{STICKY_LB_IP}:{STICKY_PORT}/TCP"
+        cluster.wait_external(target, {f"{WEB1}:8081", f"{WEB2}:8081"})
+        for n in cluster.nodes:
+            fronts = {s["scope"]: s for s in dump(n.topo, n.pin_dir)["services"] if s["frontend"] == target}
+            # The external frontend has a table, its pod-side twin none.
+            assert fronts["external"]["maglev"]["size"] == maglev.DEFAULT_SIZE, fronts
+            assert fronts["external"]["maglev"]["missing"] == 0
+            assert "maglev" not in fronts["internal"]
+        sport = source_port_for(WEB1)
+        proc = cluster.lan.run_in(
+            "client",
+            [sys.executable, "-c", MOVED_CONN, STICKY_LB_IP, str(STICKY_PORT), str(sport)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "web-1 before"
+        in1 = dump(cluster.nodes[0].topo, cluster.nodes[0].pin_dir)["counters"]["dnat_new"]["packets"]
+        # The outside router fails over: the LB IP now goes to node-2.
+        cp = cluster.lan.exec_in("client", ["ip", "route", "replace", "198.19.0.0/16", "via", NODE2])
+        assert cp.returncode == 0, cp.stderr
+        n2 = cluster.nodes[1]
+        new2 = dump(n2.topo, n2.pin_dir)["counters"]["dnat_new"]["packets"]
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "web-1 after"
+        assert proc.wait(timeout=10) == 0
+        # node-2 took the flow as a new one (it had no state of it) and
+        # gave it web-1 from its own table; node-1 saw no new flow.
+        assert dump(n2.topo, n2.pin_dir)["counters"]["dnat_new"]["packets"] > new2
+        assert dump(cluster.nodes[0].topo, cluster.nodes[0].pin_dir)["counters"]["dnat_new"]["packets"] == in1
+        invalid_rule_held(cluster)
+    finally:
+        ic.cleanup()

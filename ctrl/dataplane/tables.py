@@ -1,0 +1,225 @@
+"""Maglev tables in the map (sp_mgl_v3): which table each external
+frontend reads, tables shared, and the smallest writes that keep them
+(docs/semantics.md, "Maglev").
+
+A table is M entries (backend ids) and its size, under a table id; a
+frontend reads the table its pointer entry (svc_id, SP_MGL_TABLE) names.
+The external frontends of one Service with the same backends (its NodePort
+on each node address, its LoadBalancer IPs and externalIPs, ports with the
+same target) share one table: M entries per backend set, not per frontend.
+
+A table follows its backends in place: only the entries that differ are
+written (one backend of N removed: its own entries and about 1/N of the
+others). Write order, as everywhere in ctrl.dataplane: a table's entries,
+then its size, then the pointers that name it; deletes the other way
+round (pointers, size, entries), so a flow never reads past what exists.
+The tables themselves come from ctrl.model.maglev. Pure Python.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from ..model import maglev
+from ..model.plan import Backend, FKey
+from . import abi
+from .changeset import ChangeSet
+
+
+@dataclass
+class Table:
+    tid: int
+    owner: str
+    backends: frozenset[int] | None  # None: adopted, not checked yet
+    entries: list[int]  # backend id per entry, as the map holds them (0: missing)
+    users: set[FKey] = field(default_factory=set)
+
+
+class MaglevTables:
+    def __init__(self, size: int = 0):
+        """size: M; 0: no tables (random mode; adopted ones go)."""
+        self.size = size
+        self.tables: dict[int, Table] = {}
+        self.of: dict[FKey, int] = {}  # frontend -> the table it reads
+        self.count = 0  # entries in the map
+        self.orphans: list[tuple[int, int]] = []
+        self._by_set: dict[tuple[str, frozenset[int]], int] = {}
+        self._next = 1
+        self._built: dict[frozenset[int], list[int]] = {}  # tables built in this sync
+
+    # -- reading back ---------------------------------------------------------
+    def adopt(
+        self, raw: dict[int, dict[int, int]], frontends: Iterable[tuple[FKey, int, str]], known: Collection[int]
+    ) -> None:
+        """The tables and pointers of the map (id -> {index: value}), for
+        frontends (key, svc_id, owner), with the backend ids the backend
+        map holds (known). A table no frontend names, a pointer of no
+        frontend or to no table, and entries past a table's size are
+        orphans: deleted at the first full sync. A whole table (every
+        entry there, each naming a known backend) is taken for the table of
+        the backends it names: the periodic reconcile, which adopts the
+        maps again, builds no table whose backends did not change. One
+        with an entry missing is built and compared entry by entry at its
+        first sync."""
+        table_idx, size_idx = abi.MGL_TABLE, abi.MGL_SIZE
+        pointers: dict[int, int] = {}
+        for i, raw_entries in raw.items():
+            self.count += len(raw_entries)
+            rest = dict(raw_entries)
+            if table_idx in rest:
+                pointers[i] = rest.pop(table_idx)
+            if not rest:
+                continue
+            m = rest.get(size_idx, 0)
+            entries = [rest.get(j, 0) for j in range(m)]
+            ids = frozenset(entries)
+            whole = m == self.size and all(b in known for b in ids)  # 0 is never a backend id
+            self.tables[i] = Table(i, "", ids if whole else None, entries)
+            self.orphans.extend((i, j) for j in rest if j != size_idx and j >= m)
+            if not m:  # entries with no size: never read
+                self.orphans.extend((i, j) for j in rest)
+                del self.tables[i]
+        self._next = max(list(self.tables) + [0]) + 1
+        for key, sid, owner in frontends:
+            tid = pointers.pop(sid, None)
+            if tid is None:
+                continue
+            t = self.tables.get(tid)
+            if t is None:
+                self.orphans.append((sid, table_idx))
+                continue
+            t.owner = owner
+            t.users.add(key)
+            self.of[key] = tid
+            if t.backends is not None:
+                self._by_set.setdefault((owner, t.backends), tid)
+        self.orphans.extend((sid, table_idx) for sid in pointers)
+        for tid, t in list(self.tables.items()):
+            if not t.users:
+                self.orphans.append((tid, size_idx))
+                self.orphans.extend((tid, j) for j in range(len(t.entries)))
+                del self.tables[tid]
+
+    def prune(self, cs: ChangeSet) -> None:
+        """Delete the orphans (a full sync)."""
+        cs.mgl_del.extend(self.orphans)
+        self.count -= len(self.orphans)
+        self.orphans = []
+
+    # -- the diff ---------------------------------------------------------------
+    def begin(self) -> None:
+        """A new sync: tables built in the last one are forgotten."""
+        self._built = {}
+
+    def growth(self, keys: Iterable[FKey]) -> int:
+        """Entries at most needed for these external frontends (with
+        backends) to get a table: M + 1 and a pointer each that has none."""
+        if not self.size:
+            return 0
+        return sum(self.size + 2 for k in keys if k not in self.of)
+
+    def sync_owner(
+        self, owner: str, wanted: list[tuple[FKey, int, frozenset[int]]], backends: dict[int, Backend], cs: ChangeSet
+    ) -> bool:
+        """The external frontends of one Service (key, svc_id, the backend
+        ids its table should hold: empty for none) to their tables, once
+        all of them are planned: a table its users all still share
+        follows their new backends in place (the changed entries only),
+        whatever order they were planned in. Whether anything changed."""
+        changed = False
+        groups: dict[int, list[tuple[FKey, int, frozenset[int]]]] = {}
+        homeless = []
+        for key, sid, ids in wanted:
+            tid = self.of.get(key)
+            if not ids or not self.size:
+                if tid is not None:
+                    self.remove(key, sid, cs)
+                    changed = True
+            elif tid is None:
+                homeless.append((key, sid, ids))
+            else:
+                groups.setdefault(tid, []).append((key, sid, ids))
+        for tid, group in groups.items():
+            t = self.tables[tid]
+            # The backends most of its users want stay in this table (the
+            # first in plan order on a tie); the others move.
+            wants = Counter(ids for _, _, ids in group)
+            keep = t.backends if t.backends is not None and t.backends in wants else max(wants, key=wants.__getitem__)
+            if t.backends != keep or len(t.entries) != self.size:
+                self._fill(t, owner, keep, backends, cs)
+                changed = True
+            homeless.extend(m for m in group if m[2] != keep)
+        for key, sid, ids in homeless:
+            tid = self.of.get(key)
+            same = self._by_set.get((owner, ids))
+            if same is None:
+                nt = Table(self._next, owner, None, [])
+                self._next += 1
+                self.tables[nt.tid] = nt
+                self._fill(nt, owner, ids, backends, cs)
+                same = nt.tid
+            if tid is not None:
+                self._leave(key, self.tables[tid], cs)
+            self._point(key, sid, self.tables[same], cs, new=tid is None)
+            changed = True
+        return changed
+
+    def remove(self, key: FKey, sid: int, cs: ChangeSet) -> None:
+        """Frontend key gone (or without a table now): its pointer, first,
+        and its table when no other frontend reads it."""
+        tid = self.of.get(key)
+        if tid is None:
+            return
+        cs.mgl_del.append((sid, abi.MGL_TABLE))
+        self.count -= 1
+        self._leave(key, self.tables[tid], cs)
+
+    def _leave(self, key: FKey, t: Table, cs: ChangeSet) -> None:
+        t.users.discard(key)
+        self.of.pop(key, None)
+        if t.users:
+            return
+        del self.tables[t.tid]
+        if t.backends is not None and self._by_set.get((t.owner, t.backends)) == t.tid:
+            del self._by_set[t.owner, t.backends]
+        cs.mgl_del.append((t.tid, abi.MGL_SIZE))
+        cs.mgl_del.extend((t.tid, i) for i in range(len(t.entries)))
+        self.count -= 1 + len(t.entries)
+
+    def _point(self, key: FKey, sid: int, t: Table, cs: ChangeSet, new: bool) -> None:
+        t.users.add(key)
+        self.of[key] = t.tid
+        cs.mgl_upd.append((sid, abi.MGL_TABLE, t.tid))  # after the table's entries
+        self.count += new
+
+    def _fill(self, t: Table, owner: str, ids: frozenset[int], backends: dict[int, Backend], cs: ChangeSet) -> None:
+        """Table t to hold the table of ids: the entries that differ."""
+        new = self.build(ids, backends)
+        old = t.entries
+        tid = t.tid
+        cs.mgl_upd.extend((tid, i, new[i]) for i in maglev.changed(old, new))
+        if len(old) != len(new):
+            cs.mgl_upd.append((tid, abi.MGL_SIZE, len(new)))  # after its entries
+        cs.mgl_del.extend((tid, i) for i in range(len(new), len(old)))
+        self.count += len(new) - len(old) + (not old)
+        if t.backends is not None and self._by_set.get((t.owner, t.backends)) == tid:
+            del self._by_set[t.owner, t.backends]
+        t.owner, t.backends, t.entries = owner, ids, new
+        self._by_set.setdefault((owner, ids), tid)
+
+    def build(self, ids: frozenset[int], backends: dict[int, Backend]) -> list[int]:
+        """The table (backend id per entry) of these backends, by their
+        address and port (the same on every node), not their ids."""
+        table = self._built.get(ids)
+        if table is None:
+            ordered = sorted(ids, key=lambda b: (backends[b][0], backends[b][1]))
+            positions = maglev.build([maglev.identity(backends[b][0], backends[b][1]) for b in ordered], self.size)
+            table = self._built[ids] = [ordered[i] for i in positions]
+        return table
+
+    def entries_of(self, key: FKey) -> list[int] | None:
+        """The table frontend key reads, or None (tests, the bench)."""
+        tid = self.of.get(key)
+        return None if tid is None else self.tables[tid].entries

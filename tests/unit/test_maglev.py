@@ -1,0 +1,362 @@
+"""Maglev tables (ctrl.model.maglev) and how the dataplane keeps them
+(ctrl.dataplane.programmed): balance, minimal disruption, the same table
+whatever the endpoints' order or the node's backend ids, only changed
+entries written, and the size checks."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from collections import Counter
+
+import pytest
+
+from ctrl.cli.parser import build_parser, settings
+from ctrl.dataplane import abi
+from ctrl.dataplane.abi import MapSizes
+from ctrl.dataplane.programmed import Programmed
+from ctrl.model import maglev
+from ctrl.model.plan import Frontend, FrontendFlag, Scope
+from ctrl.util.addrs import addr16
+
+TCP = socket.IPPROTO_TCP
+M = maglev.DEFAULT_SIZE
+LB = addr16("198.19.0.10")
+SIZE = abi.MGL_SIZE
+MAGLEV_BIT = abi.frontend_flags(FrontendFlag.MAGLEV)
+
+
+def ep(i: int) -> tuple[bytes, int]:
+    """Endpoint i: an address in 198.18.0.0/15 (up to 65,536 of them)."""
+    return addr16(f"198.18.{i // 256}.{i % 256}"), 8080
+
+
+def owners(backends: list[tuple[bytes, int]], m: int = M) -> list[tuple[bytes, int]]:
+    """The endpoint each entry names."""
+    ordered, table = maglev.build_for(backends, m)
+    return [ordered[i] for i in table]
+
+
+@pytest.mark.parametrize("n", [3, 10, 100, 1000], ids=lambda n: f"N={n}")
+def test_balance(n):
+    counts = Counter(owners([ep(i) for i in range(n)]))
+    assert len(counts) == n
+    # The round-robin fill: every backend takes one entry per round, so
+    # their shares differ by one entry at most...
+    assert max(counts.values()) - min(counts.values()) <= 1
+    # ... which is within a few percent of the mean at M > 16 N.
+    mean = M / n
+    assert max(counts.values()) / mean < 1.07
+    assert min(counts.values()) / mean > 0.93
+
+
+@pytest.mark.parametrize("n", [3, 10, 100, 1000], ids=lambda n: f"N={n}")
+def test_removal_moves_about_one_nth(n):
+    eps = [ep(i) for i in range(n)]
+    gone = eps[n // 2]
+    before = owners(eps)
+    after = owners([e for e in eps if e != gone])
+    own = sum(1 for b in before if b == gone)
+    # Every entry of the removed backend moves; of the others, only a few
+    # (the paper's minimal disruption): here under 2% of the table.
+    assert all(a != gone for a in after)
+    others_moved = sum(1 for b, a in zip(before, after, strict=True) if b != a and b != gone)
+    assert others_moved < 0.02 * M
+    moved = own + others_moved
+    assert moved / M < 1 / n + 0.02
+
+
+@pytest.mark.parametrize("n", [3, 10, 100, 1000], ids=lambda n: f"N={n}")
+def test_addition_moves_about_one_nth(n):
+    eps = [ep(i) for i in range(n + 1)]
+    before = owners(eps[:n])
+    after = owners(eps)
+    new = eps[n]
+    taken = sum(1 for a in after if a == new)
+    moved = sum(1 for b, a in zip(before, after, strict=True) if b != a)
+    # The new backend takes its share; few other entries change hands.
+    assert abs(taken - M / (n + 1)) <= 1
+    assert moved - taken < 0.02 * M
+
+
+def test_same_table_whatever_the_order():
+    eps = [ep(i) for i in range(200)]
+    shuffled = list(eps)
+    random.Random(7).shuffle(shuffled)
+    assert owners(eps) == owners(shuffled)
+    assert owners(eps) == owners(eps + eps[:10])  # an endpoint listed twice counts once
+
+
+def test_empty_table():
+    assert maglev.build([], M) == []
+
+
+def test_more_backends_than_entries_fills_every_entry():
+    m = maglev.MIN_SIZE
+    counts = Counter(owners([ep(i) for i in range(m + 50)], m))
+    assert sum(counts.values()) == m
+    assert set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize(
+    "m,ok",
+    [
+        pytest.param(16381, True, id="default"),
+        pytest.param(1021, True, id="floor"),
+        pytest.param(65537, True, id="larger-prime"),
+        pytest.param(16383, False, id="not-prime"),
+        pytest.param(16384, False, id="even"),
+        pytest.param(1019, False, id="prime-below-floor"),
+        pytest.param(251, False, id="small-prime"),
+        pytest.param(0, False, id="zero"),
+        pytest.param(1048583, False, id="prime-above-max"),
+    ],
+)
+def test_size_check(m, ok):
+    if ok:
+        assert maglev.check_size(m) == m
+    else:
+        with pytest.raises(maglev.TableSizeError, match="--maglev-table-size"):
+            maglev.check_size(m)
+
+
+def test_flag_refuses_bad_size():
+    args = build_parser().parse_args(["run", "--source", "x", "--external-lb", "maglev", "--maglev-table-size", "1000"])
+    with pytest.raises(SystemExit, match="--maglev-table-size 1000: must be a prime"):
+        settings(args)
+
+
+def test_flags():
+    args = build_parser().parse_args(["run", "--source", "x"])
+    assert (settings(args).external_lb, settings(args).maglev_size) == ("random", 0)
+    args = build_parser().parse_args(["run", "--source", "x", "--external-lb", "maglev", "--maglev-table-size", "1021"])
+    assert settings(args).maglev_size == 1021
+
+
+def test_flow_hash_spreads_and_keeps_its_inputs():
+    a = addr16("198.18.7.7")
+    h = maglev.flow_hash(a, 40000, 80, TCP)
+    assert h == maglev.flow_hash(a, 40000, 80, TCP)
+    assert h != maglev.flow_hash(a, 40001, 80, TCP)
+    assert h != maglev.flow_hash(addr16("198.18.7.8"), 40000, 80, TCP)
+    assert h != maglev.flow_hash(a, 40000, 81, TCP)
+    assert h != maglev.flow_hash(a, 40000, 80, socket.IPPROTO_UDP)
+    # Consecutive source ports spread over the entries.
+    hits = Counter(maglev.flow_hash(a, p, 80, TCP) % 10 for p in range(32768, 32768 + 10000))
+    assert min(hits.values()) > 900
+
+
+# -- the dataplane's tables ------------------------------------------------------------
+
+TABLE = abi.MGL_TABLE
+
+
+def be(i: int) -> tuple[bytes, int, int]:
+    return (*ep(i), TCP)
+
+
+def ext(*nums: int, addr: bytes = LB, scope: Scope = Scope.EXTERNAL, port: int = 80, name: str = "http") -> Frontend:
+    return Frontend(addr, port, TCP, scope, f"default/web:{name}/TCP", tuple(be(i) for i in nums))
+
+
+def table_of(p: Programmed, f: Frontend) -> list[tuple[bytes, int, int]]:
+    entries = p.tables.entries_of(f.key)
+    assert entries is not None
+    return [p.backends[b] for b in entries]
+
+
+def owners_of(nums) -> list[int]:
+    """The endpoint number each entry of the table of these names."""
+    number = {ep(i): i for i in nums}
+    return [number[e] for e in owners([ep(i) for i in nums])]
+
+
+def written(cs) -> dict[tuple[int, int], int]:
+    return {(i, j): v for i, j, v in cs.mgl_upd}
+
+
+def test_external_frontend_gets_table_and_flag():
+    p = Programmed(maglev_size=M)
+    f, internal = ext(1, 2, 3), ext(1, 2, 3, scope=Scope.INTERNAL)
+    cs = p.sync({"default/web": [internal, f]})
+    sid = p.frontends[f.key].svc_id
+    flags = {k: v[2] for k, v in cs.svc_upd}
+    assert flags[f.key] & MAGLEV_BIT
+    assert not flags[internal.key] & MAGLEV_BIT  # ClusterIP scope keeps random
+    w = written(cs)
+    tid = w[sid, TABLE]
+    assert (p.frontends[internal.key].svc_id, TABLE) not in w
+    assert len(w) == M + 2 and w[tid, SIZE] == M
+    # The entries, then the size, then the pointer: a flow never reads
+    # a table before it is whole.
+    assert cs.mgl_upd[-2:] == [(tid, SIZE, M), (sid, TABLE, tid)]
+    want = owners([ep(1), ep(2), ep(3)])
+    assert [p.backends[w[tid, i]][:2] for i in range(M)] == want
+    assert len(p.sync({"default/web": [internal, f]})) == 0
+
+
+def test_random_mode_writes_no_table():
+    p = Programmed()
+    cs = p.sync({"default/web": [ext(1, 2, 3)]})
+    assert cs.mgl_upd == [] and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+
+
+def test_frontends_with_the_same_backends_share_a_table():
+    """An LB IP, a NodePort and a second port to the same endpoints: one
+    table, three pointers; a change rewrites the one table once."""
+    p = Programmed(maglev_size=M)
+    fronts = [
+        ext(*range(10)),
+        ext(*range(10), addr=addr16("198.18.0.1"), port=30080),
+        ext(*range(10), port=8080, name="alt"),
+    ]
+    cs = p.sync({"default/web": fronts})
+    w = written(cs)
+    tids = {w[p.frontends[f.key].svc_id, TABLE] for f in fronts}
+    assert len(tids) == 1 and len(w) == M + 1 + 3
+    assert p.tables.count == M + 1 + 3
+    fewer = [Frontend(f.addr, f.port, f.proto, f.scope, f.name, tuple(be(i) for i in range(1, 10))) for f in fronts]
+    cs = p.sync({"default/web": fewer})
+    w = written(cs)
+    assert {i for i, _ in w} == tids  # the table's entries only, no pointer moved
+    assert len(w) < (1 / 10 + 0.02) * M  # one backend of 10 removed
+    # One of them gets other backends: a table of its own; the old one stays.
+    other = Frontend(fewer[2].addr, 8080, TCP, Scope.EXTERNAL, fewer[2].name, (be(50), be(51)))
+    cs = p.sync({"default/web": [fewer[0], fewer[1], other]})
+    w = written(cs)
+    (new_tid,) = {i for i, j in w if j == SIZE}
+    assert new_tid not in tids and w[p.frontends[other.key].svc_id, TABLE] == new_tid
+    assert cs.mgl_del == []
+    # The same planned in the other order (the odd one first): the two
+    # that still share keep their table untouched.
+    p = Programmed(maglev_size=M)
+    p.sync({"default/web": fewer})
+    (tid,) = {p.tables.of[f.key] for f in fewer}
+    cs = p.sync({"default/web": [other, fewer[0], fewer[1]]})
+    assert {p.tables.of[fewer[0].key], p.tables.of[fewer[1].key]} == {tid}
+    assert p.tables.of[other.key] != tid
+    assert {i for i, _, _ in cs.mgl_upd} == {p.tables.of[other.key], p.frontends[other.key].svc_id}
+    assert table_of(p, fewer[0]) == [be(i) for i in owners_of(range(1, 10))]
+    # Two other Services with the same endpoints do not share (owner's own).
+    q = Programmed(maglev_size=M)
+    cs = q.sync({"default/a": [ext(1, 2)], "default/b": [ext(1, 2, addr=addr16("198.19.0.11"))]})
+    assert len([1 for _, j, _ in cs.mgl_upd if j == SIZE]) == 2
+
+
+def test_same_table_whatever_the_node_ids():
+    # Two nodes: one learnt the backends in another order (other ids).
+    a, b = Programmed(maglev_size=M), Programmed(maglev_size=M)
+    a.sync({"default/other": [ext(9, 8, 7, addr=addr16("198.19.0.99"))]})
+    a.sync({"default/web": [ext(*range(50))]})
+    b.sync({"default/web": [ext(*reversed(range(50)))]})
+    assert a.backend_ids[be(0)] != b.backend_ids[be(0)]  # other ids, the same backends
+    assert table_of(a, ext(*range(50))) == table_of(b, ext(*range(50)))
+
+
+def test_removal_writes_only_changed_entries():
+    p = Programmed(maglev_size=M)
+    before = ext(*range(100))
+    p.sync({"default/web": [before]})
+    old = list(p.tables.entries_of(before.key) or [])
+    after = ext(*range(1, 100))
+    cs = p.sync({"default/web": [after]})
+    new = p.tables.entries_of(after.key) or []
+    changed = [i for i in range(M) if old[i] != new[i]]
+    assert sorted(i for _, i, _ in cs.mgl_upd) == changed
+    assert all(new[i] == b for _, i, b in cs.mgl_upd)
+    assert cs.mgl_del == []
+    # Its own ~1/100 and few others.
+    assert 0.01 * M <= len(changed) < (0.01 + 0.02) * M
+
+
+def test_removed_frontend_deletes_pointer_then_table():
+    p = Programmed(maglev_size=M)
+    f, g = ext(1, 2), ext(1, 2, port=30080)
+    cs = p.sync({"default/web": [f, g]})
+    tid = written(cs)[p.frontends[f.key].svc_id, TABLE]
+    sid_f, sid_g = p.frontends[f.key].svc_id, p.frontends[g.key].svc_id
+    cs = p.sync({"default/web": [g]})
+    assert cs.mgl_del == [(sid_f, TABLE)]  # g still reads the table
+    cs = p.sync({"default/web": []})
+    assert cs.mgl_del[:2] == [(sid_g, TABLE), (tid, SIZE)]
+    assert sorted(cs.mgl_del[2:]) == [(tid, i) for i in range(M)]
+    assert p.tables.count == 0
+
+
+def test_last_backend_gone_deletes_table():
+    p = Programmed(maglev_size=M)
+    p.sync({"default/web": [ext(1, 2)]})
+    cs = p.sync({"default/web": [ext()]})
+    assert len(cs.mgl_del) == M + 2 and p.tables.count == 0
+
+
+def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, int]]]:
+    tables: dict[int, dict[int, int]] = {}
+    for i, j, v in cs.mgl_upd:
+        tables.setdefault(i, {})[j] = v
+    return dict(cs.svc_upd), {(s, i): b for s, i, b in cs.slot_upd}, dict(cs.name_upd), tables
+
+
+def test_adopted_tables_diff_empty_and_mode_change(monkeypatch):
+    builds = []
+    real_build = maglev.build
+    monkeypatch.setattr(maglev, "build", lambda idents, m: builds.append(m) or real_build(idents, m))
+    p = Programmed(maglev_size=M)
+    f = ext(*range(20))
+    svc, slots, names, tables = adopted(p.sync({"default/web": [f]}))
+    # A restart in the same mode: nothing to write.
+    q = Programmed(maglev_size=M)
+    q.adopt(svc, slots, dict(p.backends), names, tables=tables)
+    assert q.tables.count == M + 2
+    builds.clear()
+    assert len(q.sync({"default/web": [f]}, prune_except={"default/web"})) == 0
+    assert builds == []  # a whole table is taken as it is: the reconcile builds nothing
+    # An entry lost: the first sync writes it back, and only it.
+    tid = next(iter(t for t in tables if abi.MGL_SIZE in tables[t]))
+    damaged = {k: dict(v) for k, v in tables.items()}
+    lost = damaged[tid].pop(7)
+    q = Programmed(maglev_size=M)
+    q.adopt(svc, slots, dict(p.backends), names, tables=damaged)
+    assert q.sync({"default/web": [f]}).mgl_upd == [(tid, 7, lost)]
+    assert builds == [M]
+    # Restarted in random mode: the table goes, the flag with it.
+    r = Programmed()
+    r.adopt(svc, slots, dict(p.backends), names, tables=tables)
+    cs = r.sync({"default/web": [f]})
+    assert len(cs.mgl_del) == M + 2 and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+    # Another table size: every entry rewritten, the tail deleted.
+    small = maglev.MIN_SIZE
+    s2 = Programmed(maglev_size=small)
+    s2.adopt(svc, slots, dict(p.backends), names, tables=tables)
+    cs = s2.sync({"default/web": [f]})
+    assert len(cs.mgl_upd) == small + 1
+    assert len(cs.mgl_del) == M - small
+
+
+def test_orphan_tables_go_at_the_first_full_sync():
+    p = Programmed(maglev_size=M)
+    p.adopt({}, {}, {}, {}, tables={77: {0: 1, SIZE: 1}, 5: {TABLE: 77}})
+    assert p.sync({}).mgl_del == []
+    assert sorted(p.sync({}, prune_except=set()).mgl_del) == [(5, TABLE), (77, 0), (77, SIZE)]
+
+
+def test_full_map_refuses_the_service():
+    p = Programmed(MapSizes(maglev=M + 2), maglev_size=M)
+    assert p.sync({"default/a": [ext(1)]}).rejected == {}
+    cs = p.sync({"default/b": [ext(2, addr=addr16("198.19.0.11"))]})
+    assert "--max-maglev-entries" in cs.rejected["default/b"]
+    assert cs.mgl_upd == []
+
+
+def test_dry_run_lists_the_tables():
+    from ctrl.cli.run import render_changes
+
+    cs = Programmed(maglev_size=maglev.MIN_SIZE).sync({"default/web": [ext(1, 2)]})
+    doc = json.loads(render_changes(cs, "json"))
+    entries = doc[abi.map_name("sp_mgl")]
+    assert len(entries) == maglev.MIN_SIZE + 2
+    assert entries[-1]["key"]["index"] == TABLE
+    assert abi.map_name("sp_mgl") not in json.loads(
+        render_changes(Programmed().sync({"default/web": [ext(1)]}), "json")
+    )
