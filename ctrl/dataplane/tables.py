@@ -102,9 +102,24 @@ class MaglevTables:
                 self.orphans.extend((tid, j) for j in range(len(t.entries)))
                 del self.tables[tid]
 
+    def distrust(self) -> None:
+        """Build and compare every table at the next sync, whole ones too:
+        after the periodic check found the maps differ from what was
+        written, an adopted table may be whole and still wrong."""
+        for t in self.tables.values():
+            t.backends = None
+        self._by_set.clear()
+
     def prune(self, cs: ChangeSet) -> None:
-        """Delete the orphans (a full sync)."""
-        cs.mgl_del.extend(self.orphans)
+        """Delete the orphans (a full sync), but for entries past an adopted
+        table's size that the table has grown into again since (written in
+        this change set or an earlier one): deletes go after writes, and
+        would take them. Every orphan was counted at adoption and again
+        when written."""
+        tables = self.tables
+        cs.mgl_del.extend(
+            (i, j) for i, j in self.orphans if not ((t := tables.get(i)) is not None and 0 <= j < len(t.entries))
+        )
         self.count -= len(self.orphans)
         self.orphans = []
 

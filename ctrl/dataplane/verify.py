@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..model.plan import frontend_str
+from ..model.plan import FKey, frontend_str
 from ..util.addrs import hostport
 from . import abi
 from .abi import BE_F_DRAINING, SCOPE_OF, U32, Codecs, map_name
@@ -52,6 +52,7 @@ class Verifier:
         self.touched_ids: set[int] = set()
         self.touched_keys: set = set()
         self.touched_bids: set[int] = set()
+        self.touched_mgl: set[int] = set()  # ids (tables, frontends) of Maglev entries written
         self.differences: list[str] = []
         self.found = 0  # differences, also those not described
         self.entries = 0  # entries compared
@@ -59,6 +60,7 @@ class Verifier:
         # Frontends by id, as they are now: a frontend a sync changes later
         # has its id touched, so what this holds for the others stays true.
         self.by_id: dict[int, FrontendState] = {st.svc_id: st for st in programmed.frontends.values()}
+        self.key_of: dict[int, FKey] = {st.svc_id: key for key, st in programmed.frontends.items()}
         self._steps = self._run()
 
     # -- what the syncs meanwhile write ------------------------------------
@@ -79,6 +81,8 @@ class Verifier:
         bids.update(b for b, _ in cs.be_upd)
         bids.update(b for b, *_ in cs.be_mark)
         bids.update(cs.be_del)
+        self.touched_mgl.update(i for i, _, _ in cs.mgl_upd)
+        self.touched_mgl.update(i for i, _ in cs.mgl_del)
 
     # -- running ----------------------------------------------------------
     def step(self, entries: int | None = None) -> bool:
@@ -105,6 +109,8 @@ class Verifier:
             yield from self._names(c)
         if map_name("sp_src") in self.maps:
             yield from self._ranges(c)
+        if map_name("sp_mgl") in self.maps:
+            yield from self._maglev(c)
         if self.config is not None:
             got = self.maps[map_name("sp_cfg")].lookup(abi.u32(0))
             if got != self.config:
@@ -244,6 +250,57 @@ class Verifier:
         want_n = sum(len(st.ranges) for st in self._untouched())
         if seen < want_n:
             self._differ(f"{want_n - seen} source ranges programmed are not in the map")
+
+    def _maglev(self, c: Codecs) -> Iterator[int]:
+        """Maglev tables (ctrl.dataplane.tables): each frontend's pointer,
+        each table's size and entries."""
+        mt = self.p.tables
+        tables, of, ids, mgl = mt.tables, mt.of, self.touched_ids, self.touched_mgl
+        orphans = set(mt.orphans)
+        seen = 0
+        for chunk in self.maps[map_name("sp_mgl")].chunks(CHUNK):
+            for k, v in chunk:
+                ident, index = c.mgl_key.unpack(k)
+                if ident in mgl or (ident, index) in orphans:
+                    continue
+                (val,) = c.mgl_val.unpack(v)
+                if index == abi.MGL_TABLE:
+                    if ident in ids:
+                        continue
+                    key = self.key_of.get(ident)
+                    want = None if key is None else of.get(key)
+                    if want is None:
+                        self._differ(f"Maglev pointer of id {ident}: in the map, no frontend of that id has a table")
+                        continue
+                    seen += 1
+                    if want != val:
+                        self._differ(f"Maglev pointer of id {ident}: table {val} in the map, not {want}")
+                    continue
+                t = tables.get(ident)
+                if t is None:
+                    self._differ(f"Maglev entry {index} of table {ident}: in the map, no such table")
+                    continue
+                if index == abi.MGL_SIZE:
+                    seen += 1
+                    if val != len(t.entries):
+                        self._differ(f"Maglev table {ident}: size {val} in the map, not {len(t.entries)}")
+                elif index >= len(t.entries) or not t.entries[index]:
+                    self._differ(f"Maglev table {ident} entry {index}: in the map, not in the table")
+                else:
+                    seen += 1
+                    if t.entries[index] != val:
+                        self._differ(
+                            f"Maglev table {ident} entry {index}: backend {val} in the map, not {t.entries[index]}"
+                        )
+            self.entries += len(chunk)
+            yield len(chunk)
+        fronts = self.p.frontends
+        want_n = sum(
+            1 for key in of if (st := fronts.get(key)) is not None and st.svc_id not in ids and st.svc_id not in mgl
+        )
+        want_n += sum(1 + sum(1 for e in t.entries if e) for tid, t in tables.items() if tid not in mgl)
+        if seen < want_n:
+            self._differ(f"{want_n - seen} Maglev entries programmed are not in the map")
 
 
 def _be(row) -> str:

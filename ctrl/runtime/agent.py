@@ -450,6 +450,7 @@ class Agent:
             "; ..." if check.found > len(check.differences) else "",
         )
         self._readopt()
+        self.programmed.tables.distrust()
         self.schedule.repair_needed()
 
     def _drain_nowait(self) -> None:

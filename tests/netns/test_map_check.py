@@ -28,9 +28,11 @@ PERIOD = 60.0
 
 def contents(maps) -> dict:
     """Per frontend: its flags, affinity, name, source ranges and the
-    backends of its slots in order (ids may differ after a repair: a
+    backends of its slots, sorted (ids may differ after a repair: a
     backend edited by hand is adopted under its id, and the right one
-    gets a new id)."""
+    gets a new id; and a repaired slot may take another position: a new
+    flow picks a slot at random, so what matters is which backends, and
+    how many slots each)."""
     c = read_contents(maps)
     out = {}
     for key, (sid, count, flags, timeout) in c.svc.items():
@@ -39,7 +41,7 @@ def contents(maps) -> dict:
             timeout,
             c.names.get(sid),
             sorted(c.ranges.get(sid, ())),
-            [c.backends.get(c.slots.get((sid, i), -1)) for i in range(count)],
+            sorted(c.backends.get(c.slots.get((sid, i), -1)) or () for i in range(count)),
         )
     return out
 
@@ -234,3 +236,106 @@ def test_syncs_between_chunks_go_first_and_are_no_difference(private_maps, caplo
     with caplog.at_level(logging.ERROR, logger="sliceproxy"):
         run_check(agent, clock)
     assert "differ" not in caplog.text and not agent.schedule.need_full
+
+
+# -- Maglev tables (--external-lb=maglev) ---------------------------------------
+
+
+def maglev_agent(maps, clock):
+    from ctrl.dataplane.abi import MapSizes
+    from ctrl.dataplane.apply import Writer
+    from ctrl.dataplane.programmed import Programmed
+    from ctrl.model.state import ClusterState
+    from ctrl.runtime.agent import Agent
+    from ctrl.runtime.settings import Settings
+
+    from .test_agent_maps import QueueSource
+
+    src = QueueSource()
+    programmed = Programmed(MapSizes(), maglev_size=1021)
+    settings = Settings(min_sync_period=0.0, sync_period=PERIOD)
+    agent = Agent(src, ClusterState("node-a"), programmed, Writer(maps), settings, clock=clock)
+    ips = [f"198.18.30.{j + 1}" for j in range(4)]
+    src.put(svc_event("lb", "198.19.0.50", externalIPs=["198.19.5.1"]), slice_event("lb-a", "lb", *ips))
+    agent.step(timeout=0)
+    return agent
+
+
+def mgl_items(maps) -> dict:
+    return dict(maps[map_name("sp_mgl")].items())
+
+
+def mgl_view(maps) -> dict:
+    """Per frontend id, the size and entries (backend addresses) of the
+    table its pointer names (table ids may differ after a repair)."""
+    key_c, val_c = abi.codec("sp_mgl_key", ("id", "index")), abi.codec("sp_mgl_val", ("value",))
+    raw: dict[int, dict[int, int]] = {}
+    for k, v in mgl_items(maps).items():
+        ident, index = key_c.unpack(k)
+        raw.setdefault(ident, {})[index] = val_c.unpack(v)[0]
+    backends = read_contents(maps).backends
+    out = {}
+    for ident, entries in raw.items():
+        if abi.MGL_TABLE in entries:
+            table = raw[entries[abi.MGL_TABLE]]
+            size = table[abi.MGL_SIZE]
+            out[ident] = (size, [backends[table[i]] for i in range(size)])
+    return out
+
+
+def _mgl(ident: int, index: int) -> bytes:
+    return abi.pack("sp_mgl_key", id=ident, index=index)
+
+
+def _table(maps) -> tuple[int, int]:
+    """(frontend id, table id) of the one pointer."""
+    for k, v in mgl_items(maps).items():
+        ident, index = abi.codec("sp_mgl_key", ("id", "index")).unpack(k)
+        if index == abi.MGL_TABLE:
+            return ident, abi.codec("sp_mgl_val", ("value",)).unpack(v)[0]
+    raise AssertionError("no Maglev pointer in the map")
+
+
+def maglev_entry_changed(maps) -> str:
+    _, tid = _table(maps)
+    (cur,) = abi.codec("sp_mgl_val", ("value",)).unpack(maps[map_name("sp_mgl")].lookup(_mgl(tid, 7)))
+    other = next(b for b in read_contents(maps).backends if b != cur)
+    maps[map_name("sp_mgl")].update(_mgl(tid, 7), abi.pack("sp_mgl_val", value=other))
+    return f"Maglev table {tid} entry 7: backend {other}"
+
+
+def maglev_pointer_deleted(maps) -> str:
+    sid, _ = _table(maps)
+    assert maps[map_name("sp_mgl")].delete(_mgl(sid, abi.MGL_TABLE))
+    return "1 Maglev entries programmed are not in the map"
+
+
+def maglev_size_changed(maps) -> str:
+    _, tid = _table(maps)
+    maps[map_name("sp_mgl")].update(_mgl(tid, abi.MGL_SIZE), abi.pack("sp_mgl_val", value=1000))
+    return f"Maglev table {tid}: size 1000"
+
+
+MAGLEV_EDITS = [maglev_entry_changed, maglev_pointer_deleted, maglev_size_changed]
+
+
+def test_maglev_tables_as_written_pass_the_check(private_maps, caplog) -> None:  # noqa: F811
+    clock = Clock()
+    agent = maglev_agent(private_maps, clock)
+    assert len(mgl_items(private_maps)) > 1021  # a table, its size, a pointer
+    with caplog.at_level(logging.ERROR, logger="sliceproxy"):
+        run_check(agent, clock)
+    assert agent.checks == 1 and not agent.schedule.need_full, caplog.text
+
+
+@pytest.mark.parametrize("edit", MAGLEV_EDITS, ids=[e.__name__ for e in MAGLEV_EDITS])
+def test_a_maglev_edit_is_found_and_repaired(private_maps, caplog, edit) -> None:  # noqa: F811
+    clock = Clock()
+    agent = maglev_agent(private_maps, clock)
+    before = mgl_view(private_maps)
+    said = edit(private_maps)
+    with caplog.at_level(logging.ERROR, logger="sliceproxy"):
+        run_check(agent, clock)
+    assert said in caplog.text, caplog.text
+    agent.step(timeout=0)  # the full sync from the re-read maps
+    assert mgl_view(private_maps) == before
