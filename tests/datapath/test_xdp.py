@@ -73,8 +73,8 @@ from .test_external import (
     NP_UDP,
     OUTSIDE,
     OUTSIDE2,
-    PORT_MIN,
     PORT_MAX,
+    PORT_MIN,
     put_cfg,
     put_range,
 )
@@ -136,22 +136,28 @@ def checked(raw: bytes) -> Ether:
 @pytest.mark.parametrize(
     "sent,ranges,action,verdict",
     [
-        pytest.param(tcp(OUTSIDE2, LB_IP, CPORT, 80), ("198.18.100.0/24",), XDP_DROP, "DROP_SOURCE_RANGE", id="v4-refused"),
+        pytest.param(
+            tcp(OUTSIDE2, LB_IP, CPORT, 80), ("198.18.100.0/24",), XDP_DROP, "DROP_SOURCE_RANGE", id="v4-refused"
+        ),
         pytest.param(udp(OUTSIDE2, LB_IP, CPORT, 80), ("198.18.100.0/24",), XDP_PASS, None, id="v4-udp-no-frontend"),
         pytest.param(tcp(OUTSIDE, LB_IP, CPORT, 80), ("198.18.100.0/24",), XDP_PASS, None, id="v4-allowed-passed"),
         pytest.param(tcp(OUTSIDE, LB_IP, CPORT, 80), (), XDP_DROP, "DROP_SOURCE_RANGE", id="v4-flag-without-ranges"),
         pytest.param(tcp(OUTSIDE2, LB_IP, CPORT, 81), ("198.18.100.0/24",), XDP_PASS, None, id="v4-no-service"),
         pytest.param(
-            l4pkt(TCP_P, OUT6_OTHER, LB6, CPORT, 80), ("2001:db8:100::/64",), XDP_DROP, "DROP_SOURCE_RANGE", id="v6-refused"
+            l4pkt(TCP_P, OUT6_OTHER, LB6, CPORT, 80),
+            ("2001:db8:100::/64",),
+            XDP_DROP,
+            "DROP_SOURCE_RANGE",
+            id="v6-refused",
         ),
-        pytest.param(l4pkt(TCP_P, OUT6, LB6, CPORT, 80), ("2001:db8:100::/64",), XDP_PASS, None, id="v6-allowed-passed"),
+        pytest.param(
+            l4pkt(TCP_P, OUT6, LB6, CPORT, 80), ("2001:db8:100::/64",), XDP_PASS, None, id="v6-allowed-passed"
+        ),
         # What tc looks at closer: handed on untouched, refused source or not.
         pytest.param(
             bytes(eth() / ip4(OUTSIDE2, LB_IP) / ICMP(type=8) / Raw(b"ping")), (), XDP_PASS, None, id="v4-icmp-echo"
         ),
-        pytest.param(
-            tcp(OUTSIDE2, LB_IP, CPORT, 80, ip_flags="MF"), (), XDP_PASS, None, id="v4-first-fragment-to-tc"
-        ),
+        pytest.param(tcp(OUTSIDE2, LB_IP, CPORT, 80, ip_flags="MF"), (), XDP_PASS, None, id="v4-first-fragment-to-tc"),
         pytest.param(
             bytes(eth() / ip4(OUTSIDE2, LB_IP, frag=100) / Raw(b"x" * 32)), (), XDP_PASS, None, id="v4-later-fragment"
         ),
