@@ -39,3 +39,9 @@ class Settings:
     # --cgroup (None: the root of the node's cgroup v2 hierarchy).
     host_clients: Literal["auto", "on", "off"] = "auto"
     cgroup: str | None = None
+    # --xdp: the XDP program on the external interfaces (auto: native,
+    # else generic, else none with a logged reason; off: none, and ours
+    # removed where an earlier agent left it); --xdp-forward: it also sends
+    # flows to other nodes' backends back out itself (docs/semantics.md, "XDP").
+    xdp: Literal["auto", "native", "generic", "off"] = "auto"
+    xdp_forward: bool = False
