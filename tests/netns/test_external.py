@@ -15,11 +15,16 @@ Every node namespace drops what netfilter's conntrack finds INVALID
 and kube-proxy rulesets do. servers.py answers with its name and the client
 address it saw, so the tests see who served and whether the source was
 masqueraded.
+
+Every test runs twice: with the XDP program on the uplinks (--xdp auto,
+native on veth: source ranges dropped there, the rest handed to tc) and
+with tc alone (--xdp off); the answers must not differ.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -113,6 +118,7 @@ class Node:
 class Cluster:
     lan: Lan
     nodes: list[Node] = field(default_factory=list)
+    xdp: bool = True  # the agents attach the XDP program on their uplinks
 
     def write(self, name: str, *docs: dict[str, Any]) -> None:
         for n in self.nodes:
@@ -127,12 +133,15 @@ class Cluster:
                 (
                     "--external-interfaces", n.uplink, "--node-name", n.name,
                     "--metrics-bind-address", "", "--healthz-bind-address", "",
+                    "--xdp", "auto" if self.xdp else "off",
                     *extra,
                 ),
             )  # fmt: skip
         for n in self.nodes:
             assert n.agent is not None
             n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
+            if self.xdp:
+                n.agent.wait_log(rf"XDP attached to interface {re.escape(n.uplink)} \(native mode\)$")
 
     def wait_external(self, frontend: str, backends: set[str], nodes: list[Node] | None = None) -> None:
         """Every node's (or these nodes') dump shows frontend (scope
@@ -151,8 +160,8 @@ class Cluster:
         return self.lan.client(host, mode, "--target", target, "--count", str(count), "--timeout", "1")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+@pytest.fixture(params=[True, False], ids=["xdp", "tc-only"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     stack: list[Topology] = []
     c: Cluster | None = None
     try:
@@ -160,7 +169,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         stack.append(lan)
         lan.add_host("client", CLIENT)
         lan.add_host("other", OTHER)
-        c = Cluster(lan)
+        c = Cluster(lan, xdp=request.param)
         for i, (ip, pod_ip, other_subnet, other_ip) in enumerate(
             [(NODE1, WEB1, "198.18.2.0/24", NODE2), (NODE2, WEB2, "198.18.1.0/24", NODE1)], start=1
         ):
