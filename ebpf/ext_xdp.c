@@ -156,6 +156,17 @@ static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
 	__be16 be_port;
 	int kind;
 
+	if (!sp_xdp_cfg.forward) {
+		/* Only the drop: the frontend and its source check, the two
+		 * first steps of dnat_flow(), and nothing a flow tc serves
+		 * would pay for twice (its conntrack lookup, a backend
+		 * choice). The verifier drops the rest as dead code. */
+		struct sp_svc_val *svc = lb_lookup(p->daddr, bpf_ntohs(p->dport), p->proto, SP_SCOPE_EXTERNAL, &f.skey);
+
+		if (svc && !lb_source_allowed(svc, p->saddr))
+			return xdp_count(ctx, SP_V_DROP_SOURCE_RANGE, XDP_DROP);
+		return XDP_PASS;
+	}
 	kind = xdp_flow(p, &f);
 	if (kind == DNAT_REFUSED)
 		return xdp_count(ctx, SP_V_DROP_SOURCE_RANGE, XDP_DROP);
@@ -163,8 +174,6 @@ static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
 	 * it builds), maps that disagree: tc's. A new flow handed on is not
 	 * recorded here: tc's ingress chooses and records it itself. */
 	if (kind != DNAT_NEW && kind != DNAT_ESTABLISHED)
-		return XDP_PASS;
-	if (!sp_xdp_cfg.forward)
 		return XDP_PASS;
 	be_port = bpf_htons(f.nct.nat_port);
 	if (route_back_out(ctx, p, f.nct.nat_addr, be_port, macs))
