@@ -69,3 +69,23 @@ def test_empty_addresses_turn_the_servers_off():
 def test_a_map_capacity_below_one_is_refused_naming_the_flag(flag):
     with pytest.raises(SystemExit, match=f"{flag}: 0 is not a map capacity"):
         options(flag, "0")
+
+
+@pytest.mark.parametrize(
+    "flags,want",
+    [
+        pytest.param((), ("auto", False), id="default-auto-no-forwarding"),
+        pytest.param(("--xdp", "generic"), ("generic", False), id="generic"),
+        pytest.param(("--xdp", "off"), ("off", False), id="off"),
+        pytest.param(("--xdp", "native", "--xdp-forward"), ("native", True), id="native-forwarding"),
+    ],
+)
+def test_xdp_flags(flags, want):
+    opts = options(*flags)
+    assert (opts.xdp, opts.xdp_forward) == want
+
+
+def test_an_unknown_xdp_mode_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        options("--xdp", "offload")
+    assert "--xdp: invalid choice: 'offload'" in capsys.readouterr().err
