@@ -4,7 +4,7 @@
  * ingress (ext_ingress.c), which stays complete on its own: XDP only ends
  * early what tc would end the same way, and hands everything else on with
  * XDP_PASS, untouched, for tc to see as if XDP were not there
- * (docs/semantics.md, "XDP").
+ * (docs/semantics.md, "XDP on the external interfaces").
  *
  *  - A packet whose source loadBalancerSourceRanges refuse is dropped
  *    before the kernel allocates anything for it, counted as tc counts it.
