@@ -611,22 +611,29 @@ def test_ipv6_nodeport_and_source_ranges_from_outside(cluster6: Cluster) -> None
 
 # -- XDP forwarding ------------------------------------------------------------------
 
-COUNT_TO_WEB2 = ["FORWARD", "-s", CLIENT, "-d", WEB2, "-p", "tcp"]
 
-
-def forwarded_by_netfilter(node: Node) -> int:
-    """Packets client -> web-2 (DNATed) that node-1's FORWARD chain saw."""
-    cp = node.topo.exec_in("node", ["iptables-legacy", "-L", "FORWARD", "-v", "-x", "-n"])
+def forwarded_by_netfilter(node: Node, client: str, pod: str) -> int:
+    """Packets client -> pod (DNATed) that the node's FORWARD chain counted
+    (a rule of its own, added by the test)."""
+    tool = "ip6tables-legacy" if ":" in client else "iptables-legacy"
+    cp = node.topo.exec_in("node", [tool, "-L", "FORWARD", "-v", "-x", "-n"])
     assert cp.returncode == 0, cp.stderr
     for line in cp.stdout.splitlines():
         f = line.split()
-        if f[-2:] == [CLIENT, WEB2]:
+        if len(f) >= 2 and [x.removesuffix("/128") for x in f[-2:]] == [client, pod]:
             return int(f[0])
     raise AssertionError(f"no counting rule in {cp.stdout}")
 
 
-@pytest.mark.parametrize("forward", [True, False], ids=["xdp-forward", "tc-forward"])
-def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward: bool) -> None:
+@pytest.mark.parametrize(
+    "forward,v6",
+    [
+        pytest.param(True, False, id="xdp-forward-ipv4"),
+        pytest.param(True, True, id="xdp-forward-ipv6"),
+        pytest.param(False, False, id="tc-forward-ipv4"),
+    ],
+)
+def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward: bool, v6: bool) -> None:
     """--xdp-forward: a NodePort flow entered at node-1 whose backend is
     node-2's pod is translated and sent back out of node-1's uplink by XDP
     (XDP_TX): node-1's FORWARD chain never sees its packets (a counting
@@ -635,26 +642,37 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
     through tc's UNSNAT and REVNAT. Only web-2 serves, so every flow is
     remote; node-1 knows node-2's MAC before the first (a permanent
     neighbour entry), so no packet waits for the neighbour in the kernel."""
-    with make_cluster(tmp_path, xdp=True, forward=forward) as c:
-        remote_only = endpoint_slice("web-a", "web", [("http", 8080, "TCP"), ("dns", 5353, "UDP")], [WEB2])
+    client, node1, node2, web2 = (CLIENT6, NODE1_6, NODE2_6, WEB2_6) if v6 else (CLIENT, NODE1, NODE2, WEB2)
+    with make_cluster(tmp_path, xdp=True, ip6=v6, forward=forward) as c:
+        ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+        svc = web_service("Cluster")
+        remote_only = endpoint_slice("web-a", "web", ports, [WEB2])
         remote_only["endpoints"][0]["nodeName"] = "node-2"
-        c.write("web.yaml", web_service("Cluster"), remote_only)
+        objs = [svc, remote_only]
+        if v6:
+            svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+            sl6 = endpoint_slice("web-v6", "web", ports, [WEB2_6])
+            sl6["addressType"] = "IPv6"
+            sl6["endpoints"][0]["nodeName"] = "node-2"
+            objs.append(sl6)
+        c.write("web.yaml", *objs)
         c.start_agents()
-        n1 = c.nodes[0]
-        c.wait_external(f"{NODE1}:30080/TCP", {f"{WEB2}:8080"}, [n1])
-        cp = n1.topo.exec_in("node", ["iptables-legacy", "-A", *COUNT_TO_WEB2])
+        n1, n2 = c.nodes
+        host = lambda a: f"[{a}]" if v6 else a  # noqa: E731
+        c.wait_external(f"{host(node1)}:30080/TCP", {f"{host(web2)}:8080"}, [n1])
+        tool = "ip6tables-legacy" if v6 else "iptables-legacy"
+        cp = n1.topo.exec_in("node", [tool, "-A", "FORWARD", "-s", client, "-d", web2, "-p", "tcp"])
         assert cp.returncode == 0, cp.stderr
-        n2 = c.nodes[1]
         cp = n2.topo.exec_in("node", ["ip", "-j", "link", "show", "dev", n2.uplink])
         mac = json.loads(cp.stdout)[0]["address"]
         cp = n1.topo.exec_in(
-            "node", ["ip", "neigh", "replace", NODE2, "lladdr", mac, "dev", n1.uplink, "nud", "permanent"]
+            "node", ["ip", "neigh", "replace", node2, "lladdr", mac, "dev", n1.uplink, "nud", "permanent"]
         )
         assert cp.returncode == 0, cp.stderr
-        res = c.client("client", "http", f"{NODE1}:30080", count=20)
+        res = c.client("client", "http", f"{host(node1)}:30080", count=20)
         assert_all_answered(res, {"web-2"})
-        assert res["client_ips_seen"] == [NODE1], res
-        seen = forwarded_by_netfilter(n1)
+        assert res["client_ips_seen"] == [node1], res
+        seen = forwarded_by_netfilter(n1, client, web2)
         counters = dump(n1.topo, n1.pin_dir)["counters"]
         assert counters["snat"]["packets"] > 0 and counters["unsnat"]["packets"] > 0
         if forward:
