@@ -298,6 +298,16 @@ struct sp_hairpin {
 	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
+/* sp_xdp_cfg: not a map entry but the XDP program's read-only global of
+ * the same name (section .rodata.xdp, ebpf/ext_xdp.c), which the control
+ * plane fills in before load (--xdp-forward). */
+struct sp_xdp_cfg {
+	__u32 forward; /* 1: translate and send back out the flows to backends
+			* on other nodes (XDP_TX); 0: only drop what
+			* loadBalancerSourceRanges refuse, pass the rest to tc */
+	__u32 pad;     /* zero */
+};
+
 /* sp_host_v3 (array, one entry): host clients, served by the cgroup socket
  * programs (host_sock.c) at connect() and sendmsg() time. */
 struct sp_host_cfg {

@@ -68,7 +68,7 @@ def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         return _worker(sys.argv[2:])
 
-    from bench import common, iptables, latency, nft, ours, report
+    from bench import common, iptables, latency, nft, ours, report, xdp
     from bench.common import FULL_SCENARIOS, QUICK_SCENARIOS, Cluster, LoadMeter, progress
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +214,10 @@ def main() -> int:
                     Cluster(scn), change, common.throwaway_netns, args.nft_timeout
                 ),
             )
+        if want is None or "xdp" in want:
+            res["xdp"] = guarded(
+                "xdp", lambda: xdp.measure(200 if args.quick else 2000, 10_000 if args.quick else 100_000)
+            )
         if not args.no_latency and (want is None or "latency" in want):
             sizes = [10, 200] if args.quick else [10, 10_000]
             res["latency"] = guarded(
@@ -249,7 +253,7 @@ def merge(parts: list[dict]) -> dict:
     for p in parts:
         res["scenarios"].update(p["scenarios"])
         res["errors"] += p.get("errors", [])
-        for k in ("latency", "profile_S1"):
+        for k in ("latency", "profile_S1", "xdp"):
             if p.get(k):
                 res[k] = p[k]
     walls = [p["load"]["wall_s"] for p in parts]

@@ -90,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
         "ingress serves NodePorts, LoadBalancer IPs and externalIPs, their egress masquerades",
     )
     run.add_argument(
+        "--xdp",
+        choices=("auto", "native", "generic", "off"),
+        default="auto",
+        help="the XDP program on the external interfaces, in front of their tc ingress: it drops what "
+        "loadBalancerSourceRanges refuse before the kernel allocates anything and hands the rest to tc; "
+        "auto: native mode where the driver has it, else generic, else none (one log line says why; tc "
+        "serves alone); off: none, and one an earlier agent left is removed (default auto)",
+    )
+    run.add_argument(
+        "--xdp-forward",
+        action="store_true",
+        help="with --xdp: flows from outside to a backend on another node are translated (DNAT, SNAT) "
+        "and sent back out by XDP itself. The node's netfilter then sees only their replies: not where "
+        'its rules drop conntrack INVALID packets (docs/semantics.md, "XDP")',
+    )
+    run.add_argument(
         "--nodeport-addresses",
         action="append",
         metavar="CIDR[,CIDR]",
@@ -340,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     un = sub.add_parser("uninstall", help="detach the program and remove the pinned maps")
     un.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
     un.add_argument("--interfaces", action="append", metavar="GLOB[,GLOB]", help="default: every interface")
-    un.add_argument("--external-interfaces", action="append", metavar="GLOB[,GLOB]", help="also detach from these")
+    un.add_argument(
+        "--external-interfaces",
+        action="append",
+        metavar="GLOB[,GLOB]",
+        help="also detach from these (their XDP program too)",
+    )
     _log_args(un)
     return p
 
@@ -444,6 +465,8 @@ def settings(args: argparse.Namespace) -> Settings:
         hairpin=_hairpin(args),
         host_clients=args.host_clients,
         cgroup=_cgroup(args.cgroup),
+        xdp=args.xdp,
+        xdp_forward=args.xdp_forward,
     )
 
 

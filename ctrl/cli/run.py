@@ -133,7 +133,11 @@ def cmd_run(args) -> int:
     host = _host_clients(args, opts, dp)
     writer = Writer(dp.maps, destroy_host_udp=host is not None)
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
-    ext_attacher = attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd) if ext_patterns else None
+    ext_attacher = (
+        attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd, xdp_fd=dp.xdp_fd, xdp_mode=opts.xdp)
+        if ext_patterns
+        else None
+    )
     agent = build_agent(opts, source, writer, dp.maps, _refresher(attacher, ext_attacher))
     if attacher is not None:
         attacher.refresh()
@@ -184,12 +188,16 @@ def _load(args, opts):
 
     want = opts.host_clients != "off"
     try:
-        return loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=want)
+        return loader.load(
+            args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=want, xdp_forward=opts.xdp_forward
+        )
     except BPFError as e:
         if opts.host_clients != "auto" or not want:
             raise
         log.warning("host clients off: this kernel refused their cgroup socket programs (%s)", e)
-        return loader.load(args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=False)
+        return loader.load(
+            args.bpf_object, args.pin_dir, opts.sizes, opts.hairpin, host_clients=False, xdp_forward=opts.xdp_forward
+        )
 
 
 def _host_clients(args, opts, dp) -> str | None:

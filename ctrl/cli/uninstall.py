@@ -1,5 +1,6 @@
-"""`sliceproxy uninstall`: detach the programs (tc filters, the taps of
-`sliceproxy trace`, the host clients' cgroup links) and remove the pins."""
+"""`sliceproxy uninstall`: detach the programs (tc filters, the XDP
+program of external interfaces, the taps of `sliceproxy trace`, the host
+clients' cgroup links) and remove the pins."""
 
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def uninstall(patterns: list[str], pin_dir: str, lock=None) -> None:
             log.info("detached %d trace taps", taps)
         n = 0
         for ifname in attach.match_interfaces(patterns):
+            # XDP first: it hands packets on to the tc filters.
+            if attach.xdp_detach(ifname):
+                log.info("detached the XDP program from %s", ifname)
             if attach.detach(ifname):
                 log.info("detached from %s", ifname)
                 n += 1

@@ -1,10 +1,17 @@
-"""Attach the tc programs to interfaces with netlink (pyroute2).
+"""Attach the tc programs to interfaces with netlink (pyroute2), and the
+XDP program to the external ones (libbpf).
 
 One clsact qdisc per interface and one bpf filter at each of ingress (DNAT)
 and egress (reverse NAT), with a fixed priority and handle that belong to
 sliceproxy: attaching again replaces our filters in place (a restart swaps
 the programs without a gap and never stacks a second copy); filters of
 other tools are left alone.
+
+An interface holds one XDP program: ours (named sp_ext_xdp) is replaced in
+place, in the mode asked for; another tool's is left alone, and the
+interface keeps tc alone (docs/semantics.md, "XDP"). Like the tc filters,
+an attached XDP program outlives the agent; `sliceproxy uninstall`, or a
+start with --xdp off, removes it.
 """
 
 from __future__ import annotations
@@ -12,9 +19,13 @@ from __future__ import annotations
 import errno
 import fnmatch
 import logging
+import os
+import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from .libbpf import ffi, lib
 
 log = logging.getLogger("sliceproxy.attach")
 
@@ -24,6 +35,13 @@ EGRESS_PARENT = 0xFFFFFFF3
 PRIO = 0x5350  # "SP": our slot among tc filters on the hook
 HANDLE = 1
 FILTER_NAME = "sliceproxy"
+
+# XDP attach modes (XDP_FLAGS_* of linux/if_link.h): the driver's own hook
+# (native), or the kernel's generic one after the skb is built.
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+XDP_PROG_NAME = "sp_ext_xdp"  # the kernel keeps the first 15 bytes of a name
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
@@ -107,12 +125,87 @@ def detach(ifname: str) -> bool:
     return removed
 
 
+class XDPError(OSError):
+    """The XDP program could not be attached: the reason in words."""
+
+
+def _prog_name(prog_id: int) -> str:
+    fd = lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return f"id {prog_id}"
+    try:
+        info = ffi.new("struct bpf_prog_info_head *")
+        size = ffi.new("__u32 *", ffi.sizeof("struct bpf_prog_info_head"))
+        if lib().bpf_obj_get_info_by_fd(fd, info, size) < 0:
+            return f"id {prog_id}"
+        return ffi.string(info.name).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def xdp_attached(ifname: str) -> tuple[str, str] | None:
+    """(program name, mode) of the XDP program on the interface, or None."""
+    try:
+        idx = socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+    for mode, flags in XDP_MODES.items():
+        pid = ffi.new("__u32 *")
+        if lib().bpf_xdp_query_id(idx, flags, pid) == 0 and pid[0]:
+            return _prog_name(pid[0]), mode
+    return None
+
+
+def xdp_attach(ifname: str, prog_fd: int, mode: str) -> str:
+    """Attach (or replace) our XDP program on the interface: mode "native",
+    "generic", or "auto" (native, else generic). Returns the mode it runs
+    in; raises XDPError saying why when it cannot run (another tool's
+    program there, or neither mode accepted)."""
+    try:
+        idx = socket.if_nametoindex(ifname)
+    except OSError as e:
+        raise XDPError(e.errno, f"interface {ifname} does not exist") from None
+    cur = xdp_attached(ifname)
+    if cur is not None and cur[0] != XDP_PROG_NAME:
+        raise XDPError(errno.EBUSY, f"another XDP program ({cur[0]}, {cur[1]}) is attached there")
+    tries = ["native", "generic"] if mode == "auto" else [mode]
+    errors = []
+    for m in tries:
+        if cur is not None and cur[1] != m:
+            # One program per interface: ours in the other mode goes first.
+            lib().bpf_xdp_detach(idx, XDP_MODES[cur[1]], ffi.NULL)
+            cur = None
+        ret = lib().bpf_xdp_attach(idx, prog_fd, XDP_MODES[m], ffi.NULL)
+        if ret == 0:
+            return m
+        err = -ret if ret != -1 else ffi.errno
+        errors.append(f"{m}: {os.strerror(err)}")
+    raise XDPError(errno.EOPNOTSUPP, "the kernel refused it (" + "; ".join(errors) + ")")
+
+
+def xdp_detach(ifname: str) -> bool:
+    """Remove our XDP program from the interface (another tool's stays)."""
+    cur = xdp_attached(ifname)
+    if cur is None or cur[0] != XDP_PROG_NAME:
+        return False
+    idx = socket.if_nametoindex(ifname)
+    return lib().bpf_xdp_detach(idx, XDP_MODES[cur[1]], ffi.NULL) == 0
+
+
 class Attacher:
     """Keeps the program attached to every interface matching the patterns,
-    including interfaces that appear later (pods come and go)."""
+    including interfaces that appear later (pods come and go); for the
+    external interfaces, with xdp_fd, the XDP program too (xdp_mode: auto,
+    native, generic; off: ours removed where an earlier agent left it)."""
 
     def __init__(
-        self, patterns: list[str], prog_fd: int, egress_fd: int | None = None, exclude: list[str] | None = None
+        self,
+        patterns: list[str],
+        prog_fd: int,
+        egress_fd: int | None = None,
+        exclude: list[str] | None = None,
+        xdp_fd: int | None = None,
+        xdp_mode: str = "off",
     ):
         self.patterns = patterns
         self.prog_fd = prog_fd
@@ -120,6 +213,9 @@ class Attacher:
         # Interfaces another Attacher owns (the external ones): never ours,
         # even if our patterns match them too.
         self.exclude = exclude or []
+        self.xdp_fd = xdp_fd
+        self.xdp_mode = xdp_mode
+        self.xdp: dict[str, str] = {}  # interface -> the XDP mode it runs in
         self.done: set[tuple[str, int]] = set()
 
     def refresh(self) -> list[str]:
@@ -139,5 +235,24 @@ class Attacher:
             log.info("attached to interface %s", name)
             self.done.add((name, idx))
             new.append(name)
+            if self.xdp_fd is not None:
+                self._xdp(name)
         self.done &= live
+        self.xdp = {n: m for n, m in self.xdp.items() if n in mine}
         return new
+
+    def _xdp(self, name: str) -> None:
+        """XDP on one interface as xdp_mode says, after its tc filters (tc
+        serves everything XDP passes on, so it must be there first)."""
+        assert self.xdp_fd is not None
+        if self.xdp_mode == "off":
+            if xdp_detach(name):
+                log.info("XDP off: removed the XDP program an earlier agent left on %s", name)
+            return
+        try:
+            mode = xdp_attach(name, self.xdp_fd, self.xdp_mode)
+        except OSError as e:
+            log.warning("no XDP on interface %s (tc serves it alone): %s", name, e.strerror or e)
+            return
+        self.xdp[name] = mode
+        log.info("XDP attached to interface %s (%s mode)", name, mode)

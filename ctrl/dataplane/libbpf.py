@@ -130,6 +130,10 @@ ffi.cdef(
     int bpf_map__set_autocreate(struct bpf_map *map, bool autocreate);
     int bpf_obj_pin(int fd, const char *pathname);
     int bpf_prog_get_fd_by_id(__u32 id);
+    /* XDP programs on interfaces (ctrl.dataplane.attach). */
+    int bpf_xdp_attach(int ifindex, int prog_fd, __u32 flags, const void *opts);
+    int bpf_xdp_detach(int ifindex, __u32 flags, const void *opts);
+    int bpf_xdp_query_id(int ifindex, int flags, __u32 *prog_id);
     int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
     int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
     int bpf_link_detach(int link_fd);

@@ -27,6 +27,7 @@ PROGRAM = "sp_tc_ingress"  # DNAT of packets pods send
 EGRESS_PROGRAM = "sp_tc_egress"  # reverse NAT of replies on their way into pods
 EXT_PROGRAM = "sp_ext_ingress"  # external interfaces: DNAT, reverse SNAT of replies
 EXT_EGRESS_PROGRAM = "sp_ext_egress"  # external interfaces: SNAT, reverse NAT of replies
+XDP_PROGRAM = "sp_ext_xdp"  # external interfaces, XDP: source range drops, flows sent back out
 # Host clients (ebpf/host_sock.c): cgroup socket programs, loaded only when
 # asked for, so a kernel that refuses them still runs the tc programs. The
 # ones that turn a backend back into its frontend come first: attached in
@@ -47,6 +48,8 @@ HOST_MAPS = ("sp_sock",)
 # The program's read-only global struct sp_hairpin lives alone in this
 # section, which libbpf loads as an internal map of its own.
 HAIRPIN_SECTION = ".rodata.hairpin"
+# The same for the XDP program's struct sp_xdp_cfg.
+XDP_SECTION = ".rodata.xdp"
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sliceproxy"
 
@@ -73,18 +76,29 @@ class Dataplane:
     egress_fd: int
     ext_fd: int = -1
     ext_egress_fd: int = -1
+    xdp_fd: int = -1  # sp_ext_xdp (ctrl.dataplane.attach attaches it: xdp_attach)
     # Host clients' programs by name (HOST_PROGRAMS): (fd, BPF attach
     # type). Empty when loaded without them.
     host_progs: dict[str, tuple[int, int]] = field(default_factory=dict)
     _obj: object = field(repr=False, default=None)
 
     def test_run(
-        self, packet: bytes, repeat: int = 1, egress: bool = False, external: bool = False, ctx: bytes | None = None
+        self,
+        packet: bytes,
+        repeat: int = 1,
+        egress: bool = False,
+        external: bool = False,
+        ctx: bytes | None = None,
+        xdp: bool = False,
     ) -> tuple[int, bytes, int]:
         """Run the ingress (or egress) program of pod interfaces, or of
         external ones, on one packet in the kernel (BPF_PROG_TEST_RUN):
         (tc verdict, packet as the program left it, mean ns per run). ctx:
-        the __sk_buff the run starts from (its gso_size, say), if given."""
+        the __sk_buff the run starts from (its gso_size, say), if given.
+        xdp: the external interfaces' XDP program instead (its XDP action;
+        ctx then a struct xdp_md, its ingress_ifindex say)."""
+        if xdp:
+            return test_run(self.xdp_fd, packet, repeat, ctx)
         if external:
             fd = self.ext_egress_fd if egress else self.ext_fd
         else:
@@ -226,11 +240,13 @@ def load(
     sizes: MapSizes | None = None,
     hairpin: Hairpin | None = None,
     host_clients: bool = False,
+    xdp_forward: bool = False,
 ) -> Dataplane:
     """Open, size, pin and load the programs; pin_dir None means no pins
     (private maps, as the datapath tests use); hairpin None: no hairpin;
     host_clients: also the cgroup socket programs of host clients (and
-    their maps)."""
+    their maps); xdp_forward: the XDP program sends flows to other nodes'
+    backends back out itself (struct sp_xdp_cfg)."""
     obj_path = str(obj_path or object_path())
     if not os.path.exists(obj_path):
         raise BPFError(errno.ENOENT, f"BPF object {obj_path} not found: run `make` to build it")
@@ -249,12 +265,15 @@ def load(
         abi.check_btf(btf)
         m = lb.bpf_object__next_map(obj, ffi.NULL)
         bpf_maps = {}
-        hairpin_set = False
+        hairpin_set = xdp_set = False
         while m != ffi.NULL:
             name = ffi.string(lb.bpf_map__name(m)).decode()
             if name == HAIRPIN_SECTION:
                 _set_hairpin(m, hairpin or Hairpin())
                 hairpin_set = True
+            if name == XDP_SECTION:
+                _set_initial(m, XDP_SECTION, abi.pack("sp_xdp_cfg", forward=int(xdp_forward)))
+                xdp_set = True
             if not host_clients and map_base(name) in HOST_MAPS:
                 lb.bpf_map__set_autocreate(m, False)
             elif not name.startswith("."):  # .rodata/.bss: not ours to pin
@@ -265,8 +284,9 @@ def load(
                 if pin_dir is not None:
                     lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
             m = lb.bpf_object__next_map(obj, m)
-        if not hairpin_set:
-            raise BPFError(errno.ENOENT, f"{obj_path} has no {HAIRPIN_SECTION} section: rebuild it with `make`")
+        for section, found in ((HAIRPIN_SECTION, hairpin_set), (XDP_SECTION, xdp_set)):
+            if not found:
+                raise BPFError(errno.ENOENT, f"{obj_path} has no {section} section: rebuild it with `make`")
         if pin_dir is not None:
             # A pinned map of another capacity cannot be reused (libbpf
             # refuses it): set it aside for ctrl.dataplane.migrate to carry over.
@@ -291,7 +311,7 @@ def load(
                 )
             raise BPFError(err, f"loading BPF object {obj_path}: {hint}")
         fds = {}
-        for name in (PROGRAM, EGRESS_PROGRAM, EXT_PROGRAM, EXT_EGRESS_PROGRAM):
+        for name in (PROGRAM, EGRESS_PROGRAM, EXT_PROGRAM, EXT_EGRESS_PROGRAM, XDP_PROGRAM):
             prog = lb.bpf_object__find_program_by_name(obj, name.encode())
             if prog == ffi.NULL:
                 raise BPFError(errno.ENOENT, f"{obj_path} has no program {name}")
@@ -311,6 +331,7 @@ def load(
             egress_fd=fds[EGRESS_PROGRAM],
             ext_fd=fds[EXT_PROGRAM],
             ext_egress_fd=fds[EXT_EGRESS_PROGRAM],
+            xdp_fd=fds[XDP_PROGRAM],
             host_progs=host_progs,
             _obj=obj,
         )
@@ -325,13 +346,16 @@ def load(
 def _set_hairpin(m: object, hairpin: Hairpin) -> None:
     """Write the hairpin addresses into the program's sp_hairpin global
     (the initial value of its internal map, before load; read-only after)."""
-    packed = hairpin.packed()
+    _set_initial(m, HAIRPIN_SECTION, hairpin.packed())
+
+
+def _set_initial(m: object, section: str, packed: bytes) -> None:
+    """Write a read-only global alone in its section (the initial value of
+    its internal map, before load; read-only after)."""
     size = ffi.new("size_t *")
     data = lib().bpf_map__initial_value(m, size)
     if data == ffi.NULL or size[0] != len(packed):
-        raise abi.LayoutError(
-            f"{HAIRPIN_SECTION} holds {size[0]} bytes, struct sp_hairpin {len(packed)}: rebuild with `make`"
-        )
+        raise abi.LayoutError(f"{section} holds {size[0]} bytes, its struct {len(packed)}: rebuild with `make`")
     ffi.memmove(data, packed, len(packed))
 
 

@@ -47,6 +47,13 @@ class Settings:
     external_lb: Literal["random", "maglev"] = "random"
     maglev_table_size: int = 16381
 
+    # --xdp: the XDP program on the external interfaces (auto: native,
+    # else generic, else none with a logged reason; off: none, and ours
+    # removed where an earlier agent left it); --xdp-forward: it also sends
+    # flows to other nodes' backends back out itself (docs/semantics.md, "XDP").
+    xdp: Literal["auto", "native", "generic", "off"] = "auto"
+    xdp_forward: bool = False
+
     @property
     def maglev_size(self) -> int:
         """The table size the dataplane builds tables of; 0: random mode."""

@@ -51,6 +51,101 @@ static __always_inline int dnat_to(struct __sk_buff *skb, struct pkt *p, __u8 sc
 	return count(skb, verdict, act);
 }
 
+/* What dnat_flow() found for a packet to a frontend. */
+enum dnat_kind {
+	DNAT_NO_SERVICE,  /* no frontend of this scope there */
+	DNAT_REFUSED,     /* the source is outside loadBalancerSourceRanges */
+	DNAT_ESTABLISHED, /* a tracked flow: its backend in f->nct */
+	DNAT_NEW,         /* a new flow: a backend chosen in f->nct, nothing
+			   * recorded yet (dnat_record) */
+	DNAT_NO_BACKEND,  /* the frontend has no backend */
+	DNAT_ERROR,       /* maps that disagree */
+};
+
+/* A flow to a frontend as dnat_flow() leaves it. */
+struct dnat_flow {
+	struct sp_svc_key skey;  /* the frontend */
+	struct sp_ct_key ckey;   /* the flow's forward key */
+	struct sp_ct_val nct;    /* the backend (nat_addr, nat_port) and,
+				  * for a new flow, its forward entry */
+	__u32 svc_flags;         /* the frontend's (SP_SVC_F_*): no pointer
+				  * here, XDP keeps this struct in a map */
+};
+
+/*
+ * The decision of a DNAT, without touching the packet: the frontend of
+ * this scope that p is for, whether its source may use it, and its
+ * backend: the one its flow has (the flow's entries refreshed, as every
+ * packet of it does), or for a new flow (or one whose backend went away)
+ * lb.h's choice. Shared by the tc ingress programs (dnat) and the external
+ * interfaces' XDP program (ext_xdp.c), so both choose alike and keep one
+ * conntrack. DNAT_* kind; f filled as it says.
+ */
+static __always_inline int dnat_flow(const struct pkt *p, __u8 scope, struct dnat_flow *f,
+				     struct sp_svc_val **svcp)
+{
+	struct sp_svc_val *svc;
+	struct sp_ct_val *ct;
+	struct lb_choice c = {};
+	__u64 now;
+	int r;
+
+	svc = *svcp = lb_lookup(p->daddr, bpf_ntohs(p->dport), p->proto, scope, &f->skey);
+	if (!svc)
+		return DNAT_NO_SERVICE;
+	f->svc_flags = svc->flags;
+	/* kube-proxy's firewall chain: before any conntrack, every packet. */
+	if (!lb_source_allowed(svc, p->saddr))
+		return DNAT_REFUSED;
+
+	now = now_ns();
+	ct_key(&f->ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
+	ct = bpf_map_lookup_elem(&SP_MAP(sp_ct), &f->ckey);
+	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
+		ct->last_seen = now;
+		/* The LRU may evict the reply entry alone: put it back, or the
+		 * backend's answers would reach the client unrewritten. */
+		put_reply(&f->ckey, &f->skey, ct, BPF_NOEXIST);
+		/* The same for a masqueraded flow's SNAT entry, with the port
+		 * it had (port2), so the backend keeps seeing one connection. */
+		if (svc->flags & SP_SVC_F_MASQ)
+			put_snat(&f->ckey, ct, BPF_NOEXIST);
+		__builtin_memcpy(f->nct.nat_addr, ct->nat_addr, sizeof(f->nct.nat_addr));
+		f->nct.nat_port = ct->nat_port;
+		return DNAT_ESTABLISHED;
+	}
+
+	/* A new flow (or one whose backend went away): pick a backend. */
+	r = lb_choose(svc, &f->ckey, p->v6, now, LB_NO_HINT, 0, &c);
+	if (r == LB_NO_BACKEND)
+		return DNAT_NO_BACKEND;
+	if (r != LB_OK)
+		return DNAT_ERROR;
+	__builtin_memcpy(f->nct.nat_addr, c.be->addr, sizeof(f->nct.nat_addr));
+	f->nct.nat_port = c.be->port;
+	f->nct.backend_id = c.be_id;
+	f->nct.svc_id = svc->svc_id;
+	f->nct.last_seen = now;
+	return DNAT_NEW;
+}
+
+/* Record the new flow dnat_flow() chose: its forward and reply entries
+ * and, for a masqueraded frontend, its SNAT entry. 0, or -1 when a write
+ * failed. */
+static __always_inline int dnat_record(struct dnat_flow *f)
+{
+	if (bpf_map_update_elem(&SP_MAP(sp_ct), &f->ckey, &f->nct, BPF_ANY))
+		return -1;
+	if (put_reply(&f->ckey, &f->skey, &f->nct, BPF_ANY))
+		return -1;
+	/* Masquerade candidate: if the flow leaves through an external
+	 * interface (its backend is on another node), that interface's egress
+	 * allocates the port. A flow to a local pod never gets there. */
+	if ((f->svc_flags & SP_SVC_F_MASQ) && put_snat(&f->ckey, &f->nct, BPF_ANY))
+		return -1;
+	return 0;
+}
+
 /*
  * A packet to a frontend of this scope gets a backend and its destination
  * rewritten (DNAT). Shared by the pod ingress (scope internal) and the
@@ -58,60 +153,25 @@ static __always_inline int dnat_to(struct __sk_buff *skb, struct pkt *p, __u8 sc
  */
 static __always_inline int dnat(struct __sk_buff *skb, struct pkt *p, __u8 scope)
 {
-	struct sp_svc_key skey = {};
-	struct sp_ct_key ckey = {};
-	struct sp_ct_val *ct, nct = {};
-	struct sp_svc_val *svc;
-	struct lb_choice c = {};
-	__u64 now;
-	int r;
+	struct dnat_flow f = {};
+	struct sp_svc_val *svc = 0;
 
-	svc = lb_lookup(p->daddr, bpf_ntohs(p->dport), p->proto, scope, &skey);
-	if (!svc)
+	switch (dnat_flow(p, scope, &f, &svc)) {
+	case DNAT_NO_SERVICE:
 		return count(skb, SP_V_PASS_NO_SERVICE, TC_ACT_OK);
-	/* kube-proxy's firewall chain: before any conntrack, every packet. */
-	if (!lb_source_allowed(svc, p->saddr))
+	case DNAT_REFUSED:
 		return count(skb, SP_V_DROP_SOURCE_RANGE, TC_ACT_SHOT);
-
-	now = now_ns();
-	ct_key(&ckey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_FORWARD);
-	ct = bpf_map_lookup_elem(&SP_MAP(sp_ct), &ckey);
-	if (ct && ct->svc_id == svc->svc_id && ct_backend(ct, p->syn)) {
-		ct->last_seen = now;
-		/* The LRU may evict the reply entry alone: put it back, or the
-		 * backend's answers would reach the client unrewritten. */
-		put_reply(&ckey, &skey, ct, BPF_NOEXIST);
-		/* The same for a masqueraded flow's SNAT entry, with the port
-		 * it had (port2), so the backend keeps seeing one connection. */
-		if (svc->flags & SP_SVC_F_MASQ)
-			put_snat(&ckey, ct, BPF_NOEXIST);
-		return dnat_to(skb, p, scope, ct->nat_addr, ct->nat_port, SP_V_DNAT_ESTABLISHED);
-	}
-
-	/* A new flow (or one whose backend went away): pick a backend. */
-	r = lb_choose(svc, &ckey, p->v6, now, LB_NO_HINT, 0, &c);
-	if (r == LB_NO_BACKEND)
+	case DNAT_ESTABLISHED:
+		return dnat_to(skb, p, scope, f.nct.nat_addr, f.nct.nat_port, SP_V_DNAT_ESTABLISHED);
+	case DNAT_NO_BACKEND:
 		return reject(skb, p, svc);
-	if (r != LB_OK)
+	case DNAT_NEW:
+		if (dnat_record(&f))
+			return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
+		return dnat_to(skb, p, scope, f.nct.nat_addr, f.nct.nat_port, SP_V_DNAT_NEW);
+	default:
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-
-	__builtin_memcpy(nct.nat_addr, c.be->addr, sizeof(nct.nat_addr));
-	nct.nat_port = c.be->port;
-	nct.backend_id = c.be_id;
-	nct.svc_id = svc->svc_id;
-	nct.last_seen = now;
-	if (bpf_map_update_elem(&SP_MAP(sp_ct), &ckey, &nct, BPF_ANY))
-		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-
-	if (put_reply(&ckey, &skey, &nct, BPF_ANY))
-		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-	/* Masquerade candidate: if the flow leaves through an external
-	 * interface (its backend is on another node), that interface's egress
-	 * allocates the port. A flow to a local pod never gets there. */
-	if ((svc->flags & SP_SVC_F_MASQ) && put_snat(&ckey, &nct, BPF_ANY))
-		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-
-	return dnat_to(skb, p, scope, nct.nat_addr, nct.nat_port, SP_V_DNAT_NEW);
+	}
 }
 
 /* A reply of a flow we DNATed: its source back to the frontend. */
@@ -240,14 +300,18 @@ static __always_inline __u16 snat_port(const struct sp_cfg *cfg, struct sp_ct_ke
 }
 
 /*
- * At an external interface's egress, a masqueraded flow's packet (external
- * traffic, policy Cluster, DNATed to a backend on another node: only such
- * flows are routed out here) gets the node's address and an SNAT port as
- * its source, after netfilter saw it as client -> backend: the port its
- * flow holds, or on its first packet out (or once its port went to another
- * flow) a new one. The tc action; a packet of no masqueraded flow passes.
+ * The source a masqueraded flow's packet p (client -> backend, after its
+ * DNAT) leaves the node with: the node's address and the SNAT port its flow
+ * holds, or on its first packet out (or once its port went to another
+ * flow) a new one, into addr (16 bytes) and *port (host order). The
+ * verdict: SP_V_SNAT with addr and port filled, SP_V_PASS_NO_FLOW (no
+ * masqueraded flow), SP_V_DROP_SNAT or SP_V_DROP_ERROR. The packet is not
+ * touched: the tc egress (snat) and the XDP program (ext_xdp.c) rewrite it
+ * each their way. A subprogram: two programs call it, and inlined in
+ * sp_ext_egress the compiler spilled a register the helper calls of the
+ * port search had clobbered (the verifier refused it).
  */
-static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
+static __noinline __u32 snat_source(const struct pkt *p, __u8 *addr, __u16 *port_out)
 {
 	struct sp_ct_key skey = {};
 	struct sp_ct_val *ct;
@@ -258,7 +322,7 @@ static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
 	ct_key(&skey, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_SNAT);
 	ct = bpf_map_lookup_elem(&SP_MAP(sp_ct), &skey);
 	if (!ct)
-		return count(skb, SP_V_PASS_NO_FLOW, TC_ACT_OK);
+		return SP_V_PASS_NO_FLOW;
 	now = now_ns();
 	ct->last_seen = now;
 	if (ct->nat_port) {
@@ -276,7 +340,7 @@ static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
 		if (u)
 			t = ct_touch(u, now);
 		if (t == TOUCH_BUSY)
-			return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+			return SP_V_DROP_SNAT;
 		/* Refreshed, and the entry still names this client: the port
 		 * is the flow's. Otherwise (being claimed, or naming another
 		 * client) the flow was idle past its hold and the port went
@@ -284,21 +348,22 @@ static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
 		if (!u || (!t && addr_eq(u->nat_addr, skey.saddr) && u->nat_port == skey.sport)) {
 			if (u)
 				track_close(u, p, 0);
-			if (addr_is_v4(ct->nat_addr) == p->v6 ||
-			    rewrite(skb, p, 0, ct->nat_addr, bpf_htons(ct->nat_port)))
-				return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
-			return count(skb, SP_V_SNAT, TC_ACT_OK);
+			if (addr_is_v4(ct->nat_addr) == p->v6)
+				return SP_V_DROP_ERROR;
+			__builtin_memcpy(addr, ct->nat_addr, 16);
+			*port_out = ct->nat_port;
+			return SP_V_SNAT;
 		}
 	}
 
 	/* The first packet of the flow out here: a node address and a port. */
 	cfg = bpf_map_lookup_elem(&SP_MAP(sp_cfg), &zero);
 	if (!cfg)
-		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		return SP_V_DROP_SNAT;
 	const __u8 *node = p->v6 ? cfg->addr6 : cfg->addr4;
 	const __u32 *w = (const __u32 *)node;
 	if (!(w[0] | w[1] | w[2] | w[3]))
-		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		return SP_V_DROP_SNAT;
 	struct sp_ct_key uk = {};
 	struct sp_ct_val uv = {};
 	__u16 port;
@@ -317,7 +382,7 @@ static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
 		uv.flags = SP_CT_F_RST;
 	port = snat_port(cfg, &uk, &uv, now);
 	if (!port)
-		return count(skb, SP_V_DROP_SNAT, TC_ACT_SHOT);
+		return SP_V_DROP_SNAT;
 	__builtin_memcpy(ct->nat_addr, node, sizeof(ct->nat_addr));
 	ct->nat_port = port;
 
@@ -332,7 +397,29 @@ static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
 		__builtin_memcpy(fwd->addr2, node, sizeof(fwd->addr2));
 		fwd->port2 = port;
 	}
-	if (rewrite(skb, p, 0, node, bpf_htons(port)))
+	__builtin_memcpy(addr, node, 16);
+	*port_out = port;
+	return SP_V_SNAT;
+}
+
+/*
+ * At an external interface's egress, a masqueraded flow's packet (external
+ * traffic, policy Cluster, DNATed to a backend on another node: only such
+ * flows are routed out here) gets the node's address and an SNAT port as
+ * its source (snat_source), after netfilter saw it as client -> backend.
+ * The tc action; a packet of no masqueraded flow passes.
+ */
+static __always_inline int snat(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 addr[16];
+	__u16 port = 0;
+	__u32 v = snat_source(p, addr, &port);
+
+	if (v == SP_V_PASS_NO_FLOW)
+		return count(skb, v, TC_ACT_OK);
+	if (v != SP_V_SNAT)
+		return count(skb, v, TC_ACT_SHOT);
+	if (rewrite(skb, p, 0, addr, bpf_htons(port)))
 		return count(skb, SP_V_DROP_ERROR, TC_ACT_SHOT);
 	return count(skb, SP_V_SNAT, TC_ACT_OK);
 }

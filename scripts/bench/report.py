@@ -192,6 +192,21 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                 ):
                     x, y = pr[kind][str(a)], pr[kind][str(b)]
                     out.append((label, f"{x:.0f} -> {y:.0f} ns ({y / x:.2f}x)", "", "", ""))
+    x = res.get("xdp")
+    if x:
+        ns = x["ns"]
+        out.append(("**external packets, BPF_PROG_TEST_RUN: XDP vs tc (ns per packet)**", "", "", "", ""))
+        for label, ours_k, peer, peer_k in (
+            ("source-range drop", "xdp_drop", "tc ingress", "tc_drop"),
+            ("established flow to another node (XDP: DNAT, SNAT, FIB, XDP_TX)", "xdp_forward",
+             "tc ingress DNAT + egress SNAT", "tc_forward"),
+        ):  # fmt: skip
+            out.append((label, f"{ns[ours_k]:.0f} ns", peer, f"{ns[peer_k]:.0f} ns", ratio(ns[peer_k], ns[ours_k])))
+        d = x["drops_per_s"]
+        out.append(
+            ("source-range drops per second, one core", f"{d['xdp'] / 1e6:.1f} M", "tc", f"{d['tc'] / 1e6:.1f} M", "")
+        )
+        out.append(("XDP in front of a flow tc serves (handed on)", f"+{ns['xdp_pass']:.0f} ns", "", "", ""))
     lat = res.get("latency")
     if lat:
         out += _latency_rows(

@@ -147,6 +147,7 @@ class Topology:
         self.pods: dict[str, Pod] = {}
         self.pod_ip6: dict[str, str] = {}
         self.uplink_ip: str | None = None
+        self.uplink_peer: str | None = None  # the uplink's bridge-side end, in the lan's namespace
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._next_index = 0
@@ -257,13 +258,16 @@ class Topology:
             _run(["ip", "-n", self.node_ns, "-6", "route", "add", f"{ip6}/128", "dev", host_if])
         return pod
 
-    def add_uplink(self, lan: Lan, ip: str, prefixlen: int = 24) -> str:
+    def add_uplink(self, lan: Lan, ip: str, prefixlen: int = 24, ip6: str | None = None) -> str:
         """Join this node to ``lan``'s bridge with an uplink ``<prefix>u0``
-        holding ``ip``/``prefixlen``: the node's external interface (what
-        the agent gets as --external-interfaces). Returns its name."""
+        holding ``ip``/``prefixlen`` (and ``ip6``/64 if given): the node's
+        external interface (what the agent gets as --external-interfaces).
+        Returns its name."""
         addr = ipaddress.ip_address(ip)
         if addr.version != 4 or addr not in TEST_NET4:
             raise ValueError(f"uplink {ip} must be an IPv4 address in {TEST_NET4}")
+        if ip6 is not None and (ipaddress.ip_address(ip6).version != 6 or ipaddress.ip_address(ip6) not in TEST_NET6):
+            raise ValueError(f"uplink {ip6} must be an IPv6 address in {TEST_NET6}")
         uplink = f"{self.prefix}u0"
         port = lan.new_port_name()
         # Both ends born in our namespaces, as for pods.
@@ -271,12 +275,15 @@ class Topology:
         _run(["ip", "-n", self.node_ns, "link", "add", uplink, "type", "veth", *peer])
         lan.attach_port(port)
         _run(["ip", "-n", self.node_ns, "addr", "add", f"{ip}/{prefixlen}", "dev", uplink])
+        if ip6 is not None:
+            _run(["ip", "-n", self.node_ns, "-6", "addr", "add", f"{ip6}/64", "dev", uplink, "nodad"])
         _run(["ip", "-n", self.node_ns, "link", "set", uplink, "up"])
         # A node forwards a DNATed packet out of the interface it came in
         # by (client and remote backend both behind the uplink): no ICMP
         # redirects telling the client to go around us.
         self._sysctl(self.node_ns, "net.ipv4.conf.all.send_redirects=0", f"net.ipv4.conf.{uplink}.send_redirects=0")
         self.uplink_ip = str(addr)
+        self.uplink_peer = port
         return uplink
 
     def add_route(self, name: str, cidr: str, via: str) -> None:
@@ -506,8 +513,9 @@ class Lan(Topology):
         _run(["ip", "-n", self.node_ns, "link", "set", port, "master", self.BRIDGE])
         _run(["ip", "-n", self.node_ns, "link", "set", port, "up"])
 
-    def add_host(self, name: str, ip: str, prefixlen: int = 24) -> Pod:
-        """An outside host ``<prefix>-<name>`` with eth0 = ip/prefixlen on the bridge."""
+    def add_host(self, name: str, ip: str, prefixlen: int = 24, ip6: str | None = None) -> Pod:
+        """An outside host ``<prefix>-<name>`` with eth0 = ip/prefixlen (and
+        ip6/64 if given) on the bridge."""
         if not _NAME_RE.match(name) or name == "node" or name in self.pods:
             raise ValueError(f"bad or duplicate host name {name!r}")
         addr = ipaddress.ip_address(ip)
@@ -521,8 +529,33 @@ class Lan(Topology):
         _run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", self.node_ns])
         self.attach_port(port)
         _run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefixlen}", "dev", "eth0"])
+        if ip6 is not None:
+            a6 = ipaddress.ip_address(ip6)
+            if a6.version != 6 or a6 not in TEST_NET6:
+                raise ValueError(f"host {name}: {ip6} must be an IPv6 address in {TEST_NET6}")
+            _run(["ip", "-n", ns, "-6", "addr", "add", f"{a6}/64", "dev", "eth0", "nodad"])
         _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         return host
+
+    def full_checksums(self, name: str) -> None:
+        """Frames host ``name`` sends carry whole TCP/UDP checksums, as
+        frames from a wire do. A veth offloads them by default: its peer
+        gets them partial, marked on the skb, which tc's helpers keep right
+        but an XDP program rewriting the frame itself cannot see (it sends
+        a frame whose checksum no receiver accepts)."""
+        cp = self.exec_in(name, [sys.executable, "-c", _TX_CSUM_OFF, "eth0"])
+        if cp.returncode != 0:
+            raise TopologyError(f"turning off checksum offload in {name}: {cp.stderr.strip()}")
+
+
+# ETHTOOL_STXCSUM (0x17) off through SIOCETHTOOL, for hosts without ethtool(8).
+_TX_CSUM_OFF = r"""
+import ctypes, fcntl, socket, struct, sys
+val = ctypes.create_string_buffer(struct.pack("II", 0x17, 0), 8)
+ifr = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(val)).ljust(40, b"\0")
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    fcntl.ioctl(s.fileno(), 0x8946, ifr)
+"""
 
 
 def _delete_ns(ns: str) -> None:

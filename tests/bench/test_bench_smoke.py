@@ -118,6 +118,16 @@ def test_packet_cost_measured_on_service_hits(figures):
             assert all(pr[kind][str(n)] > 0 for n in pr["sizes"])
 
 
+def test_external_packets_through_xdp_and_tc(figures):
+    """Every figure of the XDP part measured (the part checks each run's
+    action: a drop dropped, a forwarded packet sent back out, a served one
+    handed on)."""
+    x = figures["xdp"]
+    for k in ("xdp_drop", "tc_drop", "xdp_forward", "tc_forward", "xdp_pass"):
+        assert x["ns"][k] > 0, k
+    assert x["drops_per_s"]["xdp"] > 0 and x["drops_per_s"]["tc"] > 0
+
+
 def test_peer_rulesets_loaded(figures):
     for s in figures["scenarios"].values():
         for key in ("iptables_legacy", "iptables_nft"):

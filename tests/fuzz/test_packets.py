@@ -1,7 +1,9 @@
 """Tier 6: random and mutated packets through every program.
 
-Each packet goes through all four programs (sp_tc_ingress, sp_tc_egress,
-sp_ext_ingress, sp_ext_egress) by BPF_PROG_TEST_RUN, with Services and
+Each packet goes through all four tc programs (sp_tc_ingress, sp_tc_egress,
+sp_ext_ingress, sp_ext_egress) and the external interfaces' XDP program
+(sp_ext_xdp, without forwarding: it runs no route lookup here) by
+BPF_PROG_TEST_RUN, with Services and
 established flows programmed (world.py): random bytes, truncated headers,
 IPv4 options, IPv6 extension headers, fragments, ICMP and ICMPv6 (errors
 quoting packets of tracked flows included), every TCP flag combination,
@@ -20,7 +22,10 @@ What must hold for every run:
   skipped), a conntrack entry for the packet's addresses and ports in any
   direction, or an ICMP message naming an address of the world (the
   programs may translate ICMP errors about tracked flows);
-- every run is counted under exactly one verdict;
+- every run of a tc program is counted under exactly one verdict; the XDP
+  program either passes a packet byte for byte as it came, uncounted (tc
+  counts it), or drops one of the world's packets, counted as
+  drop_source_range, and one the external tc ingress drops too;
 - rewritten well-formed packets carry correct checksums (scapy recomputes
   them, for a sample);
 - the kernel logs no WARNING, BUG or bpf line during the run.
@@ -59,6 +64,7 @@ DEFAULT_PACKETS = 50_000
 # of the interface it came in by.
 VERDICTS = {TC_ACT_OK, TC_ACT_SHOT}
 PROG_VERDICTS = {"sp_tc_ingress": VERDICTS | {TC_ACT_REDIRECT}, "sp_ext_ingress": VERDICTS | {TC_ACT_REDIRECT}}
+XDP_DROP, XDP_PASS = 1, 2
 SCAPY_SAMPLE = 200  # rewritten well-formed packets also re-checked by scapy (slow)
 KERNEL_TROUBLE = re.compile(r"WARNING|BUG|Oops|Call Trace|general protection|\bbpf|\bBPF")
 
@@ -410,6 +416,8 @@ def test_random_packets_through_every_program(dp):
         Prog("sp_ext_ingress", dp.ext_fd),
         Prog("sp_ext_egress", dp.ext_egress_fd),
     ]
+    xdp = Prog("sp_ext_xdp", dp.xdp_fd)
+    xdp_drops = 0
     before = {k: v[0] for k, v in stats(dp).items()}
     log_seq = max((s for s, _ in kmsg()), default=-1)
 
@@ -419,12 +427,28 @@ def test_random_packets_through_every_program(dp):
     t0 = time.perf_counter()
     for i in range(n):
         pkt, clean = source()
+        xdp_dropped = False
+        res = xdp.run(pkt)
+        if isinstance(res, int):
+            problems.append(f"packet {i} sp_ext_xdp: refused by the kernel ({os.strerror(res)}): {pkt.hex()}")
+        elif res[0] == XDP_PASS:
+            if res[1] != pkt:
+                problems.append(f"packet {i} sp_ext_xdp: passed but changed to {res[1].hex()}: {pkt.hex()}")
+        elif res[0] == XDP_DROP:
+            xdp_drops += 1
+            xdp_dropped = True
+            if not judge.related(pkt):
+                problems.append(f"packet {i} sp_ext_xdp: to no frontend and no tracked flow, dropped: {pkt.hex()}")
+        else:
+            problems.append(f"packet {i} sp_ext_xdp: return code {res[0]}: {pkt.hex()}")
         for prog in progs:
             res = prog.run(pkt)
             if isinstance(res, int):
                 problems.append(f"packet {i} {prog.name}: refused by the kernel ({os.strerror(res)}): {pkt.hex()}")
                 continue
             ret, out = res
+            if xdp_dropped and prog.name == "sp_ext_ingress" and ret != TC_ACT_SHOT:
+                problems.append(f"packet {i}: dropped by XDP, not by sp_ext_ingress ({ret}): {pkt.hex()}")
             if ret not in PROG_VERDICTS.get(prog.name, VERDICTS):
                 problems.append(f"packet {i} {prog.name}: return code {ret}: {pkt.hex()}")
             if out == pkt and ret == TC_ACT_OK:
@@ -461,13 +485,16 @@ def test_random_packets_through_every_program(dp):
 
     print(
         f"fuzz: {i + 1} packets, {runs} runs through {len(progs)} programs in {seconds:.1f} s "
-        f"({(i + 1) / seconds:,.0f} packets/s, {runs / seconds:,.0f} runs/s); {replay}"
+        f"({(i + 1) / seconds:,.0f} packets/s, {runs / seconds:,.0f} runs/s); {xdp_drops} dropped by XDP; {replay}"
     )
     print(f"fuzz: {dict(outcome)}; checksums verified on {checked_sums} rewritten packets ({by_scapy} by scapy too)")
     print("fuzz: verdicts " + ", ".join(f"{k.lower()}={v}" for k, v in sorted(counted.items(), key=lambda kv: -kv[1])))
 
     assert not problems, f"{replay}:\n" + "\n".join(problems[:20])
-    assert sum(counted.values()) == runs, f"{replay}: {runs} runs, {sum(counted.values())} counted: {counted}"
+    assert (
+        sum(counted.values()) == runs + xdp_drops
+    ), f"{replay}: {runs} tc runs and {xdp_drops} XDP drops, {sum(counted.values())} counted: {counted}"
+    assert counted.get("DROP_SOURCE_RANGE", 0) >= xdp_drops
     assert not added, f"{replay}: the kernel logged during the run:\n" + "\n".join(added)
     # Not vacuous: the world was reached (translations, drops, passes).
     reached = {"DNAT_NEW", "DNAT_ESTABLISHED", "REVNAT", "SNAT", "UNSNAT", "PASS_NO_SERVICE", "REJECT_NO_BACKEND"}

@@ -15,16 +15,23 @@ Every node namespace drops what netfilter's conntrack finds INVALID
 and kube-proxy rulesets do. servers.py answers with its name and the client
 address it saw, so the tests see who served and whether the source was
 masqueraded.
+
+Every test runs twice: with the XDP program on the uplinks (--xdp auto,
+native on veth: source ranges dropped there, the rest handed to tc) and
+with tc alone (--xdp off); the answers must not differ.
 """
 
 from __future__ import annotations
 
 import json
+import platform
+import re
 import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,12 +100,13 @@ def slice_of(service: str, ports: list[tuple[str, int, str]]) -> dict[str, Any]:
     return sl
 
 
-def node_obj(name: str, ip: str) -> dict[str, Any]:
+def node_obj(name: str, ip: str, ip6: str | None = None) -> dict[str, Any]:
+    addrs = [{"type": "InternalIP", "address": a} for a in (ip, ip6) if a]
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]},
+        "status": {"addresses": [*addrs, {"type": "Hostname", "address": name}]},
     }
 
 
@@ -117,6 +125,8 @@ class Node:
 class Cluster:
     lan: Lan
     nodes: list[Node] = field(default_factory=list)
+    xdp: bool = True  # the agents attach the XDP program on their uplinks
+    forward: bool = False  # ... and it sends flows to other nodes' backends back out
 
     def write(self, name: str, *docs: dict[str, Any]) -> None:
         for n in self.nodes:
@@ -131,12 +141,16 @@ class Cluster:
                 (
                     "--external-interfaces", n.uplink, "--node-name", n.name,
                     "--metrics-bind-address", "", "--healthz-bind-address", "",
+                    "--xdp", "auto" if self.xdp else "off",
+                    *(("--xdp-forward",) if self.forward else ()),
                     *extra,
                 ),
             )  # fmt: skip
         for n in self.nodes:
             assert n.agent is not None
             n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
+            if self.xdp:
+                n.agent.wait_log(rf"XDP attached to interface {re.escape(n.uplink)} \(native mode\)$")
 
     def wait_external(self, frontend: str, backends: set[str], nodes: list[Node] | None = None) -> None:
         """Every node's (or these nodes') dump shows frontend (scope
@@ -155,34 +169,82 @@ class Cluster:
         return self.lan.client(host, mode, "--target", target, "--count", str(count), "--timeout", "1")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+# IPv6 on the same segment (the cluster6 fixture): a /64 for the LAN, a
+# /64 of pods per node.
+CLIENT6, OTHER6 = "2001:db8:200::100", "2001:db8:200::101"
+NODE1_6, NODE2_6 = "2001:db8:200::1", "2001:db8:200::2"
+WEB1_6, WEB2_6 = "2001:db8:1::11", "2001:db8:2::11"
+FW_LB6 = "2001:db8:5::7"
+
+# A program that passes every frame: on the bridge-side ends of the
+# uplinks when XDP sends frames back out of an uplink (XDP_TX on a veth
+# needs an XDP program, or GRO, on the receiving peer). The test topology's
+# own, compiled by the fixture.
+PASS_XDP = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("xdp") int lan_pass(struct xdp_md *ctx) { return XDP_PASS; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+@contextmanager
+def make_cluster(tmp_path: Path, xdp: bool, ip6: bool = False, forward: bool = False) -> Iterator[Cluster]:
+    """Two nodes and two outside hosts on one segment, as the module
+    docstring draws them; ip6: IPv6 addresses and routes alongside (servers
+    answering both families); forward: --xdp-forward, the uplinks' peers
+    given a pass-through XDP program, and no INVALID drop rule (XDP sends
+    a flow's packets past the node's netfilter: it sees only the replies),
+    and the outside hosts sending whole checksums, as from a wire."""
     stack: list[Topology] = []
     c: Cluster | None = None
     try:
         lan = Lan()
         stack.append(lan)
-        lan.add_host("client", CLIENT)
-        lan.add_host("other", OTHER)
-        c = Cluster(lan)
-        for i, (ip, pod_ip, other_subnet, other_ip) in enumerate(
-            [(NODE1, WEB1, "198.18.2.0/24", NODE2), (NODE2, WEB2, "198.18.1.0/24", NODE1)], start=1
-        ):
+        lan.add_host("client", CLIENT, ip6=CLIENT6 if ip6 else None)
+        lan.add_host("other", OTHER, ip6=OTHER6 if ip6 else None)
+        c = Cluster(lan, xdp=xdp, forward=forward)
+        nodes = [
+            (NODE1, NODE1_6, WEB1, WEB1_6, "198.18.2.0/24", "2001:db8:2::/64", NODE2, NODE2_6),
+            (NODE2, NODE2_6, WEB2, WEB2_6, "198.18.1.0/24", "2001:db8:1::/64", NODE1, NODE1_6),
+        ]
+        for i, (ip, v6, pod_ip, pod6, other_subnet, other6, other_ip, other_v6) in enumerate(nodes, start=1):
             t = Topology()
             stack.append(t)
-            t.add_pod(f"web-{i}", pod_ip)
+            t.add_pod(f"web-{i}", pod_ip, ip6=pod6 if ip6 else None)
             if i == 1:
                 t.add_pod("cpod", CPOD)  # a client pod on node-1
-            uplink = t.add_uplink(lan, ip)
+            uplink = t.add_uplink(lan, ip, ip6=v6 if ip6 else None)
             t.add_route("node", other_subnet, other_ip)
-            cp = t.exec_in("node", ["iptables-legacy", "-A", *INVALID_DROP])
-            assert cp.returncode == 0, cp.stderr
-            t.start_server(f"web-{i}")
+            if ip6:
+                t.add_route("node", other6, other_v6)
+            if not forward:
+                cp = t.exec_in("node", ["iptables-legacy", "-A", *INVALID_DROP])
+                assert cp.returncode == 0, cp.stderr
+            t.start_server(f"web-{i}", bind="::" if ip6 else "0.0.0.0")
             src = SourceDir(tmp_path / f"node-{i}")
-            src.write("node.yaml", node_obj(f"node-{i}", ip))
+            src.write("node.yaml", node_obj(f"node-{i}", ip, v6 if ip6 else None))
             c.nodes.append(Node(f"node-{i}", t, ip, uplink, src, BPFFS / f"{PIN_PREFIX}{t.prefix}"))
         # LB IPs and externalIPs reach node-1, as an upstream router would send them.
-        _ = [lan.add_route(h, "198.19.0.0/16", NODE1) for h in ("client", "other")]
+        for h in ("client", "other"):
+            lan.add_route(h, "198.19.0.0/16", NODE1)
+            if ip6:
+                lan.add_route(h, "2001:db8:5::/64", NODE1_6)
+        if forward:
+            for h in ("client", "other"):
+                lan.full_checksums(h)
+            src_c, obj = tmp_path / "lan_pass.c", tmp_path / "lan_pass.o"
+            src_c.write_text(PASS_XDP)
+            arch = f"/usr/include/{platform.machine()}-linux-gnu"
+            subprocess.run(
+                ["clang", "-O2", "-target", "bpf", f"-I{arch}", "-c", str(src_c), "-o", str(obj)], check=True
+            )
+            for n in c.nodes:
+                assert n.topo.uplink_peer is not None
+                cp = lan.exec_in(
+                    "node", ["ip", "link", "set", "dev", n.topo.uplink_peer, "xdp", "obj", str(obj), "sec", "xdp"]
+                )
+                assert cp.returncode == 0, cp.stderr
         yield c
     finally:
         if c is not None:
@@ -192,6 +254,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                 shutil.rmtree(n.pin_dir, ignore_errors=True)
         for t in reversed(stack):
             t.cleanup()
+
+
+@pytest.fixture(params=[True, False], ids=["xdp", "tc-only"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    with make_cluster(tmp_path, xdp=request.param) as c:
+        yield c
+
+
+@pytest.fixture(params=[True, False], ids=["xdp", "tc-only"])
+def cluster6(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """The same two nodes, dual-stack: every address above has an IPv6 twin."""
+    with make_cluster(tmp_path, xdp=request.param, ip6=True) as c:
+        yield c
 
 
 def start(cluster: Cluster, etp: str = "Cluster") -> None:
@@ -620,3 +695,133 @@ def test_maglev_flow_moved_to_another_node_keeps_its_backend(cluster: Cluster) -
         invalid_rule_held(cluster)
     finally:
         ic.cleanup()
+
+
+# -- IPv6 from outside -------------------------------------------------------------
+
+VIP6 = "2001:db8:ffff::10"
+
+
+def web6_objects() -> list[dict[str, Any]]:
+    """web, dual-stack, and an IPv6-only LoadBalancer admitting the outside
+    client's /128 only (fw6), each with a slice per family."""
+    svc = web_service("Cluster")
+    svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+    ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+    v6 = endpoint_slice("web-v6", "web", ports, [WEB1_6, WEB2_6])
+    v6["addressType"] = "IPv6"
+    v6["endpoints"][0]["nodeName"], v6["endpoints"][1]["nodeName"] = "node-1", "node-2"
+    fw = fw_service()
+    fw["metadata"]["name"] = "fw6"
+    fw["spec"].update(
+        clusterIP="2001:db8:ffff::11",
+        clusterIPs=["2001:db8:ffff::11"],
+        ipFamilies=["IPv6"],
+        loadBalancerSourceRanges=[f"{CLIENT6}/128"],
+    )
+    fw["spec"]["ports"][0]["nodePort"] = 30083
+    fw["status"] = {"loadBalancer": {"ingress": [{"ip": FW_LB6}]}}
+    fw6 = endpoint_slice("fw6-a", "fw6", [("http", 8080, "TCP")], [WEB1_6, WEB2_6])
+    fw6["addressType"] = "IPv6"
+    fw6["endpoints"][0]["nodeName"], fw6["endpoints"][1]["nodeName"] = "node-1", "node-2"
+    return [svc, slice_of("web", ports), v6, fw, fw6]
+
+
+def test_ipv6_nodeport_and_source_ranges_from_outside(cluster6: Cluster) -> None:
+    """IPv6 end to end through two nodes: a NodePort on each node's IPv6
+    address spreads over both pods, the remote pod sees the entry node's
+    IPv6 address (masqueraded) and every answer comes back from the
+    NodePort (TCP and UDP); an IPv6 LB IP with loadBalancerSourceRanges
+    admits the client's /128 and drops the other host."""
+    cluster6.write("web.yaml", *web6_objects())
+    cluster6.start_agents()
+    for n, ip6 in zip(cluster6.nodes, (NODE1_6, NODE2_6), strict=True):
+        want = {f"[{WEB1_6}]:8080", f"[{WEB2_6}]:8080"}
+        cluster6.wait_external(f"[{ip6}]:30080/TCP", want, [n])
+    cluster6.wait_external(f"[{FW_LB6}]:80/TCP", {f"[{WEB1_6}]:8080", f"[{WEB2_6}]:8080"}, cluster6.nodes[:1])
+    for entry in (NODE1_6, NODE2_6):
+        res = cluster6.client("client", "http", f"[{entry}]:30080")
+        assert_all_answered(res, {"web-1", "web-2"})
+        assert set(res["client_ips_seen"]) == {CLIENT6, entry}, res["client_ips_seen"]
+        res = cluster6.client("client", "udp", f"[{entry}]:30053")
+        assert_all_answered(res, {"web-1", "web-2"})
+    res = cluster6.client("client", "http", f"[{FW_LB6}]:80", count=20)
+    assert_all_answered(res, {"web-1", "web-2"})
+    node = cluster6.nodes[0]
+    before = dump(node.topo, node.pin_dir)["counters"]["drop_source_range"]["packets"]
+    res = cluster6.client("other", "http", f"[{FW_LB6}]:80", count=3)
+    assert res["errors"] == 3 and not res["counts"], res
+    assert dump(node.topo, node.pin_dir)["counters"]["drop_source_range"]["packets"] - before >= 3
+    invalid_rule_held(cluster6)
+
+
+# -- XDP forwarding ------------------------------------------------------------------
+
+
+def forwarded_by_netfilter(node: Node, client: str, pod: str) -> int:
+    """Packets client -> pod (DNATed) that the node's FORWARD chain counted
+    (a rule of its own, added by the test)."""
+    tool = "ip6tables-legacy" if ":" in client else "iptables-legacy"
+    cp = node.topo.exec_in("node", [tool, "-L", "FORWARD", "-v", "-x", "-n"])
+    assert cp.returncode == 0, cp.stderr
+    for line in cp.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 2 and [x.removesuffix("/128") for x in f[-2:]] == [client, pod]:
+            return int(f[0])
+    raise AssertionError(f"no counting rule in {cp.stdout}")
+
+
+@pytest.mark.parametrize(
+    "forward,v6",
+    [
+        pytest.param(True, False, id="xdp-forward-ipv4"),
+        pytest.param(True, True, id="xdp-forward-ipv6"),
+        pytest.param(False, False, id="tc-forward-ipv4"),
+    ],
+)
+def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward: bool, v6: bool) -> None:
+    """--xdp-forward: a NodePort flow entered at node-1 whose backend is
+    node-2's pod is translated and sent back out of node-1's uplink by XDP
+    (XDP_TX): node-1's FORWARD chain never sees its packets (a counting
+    rule stays at 0; without --xdp-forward it counts them all), the pod
+    sees node-1's address, and every answer comes back from the NodePort
+    through tc's UNSNAT and REVNAT. Only web-2 serves, so every flow is
+    remote; node-1 knows node-2's MAC before the first (a permanent
+    neighbour entry), so no packet waits for the neighbour in the kernel."""
+    client, node1, node2, web2 = (CLIENT6, NODE1_6, NODE2_6, WEB2_6) if v6 else (CLIENT, NODE1, NODE2, WEB2)
+    with make_cluster(tmp_path, xdp=True, ip6=v6, forward=forward) as c:
+        ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+        svc = web_service("Cluster")
+        remote_only = endpoint_slice("web-a", "web", ports, [WEB2])
+        remote_only["endpoints"][0]["nodeName"] = "node-2"
+        objs = [svc, remote_only]
+        if v6:
+            svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+            sl6 = endpoint_slice("web-v6", "web", ports, [WEB2_6])
+            sl6["addressType"] = "IPv6"
+            sl6["endpoints"][0]["nodeName"] = "node-2"
+            objs.append(sl6)
+        c.write("web.yaml", *objs)
+        c.start_agents()
+        n1, n2 = c.nodes
+        host = lambda a: f"[{a}]" if v6 else a  # noqa: E731
+        c.wait_external(f"{host(node1)}:30080/TCP", {f"{host(web2)}:8080"}, [n1])
+        tool = "ip6tables-legacy" if v6 else "iptables-legacy"
+        cp = n1.topo.exec_in("node", [tool, "-A", "FORWARD", "-s", client, "-d", web2, "-p", "tcp"])
+        assert cp.returncode == 0, cp.stderr
+        cp = n2.topo.exec_in("node", ["ip", "-j", "link", "show", "dev", n2.uplink])
+        mac = json.loads(cp.stdout)[0]["address"]
+        cp = n1.topo.exec_in(
+            "node", ["ip", "neigh", "replace", node2, "lladdr", mac, "dev", n1.uplink, "nud", "permanent"]
+        )
+        assert cp.returncode == 0, cp.stderr
+        res = c.client("client", "http", f"{host(node1)}:30080", count=20)
+        assert_all_answered(res, {"web-2"})
+        assert res["client_ips_seen"] == [node1], res
+        seen = forwarded_by_netfilter(n1, client, web2)
+        counters = dump(n1.topo, n1.pin_dir)["counters"]
+        assert counters["snat"]["packets"] > 0 and counters["unsnat"]["packets"] > 0
+        if forward:
+            assert seen == 0, f"node-1's netfilter forwarded {seen} packets XDP should have sent"
+        else:
+            assert seen > 0

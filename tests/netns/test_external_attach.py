@@ -5,6 +5,12 @@ attaching needs no traffic."""
 
 from __future__ import annotations
 
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from scripts.harness.topo import Topology
@@ -87,3 +93,96 @@ def test_an_interface_in_both_sets_gets_the_external_programs(topo: Topology, ag
     agents.wait_ready(a)
     a.wait_attached([uplink])
     assert_external_filters(topo, [uplink])
+
+
+# -- XDP -------------------------------------------------------------------------
+
+XDP_MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
+
+
+def xdp_on(topo: Topology, ifname: str) -> tuple[str, str] | None:
+    """(program name, mode) of the XDP program on a node interface, as
+    `ip link` reports it, or None."""
+    cp = topo.exec_in("node", ["ip", "-j", "-d", "link", "show", "dev", ifname])
+    assert cp.returncode == 0, cp.stderr
+    x = json.loads(cp.stdout)[0].get("xdp")
+    if not x:
+        return None
+    return x["prog"]["name"], XDP_MODE_NAMES.get(x["mode"], str(x["mode"]))
+
+
+def wait_xdp(agent, ifnames: list[str]) -> None:
+    for ifname in ifnames:
+        agent.wait_log(rf"XDP attached to interface {re.escape(ifname)} \(")
+
+
+def uninstall(topo: Topology, agents: Agents) -> None:
+    cp = topo.exec_in(
+        "node",
+        [str(SLICEPROXY), "uninstall", "--pin-dir", str(agents.pin_dir), "--external-interfaces", f"{topo.prefix}u*"],
+    )
+    assert cp.returncode == 0, cp.stderr
+
+
+def test_xdp_attached_replaced_removed_by_off_and_uninstall(topo: Topology, agents: Agents) -> None:
+    """The default (--xdp auto) attaches the XDP program in native mode on
+    veth; a restart replaces it in place (one program, ours); --xdp generic
+    moves it to the generic hook; a start with --xdp off removes what an
+    earlier agent left; uninstall removes it with the tc filters."""
+    uplinks = add_uplinks(topo)
+    ext = ("--external-interfaces", f"{topo.prefix}u*")
+    a = agents.start_ready(extra=ext)
+    wait_xdp(a, uplinks)
+    assert [xdp_on(topo, u) for u in uplinks] == [("sp_ext_xdp", "native")] * 2
+    a.terminate()
+    # The program outlives the agent, as the tc filters do.
+    assert [xdp_on(topo, u) for u in uplinks] == [("sp_ext_xdp", "native")] * 2
+
+    b = agents.start_ready(extra=(*ext, "--xdp", "generic"))
+    wait_xdp(b, uplinks)
+    assert [xdp_on(topo, u) for u in uplinks] == [("sp_ext_xdp", "generic")] * 2
+    b.terminate()
+
+    c = agents.start_ready(extra=(*ext, "--xdp", "off"))
+    c.wait_attached(uplinks)
+    for u in uplinks:
+        c.wait_log(rf"XDP off: removed the XDP program an earlier agent left on {re.escape(u)}$")
+    assert [xdp_on(topo, u) for u in uplinks] == [None, None]
+    assert_external_filters(topo, uplinks)
+    c.terminate()
+
+    d = agents.start_ready(extra=ext)
+    wait_xdp(d, uplinks)
+    d.terminate()
+    uninstall(topo, agents)
+    assert [xdp_on(topo, u) for u in uplinks] == [None, None]
+
+
+FOREIGN = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("xdp") int other_tool(struct xdp_md *ctx) { return XDP_PASS; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_another_tools_xdp_program_is_left_alone(topo: Topology, agents: Agents, tmp_path: Path) -> None:
+    """An interface whose XDP hook another tool holds keeps that program:
+    the agent says why it has no XDP there, and tc serves it alone. The
+    other uplink gets ours. Uninstall leaves the other tool's too."""
+    uplinks = add_uplinks(topo)
+    src, obj = tmp_path / "other.c", tmp_path / "other.o"
+    src.write_text(FOREIGN)
+    arch = f"/usr/include/{platform.machine()}-linux-gnu"
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I{arch}", "-c", str(src), "-o", str(obj)], check=True)
+    cp = topo.exec_in("node", ["ip", "link", "set", "dev", uplinks[0], "xdpgeneric", "obj", str(obj), "sec", "xdp"])
+    assert cp.returncode == 0, cp.stderr
+    a = agents.start_ready(extra=("--external-interfaces", f"{topo.prefix}u*"))
+    a.wait_log(rf"no XDP on interface {re.escape(uplinks[0])} \(tc serves it alone\): another XDP program \(other_tool")
+    wait_xdp(a, [uplinks[1]])
+    assert xdp_on(topo, uplinks[0]) == ("other_tool", "generic")
+    assert xdp_on(topo, uplinks[1]) == ("sp_ext_xdp", "native")
+    assert_external_filters(topo, uplinks)
+    a.terminate()
+    uninstall(topo, agents)
+    assert [xdp_on(topo, u) for u in uplinks] == [("other_tool", "generic"), None]

@@ -199,10 +199,10 @@ NP_UDP = 30055
 
 
 @pytest.fixture
-def cluster(request: pytest.FixtureRequest) -> Cluster:
-    """test_external.py's two nodes on a LAN with an outside client."""
-    c: Cluster = request.getfixturevalue("external_cluster")
-    return c
+def cluster(external_cluster: Cluster) -> Cluster:  # noqa: F811 - the fixture imported above
+    """test_external.py's two nodes on a LAN with an outside client, with
+    the XDP program on the uplinks and without (its parameters)."""
+    return external_cluster
 
 
 def closed_nodeport() -> list[dict[str, Any]]:

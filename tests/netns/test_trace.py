@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from scripts.harness.topo import Topology
 
 from .agent import SLICEPROXY, WAIT, AgentError, TrafficLoop
 from .conftest import BACKENDS, CLIENT_IP, THREE, VIP, Agents, http
-from .test_external import (  # noqa: F401 - cluster is the fixture
+from .test_external import (
     CLIENT,
     FW_LB_IP,
     NODE1,
@@ -34,13 +35,23 @@ from .test_external import (  # noqa: F401 - cluster is the fixture
     WEB1,
     WEB2,
     Cluster,
-    cluster,
     fw_service,
+    make_cluster,
     slice_of,
     start,
 )
 
 pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """test_external.py's two nodes, with tc alone on the uplinks (--xdp
+    off): a trace taps the tc hooks, and the XDP program in front of them
+    drops a refused source before they see it (docs/inspecting.md)."""
+    with make_cluster(tmp_path, xdp=False) as c:
+        yield c
+
 
 TAP_NAME = "sliceproxy-trace"  # TCA_BPF_NAME prefix of a tap (ctrl.dataplane.trace)
 
@@ -171,7 +182,7 @@ def test_clusterip_flows_show_their_backend_and_reply_translation(topo: Topology
     assert {(e["dst"], e["src"]) for e in replies} <= {(e["src"], e["nat_dst"]) for e in new}
 
 
-def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:  # noqa: F811 - the fixture
+def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:
     """A NodePort reached from outside: the external interface's line names
     the NodePort, the Service and the pod picked; a flow to the other
     node's pod also shows its masquerade on the way out."""
@@ -205,7 +216,7 @@ def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:  # n
     assert {e["src"] for e in snat} == to_other
 
 
-def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:  # noqa: F811 - the fixture
+def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:
     """loadBalancerSourceRanges: the refused client's packets are dropped
     lines saying why; the admitted client's flows are no drop."""
     cluster.write("fw.yaml", fw_service(), slice_of("fw", [("http", 8080, "TCP")]))

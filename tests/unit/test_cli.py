@@ -82,3 +82,23 @@ def test_a_min_sync_period_neither_seconds_nor_auto_is_refused_naming_the_flag(v
         options("--min-sync-period", value)
     err = capsys.readouterr().err
     assert "--min-sync-period" in err and f"{value!r} is not a number of seconds (0 or more) or auto" in err
+
+
+@pytest.mark.parametrize(
+    "flags,want",
+    [
+        pytest.param((), ("auto", False), id="default-auto-no-forwarding"),
+        pytest.param(("--xdp", "generic"), ("generic", False), id="generic"),
+        pytest.param(("--xdp", "off"), ("off", False), id="off"),
+        pytest.param(("--xdp", "native", "--xdp-forward"), ("native", True), id="native-forwarding"),
+    ],
+)
+def test_xdp_flags(flags, want):
+    opts = options(*flags)
+    assert (opts.xdp, opts.xdp_forward) == want
+
+
+def test_an_unknown_xdp_mode_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        options("--xdp", "offload")
+    assert "--xdp: invalid choice: 'offload'" in capsys.readouterr().err

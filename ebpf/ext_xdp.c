@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * XDP on an external interface (the node's uplink), in front of its tc
+ * ingress (ext_ingress.c), which stays complete on its own: XDP only ends
+ * early what tc would end the same way, and hands everything else on with
+ * XDP_PASS, untouched, for tc to see as if XDP were not there
+ * (docs/semantics.md, "XDP on the external interfaces").
+ *
+ *  - A packet whose source loadBalancerSourceRanges refuse is dropped
+ *    before the kernel allocates anything for it, counted as tc counts it.
+ *  - With forwarding on (sp_xdp_cfg.forward), a packet to an external
+ *    frontend whose backend the kernel would route back out of this same
+ *    interface (a backend on another node) is translated as tc's ingress
+ *    and egress would translate it (DNAT, and SNAT under
+ *    externalTrafficPolicy Cluster; the same conntrack entries, written by
+ *    the same nat.h functions) and sent back out with XDP_TX. A backend on
+ *    this node, a route out of another interface, a neighbour not resolved
+ *    yet or a TTL about to expire: handed to tc.
+ *  - Replies, ICMP errors, fragments and everything else: handed to tc.
+ */
+#include "lib/nat.h"
+#include "lib/xdp.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* The XDP program's settings (struct sp_xdp_cfg in sliceproxy.h), set by
+ * the control plane before load (--xdp-forward). */
+const volatile struct sp_xdp_cfg sp_xdp_cfg SEC(".rodata.xdp") = {};
+
+/* A reply of a masqueraded flow (backend -> node:SNAT port)? tc's ingress
+ * looks for these first (unsnat), and so must XDP: such a reply is tc's. */
+static __always_inline int is_unsnat_reply(const struct pkt *p)
+{
+	struct sp_ct_key k = {};
+
+	ct_key(&k, p->saddr, p->daddr, bpf_ntohs(p->sport), bpf_ntohs(p->dport), p->proto, SP_CT_UNSNAT);
+	return bpf_map_lookup_elem(&SP_MAP(sp_ct), &k) != 0;
+}
+
+/*
+ * Where the kernel would forward p once DNATed to be:be_port (network
+ * order), as its routing decides it after the DNAT of tc's ingress (the
+ * source still the client's: the masquerade comes after, at egress). 0
+ * with the next hop's Ethernet addresses in macs (destination, then
+ * source) when it goes back out of the interface it came in by to a
+ * resolved neighbour; -1 for anything else, which the kernel does better:
+ * another interface (a pod's on this node, another uplink), no neighbour
+ * entry yet (the kernel resolves it), a packet too big for the route (an
+ * ICMP error to send), forwarding off, or a TTL that ends here (ICMP time
+ * exceeded). A subprogram: the lookup's stack is taken only while it runs.
+ */
+static __noinline int route_back_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *be, __be16 be_port,
+				     __u8 *macs)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.ifindex = ctx->ingress_ifindex;
+	fib.l4_protocol = p->proto;
+	fib.sport = p->sport;
+	fib.dport = be_port;
+	if (p->v6) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+
+		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)
+			return -1;
+		fib.family = AF_INET6;
+		fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+		fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		__builtin_memcpy(fib.ipv6_src, p->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, be, 16);
+	} else {
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+			return -1;
+		fib.family = AF_INET;
+		fib.tos = ip->tos;
+		fib.tot_len = bpf_ntohs(ip->tot_len);
+		fib.ipv4_src = addr_to_v4(p->saddr);
+		fib.ipv4_dst = addr_to_v4(be);
+	}
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ctx->ingress_ifindex)
+		return -1;
+	__builtin_memcpy(macs, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, fib.smac, ETH_ALEN);
+	return 0;
+}
+
+/* Send the translated frame back out: TTL or hop limit less one, as the
+ * kernel's forwarding would (IPv4's header checksum with it), and the next
+ * hop's Ethernet addresses (macs: destination, then source). */
+static __always_inline int send_back_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *macs)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_DROP;
+	if (p->v6) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_DROP;
+		ip6->hop_limit--;
+	} else {
+		struct iphdr *ip = (void *)(eth + 1);
+		__u16 old, new;
+
+		if ((void *)(ip + 1) > data_end)
+			return XDP_DROP;
+		/* TTL is the high byte of the header's fifth 16-bit word. */
+		__builtin_memcpy(&old, &ip->ttl, 2);
+		ip->ttl--;
+		__builtin_memcpy(&new, &ip->ttl, 2);
+		ip->check = csum_finish(csum_delta((__u16)~ip->check, (__u8 *)&old, (__u8 *)&new, 2));
+	}
+	__builtin_memcpy(eth->h_dest, macs, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, macs + ETH_ALEN, ETH_ALEN);
+	return XDP_TX;
+}
+
+/*
+ * The flow xdp_dnat() works on, one per CPU, outside the stack: the chain
+ * sp_ext_xdp -> xdp_dnat -> xdp_flow (lb.h's choice with its Maglev
+ * lookup inlined) is otherwise 16 bytes over the verifier's 512. An XDP
+ * program runs to its end on one CPU before that CPU runs it again, and
+ * nothing else uses these. A node with more CPUs than this hands the
+ * flows of the others to tc (XDP still drops refused sources there).
+ */
+#define XDP_FLOW_CPUS 512
+static struct dnat_flow xdp_flows[XDP_FLOW_CPUS];
+
+/* dnat_flow() and dnat_record() as subprograms: each one's stack is taken
+ * only while it runs (the verifier's limit is on a call chain's total). */
+static __noinline int xdp_flow(const struct pkt *p, struct dnat_flow *f)
+{
+	struct sp_svc_val *svc = 0;
+
+	return dnat_flow(p, SP_SCOPE_EXTERNAL, f, &svc);
+}
+
+static __noinline int xdp_record(struct dnat_flow *f)
+{
+	return dnat_record(f);
+}
+
+/*
+ * The ingress half: the frontend p is for, its source checked, its
+ * backend found (dnat_flow, as tc's ingress does). The XDP action when
+ * the packet ends here or goes on to tc; -1 when it is to be sent back out
+ * (macs filled): its flow then recorded if new, the frame DNATed and
+ * counted as tc's ingress would count it, and p now client -> backend, as
+ * tc's egress would see it. A subprogram: its stack is free again for the
+ * SNAT half.
+ */
+static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
+{
+	struct dnat_flow *fp;
+	__u32 cpu;
+	__be16 be_port;
+	int kind;
+
+	cpu = bpf_get_smp_processor_id();
+	if (!sp_xdp_cfg.forward || cpu >= XDP_FLOW_CPUS) {
+		/* Only the drop: the frontend and its source check, the two
+		 * first steps of dnat_flow(), and nothing a flow tc serves
+		 * would pay for twice (its conntrack lookup, a backend
+		 * choice). The verifier drops the rest as dead code. */
+		struct sp_svc_key skey = {};
+		struct sp_svc_val *svc = lb_lookup(p->daddr, bpf_ntohs(p->dport), p->proto, SP_SCOPE_EXTERNAL, &skey);
+
+		if (svc && !lb_source_allowed(svc, p->saddr))
+			return xdp_count(ctx, SP_V_DROP_SOURCE_RANGE, XDP_DROP);
+		return XDP_PASS;
+	}
+	fp = &xdp_flows[cpu];
+	__builtin_memset(fp, 0, sizeof(*fp));
+	kind = xdp_flow(p, fp);
+	if (kind == DNAT_REFUSED)
+		return xdp_count(ctx, SP_V_DROP_SOURCE_RANGE, XDP_DROP);
+	/* No frontend, no backend (tc drops, or rejects with an ICMP error
+	 * it builds), maps that disagree: tc's. A new flow handed on is not
+	 * recorded here: tc's ingress chooses and records it itself. */
+	if (kind != DNAT_NEW && kind != DNAT_ESTABLISHED)
+		return XDP_PASS;
+	be_port = bpf_htons(fp->nct.nat_port);
+	if (route_back_out(ctx, p, fp->nct.nat_addr, be_port, macs))
+		return XDP_PASS;
+	if (kind == DNAT_NEW && xdp_record(fp))
+		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
+	if (xdp_rewrite(ctx, p, 1, fp->nct.nat_addr, be_port))
+		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
+	xdp_count(ctx, kind == DNAT_NEW ? SP_V_DNAT_NEW : SP_V_DNAT_ESTABLISHED, XDP_TX);
+	__builtin_memcpy(p->daddr, fp->nct.nat_addr, sizeof(p->daddr));
+	p->dport = be_port;
+	return -1;
+}
+
+/* The egress half of a packet xdp_dnat() DNATed (p: client -> backend):
+ * the masquerade tc's egress would apply (snat_source), counted as it
+ * would count it, and the frame sent back out. */
+static __noinline int xdp_snat(struct xdp_md *ctx, struct pkt *p, const __u8 *macs)
+{
+	__u8 addr[16];
+	__u16 port = 0;
+	__u32 v = snat_source(p, addr, &port);
+
+	if (v == SP_V_SNAT) {
+		if (xdp_rewrite(ctx, p, 0, addr, bpf_htons(port)))
+			return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
+	} else if (v != SP_V_PASS_NO_FLOW) {
+		return xdp_count(ctx, v, XDP_DROP);
+	}
+	xdp_count(ctx, v, XDP_TX);
+	return send_back_out(ctx, p, macs);
+}
+
+SEC("xdp")
+int sp_ext_xdp(struct xdp_md *ctx)
+{
+	struct pkt p = {};
+	__u8 macs[2 * ETH_ALEN];
+	int act;
+
+	if (xdp_parse(ctx, &p))
+		return XDP_PASS;
+	if (is_unsnat_reply(&p))
+		return XDP_PASS;
+	act = xdp_dnat(ctx, &p, macs);
+	if (act >= 0)
+		return act;
+	return xdp_snat(ctx, &p, macs);
+}
