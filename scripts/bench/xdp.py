@@ -28,17 +28,15 @@ figures are ruleset loads and connect() latency), so none is given here.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import struct
 import subprocess
-import threading
 from typing import Any
 
 from ctrl.dataplane import abi, loader
 from ctrl.util.addrs import addr16
-from scripts.harness.nsforward import setns
+from scripts.harness.nsforward import in_netns
 from scripts.harness.topo import Topology
 
 from .common import progress
@@ -79,24 +77,7 @@ def _seed(dp: loader.Dataplane) -> None:
 
 def _in_ns(path: str, fn):
     """fn() in a thread that entered the namespace at path."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            setns(fd)
-            box["r"] = fn()
-        except BaseException as e:  # re-raised by the caller's thread
-            box["e"] = e
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["r"]
+    return in_netns(path, fn)
 
 
 def _median(fd: int, pkt: bytes, n: int, ctx: bytes | None, want: int) -> float:

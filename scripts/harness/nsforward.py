@@ -16,15 +16,45 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+T = TypeVar("T")
 
 
 def setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """fn() in a thread of its own that entered the network namespace at
+    path (setns moves only the calling thread, which then ends: never back
+    in the machine's namespace by mistake); its result, or its exception
+    raised again here."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            setns(fd)
+            box["r"] = fn()
+        except BaseException as e:  # raised again in the caller's thread
+            box["e"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
 
 
 def pump(src: socket.socket, dst: socket.socket) -> None:

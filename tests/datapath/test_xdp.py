@@ -17,10 +17,8 @@ checksums recomputed by scapy. Addresses: 198.18.0.0/15, 2001:db8::/32.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,7 +29,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from ctrl.dataplane import abi, loader
-from scripts.harness.nsforward import setns
+from scripts.harness.nsforward import in_netns
 from scripts.harness.topo import Topology
 
 from .packets import (
@@ -237,26 +235,7 @@ class Fib:
     def run(self, fn):
         """fn() in a thread that entered the node namespace (BPF_PROG_TEST_RUN
         looks the ingress interface and the routes up in the caller's)."""
-        box: dict = {}
-
-        def body() -> None:
-            fd = os.open(self.topo.ns_path("node"), os.O_RDONLY)
-            try:
-                setns(fd)
-                box["r"] = fn()
-            except BaseException as e:  # re-raised in the test's thread
-                box["e"] = e
-            finally:
-                os.close(fd)
-
-        # A thread of its own: setns moves only the calling thread, which
-        # then ends (never back to the machine's namespace by mistake).
-        t = threading.Thread(target=body)
-        t.start()
-        t.join()
-        if "e" in box:
-            raise box["e"]
-        return box["r"]
+        return in_netns(self.topo.ns_path("node"), fn)
 
 
 def _node(topo: Topology, *argv: str) -> str:
