@@ -255,6 +255,8 @@ class Agent:
             if self.writer is not None and cfg != self._config_written:
                 self.writer.write_config(cfg)
                 self._config_written = cfg
+                if self.check is not None:  # what the check compares from now on
+                    self.check.config = cfg.packed()
         except BPFError as e:
             self._failed(f"writing the node config failed: {e}")
             return None

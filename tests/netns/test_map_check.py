@@ -339,3 +339,39 @@ def test_a_maglev_edit_is_found_and_repaired(private_maps, caplog, edit) -> None
     assert said in caplog.text, caplog.text
     agent.step(timeout=0)  # the full sync from the re-read maps
     assert mgl_view(private_maps) == before
+
+
+def test_a_node_config_written_during_the_check_is_no_difference(private_maps, caplog, monkeypatch) -> None:  # noqa: F811
+    """The Node's address changes while the check runs: the agent writes
+    the new node config, and the check compares the config with that one."""
+    from ctrl.k8s.events import Event
+    from ctrl.k8s.objects import parse
+
+    monkeypatch.setattr(verify, "CHUNK", 2)
+    monkeypatch.setattr(agent_mod, "CHECK_SLICE", 0.0)
+    clock = Clock()
+    agent, src = program(private_maps, clock)
+
+    def node(ip: str) -> Event:
+        raw = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        }
+        return Event("upsert", "Node", "node-a", parse(raw))
+
+    src.put(node("198.18.0.5"))
+    agent.step(timeout=0)
+    before = private_maps[map_name("sp_cfg")].lookup(abi.u32(0))
+    clock.t += PERIOD
+    agent.step(timeout=0)
+    assert agent.check is not None and not agent.check.done
+    src.put(node("198.18.0.6"))
+    with caplog.at_level(logging.ERROR, logger="sliceproxy"):
+        checks = agent.checks
+        while agent.checks == checks:
+            assert not agent.schedule.need_full, caplog.text
+            agent.step(timeout=0)
+    assert "differ" not in caplog.text, caplog.text
+    assert private_maps[map_name("sp_cfg")].lookup(abi.u32(0)) != before
