@@ -276,7 +276,7 @@ def load(
                 xdp_set = True
             if not host_clients and map_base(name) in HOST_MAPS:
                 lb.bpf_map__set_autocreate(m, False)
-            elif not name.startswith("."):  # .rodata/.bss: not ours to pin
+            elif "." not in name:  # global data (.rodata.xdp, <object>.bss): not ours to pin
                 bpf_maps[name] = m
                 size = sizes.for_map(name)
                 if size is not None:
