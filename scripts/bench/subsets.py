@@ -9,7 +9,12 @@ zone, two watches of EndpointSlices stand for an agent of that zone: the
 originals (what an agent watches with --subsets=off) and the zone's
 subsets with `all` (--subsets=auto). Then a rolling update replaces every
 Pod, one after the other (a new Pod Ready, the old one deleted), and the
-watches count what the API server sends them: bytes and events.
+watches count what the API server sends them: bytes and events. Two
+rollouts, each on a fresh control plane: 10 Pods a second, where the
+EndpointSlice controller writes each change on its own; and as fast as
+the API server takes them, where it falls behind and batches changes of
+several zones into one write (docs/subsetting.md says what that does to
+the events ratio).
 
 Also: how long after each new Pod turns Ready its address reaches each
 watch (the part of network programming latency the subset path adds: the
@@ -19,7 +24,7 @@ change (its /metrics).
 
 Figures are printed, and written as JSON with --json. Run by `make bench`
 (scripts/bench.py --only subsets) or alone:
-    .venv/bin/python scripts/bench/subsets.py [--pods 300] [--quick]
+    .venv/bin/python scripts/bench/subsets.py [--pods 300] [--rate 10 0] [--quick]
 Needs the binaries of `make k8s`.
 """
 
@@ -157,7 +162,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 0.1) -> dict:
+def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 0.05, rate: float = 10.0) -> dict:
     nodes = {f"bench-{z[-1]}{k}": z for z in ZONES for k in range(nodes_per_zone)}
     for name, zone in nodes.items():
         cp.ok("POST", "/api/v1/nodes", {"metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
@@ -233,7 +238,10 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
         deleted_at: dict[str, tuple[float, str]] = {}  # the old Pods' addresses
         t0 = time.monotonic()
         for i in range(pods):
-            # Rolling update, maxSurge 1: the new Pod Ready, then the old one gone.
+            # Rolling update, maxSurge 1: the new Pod Ready, then the old one gone;
+            # `rate` steps a second, or as fast as the API server takes them.
+            if rate > 0:
+                time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             old = f"web-{i}"
             node, _ = where[old]
             ip = ip_of(pods + i)
@@ -297,6 +305,7 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
         per_zone[z]["latency_ratio_p95"] = per_zone[z]["latency_subsets_p95_s"] / per_zone[z]["latency_originals_p95_s"]
     return {
         "pods": pods,
+        "rate": rate,
         "write_period_s": write_period,
         "zones": len(ZONES),
         "nodes": len(nodes),
@@ -317,8 +326,9 @@ def run(pods: int, nodes_per_zone: int, cp: ControlPlane, write_period: float = 
 
 def report(r: dict) -> str:
     lines = [
-        f"rolling update of {r['pods']} Pods of one hinted Service, {r['zones']} zones, {r['nodes']} nodes "
-        f"({r['rollout_seconds']:.1f} s); subsetter --write-period {r['write_period_s']:g}",
+        f"rolling update of {r['pods']} Pods of one hinted Service, {r['zones']} zones, {r['nodes']} nodes, "
+        + (f"{r['rate']:g} Pods a second" if r["rate"] > 0 else "as fast as the API server takes them")
+        + f" ({r['rollout_seconds']:.1f} s); subsetter --write-period {r['write_period_s']:g}",
         f"{'zone':8} {'originals B':>12} {'ev':>5} {'subsets B':>10} {'ev':>5} {'bytes':>6} {'events':>6} "
         f"{'p50 orig':>9} {'p50 sub':>8} {'p95 orig':>9} {'p95 sub':>8} {'hop p50':>8} {'p95':>6}",
     ]
@@ -359,15 +369,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pods", type=int, default=300, help="Pods of the Service (default 300: 3 original slices)")
     ap.add_argument("--nodes-per-zone", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="30 Pods: the smoke size")
-    ap.add_argument("--write-period", type=float, default=0.1, help="the subsetter's (default 0.1 s, its own default)")
-    ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    ap.add_argument("--write-period", type=float, default=0.05, help="the subsetter's (default 0.05 s, its own)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        default=[10.0, 0.0],
+        help="rolling update steps (Pods replaced) a second, one rollout per value; 0: as fast as the API server "
+        "takes them (default: 10, then 0)",
+    )
+    ap.add_argument("--json", metavar="FILE", help="write the figures as JSON (a list, one per rate)")
     a = ap.parse_args(argv)
     pods = 30 if a.quick else a.pods
-    with ControlPlane() as cp:
-        r = run(pods, a.nodes_per_zone, cp, a.write_period)
-    print(report(r))
+    out = []
+    for rate in a.rate:
+        # A control plane each: the second rollout starts from the same
+        # state as the first, not from its leftovers.
+        with ControlPlane() as cp:
+            r = run(pods, a.nodes_per_zone, cp, a.write_period, rate)
+        print(report(r), flush=True)
+        out.append(r)
     if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=2))
+        Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
