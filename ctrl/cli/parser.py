@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument(
         "--write-period",
         type=float,
-        default=0.1,
+        default=0.05,
         metavar="SECONDS",
-        help="at most one write per subset slice this often; changes in between are coalesced (docs/subsetting.md)",
+        help="a write that only removes or demotes endpoints waits until the subset slice's last write is this old, "
+        "and changes in between are coalesced; a write that adds one goes at once (docs/subsetting.md)",
     )
     sb.add_argument(
         "--write-qps",

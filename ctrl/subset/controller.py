@@ -52,7 +52,7 @@ class Options:
     identity: str = ""
     lease_duration: float = 15.0
     renew_period: float = 5.0
-    write_period: float = 0.1  # at most one write per subset slice this often
+    write_period: float = 0.05  # removals: at most one write per subset slice this often
     write_qps: float = 50.0  # writes a second, all slices together (0: no bound)
     write_burst: int = 100  # ... after this many at once
 
