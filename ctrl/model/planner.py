@@ -21,6 +21,7 @@ on random sequences of changes.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -56,6 +57,31 @@ def _endpoint_class(ep: Endpoint, node_name: str | None, zone: str | None) -> tu
         bool(hz),
         zone in (hz or ()),
     )
+
+
+# The fields of an endpoint that _endpoint_class reads.
+_CLASS_FIELDS = operator.itemgetter(
+    *(Endpoint._fields.index(f) for f in ("ready", "serving", "terminating", "node_name", "hint_zones", "hint_nodes"))
+)
+
+
+def _classes_of(eps, node_name: str | None, zone: str | None) -> list[tuple]:
+    """_endpoint_class of each endpoint, computed once per distinct set of
+    the fields it reads: a cluster's endpoints share a handful of classes,
+    and node names and hint tuples are shared objects (ctrl.k8s.slicejson
+    interns them), so the lookup key is cheap to hash. A third of the cost
+    of calling _endpoint_class per endpoint."""
+    memo: dict[tuple, tuple] = {}
+    get, fields, cls = memo.get, _CLASS_FIELDS, _endpoint_class
+    out = []
+    append = out.append
+    for ep in eps:
+        k = fields(ep)
+        c = get(k)
+        if c is None:
+            c = memo[k] = cls(ep, node_name, zone)
+        append(c)
+    return out
 
 
 def _representative(c: tuple, node_name: str | None, zone: str | None) -> PortEndpoint:
@@ -127,8 +153,7 @@ class _PortState:
         # An ip:port in two slices (moving between them): merge_endpoints'
         # tie rules need all copies; keep it simple and re-plan in full.
         self.duplicates = total != len(self.winner)
-        cls = _endpoint_class
-        of = [cls(pe.ep, node_name, zone) for pe in self.winner.values()]
+        of = _classes_of([pe[0] for pe in self.winner.values()], node_name, zone)
         self.classes = Counter(of)
         self.selected_classes = sel = self._selected_classes()
         self.selected: dict[tuple[bytes, int], Backend] = {
