@@ -17,6 +17,9 @@
  *    this node, a route out of another interface, a neighbour not resolved
  *    yet or a TTL about to expire: handed to tc.
  *  - Replies, ICMP errors, fragments and everything else: handed to tc.
+ *  - While `sliceproxy trace` runs, everything: its tap sees packets only
+ *    at tc, and tc decides each one as XDP would have (trace.h,
+ *    trace_running).
  */
 #include "lib/nat.h"
 #include "lib/xdp.h"
@@ -232,6 +235,8 @@ int sp_ext_xdp(struct xdp_md *ctx)
 	__u8 macs[2 * ETH_ALEN];
 	int act;
 
+	if (trace_running())
+		return XDP_PASS;
 	if (xdp_parse(ctx, &p))
 		return XDP_PASS;
 	if (is_unsnat_reply(&p))

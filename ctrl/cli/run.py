@@ -138,7 +138,9 @@ def cmd_run(args) -> int:
         if ext_patterns
         else None
     )
-    agent = build_agent(opts, source, writer, dp.maps, _refresher(attacher, ext_attacher))
+    agent = build_agent(
+        opts, source, writer, dp.maps, _refresher(attacher, ext_attacher, trace_state=(args.pin_dir, dp.maps))
+    )
     if attacher is not None:
         attacher.refresh()
     if ext_attacher is not None:
@@ -229,7 +231,10 @@ def _host_clients(args, opts, dp) -> str | None:
     return cgroup
 
 
-def _refresher(*attachers):
+def _refresher(*attachers, trace_state=None):
+    """The agent's periodic look at its interfaces: the attachers' (new
+    interfaces get the programs), and what a killed trace of the pin
+    directory left (trace_state: the pin directory and the maps)."""
     live = [a for a in attachers if a is not None]
     if not live:
         return None
@@ -237,8 +242,18 @@ def _refresher(*attachers):
     def refresh() -> None:
         for a in live:
             a.refresh()
+        if trace_state is not None:
+            _clear_killed_trace(*trace_state)
 
     return refresh
+
+
+def _clear_killed_trace(pin_dir: str, maps) -> None:
+    from ..dataplane import trace
+
+    n = trace.clear_killed(pin_dir, maps[mn("sp_trace")])
+    if n is not None:
+        log.warning("a trace of %s was killed: removed its %d taps, and the XDP program serves again", pin_dir, n)
 
 
 def make_source(args):

@@ -419,6 +419,28 @@ def lock_trace(pin_dir: str) -> int:
     return fd
 
 
+def clear_killed(pin_dir: str, state: Map) -> int | None:
+    """Undo what a trace killed outright left (docs/inspecting.md,
+    "Detaching"): every CPU's sp_trace entry still asking for verdicts,
+    which keeps the XDP program handing every packet to tc, and its taps,
+    which cost every packet of their hooks. Done only when no trace holds
+    the lock; the agent calls this on each interface refresh. The number of
+    taps removed, or None when nothing was left (or a trace runs)."""
+    running = abi.codec("sp_trace", ("verdicts",))
+    if not any(running.unpack(v)[0] for v in state.lookup_percpu(abi.u32(0))):
+        return None
+    try:
+        fd = lock_trace(pin_dir)
+    except loader.PinDirBusy:
+        return None  # a live trace: its own state
+    try:
+        n = detach_taps(pin_dir)
+        set_state(state, abi.pack("sp_trace"))
+    finally:
+        os.close(fd)
+    return n
+
+
 # -- the trace -------------------------------------------------------------------------
 
 

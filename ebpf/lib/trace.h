@@ -85,4 +85,16 @@ static __always_inline void trace_verdict(struct __sk_buff *skb, __u32 verdict, 
 		trace_emit(skb, t, verdict, action);
 }
 
+/* A trace runs on this pin directory: this CPU's entry asks for some
+ * verdict (`trace` writes every CPU's at start, zero at its end). The XDP
+ * program hands every packet to tc while it does (ext_xdp.c): the tap
+ * sees packets only at tc. The same lookup as the gate above. */
+static __always_inline int trace_running(void)
+{
+	__u32 zero = 0;
+	struct sp_trace *t = bpf_map_lookup_elem(&SP_MAP(sp_trace), &zero);
+
+	return t && t->verdicts;
+}
+
 #endif /* SP_LIB_TRACE_H */

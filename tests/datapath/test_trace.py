@@ -43,6 +43,7 @@ from .packets import (
     mapped,
     run,
     seed,
+    stats,
 )
 
 BE6 = "2001:db8::21"
@@ -157,6 +158,35 @@ def test_drop_has_its_verdict_and_no_translated_tuple(dp, one_cpu):
     (ev,) = events(dp)
     assert ev["verdict"] == abi.verdicts().index("drop_source_range") and ev["action"] == TC_ACT_SHOT
     assert ev["nat_saddr"] == ev["nat_daddr"] == bytes(16) and ev["nat_sport"] == ev["nat_dport"] == 0
+
+
+# An external frontend whose source ranges refuse every client: XDP drops
+# its packets itself, unless a trace runs.
+FW_EXT = Svc(VIP2, 80, TCP_P, svc_id=13, slots=(1,), scope=1, flags=abi.const("SP_SVC_F_SRC_RANGES"))
+XDP_DROP, XDP_PASS = 1, 2
+
+
+@pytest.mark.parametrize("verdicts", [ALL, verdict_bit("dnat_new")], ids=["every-verdict", "one-verdict"])
+def test_xdp_hands_every_packet_to_tc_while_a_trace_runs(dp, one_cpu, verdicts):
+    """The tap sees packets only at tc: while this CPU's entry asks for any
+    verdict, XDP passes even a packet it would drop, uncounted, for tc to
+    decide (the same drop) under the tap; the entry reset, XDP drops it
+    again."""
+    seed(dp, Seed(services=(FW_EXT,), backends=(Backend(1, BE1, 8080),)))
+    pkt = tcp(CLIENT, VIP2, 40000, 80)
+
+    def xdp_run() -> tuple[int, int]:
+        before = stats(dp).get("DROP_SOURCE_RANGE", (0, 0))[0]
+        retval, out, _ = dp.test_run(pkt, xdp=True)
+        assert out == pkt, "XDP never rewrites what it drops or passes here"
+        return retval, stats(dp).get("DROP_SOURCE_RANGE", (0, 0))[0] - before
+
+    assert xdp_run() == (XDP_DROP, 1)
+    dtrace.set_state(dp.maps[mapname("sp_trace")], abi.pack("sp_trace", tokens=5, verdicts=verdicts))
+    assert xdp_run() == (XDP_PASS, 0)
+    assert run(dp, pkt, external=True).retval == TC_ACT_SHOT, "tc drops it as XDP would have"
+    dtrace.set_state(dp.maps[mapname("sp_trace")], abi.pack("sp_trace"))
+    assert xdp_run() == (XDP_DROP, 1)
 
 
 @pytest.mark.parametrize(

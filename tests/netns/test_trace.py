@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from ctrl.dataplane import abi
+from ctrl.dataplane.maps import Map
 from scripts.harness.topo import Topology
 
 from .agent import SLICEPROXY, WAIT, AgentError, TrafficLoop
@@ -46,11 +48,28 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """test_external.py's two nodes, with tc alone on the uplinks (--xdp
-    off): a trace taps the tc hooks, and the XDP program in front of them
-    drops a refused source before they see it (docs/inspecting.md)."""
+    """test_external.py's two nodes, with tc alone on the uplinks (--xdp off)."""
     with make_cluster(tmp_path, xdp=False) as c:
         yield c
+
+
+@pytest.fixture(params=[False, True], ids=["tc", "xdp"])
+def either(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """The same, with the XDP program on the uplinks or not: a trace taps
+    the tc hooks, and XDP hands them every packet while it runs
+    (docs/inspecting.md)."""
+    with make_cluster(tmp_path, xdp=request.param) as c:
+        yield c
+
+
+def trace_verdicts(pin_dir: Path) -> list[int]:
+    """Each CPU's sp_trace verdict mask: all zero when no trace runs."""
+    m = Map.open_pinned(str(pin_dir / abi.map_name("sp_trace")))
+    try:
+        c = abi.codec("sp_trace", ("verdicts",))
+        return [c.unpack(v)[0] for v in m.lookup_percpu(abi.u32(0))]
+    finally:
+        m.close()
 
 
 TAP_NAME = "sliceproxy-trace"  # TCA_BPF_NAME prefix of a tap (ctrl.dataplane.trace)
@@ -216,9 +235,11 @@ def test_nodeport_flows_show_dnat_and_masquerade(cluster: Cluster) -> None:
     assert {e["src"] for e in snat} == to_other
 
 
-def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:
+def test_refused_source_is_a_drop_with_its_reason(either: Cluster) -> None:
     """loadBalancerSourceRanges: the refused client's packets are dropped
-    lines saying why; the admitted client's flows are no drop."""
+    lines saying why; the admitted client's flows are no drop. With XDP on
+    the uplink too: it drops them itself when no trace runs."""
+    cluster = either
     cluster.write("fw.yaml", fw_service(), slice_of("fw", [("http", 8080, "TCP")]))
     cluster.start_agents()
     cluster.wait_external(f"{FW_LB_IP}:80/TCP", {f"{WEB1}:8080", f"{WEB2}:8080"})
@@ -240,12 +261,42 @@ def test_refused_source_is_a_drop_with_its_reason(cluster: Cluster) -> None:
         assert (e["hook"], e["interface"]) == ("ext_ingress", node.uplink), e
         assert e["service"] == "default/fw:http/TCP" and e["nat_src"] is None and e["backend"] is None, e
         assert "loadBalancerSourceRanges" in e["reason"], e
+    assert set(trace_verdicts(node.pin_dir)) == {0}, "the trace's end leaves XDP to serve again"
+
+
+def test_agent_clears_what_a_killed_trace_left(either: Cluster) -> None:
+    """A trace killed outright leaves its taps and every CPU's entry asking
+    for verdicts (XDP, if on, handing everything to tc). The agent clears
+    both on its next look at the interfaces, and refused clients stay
+    refused throughout."""
+    cluster = either
+    cluster.write("fw.yaml", fw_service(), slice_of("fw", [("http", 8080, "TCP")]))
+    cluster.start_agents()
+    cluster.wait_external(f"{FW_LB_IP}:80/TCP", {f"{WEB1}:8080", f"{WEB2}:8080"})
+    node = cluster.nodes[0]
+    assert node.agent is not None
+    ifaces = [node.uplink, *(p.host_if for p in node.topo.pods.values())]
+    tr = TraceProc(node.topo, node.pin_dir, "--verdict", "drop")
+    hooks = tr.wait_ready()
+    assert set(trace_verdicts(node.pin_dir)) != {0}
+    refused = cluster.client("other", "http", f"{FW_LB_IP}:80", count=2)
+    assert refused["errors"] == 2, refused
+    tr.wait_events(2, "drop_source_range")
+    tr.signal(signal.SIGKILL)
+    node.agent.wait_log(rf"a trace of {re.escape(str(node.pin_dir))} was killed: removed its {hooks} taps")
+    assert tap_count(node.topo, ifaces) == 0
+    assert set(trace_verdicts(node.pin_dir)) == {0}
+    refused = cluster.client("other", "http", f"{FW_LB_IP}:80", count=2)
+    assert refused["errors"] == 2, refused
+    ok = cluster.client("client", "http", f"{FW_LB_IP}:80", count=5)
+    assert ok["errors"] == 0, ok
 
 
 def test_killed_trace_leaves_no_tap_and_traffic_never_fails(topo: Topology, agents: Agents) -> None:
     """Taps come and go in front of the agent's programs while a client
     keeps making requests: not one fails. SIGTERM and SIGINT detach; a
-    SIGKILL leaves the taps, which the next trace and `uninstall` remove."""
+    SIGKILL leaves the taps, which the agent removes, or with no agent
+    running the next trace and `uninstall`."""
     agent = agents.start_ready()
     ifaces = [p.host_if for p in topo.pods.values()]
     hooks = 2 * len(ifaces)
@@ -259,6 +310,15 @@ def test_killed_trace_leaves_no_tap_and_traffic_never_fails(topo: Topology, agen
             tr.wait_events(1)  # the loop's flows show
             assert tr.signal(sig) == 0
             assert tap_count(topo, ifaces) == 0, f"after {sig!r}"
+        # The agent clears what a killed trace left on its next look at the
+        # interfaces (each second).
+        killed = TraceProc(topo, agents.pin_dir)
+        killed.wait_ready()
+        killed.signal(signal.SIGKILL)
+        agent.wait_log(rf"a trace of .* was killed: removed its {hooks} taps")
+        assert tap_count(topo, ifaces) == 0
+        # With no agent running, the next trace clears them.
+        agent.terminate()
         killed = TraceProc(topo, agents.pin_dir)
         killed.wait_ready()
         killed.signal(signal.SIGKILL)
@@ -280,7 +340,6 @@ def test_killed_trace_leaves_no_tap_and_traffic_never_fails(topo: Topology, agen
     failed = [b["error_samples"] for b in batches if b["errors"]]
     assert not failed, f"{len(failed)} of {len(batches)} batches had failed requests: {failed[:3]}"
     assert sum(b["requests"] for b in batches) >= 3 * 20
-    agent.terminate()
     cp = topo.exec_in("node", [str(SLICEPROXY), "uninstall", "--pin-dir", str(agents.pin_dir)], timeout=60)
     assert cp.returncode == 0, cp.stderr
     assert f"detached {hooks} trace taps" in cp.stderr + cp.stdout, cp.stderr
