@@ -73,7 +73,7 @@ def _classes_of(eps, node_name: str | None, zone: str | None) -> list[tuple]:
     of calling _endpoint_class per endpoint."""
     memo: dict[tuple, tuple] = {}
     get, fields, cls = memo.get, _CLASS_FIELDS, _endpoint_class
-    out = []
+    out: list[tuple] = []
     append = out.append
     for ep in eps:
         k = fields(ep)
