@@ -48,12 +48,12 @@ def _hash16(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
-def svc_chain(port_name: str) -> str:
-    return "KUBE-SVC-" + _hash16(port_name + "tcp")
+def svc_chain(port_name: str, proto: str = "tcp") -> str:
+    return "KUBE-SVC-" + _hash16(port_name + proto)
 
 
-def sep_chain(port_name: str, ep: str) -> str:
-    return "KUBE-SEP-" + _hash16(port_name + "tcp" + ep)
+def sep_chain(port_name: str, ep: str, proto: str = "tcp") -> str:
+    return "KUBE-SEP-" + _hash16(port_name + proto + ep)
 
 
 SETUP = """*filter
@@ -247,3 +247,44 @@ def measure(cl: Cluster, change: tuple[int, int], tool: str, ns_factory, timeout
         res["change_partial_runs"] = runs
         res["change_partial_s"] = sorted(runs)[len(runs) // 2] if runs else None
     return res
+
+
+def lb_ruleset(
+    port_name: str, proto: str, cluster_ip: str, lb_ip: str, port: int, node_port: int, endpoint: str, ranges: list[str]
+) -> str:
+    """Restore input for one LoadBalancer Service port with
+    loadBalancerSourceRanges and one endpoint (externalTrafficPolicy
+    Cluster), as kube-proxy 1.28+ writes it: in nat, KUBE-SERVICES sends
+    the LB IP to KUBE-FW-<hash>, which sends each allowed range on to
+    KUBE-EXT-<hash> (mark for masquerade, then the Service's KUBE-SVC and
+    KUBE-SEP chains: DNAT) and lets everything else fall through undNATed;
+    in filter, KUBE-PROXY-FIREWALL drops what is still addressed to the LB
+    IP (hooked at INPUT, FORWARD and OUTPUT for new connections by SETUP).
+    KUBE-POSTROUTING masquerades what was marked. Load SETUP first."""
+    svc = svc_chain(port_name, proto)
+    h = svc[len("KUBE-SVC-") :]
+    fw, ext = "KUBE-FW-" + h, "KUBE-EXT-" + h
+    sep = sep_chain(port_name, endpoint, proto)
+    ep_ip = endpoint.rsplit(":", 1)[0]
+    m = f"-m {proto} -p {proto}"
+    filt = FILTER.replace(
+        "COMMIT\n",
+        f'-A KUBE-PROXY-FIREWALL -m comment --comment "{port_name} traffic not accepted by {fw}" {m} -d {lb_ip} --dport {port} -j DROP\nCOMMIT\n',
+    )
+    chains = [*NAT_FIXED, f":{svc} - [0:0]", f":{ext} - [0:0]", f":{fw} - [0:0]", f":{sep} - [0:0]"]
+    rules = [
+        *NAT_FIXED_RULES,
+        f'-A KUBE-SERVICES -m comment --comment "{port_name} cluster IP" {m} -d {cluster_ip} --dport {port} -j {svc}',
+        f'-A KUBE-SERVICES -m comment --comment "{port_name} loadbalancer IP" {m} -d {lb_ip} --dport {port} -j {fw}',
+        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS',
+        f'-A KUBE-NODEPORTS -m comment --comment "{port_name}" {m} --dport {node_port} -j {ext}',
+        f'-A {svc} -m comment --comment "{port_name} cluster IP" {m} -d {cluster_ip} --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ',
+        f'-A {svc} -m comment --comment "{port_name} -> {endpoint}" -j {sep}',
+        f'-A {ext} -m comment --comment "masquerade traffic for {port_name} external destinations" -j KUBE-MARK-MASQ',
+        f"-A {ext} -j {svc}",
+        *(f'-A {fw} -m comment --comment "{port_name} loadbalancer IP" -s {r} -j {ext}' for r in ranges),
+        f'-A {fw} -m comment --comment "other traffic to {port_name} will be dropped by KUBE-PROXY-FIREWALL"',
+        f'-A {sep} -m comment --comment "{port_name}" -s {ep_ip}/32 -j KUBE-MARK-MASQ',
+        f'-A {sep} -m comment --comment "{port_name}" {m} -j DNAT --to-destination {endpoint}',
+    ]
+    return filt + "*nat\n" + "\n".join(chains) + "\n" + "\n".join(rules) + "\nCOMMIT\n"
