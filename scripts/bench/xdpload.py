@@ -141,20 +141,23 @@ class LoadProgs:
             self.maps[name] = Map(lb.bpf_map__fd(m), name)
             m = lb.bpf_object__next_map(self._obj, m)
 
-    def configure(self, template: bytes, csum: int, flows: int) -> None:
+    def configure(
+        self, template: bytes, csum: int, flows: int, expect: tuple[str, int, str] = (BE_IP, BE_PORT, NODE)
+    ) -> None:
         """The sender's template frame (its headers: the payload is the
-        frame test_run starts from), and what the sink expects of a
-        forwarded frame."""
+        frame test_run starts from) and its UDP checksum, and what the sink
+        counts as translated: (destination, port, source)."""
+        daddr, dport, saddr = expect
         cfg = struct.pack(
             "=44sIHH4sHH4s",
             template[:42],
             flows,
             FIRST_PORT,
             socket.htons(csum),
-            socket.inet_aton(BE_IP),
-            socket.htons(BE_PORT),
+            socket.inet_aton(daddr),
+            socket.htons(dport),
             0,
-            socket.inet_aton(NODE),
+            socket.inet_aton(saddr),
         )
         self.maps["load_cfg"].update(abi.u32(0), cfg)
 
@@ -242,16 +245,18 @@ class Segment:
         ip, gen = ["ip", "-n", t.node_ns], ["ip", "-n", self.gen_ns]
         for argv in (
             [*gen, "link", "add", "gen0", "type", "veth", "peer", "name", self.up, "netns", t.node_ns],
+            # Forwarded back out of the interface it came in by: no ICMP
+            # redirects; no IPv6 on the segment (its neighbour discovery):
+            # nothing reaches the sink but what the node forwards.
+            ["ip", "netns", "exec", t.node_ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.send_redirects=0",
+             f"net.ipv4.conf.{self.up}.send_redirects=0", f"net.ipv6.conf.{self.up}.disable_ipv6=1"],
+            ["ip", "netns", "exec", self.gen_ns, "sysctl", "-q", "-w", "net.ipv6.conf.gen0.disable_ipv6=1"],
             [*gen, "link", "set", "gen0", "up"],
             [*ip, "link", "set", self.up, "up"],
             [*ip, "addr", "add", f"{NODE}/24", "dev", self.up],
             [*ip, "neigh", "replace", NEXT_HOP, "lladdr", NEXT_MAC, "dev", self.up, "nud", "permanent"],
             [*ip, "route", "add", "198.18.2.0/24", "via", NEXT_HOP, "dev", self.up],
             [*ip, "route", "add", "198.19.5.0/24", "via", NEXT_HOP, "dev", self.up],
-            # Forwarded back out of the interface it came in by: no ICMP
-            # redirects (they would reach the sink).
-            ["ip", "netns", "exec", t.node_ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.send_redirects=0",
-             f"net.ipv4.conf.{self.up}.send_redirects=0"],
         ):  # fmt: skip
             subprocess.run(argv, check=True, capture_output=True)
         self.in_node(lambda: _set_gro(self.up))
@@ -265,11 +270,14 @@ class Segment:
     def in_gen(self, fn: Callable[[], Any]) -> Any:
         return in_netns(self.t.ns_path(self.gen_ns), fn)
 
-    def send(self, src: str, flows: int, n: int, cpu: int | None = None) -> float:
+    def send(
+        self, src: str, flows: int, n: int, cpu: int | None = None, expect: tuple[str, int, str] | None = None
+    ) -> float:
         """n frames from src over `flows` source ports (the sender's thread
-        pinned to cpu if given); the seconds the kernel timed."""
+        pinned to cpu if given; expect: what the sink counts as translated,
+        LoadProgs.configure); the seconds the kernel timed."""
         pkt, csum = frame(self.up_mac, self.gen_mac, src, LB_IP, FIRST_PORT, LB_PORT)
-        self.progs.configure(pkt, csum, flows)
+        self.progs.configure(pkt, csum, flows, *([expect] if expect else []))
 
         def run() -> float:
             if cpu is not None:
