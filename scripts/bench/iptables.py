@@ -37,6 +37,7 @@ import hashlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .common import CLUSTER_CIDR, NAMESPACE, Cluster, in_netns, progress, vip
@@ -250,7 +251,15 @@ def measure(cl: Cluster, change: tuple[int, int], tool: str, ns_factory, timeout
 
 
 def lb_ruleset(
-    port_name: str, proto: str, cluster_ip: str, lb_ip: str, port: int, node_port: int, endpoint: str, ranges: list[str]
+    port_name: str,
+    proto: str,
+    cluster_ip: str,
+    lb_ip: str,
+    port: int,
+    node_port: int,
+    endpoint: str,
+    ranges: list[str],
+    others: Sequence[tuple[str, str, str]] = (),
 ) -> str:
     """Restore input for one LoadBalancer Service port with
     loadBalancerSourceRanges and one endpoint (externalTrafficPolicy
@@ -260,7 +269,11 @@ def lb_ruleset(
     KUBE-SEP chains: DNAT) and lets everything else fall through undNATed;
     in filter, KUBE-PROXY-FIREWALL drops what is still addressed to the LB
     IP (hooked at INPUT, FORWARD and OUTPUT for new connections by SETUP).
-    KUBE-POSTROUTING masquerades what was marked. Load SETUP first."""
+    KUBE-POSTROUTING masquerades what was marked. others: ClusterIP
+    Services (port name, cluster IP, one endpoint; TCP port 80) written
+    around it as kube-proxy writes them, half of their KUBE-SERVICES rules
+    before the Service's, half after (a packet walks that chain rule by
+    rule, and one KUBE-FW refuses comes back to it). Load SETUP first."""
     svc = svc_chain(port_name, proto)
     h = svc[len("KUBE-SVC-") :]
     fw, ext = "KUBE-FW-" + h, "KUBE-EXT-" + h
@@ -287,4 +300,24 @@ def lb_ruleset(
         f'-A {sep} -m comment --comment "{port_name}" -s {ep_ip}/32 -j KUBE-MARK-MASQ',
         f'-A {sep} -m comment --comment "{port_name}" {m} -j DNAT --to-destination {endpoint}',
     ]
+    half = len(others) // 2
+    before: list[str] = []
+    after: list[str] = []
+    for i, (name, ip, ep) in enumerate(others):
+        osvc, osep = svc_chain(name), sep_chain(name, ep)
+        chains += [f":{osvc} - [0:0]", f":{osep} - [0:0]"]
+        (before if i < half else after).append(
+            f'-A KUBE-SERVICES -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {ip} --dport 80 -j {osvc}'
+        )
+        rules += [
+            f'-A {osvc} -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {ip} --dport 80 '
+            f"! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+            f'-A {osvc} -m comment --comment "{name} -> {ep}" -j {osep}',
+            f'-A {osep} -m comment --comment "{name}" -s {ep.rsplit(":", 1)[0]}/32 -j KUBE-MARK-MASQ',
+            f'-A {osep} -m comment --comment "{name}" -m tcp -p tcp -j DNAT --to-destination {ep}',
+        ]
+    first = len(NAT_FIXED_RULES)
+    rules[first:first] = before
+    last = next(i for i, r in enumerate(rules) if "service nodeports" in r)
+    rules[last:last] = after
     return filt + "*nat\n" + "\n".join(chains) + "\n" + "\n".join(rules) + "\nCOMMIT\n"

@@ -258,7 +258,8 @@ def _load_rows(x: dict | None) -> list[tuple[str, str, str, str, str]]:
     ]  # fmt: skip
     for label, ours, peers in (
         ("source-range drop: XDP", "xdp_drop",
-         (("tc (TC_ACT_SHOT)", "tc_drop"), ("iptables (kube-proxy)", "iptables_drop"))),
+         (("tc (TC_ACT_SHOT)", "tc_drop"), ("iptables (kube-proxy)", "iptables_drop"),
+          (f"iptables, {x.get('many', 1000):,} other Services", "iptables_drop_many"))),
         ("established flow to another node: XDP forward", "xdp_forward",
          (("tc (DNAT, routing, SNAT)", "tc_forward"), ("iptables (DNAT, MASQUERADE)", "iptables_forward"))),
     ):  # fmt: skip

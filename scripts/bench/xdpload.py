@@ -22,9 +22,9 @@ never runs under the BPF figures: one topology for sliceproxy (its tc
 programs on the uplink as `sliceproxy run --external-interfaces` attaches
 them, its XDP program native in front for the XDP figures), one for
 kube-proxy's ruleset (scripts/bench/iptables.py's lb_ruleset, restored with
-iptables-legacy-restore). The uplink has GRO on (a veth's NAPI, which
-receives frames from a peer's XDP_TX, runs only with GRO or an XDP
-program): a NIC's default.
+iptables-legacy-restore), one for that ruleset among MANY other Services.
+The uplink has GRO on (a veth's NAPI, which receives frames from a peer's
+XDP_TX, runs only with GRO or an XDP program): a NIC's default.
 
   floor      load_sink on the uplink: the generator, the veth and an XDP
              program that counts and drops
@@ -34,7 +34,10 @@ program): a NIC's default.
              filter FORWARD's KUBE-PROXY-FIREWALL DROP; each frame is a new
              connection to conntrack, which keeps nothing of a dropped one).
              Counted by the node: sliceproxy's verdict counters, the DROP
-             rule's counter.
+             rule's counter. iptables again with MANY ClusterIP Services
+             around ours (a third topology): every dropped frame walks all
+             their KUBE-SERVICES rules (KUBE-FW returns what it refuses to
+             that chain, which goes on after ours).
   forward    frames of established flows from an allowed source, to the
              backend on another node: XDP's DNAT, masquerade and XDP_TX
              (--xdp-forward), tc's ingress DNAT, routing and egress SNAT, or
@@ -42,9 +45,12 @@ program): a NIC's default.
              first frame of each flow). Counted at the far end: frames that
              arrive translated with both checksums right.
 
-Every figure is a rate: frames the node finished per second of wall time
-while the sender ran, the median of `rounds` rounds (the dataplanes
-interleaved in each). Run alone:
+Every figure is a rate: frames the node finished per second of the time
+the kernel timed the sender (its loop over the frames and the softirqs it
+ran between batches, the uplink's NAPI poll among them; not the run's
+setup, nor while other work had the CPU), the median of `rounds` rounds
+(the dataplanes interleaved in each), and per frame the ns beyond the
+floor's: the node's own cost, the sender's taken off. Run alone:
     .venv/bin/python -m scripts.bench.xdpload [--quick] [--json FILE]
 """
 
@@ -75,7 +81,7 @@ from scripts.harness.nsforward import in_netns
 from scripts.harness.topo import Topology
 
 from . import iptables
-from .common import compile_bpf, progress
+from .common import POOL_BASE, VIP_BASE, compile_bpf, ipv4, progress
 from .common import in_netns as nsenter
 
 SOURCE = Path(__file__).resolve().with_name("xdpload.bpf.c")
@@ -93,7 +99,12 @@ BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 XDP_FLAGS_DRV_MODE = attach.XDP_MODES["native"]
 SIOCETHTOOL, ETHTOOL_SGRO = 0x8946, 0x2C
 
-MODES = ("floor", "xdp_drop", "tc_drop", "iptables_drop", "xdp_forward", "tc_forward", "iptables_forward")
+# kube-proxy's rules again, with this many ClusterIP Services around ours.
+MANY = 1000
+MODES = (
+    "floor", "xdp_drop", "tc_drop", "iptables_drop", "iptables_drop_many", "xdp_forward", "tc_forward",
+    "iptables_forward",
+)  # fmt: skip
 
 
 def build(out_dir: Path) -> Path:
@@ -363,13 +374,19 @@ class Load:
                 _seed(dp)
             self.bpf = Segment(self._stack.enter_context(Topology()), self.progs)
             self.ipt = Segment(self._stack.enter_context(Topology()), self.progs)
-            _restore(self.ipt.t.node_ns, iptables.SETUP)
-            _restore(
-                self.ipt.t.node_ns,
-                iptables.lb_ruleset(
-                    PORT_NAME, "udp", CLUSTER_IP, LB_IP, LB_PORT, NODE_PORT, f"{BE_IP}:{BE_PORT}", [RANGE]
-                ),
-            )
+            self.ipt_many = Segment(self._stack.enter_context(Topology()), self.progs)
+            others = [
+                (f"bench/svc-{i}:http", ipv4(VIP_BASE + 0x1000 + i), f"{ipv4(POOL_BASE + 0x4000 + i)}:8080")
+                for i in range(MANY)
+            ]
+            for seg, other in ((self.ipt, []), (self.ipt_many, others)):
+                _restore(seg.t.node_ns, iptables.SETUP)
+                _restore(
+                    seg.t.node_ns,
+                    iptables.lb_ruleset(
+                        PORT_NAME, "udp", CLUSTER_IP, LB_IP, LB_PORT, NODE_PORT, f"{BE_IP}:{BE_PORT}", [RANGE], other
+                    ),
+                )
         except BaseException:
             self._stack.close()
             raise
@@ -396,10 +413,16 @@ class Load:
 
         self.bpf.in_node(f)
 
+    def segment(self, mode: str) -> Segment:
+        """The segment mode runs on."""
+        if mode == "iptables_drop_many":
+            return self.ipt_many
+        return self.ipt if mode.startswith("iptables") else self.bpf
+
     def set(self, mode: str) -> Segment:
         """The uplink readied for mode; the segment it runs on."""
         if mode.startswith("iptables"):
-            return self.ipt
+            return self.segment(mode)
         dp = self.plain if mode.endswith("drop") else self.fwd
         if mode == "floor":
             self._uplink(self.progs.sink_fd, None)
@@ -411,16 +434,16 @@ class Load:
 
     @staticmethod
     def source(mode: str) -> str:
-        return ALLOWED if mode.endswith("forward") else REFUSED
+        return ALLOWED if "forward" in mode else REFUSED
 
     def count(self, mode: str) -> int:
         """Frames the node finished in mode: dropped for its reason (the
         floor: dropped at all), or forwarded and arrived translated."""
         if mode == "floor":
             return sum(self.progs.seen())
-        if mode == "iptables_drop":
-            return _iptables_drops(self.ipt.t.node_ns)
-        if mode.endswith("drop"):
+        if mode.startswith("iptables_drop"):
+            return _iptables_drops(self.segment(mode).t.node_ns)
+        if "drop" in mode:
             return abi.counters(self.plain.maps)[abi.verdicts()[abi.const("SP_V_DROP_SOURCE_RANGE")]]["packets"]
         return self.progs.seen()[0]
 
@@ -466,6 +489,7 @@ def measure(seconds: float = 1.0, rounds: int = 3, flows: int = 256) -> dict[str
         "seconds": seconds,
         "rounds": rounds,
         "flows": flows,
+        "many": MANY,
         "cpu": cpu,
         "runs": runs,
         "pps": pps,

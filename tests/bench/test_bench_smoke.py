@@ -133,7 +133,8 @@ def test_external_traffic_under_load(figures):
     forwarded arrived translated, checksums right, and nothing else did."""
     x = figures["xdp_load"]
     assert set(x["pps"]) == {
-        "floor", "xdp_drop", "tc_drop", "iptables_drop", "xdp_forward", "tc_forward", "iptables_forward"
+        "floor", "xdp_drop", "tc_drop", "iptables_drop", "iptables_drop_many", "xdp_forward", "tc_forward",
+        "iptables_forward",
     }  # fmt: skip
     for mode, runs in x["runs"].items():
         for r in runs:

@@ -74,7 +74,7 @@ def test_the_sender_spreads_frames_over_its_flows(load: xdpload.Load) -> None:
     assert ports == set(range(FIRST_PORT, FIRST_PORT + FLOWS))
 
 
-@pytest.mark.parametrize("mode", ["xdp_drop", "tc_drop", "iptables_drop"])
+@pytest.mark.parametrize("mode", ["xdp_drop", "tc_drop", "iptables_drop", "iptables_drop_many"])
 def test_refused_frames_are_dropped(load: xdpload.Load, mode: str) -> None:
     seg = load.set(mode)
     sent, handled, sink = deltas(load, mode, lambda: seg.send(REFUSED, FLOWS, FRAMES))
