@@ -474,7 +474,7 @@ class Load:
         }
 
 
-def measure(seconds: float = 1.0, rounds: int = 3, flows: int = 256) -> dict[str, Any]:
+def measure(seconds: float = 0.75, rounds: int = 3, flows: int = 256) -> dict[str, Any]:
     """Frames per second the node finished in each of MODES: every round's
     run, the median round's rate, and per frame the ns beyond the floor's."""
     progress(f"xdpload: a UDP flood between namespaces, {rounds} x {len(MODES)} runs of {seconds:g} s")
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flows", type=int, default=256)
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args(argv)
-    r = measure(a.seconds or (0.2 if a.quick else 1.0), a.rounds or (1 if a.quick else 3), a.flows)
+    r = measure(a.seconds or (0.2 if a.quick else 0.75), a.rounds or (1 if a.quick else 3), a.flows)
     for m in MODES:
         extra = f"  {r['ns_beyond_floor'][m]:6.0f} ns a frame beyond the floor" if m != "floor" else ""
         print(f"{m:18s} {r['pps'][m] / 1e6:6.2f} M frames/s{extra}")
