@@ -463,13 +463,16 @@ class Load:
         k = seg.send(src, flows, n, cpu)
         wall = time.perf_counter() - t0
         handled = self.count(mode) - n0
+        sink = [b - a for a, b in zip(seen0, self.progs.seen(), strict=True)]
+        if sink[1]:
+            raise RuntimeError(f"xdpload {mode}: {sink[1]} forwarded frames arrived with a wrong checksum")
         return {
             "kernel_s": k,
             "wall_s": wall,
             "ksoftirqd_s": _softirq_s(cpu) - soft0,
             "sent": self.progs.sent() - s0,
             "handled": handled,
-            "sink": [b - a for a, b in zip(seen0, self.progs.seen(), strict=True)],
+            "sink": sink,
             "pps": handled / k,
         }
 
