@@ -207,7 +207,10 @@ def live_frames(prog_fd: int, pkt: bytes, repeat: int, ifindex: int) -> float:
             "flags": BPF_F_TEST_XDP_LIVE_FRAMES,
         },
     )
-    check(lib().bpf_prog_test_run_opts(prog_fd, opts), "BPF_PROG_TEST_RUN (live frames)")
+    check(
+        lib().bpf_prog_test_run_opts(prog_fd, opts),
+        f"BPF_PROG_TEST_RUN with live frames (Linux 5.18 or later; this is {os.uname().release})",
+    )
     return float(opts.duration) * repeat / 1e9
 
 
