@@ -193,7 +193,9 @@ def live_frames(prog_fd: int, pkt: bytes, repeat: int, ifindex: int) -> float:
     the interface ifindex (in the calling thread's namespace) by XDP_TX.
     The seconds the kernel timed: its loop over the frames, with the
     softirqs it ran when it let them (the receiving NAPI poll among them),
-    not the run's setup, nor while the thread was scheduled out."""
+    not the run's setup, nor while the thread was scheduled out. The
+    kernel gives its mean per frame in whole ns: at 100 ns a frame, up to
+    1% short."""
     ctx = struct.pack("6I", 0, len(pkt), 0, ifindex, 0, 0)
     opts = ffi.new(
         "struct bpf_test_run_opts *",
