@@ -453,6 +453,22 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
+# -- the bench's own BPF programs ----------------------------------------------------
+
+
+def compile_bpf(source: Path, obj: Path) -> Path:
+    """Compile one of the bench's BPF programs (scripts/bench/*.bpf.c) with
+    the flags the Makefile builds the dataplane with (ebpf/ on the include
+    path); returns obj."""
+    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
+    cmd = [
+        os.environ.get("CLANG", "clang"), "-O2", "-g", "-target", "bpf", "-mcpu=v3",
+        f"-I{arch_inc}", f"-I{ROOT / 'ebpf'}", "-Wall", "-Werror", "-c", str(source), "-o", str(obj),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return obj
+
+
 # -- throwaway namespaces ----------------------------------------------------------
 
 

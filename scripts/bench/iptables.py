@@ -37,6 +37,7 @@ import hashlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .common import CLUSTER_CIDR, NAMESPACE, Cluster, in_netns, progress, vip
@@ -48,12 +49,12 @@ def _hash16(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 
 
-def svc_chain(port_name: str) -> str:
-    return "KUBE-SVC-" + _hash16(port_name + "tcp")
+def svc_chain(port_name: str, proto: str = "tcp") -> str:
+    return "KUBE-SVC-" + _hash16(port_name + proto)
 
 
-def sep_chain(port_name: str, ep: str) -> str:
-    return "KUBE-SEP-" + _hash16(port_name + "tcp" + ep)
+def sep_chain(port_name: str, ep: str, proto: str = "tcp") -> str:
+    return "KUBE-SEP-" + _hash16(port_name + proto + ep)
 
 
 SETUP = """*filter
@@ -247,3 +248,76 @@ def measure(cl: Cluster, change: tuple[int, int], tool: str, ns_factory, timeout
         res["change_partial_runs"] = runs
         res["change_partial_s"] = sorted(runs)[len(runs) // 2] if runs else None
     return res
+
+
+def lb_ruleset(
+    port_name: str,
+    proto: str,
+    cluster_ip: str,
+    lb_ip: str,
+    port: int,
+    node_port: int,
+    endpoint: str,
+    ranges: list[str],
+    others: Sequence[tuple[str, str, str]] = (),
+) -> str:
+    """Restore input for one LoadBalancer Service port with
+    loadBalancerSourceRanges and one endpoint (externalTrafficPolicy
+    Cluster), as kube-proxy 1.28+ writes it: in nat, KUBE-SERVICES sends
+    the LB IP to KUBE-FW-<hash>, which sends each allowed range on to
+    KUBE-EXT-<hash> (mark for masquerade, then the Service's KUBE-SVC and
+    KUBE-SEP chains: DNAT) and lets everything else fall through undNATed;
+    in filter, KUBE-PROXY-FIREWALL drops what is still addressed to the LB
+    IP (hooked at INPUT, FORWARD and OUTPUT for new connections by SETUP).
+    KUBE-POSTROUTING masquerades what was marked. others: ClusterIP
+    Services (port name, cluster IP, one endpoint; TCP port 80) written
+    around it as kube-proxy writes them, half of their KUBE-SERVICES rules
+    before the Service's, half after (a packet walks that chain rule by
+    rule, and one KUBE-FW refuses comes back to it). Load SETUP first."""
+    svc = svc_chain(port_name, proto)
+    h = svc[len("KUBE-SVC-") :]
+    fw, ext = "KUBE-FW-" + h, "KUBE-EXT-" + h
+    sep = sep_chain(port_name, endpoint, proto)
+    ep_ip = endpoint.rsplit(":", 1)[0]
+    m = f"-m {proto} -p {proto}"
+    filt = FILTER.replace(
+        "COMMIT\n",
+        f'-A KUBE-PROXY-FIREWALL -m comment --comment "{port_name} traffic not accepted by {fw}" {m} -d {lb_ip} --dport {port} -j DROP\nCOMMIT\n',
+    )
+    chains = [*NAT_FIXED, f":{svc} - [0:0]", f":{ext} - [0:0]", f":{fw} - [0:0]", f":{sep} - [0:0]"]
+    rules = [
+        *NAT_FIXED_RULES,
+        f'-A KUBE-SERVICES -m comment --comment "{port_name} cluster IP" {m} -d {cluster_ip} --dport {port} -j {svc}',
+        f'-A KUBE-SERVICES -m comment --comment "{port_name} loadbalancer IP" {m} -d {lb_ip} --dport {port} -j {fw}',
+        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS',
+        f'-A KUBE-NODEPORTS -m comment --comment "{port_name}" {m} --dport {node_port} -j {ext}',
+        f'-A {svc} -m comment --comment "{port_name} cluster IP" {m} -d {cluster_ip} --dport {port} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ',
+        f'-A {svc} -m comment --comment "{port_name} -> {endpoint}" -j {sep}',
+        f'-A {ext} -m comment --comment "masquerade traffic for {port_name} external destinations" -j KUBE-MARK-MASQ',
+        f"-A {ext} -j {svc}",
+        *(f'-A {fw} -m comment --comment "{port_name} loadbalancer IP" -s {r} -j {ext}' for r in ranges),
+        f'-A {fw} -m comment --comment "other traffic to {port_name} will be dropped by KUBE-PROXY-FIREWALL"',
+        f'-A {sep} -m comment --comment "{port_name}" -s {ep_ip}/32 -j KUBE-MARK-MASQ',
+        f'-A {sep} -m comment --comment "{port_name}" {m} -j DNAT --to-destination {endpoint}',
+    ]
+    half = len(others) // 2
+    before: list[str] = []
+    after: list[str] = []
+    for i, (name, ip, ep) in enumerate(others):
+        osvc, osep = svc_chain(name), sep_chain(name, ep)
+        chains += [f":{osvc} - [0:0]", f":{osep} - [0:0]"]
+        (before if i < half else after).append(
+            f'-A KUBE-SERVICES -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {ip} --dport 80 -j {osvc}'
+        )
+        rules += [
+            f'-A {osvc} -m comment --comment "{name} cluster IP" -m tcp -p tcp -d {ip} --dport 80 '
+            f"! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+            f'-A {osvc} -m comment --comment "{name} -> {ep}" -j {osep}',
+            f'-A {osep} -m comment --comment "{name}" -s {ep.rsplit(":", 1)[0]}/32 -j KUBE-MARK-MASQ',
+            f'-A {osep} -m comment --comment "{name}" -m tcp -p tcp -j DNAT --to-destination {ep}',
+        ]
+    first = len(NAT_FIXED_RULES)
+    rules[first:first] = before
+    last = next(i for i, r in enumerate(rules) if "service nodeports" in r)
+    rules[last:last] = after
+    return filt + "*nat\n" + "\n".join(chains) + "\n" + "\n".join(rules) + "\nCOMMIT\n"

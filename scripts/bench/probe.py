@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,21 +27,14 @@ from ctrl.dataplane.libbpf import BPFError, check, ffi, lib
 from ctrl.dataplane.loader import test_run
 from ctrl.dataplane.maps import Map
 
-from .common import ROOT
+from .common import compile_bpf
 
 SOURCE = Path(__file__).resolve().with_name("probe.bpf.c")
 
 
 def build(out_dir: Path) -> Path:
     """Compile the probe with the flags the dataplane is built with."""
-    obj = out_dir / "probe.bpf.o"
-    arch_inc = f"/usr/include/{os.uname().machine}-linux-gnu"
-    cmd = [
-        os.environ.get("CLANG", "clang"), "-O2", "-g", "-target", "bpf", "-mcpu=v3",
-        f"-I{arch_inc}", f"-I{ROOT / 'ebpf'}", "-Wall", "-Werror", "-c", str(SOURCE), "-o", str(obj),
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True)
-    return obj
+    return compile_bpf(SOURCE, out_dir / "probe.bpf.o")
 
 
 class Probe:

@@ -207,6 +207,7 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
             ("source-range drops per second, one core", f"{d['xdp'] / 1e6:.1f} M", "tc", f"{d['tc'] / 1e6:.1f} M", "")
         )
         out.append(("XDP in front of a flow tc serves (handed on)", f"+{ns['xdp_pass']:.0f} ns", "", "", ""))
+    out += _load_rows(res.get("xdp_load"))
     lat = res.get("latency")
     if lat:
         out += _latency_rows(
@@ -236,6 +237,34 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                 mean=True,
                 indent="  ",
             )
+    return out
+
+
+def _load_rows(x: dict | None) -> list[tuple[str, str, str, str, str]]:
+    """External traffic under load: frames per second the node finished,
+    ours next to each peer; the ratio is ours/peer (the peer's time per
+    frame over ours, as for the other figures)."""
+    if not x:
+        return []
+    pps, beyond = x["pps"], x["ns_beyond_floor"]
+
+    def cell(m: str) -> str:
+        return f"{pps[m] / 1e6:.2f} M/s ({beyond[m]:.0f} ns)"
+
+    out = [
+        ("**external traffic under load, UDP flood, one core: frames per second (ns a frame beyond the floor)**",
+         "", "", "", ""),
+        ("floor: sender, veth, an XDP program dropping all", f"{pps['floor'] / 1e6:.2f} M/s", "", "", ""),
+    ]  # fmt: skip
+    for label, ours, peers in (
+        ("source-range drop: XDP", "xdp_drop",
+         (("tc (TC_ACT_SHOT)", "tc_drop"), ("iptables (kube-proxy)", "iptables_drop"),
+          (f"iptables, {x.get('many', 1000):,} other Services", "iptables_drop_many"))),
+        ("established flow to another node: XDP forward", "xdp_forward",
+         (("tc (DNAT, routing, SNAT)", "tc_forward"), ("iptables (DNAT, MASQUERADE)", "iptables_forward"))),
+    ):  # fmt: skip
+        for i, (peer, k) in enumerate(peers):
+            out.append((label if i == 0 else "", cell(ours) if i == 0 else "", peer, cell(k), ratio(pps[ours], pps[k])))
     return out
 
 

@@ -202,6 +202,15 @@ class Topology:
 
     # -- building --------------------------------------------------------
 
+    def add_namespace(self, name: str) -> str:
+        """An empty namespace ``<prefix>-<name>`` (only lo, up), removed
+        with the rest: for a caller that wires it itself. Returns its name."""
+        if not _NAME_RE.match(name) or name == "node" or name in self.pods:
+            raise ValueError(f"bad or duplicate namespace name {name!r}")
+        ns = f"{self.prefix}-{name}"
+        self._add_ns(ns)
+        return ns
+
     def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
         """Create pod namespace ``<prefix>-<name>`` with eth0 = ``ip``/32,
         routed through the node. ``ip6`` optionally adds an IPv6 /128."""

@@ -128,6 +128,24 @@ def test_external_packets_through_xdp_and_tc(figures):
     assert x["drops_per_s"]["xdp"] > 0 and x["drops_per_s"]["tc"] > 0
 
 
+def test_external_traffic_under_load(figures):
+    """Every dataplane of the load part finished frames; what the node
+    forwarded arrived translated, checksums right, and nothing else did."""
+    x = figures["xdp_load"]
+    assert set(x["pps"]) == {
+        "floor", "xdp_drop", "tc_drop", "iptables_drop", "iptables_drop_many", "xdp_forward", "tc_forward",
+        "iptables_forward",
+    }  # fmt: skip
+    for mode, runs in x["runs"].items():
+        for r in runs:
+            assert 0 < r["handled"] <= r["sent"], (mode, r)
+            if mode.endswith("forward"):
+                translated, bad_csum, _ = r["sink"]
+                assert translated == r["handled"] and bad_csum == 0, (mode, r)
+            elif mode != "floor":
+                assert r["sink"][0] == r["sink"][1] == 0, (mode, r)
+
+
 def test_peer_rulesets_loaded(figures):
     for s in figures["scenarios"].values():
         for key in ("iptables_legacy", "iptables_nft"):

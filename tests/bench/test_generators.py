@@ -91,6 +91,33 @@ def test_iptables_ruleset_has_kube_proxy_shape():
     assert " -> " not in big
 
 
+def test_iptables_lb_ruleset_has_kube_proxy_shape():
+    """A LoadBalancer Service with source ranges: KUBE-SERVICES sends the LB
+    IP to KUBE-FW, which passes the ranges on to KUBE-EXT (masquerade, then
+    the Service's chains) and lets the rest fall through to filter's
+    KUBE-PROXY-FIREWALL DROP; other Services' rules sit around it; every
+    chain jumped to is declared."""
+    others = [(f"bench/o-{i}:http", f"198.19.16.{i}", f"198.18.64.{i}:8080") for i in range(4)]
+    text = iptables.lb_ruleset(
+        "bench/lb:udp", "udp", "198.19.0.10", "198.19.5.5", 80, 30080, "198.18.2.2:8080", ["198.18.100.0/24"], others
+    )
+    filt, nat = text.split("*nat\n", 1)
+    h = iptables.svc_chain("bench/lb:udp", "udp")[len("KUBE-SVC-") :]
+    fw, ext = f"KUBE-FW-{h}", f"KUBE-EXT-{h}"
+    assert f"-m udp -p udp -d 198.19.5.5 --dport 80 -j {fw}" in nat
+    assert f'-A {fw} -m comment --comment "bench/lb:udp loadbalancer IP" -s 198.18.100.0/24 -j {ext}' in nat
+    assert f"-A {ext} -m comment" in nat and f"-j KUBE-MARK-MASQ\n-A {ext} -j KUBE-SVC-{h}" in nat
+    assert "-m udp -p udp -j DNAT --to-destination 198.18.2.2:8080" in nat
+    assert f'"bench/lb:udp traffic not accepted by {fw}" -m udp -p udp -d 198.19.5.5 --dport 80 -j DROP' in filt
+    services = [line for line in nat.splitlines() if line.startswith("-A KUBE-SERVICES")]
+    assert [("198.19.5.5" in s, "198.19.16." in s) for s in services] == [
+        (False, True), (False, True), (False, False), (True, False), (False, True), (False, True), (False, False),
+    ]  # fmt: skip
+    declared = set(re.findall(r"^:(\S+)", nat, re.M))
+    assert set(re.findall(r"-j (KUBE-\S+)", nat)) <= declared
+    assert nat.rstrip().endswith("COMMIT") and filt.rstrip().endswith("COMMIT")
+
+
 def test_iptables_partial_restore_only_rewrites_the_changed_service():
     cl = Cluster(Scenario("S", 3, 10))
     rs = iptables.Ruleset(cl)
