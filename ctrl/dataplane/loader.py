@@ -2,8 +2,9 @@
 
 Maps are pinned by name under one bpffs directory per instance. When a map
 is already pinned there (a restart), libbpf reuses it instead of creating an
-empty one, so the backends, slots and conntrack of the running dataplane
-survive the agent. One pinned with another capacity than asked for is set
+empty one (the device map sp_uplinks: the loader itself, DEVICE_MAPS), so
+the backends, slots and conntrack of the running dataplane survive the
+agent. One pinned with another capacity than asked for is set
 aside and carried into a new one (ctrl.dataplane.migrate). The programs
 themselves are attached by ctrl.dataplane.attach; a tc filter holds a
 reference to each, so they too outlive the agent.
