@@ -9,13 +9,15 @@
  *  - A packet whose source loadBalancerSourceRanges refuse is dropped
  *    before the kernel allocates anything for it, counted as tc counts it.
  *  - With forwarding on (sp_xdp_cfg.forward), a packet to an external
- *    frontend whose backend the kernel would route back out of this same
+ *    frontend whose backend the kernel would route out of an external
  *    interface (a backend on another node) is translated as tc's ingress
  *    and egress would translate it (DNAT, and SNAT under
  *    externalTrafficPolicy Cluster; the same conntrack entries, written by
- *    the same nat.h functions) and sent back out with XDP_TX. A backend on
- *    this node, a route out of another interface, a neighbour not resolved
- *    yet or a TTL about to expire: handed to tc.
+ *    the same nat.h functions) and sent: back out of this interface with
+ *    XDP_TX, or redirected to another external interface that runs this
+ *    program in native mode (sp_uplinks_v3, a node with two uplinks). A
+ *    backend on this node, a route out of any other interface, a
+ *    neighbour not resolved yet or a TTL about to expire: handed to tc.
  *  - Replies, ICMP errors, fragments and everything else: handed to tc.
  *  - While `sliceproxy trace` runs, everything: its tap sees packets only
  *    at tc, and tc decides each one as XDP would have (trace.h,
@@ -48,17 +50,20 @@ static __always_inline int is_unsnat_reply(const struct pkt *p)
 /*
  * Where the kernel would forward p once DNATed to be:be_port (network
  * order), as its routing decides it after the DNAT of tc's ingress (the
- * source still the client's: the masquerade comes after, at egress). 0
- * with the next hop's Ethernet addresses in macs (destination, then
- * source) when it goes back out of the interface it came in by to a
- * resolved neighbour; -1 for anything else, which the kernel does better:
- * another interface (a pod's on this node, another uplink), no neighbour
- * entry yet (the kernel resolves it), a packet too big for the route (an
- * ICMP error to send), forwarding off, or a TTL that ends here (ICMP time
+ * source still the client's: the masquerade comes after, at egress). The
+ * egress interface's index, with the next hop's Ethernet addresses in
+ * macs (destination, then source), when it goes to a resolved neighbour
+ * out of the interface it came in by, or out of another interface in
+ * sp_uplinks_v3 (one the agent attached this program to in native mode:
+ * a driver transmits a redirected frame only where its own XDP is set
+ * up); -1 for
+ * anything else, which the kernel does better: any other interface (a
+ * pod's on this node, an interface without our XDP), no neighbour entry
+ * yet (the kernel resolves it), a packet too big for the route (an ICMP
+ * error to send), forwarding off, or a TTL that ends here (ICMP time
  * exceeded). A subprogram: the lookup's stack is taken only while it runs.
  */
-static __noinline int route_back_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *be, __be16 be_port,
-				     __u8 *macs)
+static __noinline int route_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *be, __be16 be_port, __u8 *macs)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -91,21 +96,31 @@ static __noinline int route_back_out(struct xdp_md *ctx, const struct pkt *p, co
 		fib.ipv4_dst = addr_to_v4(be);
 	}
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != ctx->ingress_ifindex)
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex > 0x7fffffff)
 		return -1;
+	if (fib.ifindex != ctx->ingress_ifindex) {
+		__u32 oif = fib.ifindex;
+
+		if (!bpf_map_lookup_elem(&SP_MAP(sp_uplinks), &oif))
+			return -1;
+	}
 	__builtin_memcpy(macs, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(macs + ETH_ALEN, fib.smac, ETH_ALEN);
-	return 0;
+	return fib.ifindex;
 }
 
-/* Send the translated frame back out: TTL or hop limit less one, as the
- * kernel's forwarding would (IPv4's header checksum with it), and the next
- * hop's Ethernet addresses (macs: destination, then source). */
-static __always_inline int send_back_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *macs)
+/* Send the translated frame out of interface oif (route_out's): TTL or
+ * hop limit less one, as the kernel's forwarding would (IPv4's header
+ * checksum with it), the next hop's Ethernet addresses (macs: destination,
+ * then source), and XDP_TX back out of the interface it came in by, or a
+ * redirect to oif, counted as such (xdp_tx, xdp_redirect; a redirect the
+ * device map refuses: drop_error). */
+static __always_inline int send_out(struct xdp_md *ctx, const struct pkt *p, const __u8 *macs, __u32 oif)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	long act;
 
 	if ((void *)(eth + 1) > data_end)
 		return XDP_DROP;
@@ -129,7 +144,14 @@ static __always_inline int send_back_out(struct xdp_md *ctx, const struct pkt *p
 	}
 	__builtin_memcpy(eth->h_dest, macs, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, macs + ETH_ALEN, ETH_ALEN);
-	return XDP_TX;
+	if (oif == ctx->ingress_ifindex)
+		return xdp_count(ctx, SP_V_XDP_TX, XDP_TX);
+	/* oif was in the map when route_out looked; removed since (its XDP
+	 * detached, the interface gone), the frame, already rewritten for
+	 * that next hop, is dropped and counted as an error: a packet lost
+	 * as in a route change. */
+	act = bpf_redirect_map(&SP_MAP(sp_uplinks), oif, XDP_DROP);
+	return xdp_count(ctx, act == XDP_REDIRECT ? SP_V_XDP_REDIRECT : SP_V_DROP_ERROR, act);
 }
 
 /*
@@ -160,18 +182,18 @@ static __noinline int xdp_record(struct dnat_flow *f)
 /*
  * The ingress half: the frontend p is for, its source checked, its
  * backend found (dnat_flow, as tc's ingress does). The XDP action when
- * the packet ends here or goes on to tc; -1 when it is to be sent back out
- * (macs filled): its flow then recorded if new, the frame DNATed and
- * counted as tc's ingress would count it, and p now client -> backend, as
- * tc's egress would see it. A subprogram: its stack is free again for the
- * SNAT half.
+ * the packet ends here or goes on to tc; -1 when XDP is to send it out of
+ * interface *oif (macs filled): its flow then recorded if new, the frame
+ * DNATed and counted as tc's ingress would count it, and p now client ->
+ * backend, as tc's egress would see it. A subprogram: its stack is free
+ * again for the SNAT half.
  */
-static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
+static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs, __u32 *oif)
 {
 	struct dnat_flow *fp;
 	__u32 cpu;
 	__be16 be_port;
-	int kind;
+	int kind, out;
 
 	cpu = bpf_get_smp_processor_id();
 	if (!sp_xdp_cfg.forward || cpu >= XDP_FLOW_CPUS) {
@@ -197,13 +219,15 @@ static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
 	if (kind != DNAT_NEW && kind != DNAT_ESTABLISHED)
 		return XDP_PASS;
 	be_port = bpf_htons(fp->nct.nat_port);
-	if (route_back_out(ctx, p, fp->nct.nat_addr, be_port, macs))
+	out = route_out(ctx, p, fp->nct.nat_addr, be_port, macs);
+	if (out < 0)
 		return XDP_PASS;
+	*oif = out;
 	if (kind == DNAT_NEW && xdp_record(fp))
 		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
 	if (xdp_rewrite(ctx, p, 1, fp->nct.nat_addr, be_port))
 		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
-	xdp_count(ctx, kind == DNAT_NEW ? SP_V_DNAT_NEW : SP_V_DNAT_ESTABLISHED, XDP_TX);
+	xdp_count(ctx, kind == DNAT_NEW ? SP_V_DNAT_NEW : SP_V_DNAT_ESTABLISHED, 0);
 	__builtin_memcpy(p->daddr, fp->nct.nat_addr, sizeof(p->daddr));
 	p->dport = be_port;
 	return -1;
@@ -211,8 +235,8 @@ static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs)
 
 /* The egress half of a packet xdp_dnat() DNATed (p: client -> backend):
  * the masquerade tc's egress would apply (snat_source), counted as it
- * would count it, and the frame sent back out. */
-static __noinline int xdp_snat(struct xdp_md *ctx, struct pkt *p, const __u8 *macs)
+ * would count it, and the frame sent out of interface oif. */
+static __noinline int xdp_snat(struct xdp_md *ctx, struct pkt *p, const __u8 *macs, __u32 oif)
 {
 	__u8 addr[16];
 	__u16 port = 0;
@@ -224,8 +248,8 @@ static __noinline int xdp_snat(struct xdp_md *ctx, struct pkt *p, const __u8 *ma
 	} else if (v != SP_V_PASS_NO_FLOW) {
 		return xdp_count(ctx, v, XDP_DROP);
 	}
-	xdp_count(ctx, v, XDP_TX);
-	return send_back_out(ctx, p, macs);
+	xdp_count(ctx, v, 0);
+	return send_out(ctx, p, macs, oif);
 }
 
 SEC("xdp")
@@ -233,6 +257,7 @@ int sp_ext_xdp(struct xdp_md *ctx)
 {
 	struct pkt p = {};
 	__u8 macs[2 * ETH_ALEN];
+	__u32 oif = 0;
 	int act;
 
 	if (trace_running())
@@ -241,8 +266,8 @@ int sp_ext_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (is_unsnat_reply(&p))
 		return XDP_PASS;
-	act = xdp_dnat(ctx, &p, macs);
+	act = xdp_dnat(ctx, &p, macs, &oif);
 	if (act >= 0)
 		return act;
-	return xdp_snat(ctx, &p, macs);
+	return xdp_snat(ctx, &p, macs, oif);
 }

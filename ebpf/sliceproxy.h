@@ -74,7 +74,15 @@ enum sp_verdict {
 				    * what its first fragment got: the same
 				    * address rewrite, sent the same way, or
 				    * dropped (see sp_frag_v3) */
-	SP_V_MAX = 17,
+	SP_V_XDP_TX = 17,          /* external interface, XDP: a frame it
+				    * translated itself sent back out of the
+				    * interface it came in by (XDP_TX); also
+				    * counted under its translation's verdicts
+				    * (dnat_*, snat) */
+	SP_V_XDP_REDIRECT = 18,    /* the same, sent out of another external
+				    * interface with XDP in native mode
+				    * (sp_uplinks_v3, XDP_REDIRECT) */
+	SP_V_MAX = 19,
 };
 
 /* sp_svc_v3 (hash): one entry per frontend (service port). */
@@ -298,12 +306,22 @@ struct sp_hairpin {
 	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
+/* sp_uplinks_v3 (device map, hash): the external interfaces the agent
+ * attached the XDP program to in native mode, key and value each a bare
+ * __u32 ifindex. A flow XDP translates whose route leaves by another
+ * interface is redirected there only when that interface is in this map
+ * (its driver then has XDP's transmit path ready; a generic-mode one may
+ * have none); any other egress is tc's. Written by the control plane at
+ * attach, entries removed when native XDP leaves an interface (the kernel
+ * removes those of interfaces that disappear). */
+
 /* sp_xdp_cfg: not a map entry but the XDP program's read-only global of
  * the same name (section .rodata.xdp, ebpf/ext_xdp.c), which the control
  * plane fills in before load (--xdp-forward). */
 struct sp_xdp_cfg {
-	__u32 forward; /* 1: translate and send back out the flows to backends
-			* on other nodes (XDP_TX); 0: only drop what
+	__u32 forward; /* 1: translate and send out the flows to backends on
+			* other nodes (XDP_TX, or XDP_REDIRECT to another
+			* interface of sp_uplinks_v3); 0: only drop what
 			* loadBalancerSourceRanges refuse, pass the rest to tc */
 	__u32 pad;     /* zero */
 };

@@ -134,7 +134,14 @@ def cmd_run(args) -> int:
     writer = Writer(dp.maps, destroy_host_udp=host is not None)
     attacher = attach.Attacher(patterns, dp.prog_fd, dp.egress_fd, exclude=ext_patterns) if patterns else None
     ext_attacher = (
-        attach.Attacher(ext_patterns, dp.ext_fd, dp.ext_egress_fd, xdp_fd=dp.xdp_fd, xdp_mode=opts.xdp)
+        attach.Attacher(
+            ext_patterns,
+            dp.ext_fd,
+            dp.ext_egress_fd,
+            xdp_fd=dp.xdp_fd,
+            xdp_mode=opts.xdp,
+            uplinks=dp.maps[mn("sp_uplinks")],
+        )
         if ext_patterns
         else None
     )

@@ -177,6 +177,7 @@ MAP_BASES = (
     "sp_frag",
     "sp_trace",
     "sp_events",
+    "sp_uplinks",
 )
 
 

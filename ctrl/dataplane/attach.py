@@ -11,7 +11,13 @@ An interface holds one XDP program: ours (named sp_ext_xdp) is replaced in
 place, in the mode asked for; another tool's is left alone, and the
 interface keeps tc alone (docs/semantics.md, "XDP"). Like the tc filters,
 an attached XDP program outlives the agent; `sliceproxy uninstall`, or a
-start with --xdp off, removes it.
+start with --xdp off, removes it. The interfaces that run it in native
+mode are listed in the device map sp_uplinks (by ifindex): where the XDP
+program may redirect a frame whose route leaves by another of them. A
+generic-mode interface is left out: a frame redirected from a native hook
+is handed to the target driver's own XDP transmit path, which a driver
+without native XDP lacks (the frame would be lost), so flows towards it
+stay with tc.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import abi
 from .libbpf import ffi, lib
+from .maps import Map
 
 log = logging.getLogger("sliceproxy.attach")
 
@@ -196,7 +204,10 @@ class Attacher:
     """Keeps the program attached to every interface matching the patterns,
     including interfaces that appear later (pods come and go); for the
     external interfaces, with xdp_fd, the XDP program too (xdp_mode: auto,
-    native, generic; off: ours removed where an earlier agent left it)."""
+    native, generic; off: ours removed where an earlier agent left it),
+    and with uplinks (the sp_uplinks device map) the list of interfaces
+    that run it in native mode kept there: exactly those, whatever an
+    earlier agent left in it."""
 
     def __init__(
         self,
@@ -206,6 +217,7 @@ class Attacher:
         exclude: list[str] | None = None,
         xdp_fd: int | None = None,
         xdp_mode: str = "off",
+        uplinks: Map | None = None,
     ):
         self.patterns = patterns
         self.prog_fd = prog_fd
@@ -216,6 +228,8 @@ class Attacher:
         self.xdp_fd = xdp_fd
         self.xdp_mode = xdp_mode
         self.xdp: dict[str, str] = {}  # interface -> the XDP mode it runs in
+        self.uplinks = uplinks
+        self.uplinks_written: set[int] | None = None  # what sp_uplinks holds, once synced
         self.done: set[tuple[str, int]] = set()
 
     def refresh(self) -> list[str]:
@@ -239,12 +253,38 @@ class Attacher:
                 self._xdp(name)
         self.done &= live
         self.xdp = {n: m for n, m in self.xdp.items() if n in mine}
+        want = {i for n, i in live if self.xdp.get(n) == "native"}
+        if self.uplinks is not None and want != self.uplinks_written:
+            self._sync_uplinks(want)
         return new
+
+    def _sync_uplinks(self, want: set[int]) -> None:
+        """sp_uplinks holds exactly the interfaces (ifindexes) that run our
+        XDP program in native mode: added after the program is attached
+        there, removed when it is not (an interface no longer matched,
+        --xdp off or generic); the kernel itself drops an interface that
+        disappears."""
+        assert self.uplinks is not None
+        try:
+            have = {abi.U32.unpack(k)[0] for k, _ in self.uplinks.items()}
+            for idx in sorted(have - want):
+                self.uplinks.delete(abi.u32(idx))
+            for idx in sorted(want - have):
+                self.uplinks.update(abi.u32(idx), abi.u32(idx))
+        except OSError as e:
+            # XDP still serves these interfaces; it hands to tc the flows
+            # it could have redirected between them.
+            log.error("writing the XDP interfaces into map %s failed: %s", self.uplinks.name, e)
+            return
+        self.uplinks_written = want
 
     def _xdp(self, name: str) -> None:
         """XDP on one interface as xdp_mode says, after its tc filters (tc
         serves everything XDP passes on, so it must be there first)."""
         assert self.xdp_fd is not None
+        # An interface of this name seen before (deleted, made again) runs
+        # our XDP program only once attached anew.
+        self.xdp.pop(name, None)
         if self.xdp_mode == "off":
             if xdp_detach(name):
                 log.info("XDP off: removed the XDP program an earlier agent left on %s", name)

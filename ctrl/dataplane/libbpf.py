@@ -121,6 +121,10 @@ ffi.cdef(
     int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
     __u32 bpf_map__max_entries(const struct bpf_map *map);
     int bpf_map__fd(const struct bpf_map *map);
+    int bpf_map__reuse_fd(struct bpf_map *map, int fd);
+    __u32 bpf_map__type(const struct bpf_map *map);
+    __u32 bpf_map__key_size(const struct bpf_map *map);
+    __u32 bpf_map__value_size(const struct bpf_map *map);
     void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
     struct bpf_program *bpf_object__find_program_by_name(
         const struct bpf_object *obj, const char *name);

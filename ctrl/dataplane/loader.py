@@ -2,8 +2,9 @@
 
 Maps are pinned by name under one bpffs directory per instance. When a map
 is already pinned there (a restart), libbpf reuses it instead of creating an
-empty one, so the backends, slots and conntrack of the running dataplane
-survive the agent. One pinned with another capacity than asked for is set
+empty one (the device map sp_uplinks: the loader itself, DEVICE_MAPS), so
+the backends, slots and conntrack of the running dataplane survive the
+agent. One pinned with another capacity than asked for is set
 aside and carried into a new one (ctrl.dataplane.migrate). The programs
 themselves are attached by ctrl.dataplane.attach; a tc filter holds a
 reference to each, so they too outlive the agent.
@@ -44,6 +45,11 @@ HOST_PROGRAMS = (
 )
 # Maps only the host programs use: not created without them.
 HOST_MAPS = ("sp_sock",)
+# Device maps: pinned and reused by us, not by libbpf, whose check of a
+# pinned map before reusing it (libbpf 1.1, Debian 12's) compares its flags
+# with the object's and finds BPF_F_RDONLY_PROG, which the kernel adds to
+# every device map: a restart would fail to load.
+DEVICE_MAPS = ("sp_uplinks",)
 
 # The program's read-only global struct sp_hairpin lives alone in this
 # section, which libbpf loads as an internal map of its own.
@@ -281,7 +287,7 @@ def load(
                 size = sizes.for_map(name)
                 if size is not None:
                     lb.bpf_map__set_max_entries(m, size)
-                if pin_dir is not None:
+                if pin_dir is not None and map_base(name) not in DEVICE_MAPS:
                     lb.bpf_map__set_pin_path(m, os.path.join(pin_dir, name).encode())
             m = lb.bpf_object__next_map(obj, m)
         for section, found in ((HAIRPIN_SECTION, hairpin_set), (XDP_SECTION, xdp_set)):
@@ -292,6 +298,9 @@ def load(
             # refuses it): set it aside for ctrl.dataplane.migrate to carry over.
             wanted = {name: int(lb.bpf_map__max_entries(bm)) for name, bm in bpf_maps.items()}
             resized = migrate.set_aside(pin_dir, wanted)
+            for name, bm in bpf_maps.items():
+                if map_base(name) in DEVICE_MAPS:
+                    _reuse_pinned(bm, os.path.join(pin_dir, name))
         for name in HOST_PROGRAMS:
             prog = lb.bpf_object__find_program_by_name(obj, name.encode())
             if prog == ffi.NULL:
@@ -320,6 +329,11 @@ def load(
         for name in HOST_PROGRAMS if host_clients else ():
             prog = lb.bpf_object__find_program_by_name(obj, name.encode())
             host_progs[name] = (lb.bpf_program__fd(prog), lb.bpf_program__expected_attach_type(prog))
+        if pin_dir is not None:
+            for name, bm in bpf_maps.items():
+                path = os.path.join(pin_dir, name)
+                if map_base(name) in DEVICE_MAPS and not os.path.exists(path):
+                    check(lb.bpf_obj_pin(lb.bpf_map__fd(bm), path.encode()), f"pinning map {path}")
         maps = {name: Map(lb.bpf_map__fd(m), name) for name, m in bpf_maps.items()}
         missing = set(map_names()) - set(maps) - (set() if host_clients else {map_name(b) for b in HOST_MAPS})
         if missing:
@@ -341,6 +355,31 @@ def load(
             with contextlib.suppress(OSError):
                 os.rmdir(pin_dir)  # only if still empty
         raise
+
+
+def _reuse_pinned(m: object, path: str) -> None:
+    """Have the object use the map pinned at path, if one is there of the
+    same type, key and value sizes and capacity (a resize set it aside
+    already); one that differs otherwise is unpinned (a device map holds
+    only what the agent writes at attach), and the object creates its own,
+    pinned after load."""
+    if not os.path.exists(path):
+        return
+    lb = lib()
+    old = Map.open_pinned(path)
+    try:
+        same = (old.info.type, old.key_size, old.value_size, old.max_entries) == (
+            lb.bpf_map__type(m),
+            lb.bpf_map__key_size(m),
+            lb.bpf_map__value_size(m),
+            lb.bpf_map__max_entries(m),
+        )
+        if same:
+            check(lb.bpf_map__reuse_fd(m, old.fd), f"reusing map {path}")
+            return
+    finally:
+        old.close()
+    os.unlink(path)
 
 
 def _set_hairpin(m: object, hairpin: Hairpin) -> None:

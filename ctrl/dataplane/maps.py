@@ -19,6 +19,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_DEVMAP_HASH = 25
 BPF_MAP_TYPE_RINGBUF = 27
 
 # Entries per batch syscall: large enough to amortise the syscall, small
@@ -167,7 +168,7 @@ class Map:
         lookups come in one chunk."""
         if self.info.type == BPF_MAP_TYPE_RINGBUF:
             return
-        if self.info.type == BPF_MAP_TYPE_LPM_TRIE:
+        if self.info.type in (BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_DEVMAP_HASH):
             yield self._walk()
             return
         if self.info.type not in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):

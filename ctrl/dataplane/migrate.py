@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from . import abi
 from .libbpf import BPFError, ffi, lib
-from .maps import BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_RINGBUF, Map
+from .maps import BPF_MAP_TYPE_DEVMAP_HASH, BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_RINGBUF, Map
 
 log = logging.getLogger("sliceproxy.migrate")
 
@@ -276,6 +276,8 @@ def _carry(path: str, new: Map, skip: set[bytes] | None = None, seen: set[bytes]
             return 0  # cannot be listed: see BPF_MAP_TYPE_SK_STORAGE
         if old.info.type == BPF_MAP_TYPE_RINGBUF:
             return 0  # trace events nobody read: nothing to carry
+        if old.info.type == BPF_MAP_TYPE_DEVMAP_HASH:
+            return 0  # the XDP interfaces: the attacher writes them at attach
         (ok, oka), (ov, ova) = _layouts(old)
         (nk, nka), (nv, nva) = _layouts(new)
         ck = converter(ok, nk, new.key_size, oka & nka)

@@ -131,6 +131,17 @@ struct {
 	__type(value, struct sp_sock);
 } SP_MAP(sp_sock) SEC(".maps");
 
+/* The external interfaces with our XDP program in native mode: where XDP
+ * may redirect a frame (sp_uplinks_v3 in sliceproxy.h). Sizes, not BTF
+ * types: the kernel refuses BTF for a device map. 256 interfaces: far
+ * more uplinks than a node has. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP_HASH);
+	__uint(max_entries, 256);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+} SP_MAP(sp_uplinks) SEC(".maps");
+
 /* `sliceproxy trace`: this CPU's trace state, armed per packet by the tap
  * bcc compiles at trace time (struct sp_trace). */
 struct {

@@ -146,8 +146,9 @@ class Topology:
         self.node_ns = f"{self.prefix}-node"
         self.pods: dict[str, Pod] = {}
         self.pod_ip6: dict[str, str] = {}
-        self.uplink_ip: str | None = None
-        self.uplink_peer: str | None = None  # the uplink's bridge-side end, in the lan's namespace
+        self.uplink_ip: str | None = None  # the first uplink's
+        self.uplink_peer: str | None = None  # the first uplink's bridge-side end, in the lan's namespace
+        self.uplink_peers: dict[str, str] = {}  # every uplink -> its bridge-side end
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._next_index = 0
@@ -268,8 +269,9 @@ class Topology:
         return pod
 
     def add_uplink(self, lan: Lan, ip: str, prefixlen: int = 24, ip6: str | None = None) -> str:
-        """Join this node to ``lan``'s bridge with an uplink ``<prefix>u0``
-        holding ``ip``/``prefixlen`` (and ``ip6``/64 if given): the node's
+        """Join this node to ``lan``'s bridge with an uplink ``<prefix>u<n>``
+        (u0 for the first, u1 for a second, on another lan say) holding
+        ``ip``/``prefixlen`` (and ``ip6``/64 if given): the node's
         external interface (what the agent gets as --external-interfaces).
         Returns its name."""
         addr = ipaddress.ip_address(ip)
@@ -277,7 +279,7 @@ class Topology:
             raise ValueError(f"uplink {ip} must be an IPv4 address in {TEST_NET4}")
         if ip6 is not None and (ipaddress.ip_address(ip6).version != 6 or ipaddress.ip_address(ip6) not in TEST_NET6):
             raise ValueError(f"uplink {ip6} must be an IPv6 address in {TEST_NET6}")
-        uplink = f"{self.prefix}u0"
+        uplink = f"{self.prefix}u{len(self.uplink_peers)}"
         port = lan.new_port_name()
         # Both ends born in our namespaces, as for pods.
         peer = ["peer", "name", port, "netns", lan.node_ns]
@@ -291,8 +293,10 @@ class Topology:
         # by (client and remote backend both behind the uplink): no ICMP
         # redirects telling the client to go around us.
         self._sysctl(self.node_ns, "net.ipv4.conf.all.send_redirects=0", f"net.ipv4.conf.{uplink}.send_redirects=0")
-        self.uplink_ip = str(addr)
-        self.uplink_peer = port
+        if not self.uplink_peers:
+            self.uplink_ip = str(addr)
+            self.uplink_peer = port
+        self.uplink_peers[uplink] = port
         return uplink
 
     def add_route(self, name: str, cidr: str, via: str) -> None:

@@ -4,7 +4,10 @@ BPF_PROG_TEST_RUN.
 What XDP ends itself: a packet loadBalancerSourceRanges refuse (XDP_DROP,
 counted as tc counts it), and with forwarding on a flow to a backend the
 node routes back out of the uplink (DNAT and SNAT as tc's ingress and
-egress, the same conntrack entries, XDP_TX). Everything else leaves with
+egress, the same conntrack entries, XDP_TX) or out of another uplink that
+runs the XDP program (the same, XDP_REDIRECT through sp_uplinks: the run
+cannot follow a redirect, so its return code and frame are checked).
+Everything else leaves with
 XDP_PASS byte for byte as it came, for tc, and counts nothing (tc counts
 it). Forwarding needs a FIB: those tests run the program from a thread in a
 node namespace the test made (a Topology), with static neighbours, so the
@@ -77,7 +80,7 @@ from .test_external import (
     put_range,
 )
 
-XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 1, 2, 3, 4
 SNAT, UNSNAT = abi.CT_SNAT, abi.CT_UNSNAT
 
 # IPv6: an LB IP refusing all but one /64, a NodePort, a remote backend.
@@ -276,11 +279,22 @@ def fwd() -> Iterator[loader.Dataplane]:
         d.close()
 
 
-def expected_out(fib: Fib, proto: int, src: str, dst: str, sport: int, dport: int, flags: str, hop: int) -> bytes:
-    """The frame XDP sends back out: l4pkt's, with the uplink's and the
-    next hop's MACs and the TTL (hop limit) less one."""
+def expected_out(
+    fib: Fib,
+    proto: int,
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    flags: str,
+    hop: int,
+    macs: tuple[str, str] | None = None,
+) -> bytes:
+    """The frame XDP sends out: l4pkt's, with the egress interface's and
+    the next hop's MACs (macs, default the uplink's and NEIGH_MAC) and the
+    TTL (hop limit) less one."""
     p = Ether(l4pkt(proto, src, dst, sport, dport, flags=flags))
-    p[Ether].src, p[Ether].dst = fib.mac, NEIGH_MAC
+    p[Ether].src, p[Ether].dst = macs or (fib.mac, NEIGH_MAC)
     if IP in p:
         p[IP].ttl = hop
         del p[IP].chksum
@@ -312,7 +326,7 @@ def test_remote_backend_translated_and_sent_back_out(fwd, fib, svc, be, client, 
     sent = l4pkt(proto, client, node, CPORT, NODEPORT, flags="S")
     action, out, moved = fib.run(lambda: xdp(fwd, sent, fib.ifindex))
     assert action == XDP_TX, moved
-    assert moved.keys() == {"DNAT_NEW", "SNAT"}
+    assert moved.keys() == {"DNAT_NEW", "SNAT", "XDP_TX"}
     port = checked(out)[l4].sport
     assert PORT_MIN <= port <= PORT_MAX
     assert out == expected_out(fib, proto, node, be.addr, port, be.port, "S", 62)
@@ -329,7 +343,7 @@ def test_remote_backend_translated_and_sent_back_out(fwd, fib, svc, be, client, 
     # The flow's next packet: established, the same port.
     again = l4pkt(proto, client, node, CPORT, NODEPORT, flags="A")
     action, out, moved = fib.run(lambda: xdp(fwd, again, fib.ifindex))
-    assert (action, moved.keys()) == (XDP_TX, {"DNAT_ESTABLISHED", "SNAT"})
+    assert (action, moved.keys()) == (XDP_TX, {"DNAT_ESTABLISHED", "SNAT", "XDP_TX"})
     assert out == expected_out(fib, proto, node, be.addr, port, be.port, "A", 62)
 
     # The reply, through tc: back to the client, from the frontend.
@@ -351,7 +365,7 @@ def test_flow_tc_started_is_continued_in_xdp(fwd, fib):
     r = run(fwd, r.out, egress=True, external=True)
     port = Ether(r.out)[TCP].sport
     action, out, moved = fib.run(lambda: xdp(fwd, tcp(OUTSIDE, NODE, CPORT, NODEPORT, flags="A"), fib.ifindex))
-    assert (action, moved.keys()) == (XDP_TX, {"DNAT_ESTABLISHED", "SNAT"})
+    assert (action, moved.keys()) == (XDP_TX, {"DNAT_ESTABLISHED", "SNAT", "XDP_TX"})
     assert checked(out)[TCP].sport == port
 
 
@@ -387,7 +401,7 @@ def test_forwarded_refused_source_still_dropped(fwd, fib):
     assert (action, moved) == (XDP_DROP, {"DROP_SOURCE_RANGE": (1, len(sent))})
     ok = tcp(OUTSIDE, LB_IP, CPORT, 80)
     action, out, moved = fib.run(lambda: xdp(fwd, ok, fib.ifindex))
-    assert (action, moved.keys()) == (XDP_TX, {"DNAT_NEW", "SNAT"})
+    assert (action, moved.keys()) == (XDP_TX, {"DNAT_NEW", "SNAT", "XDP_TX"})
     assert checked(out)[IP].dst == BE_REMOTE
 
 
@@ -401,3 +415,151 @@ def test_udp_without_checksum_keeps_none(fwd, fib):
     assert action == XDP_TX
     p = Ether(out)
     assert p[UDP].chksum == 0 and (p[IP].dst, p[UDP].dport) == (BE_REMOTE, 5353)
+
+
+# -- forwarding out of another uplink: a redirect through sp_uplinks ----------------
+
+NEIGH2_MAC = "02:00:00:00:d2:02"  # the next hop behind the second uplink
+NEIGH3_MAC = "02:00:00:00:dc:02"  # ... behind an interface without our XDP
+BE_VIA2, BE6_VIA2 = "198.18.4.4", "2001:db8:4::4"  # routed out of the second uplink
+BE_VIA3 = "198.18.5.5"  # routed out of the third interface
+
+
+@dataclass
+class Link:
+    name: str
+    ifindex: int
+    mac: str
+
+
+def _veth(fib: Fib, name: str, peer: str, addr4: str, addr6: str | None, via: str, via6: str | None, mac: str) -> Link:
+    """A veth end in the node namespace (its peer there too) with addr4/24
+    (and addr6/64), a permanent neighbour via (via6) at mac."""
+    _node(fib.topo, "link", "add", name, "type", "veth", "peer", "name", peer)
+    for ifname in (name, peer):
+        _node(fib.topo, "link", "set", ifname, "up")
+    _node(fib.topo, "addr", "add", addr4, "dev", name)
+    _node(fib.topo, "neigh", "replace", via, "lladdr", mac, "dev", name, "nud", "permanent")
+    if addr6 is not None and via6 is not None:
+        _node(fib.topo, "-6", "addr", "add", addr6, "dev", name, "nodad")
+        _node(fib.topo, "-6", "neigh", "replace", via6, "lladdr", mac, "dev", name, "nud", "permanent")
+    link = json.loads(_node(fib.topo, "-j", "link", "show", name))[0]
+    return Link(name, link["ifindex"], link["address"])
+
+
+@dataclass
+class TwoUplinks:
+    fib: Fib
+    second: Link  # another uplink: 198.18.4.0/24 and 2001:db8:4::/64 leave by it
+    third: Link  # an interface the agent did not give XDP: 198.18.5.0/24
+
+    def list_uplinks(self, dp, *links: Link) -> None:
+        """sp_uplinks holds these interfaces, as the agent writes it (from
+        the node namespace: the kernel finds each ifindex there)."""
+        m = dp.maps[abi.map_name("sp_uplinks")]
+
+        def write() -> None:
+            for link in links:
+                m.update(abi.u32(link.ifindex), abi.u32(link.ifindex))
+
+        self.fib.run(write)
+
+
+@pytest.fixture
+def two_uplinks(fib: Fib) -> TwoUplinks:
+    """fib's node with a second uplink (198.18.210.1/24,
+    2001:db8:210::1/64; next hop .2 / ::2 routing 198.18.4.0/24 and
+    2001:db8:4::/64) and a third interface (198.18.220.1/24; next hop .2
+    routing 198.18.5.0/24), every neighbour permanent."""
+    t = fib.topo
+    second = _veth(
+        fib, f"{t.prefix}x2", f"{t.prefix}x3", "198.18.210.1/24", "2001:db8:210::1/64",
+        "198.18.210.2", "2001:db8:210::2", NEIGH2_MAC,
+    )  # fmt: skip
+    third = _veth(fib, f"{t.prefix}x4", f"{t.prefix}x5", "198.18.220.1/24", None, "198.18.220.2", None, NEIGH3_MAC)
+    _node(t, "route", "add", "198.18.4.0/24", "via", "198.18.210.2", "dev", second.name)
+    _node(t, "-6", "route", "add", "2001:db8:4::/64", "via", "2001:db8:210::2", "dev", second.name)
+    _node(t, "route", "add", "198.18.5.0/24", "via", "198.18.220.2", "dev", third.name)
+    return TwoUplinks(fib, second, third)
+
+
+@pytest.mark.parametrize(
+    "proto,client,node,backend,port",
+    [
+        pytest.param(TCP_P, OUTSIDE, NODE, BE_VIA2, 8080, id="v4-tcp"),
+        pytest.param(UDP_P, OUTSIDE, NODE, BE_VIA2, 5353, id="v4-udp"),
+        pytest.param(TCP_P, OUT6, NODE6, BE6_VIA2, 8080, id="v6-tcp"),
+    ],
+)
+def test_route_out_of_another_uplink_is_redirected_there(fwd, two_uplinks, proto, client, node, backend, port):
+    """A NodePort flow whose backend's route leaves by the second uplink,
+    which runs our XDP program (in sp_uplinks): translated as for XDP_TX,
+    the second uplink's MAC as source and its next hop's as destination,
+    TTL less one, XDP_REDIRECT, counted as xdp_redirect besides the
+    translation's verdicts; the next packet keeps the flow's port."""
+    fib, second = two_uplinks.fib, two_uplinks.second
+    be = Backend(12, backend, port, proto)
+    svc = Svc(node, NODEPORT, proto, svc_id=61, slots=(be.id,), scope=1, flags=F_MASQ)
+    seed(fwd, Seed(services=(svc,), backends=(be,)))
+    put_cfg(fwd, addr4=NODE, addr6=NODE6)
+    two_uplinks.list_uplinks(fwd, fib_link(fib), second)
+    l4 = TCP if proto == TCP_P else UDP
+    sent = l4pkt(proto, client, node, CPORT, NODEPORT, flags="S")
+    action, out, moved = fib.run(lambda: xdp(fwd, sent, fib.ifindex))
+    assert action == XDP_REDIRECT, moved
+    assert moved.keys() == {"DNAT_NEW", "SNAT", "XDP_REDIRECT"}
+    assert moved["XDP_REDIRECT"] == (1, len(sent))
+    sport = checked(out)[l4].sport
+    assert PORT_MIN <= sport <= PORT_MAX
+    macs = (second.mac, NEIGH2_MAC)
+    assert out == expected_out(fib, proto, node, backend, sport, port, "S", 62, macs)
+    assert ct(fwd)[CtKey(client, node, CPORT, NODEPORT, proto, FORWARD)] == CtVal(
+        backend, port, be.id, svc.svc_id, node, sport
+    )
+
+    again = l4pkt(proto, client, node, CPORT, NODEPORT, flags="A")
+    action, out, moved = fib.run(lambda: xdp(fwd, again, fib.ifindex))
+    assert (action, moved.keys()) == (XDP_REDIRECT, {"DNAT_ESTABLISHED", "SNAT", "XDP_REDIRECT"})
+    assert out == expected_out(fib, proto, node, backend, sport, port, "A", 62, macs)
+
+
+def fib_link(fib: Fib) -> Link:
+    return Link(fib.uplink, fib.ifindex, fib.mac)
+
+
+@pytest.mark.parametrize(
+    "backend,listed",
+    [
+        pytest.param(BE_VIA2, "first", id="second-uplink-not-listed"),
+        pytest.param(BE_VIA3, "both", id="interface-without-xdp"),
+    ],
+)
+def test_route_out_of_an_interface_not_listed_goes_to_tc(fwd, two_uplinks, backend, listed):
+    """A route out of an interface sp_uplinks does not hold (the second
+    uplink before the agent listed it; an interface the agent gave no XDP
+    program): XDP_PASS, the frame as it came, no counter, no conntrack
+    entry. tc's ingress chooses and records the flow."""
+    fib = two_uplinks.fib
+    links = [fib_link(fib)] + ([two_uplinks.second] if listed == "both" else [])
+    two_uplinks.list_uplinks(fwd, *links)
+    be = Backend(13, backend, 8080, TCP_P)
+    svc = Svc(NODE, NODEPORT, TCP_P, svc_id=62, slots=(be.id,), scope=1, flags=F_MASQ)
+    seed(fwd, Seed(services=(svc,), backends=(be,)))
+    put_cfg(fwd)
+    sent = tcp(OUTSIDE, NODE, CPORT, NODEPORT)
+    assert fib.run(lambda: xdp(fwd, sent, fib.ifindex)) == (XDP_PASS, sent, {})
+    assert ct(fwd) == {}
+
+
+def test_back_out_of_the_same_uplink_stays_xdp_tx_whatever_the_list(fwd, two_uplinks):
+    """The interface a frame came in by needs no entry: XDP_TX, counted as
+    xdp_tx, with sp_uplinks empty or holding the other uplinks."""
+    fib = two_uplinks.fib
+    seed(fwd, Seed(services=(NP,), backends=(BE,)))
+    put_cfg(fwd)
+    for i, listed in enumerate(((), (two_uplinks.second,))):
+        two_uplinks.list_uplinks(fwd, *listed)
+        sent = tcp(OUTSIDE, NODE, CPORT + i, NODEPORT)
+        action, out, moved = fib.run(lambda sent=sent: xdp(fwd, sent, fib.ifindex))
+        assert (action, moved.keys()) == (XDP_TX, {"DNAT_NEW", "SNAT", "XDP_TX"})
+        assert Ether(out)[Ether].src == fib.mac

@@ -126,6 +126,7 @@ class Cluster:
     lan: Lan
     nodes: list[Node] = field(default_factory=list)
     xdp: bool = True  # the agents attach the XDP program on their uplinks
+    xdp_mode: str = "native"  # ... in this mode (--xdp auto gives native on veth; or generic)
     forward: bool = False  # ... and it sends flows to other nodes' backends back out
 
     def write(self, name: str, *docs: dict[str, Any]) -> None:
@@ -141,7 +142,7 @@ class Cluster:
                 (
                     "--external-interfaces", n.uplink, "--node-name", n.name,
                     "--metrics-bind-address", "", "--healthz-bind-address", "",
-                    "--xdp", "auto" if self.xdp else "off",
+                    "--xdp", ("auto" if self.xdp_mode == "native" else self.xdp_mode) if self.xdp else "off",
                     *(("--xdp-forward",) if self.forward else ()),
                     *extra,
                 ),
@@ -150,7 +151,7 @@ class Cluster:
             assert n.agent is not None
             n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
             if self.xdp:
-                n.agent.wait_log(rf"XDP attached to interface {re.escape(n.uplink)} \(native mode\)$")
+                n.agent.wait_log(rf"XDP attached to interface {re.escape(n.uplink)} \({self.xdp_mode} mode\)$")
 
     def wait_external(self, frontend: str, backends: set[str], nodes: list[Node] | None = None) -> None:
         """Every node's (or these nodes') dump shows frontend (scope
@@ -189,10 +190,13 @@ char LICENSE[] SEC("license") = "GPL";
 
 
 @contextmanager
-def make_cluster(tmp_path: Path, xdp: bool, ip6: bool = False, forward: bool = False) -> Iterator[Cluster]:
+def make_cluster(
+    tmp_path: Path, xdp: bool, ip6: bool = False, forward: bool = False, xdp_mode: str = "native"
+) -> Iterator[Cluster]:
     """Two nodes and two outside hosts on one segment, as the module
     docstring draws them; ip6: IPv6 addresses and routes alongside (servers
-    answering both families); forward: --xdp-forward, the uplinks' peers
+    answering both families); xdp_mode: native (--xdp auto) or generic;
+    forward: --xdp-forward, the uplinks' peers
     given a pass-through XDP program, and no INVALID drop rule (XDP sends
     a flow's packets past the node's netfilter: it sees only the replies),
     and the outside hosts sending whole checksums, as from a wire."""
@@ -203,7 +207,7 @@ def make_cluster(tmp_path: Path, xdp: bool, ip6: bool = False, forward: bool = F
         stack.append(lan)
         lan.add_host("client", CLIENT, ip6=CLIENT6 if ip6 else None)
         lan.add_host("other", OTHER, ip6=OTHER6 if ip6 else None)
-        c = Cluster(lan, xdp=xdp, forward=forward)
+        c = Cluster(lan, xdp=xdp, xdp_mode=xdp_mode, forward=forward)
         nodes = [
             (NODE1, NODE1_6, WEB1, WEB1_6, "198.18.2.0/24", "2001:db8:2::/64", NODE2, NODE2_6),
             (NODE2, NODE2_6, WEB2, WEB2_6, "198.18.1.0/24", "2001:db8:1::/64", NODE1, NODE1_6),
@@ -772,24 +776,28 @@ def forwarded_by_netfilter(node: Node, client: str, pod: str) -> int:
 
 
 @pytest.mark.parametrize(
-    "forward,v6",
+    "forward,v6,mode",
     [
-        pytest.param(True, False, id="xdp-forward-ipv4"),
-        pytest.param(True, True, id="xdp-forward-ipv6"),
-        pytest.param(False, False, id="tc-forward-ipv4"),
+        pytest.param(True, False, "native", id="xdp-forward-ipv4"),
+        pytest.param(True, True, "native", id="xdp-forward-ipv6"),
+        pytest.param(True, False, "generic", id="xdp-generic-forward-ipv4"),
+        pytest.param(False, False, "native", id="tc-forward-ipv4"),
     ],
 )
-def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward: bool, v6: bool) -> None:
+def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward: bool, v6: bool, mode: str) -> None:
     """--xdp-forward: a NodePort flow entered at node-1 whose backend is
     node-2's pod is translated and sent back out of node-1's uplink by XDP
-    (XDP_TX): node-1's FORWARD chain never sees its packets (a counting
-    rule stays at 0; without --xdp-forward it counts them all), the pod
-    sees node-1's address, and every answer comes back from the NodePort
-    through tc's UNSNAT and REVNAT. Only web-2 serves, so every flow is
-    remote; node-1 knows node-2's MAC before the first (a permanent
-    neighbour entry), so no packet waits for the neighbour in the kernel."""
+    (XDP_TX, counted as xdp_tx), in native mode or generic: node-1's
+    FORWARD chain never sees its packets (a counting rule stays at 0;
+    without --xdp-forward it counts them all), the pod sees node-1's
+    address, and every answer comes back from the NodePort through tc's
+    UNSNAT and REVNAT. Only web-2 serves, so every flow is remote; node-1
+    knows node-2's MAC before the first (a permanent neighbour entry), so
+    no packet waits for the neighbour in the kernel. IPv4 also has an LB IP
+    admitting only the client: the other outside host's connections are
+    dropped (drop_source_range) while the client's are forwarded."""
     client, node1, node2, web2 = (CLIENT6, NODE1_6, NODE2_6, WEB2_6) if v6 else (CLIENT, NODE1, NODE2, WEB2)
-    with make_cluster(tmp_path, xdp=True, ip6=v6, forward=forward) as c:
+    with make_cluster(tmp_path, xdp=True, ip6=v6, forward=forward, xdp_mode=mode) as c:
         ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
         svc = web_service("Cluster")
         remote_only = endpoint_slice("web-a", "web", ports, [WEB2])
@@ -802,10 +810,16 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
             sl6["endpoints"][0]["nodeName"] = "node-2"
             objs.append(sl6)
         c.write("web.yaml", *objs)
+        if not v6:
+            fw_remote = endpoint_slice("fw-a", "fw", [("http", 8080, "TCP")], [WEB2])
+            fw_remote["endpoints"][0]["nodeName"] = "node-2"
+            c.write("fw.yaml", fw_service(), fw_remote)
         c.start_agents()
         n1, n2 = c.nodes
         host = lambda a: f"[{a}]" if v6 else a  # noqa: E731
         c.wait_external(f"{host(node1)}:30080/TCP", {f"{host(web2)}:8080"}, [n1])
+        if not v6:
+            c.wait_external(f"{FW_LB_IP}:80/TCP", {f"{WEB2}:8080"}, [n1])
         tool = "ip6tables-legacy" if v6 else "iptables-legacy"
         cp = n1.topo.exec_in("node", [tool, "-A", "FORWARD", "-s", client, "-d", web2, "-p", "tcp"])
         assert cp.returncode == 0, cp.stderr
@@ -821,7 +835,22 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
         seen = forwarded_by_netfilter(n1, client, web2)
         counters = dump(n1.topo, n1.pin_dir)["counters"]
         assert counters["snat"]["packets"] > 0 and counters["unsnat"]["packets"] > 0
+        assert counters["xdp_redirect"]["packets"] == 0  # one uplink: nowhere else to go
         if forward:
             assert seen == 0, f"node-1's netfilter forwarded {seen} packets XDP should have sent"
+            # At least SYN, request and ACK of each of the 20 connections.
+            assert counters["xdp_tx"]["packets"] >= 20 * 3, counters["xdp_tx"]
         else:
             assert seen > 0
+            assert counters["xdp_tx"]["packets"] == 0
+        if not v6:
+            res = c.client("client", "http", f"{FW_LB_IP}:80", count=10)
+            assert_all_answered(res, {"web-2"})
+            before = counters["drop_source_range"]["packets"]
+            res = c.client("other", "http", f"{FW_LB_IP}:80", count=3)
+            assert res["errors"] == 3 and not res["counts"], res
+            after = dump(n1.topo, n1.pin_dir)["counters"]
+            assert after["drop_source_range"]["packets"] - before >= 3
+            # The LB IP's flows took the same path as the NodePort's.
+            now = forwarded_by_netfilter(n1, client, web2)
+            assert now == 0 if forward else now > seen, (seen, now)

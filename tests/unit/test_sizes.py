@@ -33,6 +33,7 @@ def test_every_flag_reaches_its_map():
         "sp_frag": None,  # fragmented datagrams in flight: fixed, LRU
         "sp_trace": None,  # one entry per CPU
         "sp_events": None,  # a ring buffer of fixed bytes
+        "sp_uplinks": None,  # the external interfaces with XDP: a few
     }
 
 
