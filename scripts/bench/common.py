@@ -25,6 +25,7 @@ import resource
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -451,6 +452,20 @@ def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+# -- packets -------------------------------------------------------------------------
+
+
+def inet_csum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of data: 0 over data that holds a
+    right one."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
 
 
 # -- the bench's own BPF programs ----------------------------------------------------

@@ -51,6 +51,7 @@ from .common import (
     ROOT,
     Cluster,
     Scenario,
+    inet_csum,
     progress,
     summary,
     vip,
@@ -173,22 +174,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
     """Ethernet + IPv4 + TCP with valid checksums (SYN 0x02, ACK 0x10)."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0 if flags == 0x02 else 1, 5 << 4, flags, 64240, 0, 0)
-    tcp = tcp[:16] + struct.pack("!H", _csum(s + d + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", inet_csum(s + d + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_csum(ip)) + ip[12:]
     return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + ip + tcp
 
 

@@ -23,10 +23,9 @@ import tempfile
 from pathlib import Path
 
 from ctrl.dataplane import abi
-from ctrl.dataplane.libbpf import BPFError, check, ffi, lib
 from ctrl.dataplane.loader import test_run
-from ctrl.dataplane.maps import Map
 
+from .bpfobj import BpfObject
 from .common import compile_bpf
 
 SOURCE = Path(__file__).resolve().with_name("probe.bpf.c")
@@ -37,21 +36,10 @@ def build(out_dir: Path) -> Path:
     return compile_bpf(SOURCE, out_dir / "probe.bpf.o")
 
 
-class Probe:
+class Probe(BpfObject):
     def __init__(self, obj_path: Path):
-        lb = lib()
-        self._obj = lb.bpf_object__open_file(str(obj_path).encode(), ffi.NULL)
-        if self._obj == ffi.NULL:
-            raise BPFError(ffi.errno, f"opening {obj_path}")
-        check(lb.bpf_object__load(self._obj), f"loading {obj_path}")
-        prog = lb.bpf_object__find_program_by_name(self._obj, b"probe")
-        self.prog_fd = lb.bpf_program__fd(prog)
-        self.maps: dict[str, Map] = {}
-        m = lb.bpf_object__next_map(self._obj, ffi.NULL)
-        while m != ffi.NULL:
-            name = ffi.string(lb.bpf_map__name(m)).decode()
-            self.maps[name] = Map(lb.bpf_map__fd(m), name)
-            m = lb.bpf_object__next_map(self._obj, m)
+        super().__init__(obj_path)
+        self.prog_fd = self.fd_of("probe")
 
     def fill(self, n: int, skip_backend: bool = False) -> None:
         """The probed service with n slots, each naming a backend of its
@@ -72,11 +60,6 @@ class Probe:
     def run(self, packet: bytes) -> tuple[int, int]:
         ret, _, ns = test_run(self.prog_fd, packet)
         return ret, ns
-
-    def close(self) -> None:
-        if self._obj is not None:
-            lib().bpf_object__close(self._obj)
-            self._obj = None
 
 
 def new_flow_ns(probe: Probe, flows: int, first_port: int) -> float:

@@ -74,14 +74,14 @@ from pathlib import Path
 from typing import Any
 
 from ctrl.dataplane import abi, attach, loader
-from ctrl.dataplane.libbpf import BPFError, check, ffi, lib
-from ctrl.dataplane.maps import Map
+from ctrl.dataplane.libbpf import check, ffi, lib
 from ctrl.util.addrs import addr16
 from scripts.harness.nsforward import in_netns
 from scripts.harness.topo import Topology
 
 from . import iptables
-from .common import POOL_BASE, VIP_BASE, compile_bpf, ipv4, progress
+from .bpfobj import BpfObject
+from .common import POOL_BASE, VIP_BASE, compile_bpf, inet_csum, ipv4, progress
 from .common import in_netns as nsenter
 
 SOURCE = Path(__file__).resolve().with_name("xdpload.bpf.c")
@@ -112,45 +112,26 @@ def build(out_dir: Path) -> Path:
     return compile_bpf(SOURCE, out_dir / "xdpload.bpf.o")
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, sport: int, dport: int) -> tuple[bytes, int]:
     """An Ethernet / IPv4 / UDP frame with both checksums whole (as from a
     wire), and its UDP checksum."""
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     ulen = 8 + len(PAYLOAD)
     pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
-    ck = _csum(pseudo + struct.pack("!HHHH", sport, dport, ulen, 0) + PAYLOAD)
+    ck = inet_csum(pseudo + struct.pack("!HHHH", sport, dport, ulen, 0) + PAYLOAD)
     udp = struct.pack("!HHHH", sport, dport, ulen, ck or 0xFFFF) + PAYLOAD
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, 64, socket.IPPROTO_UDP, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_csum(ip)) + ip[12:]
     return dst_mac + src_mac + b"\x08\x00" + ip + udp, ck or 0xFFFF
 
 
-class LoadProgs:
+class LoadProgs(BpfObject):
     """xdpload.bpf.o loaded: load_tx's and load_sink's fds, and the maps."""
 
     def __init__(self, obj_path: Path):
-        lb = lib()
-        self._obj = lb.bpf_object__open_file(str(obj_path).encode(), ffi.NULL)
-        if self._obj == ffi.NULL:
-            raise BPFError(ffi.errno, f"opening {obj_path}")
-        check(lb.bpf_object__load(self._obj), f"loading {obj_path}")
-        self.tx_fd = lb.bpf_program__fd(lb.bpf_object__find_program_by_name(self._obj, b"load_tx"))
-        self.sink_fd = lb.bpf_program__fd(lb.bpf_object__find_program_by_name(self._obj, b"load_sink"))
-        self.maps: dict[str, Map] = {}
-        m = lb.bpf_object__next_map(self._obj, ffi.NULL)
-        while m != ffi.NULL:
-            name = ffi.string(lb.bpf_map__name(m)).decode()
-            self.maps[name] = Map(lb.bpf_map__fd(m), name)
-            m = lb.bpf_object__next_map(self._obj, m)
+        super().__init__(obj_path)
+        self.tx_fd = self.fd_of("load_tx")
+        self.sink_fd = self.fd_of("load_sink")
 
     def configure(
         self, template: bytes, csum: int, flows: int, expect: tuple[str, int, str] = (BE_IP, BE_PORT, NODE)
@@ -181,11 +162,6 @@ class LoadProgs:
 
     def sent(self) -> int:
         return self._sum("load_seq", 0)
-
-    def close(self) -> None:
-        if self._obj is not None:
-            lib().bpf_object__close(self._obj)
-            self._obj = None
 
 
 def live_frames(prog_fd: int, pkt: bytes, repeat: int, ifindex: int) -> float:

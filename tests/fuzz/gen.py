@@ -13,6 +13,8 @@ import random
 import struct
 from dataclasses import dataclass
 
+from scripts.bench.common import inet_csum
+
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 ETH_IP, ETH_IP6, ETH_VLAN, ETH_QINQ, ETH_ARP = 0x0800, 0x86DD, 0x8100, 0x88A8, 0x0806
 # IPv6 extension headers: hop-by-hop, routing, destination options, fragment, AH.
@@ -64,13 +66,7 @@ def random_addr(rng: random.Random, fam: int) -> bytes:
 # -- checksums -----------------------------------------------------------------
 
 
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+csum = inet_csum
 
 
 def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
