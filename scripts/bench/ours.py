@@ -20,7 +20,7 @@ map sizes an operator would pass for the scenario:
   rolling  every slice replaced once, one after another, one sync each.
   packet   BPF_PROG_TEST_RUN of the tc program on the maps the full sync
            wrote, and on maps holding 1 Service, interleaved.
-  memory   ru_maxrss of the worker, its RSS before and after, and the
+  memory   the worker's peak RSS (VmHWM), its RSS before and after, and the
            kernel memory charged to each map (memlock in fdinfo).
 
 The only stand-in is the HTTP transport: a Replay client hands
@@ -37,7 +37,6 @@ import json
 import logging
 import pstats
 import queue
-import resource
 import socket
 import struct
 import subprocess
@@ -118,15 +117,24 @@ def run_worker(scn: Scenario, d: Path, steps: list[str], opts: dict, timeout: fl
 # -- worker side -------------------------------------------------------------------
 
 
-def rss_now() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
 
 
+def rss_now() -> int:
+    return _status_kib("VmRSS:")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The worker's own high-water RSS (VmHWM, which starts afresh with
+    the address space execve gives it). Not ru_maxrss: Linux carries that
+    over execve from the forking parent, so the worker would report the
+    bench's own RSS at the fork, hundreds of MiB of generated scenario
+    data, whenever that is the larger."""
+    return _status_kib("VmHWM:")
 
 
 def memlock(fd: int) -> int:
