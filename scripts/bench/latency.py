@@ -111,10 +111,13 @@ class _Bench:
             backend = self.topo.add_pod("backend", BACKEND_IP)
             if wide:
                 # Every address of WIDE_NET is the backend pod's own, and
-                # the node routes WIDE_NET down the backend pod's veth.
+                # the node routes WIDE_NET to the backend pod's address: one
+                # neighbour entry. (A route on the link itself would want
+                # one per address; past the neighbour table's gc_thresh3,
+                # 1,024 by default, connections then fail.)
                 self.topo.exec_in("backend", ["ip", "route", "add", "local", WIDE_NET, "dev", "lo"], check=True)
                 self.topo.exec_in(
-                    "node", ["ip", "route", "add", WIDE_NET, "dev", backend.host_if, "scope", "link"], check=True
+                    "node", ["ip", "route", "add", WIDE_NET, "via", BACKEND_IP, "dev", backend.host_if], check=True
                 )
             # A bridge without ports: what is sent there goes nowhere (a
             # dummy interface would do, but not every kernel has the driver).
