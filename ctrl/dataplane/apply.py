@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from itertools import repeat
+from itertools import chain, repeat
 from operator import add as add_tuple
 from operator import itemgetter
 
@@ -57,11 +57,13 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     # Draining backends evicted to make room: gone before the new ones
     # arrive (no slot names them). Then new backends, and draining marks
     # set or cleared (SP_BE_F_DRAINING, with the drain's end in ns);
-    # built with map/zip so 100,000 rows stay in C.
+    # built with map/zip so 100,000 rows stay in C, and an iterator, which
+    # the codec packs a chunk at a time.
     be_ids = list(map(itemgetter(0), cs.be_upd)) + [m[0] for m in cs.be_mark]
-    be_rows = list(map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0)))) + [
-        (*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark
-    ]
+    be_rows = chain(
+        map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0))),
+        ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark),
+    )
     add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
     add(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows))
     add(
