@@ -29,7 +29,7 @@ import os
 import re
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, reduce
 from itertools import islice, starmap
@@ -286,6 +286,7 @@ class Codec:
         is the header's. Joined PACK_CHUNK entries at a time: given an
         iterator, 100,000 rows never exist as tuples and packed pieces all
         at once (about 16 MiB at once for the backends of a full sync)."""
+        packed: Iterator[bytes]
         if self.perm is None:
             packed = starmap(self.st.pack, rows)
         else:

@@ -244,7 +244,6 @@ def _convert(s: _Slice) -> EndpointSlice:
             new(
                 Endpoint,
                 (
-                    ip,
                     packed,
                     c.ready is not False,
                     c.serving is not False,

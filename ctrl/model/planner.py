@@ -87,7 +87,6 @@ def _classes_of(eps, node_name: str | None, zone: str | None) -> list[tuple]:
 def _representative(c: tuple, node_name: str | None, zone: str | None) -> PortEndpoint:
     ready, serving, terminating, local, hn, hn_me, hz, hz_me = c
     ep = Endpoint(
-        address="",
         addr=b"",
         ready=ready,
         serving=serving,

@@ -37,6 +37,7 @@ subset slice. Names are deterministic: the Service's name, a hash of
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -274,16 +275,18 @@ def render(svc: Service, group: Group, name: str, eps: Iterable[Endpoint]) -> di
         },
         "addressType": group.family,
         "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol} for p in group.ports],
-        "endpoints": [endpoint_json(e) for e in eps],
+        "endpoints": [endpoint_json(e, group.family) for e in eps],
     }
 
 
-def endpoint_json(e: Endpoint) -> dict:
-    """An endpoint as an EndpointSlice holds it: what ctrl.k8s.objects
-    parses back into the same Endpoint (its first address only: the only
-    one a proxy uses)."""
+def endpoint_json(e: Endpoint, family: str) -> dict:
+    """An endpoint as an EndpointSlice of this addressType holds it: what
+    ctrl.k8s.objects parses back into the same Endpoint (its first address
+    only: the only one a proxy uses). An IPv6 slice's address stays IPv6
+    text, even one of the IPv4-mapped form (which Endpoint.address would
+    give as IPv4, and the API would refuse in an IPv6 slice)."""
     out: dict = {
-        "addresses": [e.address],
+        "addresses": [socket.inet_ntop(socket.AF_INET6, e.addr) if family == "IPv6" else e.address],
         "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
     }
     if e.node_name is not None:

@@ -221,9 +221,10 @@ def test_packing_is_stable_one_endpoint_change_rewrites_one_slice():
 
 def test_pack_fills_room_then_new_slices_and_drops_empty():
     from ctrl.k8s.objects import Endpoint
+    from ctrl.util.addrs import addr16
 
     def ep(i):
-        return Endpoint(f"198.18.0.{i}", bytes([i]), True, True, False, None, None, None, None)
+        return Endpoint(addr16(f"198.18.0.{i}"), True, True, False, None, None, None, None)
 
     want = {bytes([i]): ep(i) for i in range(1, 6)}
     out = pack("web-x", want, {"web-x-0": [bytes([1]), bytes([2])], "web-x-1": [bytes([200])]})
@@ -276,6 +277,29 @@ def test_a_written_subset_slice_read_back_holds_its_plan_by_either_decoder(seed)
             assert not holds(back, svc, group, flipped)
             assert not holds(back, dataclasses.replace(svc, uid="another-uid"), group, eps)
             assert not holds(back, svc, dataclasses.replace(group, subset="zone-9"), eps)
+
+
+@pytest.mark.parametrize(
+    "family,text,written",
+    [
+        ("IPv4", "198.18.0.7", "198.18.0.7"),
+        ("IPv6", "2001:DB8::7", "2001:db8::7"),
+        ("IPv6", "::ffff:198.18.0.7", "::ffff:198.18.0.7"),
+    ],
+)
+def test_an_endpoint_is_written_as_an_address_of_its_slice_family(family, text, written):
+    """An endpoint keeps its address packed only; the subsetter writes it
+    back as text of the slice's family. An IPv4-mapped IPv6 address packs
+    as an IPv4 one does, and must still be written as IPv6 (the API refuses
+    IPv4 text in an IPv6 slice), and read back to the same endpoint."""
+    from ctrl.subset.compute import endpoint_json
+
+    raw = endpoint_slice("web-abc", address_type=family, endpoints=[{"addresses": [text]}])
+    (ep,) = parse(raw).endpoints
+    out = endpoint_json(ep, family)
+    assert out["addresses"] == [written]
+    again = endpoint_slice("web-abc", address_type=family, endpoints=[out])
+    assert parse(again).endpoints == (ep,)
 
 
 def test_a_write_gains_when_it_adds_an_address_or_makes_one_ready_or_serving():
