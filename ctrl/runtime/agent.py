@@ -48,6 +48,9 @@ log = logging.getLogger("sliceproxy.agent")
 
 # Seconds between full garbage collections at the latest (see Agent.sync).
 COLLECT_EVERY = 600.0
+# Seconds a due collection waits for a quiet loop turn at most: an agent
+# that syncs without a pause collects at the end of a sync after that.
+COLLECT_WAIT_MAX = 5.0
 
 
 # Seconds of the periodic check per loop turn: what a change arriving
@@ -107,6 +110,8 @@ class Agent:
         self.last_sync_ok: float | None = None
         self._refused: set[str] = set()  # Services refused as they are (retried when they change)
         self._collected_at = clock()  # the last full collection
+        self._collect_due: float | None = None  # since when a collection waits for a quiet turn
+        self._after_pending = False  # indexes or a collection left for a quiet turn (after_sync)
         self.stages: dict[str, float] = {}  # seconds, per stage of the last sync (see _sync)
         self.check: Verifier | None = None  # the periodic check of the maps, while it runs
         self.checks = 0  # periodic checks completed
@@ -190,34 +195,59 @@ class Agent:
         """Plan and write what changed; a full sync plans everything."""
         full = self.schedule.need_full
         t_start = time.perf_counter()
-        with paused_gc():
-            cs = self._sync()
-            # After the write: what a Service's next change will need.
-            t0 = time.perf_counter()
-            self.planner.index_pending()
-            self.programmed.index_pending()
-            self.stages["index"] = time.perf_counter() - t0
         # What a sync builds (plans, the diff's mirror, the planner's
         # indexes) lives until a later sync replaces it. Frozen, the
         # collector never walks it again: otherwise each collection between
         # changes walks every young container, milliseconds at 100,000
         # endpoints. Freezing is O(1); frozen objects are still freed by
         # reference counting, only a reference cycle among them would wait.
-        # So a full sync (the first one, every --sync-period), or the first
-        # sync COLLECT_EVERY seconds after the last collection (with
-        # --sync-period 0), unfreezes and collects everything once, after
-        # its write, then freezes again.
-        now = self.clock()
+        # So after a full sync (the first one, every --sync-period), or
+        # COLLECT_EVERY seconds after the last collection (with
+        # --sync-period 0), everything is unfrozen and collected once.
+        # That, and the indexes a large Service's next change needs, wait
+        # for the loop's first quiet turn (after_sync): at 100,000
+        # endpoints they take 0.1-0.3 s, which a change arriving right
+        # after the sync would otherwise wait for. (Its own Service's
+        # index is built when it needs it.)
+        with paused_gc():
+            cs = self._sync()
+            now = self.clock()
+            if full or now - self._collected_at >= COLLECT_EVERY:
+                if self._collect_due is None:
+                    self._collect_due = now
+            self._after_pending = True
+            collect_now = self._collect_due is not None and now - self._collect_due >= COLLECT_WAIT_MAX
+            if not collect_now:
+                # Before the collector runs again: the sync's objects are
+                # all still in the youngest generation, which its next
+                # collection would walk (0.1 s at 250,000 endpoints).
+                gc.freeze()
+        if collect_now:
+            self.after_sync()  # no quiet turn for that long
+        self.schedule.sync_took(self.clock(), time.perf_counter() - t_start, full)
+        return cs
+
+    def after_sync(self) -> None:
+        """What the syncs since the last call left for a quiet moment: the
+        indexes of the large Services planned in full (for their next
+        change) and, when due, the full collection; everything frozen
+        again after. Seconds each in stages["index"] and stages["gc"]."""
         t0 = time.perf_counter()
-        if full or now - self._collected_at >= COLLECT_EVERY:
+        with paused_gc():
+            self.planner.index_pending()
+            self.programmed.index_pending()
+            if self._collect_due is None:
+                gc.freeze()
+        t1 = time.perf_counter()
+        if self._collect_due is not None:
             gc.unfreeze()
             gc.collect()
-            self._collected_at = now
-        gc.freeze()
-        end = time.perf_counter()
-        self.stages["gc"] = end - t0
-        self.schedule.sync_took(self.clock(), end - t_start, full)
-        return cs
+            gc.freeze()
+            self._collected_at = self.clock()
+            self._collect_due = None
+        self.stages["index"] = t1 - t0
+        self.stages["gc"] = time.perf_counter() - t1
+        self._after_pending = False
 
     def _sync(self) -> ChangeSet | None:
         t0 = time.perf_counter()
@@ -411,6 +441,8 @@ class Agent:
         self._drain_nowait()
         if sched.due(self.clock(), self.programmed.next_drain_end()):
             self.sync()
+        elif not events and self._after_pending:
+            self.after_sync()  # a quiet turn: no event came, nothing is due
         if self.check is not None:
             self._check_some()
 

@@ -327,6 +327,10 @@ class Worker:
         self._drain()
         t_take = time.perf_counter()
         cs = self.agent.sync()
+        # What the agent's loop does at its first quiet turn after this
+        # sync (Agent.after_sync): the indexes for the next change, and
+        # the collection a full sync makes due.
+        self.agent.after_sync()
         t_end = time.perf_counter()
         t_written = self.last_write[0]
         peak = peak_rss()
@@ -350,7 +354,9 @@ class Worker:
             "list_decode_s": t_list - t0,
             "state_s": t_take - t_list,
             "plan_diff_write_s": t_written - t_take,
-            "after_write_s": t_end - t_written,  # the agent's gc.collect + gc.freeze after its first sync
+            # The rest of the sync (its freeze) and the first quiet turn's
+            # work: indexes, gc.collect and gc.freeze.
+            "after_write_s": t_end - t_written,
             "entries": counts,
             # The agent's own split of its sync (plan, diff, write; index
             # and gc come after the write): a regression names its stage.

@@ -71,7 +71,13 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         idx, gcs = o.get("full", "stages", "index"), o.get("full", "stages", "gc")
         if idx is not None:
             out.append(
-                ("after the write: indexes for the next change, collection", f"{fmt_s(idx)}, {fmt_s(gcs)}", "", "", "")
+                (
+                    "at the first quiet turn after it: indexes for the next change, collection",
+                    f"{fmt_s(idx)}, {fmt_s(gcs)}",
+                    "",
+                    "",
+                    "",
+                )
             )
         ipt, iptn, nf = sc.get("iptables_legacy"), sc.get("iptables_nft"), sc.get("nft")
         if ipt:

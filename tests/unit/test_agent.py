@@ -85,27 +85,65 @@ class Cyclic:
         self.me = self
 
 
-def test_sync_freezes_what_it_built_and_a_full_sync_collects_cycles():
+def test_sync_freezes_what_it_built_and_a_quiet_turn_after_a_full_sync_collects_cycles():
     import gc
     import weakref
 
-    agent = Agent(QueueSource(), ClusterState(), Programmed(), writer=None)
+    clock = Clock()
+    src = QueueSource()
+    src.synced = True
+    agent = Agent(src, ClusterState(), Programmed(), writer=None, clock=clock)
     agent.take([Event("upsert", "Service", "default/web", parse(service()))])
     try:
         agent.sync()  # the first, full
         assert not agent.schedule.need_full and gc.get_freeze_count() > 0
+        agent.step(timeout=0)  # quiet: its collection
         ref = weakref.ref(Cyclic())  # garbage at once, but only a collection frees it
         agent.take(slice_event(0))
         agent.sync()  # partial: frozen, not collected
         gc.collect()
         assert ref() is not None  # frozen objects are out of the collector's reach
+        agent.step(timeout=0)
+        assert ref() is not None  # a quiet turn collects only when a collection is due
         agent.schedule.full_needed()
         agent.sync()
-        assert ref() is None  # the full sync unfroze and collected
+        assert ref() is not None  # a change arriving now is not kept waiting for the collection...
+        src.events.put(slice_event(1))
+        clock.t += 1
+        agent.step(timeout=0)
+        assert agent.programmed.owners() == {"default/web"} and ref() is not None
+        agent.step(timeout=0)  # ...which the first quiet turn makes
+        assert ref() is None
         ref = weakref.ref(Cyclic())
-        agent.take(slice_event(1))
-        agent._collected_at -= 601  # a long time without a full sync
+        agent.take(slice_event(2))
+        clock.t += 601  # a long time without a full sync
         agent.sync()
+        agent.step(timeout=0)
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_an_agent_that_never_pauses_collects_at_the_end_of_a_sync_after_a_while():
+    import gc
+    import weakref
+
+    from ctrl.runtime.agent import COLLECT_WAIT_MAX
+
+    clock = Clock()
+    agent = Agent(QueueSource(), ClusterState(), Programmed(), writer=None, clock=clock)
+    agent.take([Event("upsert", "Service", "default/web", parse(service()))])
+    try:
+        ref = weakref.ref(Cyclic())
+        agent.sync()  # full: a collection is due, waiting for a quiet turn
+        for i in range(3):  # changes, one sync each, no quiet turn between
+            clock.t += COLLECT_WAIT_MAX / 4
+            agent.take(slice_event(i))
+            agent.sync()
+            assert ref() is not None
+        clock.t += COLLECT_WAIT_MAX / 4
+        agent.take(slice_event(3))
+        agent.sync()  # waited COLLECT_WAIT_MAX: collected now
         assert ref() is None
     finally:
         gc.unfreeze()
