@@ -9,7 +9,12 @@ runs the XDP program (the same, XDP_REDIRECT through sp_uplinks: the run
 cannot follow a redirect, so its return code and frame are checked).
 Everything else leaves with
 XDP_PASS byte for byte as it came, for tc, and counts nothing (tc counts
-it). Forwarding needs a FIB: those tests run the program from a thread in a
+it); with forwarding on, a flow XDP decided but leaves to the kernel's
+routing (a backend on this node...) with its decision as metadata in
+front of the frame (the run's output starts at data_meta), and a flow
+XDP sends out itself with none (its output is exactly the frame). tc's
+side of that handoff is tested in the netns tier: BPF_PROG_TEST_RUN gives
+a tc program an skb without metadata. Forwarding needs a FIB: those tests run the program from a thread in a
 node namespace the test made (a Topology), with static neighbours, so the
 route lookup sees the test's routes and never the machine's.
 
