@@ -4,8 +4,12 @@
  * outside. A reply of a masqueraded flow gets its destination back to the
  * client (unsnat); anything else to an external-scope frontend (NodePort
  * on a node address, a LoadBalancer IP, an externalIP) is DNATed; ICMP
- * errors about either kind of flow are translated as the flow is.
+ * errors about either kind of flow are translated as the flow is. A flow
+ * to a backend on this node that the XDP program in front already decided
+ * comes with its decision in metadata (handoff.h): translated as it says,
+ * counted as if decided here.
  */
+#include "lib/handoff.h"
 #include "lib/hook.h"
 #include "lib/nat.h"
 
@@ -17,7 +21,9 @@ int sp_ext_ingress(struct __sk_buff *skb)
 
 	if (v >= 0)
 		return v;
-	v = unsnat(skb, &p);
+	v = handoff_take(skb, &p);
+	if (v < 0)
+		v = unsnat(skb, &p);
 	if (v < 0)
 		v = dnat(skb, &p, SP_SCOPE_EXTERNAL);
 	return hook_end(skb, &p, SP_HOOK_EXT_INGRESS, v);

@@ -3,7 +3,8 @@
  * XDP on an external interface (the node's uplink), in front of its tc
  * ingress (ext_ingress.c), which stays complete on its own: XDP only ends
  * early what tc would end the same way, and hands everything else on with
- * XDP_PASS, untouched, for tc to see as if XDP were not there
+ * XDP_PASS, untouched (at most metadata in front of it), for tc to see as
+ * if XDP were not there
  * (docs/semantics.md, "XDP on the external interfaces").
  *
  *  - A packet whose source loadBalancerSourceRanges refuse is dropped
@@ -17,12 +18,20 @@
  *    XDP_TX, or redirected to another external interface that runs this
  *    program in native mode (sp_uplinks_v3, a node with two uplinks). A
  *    backend on this node, a route out of any other interface, a
- *    neighbour not resolved yet or a TTL about to expire: handed to tc.
+ *    neighbour not resolved yet or a TTL about to expire: handed to tc
+ *    with XDP's decision, the flow recorded here if new (xdp_handoff):
+ *    metadata in front of the frame (struct sp_xdp_meta) carrying a
+ *    cookie random per load (sp_xdp_cfg.cookie), the backend and the
+ *    verdict, which tc's ingress applies instead of deciding again
+ *    (lib/handoff.h) and ignores with any other size or cookie (another
+ *    tool's XDP program). A driver without metadata support: handed on
+ *    without, nothing recorded, tc decides it in full.
  *  - Replies, ICMP errors, fragments and everything else: handed to tc.
  *  - While `sliceproxy trace` runs, everything: its tap sees packets only
  *    at tc, and tc decides each one as XDP would have (trace.h,
  *    trace_running).
  */
+#include "lib/handoff.h"
 #include "lib/nat.h"
 #include "lib/xdp.h"
 
@@ -33,9 +42,6 @@
 #define AF_INET6 10
 #endif
 
-/* The XDP program's settings (struct sp_xdp_cfg in sliceproxy.h), set by
- * the control plane before load (--xdp-forward). */
-const volatile struct sp_xdp_cfg sp_xdp_cfg SEC(".rodata.xdp") = {};
 
 /* A reply of a masqueraded flow (backend -> node:SNAT port)? tc's ingress
  * looks for these first (unsnat), and so must XDP: such a reply is tc's. */
@@ -179,6 +185,51 @@ static __noinline int xdp_record(struct dnat_flow *f)
 	return dnat_record(f);
 }
 
+/* The metadata m (in front of the frame) of a flow handed to tc with its
+ * backend in f->nct and its verdict. A subprogram, which also puts struct
+ * sp_xdp_meta in the object's BTF, where the control plane checks every
+ * layout of sliceproxy.h. */
+static __noinline void handoff_fill(struct sp_xdp_meta *m, const struct dnat_flow *f, __u8 verdict)
+{
+	m->cookie = sp_xdp_cfg.cookie;
+	__builtin_memcpy(m->backend, f->nct.nat_addr, sizeof(m->backend));
+	m->port = f->nct.nat_port;
+	m->verdict = verdict;
+	__builtin_memset(m->pad, 0, sizeof(m->pad));
+}
+
+/*
+ * Hand tc a flow to a backend on this node that XDP decided (kind
+ * DNAT_NEW or DNAT_ESTABLISHED, the backend in f->nct): the decision as
+ * metadata in front of the frame (struct sp_xdp_meta, this load's cookie),
+ * which tc's ingress applies instead of deciding again (handoff.h), and a
+ * new flow recorded here, so that XDP and tc never both choose. A driver
+ * without metadata support (bpf_xdp_adjust_meta fails): handed on without,
+ * a new flow not recorded, and tc decides the packet in full, as without
+ * the handoff. The XDP action. A subprogram: off the forwarding path's
+ * stack.
+ */
+static __noinline int xdp_handoff(struct xdp_md *ctx, struct dnat_flow *f, int kind)
+{
+	struct sp_xdp_meta *m;
+	void *data;
+
+	if (!sp_xdp_cfg.cookie || bpf_xdp_adjust_meta(ctx, -(int)sizeof(*m)))
+		return XDP_PASS;
+	data = (void *)(long)ctx->data;
+	m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 1) > data) {
+		/* Never so (the kernel just made the room): no metadata
+		 * rather than whatever bytes the headroom holds. */
+		bpf_xdp_adjust_meta(ctx, sizeof(*m));
+		return XDP_PASS;
+	}
+	if (kind == DNAT_NEW && xdp_record(f))
+		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);
+	handoff_fill(m, f, kind == DNAT_NEW ? SP_V_DNAT_NEW : SP_V_DNAT_ESTABLISHED);
+	return XDP_PASS;
+}
+
 /*
  * The ingress half: the frontend p is for, its source checked, its
  * backend found (dnat_flow, as tc's ingress does). The XDP action when
@@ -214,14 +265,16 @@ static __noinline int xdp_dnat(struct xdp_md *ctx, struct pkt *p, __u8 *macs, __
 	if (kind == DNAT_REFUSED)
 		return xdp_count(ctx, SP_V_DROP_SOURCE_RANGE, XDP_DROP);
 	/* No frontend, no backend (tc drops, or rejects with an ICMP error
-	 * it builds), maps that disagree: tc's. A new flow handed on is not
-	 * recorded here: tc's ingress chooses and records it itself. */
+	 * it builds), maps that disagree: tc's, decided there. */
 	if (kind != DNAT_NEW && kind != DNAT_ESTABLISHED)
 		return XDP_PASS;
 	be_port = bpf_htons(fp->nct.nat_port);
+	/* A flow the kernel is to route (a backend on this node, a neighbour
+	 * to resolve, a TTL that ends here...): tc's ingress applies the
+	 * DNAT decided here, the kernel routes it as ever. */
 	out = route_out(ctx, p, fp->nct.nat_addr, be_port, macs);
 	if (out < 0)
-		return XDP_PASS;
+		return xdp_handoff(ctx, fp, kind);
 	*oif = out;
 	if (kind == DNAT_NEW && xdp_record(fp))
 		return xdp_count(ctx, SP_V_DROP_ERROR, XDP_DROP);

@@ -324,7 +324,30 @@ struct sp_xdp_cfg {
 			* interface of sp_uplinks_v3); 0: only drop what
 			* loadBalancerSourceRanges refuse, pass the rest to tc */
 	__u32 pad;     /* zero */
+	__u64 cookie;  /* random per load, never 0: what XDP writes in the
+			* metadata it hands a flow to tc with (struct
+			* sp_xdp_meta), and what tc trusts metadata by */
 };
+
+/* The metadata (bpf_xdp_adjust_meta, in front of the frame) with which XDP
+ * hands tc a flow to a backend on this node it already decided (forward
+ * on): the translation tc's ingress applies without deciding it again
+ * (docs/semantics.md, "XDP on the external interfaces"). tc trusts it only
+ * when the metadata is exactly this size and its cookie is its own load's
+ * sp_xdp_cfg.cookie. 32 bytes: the most metadata the kernel allows. */
+struct sp_xdp_meta {
+	__u64 cookie;     /* sp_xdp_cfg.cookie of the load that wrote it */
+	__u8 backend[16]; /* the flow's backend, network order, IPv4-mapped */
+	__u16 port;       /* the backend's port, host order */
+	__u8 verdict;     /* SP_V_DNAT_NEW (XDP recorded the flow) or
+			   * SP_V_DNAT_ESTABLISHED */
+	__u8 pad[5];      /* zero */
+};
+
+/* sp_handoff_v3 (per-CPU array, one entry, struct sp_stat): the packets
+ * (and their bytes) tc's external ingress translated from XDP's metadata
+ * instead of deciding them itself. Each also has its verdict (dnat_new,
+ * dnat_established) in sp_stats_v3, as without XDP. */
 
 /* sp_host_v3 (array, one entry): host clients, served by the cgroup socket
  * programs (host_sock.c) at connect() and sendmsg() time. */

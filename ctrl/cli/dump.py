@@ -107,6 +107,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
         "backends": len(mc.backends),
         "conntrack_entries": ct.count() if ct is not None else 0,
         "counters": abi.counters(maps),
+        "xdp_handoffs": abi.handoffs(maps)["packets"],
     }
     cfg = read_config(maps)
     if cfg is not None:
@@ -181,6 +182,8 @@ def render_table(data: dict) -> str:
     nz = {k: v["packets"] for k, v in data["counters"].items() if v["packets"]}
     if nz:
         lines.append("packets: " + ", ".join(f"{k}={v}" for k, v in nz.items()))
+    if data.get("xdp_handoffs"):
+        lines.append(f"taken from XDP's handoff at tc: {data['xdp_handoffs']} packets")
     if "conntrack" in data:
         lines.append("")
         rows = [("PROTO", "CLIENT", "FRONTEND", "BACKEND", "IDLE")]

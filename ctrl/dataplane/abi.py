@@ -170,6 +170,7 @@ MAP_BASES = (
     "sp_ct",
     "sp_aff",
     "sp_stats",
+    "sp_handoff",
     "sp_names",
     "sp_src",
     "sp_cfg",
@@ -622,6 +623,18 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
         vals = [c.unpack(v) for v in m.lookup_percpu(u32(i))]
         out[name] = {"packets": sum(v[0] for v in vals), "bytes": sum(v[1] for v in vals)}
     return out
+
+
+def handoffs(maps: dict[str, Map]) -> dict[str, int]:
+    """The packets (and bytes) tc's external ingress took from the XDP
+    program's handoff (sp_handoff_v3), summed over CPUs; zeros without
+    the map."""
+    m = maps.get(map_name("sp_handoff"))
+    if m is None:
+        return {"packets": 0, "bytes": 0}
+    c = codec("sp_stat", ("packets", "bytes"))
+    vals = [c.unpack(v) for v in m.lookup_percpu(u32(0))]
+    return {"packets": sum(v[0] for v in vals), "bytes": sum(v[1] for v in vals)}
 
 
 @dataclass

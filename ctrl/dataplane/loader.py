@@ -83,6 +83,9 @@ class Dataplane:
     ext_fd: int = -1
     ext_egress_fd: int = -1
     xdp_fd: int = -1  # sp_ext_xdp (ctrl.dataplane.attach attaches it: xdp_attach)
+    # sp_xdp_cfg.cookie of this load: what the XDP program's handoff
+    # metadata carries, and what tc's ingress trusts metadata by.
+    xdp_cookie: int = 0
     # Host clients' programs by name (HOST_PROGRAMS): (fd, BPF attach
     # type). Empty when loaded without them.
     host_progs: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -272,13 +275,15 @@ def load(
         m = lb.bpf_object__next_map(obj, ffi.NULL)
         bpf_maps = {}
         hairpin_set = xdp_set = False
+        cookie = 0
         while m != ffi.NULL:
             name = ffi.string(lb.bpf_map__name(m)).decode()
             if name == HAIRPIN_SECTION:
                 _set_hairpin(m, hairpin or Hairpin())
                 hairpin_set = True
             if name == XDP_SECTION:
-                _set_initial(m, XDP_SECTION, abi.pack("sp_xdp_cfg", forward=int(xdp_forward)))
+                cookie = _new_cookie()
+                _set_initial(m, XDP_SECTION, abi.pack("sp_xdp_cfg", forward=int(xdp_forward), cookie=cookie))
                 xdp_set = True
             if not host_clients and map_base(name) in HOST_MAPS:
                 lb.bpf_map__set_autocreate(m, False)
@@ -346,6 +351,7 @@ def load(
             ext_fd=fds[EXT_PROGRAM],
             ext_egress_fd=fds[EXT_EGRESS_PROGRAM],
             xdp_fd=fds[XDP_PROGRAM],
+            xdp_cookie=cookie,
             host_progs=host_progs,
             _obj=obj,
         )
@@ -355,6 +361,16 @@ def load(
             with contextlib.suppress(OSError):
                 os.rmdir(pin_dir)  # only if still empty
         raise
+
+
+def _new_cookie() -> int:
+    """A random, nonzero sp_xdp_cfg.cookie: each load's own, so tc trusts
+    the handoff metadata of this load's XDP program only (not an older
+    load's still attached somewhere, nor another tool's)."""
+    while True:
+        cookie = int.from_bytes(os.urandom(8), "little")
+        if cookie:
+            return cookie
 
 
 def _reuse_pinned(m: object, path: str) -> None:

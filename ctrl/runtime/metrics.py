@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..dataplane.abi import counters
+from ..dataplane.abi import counters, handoffs
 from ..dataplane.abi import map_name as mn
 
 # kube-proxy exports no *_created series; neither do we.
@@ -200,6 +200,15 @@ class DataplaneCollector:
             log.warning("reading the counters failed: %s", e)
         yield pk
         yield by
+        ho = CounterMetricFamily(
+            "sliceproxy_xdp_handoffs",
+            "Packets the external interfaces' tc ingress translated as the XDP program decided (its handoff)",
+        )
+        try:
+            ho.add_metric([], handoffs(self.maps)["packets"])
+        except OSError as e:
+            log.warning("reading the handoff counter failed: %s", e)
+        yield ho
         entries = GaugeMetricFamily("sliceproxy_map_entries", "Entries in each BPF map", labels=["map"])
         cap = GaugeMetricFamily("sliceproxy_map_capacity", "max_entries of each BPF map", labels=["map"])
         ct = None
@@ -209,7 +218,7 @@ class DataplaneCollector:
                 # trace's per-CPU state and ring buffer: no entries to count.
                 continue
             cap.add_metric([name], m.max_entries)
-            if name == mn("sp_stats"):
+            if name in (mn("sp_stats"), mn("sp_handoff")):
                 continue
             try:
                 n = m.count()

@@ -89,6 +89,15 @@ struct {
 	__type(value, struct sp_stat);
 } SP_MAP(sp_stats) SEC(".maps");
 
+/* The packets tc's external ingress took from XDP's handoff (struct
+ * sp_xdp_meta): one counter, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sp_stat);
+} SP_MAP(sp_handoff) SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);

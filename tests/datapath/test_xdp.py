@@ -9,7 +9,12 @@ runs the XDP program (the same, XDP_REDIRECT through sp_uplinks: the run
 cannot follow a redirect, so its return code and frame are checked).
 Everything else leaves with
 XDP_PASS byte for byte as it came, for tc, and counts nothing (tc counts
-it). Forwarding needs a FIB: those tests run the program from a thread in a
+it); with forwarding on, a flow XDP decided but leaves to the kernel's
+routing (a backend on this node...) with its decision as metadata in
+front of the frame (the run's output starts at data_meta), and a flow
+XDP sends out itself with none (its output is exactly the frame). tc's
+side of that handoff is tested in the netns tier: BPF_PROG_TEST_RUN gives
+a tc program an skb without metadata. Forwarding needs a FIB: those tests run the program from a thread in a
 node namespace the test made (a Topology), with static neighbours, so the
 route lookup sees the test's routes and never the machine's.
 
@@ -369,27 +374,77 @@ def test_flow_tc_started_is_continued_in_xdp(fwd, fib):
     assert checked(out)[TCP].sport == port
 
 
+def handed(out: bytes, sent: bytes) -> dict:
+    """The metadata in front of the frame XDP handed to tc (BPF_PROG_TEST_RUN
+    gives the buffer from data_meta on), decoded as struct sp_xdp_meta;
+    the frame after it must be the one sent, untouched."""
+    size = len(abi.pack("sp_xdp_meta"))
+    assert len(out) == size + len(sent) and out[size:] == sent
+    return abi.unpack("sp_xdp_meta", out[:size])
+
+
 @pytest.mark.parametrize(
-    "backend,ttl",
+    "backend,ttl,proto,client,node",
     [
-        pytest.param(LOCAL_BE, 64, id="local-backend"),
-        pytest.param(UNRESOLVED_BE, 64, id="neighbour-not-resolved"),
-        pytest.param(BE_REMOTE, 1, id="ttl-ends-here"),
-        pytest.param("198.18.9.9", 64, id="no-route"),
+        pytest.param(LOCAL_BE, 64, TCP_P, OUTSIDE, NODE, id="local-backend"),
+        pytest.param(LOCAL_BE, 64, UDP_P, OUTSIDE, NODE, id="local-backend-udp"),
+        pytest.param(UNRESOLVED_BE, 64, TCP_P, OUTSIDE, NODE, id="neighbour-not-resolved"),
+        pytest.param(BE_REMOTE, 1, TCP_P, OUTSIDE, NODE, id="ttl-ends-here"),
+        pytest.param("198.18.9.9", 64, TCP_P, OUTSIDE, NODE, id="no-route"),
+        pytest.param("2001:db8:9::9", 64, TCP_P, OUT6, NODE6, id="v6-not-out-of-an-uplink"),
     ],
 )
-def test_what_xdp_cannot_send_back_out_goes_to_tc_unrecorded(fwd, fib, backend, ttl):
+def test_what_xdp_cannot_send_back_out_is_handed_to_tc(fwd, fib, backend, ttl, proto, client, node):
     """A backend on this node, one behind a neighbour the kernel has not
     resolved, a TTL that ends here, no route: XDP_PASS, the frame as it
-    came, no counter, and no conntrack entry (tc's ingress chooses and
-    records the flow)."""
-    be = Backend(11, backend, 8080, TCP_P)
-    svc = Svc(NODE, NODEPORT, TCP_P, svc_id=51, slots=(be.id,), scope=1, flags=F_MASQ)
+    came, no counter (tc counts), and XDP's decision in front of it as
+    metadata: this load's cookie, the backend, dnat_new. The new flow is
+    recorded by XDP, as tc's ingress would record it; its next packet is
+    handed on as dnat_established, the same backend."""
+    be = Backend(11, backend, 8080, proto)
+    svc = Svc(node, NODEPORT, proto, svc_id=51, slots=(be.id,), scope=1, flags=F_MASQ)
     seed(fwd, Seed(services=(svc,), backends=(be,)))
-    put_cfg(fwd)
-    sent = bytes(eth() / IP(src=OUTSIDE, dst=NODE, ttl=ttl, id=0x1234) / TCP(sport=CPORT, dport=NODEPORT, flags="S"))
-    assert fib.run(lambda: xdp(fwd, sent, fib.ifindex)) == (XDP_PASS, sent, {})
-    assert ct(fwd) == {}
+    put_cfg(fwd, addr4=NODE, addr6=NODE6)
+    l3 = IPv6(src=client, dst=node, hlim=ttl) if ":" in node else IP(src=client, dst=node, ttl=ttl, id=0x1234)
+    l4 = TCP(sport=CPORT, dport=NODEPORT, flags="S") if proto == TCP_P else UDP(sport=CPORT, dport=NODEPORT)
+    sent = bytes(eth() / l3 / l4)
+    action, out, moved = fib.run(lambda: xdp(fwd, sent, fib.ifindex))
+    assert (action, moved) == (XDP_PASS, {})
+    assert handed(out, sent) == {
+        "cookie": fwd.xdp_cookie,
+        "backend": mapped(backend),
+        "port": 8080,
+        "verdict": abi.const("SP_V_DNAT_NEW"),
+    }
+    entries = ct(fwd)
+    assert entries[CtKey(client, node, CPORT, NODEPORT, proto, FORWARD)] == CtVal(backend, 8080, be.id, svc.svc_id)
+    assert entries[CtKey(backend, client, 8080, CPORT, proto, REPLY)] == CtVal(node, NODEPORT, be.id, svc.svc_id)
+
+    action, out, moved = fib.run(lambda: xdp(fwd, sent, fib.ifindex))
+    assert (action, moved) == (XDP_PASS, {})
+    meta = handed(out, sent)
+    assert (meta["backend"], meta["verdict"]) == (mapped(backend), abi.const("SP_V_DNAT_ESTABLISHED"))
+
+
+def test_no_handoff_without_forwarding(dp):
+    """Forwarding off: XDP decides no flow, so it hands none on: the
+    frame as it came, without metadata, nothing recorded."""
+    be = Backend(11, LOCAL_BE, 8080, TCP_P)
+    svc = Svc(NODE, NODEPORT, TCP_P, svc_id=51, slots=(be.id,), scope=1)
+    seed(dp, Seed(services=(svc,), backends=(be,)))
+    put_cfg(dp)
+    sent = tcp(OUTSIDE, NODE, CPORT, NODEPORT)
+    assert xdp(dp, sent) == (XDP_PASS, sent, {})
+    assert ct(dp) == {}
+
+
+def test_handoff_cookie_is_each_loads_own(fwd):
+    """Two loads, two cookies, never 0 (tc trusts no metadata with 0)."""
+    other = loader.load(pin_dir=None, xdp_forward=True)
+    try:
+        assert 0 != fwd.xdp_cookie != other.xdp_cookie != 0
+    finally:
+        other.close()
 
 
 def test_forwarded_refused_source_still_dropped(fwd, fib):
@@ -537,8 +592,8 @@ def fib_link(fib: Fib) -> Link:
 def test_route_out_of_an_interface_not_listed_goes_to_tc(fwd, two_uplinks, backend, listed):
     """A route out of an interface sp_uplinks does not hold (the second
     uplink before the agent listed it; an interface the agent gave no XDP
-    program): XDP_PASS, the frame as it came, no counter, no conntrack
-    entry. tc's ingress chooses and records the flow."""
+    program): XDP_PASS, the frame as it came, no counter, handed to tc
+    with XDP's decision (the flow recorded here, tc applies it)."""
     fib = two_uplinks.fib
     links = [fib_link(fib)] + ([two_uplinks.second] if listed == "both" else [])
     two_uplinks.list_uplinks(fwd, *links)
@@ -547,8 +602,10 @@ def test_route_out_of_an_interface_not_listed_goes_to_tc(fwd, two_uplinks, backe
     seed(fwd, Seed(services=(svc,), backends=(be,)))
     put_cfg(fwd)
     sent = tcp(OUTSIDE, NODE, CPORT, NODEPORT)
-    assert fib.run(lambda: xdp(fwd, sent, fib.ifindex)) == (XDP_PASS, sent, {})
-    assert ct(fwd) == {}
+    action, out, moved = fib.run(lambda: xdp(fwd, sent, fib.ifindex))
+    assert (action, moved) == (XDP_PASS, {})
+    assert handed(out, sent)["backend"] == mapped(backend)
+    assert ct(fwd)[CtKey(OUTSIDE, NODE, CPORT, NODEPORT, TCP_P, FORWARD)].nat_addr == backend
 
 
 def test_back_out_of_the_same_uplink_stays_xdp_tx_whatever_the_list(fwd, two_uplinks):

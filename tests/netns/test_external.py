@@ -854,3 +854,146 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
             # The LB IP's flows took the same path as the NodePort's.
             now = forwarded_by_netfilter(n1, client, web2)
             assert now == 0 if forward else now > seen, (seen, now)
+
+
+# -- XDP's handoff of flows to local backends to tc --------------------------------
+
+
+def local_only(c: Cluster, v6: bool) -> None:
+    """web served by node-1's pod alone (both families with v6), agents
+    started, node-1's NodePort programmed."""
+    ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+    svc = web_service("Cluster")
+    local = endpoint_slice("web-a", "web", ports, [WEB1])
+    local["endpoints"][0]["nodeName"] = "node-1"
+    objs = [svc, local]
+    if v6:
+        svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+        sl6 = endpoint_slice("web-v6", "web", ports, [WEB1_6])
+        sl6["addressType"] = "IPv6"
+        sl6["endpoints"][0]["nodeName"] = "node-1"
+        objs.append(sl6)
+    c.write("web.yaml", *objs)
+    c.start_agents()
+    if v6:
+        c.wait_external(f"[{NODE1_6}]:30080/TCP", {f"[{WEB1_6}]:8080"}, c.nodes[:1])
+    else:
+        c.wait_external(f"{NODE1}:30080/TCP", {f"{WEB1}:8080"}, c.nodes[:1])
+
+
+@pytest.mark.parametrize(
+    "xdp,forward,v6,mode",
+    [
+        pytest.param(True, True, False, "native", id="xdp-forward-ipv4"),
+        pytest.param(True, True, True, "native", id="xdp-forward-ipv6"),
+        pytest.param(True, True, False, "generic", id="xdp-generic-forward-ipv4"),
+        pytest.param(True, False, False, "native", id="xdp-no-forward-ipv4"),
+        pytest.param(False, False, True, "native", id="tc-only-ipv6"),
+    ],
+)
+def test_xdp_hands_flows_to_local_pods_to_tc(tmp_path: Path, xdp: bool, forward: bool, v6: bool, mode: str) -> None:
+    """--xdp-forward: a NodePort flow entered at node-1 whose backend is
+    node-1's own pod is decided by XDP and handed to tc with its decision
+    in metadata: TCP connections and UDP exchanges are all answered by the
+    pod, which sees the client itself (no masquerade), and every packet
+    tc's ingress translated (dnat_new, dnat_established) it took from the
+    handoff (xdp_handoffs). Without forwarding, or without XDP, tc decides
+    them all itself: the same answers, no handoff."""
+    client, node1 = (CLIENT6, NODE1_6) if v6 else (CLIENT, NODE1)
+    target = f"[{node1}]" if v6 else node1
+    with make_cluster(tmp_path, xdp=xdp, ip6=v6, forward=forward, xdp_mode=mode) as c:
+        local_only(c, v6)
+        n1 = c.nodes[0]
+        res = c.client("client", "http", f"{target}:30080", count=20)
+        assert_all_answered(res, {"web-1"})
+        assert res["client_ips_seen"] == [client], res
+        res = c.client("client", "udp", f"{target}:30053", count=20)
+        assert_all_answered(res, {"web-1"})
+        doc = dump(n1.topo, n1.pin_dir)
+        counters = doc["counters"]
+        dnat = counters["dnat_new"]["packets"] + counters["dnat_established"]["packets"]
+        # At least SYN, request and ACK of each connection, one datagram each.
+        assert dnat >= 20 * 3 + 20, counters
+        assert counters["xdp_tx"]["packets"] == 0
+        if forward:
+            assert doc["xdp_handoffs"] == dnat, (doc["xdp_handoffs"], counters)
+        else:
+            assert doc["xdp_handoffs"] == 0
+
+
+def foreign_meta_xdp(backend: str) -> str:
+    """C source of another tool's XDP program: in front of every frame, 32
+    bytes of metadata laid out as sliceproxy's (struct sp_xdp_meta) with a
+    cookie not the load's, naming backend (IPv4) with the verdict
+    dnat_established."""
+    meta = (
+        (0x5EED5EED5EED5EED).to_bytes(8, "little")
+        + addr16(backend)
+        + (8080).to_bytes(2, "little")
+        + bytes([6])  # SP_V_DNAT_ESTABLISHED
+        + bytes(5)
+    )
+    assert len(meta) == 32
+    words = [int.from_bytes(meta[i : i + 4], "little") for i in range(0, 32, 4)]
+    stores = "\n".join(f"\tm[{i}] = {w:#x};" for i, w in enumerate(words))
+    return f"""
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("xdp") int other_tool(struct xdp_md *ctx)
+{{
+	__u32 *m;
+
+	if (bpf_xdp_adjust_meta(ctx, -32))
+		return XDP_PASS;
+	m = (void *)(long)ctx->data_meta;
+	if ((void *)(m + 8) > (void *)(long)ctx->data)
+		return XDP_PASS;
+{stores}
+	return XDP_PASS;
+}}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_tc_ignores_metadata_another_xdp_program_wrote(tmp_path: Path) -> None:
+    """Another tool's XDP program holds node-1's uplink (the agent leaves
+    it there, tc serves the uplink alone) and writes metadata of
+    sliceproxy's size and layout, but not this load's cookie, naming
+    node-2's pod: tc ignores it (no handoff) and decides every flow itself,
+    all answered by node-1's own pod, the only backend."""
+    with make_cluster(tmp_path, xdp=True, forward=True) as c:
+        n1 = c.nodes[0]
+        src, obj = tmp_path / "other.c", tmp_path / "other.o"
+        src.write_text(foreign_meta_xdp(WEB2))
+        arch = f"/usr/include/{platform.machine()}-linux-gnu"
+        subprocess.run(["clang", "-O2", "-target", "bpf", f"-I{arch}", "-c", str(src), "-o", str(obj)], check=True)
+        cp = n1.topo.exec_in("node", ["ip", "link", "set", "dev", n1.uplink, "xdpdrv", "obj", str(obj), "sec", "xdp"])
+        assert cp.returncode == 0, cp.stderr
+        ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+        local = endpoint_slice("web-a", "web", ports, [WEB1])
+        local["endpoints"][0]["nodeName"] = "node-1"
+        c.write("web.yaml", web_service("Cluster"), local)
+        for n in c.nodes:
+            n.agent = AgentProc(
+                n.topo,
+                n.src.path,
+                n.pin_dir,
+                (
+                    "--external-interfaces", n.uplink, "--node-name", n.name,
+                    "--metrics-bind-address", "", "--healthz-bind-address", "",
+                    "--xdp", "auto", "--xdp-forward",
+                ),
+            )  # fmt: skip
+        for n in c.nodes:
+            assert n.agent is not None
+            n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
+        assert n1.agent is not None
+        n1.agent.wait_log(rf"no XDP on interface {re.escape(n1.uplink)} \(tc serves it alone\)")
+        c.wait_external(f"{NODE1}:30080/TCP", {f"{WEB1}:8080"}, [n1])
+        res = c.client("client", "http", f"{NODE1}:30080", count=10)
+        assert_all_answered(res, {"web-1"})
+        res = c.client("client", "udp", f"{NODE1}:30053", count=10)
+        assert_all_answered(res, {"web-1"})
+        doc = dump(n1.topo, n1.pin_dir)
+        assert doc["counters"]["dnat_established"]["packets"] > 0
+        assert doc["xdp_handoffs"] == 0

@@ -62,6 +62,8 @@ def test_metrics_count_syncs_changes_packets_and_map_entries(topo: Topology, age
     # Read from the kernel at scrape time.
     assert m['sliceproxy_packets_total{verdict="dnat_new"}'] >= 200
     assert m['sliceproxy_packets_total{verdict="revnat"}'] >= 200
+    # No external interface here: nothing handed on by XDP, but exported.
+    assert m["sliceproxy_xdp_handoffs_total"] == 0
     svc = map_name("sp_svc")
     assert m[f'sliceproxy_map_entries{{map="{svc}"}}'] == 3  # http, dns, echo
     assert m[f'sliceproxy_map_capacity{{map="{svc}"}}'] == 65536

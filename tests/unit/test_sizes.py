@@ -27,6 +27,7 @@ def test_every_flag_reaches_its_map():
         "sp_src": 15,
         "sp_mgl": 16,
         "sp_stats": None,  # one entry per verdict
+        "sp_handoff": None,  # one entry
         "sp_cfg": None,  # one entry
         "sp_host": None,  # one entry
         "sp_sock": None,  # socket-local storage: one entry per socket, no capacity
