@@ -775,6 +775,24 @@ def forwarded_by_netfilter(node: Node, client: str, pod: str) -> int:
     raise AssertionError(f"no counting rule in {cp.stdout}")
 
 
+def web_on_one_node(node: str, web4: str, web6: str, v6: bool) -> list[dict]:
+    """web (http 8080/TCP, dns 5353/UDP; NodePort 30080) served by one
+    node's pod alone: its IPv4 address, and with v6 its IPv6 one too (a
+    dual-stack Service)."""
+    ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
+    svc = web_service("Cluster")
+    sl = endpoint_slice("web-a", "web", ports, [web4])
+    sl["endpoints"][0]["nodeName"] = node
+    objs = [svc, sl]
+    if v6:
+        svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
+        sl6 = endpoint_slice("web-v6", "web", ports, [web6])
+        sl6["addressType"] = "IPv6"
+        sl6["endpoints"][0]["nodeName"] = node
+        objs.append(sl6)
+    return objs
+
+
 @pytest.mark.parametrize(
     "forward,v6,mode",
     [
@@ -798,18 +816,7 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
     dropped (drop_source_range) while the client's are forwarded."""
     client, node1, node2, web2 = (CLIENT6, NODE1_6, NODE2_6, WEB2_6) if v6 else (CLIENT, NODE1, NODE2, WEB2)
     with make_cluster(tmp_path, xdp=True, ip6=v6, forward=forward, xdp_mode=mode) as c:
-        ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
-        svc = web_service("Cluster")
-        remote_only = endpoint_slice("web-a", "web", ports, [WEB2])
-        remote_only["endpoints"][0]["nodeName"] = "node-2"
-        objs = [svc, remote_only]
-        if v6:
-            svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
-            sl6 = endpoint_slice("web-v6", "web", ports, [WEB2_6])
-            sl6["addressType"] = "IPv6"
-            sl6["endpoints"][0]["nodeName"] = "node-2"
-            objs.append(sl6)
-        c.write("web.yaml", *objs)
+        c.write("web.yaml", *web_on_one_node("node-2", WEB2, WEB2_6, v6))
         if not v6:
             fw_remote = endpoint_slice("fw-a", "fw", [("http", 8080, "TCP")], [WEB2])
             fw_remote["endpoints"][0]["nodeName"] = "node-2"
@@ -862,18 +869,7 @@ def test_xdp_sends_flows_to_the_other_nodes_pod_back_out(tmp_path: Path, forward
 def local_only(c: Cluster, v6: bool) -> None:
     """web served by node-1's pod alone (both families with v6), agents
     started, node-1's NodePort programmed."""
-    ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
-    svc = web_service("Cluster")
-    local = endpoint_slice("web-a", "web", ports, [WEB1])
-    local["endpoints"][0]["nodeName"] = "node-1"
-    objs = [svc, local]
-    if v6:
-        svc["spec"].update(clusterIPs=[VIP, VIP6], ipFamilies=["IPv4", "IPv6"], ipFamilyPolicy="RequireDualStack")
-        sl6 = endpoint_slice("web-v6", "web", ports, [WEB1_6])
-        sl6["addressType"] = "IPv6"
-        sl6["endpoints"][0]["nodeName"] = "node-1"
-        objs.append(sl6)
-    c.write("web.yaml", *objs)
+    c.write("web.yaml", *web_on_one_node("node-1", WEB1, WEB1_6, v6))
     c.start_agents()
     if v6:
         c.wait_external(f"[{NODE1_6}]:30080/TCP", {f"[{WEB1_6}]:8080"}, c.nodes[:1])
