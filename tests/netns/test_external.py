@@ -133,7 +133,9 @@ class Cluster:
         for n in self.nodes:
             n.src.write(name, *docs)
 
-    def start_agents(self, *extra: str) -> None:
+    def start_agents(self, *extra: str, wait_xdp: bool = True) -> None:
+        """An agent per node, each waited for until it attached (and,
+        with wait_xdp, until its XDP program is on the uplink)."""
         for n in self.nodes:
             n.agent = AgentProc(
                 n.topo,
@@ -150,7 +152,7 @@ class Cluster:
         for n in self.nodes:
             assert n.agent is not None
             n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
-            if self.xdp:
+            if self.xdp and wait_xdp:
                 n.agent.wait_log(rf"XDP attached to interface {re.escape(n.uplink)} \({self.xdp_mode} mode\)$")
 
     def wait_external(self, frontend: str, backends: set[str], nodes: list[Node] | None = None) -> None:
@@ -965,24 +967,8 @@ def test_tc_ignores_metadata_another_xdp_program_wrote(tmp_path: Path) -> None:
         subprocess.run(["clang", "-O2", "-target", "bpf", f"-I{arch}", "-c", str(src), "-o", str(obj)], check=True)
         cp = n1.topo.exec_in("node", ["ip", "link", "set", "dev", n1.uplink, "xdpdrv", "obj", str(obj), "sec", "xdp"])
         assert cp.returncode == 0, cp.stderr
-        ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")]
-        local = endpoint_slice("web-a", "web", ports, [WEB1])
-        local["endpoints"][0]["nodeName"] = "node-1"
-        c.write("web.yaml", web_service("Cluster"), local)
-        for n in c.nodes:
-            n.agent = AgentProc(
-                n.topo,
-                n.src.path,
-                n.pin_dir,
-                (
-                    "--external-interfaces", n.uplink, "--node-name", n.name,
-                    "--metrics-bind-address", "", "--healthz-bind-address", "",
-                    "--xdp", "auto", "--xdp-forward",
-                ),
-            )  # fmt: skip
-        for n in c.nodes:
-            assert n.agent is not None
-            n.agent.wait_attached([n.uplink, *(p.host_if for p in n.topo.pods.values())])
+        c.write("web.yaml", *web_on_one_node("node-1", WEB1, WEB1_6, False))
+        c.start_agents(wait_xdp=False)  # node-1's uplink has the other program
         assert n1.agent is not None
         n1.agent.wait_log(rf"no XDP on interface {re.escape(n1.uplink)} \(tc serves it alone\)")
         c.wait_external(f"{NODE1}:30080/TCP", {f"{WEB1}:8080"}, [n1])
