@@ -223,12 +223,14 @@ class Programmed:
         # Backends drain once every owner is done, so one that moves from
         # one service to another in the same sync keeps its id; and they go
         # only after draining.
-        for bid in sorted(self._unused):
-            if refs.get(bid, 0) <= 0 and bid in self.bids.backends and bid not in self.drains:
-                until = now + self.drain_period
-                self.drains.start(bid, until)
-                if self.drain_period > 0:
-                    cs.be_mark.append((bid, self.bids.backends[bid], abi.BE_F_DRAINING, until))
+        backends, drains = self.bids.backends, self.drains
+        draining = drains.until
+        starting = [b for b in sorted(self._unused) if refs.get(b, 0) <= 0 and b in backends and b not in draining]
+        until = now + self.drain_period
+        drains.start_many(starting, until)
+        if self.drain_period > 0:
+            flag = abi.BE_F_DRAINING
+            cs.be_mark.extend([(b, backends[b], flag, until) for b in starting])
         for bid, serving in self.drains.due(now, lambda b: refs.get(b, 0) > 0):
             if serving:  # normally undrained when it was used again
                 cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
@@ -477,10 +479,11 @@ class Programmed:
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
         changed = self._slots_written(cur, slots.fill(cur.svc_id, sl, holes, add, slot_of), n_old, cs)
-        refs = self.bids.refs
+        refs, draining = self.bids.refs, self.drains.until
         for b in add:
             refs[b] += 1
-            self._undrain(b, cs)
+            if b in draining:
+                self._undrain(b, cs)
         self._released(f.key, rem, cs)
         cur.version = f.version
         self._finish_frontend(owner, f, cur, n_old, changed, cs)

@@ -108,19 +108,6 @@ def _slice_port(sl: EndpointSlice, sp: ServicePort, family: str) -> int | None:
     return None
 
 
-def _port_endpoints(slices: dict[str, EndpointSlice | None], sp: ServicePort, family: str):
-    """((address, port), endpoint) of each endpoint the slices give this
-    service port (None: a slice that is gone)."""
-    for sl in slices.values():
-        if sl is None:
-            continue
-        port = _slice_port(sl, sp, family)
-        if port is None:
-            continue
-        for ep in sl.endpoints:
-            yield (ep.addr, port), ep
-
-
 class _PortState:
     """One served port of one cluster IP: merged endpoints and selection."""
 
@@ -185,43 +172,70 @@ class _PortState:
     def update(self, old: dict, new: dict) -> tuple[tuple[Backend, ...], tuple[Backend, ...]] | None:
         """Apply changed slices (name -> slice, None when gone) given the
         old objects; (added, removed) backends, or None when only a full
-        re-plan is right (duplicates across slices)."""
+        re-plan is right (duplicates across slices). The hot path of a
+        one-slice change: each endpoint's class is looked up by the fields
+        it reads (as _classes_of does), once per endpoint."""
         if self.duplicates:
             return None
         sp, family, node_name, zone = self.sp, self.family, self.node_name, self.zone
-        cls = _endpoint_class
-        touched: dict[tuple[bytes, int], None] = {}
+        cls, fields = _endpoint_class, _CLASS_FIELDS
+        memo: dict[tuple, tuple] = {}
+        known = memo.get
+        # ip:port -> class of its endpoint now (None: gone)
+        touched: dict[tuple[bytes, int], tuple | None] = {}
         winner, classes = self.winner, self.classes
-        for k, _ in _port_endpoints(old, sp, family):
-            pe = winner.pop(k, None)
-            if pe is not None:
-                classes[cls(pe.ep, node_name, zone)] -= 1
-                touched[k] = None
-        for k, ep in _port_endpoints(new, sp, family):
-            if k in winner:
-                self.duplicates = True
-                return None
-            winner[k] = PortEndpoint(ep, k[1])
-            classes[cls(ep, node_name, zone)] += 1
-            touched[k] = None
+        pop = winner.pop
+        for sl in old.values():
+            port = None if sl is None else _slice_port(sl, sp, family)
+            if port is None:
+                continue
+            for ep in sl.endpoints:
+                k = (ep[0], port)
+                pe = pop(k, None)
+                if pe is not None:
+                    e = pe[0]
+                    f = fields(e)
+                    c = known(f)
+                    if c is None:
+                        c = memo[f] = cls(e, node_name, zone)
+                    classes[c] -= 1
+                    touched[k] = None
+        pair = tuple.__new__  # PortEndpoint's own __new__ is a Python call
+        for sl in new.values():
+            port = None if sl is None else _slice_port(sl, sp, family)
+            if port is None:
+                continue
+            for ep in sl.endpoints:
+                k = (ep[0], port)
+                if k in winner:
+                    self.duplicates = True
+                    return None
+                winner[k] = pair(PortEndpoint, (ep, port))
+                f = fields(ep)
+                c = known(f)
+                if c is None:
+                    c = memo[f] = cls(ep, node_name, zone)
+                classes[c] += 1
+                touched[k] = c
         sel = self._selected_classes()
         selected = self.selected
+        proto = self.proto
         added: list[Backend] = []
         removed: list[Backend] = []
         if sel != self.selected_classes:
             self.selected_classes = sel
-            now = {k: (k[0], k[1], self.proto) for k, pe in winner.items() if cls(pe.ep, node_name, zone) in sel}
+            of = _classes_of([pe[0] for pe in winner.values()], node_name, zone)
+            now = {k: (k[0], k[1], proto) for k, c in zip(winner, of, strict=True) if c in sel}
             removed = [b for k, b in selected.items() if k not in now]
             added = [b for k, b in now.items() if k not in selected]
             self.selected = now
             return tuple(added), tuple(removed)
-        for k in touched:
-            pe = winner.get(k)
-            want = pe is not None and cls(pe.ep, node_name, zone) in sel
-            if want and k not in selected:
-                b = selected[k] = (k[0], k[1], self.proto)
-                added.append(b)
-            elif not want and k in selected:
+        for k, c in touched.items():
+            if c is not None and c in sel:
+                if k not in selected:
+                    b = selected[k] = (k[0], k[1], proto)
+                    added.append(b)
+            elif k in selected:
                 removed.append(selected.pop(k))
         return tuple(added), tuple(removed)
 
