@@ -65,13 +65,15 @@ _CLASS_FIELDS = operator.itemgetter(
 )
 
 
-def _classes_of(eps, node_name: str | None, zone: str | None) -> list[tuple]:
+def _classes_of(eps, node_name: str | None, zone: str | None, memo: dict[tuple, tuple] | None = None) -> list[tuple]:
     """_endpoint_class of each endpoint, computed once per distinct set of
     the fields it reads: a cluster's endpoints share a handful of classes,
     and node names and hint tuples are shared objects (ctrl.k8s.slicejson
     interns them), so the lookup key is cheap to hash. A third of the cost
-    of calling _endpoint_class per endpoint."""
-    memo: dict[tuple, tuple] = {}
+    of calling _endpoint_class per endpoint. `memo` (those fields -> class,
+    for this node_name and zone) is filled and used."""
+    if memo is None:
+        memo = {}
     get, fields, cls = memo.get, _CLASS_FIELDS, _endpoint_class
     out: list[tuple] = []
     append = out.append
@@ -108,6 +110,11 @@ def _slice_port(sl: EndpointSlice, sp: ServicePort, family: str) -> int | None:
     return None
 
 
+# Distinct endpoint field sets a port's class memo keeps; past that it
+# starts over.
+MEMO_MAX = 4096
+
+
 class _PortState:
     """One served port of one cluster IP: merged endpoints and selection."""
 
@@ -139,8 +146,14 @@ class _PortState:
         # An ip:port in two slices (moving between them): merge_endpoints'
         # tie rules need all copies; keep it simple and re-plan in full.
         self.duplicates = total != len(self.winner)
-        of = _classes_of([pe[0] for pe in self.winner.values()], node_name, zone)
+        # Endpoint fields -> class, kept for the changes to come: a cluster
+        # has at most thousands of nodes, and few distinct hints.
+        self.memo: dict[tuple, tuple] = {}
+        of = _classes_of([pe[0] for pe in self.winner.values()], node_name, zone, self.memo)
+        if len(self.memo) > MEMO_MAX:
+            self.memo.clear()
         self.classes = Counter(of)
+        self._present: frozenset | None = None
         self.selected_classes = sel = self._selected_classes()
         self.selected: dict[tuple[bytes, int], Backend] = {
             k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel
@@ -163,7 +176,14 @@ class _PortState:
         )
 
     def _selected_classes(self) -> frozenset:
-        reps = {c: _representative(c, self.node_name, self.zone) for c, n in self.classes.items() if n > 0}
+        """The classes categorize() selects, given the classes present. It
+        depends on nothing else: asked again with the same classes present
+        (most changes), the last answer is given."""
+        present = frozenset(c for c, n in self.classes.items() if n > 0)
+        if present == self._present:
+            return self.selected_classes
+        self._present = present
+        reps = {c: _representative(c, self.node_name, self.zone) for c in present}
         cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
         chosen = select_for_rule(cat, self.policy, self.rule)
         ids = {id(pe) for pe in chosen}
@@ -179,7 +199,9 @@ class _PortState:
             return None
         sp, family, node_name, zone = self.sp, self.family, self.node_name, self.zone
         cls, fields = _endpoint_class, _CLASS_FIELDS
-        memo: dict[tuple, tuple] = {}
+        memo = self.memo
+        if len(memo) > MEMO_MAX:
+            memo.clear()
         known = memo.get
         # ip:port -> class of its endpoint now (None: gone)
         touched: dict[tuple[bytes, int], tuple | None] = {}
@@ -224,7 +246,7 @@ class _PortState:
         removed: list[Backend] = []
         if sel != self.selected_classes:
             self.selected_classes = sel
-            of = _classes_of([pe[0] for pe in winner.values()], node_name, zone)
+            of = _classes_of([pe[0] for pe in winner.values()], node_name, zone, memo)
             now = {k: (k[0], k[1], proto) for k, c in zip(winner, of, strict=True) if c in sel}
             removed = [b for k, b in selected.items() if k not in now]
             added = [b for k, b in now.items() if k not in selected]
