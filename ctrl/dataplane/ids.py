@@ -5,7 +5,7 @@ an id that changed under a flow would move the flow."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Collection
 
 from ..model.plan import Backend
@@ -19,7 +19,9 @@ class BackendIds:
     def __init__(self, backends: dict[int, Backend] | None = None):
         self.backends: dict[int, Backend] = dict(backends or {})
         self.ids: dict[Backend, int] = {b: i for i, b in self.backends.items()}
-        self.refs: dict[int, int] = defaultdict(int)  # backend id -> frontends using it
+        # backend id -> frontends using it. A Counter: a missing id reads
+        # 0, and update() counts a whole list of ids in C.
+        self.refs: Counter[int] = Counter()
         self.next_id = max(list(self.backends) + [0]) + 1
 
     def __len__(self) -> int:
@@ -30,7 +32,7 @@ class BackendIds:
         the backends to write)."""
         ids = self.ids
         get = ids.get
-        out = [get(b) for b in bs]
+        out = list(map(get, bs))
         if out and out.count(None) == len(out) and len(set(bs)) == len(bs):
             # All new (a new Service, a first sync): allocate in bulk.
             # One int object per id, shared by both dicts, the rows to

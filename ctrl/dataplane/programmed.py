@@ -219,7 +219,7 @@ class Programmed:
             self.range_count -= len(self.orphan_ranges)
             self.orphan_slots, self.orphan_names, self.orphan_ranges = [], [], []
             self.tables.prune(cs)
-            self._unused.update(b for b in self.bids.backends if refs.get(b, 0) == 0)
+            self._unused.update(filterfalse(refs.get, self.bids.backends))  # no count, or 0
         # Backends drain once every owner is done, so one that moves from
         # one service to another in the same sync keeps its id; and they go
         # only after draining.
@@ -444,7 +444,6 @@ class Programmed:
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
         old_set.discard(None)  # type: ignore[arg-type]
         changed = self._slots_written(cur, slots.assign(cur.svc_id, sl, wanted), n_old, cs)
-        refs = self.bids.refs
         new_set: set[int]
         if n_old:
             new_set = set(sl)  # type: ignore[arg-type]
@@ -452,8 +451,7 @@ class Programmed:
         else:  # a new frontend: assign gave each backend once
             new_set = set()
             added = sl  # type: ignore[assignment]
-        for b in added:
-            refs[b] += 1
+        self.bids.refs.update(added)
         if self.drains:
             for b in added:
                 self._undrain(b, cs)
@@ -479,11 +477,12 @@ class Programmed:
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
         changed = self._slots_written(cur, slots.fill(cur.svc_id, sl, holes, add, slot_of), n_old, cs)
-        refs, draining = self.bids.refs, self.drains.until
-        for b in add:
-            refs[b] += 1
-            if b in draining:
-                self._undrain(b, cs)
+        self.bids.refs.update(add)
+        if self.drains:
+            draining = self.drains.until
+            for b in add:
+                if b in draining:
+                    self._undrain(b, cs)
         self._released(f.key, rem, cs)
         cur.version = f.version
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
