@@ -107,6 +107,8 @@ def topology_mode(eps: list[PortEndpoint], node_name: str | None, zone: str | No
         elif node_name in e.ep.hint_nodes:
             has_node = True
         if not e.ep.hint_zones:
+            if not all_node:
+                return None  # a ready endpoint with neither hint: no filtering
             all_zone = False
         elif zone in e.ep.hint_zones:
             has_zone = True
