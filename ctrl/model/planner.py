@@ -262,6 +262,21 @@ class _PortState:
         return tuple(added), tuple(removed)
 
 
+def _changed(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice]) -> tuple[dict, dict]:
+    """The slices that differ (by identity: a parsed slice is replaced on
+    every change), as (name -> old, name -> new). The usual case, the same
+    names in the same order (a slice replaced in place), is compared
+    position by position in C: a one-slice change of a Service of 1,200
+    slices then costs microseconds, not two lookups per slice."""
+    if len(before) == len(now) and list(before) == list(now):
+        names = list(itertools.compress(before, map(operator.is_not, before.values(), now.values())))
+        return {n: before[n] for n in names}, {n: now[n] for n in names}
+    return (
+        {n: s for n, s in before.items() if now.get(n) is not s},
+        {n: s for n, s in now.items() if before.get(n) is not s},
+    )
+
+
 @dataclass
 class _Cached:
     svc: Service
@@ -361,8 +376,7 @@ class ServicePlanner:
             return plan_service(svc, list(slices.values()), node_name, zone, node)
         if c is None or c.svc is not svc or c.where != where:
             return self._full(owner, svc, slices, node_name, zone, node)
-        old = {n: s for n, s in c.slices.items() if slices.get(n) is not s}
-        new = {n: s for n, s in slices.items() if c.slices.get(n) is not s}
+        old, new = _changed(c.slices, slices)
         if c.ports is None:
             self._index(c)
         assert c.ports is not None

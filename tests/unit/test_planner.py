@@ -200,3 +200,28 @@ def test_a_rejected_change_is_retried_in_full():
     assert not cs.rejected
     (st,) = prog.frontends.values()
     assert {prog.backends[b][0][-1] for b in st.slots} == {1, 4}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_changed_slices_are_those_not_the_same_object(seed):
+    """The planner's slice comparison gives what comparing every name
+    does, whether the names keep their order (compared by position) or
+    not (slices added, removed, or re-added at the end)."""
+    rnd = random.Random(seed)
+    objs = [object() for _ in range(30)]
+    before = {f"s{i}": objs[i] for i in range(rnd.randrange(0, 12))}
+    now = dict(before)
+    for _ in range(rnd.randrange(0, 4)):
+        op = rnd.random()
+        if op < 0.5 and now:
+            now[rnd.choice(list(now))] = rnd.choice(objs)  # replaced in place (maybe by itself)
+        elif op < 0.75 and now:
+            name = rnd.choice(list(now))
+            value = now.pop(name)
+            if rnd.random() < 0.5:
+                now[name] = value  # the same slice, moved to the end
+        else:
+            now[f"n{rnd.randrange(5)}"] = rnd.choice(objs)
+    want_old = {n: s for n, s in before.items() if now.get(n) is not s}
+    want_new = {n: s for n, s in now.items() if before.get(n) is not s}
+    assert ctrl.model.planner._changed(before, now) == (want_old, want_new)
