@@ -307,11 +307,14 @@ class Codec:
         if not self.st.format.strip("=I") and len(self.st.format) - 1 == len(cols) and _U32.itemsize == 4:
             if self.perm is not None:
                 cols = tuple(c for _, c in sorted(zip(self.perm, cols, strict=True)))
+            cols = tuple(
+                c if isinstance(c, array) and c.typecode == _U32.typecode else array(_U32.typecode, c) for c in cols
+            )
             if len(cols) == 1:
-                return array(_U32.typecode, cols[0]).tobytes()
+                return cols[0].tobytes()
             out = array(_U32.typecode, bytes(4 * len(cols) * len(cols[0])))
             for k, c in enumerate(cols):
-                out[k :: len(cols)] = array(_U32.typecode, c)
+                out[k :: len(cols)] = c
             return out.tobytes()
         return self.pack_rows(zip(*cols, strict=True))
 

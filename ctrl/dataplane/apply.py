@@ -19,7 +19,6 @@ import socket
 import time
 from itertools import chain, repeat
 from operator import add as add_tuple
-from operator import itemgetter
 
 from ..model.plan import Backend, FKey
 from . import abi, sockdiag
@@ -59,9 +58,10 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     # set or cleared (SP_BE_F_DRAINING, with the drain's end in ns);
     # built with map/zip so 100,000 rows stay in C, and an iterator, which
     # the codec packs a chunk at a time.
-    be_ids = list(map(itemgetter(0), cs.be_upd)) + [m[0] for m in cs.be_mark]
+    new_ids, new_backends = cs.be_upd.cols
+    be_ids = list(new_ids) + [m[0] for m in cs.be_mark]
     be_rows = chain(
-        map(add_tuple, map(itemgetter(1), cs.be_upd), repeat((0, 0))),
+        map(add_tuple, new_backends, repeat((0, 0))),
         ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark),
     )
     add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
@@ -70,8 +70,8 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         mn("sp_slot"),
         "update",
         len(cs.slot_upd),
-        c.slot_key.pack_columns([s for s, _, _ in cs.slot_upd], [i for _, i, _ in cs.slot_upd]),
-        c.slot_val.pack_columns([b for _, _, b in cs.slot_upd]),
+        c.slot_key.pack_columns(*cs.slot_upd.cols[:2]),
+        c.slot_val.pack_columns(cs.slot_upd.cols[2]),
     )
     # Maglev entries before the frontend whose flag sends flows to them.
     add(

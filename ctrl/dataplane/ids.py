@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Collection
 
 from ..model.plan import Backend
+from .changeset import Rows
 
 
 class BackendIds:
@@ -27,7 +28,7 @@ class BackendIds:
     def __len__(self) -> int:
         return len(self.backends)
 
-    def get(self, bs: Collection[Backend], new: list[tuple[int, Backend]]) -> list[int]:
+    def get(self, bs: Collection[Backend], new: Rows) -> list[int]:
         """Ids of these backends, allocating new ones (appended to `new`,
         the backends to write)."""
         ids = self.ids
@@ -43,7 +44,7 @@ class BackendIds:
             self.next_id += len(bs)
             ids.update(zip(bs, fresh, strict=False))
             self.backends.update(zip(fresh, bs, strict=False))
-            new.extend(zip(fresh, bs, strict=False))
+            new.extend_columns(fresh, bs)
             return fresh
         if None in out:
             for i, b in enumerate(bs):

@@ -25,7 +25,7 @@ from itertools import filterfalse
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
 from .abi import MapSizes
-from .changeset import ChangeSet
+from .changeset import ChangeSet, Rows
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
 from .tables import MaglevTables
@@ -487,7 +487,7 @@ class Programmed:
         cur.version = f.version
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
-    def _slots_written(self, cur: FrontendState, writes: list[slots.SlotWrite], n_old: int, cs: ChangeSet) -> bool:
+    def _slots_written(self, cur: FrontendState, writes: Rows, n_old: int, cs: ChangeSet) -> bool:
         """Record a frontend's slot writes and the deletes of its slots past
         the new count (it had n_old); whether any slot changed."""
         n = len(cur.slots)

@@ -16,9 +16,8 @@ O(change)).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
 
-SlotWrite = tuple[int, int, int]  # (svc_id, slot, backend id)
+from .changeset import Rows, slot_rows
 
 
 def fill(
@@ -27,27 +26,30 @@ def fill(
     holes: Sequence[int],
     added: Sequence[int],
     slot_of: dict[int, int] | None = None,
-) -> list[SlotWrite]:
+) -> Rows:
     """Change `slots` (backend id per slot of frontend `sid`) in place:
     the `added` backends fill the `holes` (ascending slot numbers whose
     backend leaves), lowest first, then are appended; holes left over take
     the last slot, so none is left below the count. Returns the slot writes
-    in ascending slot order. slot_of (backend -> slot), when given, is kept
+    ((svc_id, slot, backend id) rows) in ascending slot order. slot_of (backend -> slot), when given, is kept
     up to date with the slots that move."""
-    writes: list[SlotWrite] = []
+    writes = slot_rows()
+    _, at, to = writes.cols
     k = min(len(holes), len(added))
     for i, b in zip(holes[:k], added[:k], strict=True):
         slots[i] = b
-        writes.append((sid, i, b))
+        at.append(i)
+        to.append(b)
         if slot_of is not None:
             slot_of[b] = i
     rest = added[k:]
     if rest:
-        # Appended in bulk (zip and extend stay in C): a new frontend of
-        # 100,000 backends takes this path and nothing else.
+        # Appended in bulk (extend stays in C): a new frontend of 100,000
+        # backends takes this path and nothing else.
         start = len(slots)
         slots.extend(rest)
-        writes.extend(zip(repeat(sid), range(start, start + len(rest)), rest))
+        at.extend(range(start, start + len(rest)))
+        to.extend(rest)
         if slot_of is not None:
             slot_of.update(zip(rest, range(start, start + len(rest)), strict=False))
     left = holes[k:]
@@ -60,15 +62,17 @@ def fill(
             break
         moved = slots.pop()
         slots[h] = moved
-        writes.append((sid, h, moved))  # type: ignore[arg-type]
+        at.append(h)
+        to.append(moved)
         if slot_of is not None:
             slot_of[moved] = h  # type: ignore[index]
     while slots and slots[-1] is None:
         slots.pop()
+    writes.fill_first(sid)
     return writes
 
 
-def assign(sid: int, slots: list[int | None], wanted: Sequence[int]) -> list[SlotWrite]:
+def assign(sid: int, slots: list[int | None], wanted: Sequence[int]) -> Rows:
     """Bring `slots` (as fill) to hold the `wanted` backend ids, each once.
     A slot whose backend is not wanted, is missing (None: a slot an adopted
     frontend lacked) or repeats an earlier slot's is a hole; wanted backends

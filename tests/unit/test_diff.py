@@ -5,7 +5,7 @@ import pytest
 from ctrl.dataplane import abi
 from ctrl.dataplane.abi import Codecs, MapSizes, map_name
 from ctrl.dataplane.apply import encode
-from ctrl.dataplane.changeset import ChangeSet
+from ctrl.dataplane.changeset import ChangeSet, Rows
 from ctrl.dataplane.programmed import Programmed
 from ctrl.dataplane.slots import assign_slots
 from ctrl.model.plan import Frontend, FrontendFlag, Scope
@@ -500,7 +500,7 @@ def test_split_cuts_a_change_set_into_services_and_the_node_rest():
     merged = ChangeSet()
     for piece in [*by.values(), rest]:
         for f, v in vars(piece).items():
-            if isinstance(v, list) and f != "marks":
+            if isinstance(v, list | Rows) and f != "marks":
                 getattr(merged, f).extend(v)
     assert _entries(merged) == _entries(cs)
     assert by["default/web"].services == {"default/web"}
