@@ -187,9 +187,12 @@ _HAS_LETTER_RE = re.compile(r"[a-z]")
 LABEL, SUBDOMAIN, PORT_NAME = "a DNS label", "a DNS subdomain", "an IANA port name"
 
 
+_LIMITS = {LABEL: MAX_LABEL, SUBDOMAIN: MAX_SUBDOMAIN, PORT_NAME: MAX_PORT_NAME}
+
+
 def name_problem(value: str, rule: str) -> str | None:
     """Why `value` breaks Kubernetes' `rule` for names, or None."""
-    limit = {LABEL: MAX_LABEL, SUBDOMAIN: MAX_SUBDOMAIN, PORT_NAME: MAX_PORT_NAME}[rule]
+    limit = _LIMITS[rule]
     if len(value) > limit:
         shown = short(value) if len(value) > 40 else f"{value!r} ({len(value)} characters)"
         return f"{shown} is longer than {limit} characters"
