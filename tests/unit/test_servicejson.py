@@ -17,7 +17,7 @@ import pytest
 
 from ctrl.k8s.kube import KubeSource
 from ctrl.k8s.objects import SOURCE_RANGES_ANNOTATION, ObjectError, Service, ServicePort, parse
-from ctrl.k8s.slicejson import decode_service_page
+from ctrl.k8s.slicejson import decode_service_page, decode_trimmed_list
 
 from .test_slicejson import PagedBytes
 
@@ -474,6 +474,23 @@ def test_one_field_set_to_anything(seed):
 )
 def test_not_a_service_list_is_declined(body):
     assert decode_service_page(body) is None
+
+
+def test_a_key_given_twice_reads_as_the_exact_path_reads_it():
+    """JSON objects with a repeated key: the last one counts, on both paths,
+    whole objects included."""
+    body = (
+        b'{"metadata": {"resourceVersion": "1"}, "items": [{'
+        b'"metadata": {"name": "a", "namespace": "x", "uid": "u"}, "metadata": {"name": "b"},'
+        b'"spec": {"type": "Bogus", "type": "NodePort", "ports": [{"port": 1, "port": 2, "nodePort": 30001}],'
+        b'"clusterIPs": ["bad"], "clusterIPs": ["198.19.0.1"]}}]}'
+    )
+    got = decode_service_page(body)
+    trimmed = decode_trimmed_list(body)
+    assert got is not None and trimmed is not None
+    want = exact(trimmed["items"][0])
+    assert shape(got.items[0]) == shape(want)
+    assert (want.key, want.type, want.ports[0].port, want.cluster_ips) == ("default/b", "NodePort", 2, ("198.19.0.1",))
 
 
 def test_an_empty_list_is_a_page():
