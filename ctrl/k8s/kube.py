@@ -12,8 +12,9 @@ the last resourceVersion it saw.
 agent prunes nothing before that, so a restart or a reconnect never drops
 traffic.
 
-Responses are decoded with msgspec: EndpointSlice list pages straight
-into ctrl.k8s.objects (ctrl.k8s.slicejson), everything else into dicts for
+Responses are decoded with msgspec: EndpointSlice and Service list pages
+and EndpointSlice watch events straight into ctrl.k8s.objects
+(ctrl.k8s.slicejson) when they are clean, everything else into dicts for
 ctrl.k8s.objects.parse; never with the kubernetes client's model classes
 (seconds on 100,000 endpoints). The client package is used only to read a
 kubeconfig or the in-cluster config.
@@ -52,7 +53,7 @@ from .objects import (
     problem_line,
     short,
 )
-from .slicejson import decode_change, decode_page, decode_trimmed_list
+from .slicejson import Page, decode_change, decode_page, decode_service_page, decode_trimmed_list
 
 log = logging.getLogger("sliceproxy.source.kube")
 
@@ -506,14 +507,19 @@ class KubeSource:
             body = self.client.get_bytes(res.path, **params)
             # Each page is parsed before the next is fetched: its JSON is
             # garbage by then (27 MB for 100,000 endpoints).
-            page = decode_page(body) if res.kind == "EndpointSlice" else None
+            page: Page[EndpointSlice] | Page[Service] | None = None
+            if res.kind == "EndpointSlice":
+                page = decode_page(body)
+            elif res.kind == "Service":
+                page = decode_service_page(body)
             if page is not None:
                 for obj in page.items:
                     take(obj)
                 cont, rv = page.continue_, page.resource_version
             else:
-                # Services and Nodes: only what parse reads is decoded. (A
-                # slice page that decode_page declined is parsed whole.)
+                # Nodes, and Service pages the typed decoding declined: only
+                # what parse reads is decoded. (A slice page that
+                # decode_page declined is parsed whole.)
                 trimmed = decode_trimmed_list(body) if res.kind != "EndpointSlice" else None
                 doc = trimmed if trimmed is not None else _loads_object(body, f"a {res.kind} list")
                 items = doc.get("items") or []

@@ -187,9 +187,12 @@ _HAS_LETTER_RE = re.compile(r"[a-z]")
 LABEL, SUBDOMAIN, PORT_NAME = "a DNS label", "a DNS subdomain", "an IANA port name"
 
 
+_LIMITS = {LABEL: MAX_LABEL, SUBDOMAIN: MAX_SUBDOMAIN, PORT_NAME: MAX_PORT_NAME}
+
+
 def name_problem(value: str, rule: str) -> str | None:
     """Why `value` breaks Kubernetes' `rule` for names, or None."""
-    limit = {LABEL: MAX_LABEL, SUBDOMAIN: MAX_SUBDOMAIN, PORT_NAME: MAX_PORT_NAME}[rule]
+    limit = _LIMITS[rule]
     if len(value) > limit:
         shown = short(value) if len(value) > 40 else f"{value!r} ({len(value)} characters)"
         return f"{shown} is longer than {limit} characters"
@@ -406,7 +409,11 @@ def parse_service(raw: dict) -> Service:
     stype = _str(spec.get("type"), what, "spec.type") or "ClusterIP"
     if stype not in SERVICE_TYPES:
         raise ObjectError(f"{what}: spec.type: unknown type {short(stype)}")
-    cluster_ips = _cluster_ips(spec, what)
+    cluster_ips = service_cluster_ips(
+        _str(spec.get("clusterIP"), what, "spec.clusterIP"),
+        _list(spec.get("clusterIPs"), what, "spec.clusterIPs"),
+        what,
+    )
     problems = []
     ports = []
     seen: set[tuple[int, str]] = set()
@@ -422,16 +429,7 @@ def parse_service(raw: dict) -> Service:
     cfg = _mapping(spec.get("sessionAffinityConfig"), what, "spec.sessionAffinityConfig")
     client_ip = _mapping(cfg.get("clientIP"), what, "spec.sessionAffinityConfig.clientIP")
     if affinity == "ClientIP":
-        timeout = client_ip.get("timeoutSeconds")
-        affinity_timeout = 10800 if timeout is None else timeout  # Kubernetes' default: 3 hours
-        if (
-            isinstance(affinity_timeout, bool)
-            or not isinstance(affinity_timeout, int)
-            or not (1 <= affinity_timeout <= 86400)
-        ):
-            raise ObjectError(
-                f"{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {short(timeout)} is not 1-86400"
-            )
+        affinity_timeout = client_ip_timeout(client_ip.get("timeoutSeconds"), what)
     itp = _str(spec.get("internalTrafficPolicy"), what, "spec.internalTrafficPolicy") or "Cluster"
     etp = _str(spec.get("externalTrafficPolicy"), what, "spec.externalTrafficPolicy") or "Cluster"
     for fld, v in (("spec.internalTrafficPolicy", itp), ("spec.externalTrafficPolicy", etp)):
@@ -444,21 +442,16 @@ def parse_service(raw: dict) -> Service:
         except ObjectError as e:
             problems.append(str(e))
     lb_ips = _lb_ips(raw, what, problems)
-    ranges_field = "spec.loadBalancerSourceRanges"
-    raw_ranges = _list(spec.get("loadBalancerSourceRanges"), what, ranges_field)
-    if not raw_ranges:
-        ann = annotations.get(SOURCE_RANGES_ANNOTATION)
-        if ann and ann.strip():
-            raw_ranges = [r.strip() for r in ann.split(",") if r.strip()]
-            ranges_field = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+    raw_ranges, ranges_field = source_ranges(
+        _list(spec.get("loadBalancerSourceRanges"), what, "spec.loadBalancerSourceRanges"), annotations
+    )
     lb_ranges = []
     for i, cidr in enumerate(raw_ranges):
-        try:
-            if not isinstance(cidr, str):
-                raise ValueError
-            lb_ranges.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
-        except ValueError:
+        norm = normal_cidr(cidr)
+        if norm is None:
             problems.append(f"{what}: {ranges_field}[{i}]: {short(cidr)} is not a CIDR; ignored")
+        else:
+            lb_ranges.append(norm)
     return Service(
         ns,
         name,
@@ -478,9 +471,32 @@ def parse_service(raw: dict) -> Service:
     )
 
 
-def _cluster_ips(spec: dict, what: str) -> list[str]:
-    single = _str(spec.get("clusterIP"), what, "spec.clusterIP")
-    many = _list(spec.get("clusterIPs"), what, "spec.clusterIPs")
+def _service_port(p: object, what: str, fld: str, seen: set[tuple[int, str]]) -> ServicePort:
+    if not isinstance(p, dict):
+        raise ObjectError(f"{what}: {fld}: {short(p)} is not a mapping")
+    port = _port(p.get("port"), what, f"{fld}.port")
+    assert port is not None  # _port raised otherwise
+    proto = _str(p.get("protocol"), what, f"{fld}.protocol") or "TCP"
+    if proto not in PROTOCOLS:
+        raise ObjectError(f"{what}: {fld}.protocol: unknown protocol {short(proto)}")
+    pname = _str(p.get("name"), what, f"{fld}.name") or ""
+    if pname:
+        _name(pname, what, f"{fld}.name", LABEL)
+    tp = target_port(p.get("targetPort"), port, what, fld)
+    node_port = _port(p.get("nodePort"), what, f"{fld}.nodePort", optional=True)
+    if (port, proto) in seen:
+        raise ObjectError(f"{what}: {fld}: port {port}/{proto} is listed twice")
+    seen.add((port, proto))
+    return ServicePort(pname, port, proto, tp, node_port)
+
+
+# Pieces of parse_service that ctrl.k8s.slicejson's typed decoding calls
+# too, so that both paths decide alike. It passes `what` and `fld` empty: an
+# ObjectError makes it decline the page, and its message is never shown.
+
+
+def service_cluster_ips(single: str | None, many: list, what: str) -> list[str]:
+    """spec.clusterIPs (else spec.clusterIP) checked; [] for a headless Service."""
     if many:
         ips, fld = many, "spec.clusterIPs[{}]"
     else:
@@ -493,34 +509,62 @@ def _cluster_ips(spec: dict, what: str) -> list[str]:
     return out
 
 
-def _service_port(p: object, what: str, fld: str, seen: set[tuple[int, str]]) -> ServicePort:
-    if not isinstance(p, dict):
-        raise ObjectError(f"{what}: {fld}: {short(p)} is not a mapping")
-    port = _port(p.get("port"), what, f"{fld}.port")
-    assert port is not None  # _port raised otherwise
-    proto = _str(p.get("protocol"), what, f"{fld}.protocol") or "TCP"
-    if proto not in PROTOCOLS:
-        raise ObjectError(f"{what}: {fld}.protocol: unknown protocol {short(proto)}")
-    pname = _str(p.get("name"), what, f"{fld}.name") or ""
-    if pname:
-        _name(pname, what, f"{fld}.name", LABEL)
-    tp = p.get("targetPort")
+def target_port(tp: object, port: int, what: str, fld: str) -> int | str:
+    """A port's targetPort checked (fld names the port)."""
     # Kubernetes defaults a missing, 0 or "" targetPort to the port.
     if tp is None or tp == "" or (type(tp) is int and tp == 0):
-        tp = port
-    elif type(tp) is int:
+        return port
+    if type(tp) is int:
         _port(tp, what, f"{fld}.targetPort")
-    elif isinstance(tp, str):
+        return tp
+    if isinstance(tp, str):
         bad = name_problem(tp, PORT_NAME)
         if bad:
             raise ObjectError(f"{what}: {fld}.targetPort: {bad}")
-    else:
-        raise ObjectError(f"{what}: {fld}.targetPort: {short(tp)} is neither a port number nor a port name")
-    node_port = _port(p.get("nodePort"), what, f"{fld}.nodePort", optional=True)
-    if (port, proto) in seen:
-        raise ObjectError(f"{what}: {fld}: port {port}/{proto} is listed twice")
-    seen.add((port, proto))
-    return ServicePort(pname, port, proto, tp, node_port)
+        return tp
+    raise ObjectError(f"{what}: {fld}.targetPort: {short(tp)} is neither a port number nor a port name")
+
+
+def client_ip_timeout(timeout: object, what: str) -> int:
+    """sessionAffinityConfig.clientIP.timeoutSeconds of a ClientIP Service, checked."""
+    seconds = 10800 if timeout is None else timeout  # Kubernetes' default: 3 hours
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not (1 <= seconds <= 86400):
+        raise ObjectError(
+            f"{what}: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {short(timeout)} is not 1-86400"
+        )
+    return seconds
+
+
+def ingress_ip(ip: object, mode: str | None, what: str, fld: str) -> str | None:
+    """The address of one status.loadBalancer.ingress entry a proxy
+    matches, checked; None for an entry it does not match."""
+    if ip is None or ip == "":
+        return None  # hostname-only ingress: nothing for a proxy to match
+    if mode == "Proxy":
+        # The load balancer proxies: traffic reaches the node addressed
+        # to the node, not to this IP. kube-proxy skips it too.
+        return None
+    return _ip(ip, what, f"{fld}.ip")
+
+
+def source_ranges(ranges: list, annotations: dict[str, str]) -> tuple[list, str]:
+    """The source ranges to read, and the field that holds them:
+    spec.loadBalancerSourceRanges, or when it is empty the annotation's."""
+    if not ranges:
+        ann = annotations.get(SOURCE_RANGES_ANNOTATION)
+        if ann and ann.strip():
+            return [r.strip() for r in ann.split(",") if r.strip()], f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+    return ranges, "spec.loadBalancerSourceRanges"
+
+
+def normal_cidr(cidr: object) -> str | None:
+    """A source range normalized ("198.18.0.0/16"), None when it is not a CIDR."""
+    if not isinstance(cidr, str):
+        return None
+    try:
+        return str(ipaddress.ip_network(cidr.strip(), strict=False))
+    except ValueError:
+        return None
 
 
 def _lb_ips(raw: dict, what: str, problems: list[str]) -> list[str]:
@@ -534,13 +578,9 @@ def _lb_ips(raw: dict, what: str, problems: list[str]) -> list[str]:
             ing = _entry(ing, what, fld)
             ip = ing.get("ip")
             mode = _str(ing.get("ipMode"), what, f"{fld}.ipMode")
-            if ip is None or ip == "":
-                continue  # hostname-only ingress: nothing for a proxy to match
-            if mode == "Proxy":
-                # The load balancer proxies: traffic reaches the node addressed
-                # to the node, not to this IP. kube-proxy skips it too.
-                continue
-            out.append(_ip(ip, what, f"{fld}.ip"))
+            addr = ingress_ip(ip, mode, what, fld)
+            if addr is not None:
+                out.append(addr)
         except ObjectError as e:
             problems.append(str(e))
     return out

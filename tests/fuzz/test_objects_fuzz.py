@@ -10,8 +10,8 @@ one:
 * file source: the pair is one YAML file of a directory that FileSource
   scans once;
 * API source: the pairs are items of list pages read by KubeSource.list_all
-  (EndpointSlices through the msgspec fast path first, ctrl.k8s.slicejson) and
-  ADDED events of a stream read by KubeSource.watch.
+  (EndpointSlices and Services through the msgspec fast path first,
+  ctrl.k8s.slicejson) and ADDED events of a stream read by KubeSource.watch.
 
 Asserted: nothing raises; every object that the parser refuses or reports
 costs exactly one log line, and every other object none; a wrong type
