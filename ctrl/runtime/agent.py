@@ -117,21 +117,29 @@ class Agent:
         self.checks = 0  # periodic checks completed
 
     def take(self, events: list[Event]) -> None:
-        for ev in events:
-            touched = self.state.apply(ev)
-            self.schedule.changed(touched)
-            if not touched or ev.kind not in self._pending:
-                continue
-            self._pending[ev.kind] += 1
-            if self._queued_at is None:
-                self._queued_at = time.time()
-            # A deleted slice's trigger time is its last update's, not
-            # the deletion's: kube-proxy ignores it, and so do we.
-            trigger = getattr(ev.obj, "trigger_time", None) if ev.op != "delete" else None
-            if trigger:
-                self._triggers.append(trigger)
-            if self.metrics is not None:
-                self.metrics.changes_seen(ev.kind)
+        seen = dict.fromkeys(self._pending, 0)  # changes per kind, counted once at the end
+        apply, dirty = self.state.apply, self.schedule.changed
+        try:
+            for ev in events:
+                touched = apply(ev)
+                if not touched:
+                    continue
+                dirty(touched)
+                if ev.kind not in seen:
+                    continue
+                seen[ev.kind] += 1
+                if self._queued_at is None:
+                    self._queued_at = time.time()
+                # A deleted slice's trigger time is its last update's, not
+                # the deletion's: kube-proxy ignores it, and so do we.
+                trigger = getattr(ev.obj, "trigger_time", None) if ev.op != "delete" else None
+                if trigger:
+                    self._triggers.append(trigger)
+        finally:
+            for kind, n in seen.items():
+                self._pending[kind] += n
+                if n and self.metrics is not None:
+                    self.metrics.changes_seen(kind, n)
         if self.metrics is not None:
             self.metrics.pending(self._pending["EndpointSlice"], self._pending["Service"], self._queued_at)
         self._publish()
