@@ -300,13 +300,15 @@ class Programmed:
     def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int, int]:
         """Entries this owner's change adds (services, slots, backends,
         source ranges) at its peak."""
-        new_fronts = sum(1 for f in fronts if f.key not in self.frontends)
+        new_fronts = 0
         new_be: set[Backend] = set()
         slot_growth = 0
         range_growth = 0
         ids = self.bids.ids
         for f in fronts:
             cur = self.frontends.get(f.key)
+            if cur is None:
+                new_fronts += 1
             if f.source_ranges:
                 range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
             if self._delta_applies(f):
@@ -387,7 +389,11 @@ class Programmed:
                 f"the source range map holds at most {cap.source_ranges} entries, {g_src} more needed "
                 f"(raise --max-source-ranges)"
             )
-        g_mgl = self.tables.growth(f.key for f in fronts if f.scope == Scope.EXTERNAL and f.backends)
+        g_mgl = (
+            self.tables.growth(f.key for f in fronts if f.scope == Scope.EXTERNAL and f.backends)
+            if self.maglev_size
+            else 0
+        )
         if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev:
             full.append(
                 f"the Maglev map holds at most {cap.maglev} entries, {g_mgl} more needed "
@@ -424,20 +430,28 @@ class Programmed:
     def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
         """One frontend to its planned backends: from its delta when the
         plan is relative to what it holds (O(change)), else in full."""
-        cur = self.frontends.get(f.key)
-        if self._delta_applies(f) and cur is not None and cur.owner == owner:
+        key = f.key
+        cur = self.frontends.get(key)
+        # _delta_applies, inline
+        if (
+            cur is not None
+            and f.added is not None
+            and cur.version == f.base
+            and cur.version >= 0
+            and cur.owner == owner
+        ):
             self._sync_frontend_delta(owner, f, cur, cs)
             return
         wanted = self.bids.get(f.backends, cs.be_upd)
         if cur is None:
             cur = FrontendState(self.sids.new(), owner, "", [], -1, -1)
-            self.frontends[f.key] = cur
+            self.frontends[key] = cur
         elif cur.owner != owner:
             # Adopted without a name (_claims lets no other owner here):
             # this Service takes it over, id and slots included.
-            log.info("frontend %s of no known owner is %s's", frontend_str(f.key), owner)
-            self.by_owner[cur.owner].discard(f.key)
-        self.by_owner[owner].add(f.key)
+            log.info("frontend %s of no known owner is %s's", frontend_str(key), owner)
+            self.by_owner[cur.owner].discard(key)
+        self.by_owner[owner].add(key)
         cur.owner = owner
         sl: list[int | None] = cur.slots  # type: ignore[assignment]
         n_old = len(sl)
@@ -455,13 +469,13 @@ class Programmed:
         if self.drains:
             for b in added:
                 self._undrain(b, cs)
-        self._released(f.key, old_set - new_set, cs)
+        self._released(key, old_set - new_set, cs)
         cur.version = f.version
         cur.slot_of = None  # built by index_pending or the first delta
         if f.version >= 0 and len(cur.slots) >= EAGER_INDEX_FROM:
             # A large frontend's index right after the write; a small one's
             # at its first delta, in a fraction of a millisecond.
-            self._unindexed.add(f.key)
+            self._unindexed.add(key)
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
     def _sync_frontend_delta(self, owner: str, f: Frontend, cur: FrontendState, cs: ChangeSet) -> None:

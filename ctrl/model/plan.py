@@ -195,6 +195,8 @@ def count_no_local(svc: Service, has_local: Callable[[ServicePort], bool]) -> tu
     port has a local endpoint (in any family of the Service's cluster IPs:
     categorize()'s local set, which exists only for a port using it)."""
     internal = external = 0
+    if svc.internal_traffic_policy != "Local" and svc.external_traffic_policy != "Local":
+        return 0, 0  # no port uses a local set (most Services)
     for sp in svc.ports:
         if sp.protocol not in SERVED_PROTOCOLS:
             continue
