@@ -44,7 +44,9 @@ class BackendIds:
             self.next_id += len(bs)
             ids.update(zip(bs, fresh, strict=False))
             self.backends.update(zip(fresh, bs, strict=False))
-            new.extend_columns(fresh, bs)
+            new_ids, new_backends = new.cols
+            new_ids.extend(fresh)
+            new_backends.extend(bs)
             return fresh
         if None in out:
             for i, b in enumerate(bs):

@@ -25,7 +25,7 @@ from itertools import filterfalse
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
 from .abi import MapSizes
-from .changeset import ChangeSet, Rows
+from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
 from .tables import MaglevTables
@@ -457,7 +457,9 @@ class Programmed:
         n_old = len(sl)
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
         old_set.discard(None)  # type: ignore[arg-type]
-        changed = self._slots_written(cur, slots.assign(cur.svc_id, sl, wanted), n_old, cs)
+        before = len(cs.slot_upd)
+        slots.assign(cur.svc_id, sl, wanted, cs.slot_upd)
+        changed = self._slots_written(cur, before, n_old, cs)
         new_set: set[int]
         if n_old:
             new_set = set(sl)  # type: ignore[arg-type]
@@ -490,7 +492,9 @@ class Programmed:
         rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
-        changed = self._slots_written(cur, slots.fill(cur.svc_id, sl, holes, add, slot_of), n_old, cs)
+        before = len(cs.slot_upd)
+        slots.fill(cur.svc_id, sl, holes, add, slot_of, cs.slot_upd)
+        changed = self._slots_written(cur, before, n_old, cs)
         self.bids.refs.update(add)
         if self.drains:
             draining = self.drains.until
@@ -501,14 +505,15 @@ class Programmed:
         cur.version = f.version
         self._finish_frontend(owner, f, cur, n_old, changed, cs)
 
-    def _slots_written(self, cur: FrontendState, writes: Rows, n_old: int, cs: ChangeSet) -> bool:
-        """Record a frontend's slot writes and the deletes of its slots past
-        the new count (it had n_old); whether any slot changed."""
+    def _slots_written(self, cur: FrontendState, before: int, n_old: int, cs: ChangeSet) -> bool:
+        """Record the deletes of a frontend's slots past its new count (it
+        had n_old), its slot writes being in cs.slot_upd past `before`;
+        whether any slot changed."""
         n = len(cur.slots)
-        cs.slot_upd.extend(writes)
-        cs.slot_del.extend((cur.svc_id, i) for i in range(n, n_old))
+        if n < n_old:
+            cs.slot_del.extend((cur.svc_id, i) for i in range(n, n_old))
         self.slot_count += n - n_old
-        return bool(writes) or n < n_old
+        return len(cs.slot_upd) > before or n < n_old
 
     def _released(self, key: FKey, bids: Collection[int], cs: ChangeSet) -> None:
         """Backends that stopped serving frontend `key`: their UDP flows

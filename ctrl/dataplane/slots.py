@@ -26,14 +26,18 @@ def fill(
     holes: Sequence[int],
     added: Sequence[int],
     slot_of: dict[int, int] | None = None,
+    writes: Rows | None = None,
 ) -> Rows:
     """Change `slots` (backend id per slot of frontend `sid`) in place:
     the `added` backends fill the `holes` (ascending slot numbers whose
     backend leaves), lowest first, then are appended; holes left over take
     the last slot, so none is left below the count. Returns the slot writes
-    ((svc_id, slot, backend id) rows) in ascending slot order. slot_of (backend -> slot), when given, is kept
-    up to date with the slots that move."""
-    writes = slot_rows()
+    ((svc_id, slot, backend id) rows) in ascending slot order: appended to
+    `writes` when given (a change set's, after the rows it holds), else in
+    rows of their own. slot_of (backend -> slot), when given, is kept up to
+    date with the slots that move."""
+    if writes is None:
+        writes = slot_rows()
     _, at, to = writes.cols
     k = min(len(holes), len(added))
     for i, b in zip(holes[:k], added[:k], strict=True):
@@ -72,13 +76,13 @@ def fill(
     return writes
 
 
-def assign(sid: int, slots: list[int | None], wanted: Sequence[int]) -> Rows:
+def assign(sid: int, slots: list[int | None], wanted: Sequence[int], writes: Rows | None = None) -> Rows:
     """Bring `slots` (as fill) to hold the `wanted` backend ids, each once.
     A slot whose backend is not wanted, is missing (None: a slot an adopted
     frontend lacked) or repeats an earlier slot's is a hole; wanted backends
     not in a slot are added, in `wanted` order."""
     if not slots:  # a new frontend: wanted's order, duplicates once
-        return fill(sid, slots, (), list(dict.fromkeys(wanted)))
+        return fill(sid, slots, (), list(dict.fromkeys(wanted)), writes=writes)
     want = set(wanted)
     present: set[int] = set()
     holes = []
@@ -88,7 +92,7 @@ def assign(sid: int, slots: list[int | None], wanted: Sequence[int]) -> Rows:
         else:
             holes.append(i)
     added = [b for b in dict.fromkeys(wanted) if b not in present]
-    return fill(sid, slots, holes, added)
+    return fill(sid, slots, holes, added, writes=writes)
 
 
 def assign_slots(current: list[int | None], wanted: list[int]) -> list[int]:
