@@ -23,18 +23,17 @@ class Rows:
     writer packs the columns without walking rows. Reads as the list of
     tuples it stands for (iteration, len, slices, +, ==)."""
 
-    __slots__ = ("cols", "codes")
+    __slots__ = ("cols",)
 
     def __init__(self, codes: str, rows: Iterable[tuple] = ()):
         """codes: per field, "I" (an array of __u32) or "O" (a list)."""
-        self.codes = codes
         self.cols: tuple[Any, ...] = tuple(array("I") if c == "I" else [] for c in codes)
         if rows:
             self.extend(rows)
 
     def _like(self, cols) -> Rows:
         r = Rows.__new__(Rows)
-        r.codes, r.cols = self.codes, tuple(cols)
+        r.cols = tuple(cols)
         return r
 
     def __len__(self) -> int:

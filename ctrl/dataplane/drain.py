@@ -38,11 +38,6 @@ class Drains:
     def __iter__(self) -> Iterator[int]:
         return iter(self.until)
 
-    def start(self, bid: int, until: float) -> None:
-        """Add a deadline."""
-        self.until[bid] = until
-        heapq.heappush(self._heap, (until, bid))
-
     def start_many(self, bids: Iterable[int], until: float) -> None:
         """Add one deadline for several backends."""
         d, h, push = self.until, self._heap, heapq.heappush

@@ -38,10 +38,7 @@ def test_drains_match_a_plain_model(seed):
         if op < 0.4:
             bids = [b for b in rnd.sample(range(1, 300), rnd.randrange(1, 6)) if b not in model]
             until = now + rnd.choice([0.0, 5.0, 10.0, rnd.uniform(-20, 60)])  # out of order too
-            if len(bids) == 1:
-                d.start(bids[0], until)
-            else:
-                d.start_many(bids, until)
+            d.start_many(bids, until)
             model.update(dict.fromkeys(bids, until))
         elif op < 0.7:
             bid = rnd.choice(list(model) or [0]) if rnd.random() < 0.8 else rnd.randrange(300, 310)
@@ -67,7 +64,7 @@ def test_drains_match_a_plain_model(seed):
 def test_due_comes_in_deadline_order_after_many_early_stops():
     d = Drains()
     for b in range(1, 1001):
-        d.start(b, float(b))
+        d.start_many([b], float(b))
     for b in range(1, 1001, 2):  # half stopped early: stale heap entries
         assert d.stop(b)
     assert d.next_end() == 2.0
@@ -79,7 +76,7 @@ def test_due_comes_in_deadline_order_after_many_early_stops():
 def test_a_drain_started_again_keeps_only_its_new_deadline():
     d = Drains({7: 10.0})
     d.stop(7)
-    d.start(7, 30.0)
+    d.start_many([7], 30.0)
     assert d.next_end() == 30.0
     assert list(d.due(20.0, lambda b: False)) == []
     assert list(d.due(30.0, lambda b: False)) == [(7, False)]
