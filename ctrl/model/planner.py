@@ -262,7 +262,7 @@ class _PortState:
         return tuple(added), tuple(removed)
 
 
-def _changed(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice]) -> tuple[dict, dict]:
+def changed_slices(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice]) -> tuple[dict, dict]:
     """The slices that differ (by identity: a parsed slice is replaced on
     every change), as (name -> old, name -> new). The usual case, the same
     names in the same order (a slice replaced in place), is compared
@@ -376,7 +376,7 @@ class ServicePlanner:
             return plan_service(svc, list(slices.values()), node_name, zone, node)
         if c is None or c.svc is not svc or c.where != where:
             return self._full(owner, svc, slices, node_name, zone, node)
-        old, new = _changed(c.slices, slices)
+        old, new = changed_slices(c.slices, slices)
         if c.ports is None:
             self._index(c)
         assert c.ports is not None

@@ -269,7 +269,7 @@ class Agent:
         desired = self.plan(owners)
         if self.health_checks is not None:
             for owner in sorted(owners):
-                self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices_of(owner))
+                self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices.get(owner, {}))
         t_plan = time.perf_counter()
         stages["plan"] = t_plan - t0
         cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())

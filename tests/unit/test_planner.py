@@ -224,4 +224,4 @@ def test_changed_slices_are_those_not_the_same_object(seed):
             now[f"n{rnd.randrange(5)}"] = rnd.choice(objs)
     want_old = {n: s for n, s in before.items() if now.get(n) is not s}
     want_new = {n: s for n, s in now.items() if before.get(n) is not s}
-    assert ctrl.model.planner._changed(before, now) == (want_old, want_new)
+    assert ctrl.model.planner.changed_slices(before, now) == (want_old, want_new)

@@ -1,0 +1,64 @@
+"""The health check's local endpoint count, kept across changes, equals the
+count from scratch (distinct ready addresses on this node over every slice)
+on random sequences of slices added, replaced, left as they are and
+removed, with addresses listed by two slices and endpoints without a node."""
+
+import random
+
+import pytest
+
+from ctrl.k8s.objects import parse
+from ctrl.runtime.healthcheck import LocalReady
+
+from .helpers import endpoint_slice
+
+ME = "node-a"
+POOL = [f"198.18.3.{i}" for i in range(1, 13)]
+
+
+def from_scratch(slices) -> int:
+    return len({ep.addr for sl in slices.values() for ep in sl.endpoints if ep.ready and ep.node_name == ME})
+
+
+def rand_slice(rnd, name):
+    eps = []
+    for ip in rnd.sample(POOL, rnd.randrange(0, 6)):
+        ep = {"addresses": [ip], "conditions": {"ready": rnd.random() < 0.7}}
+        node = rnd.choice([ME, ME, "node-b", None])
+        if node is not None:
+            ep["nodeName"] = node
+        eps.append(ep)
+    return parse(endpoint_slice(name, endpoints=eps))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_count_kept_across_changes_equals_count_from_scratch(seed):
+    rnd = random.Random(seed)
+    names = [f"web-{c}" for c in "abcde"]
+    local = LocalReady(ME)
+    slices: dict = {}
+    seen = set()
+    for _ in range(60):
+        op = rnd.random()
+        name = rnd.choice(names)
+        if op < 0.5:
+            slices[name] = rand_slice(rnd, name)  # added or replaced
+        elif op < 0.7:
+            slices.pop(name, None)
+        elif op < 0.8:
+            slices = dict(reversed(slices.items()))  # same slices, another order
+        # else: nothing changed
+        want = from_scratch(slices)
+        assert local.update(dict(slices)) == want
+        seen.add(want)
+    # The sequences reach counts above one, so shared addresses matter.
+    assert max(seen) > 1
+
+
+def test_an_address_in_two_slices_counts_once_until_both_drop_it():
+    a = parse(endpoint_slice("web-a", endpoints=[{"addresses": ["198.18.3.1"], "nodeName": ME}]))
+    b = parse(endpoint_slice("web-b", endpoints=[{"addresses": ["198.18.3.1"], "nodeName": ME}]))
+    local = LocalReady(ME)
+    assert local.update({"web-a": a, "web-b": b}) == 1
+    assert local.update({"web-b": b}) == 1
+    assert local.update({}) == 0
