@@ -61,6 +61,9 @@ NO_FLAGS = FrontendFlag(0)
 RULE_CLUSTER_IP = "itp"  # a cluster IP: internalTrafficPolicy decides
 RULE_EXTERNAL_FROM_PODS = "cluster"  # an external address reached from pods
 RULE_EXTERNAL = "etp"  # an external address reached from outside
+# ... and the set of endpoints that rule comes to (selects()).
+SELECT_LOCAL = "local"
+SELECT_CLUSTER = "cluster"
 
 # Protocols the datapath rewrites today.
 SERVED_PROTOCOLS = ("TCP", "UDP")
@@ -93,19 +96,27 @@ def nodeport_addresses(ips: tuple[str, ...], cidrs: tuple[str, ...]) -> tuple[st
     return tuple(ip for ip in ips if any(ipaddress.ip_address(ip) in n for n in nets))
 
 
-def select_for_rule(cat, policy: PortPolicy, rule: str) -> list[PortEndpoint]:
-    """The endpoints of a frontend from categorize()'s sets, kube-proxy's
-    chains: a cluster IP goes to KUBE-SVL (local) under
-    internalTrafficPolicy Local, else KUBE-SVC (cluster); an external
-    address reached from outside goes to the local set under
-    externalTrafficPolicy Local, else the cluster set; reached from a pod
-    (kube-proxy's short circuit of traffic from the cluster) it always goes
-    to the cluster set."""
+def selects(rule: str, policy: PortPolicy) -> str:
+    """Which of categorize()'s sets a frontend of this rule spreads over
+    (SELECT_LOCAL or SELECT_CLUSTER), kube-proxy's chains: a cluster IP
+    goes to KUBE-SVL (local) under internalTrafficPolicy Local, else
+    KUBE-SVC (cluster); an external address reached from outside goes to
+    the local set under externalTrafficPolicy Local, else the cluster set;
+    reached from a pod (kube-proxy's short circuit of traffic from the
+    cluster) it always goes to the cluster set. Frontends of one port and
+    family that select the same set share one selection: a NodePort and
+    LoadBalancer Service under Cluster policies is planned once per port,
+    not once per kind of frontend."""
     if rule == RULE_CLUSTER_IP:
-        return cat.local if policy.internal_local else cat.cluster
+        return SELECT_LOCAL if policy.internal_local else SELECT_CLUSTER
     if rule == RULE_EXTERNAL:
-        return cat.local if policy.external_local else cat.cluster
-    return cat.cluster
+        return SELECT_LOCAL if policy.external_local else SELECT_CLUSTER
+    return SELECT_CLUSTER
+
+
+def selected(cat, which: str) -> list[PortEndpoint]:
+    """categorize()'s set `which` (SELECT_LOCAL or SELECT_CLUSTER) names."""
+    return cat.local if which == SELECT_LOCAL else cat.cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,8 +289,10 @@ def _specs(svc: Service, node: NodeAddresses | None) -> list[_Spec]:
     return out
 
 
-def selection_key(spec: _Spec) -> tuple:
-    return (spec.sp.port, spec.sp.protocol, spec.family, spec.rule)
+def selection_key(spec: _Spec, policy: PortPolicy) -> tuple:
+    """What a frontend's endpoints depend on: its port, family and the set
+    its rule selects under the port's policy."""
+    return (spec.sp.port, spec.sp.protocol, spec.family, selects(spec.rule, policy))
 
 
 def plan_service(
@@ -314,6 +327,8 @@ def plan_full(
     chosen: dict[tuple, tuple[Backend, ...]] = {}
     reject: dict[tuple, FrontendFlag] = {}
     local: dict[tuple[int, str], bool] = {}
+    policies: dict[ServicePort, PortPolicy] = {}
+    cats: dict[tuple, tuple] = {}  # (port, protocol, family) -> (merged, categorize() of it)
     for spec in _specs(svc, node):
         sp = spec.sp
         if sp.protocol not in SERVED_PROTOCOLS:
@@ -325,20 +340,32 @@ def plan_full(
                 )
             continue
         proto = PROTO_NUMBERS[sp.protocol]
-        sk = selection_key(spec)
+        policy = policies.get(sp)
+        if policy is None:
+            policy = policies[sp] = port_policy(svc, sp)
+        sk = selection_key(spec, policy)
         backends = chosen.get(sk)
         if backends is None:
-            policy = port_policy(svc, sp)
-            merged = merge_endpoints_keyed(sp, slices, spec.family)
-            if merged_out is not None:
-                merged_out[sk] = merged
-            cat = categorize(list(merged.values()), policy, node_name, zone)
+            # One merge and categorize per port and family: its two
+            # selections (local, cluster) come from the same sets.
+            pk = sk[:3]
+            got = cats.get(pk)
+            if got is None:
+                merged = merge_endpoints_keyed(sp, slices, spec.family)
+                cat = categorize(list(merged.values()), policy, node_name, zone)
+                cats[pk] = got = (merged, cat)
+                if merged_out is not None:
+                    merged_out[sk] = merged
+            else:
+                merged, cat = got
+                if merged_out is not None:
+                    # Each selection's state owns (and changes) its own.
+                    merged_out[sk] = dict(merged)
             local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps
             # one endpoint per (address, port): no duplicates.
-            eps = select_for_rule(cat, policy, spec.rule)
-            backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in eps])
+            backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in selected(cat, sk[3])])
             reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
         f = Frontend(
             addr=addr16(spec.addr),

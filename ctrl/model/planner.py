@@ -38,7 +38,7 @@ from .plan import (
     plan_full,
     plan_service,
     port_policy,
-    select_for_rule,
+    selected,
 )
 from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints_keyed
 
@@ -127,12 +127,13 @@ class _PortState:
         node_name,
         zone,
         slices,
-        rule: str,
+        which: str,
         merged: dict[tuple[bytes, int], PortEndpoint] | None = None,
     ):
-        """`merged`: merge_endpoints_keyed of these slices, from the full
+        """`which`: the set selected (plan.SELECT_LOCAL or SELECT_CLUSTER).
+        `merged`: merge_endpoints_keyed of these slices, from the full
         plan, adopted (not copied: this state owns it from now on)."""
-        self.sp, self.family, self.proto, self.policy, self.rule = sp, family, proto, policy, rule
+        self.sp, self.family, self.proto, self.policy, self.which = sp, family, proto, policy, which
         self.node_name, self.zone = node_name, zone
         if merged is None:
             merged = merge_endpoints_keyed(sp, list(slices.values()), family)
@@ -185,7 +186,7 @@ class _PortState:
         self._present = present
         reps = {c: _representative(c, self.node_name, self.zone) for c in present}
         cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
-        chosen = select_for_rule(cat, self.policy, self.rule)
+        chosen = selected(cat, self.which)
         ids = {id(pe) for pe in chosen}
         return frozenset(c for c, pe in reps.items() if id(pe) in ids)
 
@@ -301,8 +302,9 @@ EAGER_INDEX_FROM = 1000
 class ServicePlanner:
     """plan_service with memory: per Service, what it planned last; a
     change to some of its slices is planned in time proportional to them.
-    Frontends that select alike (same port, family and rule: a NodePort on
-    two node addresses, an LB IP and an externalIP) share one _PortState."""
+    Frontends that select alike (same port and family, and the same set
+    selected: under Cluster policies a cluster IP, its NodePorts, LB IPs
+    and externalIPs all do) share one _PortState."""
 
     def __init__(self) -> None:
         self._cache: dict[str, _Cached] = {}
@@ -347,16 +349,17 @@ class ServicePlanner:
         return n
 
     def _index(self, c: _Cached) -> None:
-        """One _PortState per selection (port, family, rule) the frontends use."""
+        """One _PortState per selection (port, family, set selected) the
+        frontends use."""
         svc = c.svc
         node_name, zone, _ = c.where
         c.ports = {}
         for sk in dict.fromkeys(c.meta.values()):
-            port, protocol, family, rule = sk
+            port, protocol, family, which = sk
             sp = next(p for p in svc.ports if p.port == port and p.protocol == protocol)
             seed = (c.merged or {}).get(sk)
             c.ports[sk] = _PortState(
-                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, rule, seed
+                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, which, seed
             )
         c.merged = None
 
