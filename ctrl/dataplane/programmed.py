@@ -536,7 +536,8 @@ class Programmed:
             fflags |= FrontendFlag.MAGLEV
         flags = abi.frontend_flags(fflags)
         if FrontendFlag.MAGLEV in fflags:
-            self._tabled.append((f.key, cur.svc_id, frozenset(b for b in cur.slots if b is not None)))
+            ids = frozenset(cur.slots)
+            self._tabled.append((f.key, cur.svc_id, ids.difference((None,)) if None in ids else ids))
         elif f.key in self.tables.of:
             self._tabled.append((f.key, cur.svc_id, frozenset()))
         if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:

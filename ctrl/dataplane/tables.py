@@ -229,9 +229,13 @@ class MaglevTables:
         address and port (the same on every node), not their ids."""
         table = self._built.get(ids)
         if table is None:
-            ordered = sorted(ids, key=lambda b: (backends[b][0], backends[b][1]))
-            positions = maglev.build([maglev.identity(backends[b][0], backends[b][1]) for b in ordered], self.size)
-            table = self._built[ids] = [ordered[i] for i in positions]
+            # In turn order: (address, port, protocol) sorted, the protocol
+            # being one frontend's, compared in C (no key function per
+            # backend); only the first M can take a turn.
+            turns = sorted(zip(map(backends.__getitem__, ids), ids, strict=True))[: self.size]
+            identity = maglev.identity
+            positions = maglev.build([identity(b[0], b[1]) for b, _ in turns], self.size)
+            table = self._built[ids] = [turns[i][1] for i in positions]
         return table
 
     def entries_of(self, key: FKey) -> list[int] | None:

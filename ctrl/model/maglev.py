@@ -99,6 +99,10 @@ def build(idents: Sequence[bytes], m: int) -> list[int]:
     n = len(idents)
     if n == 0:
         return []
+    if n > m:
+        # The first m fill the table in their first turn: the rest never
+        # get one, and need no permutation.
+        idents, n = idents[:m], m
     perms = [_permutation(i, m) for i in idents]
     pos = [o for o, _ in perms]  # the next entry each backend tries
     skips = [s for _, s in perms]
