@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
 from ..util.addrs import addr16, addr_str, is_v4
-from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_keyed
+from .topology import Categorized, PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_keyed
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -314,9 +314,9 @@ def plan_full(
     """plan_service, and what ServicePlanner keeps of it: the selection_key
     of each frontend, and per (port, protocol) whether categorize() found a
     local endpoint (for no_local; known for the ports using one). With
-    `merged_out`, also each selection_key's merged endpoints by (address,
-    port), which the planner's per-port state adopts instead of merging
-    the slices again; with `versions`, each frontend numbered from it (the
+    `merged_out`, also the merged endpoints by (address, port) of each
+    (port, protocol, family) a frontend uses, which the planner's per-port
+    state adopts instead of merging the slices again; with `versions`, each frontend numbered from it (the
     planner's plan numbers: set here, not copied in afterwards)."""
     if svc is None or ignored_reason(svc):
         return [], [], {}, {}
@@ -328,7 +328,7 @@ def plan_full(
     reject: dict[tuple, FrontendFlag] = {}
     local: dict[tuple[int, str], bool] = {}
     policies: dict[ServicePort, PortPolicy] = {}
-    cats: dict[tuple, tuple] = {}  # (port, protocol, family) -> (merged, categorize() of it)
+    cats: dict[tuple, Categorized] = {}  # (port, protocol, family) -> categorize() of its merge
     for spec in _specs(svc, node):
         sp = spec.sp
         if sp.protocol not in SERVED_PROTOCOLS:
@@ -349,18 +349,12 @@ def plan_full(
             # One merge and categorize per port and family: its two
             # selections (local, cluster) come from the same sets.
             pk = sk[:3]
-            got = cats.get(pk)
-            if got is None:
+            cat = cats.get(pk)
+            if cat is None:
                 merged = merge_endpoints_keyed(sp, slices, spec.family)
-                cat = categorize(list(merged.values()), policy, node_name, zone)
-                cats[pk] = got = (merged, cat)
+                cat = cats[pk] = categorize(list(merged.values()), policy, node_name, zone)
                 if merged_out is not None:
-                    merged_out[sk] = merged
-            else:
-                merged, cat = got
-                if merged_out is not None:
-                    # Each selection's state owns (and changes) its own.
-                    merged_out[sk] = dict(merged)
+                    merged_out[pk] = merged
             local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps

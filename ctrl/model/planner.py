@@ -116,7 +116,10 @@ MEMO_MAX = 4096
 
 
 class _PortState:
-    """One served port of one cluster IP: merged endpoints and selection."""
+    """One served port of one family of a Service: its merged endpoints,
+    and for each set its frontends take (plan.SELECT_LOCAL, SELECT_CLUSTER)
+    the endpoints in it. Under externalTrafficPolicy Local a port's
+    frontends take both, from the one merge kept here."""
 
     def __init__(
         self,
@@ -127,13 +130,13 @@ class _PortState:
         node_name,
         zone,
         slices,
-        which: str,
+        whiches: tuple[str, ...],
         merged: dict[tuple[bytes, int], PortEndpoint] | None = None,
     ):
-        """`which`: the set selected (plan.SELECT_LOCAL or SELECT_CLUSTER).
-        `merged`: merge_endpoints_keyed of these slices, from the full
-        plan, adopted (not copied: this state owns it from now on)."""
-        self.sp, self.family, self.proto, self.policy, self.which = sp, family, proto, policy, which
+        """`whiches`: the sets selected. `merged`: merge_endpoints_keyed of
+        these slices, from the full plan, adopted (not copied: this state
+        owns it from now on)."""
+        self.sp, self.family, self.proto, self.policy, self.whiches = sp, family, proto, policy, whiches
         self.node_name, self.zone = node_name, zone
         if merged is None:
             merged = merge_endpoints_keyed(sp, list(slices.values()), family)
@@ -155,9 +158,11 @@ class _PortState:
             self.memo.clear()
         self.classes = Counter(of)
         self._present: frozenset | None = None
-        self.selected_classes = sel = self._selected_classes()
-        self.selected: dict[tuple[bytes, int], Backend] = {
-            k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel
+        self.selected_classes: dict[str, frozenset] = self._selected_classes()
+        # set -> (ip, port) -> backend, in merge order
+        self.selected: dict[str, dict[tuple[bytes, int], Backend]] = {
+            w: {k: (k[0], k[1], proto) for k, c in zip(self.winner, of, strict=True) if c in sel}
+            for w, sel in self.selected_classes.items()
         }
 
     def has_local(self) -> bool:
@@ -176,26 +181,30 @@ class _PortState:
             for (ready, serving, terminating, *_), n in self.classes.items()
         )
 
-    def _selected_classes(self) -> frozenset:
-        """The classes categorize() selects, given the classes present. It
-        depends on nothing else: asked again with the same classes present
-        (most changes), the last answer is given."""
+    def _selected_classes(self) -> dict[str, frozenset]:
+        """Per set, the classes categorize() puts in it, given the classes
+        present. It depends on nothing else: asked again with the same
+        classes present (most changes), the last answer (the same object)
+        is given."""
         present = frozenset(c for c, n in self.classes.items() if n > 0)
         if present == self._present:
             return self.selected_classes
         self._present = present
         reps = {c: _representative(c, self.node_name, self.zone) for c in present}
         cat = categorize(list(reps.values()), self.policy, self.node_name, self.zone)
-        chosen = selected(cat, self.which)
-        ids = {id(pe) for pe in chosen}
-        return frozenset(c for c, pe in reps.items() if id(pe) in ids)
+        out = {}
+        for w in self.whiches:
+            ids = {id(pe) for pe in selected(cat, w)}
+            out[w] = frozenset(c for c, pe in reps.items() if id(pe) in ids)
+        return out
 
-    def update(self, old: dict, new: dict) -> tuple[tuple[Backend, ...], tuple[Backend, ...]] | None:
+    def update(self, old: dict, new: dict) -> dict[str, tuple[tuple[Backend, ...], tuple[Backend, ...]]] | None:
         """Apply changed slices (name -> slice, None when gone) given the
-        old objects; (added, removed) backends, or None when only a full
-        re-plan is right (duplicates across slices). The hot path of a
-        one-slice change: each endpoint's class is looked up by the fields
-        it reads (as _classes_of does), once per endpoint."""
+        old objects; per set, (added, removed) backends, or None when only
+        a full re-plan is right (duplicates across slices). The hot path of
+        a one-slice change: each endpoint's class is looked up by the
+        fields it reads (as _classes_of does), once per endpoint, whatever
+        the number of sets."""
         if self.duplicates:
             return None
         sp, family, node_name, zone = self.sp, self.family, self.node_name, self.zone
@@ -240,27 +249,32 @@ class _PortState:
                     c = memo[f] = cls(ep, node_name, zone)
                 classes[c] += 1
                 touched[k] = c
-        sel = self._selected_classes()
-        selected = self.selected
+        sels = self._selected_classes()
         proto = self.proto
-        added: list[Backend] = []
-        removed: list[Backend] = []
-        if sel != self.selected_classes:
-            self.selected_classes = sel
-            of = _classes_of([pe[0] for pe in winner.values()], node_name, zone, memo)
-            now = {k: (k[0], k[1], proto) for k, c in zip(winner, of, strict=True) if c in sel}
-            removed = [b for k, b in selected.items() if k not in now]
-            added = [b for k, b in now.items() if k not in selected]
-            self.selected = now
-            return tuple(added), tuple(removed)
-        for k, c in touched.items():
-            if c is not None and c in sel:
-                if k not in selected:
-                    b = selected[k] = (k[0], k[1], proto)
-                    added.append(b)
-            elif k in selected:
-                removed.append(selected.pop(k))
-        return tuple(added), tuple(removed)
+        out = {}
+        of = None
+        for w, sel in sels.items():
+            selected = self.selected[w]
+            added: list[Backend] = []
+            removed: list[Backend] = []
+            if sel != self.selected_classes[w]:
+                if of is None:
+                    of = _classes_of([pe[0] for pe in winner.values()], node_name, zone, memo)
+                now = {k: (k[0], k[1], proto) for k, c in zip(winner, of, strict=True) if c in sel}
+                removed = [b for k, b in selected.items() if k not in now]
+                added = [b for k, b in now.items() if k not in selected]
+                self.selected[w] = now
+            else:
+                for k, c in touched.items():
+                    if c is not None and c in sel:
+                        if k not in selected:
+                            b = selected[k] = (k[0], k[1], proto)
+                            added.append(b)
+                    elif k in selected:
+                        removed.append(selected.pop(k))
+            out[w] = (tuple(added), tuple(removed))
+        self.selected_classes = sels
+        return out
 
 
 def changed_slices(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice]) -> tuple[dict, dict]:
@@ -285,10 +299,11 @@ class _Cached:
     slices: dict[str, EndpointSlice]
     fronts: list[Frontend]
     notes: list[str]
-    meta: dict[tuple, tuple]  # frontend key -> key of its _PortState
+    meta: dict[tuple, tuple]  # frontend key -> its selection_key (port, protocol, family, set)
     local: dict[tuple[int, str], bool]  # of the full plan: (port, protocol) -> has a local endpoint
-    ports: dict[tuple, _PortState] | None = None  # built by index() or the first change
-    # selection_key -> the full plan's merged endpoints, until _index adopts them
+    # (port, protocol, family) -> its _PortState, built by index() or the first change
+    ports: dict[tuple, _PortState] | None = None
+    # (port, protocol, family) -> the full plan's merged endpoints, until _index adopts them
     merged: dict[tuple, dict] | None = None
 
 
@@ -349,17 +364,28 @@ class ServicePlanner:
         return n
 
     def _index(self, c: _Cached) -> None:
-        """One _PortState per selection (port, family, set selected) the
-        frontends use."""
+        """One _PortState per port and family the frontends use, for the
+        sets they select."""
         svc = c.svc
         node_name, zone, _ = c.where
+        sets: dict[tuple, dict[str, None]] = {}
+        for port, protocol, family, which in c.meta.values():
+            sets.setdefault((port, protocol, family), {})[which] = None
         c.ports = {}
-        for sk in dict.fromkeys(c.meta.values()):
-            port, protocol, family, which = sk
+        for pk, whiches in sets.items():
+            port, protocol, family = pk
             sp = next(p for p in svc.ports if p.port == port and p.protocol == protocol)
-            seed = (c.merged or {}).get(sk)
-            c.ports[sk] = _PortState(
-                sp, family, PROTO_NUMBERS[protocol], port_policy(svc, sp), node_name, zone, c.slices, which, seed
+            seed = (c.merged or {}).get(pk)
+            c.ports[pk] = _PortState(
+                sp,
+                family,
+                PROTO_NUMBERS[protocol],
+                port_policy(svc, sp),
+                node_name,
+                zone,
+                c.slices,
+                tuple(whiches),
+                seed,
             )
         c.merged = None
 
@@ -383,24 +409,26 @@ class ServicePlanner:
         if c.ports is None:
             self._index(c)
         assert c.ports is not None
-        deltas: dict[tuple, tuple] = {}
-        for sk, st in c.ports.items():
-            delta = st.update(old, new) if (old or new) else ((), ())
+        deltas: dict[tuple, dict] = {}
+        for pk, st in c.ports.items():
+            delta = st.update(old, new) if (old or new) else dict.fromkeys(st.whiches, ((), ()))
             if delta is None:
                 return self._full(owner, svc, slices, node_name, zone, node)
-            deltas[sk] = delta
+            deltas[pk] = delta
         fronts = []
         for f in c.fronts:
-            sk = c.meta[f.key]
-            st, delta = c.ports[sk], deltas[sk]
+            port, protocol, family, which = c.meta[f.key]
+            pk = (port, protocol, family)
+            st = c.ports[pk]
+            added, removed = deltas[pk][which]
             reject = NO_FLAGS if st.has_any() else FrontendFlag.REJECT
             fronts.append(
                 replace(
                     f,
-                    backends=st.selected.values(),
+                    backends=st.selected[which].values(),
                     flags=(f.flags & ~FrontendFlag.REJECT) | reject,
-                    added=delta[0],
-                    removed=delta[1],
+                    added=added,
+                    removed=removed,
                     base=f.version,
                     version=next(self._versions),
                 )
