@@ -15,6 +15,11 @@ small cluster); a rolling update (every slice replaced, one by one); peak
 RSS and the maps' kernel memory; the tc program's cost per packet for a
 service hit (BPF_PROG_TEST_RUN) at 1 Service and at the scenario's size.
 
+Service shapes: S1's one Service as a NodePort, a LoadBalancer with
+externalTrafficPolicy Local and a health check, with ClientIP affinity,
+with topology hints, and under --external-lb=maglev: its full sync and one
+slice replaced, next to the ClusterIP of the scenarios.
+
 Peers, same Services: kube-proxy's iptables ruleset restored with
 iptables-legacy-restore (and iptables-nft-restore where it finishes) into a
 throwaway namespace, full, after one slice change as a whole-table restore
@@ -83,7 +88,9 @@ def main() -> int:
         "--quick", action="store_true", help="the same scenarios, small (well under a minute): the smoke test"
     )
     ap.add_argument("--backends", type=int, help="endpoints of S1's one Service (default 100,000; quick 2,000)")
-    ap.add_argument("--only", metavar="S1,S2...", help="run only these parts (S1, S1b, S2, S3, xdp, xdpload, latency)")
+    ap.add_argument(
+        "--only", metavar="S1,S2...", help="run only these parts (S1, S1b, S2, S3, shapes, xdp, xdpload, latency)"
+    )
     ap.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     ap.add_argument("--markdown", metavar="FILE", help="write the results section of docs/benchmarks.md")
     ap.add_argument("--plots", metavar="DIR", help="write the PNG plots there (needs matplotlib)")
@@ -144,6 +151,8 @@ def main() -> int:
     if args.backends:
         scenarios = [s.scaled(endpoints=args.backends) if s.key == "S1" else s for s in scenarios]
     want = set(args.only.split(",")) if args.only else None
+    # The Service shapes: S1's one Service, as sized for this run.
+    shapes_of = next(s for s in scenarios if s.key == "S1")
     if want is not None:
         scenarios = [s for s in scenarios if s.key in want]
     worker_timeout = 900 if not args.quick else 300
@@ -221,6 +230,8 @@ def main() -> int:
                     Cluster(scn), change, common.throwaway_netns, args.nft_timeout
                 ),
             )
+        if args.internal_traffic_policy == "Cluster" and (want is None or "shapes" in want):
+            res["shapes"] = guarded("shapes", lambda: ours.measure_shapes(shapes_of, base, args.quick, worker_timeout))
         if want is None or "xdp" in want:
             res["xdp"] = guarded(
                 "xdp", lambda: xdp.measure(200 if args.quick else 2000, 10_000 if args.quick else 100_000)
@@ -266,7 +277,7 @@ def merge(parts: list[dict]) -> dict:
     for p in parts:
         res["scenarios"].update(p["scenarios"])
         res["errors"] += p.get("errors", [])
-        for k in ("latency", "profile_S1", "xdp", "xdp_load"):
+        for k in ("latency", "profile_S1", "xdp", "xdp_load", "shapes"):
             if p.get(k):
                 res[k] = p[k]
     walls = [p["load"]["wall_s"] for p in parts]

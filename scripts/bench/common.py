@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "bench"
 NODE = "node-0"
+NODE_ZONE = "zone-a"
 POOL_BASE = 0xC6120100  # 198.18.1.0
 POOL_SIZE = 65_000
 VIP_BASE = 0xC6130001  # 198.19.0.1
@@ -68,6 +69,13 @@ class Scenario:
     # Local: every Service has internalTrafficPolicy Local, so the bench's
     # node (NODE, 1 endpoint in 100) uses only its own endpoints.
     internal_traffic_policy: str = "Cluster"
+    shape: str = "ClusterIP"  # one of SHAPES
+
+    @property
+    def frontends(self) -> tuple[int, int]:
+        """Frontends per Service on NODE (one InternalIP), as (those that
+        take every endpoint, those that take NODE's own only)."""
+        return SHAPES[self.shape][1]
 
     @property
     def slices_per_service(self) -> int:
@@ -98,6 +106,7 @@ class Scenario:
             endpoints or self.endpoints,
             self.slice_max,
             self.internal_traffic_policy,
+            self.shape,
         )
 
     def ladder(self) -> list[Scenario]:
@@ -118,6 +127,24 @@ class Scenario:
         return out[::-1]
 
 
+# Service shapes (`--only shapes`: S1's one Service in each): what the
+# Service adds to the ClusterIP of the scenarios, and its frontends on NODE
+# (see Scenario.frontends). A cluster IP, a NodePort and an LB IP each in
+# both scopes (reached from pods, from outside) under Cluster policies all
+# take every endpoint; under externalTrafficPolicy Local those reached from
+# outside take NODE's own.
+SHAPES: dict[str, tuple[str, tuple[int, int]]] = {
+    "ClusterIP": ("the scenarios' Service", (1, 0)),
+    "NodePort": ("type NodePort", (3, 0)),
+    "LoadBalancer-Local": ("type LoadBalancer, externalTrafficPolicy Local, a healthCheckNodePort", (3, 2)),
+    "ClientIP": ("sessionAffinity ClientIP", (1, 0)),
+    "Hints": ("topology-mode Auto, every endpoint hinted for its zone", (1, 0)),
+    "Maglev": ("type LoadBalancer, the agent run with --external-lb=maglev", (5, 0)),
+}
+SHAPE_LB_IP = "198.19.255.1"
+SHAPE_NODE_PORT = 30080
+SHAPE_HEALTH_PORT = 32000
+
 FULL_SCENARIOS = [
     Scenario("S1", 1, 100_000),
     Scenario("S1b", 1, 120_000),
@@ -130,6 +157,19 @@ QUICK_SCENARIOS = [
     Scenario("S2", 200, 10),
     Scenario("S3", 40, 50),
 ]
+
+
+def taken(scn: Scenario, nodes: list[str], zones: list[str]) -> tuple[int, int]:
+    """Of endpoints on these nodes in these zones, what NODE programs for
+    one Service of scn as (backends, slots over its frontends): each
+    frontend that takes every endpoint (those of NODE's zone under
+    topology hints) and each that takes NODE's own only."""
+    every, own = scn.frontends
+    if scn.internal_traffic_policy == "Local":
+        every, own = 0, every + own
+    n_all = sum(1 for z in zones if z == NODE_ZONE) if scn.shape == "Hints" else len(nodes)
+    n_own = sum(1 for n in nodes if n == NODE)
+    return (n_all if every else n_own), every * n_all + own * n_own
 
 
 # -- the cluster the scenarios describe -----------------------------------------
@@ -200,9 +240,14 @@ class Cluster:
         """The node an endpoint runs on: 100 nodes, NODE one of them."""
         return f"node-{addr % 100}"
 
-    def local_endpoints(self) -> int:
-        """Endpoints on NODE: what it programs under internalTrafficPolicy Local."""
-        return sum(1 for row in self.slices for s in row for a in s.addrs if self.node_of(a) == NODE)
+    @staticmethod
+    def zone_of(addr: int) -> str:
+        return f"zone-{'abc'[addr % 3]}"
+
+    def taken(self) -> tuple[int, int]:
+        """What NODE's full sync programs: (backends, slots)."""
+        addrs = [a for row in self.slices for sl in row for a in sl.addrs]
+        return taken(self.scn, [self.node_of(a) for a in addrs], [self.zone_of(a) for a in addrs])
 
     def endpoints(self, i: int) -> list[tuple[str, int]]:
         """(address, port) of Service i in merge order."""
@@ -222,7 +267,7 @@ class Cluster:
 
     def raw_service(self, i: int) -> dict:
         name = self.svc_name(i)
-        return {
+        raw = {
             "metadata": {
                 "name": name,
                 "namespace": NAMESPACE,
@@ -272,6 +317,26 @@ class Cluster:
             },
             "status": {"loadBalancer": {}},
         }
+        self._shape(raw)
+        return raw
+
+    def _shape(self, raw: dict) -> None:
+        """The scenario's shape (SHAPES) made of a ClusterIP Service."""
+        shape, spec = self.scn.shape, raw["spec"]
+        if shape in ("NodePort", "LoadBalancer-Local", "Maglev"):
+            spec["type"] = "NodePort" if shape == "NodePort" else "LoadBalancer"
+            spec["ports"][0]["nodePort"] = SHAPE_NODE_PORT
+        if spec["type"] == "LoadBalancer":
+            raw["status"] = {"loadBalancer": {"ingress": [{"ip": SHAPE_LB_IP, "ipMode": "VIP"}]}}
+            spec["externalTrafficPolicy"] = "Cluster"
+        if shape == "LoadBalancer-Local":
+            spec["externalTrafficPolicy"] = "Local"
+            spec["healthCheckNodePort"] = SHAPE_HEALTH_PORT
+        elif shape == "ClientIP":
+            spec["sessionAffinity"] = "ClientIP"
+            spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
+        elif shape == "Hints":
+            raw["metadata"]["annotations"] = {"service.kubernetes.io/topology-mode": "Auto"}
 
     def raw_slice(self, i: int, j: int) -> dict:
         s = self.slices[i][j]
@@ -341,8 +406,9 @@ class Cluster:
                         "uid": _uid("pod", a, s.generation),
                     },
                     "nodeName": self.node_of(a),
-                    "zone": f"zone-{'abc'[a % 3]}",
+                    "zone": self.zone_of(a),
                 }
+                | ({"hints": {"forZones": [{"name": self.zone_of(a)}]}} if self.scn.shape == "Hints" else {})
                 for a in s.addrs
             ],
             "ports": [{"name": "http", "protocol": "TCP", "port": s.port}],
@@ -406,7 +472,7 @@ NODE_LIST = json.dumps(
                 "metadata": {
                     "name": NODE,
                     "resourceVersion": "1",
-                    "labels": {"kubernetes.io/hostname": NODE, "topology.kubernetes.io/zone": "zone-a"},
+                    "labels": {"kubernetes.io/hostname": NODE, "topology.kubernetes.io/zone": NODE_ZONE},
                 },
                 "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.10"}]},
             }

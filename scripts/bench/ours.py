@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import io
 import json
 import logging
 import pstats
 import queue
+import shutil
 import socket
 import struct
 import subprocess
@@ -48,11 +50,14 @@ from .common import (
     NODE,
     NODE_LIST,
     ROOT,
+    SHAPE_HEALTH_PORT,
+    SHAPES,
     Cluster,
     Scenario,
     inet_csum,
     progress,
     summary,
+    taken,
     vip,
 )
 
@@ -62,10 +67,11 @@ from .common import (
 def prepare(scn: Scenario, d: Path, changes: int, rolling: bool) -> dict:
     """Write the list pages and the watch lines for scenario `scn` into d."""
     cl = Cluster(scn)
-    local = scn.internal_traffic_policy == "Local"
     (d / "expect.json").parent.mkdir(parents=True, exist_ok=True)
-    # Entries the full sync must leave in the slot and backend maps.
-    (d / "expect.json").write_text(json.dumps({"full": cl.local_endpoints() if local else scn.total}))
+    # Entries the full sync must leave in the frontend, slot and backend maps.
+    backends, slots = cl.taken()
+    frontends = scn.services * sum(scn.frontends)
+    (d / "expect.json").write_text(json.dumps({"backends": backends, "slots": slots, "frontends": frontends}))
     d.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for kind, tag in (("Service", "svc"), ("EndpointSlice", "slices")):
@@ -103,6 +109,8 @@ def run_worker(scn: Scenario, d: Path, steps: list[str], opts: dict, timeout: fl
         str(scn.slice_max),
         "--internal-traffic-policy",
         scn.internal_traffic_policy,
+        "--shape",
+        scn.shape,
         "--steps",
         ",".join(steps),
     ]
@@ -205,7 +213,7 @@ class Worker:
 
         self.a = a
         self.loader = loader
-        self.scn = Scenario("-", a.services, a.endpoints, a.slice_max, a.internal_traffic_policy)
+        self.scn = Scenario("-", a.services, a.endpoints, a.slice_max, a.internal_traffic_policy, a.shape)
         self.local = a.internal_traffic_policy == "Local"
         self.expect = json.loads((Path(a.dir) / "expect.json").read_text())
         # `sliceproxy run` with its defaults, but for the HTTP servers'
@@ -219,6 +227,8 @@ class Worker:
         ]  # fmt: skip
         if a.drain_period is not None:
             flags += ["--drain-period", str(a.drain_period)]
+        if a.shape == "Maglev":
+            flags += ["--external-lb", "maglev"]
         parser = cli.build_parser()
         drain_period = parser.parse_args(["run", *flags]).drain_period
         # The agent's default map sizes (what a user runs with, and what the
@@ -229,11 +239,12 @@ class Worker:
         # (an operator's --max-backends / --max-slots).
         d = MapSizes()
         total = a.endpoints * a.services
+        need_slots = int(self.expect["slots"] * 1.05)
         need_be = 2 * total + 400 * self.scn.slice_size if drain_period > 0 else total + 2 * self.scn.slice_size
         sizes = MapSizes(
             services=max(d.services, 1 << int(a.services * 1.1).bit_length()),
             backends=d.backends if need_be <= d.backends else 1 << need_be.bit_length(),
-            slots=d.slots if total * 1.05 <= d.slots else 1 << int(total * 1.05).bit_length(),
+            slots=d.slots if need_slots <= d.slots else 1 << need_slots.bit_length(),
             conntrack=d.conntrack,
         )
         for flag, v, default in (
@@ -268,6 +279,9 @@ class Worker:
         self.agent = build_agent(opts, self.source, self.writer, self.dp.maps)
         if self.agent.metrics is None or self.agent.health_checks is None:
             raise RuntimeError("the bench's agent lacks the metrics or health checks `sliceproxy run` has")
+        # A healthCheckNodePort (the LoadBalancer-Local shape) served on
+        # loopback only, as the metrics and /healthz are here.
+        self.agent.health_checks.address = "127.0.0.1"
         self.out: dict = {
             "services": a.services,
             "endpoints": a.endpoints,
@@ -309,6 +323,9 @@ class Worker:
             "endpoint_changes": values.get("kubeproxy_sync_proxy_rules_endpoint_changes_total"),
             "healthz": get(self.ports["healthz"], "/healthz")[0],
         }
+        if self.scn.shape == "LoadBalancer-Local":
+            code, body = get(SHAPE_HEALTH_PORT, "/")
+            self.out["scraped"]["health_check"] = {"code": code, "body": json.loads(body) if body else None}
 
     def _drain(self) -> None:
         while True:
@@ -345,7 +362,7 @@ class Worker:
             if self.a.profile
             else {map_base(n): len(m.items()) for n, m in self.dp.maps.items() if map_base(n) != "sp_stats"}
         )
-        want = {"sp_svc": self.scn.services, "sp_slot": self.expect["full"], "sp_be": self.expect["full"]}
+        want = {"sp_svc": self.expect["frontends"], "sp_slot": self.expect["slots"], "sp_be": self.expect["backends"]}
         for name, n in want.items():
             if counts and counts[name] != n:
                 raise RuntimeError(f"after the full sync {name} holds {counts[name]} entries, expected {n}")
@@ -372,13 +389,11 @@ class Worker:
         }
         self.out["memory"]["maps_total"] = sum(v["memlock"] for v in self.out["memory"]["maps"].values())
 
-    def _added(self, line: bytes) -> int:
-        """Backends a change must add: the new slice's endpoints, or under
-        internalTrafficPolicy Local those on this node."""
-        if not self.local:
-            return self.scn.slice_size
+    def _expected(self, line: bytes) -> tuple[int, int]:
+        """Backends a change must add and slots it must set: the new
+        slice's endpoints that NODE takes, over the Service's frontends."""
         eps = json.loads(line)["object"]["endpoints"]
-        return sum(1 for e in eps if e.get("nodeName") == NODE)
+        return taken(self.scn, [e.get("nodeName") for e in eps], [e.get("zone") for e in eps])
 
     def _one(self, line: bytes) -> tuple[float, dict]:
         self.client.pending.append(line)
@@ -401,11 +416,14 @@ class Worker:
         budget_end = time.monotonic() + self.a.change_budget
         for k, line in enumerate(self._lines("changes.jsonl")):
             dt, s = self._one(line)
-            n = self._added(line)
-            # Under a Local policy fewer backends than slots may move (a
-            # removed local backend's slot takes the last one's backend).
-            if s["backends_added"] != n or (not self.local and s["slots_set"] != n):
-                raise RuntimeError(f"change {k}: expected {n} slots and backends written, got {s}")
+            n, n_slots = self._expected(line)
+            # Exactly one slot per backend added and frontend, where every
+            # frontend takes every endpoint. Under a Local policy (a removed
+            # local backend's slot takes the last one's backend) or topology
+            # hints (a slice's count in this zone changes) slots may move.
+            exact = not self.local and not self.scn.frontends[1] and self.scn.shape != "Hints"
+            if s["backends_added"] != n or (exact and s["slots_set"] != n_slots):
+                raise RuntimeError(f"change {k}: expected {n} backends and {n_slots} slots written, got {s}")
             lat.append(dt)
             if len(lat) >= 20 and time.monotonic() > budget_end:
                 break
@@ -546,6 +564,7 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--packet-rounds", type=int, default=5)
     ap.add_argument("--flows", type=int, default=1000)
     ap.add_argument("--internal-traffic-policy", choices=("Cluster", "Local"), default="Cluster")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="ClusterIP")
     ap.add_argument("--drain-period", type=float, help="the agent's --drain-period (default: its default)")
     ap.add_argument("--profile", action="store_true", help="cProfile the full sync and the changes instead")
     a = ap.parse_args(argv)
@@ -626,6 +645,31 @@ def measure(scn: Scenario, base: Path, quick: bool, timeout: float, ladder: bool
     )
     res["growth"] = growth
     return res
+
+
+def measure_shapes(scn: Scenario, base: Path, quick: bool, timeout: float) -> dict:
+    """S1's one Service in each of SHAPES: its full sync, and one slice
+    replaced (p50, p99), with the agent's own split of each."""
+    out = {}
+    for shape, (what, _) in SHAPES.items():
+        sh = dataclasses.replace(scn, key=f"shape-{shape}", shape=shape)
+        d = scratch_for(base, sh)
+        progress(f"ours: {scn.label} endpoints as {shape} ({what})")
+        prepare(sh, d, 50 if quick else 300, rolling=False)
+        try:
+            r = run_worker(sh, d, ["full", "change"], {"change_budget": 5 if quick else 15}, timeout)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        out[shape] = {
+            "what": what,
+            "scraped": r["scraped"],
+            "frontends": sum(sh.frontends),
+            "full_s": r["full"]["s"],
+            "stages": r["full"]["stages"],
+            "entries": r["full"]["entries"],
+            "change": r["change"],
+        }
+    return out
 
 
 def profile(scn: Scenario, base: Path, timeout: float) -> dict:

@@ -242,3 +242,23 @@ def test_the_agent_ran_as_sliceproxy_run_builds_it(figures):
         assert got["syncs"] == 1 + n + done, got  # the full sync, each change, each rolling step
         assert got["endpoint_changes"] == o["rolling"]["slices"] + n + done, got  # listed, changed, rolled
         assert got["healthz"] == 200
+
+
+def test_service_shapes_programmed_and_changed(figures):
+    """S1's Service in each shape: the worker checked every map's entries
+    after the full sync (frontends, slots over them, backends) and the
+    backends each change added; here, that each shape is what it says."""
+    sh = figures["shapes"]
+    assert set(sh) == {"ClusterIP", "NodePort", "LoadBalancer-Local", "ClientIP", "Hints", "Maglev"}
+    for name, x in sh.items():
+        e, c = x["entries"], x["change"]
+        assert e["sp_svc"] == x["frontends"], name
+        assert e["sp_slot"] >= e["sp_be"] > 0, name
+        assert c["n"] >= 20 and 0 < c["min"] <= c["p50"] <= c["p99"] <= c["max"], name
+        assert (e["sp_mgl"] > 0) == (name == "Maglev"), name
+    assert sh["NodePort"]["entries"]["sp_slot"] == 3 * sh["ClusterIP"]["entries"]["sp_slot"]
+    # Hinted for their zones, this node's zone takes about a third.
+    assert sh["Hints"]["entries"]["sp_be"] < sh["ClusterIP"]["entries"]["sp_be"] / 2
+    # The health check answered with this node's ready endpoints (1 in 100).
+    hc = sh["LoadBalancer-Local"]["scraped"]["health_check"]
+    assert hc["code"] == 200 and hc["body"]["localEndpoints"] > 0, hc
