@@ -114,7 +114,7 @@ def selects(rule: str, policy: PortPolicy) -> str:
     return SELECT_CLUSTER
 
 
-def selected(cat, which: str) -> list[PortEndpoint]:
+def selected(cat: Categorized, which: str) -> list[PortEndpoint]:
     """categorize()'s set `which` (SELECT_LOCAL or SELECT_CLUSTER) names."""
     return cat.local if which == SELECT_LOCAL else cat.cluster
 
@@ -316,8 +316,9 @@ def plan_full(
     local endpoint (for no_local; known for the ports using one). With
     `merged_out`, also the merged endpoints by (address, port) of each
     (port, protocol, family) a frontend uses, which the planner's per-port
-    state adopts instead of merging the slices again; with `versions`, each frontend numbered from it (the
-    planner's plan numbers: set here, not copied in afterwards)."""
+    state adopts instead of merging the slices again; with `versions`,
+    each frontend numbered from it (the planner's plan numbers: set here,
+    not copied in afterwards)."""
     if svc is None or ignored_reason(svc):
         return [], [], {}, {}
     notes: list[str] = []
