@@ -328,7 +328,7 @@ def plan_full(
     chosen: dict[tuple, tuple[Backend, ...]] = {}
     reject: dict[tuple, FrontendFlag] = {}
     local: dict[tuple[int, str], bool] = {}
-    policies: dict[ServicePort, PortPolicy] = {}
+    policies: dict[int, PortPolicy] = {}
     cats: dict[tuple, Categorized] = {}  # (port, protocol, family) -> categorize() of its merge
     for spec in _specs(svc, node):
         sp = spec.sp
@@ -341,9 +341,9 @@ def plan_full(
                 )
             continue
         proto = PROTO_NUMBERS[sp.protocol]
-        policy = policies.get(sp)
+        policy = policies.get(id(sp))  # by identity: a ServicePort's hash is a Python call
         if policy is None:
-            policy = policies[sp] = port_policy(svc, sp)
+            policy = policies[id(sp)] = port_policy(svc, sp)
         sk = selection_key(spec, policy)
         backends = chosen.get(sk)
         if backends is None:
@@ -369,7 +369,8 @@ def plan_full(
             scope=spec.scope,
             name=frontend_name(svc, sp.name, sp.port, sp.protocol),
             backends=backends,
-            flags=spec.flags | reject[sk],
+            # An enum's | is a Python call: none when there is nothing to add.
+            flags=spec.flags | r if (r := reject[sk]) else spec.flags,
             affinity_timeout=svc.affinity_timeout,
             source_ranges=spec.ranges,
             version=-1 if versions is None else next(versions),
