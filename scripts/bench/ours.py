@@ -23,6 +23,10 @@ map sizes an operator would pass for the scenario:
   memory   the worker's peak RSS (VmHWM), its RSS before and after, and the
            kernel memory charged to each map (memlock in fdinfo).
 
+The Service shapes (measure_shapes) run full and change on S1's Service
+made a NodePort, a LoadBalancer and so on (common.SHAPES), the agent run
+with the flags a shape needs (--external-lb=maglev).
+
 The only stand-in is the HTTP transport: a Replay client hands
 KubeSource the bytes from the files instead of from a socket.
 """
