@@ -50,6 +50,9 @@ class FrontendState:
     version: int = -1
     slot_of: dict[int, int] | None = None
     ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
+    # A Maglev frontend's backend ids as a set, and the version they are of
+    # (Programmed._table_ids).
+    id_set: tuple[int, frozenset[int]] | None = None
 
 
 def name_capacity() -> int:
@@ -503,7 +506,7 @@ class Programmed:
                     self._undrain(b, cs)
         self._released(f.key, rem, cs)
         cur.version = f.version
-        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+        self._finish_frontend(owner, f, cur, n_old, changed, cs, (f.base, rem, add))
 
     def _slots_written(self, cur: FrontendState, before: int, n_old: int, cs: ChangeSet) -> bool:
         """Record the deletes of a frontend's slots past its new count (it
@@ -526,18 +529,26 @@ class Programmed:
             self._unused.add(b)
 
     def _finish_frontend(
-        self, owner: str, f: Frontend, cur: FrontendState, n_old: int, changed: bool, cs: ChangeSet
+        self,
+        owner: str,
+        f: Frontend,
+        cur: FrontendState,
+        n_old: int,
+        changed: bool,
+        cs: ChangeSet,
+        delta: tuple[int, list[int], list[int]] | None = None,
     ) -> None:
         """The frontend entry (count, flags, affinity), its name and its
-        source ranges, where they changed."""
+        source ranges, where they changed. delta: the version the slots
+        were of and the backend ids the change removed and added, when
+        it was applied as a delta."""
         n = len(cur.slots)
         fflags = f.flags
         if self.maglev_size and f.scope == Scope.EXTERNAL:
             fflags |= FrontendFlag.MAGLEV
         flags = abi.frontend_flags(fflags)
         if FrontendFlag.MAGLEV in fflags:
-            ids = frozenset(cur.slots)
-            self._tabled.append((f.key, cur.svc_id, ids.difference((None,)) if None in ids else ids))
+            self._tabled.append((f.key, cur.svc_id, self._table_ids(cur, delta)))
         elif f.key in self.tables.of:
             self._tabled.append((f.key, cur.svc_id, frozenset()))
         if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:
@@ -557,6 +568,24 @@ class Programmed:
             changed = True
         if changed:
             cs.services.add(owner)
+
+    def _table_ids(self, cur: FrontendState, delta: tuple[int, list[int], list[int]] | None) -> frozenset[int]:
+        """The backend ids of a Maglev frontend's slots, for its table. The
+        external frontends of a Service mostly take the same backends: they
+        get one set object (a Service's NodePort and LoadBalancer IP, one
+        change of 100,000 backends: one set of 100,000 built, hashed and
+        compared, not one per frontend). From the last sync's set and the
+        delta when there is one, else from the slots."""
+        prev = cur.id_set
+        ids = None
+        if delta is not None and prev is not None and prev[0] == delta[0]:
+            ids = self.tables.derive(prev[1], delta[1], delta[2])
+        # A delta leaves no hole below the count (ctrl.dataplane.slots):
+        # one slot per backend.
+        if ids is None or len(ids) != len(cur.slots):
+            ids = self.tables.id_set(cur.slots)
+        cur.id_set = (cur.version, ids)
+        return ids
 
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
         st = self.frontends.pop(key)

@@ -360,3 +360,81 @@ def test_dry_run_lists_the_tables():
     assert abi.map_name("sp_mgl") not in json.loads(
         render_changes(Programmed().sync({"default/web": [ext(1)]}), "json")
     )
+
+
+def test_tables_follow_deltas_as_if_built_from_scratch():
+    """A Service's LB IP and NodePort through a run of changes given as
+    deltas (as the planner gives them), more backends than entries and
+    fewer: after each, both read one table, the map holds exactly it, and
+    it is the table of their backends built from nothing. A change only
+    past the first M turns writes no entry."""
+    m = maglev.MIN_SIZE
+    rng = random.Random(15)
+    p = Programmed(maglev_size=m)
+    mapped: dict[tuple[int, int], int] = {}
+    have: set[int] = set()
+    nodeport = addr16("198.18.200.1")
+    pasts = 0
+    for step in range(40):
+        before = set(have)
+        past = False
+        if step == 0:
+            have = set(rng.sample(range(4000), 1500))
+        elif step % 10 == 5:  # most replaced, fewer than M or more
+            n = rng.randrange(300, 900) if step // 10 % 2 else rng.randrange(1300, 2500)
+            have = set(rng.sample(range(4000), n))
+        elif past := step % 10 == 7 and len(have) > m + 40:  # past the first M turns only
+            cut = sorted(have)[m]
+            gone = set(rng.sample([i for i in have if i > cut], 20))
+            new = set(rng.sample([i for i in range(cut + 1, 4000) if i not in have], 20))
+            have = (have - gone) | new
+        else:
+            gone = set(rng.sample(sorted(have), rng.randrange(0, 60)))
+            new = set(rng.sample([i for i in range(4000) if i not in have], rng.randrange(0, 60)))
+            have = (have - gone) | new
+        delta = (
+            dict(
+                added=tuple(be(i) for i in sorted(have - before)),
+                removed=tuple(be(i) for i in sorted(before - have)),
+                base=step - 1,
+                version=step,
+            )
+            if step
+            else dict(version=step)
+        )
+        fronts = [
+            Frontend(LB, 80, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta),
+            Frontend(nodeport, 30080, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta),
+        ]
+        cs = p.sync({"default/web": fronts})
+        assert cs.rejected == {}
+        if past:
+            assert cs.mgl_upd == [] and cs.mgl_del == []
+            pasts += 1
+        for i, j, v in cs.mgl_upd:
+            mapped[i, j] = v
+        for k in cs.mgl_del:
+            del mapped[k]
+        (tid,) = {p.tables.of[f.key] for f in fronts}
+        want = [(*e, TCP) for e in owners([ep(i) for i in have], m)]
+        assert table_of(p, fronts[0]) == want
+        assert [p.backends[mapped[tid, j]] for j in range(m)] == want
+        assert mapped[tid, SIZE] == m
+    assert pasts >= 2
+
+
+def test_turn_order_edit_finds_each_turn_or_falls_back():
+    """ctrl.dataplane.tables._edited: the turns gone are found by their
+    backend; one whose backend the id map no longer names is still
+    dropped (a linear pass), and the result is the sorted order."""
+    from ctrl.dataplane.tables import _edited
+
+    old = [(be(i), 100 + i) for i in range(0, 40, 2)]
+    backends = {100 + i: be(i) for i in range(40)}
+    added = [(be(i), 100 + i) for i in (1, 17, 39)]
+    gone = frozenset({100, 110, 138})
+    want = sorted([t for t in old if t[1] not in gone] + added)
+    assert _edited(old, gone, added, backends) == want
+    del backends[110]
+    assert _edited(old, gone, added, backends) == want
+    assert _edited(old, frozenset(), [], backends) == old
