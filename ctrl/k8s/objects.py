@@ -180,9 +180,17 @@ SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-rang
 MAX_LABEL = 63
 MAX_SUBDOMAIN = 253
 MAX_PORT_NAME = 15
-_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_SUBDOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LABEL_RE = re.compile(_LABEL)
+_SUBDOMAIN_RE = re.compile(_SUBDOMAIN)
 _HAS_LETTER_RE = re.compile(r"[a-z]")
+# A rule and its length limit in one C call, for the list decoders
+# (ctrl.k8s.slicejson), which check several names per object and only
+# need to know whether each is clean: name_problem(v, LABEL) is None
+# exactly when is_label(v) matches, and likewise for subdomains.
+is_label = re.compile(rf"(?=.{{1,{MAX_LABEL}}}\Z){_LABEL}").fullmatch
+is_subdomain = re.compile(rf"(?=.{{1,{MAX_SUBDOMAIN}}}\Z){_SUBDOMAIN}").fullmatch
 
 LABEL, SUBDOMAIN, PORT_NAME = "a DNS label", "a DNS subdomain", "an IANA port name"
 

@@ -36,10 +36,8 @@ import msgspec
 
 from ..util.addrs import V4_PREFIX, addr16
 from .objects import (
-    LABEL,
     SERVICE_NAME_LABEL,
     SERVICE_TYPES,
-    SUBDOMAIN,
     TRIGGER_ANNOTATION,
     Endpoint,
     EndpointSlice,
@@ -49,7 +47,8 @@ from .objects import (
     SlicePort,
     client_ip_timeout,
     ingress_ip,
-    name_problem,
+    is_label,
+    is_subdomain,
     normal_cidr,
     service_cluster_ips,
     source_ranges,
@@ -212,13 +211,13 @@ def _convert(s: _Slice) -> EndpointSlice:
     meta = s.metadata
     if s.kind is not None and s.kind != "EndpointSlice":
         raise _Unclean  # the exact path names the object of another kind
-    if meta is None or not meta.name or name_problem(meta.name, SUBDOMAIN):
+    if meta is None or not meta.name or not is_subdomain(meta.name):
         raise _Unclean
-    if meta.namespace and name_problem(meta.namespace, LABEL):
+    if meta.namespace and not is_label(meta.namespace):
         raise _Unclean
     labels = meta.labels or {}
     service_name = labels.get(SERVICE_NAME_LABEL) or None
-    if service_name is not None and name_problem(service_name, LABEL):
+    if service_name is not None and not is_label(service_name):
         raise _Unclean
     atype = s.address_type
     ports = []
@@ -227,7 +226,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         port = p.port
         if proto not in _PROTOCOLS or port is None or not 1 <= port <= 65535:
             raise _Unclean
-        if p.name and name_problem(p.name, LABEL):
+        if p.name and not is_label(p.name):
             raise _Unclean
         ports.append(SlicePort(p.name or "", port, proto))
     family: int
@@ -275,6 +274,7 @@ def _convert(s: _Slice) -> EndpointSlice:
             )
         )
     annotations = meta.annotations or {}
+    refs = meta.owner_references
     return EndpointSlice(
         meta.namespace or "default",
         meta.name,
@@ -285,7 +285,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         labels,
         (),
         annotations.get(TRIGGER_ANNOTATION),
-        tuple(r.uid for r in meta.owner_references or () if r.kind == "Service" and r.uid),
+        tuple([r.uid for r in refs if r.kind == "Service" and r.uid]) if refs else (),
     )
 
 
@@ -458,12 +458,12 @@ def _convert_service(s: _Svc) -> Service:
     if s.kind is not None and s.kind != "Service":
         raise _Unclean  # the exact path names the object of another kind
     meta = s.metadata
-    if meta is None or not meta.name or name_problem(meta.name, LABEL):
+    if meta is None or not meta.name or not is_label(meta.name):
         raise _Unclean
     ns = meta.namespace
     if not ns:
         ns = "default"
-    elif name_problem(ns, LABEL):
+    elif not is_label(ns):
         raise _Unclean
     spec = s.spec
     if spec is None:
@@ -480,7 +480,7 @@ def _convert_service(s: _Svc) -> Service:
         if port is None or not 1 <= port <= 65535 or proto not in _PROTOCOLS:
             raise _Unclean
         pname = p.name or ""
-        if pname and name_problem(pname, LABEL):
+        if pname and not is_label(pname):
             raise _Unclean
         node_port = p.node_port
         if node_port is not None and not 1 <= node_port <= 65535:

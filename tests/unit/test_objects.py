@@ -490,3 +490,22 @@ def test_many_problems_of_one_object_make_one_line():
     line = problem_line(sl.problems)
     assert line.startswith(f"{SL}: endpoints[0].addresses[0]: '198.18.1.300' is not an IPv4 address (and 49 more: ")
     assert "endpoints[5].addresses[0], ..." in line and "\n" not in line and len(line) < 400
+
+
+def test_fast_name_checks_agree_with_name_problem():
+    """is_label and is_subdomain (the list decoders' one-call checks)
+    accept exactly the names name_problem finds nothing wrong with: the
+    limits' edges, and random strings over the characters that matter."""
+    import random
+
+    from ctrl.k8s.objects import LABEL, MAX_LABEL, MAX_SUBDOMAIN, SUBDOMAIN, is_label, is_subdomain, name_problem
+
+    names = ["", "a", "-", "a-", "-a", "a-b", "a.b", "a..b", ".a", "a.", "A", "a_b", "a\n", "\na", "a b", "٣", "é"]
+    names += ["a" * MAX_LABEL, "a" * (MAX_LABEL + 1), "a" + "-" * (MAX_LABEL - 2) + "b"]
+    names += [("a" * 63 + ".") * 3 + "a" * n for n in (60, 61, 62)]  # 253 characters and around
+    assert [len(n) for n in names[-3:]] == [MAX_SUBDOMAIN - 1, MAX_SUBDOMAIN, MAX_SUBDOMAIN + 1]
+    rnd = random.Random(7)
+    names += ["".join(rnd.choice("ab9-.A_\n٣") for _ in range(rnd.randrange(1, 9))) for _ in range(3000)]
+    for n in names:
+        assert (is_label(n) is not None) == (name_problem(n, LABEL) is None), repr(n)
+        assert (is_subdomain(n) is not None) == (name_problem(n, SUBDOMAIN) is None), repr(n)
