@@ -315,7 +315,7 @@ class Programmed:
             if f.source_ranges:
                 range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
             if self._delta_applies(f):
-                new_be.update(b for b in f.added if b not in ids)  # type: ignore[union-attr]
+                new_be.update(filterfalse(ids.__contains__, f.added))  # type: ignore[arg-type]
                 slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
             else:
                 new_be.update(filterfalse(ids.__contains__, f.backends))

@@ -388,6 +388,12 @@ class ServicePlanner:
                 seed,
             )
         c.merged = None
+        # The full plan's frontends hold their backends as tuples (100,000
+        # at S1), which the next change's frontends replace with views of
+        # the selections just built: let go of them here, in the quiet
+        # turn that indexes, not in that change (a millisecond of freeing).
+        ports = c.ports
+        c.fronts = [replace(f, backends=ports[(m := c.meta[f.key])[:3]].selected[m[3]].values()) for f in c.fronts]
 
     def plan(
         self,

@@ -225,3 +225,33 @@ def test_changed_slices_are_those_not_the_same_object(seed):
     want_old = {n: s for n, s in before.items() if now.get(n) is not s}
     want_new = {n: s for n, s in now.items() if before.get(n) is not s}
     assert ctrl.model.planner.changed_slices(before, now) == (want_old, want_new)
+
+
+def test_index_lets_go_of_the_full_plans_backends(monkeypatch):
+    """A full plan's frontends carry their backends as tuples; once the
+    per-port state is built (the agent's quiet turn), the planner keeps
+    views of its selections instead, so the tuples (100,000 backends at
+    S1) are not freed inside the next change. That change still plans
+    right."""
+    import gc
+
+    monkeypatch.setattr(ctrl.model.planner, "EAGER_INDEX_FROM", 0)
+    svc = parse(external_service("Cluster"))
+    eps = [{"addresses": [f"198.18.1.{k}"], "nodeName": "node-a"} for k in range(1, 40)]
+    slices = {"web-a": parse(endpoint_slice("web-a", endpoints=eps))}
+    planner = ServicePlanner()
+    fronts, _ = planner.plan("default/web", svc, slices, "node-a", None, NODE_ADDRS)
+    tuples = {id(f.backends): f.backends for f in fronts}
+    assert all(type(b) is tuple and len(b) == 39 for b in tuples.values())
+    del fronts
+
+    def holders() -> list:
+        return [r for t in tuples.values() for r in gc.get_referrers(t) if isinstance(r, Frontend)]
+
+    assert holders()  # the planner's memory of the plan
+    assert planner.index_pending() == 1
+    assert holders() == []
+    slices["web-b"] = parse(endpoint_slice("web-b", endpoints=[{"addresses": ["198.18.2.1"]}]))
+    got, _ = planner.plan("default/web", svc, slices, "node-a", None, NODE_ADDRS)
+    want, _ = plan_service(svc, list(slices.values()), "node-a", None, NODE_ADDRS)
+    assert [(f.key, set(f.backends)) for f in got] == [(f.key, set(f.backends)) for f in want]
