@@ -45,18 +45,31 @@ from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints_keye
 _OTHER = "\0other"  # equals no node or zone name
 
 
-def _endpoint_class(ep: Endpoint, node_name: str | None, zone: str | None) -> tuple:
+# An endpoint's class is what the selection rules read of it, as bits of
+# an int: a class is hashed several times per endpoint of a change (its
+# count, whether it is selected), and an int hashes for free where a tuple
+# of eight is hashed element by element.
+READY, SERVING, TERMINATING, LOCAL, HINT_NODES, HINT_NODES_ME, HINT_ZONES, HINT_ZONES_ME = (1 << i for i in range(8))
+
+
+def _endpoint_class(ep: Endpoint, node_name: str | None, zone: str | None) -> int:
     hn, hz = ep.hint_nodes, ep.hint_zones
     return (
-        ep.ready,
-        ep.serving,
-        ep.terminating,
-        ep.node_name == node_name,
-        bool(hn),
-        node_name in (hn or ()),
-        bool(hz),
-        zone in (hz or ()),
+        (READY if ep.ready else 0)
+        | (SERVING if ep.serving else 0)
+        | (TERMINATING if ep.terminating else 0)
+        | (LOCAL if ep.node_name == node_name else 0)
+        | (HINT_NODES if hn else 0)
+        | (HINT_NODES_ME if node_name in (hn or ()) else 0)
+        | (HINT_ZONES if hz else 0)
+        | (HINT_ZONES_ME if zone in (hz or ()) else 0)
     )
+
+
+def _may_serve(c: int) -> bool:
+    """categorize()'s test of an endpoint that may serve: ready, or
+    serving and terminating."""
+    return bool(c & READY) or (c & (SERVING | TERMINATING)) == SERVING | TERMINATING
 
 
 # The fields of an endpoint that _endpoint_class reads.
@@ -65,7 +78,7 @@ _CLASS_FIELDS = operator.itemgetter(
 )
 
 
-def _classes_of(eps, node_name: str | None, zone: str | None, memo: dict[tuple, tuple] | None = None) -> list[tuple]:
+def _classes_of(eps, node_name: str | None, zone: str | None, memo: dict[tuple, int] | None = None) -> list[int]:
     """_endpoint_class of each endpoint, computed once per distinct set of
     the fields it reads: a cluster's endpoints share a handful of classes,
     and node names and hint tuples are shared objects (ctrl.k8s.slicejson
@@ -75,7 +88,7 @@ def _classes_of(eps, node_name: str | None, zone: str | None, memo: dict[tuple, 
     if memo is None:
         memo = {}
     get, fields, cls = memo.get, _CLASS_FIELDS, _endpoint_class
-    out: list[tuple] = []
+    out: list[int] = []
     append = out.append
     for ep in eps:
         k = fields(ep)
@@ -86,17 +99,16 @@ def _classes_of(eps, node_name: str | None, zone: str | None, memo: dict[tuple, 
     return out
 
 
-def _representative(c: tuple, node_name: str | None, zone: str | None) -> PortEndpoint:
-    ready, serving, terminating, local, hn, hn_me, hz, hz_me = c
+def _representative(c: int, node_name: str | None, zone: str | None) -> PortEndpoint:
     ep = Endpoint(
         addr=b"",
-        ready=ready,
-        serving=serving,
-        terminating=terminating,
-        node_name=node_name if local else _OTHER,
+        ready=bool(c & READY),
+        serving=bool(c & SERVING),
+        terminating=bool(c & TERMINATING),
+        node_name=node_name if c & LOCAL else _OTHER,
         zone=None,
-        hint_zones=((zone or _OTHER,) if hz_me else (_OTHER,)) if hz else None,
-        hint_nodes=((node_name or _OTHER,) if hn_me else (_OTHER,)) if hn else None,
+        hint_zones=((zone or _OTHER,) if c & HINT_ZONES_ME else (_OTHER,)) if c & HINT_ZONES else None,
+        hint_nodes=((node_name or _OTHER,) if c & HINT_NODES_ME else (_OTHER,)) if c & HINT_NODES else None,
     )
     return PortEndpoint(ep, 0)
 
@@ -152,7 +164,7 @@ class _PortState:
         self.duplicates = total != len(self.winner)
         # Endpoint fields -> class, kept for the changes to come: a cluster
         # has at most thousands of nodes, and few distinct hints.
-        self.memo: dict[tuple, tuple] = {}
+        self.memo: dict[tuple, int] = {}
         of = _classes_of([pe[0] for pe in self.winner.values()], node_name, zone, self.memo)
         if len(self.memo) > MEMO_MAX:
             self.memo.clear()
@@ -168,18 +180,12 @@ class _PortState:
     def has_local(self) -> bool:
         """categorize()'s local set is not empty: an endpoint on this node,
         ready, or serving and terminating (the class says both)."""
-        return any(
-            n > 0 and local and (ready or (serving and terminating))
-            for (ready, serving, terminating, local, *_), n in self.classes.items()
-        )
+        return any(n > 0 and c & LOCAL and _may_serve(c) for c, n in self.classes.items())
 
     def has_any(self) -> bool:
         """categorize()'s has_any: an endpoint anywhere that may serve
         (ready, or serving and terminating)."""
-        return any(
-            n > 0 and (ready or (serving and terminating))
-            for (ready, serving, terminating, *_), n in self.classes.items()
-        )
+        return any(n > 0 and _may_serve(c) for c, n in self.classes.items())
 
     def _selected_classes(self) -> dict[str, frozenset]:
         """Per set, the classes categorize() puts in it, given the classes
@@ -214,7 +220,7 @@ class _PortState:
             memo.clear()
         known = memo.get
         # ip:port -> class of its endpoint now (None: gone)
-        touched: dict[tuple[bytes, int], tuple | None] = {}
+        touched: dict[tuple[bytes, int], int | None] = {}
         winner, classes = self.winner, self.classes
         pop = winner.pop
         for sl in old.values():
