@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 from ..k8s.objects import Endpoint, EndpointSlice, Service, ServicePort
@@ -298,6 +299,25 @@ def changed_slices(before: dict[str, EndpointSlice], now: dict[str, EndpointSlic
     )
 
 
+def _changed(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice], touched: Collection[str] | None):
+    """changed_slices, from the names that may have changed when they are
+    known: (name -> old or None, name -> new or None) over the names that
+    differ. The counts must agree, or every slice is compared (a name
+    missing from touched would otherwise go unseen)."""
+    if touched is None:
+        return changed_slices(before, now)
+    old, new = {}, {}
+    grown = 0
+    for n in touched:
+        a, b = before.get(n), now.get(n)
+        if a is not b:
+            old[n], new[n] = a, b
+            grown += (b is not None) - (a is not None)
+    if len(before) + grown != len(now):
+        return changed_slices(before, now)
+    return old, new
+
+
 @dataclass
 class _Cached:
     svc: Service
@@ -409,7 +429,12 @@ class ServicePlanner:
         node_name: str | None = None,
         zone: str | None = None,
         node: NodeAddresses | None = None,
+        touched: Collection[str] | None = None,
     ) -> tuple[list[Frontend], list[str]]:
+        """The Service's frontends and notes. touched: the names of the
+        slices that may have changed since its last plan (the agent's
+        ClusterState.take_touched; every slice that changed must be
+        named); None: found by comparing every slice."""
         c = self._cache.get(owner)
         where = (node_name, zone, node)
         if svc is None or ignored_reason(svc):
@@ -417,7 +442,7 @@ class ServicePlanner:
             return plan_service(svc, list(slices.values()), node_name, zone, node)
         if c is None or c.svc is not svc or c.where != where:
             return self._full(owner, svc, slices, node_name, zone, node)
-        old, new = changed_slices(c.slices, slices)
+        old, new = _changed(c.slices, slices, touched)
         if c.ports is None:
             self._index(c)
         assert c.ports is not None
@@ -445,7 +470,14 @@ class ServicePlanner:
                     version=next(self._versions),
                 )
             )
-        c.slices = dict(slices)
+        # The changed names only, not a copy of thousands.
+        mine = c.slices
+        for n in old:
+            if n not in slices:
+                del mine[n]
+        for n, sl in new.items():
+            if sl is not None:
+                mine[n] = sl
         c.fronts = fronts
         return fronts, c.notes
 

@@ -29,6 +29,23 @@ class ClusterState:
         # and why each one was refused (logged once per reason).
         self._parked: dict[str, dict[str, EndpointSlice]] = {}
         self._refused: dict[str, str] = {}
+        # service key -> names of its slices added, replaced or removed
+        # since take_touched last gave them (every change to self.slices
+        # is recorded here).
+        self._touched: dict[str, set[str]] = {}
+
+    def take_touched(self, owner: str) -> set[str]:
+        """The names of owner's slices added, replaced or removed since the
+        last call for it (a superset of those that differ): the planner
+        then compares those, not every slice of a Service of thousands."""
+        return self._touched.pop(owner, set())
+
+    def _touch(self, owner: str, name: str) -> None:
+        t = self._touched.get(owner)
+        if t is None:
+            self._touched[owner] = {name}
+        else:
+            t.add(name)
 
     def apply(self, ev: Event) -> set[str]:
         """Record one event; return the service keys it touches."""
@@ -70,6 +87,7 @@ class ClusterState:
             if prev_owner is None:
                 return set()
             self.slices[prev_owner].pop(name, None)
+            self._touch(prev_owner, name)
             if not self.slices[prev_owner]:
                 del self.slices[prev_owner]
             del self._slice_owner[ev.key]
@@ -80,6 +98,7 @@ class ClusterState:
         if prev_owner is not None and prev_owner != owner:
             # The slice was relabelled to another service (or unlabelled).
             self.slices[prev_owner].pop(name, None)
+            self._touch(prev_owner, name)
             if not self.slices[prev_owner]:
                 del self.slices[prev_owner]
             del self._slice_owner[ev.key]
@@ -90,6 +109,7 @@ class ClusterState:
         if bucket.get(name) == sl:
             return dirty
         bucket[name] = sl
+        self._touch(owner, name)
         self._slice_owner[ev.key] = owner
         dirty.add(owner)
         return dirty

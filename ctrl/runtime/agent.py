@@ -174,14 +174,20 @@ class Agent:
         addrs = self.node_addresses()
         for owner in sorted(owners):
             node = self.state.node
-            fronts, notes = self.planner.plan(
-                owner,
-                self.state.services.get(owner),
-                self.state.slices.get(owner, {}),
-                self.state.node_name,
-                node.zone if node is not None else None,
-                addrs,
-            )
+            try:
+                fronts, notes = self.planner.plan(
+                    owner,
+                    self.state.services.get(owner),
+                    self.state.slices.get(owner, {}),
+                    self.state.node_name,
+                    node.zone if node is not None else None,
+                    addrs,
+                    self.state.take_touched(owner),
+                )
+            except BaseException:
+                # The names it was given are spent: plan it in full next.
+                self.planner.forget(owner)
+                raise
             for note in notes:
                 log.warning("%s", note)
             desired[owner] = fronts

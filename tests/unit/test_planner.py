@@ -131,12 +131,17 @@ def test_incremental_equals_from_scratch(seed, policy, monkeypatch):
     node, zone = "node-a", rnd.choice(ZONES)
     for step in range(30):
         # Change one to three slices (or delete one), as watch events do.
-        for name in rnd.sample(names, rnd.randrange(1, 4)):
+        changed = rnd.sample(names, rnd.randrange(1, 4))
+        for name in changed:
             if name in slices and rnd.random() < 0.15:
                 del slices[name]
             else:
                 slices[name] = rand_slice(rnd, name, pool)
-        got, _ = planner.plan("default/web", svc, dict(slices), node, zone, NODE_ADDRS)
+        # Every other step the changed names are given, as the agent gives
+        # them (ClusterState.take_touched), with a name that did not
+        # change now and then; else every slice is compared.
+        touched = None if step % 2 else {*changed, *rnd.sample(names, rnd.randrange(0, 2))}
+        got, _ = planner.plan("default/web", svc, dict(slices), node, zone, NODE_ADDRS, touched)
         if step % 3 == 1:
             planner.index_pending()  # as the agent does after its write
         want, _ = plan_service(svc, list(slices.values()), node, zone, NODE_ADDRS)
@@ -255,3 +260,17 @@ def test_index_lets_go_of_the_full_plans_backends(monkeypatch):
     got, _ = planner.plan("default/web", svc, slices, "node-a", None, NODE_ADDRS)
     want, _ = plan_service(svc, list(slices.values()), "node-a", None, NODE_ADDRS)
     assert [(f.key, set(f.backends)) for f in got] == [(f.key, set(f.backends)) for f in want]
+
+
+def test_touched_names_missing_one_added_compares_every_slice():
+    """A hint that leaves out a slice added (the counts disagree) is not
+    trusted: every slice is compared, and the new one is planned."""
+    svc = parse(service())
+    planner = ServicePlanner()
+    a = parse(endpoint_slice("web-a", endpoints=[{"addresses": ["198.18.1.1"]}]))
+    b = parse(endpoint_slice("web-b", endpoints=[{"addresses": ["198.18.1.2"]}]))
+    planner.plan("default/web", svc, {"web-a": a}, "node-a", None, NODE_ADDRS)
+    got, _ = planner.plan("default/web", svc, {"web-a": a, "web-b": b}, "node-a", None, NODE_ADDRS, set())
+    assert {bk[0] for f in got for bk in f.backends} == {a.endpoints[0].addr, b.endpoints[0].addr}
+    got, _ = planner.plan("default/web", svc, {"web-b": b}, "node-a", None, NODE_ADDRS, {"web-a"})
+    assert {bk[0] for f in got for bk in f.backends} == {b.endpoints[0].addr}
