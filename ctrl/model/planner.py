@@ -299,22 +299,35 @@ def changed_slices(before: dict[str, EndpointSlice], now: dict[str, EndpointSlic
     )
 
 
-def _changed(before: dict[str, EndpointSlice], now: dict[str, EndpointSlice], touched: Collection[str] | None):
-    """changed_slices, from the names that may have changed when they are
-    known: (name -> old or None, name -> new or None) over the names that
-    differ. The counts must agree, or every slice is compared (a name
-    missing from touched would otherwise go unseen)."""
+def follow_slices(
+    mine: dict[str, EndpointSlice], now: dict[str, EndpointSlice], touched: Collection[str] | None = None
+) -> tuple[dict, dict]:
+    """changed_slices(mine, now), and `mine` (a copy the caller keeps)
+    brought to `now` in place: the changed names only, not a copy of
+    thousands. touched: the names that may have changed since `mine` was
+    last brought up to date (ClusterState.take_touched), compared alone;
+    when the counts do not agree with them, every slice is compared (a
+    name missing from touched would otherwise go unseen)."""
+    old: dict[str, EndpointSlice] = {}
+    new: dict[str, EndpointSlice] = {}
+    if touched is not None:
+        grown = 0
+        for n in touched:
+            a, b = mine.get(n), now.get(n)
+            if a is not b:
+                if a is not None:
+                    old[n] = a
+                if b is not None:
+                    new[n] = b
+                grown += (b is not None) - (a is not None)
+        if len(mine) + grown != len(now):
+            touched = None
     if touched is None:
-        return changed_slices(before, now)
-    old, new = {}, {}
-    grown = 0
-    for n in touched:
-        a, b = before.get(n), now.get(n)
-        if a is not b:
-            old[n], new[n] = a, b
-            grown += (b is not None) - (a is not None)
-    if len(before) + grown != len(now):
-        return changed_slices(before, now)
+        old, new = changed_slices(mine, now)
+    for n in old:
+        if n not in now:
+            del mine[n]
+    mine.update(new)
     return old, new
 
 
@@ -442,10 +455,10 @@ class ServicePlanner:
             return plan_service(svc, list(slices.values()), node_name, zone, node)
         if c is None or c.svc is not svc or c.where != where:
             return self._full(owner, svc, slices, node_name, zone, node)
-        old, new = _changed(c.slices, slices, touched)
         if c.ports is None:
-            self._index(c)
+            self._index(c)  # of the slices as last planned: before they follow
         assert c.ports is not None
+        old, new = follow_slices(c.slices, slices, touched)
         deltas: dict[tuple, dict] = {}
         for pk, st in c.ports.items():
             delta = st.update(old, new) if (old or new) else dict.fromkeys(st.whiches, ((), ()))
@@ -470,14 +483,6 @@ class ServicePlanner:
                     version=next(self._versions),
                 )
             )
-        # The changed names only, not a copy of thousands.
-        mine = c.slices
-        for n in old:
-            if n not in slices:
-                del mine[n]
-        for n, sl in new.items():
-            if sl is not None:
-                mine[n] = sl
         c.fronts = fronts
         return fronts, c.notes
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..k8s.objects import EndpointSlice, Service
-from ..model.planner import changed_slices
+from ..model.planner import follow_slices
 
 log = logging.getLogger("sliceproxy.healthcheck")
 
@@ -46,7 +46,7 @@ class LocalReady:
         self.count = 0
 
     def update(self, slices: dict[str, EndpointSlice]) -> int:
-        old, new = changed_slices(self.slices, slices)
+        old, new = follow_slices(self.slices, slices)
         uses = self.uses
         for name in old:
             for a in self.of.pop(name, ()):
@@ -65,7 +65,6 @@ class LocalReady:
                 uses[a] = n + 1
                 if not n:
                     self.count += 1
-        self.slices = dict(slices)
         return self.count
 
 

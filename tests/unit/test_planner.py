@@ -230,6 +230,12 @@ def test_changed_slices_are_those_not_the_same_object(seed):
     want_old = {n: s for n, s in before.items() if now.get(n) is not s}
     want_new = {n: s for n, s in now.items() if before.get(n) is not s}
     assert ctrl.model.planner.changed_slices(before, now) == (want_old, want_new)
+    # follow_slices gives the same and brings a kept copy up to date in
+    # place, with every name compared or only the touched ones (a superset).
+    for touched in (None, {*want_old, *want_new, *rnd.sample(list(before) or ["x"], 1)}):
+        mine = dict(before)
+        assert ctrl.model.planner.follow_slices(mine, now, touched) == (want_old, want_new)
+        assert mine == now
 
 
 def test_index_lets_go_of_the_full_plans_backends(monkeypatch):
