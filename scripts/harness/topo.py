@@ -238,11 +238,6 @@ class Topology:
         pod = Pod(ns=ns, ip=str(addr), host_if=host_if)
         self.pods[name] = pod
 
-        # DAD would leave IPv6 addresses 'tentative' (unusable) for about a
-        # second after link up; nobody else is on these links, so skip it.
-        # Set on 'default' before the veth exists so it inherits the value.
-        self._sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
-
         # Both ends are born in our namespaces: never in the root one.
         _run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", host_if, "netns", self.node_ns])
 
@@ -492,6 +487,13 @@ class Topology:
         _run(["ip", "netns", "add", ns])
         self._namespaces.append(ns)
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # DAD would leave IPv6 addresses 'tentative' (unusable) for about a
+        # second after link up, the link-local ones too, which neighbour
+        # discovery sends from: a flow started in that second waits a
+        # retransmission for its first hop. Every address here is the
+        # test's own, so skip it. Set on 'default' before any interface
+        # exists, so each inherits the value.
+        self._sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 
     @staticmethod
     def _sysctl(ns: str, *settings: str) -> None:
