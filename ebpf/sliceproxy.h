@@ -13,7 +13,7 @@
  * Every struct has explicit padding and no implicit holes: the same bytes
  * on both sides of the syscall, whatever the compiler.
  *
- * Map names carry a layout version (`_v3`): a layout change is a new map
+ * Map names carry a layout version (`_v4`): a layout change is a new map
  * name, never a silent misread of an old pinned map.
  */
 #ifndef SLICEPROXY_H
@@ -23,7 +23,7 @@
 
 /* sp:layout:begin */
 
-#define SP_LAYOUT_VERSION 3
+#define SP_LAYOUT_VERSION 4
 
 /* Where the traffic for a frontend comes from. Part of the frontend key so
  * a service can answer in-cluster and external clients differently in one
@@ -73,7 +73,7 @@ enum sp_verdict {
 	SP_V_FRAGMENT = 16,        /* IP fragment other than the first, given
 				    * what its first fragment got: the same
 				    * address rewrite, sent the same way, or
-				    * dropped (see sp_frag_v3) */
+				    * dropped (see sp_frag_v4) */
 	SP_V_XDP_TX = 17,          /* external interface, XDP: a frame it
 				    * translated itself sent back out of the
 				    * interface it came in by (XDP_TX); also
@@ -81,11 +81,11 @@ enum sp_verdict {
 				    * (dnat_*, snat) */
 	SP_V_XDP_REDIRECT = 18,    /* the same, sent out of another external
 				    * interface with XDP in native mode
-				    * (sp_uplinks_v3, XDP_REDIRECT) */
+				    * (sp_uplinks_v4, XDP_REDIRECT) */
 	SP_V_MAX = 19,
 };
 
-/* sp_svc_v3 (hash): one entry per frontend (service port). */
+/* sp_svc_v4 (hash): one entry per frontend (service port). */
 struct sp_svc_key {
 	__u8 addr[16]; /* frontend address, network order, IPv4-mapped */
 	__u16 port;    /* frontend port, host order */
@@ -94,8 +94,8 @@ struct sp_svc_key {
 };
 
 #define SP_SVC_F_NONE 0
-#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v3 */
-#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v3 */
+#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v4 */
+#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v4 */
 #define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
 			 * flow that leaves the node is masqueraded */
 #define SP_SVC_F_REJECT 8 /* the Service has no endpoint anywhere: a new
@@ -105,20 +105,30 @@ struct sp_svc_key {
 			   * with no local endpoint) */
 #define SP_SVC_F_MAGLEV 16 /* external frontend under --external-lb=maglev:
 			    * a new flow takes the entry of its frontend's
-			    * Maglev table (sp_mgl_v3) its flow hash picks, the
+			    * Maglev table (sp_mgl_v4) its flow hash picks, the
 			    * same on every node, instead of a random slot */
 
 struct sp_svc_val {
-	__u32 svc_id;           /* key of the slots and names maps */
+	__u32 svc_id;           /* the frontend's id: key of its name, source
+				 * ranges, affinity and Maglev pointer; what
+				 * conntrack records */
 	__u32 count;            /* slots 0..count-1 are valid; 0: no backend */
 	__u32 flags;            /* SP_SVC_F_* */
 	__u32 affinity_timeout; /* seconds; 0: no session affinity */
+	__u32 slots_id;         /* key of its slot table (sp_slot_v4); 0: its
+				 * own svc_id (an entry carried over from
+				 * layout 3, which had no shared tables) */
 };
 
-/* sp_slot_v3 (hash): backend slots of a service. A new flow picks slot
- * (random % count): one lookup, no loop over backends. */
+/* sp_slot_v4 (hash): slot tables. A new flow picks slot (random % count)
+ * of its frontend's table: one lookup, no loop over backends. Frontends of
+ * one Service that select the same backends (under Cluster policies its
+ * cluster IP, NodePorts and load-balancer IPs of one port) share one table,
+ * so one endpoint change writes one table, not one per frontend; each
+ * frontend's count is that table's size. */
 struct sp_slot_key {
-	__u32 svc_id;
+	__u32 svc_id; /* a table id (sp_svc_val.slots_id), from the same
+		       * number space as the frontends' svc_id */
 	__u32 slot;
 };
 
@@ -126,7 +136,7 @@ struct sp_slot_val {
 	__u32 backend_id; /* key of the backends map */
 };
 
-/* sp_mgl_v3 (hash): the Maglev lookup tables of the frontends flagged
+/* sp_mgl_v4 (hash): the Maglev lookup tables of the frontends flagged
  * SP_SVC_F_MAGLEV (docs/semantics.md, "Maglev"). A frontend's entry
  * (svc_id, SP_MGL_TABLE) names its table; frontends of one Service with
  * the same backends share one. A table's entries (table id, 0..M-1) name a
@@ -148,7 +158,7 @@ struct sp_mgl_val {
 		      * SP_MGL_SIZE: M; at SP_MGL_TABLE: the table id */
 };
 
-/* sp_be_v3 (hash): backend id -> where to send. Ids are shared by every
+/* sp_be_v4 (hash): backend id -> where to send. Ids are shared by every
  * service that uses the same address, port and protocol. */
 struct sp_backend {
 	__u8 addr[16];   /* backend address, network order, IPv4-mapped */
@@ -167,7 +177,7 @@ struct sp_backend {
  * a new connection and gets a serving backend. */
 #define SP_BE_F_DRAINING 1
 
-/* sp_ct_v3 (LRU hash): connection tracking. A forward entry keeps a flow on
+/* sp_ct_v4 (LRU hash): connection tracking. A forward entry keeps a flow on
  * its backend while slots are rewritten; a reply entry turns the backend's
  * source back into the frontend the client talked to. */
 struct sp_ct_key {
@@ -209,7 +219,7 @@ struct sp_ct_val {
 #define SP_CT_F_FIN_REPLY_FIRST 4 /* ... before the client's was seen */
 #define SP_CT_F_RST 8             /* either side sent an RST */
 
-/* sp_frag_v3 (LRU hash): what an attach point did to the first fragment
+/* sp_frag_v4 (LRU hash): what an attach point did to the first fragment
  * of a fragmented datagram, for its other fragments, which carry no ports
  * (docs/semantics.md, "Fragments"). Keyed by the datagram as it arrived
  * there; the value holds the addresses its IP header left with. */
@@ -235,7 +245,7 @@ struct sp_frag_val {
 	__u32 pad;        /* zero */
 };
 
-/* sp_aff_v3 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
+/* sp_aff_v4 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than
  * affinity_timeout seconds ago and the backend still holds the same slot. */
 struct sp_aff_key {
@@ -250,13 +260,13 @@ struct sp_aff_val {
 	__u64 last_used; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
-/* sp_stats_v3 (per-CPU array, SP_V_MAX entries): counters per verdict. */
+/* sp_stats_v4 (per-CPU array, SP_V_MAX entries): counters per verdict. */
 struct sp_stat {
 	__u64 packets;
 	__u64 bytes;
 };
 
-/* sp_names_v3 (hash): svc_id -> "namespace/name:port/PROTO", for people
+/* sp_names_v4 (hash): svc_id -> "namespace/name:port/PROTO", for people
  * (bpftool, sliceproxy dump) and for restarts; the datapath never reads it. */
 struct sp_svc_name {
 	/* NUL-terminated. Kubernetes names are at most 63 bytes (namespace,
@@ -267,7 +277,7 @@ struct sp_svc_name {
 	char name[200];
 };
 
-/* sp_src_v3 (LPM trie): loadBalancerSourceRanges of the frontends flagged
+/* sp_src_v4 (LPM trie): loadBalancerSourceRanges of the frontends flagged
  * SP_SVC_F_SRC_RANGES. A source with no entry under its frontend's svc_id
  * is dropped. prefixlen counts the svc_id's 32 bits, then the bits of the
  * IPv4-mapped address (an IPv4 /24 is 32 + 96 + 24). */
@@ -281,7 +291,7 @@ struct sp_src_val {
 	__u32 allow; /* 1 */
 };
 
-/* sp_cfg_v3 (array, one entry): node-wide settings the control plane
+/* sp_cfg_v4 (array, one entry): node-wide settings the control plane
  * writes: the node's address per family, the source of masqueraded flows,
  * and the SNAT port range. */
 struct sp_cfg {
@@ -306,7 +316,7 @@ struct sp_hairpin {
 	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
-/* sp_uplinks_v3 (device map, hash): the external interfaces the agent
+/* sp_uplinks_v4 (device map, hash): the external interfaces the agent
  * attached the XDP program to in native mode, key and value each a bare
  * __u32 ifindex. A flow XDP translates whose route leaves by another
  * interface is redirected there only when that interface is in this map
@@ -321,7 +331,7 @@ struct sp_hairpin {
 struct sp_xdp_cfg {
 	__u32 forward; /* 1: translate and send out the flows to backends on
 			* other nodes (XDP_TX, or XDP_REDIRECT to another
-			* interface of sp_uplinks_v3); 0: only drop what
+			* interface of sp_uplinks_v4); 0: only drop what
 			* loadBalancerSourceRanges refuse, pass the rest to tc */
 	__u32 pad;     /* zero */
 	__u64 cookie;  /* random per load, never 0: what XDP writes in the
@@ -344,12 +354,12 @@ struct sp_xdp_meta {
 	__u8 pad[5];      /* zero */
 };
 
-/* sp_handoff_v3 (per-CPU array, one entry, struct sp_stat): the packets
+/* sp_handoff_v4 (per-CPU array, one entry, struct sp_stat): the packets
  * (and their bytes) tc's external ingress translated from XDP's metadata
  * instead of deciding them itself. Each also has its verdict (dnat_new,
- * dnat_established) in sp_stats_v3, as without XDP. */
+ * dnat_established) in sp_stats_v4, as without XDP. */
 
-/* sp_host_v3 (array, one entry): host clients, served by the cgroup socket
+/* sp_host_v4 (array, one entry): host clients, served by the cgroup socket
  * programs (host_sock.c) at connect() and sendmsg() time. */
 struct sp_host_cfg {
 	__u64 netns_cookie; /* the node's network namespace (SO_NETNS_COOKIE of
@@ -357,7 +367,7 @@ struct sp_host_cfg {
 			     * are served; pods keep the tc path. 0: none */
 };
 
-/* Frontends a host socket reached, remembered per socket (sp_sock_v3, a
+/* Frontends a host socket reached, remembered per socket (sp_sock_v4, a
  * socket-local storage map: freed with the socket). Reverse translation:
  * getpeername() and the source of a received datagram turn the backend
  * back into the frontend. An unconnected UDP socket keeps its backend per
@@ -381,9 +391,9 @@ struct sp_sock {
 
 /* `sliceproxy trace` (docs/inspecting.md): a tap compiled by bcc at trace
  * time (ebpf/trace/tap.c) runs in front of the programs on each hook, and
- * for a packet its filter matches it fills this CPU's sp_trace_v3 entry and
+ * for a packet its filter matches it fills this CPU's sp_trace_v4 entry and
  * arms it; the program's verdict (count() in ebpf/lib/stats.h) then sends
- * one struct sp_trace_event into the ring buffer sp_events_v3 and
+ * one struct sp_trace_event into the ring buffer sp_events_v4 and
  * disarms it. No trace, nothing armed: one per-CPU array lookup and a test
  * per packet. */
 struct sp_trace_event {
@@ -401,7 +411,7 @@ struct sp_trace_event {
 	__u16 front_port;
 	__u16 l4_off;        /* where its TCP/UDP header starts (the tap's) */
 	__u32 ifindex;
-	__u32 svc_id;        /* the flow's service (sp_names_v3); 0: none */
+	__u32 svc_id;        /* the flow's service (sp_names_v4); 0: none */
 	__s32 action;        /* the tc action the program returned */
 	__u8 proto;
 	__u8 v6;
@@ -417,7 +427,7 @@ struct sp_trace_event {
 #define SP_TRACE_HOOK_EXT_INGRESS 2
 #define SP_TRACE_HOOK_EXT_EGRESS 3
 
-/* sp_trace_v3 (per-CPU array, one entry): this CPU's trace state. tc runs
+/* sp_trace_v4 (per-CPU array, one entry): this CPU's trace state. tc runs
  * a hook's filters one after the other on one CPU with bottom halves off,
  * so the packet the tap armed is the next one our program counts there. */
 struct sp_trace {

@@ -54,7 +54,7 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | 
 
 
 def maglev_summary(table: dict[int, int], backends: dict) -> dict:
-    """A frontend's Maglev table (sp_mgl_v3) for people: its size M (the
+    """A frontend's Maglev table (sp_mgl_v4) for people: its size M (the
     SP_MGL_SIZE entry), the entries each backend holds, and entries
     missing or naming no backend (a table being written, or maps that
     disagree)."""
@@ -75,7 +75,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
     """Frontends with their backends; service "namespace/name" filters."""
     mc = read_contents(maps)
     services = []
-    for key, (svc_id, count, flags, timeout) in sorted(
+    for key, (svc_id, count, flags, timeout, slots_id) in sorted(
         mc.svc.items(), key=lambda kv: (mc.names.get(kv[1][0], ""), kv[0])
     ):
         if service is not None and mc.names.get(svc_id, "").split(":", 1)[0] != service:
@@ -83,7 +83,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
         addr, port, proto, scope = key
         backends = []
         for i in range(count):
-            bid = mc.slots.get((svc_id, i))
+            bid = mc.slots.get((slots_id, i))
             b = mc.backends.get(bid) if bid is not None else None
             backends.append(hostport(b[0], b[1]) if b else f"<slot {i} missing>")
         entry: dict[str, object] = {
@@ -91,6 +91,7 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
             "frontend": f"{hostport(addr, port)}/{PROTO_NAMES.get(proto, str(proto))}",
             "scope": "external" if scope == Scope.EXTERNAL else "internal",
             "svc_id": svc_id,
+            "slots_id": slots_id,
             "count": count,
             "flags": flags,
             "affinity_timeout": timeout,
@@ -146,7 +147,7 @@ def host_clients(pin_dir: str, maps: dict[str, Map]) -> dict:
 
 
 def render_table(data: dict) -> str:
-    rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "BACKENDS")]
+    rows: list[tuple[str, ...]] = [("SERVICE", "FRONTEND", "ID", "SLOTS", "BACKENDS")]
     for s in data["services"]:
         # No backend: kube-proxy's REJECT (no endpoint anywhere) or DROP.
         empty = "(none: rejected)" if int(str(s["flags"])) & abi.const("SP_SVC_F_REJECT") else "(none: dropped)"
@@ -156,9 +157,9 @@ def render_table(data: dict) -> str:
             bes += "  [from " + ", ".join(s["source_ranges"]) + "]"
         if s.get("maglev"):
             bes += f"  [maglev table {s['maglev']['table']} of {s['maglev']['size']}]"
-        rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), bes))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        rows.append((s["name"] or "<unnamed>", front, str(s["svc_id"]), str(s.get("slots_id", s["svc_id"])), bes))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
     lines.append("")
     lines.append(
         f"{len(data['services'])} frontends, {data['backends']} backends, "

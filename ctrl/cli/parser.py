@@ -248,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-backends", type=int, default=sizes.backends, help="backend map capacity")
     run.add_argument(
-        "--max-slots", type=int, default=sizes.slots, help="slot map capacity (sum of backends over frontends)"
+        "--max-slots",
+        type=int,
+        default=sizes.slots,
+        help=(
+            "slot map capacity (sum of backends over slot tables: one per Service port and family, "
+            "two when a traffic policy is Local)"
+        ),
     )
     run.add_argument("--max-conntrack", type=int, default=sizes.conntrack, help="conntrack map capacity")
     run.add_argument(

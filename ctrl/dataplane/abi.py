@@ -142,7 +142,7 @@ _FLAG_WORDS = {v: reduce(or_, (_FLAG_BITS[m] for m in FrontendFlag(v)), 0) for v
 
 
 # The indexes of a Maglev table's size entry and of a frontend's pointer
-# to its table (sp_mgl_v3).
+# to its table (sp_mgl_v4).
 MGL_SIZE = const("SP_MGL_SIZE")
 MGL_TABLE = const("SP_MGL_TABLE")
 
@@ -185,13 +185,13 @@ MAP_BASES = (
 
 def map_name(base: str) -> str:
     """A map's name in the kernel and under the pin directory: its base and
-    the header's layout version (sp_svc -> sp_svc_v3), so a layout change
+    the header's layout version (sp_svc -> sp_svc_v4), so a layout change
     renames every map."""
     return f"{base}_v{LAYOUT_VERSION}"
 
 
 def map_base(name: str) -> str:
-    """The base of a map name of any layout version (sp_ct_v3 -> sp_ct)."""
+    """The base of a map name of any layout version (sp_ct_v4 -> sp_ct)."""
     return name.rsplit("_v", 1)[0]
 
 
@@ -226,7 +226,7 @@ class MapSizes:
 
     services: int = 65536  # frontends; also the names map
     backends: int = 262144
-    slots: int = 262144  # sum of backends over frontends
+    slots: int = 262144  # sum of backends over slot tables
     conntrack: int = 262144  # LRU: full means the oldest flows go
     source_ranges: int = 65536  # loadBalancerSourceRanges entries, summed over frontends
     # Maglev map entries under --external-lb=maglev: M + 1 per table (one
@@ -500,7 +500,7 @@ class Codecs:
     def get(cls) -> Codecs:
         return cls(
             svc_key=codec("sp_svc_key", ("addr", "port", "proto", "scope")),
-            svc_val=codec("sp_svc_val", ("svc_id", "count", "flags", "affinity_timeout")),
+            svc_val=codec("sp_svc_val", ("svc_id", "count", "flags", "affinity_timeout", "slots_id")),
             slot_key=codec("sp_slot_key", ("svc_id", "slot")),
             slot_val=codec("sp_slot_val", ("backend_id",)),
             backend=codec("sp_backend", ("addr", "port", "proto", "flags", "drain_end")),
@@ -630,7 +630,7 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
 
 def handoffs(maps: dict[str, Map]) -> dict[str, int]:
     """The packets (and bytes) tc's external ingress took from the XDP
-    program's handoff (sp_handoff_v3), summed over CPUs; zeros without
+    program's handoff (sp_handoff_v4), summed over CPUs; zeros without
     the map."""
     m = maps.get(map_name("sp_handoff"))
     if m is None:
@@ -644,7 +644,9 @@ def handoffs(maps: dict[str, Map]) -> dict[str, int]:
 class MapContents:
     """The service, slot, backend, name and source range maps, decoded."""
 
-    svc: dict[FKey, tuple[int, int, int, int]]  # key -> (svc_id, count, flags, affinity_timeout)
+    # key -> (svc_id, count, flags, affinity_timeout, slots_id); a slots_id
+    # of 0 (carried over from layout 3) reads as the frontend's svc_id.
+    svc: dict[FKey, tuple[int, int, int, int, int]]
     slots: dict[tuple[int, int], int]
     backends: dict[int, Backend]
     names: dict[int, str]
@@ -671,7 +673,8 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
     svc = {}
     for k, v in maps[map_name("sp_svc")].items():
         addr, port, proto, scope = c.svc_key.unpack(k)
-        svc[(addr, port, proto, SCOPE_OF.get(scope, scope))] = c.svc_val.unpack(v)
+        svc_id, count, flags, timeout, slots_id = c.svc_val.unpack(v)
+        svc[(addr, port, proto, SCOPE_OF.get(scope, scope))] = (svc_id, count, flags, timeout, slots_id or svc_id)
     slots = {c.slot_key.unpack(k): c.slot_val.unpack(v)[0] for k, v in maps[map_name("sp_slot")].items()}
     rows = [(U32.unpack(k)[0], c.backend.unpack(v)) for k, v in maps[map_name("sp_be")].items()]
     backends = {bid: r[:3] for bid, r in rows}

@@ -134,7 +134,7 @@ class ChangeSet:
     # table's changed entries, then its size, then the frontends' pointers
     # to it; and deletes (id, index): pointers, sizes, then entries.
     mgl_upd: list[tuple[int, int, int]] = field(default_factory=list)
-    svc_upd: list[tuple[FKey, tuple[int, int, int, int]]] = field(default_factory=list)
+    svc_upd: list[tuple[FKey, tuple[int, int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
     # loadBalancerSourceRanges entries (svc_id, addr16, prefix length over
     # 128 bits): written before the frontend that flags them, deleted after

@@ -1,6 +1,6 @@
 """Carry pinned maps over to new ones: across a layout version, or a size.
 
-Map names end in their layout version (`sp_ct_v3`). A release that changes
+Map names end in their layout version (`sp_ct_v4`). A release that changes
 a layout changes the version, so the new agent never misreads an old map:
 libbpf creates the new maps beside the old ones. A map pinned with another
 capacity than the flags ask for (`--max-backends` raised as a log line

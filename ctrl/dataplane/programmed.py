@@ -1,8 +1,9 @@
 """What is programmed, and the smallest ordered change to reach what is wanted.
 
 `Programmed` mirrors the contents of the service, slot, backend, name and
-source range maps: its frontends with their slots, backends with their ids
-(ctrl.dataplane.ids), the drains under way (ctrl.dataplane.drain), all
+source range maps: its frontends, the slot tables they read (one per set of
+frontends of a Service that select the same backends), backends with their
+ids (ctrl.dataplane.ids), the drains under way (ctrl.dataplane.drain), all
 read back from the pinned maps after a restart (`adopt`).
 
 `Programmed.sync` takes the desired frontends of some services, updates the
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import filterfalse
 
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
@@ -30,29 +31,54 @@ from .drain import Drains
 from .ids import BackendIds, ServiceIds
 from .tables import MaglevTables
 
-# A frontend with at least this many slots gets its slot index right after
-# the write that set it in full; a smaller one at its first delta.
+# A slot table with at least this many slots gets its slot index right
+# after the write that set it in full; a smaller one at its first delta.
 EAGER_INDEX_FROM = 1000
 
 log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
 
 
-@dataclass
-class FrontendState:
-    svc_id: int
-    owner: str  # service key "namespace/name"; "" when unknown (adopted, unnamed)
-    name: str
+@dataclass(eq=False)
+class SlotTable:
+    """The slots (sp_slot_v4 under `tid`) of the frontends of one Service
+    that select the same backends: its cluster IP, NodePorts and
+    load-balancer IPs of one port under Cluster policies. Written once for
+    all of them; each frontend's entry names it (slots_id) and counts it."""
+
+    tid: int  # key of its slots; from the frontends' id space (ServiceIds)
+    key: tuple[str, object]  # (owner, group): what Programmed.table_of holds it under
     slots: list[int]  # backend id per slot
-    flags: int = 0  # SP_SVC_F_*, as the frontend map holds them
-    affinity_timeout: int = 0
+    users: set[FKey] = field(default_factory=set)  # frontends whose slots_id is tid
     # The plan number (Frontend.version) these slots hold, and each
     # backend's slot: what a Frontend's added/removed delta applies to.
     version: int = -1
     slot_of: dict[int, int] | None = None
-    ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
-    # A Maglev frontend's backend ids as a set, and the version they are of
-    # (Programmed._table_ids).
+    # Its backend ids as a set, and the version they are of, for the Maglev
+    # tables of its external frontends (Programmed._table_ids).
     id_set: tuple[int, frozenset[int]] | None = None
+    # Read back from the maps: no group known yet; the first sync gives it
+    # to a group of one of its frontends (Programmed._table_for).
+    adopted: bool = False
+
+
+@dataclass(eq=False)
+class FrontendState:
+    svc_id: int
+    owner: str  # service key "namespace/name"; "" when unknown (adopted, unnamed)
+    name: str
+    table: SlotTable
+    # What its entry in the frontend map holds: count, flags, affinity
+    # timeout, slot table id (-1: not written yet).
+    count: int = -1
+    flags: int = 0  # SP_SVC_F_*
+    affinity_timeout: int = 0
+    slots_id: int = -1
+    ranges: tuple[SourceRange, ...] = ()  # in the source range map under svc_id
+
+    @property
+    def slots(self) -> list[int]:
+        """Backend id per slot: its table's."""
+        return self.table.slots
 
 
 def name_capacity() -> int:
@@ -86,6 +112,10 @@ class Programmed:
         self._adopted_unused: list[int] = []
         self.frontends: dict[FKey, FrontendState] = {}
         self.by_owner: dict[str, set[FKey]] = defaultdict(set)
+        # Slot tables by id, and by (owner, group): Frontend.group, or for a
+        # frontend planned without one ("frontend", its key).
+        self.slot_tables: dict[int, SlotTable] = {}
+        self.table_of: dict[tuple[str, object], SlotTable] = {}
         self.bids = BackendIds()
         self.sids = ServiceIds()
         # Entries found in the maps at adoption that nothing owns; removed at
@@ -96,7 +126,7 @@ class Programmed:
         self.slot_count = 0
         self.range_count = 0  # entries in the source range map
         self._unused: set[int] = set()
-        self._unindexed: set[FKey] = set()
+        self._unindexed: set[int] = set()  # slot tables (ids) to index
         # The external frontends of the owner being synced, for its tables.
         self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
 
@@ -116,7 +146,7 @@ class Programmed:
     # -- reading back what a previous agent left --------------------------
     def adopt(
         self,
-        svc: dict[FKey, tuple[int, int, int, int]],
+        svc: dict[FKey, tuple[int, int, int, int, int]],
         slots: dict[tuple[int, int], int],
         backends: dict[int, Backend],
         names: dict[int, str],
@@ -135,29 +165,34 @@ class Programmed:
         self.blocked, self.waiting = blocked, waiting
         self.bids = bids = BackendIds(backends)
         refs = bids.refs
-        used_slots: set[tuple[int, int]] = set()
-        for key, (svc_id, count, flags, timeout) in svc.items():
+        stables = self.slot_tables
+        for key, (svc_id, count, flags, timeout, slots_id) in svc.items():
             name = names.get(svc_id, "")
             owner = name.split(":", 1)[0] if ":" in name else ""
-            sl: list[int | None] = []
-            for i in range(count):
-                b = slots.get((svc_id, i))
+            t = stables.get(slots_id)
+            if t is None:
+                t = stables[slots_id] = SlotTable(slots_id, (owner, ("adopted", slots_id)), [], adopted=True)
+                self.table_of[t.key] = t
+            # Its frontends count the same slots, unless the agent stopped
+            # between their writes: the table holds the most any counts.
+            sl: list[int | None] = t.slots  # type: ignore[assignment]
+            for i in range(len(sl), count):
+                b = slots.get((slots_id, i))
                 sl.append(b if b in bids.backends else None)
-                used_slots.add((svc_id, i))
-            st = FrontendState(svc_id, owner, name, sl, flags, timeout)  # type: ignore[arg-type]
+            t.users.add(key)
+            st = FrontendState(svc_id, owner, name, t, count, flags, timeout, slots_id)
             st.ranges = tuple(sorted((ranges or {}).get(svc_id, ())))
             self.frontends[key] = st
             self.by_owner[owner].add(key)
-            for b in set(sl):
-                if b is not None:
-                    refs[b] += 1
+        for t in stables.values():
+            refs.update({b for b in t.slots if b is not None})
         self.slot_count = len(slots)
         self.range_count = sum(len(rs) for rs in (ranges or {}).values())
-        self.orphan_slots = [k for k in slots if k not in used_slots]
+        self.orphan_slots = [k for k in slots if k[0] not in stables or k[1] >= len(stables[k[0]].slots)]
         live_ids = {st.svc_id for st in self.frontends.values()}
         self.orphan_names = [i for i in names if i not in live_ids]
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
-        self.sids = ServiceIds([st.svc_id for st in self.frontends.values()] + list(names))
+        self.sids = ServiceIds(list(live_ids) + list(names) + list(stables) + [sid for sid, _ in slots])
         self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()), bids.backends)
         kept = {}
         for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
@@ -214,7 +249,7 @@ class Programmed:
             # have been written again since, by the frontend growing into
             # it: only those still past its count go. Every orphan was
             # counted at adoption and again when rewritten.
-            counts = {st.svc_id: len(st.slots) for st in self.frontends.values()}
+            counts = {t.tid: len(t.slots) for t in self.slot_tables.values()}
             cs.slot_del.extend((sid, i) for sid, i in self.orphan_slots if i >= counts.get(sid, 0))
             self.slot_count -= len(self.orphan_slots)
             cs.name_del.extend(self.orphan_names)
@@ -242,14 +277,14 @@ class Programmed:
         return cs
 
     def index_pending(self) -> int:
-        """Build the slot index (backend -> slot) of the frontends set in
+        """Build the slot index (backend -> slot) of the slot tables set in
         full since the last call, which their next delta needs. Called
         after a sync's write; returns how many were built."""
         n = 0
-        for key in self._unindexed:
-            st = self.frontends.get(key)
-            if st is not None and st.slot_of is None and st.version >= 0:
-                st.slot_of = dict(zip(st.slots, range(len(st.slots)), strict=True))
+        for tid in self._unindexed:
+            t = self.slot_tables.get(tid)
+            if t is not None and t.slot_of is None and t.version >= 0:
+                t.slot_of = dict(zip(t.slots, range(len(t.slots)), strict=True))
                 n += 1
         self._unindexed.clear()
         return n
@@ -296,11 +331,57 @@ class Programmed:
             cs.be_mark.append((bid, self.bids.backends[bid], 0, 0.0))
 
     def _delta_applies(self, f: Frontend) -> bool:
-        """f's added/removed are relative to what this frontend holds."""
+        """f's added/removed are relative to what this frontend's table holds."""
         cur = self.frontends.get(f.key)
-        return f.added is not None and cur is not None and cur.version >= 0 and cur.version == f.base
+        return f.added is not None and cur is not None and cur.table.version >= 0 and cur.table.version == f.base
 
-    def _growth(self, owner: str, fronts: list[Frontend]) -> tuple[int, int, int, int]:
+    @staticmethod
+    def _groups(fronts: list[Frontend]) -> dict[object, list[Frontend]]:
+        """An owner's frontends by the slot table they share: the planner
+        gives one group to frontends that select the same backends, in the
+        same order, with the same plan numbers; a frontend without one has
+        a table of its own."""
+        groups: dict[object, list[Frontend]] = {}
+        for f in fronts:
+            groups.setdefault(("frontend", f.key) if f.group is None else f.group, []).append(f)
+        return groups
+
+    def _table_for(self, owner: str, group: object, fs: list[Frontend]) -> SlotTable | None:
+        """The slot table a group of an owner's frontends is to use: the
+        group's own; else one of these frontends' tables that would
+        otherwise be left behind (read back at adoption, or every frontend
+        using it now joins this group: a changed traffic policy); else
+        None (a new one)."""
+        t = self.table_of.get((owner, group))
+        if t is not None:
+            return t
+        keys = None
+        for f in fs:
+            cur = self.frontends.get(f.key)
+            if cur is None or cur.owner not in (owner, ""):
+                continue
+            t = cur.table
+            if t.adopted:
+                return t
+            if keys is None:
+                keys = {f.key for f in fs}
+            if t.key[0] == owner and t.users <= keys:
+                return t
+        return None
+
+    @staticmethod
+    def _delta_for(t: SlotTable | None, fs: list[Frontend]) -> bool:
+        """The group's added/removed apply to table t: every frontend's
+        plan is relative to the version t holds."""
+        if t is None or t.version < 0:
+            return False
+        v = t.version
+        for f in fs:
+            if f.added is None or f.base != v:
+                return False
+        return True
+
+    def _growth(self, owner: str, groups: dict[object, list[Frontend]]) -> tuple[int, int, int, int]:
         """Entries this owner's change adds (services, slots, backends,
         source ranges) at its peak."""
         new_fronts = 0
@@ -308,18 +389,21 @@ class Programmed:
         slot_growth = 0
         range_growth = 0
         ids = self.bids.ids
-        for f in fronts:
-            cur = self.frontends.get(f.key)
-            if cur is None:
-                new_fronts += 1
-            if f.source_ranges:
-                range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
-            if self._delta_applies(f):
+        for group, fs in groups.items():
+            for f in fs:
+                cur = self.frontends.get(f.key)
+                if cur is None:
+                    new_fronts += 1
+                if f.source_ranges:
+                    range_growth += len(set(f.source_ranges).difference(cur.ranges if cur else ()))
+            f = fs[0]
+            t = self._table_for(owner, group, fs)
+            if self._delta_for(t, fs):
                 new_be.update(filterfalse(ids.__contains__, f.added))  # type: ignore[arg-type]
                 slot_growth += max(0, len(f.added) - len(f.removed))  # type: ignore[arg-type]
             else:
                 new_be.update(filterfalse(ids.__contains__, f.backends))
-                slot_growth += max(0, len(f.backends) - (len(cur.slots) if cur else 0))
+                slot_growth += max(0, len(f.backends) - (len(t.slots) if t is not None else 0))
         return new_fronts, slot_growth, len(new_be), range_growth
 
     def _long_name(self, fronts: list[Frontend]) -> str | None:
@@ -372,7 +456,8 @@ class Programmed:
             cs.refused[owner] = why
             return
         fronts = self._claims(owner, fronts, cs)
-        g_svc, g_slots, g_be, g_src = self._growth(owner, fronts)
+        groups = self._groups(fronts)
+        g_svc, g_slots, g_be, g_src = self._growth(owner, groups)
         cap = self.capacity
         # Deletes happen after upserts in one apply: count additions only.
         full = []
@@ -417,8 +502,8 @@ class Programmed:
         for key in sorted(self.by_owner.get(owner, set()) - wanted_keys):
             self._remove_frontend(key, cs)
         self._tabled = []
-        for f in fronts:
-            self._sync_frontend(owner, f, cs)
+        for group, fs in groups.items():
+            self._sync_group(owner, group, fs, cs)
         # The Maglev tables once every frontend has its backends: those
         # sharing a table change it together (ctrl.dataplane.tables).
         if self._tabled and self.tables.sync_owner(owner, self._tabled, self.bids.backends, cs):
@@ -430,101 +515,158 @@ class Programmed:
         self.bids.drop(bid)
         cs.be_del.append(bid)
 
-    def _sync_frontend(self, owner: str, f: Frontend, cs: ChangeSet) -> None:
-        """One frontend to its planned backends: from its delta when the
-        plan is relative to what it holds (O(change)), else in full."""
-        key = f.key
-        cur = self.frontends.get(key)
-        # _delta_applies, inline
-        if (
-            cur is not None
-            and f.added is not None
-            and cur.version == f.base
-            and cur.version >= 0
-            and cur.owner == owner
-        ):
-            self._sync_frontend_delta(owner, f, cur, cs)
-            return
+    def _sync_group(self, owner: str, group: object, fs: list[Frontend], cs: ChangeSet) -> None:
+        """A group's slot table to its planned backends, once for all its
+        frontends: from their delta when their plans are relative to what
+        the table holds (O(change)), else in full. Then each frontend's
+        entry, name and source ranges."""
+        t = self._table_for(owner, group, fs)
+        # A new table of a new frontend takes that frontend's id too (a
+        # Service of one frontend reads the same number twice in a dump).
+        shared_id = None
+        if t is None:
+            if fs[0].key not in self.frontends:
+                shared_id = self.sids.new()
+            t = SlotTable(shared_id or self.sids.new(), (owner, group), [])
+            self.slot_tables[t.tid] = t
+            self.table_of[t.key] = t
+        elif t.key != (owner, group):
+            # Adopted, or left behind by every frontend now in this group.
+            if self.table_of.get(t.key) is t:
+                del self.table_of[t.key]
+            t.key, t.adopted = (owner, group), False
+            self.table_of[t.key] = t
+        f = fs[0]
+        delta = None
+        if self._delta_for(t, fs):
+            changed, rem, add = self._table_delta(t, f, cs)
+            delta = (t.version, rem, add)
+        else:
+            changed = self._table_full(t, f, cs)
+        t.version = f.version
+        if f.version >= 0 and t.slot_of is None and len(t.slots) >= EAGER_INDEX_FROM:
+            # A large table's index right after the write; a small one's at
+            # its first delta, in a fraction of a millisecond.
+            self._unindexed.add(t.tid)
+        if changed:
+            cs.services.add(owner)
+        for f in fs:
+            cur = self._frontend_on(owner, f.key, t, cs, shared_id)
+            shared_id = None
+            self._finish_frontend(owner, f, cur, cs, delta)
+
+    def _table_full(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> bool:
+        """Table t to f's backends in full; whether a slot changed."""
         wanted = self.bids.get(f.backends, cs.be_upd)
-        if cur is None:
-            cur = FrontendState(self.sids.new(), owner, "", [], -1, -1)
-            self.frontends[key] = cur
-        elif cur.owner != owner:
-            # Adopted without a name (_claims lets no other owner here):
-            # this Service takes it over, id and slots included.
-            log.info("frontend %s of no known owner is %s's", frontend_str(key), owner)
-            self.by_owner[cur.owner].discard(key)
-        self.by_owner[owner].add(key)
-        cur.owner = owner
-        sl: list[int | None] = cur.slots  # type: ignore[assignment]
+        sl: list[int | None] = t.slots  # type: ignore[assignment]
         n_old = len(sl)
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
         old_set.discard(None)  # type: ignore[arg-type]
         before = len(cs.slot_upd)
-        slots.assign(cur.svc_id, sl, wanted, cs.slot_upd)
-        changed = self._slots_written(cur, before, n_old, cs)
+        slots.assign(t.tid, sl, wanted, cs.slot_upd)
+        changed = self._slots_written(t, before, n_old, cs)
         new_set: set[int]
         if n_old:
             new_set = set(sl)  # type: ignore[arg-type]
             added: Collection[int] = new_set - old_set
-        else:  # a new frontend: assign gave each backend once
+        else:  # a new table: assign gave each backend once
             new_set = set()
             added = sl  # type: ignore[assignment]
         self.bids.refs.update(added)
         if self.drains:
             for b in added:
                 self._undrain(b, cs)
-        self._released(key, old_set - new_set, cs)
-        cur.version = f.version
-        cur.slot_of = None  # built by index_pending or the first delta
-        if f.version >= 0 and len(cur.slots) >= EAGER_INDEX_FROM:
-            # A large frontend's index right after the write; a small one's
-            # at its first delta, in a fraction of a millisecond.
-            self._unindexed.add(key)
-        self._finish_frontend(owner, f, cur, n_old, changed, cs)
+        self._released(t, old_set - new_set, cs)
+        t.slot_of = None  # built by index_pending or the first delta
+        return changed
 
-    def _sync_frontend_delta(self, owner: str, f: Frontend, cur: FrontendState, cs: ChangeSet) -> None:
-        """The same from the added and removed backends only: the removed
-        ones' slots (from the slot index) are the holes."""
-        sl: list[int | None] = cur.slots  # type: ignore[assignment]
-        slot_of = cur.slot_of
+    def _table_delta(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> tuple[bool, list[int], list[int]]:
+        """The same from f's added and removed backends only: the removed
+        ones' slots (from the slot index) are the holes. Returns whether a
+        slot changed, and the ids removed and added."""
+        sl: list[int | None] = t.slots  # type: ignore[assignment]
+        slot_of = t.slot_of
         if slot_of is None:
-            slot_of = cur.slot_of = dict(zip(sl, range(len(sl)), strict=True))  # type: ignore[arg-type]
+            slot_of = t.slot_of = dict(zip(sl, range(len(sl)), strict=True))  # type: ignore[arg-type]
         n_old = len(sl)
         ids = self.bids.ids
         rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
         before = len(cs.slot_upd)
-        slots.fill(cur.svc_id, sl, holes, add, slot_of, cs.slot_upd)
-        changed = self._slots_written(cur, before, n_old, cs)
+        slots.fill(t.tid, sl, holes, add, slot_of, cs.slot_upd)
+        changed = self._slots_written(t, before, n_old, cs)
         self.bids.refs.update(add)
         if self.drains:
             draining = self.drains.until
             for b in add:
                 if b in draining:
                     self._undrain(b, cs)
-        self._released(f.key, rem, cs)
-        cur.version = f.version
-        self._finish_frontend(owner, f, cur, n_old, changed, cs, (f.base, rem, add))
+        self._released(t, rem, cs)
+        return changed, rem, add
 
-    def _slots_written(self, cur: FrontendState, before: int, n_old: int, cs: ChangeSet) -> bool:
-        """Record the deletes of a frontend's slots past its new count (it
-        had n_old), its slot writes being in cs.slot_upd past `before`;
-        whether any slot changed."""
-        n = len(cur.slots)
+    def _frontend_on(
+        self, owner: str, key: FKey, t: SlotTable, cs: ChangeSet, svc_id: int | None = None
+    ) -> FrontendState:
+        """The owner's frontend `key`, reading table t: made (with svc_id
+        when given), or moved to it from the table it read (which goes once
+        no frontend reads it)."""
+        cur = self.frontends.get(key)
+        if cur is None:
+            cur = self.frontends[key] = FrontendState(svc_id or self.sids.new(), owner, "", t)
+            t.users.add(key)
+        else:
+            if cur.owner != owner:
+                # Adopted without a name (_claims lets no other owner here):
+                # this Service takes it over, id and slots included.
+                log.info("frontend %s of no known owner is %s's", frontend_str(key), owner)
+                self.by_owner[cur.owner].discard(key)
+            old = cur.table
+            if old is not t:
+                backends = self.bids.backends
+                gone = set(old.slots).difference(t.slots)
+                gone.discard(None)  # type: ignore[arg-type]
+                cs.removed.extend((key, backends[b]) for b in gone)
+                cur.table = t
+                t.users.add(key)
+                self._leave(key, old, cs)
+        self.by_owner[owner].add(key)
+        cur.owner = owner
+        return cur
+
+    def _leave(self, key: FKey, t: SlotTable, cs: ChangeSet) -> None:
+        """Frontend `key` reads table t no more: its slots go with its last
+        frontend (deleted after the frontends' entries that named them)."""
+        t.users.discard(key)
+        if t.users:
+            return
+        cs.slot_del.extend((t.tid, i) for i in range(len(t.slots)))
+        self.slot_count -= len(t.slots)
+        del self.slot_tables[t.tid]
+        if self.table_of.get(t.key) is t:
+            del self.table_of[t.key]
+        self._released(t, {b for b in t.slots if b is not None}, cs)
+        t.slots = []
+
+    def _slots_written(self, t: SlotTable, before: int, n_old: int, cs: ChangeSet) -> bool:
+        """Record the deletes of a table's slots past its new count (it had
+        n_old), its slot writes being in cs.slot_upd past `before`; whether
+        any slot changed."""
+        n = len(t.slots)
         if n < n_old:
-            cs.slot_del.extend((cur.svc_id, i) for i in range(n, n_old))
+            cs.slot_del.extend((t.tid, i) for i in range(n, n_old))
         self.slot_count += n - n_old
         return len(cs.slot_upd) > before or n < n_old
 
-    def _released(self, key: FKey, bids: Collection[int], cs: ChangeSet) -> None:
-        """Backends that stopped serving frontend `key`: their UDP flows
-        to it are purged after the write, and each starts draining once no
-        frontend uses it (end of sync)."""
+    def _released(self, t: SlotTable, bids: Collection[int], cs: ChangeSet) -> None:
+        """Backends that left table t: their UDP flows to its frontends are
+        purged after the write, and each starts draining once no table
+        uses it (end of sync)."""
         refs, backends = self.bids.refs, self.bids.backends
+        users = t.users
         for b in bids:
-            cs.removed.append((key, backends[b]))
+            be = backends[b]
+            cs.removed.extend((key, be) for key in users)
             refs[b] -= 1
             self._unused.add(b)
 
@@ -533,27 +675,27 @@ class Programmed:
         owner: str,
         f: Frontend,
         cur: FrontendState,
-        n_old: int,
-        changed: bool,
         cs: ChangeSet,
         delta: tuple[int, list[int], list[int]] | None = None,
     ) -> None:
-        """The frontend entry (count, flags, affinity), its name and its
-        source ranges, where they changed. delta: the version the slots
-        were of and the backend ids the change removed and added, when
-        it was applied as a delta."""
-        n = len(cur.slots)
+        """The frontend entry (count, flags, affinity, slot table), its
+        name and its source ranges, where they changed. delta: the version
+        its table's slots were of and the backend ids the change removed
+        and added, when it was applied as a delta."""
+        t = cur.table
+        n = len(t.slots)
         fflags = f.flags
         if self.maglev_size and f.scope == Scope.EXTERNAL:
             fflags |= FrontendFlag.MAGLEV
         flags = abi.frontend_flags(fflags)
         if FrontendFlag.MAGLEV in fflags:
-            self._tabled.append((f.key, cur.svc_id, self._table_ids(cur, delta)))
+            self._tabled.append((f.key, cur.svc_id, self._table_ids(t, delta)))
         elif f.key in self.tables.of:
             self._tabled.append((f.key, cur.svc_id, frozenset()))
-        if n != n_old or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout:
-            cur.flags, cur.affinity_timeout = flags, f.affinity_timeout
-            cs.svc_upd.append((f.key, (cur.svc_id, n, flags, f.affinity_timeout)))
+        changed = False
+        if n != cur.count or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout or cur.slots_id != t.tid:
+            cur.count, cur.flags, cur.affinity_timeout, cur.slots_id = n, flags, f.affinity_timeout, t.tid
+            cs.svc_upd.append((f.key, (cur.svc_id, n, flags, f.affinity_timeout, t.tid)))
             changed = True
         if cur.name != f.name:
             cur.name = f.name
@@ -569,22 +711,24 @@ class Programmed:
         if changed:
             cs.services.add(owner)
 
-    def _table_ids(self, cur: FrontendState, delta: tuple[int, list[int], list[int]] | None) -> frozenset[int]:
-        """The backend ids of a Maglev frontend's slots, for its table. The
-        external frontends of a Service mostly take the same backends: they
-        get one set object (a Service's NodePort and LoadBalancer IP, one
-        change of 100,000 backends: one set of 100,000 built, hashed and
-        compared, not one per frontend). From the last sync's set and the
-        delta when there is one, else from the slots."""
-        prev = cur.id_set
+    def _table_ids(self, t: SlotTable, delta: tuple[int, list[int], list[int]] | None) -> frozenset[int]:
+        """The backend ids of a slot table, for the Maglev tables of its
+        external frontends: one set object per slot table and plan (a
+        Service's NodePort and LoadBalancer IP, one change of 100,000
+        backends: one set of 100,000 built, hashed and compared, not one
+        per frontend). From the last sync's set and the delta when there is
+        one, else from the slots."""
+        prev = t.id_set
+        if prev is not None and t.version >= 0 and prev[0] == t.version:
+            return prev[1]  # another frontend of the table, this sync
         ids = None
         if delta is not None and prev is not None and prev[0] == delta[0]:
             ids = self.tables.derive(prev[1], delta[1], delta[2])
         # A delta leaves no hole below the count (ctrl.dataplane.slots):
         # one slot per backend.
-        if ids is None or len(ids) != len(cur.slots):
-            ids = self.tables.id_set(cur.slots)
-        cur.id_set = (cur.version, ids)
+        if ids is None or len(ids) != len(t.slots):
+            ids = self.tables.id_set(t.slots)
+        t.id_set = (t.version, ids)
         return ids
 
     def _remove_frontend(self, key: FKey, cs: ChangeSet) -> None:
@@ -598,7 +742,6 @@ class Programmed:
         cs.src_del.extend((st.svc_id, a, n) for a, n in st.ranges)
         self.range_count -= len(st.ranges)
         cs.services.add(st.owner)
-        for i in range(len(st.slots)):
-            cs.slot_del.append((st.svc_id, i))
-        self.slot_count -= len(st.slots)
-        self._released(key, {b for b in st.slots if b is not None}, cs)
+        backends = self.bids.backends
+        cs.removed.extend((key, backends[b]) for b in set(st.slots) if b is not None)
+        self._leave(key, st.table, cs)

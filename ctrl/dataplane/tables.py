@@ -1,4 +1,4 @@
-"""Maglev tables in the map (sp_mgl_v3): which table each external
+"""Maglev tables in the map (sp_mgl_v4): which table each external
 frontend reads, tables shared, and the smallest writes that keep them
 (docs/semantics.md, "Maglev").
 

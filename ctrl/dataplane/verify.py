@@ -37,7 +37,7 @@ from . import abi
 from .abi import BE_F_DRAINING, SCOPE_OF, U32, Codecs, map_name
 from .changeset import ChangeSet
 from .maps import Map
-from .programmed import FrontendState, Programmed
+from .programmed import FrontendState, Programmed, SlotTable
 
 # Entries read and compared per chunk: about a millisecond of work.
 CHUNK = 1024
@@ -60,6 +60,9 @@ class Verifier:
         # Frontends by id, as they are now: a frontend a sync changes later
         # has its id touched, so what this holds for the others stays true.
         self.by_id: dict[int, FrontendState] = {st.svc_id: st for st in programmed.frontends.values()}
+        # Slot tables by id, the same way: a table a sync changes later has
+        # its id touched (its slots written or deleted).
+        self.tables: dict[int, SlotTable] = dict(programmed.slot_tables)
         self.key_of: dict[int, FKey] = {st.svc_id: key for key, st in programmed.frontends.items()}
         self._steps = self._run()
 
@@ -138,7 +141,7 @@ class Verifier:
                     self._differ(f"frontend {frontend_str(key)}: in the map, not programmed")
                     continue
                 seen += 1
-                want = (st.svc_id, len(st.slots), st.flags, st.affinity_timeout)
+                want = (st.svc_id, len(st.slots), st.flags, st.affinity_timeout, st.table.tid)
                 if tuple(val) != want:
                     self._differ(f"frontend {frontend_str(key)}: the map holds {tuple(val)}, not {want}")
             self.entries += len(chunk)
@@ -148,7 +151,7 @@ class Verifier:
             self._differ(f"{want_n - seen} frontends programmed are not in the map")
 
     def _slots(self, c: Codecs) -> Iterator[int]:
-        by_id, ids = self.by_id, self.touched_ids
+        by_id, ids = self.tables, self.touched_ids
         orphans = set(self.p.orphan_slots)
         seen = orphan_seen = 0
         for chunk in self.maps[map_name("sp_slot")].chunks(CHUNK):
@@ -161,20 +164,29 @@ class Verifier:
                     if (sid, slot) in orphans:
                         orphan_seen += 1
                     else:
-                        self._differ(f"slot {slot} of id {sid}: in the map, no frontend has that id")
+                        self._differ(f"slot {slot} of id {sid}: in the map, no slot table has that id")
                     continue
                 seen += 1
                 (bid,) = c.slot_val.unpack(v)
+                what = f"slot {slot} of table {sid} ({self._table_name(st)})"
                 if slot >= len(st.slots):
-                    self._differ(f"slot {slot} of {st.name or sid}: in the map, past its count {len(st.slots)}")
+                    self._differ(f"{what}: in the map, past its count {len(st.slots)}")
                 elif st.slots[slot] is not None and st.slots[slot] != bid:
-                    self._differ(f"slot {slot} of {st.name or sid}: backend {bid} in the map, not {st.slots[slot]}")
+                    self._differ(f"{what}: backend {bid} in the map, not {st.slots[slot]}")
             self.entries += len(chunk)
             yield len(chunk)
-        want_n = sum(len(st.slots) for st in self._untouched())
+        want_n = sum(len(t.slots) for t in self.p.slot_tables.values() if t.tid not in ids)
         want_orphans = sum(1 for sid, _ in orphans if sid not in ids)
         if seen < want_n or orphan_seen < want_orphans:
             self._differ(f"{want_n + want_orphans - seen - orphan_seen} slots programmed are not in the map")
+
+    def _table_name(self, t: SlotTable) -> str:
+        """A slot table for people: the name of a frontend reading it."""
+        for key in sorted(t.users):
+            st = self.p.frontends.get(key)
+            if st is not None and st.name:
+                return st.name
+        return "no frontend"
 
     def _backends(self, c: Codecs) -> Iterator[int]:
         p, bids = self.p, self.touched_bids

@@ -142,6 +142,10 @@ class Frontend:
     removed: tuple[Backend, ...] | None = field(default=None, compare=False)
     base: int = field(default=-1, compare=False)
     version: int = field(default=-1, compare=False)
+    # Frontends of one Service with the same group select the same backends
+    # (in the same order, with the same added/removed, base and version):
+    # the dataplane gives them one slot table. None: a table of its own.
+    group: tuple | None = field(default=None, compare=False)
 
     @property
     def key(self) -> FKey:
@@ -330,6 +334,7 @@ def plan_full(
     local: dict[tuple[int, str], bool] = {}
     policies: dict[int, PortPolicy] = {}
     cats: dict[tuple, Categorized] = {}  # (port, protocol, family) -> categorize() of its merge
+    numbers: dict[tuple, int] = {}  # selection_key -> its plan number (one per group)
     for spec in _specs(svc, node):
         sp = spec.sp
         if sp.protocol not in SERVED_PROTOCOLS:
@@ -362,6 +367,7 @@ def plan_full(
             # one endpoint per (address, port): no duplicates.
             backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in selected(cat, sk[3])])
             reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
+            numbers[sk] = -1 if versions is None else next(versions)
         f = Frontend(
             addr=addr16(spec.addr),
             port=spec.port,
@@ -373,7 +379,8 @@ def plan_full(
             flags=spec.flags | r if (r := reject[sk]) else spec.flags,
             affinity_timeout=svc.affinity_timeout,
             source_ranges=spec.ranges,
-            version=-1 if versions is None else next(versions),
+            version=numbers[sk],
+            group=sk,
         )
         if f.key in meta:
             # Two ports or addresses of one Service landing on one frontend

@@ -466,9 +466,14 @@ class ServicePlanner:
                 return self._full(owner, svc, slices, node_name, zone, node)
             deltas[pk] = delta
         fronts = []
+        numbers: dict[tuple, int] = {}  # one plan number per group (selection)
         for f in c.fronts:
-            port, protocol, family, which = c.meta[f.key]
+            sk = c.meta[f.key]
+            port, protocol, family, which = sk
             pk = (port, protocol, family)
+            version = numbers.get(sk)
+            if version is None:
+                version = numbers[sk] = next(self._versions)
             st = c.ports[pk]
             added, removed = deltas[pk][which]
             reject = NO_FLAGS if st.has_any() else FrontendFlag.REJECT
@@ -480,7 +485,7 @@ class ServicePlanner:
                     added=added,
                     removed=removed,
                     base=f.version,
-                    version=next(self._versions),
+                    version=version,
                 )
             )
         c.fronts = fronts

@@ -59,17 +59,25 @@ static __always_inline struct sp_mgl_val *lb_mgl_entry(__u32 svc_id, __u32 index
 	return bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
 }
 
+/* The key of svc's slot table: its slots_id, or its own svc_id for an
+ * entry carried over from layout 3 (slots_id 0). */
+static __always_inline __u32 lb_slots_id(const struct sp_svc_val *svc)
+{
+	return svc->slots_id ? svc->slots_id : svc->svc_id;
+}
+
 /* Does slot `slot` of svc (count n) still name backend be_id? A slot
  * rewritten by a removal names another one, or lies past the count. For a
- * Maglev entry (LB_MGL_SLOT), the same of the table's entry. */
-static __always_inline int lb_slot_holds(__u32 svc_id, __u32 slot, __u32 n, __u32 be_id)
+ * Maglev entry (LB_MGL_SLOT), the same of the table's entry. A slot of the
+ * table svc shared with other frontends holds for all of them alike. */
+static __always_inline int lb_slot_holds(const struct sp_svc_val *svc, __u32 slot, __u32 n, __u32 be_id)
 {
-	struct sp_slot_key k = { .svc_id = svc_id, .slot = slot };
+	struct sp_slot_key k = { .svc_id = lb_slots_id(svc), .slot = slot };
 	struct sp_slot_val *sl;
 	struct sp_mgl_val *e;
 
 	if (slot & LB_MGL_SLOT) {
-		e = lb_mgl_entry(svc_id, slot & ~LB_MGL_SLOT);
+		e = lb_mgl_entry(svc->svc_id, slot & ~LB_MGL_SLOT);
 		return e && e->value == be_id;
 	}
 	if (slot >= n)
@@ -171,7 +179,7 @@ static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const 
 				   __u32 hint_slot, __u32 hint_be, __u32 *be_id, __u32 *slot)
 {
 	struct sp_slot_key slkey = {
-		.svc_id = svc->svc_id,
+		.svc_id = lb_slots_id(svc),
 		.slot = bpf_get_prandom_u32() % n,
 	};
 	struct sp_slot_val *sl;
@@ -179,7 +187,7 @@ static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const 
 	struct sp_aff_val *aff = 0;
 	int sticky = 0;
 
-	if (hint_slot != LB_NO_HINT && lb_slot_holds(svc->svc_id, hint_slot, n, hint_be)) {
+	if (hint_slot != LB_NO_HINT && lb_slot_holds(svc, hint_slot, n, hint_be)) {
 		slkey.slot = hint_slot;
 		sticky = 1;
 	} else if (svc->flags & SP_SVC_F_AFFINITY) {
@@ -187,7 +195,7 @@ static __always_inline int lb_pick(const struct sp_svc_val *svc, __u32 n, const 
 		__builtin_memcpy(akey.addr, f->saddr, sizeof(akey.addr));
 		aff = bpf_map_lookup_elem(&SP_MAP(sp_aff), &akey);
 		if (aff && idle_ns(now, aff->last_used) < (__u64)svc->affinity_timeout * 1000000000ULL &&
-		    lb_slot_holds(svc->svc_id, aff->slot, n, aff->backend_id)) {
+		    lb_slot_holds(svc, aff->slot, n, aff->backend_id)) {
 			slkey.slot = aff->slot;
 			sticky = 2;
 		}

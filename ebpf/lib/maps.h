@@ -12,7 +12,7 @@
 #include "sliceproxy.h"
 
 /*
- * Map names end in the header's layout version (sp_svc_v3 for version 3):
+ * Map names end in the header's layout version (sp_svc_v4 for version 4):
  * SP_MAP(sp_svc) is this build's map, so changing SP_LAYOUT_VERSION alone
  * renames every map (a new layout is a new map, never a misread old one).
  */
@@ -141,7 +141,7 @@ struct {
 } SP_MAP(sp_sock) SEC(".maps");
 
 /* The external interfaces with our XDP program in native mode: where XDP
- * may redirect a frame (sp_uplinks_v3 in sliceproxy.h). Sizes, not BTF
+ * may redirect a frame (sp_uplinks_v4 in sliceproxy.h). Sizes, not BTF
  * types: the kernel refuses BTF for a device map. 256 interfaces: far
  * more uplinks than a node has. */
 struct {

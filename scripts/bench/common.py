@@ -161,15 +161,16 @@ QUICK_SCENARIOS = [
 
 def taken(scn: Scenario, nodes: list[str], zones: list[str]) -> tuple[int, int]:
     """Of endpoints on these nodes in these zones, what NODE programs for
-    one Service of scn as (backends, slots over its frontends): each
-    frontend that takes every endpoint (those of NODE's zone under
-    topology hints) and each that takes NODE's own only."""
+    one Service of scn as (backends, slots over its slot tables): the
+    frontends that take every endpoint (those of NODE's zone under
+    topology hints) share one table, and those that take NODE's own only
+    another."""
     every, own = scn.frontends
     if scn.internal_traffic_policy == "Local":
         every, own = 0, every + own
     n_all = sum(1 for z in zones if z == NODE_ZONE) if scn.shape == "Hints" else len(nodes)
     n_own = sum(1 for n in nodes if n == NODE)
-    return (n_all if every else n_own), every * n_all + own * n_own
+    return (n_all if every else n_own), (n_all if every else 0) + (n_own if own else 0)
 
 
 # -- the cluster the scenarios describe -----------------------------------------

@@ -360,7 +360,7 @@ class Worker:
             raise RuntimeError(f"full sync failed or rejected services: {cs and cs.rejected}")
         from ctrl.dataplane.abi import map_base
 
-        # By base name: map names carry the layout version (sp_svc_v3...).
+        # By base name: map names carry the layout version (sp_svc_v4...).
         counts = (
             {}
             if self.a.profile
@@ -421,8 +421,8 @@ class Worker:
         for k, line in enumerate(self._lines("changes.jsonl")):
             dt, s = self._one(line)
             n, n_slots = self._expected(line)
-            # Exactly one slot per backend added and frontend, where every
-            # frontend takes every endpoint. Under a Local policy (a removed
+            # Exactly one slot per backend added, in the one slot table of
+            # the frontends, where every frontend takes every endpoint. Under a Local policy (a removed
             # local backend's slot takes the last one's backend) or topology
             # hints (a slice's count in this zone changes) slots may move.
             exact = not self.local and not self.scn.frontends[1] and self.scn.shape != "Hints"

@@ -246,7 +246,7 @@ def test_the_agent_ran_as_sliceproxy_run_builds_it(figures):
 
 def test_service_shapes_programmed_and_changed(figures):
     """S1's Service in each shape: the worker checked every map's entries
-    after the full sync (frontends, slots over them, backends) and the
+    after the full sync (frontends, slots over their tables, backends) and the
     backends each change added; here, that each shape is what it says."""
     sh = figures["shapes"]
     assert set(sh) == {"ClusterIP", "NodePort", "LoadBalancer-Local", "ClientIP", "Hints", "Maglev"}
@@ -256,7 +256,12 @@ def test_service_shapes_programmed_and_changed(figures):
         assert e["sp_slot"] >= e["sp_be"] > 0, name
         assert c["n"] >= 20 and 0 < c["min"] <= c["p50"] <= c["p99"] <= c["max"], name
         assert (e["sp_mgl"] > 0) == (name == "Maglev"), name
-    assert sh["NodePort"]["entries"]["sp_slot"] == 3 * sh["ClusterIP"]["entries"]["sp_slot"]
+    # The NodePort's 3 frontends read one slot table; under a Local
+    # external policy the external frontends read a second, of this node's
+    # endpoints (1 in 100).
+    assert sh["NodePort"]["entries"]["sp_slot"] == sh["ClusterIP"]["entries"]["sp_slot"]
+    lb_local = sh["LoadBalancer-Local"]["entries"]
+    assert lb_local["sp_slot"] == sh["ClusterIP"]["entries"]["sp_slot"] + sh["ClusterIP"]["entries"]["sp_slot"] // 100
     # Hinted for their zones, this node's zone takes about a third.
     assert sh["Hints"]["entries"]["sp_be"] < sh["ClusterIP"]["entries"]["sp_be"] / 2
     # The health check answered with this node's ready endpoints (1 in 100).

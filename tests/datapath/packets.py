@@ -310,7 +310,9 @@ class Backend:
 @dataclass(frozen=True)
 class Svc:
     """A frontend and its slots. count defaults to len(slots); a different
-    count seeds deliberately inconsistent maps."""
+    count seeds deliberately inconsistent maps. The slots go under slots_id
+    (the slot table other frontends may share), or with slots_id 0 (an
+    entry as layout 3 left it) under svc_id."""
 
     addr: str
     port: int
@@ -321,6 +323,7 @@ class Svc:
     count: int | None = None
     affinity_timeout: int = 0  # seconds; non-zero sets SP_SVC_F_AFFINITY
     flags: int = 0  # more SP_SVC_F_* (SRC_RANGES, MASQ)
+    slots_id: int = 0
 
 
 class CtKey(NamedTuple):
@@ -425,7 +428,7 @@ def idle_of(dp, last_seen: int) -> float:
 
 
 def mapname(base: str) -> str:
-    """A map's name in this build (sp_ct -> sp_ct_v3): the layout version
+    """A map's name in this build (sp_ct -> sp_ct_v4): the layout version
     comes from the header, so a layout change renames no test."""
     return abi.map_name(base)
 
@@ -437,11 +440,18 @@ def svc_key(addr: str, port: int, proto: int, scope: int = 0) -> bytes:
 def put_service(dp, s: Svc) -> None:
     count = len(s.slots) if s.count is None else s.count
     for i, be_id in enumerate(s.slots):
-        put_slot(dp, s.svc_id, i, be_id)
+        put_slot(dp, s.slots_id or s.svc_id, i, be_id)
     flags = (abi.const("SP_SVC_F_AFFINITY") if s.affinity_timeout else 0) | s.flags
     dp.maps[mapname("sp_svc")].update(
         svc_key(s.addr, s.port, s.proto, s.scope),
-        abi.pack("sp_svc_val", svc_id=s.svc_id, count=count, flags=flags, affinity_timeout=s.affinity_timeout),
+        abi.pack(
+            "sp_svc_val",
+            svc_id=s.svc_id,
+            count=count,
+            flags=flags,
+            affinity_timeout=s.affinity_timeout,
+            slots_id=s.slots_id,
+        ),
     )
 
 

@@ -1,7 +1,7 @@
 """Tier 2: Maglev picks (--external-lb=maglev) under BPF_PROG_TEST_RUN.
 
 A frontend flagged SP_SVC_F_MAGLEV sends a new flow to the backend its
-table (sp_mgl_v3) names at (flow hash % M), the hash computed in Python
+table (sp_mgl_v4) names at (flow hash % M), the hash computed in Python
 by ctrl.model.maglev.flow_hash: the program and the control plane agree
 on it, so every node does. A frontend without the flag (ClusterIP) keeps
 its random slot whatever table its id has. Addresses: 198.18.0.0/15,

@@ -778,6 +778,31 @@ def test_new_flows_spread_over_all_backends(dp):
             assert ct[CtKey(b.addr, CLIENT, 8080, k.sport, TCP_P, REPLY)] == CtVal(VIP, 80, b.id, 7)
 
 
+def test_frontends_sharing_a_slot_table(dp):
+    """Two frontends read slot table 50 (their slots_id): flows to either
+    reach its backends and are recorded under their own frontend's id. Each
+    frontend's own id holds decoy slots: a lookup by svc_id would use them.
+    Under affinity the sticky entry is the frontend's, its slot the table's."""
+    backends = [Backend(101, BE1, 8080), Backend(102, BE2, 8080), Backend(103, BE3, 8080)]
+    decoys = [Backend(201 + i, f"198.18.4.{i + 1}", 9999) for i in range(3)]
+    table = Svc(VIP, 80, TCP_P, 7, slots=tuple(b.id for b in backends), slots_id=50)
+    other = Svc(VIP2, 80, TCP_P, 8, count=3, slots_id=50, affinity_timeout=60)
+    decoy7 = Svc(VIP, 81, TCP_P, 7, slots=tuple(b.id for b in decoys))  # its own table: id 7
+    decoy8 = Svc(VIP2, 81, TCP_P, 8, slots=tuple(b.id for b in decoys))
+    seed(dp, Seed(services=(decoy7, decoy8, table, other), backends=(*backends, *decoys)))
+    by_addr = {b.addr: b for b in backends}
+    to_vip = {backend_of(dp, tcp(CLIENT, VIP, 20000 + i, 80)) for i in range(60)}
+    assert to_vip == set(by_addr), to_vip
+    to_vip2 = {backend_of(dp, tcp(CLIENT, VIP2, 20000 + i, 80)) for i in range(30)}
+    assert len(to_vip2) == 1 and to_vip2 <= set(by_addr), to_vip2  # sticky
+    ct = {k: v for k, (v, _) in ct_dump(dp).items() if k.dir == FORWARD}
+    assert {v.svc_id for k, v in ct.items() if k.daddr == VIP} == {7}
+    assert {v.svc_id for k, v in ct.items() if k.daddr == VIP2} == {8}
+    vc = abi.codec("sp_aff_val", ("backend_id", "slot", "last_used"))
+    be_id, slot, _ = vc.unpack(dp.maps[mapname("sp_aff")].lookup(aff_key(8, CLIENT)))
+    assert by_addr[to_vip2.pop()].id == be_id == table.slots[slot]
+
+
 # -- sessionAffinity ClientIP --------------------------------------------------
 
 AFF_BACKENDS = (BE_WEB1, BE_WEB2, BE_WEB3)

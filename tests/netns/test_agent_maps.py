@@ -330,10 +330,10 @@ def served(maps) -> dict[str, set[str]]:
     """Owner -> backend addresses its frontends' slots name, from the kernel."""
     mc = read_contents(maps)
     out: dict[str, set[str]] = {}
-    for svc_id, count, _, _ in mc.svc.values():
+    for svc_id, count, _, _, slots_id in mc.svc.values():
         owner = mc.names[svc_id].split(":", 1)[0]
         for i in range(count):
-            addr = mc.backends[mc.slots[(svc_id, i)]][0]
+            addr = mc.backends[mc.slots[(slots_id, i)]][0]
             out.setdefault(owner, set()).add(".".join(str(b) for b in addr[12:]))
     return out
 

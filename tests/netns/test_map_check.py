@@ -35,13 +35,13 @@ def contents(maps) -> dict:
     how many slots each)."""
     c = read_contents(maps)
     out = {}
-    for key, (sid, count, flags, timeout) in c.svc.items():
+    for key, (sid, count, flags, timeout, slots_id) in c.svc.items():
         out[key] = (
             flags,
             timeout,
             c.names.get(sid),
             sorted(c.ranges.get(sid, ())),
-            sorted(c.backends.get(c.slots.get((sid, i), -1)) or () for i in range(count)),
+            sorted(c.backends.get(c.slots.get((slots_id, i), -1)) or () for i in range(count)),
         )
     return out
 
@@ -104,7 +104,7 @@ def add_stray_slot(maps) -> str:
     maps[map_name("sp_slot")].update(
         abi.pack("sp_slot_key", svc_id=9999, slot=0), abi.pack("sp_slot_val", backend_id=1)
     )
-    return "no frontend has that id"
+    return "no slot table has that id"
 
 
 def edit_backend(maps) -> str:

@@ -33,7 +33,8 @@ OLD = 2  # the layout version the old release pins its maps under
 
 def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     """The old object and header; with v2_backend the backend loses its
-    drain deadline, as in layout 2 (this tree's agent cannot run that).
+    drain deadline, as in layout 2, and the frontend its slot table id, as
+    in layouts 2 and 3 (this tree's agent cannot run that).
     The programs name their maps after the header's SP_LAYOUT_VERSION, so
     the header is all that changes."""
     src = copy_sources(out)
@@ -44,8 +45,16 @@ def build_old_release(out: Path, v2_backend: bool = False) -> tuple[Path, Path]:
     # Version 2's names were 128 bytes, and its backend had no drain deadline.
     drain = re.search(r"\t__u32 pad; +/\* zero \*/\n\t__u64 drain_end;.*?\*/\n", hdr, re.S)
     assert drain is not None
+    slots_id = re.search(r"\t__u32 slots_id;.*?\*/\n", hdr, re.S)
+    assert slots_id is not None
     if v2_backend:
         hdr = hdr.replace(drain.group(0), "")
+        hdr = hdr.replace(slots_id.group(0), "")
+        # Its frontends read the slots of their own id, as layout 3's did.
+        lb = (src / "lib" / "lb.h").read_text()
+        own = "return svc->slots_id ? svc->slots_id : svc->svc_id;"
+        assert own in lb
+        (src / "lib" / "lb.h").write_text(lb.replace(own, "return svc->svc_id;"))
     name = re.search(r"\tchar name\[(\d+)\];", hdr)
     assert name is not None and int(name.group(1)) > 128
     hdr = hdr.replace(name.group(0), "\tchar name[128];")
@@ -121,23 +130,31 @@ names, backends = dp.maps[abi.map_name("sp_names")], dp.maps[abi.map_name("sp_be
 names.update(abi.u32(7), abi.pack("sp_svc_name", name=sys.argv[2].encode()))
 addr = bytes(10) + b"\\xff\\xff" + bytes([198, 18, 1, 11])
 backends.update(abi.u32(3), abi.pack("sp_backend", addr=addr, port=8080, proto=6, flags=1))
+vip = bytes(10) + b"\\xff\\xff" + bytes([198, 19, 0, 10])
+dp.maps[abi.map_name("sp_svc")].update(
+    abi.pack("sp_svc_key", addr=vip, port=80, proto=6, scope=0),
+    abi.pack("sp_svc_val", svc_id=7, count=1, flags=0, affinity_timeout=0),
+)
+dp.maps[abi.map_name("sp_slot")].update(
+    abi.pack("sp_slot_key", svc_id=7, slot=0), abi.pack("sp_slot_val", backend_id=3)
+)
 dp.close()
 """
 
 
 def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir: Path) -> None:
     """Version 2's 128-byte names go into the longer array whole: the new
-    agent reads each frontend's owner from its name."""
-    from ctrl.dataplane import loader, migrate
+    agent reads each frontend's owner from its name. A frontend of a layout
+    without slot table ids gets 0, which reads its own svc_id's slots."""
+    from ctrl.dataplane import abi, loader, migrate
     from ctrl.dataplane.abi import read_contents
+    from ctrl.model.plan import Scope
     from ctrl.util.addrs import addr16
 
     obj, hdr = build_old_release(tmp_path, v2_backend=True)
     name = "n" * 50 + "/" + "s" * 63 + ":http/TCP"  # 123 bytes: fits version 2
     env = {**os.environ, "SLICEPROXY_BPF_OBJECT": str(obj), "SLICEPROXY_HEADER": str(hdr)}
-    subprocess.run(
-        [sys.executable, "-c", OLD_WRITER, str(pin_dir), name], env=env, cwd=REPO, check=True
-    )
+    subprocess.run([sys.executable, "-c", OLD_WRITER, str(pin_dir), name], env=env, cwd=REPO, check=True)
     dp = loader.load(pin_dir=str(pin_dir))
     try:
         carry = migrate.Carry(str(pin_dir), dp.maps)
@@ -145,6 +162,10 @@ def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir:
         mc = read_contents(dp.maps)
         assert mc.names == {7: name}
         assert mc.backends == {3: (addr16("198.18.1.11"), 8080, 6)}
+        key = (addr16("198.19.0.10"), 80, 6, Scope.INTERNAL)
+        assert mc.svc == {key: (7, 1, 0, 0, 7)} and mc.slots == {(7, 0): 3}
+        ((_, raw),) = dp.maps[abi.map_name("sp_svc")].items()
+        assert abi.Codecs.get().svc_val.unpack(raw)[4] == 0
         # Flagged draining by version 2, which kept no deadline: none is
         # made up (the first full sync starts a drain period).
         assert mc.draining == {}

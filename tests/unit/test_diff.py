@@ -55,7 +55,7 @@ def test_new_service_writes_backends_slots_frontend_and_name():
     cs = Programmed().sync({"default/web": [front(1, 2)]})
     assert [b for _, b in cs.be_upd] == [be(1), be(2)]
     assert [(s, i) for s, i, _ in cs.slot_upd] == [(1, 0), (1, 1)]
-    assert cs.svc_upd == [((VIP, 80, TCP, INT), (1, 2, 0, 0))]
+    assert cs.svc_upd == [((VIP, 80, TCP, INT), (1, 2, 0, 0, 1))]
     assert cs.name_upd == [(1, "default/web:http/TCP")]
 
 
@@ -118,7 +118,7 @@ def test_adopt_rebuilds_ids_and_diffs_empty():
     p = Programmed()
     p.sync({"default/web": [front(1, 2, 3)]})
     st = p.frontends[(VIP, 80, TCP, INT)]
-    svc = {(VIP, 80, TCP, INT): (st.svc_id, 3, 0, 0)}
+    svc = {(VIP, 80, TCP, INT): (st.svc_id, 3, 0, 0, st.svc_id)}
     slots = {(st.svc_id, i): b for i, b in enumerate(st.slots)}
     q = Programmed()
     q.adopt(svc, slots, dict(p.backends), {st.svc_id: "default/web:http/TCP"})
@@ -129,7 +129,7 @@ def test_adopt_rebuilds_ids_and_diffs_empty():
 
 def test_adopt_unnamed_orphans_are_removed_only_at_full_sync():
     q = Programmed()
-    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1, (9, 0): 1}, {1: be(1)}, {})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)}, {(7, 0): 1, (9, 0): 1}, {1: be(1)}, {})
     assert len(q.sync({})) == 0
     cs = q.sync({}, prune_except=set())
     assert cs.svc_del == [(VIP, 80, TCP, INT)]
@@ -215,7 +215,7 @@ def test_backend_unused_again_after_reuse_gets_a_fresh_drain_period():
 
 def test_adopted_unused_backends_drain_too():
     q = Programmed(drain_period=10.0)
-    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)}, {(7, 0): 1}, {1: be(1), 2: be(2)}, {7: "default/web:http/TCP"})
     cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"}, now=100.0)
     assert cs.be_del == [] and q.next_drain_end() == 110.0
 
@@ -258,7 +258,7 @@ def test_eviction_spares_draining_backends_in_service_again_and_still_refuses_wh
 def test_adopted_drain_deadlines_are_kept_not_restarted():
     q = Programmed(drain_period=10.0)
     q.adopt(
-        {(VIP, 80, TCP, INT): (7, 1, 0, 0)},
+        {(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)},
         {(7, 0): 1},
         {1: be(1), 2: be(2), 3: be(3)},
         {7: "default/web:http/TCP"},
@@ -274,7 +274,7 @@ def test_adopted_drain_deadlines_are_kept_not_restarted():
 def test_a_deadline_earlier_than_adopted_ones_is_not_stuck_behind_them():
     # The previous agent ran with a longer drain period than this one.
     q = Programmed(drain_period=5.0)
-    q.adopt({(VIP, 80, TCP, INT): (7, 2, 0, 0)}, {(7, 0): 1, (7, 1): 2}, {1: be(1), 2: be(2), 3: be(3)},
+    q.adopt({(VIP, 80, TCP, INT): (7, 2, 0, 0, 7)}, {(7, 0): 1, (7, 1): 2}, {1: be(1), 2: be(2), 3: be(3)},
             {7: "default/web:http/TCP"}, draining={3: 200.0})  # fmt: skip
     q.sync(web(1), now=100.0)  # 2 drains until 105
     assert q.next_drain_end() == 105.0
@@ -283,7 +283,7 @@ def test_a_deadline_earlier_than_adopted_ones_is_not_stuck_behind_them():
 
 def test_an_adopted_backend_flagged_draining_but_in_a_slot_is_unflagged():
     q = Programmed(drain_period=10.0)
-    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {7: "default/web:http/TCP"},
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)}, {(7, 0): 1}, {1: be(1)}, {7: "default/web:http/TCP"},
             draining={1: 50.0})  # fmt: skip
     assert q.draining == {}
     cs = q.sync(web(1), prune_except={"default/web"}, now=100.0)
@@ -362,7 +362,8 @@ def test_deleted_ranges_count_until_the_write_that_deletes_them():
 def test_adopted_and_orphan_ranges_count():
     q = Programmed(MapSizes(source_ranges=3))
     r = {(addr16("198.18.0.0"), 120), (addr16("198.18.1.0"), 120)}
-    q.adopt({(VIP, 80, TCP, INT): (7, 0, 2, 0)}, {}, {}, {7: "default/web:http/TCP"}, ranges={7: r, 9: {next(iter(r))}})
+    svc = {(VIP, 80, TCP, INT): (7, 0, 2, 0, 7)}
+    q.adopt(svc, {}, {}, {7: "default/web:http/TCP"}, ranges={7: r, 9: {next(iter(r))}})
     assert q.range_count == 3
     cs = q.sync({"default/b": lb("default/b", 2, "198.18.2.0")})
     assert "raise --max-source-ranges" in cs.rejected["default/b"]
@@ -373,7 +374,7 @@ def test_adopted_and_orphan_ranges_count():
 
 def test_names_left_by_gone_frontends_count_against_the_names_map():
     q = Programmed(MapSizes(services=3))
-    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)},
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)}, {(7, 0): 1}, {1: be(1)},
             {7: "default/web:http/TCP", 8: "default/old:a/TCP", 9: "default/old:b/TCP"})  # fmt: skip
     b = {"default/b": [front(2, port=81, name="default/b:http/TCP")]}
     cs = q.sync(b)
@@ -455,14 +456,14 @@ def test_waiting_claimants_survive_a_readoption():
     p.sync({"default/a": claims("default/a", 1)})
     p.sync({"default/b": claims("default/b", 2)})
     st = p.frontends[(VIP, 80, TCP, INT)]
-    p.adopt({(VIP, 80, TCP, INT): (st.svc_id, 1, 0, 0)}, {(st.svc_id, 0): 1}, dict(p.backends),
+    p.adopt({(VIP, 80, TCP, INT): (st.svc_id, 1, 0, 0, st.svc_id)}, {(st.svc_id, 0): 1}, dict(p.backends),
             {st.svc_id: "default/a:http/TCP"})  # fmt: skip
     assert p.sync({"default/a": []}).resync == {"default/b"}
 
 
 def test_a_frontend_of_no_known_owner_is_taken_over_with_its_id_at_the_full_sync():
     q = Programmed()
-    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0)}, {(7, 0): 1}, {1: be(1)}, {})
+    q.adopt({(VIP, 80, TCP, INT): (7, 1, 0, 0, 7)}, {(7, 0): 1}, {1: be(1)}, {})
     cs = q.sync({"default/web": [front(1)]}, prune_except={"default/web"})
     st = q.frontends[(VIP, 80, TCP, INT)]
     assert (st.owner, st.svc_id) == ("default/web", 7)

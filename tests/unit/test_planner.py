@@ -43,7 +43,8 @@ def rand_slice(rnd, name, pool):
 
 
 def strip(fronts):
-    """The same frontends without their delta: the diff's full path."""
+    """The same frontends without their delta (their groups kept): the
+    diff's full path."""
     return [
         Frontend(
             f.addr,
@@ -56,6 +57,7 @@ def strip(fronts):
             f.affinity_timeout,
             f.source_ranges,
             version=f.version,
+            group=f.group,
         )
         for f in fronts
     ]
@@ -158,9 +160,15 @@ def test_incremental_equals_from_scratch(seed, policy, monkeypatch):
         for key, st in full.frontends.items():
             assert delta.frontends[key].slots == st.slots, step
             # The index is built lazily (by the first delta); when it exists it is exact.
-            slot_of = delta.frontends[key].slot_of
+            slot_of = delta.frontends[key].table.slot_of
             assert slot_of is None or slot_of == dict(zip(st.slots, range(len(st.slots)), strict=True))
         assert delta.backends == full.backends and delta.slot_count == full.slot_count
+        # Frontends the planner groups read one slot table, theirs alone.
+        tables: dict[object, set[int]] = {}
+        for f in got:
+            tables.setdefault(f.group, set()).add(delta.frontends[f.key].table.tid)
+        assert all(len(ids) == 1 for ids in tables.values()), step
+        assert len(set().union(*tables.values())) == len(tables) == len(delta.slot_tables), step
 
 
 def test_one_slice_change_is_a_delta_of_that_slice():
