@@ -333,7 +333,7 @@ class Programmed:
     def _delta_applies(self, f: Frontend) -> bool:
         """f's added/removed are relative to what this frontend's table holds."""
         cur = self.frontends.get(f.key)
-        return f.added is not None and cur is not None and cur.table.version >= 0 and cur.table.version == f.base
+        return cur is not None and self._delta_for(cur.table, [f])
 
     @staticmethod
     def _groups(fronts: list[Frontend]) -> dict[object, list[Frontend]]:
