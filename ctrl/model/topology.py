@@ -18,6 +18,8 @@ usable endpoint at all. docs/semantics.md states the rules case by case.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..k8s.objects import Endpoint, EndpointSlice, ServicePort
@@ -30,6 +32,10 @@ class PortEndpoint(NamedTuple):
     port: int
 
 
+_addr_of = itemgetter(0)  # Endpoint.addr, read in C
+_port_endpoint = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
+
+
 def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
     """Endpoints of every slice of one address family for one service port."""
     return list(merge_endpoints_keyed(sp, slices, address_type).values())
@@ -40,20 +46,31 @@ def merge_endpoints_keyed(
 ) -> dict[tuple[bytes, int], PortEndpoint]:
     """merge_endpoints by (address, port): the planner keeps this dict as
     its per-port state instead of building it again."""
-    merged: dict[tuple[bytes, int], PortEndpoint] = {}
+    parts: list[tuple[tuple[Endpoint, ...], int]] = []  # (endpoints, port) of each slice that counts
     for sl in sorted(slices, key=lambda s: s.name):
         if sl.address_type != address_type:
             continue
-        port = None
         for p in sl.ports:
             if p.name == sp.name and p.protocol == sp.protocol:
-                port = p.port
+                if p.port is not None:  # no number: the slice gives this port no endpoint
+                    parts.append((sl.endpoints, p.port))
                 break
-        if port is None:
-            continue
-        get = merged.get
-        new = tuple.__new__  # PortEndpoint's own __new__ is a Python call
-        for ep in sl.endpoints:
+    # The usual case first, in C: no (address, port) twice, so there is
+    # nothing to choose between and the dict is built in one pass.
+    keys = chain.from_iterable(zip(map(_addr_of, eps), repeat(port)) for eps, port in parts)
+    values = chain.from_iterable(
+        map(_port_endpoint, repeat(PortEndpoint), zip(eps, repeat(port))) for eps, port in parts
+    )
+    merged: dict[tuple[bytes, int], PortEndpoint] = dict(zip(keys, values, strict=True))
+    if len(merged) == sum(len(eps) for eps, _ in parts):
+        return merged
+    # Some (address, port) listed twice: the first copy wins unless it is
+    # terminating and a later one is not.
+    merged = {}
+    get = merged.get
+    new = tuple.__new__  # PortEndpoint's own __new__ is a Python call
+    for eps, port in parts:
+        for ep in eps:
             k = (ep.addr, port)
             prev = get(k)
             if prev is None or (prev.ep.terminating and not ep.terminating):

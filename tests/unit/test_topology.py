@@ -1,7 +1,9 @@
+import random
+
 import pytest
 
 from ctrl.k8s.objects import ServicePort, parse
-from ctrl.model.topology import merge_endpoints, select_endpoints
+from ctrl.model.topology import PortEndpoint, merge_endpoints, merge_endpoints_keyed, select_endpoints
 
 from .helpers import endpoint, endpoint_slice
 
@@ -73,6 +75,50 @@ def test_endpoint_in_two_slices_appears_once_non_terminating_wins():
     ]
     merged = merge_endpoints(HTTP, slices(*raws), "IPv4")
     assert len(merged) == 1 and merged[0].ep.ready and not merged[0].ep.terminating
+
+
+def _merge_one_by_one(sp, sls, family):
+    """The merge rule spelled out: slices by name, endpoints in slice
+    order, the first copy of an (address, port) kept unless it is
+    terminating and a later copy is not."""
+    out = {}
+    for sl in sorted(sls, key=lambda s: s.name):
+        port = next((p.port for p in sl.ports if (p.name, p.protocol) == (sp.name, sp.protocol)), None)
+        if sl.address_type != family or port is None:
+            continue
+        for ep in sl.endpoints:
+            k = (ep.addr, port)
+            if k not in out or (out[k].ep.terminating and not ep.terminating):
+                out[k] = PortEndpoint(ep, port)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_matches_the_rule_with_and_without_repeats(seed):
+    """The merge takes a one-pass path when no (address, port) repeats:
+    with repeats (within a slice or across slices, some terminating) or
+    without, it gives the rule's endpoints, copies and order."""
+    rnd = random.Random(seed)
+    pool = [f"198.18.{rnd.randrange(4)}.{i}" for i in range(rnd.choice((8, 400)))]
+    raws = []
+    for n in range(rnd.randrange(1, 6)):
+        ips = rnd.sample(pool, min(len(pool), rnd.randrange(1, 60)))
+        if seed % 2:  # repeats
+            ips += rnd.choices(pool, k=rnd.randrange(3))
+        raws.append(
+            endpoint_slice(
+                f"s{rnd.randrange(100)}-{n}",
+                endpoints=[
+                    endpoint(ip, ready=(t := rnd.random() < 0.3) is False, serving=True, terminating=t) for ip in ips
+                ],
+                ports=[{"name": "http", "port": rnd.choice((8080, 9090)), "protocol": "TCP"}],
+            )
+        )
+    sls = slices(*raws)
+    got = merge_endpoints_keyed(HTTP, sls, "IPv4")
+    want = _merge_one_by_one(HTTP, sls, "IPv4")
+    assert list(got) == list(want)
+    assert all(got[k].ep is want[k].ep for k in want)  # the same copy won
 
 
 @pytest.mark.parametrize(
