@@ -282,11 +282,14 @@ class Codec:
         raw = self.st.unpack(data)
         return raw if self.perm is None else tuple(raw[pos] for pos in self.perm)
 
-    def pack_rows(self, rows: Iterable[tuple]) -> bytes:
+    def pack_rows(self, rows: Iterable[tuple], n: int = 0) -> bytes | bytearray:
         """Many entries at once; starmap keeps the loop in C when the order
         is the header's. Joined PACK_CHUNK entries at a time: given an
         iterator, 100,000 rows never exist as tuples and packed pieces all
-        at once (about 16 MiB at once for the backends of a full sync)."""
+        at once (about 16 MiB at once for the backends of a full sync).
+        Past one chunk the result is a bytearray, of n entries' size from
+        the start when the caller knows n: the rows are held once, not
+        twice while a buffer grows or is copied."""
         packed: Iterator[bytes]
         if self.perm is None:
             packed = starmap(self.st.pack, rows)
@@ -295,10 +298,14 @@ class Codec:
         first = b"".join(islice(packed, PACK_CHUNK))
         if len(first) < PACK_CHUNK * self.st.size:
             return first
-        out = bytearray(first)
+        out = bytearray(max(n * self.st.size, len(first)))
+        pos = len(first)
+        out[:pos] = first
         while part := b"".join(islice(packed, PACK_CHUNK)):
-            out += part
-        return bytes(out)
+            out[pos : pos + len(part)] = part  # grows the buffer past n's size
+            pos += len(part)
+        del out[pos:]  # fewer rows than n
+        return out
 
     def pack_columns(self, *cols) -> bytes:
         """Many entries given as one sequence per field (in `fields` order).

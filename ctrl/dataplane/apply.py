@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from itertools import chain, repeat
 from operator import add as add_tuple
 
@@ -31,8 +32,8 @@ from .maps import Map
 log = logging.getLogger("sliceproxy.apply")
 
 
-def _pack_all(codec: abi.Codec, rows) -> bytes:
-    return codec.pack_rows(rows)
+def _pack_all(codec: abi.Codec, rows, n: int = 0) -> bytes | bytearray:
+    return codec.pack_rows(rows, n)
 
 
 def _svc_keys(keys) -> list[tuple]:
@@ -44,11 +45,23 @@ def _svc_keys(keys) -> list[tuple]:
 
 def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     """(map, op, keys, values) in the order they must reach the kernel."""
-    out: list[tuple[str, str, bytes, bytes]] = []
+    return list(encoded(cs, c))
 
-    def add(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> None:
-        if n:
-            out.append((mapname, op, keys, vals))
+
+def _entry(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> tuple[tuple[str, str, bytes, bytes], ...]:
+    return ((mapname, op, keys, vals),) if n else ()
+
+
+def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]:
+    """encode, one map's batch at a time: each is packed when the previous
+    one is written, so a full sync holds one map's packed rows at once,
+    not every map's. A name too long for the names map raises before the
+    first batch."""
+    names = [n.encode() for _, n in cs.name_upd]
+    if any(len(n) >= c.name.size for n in names):
+        # Programmed refuses such a frontend; never cut one (the owner is
+        # read back from the name).
+        raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
 
     def ids(seq) -> bytes:
         return U32.pack_columns(list(seq))
@@ -64,9 +77,9 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         map(add_tuple, new_backends, repeat((0, 0))),
         ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark),
     )
-    add(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
-    add(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows))
-    add(
+    yield from _entry(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
+    yield from _entry(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows, len(be_ids)))
+    yield from _entry(
         mn("sp_slot"),
         "update",
         len(cs.slot_upd),
@@ -74,7 +87,7 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         c.slot_val.pack_columns(cs.slot_upd.cols[2]),
     )
     # Maglev entries before the frontend whose flag sends flows to them.
-    add(
+    yield from _entry(
         mn("sp_mgl"),
         "update",
         len(cs.mgl_upd),
@@ -83,26 +96,21 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
     )
     # Source ranges before the frontends that flag them. The LPM key's
     # prefix length counts the svc_id's 32 bits too.
-    add(
+    yield from _entry(
         mn("sp_src"),
         "update",
         len(cs.src_upd),
         _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_upd)),
         _pack_all(c.src_val, ((1,) for _ in cs.src_upd)),
     )
-    add(
+    yield from _entry(
         mn("sp_svc"),
         "update",
         len(cs.svc_upd),
         _pack_all(c.svc_key, _svc_keys(k for k, _ in cs.svc_upd)),
         _pack_all(c.svc_val, (v for _, v in cs.svc_upd)),
     )
-    names = [n.encode() for _, n in cs.name_upd]
-    if any(len(n) >= c.name.size for n in names):
-        # Programmed refuses such a frontend; never cut one (the owner is
-        # read back from the name).
-        raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
-    add(
+    yield from _entry(
         mn("sp_names"),
         "update",
         len(cs.name_upd),
@@ -115,23 +123,24 @@ def encode(cs: ChangeSet, c: Codecs) -> list[tuple[str, str, bytes, bytes]]:
         # set (Programmed's claims): its new entry must survive the deletes.
         taken = {k for k, _ in cs.svc_upd}
         svc_del = [k for k in svc_del if k not in taken]
-    add(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, _svc_keys(svc_del)))
-    add(
+    yield from _entry(mn("sp_svc"), "delete", len(svc_del), _pack_all(c.svc_key, _svc_keys(svc_del)))
+    yield from _entry(
         mn("sp_slot"),
         "delete",
         len(cs.slot_del),
         c.slot_key.pack_columns([s for s, _ in cs.slot_del], [i for _, i in cs.slot_del]),
     )
-    add(
+    yield from _entry(
         mn("sp_mgl"),
         "delete",
         len(cs.mgl_del),
         c.mgl_key.pack_columns([s for s, _ in cs.mgl_del], [i for _, i in cs.mgl_del]),
     )
-    add(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
-    add(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
-    add(mn("sp_src"), "delete", len(cs.src_del), _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_del)))
-    return out
+    yield from _entry(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
+    yield from _entry(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
+    yield from _entry(
+        mn("sp_src"), "delete", len(cs.src_del), _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_del))
+    )
 
 
 class Writer:
@@ -163,12 +172,13 @@ class Writer:
         return time.perf_counter() - t0
 
     def _write(self, cs: ChangeSet) -> None:
-        for mapname, op, keys, vals in encode(cs, self.codecs):
+        for mapname, op, keys, vals in encoded(cs, self.codecs):
             m = self.maps[mapname]
             if op == "update":
                 m.update_batch(keys, vals)
             else:
                 m.delete_batch(keys)
+            del keys, vals  # freed before the next map's rows are packed
 
     def _purge(self, removed: list[tuple[FKey, Backend]]) -> None:
         if removed and mn("sp_ct") in self.maps:

@@ -94,18 +94,21 @@ def test_a_field_left_unnamed_packs_as_zeros_and_reads_back_by_name():
 @pytest.mark.parametrize(
     "fields", [("addr", "port", "proto"), ("port", "addr", "proto")], ids=["header-order", "other"]
 )
-def test_rows_packed_a_chunk_at_a_time_are_every_row_in_order(n, fields):
+@pytest.mark.parametrize("hint", ["none", "exact", "short", "long"])
+def test_rows_packed_a_chunk_at_a_time_are_every_row_in_order(n, fields, hint):
     """pack_rows joins PACK_CHUNK entries at a time from an iterator: the
     result is still every row, in order, at the row's offset, across chunk
-    edges."""
+    edges; and exactly the rows whether the count it is told to size its
+    buffer for is right, short of the rows or past them."""
     c = abi.codec("sp_backend", fields)
 
     def row(i):
         v = {"addr": i.to_bytes(16, "big"), "port": i % 65536, "proto": 6 if i % 2 else 17}
         return tuple(v[f] for f in fields)
 
-    got = c.pack_rows(row(i) for i in range(n))
-    assert isinstance(got, bytes) and len(got) == n * c.size
+    told = {"none": 0, "exact": n, "short": n // 3, "long": n + abi.PACK_CHUNK + 5}[hint]
+    got = c.pack_rows((row(i) for i in range(n)), told)
+    assert isinstance(got, bytes | bytearray) and len(got) == n * c.size
     for i in {0, n // 2, abi.PACK_CHUNK - 1, abi.PACK_CHUNK, n - 1} & set(range(n)):
         assert c.unpack(got[i * c.size : (i + 1) * c.size]) == row(i)
 
