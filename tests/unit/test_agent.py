@@ -85,6 +85,28 @@ class Cyclic:
         self.me = self
 
 
+def test_events_are_taken_with_the_collector_paused():
+    """A list's events reach the model with the collector paused, as
+    their decoding was: otherwise the first allocation starts a collection
+    walking every object just decoded, on the way to the first sync."""
+    import gc
+
+    state = ClusterState()
+    enabled = []
+    apply = state.apply
+
+    def recording(ev):
+        enabled.append(gc.isenabled())
+        return apply(ev)
+
+    state.apply = recording  # type: ignore[method-assign]
+    agent = Agent(QueueSource(), state, Programmed(), writer=None)
+    assert gc.isenabled()
+    agent.take([Event("upsert", "Service", "default/web", parse(service()))] + slice_event(0))
+    assert enabled == [False, False] and gc.isenabled()
+    assert state.slices_of("default/web")  # and taken
+
+
 def test_sync_freezes_what_it_built_and_a_quiet_turn_after_a_full_sync_collects_cycles():
     import gc
     import weakref
