@@ -34,20 +34,26 @@ class BackendIds:
         ids = self.ids
         get = ids.get
         out = list(map(get, bs))
-        if out and out.count(None) == len(out) and len(set(bs)) == len(bs):
+        if out and out.count(None) == len(out):
             # All new (a new Service, a first sync): allocate in bulk.
             # One int object per id, shared by both dicts, the rows to
             # write and the caller's slots (a range would make a new one
             # for each: at 100,000 backends, 2.8 MiB a copy).
             first = self.next_id
             fresh = list(range(first, first + len(bs)))
-            self.next_id += len(bs)
+            before = len(ids)
             ids.update(zip(bs, fresh, strict=False))
-            self.backends.update(zip(fresh, bs, strict=False))
-            new_ids, new_backends = new.cols
-            new_ids.extend(fresh)
-            new_backends.extend(bs)
-            return fresh
+            if len(ids) == before + len(bs):
+                self.next_id += len(bs)
+                self.backends.update(zip(fresh, bs, strict=False))
+                new_ids, new_backends = new.cols
+                new_ids.extend(fresh)
+                new_backends.extend(bs)
+                return fresh
+            # A backend listed twice (the dict says so without a set of
+            # them all): undone, and taken one by one below.
+            for b in bs:
+                ids.pop(b, None)
         if None in out:
             for i, b in enumerate(bs):
                 bid = out[i]
