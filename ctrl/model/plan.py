@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
 from ..util.addrs import addr16, addr_str, is_v4
-from .topology import Categorized, PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_keyed
+from .topology import Categorized, PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_for_plan
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -313,14 +313,22 @@ def plan_service(
 
 
 def plan_full(
-    svc, slices, node_name, zone, node, merged_out: dict | None = None, versions: Iterator[int] | None = None
+    svc,
+    slices,
+    node_name,
+    zone,
+    node,
+    merged_out: dict | None = None,
+    versions: Iterator[int] | None = None,
+    keyed_from: int = 0,
 ) -> tuple[list[Frontend], list[str], dict, dict]:
     """plan_service, and what ServicePlanner keeps of it: the selection_key
     of each frontend, and per (port, protocol) whether categorize() found a
     local endpoint (for no_local; known for the ports using one). With
     `merged_out`, also the merged endpoints by (address, port) of each
-    (port, protocol, family) a frontend uses, which the planner's per-port
-    state adopts instead of merging the slices again; with `versions`,
+    (port, protocol, family) a frontend uses that has `keyed_from`
+    endpoints or more, which the planner's per-port state adopts instead
+    of merging the slices again; with `versions`,
     each frontend numbered from it (the planner's plan numbers: set here,
     not copied in afterwards)."""
     if svc is None or ignored_reason(svc):
@@ -357,10 +365,12 @@ def plan_full(
             pk = sk[:3]
             cat = cats.get(pk)
             if cat is None:
-                merged = merge_endpoints_keyed(sp, slices, spec.family)
-                cat = cats[pk] = categorize(list(merged.values()), policy, node_name, zone)
-                if merged_out is not None:
-                    merged_out[pk] = merged
+                eps, keyed = merge_endpoints_for_plan(
+                    sp, slices, spec.family, keyed_from if merged_out is not None else None
+                )
+                cat = cats[pk] = categorize(eps, policy, node_name, zone)
+                if merged_out is not None and keyed is not None:
+                    merged_out[pk] = keyed
             local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps

@@ -346,10 +346,11 @@ class _Cached:
     merged: dict[tuple, dict] | None = None
 
 
-# A Service with at least this many merged endpoints (over its ports and
-# families) gets its per-port state built right after the sync that planned
+# A Service with a port of at least this many merged endpoints (in one
+# family) gets its per-port state built right after the sync that planned
 # it in full, so its next change is planned in time proportional to the
-# change; a smaller one gets it at its first change.
+# change; a smaller one gets it at its first change (and its full plan
+# makes no (address, port) dict to keep: merge_endpoints_for_plan).
 EAGER_INDEX_FROM = 1000
 
 
@@ -494,11 +495,10 @@ class ServicePlanner:
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
         merged: dict[tuple, dict] = {}
         fronts, notes, meta, local = plan_full(
-            svc, list(slices.values()), node_name, zone, node, merged, self._versions
+            svc, list(slices.values()), node_name, zone, node, merged, self._versions, EAGER_INDEX_FROM
         )
         where = (node_name, zone, node)
-        size = sum(len(m) for m in merged.values())
-        if size < EAGER_INDEX_FROM:
+        if not merged:  # no port of EAGER_INDEX_FROM endpoints: none was kept
             # Small: its first change builds the per-port state (a fraction
             # of a millisecond); until then nothing of it is kept. 10,000
             # small Services then cost no index after a full sync, and no

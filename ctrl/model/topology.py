@@ -17,6 +17,7 @@ usable endpoint at all. docs/semantics.md states the rules case by case.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
@@ -36,17 +37,10 @@ _addr_of = itemgetter(0)  # Endpoint.addr, read in C
 _port_endpoint = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
 
 
-def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
-    """Endpoints of every slice of one address family for one service port."""
-    return list(merge_endpoints_keyed(sp, slices, address_type).values())
-
-
-def merge_endpoints_keyed(
-    sp: ServicePort, slices: list[EndpointSlice], address_type: str
-) -> dict[tuple[bytes, int], PortEndpoint]:
-    """merge_endpoints by (address, port): the planner keeps this dict as
-    its per-port state instead of building it again."""
-    parts: list[tuple[tuple[Endpoint, ...], int]] = []  # (endpoints, port) of each slice that counts
+def _parts(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[tuple[tuple[Endpoint, ...], int]]:
+    """(endpoints, port) of each slice that gives the port endpoints of
+    this family, slices by name."""
+    parts = []
     for sl in sorted(slices, key=lambda s: s.name):
         if sl.address_type != address_type:
             continue
@@ -55,14 +49,51 @@ def merge_endpoints_keyed(
                 if p.port is not None:  # no number: the slice gives this port no endpoint
                     parts.append((sl.endpoints, p.port))
                 break
+    return parts
+
+
+def _port_endpoints(parts: list[tuple[tuple[Endpoint, ...], int]]) -> Iterator[PortEndpoint]:
+    return chain.from_iterable(map(_port_endpoint, repeat(PortEndpoint), zip(eps, repeat(port))) for eps, port in parts)
+
+
+def merge_endpoints(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[PortEndpoint]:
+    """Endpoints of every slice of one address family for one service port."""
+    return merge_endpoints_for_plan(sp, slices, address_type)[0]
+
+
+def merge_endpoints_for_plan(
+    sp: ServicePort, slices: list[EndpointSlice], address_type: str, keyed_from: int | None = None
+) -> tuple[list[PortEndpoint], dict[tuple[bytes, int], PortEndpoint] | None]:
+    """merge_endpoints, and with `keyed_from`, for that many endpoints or
+    more, also merge_endpoints_keyed's dict (None otherwise). Without the
+    dict the usual case makes no (address, port) key per endpoint: no
+    address twice means no key twice, which a set of the addresses tells
+    (bytes keep their hashes); otherwise the keys decide."""
+    parts = _parts(sp, slices, address_type)
+    total = sum(len(eps) for eps, _ in parts)
+    if keyed_from is None or total < keyed_from:
+        if len(set(chain.from_iterable(map(_addr_of, eps) for eps, _ in parts))) == total:
+            return list(_port_endpoints(parts)), None
+        return list(_merged(parts, total).values()), None
+    merged = _merged(parts, total)
+    return list(merged.values()), merged
+
+
+def merge_endpoints_keyed(
+    sp: ServicePort, slices: list[EndpointSlice], address_type: str
+) -> dict[tuple[bytes, int], PortEndpoint]:
+    """merge_endpoints by (address, port): the planner keeps this dict as
+    its per-port state instead of building it again."""
+    parts = _parts(sp, slices, address_type)
+    return _merged(parts, sum(len(eps) for eps, _ in parts))
+
+
+def _merged(parts: list[tuple[tuple[Endpoint, ...], int]], total: int) -> dict[tuple[bytes, int], PortEndpoint]:
     # The usual case first, in C: no (address, port) twice, so there is
     # nothing to choose between and the dict is built in one pass.
     keys = chain.from_iterable(zip(map(_addr_of, eps), repeat(port)) for eps, port in parts)
-    values = chain.from_iterable(
-        map(_port_endpoint, repeat(PortEndpoint), zip(eps, repeat(port))) for eps, port in parts
-    )
-    merged: dict[tuple[bytes, int], PortEndpoint] = dict(zip(keys, values, strict=True))
-    if len(merged) == sum(len(eps) for eps, _ in parts):
+    merged: dict[tuple[bytes, int], PortEndpoint] = dict(zip(keys, _port_endpoints(parts), strict=True))
+    if len(merged) == total:
         return merged
     # Some (address, port) listed twice: the first copy wins unless it is
     # terminating and a later one is not.

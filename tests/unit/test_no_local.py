@@ -165,11 +165,15 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
     merged: list[int] = []
     categorized: list[int] = []
     real_merge, real_categorize = ctrl.model.plan.merge_endpoints, ctrl.model.plan.categorize
-    real_keyed = ctrl.model.plan.merge_endpoints_keyed
+    real_for_plan, real_keyed = ctrl.model.plan.merge_endpoints_for_plan, ctrl.model.planner.merge_endpoints_keyed
 
     def merge(sp, slices, family):
         merged.append(len(slices))
         return real_merge(sp, slices, family)
+
+    def for_plan(sp, slices, family, keyed_from=None):
+        merged.append(len(slices))
+        return real_for_plan(sp, slices, family, keyed_from)
 
     def keyed(sp, slices, family):
         merged.append(len(slices))
@@ -180,8 +184,9 @@ def test_a_one_slice_change_merges_no_slice_again(monkeypatch):
         return real_categorize(eps, *args)
 
     monkeypatch.setattr(ctrl.model.plan, "merge_endpoints", merge)
-    for mod in (ctrl.model.plan, ctrl.model.planner):  # full plans and the planner's per-port state
-        monkeypatch.setattr(mod, "merge_endpoints_keyed", keyed)
+    monkeypatch.setattr(ctrl.model.plan, "merge_endpoints_for_plan", for_plan)  # full plans
+    monkeypatch.setattr(ctrl.model.planner, "merge_endpoints_keyed", keyed)  # the planner's per-port state
+    for mod in (ctrl.model.plan, ctrl.model.planner):
         monkeypatch.setattr(mod, "categorize", categorize)
     for step in range(3):
         agent.take([Event("upsert", "EndpointSlice", "default/web-07", sl(7, step + 1))])

@@ -3,7 +3,13 @@ import random
 import pytest
 
 from ctrl.k8s.objects import ServicePort, parse
-from ctrl.model.topology import PortEndpoint, merge_endpoints, merge_endpoints_keyed, select_endpoints
+from ctrl.model.topology import (
+    PortEndpoint,
+    merge_endpoints,
+    merge_endpoints_for_plan,
+    merge_endpoints_keyed,
+    select_endpoints,
+)
 
 from .helpers import endpoint, endpoint_slice
 
@@ -95,9 +101,11 @@ def _merge_one_by_one(sp, sls, family):
 
 @pytest.mark.parametrize("seed", range(40))
 def test_merge_matches_the_rule_with_and_without_repeats(seed):
-    """The merge takes a one-pass path when no (address, port) repeats:
-    with repeats (within a slice or across slices, some terminating) or
-    without, it gives the rule's endpoints, copies and order."""
+    """The merge takes a one-pass path when no (address, port) repeats,
+    and the plan's one without a key per endpoint when no address repeats:
+    with repeats (within a slice or across slices, some terminating, of
+    one port number or two) or without, each gives the rule's endpoints,
+    copies and order."""
     rnd = random.Random(seed)
     pool = [f"198.18.{rnd.randrange(4)}.{i}" for i in range(rnd.choice((8, 400)))]
     raws = []
@@ -111,14 +119,22 @@ def test_merge_matches_the_rule_with_and_without_repeats(seed):
                 endpoints=[
                     endpoint(ip, ready=(t := rnd.random() < 0.3) is False, serving=True, terminating=t) for ip in ips
                 ],
-                ports=[{"name": "http", "port": rnd.choice((8080, 9090)), "protocol": "TCP"}],
+                ports=[
+                    {"name": "http", "port": rnd.choice((8080, 9090)) if seed % 4 >= 2 else 8080, "protocol": "TCP"}
+                ],
             )
         )
     sls = slices(*raws)
-    got = merge_endpoints_keyed(HTTP, sls, "IPv4")
     want = _merge_one_by_one(HTTP, sls, "IPv4")
+    got = merge_endpoints_keyed(HTTP, sls, "IPv4")
     assert list(got) == list(want)
     assert all(got[k].ep is want[k].ep for k in want)  # the same copy won
+    # The plan's merge, with and without the dict.
+    for keyed_from in (None, 0, 10**6):
+        eps, keyed = merge_endpoints_for_plan(HTTP, sls, "IPv4", keyed_from)
+        assert [(pe.ep.addr, pe.port) for pe in eps] == list(want)
+        assert all(a.ep is b.ep for a, b in zip(eps, want.values(), strict=True))
+        assert (keyed is not None) == (keyed_from == 0) and (keyed is None or keyed == want)
 
 
 @pytest.mark.parametrize(
