@@ -27,6 +27,10 @@ BPF_MAP_TYPE_RINGBUF = 27
 BATCH = 8192
 
 
+def _bytes(b: bytes | bytearray) -> bytes:
+    return b if type(b) is bytes else bytes(b)
+
+
 @dataclass
 class MapInfo:
     name: str
@@ -83,11 +87,14 @@ class Map:
             return []
         return [raw[i * self.stride : i * self.stride + self.value_size] for i in range(self._ncpu)]
 
-    def update(self, key: bytes, value: bytes) -> None:
+    def update(self, key: bytes | bytearray, value: bytes | bytearray) -> None:
+        # cffi takes bytes for a `const void *`, not a bytearray (a slice of
+        # the batches ctrl.dataplane.abi packs past one chunk).
+        key, value = _bytes(key), _bytes(value)
         check(lib().bpf_map_update_elem(self.fd, key, value, 0), f"map {self.name}: update")
 
-    def delete(self, key: bytes) -> bool:
-        ret = lib().bpf_map_delete_elem(self.fd, key)
+    def delete(self, key: bytes | bytearray) -> bool:
+        ret = lib().bpf_map_delete_elem(self.fd, _bytes(key))
         if ret < 0:
             if ffi.errno == errno.ENOENT:
                 return False
@@ -95,7 +102,7 @@ class Map:
         return True
 
     # -- batches ---------------------------------------------------------
-    def update_batch(self, keys: bytes, values: bytes) -> int:
+    def update_batch(self, keys: bytes | bytearray, values: bytes | bytearray) -> int:
         """Write len(keys)/key_size entries; returns how many were written."""
         n = len(keys) // self.key_size
         assert len(values) == n * self.value_size, (self.name, len(values), n)
@@ -125,7 +132,7 @@ class Map:
             done += chunk
         return done
 
-    def delete_batch(self, keys: bytes) -> int:
+    def delete_batch(self, keys: bytes | bytearray) -> int:
         """Delete entries; ones already gone are not an error."""
         n = len(keys) // self.key_size
         if n == 0:

@@ -438,3 +438,22 @@ def test_a_key_the_kernel_refuses_fails_its_service_only(private_maps) -> None:
     mc = read_contents(private_maps)
     assert [k[0] for k in mc.svc] == [vip2] and list(mc.backends.values()) == [be1]
     assert mc.ranges == {}
+
+
+def test_more_source_ranges_than_one_packing_chunk_are_written_and_deleted(private_maps):
+    """The source range map is an LPM trie, written entry by entry from the
+    packed batch; past abi.PACK_CHUNK entries that batch is a bytearray,
+    whose slices the per-entry calls must take as they take bytes."""
+    n = abi.PACK_CHUNK + 100
+    ranges = tuple((addr16(f"198.18.{i // 250}.{i % 250}"), 128) for i in range(n))
+    f = Frontend(
+        addr16("198.19.0.30"), 80, 6, Scope.EXTERNAL, "default/wide:http/TCP", ((addr16("198.18.100.1"), 8080, 6),),
+        flags=FrontendFlag.SRC_RANGES, source_ranges=ranges,
+    )  # fmt: skip
+    p = Programmed()
+    w = Writer(private_maps)
+    w.apply(p.sync({"default/wide": [f]}))
+    mc = read_contents(private_maps)
+    assert len(next(iter(mc.ranges.values()))) == n
+    w.apply(p.sync({"default/wide": []}))  # the Service's frontends gone
+    assert read_contents(private_maps).ranges == {}
