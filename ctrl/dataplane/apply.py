@@ -15,7 +15,10 @@ others (docs/semantics.md, "When a Service cannot be programmed").
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from itertools import chain, repeat
@@ -25,7 +28,7 @@ from ..model.plan import Backend, FKey
 from . import abi, sockdiag
 from .abi import U32, Codecs, NodeConfig
 from .abi import map_name as mn
-from .changeset import ChangeSet
+from .changeset import ChangeSet, Rows
 from .libbpf import BPFError
 from .maps import Map
 
@@ -52,6 +55,41 @@ def _entry(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> tup
     return ((mapname, op, keys, vals),) if n else ()
 
 
+def _ids(seq) -> bytes:
+    return U32.pack_columns(list(seq))
+
+
+def _backend_batch(
+    c: Codecs,
+    rows: Rows,
+    marks: list[tuple[int, Backend, int, float]] = (),  # type: ignore[assignment]
+) -> tuple[tuple[str, str, bytes, bytes], ...]:
+    """New backends (id, backend) and draining marks set or cleared
+    (SP_BE_F_DRAINING, with the drain's end in ns), as one batch: built
+    with map/zip so 100,000 rows stay in C, and an iterator, which the
+    codec packs a chunk at a time."""
+    new_ids, new_backends = rows.cols
+    be_ids = list(new_ids) + [m[0] for m in marks]
+    be_rows = chain(
+        map(add_tuple, new_backends, repeat((0, 0))),
+        ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in marks),
+    )
+    return _entry(mn("sp_be"), "update", len(be_ids), _ids(be_ids), _pack_all(c.backend, be_rows, len(be_ids)))
+
+
+def _slot_batch(c: Codecs, rows: Rows) -> tuple[tuple[str, str, bytes, bytes], ...]:
+    """(table, slot, backend id) rows as one batch."""
+    if not rows:
+        return ()
+    return _entry(
+        mn("sp_slot"),
+        "update",
+        len(rows),
+        c.slot_key.pack_columns(*rows.cols[:2]),
+        c.slot_val.pack_columns(rows.cols[2]),
+    )
+
+
 def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]:
     """encode, one map's batch at a time: each is packed when the previous
     one is written, so a full sync holds one map's packed rows at once,
@@ -63,29 +101,13 @@ def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]
         # read back from the name).
         raise abi.LayoutError(f"a frontend name longer than the names map's {c.name.size - 1} bytes")
 
-    def ids(seq) -> bytes:
-        return U32.pack_columns(list(seq))
-
     # Draining backends evicted to make room: gone before the new ones
-    # arrive (no slot names them). Then new backends, and draining marks
-    # set or cleared (SP_BE_F_DRAINING, with the drain's end in ns);
-    # built with map/zip so 100,000 rows stay in C, and an iterator, which
-    # the codec packs a chunk at a time.
-    new_ids, new_backends = cs.be_upd.cols
-    be_ids = list(new_ids) + [m[0] for m in cs.be_mark]
-    be_rows = chain(
-        map(add_tuple, new_backends, repeat((0, 0))),
-        ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in cs.be_mark),
-    )
-    yield from _entry(mn("sp_be"), "delete", len(cs.be_evict), ids(cs.be_evict))
-    yield from _entry(mn("sp_be"), "update", len(be_ids), ids(be_ids), _pack_all(c.backend, be_rows, len(be_ids)))
-    yield from _entry(
-        mn("sp_slot"),
-        "update",
-        len(cs.slot_upd),
-        c.slot_key.pack_columns(*cs.slot_upd.cols[:2]),
-        c.slot_val.pack_columns(cs.slot_upd.cols[2]),
-    )
+    # arrive (no slot names them). Then new backends and draining marks,
+    # then slots; the rows Writer.stream has written already are left out.
+    be_from, slot_from = cs.written
+    yield from _entry(mn("sp_be"), "delete", len(cs.be_evict), _ids(cs.be_evict))
+    yield from _backend_batch(c, cs.be_upd[be_from:] if be_from else cs.be_upd, cs.be_mark)
+    yield from _slot_batch(c, cs.slot_upd[slot_from:] if slot_from else cs.slot_upd)
     # Maglev entries before the frontend whose flag sends flows to them.
     yield from _entry(
         mn("sp_mgl"),
@@ -114,7 +136,7 @@ def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]
         mn("sp_names"),
         "update",
         len(cs.name_upd),
-        ids(i for i, _ in cs.name_upd),
+        _ids(i for i, _ in cs.name_upd),
         _pack_all(c.name, ((n,) for n in names)),
     )
     svc_del = cs.svc_del
@@ -136,11 +158,65 @@ def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]
         len(cs.mgl_del),
         c.mgl_key.pack_columns([s for s, _ in cs.mgl_del], [i for _, i in cs.mgl_del]),
     )
-    yield from _entry(mn("sp_be"), "delete", len(cs.be_del), ids(cs.be_del))
-    yield from _entry(mn("sp_names"), "delete", len(cs.name_del), ids(cs.name_del))
+    yield from _entry(mn("sp_be"), "delete", len(cs.be_del), _ids(cs.be_del))
+    yield from _entry(mn("sp_names"), "delete", len(cs.name_del), _ids(cs.name_del))
     yield from _entry(
         mn("sp_src"), "delete", len(cs.src_del), _pack_all(c.src_key, ((32 + n, i, a) for i, a, n in cs.src_del))
     )
+
+
+# Rows (backends and slots) a diff gathers before Writer.stream sends
+# them to the kernel: a batch of this many takes the kernel a few ms.
+STREAM_ROWS = 16384
+STREAM_SWITCH_INTERVAL = 0.0005  # seconds
+
+
+class _Stream:
+    """The streamed writes of one change set, by one thread of its own, in
+    the order they were sent. The sender does not wait for them."""
+
+    def __init__(self, cs: ChangeSet):
+        self.cs = cs
+        self.sent = (0, 0)  # rows of cs.be_upd and cs.slot_upd sent
+        self.error: BPFError | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._switch = 0.0
+
+    def send(self, batches: list[tuple[Map, bytes | bytearray, bytes | bytearray]]) -> bool:
+        """Queue batches after those sent before; False (nothing sent)
+        when one of those failed."""
+        if self.error is not None:
+            return False
+        self._queue.put(batches)
+        if self._thread is None:
+            # The thread's every return from the kernel waits for the GIL
+            # up to the switch interval (5 ms by default): a shorter one
+            # while it writes, or it falls behind the diff.
+            self._switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch, STREAM_SWITCH_INTERVAL))
+            self._thread = threading.Thread(target=self._run, name="sliceproxy-stream", daemon=True)
+            self._thread.start()
+        return True
+
+    def _run(self) -> None:
+        while (batches := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # the rest is written by the full write
+            try:
+                for m, keys, vals in batches:
+                    # One syscall per batch: one wait for the GIL.
+                    m.update_batch(keys, vals, chunk=len(keys) // m.key_size)
+            except BPFError as e:
+                self.error = e
+
+    def wait(self) -> None:
+        """Until every batch sent is written (or one failed)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            sys.setswitchinterval(self._switch)
 
 
 class Writer:
@@ -150,6 +226,8 @@ class Writer:
         (ctrl.dataplane.sockdiag) after the write that removed it."""
         self.maps = maps
         self.destroy_host_udp = destroy_host_udp
+        self.stream_rows = STREAM_ROWS
+        self._stream: _Stream | None = None
         self.codecs = Codecs.get()
         for name, (ks, vs) in self.codecs.sizes().items():
             m = maps[name]
@@ -159,6 +237,59 @@ class Writer:
                     f"{ks}/{vs} in ebpf/sliceproxy.h"
                 )
 
+    # -- streaming the bulk of a large sync while its diff goes on --------
+    def stream(self, cs: ChangeSet) -> None:
+        """Write the new backends and slots cs has gathered since the last
+        call, once there are stream_rows of them, from a thread of their
+        own while the caller goes on (ctrl.dataplane.programmed calls it
+        between Services, in a sync's diff). The kernel's batch updates
+        release the GIL, so at 10,000s of Services they cost the diff
+        little instead of adding to the write (docs/architecture.md, "The
+        writer's stream").
+
+        Only rows the write would put before every frontend entry anyway
+        are sent: new backends (no slot names them yet), and slots, each
+        after the backends it names (one thread, in order). Nothing is
+        sent once cs holds draining marks or evictions (the write's first
+        batches). apply(cs) then waits for these writes and leaves out
+        what they wrote; if one failed, it writes everything again, so
+        the error comes back from the write as without streaming."""
+        st = self._stream
+        if st is None or st.cs is not cs:
+            self._end_stream()
+            st = self._stream = _Stream(cs)
+        if st.error is not None or cs.be_mark or cs.be_evict:
+            return
+        be_from, slot_from = st.sent
+        be_to, slot_to = len(cs.be_upd), len(cs.slot_upd)
+        if be_to - be_from + slot_to - slot_from < self.stream_rows:
+            return
+        batches = [
+            *_backend_batch(self.codecs, cs.be_upd[be_from:be_to]),
+            *_slot_batch(self.codecs, cs.slot_upd[slot_from:slot_to]),
+        ]
+        if st.send([(self.maps[name], keys, vals) for name, _, keys, vals in batches]):
+            st.sent = (be_to, slot_to)
+
+    def settle(self) -> None:
+        """Wait for the streamed writes of a change set that will not be
+        applied (a sync that failed before its write): the maps are then
+        read as they stay."""
+        self._end_stream()
+
+    def _end_stream(self, cs: ChangeSet | None = None) -> tuple[int, int]:
+        """Wait for the streamed writes; the rows of cs they wrote (none
+        when they were another change set's, or one of them failed)."""
+        st, self._stream = self._stream, None
+        if st is None:
+            return (0, 0)
+        st.wait()
+        if st.cs is not cs or st.error is not None:
+            if st.error is not None:
+                log.debug("a streamed write failed (the full write tries again): %s", st.error)
+            return (0, 0)
+        return st.sent
+
     def write_config(self, cfg: NodeConfig) -> None:
         """The node-wide settings the external programs read (sp_cfg)."""
         self.maps[mn("sp_cfg")].update(abi.u32(0), cfg.packed())
@@ -167,6 +298,7 @@ class Writer:
         """Write cs, then drop the UDP flows of backends it removed; returns
         seconds spent in syscalls. Raises BPFError."""
         t0 = time.perf_counter()
+        cs.written = self._end_stream(cs)
         self._write(cs)
         self._purge(cs.removed)
         return time.perf_counter() - t0
@@ -210,6 +342,7 @@ class Writer:
         Service failed (a failed one may still name a backend the rest
         would delete; re-adopted maps tell later). Returns the failed
         Services and the error of the rest, if any."""
+        self._end_stream()
         parts, rest = cs.split()
         rows = {bid: (b, 0, 0.0) for bid, b in cs.be_upd}
         rows.update({bid: (b, f, until) for bid, b, f, until in cs.be_mark})

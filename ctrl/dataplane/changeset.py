@@ -163,6 +163,10 @@ class ChangeSet:
     # Owners whose writes failed (set by the agent after a per-Service
     # write, ctrl.dataplane.apply.Writer.apply_each), and why.
     failed: dict[str, str] = field(default_factory=dict)
+    # Rows of be_upd and slot_upd already in the kernel, written while the
+    # diff went on (ctrl.dataplane.apply.Writer.stream): the write leaves
+    # them out.
+    written: tuple[int, int] = (0, 0)
     # (owner, length of every list before its entries): each owner's
     # entries are one run in each list, so split() can cut them out.
     marks: list[tuple[str | None, tuple[int, ...]]] = field(default_factory=list, repr=False)

@@ -102,8 +102,9 @@ class Map:
         return True
 
     # -- batches ---------------------------------------------------------
-    def update_batch(self, keys: bytes | bytearray, values: bytes | bytearray) -> int:
-        """Write len(keys)/key_size entries; returns how many were written."""
+    def update_batch(self, keys: bytes | bytearray, values: bytes | bytearray, chunk: int = 0) -> int:
+        """Write len(keys)/key_size entries, `chunk` (default BATCH) per
+        syscall; returns how many were written."""
         n = len(keys) // self.key_size
         assert len(values) == n * self.value_size, (self.name, len(values), n)
         if n == 0:
@@ -118,9 +119,10 @@ class Map:
         kb = ffi.from_buffer(keys)
         vb = ffi.from_buffer(values)
         done = 0
+        step = chunk or BATCH
         while done < n:
-            chunk = min(BATCH, n - done)
-            cnt = ffi.new("__u32 *", chunk)
+            part = min(step, n - done)
+            cnt = ffi.new("__u32 *", part)
             ret = lib().bpf_map_update_batch(self.fd, kb + done * self.key_size, vb + done * self.value_size, cnt, opts)
             if ret < 0:
                 err = ffi.errno
@@ -129,7 +131,7 @@ class Map:
                     f"map {self.name}: batch update failed after {done + cnt[0]} of {n} entries: "
                     f"{os.strerror(err)}",
                 )
-            done += chunk
+            done += part
         return done
 
     def delete_batch(self, keys: bytes | bytearray) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from itertools import chain, filterfalse
 
@@ -129,6 +129,8 @@ class Programmed:
         self._unindexed: set[int] = set()  # slot tables (ids) to index
         # The external frontends of the owner being synced, for its tables.
         self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
+        # sync's `stream`, while it runs.
+        self._stream: Callable[[ChangeSet], None] | None = None
 
     # The backend ids, and the drains, as dicts (tests, the bench).
     @property
@@ -213,13 +215,19 @@ class Programmed:
         return {o for o, keys in self.by_owner.items() if keys}
 
     def sync(
-        self, desired: dict[str, list[Frontend]], prune_except: set[str] | None = None, now: float = 0.0
+        self,
+        desired: dict[str, list[Frontend]],
+        prune_except: set[str] | None = None,
+        now: float = 0.0,
+        stream: Callable[[ChangeSet], None] | None = None,
     ) -> ChangeSet:
         """Bring the owners in `desired` to their frontends (an empty list
         removes them). With prune_except, also remove every owner not in it
         and every orphan entry: only after the first full list of every
         resource. `now` (seconds, any clock the caller keeps using) times
-        the draining of unused backends."""
+        the draining of unused backends. `stream` is called with the
+        change set after each owner, and after a table's new backends
+        (ctrl.dataplane.apply.Writer.stream)."""
         cs = ChangeSet()
         if prune_except is not None:
             for owner in list(self.by_owner):
@@ -233,11 +241,17 @@ class Programmed:
         self._clear_marks = []
         self._freed = []
         self.tables.begin()
-        # Frontends of no known owner (adopted without a name) go last: a
-        # Service that claims one takes it over with its id first.
-        for owner in sorted(desired, key=lambda o: (o == "", o)):
-            cs.mark(owner)
-            self._sync_owner(owner, desired[owner], cs)
+        self._stream = stream
+        try:
+            # Frontends of no known owner (adopted without a name) go last:
+            # a Service that claims one takes it over with its id first.
+            for owner in sorted(desired, key=lambda o: (o == "", o)):
+                cs.mark(owner)
+                self._sync_owner(owner, desired[owner], cs)
+                if stream is not None:
+                    stream(cs)
+        finally:
+            self._stream = None
         cs.mark(None)
         for key in self._freed:
             if key not in self.frontends:
@@ -566,6 +580,10 @@ class Programmed:
     def _table_full(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> bool:
         """Table t to f's backends in full; whether a slot changed."""
         wanted = self.bids.get(f.backends, cs.be_upd)
+        if self._stream is not None:
+            # New backends can go to the kernel now (no slot names them):
+            # at 100,000 they are written while the slots are assigned.
+            self._stream(cs)
         sl: list[int | None] = t.slots  # type: ignore[assignment]
         n_old = len(sl)
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]

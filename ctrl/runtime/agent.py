@@ -283,7 +283,12 @@ class Agent:
                 self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices.get(owner, {}))
         t_plan = time.perf_counter()
         stages["plan"] = t_plan - t0
-        cs = self.programmed.sync(desired, prune_except=set(self.state.services) if full else None, now=self.clock())
+        cs = self.programmed.sync(
+            desired,
+            prune_except=set(self.state.services) if full else None,
+            now=self.clock(),
+            stream=self.writer.stream if self.writer is not None else None,
+        )
         stages["diff"] = time.perf_counter() - t_plan
         if self.check is not None:
             self.check.touched(cs)
@@ -406,6 +411,7 @@ class Agent:
         self._config_written = None  # rewritten by the next sync
         self.check = None  # it compared against the mirror being replaced
         if self.writer is not None:
+            self.writer.settle()  # a failed sync's streamed writes, if any, land first
             try:
                 mc = read_contents(self.writer.maps)
                 mc.adopt_into(self.programmed)

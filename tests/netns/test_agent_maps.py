@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ctrl.dataplane import abi, loader
-from ctrl.dataplane.abi import MapSizes, map_name, read_contents
-from ctrl.dataplane.apply import Writer
+from ctrl.dataplane.abi import MapSizes, map_base, map_name, read_contents
+from ctrl.dataplane.apply import STREAM_ROWS, Writer
 from ctrl.dataplane.libbpf import BPFError
+from ctrl.dataplane.maps import Map
 from ctrl.dataplane.programmed import Programmed
 from ctrl.k8s.events import Event
 from ctrl.k8s.objects import parse
@@ -347,19 +349,24 @@ def failing_metric(metrics) -> dict[str, float]:
     }
 
 
-def test_a_write_the_kernel_refuses_fails_one_service_and_the_others_are_written(caplog) -> None:
+@pytest.mark.parametrize("stream_rows", [STREAM_ROWS, 1])
+def test_a_write_the_kernel_refuses_fails_one_service_and_the_others_are_written(caplog, stream_rows) -> None:
     """The backend map holds 5 entries, though the agent was told more (a
     map made too small behind its back). A Service growing past it fails
     alone: named in the log and a metric, left as the kernel has it, and
     retried after 5 s, 10 s...; a Service changed and one added in the
     same sync are written; the mirror matches the kernel; once room is
-    made, the retry succeeds."""
+    made, the retry succeeds. The same when each Service's new backends
+    are streamed to the kernel during the diff (stream_rows 1): the
+    failed stream leaves the error to the write."""
     from ctrl.runtime.metrics import Metrics
 
     dp = loader.load(pin_dir=None, sizes=MapSizes(backends=5))
     try:
         clock = Clock()
         agent, src = make_agent(dp.maps, clock, metrics=Metrics())
+        assert agent.writer is not None
+        agent.writer.stream_rows = stream_rows
         src.put(
             svc_event("a", "198.19.0.10"),
             slice_event("a-1", "a", "198.18.1.11", "198.18.1.12"),
@@ -457,3 +464,61 @@ def test_more_source_ranges_than_one_packing_chunk_are_written_and_deleted(priva
     assert len(next(iter(mc.ranges.values()))) == n
     w.apply(p.sync({"default/wide": []}))  # the Service's frontends gone
     assert read_contents(private_maps).ranges == {}
+
+
+# -- the writer's stream: a large sync's bulk written during its diff --------
+
+
+def frontend(owner: int, *backends: int) -> Frontend:
+    return Frontend(
+        addr16(f"198.19.0.{10 + owner}"), 80, 6, Scope.INTERNAL, f"default/s{owner}:http/TCP",
+        tuple((addr16(f"198.18.{owner}.{b}"), 8080, 6) for b in backends),
+    )  # fmt: skip
+
+
+def test_new_backends_and_slots_reach_the_kernel_during_the_diff_and_go_once(private_maps, monkeypatch):
+    """With stream_rows 1 the writer sends each Service's new backends and
+    slots once its diff is done: at the diff's end they are all in the
+    kernel while no frontend names them yet, and the write then adds
+    only the frontends and their names. No entry goes to the kernel twice."""
+    written: Counter[str] = Counter()
+    update_batch = Map.update_batch
+
+    def counting(self, keys, vals, chunk=0):
+        written[map_base(self.name)] += len(keys) // self.key_size
+        return update_batch(self, keys, vals, chunk)
+
+    monkeypatch.setattr(Map, "update_batch", counting)
+    p = Programmed()
+    w = Writer(private_maps)
+    w.stream_rows = 1
+    cs = p.sync({f"default/s{i}": [frontend(i, 1, 2, 3)] for i in range(4)}, stream=w.stream)
+    assert w._stream is not None
+    w._stream.wait()  # what the thread was sent is in the kernel
+    mc = read_contents(private_maps)
+    assert len(mc.backends) == 12 and len(mc.slots) == 12 and mc.svc == {} and mc.names == {}
+    w.apply(cs)
+    assert cs.written == (12, 12)
+    assert written == {"sp_be": 12, "sp_slot": 12, "sp_svc": 4, "sp_names": 4}
+    assert_mirror_is_the_kernel(p, private_maps)
+
+
+def test_nothing_is_streamed_once_a_draining_backend_serves_again(private_maps):
+    """Clearing a backend's draining flag comes before any slot naming it
+    again, in the write's first batch: from the Service that brings one
+    back, the rest of the sync goes in the write, in its order."""
+    p = Programmed(drain_period=10.0)
+    w = Writer(private_maps)
+    w.stream_rows = 1
+    cs = p.sync({"default/s1": [frontend(1, 1, 2)]}, now=0.0, stream=w.stream)
+    w.apply(cs)
+    assert cs.written == (2, 2)
+    w.apply(p.sync({"default/s1": [frontend(1, 1)]}, now=1.0, stream=w.stream))
+    assert list(read_contents(private_maps).draining) == [p.backend_ids[frontend(1, 2).backends[0]]]
+    cs = p.sync({"default/s1": [frontend(1, 1, 2)], "default/s2": [frontend(2, 1)]}, now=2.0, stream=w.stream)
+    assert cs.be_mark and len(cs.be_upd) == 1
+    w.apply(cs)
+    assert cs.written == (0, 0)
+    assert read_contents(private_maps).draining == {}
+    assert served(private_maps) == {"default/s1": {"198.18.1.1", "198.18.1.2"}, "default/s2": {"198.18.2.1"}}
+    assert_mirror_is_the_kernel(p, private_maps)

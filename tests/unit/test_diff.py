@@ -511,3 +511,38 @@ def test_split_of_a_change_set_made_by_hand_is_all_rest():
     cs = ChangeSet(be_del=[1, 2])
     parts, rest = cs.split()
     assert parts == [] and rest.be_del == [1, 2]
+
+
+# -- streaming: the rows a diff hands the writer before its end --------------
+
+
+def test_the_diff_offers_its_rows_after_each_service_and_each_tables_new_backends():
+    """Programmed.sync calls `stream` with the change set so far, what the
+    writer may send to the kernel while the diff goes on: after each
+    owner, and after a table's new backends are given ids (before its
+    slots are assigned)."""
+    seen = []
+    p = Programmed()
+    desired = {**web(1, 2), **shop(3, 4, 5)}
+    cs = p.sync(desired, stream=lambda c: seen.append((len(c.be_upd), len(c.slot_upd), len(c.svc_upd))))
+    # sorted: default/shop, then default/web
+    assert seen == [(3, 0, 0), (3, 3, 1), (5, 3, 1), (5, 5, 2)]
+    assert len(cs.be_upd) == 5
+
+
+def test_the_write_leaves_out_the_rows_already_written():
+    """cs.written: rows of be_upd and slot_upd the writer's stream put in
+    the kernel; the write packs the rest only."""
+    p = Programmed()
+    cs = p.sync(web(1, 2, 3))
+    c = Codecs.get()
+    ids, backends = cs.be_upd.cols
+    tables, slots, named = cs.slot_upd.cols
+    cs.written = (2, 1)
+    ops = encode(cs, c)
+    (be_keys,) = [k for m, op, k, _ in ops if m == map_name("sp_be") and op == "update"]
+    assert be_keys == abi.U32.pack_columns([ids[2]])
+    (slot_keys,) = [k for m, op, k, _ in ops if m == map_name("sp_slot") and op == "update"]
+    assert slot_keys == c.slot_key.pack_columns(tables[1:], slots[1:])
+    cs.written = (3, 3)
+    assert [m for m, op, _, _ in encode(cs, c) if op == "update"] == [map_name("sp_svc"), map_name("sp_names")]
