@@ -28,12 +28,14 @@ class BackendIds:
     def __len__(self) -> int:
         return len(self.backends)
 
-    def get(self, bs: Collection[Backend], new: Rows) -> list[int]:
+    def get(self, bs: Collection[Backend], new: Rows, looked: list[int | None] | None = None) -> list[int]:
         """Ids of these backends, allocating new ones (appended to `new`,
-        the backends to write)."""
+        the backends to write). looked: their ids as self.ids held them
+        now (None for the new ones), if the caller has them; it becomes
+        the result."""
         ids = self.ids
         get = ids.get
-        out = list(map(get, bs))
+        out = list(map(get, bs)) if looked is None else looked
         if out and out.count(None) == len(out):
             # All new (a new Service, a first sync): allocate in bulk.
             # One int object per id, shared by both dicts, the rows to

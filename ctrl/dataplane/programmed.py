@@ -131,6 +131,9 @@ class Programmed:
         self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
         # sync's `stream`, while it runs.
         self._stream: Callable[[ChangeSet], None] | None = None
+        # _growth's ids of an owner's backends: (backends, ids, how many
+        # ids there were).
+        self._looked: tuple[Collection[Backend], list[int | None], int] | None = None
 
     # The backend ids, and the drains, as dicts (tests, the bench).
     @property
@@ -263,8 +266,9 @@ class Programmed:
             # have been written again since, by the frontend growing into
             # it: only those still past its count go. Every orphan was
             # counted at adoption and again when rewritten.
-            counts = {t.tid: len(t.slots) for t in self.slot_tables.values()}
-            cs.slot_del.extend((sid, i) for sid, i in self.orphan_slots if i >= counts.get(sid, 0))
+            if self.orphan_slots:
+                counts = {t.tid: len(t.slots) for t in self.slot_tables.values()}
+                cs.slot_del.extend((sid, i) for sid, i in self.orphan_slots if i >= counts.get(sid, 0))
             self.slot_count -= len(self.orphan_slots)
             cs.name_del.extend(self.orphan_names)
             cs.src_del.extend(self.orphan_ranges)
@@ -398,6 +402,7 @@ class Programmed:
     def _growth(self, owner: str, groups: dict[object, list[Frontend]]) -> tuple[int, int, int, int]:
         """Entries this owner's change adds (services, slots, backends,
         source ranges) at its peak."""
+        self._looked = None
         new_fronts = 0
         wanted: list[Collection[Backend]] = []  # each group's backends that may be new
         slot_growth = 0
@@ -417,14 +422,18 @@ class Programmed:
             else:
                 wanted.append(f.backends)
                 slot_growth += max(0, len(f.backends) - (len(t.slots) if t is not None else 0))
-        known = self.bids.ids.__contains__
         if len(wanted) == 1:
             # One group (most Services): its backends are listed once each
             # (a plan has no duplicates), so counting them is enough, in C,
-            # without a set of 100,000 tuples made to be thrown away.
+            # without a set of 100,000 tuples made to be thrown away. Their
+            # ids, looked up for that, are kept for _table_full: a tuple
+            # does not keep its hash, so each lookup hashes every backend.
             (bs,) = wanted
-            new_be = len(bs) - sum(map(known, bs))
+            looked = list(map(self.bids.ids.get, bs))
+            new_be = looked.count(None)
+            self._looked = (bs, looked, len(self.bids))
         else:  # groups share backends: each new one counts once
+            known = self.bids.ids.__contains__
             new_be = len(set(chain.from_iterable(filterfalse(known, bs) for bs in wanted)))
         return new_fronts, slot_growth, new_be, range_growth
 
@@ -579,7 +588,12 @@ class Programmed:
 
     def _table_full(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> bool:
         """Table t to f's backends in full; whether a slot changed."""
-        wanted = self.bids.get(f.backends, cs.be_upd)
+        looked, self._looked = self._looked, None
+        # The ids _growth looked up, unless they are of other backends or
+        # an id went since (an eviction).
+        if looked is not None and (looked[0] is not f.backends or looked[2] != len(self.bids)):
+            looked = None
+        wanted = self.bids.get(f.backends, cs.be_upd, looked[1] if looked is not None else None)
         if self._stream is not None:
             # New backends can go to the kernel now (no slot names them):
             # at 100,000 they are written while the slots are assigned.

@@ -146,10 +146,12 @@ class Frontend:
     # (in the same order, with the same added/removed, base and version):
     # the dataplane gives them one slot table. None: a table of its own.
     group: tuple | None = field(default=None, compare=False)
+    # (addr, port, proto, scope): what the dataplane knows it by, made
+    # once (the diff reads it about six times per frontend).
+    key: FKey = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> FKey:
-        return (self.addr, self.port, self.proto, self.scope)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.addr, self.port, self.proto, self.scope))
 
 
 def frontend_str(key: FKey) -> str:
