@@ -40,7 +40,12 @@ class ServicePort:
     node_port: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Service and EndpointSlice are not frozen: a frozen dataclass sets each
+# field through object.__setattr__, which tripled the cost of building one
+# (10,000 of each per full list at S2). Treated as immutable all the same:
+# nothing assigns to one once parsed, and the model tells a changed object
+# from the one it holds by identity or equality, never by hash.
+@dataclass(slots=True)
 class Service:
     namespace: str
     name: str
@@ -102,7 +107,7 @@ class Endpoint(NamedTuple):
         return addr_str(self.addr)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndpointSlice:
     namespace: str
     name: str
