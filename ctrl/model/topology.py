@@ -109,7 +109,10 @@ def _merged(parts: list[tuple[tuple[Endpoint, ...], int]], total: int) -> dict[t
     return merged
 
 
-@dataclass(frozen=True)
+# Not frozen (nor Categorized): one of each per port of every Service planned,
+# and a frozen dataclass sets each field through object.__setattr__. Never
+# assigned to after it is built.
+@dataclass(slots=True)
 class PortPolicy:
     """The traffic policies of one service port, as kube-proxy reads them."""
 
@@ -129,7 +132,7 @@ class PortPolicy:
         return self.internal_local or (self.external_local and self.externally_accessible)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Categorized:
     cluster: list[PortEndpoint]  # for traffic under a Cluster policy
     local: list[PortEndpoint]  # for traffic under a Local policy
