@@ -178,7 +178,7 @@ class _Stream:
     def __init__(self, cs: ChangeSet):
         self.cs = cs
         self.sent = (0, 0)  # rows of cs.be_upd and cs.slot_upd sent
-        self.error: BPFError | None = None
+        self.error: Exception | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._switch = 0.0
@@ -207,7 +207,7 @@ class _Stream:
                 for m, keys, vals in batches:
                     # One syscall per batch: one wait for the GIL.
                     m.update_batch(keys, vals, chunk=len(keys) // m.key_size)
-            except BPFError as e:
+            except Exception as e:  # whatever it is, the write writes everything
                 self.error = e
 
     def wait(self) -> None:

@@ -522,3 +522,24 @@ def test_nothing_is_streamed_once_a_draining_backend_serves_again(private_maps):
     assert read_contents(private_maps).draining == {}
     assert served(private_maps) == {"default/s1": {"198.18.1.1", "198.18.1.2"}, "default/s2": {"198.18.2.1"}}
     assert_mirror_is_the_kernel(p, private_maps)
+
+
+def test_a_streamed_batch_that_fails_is_written_by_the_write(private_maps, monkeypatch):
+    """Whatever a streamed batch raises, the stream stops and the write
+    writes every row itself: the kernel ends up as the mirror says."""
+    update_batch = Map.update_batch
+
+    def failing_when_streamed(self, keys, vals, chunk=0):
+        if chunk:  # the stream's one-syscall batches
+            raise RuntimeError("lost")
+        return update_batch(self, keys, vals, chunk)
+
+    monkeypatch.setattr(Map, "update_batch", failing_when_streamed)
+    p = Programmed()
+    w = Writer(private_maps)
+    w.stream_rows = 1
+    cs = p.sync({f"default/s{i}": [frontend(i, 1, 2)] for i in range(3)}, stream=w.stream)
+    w.apply(cs)
+    assert cs.written == (0, 0)
+    assert served(private_maps) == {f"default/s{i}": {f"198.18.{i}.1", f"198.18.{i}.2"} for i in range(3)}
+    assert_mirror_is_the_kernel(p, private_maps)
