@@ -10,17 +10,27 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 # over between CPUs (kernel 5.12 or later), and 32-bit subregisters.
 BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
+# The control plane's C helper (ctrl/dataplane/native.c: Maglev tables),
+# loaded through cffi like libbpf.
+NATIVE_LIB := build/libsliceproxy.so
+NATIVE_CFLAGS := -O2 -g -shared -fPIC -Wall -Werror
 
-.PHONY: all deps bpf venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
+.PHONY: all deps bpf native venv k8s k8s-node image images-node test unit datapath netns cluster node e2e fuzz demo bench \
 	bench-quick bench-subsets bench-npl bench-maglev bpffs lint clean \
 	vagrant-up vagrant-test vagrant-redeploy vagrant-destroy
 
-all: bpf venv
+all: bpf native venv
 
 deps:
 	@bash scripts/install-deps.sh
 
 bpf: $(BPF_OBJS)
+
+native: $(NATIVE_LIB)
+
+$(NATIVE_LIB): ctrl/dataplane/native.c | deps
+	@mkdir -p build
+	$(CLANG) $(NATIVE_CFLAGS) $< -o $@
 
 # The tc object is one translation unit (ebpf/sliceproxy_tc.bpf.c includes
 # one file per attach point, which include ebpf/lib/): rebuilt when any of

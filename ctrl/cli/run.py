@@ -38,6 +38,12 @@ def build_agent(
     programmed = Programmed(
         opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period, maglev_size=opts.maglev_size
     )
+    if opts.maglev_size:
+        from ..dataplane import native
+
+        why = native.missing()
+        if why:
+            log.warning("--external-lb=maglev: %s, about 20 ms a table instead of under 1 ms", why)
     if writer is not None:
         mc = read_contents(writer.maps)
         mc.adopt_into(programmed)

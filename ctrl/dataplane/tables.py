@@ -13,7 +13,7 @@ written (one backend of N removed: its own entries and about 1/N of the
 others). Write order, as everywhere in ctrl.dataplane: a table's entries,
 then its size, then the pointers that name it; deletes the other way
 round (pointers, size, entries), so a flow never reads past what exists.
-The tables themselves come from ctrl.model.maglev. Pure Python.
+The tables are ctrl.model.maglev's, populated in C (ctrl.dataplane.native).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..model import maglev
 from ..model.plan import Backend, FKey
-from . import abi
+from . import abi, native
 from .changeset import ChangeSet
 
 
@@ -89,6 +89,7 @@ class MaglevTables:
         self._next = 1
         # Turn orders and tables built in this sync, by backend set.
         self._built: dict[frozenset[int], tuple[list[tuple[Backend, int]], list[int]]] = {}
+        self._perms: dict[int, int] = {}  # backend id -> its permutation (native.pack)
         # Backend sets made in this sync (id_set, derive): equal ones are
         # one object, and a derived one knows what it was derived from.
         self._sets: dict[frozenset[int], frozenset[int]] = {}
@@ -340,11 +341,31 @@ class MaglevTables:
         if old is not None and base is not None and len(base.entries) == m and old[:m] == turns[:m]:
             table = base.entries
         else:
-            identity = maglev.identity
-            positions = maglev.build([identity(b[0], b[1]) for b, _ in turns[:m]], m)
-            table = [turns[i][1] for i in positions]
+            table = self._table(turns[:m])
         got = self._built[ids] = (turns, table)
         return got
+
+    def _table(self, head: list[tuple[Backend, int]]) -> list[int]:
+        """The table (backend id per entry) of these first M turns, filled
+        in C (ctrl.dataplane.native). Each backend's permutation is hashed
+        once per id and kept: an id names one backend for as long as this
+        object lives (ctrl.dataplane.ids never reuses one)."""
+        m = self.size
+        ids = [i for _, i in head]
+        perms = self._perms
+        got = list(map(perms.get, ids))
+        if None in got:
+            if len(perms) > 2 * m * (len(self.tables) + 1):
+                # Mostly backends gone: keep those of the tables there are.
+                live = {i for t in self.tables.values() if t.turns for _, i in t.turns[:m]}
+                live.update(ids)
+                self._perms = perms = {i: p for i, p in perms.items() if i in live}
+            hashed, identity, pack = maglev.hashed, maglev.identity, native.pack
+            for k, p in enumerate(got):
+                if p is None:
+                    b = head[k][0]
+                    got[k] = perms[ids[k]] = pack(*hashed(identity(b[0], b[1]), m))
+        return native.fill(got, ids, m)  # type: ignore[arg-type]
 
     def entries_of(self, key: FKey) -> list[int] | None:
         """The table frontend key reads, or None (tests, the bench)."""

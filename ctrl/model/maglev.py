@@ -17,8 +17,9 @@ does not change the table. Every backend gets M // N or M // N + 1 entries
 (balance), and removing one of N backends moves about 1/N of the entries
 besides its own (minimal disruption).
 
-Pure Python: the dataplane (ctrl.dataplane.programmed) turns positions into
-backend ids and writes the entries that changed.
+Pure Python, the reference: the dataplane (ctrl.dataplane.tables) fills
+its tables with the same steps in C when it can (ctrl.dataplane.native),
+turns positions into backend ids and writes the entries that changed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from hashlib import blake2b
+from itertools import compress
+from operator import ne
 
 DEFAULT_SIZE = 16381
 # Smaller tables balance poorly (the paper keeps M above 100 entries per
@@ -79,11 +82,13 @@ def identity(addr16: bytes, port: int) -> bytes:
 
 # A Service's next table is mostly the same backends: their permutations
 # are kept (about 200 bytes each), not hashed again.
-@lru_cache(maxsize=1 << 17)
-def _permutation(ident: bytes, m: int) -> tuple[int, int]:
+def hashed(ident: bytes, m: int) -> tuple[int, int]:
     """(offset, skip) of a backend's permutation of the m entries."""
     h = blake2b(ident, digest_size=8, person=b"sp-maglev").digest()
     return int.from_bytes(h[:4], "big") % m, int.from_bytes(h[4:], "big") % (m - 1) + 1
+
+
+permutation = lru_cache(maxsize=1 << 17)(hashed)
 
 
 def order(backends: Iterable[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
@@ -96,16 +101,22 @@ def build(idents: Sequence[bytes], m: int) -> list[int]:
     """The table: for each of the m entries, the position in idents of the
     backend it names. idents in turn order (see order); [] when empty.
     With more backends than entries the last ones get none."""
-    n = len(idents)
-    if n == 0:
-        return []
-    if n > m:
+    if len(idents) > m:
         # The first m fill the table in their first turn: the rest never
         # get one, and need no permutation.
-        idents, n = idents[:m], m
-    perms = [_permutation(i, m) for i in idents]
-    pos = [o for o, _ in perms]  # the next entry each backend tries
-    skips = [s for _, s in perms]
+        idents = idents[:m]
+    return fill([permutation(i, m) for i in idents], m)
+
+
+def fill(perms: Sequence[tuple[int, int]], m: int) -> list[int]:
+    """The table of backends with these permutations ((offset, skip), in
+    turn order): the position in perms of the backend each entry names.
+    ctrl/dataplane/native.c does the same in C."""
+    n = min(len(perms), m)
+    if n == 0:
+        return []
+    pos = [o for o, _ in perms[:n]]  # the next entry each backend tries
+    skips = [s for _, s in perms[:n]]
     table = [-1] * m
     filled = 0
     while True:
@@ -137,7 +148,9 @@ def changed(old: Sequence[int], new: Sequence[int]) -> list[int]:
     """Entries whose value differs (an empty side counts as all changed)."""
     if len(old) != len(new):
         return list(range(len(new)))
-    return [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+    # Compared and picked in C (map, compress): 16,381 entries in about
+    # 0.2 ms, a Python loop over them 1 ms.
+    return list(compress(range(len(new)), map(ne, old, new)))
 
 
 def flow_hash(saddr16: bytes, sport: int, dport: int, proto: int) -> int:

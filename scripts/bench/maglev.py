@@ -2,9 +2,11 @@
 """Maglev tables (--external-lb=maglev, docs/semantics.md), measured.
 
   build       ctrl.model.maglev.build for N backends at M = 16381 (the
-              default): what a new backend set costs the control plane
-              (cold: the backends' permutations hashed too; then the best
-              and median of several builds, as a Service's next table).
+              default), the Python reference (cold: the backends'
+              permutations hashed too; then the best and median of
+              several builds, as a Service's next table); and the
+              population alone (the M ln M probes), in Python and in the C
+              the agent runs (ctrl.dataplane.native).
   disruption  one backend of N removed (and one added): the fraction of
               the M entries that change hands, the removed backend's own
               ones included (1/N is the least possible).
@@ -36,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from ctrl.dataplane import native  # noqa: E402
 from ctrl.model import maglev  # noqa: E402
 
 M = maglev.DEFAULT_SIZE
@@ -60,7 +63,7 @@ def time_build(n: int, repeat: int) -> dict:
     backends = idents(n)
     # Cold: the backends' permutations hashed too (a new Service); then
     # warm, as a Service's next table (mostly the same backends) is built.
-    maglev._permutation.cache_clear()
+    maglev.permutation.cache_clear()
     t0 = time.perf_counter()
     maglev.build_for(backends, M)
     cold = time.perf_counter() - t0
@@ -69,7 +72,29 @@ def time_build(n: int, repeat: int) -> dict:
         t0 = time.perf_counter()
         maglev.build_for(backends, M)
         times.append(time.perf_counter() - t0)
-    return {"backends": n, "size": M, "cold_s": cold, "best_s": min(times), "median_s": statistics.median(times)}
+    # The population alone, in Python (the reference) and in C (what the
+    # agent runs: ctrl.dataplane.native), from the same permutations.
+    perms = [maglev.permutation(maglev.identity(a, p), M) for a, p in maglev.order(backends)]
+    packed = [native.pack(o, k) for o, k in perms]
+    ids = list(range(1, len(perms) + 1))
+    fill_py, fill_c = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        maglev.fill(perms, M)
+        fill_py.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        native.fill(packed, ids, M)
+        fill_c.append(time.perf_counter() - t0)
+    return {
+        "backends": n,
+        "size": M,
+        "cold_s": cold,
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "fill_python_s": statistics.median(fill_py),
+        "fill_c_s": statistics.median(fill_c),
+        "native": native.missing() is None,
+    }
 
 
 def disruption(n: int) -> dict:
@@ -250,7 +275,9 @@ def main() -> int:
     for b in res["build"]:
         print(
             f"build  N={b['backends']:>5}  M={M}: cold {b['cold_s'] * 1e3:.1f} ms; then best "
-            f"{b['best_s'] * 1e3:.1f} ms, median {b['median_s'] * 1e3:.1f} ms"
+            f"{b['best_s'] * 1e3:.1f} ms, median {b['median_s'] * 1e3:.1f} ms (Python); the fill alone "
+            f"{b['fill_python_s'] * 1e3:.1f} ms in Python, {b['fill_c_s'] * 1e3:.2f} ms in C"
+            + ("" if b["native"] else " (no library: Python)")
         )
     for d in res["disruption"]:
         print(

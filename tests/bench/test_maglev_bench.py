@@ -45,3 +45,10 @@ def test_the_agent_writes_tables_only_in_maglev_mode(figures):
     # One table per Service (its LB IP and NodePort share it), in the kernel.
     assert r["maglev"]["maglev_map_bytes_per_service"] > figures["table_size"] * 8
     assert 0 < r["maglev"]["maglev_entries_written_per_change"] < figures["table_size"]
+
+
+def test_the_fill_is_timed_in_c_and_in_python(figures):
+    # The C the agent runs (build/libsliceproxy.so) was there to be timed,
+    # next to the reference.
+    for b in figures["build"]:
+        assert b["native"] and b["fill_c_s"] > 0 and b["fill_python_s"] > 0

@@ -110,6 +110,11 @@ def test_image_runs_sliceproxy_help(sliceproxy_image: str) -> None:
     # its environment says.
     cp = run_once(sliceproxy_image, "sh", "-c", 'test -s "$SLICEPROXY_BPF_OBJECT" && test -s "$SLICEPROXY_HEADER"')
     assert cp.returncode == 0, cp.stderr
+    # The C helper (Maglev tables) loads there, with the image's libc.
+    cp = run_once(
+        sliceproxy_image, "python3", "-c", "from ctrl.dataplane import native; print(native.missing() or 'loaded')"
+    )
+    assert cp.returncode == 0 and cp.stdout.strip() == "loaded", cp.stdout + cp.stderr
 
 
 Scenario = dict[str, object]

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from ctrl.cli.parser import build_parser, settings
-from ctrl.dataplane import abi
+from ctrl.dataplane import abi, native
 from ctrl.dataplane.abi import MapSizes
 from ctrl.dataplane.programmed import Programmed
 from ctrl.model import maglev
@@ -300,8 +300,8 @@ def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, int]]]:
 
 def test_adopted_tables_diff_empty_and_mode_change(monkeypatch):
     builds = []
-    real_build = maglev.build
-    monkeypatch.setattr(maglev, "build", lambda idents, m: builds.append(m) or real_build(idents, m))
+    real_fill = native.fill
+    monkeypatch.setattr(native, "fill", lambda perms, ids, m: builds.append(m) or real_fill(perms, ids, m))
     p = Programmed(maglev_size=M)
     f = ext(*range(20))
     svc, slots, names, tables = adopted(p.sync({"default/web": [f]}))

@@ -18,11 +18,11 @@ KUBELET_KUBECONFIG=/var/lib/rancher/k3s/agent/kubelet.kubeconfig
 POD_INTERFACES='veth*'
 STATE=/var/lib/sliceproxy-vm
 
-# The same Makefile rule the image's build stage runs. Here it fails fast,
-# before a long image build, and leaves build/sliceproxy_tc.bpf.o for
-# `make datapath` / `make netns` inside the VM.
-log "make bpf"
-make bpf
+# The same Makefile rules the image's build stage runs. Here they fail
+# fast, before a long image build, and leave build/sliceproxy_tc.bpf.o and
+# build/libsliceproxy.so for `make datapath` / `make netns` inside the VM.
+log "make bpf native"
+make bpf native
 
 # The image nodes run: deploy/Containerfile built by scripts/build-images.sh,
 # the same build `make image` and the node tier (tests/node) use: base images
