@@ -4,11 +4,14 @@ scripts/bench/ours.py) builds its agent, from the run flags' own parser."""
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 
 import pytest
 
 from ctrl.cli import parser, run
+from ctrl.dataplane import native
+from ctrl.model import maglev
 from ctrl.runtime.settings import Settings
 
 
@@ -102,3 +105,18 @@ def test_an_unknown_xdp_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
         options("--xdp", "offload")
     assert "--xdp: invalid choice: 'offload'" in capsys.readouterr().err
+
+
+def test_maglev_without_the_c_helper_warns_once_and_still_builds(monkeypatch, caplog):
+    off = ("--metrics-bind-address", "", "--healthz-bind-address", "")
+    with caplog.at_level(logging.WARNING, logger="sliceproxy"):
+        run.build_agent(options("--external-lb", "maglev", *off), NoSource())
+    assert "libsliceproxy.so" not in caplog.text  # built by make: found
+    monkeypatch.setattr(native, "library", lambda: None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sliceproxy"):
+        run.build_agent(options("--external-lb", "random", *off), NoSource())
+        assert caplog.text == ""  # random mode builds no table
+        agent = run.build_agent(options("--external-lb", "maglev", *off), NoSource())
+    assert "--external-lb=maglev" in caplog.text and "libsliceproxy.so" in caplog.text
+    assert agent.programmed.maglev_size == maglev.DEFAULT_SIZE
