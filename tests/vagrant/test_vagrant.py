@@ -209,7 +209,7 @@ def test_k3s_version_comes_from_the_vagrantfile():
 
 def test_provisioning_builds_and_applies_the_repository_manifests():
     code = code_lines(PROVISION / "sliceproxy.sh")
-    assert re.search(r"^make bpf$", code, re.M)
+    assert re.search(r"^make bpf native$", code, re.M)
     # The image: the repository's one build (scripts/build-images.sh, as
     # `make image` and tests/node), imported from the archive it saved.
     assert re.search(r"^read -r archive image < <\(bash scripts/build-images\.sh --ref sliceproxy\)$", code, re.M)
