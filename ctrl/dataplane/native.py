@@ -28,7 +28,7 @@ NAME = "libsliceproxy.so"
 # An array of 64-bit unsigned integers: "L" (unsigned long) where it is 8
 # bytes, as on every 64-bit Linux, converts a list three times faster
 # than "Q".
-_U64 = "L" if array("L").itemsize == 8 else "Q"
+U64 = "L" if array("L").itemsize == 8 else "Q"
 
 
 def library_path() -> Path:
@@ -77,7 +77,8 @@ def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> list[int]:
     if lib is None:
         positions = maglev.fill([(p & 0xFFFFFFFF, p >> 32) for p in perms], m)
         return [ids[i] for i in positions]
-    p, i = array(_U64, perms), array("I", ids)
+    p = perms if isinstance(perms, array) and perms.typecode == U64 else array(U64, perms)
+    i = array("I", ids)
     out = array("I", bytes(4 * m))
     rc = lib.sp_maglev_fill(
         ffi.from_buffer("uint64_t[]", p), ffi.from_buffer("uint32_t[]", i), n, m, ffi.from_buffer("uint32_t[]", out)

@@ -29,7 +29,7 @@ from .abi import MapSizes
 from .changeset import ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
-from .tables import MaglevTables
+from .tables import IdSet, MaglevTables
 
 # A slot table with at least this many slots gets its slot index right
 # after the write that set it in full; a smaller one at its first delta.
@@ -55,7 +55,7 @@ class SlotTable:
     slot_of: dict[int, int] | None = None
     # Its backend ids as a set, and the version they are of, for the Maglev
     # tables of its external frontends (Programmed._table_ids).
-    id_set: tuple[int, frozenset[int]] | None = None
+    id_set: tuple[int, IdSet] | None = None
     # Read back from the maps: no group known yet; the first sync gives it
     # to a group of one of its frontends (Programmed._table_for).
     adopted: bool = False
@@ -128,7 +128,7 @@ class Programmed:
         self._unused: set[int] = set()
         self._unindexed: set[int] = set()  # slot tables (ids) to index
         # The external frontends of the owner being synced, for its tables.
-        self._tabled: list[tuple[FKey, int, frozenset[int]]] = []
+        self._tabled: list[tuple[FKey, int, IdSet | None]] = []
         # sync's `stream`, while it runs.
         self._stream: Callable[[ChangeSet], None] | None = None
         # _growth's ids of an owner's backends: (backends, ids, how many
@@ -731,7 +731,7 @@ class Programmed:
         if FrontendFlag.MAGLEV in fflags:
             self._tabled.append((f.key, cur.svc_id, self._table_ids(t, delta)))
         elif f.key in self.tables.of:
-            self._tabled.append((f.key, cur.svc_id, frozenset()))
+            self._tabled.append((f.key, cur.svc_id, None))
         changed = False
         if n != cur.count or cur.flags != flags or cur.affinity_timeout != f.affinity_timeout or cur.slots_id != t.tid:
             cur.count, cur.flags, cur.affinity_timeout, cur.slots_id = n, flags, f.affinity_timeout, t.tid
@@ -751,7 +751,7 @@ class Programmed:
         if changed:
             cs.services.add(owner)
 
-    def _table_ids(self, t: SlotTable, delta: tuple[int, list[int], list[int]] | None) -> frozenset[int]:
+    def _table_ids(self, t: SlotTable, delta: tuple[int, list[int], list[int]] | None) -> IdSet:
         """The backend ids of a slot table, for the Maglev tables of its
         external frontends: one set object per slot table and plan (a
         Service's NodePort and LoadBalancer IP, one change of 100,000

@@ -424,17 +424,52 @@ def test_tables_follow_deltas_as_if_built_from_scratch():
 
 
 def test_turn_order_edit_finds_each_turn_or_falls_back():
-    """ctrl.dataplane.tables._edited: the turns gone are found by their
+    """ctrl.dataplane.tables.Turns.edit: the turns gone are found by their
     backend; one whose backend the id map no longer names is still
-    dropped (a linear pass), and the result is the sorted order."""
-    from ctrl.dataplane.tables import _edited
+    dropped (a pass over the order), and the result is the sorted order."""
+    from ctrl.dataplane.tables import Turns
 
     old = [(be(i), 100 + i) for i in range(0, 40, 2)]
     backends = {100 + i: be(i) for i in range(40)}
     added = [(be(i), 100 + i) for i in (1, 17, 39)]
     gone = frozenset({100, 110, 138})
     want = sorted([t for t in old if t[1] not in gone] + added)
-    assert _edited(old, gone, added, backends) == want
+    t = Turns(old)
+    t.edit(gone, added, backends)
+    assert list(t) == want and len(t) == len(want)
     del backends[110]
-    assert _edited(old, gone, added, backends) == want
-    assert _edited(old, frozenset(), [], backends) == old
+    t = Turns(old)
+    t.edit(gone, added, backends)
+    assert list(t) == want
+    t = Turns(old)
+    t.edit(frozenset(), [], backends)
+    assert list(t) == old
+
+
+def test_turn_order_in_blocks_stays_sorted(monkeypatch):
+    """Turns kept in small blocks through random inserts and drops
+    (blocks split, emptied and removed): always the sorted order, its
+    head and its i-th turn as a list's, and a copy edited apart from
+    the original."""
+    from ctrl.dataplane.tables import Turns
+
+    monkeypatch.setattr(Turns, "BLOCK", 4)
+    rng = random.Random(7)
+    have = set(rng.sample(range(500), 60))
+    t = Turns(sorted((be(i), i) for i in have))
+    backends = {i: be(i) for i in range(500)}
+    for _ in range(200):
+        gone = set(rng.sample(sorted(have), min(len(have), rng.randrange(0, 8))))
+        new = set(rng.sample([i for i in range(500) if i not in have], rng.randrange(0, 8)))
+        before = list(t)
+        c = t.copy()
+        t.edit(gone, sorted((be(i), i) for i in new), backends)
+        have = (have - gone) | new
+        want = sorted((be(i), i) for i in have)
+        assert list(t) == want and len(t) == len(want)
+        assert list(c) == before
+        m = rng.randrange(1, 80)
+        assert t.head(m) == want[:m]
+        if want:
+            i = rng.randrange(len(want))
+            assert t.at(i) == want[i]
