@@ -106,8 +106,9 @@ class IdSet:
         s = self._ids
         if s is None:
             raise RuntimeError("a moved IdSet has no ids")
-        gone = frozenset(r for r in removed if r in s)
-        new = frozenset(a for a in added if a not in s)
+        plus = frozenset(added)  # an id both removed and added stays
+        gone = frozenset(r for r in removed if r in s and r not in plus)
+        new = frozenset(a for a in plus if a not in s)
         s.difference_update(gone)
         s.update(new)
         self._ids = None
@@ -335,8 +336,15 @@ class MaglevTables:
         """These backend ids (a frontend's slots, None for a hole) as a set."""
         s = set(ids)
         s.discard(None)  # type: ignore[arg-type]
-        got = IdSet(s)  # type: ignore[arg-type]
-        return self._sets.setdefault(got, got)
+        return self._intern(IdSet(s))  # type: ignore[arg-type]
+
+    def _intern(self, s: IdSet) -> IdSet:
+        """The one set object of these ids in this sync: s, or an equal one
+        made before whose ids are still there."""
+        have = self._sets.get(s)
+        if have is None or have.ids is None:
+            self._sets[s] = have = s
+        return have
 
     def derive(self, prev: IdSet, removed: Iterable[int], added: Iterable[int]) -> IdSet | None:
         """The set prev without removed and with added, for a frontend
@@ -351,7 +359,7 @@ class MaglevTables:
             if prev.ids is None:
                 return None
             s, gone, new = prev.derived(key[1], key[2])
-            s = self._derived[key] = self._sets.setdefault(s, s)
+            s = self._derived[key] = self._intern(s)
             self._origin.setdefault(s, (prev, gone, new))
         return s
 

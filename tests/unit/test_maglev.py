@@ -473,3 +473,23 @@ def test_turn_order_in_blocks_stays_sorted(monkeypatch):
         if want:
             i = rng.randrange(len(want))
             assert t.at(i) == want[i]
+
+
+def test_id_set_fingerprint_follows_its_deltas():
+    """ctrl.dataplane.tables.IdSet: a set derived through a delta takes
+    the old one's ids and is equal (and hashes equal) to the same ids
+    made from scratch; the old one keeps standing for what it held; sets
+    of other ids differ, the same number of them too."""
+    from ctrl.dataplane.tables import IdSet
+
+    a = IdSet(set(range(1000)))
+    b, gone, new = a.derived([3, 5, 5000], [5, 2000, 2001])
+    assert (gone, new) == (frozenset({3}), frozenset({2000, 2001}))  # 5 removed and added: kept
+    want = (set(range(1000)) - {3, 5, 5000}) | {5, 2000, 2001}
+    assert b.ids == want and len(b) == len(want)
+    assert b == IdSet(set(want)) and hash(b) == hash(IdSet(set(want)))
+    assert a.ids is None and a == IdSet(set(range(1000))) and a != b
+    assert IdSet({1, 4}) != IdSet({2, 3})  # same size and same sum of ids
+    assert IdSet({1, 2}) != IdSet({1, 2, 3})
+    with pytest.raises(RuntimeError):
+        list(a)
