@@ -16,7 +16,7 @@
  *    externalTrafficPolicy Cluster; the same conntrack entries, written by
  *    the same nat.h functions) and sent: back out of this interface with
  *    XDP_TX, or redirected to another external interface that runs this
- *    program in native mode (sp_uplinks_v4, a node with two uplinks). A
+ *    program in native mode (sp_uplinks_v5, a node with two uplinks). A
  *    backend on this node, a route out of any other interface, a
  *    neighbour not resolved yet or a TTL about to expire: handed to tc
  *    with XDP's decision, the flow recorded here if new (xdp_handoff):
@@ -60,7 +60,7 @@ static __always_inline int is_unsnat_reply(const struct pkt *p)
  * egress interface's index, with the next hop's Ethernet addresses in
  * macs (destination, then source), when it goes to a resolved neighbour
  * out of the interface it came in by, or out of another interface in
- * sp_uplinks_v4 (one the agent attached this program to in native mode:
+ * sp_uplinks_v5 (one the agent attached this program to in native mode:
  * a driver transmits a redirected frame only where its own XDP is set
  * up); -1 for
  * anything else, which the kernel does better: any other interface (a

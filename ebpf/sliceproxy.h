@@ -23,7 +23,7 @@
 
 /* sp:layout:begin */
 
-#define SP_LAYOUT_VERSION 4
+#define SP_LAYOUT_VERSION 5
 
 /* Where the traffic for a frontend comes from. Part of the frontend key so
  * a service can answer in-cluster and external clients differently in one
@@ -73,7 +73,7 @@ enum sp_verdict {
 	SP_V_FRAGMENT = 16,        /* IP fragment other than the first, given
 				    * what its first fragment got: the same
 				    * address rewrite, sent the same way, or
-				    * dropped (see sp_frag_v4) */
+				    * dropped (see sp_frag_v5) */
 	SP_V_XDP_TX = 17,          /* external interface, XDP: a frame it
 				    * translated itself sent back out of the
 				    * interface it came in by (XDP_TX); also
@@ -81,11 +81,11 @@ enum sp_verdict {
 				    * (dnat_*, snat) */
 	SP_V_XDP_REDIRECT = 18,    /* the same, sent out of another external
 				    * interface with XDP in native mode
-				    * (sp_uplinks_v4, XDP_REDIRECT) */
+				    * (sp_uplinks_v5, XDP_REDIRECT) */
 	SP_V_MAX = 19,
 };
 
-/* sp_svc_v4 (hash): one entry per frontend (service port). */
+/* sp_svc_v5 (hash): one entry per frontend (service port). */
 struct sp_svc_key {
 	__u8 addr[16]; /* frontend address, network order, IPv4-mapped */
 	__u16 port;    /* frontend port, host order */
@@ -94,8 +94,8 @@ struct sp_svc_key {
 };
 
 #define SP_SVC_F_NONE 0
-#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v4 */
-#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v4 */
+#define SP_SVC_F_AFFINITY 1 /* sessionAffinity ClientIP: see sp_aff_v5 */
+#define SP_SVC_F_SRC_RANGES 2 /* loadBalancerSourceRanges: see sp_src_v5 */
 #define SP_SVC_F_MASQ 4 /* external scope, externalTrafficPolicy Cluster: a
 			 * flow that leaves the node is masqueraded */
 #define SP_SVC_F_REJECT 8 /* the Service has no endpoint anywhere: a new
@@ -105,7 +105,7 @@ struct sp_svc_key {
 			   * with no local endpoint) */
 #define SP_SVC_F_MAGLEV 16 /* external frontend under --external-lb=maglev:
 			    * a new flow takes the entry of its frontend's
-			    * Maglev table (sp_mgl_v4) its flow hash picks, the
+			    * Maglev table (sp_mgl_v5) its flow hash picks, the
 			    * same on every node, instead of a random slot */
 
 struct sp_svc_val {
@@ -115,12 +115,12 @@ struct sp_svc_val {
 	__u32 count;            /* slots 0..count-1 are valid; 0: no backend */
 	__u32 flags;            /* SP_SVC_F_* */
 	__u32 affinity_timeout; /* seconds; 0: no session affinity */
-	__u32 slots_id;         /* key of its slot table (sp_slot_v4); 0: its
+	__u32 slots_id;         /* key of its slot table (sp_slot_v5); 0: its
 				 * own svc_id (an entry carried over from
 				 * layout 3, which had no shared tables) */
 };
 
-/* sp_slot_v4 (hash): slot tables. A new flow picks slot (random % count)
+/* sp_slot_v5 (hash): slot tables. A new flow picks slot (random % count)
  * of its frontend's table: one lookup, no loop over backends. Frontends of
  * one Service that select the same backends (under Cluster policies its
  * cluster IP, NodePorts and load-balancer IPs of one port) share one table,
@@ -136,29 +136,37 @@ struct sp_slot_val {
 	__u32 backend_id; /* key of the backends map */
 };
 
-/* sp_mgl_v4 (hash): the Maglev lookup tables of the frontends flagged
- * SP_SVC_F_MAGLEV (docs/semantics.md, "Maglev"). A frontend's entry
- * (svc_id, SP_MGL_TABLE) names its table; frontends of one Service with
- * the same backends share one. A table's entries (table id, 0..M-1) name a
- * backend each, and (table id, SP_MGL_SIZE) holds M, so a table says its
- * own size and a new flow takes entry (lb_flow_hash % M). Every node
- * computes the same table from the same endpoints (by their address and
- * port, not their node-local ids). No table, or a missing entry: the flow
- * takes a random slot, as without the flag. */
-#define SP_MGL_SIZE 0xffffffff
-#define SP_MGL_TABLE 0xfffffffe
+/* sp_mgl_v5 (hash): the Maglev lookup tables of the frontends flagged
+ * SP_SVC_F_MAGLEV (docs/semantics.md, "Maglev"), in chunks of
+ * SP_MGL_CHUNK entries: (table id, k) holds entries k * SP_MGL_CHUNK and
+ * on of the table, a backend id each (0: none). A table of M entries is
+ * ceil(M / SP_MGL_CHUNK) chunks, each written by one update: a change
+ * rewrites the chunks whose entries changed, not each entry. A chunk's
+ * 4,000 bytes and the kernel's element header fit one 4 KiB allocation.
+ * Every node computes the same table from the same endpoints (by their
+ * address and port, not their node-local ids). */
+#define SP_MGL_CHUNK 1000
 
 struct sp_mgl_key {
-	__u32 id;    /* a table id; with SP_MGL_TABLE, a frontend's svc_id */
-	__u32 index; /* 0..M-1, SP_MGL_SIZE or SP_MGL_TABLE */
+	__u32 id;    /* a table id */
+	__u32 chunk; /* 0..ceil(M / SP_MGL_CHUNK) - 1 */
 };
 
 struct sp_mgl_val {
-	__u32 value; /* entries: a backend id (key of the backends map); at
-		      * SP_MGL_SIZE: M; at SP_MGL_TABLE: the table id */
+	__u32 backend[SP_MGL_CHUNK]; /* key of the backends map; 0: none */
 };
 
-/* sp_be_v4 (hash): backend id -> where to send. Ids are shared by every
+/* sp_mglptr_v5 (hash): a Maglev frontend's svc_id -> the table it reads
+ * and that table's M, so a new flow takes entry (lb_flow_hash % M) in two
+ * lookups. Frontends of one Service with the same backends share a table.
+ * No pointer, no table or a missing entry: the flow takes a random slot,
+ * as without the flag. */
+struct sp_mgl_ptr {
+	__u32 table; /* key id of its chunks in sp_mgl_v5 */
+	__u32 size;  /* M: entries of the table */
+};
+
+/* sp_be_v5 (hash): backend id -> where to send. Ids are shared by every
  * service that uses the same address, port and protocol. */
 struct sp_backend {
 	__u8 addr[16];   /* backend address, network order, IPv4-mapped */
@@ -177,7 +185,7 @@ struct sp_backend {
  * a new connection and gets a serving backend. */
 #define SP_BE_F_DRAINING 1
 
-/* sp_ct_v4 (LRU hash): connection tracking. A forward entry keeps a flow on
+/* sp_ct_v5 (LRU hash): connection tracking. A forward entry keeps a flow on
  * its backend while slots are rewritten; a reply entry turns the backend's
  * source back into the frontend the client talked to. */
 struct sp_ct_key {
@@ -219,7 +227,7 @@ struct sp_ct_val {
 #define SP_CT_F_FIN_REPLY_FIRST 4 /* ... before the client's was seen */
 #define SP_CT_F_RST 8             /* either side sent an RST */
 
-/* sp_frag_v4 (LRU hash): what an attach point did to the first fragment
+/* sp_frag_v5 (LRU hash): what an attach point did to the first fragment
  * of a fragmented datagram, for its other fragments, which carry no ports
  * (docs/semantics.md, "Fragments"). Keyed by the datagram as it arrived
  * there; the value holds the addresses its IP header left with. */
@@ -245,7 +253,7 @@ struct sp_frag_val {
 	__u32 pad;        /* zero */
 };
 
-/* sp_aff_v4 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
+/* sp_aff_v5 (LRU hash): sessionAffinity ClientIP. A client's new flows to a
  * service go to the backend its last new flow got, while that was less than
  * affinity_timeout seconds ago and the backend still holds the same slot. */
 struct sp_aff_key {
@@ -260,13 +268,13 @@ struct sp_aff_val {
 	__u64 last_used; /* bpf_ktime_get_ns() of the client's last new flow */
 };
 
-/* sp_stats_v4 (per-CPU array, SP_V_MAX entries): counters per verdict. */
+/* sp_stats_v5 (per-CPU array, SP_V_MAX entries): counters per verdict. */
 struct sp_stat {
 	__u64 packets;
 	__u64 bytes;
 };
 
-/* sp_names_v4 (hash): svc_id -> "namespace/name:port/PROTO", for people
+/* sp_names_v5 (hash): svc_id -> "namespace/name:port/PROTO", for people
  * (bpftool, sliceproxy dump) and for restarts; the datapath never reads it. */
 struct sp_svc_name {
 	/* NUL-terminated. Kubernetes names are at most 63 bytes (namespace,
@@ -277,7 +285,7 @@ struct sp_svc_name {
 	char name[200];
 };
 
-/* sp_src_v4 (LPM trie): loadBalancerSourceRanges of the frontends flagged
+/* sp_src_v5 (LPM trie): loadBalancerSourceRanges of the frontends flagged
  * SP_SVC_F_SRC_RANGES. A source with no entry under its frontend's svc_id
  * is dropped. prefixlen counts the svc_id's 32 bits, then the bits of the
  * IPv4-mapped address (an IPv4 /24 is 32 + 96 + 24). */
@@ -291,7 +299,7 @@ struct sp_src_val {
 	__u32 allow; /* 1 */
 };
 
-/* sp_cfg_v4 (array, one entry): node-wide settings the control plane
+/* sp_cfg_v5 (array, one entry): node-wide settings the control plane
  * writes: the node's address per family, the source of masqueraded flows,
  * and the SNAT port range. */
 struct sp_cfg {
@@ -316,7 +324,7 @@ struct sp_hairpin {
 	__u8 addr6[16]; /* all zero: no IPv6 hairpin */
 };
 
-/* sp_uplinks_v4 (device map, hash): the external interfaces the agent
+/* sp_uplinks_v5 (device map, hash): the external interfaces the agent
  * attached the XDP program to in native mode, key and value each a bare
  * __u32 ifindex. A flow XDP translates whose route leaves by another
  * interface is redirected there only when that interface is in this map
@@ -331,7 +339,7 @@ struct sp_hairpin {
 struct sp_xdp_cfg {
 	__u32 forward; /* 1: translate and send out the flows to backends on
 			* other nodes (XDP_TX, or XDP_REDIRECT to another
-			* interface of sp_uplinks_v4); 0: only drop what
+			* interface of sp_uplinks_v5); 0: only drop what
 			* loadBalancerSourceRanges refuse, pass the rest to tc */
 	__u32 pad;     /* zero */
 	__u64 cookie;  /* random per load, never 0: what XDP writes in the
@@ -354,12 +362,12 @@ struct sp_xdp_meta {
 	__u8 pad[5];      /* zero */
 };
 
-/* sp_handoff_v4 (per-CPU array, one entry, struct sp_stat): the packets
+/* sp_handoff_v5 (per-CPU array, one entry, struct sp_stat): the packets
  * (and their bytes) tc's external ingress translated from XDP's metadata
  * instead of deciding them itself. Each also has its verdict (dnat_new,
- * dnat_established) in sp_stats_v4, as without XDP. */
+ * dnat_established) in sp_stats_v5, as without XDP. */
 
-/* sp_host_v4 (array, one entry): host clients, served by the cgroup socket
+/* sp_host_v5 (array, one entry): host clients, served by the cgroup socket
  * programs (host_sock.c) at connect() and sendmsg() time. */
 struct sp_host_cfg {
 	__u64 netns_cookie; /* the node's network namespace (SO_NETNS_COOKIE of
@@ -367,7 +375,7 @@ struct sp_host_cfg {
 			     * are served; pods keep the tc path. 0: none */
 };
 
-/* Frontends a host socket reached, remembered per socket (sp_sock_v4, a
+/* Frontends a host socket reached, remembered per socket (sp_sock_v5, a
  * socket-local storage map: freed with the socket). Reverse translation:
  * getpeername() and the source of a received datagram turn the backend
  * back into the frontend. An unconnected UDP socket keeps its backend per
@@ -391,9 +399,9 @@ struct sp_sock {
 
 /* `sliceproxy trace` (docs/inspecting.md): a tap compiled by bcc at trace
  * time (ebpf/trace/tap.c) runs in front of the programs on each hook, and
- * for a packet its filter matches it fills this CPU's sp_trace_v4 entry and
+ * for a packet its filter matches it fills this CPU's sp_trace_v5 entry and
  * arms it; the program's verdict (count() in ebpf/lib/stats.h) then sends
- * one struct sp_trace_event into the ring buffer sp_events_v4 and
+ * one struct sp_trace_event into the ring buffer sp_events_v5 and
  * disarms it. No trace, nothing armed: one per-CPU array lookup and a test
  * per packet. */
 struct sp_trace_event {
@@ -411,7 +419,7 @@ struct sp_trace_event {
 	__u16 front_port;
 	__u16 l4_off;        /* where its TCP/UDP header starts (the tap's) */
 	__u32 ifindex;
-	__u32 svc_id;        /* the flow's service (sp_names_v4); 0: none */
+	__u32 svc_id;        /* the flow's service (sp_names_v5); 0: none */
 	__s32 action;        /* the tc action the program returned */
 	__u8 proto;
 	__u8 v6;
@@ -427,7 +435,7 @@ struct sp_trace_event {
 #define SP_TRACE_HOOK_EXT_INGRESS 2
 #define SP_TRACE_HOOK_EXT_EGRESS 3
 
-/* sp_trace_v4 (per-CPU array, one entry): this CPU's trace state. tc runs
+/* sp_trace_v5 (per-CPU array, one entry): this CPU's trace state. tc runs
  * a hook's filters one after the other on one CPU with bottom halves off,
  * so the packet the tap armed is the next one our program counts there. */
 struct sp_trace {

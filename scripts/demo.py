@@ -11,7 +11,7 @@ out, so the machine's own network is never touched:
   4. wait until `sliceproxy dump` shows the service with its 3 backends
   5. 300 HTTP requests from the client pod to 198.19.0.10:80: the spread
   6. empty one EndpointSlice (backend-3 leaves), 300 more: backend-3 gets 0
-  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v4` (the
+  7. show `sliceproxy dump` and `bpftool map dump pinned .../sp_svc_v5` (the
      frontend map, named after the header's layout version)
 
 and always cleans up: agent, namespaces, veths, pinned maps, temp files,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from array import array
 
 from ..dataplane import abi
 from ..dataplane.abi import ct_codecs, idle_ns, read_config, read_contents
@@ -53,21 +54,27 @@ def conntrack(maps: dict[str, Map], svc_ids: set[int] | None = None, now: int | 
     return flows
 
 
-def maglev_summary(table: dict[int, int], backends: dict) -> dict:
-    """A frontend's Maglev table (sp_mgl_v4) for people: its size M (the
-    SP_MGL_SIZE entry), the entries each backend holds, and entries
-    missing or naming no backend (a table being written, or maps that
-    disagree)."""
-    size = table.get(abi.MGL_SIZE, 0)
+def maglev_summary(chunks: dict[int, array], size: int, backends: dict) -> dict:
+    """A frontend's Maglev table (sp_mgl_v5, in chunks of abi.MGL_CHUNK
+    entries) for people: its size M (from the frontend's pointer), the
+    entries each backend holds, and entries missing or naming no backend
+    (a table being written, or maps that disagree)."""
     shares: dict[str, int] = {}
     missing = 0
-    for i in range(size):
-        b = backends.get(table.get(i, 0))
-        if b is None:
-            missing += 1
-        else:
-            hp = hostport(b[0], b[1])
-            shares[hp] = shares.get(hp, 0) + 1
+    step = abi.MGL_CHUNK
+    for k in range(abi.mgl_chunks(size)):
+        ids = chunks.get(k)
+        n = min(step, size - k * step)
+        if ids is None:
+            missing += n
+            continue
+        for bid in ids[:n]:
+            b = backends.get(bid)
+            if b is None:
+                missing += 1
+            else:
+                hp = hostport(b[0], b[1])
+                shares[hp] = shares.get(hp, 0) + 1
     return {"size": size, "entries": dict(sorted(shares.items())), "missing": missing}
 
 
@@ -98,9 +105,10 @@ def collect(maps: dict[str, Map], service: str | None = None, with_conntrack: bo
             "source_ranges": sorted(f"{addr_str(a)}/{n - 96 if is_v4(a) else n}" for a, n in mc.ranges.get(svc_id, ())),
             "backends": backends,
         }
-        tid = mc.maglev.get(svc_id, {}).get(abi.MGL_TABLE)
-        if tid is not None:
-            entry["maglev"] = {"table": tid, **maglev_summary(mc.maglev.get(tid, {}), mc.backends)}
+        ptr = mc.maglev_ptr.get(svc_id)
+        if ptr is not None:
+            tid, size = ptr
+            entry["maglev"] = {"table": tid, **maglev_summary(mc.maglev.get(tid, {}), size, mc.backends)}
         services.append(entry)
     ct = maps.get(mn("sp_ct"))
     out = {

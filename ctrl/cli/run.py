@@ -344,8 +344,13 @@ def render_changes(cs, output: str, cfg=None) -> str:
         for i, a, n in cs.src_upd
     ]
     data = {mn("sp_svc"): svc, mn("sp_slot"): slots, mn("sp_be"): bes, mn("sp_names"): names, mn("sp_src"): src}
-    if cs.mgl_upd:  # --external-lb=maglev: the tables and the frontends' pointers to them
-        data[mn("sp_mgl")] = [{"key": {"id": i, "index": j}, "value": {"value": v}} for i, j, v in cs.mgl_upd]
+    if cs.mgl_upd:  # --external-lb=maglev: the tables' chunks and the frontends' pointers to them
+        from ..dataplane.abi import mgl_ids
+
+        data[mn("sp_mgl")] = [
+            {"key": {"id": i, "chunk": k}, "value": {"backend": mgl_ids(b).tolist()}} for i, k, b in cs.mgl_upd
+        ]
+        data[mn("sp_mglptr")] = [{"key": i, "value": {"table": t, "size": m}} for i, t, m in cs.mgl_ptr_upd]
     if cfg is not None:
         data[mn("sp_cfg")] = [{"key": 0, "value": cfg.as_dict()}]
     if output == "json":

@@ -141,10 +141,14 @@ _FLAG_BITS = {m: const(f"SP_SVC_F_{m.name}") for m in FrontendFlag}
 _FLAG_WORDS = {v: reduce(or_, (_FLAG_BITS[m] for m in FrontendFlag(v)), 0) for v in range(1 << len(FrontendFlag))}
 
 
-# The indexes of a Maglev table's size entry and of a frontend's pointer
-# to its table (sp_mgl_v4).
-MGL_SIZE = const("SP_MGL_SIZE")
-MGL_TABLE = const("SP_MGL_TABLE")
+# Entries of a Maglev table per map entry (sp_mgl_v5 holds tables in
+# chunks of this many backend ids).
+MGL_CHUNK = const("SP_MGL_CHUNK")
+
+
+def mgl_chunks(m: int) -> int:
+    """Chunks of a Maglev table of m entries."""
+    return -(-m // MGL_CHUNK)
 
 
 def frontend_flags(flags: FrontendFlag) -> int:
@@ -166,6 +170,7 @@ MAP_BASES = (
     "sp_svc",
     "sp_slot",
     "sp_mgl",
+    "sp_mglptr",
     "sp_be",
     "sp_ct",
     "sp_aff",
@@ -185,13 +190,13 @@ MAP_BASES = (
 
 def map_name(base: str) -> str:
     """A map's name in the kernel and under the pin directory: its base and
-    the header's layout version (sp_svc -> sp_svc_v4), so a layout change
+    the header's layout version (sp_svc -> sp_svc_v5), so a layout change
     renames every map."""
     return f"{base}_v{LAYOUT_VERSION}"
 
 
 def map_base(name: str) -> str:
-    """The base of a map name of any layout version (sp_ct_v4 -> sp_ct)."""
+    """The base of a map name of any layout version (sp_ct_v5 -> sp_ct)."""
     return name.rsplit("_v", 1)[0]
 
 
@@ -211,6 +216,7 @@ SIZE_FLAGS = {
     "sp_aff": "--max-conntrack",
     "sp_src": "--max-source-ranges",
     "sp_mgl": "--max-maglev-entries",
+    "sp_mglptr": "--max-services",
 }
 
 
@@ -229,9 +235,9 @@ class MapSizes:
     slots: int = 262144  # sum of backends over slot tables
     conntrack: int = 262144  # LRU: full means the oldest flows go
     source_ranges: int = 65536  # loadBalancerSourceRanges entries, summed over frontends
-    # Maglev map entries under --external-lb=maglev: M + 1 per table (one
-    # per Service port and family) and one per external frontend; about 16
-    # tables of the default size.
+    # Maglev table entries under --external-lb=maglev: M per table (one
+    # per Service port and family), rounded up to whole chunks of
+    # MGL_CHUNK; 15 tables of the default size.
     maglev: int = 262144
 
     def for_map(self, name: str) -> int | None:
@@ -244,8 +250,14 @@ class MapSizes:
             "sp_ct": self.conntrack,
             "sp_aff": self.conntrack,  # at most one entry per client and service
             "sp_src": self.source_ranges,
-            "sp_mgl": self.maglev,
+            "sp_mgl": mgl_chunks(self.maglev),
+            "sp_mglptr": self.services,  # at most one per frontend
         }.get(map_base(name))
+
+    @property
+    def maglev_chunks(self) -> int:
+        """Chunks the Maglev map holds (sp_mgl_v5's max_entries)."""
+        return mgl_chunks(self.maglev)
 
 
 def size_flag(name: str) -> str:
@@ -502,6 +514,7 @@ class Codecs:
     src_val: Codec
     mgl_key: Codec
     mgl_val: Codec
+    mgl_ptr: Codec
 
     @classmethod
     def get(cls) -> Codecs:
@@ -514,8 +527,9 @@ class Codecs:
             name=codec("sp_svc_name", ("name",)),
             src_key=codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
             src_val=codec("sp_src_val", ("allow",)),
-            mgl_key=codec("sp_mgl_key", ("id", "index")),
-            mgl_val=codec("sp_mgl_val", ("value",)),
+            mgl_key=codec("sp_mgl_key", ("id", "chunk")),
+            mgl_val=codec("sp_mgl_val", ("backend",)),
+            mgl_ptr=codec("sp_mgl_ptr", ("table", "size")),
         )
 
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -527,6 +541,7 @@ class Codecs:
             map_name("sp_names"): (U32.size, self.name.size),
             map_name("sp_src"): (self.src_key.size, self.src_val.size),
             map_name("sp_mgl"): (self.mgl_key.size, self.mgl_val.size),
+            map_name("sp_mglptr"): (U32.size, self.mgl_ptr.size),
         }
 
 
@@ -637,7 +652,7 @@ def counters(maps: dict[str, Map]) -> dict[str, dict[str, int]]:
 
 def handoffs(maps: dict[str, Map]) -> dict[str, int]:
     """The packets (and bytes) tc's external ingress took from the XDP
-    program's handoff (sp_handoff_v4), summed over CPUs; zeros without
+    program's handoff (sp_handoff_v5), summed over CPUs; zeros without
     the map."""
     m = maps.get(map_name("sp_handoff"))
     if m is None:
@@ -662,14 +677,16 @@ class MapContents:
     # flagged draining with a deadline (a map carried over from a layout
     # without one has none: their drain starts again).
     draining: dict[int, float]
-    # The Maglev map by its key's id: a table id -> {index: backend id, and
-    # SP_MGL_SIZE: its size}, a frontend's svc_id -> {SP_MGL_TABLE: its
-    # table id} (one id can be both).
-    maglev: dict[int, dict[int, int]] = field(default_factory=dict)
+    # The Maglev tables: table id -> {chunk: its MGL_CHUNK backend ids};
+    # and the frontends' pointers: svc_id -> (table id, M).
+    maglev: dict[int, dict[int, array]] = field(default_factory=dict)
+    maglev_ptr: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def adopt_into(self, programmed) -> None:
         """Rebuild a mirror (ctrl.dataplane.programmed.Programmed) from these contents."""
-        programmed.adopt(self.svc, self.slots, self.backends, self.names, self.ranges, self.draining, self.maglev)
+        programmed.adopt(
+            self.svc, self.slots, self.backends, self.names, self.ranges, self.draining, self.maglev, self.maglev_ptr
+        )
 
 
 def read_contents(maps: dict[str, Map]) -> MapContents:
@@ -701,9 +718,20 @@ def read_contents(maps: dict[str, Map]) -> MapContents:
         for k, _ in maps[map_name("sp_src")].items():
             plen, svc_id, addr = c.src_key.unpack(k)
             ranges.setdefault(svc_id, set()).add((addr, plen - 32))
-    maglev: dict[int, dict[int, int]] = {}
+    maglev: dict[int, dict[int, array]] = {}
     if map_name("sp_mgl") in maps:
         for k, v in maps[map_name("sp_mgl")].items():
-            ident, index = c.mgl_key.unpack(k)
-            maglev.setdefault(ident, {})[index] = c.mgl_val.unpack(v)[0]
-    return MapContents(svc, slots, backends, names, ranges, draining, maglev)  # type: ignore[arg-type]
+            tid, chunk = c.mgl_key.unpack(k)
+            maglev.setdefault(tid, {})[chunk] = mgl_ids(v)
+    maglev_ptr: dict[int, tuple[int, int]] = {}
+    if map_name("sp_mglptr") in maps:
+        for k, v in maps[map_name("sp_mglptr")].items():
+            maglev_ptr[U32.unpack(k)[0]] = c.mgl_ptr.unpack(v)
+    return MapContents(svc, slots, backends, names, ranges, draining, maglev, maglev_ptr)  # type: ignore[arg-type]
+
+
+def mgl_ids(raw: bytes) -> array:
+    """The backend ids of one Maglev chunk as the map holds it."""
+    a = array(_U32.typecode)
+    a.frombytes(raw)
+    return a

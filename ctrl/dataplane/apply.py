@@ -108,13 +108,21 @@ def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]
     yield from _entry(mn("sp_be"), "delete", len(cs.be_evict), _ids(cs.be_evict))
     yield from _backend_batch(c, cs.be_upd[be_from:] if be_from else cs.be_upd, cs.be_mark)
     yield from _slot_batch(c, cs.slot_upd[slot_from:] if slot_from else cs.slot_upd)
-    # Maglev entries before the frontend whose flag sends flows to them.
+    # Maglev chunks, then the pointers that name them, before the
+    # frontend whose flag sends flows to them.
     yield from _entry(
         mn("sp_mgl"),
         "update",
         len(cs.mgl_upd),
         c.mgl_key.pack_columns([s for s, _, _ in cs.mgl_upd], [i for _, i, _ in cs.mgl_upd]),
-        c.mgl_val.pack_columns([b for _, _, b in cs.mgl_upd]),
+        b"".join(b for _, _, b in cs.mgl_upd),
+    )
+    yield from _entry(
+        mn("sp_mglptr"),
+        "update",
+        len(cs.mgl_ptr_upd),
+        _ids(s for s, _, _ in cs.mgl_ptr_upd),
+        c.mgl_ptr.pack_columns([t for _, t, _ in cs.mgl_ptr_upd], [m for _, _, m in cs.mgl_ptr_upd]),
     )
     # Source ranges before the frontends that flag them. The LPM key's
     # prefix length counts the svc_id's 32 bits too.
@@ -152,6 +160,7 @@ def encoded(cs: ChangeSet, c: Codecs) -> Iterator[tuple[str, str, bytes, bytes]]
         len(cs.slot_del),
         c.slot_key.pack_columns([s for s, _ in cs.slot_del], [i for _, i in cs.slot_del]),
     )
+    yield from _entry(mn("sp_mglptr"), "delete", len(cs.mgl_ptr_del), _ids(cs.mgl_ptr_del))
     yield from _entry(
         mn("sp_mgl"),
         "delete",
@@ -364,6 +373,7 @@ class Writer:
                         be_mark=[(bid, *rows[bid]) for bid in sorted(named | own)],
                         slot_upd=part.slot_upd,
                         mgl_upd=part.mgl_upd,
+                        mgl_ptr_upd=part.mgl_ptr_upd,
                         src_upd=part.src_upd,
                         svc_upd=part.svc_upd,
                         name_upd=part.name_upd,
@@ -373,6 +383,7 @@ class Writer:
                     ChangeSet(
                         svc_del=part.svc_del,
                         slot_del=part.slot_del,
+                        mgl_ptr_del=part.mgl_ptr_del,
                         mgl_del=part.mgl_del,
                         name_del=part.name_del,
                         src_del=part.src_del,
@@ -383,7 +394,13 @@ class Writer:
                 continue
             removed.extend(part.removed)
         if failed:
-            rest = ChangeSet(slot_del=rest.slot_del, mgl_del=rest.mgl_del, name_del=rest.name_del, src_del=rest.src_del)
+            rest = ChangeSet(
+                slot_del=rest.slot_del,
+                mgl_ptr_del=rest.mgl_ptr_del,
+                mgl_del=rest.mgl_del,
+                name_del=rest.name_del,
+                src_del=rest.src_del,
+            )
         else:
             rest.be_evict = []
         try:

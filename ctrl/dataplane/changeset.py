@@ -100,12 +100,14 @@ _LISTS = (
     "be_mark",
     "slot_upd",
     "mgl_upd",
+    "mgl_ptr_upd",
     "svc_upd",
     "name_upd",
     "src_upd",
     "src_del",
     "svc_del",
     "slot_del",
+    "mgl_ptr_del",
     "mgl_del",
     "be_del",
     "name_del",
@@ -130,10 +132,12 @@ class ChangeSet:
     # draining) goes into the backend's entry, so it outlives this process.
     be_mark: list[tuple[int, Backend, int, float]] = field(default_factory=list)
     slot_upd: Rows = field(default_factory=slot_rows)  # svc_id, slot, be_id
-    # Maglev map writes (id, index, value: ctrl.dataplane.tables): a
-    # table's changed entries, then its size, then the frontends' pointers
-    # to it; and deletes (id, index): pointers, sizes, then entries.
-    mgl_upd: list[tuple[int, int, int]] = field(default_factory=list)
+    # Maglev writes (ctrl.dataplane.tables): a table's changed chunks
+    # (table id, chunk, its MGL_CHUNK backend ids packed), then the
+    # frontends' pointers to it (svc_id, table id, M); deletes go the other
+    # way round: pointers (svc_id), then chunks (table id, chunk).
+    mgl_upd: list[tuple[int, int, bytes]] = field(default_factory=list)
+    mgl_ptr_upd: list[tuple[int, int, int]] = field(default_factory=list)
     svc_upd: list[tuple[FKey, tuple[int, int, int, int, int]]] = field(default_factory=list)
     name_upd: list[tuple[int, str]] = field(default_factory=list)
     # loadBalancerSourceRanges entries (svc_id, addr16, prefix length over
@@ -143,6 +147,7 @@ class ChangeSet:
     src_del: list[tuple[int, bytes, int]] = field(default_factory=list)
     svc_del: list[FKey] = field(default_factory=list)
     slot_del: list[tuple[int, int]] = field(default_factory=list)
+    mgl_ptr_del: list[int] = field(default_factory=list)
     mgl_del: list[tuple[int, int]] = field(default_factory=list)
     be_del: list[int] = field(default_factory=list)
     name_del: list[int] = field(default_factory=list)
@@ -215,6 +220,8 @@ class ChangeSet:
             + len(self.be_mark)
             + len(self.slot_upd)
             + len(self.mgl_upd)
+            + len(self.mgl_ptr_upd)
+            + len(self.mgl_ptr_del)
             + len(self.mgl_del)
             + len(self.svc_upd)
             + len(self.name_upd)
@@ -233,8 +240,8 @@ class ChangeSet:
             "frontends_deleted": len(self.svc_del),
             "slots_set": len(self.slot_upd),
             "slots_deleted": len(self.slot_del),
-            "maglev_set": len(self.mgl_upd),
-            "maglev_deleted": len(self.mgl_del),
+            "maglev_set": len(self.mgl_upd) + len(self.mgl_ptr_upd),
+            "maglev_deleted": len(self.mgl_del) + len(self.mgl_ptr_del),
             "backends_added": len(self.be_upd),
             "backends_deleted": len(self.be_del) + len(self.be_evict),
         }

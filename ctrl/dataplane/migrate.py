@@ -1,6 +1,6 @@
 """Carry pinned maps over to new ones: across a layout version, or a size.
 
-Map names end in their layout version (`sp_ct_v4`). A release that changes
+Map names end in their layout version (`sp_ct_v5`). A release that changes
 a layout changes the version, so the new agent never misreads an old map:
 libbpf creates the new maps beside the old ones. A map pinned with another
 capacity than the flags ask for (`--max-backends` raised as a log line
@@ -61,6 +61,19 @@ BPF_NOEXIST = 1
 STAMPS = ("last_seen", "last_used")
 
 Fields = list[tuple[str, int, int]]
+
+# Maps not carried over from a layout older than the version given: what
+# their entries mean changed, and the agent writes them anew at its first
+# sync. The Maglev tables became chunks in layout 5 (until that sync a new
+# flow to a Maglev frontend takes a random slot, as with no table).
+REBUILT = {"sp_mgl": 5}
+
+
+def rebuilt(path: str) -> bool:
+    """Whether the map pinned at path is of a layout its map is not
+    carried over from (REBUILT)."""
+    m = _NAME.match(os.path.basename(path))
+    return m is not None and int(m.group(2)) < REBUILT.get(m.group(1), 0)
 
 
 class ResizeRefused(BPFError):
@@ -189,7 +202,7 @@ def set_aside(pin_dir: str, wanted: dict[str, int]) -> list[Resize]:
         finally:
             m.close()
     for path, target in old_pins(pin_dir, wanted):
-        m = _open(path)
+        m = None if rebuilt(path) else _open(path)
         if m is None:
             continue
         try:
@@ -268,6 +281,9 @@ def _carry(path: str, new: Map, skip: set[bytes] | None = None, seen: set[bytes]
     keys carried before (the second pass: the few left are the newest, and
     the map's own LRU makes room for them); `seen`: filled with the old
     keys read."""
+    if rebuilt(path):
+        log.info("%s is not carried into %s: its layout changed; the first sync writes it anew", path, new.name)
+        return 0
     old = Map.open_pinned(path)
     try:
         if old.info.type == BPF_MAP_TYPE_PERCPU_ARRAY:

@@ -65,18 +65,18 @@ def pack(offset: int, skip: int) -> int:
     return offset | skip << 32
 
 
-def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> list[int]:
+def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
     """The table (ids[i] of the backend claiming each of the m entries) of
-    backends with these packed permutations (pack), in turn order; [] for
-    none. ctrl.model.maglev.build's table, in C when the library is
-    there."""
+    backends with these packed permutations (pack), in turn order, as
+    an array of __u32 (the map's form); empty for none.
+    ctrl.model.maglev.build's table, in C when the library is there."""
     n = len(perms)
     if n == 0:
-        return []
+        return array("I")
     lib = library()
     if lib is None:
         positions = maglev.fill([(p & 0xFFFFFFFF, p >> 32) for p in perms], m)
-        return [ids[i] for i in positions]
+        return array("I", [ids[i] for i in positions])
     p = perms if isinstance(perms, array) and perms.typecode == U64 else array(U64, perms)
     i = array("I", ids)
     out = array("I", bytes(4 * m))
@@ -85,4 +85,4 @@ def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> list[int]:
     )
     if rc:
         raise ValueError(f"Maglev table of {n} backends over {m} entries: a permutation out of range (M prime?)")
-    return out.tolist()
+    return out

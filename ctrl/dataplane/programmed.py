@@ -18,6 +18,7 @@ the mirror records them.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter o
 
 @dataclass(eq=False)
 class SlotTable:
-    """The slots (sp_slot_v4 under `tid`) of the frontends of one Service
+    """The slots (sp_slot_v5 under `tid`) of the frontends of one Service
     that select the same backends: its cluster IP, NodePorts and
     load-balancer IPs of one port under Cluster policies. Written once for
     all of them; each frontend's entry names it (slots_id) and counts it."""
@@ -157,7 +158,8 @@ class Programmed:
         names: dict[int, str],
         ranges: dict[int, set[SourceRange]] | None = None,
         draining: dict[int, float] | None = None,
-        tables: dict[int, dict[int, int]] | None = None,
+        tables: dict[int, dict[int, array]] | None = None,
+        pointers: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         """Rebuild the mirror from decoded map contents. `draining` holds
         the drain end of every backend the kernel has flagged draining (on
@@ -198,7 +200,9 @@ class Programmed:
         self.orphan_names = [i for i in names if i not in live_ids]
         self.orphan_ranges = [(i, a, n) for i, rs in (ranges or {}).items() if i not in live_ids for a, n in rs]
         self.sids = ServiceIds(list(live_ids) + list(names) + list(stables) + [sid for sid, _ in slots])
-        self.tables.adopt(tables or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()), bids.backends)
+        self.tables.adopt(
+            tables or {}, pointers or {}, ((k, st.svc_id, st.owner) for k, st in self.frontends.items()), bids.backends
+        )
         kept = {}
         for bid, until in sorted((draining or {}).items(), key=lambda kv: (kv[1], kv[0])):
             if bid not in bids.backends:
@@ -513,10 +517,12 @@ class Programmed:
             if self.maglev_size
             else 0
         )
-        if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev:
+        if g_mgl and self.tables.count + len(cs.mgl_del) + g_mgl > cap.maglev_chunks:
+            chunk = abi.MGL_CHUNK
             full.append(
-                f"the Maglev map holds at most {cap.maglev} entries, {g_mgl} more needed "
-                f"(at most {self.maglev_size + 2} per external frontend; raise --max-maglev-entries)"
+                f"the Maglev map holds at most {cap.maglev_chunks * chunk} table entries, {g_mgl * chunk} more "
+                f"needed (a table of {abi.mgl_chunks(self.maglev_size) * chunk} per external frontend at most; "
+                "raise --max-maglev-entries)"
             )
         if g_slots and self.slot_count + len(cs.slot_del) + g_slots > cap.slots:
             full.append(f"the slot map holds at most {cap.slots} entries, {g_slots} more needed (raise --max-slots)")

@@ -1,19 +1,21 @@
-"""Maglev tables in the map (sp_mgl_v4): which table each external
-frontend reads, tables shared, and the smallest writes that keep them
-(docs/semantics.md, "Maglev").
+"""Maglev tables in the maps (sp_mgl_v5, sp_mglptr_v5): which table each
+external frontend reads, tables shared, and the smallest writes that keep
+them (docs/semantics.md, "Maglev").
 
-A table is M entries (backend ids) and its size, under a table id; a
-frontend reads the table its pointer entry (svc_id, SP_MGL_TABLE) names.
-The external frontends of one Service with the same backends (its NodePort
-on each node address, its LoadBalancer IPs and externalIPs, ports with the
-same target) share one table: M entries per backend set, not per frontend.
+A table is M entries (backend ids) under a table id, held in chunks of
+abi.MGL_CHUNK entries; a frontend's pointer (its svc_id -> table id and M)
+names the table it reads. The external frontends of one Service with the
+same backends (its NodePort on each node address, its LoadBalancer IPs and
+externalIPs, ports with the same target) share one table: M entries per
+backend set, not per frontend.
 
-A table follows its backends in place: only the entries that differ are
-written (one backend of N removed: its own entries and about 1/N of the
-others). Write order, as everywhere in ctrl.dataplane: a table's entries,
-then its size, then the pointers that name it; deletes the other way
-round (pointers, size, entries), so a flow never reads past what exists.
-The tables are ctrl.model.maglev's, populated in C (ctrl.dataplane.native).
+A table follows its backends in place: only the chunks whose entries
+differ are written (one backend of N removed: its own entries and about
+1/N of the others, spread over the chunks). Write order, as everywhere in
+ctrl.dataplane: a table's chunks, then the pointers that name it; deletes
+the other way round (pointers, then chunks), so a flow never reads past
+what exists. The tables are ctrl.model.maglev's, populated in C
+(ctrl.dataplane.native).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Table:
     tid: int
     owner: str
     backends: IdSet | None  # None: adopted, not checked yet
-    entries: list[int]  # backend id per entry, as the map holds them (0: missing)
+    entries: array[int]  # backend id per entry, as the map holds them (0: missing)
     users: set[FKey] = field(default_factory=set)
     # The turn order of `backends` (see MaglevTables.build), kept so the
     # next table of mostly the same backends is not sorted from scratch;
@@ -113,6 +115,23 @@ class IdSet:
         s.update(new)
         self._ids = None
         return IdSet(s, self._fp - _fingerprint(gone) + _fingerprint(new)), gone, new
+
+
+def _changed_chunks(tid: int, old: array[int], new: array[int]) -> list[tuple[int, int, bytes]]:
+    """The chunks of table tid that differ between its entries old and
+    new, or that old had not, as (table id, chunk, the chunk's backend ids
+    packed, zeros past the table's end)."""
+    size = 4 * abi.MGL_CHUNK
+    n, had = abi.mgl_chunks(len(new)), abi.mgl_chunks(len(old))
+    nb = new.tobytes()
+    nb += bytes(n * size - len(nb))
+    ob = old.tobytes()
+    ob += bytes(had * size - len(ob))
+    return [
+        (tid, k, nb[k * size : (k + 1) * size])
+        for k in range(n)
+        if k >= had or nb[k * size : (k + 1) * size] != ob[k * size : (k + 1) * size]
+    ]
 
 
 Turn = tuple[Backend, int]
@@ -236,12 +255,14 @@ class MaglevTables:
         self.size = size
         self.tables: dict[int, Table] = {}
         self.of: dict[FKey, int] = {}  # frontend -> the table it reads
-        self.count = 0  # entries in the map
-        self.orphans: list[tuple[int, int]] = []
+        self.count = 0  # chunks in the map
+        self.sid: dict[FKey, int] = {}  # frontend -> its svc_id, the key of its pointer
+        self.orphans: list[tuple[int, int]] = []  # (table id, chunk)
+        self.orphan_ptrs: list[int] = []  # svc_ids
         self._by_set: dict[tuple[str, IdSet], int] = {}
         self._next = 1
         # Turn orders and tables built in this sync, by backend set.
-        self._built: dict[IdSet, tuple[Turns, list[int]]] = {}
+        self._built: dict[IdSet, tuple[Turns, array[int]]] = {}
         self._perms: dict[int, int] = {}  # backend id -> its permutation (native.pack)
         # Backend sets made in this sync (id_set, derive): equal ones are
         # one object, and a derived one knows what it was derived from.
@@ -251,56 +272,58 @@ class MaglevTables:
 
     # -- reading back ---------------------------------------------------------
     def adopt(
-        self, raw: dict[int, dict[int, int]], frontends: Iterable[tuple[FKey, int, str]], known: Collection[int]
+        self,
+        raw: dict[int, dict[int, array[int]]],
+        pointers: dict[int, tuple[int, int]],
+        frontends: Iterable[tuple[FKey, int, str]],
+        known: Collection[int],
     ) -> None:
-        """The tables and pointers of the map (id -> {index: value}), for
-        frontends (key, svc_id, owner), with the backend ids the backend
-        map holds (known). A table no frontend names, a pointer of no
-        frontend or to no table, and entries past a table's size are
-        orphans: deleted at the first full sync. A whole table (every
-        entry there, each naming a known backend) is taken for the table of
-        the backends it names: the periodic reconcile, which adopts the
-        maps again, builds no table whose backends did not change. One
-        with an entry missing is built and compared entry by entry at its
-        first sync."""
-        table_idx, size_idx = abi.MGL_TABLE, abi.MGL_SIZE
-        pointers: dict[int, int] = {}
-        for i, raw_entries in raw.items():
-            self.count += len(raw_entries)
-            rest = dict(raw_entries)
-            if table_idx in rest:
-                pointers[i] = rest.pop(table_idx)
-            if not rest:
-                continue
-            m = rest.get(size_idx, 0)
-            entries = [rest.get(j, 0) for j in range(m)]
-            ids = IdSet(set(entries))
-            whole = m == self.size and all(b in known for b in ids)  # 0 is never a backend id
-            self.tables[i] = Table(i, "", ids if whole else None, entries)
-            self.orphans.extend((i, j) for j in rest if j != size_idx and j >= m)
-            if not m:  # entries with no size: never read
-                self.orphans.extend((i, j) for j in rest)
-                del self.tables[i]
-        self._next = max(list(self.tables) + [0]) + 1
+        """The tables of the map (table id -> {chunk: its backend ids}) and
+        the pointers (svc_id -> (table id, M)), for frontends (key, svc_id,
+        owner), with the backend ids the backend map holds (known). A table
+        no frontend's pointer names, a pointer of no frontend or to no
+        table, and chunks past a table's size are orphans: deleted at the
+        first full sync. A whole table (every chunk there, every entry
+        naming a known backend) is taken for the table of the backends it
+        names: the periodic reconcile, which adopts the maps again, builds
+        no table whose backends did not change. One with an entry missing
+        is built and compared chunk by chunk at its first sync."""
+        chunk = abi.MGL_CHUNK
+        pointers = dict(pointers)
+        self.count += sum(len(c) for c in raw.values())
+        self._next = max([*raw, 0]) + 1
         for key, sid, owner in frontends:
-            tid = pointers.pop(sid, None)
-            if tid is None:
+            ptr = pointers.pop(sid, None)
+            if ptr is None:
+                continue
+            tid, m = ptr
+            chunks = raw.get(tid)
+            if not chunks or not m:
+                self.orphan_ptrs.append(sid)
                 continue
             t = self.tables.get(tid)
             if t is None:
-                self.orphans.append((sid, table_idx))
-                continue
+                entries = array("I")
+                for k in range(abi.mgl_chunks(m)):
+                    entries.extend(chunks.get(k) or array("I", bytes(4 * chunk)))
+                del entries[m:]
+                ids = IdSet(set(entries))
+                whole = m == self.size and all(b in known for b in ids)  # 0 is never a backend id
+                t = self.tables[tid] = Table(tid, owner, ids if whole else None, entries)
+            elif len(t.entries) != m:  # its pointers disagree on its size
+                t.backends = None
             t.owner = owner
             t.users.add(key)
             self.of[key] = tid
+            self.sid[key] = sid
+        for tid, t in self.tables.items():
             if t.backends is not None:
-                self._by_set.setdefault((owner, t.backends), tid)
-        self.orphans.extend((sid, table_idx) for sid in pointers)
-        for tid, t in list(self.tables.items()):
-            if not t.users:
-                self.orphans.append((tid, size_idx))
-                self.orphans.extend((tid, j) for j in range(len(t.entries)))
-                del self.tables[tid]
+                self._by_set.setdefault((t.owner, t.backends), tid)
+        self.orphan_ptrs.extend(pointers)
+        for tid, chunks in raw.items():
+            t = self.tables.get(tid)
+            n = abi.mgl_chunks(len(t.entries)) if t is not None else 0
+            self.orphans.extend((tid, k) for k in chunks if k >= n)
 
     def distrust(self) -> None:
         """Build and compare every table at the next sync, whole ones too:
@@ -311,17 +334,22 @@ class MaglevTables:
         self._by_set.clear()
 
     def prune(self, cs: ChangeSet) -> None:
-        """Delete the orphans (a full sync), but for entries past an adopted
-        table's size that the table has grown into again since (written in
-        this change set or an earlier one): deletes go after writes, and
-        would take them. Every orphan was counted at adoption and again
-        when written."""
+        """Delete the orphans (a full sync), but for chunks past an adopted
+        table's size that the table has grown into again since, and
+        pointers of a frontend that has one again (written in this change
+        set or an earlier one): deletes go after writes, and would take
+        them. Every orphan chunk was counted at adoption and again when
+        written."""
         tables = self.tables
         cs.mgl_del.extend(
-            (i, j) for i, j in self.orphans if not ((t := tables.get(i)) is not None and 0 <= j < len(t.entries))
+            (i, k)
+            for i, k in self.orphans
+            if not ((t := tables.get(i)) is not None and 0 <= k < abi.mgl_chunks(len(t.entries)))
         )
+        live = set(self.sid.values())
+        cs.mgl_ptr_del.extend(sid for sid in self.orphan_ptrs if sid not in live)
         self.count -= len(self.orphans)
-        self.orphans = []
+        self.orphans, self.orphan_ptrs = [], []
 
     # -- the diff ---------------------------------------------------------------
     def begin(self) -> None:
@@ -364,11 +392,11 @@ class MaglevTables:
         return s
 
     def growth(self, keys: Iterable[FKey]) -> int:
-        """Entries at most needed for these external frontends (with
-        backends) to get a table: M + 1 and a pointer each that has none."""
+        """Chunks at most needed for these external frontends (with
+        backends) to get a table: a table each that has none."""
         if not self.size:
             return 0
-        return sum(self.size + 2 for k in keys if k not in self.of)
+        return sum(abi.mgl_chunks(self.size) for k in keys if k not in self.of)
 
     def sync_owner(
         self, owner: str, wanted: list[tuple[FKey, int, IdSet | None]], backends: dict[int, Backend], cs: ChangeSet
@@ -407,7 +435,7 @@ class MaglevTables:
             tid = self.of.get(key)
             same = self._by_set.get((owner, ids))
             if same is None:
-                nt = Table(self._next, owner, None, [])
+                nt = Table(self._next, owner, None, array("I"))
                 self._next += 1
                 self.tables[nt.tid] = nt
                 # The table this frontend leaves lends its turn order.
@@ -425,8 +453,8 @@ class MaglevTables:
         tid = self.of.get(key)
         if tid is None:
             return
-        cs.mgl_del.append((sid, abi.MGL_TABLE))
-        self.count -= 1
+        cs.mgl_ptr_del.append(sid)
+        self.sid.pop(key, None)
         self._leave(key, self.tables[tid], cs)
 
     def _leave(self, key: FKey, t: Table, cs: ChangeSet) -> None:
@@ -437,15 +465,15 @@ class MaglevTables:
         del self.tables[t.tid]
         if t.backends is not None and self._by_set.get((t.owner, t.backends)) == t.tid:
             del self._by_set[t.owner, t.backends]
-        cs.mgl_del.append((t.tid, abi.MGL_SIZE))
-        cs.mgl_del.extend((t.tid, i) for i in range(len(t.entries)))
-        self.count -= 1 + len(t.entries)
+        n = abi.mgl_chunks(len(t.entries))
+        cs.mgl_del.extend((t.tid, k) for k in range(n))
+        self.count -= n
 
     def _point(self, key: FKey, sid: int, t: Table, cs: ChangeSet, new: bool) -> None:
         t.users.add(key)
         self.of[key] = t.tid
-        cs.mgl_upd.append((sid, abi.MGL_TABLE, t.tid))  # after the table's entries
-        self.count += new
+        self.sid[key] = sid
+        cs.mgl_ptr_upd.append((sid, t.tid, len(t.entries)))  # after the table's chunks
 
     def _fill(
         self,
@@ -456,18 +484,20 @@ class MaglevTables:
         cs: ChangeSet,
         base: Table | None = None,
     ) -> None:
-        """Table t to hold the table of ids: the entries that differ. base:
+        """Table t to hold the table of ids: the chunks that differ. base:
         the table whose turn order to start from (see build), t's own by
         default."""
         turns, new = self.build(ids, backends, base or t, own=base is None)
         old = t.entries
         tid = t.tid
         if new is not old:  # else the same first M turns: the same table
-            cs.mgl_upd.extend((tid, i, new[i]) for i in maglev.changed(old, new))
-        if len(old) != len(new):
-            cs.mgl_upd.append((tid, abi.MGL_SIZE, len(new)))  # after its entries
-        cs.mgl_del.extend((tid, i) for i in range(len(new), len(old)))
-        self.count += len(new) - len(old) + (not old)
+            cs.mgl_upd.extend(_changed_chunks(tid, old, new))
+        was, now = abi.mgl_chunks(len(old)), abi.mgl_chunks(len(new))
+        if len(old) != len(new):  # its pointers say its size (after its chunks)
+            sid = self.sid
+            cs.mgl_ptr_upd.extend((sid[k], tid, len(new)) for k in t.users if k in sid)
+        cs.mgl_del.extend((tid, k) for k in range(now, was))
+        self.count += now - was
         if t.backends is not None and self._by_set.get((t.owner, t.backends)) == tid:
             del self._by_set[t.owner, t.backends]
         t.owner, t.backends, t.entries, t.turns = owner, ids, new, turns
@@ -475,7 +505,7 @@ class MaglevTables:
 
     def build(
         self, ids: IdSet, backends: dict[int, Backend], base: Table | None = None, own: bool = False
-    ) -> tuple[Turns, list[int]]:
+    ) -> tuple[Turns, array[int]]:
         """The turn order ((backend, id) by address, port and protocol: the
         same on every node, unlike the ids) and the table (backend id per
         entry) of these backends. base: a table built here before (most
@@ -490,7 +520,7 @@ class MaglevTables:
             return got[0].copy(), got[1]  # a turn order has one owner
         m = self.size
         old = was = None
-        held: list[int] = []
+        held: array[int] = array("I")
         if base is not None and base.backends is not None and base.turns is not None:
             old, was, held = base.turns, base.backends, base.entries
         turns = None
@@ -518,7 +548,7 @@ class MaglevTables:
         self._built[ids] = (turns, table)
         return turns, table
 
-    def _table(self, head: list[Turn]) -> list[int]:
+    def _table(self, head: list[Turn]) -> array[int]:
         """The table (backend id per entry) of these first M turns, filled
         in C (ctrl.dataplane.native). Each backend's permutation is hashed
         once per id and kept: an id names one backend for as long as this
@@ -546,4 +576,4 @@ class MaglevTables:
     def entries_of(self, key: FKey) -> list[int] | None:
         """The table frontend key reads, or None (tests, the bench)."""
         tid = self.of.get(key)
-        return None if tid is None else self.tables[tid].entries
+        return None if tid is None else self.tables[tid].entries.tolist()

@@ -52,7 +52,8 @@ class Verifier:
         self.touched_ids: set[int] = set()
         self.touched_keys: set = set()
         self.touched_bids: set[int] = set()
-        self.touched_mgl: set[int] = set()  # ids (tables, frontends) of Maglev entries written
+        self.touched_mgl: set[int] = set()  # table ids of Maglev chunks written or deleted
+        self.touched_ptr: set[int] = set()  # svc_ids of Maglev pointers written or deleted
         self.differences: list[str] = []
         self.found = 0  # differences, also those not described
         self.entries = 0  # entries compared
@@ -86,6 +87,8 @@ class Verifier:
         bids.update(cs.be_del)
         self.touched_mgl.update(i for i, _, _ in cs.mgl_upd)
         self.touched_mgl.update(i for i, _ in cs.mgl_del)
+        self.touched_ptr.update(i for i, _, _ in cs.mgl_ptr_upd)
+        self.touched_ptr.update(cs.mgl_ptr_del)
 
     # -- running ----------------------------------------------------------
     def step(self, entries: int | None = None) -> bool:
@@ -112,7 +115,7 @@ class Verifier:
             yield from self._names(c)
         if map_name("sp_src") in self.maps:
             yield from self._ranges(c)
-        if map_name("sp_mgl") in self.maps:
+        if map_name("sp_mgl") in self.maps and map_name("sp_mglptr") in self.maps:
             yield from self._maglev(c)
         if self.config is not None:
             got = self.maps[map_name("sp_cfg")].lookup(abi.u32(0))
@@ -264,53 +267,62 @@ class Verifier:
             self._differ(f"{want_n - seen} source ranges programmed are not in the map")
 
     def _maglev(self, c: Codecs) -> Iterator[int]:
-        """Maglev tables (ctrl.dataplane.tables): each frontend's pointer,
-        each table's size and entries."""
+        """Maglev tables (ctrl.dataplane.tables): each table's chunks, then
+        each frontend's pointer (table and size)."""
         mt = self.p.tables
-        tables, of, ids, mgl = mt.tables, mt.of, self.touched_ids, self.touched_mgl
-        orphans = set(mt.orphans)
+        tables, of, ids, mgl, ptrs = mt.tables, mt.of, self.touched_ids, self.touched_mgl, self.touched_ptr
+        orphans, orphan_ptrs = set(mt.orphans), set(mt.orphan_ptrs)
+        size = 4 * abi.MGL_CHUNK
         seen = 0
-        for chunk in self.maps[map_name("sp_mgl")].chunks(CHUNK):
+        packed: dict[int, bytes] = {}  # table id -> its entries as the map holds them
+        # A chunk is 1,000 entries: compared as bytes, a step takes fewer.
+        for chunk in self.maps[map_name("sp_mgl")].chunks(CHUNK // 16):
             for k, v in chunk:
-                ident, index = c.mgl_key.unpack(k)
-                if ident in mgl or (ident, index) in orphans:
+                tid, idx = c.mgl_key.unpack(k)
+                if tid in mgl or (tid, idx) in orphans:
                     continue
-                (val,) = c.mgl_val.unpack(v)
-                if index == abi.MGL_TABLE:
-                    if ident in ids:
-                        continue
-                    key = self.key_of.get(ident)
-                    want = None if key is None else of.get(key)
-                    if want is None:
-                        self._differ(f"Maglev pointer of id {ident}: in the map, no frontend of that id has a table")
-                        continue
-                    seen += 1
-                    if want != val:
-                        self._differ(f"Maglev pointer of id {ident}: table {val} in the map, not {want}")
-                    continue
-                t = tables.get(ident)
+                t = tables.get(tid)
                 if t is None:
-                    self._differ(f"Maglev entry {index} of table {ident}: in the map, no such table")
+                    self._differ(f"Maglev table {tid} chunk {idx}: in the map, no such table")
                     continue
-                if index == abi.MGL_SIZE:
-                    seen += 1
-                    if val != len(t.entries):
-                        self._differ(f"Maglev table {ident}: size {val} in the map, not {len(t.entries)}")
-                elif index >= len(t.entries) or not t.entries[index]:
-                    self._differ(f"Maglev table {ident} entry {index}: in the map, not in the table")
-                else:
-                    seen += 1
-                    if t.entries[index] != val:
-                        self._differ(
-                            f"Maglev table {ident} entry {index}: backend {val} in the map, not {t.entries[index]}"
-                        )
+                want = packed.get(tid)
+                if want is None:
+                    want = packed[tid] = t.entries.tobytes() + bytes(-len(t.entries) % abi.MGL_CHUNK * 4)
+                if idx >= len(want) // size:
+                    self._differ(f"Maglev table {tid} chunk {idx}: in the map, past the table's {len(t.entries)}")
+                    continue
+                seen += 1
+                if v != want[idx * size : (idx + 1) * size]:
+                    got, exp = abi.mgl_ids(v), abi.mgl_ids(want[idx * size : (idx + 1) * size])
+                    i = next(i for i in range(len(got)) if got[i] != exp[i])
+                    self._differ(
+                        f"Maglev table {tid} entry {idx * abi.MGL_CHUNK + i}: backend {got[i]} in the map, not {exp[i]}"
+                    )
+            self.entries += len(chunk)
+            yield len(chunk)
+        for chunk in self.maps[map_name("sp_mglptr")].chunks(CHUNK):
+            for k, v in chunk:
+                sid = U32.unpack(k)[0]
+                if sid in ids or sid in ptrs or sid in orphan_ptrs:
+                    continue
+                tid, m = c.mgl_ptr.unpack(v)
+                key = self.key_of.get(sid)
+                want_tid = None if key is None else of.get(key)
+                if want_tid is None:
+                    self._differ(f"Maglev pointer of id {sid}: in the map, no frontend of that id has a table")
+                    continue
+                seen += 1
+                if want_tid != tid:
+                    self._differ(f"Maglev pointer of id {sid}: table {tid} in the map, not {want_tid}")
+                elif m != len(tables[tid].entries):
+                    self._differ(f"Maglev pointer of id {sid}: size {m} in the map, not {len(tables[tid].entries)}")
             self.entries += len(chunk)
             yield len(chunk)
         fronts = self.p.frontends
         want_n = sum(
-            1 for key in of if (st := fronts.get(key)) is not None and st.svc_id not in ids and st.svc_id not in mgl
+            1 for key in of if (st := fronts.get(key)) is not None and st.svc_id not in ids and st.svc_id not in ptrs
         )
-        want_n += sum(1 + sum(1 for e in t.entries if e) for tid, t in tables.items() if tid not in mgl)
+        want_n += sum(abi.mgl_chunks(len(t.entries)) for tid, t in tables.items() if tid not in mgl)
         if seen < want_n:
             self._differ(f"{want_n - seen} Maglev entries programmed are not in the map")
 

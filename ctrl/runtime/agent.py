@@ -343,8 +343,10 @@ class Agent:
         self._triggers = []
         if len(cs) or full:
             s = cs.summary()
-            # Under --external-lb=maglev, the Maglev entries written and deleted.
-            mgl = f", maglev +{s['maglev_set']}/-{s['maglev_deleted']}" if cs.mgl_upd or cs.mgl_del else ""
+            # Under --external-lb=maglev, the Maglev chunks and pointers written and deleted.
+            mgl = (
+                f", maglev +{s['maglev_set']}/-{s['maglev_deleted']}" if s["maglev_set"] or s["maglev_deleted"] else ""
+            )
             log.info(
                 "sync%s: %d services changed, frontends +%d/-%d, slots +%d/-%d, backends +%d/-%d%s "
                 "in %.1f ms (plan %.1f, diff %.1f, write %.1f ms)",

@@ -28,7 +28,7 @@ const volatile struct sp_xdp_cfg sp_xdp_cfg SEC(".rodata.xdp") = {};
  * sp_xdp_meta of this load's XDP program, with a verdict it hands on and
  * a backend of p's family, the packet is translated as it says (dnat_to:
  * the same rewrite, hairpin decision, verdict and trace event as tc's own
- * decision would give) and counted in sp_handoff_v4. The tc action, or
+ * decision would give) and counted in sp_handoff_v5. The tc action, or
  * -1: no handoff (the packet is decided in full). A subprogram: the
  * metadata's copy is on its stack, not on the ingress program's.
  */

@@ -44,19 +44,34 @@ static __always_inline int lb_source_allowed(const struct sp_svc_val *svc, const
  * the frontend's table. Tables hold fewer than 2^31 entries. */
 #define LB_MGL_SLOT 0x80000000U
 
-/* The entry at index of the Maglev table frontend svc_id reads (its
- * pointer entry names it), or 0. */
-static __always_inline struct sp_mgl_val *lb_mgl_entry(__u32 svc_id, __u32 index)
+/* Entry index of Maglev table `table`: a backend id, or 0 when its chunk
+ * is missing (being written) or the entry is empty. A function of its own
+ * (a BPF-to-BPF call, on a Maglev frontend's new flows only): inlined into
+ * the tc programs it grew their stack frames past the verifier's 512
+ * bytes with the callers' spills. */
+static __noinline __u32 lb_mgl_backend(__u32 table, __u32 index)
 {
-	struct sp_mgl_key k = { .id = svc_id, .index = SP_MGL_TABLE };
-	struct sp_mgl_val *t;
+	struct sp_mgl_key k = { .id = table, .chunk = index / SP_MGL_CHUNK };
+	struct sp_mgl_val *c;
+	__u32 off = index % SP_MGL_CHUNK;
 
-	t = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!t)
+	c = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	/* The compiler knows off < SP_MGL_CHUNK; the verifier is shown. */
+	asm volatile("" : "+r"(off));
+	if (!c || off >= SP_MGL_CHUNK)
 		return 0;
-	k.id = t->value;
-	k.index = index;
-	return bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
+	return c->backend[off];
+}
+
+/* The backend at index of the Maglev table frontend svc_id reads (its
+ * pointer names it), or 0. */
+static __always_inline __u32 lb_mgl_entry(__u32 svc_id, __u32 index)
+{
+	struct sp_mgl_ptr *p = bpf_map_lookup_elem(&SP_MAP(sp_mglptr), &svc_id);
+
+	if (!p || index >= p->size)
+		return 0;
+	return lb_mgl_backend(p->table, index);
 }
 
 /* The key of svc's slot table: its slots_id, or its own svc_id for an
@@ -74,12 +89,9 @@ static __always_inline int lb_slot_holds(const struct sp_svc_val *svc, __u32 slo
 {
 	struct sp_slot_key k = { .svc_id = lb_slots_id(svc), .slot = slot };
 	struct sp_slot_val *sl;
-	struct sp_mgl_val *e;
 
-	if (slot & LB_MGL_SLOT) {
-		e = lb_mgl_entry(svc->svc_id, slot & ~LB_MGL_SLOT);
-		return e && e->value == be_id;
-	}
+	if (slot & LB_MGL_SLOT)
+		return lb_mgl_entry(svc->svc_id, slot & ~LB_MGL_SLOT) == be_id;
 	if (slot >= n)
 		return 0;
 	sl = bpf_map_lookup_elem(&SP_MAP(sp_slot), &k);
@@ -125,9 +137,10 @@ static __always_inline __u32 lb_flow_hash(const __u8 *saddr, __u16 sport, __u16 
 
 /*
  * The backend of entry (flow hash % M) of the Maglev table svc reads (its
- * pointer entry names the table, whose size entry holds M), and that entry
- * as a slot (LB_MGL_SLOT | index); 0 when the table or the entry is
- * missing (being written, or not yet: the caller takes a random slot).
+ * pointer names the table and M), and that entry as a slot
+ * (LB_MGL_SLOT | index); 0 when the pointer or the entry is missing
+ * (being written, or not yet: the caller takes a random slot). Two
+ * lookups: the pointer, the entry's chunk.
  * Under ClientIP affinity the source port is left out of the hash: every
  * flow of a client takes the same entry, on every node, which is what the
  * affinity asks for and what a node that never saw the client can agree
@@ -136,26 +149,19 @@ static __always_inline __u32 lb_flow_hash(const __u8 *saddr, __u16 sport, __u16 
 static __always_inline int lb_maglev(const struct sp_svc_val *svc, const struct sp_ct_key *f, __u32 *be_id,
 				     __u32 *slot)
 {
-	struct sp_mgl_key k = { .id = svc->svc_id, .index = SP_MGL_TABLE };
-	struct sp_mgl_val *e;
+	/* Keyed by the frontend entry's own svc_id: no copy on the stack. */
+	struct sp_mgl_ptr *p = bpf_map_lookup_elem(&SP_MAP(sp_mglptr), (void *)&svc->svc_id);
 	__u16 sport = (svc->flags & SP_SVC_F_AFFINITY) ? 0 : f->sport;
-	__u32 m;
+	__u32 index, be;
 
-	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!e)
+	if (!p || p->size == 0 || p->size >= LB_MGL_SLOT)
 		return 0;
-	k.id = e->value;
-	k.index = SP_MGL_SIZE;
-	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!e || e->value == 0 || e->value >= LB_MGL_SLOT)
+	index = lb_flow_hash(f->saddr, sport, f->dport, f->proto) % p->size;
+	be = lb_mgl_backend(p->table, index);
+	if (!be)
 		return 0;
-	m = e->value;
-	k.index = lb_flow_hash(f->saddr, sport, f->dport, f->proto) % m;
-	e = bpf_map_lookup_elem(&SP_MAP(sp_mgl), &k);
-	if (!e || e->value == 0)
-		return 0;
-	*be_id = e->value;
-	*slot = LB_MGL_SLOT | k.index;
+	*be_id = be;
+	*slot = LB_MGL_SLOT | index;
 	return 1;
 }
 

@@ -12,7 +12,7 @@
 #include "sliceproxy.h"
 
 /*
- * Map names end in the header's layout version (sp_svc_v4 for version 4):
+ * Map names end in the header's layout version (sp_svc_v5 for version 4):
  * SP_MAP(sp_svc) is this build's map, so changing SP_LAYOUT_VERSION alone
  * renames every map (a new layout is a new map, never a misread old one).
  */
@@ -39,16 +39,25 @@ struct {
 	__type(value, struct sp_slot_val);
 } SP_MAP(sp_slot) SEC(".maps");
 
-/* Maglev tables (--max-maglev-entries): not preallocated, so a node in
- * random mode (the default) pays for its buckets only, and a table is
- * allocated when its frontend is first written. */
+/* Maglev tables (--max-maglev-entries, in chunks of SP_MGL_CHUNK) and
+ * the frontends' pointers to them: not preallocated, so a node in random
+ * mode (the default) pays for their buckets only, and a table is
+ * allocated when it is first written. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 263);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct sp_mgl_key);
 	__type(value, struct sp_mgl_val);
 } SP_MAP(sp_mgl) SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct sp_mgl_ptr);
+} SP_MAP(sp_mglptr) SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -141,7 +150,7 @@ struct {
 } SP_MAP(sp_sock) SEC(".maps");
 
 /* The external interfaces with our XDP program in native mode: where XDP
- * may redirect a frame (sp_uplinks_v4 in sliceproxy.h). Sizes, not BTF
+ * may redirect a frame (sp_uplinks_v5 in sliceproxy.h). Sizes, not BTF
  * types: the kernel refuses BTF for a device map. 256 interfaces: far
  * more uplinks than a node has. */
 struct {

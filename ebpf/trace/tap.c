@@ -6,7 +6,7 @@
  * TC_ACT_UNSPEC so that our program still decides every packet.
  *
  * For a TCP or UDP packet of a Service's flow that the filter matches, it
- * fills this CPU's sp_trace_v4 entry with the packet as it arrived, the
+ * fills this CPU's sp_trace_v5 entry with the packet as it arrived, the
  * flow's service and frontend, and arms it; our program sends the event at
  * its verdict (ebpf/lib/trace.h). Everything else passes with the entry
  * disarmed, so a packet the tap did not match is never taken for one it
@@ -16,7 +16,7 @@
  * pinned maps' paths as #defines: the filter is constants here, compiled
  * away when not asked for.
  *   TAP_PIN_SVC, TAP_PIN_CT, TAP_PIN_NAMES, TAP_PIN_TRACE: pin paths
- *   TAP_SVC_MATCH(name):     the flow's service name (sp_names_v4) is the
+ *   TAP_SVC_MATCH(name):     the flow's service name (sp_names_v5) is the
  *                            one asked for (--service)
  *   TAP_FRONT_MATCH(w, port): the frontend, as four __u32 words (--frontend)
  *   TAP_BACKEND_MATCH(w):    the backend (--backend); a new flow's is not

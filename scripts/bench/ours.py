@@ -360,7 +360,7 @@ class Worker:
             raise RuntimeError(f"full sync failed or rejected services: {cs and cs.rejected}")
         from ctrl.dataplane.abi import map_base
 
-        # By base name: map names carry the layout version (sp_svc_v4...).
+        # By base name: map names carry the layout version (sp_svc_v5...).
         counts = (
             {}
             if self.a.profile

@@ -428,7 +428,7 @@ def idle_of(dp, last_seen: int) -> float:
 
 
 def mapname(base: str) -> str:
-    """A map's name in this build (sp_ct -> sp_ct_v4): the layout version
+    """A map's name in this build (sp_ct -> sp_ct_v5): the layout version
     comes from the header, so a layout change renames no test."""
     return abi.map_name(base)
 

@@ -1,7 +1,7 @@
 """Tier 2: Maglev picks (--external-lb=maglev) under BPF_PROG_TEST_RUN.
 
 A frontend flagged SP_SVC_F_MAGLEV sends a new flow to the backend its
-table (sp_mgl_v4) names at (flow hash % M), the hash computed in Python
+table (sp_mgl_v5) names at (flow hash % M), the hash computed in Python
 by ctrl.model.maglev.flow_hash: the program and the control plane agree
 on it, so every node does. A frontend without the flag (ClusterIP) keeps
 its random slot whatever table its id has. Addresses: 198.18.0.0/15,
@@ -47,20 +47,27 @@ def backends(v: int, proto: int = TCP_P) -> list[Backend]:
     return [Backend(10 + i, a, 8080, proto) for i, a in enumerate(FAMILIES[v][2])]
 
 
-def put_table(dp, svc_id: int, bes: list[Backend], m: int = M, size_entry: bool = True, tid: int = 0) -> list[int]:
+def put_table(
+    dp, svc_id: int, bes: list[Backend], m: int = M, pointer: bool = True, tid: int = 0, skip_chunk: int | None = None
+) -> list[int]:
     """The control plane's table of these backends, written as it writes
-    it (entries, size, then the frontend's pointer), under table id tid
-    (default: 100 + svc_id); returns the backend id per entry."""
+    it (its chunks, then the frontend's pointer), under table id tid
+    (default: 100 + svc_id); without the pointer, or without one chunk,
+    when asked. Returns the backend id per entry."""
     ordered, positions = maglev.build_for([(mapped(b.addr), b.port) for b in bes], m)
     by_ident = {(mapped(b.addr), b.port): b.id for b in bes}
     table = [by_ident[ordered[i]] for i in positions]
     tid = tid or 100 + svc_id
-    ids = [tid] * m + ([tid] if size_entry else []) + [svc_id]
-    idx = list(range(m)) + ([abi.MGL_SIZE] if size_entry else []) + [abi.MGL_TABLE]
-    vals = table + ([m] if size_entry else []) + [tid]
-    key = abi.codec("sp_mgl_key", ("id", "index"))
-    val = abi.codec("sp_mgl_val", ("value",))
-    dp.maps[mapname("sp_mgl")].update_batch(key.pack_columns(ids, idx), val.pack_columns(vals))
+    chunk = abi.MGL_CHUNK
+    padded = table + [0] * (abi.mgl_chunks(m) * chunk - m)
+    ks = [k for k in range(abi.mgl_chunks(m)) if k != skip_chunk]
+    key = abi.codec("sp_mgl_key", ("id", "chunk"))
+    dp.maps[mapname("sp_mgl")].update_batch(
+        key.pack_columns([tid] * len(ks), ks),
+        b"".join(abi.U32.pack_columns(padded[k * chunk : (k + 1) * chunk]) for k in ks),
+    )
+    if pointer:
+        dp.maps[mapname("sp_mglptr")].update(abi.u32(svc_id), abi.pack("sp_mgl_ptr", table=tid, size=m))
     return table
 
 
@@ -134,14 +141,20 @@ def test_clusterip_keeps_random_slots(dp):
         assert dest(r.out) == (bes[0].addr, 8080)
 
 
-def test_flag_without_table_falls_back_to_slots(dp):
-    """A frontend flagged before its table's size entry is written (or
-    with none): a random slot, never a drop."""
+@pytest.mark.parametrize("missing", ["pointer", "chunk"])
+def test_flag_without_table_falls_back_to_slots(dp, missing):
+    """A frontend flagged before its pointer is written (or with none), or
+    whose table lacks the chunk its flow hash picks: a random slot, never
+    a drop."""
     client, lb, _ = FAMILIES[4]
     bes = backends(4)
     svc = lb_svc(4, bes[:1])
     seed(dp, Seed(services=(svc,), backends=tuple(bes)))
-    put_table(dp, svc.svc_id, bes[1:2], size_entry=False)
+    index = maglev.flow_hash(mapped(client), 43000, 80, TCP_P) % M
+    if missing == "pointer":
+        put_table(dp, svc.svc_id, bes[1:2], pointer=False)
+    else:
+        put_table(dp, svc.svc_id, bes[1:2], skip_chunk=index // abi.MGL_CHUNK)
     r = run(dp, l4pkt(TCP_P, client, lb, 43000, 80), external=True)
     assert r.counted.keys() == {"DNAT_NEW"} and dest(r.out) == (bes[0].addr, 8080)
 
@@ -167,9 +180,14 @@ def test_affinity_hashes_the_client_only(dp):
 
 
 def put_entry(dp, tid: int, index: int, backend_id: int) -> None:
-    key = abi.codec("sp_mgl_key", ("id", "index"))
-    val = abi.codec("sp_mgl_val", ("value",))
-    dp.maps[mapname("sp_mgl")].update(key.pack(tid, index), val.pack(backend_id))
+    """Entry index of table tid rewritten (its chunk, as the control
+    plane writes one)."""
+    chunk = abi.MGL_CHUNK
+    key = abi.pack("sp_mgl_key", id=tid, chunk=index // chunk)
+    m = dp.maps[mapname("sp_mgl")]
+    ids = abi.mgl_ids(m.lookup(key))
+    ids[index % chunk] = backend_id
+    m.update(key, ids.tobytes())
 
 
 def test_affinity_holds_while_its_table_entry_names_its_backend(dp):

@@ -265,64 +265,72 @@ def mgl_items(maps) -> dict:
     return dict(maps[map_name("sp_mgl")].items())
 
 
+def mgl_ptrs(maps) -> dict[int, tuple[int, int]]:
+    """svc_id -> (table id, M) of each Maglev pointer."""
+    c = abi.codec("sp_mgl_ptr", ("table", "size"))
+    return {abi.U32.unpack(k)[0]: c.unpack(v) for k, v in maps[map_name("sp_mglptr")].items()}
+
+
 def mgl_view(maps) -> dict:
     """Per frontend id, the size and entries (backend addresses) of the
     table its pointer names (table ids may differ after a repair)."""
-    key_c, val_c = abi.codec("sp_mgl_key", ("id", "index")), abi.codec("sp_mgl_val", ("value",))
-    raw: dict[int, dict[int, int]] = {}
-    for k, v in mgl_items(maps).items():
-        ident, index = key_c.unpack(k)
-        raw.setdefault(ident, {})[index] = val_c.unpack(v)[0]
+    key_c = abi.codec("sp_mgl_key", ("id", "chunk"))
+    chunks = {key_c.unpack(k): abi.mgl_ids(v) for k, v in mgl_items(maps).items()}
     backends = read_contents(maps).backends
     out = {}
-    for ident, entries in raw.items():
-        if abi.MGL_TABLE in entries:
-            table = raw[entries[abi.MGL_TABLE]]
-            size = table[abi.MGL_SIZE]
-            out[ident] = (size, [backends[table[i]] for i in range(size)])
+    for sid, (tid, size) in mgl_ptrs(maps).items():
+        entries = [b for k in range(abi.mgl_chunks(size)) for b in chunks[tid, k]][:size]
+        out[sid] = (size, [backends[b] for b in entries])
     return out
 
 
-def _mgl(ident: int, index: int) -> bytes:
-    return abi.pack("sp_mgl_key", id=ident, index=index)
+def _mgl(tid: int, chunk: int) -> bytes:
+    return abi.pack("sp_mgl_key", id=tid, chunk=chunk)
 
 
 def _table(maps) -> tuple[int, int]:
-    """(frontend id, table id) of the one pointer."""
-    for k, v in mgl_items(maps).items():
-        ident, index = abi.codec("sp_mgl_key", ("id", "index")).unpack(k)
-        if index == abi.MGL_TABLE:
-            return ident, abi.codec("sp_mgl_val", ("value",)).unpack(v)[0]
-    raise AssertionError("no Maglev pointer in the map")
+    """(frontend id, table id) of a pointer."""
+    sid, (tid, _) = min(mgl_ptrs(maps).items())
+    return sid, tid
 
 
 def maglev_entry_changed(maps) -> str:
     _, tid = _table(maps)
-    (cur,) = abi.codec("sp_mgl_val", ("value",)).unpack(maps[map_name("sp_mgl")].lookup(_mgl(tid, 7)))
-    other = next(b for b in read_contents(maps).backends if b != cur)
-    maps[map_name("sp_mgl")].update(_mgl(tid, 7), abi.pack("sp_mgl_val", value=other))
+    m = maps[map_name("sp_mgl")]
+    ids = abi.mgl_ids(m.lookup(_mgl(tid, 0)))
+    other = next(b for b in read_contents(maps).backends if b != ids[7])
+    ids[7] = other
+    m.update(_mgl(tid, 0), ids.tobytes())
     return f"Maglev table {tid} entry 7: backend {other}"
+
+
+def maglev_chunk_deleted(maps) -> str:
+    _, tid = _table(maps)
+    assert maps[map_name("sp_mgl")].delete(_mgl(tid, 1))
+    return "1 Maglev entries programmed are not in the map"
 
 
 def maglev_pointer_deleted(maps) -> str:
     sid, _ = _table(maps)
-    assert maps[map_name("sp_mgl")].delete(_mgl(sid, abi.MGL_TABLE))
+    assert maps[map_name("sp_mglptr")].delete(abi.u32(sid))
     return "1 Maglev entries programmed are not in the map"
 
 
 def maglev_size_changed(maps) -> str:
-    _, tid = _table(maps)
-    maps[map_name("sp_mgl")].update(_mgl(tid, abi.MGL_SIZE), abi.pack("sp_mgl_val", value=1000))
-    return f"Maglev table {tid}: size 1000"
+    sid, tid = _table(maps)
+    maps[map_name("sp_mglptr")].update(abi.u32(sid), abi.pack("sp_mgl_ptr", table=tid, size=1000))
+    return f"Maglev pointer of id {sid}: size 1000"
 
 
-MAGLEV_EDITS = [maglev_entry_changed, maglev_pointer_deleted, maglev_size_changed]
+MAGLEV_EDITS = [maglev_entry_changed, maglev_chunk_deleted, maglev_pointer_deleted, maglev_size_changed]
 
 
 def test_maglev_tables_as_written_pass_the_check(private_maps, caplog) -> None:  # noqa: F811
     clock = Clock()
     agent = maglev_agent(private_maps, clock)
-    assert len(mgl_items(private_maps)) > 1021  # a table, its size, a pointer
+    # One table (its chunks), a pointer per external frontend to it.
+    assert len(mgl_items(private_maps)) == abi.mgl_chunks(1021)
+    assert mgl_ptrs(private_maps) and {t for t, _ in mgl_ptrs(private_maps).values()} == {_table(private_maps)[1]}
     with caplog.at_level(logging.ERROR, logger="sliceproxy"):
         run_check(agent, clock)
     assert agent.checks == 1 and not agent.schedule.need_full, caplog.text

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.root
 # backends, 9 slots, 3 names.
 SMALL = ("--max-services", "4", "--max-backends", "12", "--max-slots", "12", "--max-conntrack", "4096")
 BIG = ("--max-services", "64", "--max-backends", "64", "--max-slots", "128", "--max-conntrack", "8192")
-# This build's map names (sp_be_v4...): the layout version is the header's.
+# This build's map names (sp_be_v5...): the layout version is the header's.
 SVC, NAMES, BE, SLOT, CT, AFF = (map_name(b) for b in ("sp_svc", "sp_names", "sp_be", "sp_slot", "sp_ct", "sp_aff"))
 
 

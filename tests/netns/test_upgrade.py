@@ -138,6 +138,7 @@ dp.maps[abi.map_name("sp_svc")].update(
 dp.maps[abi.map_name("sp_slot")].update(
     abi.pack("sp_slot_key", svc_id=7, slot=0), abi.pack("sp_slot_val", backend_id=3)
 )
+dp.maps[abi.map_name("sp_mgl")].update(abi.pack("sp_mgl_key", id=1, chunk=0), bytes(4 * abi.MGL_CHUNK))
 dp.close()
 """
 
@@ -145,7 +146,8 @@ dp.close()
 def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir: Path) -> None:
     """Version 2's 128-byte names go into the longer array whole: the new
     agent reads each frontend's owner from its name. A frontend of a layout
-    without slot table ids gets 0, which reads its own svc_id's slots."""
+    without slot table ids gets 0, which reads its own svc_id's slots. Its
+    Maglev map is not carried."""
     from ctrl.dataplane import abi, loader, migrate
     from ctrl.dataplane.abi import read_contents
     from ctrl.model.plan import Scope
@@ -169,6 +171,9 @@ def test_migration_carries_a_name_into_the_longer_array(tmp_path: Path, pin_dir:
         # Flagged draining by version 2, which kept no deadline: none is
         # made up (the first full sync starts a drain period).
         assert mc.draining == {}
+        # Maglev tables of a layout before 5 are not carried (the first
+        # sync writes them anew); their old pin goes all the same.
+        assert mc.maglev == {} and migrate.rebuilt(str(pin_dir / f"sp_mgl_v{OLD}"))
         carry.finish()
         assert not [p.name for p in pin_dir.iterdir() if p.name.endswith(f"_v{OLD}")]
     finally:

@@ -1,5 +1,5 @@
 """Tier 3: XDP forwarding on a node with two uplinks, a flow entering by one
-and leaving by the other (a redirect through the device map sp_uplinks_v4).
+and leaving by the other (a redirect through the device map sp_uplinks_v5).
 
     outside "client" 198.18.200.100 -- lan-a -- node-1 u0 198.18.200.1
                                                 node-1 u1 198.18.210.1 -- lan-b -- node-2 u0 198.18.210.2
@@ -66,7 +66,7 @@ class TwoUplinks:
         return int(json.loads(cp.stdout)[0]["ifindex"])
 
     def listed(self) -> set[int]:
-        """The ifindexes sp_uplinks_v4 holds."""
+        """The ifindexes sp_uplinks_v5 holds."""
         m = Map.open_pinned(str(self.pin_dir / abi.map_name("sp_uplinks")))
         try:
             return {abi.U32.unpack(k)[0] for k, _ in m.items()}
@@ -179,7 +179,7 @@ def http(env: TwoUplinks, count: int = 20) -> dict:
 
 
 def test_flow_out_of_the_other_uplink_is_redirected_by_xdp(tmp_path: Path) -> None:
-    """Both uplinks run the XDP program in native mode: sp_uplinks_v4 lists
+    """Both uplinks run the XDP program in native mode: sp_uplinks_v5 lists
     both, and every packet of the client's flows is translated by XDP on
     u0 and redirected to u1 (xdp_redirect counts them, the FORWARD chain
     sees none); node-2's pod answers node-1's address and the replies come
@@ -212,7 +212,7 @@ def test_flow_out_of_the_other_uplink_is_redirected_by_xdp(tmp_path: Path) -> No
 def test_flow_out_of_an_uplink_without_native_xdp_goes_through_tc(tmp_path: Path, case: str) -> None:
     """u1 without our XDP program in native mode: another tool's XDP program
     holds its hook (the agent leaves it to tc), or every uplink runs ours
-    in generic mode. sp_uplinks_v4 does not list u1, XDP on u0 hands the
+    in generic mode. sp_uplinks_v5 does not list u1, XDP on u0 hands the
     flows to tc, which translates them and the kernel forwards them (the
     FORWARD chain counts them): every connection answered, xdp_redirect
     stays 0."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+from array import array
 from collections import Counter
 
 import pytest
@@ -23,7 +24,8 @@ from ctrl.util.addrs import addr16
 TCP = socket.IPPROTO_TCP
 M = maglev.DEFAULT_SIZE
 LB = addr16("198.19.0.10")
-SIZE = abi.MGL_SIZE
+CHUNK = abi.MGL_CHUNK
+NCH = abi.mgl_chunks(M)  # chunks of a table of the default size
 MAGLEV_BIT = abi.frontend_flags(FrontendFlag.MAGLEV)
 
 
@@ -149,8 +151,6 @@ def test_flow_hash_spreads_and_keeps_its_inputs():
 
 # -- the dataplane's tables ------------------------------------------------------------
 
-TABLE = abi.MGL_TABLE
-
 
 def be(i: int) -> tuple[bytes, int, int]:
     return (*ep(i), TCP)
@@ -172,8 +172,42 @@ def owners_of(nums) -> list[int]:
     return [number[e] for e in owners([ep(i) for i in nums])]
 
 
-def written(cs) -> dict[tuple[int, int], int]:
-    return {(i, j): v for i, j, v in cs.mgl_upd}
+class Maps:
+    """The Maglev maps as change sets leave them: chunks by (table id,
+    chunk) and pointers by svc_id, written then deleted in a change set's
+    order (ctrl.dataplane.apply)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[tuple[int, int], bytes] = {}
+        self.ptrs: dict[int, tuple[int, int]] = {}
+
+    def apply(self, cs) -> Maps:
+        for i, k, b in cs.mgl_upd:
+            assert len(b) == 4 * CHUNK
+            self.chunks[i, k] = b
+        for sid, tid, m in cs.mgl_ptr_upd:
+            self.ptrs[sid] = (tid, m)
+        for sid in cs.mgl_ptr_del:
+            del self.ptrs[sid]
+        for key in cs.mgl_del:
+            del self.chunks[key]
+        return self
+
+    def table(self, sid: int) -> list[int]:
+        """The backend ids of the table frontend sid's pointer names."""
+        tid, m = self.ptrs[sid]
+        out = array("I")
+        for k in range(abi.mgl_chunks(m)):
+            out.extend(abi.mgl_ids(self.chunks[tid, k]))
+        assert not any(out[m:])  # zeros past the table's end
+        return out[:m].tolist()
+
+    def contents(self) -> tuple[dict[int, dict[int, array]], dict[int, tuple[int, int]]]:
+        """As abi.read_contents decodes them."""
+        tables: dict[int, dict[int, array]] = {}
+        for (i, k), b in self.chunks.items():
+            tables.setdefault(i, {})[k] = abi.mgl_ids(b)
+        return tables, dict(self.ptrs)
 
 
 def test_external_frontend_gets_table_and_flag():
@@ -184,22 +218,36 @@ def test_external_frontend_gets_table_and_flag():
     flags = {k: v[2] for k, v in cs.svc_upd}
     assert flags[f.key] & MAGLEV_BIT
     assert not flags[internal.key] & MAGLEV_BIT  # ClusterIP scope keeps random
-    w = written(cs)
-    tid = w[sid, TABLE]
-    assert (p.frontends[internal.key].svc_id, TABLE) not in w
-    assert len(w) == M + 2 and w[tid, SIZE] == M
-    # The entries, then the size, then the pointer: a flow never reads
-    # a table before it is whole.
-    assert cs.mgl_upd[-2:] == [(tid, SIZE, M), (sid, TABLE, tid)]
+    mm = Maps().apply(cs)
+    (tid, m) = mm.ptrs[sid]
+    assert m == M and list(mm.ptrs) == [sid]
+    assert len(cs.mgl_upd) == NCH and {i for i, _, _ in cs.mgl_upd} == {tid}
     want = owners([ep(1), ep(2), ep(3)])
-    assert [p.backends[w[tid, i]][:2] for i in range(M)] == want
+    assert [p.backends[b][:2] for b in mm.table(sid)] == want
     assert len(p.sync({"default/web": [internal, f]})) == 0
+
+
+def test_chunks_written_before_pointers_and_frontends_deleted_after():
+    """The write order of ctrl.dataplane.apply: a table's chunks, then the
+    pointers naming it, then the frontends flagged to read it; deletes
+    the other way round, so a flow never reads a table being written."""
+    from ctrl.dataplane.apply import encoded
+
+    p = Programmed(maglev_size=maglev.MIN_SIZE)
+    f = ext(1, 2)
+    order = [(m, op) for m, op, _, _ in encoded(p.sync({"default/web": [f]}), abi.Codecs.get())]
+    mn = abi.map_name
+    assert order.index((mn("sp_mgl"), "update")) < order.index((mn("sp_mglptr"), "update"))
+    assert order.index((mn("sp_mglptr"), "update")) < order.index((mn("sp_svc"), "update"))
+    order = [(m, op) for m, op, _, _ in encoded(p.sync({"default/web": []}), abi.Codecs.get())]
+    assert order.index((mn("sp_svc"), "delete")) < order.index((mn("sp_mglptr"), "delete"))
+    assert order.index((mn("sp_mglptr"), "delete")) < order.index((mn("sp_mgl"), "delete"))
 
 
 def test_random_mode_writes_no_table():
     p = Programmed()
     cs = p.sync({"default/web": [ext(1, 2, 3)]})
-    assert cs.mgl_upd == [] and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+    assert cs.mgl_upd == [] and cs.mgl_ptr_upd == [] and not cs.svc_upd[0][1][2] & MAGLEV_BIT
 
 
 def test_frontends_with_the_same_backends_share_a_table():
@@ -212,22 +260,27 @@ def test_frontends_with_the_same_backends_share_a_table():
         ext(*range(10), port=8080, name="alt"),
     ]
     cs = p.sync({"default/web": fronts})
-    w = written(cs)
-    tids = {w[p.frontends[f.key].svc_id, TABLE] for f in fronts}
-    assert len(tids) == 1 and len(w) == M + 1 + 3
-    assert p.tables.count == M + 1 + 3
+    mm = Maps().apply(cs)
+    sids = [p.frontends[f.key].svc_id for f in fronts]
+    tids = {mm.ptrs[s][0] for s in sids}
+    assert len(tids) == 1 and len(cs.mgl_upd) == NCH and len(cs.mgl_ptr_upd) == 3
+    assert p.tables.count == NCH
+    before = mm.table(sids[0])
     fewer = [Frontend(f.addr, f.port, f.proto, f.scope, f.name, tuple(be(i) for i in range(1, 10))) for f in fronts]
     cs = p.sync({"default/web": fewer})
-    w = written(cs)
-    assert {i for i, _ in w} == tids  # the table's entries only, no pointer moved
-    assert len(w) < (1 / 10 + 0.02) * M  # one backend of 10 removed
+    assert {i for i, _, _ in cs.mgl_upd} == tids and cs.mgl_ptr_upd == []  # no pointer moved
+    after = mm.apply(cs).table(sids[0])
+    assert all(mm.table(s) == after for s in sids)
+    moved = [i for i in range(M) if before[i] != after[i]]
+    assert len(moved) < (1 / 10 + 0.02) * M  # one backend of 10 removed
+    assert sorted(k for _, k, _ in cs.mgl_upd) == sorted({i // CHUNK for i in moved})
     # One of them gets other backends: a table of its own; the old one stays.
     other = Frontend(fewer[2].addr, 8080, TCP, Scope.EXTERNAL, fewer[2].name, (be(50), be(51)))
     cs = p.sync({"default/web": [fewer[0], fewer[1], other]})
-    w = written(cs)
-    (new_tid,) = {i for i, j in w if j == SIZE}
-    assert new_tid not in tids and w[p.frontends[other.key].svc_id, TABLE] == new_tid
-    assert cs.mgl_del == []
+    ((sid, new_tid, _),) = cs.mgl_ptr_upd
+    assert sid == p.frontends[other.key].svc_id and new_tid not in tids
+    assert {i for i, _, _ in cs.mgl_upd} == {new_tid}
+    assert cs.mgl_del == [] and cs.mgl_ptr_del == []
     # The same planned in the other order (the odd one first): the two
     # that still share keep their table untouched.
     p = Programmed(maglev_size=M)
@@ -236,12 +289,13 @@ def test_frontends_with_the_same_backends_share_a_table():
     cs = p.sync({"default/web": [other, fewer[0], fewer[1]]})
     assert {p.tables.of[fewer[0].key], p.tables.of[fewer[1].key]} == {tid}
     assert p.tables.of[other.key] != tid
-    assert {i for i, _, _ in cs.mgl_upd} == {p.tables.of[other.key], p.frontends[other.key].svc_id}
+    assert {i for i, _, _ in cs.mgl_upd} == {p.tables.of[other.key]}
+    assert [s for s, _, _ in cs.mgl_ptr_upd] == [p.frontends[other.key].svc_id]
     assert table_of(p, fewer[0]) == [be(i) for i in owners_of(range(1, 10))]
     # Two other Services with the same endpoints do not share (owner's own).
     q = Programmed(maglev_size=M)
     cs = q.sync({"default/a": [ext(1, 2)], "default/b": [ext(1, 2, addr=addr16("198.19.0.11"))]})
-    assert len([1 for _, j, _ in cs.mgl_upd if j == SIZE]) == 2
+    assert len({t for _, t, _ in cs.mgl_ptr_upd}) == 2
 
 
 def test_same_table_whatever_the_node_ids():
@@ -254,18 +308,19 @@ def test_same_table_whatever_the_node_ids():
     assert table_of(a, ext(*range(50))) == table_of(b, ext(*range(50)))
 
 
-def test_removal_writes_only_changed_entries():
+def test_removal_writes_only_changed_chunks():
     p = Programmed(maglev_size=M)
     before = ext(*range(100))
-    p.sync({"default/web": [before]})
-    old = list(p.tables.entries_of(before.key) or [])
+    mm = Maps().apply(p.sync({"default/web": [before]}))
+    sid = p.frontends[before.key].svc_id
+    old = mm.table(sid)
     after = ext(*range(1, 100))
     cs = p.sync({"default/web": [after]})
-    new = p.tables.entries_of(after.key) or []
+    new = mm.apply(cs).table(sid)
+    assert new == p.tables.entries_of(after.key)
     changed = [i for i in range(M) if old[i] != new[i]]
-    assert sorted(i for _, i, _ in cs.mgl_upd) == changed
-    assert all(new[i] == b for _, i, b in cs.mgl_upd)
-    assert cs.mgl_del == []
+    assert sorted(k for _, k, _ in cs.mgl_upd) == sorted({i // CHUNK for i in changed})
+    assert cs.mgl_del == [] and cs.mgl_ptr_upd == []
     # Its own ~1/100 and few others.
     assert 0.01 * M <= len(changed) < (0.01 + 0.02) * M
 
@@ -273,14 +328,14 @@ def test_removal_writes_only_changed_entries():
 def test_removed_frontend_deletes_pointer_then_table():
     p = Programmed(maglev_size=M)
     f, g = ext(1, 2), ext(1, 2, port=30080)
-    cs = p.sync({"default/web": [f, g]})
-    tid = written(cs)[p.frontends[f.key].svc_id, TABLE]
+    p.sync({"default/web": [f, g]})
+    tid = p.tables.of[f.key]
     sid_f, sid_g = p.frontends[f.key].svc_id, p.frontends[g.key].svc_id
     cs = p.sync({"default/web": [g]})
-    assert cs.mgl_del == [(sid_f, TABLE)]  # g still reads the table
+    assert cs.mgl_ptr_del == [sid_f] and cs.mgl_del == []  # g still reads the table
     cs = p.sync({"default/web": []})
-    assert cs.mgl_del[:2] == [(sid_g, TABLE), (tid, SIZE)]
-    assert sorted(cs.mgl_del[2:]) == [(tid, i) for i in range(M)]
+    assert cs.mgl_ptr_del == [sid_g]
+    assert sorted(cs.mgl_del) == [(tid, k) for k in range(NCH)]
     assert p.tables.count == 0
 
 
@@ -288,14 +343,12 @@ def test_last_backend_gone_deletes_table():
     p = Programmed(maglev_size=M)
     p.sync({"default/web": [ext(1, 2)]})
     cs = p.sync({"default/web": [ext()]})
-    assert len(cs.mgl_del) == M + 2 and p.tables.count == 0
+    assert len(cs.mgl_del) == NCH and len(cs.mgl_ptr_del) == 1 and p.tables.count == 0
 
 
-def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, int]]]:
-    tables: dict[int, dict[int, int]] = {}
-    for i, j, v in cs.mgl_upd:
-        tables.setdefault(i, {})[j] = v
-    return dict(cs.svc_upd), {(s, i): b for s, i, b in cs.slot_upd}, dict(cs.name_upd), tables
+def adopted(cs) -> tuple[dict, dict, dict, dict[int, dict[int, array]], dict[int, tuple[int, int]]]:
+    tables, ptrs = Maps().apply(cs).contents()
+    return dict(cs.svc_upd), {(s, i): b for s, i, b in cs.slot_upd}, dict(cs.name_upd), tables, ptrs
 
 
 def test_adopted_tables_diff_empty_and_mode_change(monkeypatch):
@@ -304,59 +357,97 @@ def test_adopted_tables_diff_empty_and_mode_change(monkeypatch):
     monkeypatch.setattr(native, "fill", lambda perms, ids, m: builds.append(m) or real_fill(perms, ids, m))
     p = Programmed(maglev_size=M)
     f = ext(*range(20))
-    svc, slots, names, tables = adopted(p.sync({"default/web": [f]}))
+    svc, slots, names, tables, ptrs = adopted(p.sync({"default/web": [f]}))
+    (tid,) = tables
     # A restart in the same mode: nothing to write.
     q = Programmed(maglev_size=M)
-    q.adopt(svc, slots, dict(p.backends), names, tables=tables)
-    assert q.tables.count == M + 2
+    q.adopt(svc, slots, dict(p.backends), names, tables=tables, pointers=ptrs)
+    assert q.tables.count == NCH
     builds.clear()
     assert len(q.sync({"default/web": [f]}, prune_except={"default/web"})) == 0
     assert builds == []  # a whole table is taken as it is: the reconcile builds nothing
-    # An entry lost: the first sync writes it back, and only it.
-    tid = next(iter(t for t in tables if abi.MGL_SIZE in tables[t]))
-    damaged = {k: dict(v) for k, v in tables.items()}
-    lost = damaged[tid].pop(7)
+    # An entry lost: the first sync writes its chunk back, and only it.
+    damaged = {tid: dict(tables[tid])}
+    chunk = array("I", damaged[tid][1])
+    lost, chunk[7] = chunk[7], 0
+    damaged[tid][1] = chunk
     q = Programmed(maglev_size=M)
-    q.adopt(svc, slots, dict(p.backends), names, tables=damaged)
-    assert q.sync({"default/web": [f]}).mgl_upd == [(tid, 7, lost)]
+    q.adopt(svc, slots, dict(p.backends), names, tables=damaged, pointers=ptrs)
+    cs = q.sync({"default/web": [f]})
+    assert [(i, k) for i, k, _ in cs.mgl_upd] == [(tid, 1)] and abi.mgl_ids(cs.mgl_upd[0][2])[7] == lost
     assert builds == [M]
+    # A chunk lost: the same.
+    q = Programmed(maglev_size=M)
+    q.adopt(
+        svc,
+        slots,
+        dict(p.backends),
+        names,
+        tables={tid: {k: c for k, c in tables[tid].items() if k != 3}},
+        pointers=ptrs,
+    )
+    cs = q.sync({"default/web": [f]})
+    assert [(i, k) for i, k, _ in cs.mgl_upd] == [(tid, 3)] and cs.mgl_upd[0][2] == tables[tid][3].tobytes()
     # Restarted in random mode: the table goes, the flag with it.
     r = Programmed()
-    r.adopt(svc, slots, dict(p.backends), names, tables=tables)
+    r.adopt(svc, slots, dict(p.backends), names, tables=tables, pointers=ptrs)
     cs = r.sync({"default/web": [f]})
-    assert len(cs.mgl_del) == M + 2 and not cs.svc_upd[0][1][2] & MAGLEV_BIT
-    # Another table size: every entry rewritten, the tail deleted.
+    assert len(cs.mgl_del) == NCH and cs.mgl_ptr_del == list(ptrs) and not cs.svc_upd[0][1][2] & MAGLEV_BIT
+    # Another table size: every chunk of it rewritten, the pointer with
+    # its new size, the tail deleted.
     small = maglev.MIN_SIZE
     s2 = Programmed(maglev_size=small)
-    s2.adopt(svc, slots, dict(p.backends), names, tables=tables)
+    s2.adopt(svc, slots, dict(p.backends), names, tables=tables, pointers=ptrs)
     cs = s2.sync({"default/web": [f]})
-    assert len(cs.mgl_upd) == small + 1
-    assert len(cs.mgl_del) == M - small
+    assert [k for _, k, _ in cs.mgl_upd] == list(range(abi.mgl_chunks(small)))
+    assert cs.mgl_ptr_upd == [(next(iter(ptrs)), tid, small)]
+    assert cs.mgl_del == [(tid, k) for k in range(abi.mgl_chunks(small), NCH)]
+    assert Maps().apply(adopted_cs(tables, ptrs)).apply(cs).table(next(iter(ptrs))) == s2.tables.entries_of(f.key)
+
+
+def adopted_cs(tables: dict[int, dict[int, array]], ptrs: dict[int, tuple[int, int]]):
+    """A change set writing these map contents (a Maps start)."""
+    from ctrl.dataplane.changeset import ChangeSet
+
+    return ChangeSet(
+        mgl_upd=[(i, k, c.tobytes()) for i, cs in tables.items() for k, c in cs.items()],
+        mgl_ptr_upd=[(s, t, m) for s, (t, m) in ptrs.items()],
+    )
 
 
 def test_orphan_tables_go_at_the_first_full_sync():
     p = Programmed(maglev_size=M)
-    p.adopt({}, {}, {}, {}, tables={77: {0: 1, SIZE: 1}, 5: {TABLE: 77}})
-    assert p.sync({}).mgl_del == []
-    assert sorted(p.sync({}, prune_except=set()).mgl_del) == [(5, TABLE), (77, 0), (77, SIZE)]
+    ones = array("I", [1] * CHUNK)
+    p.adopt({}, {}, {}, {}, tables={77: {0: ones, 3: ones}}, pointers={5: (77, 1)})
+    cs = p.sync({})
+    assert cs.mgl_del == [] and cs.mgl_ptr_del == []
+    cs = p.sync({}, prune_except=set())
+    assert cs.mgl_ptr_del == [5] and sorted(cs.mgl_del) == [(77, 0), (77, 3)]
 
 
 def test_full_map_refuses_the_service():
-    p = Programmed(MapSizes(maglev=M + 2), maglev_size=M)
+    p = Programmed(MapSizes(maglev=NCH * CHUNK), maglev_size=M)
     assert p.sync({"default/a": [ext(1)]}).rejected == {}
     cs = p.sync({"default/b": [ext(2, addr=addr16("198.19.0.11"))]})
     assert "--max-maglev-entries" in cs.rejected["default/b"]
-    assert cs.mgl_upd == []
+    assert cs.mgl_upd == [] and cs.mgl_ptr_upd == []
 
 
 def test_dry_run_lists_the_tables():
     from ctrl.cli.run import render_changes
 
-    cs = Programmed(maglev_size=maglev.MIN_SIZE).sync({"default/web": [ext(1, 2)]})
+    p = Programmed(maglev_size=maglev.MIN_SIZE)
+    f = ext(1, 2)
+    cs = p.sync({"default/web": [f]})
     doc = json.loads(render_changes(cs, "json"))
-    entries = doc[abi.map_name("sp_mgl")]
-    assert len(entries) == maglev.MIN_SIZE + 2
-    assert entries[-1]["key"]["index"] == TABLE
+    chunks = doc[abi.map_name("sp_mgl")]
+    assert [c["key"]["chunk"] for c in chunks] == list(range(abi.mgl_chunks(maglev.MIN_SIZE)))
+    assert sum(len(c["value"]["backend"]) for c in chunks) == abi.mgl_chunks(maglev.MIN_SIZE) * CHUNK
+    (ptr,) = doc[abi.map_name("sp_mglptr")]
+    assert ptr == {
+        "key": p.frontends[f.key].svc_id,
+        "value": {"table": chunks[0]["key"]["id"], "size": maglev.MIN_SIZE},
+    }
     assert abi.map_name("sp_mgl") not in json.loads(
         render_changes(Programmed().sync({"default/web": [ext(1)]}), "json")
     )
@@ -365,13 +456,13 @@ def test_dry_run_lists_the_tables():
 def test_tables_follow_deltas_as_if_built_from_scratch():
     """A Service's LB IP and NodePort through a run of changes given as
     deltas (as the planner gives them), more backends than entries and
-    fewer: after each, both read one table, the map holds exactly it, and
+    fewer: after each, both read one table, the maps hold exactly it, and
     it is the table of their backends built from nothing. A change only
-    past the first M turns writes no entry."""
+    past the first M turns writes nothing."""
     m = maglev.MIN_SIZE
     rng = random.Random(15)
     p = Programmed(maglev_size=m)
-    mapped: dict[tuple[int, int], int] = {}
+    mm = Maps()
     have: set[int] = set()
     nodeport = addr16("198.18.200.1")
     pasts = 0
@@ -409,17 +500,16 @@ def test_tables_follow_deltas_as_if_built_from_scratch():
         cs = p.sync({"default/web": fronts})
         assert cs.rejected == {}
         if past:
-            assert cs.mgl_upd == [] and cs.mgl_del == []
+            assert cs.mgl_upd == [] and cs.mgl_del == [] and cs.mgl_ptr_upd == []
             pasts += 1
-        for i, j, v in cs.mgl_upd:
-            mapped[i, j] = v
-        for k in cs.mgl_del:
-            del mapped[k]
+        mm.apply(cs)
         (tid,) = {p.tables.of[f.key] for f in fronts}
         want = [(*e, TCP) for e in owners([ep(i) for i in have], m)]
         assert table_of(p, fronts[0]) == want
-        assert [p.backends[mapped[tid, j]] for j in range(m)] == want
-        assert mapped[tid, SIZE] == m
+        for f in fronts:
+            sid = p.frontends[f.key].svc_id
+            assert mm.ptrs[sid] == (tid, m)
+            assert [p.backends[b] for b in mm.table(sid)] == want
     assert pasts >= 2
 
 

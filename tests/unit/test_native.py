@@ -35,7 +35,7 @@ def test_the_same_table_as_the_reference(n, m):
     rnd = random.Random(n * 7 + m)
     idents = [rnd.randbytes(18) for _ in range(n)]
     ids = rnd.sample(range(1, 10 * n + 10), min(n, m))
-    got = native.fill(packed(idents, m), ids, m)
+    got = native.fill(packed(idents, m), ids, m).tolist()
     assert got == reference(idents, ids, m)
     assert len(got) == m and set(got) == set(ids)  # every backend in its first turn has an entry
 
@@ -51,7 +51,7 @@ def test_the_python_fill_serves_without_the_library(monkeypatch):
 
 
 def test_no_backends_no_table():
-    assert native.fill([], [], M) == []
+    assert len(native.fill([], [], M)) == 0
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from ctrl.dataplane.abi import MapSizes
 def test_every_flag_reaches_its_map():
     args = build_parser().parse_args(
         ["run", "--source", "x", "--max-services", "11", "--max-backends", "12", "--max-slots", "13",
-         "--max-conntrack", "14", "--max-source-ranges", "15", "--max-maglev-entries", "16"]
+         "--max-conntrack", "14", "--max-source-ranges", "15", "--max-maglev-entries", "16001"]
     )  # fmt: skip
     sizes = map_sizes(args)
     got = {name: sizes.for_map(name) for name in loader.map_names()}
@@ -25,7 +25,8 @@ def test_every_flag_reaches_its_map():
         "sp_ct": 14,
         "sp_aff": 14,
         "sp_src": 15,
-        "sp_mgl": 16,
+        "sp_mgl": 17,  # chunks of 1,000 table entries, rounded up
+        "sp_mglptr": 11,  # a pointer per frontend at most
         "sp_stats": None,  # one entry per verdict
         "sp_handoff": None,  # one entry
         "sp_cfg": None,  # one entry
