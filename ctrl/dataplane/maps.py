@@ -190,6 +190,7 @@ class Map:
             yield out
             return
         ks, vs = self.key_size, self.stride * self._ncpu
+        chunk = max(1, chunk)  # none at a time would never end
         keys = ffi.new("char[]", ks * chunk)
         vals = ffi.new("char[]", vs * chunk)
         in_b = ffi.NULL

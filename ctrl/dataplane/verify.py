@@ -275,8 +275,8 @@ class Verifier:
         size = 4 * abi.MGL_CHUNK
         seen = 0
         packed: dict[int, bytes] = {}  # table id -> its entries as the map holds them
-        # A chunk is 1,000 entries: compared as bytes, a step takes fewer.
-        for chunk in self.maps[map_name("sp_mgl")].chunks(CHUNK // 16):
+        # A chunk holds 1,000 entries: a step reads fewer of them.
+        for chunk in self.maps[map_name("sp_mgl")].chunks(max(1, CHUNK // 16)):
             for k, v in chunk:
                 tid, idx = c.mgl_key.unpack(k)
                 if tid in mgl or (tid, idx) in orphans:

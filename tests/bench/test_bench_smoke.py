@@ -256,6 +256,9 @@ def test_service_shapes_programmed_and_changed(figures):
         assert e["sp_slot"] >= e["sp_be"] > 0, name
         assert c["n"] >= 20 and 0 < c["min"] <= c["p50"] <= c["p99"] <= c["max"], name
         assert (e["sp_mgl"] > 0) == (name == "Maglev"), name
+        # Maglev: one table, and a pointer to it from each frontend of the
+        # outside's (the LB IP and the NodePort on the node's address).
+        assert e["sp_mglptr"] == (2 if name == "Maglev" else 0), name
     # The NodePort's 3 frontends read one slot table; under a Local
     # external policy the external frontends read a second, of this node's
     # endpoints (1 in 100).
