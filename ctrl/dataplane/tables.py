@@ -310,8 +310,12 @@ class MaglevTables:
                 ids = IdSet(set(entries))
                 whole = m == self.size and all(b in known for b in ids)  # 0 is never a backend id
                 t = self.tables[tid] = Table(tid, owner, ids if whole else None, entries)
-            elif len(t.entries) != m:  # its pointers disagree on its size
-                t.backends = None
+            elif len(t.entries) != m:
+                # Pointers that disagree on its size: the first one is
+                # taken; this one is rewritten at the first sync (the
+                # frontend gets its table again) or deleted.
+                self.orphan_ptrs.append(sid)
+                continue
             t.owner = owner
             t.users.add(key)
             self.of[key] = tid

@@ -415,6 +415,25 @@ def adopted_cs(tables: dict[int, dict[int, array]], ptrs: dict[int, tuple[int, i
     )
 
 
+def test_pointers_that_disagree_on_the_size_are_rewritten():
+    """Two frontends' pointers to one table, one with a wrong M (maps
+    that disagree): the first full sync points both at a whole table of
+    the right size, and nothing is left to repair."""
+    p = Programmed(maglev_size=M)
+    f, g = ext(*range(20)), ext(*range(20), port=30080)
+    svc, slots, names, tables, ptrs = adopted(p.sync({"default/web": [f, g]}))
+    sid_f, sid_g = p.frontends[f.key].svc_id, p.frontends[g.key].svc_id
+    (tid,) = tables
+    for wrong in ({sid_f: (tid, 1000), sid_g: ptrs[sid_g]}, {sid_f: ptrs[sid_f], sid_g: (tid, 1000)}):
+        q = Programmed(maglev_size=M)
+        q.adopt(svc, slots, dict(p.backends), names, tables=tables, pointers=wrong)
+        cs = q.sync({"default/web": [f, g]}, prune_except={"default/web"})
+        mm = Maps().apply(adopted_cs(tables, wrong)).apply(cs)
+        assert mm.ptrs[sid_f][1] == mm.ptrs[sid_g][1] == M
+        assert mm.table(sid_f) == mm.table(sid_g) == p.tables.entries_of(f.key)
+        assert len(q.sync({"default/web": [f, g]}, prune_except={"default/web"})) == 0
+
+
 def test_orphan_tables_go_at_the_first_full_sync():
     p = Programmed(maglev_size=M)
     ones = array("I", [1] * CHUNK)
