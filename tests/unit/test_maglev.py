@@ -532,6 +532,57 @@ def test_tables_follow_deltas_as_if_built_from_scratch():
     assert pasts >= 2
 
 
+def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch):
+    """Tables filled from a head (the first M turns' ids and permutations)
+    edited change after change, in blocks of 4 turns so edits cross
+    blocks: after each change the table is the one built from nothing,
+    with turns gone from and added to the first M, and more or fewer
+    backends than M."""
+    from ctrl.dataplane.tables import Turns
+
+    monkeypatch.setattr(Turns, "BLOCK", 4)
+    m = maglev.MIN_SIZE
+    rng = random.Random(3)
+    p = Programmed(maglev_size=m)
+    have: set[int] = set(rng.sample(range(3000), 1100))
+    fills = []
+    real_fill = native.fill
+    monkeypatch.setattr(native, "fill", lambda perms, ids, mm: fills.append(len(ids)) or real_fill(perms, ids, mm))
+    for step in range(60):
+        before = set(have)
+        if step:
+            head = sorted(have)[:m]
+            gone = set(rng.sample(head, rng.randrange(0, 5))) | set(rng.sample(sorted(have), rng.randrange(0, 5)))
+            new = set(rng.sample([i for i in range(3000) if i not in have], rng.randrange(0, 12)))
+            have = (have - gone) | new
+        delta = (
+            dict(
+                added=tuple(be(i) for i in sorted(have - before)),
+                removed=tuple(be(i) for i in sorted(before - have)),
+                base=step - 1,
+                version=step,
+            )
+            if step
+            else dict(version=step)
+        )
+        f = Frontend(LB, 80, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta)
+        assert p.sync({"default/web": [f]}).rejected == {}
+        assert table_of(p, f) == [(*e, TCP) for e in owners([ep(i) for i in have], m)], step
+    assert len(fills) > 30  # most changes reached the first M turns
+
+
+def test_kept_permutations_stay_bounded():
+    """Each backend's permutation is kept by id (hashed once); backends
+    replaced change after change do not grow that store past a few
+    tables' worth."""
+    m = maglev.MIN_SIZE
+    p = Programmed(maglev_size=m)
+    for step in range(40):
+        f = Frontend(LB, 80, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(step * 200 + i) for i in range(200)))
+        assert p.sync({"default/web": [f]}).rejected == {}
+    assert len(p.tables._perms) <= 2 * m * (len(p.tables.tables) + 1) + 200
+
+
 def test_turn_order_edit_finds_each_turn_or_falls_back():
     """ctrl.dataplane.tables.Turns.edit: the turns gone are found by their
     backend; one whose backend the id map no longer names is still
