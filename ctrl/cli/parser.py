@@ -8,6 +8,7 @@ import os
 import socket
 
 from .. import __version__
+from ..dataplane import abi
 from ..dataplane.abi import Hairpin, MapSizes
 from ..dataplane.loader import DEFAULT_PIN_DIR
 from ..model import maglev
@@ -267,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-maglev-entries",
         type=int,
         default=sizes.maglev,
-        help="Maglev map capacity under --external-lb maglev: M + 1 entries per table (one per Service port "
-        f"and family) and one per external frontend (default {sizes.maglev}: about 16 tables of the default M)",
+        help="Maglev table capacity under --external-lb maglev, in table entries: M per table (one per Service "
+        f"port and family), held in chunks of {abi.MGL_CHUNK} (default {sizes.maglev}: "
+        f"{sizes.maglev_chunks // abi.mgl_chunks(maglev.DEFAULT_SIZE)} tables of the default M)",
     )
     run.add_argument(
         "--external-lb",
