@@ -472,6 +472,19 @@ def test_dry_run_lists_the_tables():
     )
 
 
+def delta_of(before: set[int], have: set[int], step: int) -> dict:
+    """A Frontend's delta fields for step (the planner's form): the
+    endpoints added and removed since the step before; none at step 0."""
+    if not step:
+        return dict(version=step)
+    return dict(
+        added=tuple(be(i) for i in sorted(have - before)),
+        removed=tuple(be(i) for i in sorted(before - have)),
+        base=step - 1,
+        version=step,
+    )
+
+
 def test_tables_follow_deltas_as_if_built_from_scratch():
     """A Service's LB IP and NodePort through a run of changes given as
     deltas (as the planner gives them), more backends than entries and
@@ -502,16 +515,7 @@ def test_tables_follow_deltas_as_if_built_from_scratch():
             gone = set(rng.sample(sorted(have), rng.randrange(0, 60)))
             new = set(rng.sample([i for i in range(4000) if i not in have], rng.randrange(0, 60)))
             have = (have - gone) | new
-        delta = (
-            dict(
-                added=tuple(be(i) for i in sorted(have - before)),
-                removed=tuple(be(i) for i in sorted(before - have)),
-                base=step - 1,
-                version=step,
-            )
-            if step
-            else dict(version=step)
-        )
+        delta = delta_of(before, have, step)
         fronts = [
             Frontend(LB, 80, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta),
             Frontend(nodeport, 30080, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta),
@@ -555,16 +559,7 @@ def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch)
             gone = set(rng.sample(head, rng.randrange(0, 5))) | set(rng.sample(sorted(have), rng.randrange(0, 5)))
             new = set(rng.sample([i for i in range(3000) if i not in have], rng.randrange(0, 12)))
             have = (have - gone) | new
-        delta = (
-            dict(
-                added=tuple(be(i) for i in sorted(have - before)),
-                removed=tuple(be(i) for i in sorted(before - have)),
-                base=step - 1,
-                version=step,
-            )
-            if step
-            else dict(version=step)
-        )
+        delta = delta_of(before, have, step)
         f = Frontend(LB, 80, TCP, Scope.EXTERNAL, "default/web:http/TCP", tuple(be(i) for i in have), **delta)
         assert p.sync({"default/web": [f]}).rejected == {}
         assert table_of(p, f) == [(*e, TCP) for e in owners([ep(i) for i in have], m)], step
