@@ -21,12 +21,15 @@ what exists. The tables are ctrl.model.maglev's, populated in C
 from __future__ import annotations
 
 import itertools
+import struct
 from array import array
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from heapq import heapify, heappop, heappush
 from operator import itemgetter
+from typing import Any
 
 from ..model import maglev
 from ..model.plan import Backend, FKey
@@ -135,127 +138,150 @@ def _changed_chunks(tid: int, old: array[int], new: array[int]) -> list[tuple[in
     ]
 
 
-Turn = tuple[Backend, int]
+# A backend's turn: (its place in the turn order, its id). The place is
+# the backend's address (16 bytes), port (2, big-endian) and protocol (1):
+# ordered as the backends (address, port, protocol), and compared as one
+# bytes object, not as nested tuples (sorts, bisections and the heap of
+# Turns compare turns about 20 times each). Its first 18 bytes are the
+# backend's Maglev identity (ctrl.model.maglev.identity).
+Turn = tuple[bytes, int]
+_PORT_PROTO = struct.Struct(">HB")
+
+
+def turn_place(b: Backend) -> bytes:
+    return b[0] + _PORT_PROTO.pack(b[1], b[2])
+
+
+def turns_of(ids: Iterable[int], backends: dict[int, Backend]) -> list[Turn]:
+    """The turns of these backend ids, in no order."""
+    return [(turn_place(backends[i]), i) for i in ids]
+
+
 _ID = itemgetter(1)  # a turn's backend id
 
 
+Splice = tuple[int, int, Turn]  # (position, 1: delete the turn there / 0: insert this turn there, turn)
+
+
+def _spliced(seq: Any, splices: list[Splice], value: Callable[[Turn], Any] | None = None) -> Any:
+    """A copy of seq (a list or an array) with splices made, in order: each
+    position is one of seq as it is, inserts at a position go before the
+    delete of what is there. value: what an inserted turn becomes in seq
+    (the turn itself by default). Copied in slices, once: one by one, each
+    insert or delete would move everything after it."""
+    out = seq[:0]
+    at = 0
+    for pos, delete, t in splices:
+        if pos > at:
+            out += seq[at:pos]
+        if delete:
+            at = pos + 1
+        else:
+            out.append(t if value is None else value(t))
+            at = pos
+    out += seq[at:]
+    return out
+
+
 class Turns:
-    """A turn order: (backend, id) pairs sorted, in blocks of about
-    BLOCK. A change's few backends added or gone cost a block's shift
-    each, not the whole order: at 100,000 backends a copy of the order
-    costs about 1 ms and a sort about 10 ms, an edit of 200 turns here
-    about 0.2 ms. Editing in place is for the order's one owner (a
-    table); copy() for another."""
+    """A turn order: (backend, id) pairs sorted. Only its first m turns
+    (`head`, a sorted list) fill a table of M = m; the rest (the tail) is
+    only ever asked for its smallest turns, when the head loses some, so
+    it is a heap, where a turn added costs one push and a turn gone is
+    only marked (dropped when it comes up, or when the marks grow to half
+    the heap). A change's 200 turns past the head cost about 0.1 ms, not
+    the 0.4 ms of keeping the whole order sorted. Editing in place is for
+    the order's one owner (a table); copy() for another."""
 
-    BLOCK = 1024
-    __slots__ = ("_blocks", "_maxes", "_len")
+    __slots__ = ("m", "head", "_tail", "_dead")
 
-    def __init__(self, ordered: Iterable[Turn] = ()):
+    def __init__(self, ordered: Iterable[Turn] = (), m: int = 0):
+        """ordered: the turns, sorted."""
         s = list(ordered)
-        b = self.BLOCK
-        self._blocks = [s[i : i + b] for i in range(0, len(s), b)]
-        self._maxes = [blk[-1] for blk in self._blocks]
-        self._len = len(s)
+        self.m = m
+        self.head: list[Turn] = s[:m]
+        self._tail = s[m:]  # a sorted list is a heap
+        # Turns gone from the tail, each still once in the heap (and not
+        # in the tail again: a turn put back while marked is unmarked).
+        self._dead: set[Turn] = set()
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.head) + len(self._tail) - len(self._dead)
 
     def __iter__(self) -> Iterator[Turn]:
-        return itertools.chain.from_iterable(self._blocks)
+        dead = self._dead
+        return itertools.chain(self.head, sorted(t for t in self._tail if t not in dead))
 
     def copy(self) -> Turns:
         t = Turns.__new__(Turns)
-        t._blocks = [blk[:] for blk in self._blocks]
-        t._maxes = self._maxes[:]
-        t._len = self._len
+        t.m, t.head, t._tail, t._dead = self.m, self.head[:], self._tail[:], set(self._dead)
         return t
 
-    def head(self, m: int) -> list[Turn]:
-        """The first m turns (those that take a turn in a table of M = m)."""
+    def _push(self, t: Turn) -> None:
+        if t in self._dead:
+            self._dead.discard(t)  # its copy in the heap stands again
+        else:
+            heappush(self._tail, t)
+
+    def tidy(self) -> None:
+        """Drop the marked turns from the heap."""
+        dead = self._dead
+        if dead:
+            self._tail = [t for t in self._tail if t not in dead]
+            heapify(self._tail)
+            dead.clear()
+
+    def edit(self, gone: Iterable[Turn], added: Iterable[Turn]) -> tuple[list[Splice], list[Turn]] | None:
+        """Without the turns gone (there), with the turns added (not
+        there). Returns how the head changed: its splices (see _spliced),
+        in order, positions in the head before the edit; after them the
+        head is cut to m, or filled up to m with the turns returned,
+        moved up from the tail. None, and nothing changed, when a turn
+        gone from the head is not there (not expected)."""
+        head = self.head
+        splices: list[Splice] = []
         out: list[Turn] = []
-        for blk in self._blocks:
-            if len(out) + len(blk) >= m:
-                out += blk[: m - len(out)]
-                break
-            out += blk
-        return out
-
-    def at(self, i: int) -> Turn:
-        for blk in self._blocks:
-            if i < len(blk):
-                return blk[i]
-            i -= len(blk)
-        raise IndexError(i)
-
-    def index(self, turn: Turn) -> int:
-        """The position of turn (there); cheap near the start, where the
-        first M turns are."""
-        k = bisect_left(self._maxes, turn)
-        blocks = self._blocks
-        return sum(len(blocks[i]) for i in range(k)) + bisect_left(blocks[k], turn)
-
-    def range(self, lo: int, hi: int) -> list[Turn]:
-        """Turns lo to hi - 1."""
-        out: list[Turn] = []
-        for blk in self._blocks:
-            if hi <= 0:
-                break
-            if lo < len(blk):
-                out += blk[max(lo, 0) : hi]
-            lo -= len(blk)
-            hi -= len(blk)
-        return out
-
-    def discard(self, turn: Turn) -> bool:
-        """Drop turn; whether it was there."""
-        maxes = self._maxes
-        k = bisect_left(maxes, turn)
-        if k == len(maxes):
-            return False
-        blk = self._blocks[k]
-        j = bisect_left(blk, turn)
-        if blk[j] != turn:
-            return False
-        del blk[j]
-        self._len -= 1
-        if not blk:
-            del self._blocks[k], maxes[k]
-        elif j == len(blk):
-            maxes[k] = blk[-1]
-        return True
-
-    def add(self, turn: Turn) -> None:
-        """Insert turn (not there yet) in its place."""
-        maxes, blocks = self._maxes, self._blocks
-        self._len += 1
-        if not blocks:
-            blocks.append([turn])
-            maxes.append(turn)
-            return
-        k = min(bisect_left(maxes, turn), len(maxes) - 1)
-        blk = blocks[k]
-        j = bisect_left(blk, turn)
-        blk.insert(j, turn)
-        if j == len(blk) - 1:
-            maxes[k] = turn
-        b = self.BLOCK
-        if len(blk) > 2 * b:
-            blocks[k : k + 1] = [blk[:b], blk[b:]]
-            maxes[k : k + 1] = [blk[b - 1], blk[-1]]
-
-    def edit(self, gone: Collection[int], added: Iterable[Turn], backends: dict[int, Backend]) -> None:
-        """Without the ids gone, with the turns added. Each gone id is
-        found by its backend; one that is not where backends says (not
-        expected: an id keeps its backend while a table names it) costs a
-        pass over the order instead."""
-        for g in gone:
-            b = backends.get(g)
-            if b is None or not self.discard((b, g)):
-                rest = [t for t in self if t[1] not in gone]
-                self.__init__(rest)  # type: ignore[misc]
-                break
-        for t in added:
-            self.add(t)
+        into: list[Turn] = []
+        if head:
+            end = head[-1]
+            for t in gone:
+                if t <= end:
+                    i = bisect_left(head, t)
+                    if head[i] != t:
+                        return None
+                    splices.append((i, 1, t))
+                else:
+                    out.append(t)
+            for t in added:
+                if t < end:
+                    splices.append((bisect_left(head, t), 0, t))
+                else:
+                    into.append(t)
+        else:
+            out, into = list(gone), list(added)
+        self._dead.update(out)
+        for t in into:
+            self._push(t)
+        if splices:
+            splices.sort()
+            self.head = head = _spliced(head, splices)
+        m, tail, dead = self.m, self._tail, self._dead
+        pulled: list[Turn] = []
+        if len(head) > m:
+            for t in head[m:]:
+                self._push(t)
+            del head[m:]
+        else:
+            while len(head) + len(pulled) < m and len(tail) > len(dead):
+                t = heappop(tail)
+                if t in dead:
+                    dead.discard(t)
+                else:
+                    pulled.append(t)
+            head += pulled
+        if len(dead) > 64 and 2 * len(dead) > len(tail):
+            self.tidy()
+        return splices, pulled
 
 
 @dataclass
@@ -534,7 +560,7 @@ class MaglevTables:
     def build(
         self, ids: IdSet, backends: dict[int, Backend], base: Table | None = None, own: bool = False
     ) -> tuple[Turns, array[int], Head]:
-        """The turn order ((backend, id) by address, port and protocol: the
+        """The turn order (turns, by address, port and protocol: the
         same on every node, unlike the ids), the table (backend id per
         entry) and the first M turns' ids and permutations (Head) of these
         backends. base: a table built here before (most often the one
@@ -560,90 +586,45 @@ class MaglevTables:
                 delta = frozenset(was.ids - ids.ids), frozenset(ids.ids - was.ids)
             else:
                 delta = None  # was's ids moved on: sorted anew below
-            if delta is not None and len(delta[0]) + len(delta[1]) <= len(old) // 4:
+            if (
+                delta is not None
+                and len(delta[0]) + len(delta[1]) <= len(old) // 4
+                and all(g in backends for g in delta[0])  # else (not expected) sorted anew below
+            ):
                 gone, new = delta
-                added = sorted(zip(map(backends.__getitem__, new), new, strict=True))
                 turns = old if own else old.copy()
+                edit = turns.edit(turns_of(gone, backends), sorted(turns_of(new, backends)))
                 head = base.head if own or base.head is None else base.head.copy()
-                if head is None:
-                    turns.edit(gone, added, backends)
-                else:
-                    touched = self._edit_head(turns, head, gone, added, backends)
-                    if touched is None:
-                        head = None  # turns edited; the head gathered below
-                    elif not touched and len(held) == (m if len(head.ids) else 0):
+                if edit is None:
+                    turns = head = None  # sorted anew below
+                elif head is not None:
+                    if edit[0] or edit[1]:
+                        self._edit_head(head, *edit)
+                    elif len(held) == (m if len(head.ids) else 0):
                         # The same first M turns: the same table (only
                         # they take a turn), not filled again.
                         kept, table = True, held
         if turns is None:
             # Compared in C, no key function per backend.
-            turns = Turns(sorted(zip(map(backends.__getitem__, ids), ids, strict=True)))
+            turns = Turns(sorted(turns_of(ids, backends)), m)
         if head is None:
-            head = self._gather(turns.head(m))
+            head = self._gather(turns.head)
         if not kept:
             table = native.fill(head.perms, head.ids, m)
         self._built[ids] = (turns, table, head)
         return turns, table, head
 
-    def _edit_head(
-        self, turns: Turns, head: Head, gone: Collection[int], added: list[Turn], backends: dict[int, Backend]
-    ) -> bool | None:
-        """turns without the ids gone and with the turns added (Turns.edit),
-        and head, the ids and permutations of its first turns, edited the
-        same way and filled up to M; whether head changed (when not, its
-        table stays). A turn gone or added before the last one head holds
-        is placed by bisection in the order before the edit, and head's
-        arrays are spliced once, in slices: one by one, each insert or
-        delete would move the arrays' tails (16,381 ids and permutations;
-        100 of them cost about 0.5 ms). None (turns edited, head not)
-        when a backend is not where backends says (not expected)."""
-        ids, perms = head.ids, head.perms
+    def _edit_head(self, head: Head, splices: list[Splice], pulled: list[Turn]) -> None:
+        """head (the ids and permutations of a turn order's head) edited as
+        Turns.edit edited that head: the splices made, cut to M, the turns
+        pulled up appended."""
         m = self.size
-        if any(g not in backends for g in gone) or (ids and ids[-1] not in backends):
-            turns.edit(gone, added, backends)
-            return None
-        # (position in the order before the edit, 0 to insert there or 1
-        # to delete the turn there, the turn): inserts at a position go
-        # before the delete of the turn there, in turn order.
-        splices: list[tuple[int, int, Turn]] = []
-        if ids:
-            end = (backends[ids[-1]], ids[-1])  # the last turn head holds
-            gone_turns = [(backends[g], g) for g in gone]
-            splices += [(turns.index(t), 1, t) for t in gone_turns if t <= end]
-            splices += [(turns.index(t), 0, t) for t in added if t < end]
-        else:
-            gone_turns = [(backends[g], g) for g in gone]
-        for t in gone_turns:
-            if not turns.discard(t):  # nothing added yet: Turns.edit finishes
-                turns.edit(gone, added, backends)
-                return None
-        for t in added:
-            turns.add(t)
-        if splices:
-            splices.sort()
-            new_ids, new_perms = array(ids.typecode), array(perms.typecode)
-            at = 0
-            for pos, delete, t in splices:
-                if pos > at:
-                    new_ids += ids[at:pos]
-                    new_perms += perms[at:pos]
-                if delete:
-                    at = pos + 1
-                else:
-                    new_ids.append(t[1])
-                    new_perms.append(self._perm(t))
-                    at = pos
-            new_ids += ids[at:]
-            new_perms += perms[at:]
-            del new_ids[m:], new_perms[m:]
-            head.ids, head.perms = ids, perms = new_ids, new_perms
-        n = min(m, len(turns))
-        if len(ids) < n:
-            more = turns.range(len(ids), n)
-            ids.extend(map(_ID, more))
-            perms.extend(map(self._perm, more))
-            return True
-        return bool(splices)
+        ids = _spliced(head.ids, splices, _ID) if splices else head.ids
+        perms = _spliced(head.perms, splices, self._perm) if splices else head.perms
+        del ids[m:], perms[m:]
+        ids.extend(map(_ID, pulled))
+        perms.extend(map(self._perm, pulled))
+        head.ids, head.perms = ids, perms
 
     def _perm(self, t: Turn) -> int:
         """A backend's permutation (native.pack), hashed once per id and
@@ -656,8 +637,7 @@ class MaglevTables:
                 # (the others are hashed again if they come back).
                 live = {i for tb in self.tables.values() if tb.head for i in tb.head.ids}
                 self._perms = {i: q for i, q in self._perms.items() if i in live}
-            b = t[0]
-            p = self._perms[t[1]] = native.pack(*maglev.hashed(maglev.identity(b[0], b[1]), self.size))
+            p = self._perms[t[1]] = native.pack(*maglev.hashed(t[0][:18], self.size))
         return p
 
     def _gather(self, head: list[Turn]) -> Head:

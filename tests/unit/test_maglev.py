@@ -538,13 +538,10 @@ def test_tables_follow_deltas_as_if_built_from_scratch():
 
 def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch):
     """Tables filled from a head (the first M turns' ids and permutations)
-    edited change after change, in blocks of 4 turns so edits cross
-    blocks: after each change the table is the one built from nothing,
-    with turns gone from and added to the first M, and more or fewer
-    backends than M."""
-    from ctrl.dataplane.tables import Turns
-
-    monkeypatch.setattr(Turns, "BLOCK", 4)
+    edited change after change: after each change the table is the one
+    built from nothing and the head holds the first M turns, with turns
+    gone from and added to the first M, past them only, and more or
+    fewer backends than M (steps 20 to 29)."""
     m = maglev.MIN_SIZE
     rng = random.Random(3)
     p = Programmed(maglev_size=m)
@@ -554,7 +551,19 @@ def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch)
     monkeypatch.setattr(native, "fill", lambda perms, ids, mm: fills.append(len(ids)) or real_fill(perms, ids, mm))
     for step in range(60):
         before = set(have)
-        if step % 3 == 2:  # past the first M turns only: the same table
+        if step == 20:  # fewer than M
+            gone = set(sorted(have)[m - 60 :])
+            new = set()
+            have = have - gone
+        elif step == 25:  # fewer than M, turns added past the last: the table changes all the same
+            new = set(range(max(have) + 1, max(have) + 6))
+            gone = set()
+            have = have | new
+        elif step == 30:  # more again
+            new = set(rng.sample([i for i in range(3000) if i not in have], 150))
+            gone = set()
+            have = have | new
+        elif step % 3 == 2 and len(have) > m + 4:  # past the first M turns only: the same table
             gone = set(rng.sample(sorted(have)[m:], rng.randrange(1, 4)))
             new = set(rng.sample(range(max(have) + 1, max(have) + 50), rng.randrange(0, 4)))
             have = (have - gone) | new
@@ -568,6 +577,10 @@ def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch)
         filled = len(fills)
         assert p.sync({"default/web": [f]}).rejected == {}
         assert table_of(p, f) == [(*e, TCP) for e in owners([ep(i) for i in have], m)], step
+        (t,) = p.tables.tables.values()
+        assert t.head is not None and t.turns is not None
+        assert [p.bids.backends[b] for b in t.head.ids] == [be(i) for i in sorted(have)[:m]], step
+        assert t.head.ids.tolist() == [i for _, i in t.turns.head], step
         # Filled again exactly when the first M turns changed (ids order
         # as their addresses do here).
         assert (len(fills) > filled) == (not step or sorted(before)[:m] != sorted(have)[:m]), step
@@ -586,56 +599,76 @@ def test_kept_permutations_stay_bounded():
     assert len(p.tables._perms) <= 2 * m * (len(p.tables.tables) + 1) + 200
 
 
-def test_turn_order_edit_finds_each_turn_or_falls_back():
-    """ctrl.dataplane.tables.Turns.edit: the turns gone are found by their
-    backend; one whose backend the id map no longer names is still
-    dropped (a pass over the order), and the result is the sorted order."""
-    from ctrl.dataplane.tables import Turns
+def test_turn_place_orders_as_the_backends_and_starts_with_the_identity():
+    """A turn's place (ctrl.dataplane.tables.turn_place), compared as
+    bytes, orders backends as their (address, port, protocol) tuples do,
+    IPv4 and IPv6, ports across the byte boundary; its first 18 bytes are
+    the Maglev identity the permutation is hashed from."""
+    from ctrl.dataplane.tables import turn_place
 
-    old = [(be(i), 100 + i) for i in range(0, 40, 2)]
-    backends = {100 + i: be(i) for i in range(40)}
-    added = [(be(i), 100 + i) for i in (1, 17, 39)]
-    gone = frozenset({100, 110, 138})
-    want = sorted([t for t in old if t[1] not in gone] + added)
-    t = Turns(old)
-    t.edit(gone, added, backends)
-    assert list(t) == want and len(t) == len(want)
-    del backends[110]
-    t = Turns(old)
-    t.edit(gone, added, backends)
-    assert list(t) == want
-    t = Turns(old)
-    t.edit(frozenset(), [], backends)
-    assert list(t) == old
+    rng = random.Random(5)
+    prefixes = ("198.18.0.", "198.19.3.", "2001:db8::")
+    bs = list(
+        {
+            (addr16(rng.choice(prefixes) + str(rng.randrange(1, 250))), rng.choice((1, 255, 256, 8080, 65535)), proto)
+            for proto in (6, 17, 132)
+            for _ in range(150)
+        }
+    )
+    assert sorted(bs, key=turn_place) == sorted(bs)
+    for b in bs:
+        assert turn_place(b)[:18] == maglev.identity(b[0], b[1])
 
 
-def test_turn_order_in_blocks_stays_sorted(monkeypatch):
-    """Turns kept in small blocks through random inserts and drops
-    (blocks split, emptied and removed): always the sorted order, its
-    head and its i-th turn as a list's, and a copy edited apart from
-    the original."""
-    from ctrl.dataplane.tables import Turns
+def test_turn_order_edit_refuses_a_head_turn_not_there():
+    """ctrl.dataplane.tables.Turns.edit: a turn gone from the head that
+    is not there (not expected: an id keeps its backend) makes it answer
+    None and change nothing; the caller sorts the turns anew."""
+    from ctrl.dataplane.tables import Turns, turn_place
 
-    monkeypatch.setattr(Turns, "BLOCK", 4)
+    old = [(turn_place(be(i)), 100 + i) for i in range(0, 40, 2)]
+    t = Turns(old, 5)
+    assert t.edit([(turn_place(be(3)), 103)], [(turn_place(be(1)), 101)]) is None
+    assert list(t) == old and t.head == old[:5] and len(t) == len(old)
+    # Past the head a turn gone is only marked: the order is right.
+    assert t.edit([(turn_place(be(30)), 130)], [(turn_place(be(1)), 101)]) is not None
+    assert list(t) == sorted([x for x in old if x[1] != 130] + [(turn_place(be(1)), 101)])
+
+
+def test_turn_order_keeps_its_head_sorted_and_says_how_it_changed(monkeypatch):
+    """Turns through random edits (turns that leave and come back, the
+    head losing and gaining turns, the marks of the heap tidied): always
+    the sorted order and its first m turns as the head; the splices and
+    turns pulled up that edit() returns make the old head the new one; a
+    copy edited apart stays as it was."""
+    from ctrl.dataplane.tables import Turns, _spliced, turn_place
+
+    tidied = []
+    real_tidy = Turns.tidy
+    monkeypatch.setattr(Turns, "tidy", lambda self: tidied.append(len(self._dead)) or real_tidy(self))
     rng = random.Random(7)
-    have = set(rng.sample(range(500), 60))
-    t = Turns(sorted((be(i), i) for i in have))
-    backends = {i: be(i) for i in range(500)}
-    for _ in range(200):
-        gone = set(rng.sample(sorted(have), min(len(have), rng.randrange(0, 8))))
-        new = set(rng.sample([i for i in range(500) if i not in have], rng.randrange(0, 8)))
-        before = list(t)
+    m = 20
+    have = set(rng.sample(range(2000), 300))
+    t = Turns(sorted((turn_place(be(i)), i) for i in have), m)
+    for step in range(300):
+        k = rng.randrange(0, 30)
+        if step % 5 == 4:  # the head only
+            gone = set(sorted(have)[: min(k, len(have))])
+        else:
+            gone = set(rng.sample(sorted(have), min(len(have), k)))
+        new = set(rng.sample([i for i in range(2000) if i not in have], rng.randrange(0, 30)))
+        before, head_before = list(t), list(t.head)
         c = t.copy()
-        t.edit(gone, sorted((be(i), i) for i in new), backends)
+        edit = t.edit(sorted((turn_place(be(i)), i) for i in gone), sorted((turn_place(be(i)), i) for i in new))
+        assert edit is not None
         have = (have - gone) | new
-        want = sorted((be(i), i) for i in have)
-        assert list(t) == want and len(t) == len(want)
-        assert list(c) == before
-        m = rng.randrange(1, 80)
-        assert t.head(m) == want[:m]
-        if want:
-            i = rng.randrange(len(want))
-            assert t.at(i) == want[i]
+        want = sorted((turn_place(be(i)), i) for i in have)
+        assert list(t) == want and len(t) == len(want), step
+        assert t.head == want[:m], step
+        splices, pulled = edit
+        assert _spliced(head_before, splices)[:m] + pulled == t.head, step
+        assert list(c) == before and c.head == head_before
+    assert tidied and max(tidied) > 64
 
 
 def test_id_set_fingerprint_follows_its_deltas():
