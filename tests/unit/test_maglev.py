@@ -90,6 +90,21 @@ def test_same_table_whatever_the_order():
     assert owners(eps) == owners(eps + eps[:10])  # an endpoint listed twice counts once
 
 
+@pytest.mark.parametrize(
+    "addr, port, m, want",
+    [
+        ("198.18.0.1", 8080, 16381, (12503, 11710)),
+        ("2001:db8::7", 443, 1021, (893, 772)),
+        ("198.19.255.254", 65535, 65537, (42591, 35469)),
+    ],
+)
+def test_permutation_is_pinned(addr, port, m, want):
+    """A backend's (offset, skip) is the same on every node and in every
+    version: nodes running different versions during an upgrade must
+    build the same tables, so these values may never change."""
+    assert maglev.hashed(maglev.identity(addr16(addr), port), m) == want
+
+
 def test_empty_table():
     assert maglev.build([], M) == []
 
