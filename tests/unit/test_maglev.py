@@ -681,9 +681,38 @@ def test_turn_order_keeps_its_head_sorted_and_says_how_it_changed(monkeypatch):
         assert list(t) == want and len(t) == len(want), step
         assert t.head == want[:m], step
         splices, pulled = edit
-        assert _spliced(head_before, splices)[:m] + pulled == t.head, step
+        assert _spliced(list(head_before), splices)[:m] + pulled == t.head, step
         assert list(c) == before and c.head == head_before
     assert tidied and max(tidied) > 64
+
+
+@pytest.mark.parametrize("in_place_runs", [0, 10**9], ids=["copied", "in-place"])
+def test_splices_made_in_place_or_by_copy_agree(monkeypatch, in_place_runs):
+    """ctrl.dataplane.tables._spliced, on a list and on an array, edited
+    in place run by run or copied once: the same result as inserting and
+    deleting one by one, for runs next to each other and scattered,
+    inserts before the delete at their position."""
+    from ctrl.dataplane import tables
+
+    monkeypatch.setattr(tables, "SPLICE_IN_PLACE_RUNS", in_place_runs)
+    rng = random.Random(11)
+    for _ in range(200):
+        n = rng.randrange(0, 40)
+        base = list(range(0, 2 * n, 2))
+        dels = sorted(rng.sample(range(n), rng.randrange(0, n + 1)))
+        if rng.random() < 0.5 and n:  # one run, as a slice's endpoints make
+            start = rng.randrange(n)
+            dels = list(range(start, min(n, start + rng.randrange(1, 10))))
+        ins = [(rng.randrange(n + 1), -1 - k) for k in range(rng.randrange(0, 8))]
+        splices = sorted([(i, 1, base[i]) for i in dels] + [(pos, 0, v) for pos, v in ins])
+        want = []
+        for i in range(n + 1):
+            want += sorted(v for pos, v in ins if pos == i)
+            if i < n and i not in dels:
+                want.append(base[i])
+        assert tables._spliced(list(base), splices) == want
+        got = tables._spliced(array("q", base), splices, lambda v: v * 10)
+        assert got.tolist() == [v * 10 if v < 0 else v for v in want]
 
 
 def test_id_set_fingerprint_follows_its_deltas():
