@@ -215,7 +215,7 @@ def _spliced(seq: Any, splices: list[Splice], value: Callable[[Turn], Any] | Non
 
 
 class Turns:
-    """A turn order: (backend, id) pairs sorted. Only its first m turns
+    """A turn order: turns (place, id) sorted. Only its first m turns
     (`head`, a sorted list) fill a table of M = m; the rest (the tail) is
     only ever asked for its smallest turns, when the head loses some, so
     it is a heap, where a turn added costs one push and a turn gone is

@@ -81,8 +81,6 @@ def identity(addr16: bytes, port: int) -> bytes:
     return addr16 + port.to_bytes(2, "big")
 
 
-# A Service's next table is mostly the same backends: their permutations
-# are kept (about 200 bytes each), not hashed again.
 _HASH = blake2b(digest_size=8, person=b"sp-maglev")  # copied for each identity
 _HALVES = struct.Struct(">II").unpack
 
@@ -98,6 +96,8 @@ def hashed(ident: bytes, m: int) -> tuple[int, int]:
     return offset % m, skip % (m - 1) + 1
 
 
+# A Service's next table is mostly the same backends: their permutations
+# are kept (about 200 bytes each), not hashed again.
 permutation = lru_cache(maxsize=1 << 17)(hashed)
 
 
