@@ -3,10 +3,12 @@
 the BPF object: SLICEPROXY_NATIVE_LIB, build/ next to the package, or
 /usr/share/sliceproxy/ (the image).
 
-It populates Maglev tables: ctrl.model.maglev.build in C, the same table
-for the same turns (tests/unit/test_native.py compares them). Without the
-library the Python build serves, about 20 ms a table instead of well under
-one; the agent says so once at start (ctrl.cli.run) when Maglev is on.
+It populates Maglev tables (fill: ctrl.model.maglev.build in C, the same
+table for the same turns) and edits the first M turns of a turn order
+(merge_turns); tests/unit/test_native.py compares each with its Python
+reference. Without the library the Python ones serve, about 20 ms a
+table instead of well under one; the agent says so once at start
+(ctrl.cli.run) when Maglev is on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from cffi import FFI
 from ..model import maglev
 
 ffi = FFI()
-ffi.cdef("int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32_t m, uint32_t *out);")
+ffi.cdef(
+    """
+int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32_t m, uint32_t *out);
+int64_t sp_turns_merge(const uint8_t *turns, const uint32_t *ids, const uint64_t *perms, uint32_t n,
+                       const uint8_t *gone, uint32_t ng, const uint8_t *added, const uint64_t *aperms, uint32_t na,
+                       uint8_t *okeys, uint32_t *oids, uint64_t *operms, uint32_t cap);
+"""
+)
 
 NAME = "libsliceproxy.so"
 # An array of 64-bit unsigned integers: "L" (unsigned long) where it is 8
@@ -86,3 +95,69 @@ def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
     if rc:
         raise ValueError(f"Maglev table of {n} backends over {m} entries: a permutation out of range (M prime?)")
     return out
+
+
+# A turn as merge_turns takes it: 23 bytes (ctrl.dataplane.tables: place
+# 19, id 4 big-endian), compared as bytes.
+TURN = 23
+
+
+def merge_turns(
+    turns: bytes | bytearray, ids: array[int], perms: array[int], gone: bytes, added: bytes, aperms: array[int]
+) -> tuple[bytearray, array[int], array[int]] | None:
+    """Sorted turns (TURN bytes each, one after the other) with their ids
+    and permutations (array "I", array U64), without the turns gone and
+    with the turns added (each sorted, joined the same way; aperms: the
+    added ones' permutations): the new turns, ids and permutations, or
+    None when a gone turn is not there or an added one is (a turn both
+    gone and added is taken out, then in). In C when the library is
+    there (one bisection per change, copies between)."""
+    n, ng, na = len(ids), len(gone) // TURN, len(added) // TURN
+    lib = library()
+    if lib is None:
+        return _merge_turns_py(turns, ids, perms, gone, added, aperms)
+    out = n - ng + na
+    if out < 0:
+        return None  # more gone than there
+    okeys, oids, operms = bytearray(out * TURN), array("I", bytes(4 * out)), array(U64, bytes(8 * out))
+    fb = ffi.from_buffer
+    got = lib.sp_turns_merge(
+        fb("uint8_t[]", turns),
+        fb("uint32_t[]", ids),
+        fb("uint64_t[]", perms),
+        n,
+        fb("uint8_t[]", gone),
+        ng,
+        fb("uint8_t[]", added),
+        fb("uint64_t[]", aperms),
+        na,
+        fb("uint8_t[]", okeys),
+        fb("uint32_t[]", oids),
+        fb("uint64_t[]", operms),
+        out,
+    )
+    return None if got != out else (okeys, oids, operms)
+
+
+def _merge_turns_py(
+    turns: bytes | bytearray, ids: array[int], perms: array[int], gone: bytes, added: bytes, aperms: array[int]
+) -> tuple[bytearray, array[int], array[int]] | None:
+    """merge_turns without the library: the turns as a dict, sorted again."""
+
+    def split(b: bytes | bytearray) -> list[bytes]:
+        return [bytes(b[i : i + TURN]) for i in range(0, len(b), TURN)]
+
+    have = dict(zip(split(turns), zip(ids, perms, strict=True), strict=True))
+    for t in split(gone):
+        if have.pop(t, None) is None:
+            return None
+    for t, p in zip(split(added), aperms, strict=True):
+        if t in have:
+            return None
+        have[t] = (int.from_bytes(t[TURN - 4 :], "big"), p)
+    order = sorted(have)
+    return (
+        bytearray(b"".join(order)),
+        array("I", [have[t][0] for t in order]),
+        array(U64, [have[t][1] for t in order]),
+    )

@@ -23,13 +23,11 @@ from __future__ import annotations
 import itertools
 import struct
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from heapq import heapify, heappop, heappush
-from operator import itemgetter
-from typing import Any
 
 from ..model import maglev
 from ..model.plan import Backend, FKey
@@ -48,7 +46,6 @@ class Table:
     # next table of mostly the same backends is not sorted from scratch;
     # None when not built here (adopted, distrusted).
     turns: Turns | None = None
-    head: Head | None = None  # the first M turns' ids and permutations, with turns
 
 
 # Salt of an id's hash in a set's fingerprint (IdSet): a tuple's hash
@@ -138,14 +135,17 @@ def _changed_chunks(tid: int, old: array[int], new: array[int]) -> list[tuple[in
     ]
 
 
-# A backend's turn: (its place in the turn order, its id). The place is
-# the backend's address (16 bytes), port (2, big-endian) and protocol (1):
-# ordered as the backends (address, port, protocol), and compared as one
-# bytes object, not as nested tuples (sorts, bisections and the heap of
-# Turns compare turns about 20 times each). Its first 18 bytes are the
+# A backend's turn: its place in the turn order, then its id (4 bytes,
+# big-endian), as one bytes object (native.TURN bytes). The place is the
+# backend's address (16 bytes), port (2, big-endian) and protocol (1):
+# turns compare as the backends (address, port, protocol) do, as bytes
+# (one memcmp, not nested tuples: sorts, the heap and the merge in C
+# compare turns about 20 times each). Its first 18 bytes are the
 # backend's Maglev identity (ctrl.model.maglev.identity).
-Turn = tuple[bytes, int]
+Turn = bytes
 _PORT_PROTO = struct.Struct(">HB")
+_ID4 = struct.Struct(">I")
+TURN = native.TURN
 
 
 def turn_place(b: Backend) -> bytes:
@@ -154,110 +154,72 @@ def turn_place(b: Backend) -> bytes:
 
 def turns_of(ids: Iterable[int], backends: dict[int, Backend]) -> list[Turn]:
     """The turns of these backend ids, in no order."""
-    return [(turn_place(backends[i]), i) for i in ids]
+    pack = _ID4.pack
+    return [turn_place(backends[i]) + pack(i) for i in ids]
 
 
-_ID = itemgetter(1)  # a turn's backend id
-_ID4 = struct.Struct(">I")
+def turn_id(t: Turn) -> int:
+    return _ID4.unpack_from(t, TURN - 4)[0]
 
 
-def _key(t: Turn) -> bytes:
-    """A turn as one bytes object ordered as the turns: its place, then
-    its id."""
-    return t[0] + _ID4.pack(t[1])
-
-
-def _turn(k: bytes) -> Turn:
-    return k[:-4], _ID4.unpack_from(k, len(k) - 4)[0]
-
-
-Splice = tuple[int, int, Turn]  # (position, 1: delete the turn there / 0: insert this turn there, turn)
-
-
-# Up to this many runs of splices an array is edited in place (a move of
-# its tail per run); past it, copied once. A list is always edited in
-# place: a copy touches every item (its reference count), which at 16,381
-# turns scattered in memory costs more than 100 moves of its pointers.
-SPLICE_IN_PLACE_RUNS = 8
-
-
-def _spliced(seq: Any, splices: list[Splice], value: Callable[[Turn], Any] | None = None) -> Any:
-    """seq (a list or an array) with splices made, in order: each position
-    is one of seq as it is, inserts at a position go before the delete of
-    what is there. value: what an inserted turn becomes in seq (the turn
-    itself by default). Splices next to each other are one run, made as
-    one slice assignment, made in place from the last, each moving the
-    tail once. An array with many runs (scattered turns) is copied once,
-    in slices, instead. The result may be seq itself."""
-    runs: list[list[Any]] = []  # [start, end, inserted values]: seq[start:end] becomes the values
-    for pos, delete, t in splices:
-        if runs and pos <= runs[-1][1]:
-            run = runs[-1]
-        else:
-            run = [pos, pos, []]
-            runs.append(run)
-        if delete:
-            run[1] = pos + 1
-        else:
-            run[2].append(t if value is None else value(t))
-    if isinstance(seq, list) or len(runs) <= SPLICE_IN_PLACE_RUNS:
-        for start, end, vals in reversed(runs):
-            seq[start:end] = vals if isinstance(seq, list) else array(seq.typecode, vals)
-        return seq
-    out = seq[:0]
-    at = 0
-    for start, end, vals in runs:
-        out += seq[at:start]
-        out.extend(vals)
-        at = end
-    out += seq[at:]
-    return out
+# The permutations (native.pack) of backends: their ids, their turns.
+PermsOf = Callable[[Sequence[int], Sequence[Turn]], "array[int]"]
 
 
 class Turns:
-    """A turn order: turns (place, id) sorted. Only its first m turns
-    (`head`, a sorted list) fill a table of M = m; the rest (the tail) is
-    only ever asked for its smallest turns, when the head loses some, so
-    it is a heap, where a turn added costs one push and a turn gone is
-    only marked (dropped when it comes up, or when the marks grow to half
-    the heap). A change's 200 turns past the head cost about 0.1 ms, not
-    the 0.4 ms of keeping the whole order sorted. The heap holds each turn
-    as one bytes key (its place and its id): a pop compares about 34 keys
-    scattered in memory, half the cache misses of (place, id) tuples.
-    Editing in place is for the order's one owner (a table); copy() for
-    another."""
+    """A turn order: turns sorted. Only its first m turns (the head) fill
+    a table of M = m, and the head is kept as the fill in C takes it: its
+    turns one after the other in one bytearray (`keys`), their ids
+    (array "I") and permutations (array native.U64). A change to the head
+    is one merge in C (native.merge_turns: a bisection per turn gone or
+    added, the runs between copied whole), about 0.05 ms at 16,381 turns
+    where keeping a list of them sorted in Python cost 0.3-0.6 ms. The
+    rest (the tail) is only ever asked for its smallest turns, when the
+    head loses some, so it is a heap: a turn added costs one push, a turn
+    gone is only marked (dropped when it comes up, or when the marks grow
+    to half the heap). Editing in place is for the order's one owner (a
+    table); copy() for another."""
 
-    __slots__ = ("m", "head", "_tail", "_dead")
+    __slots__ = ("m", "keys", "ids", "perms", "_tail", "_dead", "_perms_of")
 
-    def __init__(self, ordered: Iterable[Turn] = (), m: int = 0):
-        """ordered: the turns, sorted."""
-        s = list(ordered)
+    def __init__(self, ordered: Sequence[Turn], m: int, perms_of: PermsOf):
+        """ordered: the turns, sorted. perms_of: the permutations of
+        backends taking the head."""
+        head = ordered[:m]
         self.m = m
-        self.head: list[Turn] = s[:m]
-        self._tail = [_key(t) for t in s[m:]]  # a sorted list is a heap
-        # Keys of turns gone from the tail, each still once in the heap
-        # (and not in the tail again: a turn put back while marked is
-        # unmarked).
-        self._dead: set[bytes] = set()
+        self._perms_of = perms_of
+        self.keys = bytearray(b"".join(head))
+        self.ids = array("I", map(turn_id, head))
+        self.perms = perms_of(self.ids, head)
+        self._tail = list(ordered[m:])  # a sorted list is a heap
+        # Turns gone from the tail, each still once in the heap (and not
+        # in the tail again: a turn put back while marked is unmarked).
+        self._dead: set[Turn] = set()
+
+    @property
+    def head(self) -> list[Turn]:
+        keys = self.keys
+        return [bytes(keys[i : i + TURN]) for i in range(0, len(keys), TURN)]
 
     def __len__(self) -> int:
-        return len(self.head) + len(self._tail) - len(self._dead)
+        return len(self.ids) + len(self._tail) - len(self._dead)
 
     def __iter__(self) -> Iterator[Turn]:
         dead = self._dead
-        return itertools.chain(self.head, map(_turn, sorted(k for k in self._tail if k not in dead)))
+        return itertools.chain(self.head, sorted(k for k in self._tail if k not in dead))
 
     def copy(self) -> Turns:
         t = Turns.__new__(Turns)
-        t.m, t.head, t._tail, t._dead = self.m, self.head[:], self._tail[:], set(self._dead)
+        t.m, t._perms_of = self.m, self._perms_of
+        t.keys, t.ids, t.perms = bytearray(self.keys), array("I", self.ids), array(self.perms.typecode, self.perms)
+        t._tail, t._dead = self._tail[:], set(self._dead)
         return t
 
     def _push(self, t: Turn) -> None:
-        k = _key(t)
-        if k in self._dead:
-            self._dead.discard(k)  # its copy in the heap stands again
+        if t in self._dead:
+            self._dead.discard(t)  # its copy in the heap stands again
         else:
-            heappush(self._tail, k)
+            heappush(self._tail, t)
 
     def tidy(self) -> None:
         """Drop the marked turns from the heap."""
@@ -267,72 +229,53 @@ class Turns:
             heapify(self._tail)
             dead.clear()
 
-    def edit(self, gone: Iterable[Turn], added: Iterable[Turn]) -> tuple[list[Splice], list[Turn]] | None:
-        """Without the turns gone (there), with the turns added (not
-        there). Returns how the head changed: its splices (see _spliced),
-        in order, positions in the head before the edit; after them the
-        head is cut to m, or filled up to m with the turns returned,
-        moved up from the tail. None, and nothing changed, when a turn
-        gone from the head is not there (not expected)."""
-        head = self.head
-        splices: list[Splice] = []
-        out: list[Turn] = []
-        into: list[Turn] = []
-        if head:
-            end = head[-1]
-            for t in gone:
-                if t <= end:
-                    i = bisect_left(head, t)
-                    if head[i] != t:
-                        return None
-                    splices.append((i, 1, t))
-                else:
-                    out.append(t)
-            for t in added:
-                if t < end:
-                    splices.append((bisect_left(head, t), 0, t))
-                else:
-                    into.append(t)
-        else:
-            out, into = list(gone), list(added)
-        self._dead.update(map(_key, out))
-        for t in into:
+    def edit(self, gone: list[Turn], added: list[Turn]) -> bool | None:
+        """Without the turns gone (there) and with the turns added (not
+        there), each list sorted. Whether the head changed (its turns, in
+        order); None, and nothing changed, when a turn gone from the head
+        is not there or one added to it is (not expected)."""
+        changed = False
+        if self.ids:
+            end = bytes(self.keys[-TURN:])
+            ig, ia = bisect_right(gone, end), bisect_left(added, end)
+            if ig or ia:
+                into = added[:ia]
+                into_ids = [turn_id(t) for t in into]
+                got = native.merge_turns(
+                    self.keys, self.ids, self.perms, b"".join(gone[:ig]), b"".join(into), self._perms_of(into_ids, into)
+                )
+                if got is None:
+                    return None
+                self.keys, self.ids, self.perms = got
+                changed = True
+            gone, added = gone[ig:], added[ia:]
+        self._dead.update(gone)
+        for t in added:
             self._push(t)
-        if splices:
-            splices.sort()
-            self.head = head = _spliced(head, splices)
-        m, tail, dead = self.m, self._tail, self._dead
-        pulled: list[Turn] = []
-        if len(head) > m:
-            for t in head[m:]:
-                self._push(t)
-            del head[m:]
-        else:
-            while len(head) + len(pulled) < m and len(tail) > len(dead):
+        m, n = self.m, len(self.ids)
+        if n > m:
+            keys = self.keys
+            for at in range(m * TURN, n * TURN, TURN):
+                self._push(bytes(keys[at : at + TURN]))
+            del keys[m * TURN :], self.ids[m:], self.perms[m:]
+        elif n < m:
+            tail, dead = self._tail, self._dead
+            pulled: list[Turn] = []
+            while n + len(pulled) < m and len(tail) > len(dead):
                 k = heappop(tail)
                 if k in dead:
                     dead.discard(k)
                 else:
-                    pulled.append(_turn(k))
-            head += pulled
-        if len(dead) > 64 and 2 * len(dead) > len(tail):
+                    pulled.append(k)
+            if pulled:
+                ids = [turn_id(t) for t in pulled]
+                self.keys += b"".join(pulled)
+                self.ids.extend(ids)
+                self.perms.extend(self._perms_of(ids, pulled))
+                changed = True
+        if len(self._dead) > 64 and 2 * len(self._dead) > len(self._tail):
             self.tidy()
-        return splices, pulled
-
-
-@dataclass
-class Head:
-    """The ids and permutations (native.pack) of the first M turns of a
-    turn order, in turn order: what the fill in C takes. Kept with a
-    table and edited with its turn order, so a table filled again
-    gathers nothing (16,381 ids and permutations gathered in Python cost
-    about 1.5 ms)."""
-
-    ids: array[int]
-    perms: array[int]
-
-    def copy(self) -> Head:
-        return Head(array(self.ids.typecode, self.ids), array(self.perms.typecode, self.perms))
+        return changed
 
 
 class MaglevTables:
@@ -348,7 +291,7 @@ class MaglevTables:
         self._by_set: dict[tuple[str, IdSet], int] = {}
         self._next = 1
         # Turn orders and tables built in this sync, by backend set.
-        self._built: dict[IdSet, tuple[Turns, array[int], Head]] = {}
+        self._built: dict[IdSet, tuple[Turns, array[int]]] = {}
         self._perms: dict[int, int] = {}  # backend id -> its permutation (native.pack)
         # Backend sets made in this sync (id_set, derive): equal ones are
         # one object, and a derived one knows what it was derived from.
@@ -420,7 +363,7 @@ class MaglevTables:
         after the periodic check found the maps differ from what was
         written, an adopted table may be whole and still wrong."""
         for t in self.tables.values():
-            t.backends, t.turns, t.head = None, None, None
+            t.backends, t.turns = None, None
         self._by_set.clear()
 
     def prune(self, cs: ChangeSet) -> None:
@@ -577,7 +520,7 @@ class MaglevTables:
         """Table t to hold the table of ids: the chunks that differ. base:
         the table whose turn order to start from (see build), t's own by
         default."""
-        turns, new, head = self.build(ids, backends, base or t, own=base is None)
+        turns, new = self.build(ids, backends, base or t, own=base is None)
         old = t.entries
         tid = t.tid
         if new is not old:  # else the same first M turns: the same table
@@ -590,28 +533,28 @@ class MaglevTables:
         self.count += now - was
         if t.backends is not None and self._by_set.get((t.owner, t.backends)) == tid:
             del self._by_set[t.owner, t.backends]
-        t.owner, t.backends, t.entries, t.turns, t.head = owner, ids, new, turns, head
+        t.owner, t.backends, t.entries, t.turns = owner, ids, new, turns
         self._by_set.setdefault((owner, ids), tid)
 
     def build(
         self, ids: IdSet, backends: dict[int, Backend], base: Table | None = None, own: bool = False
-    ) -> tuple[Turns, array[int], Head]:
+    ) -> tuple[Turns, array[int]]:
         """The turn order (turns, by address, port and protocol: the
-        same on every node, unlike the ids), the table (backend id per
-        entry) and the first M turns' ids and permutations (Head) of these
+        same on every node, unlike the ids; with its first M turns' ids
+        and permutations) and the table (backend id per entry) of these
         backends. base: a table built here before (most often the one
-        these backends replace), whose turn order and head are taken over:
-        the backends it lacks are merged in and the ones gone are dropped,
+        these backends replace), whose turn order is taken over: the
+        backends it lacks are merged in and the ones gone are dropped,
         not all of them sorted and gathered again; and when the first M
         turns are the same, so is the table (only the first M take a
-        turn), and it is not built again. own: base's turn order and head
-        may be edited in place (base is the table being refilled), else
-        they are copied."""
+        turn), and it is not built again. own: base's turn order may be
+        edited in place (base is the table being refilled), else it is
+        copied."""
         got = self._built.get(ids)
         if got is not None:
-            return got[0].copy(), got[1], got[2].copy()  # a turn order has one owner
+            return got[0].copy(), got[1]  # a turn order has one owner
         m = self.size
-        turns = head = None
+        turns = None
         kept = False
         if base is not None and base.backends is not None and base.turns is not None:
             old, was, held = base.turns, base.backends, base.entries
@@ -629,63 +572,42 @@ class MaglevTables:
             ):
                 gone, new = delta
                 turns = old if own else old.copy()
-                edit = turns.edit(turns_of(gone, backends), sorted(turns_of(new, backends)))
-                head = base.head if own or base.head is None else base.head.copy()
-                if edit is None:
-                    turns = head = None  # sorted anew below
-                elif head is not None:
-                    if edit[0] or edit[1]:
-                        self._edit_head(head, *edit)
-                    elif len(held) == (m if len(head.ids) else 0):
-                        # The same first M turns: the same table (only
-                        # they take a turn), not filled again.
-                        kept, table = True, held
+                changed = turns.edit(sorted(turns_of(gone, backends)), sorted(turns_of(new, backends)))
+                if changed is None:
+                    turns = None  # sorted anew below
+                elif not changed and len(held) == (m if len(turns.ids) else 0):
+                    # The same first M turns: the same table (only they
+                    # take a turn), not filled again.
+                    kept, table = True, held
         if turns is None:
             # Compared in C, no key function per backend.
-            turns = Turns(sorted(turns_of(ids, backends)), m)
-        if head is None:
-            head = self._gather(turns.head)
+            turns = Turns(sorted(turns_of(ids, backends)), m, self._perms_of)
         if not kept:
-            table = native.fill(head.perms, head.ids, m)
-        self._built[ids] = (turns, table, head)
-        return turns, table, head
+            table = native.fill(turns.perms, turns.ids, m)
+        self._built[ids] = (turns, table)
+        return turns, table
 
-    def _edit_head(self, head: Head, splices: list[Splice], pulled: list[Turn]) -> None:
-        """head (the ids and permutations of a turn order's head) edited as
-        Turns.edit edited that head: the splices made, cut to M, the turns
-        pulled up appended."""
-        m = self.size
-        ids = _spliced(head.ids, splices, _ID) if splices else head.ids
-        perms = _spliced(head.perms, splices, self._perm) if splices else head.perms
-        del ids[m:], perms[m:]
-        ids.extend(map(_ID, pulled))
-        perms.extend(map(self._perm, pulled))
-        head.ids, head.perms = ids, perms
-
-    def _perm(self, t: Turn) -> int:
-        """A backend's permutation (native.pack), hashed once per id and
-        kept: an id names one backend for as long as this object lives
-        (ctrl.dataplane.ids never reuses one)."""
-        p = self._perms.get(t[1])
-        if p is None:
-            if len(self._perms) > 2 * self.size * (len(self.tables) + 1):
-                # Mostly backends gone: keep those the tables' heads hold
-                # (the others are hashed again if they come back).
-                live = {i for tb in self.tables.values() if tb.head for i in tb.head.ids}
-                self._perms = {i: q for i, q in self._perms.items() if i in live}
-            p = self._perms[t[1]] = native.pack(*maglev.hashed(t[0][:18], self.size))
-        return p
-
-    def _gather(self, head: list[Turn]) -> Head:
-        """The ids and permutations of these first M turns."""
-        ids = array("I", map(_ID, head))
+    def _perms_of(self, ids: Sequence[int], turns: Sequence[Turn]) -> array[int]:
+        """The permutations (native.pack) of these backends (their ids and
+        turns), each hashed once per id and kept: an id names one backend
+        for as long as this object lives (ctrl.dataplane.ids never reuses
+        one)."""
         perms = self._perms
         got: list[int | None] = list(map(perms.get, ids))
         try:  # no scan for the missing: an array takes no None
-            packed: array[int] = array(native.U64, got)  # type: ignore[arg-type]
+            return array(native.U64, got)  # type: ignore[arg-type]
         except TypeError:
-            packed = array(native.U64, [p if p is not None else self._perm(t) for p, t in zip(got, head, strict=True)])
-        return Head(ids, packed)
+            pass
+        if len(perms) > 2 * self.size * (len(self.tables) + 1):
+            # Mostly backends gone: keep those the tables' heads hold
+            # (the others are hashed again if they come back).
+            live = {i for tb in self.tables.values() if tb.turns for i in tb.turns.ids}
+            self._perms = perms = {i: q for i, q in perms.items() if i in live}
+        size = self.size
+        for j, p in enumerate(got):
+            if p is None:
+                got[j] = perms[ids[j]] = native.pack(*maglev.hashed(turns[j][:18], size))
+        return array(native.U64, got)  # type: ignore[arg-type]
 
     def entries_of(self, key: FKey) -> list[int] | None:
         """The table frontend key reads, or None (tests, the bench)."""

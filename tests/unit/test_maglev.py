@@ -17,6 +17,7 @@ from ctrl.cli.parser import build_parser, settings
 from ctrl.dataplane import abi, native
 from ctrl.dataplane.abi import MapSizes
 from ctrl.dataplane.programmed import Programmed
+from ctrl.dataplane.tables import Turns, turn_id, turns_of
 from ctrl.model import maglev
 from ctrl.model.plan import Frontend, FrontendFlag, Scope
 from ctrl.util.addrs import addr16
@@ -593,9 +594,10 @@ def test_head_edited_with_the_turn_order_gives_the_table_built_anew(monkeypatch)
         assert p.sync({"default/web": [f]}).rejected == {}
         assert table_of(p, f) == [(*e, TCP) for e in owners([ep(i) for i in have], m)], step
         (t,) = p.tables.tables.values()
-        assert t.head is not None and t.turns is not None
-        assert [p.bids.backends[b] for b in t.head.ids] == [be(i) for i in sorted(have)[:m]], step
-        assert t.head.ids.tolist() == [i for _, i in t.turns.head], step
+        assert t.turns is not None
+        assert [p.bids.backends[b] for b in t.turns.ids] == [be(i) for i in sorted(have)[:m]], step
+        assert t.turns.ids.tolist() == [turn_id(k) for k in t.turns.head], step
+        assert t.turns.perms.tolist() == [native.pack(*maglev.hashed(k[:18], m)) for k in t.turns.head], step
         # Filled again exactly when the first M turns changed (ids order
         # as their addresses do here).
         assert (len(fills) > filled) == (not step or sorted(before)[:m] != sorted(have)[:m]), step
@@ -635,84 +637,70 @@ def test_turn_place_orders_as_the_backends_and_starts_with_the_identity():
         assert turn_place(b)[:18] == maglev.identity(b[0], b[1])
 
 
+def turn(i: int, bid: int | None = None) -> bytes:
+    """The turn of backend be(i) under id bid (i by default)."""
+    return turns_of([i if bid is None else bid], {i if bid is None else bid: be(i)})[0]
+
+
+def fake_perms(ids, turns) -> array:
+    """A permutation per backend made from its id alone: what Turns must
+    carry along with each turn of its head."""
+    return array(native.U64, [i * 7 + 1 for i in ids])
+
+
 def test_turn_order_edit_refuses_a_head_turn_not_there():
     """ctrl.dataplane.tables.Turns.edit: a turn gone from the head that
-    is not there (not expected: an id keeps its backend) makes it answer
-    None and change nothing; the caller sorts the turns anew."""
-    from ctrl.dataplane.tables import Turns, turn_place
-
-    old = [(turn_place(be(i)), 100 + i) for i in range(0, 40, 2)]
-    t = Turns(old, 5)
-    assert t.edit([(turn_place(be(3)), 103)], [(turn_place(be(1)), 101)]) is None
+    is not there, or one added to it that is (not expected: an id keeps
+    its backend), makes it answer None and change nothing; the caller
+    sorts the turns anew."""
+    old = [turn(i, 100 + i) for i in range(0, 40, 2)]
+    t = Turns(old, 5, fake_perms)
+    assert t.edit([turn(3, 103)], [turn(1, 101)]) is None
+    assert t.edit([], [turn(4, 104), turn(5, 105)]) is None
     assert list(t) == old and t.head == old[:5] and len(t) == len(old)
     # Past the head a turn gone is only marked: the order is right.
-    assert t.edit([(turn_place(be(30)), 130)], [(turn_place(be(1)), 101)]) is not None
-    assert list(t) == sorted([x for x in old if x[1] != 130] + [(turn_place(be(1)), 101)])
+    assert t.edit([turn(30, 130)], [turn(1, 101)]) is True
+    assert list(t) == sorted([x for x in old if turn_id(x) != 130] + [turn(1, 101)])
 
 
-def test_turn_order_keeps_its_head_sorted_and_says_how_it_changed(monkeypatch):
+def test_turn_order_keeps_its_head_sorted_and_says_whether_it_changed(monkeypatch):
     """Turns through random edits (turns that leave and come back, the
     head losing and gaining turns, the marks of the heap tidied): always
-    the sorted order and its first m turns as the head; the splices and
-    turns pulled up that edit() returns make the old head the new one; a
+    the sorted order and its first m turns as the head, with their ids
+    and permutations alongside; edit() says whether the head changed; a
     copy edited apart stays as it was."""
-    from ctrl.dataplane.tables import Turns, _spliced, turn_place
-
     tidied = []
     real_tidy = Turns.tidy
     monkeypatch.setattr(Turns, "tidy", lambda self: tidied.append(len(self._dead)) or real_tidy(self))
     rng = random.Random(7)
     m = 20
     have = set(rng.sample(range(2000), 300))
-    t = Turns(sorted((turn_place(be(i)), i) for i in have), m)
+    t = Turns(sorted(turn(i) for i in have), m, fake_perms)
+    changes = 0
     for step in range(300):
         k = rng.randrange(0, 30)
         if step % 5 == 4:  # the head only
             gone = set(sorted(have)[: min(k, len(have))])
+        elif step % 7 == 6:  # past the head only
+            gone = set(rng.sample(sorted(have)[m:], min(len(have) - m, k))) if len(have) > m else set()
         else:
             gone = set(rng.sample(sorted(have), min(len(have), k)))
-        new = set(rng.sample([i for i in range(2000) if i not in have], rng.randrange(0, 30)))
-        before, head_before = list(t), list(t.head)
+        pool = [i for i in range(2000) if i not in have]
+        new = set(rng.sample(pool, rng.randrange(0, 30))) if step % 7 != 6 else {max(have) + 1 + i for i in range(k)}
+        before, head_before = list(t), t.head
         c = t.copy()
-        edit = t.edit(sorted((turn_place(be(i)), i) for i in gone), sorted((turn_place(be(i)), i) for i in new))
-        assert edit is not None
+        changed = t.edit(sorted(turn(i) for i in gone), sorted(turn(i) for i in new))
         have = (have - gone) | new
-        want = sorted((turn_place(be(i)), i) for i in have)
+        want = sorted(turn(i) for i in have)
         assert list(t) == want and len(t) == len(want), step
         assert t.head == want[:m], step
-        splices, pulled = edit
-        assert _spliced(list(head_before), splices)[:m] + pulled == t.head, step
+        assert t.ids.tolist() == [turn_id(x) for x in want[:m]], step
+        assert t.perms.tolist() == [i * 7 + 1 for i in t.ids], step
+        assert changed is (head_before != t.head), step
+        changes += changed
         assert list(c) == before and c.head == head_before
     assert tidied and max(tidied) > 64
-
-
-@pytest.mark.parametrize("in_place_runs", [0, 10**9], ids=["copied", "in-place"])
-def test_splices_made_in_place_or_by_copy_agree(monkeypatch, in_place_runs):
-    """ctrl.dataplane.tables._spliced, on a list and on an array, edited
-    in place run by run or copied once: the same result as inserting and
-    deleting one by one, for runs next to each other and scattered,
-    inserts before the delete at their position."""
-    from ctrl.dataplane import tables
-
-    monkeypatch.setattr(tables, "SPLICE_IN_PLACE_RUNS", in_place_runs)
-    rng = random.Random(11)
-    for _ in range(200):
-        n = rng.randrange(0, 40)
-        base = list(range(0, 2 * n, 2))
-        dels = sorted(rng.sample(range(n), rng.randrange(0, n + 1)))
-        if rng.random() < 0.5 and n:  # one run, as a slice's endpoints make
-            start = rng.randrange(n)
-            dels = list(range(start, min(n, start + rng.randrange(1, 10))))
-        ins = [(rng.randrange(n + 1), -1 - k) for k in range(rng.randrange(0, 8))]
-        splices = sorted([(i, 1, base[i]) for i in dels] + [(pos, 0, v) for pos, v in ins])
-        want = []
-        for i in range(n + 1):
-            want += sorted(v for pos, v in ins if pos == i)
-            if i < n and i not in dels:
-                want.append(base[i])
-        assert tables._spliced(list(base), splices) == want
-        got = tables._spliced(array("q", base), splices, lambda v: v * 10)
-        assert got.tolist() == [v * 10 if v < 0 else v for v in want]
+    assert 0 < changes < 300
 
 
 def test_id_set_fingerprint_follows_its_deltas():

@@ -6,6 +6,7 @@ input. `make` builds the library; the tier fails without it."""
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 
@@ -73,3 +74,65 @@ def test_a_walk_that_cannot_reach_a_free_entry_is_an_error_not_a_hang():
     m = 1024
     with pytest.raises(ValueError, match="M prime"):
         native.fill([native.pack(0, 512), native.pack(0, 512)], [1, 2], m)
+
+
+def turns(rnd: random.Random, n: int) -> list[bytes]:
+    """n distinct turns (native.TURN bytes), sorted; few distinct first
+    bytes, so they share long prefixes as backends' addresses do."""
+    got: set[bytes] = set()
+    while len(got) < n:
+        got.add(bytes([rnd.randrange(3)]) * 15 + rnd.randbytes(native.TURN - 15))
+    return sorted(got)
+
+
+@pytest.mark.parametrize("lib", [True, False], ids=["C", "Python"])
+def test_turns_merged_as_sorting_them_anew(monkeypatch, lib):
+    """native.merge_turns, in C and without the library: the turns without
+    those gone and with those added, sorted, each with its id (its last 4
+    bytes, big-endian) and permutation; gone and added runs next to each
+    other and scattered, at both ends, from and to nothing; a turn both
+    gone and added stays."""
+    if not lib:
+        monkeypatch.setattr(native, "library", lambda: None)
+    rnd = random.Random(9)
+    for case in range(300):
+        pool = turns(rnd, rnd.randrange(0, 60))
+        have = sorted(rnd.sample(pool, rnd.randrange(0, len(pool) + 1)))
+        perm = {t: rnd.getrandbits(64) for t in pool}
+        if case % 4 == 0 and have:  # one run, as a slice's endpoints make
+            start = rnd.randrange(len(have))
+            gone = have[start : start + rnd.randrange(1, 8)]
+        else:
+            gone = sorted(rnd.sample(have, rnd.randrange(0, len(have) + 1)))
+        added = sorted(rnd.sample([t for t in pool if t not in have], rnd.randrange(0, len(pool) - len(have) + 1)))
+        if gone and case % 5 == 0:
+            added = sorted([*added, gone[0]])  # out and in again
+        want = sorted((set(have) - set(gone)) | set(added))
+        got = native.merge_turns(
+            b"".join(have),
+            array("I", [int.from_bytes(t[-4:], "big") for t in have]),
+            array(native.U64, [perm[t] for t in have]),
+            b"".join(gone),
+            b"".join(added),
+            array(native.U64, [perm[t] for t in added]),
+        )
+        assert got is not None, case
+        keys, ids, perms = got
+        assert bytes(keys) == b"".join(want), case
+        assert ids.tolist() == [int.from_bytes(t[-4:], "big") for t in want], case
+        assert perms.tolist() == [perm[t] for t in want], case
+
+
+@pytest.mark.parametrize("lib", [True, False], ids=["C", "Python"])
+def test_turns_merge_refuses_a_gone_turn_not_there_or_an_added_one_there(monkeypatch, lib):
+    if not lib:
+        monkeypatch.setattr(native, "library", lambda: None)
+    have = turns(random.Random(3), 10)
+    ids = array("I", range(10))
+    perms = array(native.U64, range(10))
+    none = array(native.U64)
+    absent = bytes(native.TURN)  # below every turn of have
+    assert native.merge_turns(b"".join(have), ids, perms, absent, b"", none) is None
+    assert native.merge_turns(b"".join(have), ids, perms, have[9] + b"\xff" * native.TURN, b"", none) is None
+    assert native.merge_turns(b"".join(have), ids, perms, b"", have[4], array(native.U64, [1])) is None
+    assert native.merge_turns(b"", array("I"), none, have[0], b"", none) is None
