@@ -2,12 +2,13 @@
  * ctrl/dataplane/native.py through cffi in ABI mode, like libbpf: compiled
  * once by clang with the BPF object, so a node needs no compiler.
  *
- * Two functions of Maglev tables. sp_maglev_fill populates a table, the
+ * The work of Maglev tables. sp_maglev_fill populates a table, the
  * part of a table build whose cost is about M ln M probes whatever the
  * backends (20 ms in Python at M = 16,381); ctrl/model/maglev.py (build)
  * is the reference it follows step by step. sp_turns_merge edits the
  * first M turns of a turn order (ctrl/dataplane/tables.py, Turns) in one
- * pass of copies; native.py holds its Python reference.
+ * pass of copies, and sp_heap_grow and sp_heap_take keep the rest of it
+ * as a heap; native.py holds their Python references.
  * tests/unit/test_native.py compares each with its reference.
  */
 #include <stdint.h>
@@ -25,30 +26,37 @@
  * cannot reach a free entry (m not prime), which would otherwise loop. */
 int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32_t m, uint32_t *out)
 {
-	uint32_t *next, *skip;
+	/* Where each backend's walk goes on after its first turn: needed only
+	 * with fewer backends than entries (with as many, each takes one turn
+	 * and reads its permutation once). */
+	uint32_t *next = NULL, *skip = NULL;
 	uint8_t *taken;
-	uint32_t filled = 0, i, c, s, k;
+	uint32_t filled = 0, first = 1, i, c, s, k;
 	int ret = -1;
 
 	if (m == 0 || n == 0)
 		return -1;
 	if (n > m)
 		n = m;
-	next = malloc((size_t)n * sizeof(*next));
-	skip = malloc((size_t)n * sizeof(*skip));
+	for (i = 0; i < n; i++)
+		if ((uint32_t)perm[i] >= m || perm[i] >> 32 == 0 || perm[i] >> 32 >= m)
+			return -1;
 	taken = calloc(m, 1);
-	if (!next || !skip || !taken)
-		goto out;
-	for (i = 0; i < n; i++) {
-		next[i] = (uint32_t)perm[i];
-		skip[i] = (uint32_t)(perm[i] >> 32);
-		if (next[i] >= m || skip[i] == 0 || skip[i] >= m)
-			goto out;
+	if (n < m) {
+		next = malloc((size_t)n * sizeof(*next));
+		skip = malloc((size_t)n * sizeof(*skip));
 	}
-	for (;;) {
+	if (!taken || (n < m && (!next || !skip)))
+		goto out;
+	for (;; first = 0) {
 		for (i = 0; i < n; i++) {
-			c = next[i];
-			s = skip[i];
+			if (first) {
+				c = (uint32_t)perm[i];
+				s = (uint32_t)(perm[i] >> 32);
+			} else {
+				c = next[i];
+				s = skip[i];
+			}
 			/* This backend's next free entry: at most m probes on its
 			 * walk, all of them when m is prime. */
 			for (k = 0; taken[c]; k++) {
@@ -60,11 +68,14 @@ int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32
 			}
 			taken[c] = 1;
 			out[c] = ids[i];
-			c += s;
-			next[i] = c >= m ? c - m : c;
 			if (++filled == m) {
 				ret = 0;
 				goto out;
+			}
+			if (next) {
+				c += s;
+				next[i] = c >= m ? c - m : c;
+				skip[i] = s;
 			}
 		}
 	}
@@ -154,4 +165,69 @@ int64_t sp_turns_merge(const uint8_t *turns, const uint32_t *ids, const uint64_t
 	memcpy(oids + o, ids + at, (size_t)run * sizeof(*ids));
 	memcpy(operms + o, perms + at, (size_t)run * sizeof(*perms));
 	return (int64_t)o + run;
+}
+
+/* The tail of a turn order (Turns in ctrl/dataplane/tables.py): a binary
+ * min-heap of turns, SP_TURN bytes each, one after the other in one
+ * buffer. A turn added is a sift up, the smallest taken a sift down:
+ * about 17 comparisons at 100,000 turns, each one memcmp. */
+static void turn_swap(uint8_t *a, uint8_t *b)
+{
+	uint8_t t[SP_TURN];
+
+	memcpy(t, a, SP_TURN);
+	memcpy(a, b, SP_TURN);
+	memcpy(b, t, SP_TURN);
+}
+
+static void heap_down(uint8_t *h, uint32_t n, uint32_t i)
+{
+	for (;;) {
+		uint32_t l = 2 * i + 1, least = i;
+
+		if (l < n && memcmp(h + (size_t)l * SP_TURN, h + (size_t)least * SP_TURN, SP_TURN) < 0)
+			least = l;
+		if (l + 1 < n && memcmp(h + (size_t)(l + 1) * SP_TURN, h + (size_t)least * SP_TURN, SP_TURN) < 0)
+			least = l + 1;
+		if (least == i)
+			return;
+		turn_swap(h + (size_t)i * SP_TURN, h + (size_t)least * SP_TURN);
+		i = least;
+	}
+}
+
+/* The heap h of n0 turns, with the turns from n0 to n (appended after
+ * them) taken in: a heap of n. Each sifted up, or, when they outnumber
+ * the heap, the whole heap made again (n / 2 sifts down). */
+void sp_heap_grow(uint8_t *h, uint32_t n0, uint32_t n)
+{
+	uint32_t i, j;
+
+	if (n - n0 > n0) {
+		for (i = n / 2; i-- > 0;)
+			heap_down(h, n, i);
+		return;
+	}
+	for (i = n0; i < n; i++)
+		for (j = i; j > 0 && memcmp(h + (size_t)j * SP_TURN, h + (size_t)((j - 1) / 2) * SP_TURN, SP_TURN) < 0;
+		     j = (j - 1) / 2)
+			turn_swap(h + (size_t)j * SP_TURN, h + (size_t)((j - 1) / 2) * SP_TURN);
+}
+
+/* The k smallest turns of the heap h of n (all n when k is more) moved
+ * into out, in order; h then holds a heap of the rest, its first turns.
+ * Returns how many were moved. */
+uint32_t sp_heap_take(uint8_t *h, uint32_t n, uint32_t k, uint8_t *out)
+{
+	uint32_t j;
+
+	if (k > n)
+		k = n;
+	for (j = 0; j < k; j++) {
+		memcpy(out + (size_t)j * SP_TURN, h, SP_TURN);
+		n--;
+		memcpy(h, h + (size_t)n * SP_TURN, SP_TURN);
+		heap_down(h, n, 0);
+	}
+	return k;
 }

@@ -4,11 +4,12 @@ the BPF object: SLICEPROXY_NATIVE_LIB, build/ next to the package, or
 /usr/share/sliceproxy/ (the image).
 
 It populates Maglev tables (fill: ctrl.model.maglev.build in C, the same
-table for the same turns) and edits the first M turns of a turn order
-(merge_turns); tests/unit/test_native.py compares each with its Python
-reference. Without the library the Python ones serve, about 20 ms a
-table instead of well under one; the agent says so once at start
-(ctrl.cli.run) when Maglev is on.
+table for the same turns), edits the first M turns of a turn order
+(merge_turns) and keeps the rest as a heap (heap_push, heap_take);
+tests/unit/test_native.py compares each with its Python reference.
+Without the library the Python ones serve, about 20 ms a table instead
+of well under one; the agent says so once at start (ctrl.cli.run) when
+Maglev is on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from array import array
 from collections.abc import Sequence
 from functools import cache
+from heapq import heapify, heappop
 from pathlib import Path
 
 from cffi import FFI
@@ -30,6 +32,8 @@ int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32
 int64_t sp_turns_merge(const uint8_t *turns, const uint32_t *ids, const uint64_t *perms, uint32_t n,
                        const uint8_t *gone, uint32_t ng, const uint8_t *added, const uint64_t *aperms, uint32_t na,
                        uint8_t *okeys, uint32_t *oids, uint64_t *operms, uint32_t cap);
+void sp_heap_grow(uint8_t *h, uint32_t n0, uint32_t n);
+uint32_t sp_heap_take(uint8_t *h, uint32_t n, uint32_t k, uint8_t *out);
 """
 )
 
@@ -102,6 +106,11 @@ def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
 TURN = 23
 
 
+def split_turns(b: bytes | bytearray) -> list[bytes]:
+    """Turns joined, apart."""
+    return [bytes(b[i : i + TURN]) for i in range(0, len(b), TURN)]
+
+
 def merge_turns(
     turns: bytes | bytearray, ids: array[int], perms: array[int], gone: bytes, added: bytes, aperms: array[int]
 ) -> tuple[bytearray, array[int], array[int]] | None:
@@ -144,14 +153,11 @@ def _merge_turns_py(
 ) -> tuple[bytearray, array[int], array[int]] | None:
     """merge_turns without the library: the turns as a dict, sorted again."""
 
-    def split(b: bytes | bytearray) -> list[bytes]:
-        return [bytes(b[i : i + TURN]) for i in range(0, len(b), TURN)]
-
-    have = dict(zip(split(turns), zip(ids, perms, strict=True), strict=True))
-    for t in split(gone):
+    have = dict(zip(split_turns(turns), zip(ids, perms, strict=True), strict=True))
+    for t in split_turns(gone):
         if have.pop(t, None) is None:
             return None
-    for t, p in zip(split(added), aperms, strict=True):
+    for t, p in zip(split_turns(added), aperms, strict=True):
         if t in have:
             return None
         have[t] = (int.from_bytes(t[TURN - 4 :], "big"), p)
@@ -161,3 +167,37 @@ def _merge_turns_py(
         array("I", [have[t][0] for t in order]),
         array(U64, [have[t][1] for t in order]),
     )
+
+
+def heap_push(heap: bytearray, turns: bytes) -> None:
+    """The turns (TURN bytes each, joined) added to heap: a min-heap of
+    turns, TURN bytes each, one after the other (an empty or sorted
+    bytearray is one)."""
+    n0 = len(heap) // TURN
+    heap += turns
+    lib = library()
+    if lib is None:
+        recs = split_turns(heap)
+        heapify(recs)
+        heap[:] = b"".join(recs)
+        return
+    lib.sp_heap_grow(ffi.from_buffer("uint8_t[]", heap), n0, len(heap) // TURN)
+
+
+def heap_take(heap: bytearray, k: int) -> list[bytes]:
+    """The k smallest turns of heap (all, when fewer), taken out, in order."""
+    n = len(heap) // TURN
+    k = min(k, n)
+    if k <= 0:
+        return []
+    lib = library()
+    if lib is None:
+        recs = split_turns(heap)
+        heapify(recs)
+        got = [heappop(recs) for _ in range(k)]
+        heap[:] = b"".join(recs)
+        return got
+    out = bytearray(k * TURN)
+    lib.sp_heap_take(ffi.from_buffer("uint8_t[]", heap), n, k, ffi.from_buffer("uint8_t[]", out))
+    del heap[(n - k) * TURN :]
+    return split_turns(out)

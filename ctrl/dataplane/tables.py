@@ -27,7 +27,6 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from heapq import heapify, heappop, heappush
 
 from ..model import maglev
 from ..model.plan import Backend, FKey
@@ -175,10 +174,12 @@ class Turns:
     added, the runs between copied whole), about 0.05 ms at 16,381 turns
     where keeping a list of them sorted in Python cost 0.3-0.6 ms. The
     rest (the tail) is only ever asked for its smallest turns, when the
-    head loses some, so it is a heap: a turn added costs one push, a turn
-    gone is only marked (dropped when it comes up, or when the marks grow
-    to half the heap). Editing in place is for the order's one owner (a
-    table); copy() for another."""
+    head loses some, so it is a heap, kept in C like the head (one
+    bytearray of turns: native.heap_push, heap_take): turns added past
+    the head cost a sift up each, a turn gone is only marked (dropped
+    when it comes up, or when the marks grow to half the heap). Editing
+    in place is for the order's one owner (a table); copy() for
+    another."""
 
     __slots__ = ("m", "keys", "ids", "perms", "_tail", "_dead", "_perms_of")
 
@@ -191,7 +192,7 @@ class Turns:
         self.keys = bytearray(b"".join(head))
         self.ids = array("I", map(turn_id, head))
         self.perms = perms_of(self.ids, head)
-        self._tail = list(ordered[m:])  # a sorted list is a heap
+        self._tail = bytearray(b"".join(ordered[m:]))  # sorted turns are a heap
         # Turns gone from the tail, each still once in the heap (and not
         # in the tail again: a turn put back while marked is unmarked).
         self._dead: set[Turn] = set()
@@ -202,31 +203,37 @@ class Turns:
         return [bytes(keys[i : i + TURN]) for i in range(0, len(keys), TURN)]
 
     def __len__(self) -> int:
-        return len(self.ids) + len(self._tail) - len(self._dead)
+        return len(self.ids) + len(self._tail) // TURN - len(self._dead)
 
     def __iter__(self) -> Iterator[Turn]:
         dead = self._dead
-        return itertools.chain(self.head, sorted(k for k in self._tail if k not in dead))
+        return itertools.chain(self.head, sorted(k for k in native.split_turns(self._tail) if k not in dead))
 
     def copy(self) -> Turns:
         t = Turns.__new__(Turns)
         t.m, t._perms_of = self.m, self._perms_of
         t.keys, t.ids, t.perms = bytearray(self.keys), array("I", self.ids), array(self.perms.typecode, self.perms)
-        t._tail, t._dead = self._tail[:], set(self._dead)
+        t._tail, t._dead = bytearray(self._tail), set(self._dead)
         return t
 
-    def _push(self, t: Turn) -> None:
-        if t in self._dead:
-            self._dead.discard(t)  # its copy in the heap stands again
-        else:
-            heappush(self._tail, t)
+    def _push(self, turns: list[Turn]) -> None:
+        """Turns into the tail (a turn marked gone is unmarked: its copy in
+        the heap stands again)."""
+        dead = self._dead
+        back = dead.intersection(turns) if dead else None
+        if back:
+            dead -= back
+            turns = [t for t in turns if t not in back]
+        if turns:
+            native.heap_push(self._tail, b"".join(turns))
 
     def tidy(self) -> None:
         """Drop the marked turns from the heap."""
         dead = self._dead
         if dead:
-            self._tail = [k for k in self._tail if k not in dead]
-            heapify(self._tail)
+            live = b"".join(k for k in native.split_turns(self._tail) if k not in dead)
+            self._tail = bytearray()
+            native.heap_push(self._tail, live)
             dead.clear()
 
     def edit(self, gone: list[Turn], added: list[Turn]) -> bool | None:
@@ -250,30 +257,28 @@ class Turns:
                 changed = True
             gone, added = gone[ig:], added[ia:]
         self._dead.update(gone)
-        for t in added:
-            self._push(t)
+        self._push(added)
         m, n = self.m, len(self.ids)
         if n > m:
             keys = self.keys
-            for at in range(m * TURN, n * TURN, TURN):
-                self._push(bytes(keys[at : at + TURN]))
+            self._push(native.split_turns(keys[m * TURN :]))
             del keys[m * TURN :], self.ids[m:], self.perms[m:]
         elif n < m:
             tail, dead = self._tail, self._dead
             pulled: list[Turn] = []
-            while n + len(pulled) < m and len(tail) > len(dead):
-                k = heappop(tail)
-                if k in dead:
-                    dead.discard(k)
-                else:
-                    pulled.append(k)
+            while n + len(pulled) < m and len(tail) // TURN > len(dead):
+                for k in native.heap_take(tail, m - n - len(pulled)):
+                    if k in dead:
+                        dead.discard(k)
+                    else:
+                        pulled.append(k)
             if pulled:
                 ids = [turn_id(t) for t in pulled]
                 self.keys += b"".join(pulled)
                 self.ids.extend(ids)
                 self.perms.extend(self._perms_of(ids, pulled))
                 changed = True
-        if len(self._dead) > 64 and 2 * len(self._dead) > len(self._tail):
+        if len(self._dead) > 64 and 2 * len(self._dead) > len(self._tail) // TURN:
             self.tidy()
         return changed
 

@@ -136,3 +136,29 @@ def test_turns_merge_refuses_a_gone_turn_not_there_or_an_added_one_there(monkeyp
     assert native.merge_turns(b"".join(have), ids, perms, have[9] + b"\xff" * native.TURN, b"", none) is None
     assert native.merge_turns(b"".join(have), ids, perms, b"", have[4], array(native.U64, [1])) is None
     assert native.merge_turns(b"", array("I"), none, have[0], b"", none) is None
+
+
+@pytest.mark.parametrize("lib", [True, False], ids=["C", "Python"])
+def test_a_heap_of_turns_gives_them_back_smallest_first(monkeypatch, lib):
+    """native.heap_push and heap_take, in C and without the library:
+    turns pushed in batches (small ones into a big heap, big batches
+    into a small one, which is made again whole) and taken out a few at
+    a time come out as a sorted multiset model says; asking for more
+    than there are gives all."""
+    if not lib:
+        monkeypatch.setattr(native, "library", lambda: None)
+    rnd = random.Random(13)
+    heap = bytearray(b"".join(turns(rnd, 50)))  # sorted: a heap
+    model = sorted(native.split_turns(heap))
+    for step in range(200):
+        batch = [
+            bytes([rnd.randrange(3)]) * 15 + rnd.randbytes(native.TURN - 15) for _ in range(rnd.choice((0, 1, 5, 80)))
+        ]
+        native.heap_push(heap, b"".join(batch))
+        model = sorted(model + batch)
+        k = rnd.randrange(0, 12) if step % 50 else len(model) + 3
+        got = native.heap_take(heap, k)
+        assert got == model[:k], step
+        model = model[k:]
+        assert len(heap) == len(model) * native.TURN
+    assert sorted(native.split_turns(heap)) == model
