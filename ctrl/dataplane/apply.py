@@ -192,7 +192,7 @@ class _Stream:
         self._thread: threading.Thread | None = None
         self._switch = 0.0
 
-    def send(self, batches: list[tuple[Map, bytes | bytearray, bytes | bytearray]]) -> bool:
+    def send(self, batches: list[tuple[Map, bytes | bytearray, bytes | bytearray, bool]]) -> bool:
         """Queue batches after those sent before; False (nothing sent)
         when one of those failed."""
         if self.error is not None:
@@ -213,9 +213,10 @@ class _Stream:
             if self.error is not None:
                 continue  # the rest is written by the full write
             try:
-                for m, keys, vals in batches:
-                    # One syscall per batch: one wait for the GIL.
-                    m.update_batch(keys, vals, chunk=len(keys) // m.key_size)
+                for m, keys, vals, distinct in batches:
+                    # One syscall per batch (or half: ctrl.dataplane.maps):
+                    # one wait for the GIL.
+                    m.update_batch(keys, vals, chunk=len(keys) // m.key_size, distinct=distinct)
             except Exception as e:  # whatever it is, the write writes everything
                 self.error = e
 
@@ -277,7 +278,10 @@ class Writer:
             *_backend_batch(self.codecs, cs.be_upd[be_from:be_to]),
             *_slot_batch(self.codecs, cs.slot_upd[slot_from:slot_to]),
         ]
-        if st.send([(self.maps[name], keys, vals) for name, _, keys, vals in batches]):
+        # Distinct keys (_write): the backends sent are new ones (no marks
+        # here), the slots so far each named once or not known to be.
+        distinct = {mn("sp_be"): True, mn("sp_slot"): cs.slot_tables is not None}
+        if st.send([(self.maps[name], keys, vals, distinct[name]) for name, _, keys, vals in batches]):
             st.sent = (be_to, slot_to)
 
     def settle(self) -> None:
@@ -313,10 +317,15 @@ class Writer:
         return time.perf_counter() - t0
 
     def _write(self, cs: ChangeSet) -> None:
+        # Batches whose keys are distinct, written in any order (two
+        # threads for a large one, ctrl.dataplane.maps): new backends (each
+        # a new id) without draining marks (one backend may be marked and
+        # cleared in one change set), and slots each named once.
+        distinct = {mn("sp_be"): not cs.be_mark, mn("sp_slot"): cs.slot_tables is not None}
         for mapname, op, keys, vals in encoded(cs, self.codecs):
             m = self.maps[mapname]
             if op == "update":
-                m.update_batch(keys, vals)
+                m.update_batch(keys, vals, distinct=distinct.get(mapname, False))
             else:
                 m.delete_batch(keys)
             del keys, vals  # freed before the next map's rows are packed

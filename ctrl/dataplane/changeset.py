@@ -172,6 +172,13 @@ class ChangeSet:
     # diff went on (ctrl.dataplane.apply.Writer.stream): the write leaves
     # them out.
     written: tuple[int, int] = (0, 0)
+    # The slot tables whose slots slot_upd writes, each by one pass that
+    # names every slot of it once (ctrl.dataplane.programmed): then no slot
+    # is there twice, and the writer may write the rows in any order (two
+    # threads, ctrl.dataplane.maps). None: not known (a table written
+    # twice, rows given by a test or cut out by split()): two rows may
+    # name one slot, the later to win, and the rows keep their order.
+    slot_tables: set[int] | None = field(default=None, repr=False)
     # (owner, length of every list before its entries): each owner's
     # entries are one run in each list, so split() can cut them out.
     marks: list[tuple[str | None, tuple[int, ...]]] = field(default_factory=list, repr=False)

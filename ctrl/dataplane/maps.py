@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 
 from .libbpf import BPFError, check, ffi, lib
 
@@ -25,6 +27,18 @@ BPF_MAP_TYPE_RINGBUF = 27
 # Entries per batch syscall: large enough to amortise the syscall, small
 # enough that one failed batch is cheap to retry element by element.
 BATCH = 8192
+
+# An update of at least this many distinct keys is written in two halves
+# at once, one by a thread of its own (the syscalls release the GIL): a
+# hash map takes entries on two CPUs about twice as fast as on one
+# (100,000 slots: 40 ms by one thread, 20 ms by two on this 2-core
+# machine), and a full sync's last batch waits for nothing else.
+PARALLEL_ROWS = 32768
+
+
+@cache
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def _bytes(b: bytes | bytearray) -> bytes:
@@ -102,9 +116,13 @@ class Map:
         return True
 
     # -- batches ---------------------------------------------------------
-    def update_batch(self, keys: bytes | bytearray, values: bytes | bytearray, chunk: int = 0) -> int:
+    def update_batch(
+        self, keys: bytes | bytearray, values: bytes | bytearray, chunk: int = 0, distinct: bool = False
+    ) -> int:
         """Write len(keys)/key_size entries, `chunk` (default BATCH) per
-        syscall; returns how many were written."""
+        syscall; returns how many were written. distinct: no key is
+        there twice (the caller knows), so their order does not matter
+        and a large batch (PARALLEL_ROWS) is written by two threads."""
         n = len(keys) // self.key_size
         assert len(values) == n * self.value_size, (self.name, len(values), n)
         if n == 0:
@@ -115,24 +133,49 @@ class Map:
             for i in range(n):
                 self.update(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs])
             return n
-        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
         kb = ffi.from_buffer(keys)
         vb = ffi.from_buffer(values)
-        done = 0
         step = chunk or BATCH
-        while done < n:
-            part = min(step, n - done)
+        if not distinct or n < PARALLEL_ROWS or _cpus() < 2:
+            self._update_rows(kb, vb, 0, n, n, step)
+            return n
+        half = n // 2
+        errors: list[BPFError] = []
+
+        def first() -> None:
+            try:
+                self._update_rows(kb, vb, 0, half, n, step)
+            except BPFError as e:
+                errors.append(e)
+
+        other = threading.Thread(target=first, name="sliceproxy-batch", daemon=True)
+        other.start()
+        try:
+            self._update_rows(kb, vb, half, n, n, step)
+        finally:
+            other.join()
+        if errors:
+            raise errors[0]
+        return n
+
+    def _update_rows(self, kb, vb, start: int, end: int, n: int, step: int) -> None:
+        """Entries start to end of a batch of n (cffi buffers of its keys and
+        values), step per syscall."""
+        opts = ffi.new("struct bpf_map_batch_opts *", {"sz": ffi.sizeof("struct bpf_map_batch_opts")})
+        done = start
+        while done < end:
+            part = min(step, end - done)
             cnt = ffi.new("__u32 *", part)
             ret = lib().bpf_map_update_batch(self.fd, kb + done * self.key_size, vb + done * self.value_size, cnt, opts)
             if ret < 0:
                 err = ffi.errno
+                where = f"entries {start} to {end} of {n}" if (start, end) != (0, n) else f"{n} entries"
                 raise BPFError(
                     err,
-                    f"map {self.name}: batch update failed after {done + cnt[0]} of {n} entries: "
+                    f"map {self.name}: batch update of {where} failed after {done - start + cnt[0]}: "
                     f"{os.strerror(err)}",
                 )
             done += part
-        return done
 
     def delete_batch(self, keys: bytes | bytearray) -> int:
         """Delete entries; ones already gone are not an error."""

@@ -235,7 +235,7 @@ class Programmed:
         the draining of unused backends. `stream` is called with the
         change set after each owner, and after a table's new backends
         (ctrl.dataplane.apply.Writer.stream)."""
-        cs = ChangeSet()
+        cs = ChangeSet(slot_tables=set())
         if prune_except is not None:
             for owner in list(self.by_owner):
                 if owner not in prune_except and owner not in desired and self.by_owner[owner]:
@@ -609,6 +609,7 @@ class Programmed:
         old_set: set[int] = set(sl) if n_old else set()  # type: ignore[arg-type]
         old_set.discard(None)  # type: ignore[arg-type]
         before = len(cs.slot_upd)
+        self._slots_of(t, cs)
         slots.assign(t.tid, sl, wanted, cs.slot_upd)
         changed = self._slots_written(t, before, n_old, cs)
         new_set: set[int]
@@ -640,6 +641,7 @@ class Programmed:
         add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
         before = len(cs.slot_upd)
+        self._slots_of(t, cs)
         slots.fill(t.tid, sl, holes, add, slot_of, cs.slot_upd)
         changed = self._slots_written(t, before, n_old, cs)
         self.bids.refs.update(add)
@@ -693,6 +695,17 @@ class Programmed:
             del self.table_of[t.key]
         self._released(t, {b for b in t.slots if b is not None}, cs)
         t.slots = []
+
+    @staticmethod
+    def _slots_of(t: SlotTable, cs: ChangeSet) -> None:
+        """Table t's slots are about to be written into cs (assign and fill
+        name each slot once): a second time, cs's slot rows may name one
+        slot twice (ChangeSet.slot_tables)."""
+        if cs.slot_tables is not None:
+            if t.tid in cs.slot_tables:
+                cs.slot_tables = None
+            else:
+                cs.slot_tables.add(t.tid)
 
     def _slots_written(self, t: SlotTable, before: int, n_old: int, cs: ChangeSet) -> bool:
         """Record the deletes of a table's slots past its new count (it had

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from ctrl.dataplane import abi, loader
+from ctrl.dataplane import maps as maps_mod
 from ctrl.dataplane.abi import MapSizes, map_base, map_name, read_contents
 from ctrl.dataplane.apply import STREAM_ROWS, Writer
+from ctrl.dataplane.changeset import ChangeSet
 from ctrl.dataplane.libbpf import BPFError
 from ctrl.dataplane.maps import Map
 from ctrl.dataplane.programmed import Programmed
@@ -484,9 +487,9 @@ def test_new_backends_and_slots_reach_the_kernel_during_the_diff_and_go_once(pri
     written: Counter[str] = Counter()
     update_batch = Map.update_batch
 
-    def counting(self, keys, vals, chunk=0):
+    def counting(self, keys, vals, chunk=0, **kw):
         written[map_base(self.name)] += len(keys) // self.key_size
-        return update_batch(self, keys, vals, chunk)
+        return update_batch(self, keys, vals, chunk, **kw)
 
     monkeypatch.setattr(Map, "update_batch", counting)
     p = Programmed()
@@ -529,10 +532,10 @@ def test_a_streamed_batch_that_fails_is_written_by_the_write(private_maps, monke
     writes every row itself: the kernel ends up as the mirror says."""
     update_batch = Map.update_batch
 
-    def failing_when_streamed(self, keys, vals, chunk=0):
+    def failing_when_streamed(self, keys, vals, chunk=0, **kw):
         if chunk:  # the stream's one-syscall batches
             raise RuntimeError("lost")
-        return update_batch(self, keys, vals, chunk)
+        return update_batch(self, keys, vals, chunk, **kw)
 
     monkeypatch.setattr(Map, "update_batch", failing_when_streamed)
     p = Programmed()
@@ -543,3 +546,76 @@ def test_a_streamed_batch_that_fails_is_written_by_the_write(private_maps, monke
     assert cs.written == (0, 0)
     assert served(private_maps) == {f"default/s{i}": {f"198.18.{i}.1", f"198.18.{i}.2"} for i in range(3)}
     assert_mirror_is_the_kernel(p, private_maps)
+
+
+# -- large batches of distinct keys, written by two threads -----------------
+
+
+def halves(monkeypatch) -> list[tuple[str, str, int, int]]:
+    """Record (map, thread, first row, end) of every run of rows a batch
+    update writes; batches of 8 distinct keys and more are split."""
+    monkeypatch.setattr(maps_mod, "PARALLEL_ROWS", 8)
+    runs: list[tuple[str, str, int, int]] = []
+    rows = Map._update_rows
+
+    def recording(self, kb, vb, start, end, n, step):
+        runs.append((map_base(self.name), threading.current_thread().name, start, end))
+        return rows(self, kb, vb, start, end, n, step)
+
+    monkeypatch.setattr(Map, "_update_rows", recording)
+    return runs
+
+
+def test_a_large_sync_writes_its_new_backends_and_slots_in_two_halves_at_once(private_maps, monkeypatch):
+    """A sync's new backends and its slots (each slot named once) are
+    batches of distinct keys: with PARALLEL_ROWS 8, each is written as
+    two halves, one by a thread of its own; the kernel is the mirror."""
+    runs = halves(monkeypatch)
+    p = Programmed()
+    cs = p.sync({f"default/s{i}": [frontend(i, *range(1, 11))] for i in range(3)})
+    assert cs.slot_tables is not None and len(cs.slot_tables) == 3
+    Writer(private_maps).apply(cs)
+    for name in ("sp_be", "sp_slot"):
+        mine = sorted((a, b) for m, _, a, b in runs if m == name)
+        assert mine == [(0, 15), (15, 30)], name
+        assert len({t for m, t, _, _ in runs if m == name}) == 2, name
+    assert [(a, b) for m, _, a, b in runs if m == "sp_svc"] == [(0, 3)]  # small, and not known distinct
+    assert served(private_maps) == {f"default/s{i}": {f"198.18.{i}.{b}" for b in range(1, 11)} for i in range(3)}
+    assert_mirror_is_the_kernel(p, private_maps)
+
+
+def test_streamed_batches_of_distinct_keys_are_written_in_two_halves_too(private_maps, monkeypatch):
+    """The writer's stream sends each Service's new backends and slots as
+    it goes (stream_rows 1): with PARALLEL_ROWS 8 each batch of 10 is two
+    halves of 5, written at once; the kernel is the mirror."""
+    runs = halves(monkeypatch)
+    p = Programmed()
+    w = Writer(private_maps)
+    w.stream_rows = 1
+    cs = p.sync({f"default/s{i}": [frontend(i, *range(1, 11))] for i in range(2)}, stream=w.stream)
+    w.apply(cs)
+    assert cs.written == (20, 20)
+    for name in ("sp_be", "sp_slot"):
+        assert sorted((a, b) for m, _, a, b in runs if m == name) == [(0, 5), (0, 5), (5, 10), (5, 10)], name
+    assert_mirror_is_the_kernel(p, private_maps)
+
+
+def test_rows_not_known_distinct_keep_their_order(private_maps, monkeypatch):
+    """A change set whose slot rows may name a slot twice (rows not from
+    one pass per table: here given by hand) and backends with draining
+    marks are written in order, by one thread: the later row of a slot
+    wins, as the kernel's batch gives it."""
+    runs = halves(monkeypatch)
+    p = Programmed()
+    w = Writer(private_maps)
+    w.apply(p.sync({"default/s1": [frontend(1, *range(1, 11))]}))
+    (sid,) = {st.table.tid for st in p.frontends.values()}
+    ids = sorted(p.bids.backends)
+    first, last = ids[0], ids[-1]
+    runs.clear()
+    rows = [(sid, i, first) for i in range(10)] + [(sid, i, last) for i in range(10)]
+    w.apply(ChangeSet(slot_upd=rows))
+    assert [(m, a, b) for m, _, a, b in runs] == [("sp_slot", 0, 20)]
+    assert {k: v for k, v in read_contents(private_maps).slots.items() if k[0] == sid} == {
+        (sid, i): last for i in range(10)
+    }

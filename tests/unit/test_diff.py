@@ -6,7 +6,7 @@ from ctrl.dataplane import abi
 from ctrl.dataplane.abi import Codecs, MapSizes, map_name
 from ctrl.dataplane.apply import encode
 from ctrl.dataplane.changeset import ChangeSet, Rows
-from ctrl.dataplane.programmed import Programmed
+from ctrl.dataplane.programmed import Programmed, SlotTable
 from ctrl.dataplane.slots import assign_slots
 from ctrl.model.plan import Frontend, FrontendFlag, Scope
 from ctrl.util.addrs import addr16
@@ -546,3 +546,19 @@ def test_the_write_leaves_out_the_rows_already_written():
     assert slot_keys == c.slot_key.pack_columns(tables[1:], slots[1:])
     cs.written = (3, 3)
     assert [m for m, op, _, _ in encode(cs, c) if op == "update"] == [map_name("sp_svc"), map_name("sp_names")]
+
+
+def test_slot_rows_are_known_distinct_until_a_table_is_written_twice():
+    """ChangeSet.slot_tables: the diff records each slot table it writes;
+    one written a second time in the same change set makes the rows not
+    known distinct (None), so the writer keeps their order."""
+    cs = ChangeSet(slot_tables=set())
+    a, b = SlotTable(1, ("default/a", None), []), SlotTable(2, ("default/b", None), [])
+    Programmed._slots_of(a, cs)
+    Programmed._slots_of(b, cs)
+    assert cs.slot_tables == {1, 2}
+    Programmed._slots_of(a, cs)
+    assert cs.slot_tables is None
+    Programmed._slots_of(b, cs)
+    assert cs.slot_tables is None
+    assert ChangeSet().slot_tables is None  # rows given by hand: not known
