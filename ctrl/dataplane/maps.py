@@ -140,12 +140,12 @@ class Map:
             self._update_rows(kb, vb, 0, n, n, step)
             return n
         half = n // 2
-        errors: list[BPFError] = []
+        errors: list[Exception] = []
 
         def first() -> None:
             try:
                 self._update_rows(kb, vb, 0, half, n, step)
-            except BPFError as e:
+            except Exception as e:  # raised below, in the caller's thread
                 errors.append(e)
 
         other = threading.Thread(target=first, name="sliceproxy-batch", daemon=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -619,3 +620,42 @@ def test_rows_not_known_distinct_keep_their_order(private_maps, monkeypatch):
     assert {k: v for k, v in read_contents(private_maps).slots.items() if k[0] == sid} == {
         (sid, i): last for i in range(10)
     }
+
+
+def test_a_half_that_fails_on_its_thread_fails_the_batch(pin_dir, monkeypatch):
+    """The half written by the other thread fails (its keys are new to a
+    full hash map) while the caller's half succeeds (its keys are there):
+    the batch raises that error, naming the map and the half's rows."""
+    monkeypatch.setattr(maps_mod, "PARALLEL_ROWS", 8)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    path = pin_dir / "full"
+    subprocess.run(
+        [
+            "bpftool",
+            "map",
+            "create",
+            str(path),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "10",
+            "name",
+            "full",
+        ],
+        check=True,
+        timeout=30,
+    )
+    m = Map.open_pinned(str(path))
+    try:
+        keys = b"".join(i.to_bytes(4, "little") for i in range(20))
+        vals = bytes(4 * 20)
+        m.update_batch(keys[40:], vals[40:])  # keys 10-19: the map is full
+        with pytest.raises(BPFError, match=r"map full: batch update of entries 0 to 10 of 20 failed after 0"):
+            m.update_batch(keys, vals, distinct=True)
+        assert sorted(int.from_bytes(k, "little") for k, _ in m.items()) == list(range(10, 20))
+    finally:
+        m.close()
