@@ -556,6 +556,7 @@ def halves(monkeypatch) -> list[tuple[str, str, int, int]]:
     """Record (map, thread, first row, end) of every run of rows a batch
     update writes; batches of 8 distinct keys and more are split."""
     monkeypatch.setattr(maps_mod, "PARALLEL_ROWS", 8)
+    monkeypatch.setattr(maps_mod, "_cpus", lambda: 2)  # split on a one-CPU machine too
     runs: list[tuple[str, str, int, int]] = []
     rows = Map._update_rows
 
@@ -627,6 +628,7 @@ def test_a_half_that_fails_on_its_thread_fails_the_batch(pin_dir, monkeypatch):
     full hash map) while the caller's half succeeds (its keys are there):
     the batch raises that error, naming the map and the half's rows."""
     monkeypatch.setattr(maps_mod, "PARALLEL_ROWS", 8)
+    monkeypatch.setattr(maps_mod, "_cpus", lambda: 2)
     pin_dir.mkdir(parents=True, exist_ok=True)
     path = pin_dir / "full"
     subprocess.run(
