@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from itertools import chain, repeat
 from operator import add as add_tuple
+from operator import itemgetter
 
 from ..model.plan import Backend, FKey
 from . import abi, sockdiag
@@ -55,6 +56,9 @@ def _entry(mapname: str, op: str, n: int, keys: bytes, vals: bytes = b"") -> tup
     return ((mapname, op, keys, vals),) if n else ()
 
 
+_first, _second, _third, _fourth = map(itemgetter, range(4))
+
+
 def _ids(seq) -> bytes:
     return U32.pack_columns(list(seq))
 
@@ -69,11 +73,15 @@ def _backend_batch(
     with map/zip so 100,000 rows stay in C, and an iterator, which the
     codec packs a chunk at a time."""
     new_ids, new_backends = rows.cols
-    be_ids = list(new_ids) + [m[0] for m in marks]
-    be_rows = chain(
-        map(add_tuple, new_backends, repeat((0, 0))),
-        ((*b, f, abi.to_ns(until) if f else 0) for _, b, f, until in marks),
-    )
+    be_ids = list(new_ids)
+    be_rows: Iterator[tuple] = map(add_tuple, new_backends, repeat((0, 0)))
+    if marks:
+        be_ids += map(_first, marks)
+        # A mark's (flags, drain end): the marks of one sync share a few
+        # (the drains it starts end together), each converted once.
+        ends = list(zip(map(_third, marks), map(_fourth, marks), strict=True))
+        tails = {e: (e[0], abi.to_ns(e[1]) if e[0] else 0) for e in set(ends)}
+        be_rows = chain(be_rows, map(add_tuple, map(_second, marks), map(tails.__getitem__, ends)))
     return _entry(mn("sp_be"), "update", len(be_ids), _ids(be_ids), _pack_all(c.backend, be_rows, len(be_ids)))
 
 

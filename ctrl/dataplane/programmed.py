@@ -22,7 +22,7 @@ from array import array
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from itertools import chain, filterfalse
+from itertools import chain, filterfalse, repeat
 
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
@@ -721,13 +721,16 @@ class Programmed:
         """Backends that left table t: their UDP flows to its frontends are
         purged after the write, and each starts draining once no table
         uses it (end of sync)."""
-        refs, backends = self.bids.refs, self.bids.backends
+        refs = self.bids.refs
+        bes = list(map(self.bids.backends.__getitem__, bids))
         users = t.users
+        if len(users) == 1:
+            cs.removed.extend(zip(repeat(next(iter(users))), bes))
+        elif users:
+            cs.removed.extend([(key, be) for be in bes for key in users])
         for b in bids:
-            be = backends[b]
-            cs.removed.extend((key, be) for key in users)
             refs[b] -= 1
-            self._unused.add(b)
+        self._unused.update(bids)
 
     def _finish_frontend(
         self,

@@ -25,6 +25,8 @@ import operator
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from itertools import compress, repeat
+from operator import add, not_
 
 from ..k8s.objects import Endpoint, EndpointSlice, Service, ServicePort
 from .plan import (
@@ -71,6 +73,11 @@ def _may_serve(c: int) -> bool:
     """categorize()'s test of an endpoint that may serve: ready, or
     serving and terminating."""
     return bool(c & READY) or (c & (SERVING | TERMINATING)) == SERVING | TERMINATING
+
+
+_addr_of = operator.itemgetter(0)  # Endpoint.addr
+_endpoint_of = operator.itemgetter(0)  # PortEndpoint.ep
+_pair = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
 
 
 # The fields of an endpoint that _endpoint_class reads.
@@ -205,80 +212,98 @@ class _PortState:
             out[w] = frozenset(c for c, pe in reps.items() if id(pe) in ids)
         return out
 
+    def _classes(self, eps) -> list[int]:
+        """_endpoint_class of each endpoint, looked up in the memo in C
+        (map), computed for the field sets it has not seen."""
+        memo = self.memo
+        fields = _CLASS_FIELDS
+        out: list[int | None] = list(map(memo.get, map(fields, eps)))
+        if None in out:
+            node_name, zone = self.node_name, self.zone
+            for j, c in enumerate(out):
+                if c is None:
+                    ep = eps[j]
+                    out[j] = memo[fields(ep)] = _endpoint_class(ep, node_name, zone)
+        return out  # type: ignore[return-value]
+
     def update(self, old: dict, new: dict) -> dict[str, tuple[tuple[Backend, ...], tuple[Backend, ...]]] | None:
         """Apply changed slices (name -> slice, None when gone) given the
         old objects; per set, (added, removed) backends, or None when only
         a full re-plan is right (duplicates across slices). The hot path of
         a one-slice change: each endpoint's class is looked up by the
         fields it reads (as _classes_of does), once per endpoint, whatever
-        the number of sets."""
+        the number of sets; the lookups, the merged endpoints' and the
+        selections' edits run a slice at a time in C (map, compress), not
+        an endpoint at a time in Python."""
         if self.duplicates:
             return None
-        sp, family, node_name, zone = self.sp, self.family, self.node_name, self.zone
-        cls, fields = _endpoint_class, _CLASS_FIELDS
-        memo = self.memo
-        if len(memo) > MEMO_MAX:
-            memo.clear()
-        known = memo.get
+        sp, family = self.sp, self.family
+        if len(self.memo) > MEMO_MAX:
+            self.memo.clear()
         # ip:port -> class of its endpoint now (None: gone)
         touched: dict[tuple[bytes, int], int | None] = {}
+        # ip:port both gone and back (in an old slice and a new one): the
+        # only new ones that may be selected already.
+        again: set[tuple[bytes, int]] = set()
         winner, classes = self.winner, self.classes
-        pop = winner.pop
         for sl in old.values():
             port = None if sl is None else _slice_port(sl, sp, family)
             if port is None:
                 continue
-            for ep in sl.endpoints:
-                k = (ep[0], port)
-                pe = pop(k, None)
-                if pe is not None:
-                    e = pe[0]
-                    f = fields(e)
-                    c = known(f)
-                    if c is None:
-                        c = memo[f] = cls(e, node_name, zone)
-                    classes[c] -= 1
-                    touched[k] = None
-        pair = tuple.__new__  # PortEndpoint's own __new__ is a Python call
+            keys = list(zip(map(_addr_of, sl.endpoints), repeat(port)))
+            popped: list = list(map(winner.pop, keys, repeat(None)))
+            if None in popped:  # not expected: no duplicates, every key merged once
+                keys = [k for k, pe in zip(keys, popped, strict=True) if pe is not None]
+                popped = [pe for pe in popped if pe is not None]
+            gone: list[Endpoint] = list(map(_endpoint_of, popped))
+            for c, n in Counter(self._classes(gone)).items():
+                classes[c] -= n
+            touched.update(zip(keys, repeat(None)))
         for sl in new.values():
             port = None if sl is None else _slice_port(sl, sp, family)
             if port is None:
                 continue
-            for ep in sl.endpoints:
-                k = (ep[0], port)
-                if k in winner:
-                    self.duplicates = True
-                    return None
-                winner[k] = pair(PortEndpoint, (ep, port))
-                f = fields(ep)
-                c = known(f)
-                if c is None:
-                    c = memo[f] = cls(ep, node_name, zone)
-                classes[c] += 1
-                touched[k] = c
+            eps = sl.endpoints
+            keys = list(zip(map(_addr_of, eps), repeat(port)))
+            had = len(winner)
+            winner.update(zip(keys, map(_pair, repeat(PortEndpoint), zip(eps, repeat(port))), strict=True))
+            if len(winner) != had + len(keys):
+                # An ip:port there already, or twice in this slice (the
+                # merge's tie rules need every copy): a full re-plan.
+                self.duplicates = True
+                return None
+            now = self._classes(eps)
+            classes.update(now)
+            if touched:
+                again.update(filter(touched.__contains__, keys))
+            touched.update(zip(keys, now, strict=True))
         sels = self._selected_classes()
-        proto = self.proto
+        proto = (self.proto,)
         out = {}
         of = None
         for w, sel in sels.items():
             selected = self.selected[w]
-            added: list[Backend] = []
-            removed: list[Backend] = []
+            added: list[Backend]
+            removed: list[Backend]
             if sel != self.selected_classes[w]:
                 if of is None:
-                    of = _classes_of([pe[0] for pe in winner.values()], node_name, zone, memo)
-                now = {k: (k[0], k[1], proto) for k, c in zip(winner, of, strict=True) if c in sel}
-                removed = [b for k, b in selected.items() if k not in now]
-                added = [b for k, b in now.items() if k not in selected]
-                self.selected[w] = now
+                    of = _classes_of([pe[0] for pe in winner.values()], self.node_name, self.zone, self.memo)
+                now_sel = {k: (k[0], k[1], proto[0]) for k, c in zip(winner, of, strict=True) if c in sel}
+                removed = [b for k, b in selected.items() if k not in now_sel]
+                added = [b for k, b in now_sel.items() if k not in selected]
+                self.selected[w] = now_sel
             else:
-                for k, c in touched.items():
-                    if c is not None and c in sel:
-                        if k not in selected:
-                            b = selected[k] = (k[0], k[1], proto)
-                            added.append(b)
-                    elif k in selected:
-                        removed.append(selected.pop(k))
+                inside = list(map(sel.__contains__, touched.values()))  # a gone one's None is in no set
+                # Out of the set now: dropped where it was in it.
+                removed = list(filter(None, map(selected.pop, compress(touched, map(not_, inside)), repeat(None))))
+                # In it now: added where it was not. One that was not
+                # merged before this change was in no set: only those
+                # back again are looked up.
+                keys = list(compress(touched, inside))
+                if again:
+                    keys = [k for k in keys if k not in again or k not in selected]
+                added = list(map(add, keys, repeat(proto)))
+                selected.update(zip(keys, added, strict=True))
             out[w] = (tuple(added), tuple(removed))
         self.selected_classes = sels
         return out

@@ -17,7 +17,7 @@ from ctrl.cli.parser import build_parser, settings
 from ctrl.dataplane import abi, native
 from ctrl.dataplane.abi import MapSizes
 from ctrl.dataplane.programmed import Programmed
-from ctrl.dataplane.tables import Turns, turn_id, turns_of
+from ctrl.dataplane.tables import TURN, Turns, turn_id, turns_of
 from ctrl.model import maglev
 from ctrl.model.plan import Frontend, FrontendFlag, Scope
 from ctrl.util.addrs import addr16
@@ -616,13 +616,12 @@ def test_kept_permutations_stay_bounded():
     assert len(p.tables._perms) <= 2 * m * (len(p.tables.tables) + 1) + 200
 
 
-def test_turn_place_orders_as_the_backends_and_starts_with_the_identity():
-    """A turn's place (ctrl.dataplane.tables.turn_place), compared as
-    bytes, orders backends as their (address, port, protocol) tuples do,
-    IPv4 and IPv6, ports across the byte boundary; its first 18 bytes are
-    the Maglev identity the permutation is hashed from."""
-    from ctrl.dataplane.tables import turn_place
-
+def test_turns_order_as_the_backends_and_start_with_the_identity():
+    """A turn (ctrl.dataplane.tables.turns_of), compared as bytes, orders
+    backends as their (address, port, protocol) tuples do, IPv4 and IPv6,
+    ports across the byte boundary, whatever their ids; its first 18 bytes
+    are the Maglev identity the permutation is hashed from, its last 4 the
+    id."""
     rng = random.Random(5)
     prefixes = ("198.18.0.", "198.19.3.", "2001:db8::")
     bs = list(
@@ -632,9 +631,13 @@ def test_turn_place_orders_as_the_backends_and_starts_with_the_identity():
             for _ in range(150)
         }
     )
-    assert sorted(bs, key=turn_place) == sorted(bs)
-    for b in bs:
-        assert turn_place(b)[:18] == maglev.identity(b[0], b[1])
+    ids = rng.sample(range(1, 1 << 32), len(bs))
+    turns = turns_of(ids, dict(zip(ids, bs, strict=True)))
+    assert len(turns) == len(bs) and all(len(t) == TURN for t in turns)
+    assert [bs[ids.index(turn_id(t))] for t in sorted(turns)] == sorted(bs)
+    for t, i, b in zip(turns, ids, bs, strict=True):
+        assert turn_id(t) == i and t[:18] == maglev.identity(b[0], b[1])
+    assert turns_of([], {}) == []
 
 
 def turn(i: int, bid: int | None = None) -> bytes:

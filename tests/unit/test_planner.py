@@ -194,6 +194,53 @@ def test_one_slice_change_is_a_delta_of_that_slice():
     assert s["slots_set"] == 100 and s["slots_deleted"] == 0 and s["backends_added"] == 100
 
 
+def test_port_state_update_edge_cases():
+    """_PortState.update, slice by slice in bulk: an old slice whose
+    endpoints are not merged (not expected) removes nothing and its
+    replacement is added; an ip:port twice in one new slice asks for a
+    full re-plan (None), as one already merged from another slice does;
+    an endpoint in the old and the new slice that stays selected is
+    neither added nor removed, one that stops being ready is removed."""
+    from ctrl.model.planner import _PortState
+    from ctrl.model.plan import SELECT_CLUSTER, port_policy
+
+    svc = parse(service())
+    sp = svc.ports[0]
+
+    def sl(name, addrs, ready=True):
+        eps = [{"addresses": [a], "conditions": {"ready": ready}} for a in addrs]
+        return parse(endpoint_slice(name, endpoints=eps))
+
+    a = sl("web-a", ["198.18.0.1", "198.18.0.2"])
+    st = _PortState(sp, "IPv4", 6, port_policy(svc, sp), "node-a", None, {"web-a": a}, (SELECT_CLUSTER,))
+    ghost = sl("web-b", ["198.18.0.9"])
+    b = sl("web-b", ["198.18.0.3"])
+    (added, removed) = st.update({"web-b": ghost}, {"web-b": b})[SELECT_CLUSTER]
+    assert [x[0][-1] for x in added] == [3] and removed == ()
+    assert sorted(k[0][-1] for k in st.selected[SELECT_CLUSTER]) == [1, 2, 3]
+    # The same endpoint in the old and new slice: kept; one not ready: removed.
+    a2 = parse(
+        endpoint_slice(
+            "web-a",
+            endpoints=[
+                {"addresses": ["198.18.0.1"]},
+                {"addresses": ["198.18.0.2"], "conditions": {"ready": False}},
+            ],
+        )
+    )
+    (added, removed) = st.update({"web-a": a}, {"web-a": a2})[SELECT_CLUSTER]
+    assert added == () and [x[0][-1] for x in removed] == [2]
+    assert sorted(k[0][-1] for k in st.selected[SELECT_CLUSTER]) == [1, 3]
+    # Back to ready: added again.
+    (added, removed) = st.update({"web-a": a2}, {"web-a": a})[SELECT_CLUSTER]
+    assert [x[0][-1] for x in added] == [2] and removed == ()
+    # Twice in one new slice: a full re-plan, and from then on.
+    twice = sl("web-c", ["198.18.0.7", "198.18.0.7"])
+    assert st.update({}, {"web-c": twice}) is None and st.duplicates
+    other = _PortState(sp, "IPv4", 6, port_policy(svc, sp), "node-a", None, {"web-a": a}, (SELECT_CLUSTER,))
+    assert other.update({}, {"web-d": sl("web-d", ["198.18.0.1"])}) is None
+
+
 def test_a_rejected_change_is_retried_in_full():
     from ctrl.dataplane.abi import MapSizes
 
