@@ -10,7 +10,8 @@ ARCH_INC := /usr/include/$(shell uname -m)-linux-gnu
 # over between CPUs (kernel 5.12 or later), and 32-bit subregisters.
 BPF_CFLAGS := -O2 -g -target bpf -mcpu=v3 -I$(ARCH_INC) -Iebpf -Wall -Werror
 BPF_OBJS := build/sliceproxy_tc.bpf.o
-# The control plane's C helper (ctrl/dataplane/native.c: Maglev tables),
+# The control plane's C helper (ctrl/dataplane/native.c: Maglev tables;
+# ctrl/dataplane/endpoints.c: a slice's endpoints read from their JSON),
 # loaded through cffi like libbpf.
 NATIVE_LIB := build/libsliceproxy.so
 NATIVE_CFLAGS := -O2 -g -shared -fPIC -Wall -Werror
@@ -28,9 +29,9 @@ bpf: $(BPF_OBJS)
 
 native: $(NATIVE_LIB)
 
-$(NATIVE_LIB): ctrl/dataplane/native.c | deps
+$(NATIVE_LIB): ctrl/dataplane/native.c ctrl/dataplane/endpoints.c | deps
 	@mkdir -p build
-	$(CLANG) $(NATIVE_CFLAGS) $< -o $@
+	$(CLANG) $(NATIVE_CFLAGS) $^ -o $@
 
 # The tc object is one translation unit (ebpf/sliceproxy_tc.bpf.c includes
 # one file per attach point, which include ebpf/lib/): rebuilt when any of
@@ -94,7 +95,7 @@ lint: venv
 	$(BIN)/mypy ctrl
 	$(BIN)/python scripts/check_layers.py
 
-unit: venv
+unit: venv native
 	$(BIN)/python -m pytest -q tests/unit
 
 datapath: all

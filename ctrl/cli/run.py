@@ -30,17 +30,20 @@ def build_agent(
     addresses empty: off), health check node ports. A dry run gets no
     servers and no drain period. scripts/bench/ours.py builds its agent
     here too, so the bench measures what production runs."""
+    from ..dataplane import native
     from ..dataplane.abi import read_contents
     from ..dataplane.programmed import Programmed
+    from ..k8s import slicejson
     from ..model.state import ClusterState
     from ..runtime.agent import Agent
 
     programmed = Programmed(
         opts.sizes, drain_period=0.0 if opts.dry_run else opts.drain_period, maglev_size=opts.maglev_size
     )
+    # Slices' endpoints read from their JSON in C where the library is
+    # (msgspec otherwise: the same slices, slower).
+    slicejson.use_endpoint_scan(native.scan_endpoints if native.library() is not None else None)
     if opts.maglev_size:
-        from ..dataplane import native
-
         why = native.missing()
         if why:
             log.warning("--external-lb=maglev: %s, about 20 ms a table instead of under 1 ms", why)

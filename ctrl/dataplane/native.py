@@ -9,20 +9,29 @@ table for the same turns), edits the first M turns of a turn order
 tests/unit/test_native.py compares each with its Python reference.
 Without the library the Python ones serve, about 20 ms a table instead
 of well under one; the agent says so once at start (ctrl.cli.run) when
-Maglev is on.
+Maglev is on. It also reads a slice's endpoints from their JSON
+(scan_endpoints, ctrl/dataplane/endpoints.c), which the list and watch
+decoder (ctrl.k8s.slicejson) is given by the agent's builder; without
+the library the decoder reads them with msgspec, as it does any
+endpoints the scan does not take.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import sys
+import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from heapq import heapify, heappop
+from itertools import repeat
 from pathlib import Path
 
 from cffi import FFI
 
+from ..k8s.objects import Endpoint
 from ..model import maglev
 
 ffi = FFI()
@@ -34,6 +43,14 @@ int64_t sp_turns_merge(const uint8_t *turns, const uint32_t *ids, const uint64_t
                        uint8_t *okeys, uint32_t *oids, uint64_t *operms, uint32_t cap);
 void sp_heap_grow(uint8_t *h, uint32_t n0, uint32_t n);
 uint32_t sp_heap_take(uint8_t *h, uint32_t n, uint32_t k, uint8_t *out);
+struct sp_scan_rows {
+    uint8_t *addrs;
+    uint8_t *conds;
+    uint32_t *node, *zone, *fresh;
+    uint32_t cap, nfresh;
+};
+int64_t sp_endpoints_scan(const uint8_t *js, uint32_t len, int family, struct sp_scan_rows *rows);
+void sp_names_reset(void);
 """
 )
 
@@ -201,3 +218,109 @@ def heap_take(heap: bytearray, k: int) -> list[bytes]:
     lib.sp_heap_take(ffi.from_buffer("uint8_t[]", heap), n, k, ffi.from_buffer("uint8_t[]", out))
     del heap[(n - k) * TURN :]
     return split_turns(out)
+
+
+# The fewest bytes of JSON an endpoint takes ({"addresses":["a"]} and a
+# comma): the scan's rows are sized from the raw array's length.
+_ENDPOINT_MIN = 16
+# Node and zone names numbered (the C's table): past this many, it starts
+# over (a cluster has thousands of nodes at most).
+NAMES_MAX = 1 << 16
+
+
+class _Scan:
+    """The scan's state: its rows (grown, reused by every call: one scan
+    at a time, under the lock) and the names the C has numbered, in their
+    order (names[k] is number k; names[0] None)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.names: list[str | None] = [None]
+        self.rows = ffi.new("struct sp_scan_rows *")
+        self.cap = 0
+
+    def grow(self, cap: int) -> None:
+        self.addrs, self.conds = bytearray(16 * cap), bytearray(cap)
+        self.node, self.zone = array("I", bytes(4 * cap)), array("I", bytes(4 * cap))
+        self.fresh = array("I", bytes(16 * cap))
+        fb = ffi.from_buffer
+        # The cdata the rows point into, kept alive as long as they are.
+        self.held = (
+            fb("uint8_t[]", self.addrs),
+            fb("uint8_t[]", self.conds),
+            fb("uint32_t[]", self.node),
+            fb("uint32_t[]", self.zone),
+            fb("uint32_t[]", self.fresh),
+        )
+        r = self.rows
+        r.addrs, r.conds, r.node, r.zone, r.fresh = self.held
+        r.cap = self.cap = cap
+
+
+_scan = _Scan()
+
+
+# Per condition byte of the scan (bit 0 ready, 1 serving, 2 terminating):
+# each field as an Endpoint holds it.
+_READY = tuple(bool(c & 1) for c in range(8))
+_SERVING = tuple(bool(c & 2) for c in range(8))
+_TERMINATING = tuple(bool(c & 4) for c in range(8))
+_SPLIT: dict[int, Callable] = {}  # n -> unpack_from of n addresses of 16 bytes
+
+
+def scan_endpoints(raw, family: int) -> tuple[Endpoint, ...] | None:
+    """A slice's endpoints (raw: the JSON value of its "endpoints", any
+    buffer) of address family `family` (socket.AF_INET, AF_INET6, or 0
+    for FQDN: checked, none returned), as ctrl.k8s.slicejson makes them
+    (no hints: the scan takes none). Read as columns in C
+    (ctrl/dataplane/endpoints.c), made into Endpoints by map and zip,
+    with the node and zone names the process has seen once each (the
+    C numbers them). None when the library is not there, or the
+    endpoints are not clean: the caller reads those with msgspec."""
+    lib = library()
+    if lib is None:
+        return None
+    data = ffi.from_buffer("uint8_t[]", raw)
+    size = len(data)
+    if size >= 1 << 32:
+        return None
+    cap = size // _ENDPOINT_MIN + 1
+    st = _scan
+    with st.lock:
+        if cap > st.cap:
+            st.grow(max(cap, 2 * st.cap, 256))
+        names = st.names
+        if len(names) > NAMES_MAX:
+            lib.sp_names_reset()
+            names = st.names = [None]
+        n = lib.sp_endpoints_scan(data, size, family, st.rows)
+        fresh = st.rows.nfresh
+        if fresh:
+            view = memoryview(raw)
+            f = st.fresh
+            intern = sys.intern
+            names += [intern(str(view[f[2 * k] : f[2 * k] + f[2 * k + 1]], "ascii")) for k in range(fresh)]
+        if n <= 0:
+            return None if n < 0 else ()
+        split = _SPLIT.get(n)
+        if split is None:
+            split = _SPLIT[n] = struct.Struct("16s" * n).unpack_from
+        conds = st.conds
+        # zip stops at the n addresses, before reading past the others' n.
+        return tuple(
+            map(
+                tuple.__new__,
+                repeat(Endpoint),
+                zip(
+                    split(st.addrs),
+                    map(_READY.__getitem__, conds),
+                    map(_SERVING.__getitem__, conds),
+                    map(_TERMINATING.__getitem__, conds),
+                    map(names.__getitem__, st.node),
+                    map(names.__getitem__, st.zone),
+                    repeat(None),
+                    repeat(None),
+                    strict=False,
+                ),
+            )
+        )

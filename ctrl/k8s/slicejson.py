@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -101,11 +102,15 @@ class _Meta(msgspec.Struct, rename="camel", gc=False):
     owner_references: list[_OwnerRef] | None = None
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Slice(msgspec.Struct, rename="camel", gc=False):
     kind: str | None = None  # absent in list items
     metadata: _Meta | None = None
     address_type: str | None = None
-    endpoints: list[_Endpoint] | None = None
+    # Kept as its JSON (list[_Endpoint] | None), read by _endpoints.
+    endpoints: msgspec.Raw = _NULL
     ports: list[_Port] | None = None
 
 
@@ -145,7 +150,24 @@ class Change(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_List)
 _event_decoder = msgspec.json.Decoder(_Event)
+_endpoints_decoder = msgspec.json.Decoder(list[_Endpoint] | None)
 _NO_CONDITIONS = _Conditions()
+
+# A slice's endpoints read from their JSON (the raw value, the address
+# family: socket.AF_INET, AF_INET6, 0 for FQDN) into what _endpoints
+# makes, or None for those it does not take: given by whoever builds the
+# agent (ctrl.cli.run: ctrl.dataplane.native.scan_endpoints, in C; this
+# layer knows no native code). None: every slice's endpoints are decoded
+# with msgspec, as the scan leaves any it does not take.
+EndpointScan = Callable[[msgspec.Raw, int], "tuple[Endpoint, ...] | None"]
+_scan: EndpointScan | None = None
+
+
+def use_endpoint_scan(scan: EndpointScan | None) -> None:
+    """Read the endpoints of every slice decoded from now on with `scan`
+    first (None: with msgspec only)."""
+    global _scan
+    _scan = scan
 
 
 class _Unclean(Exception):
@@ -207,6 +229,58 @@ def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
     return shared
 
 
+def _endpoints(raw: msgspec.Raw, family: int, prefix: bytes) -> tuple[Endpoint, ...]:
+    """A slice's endpoints (the JSON of its "endpoints") of this address
+    family (0: FQDN, none kept): by the scan when it takes them, else
+    decoded and converted one by one; _Unclean as parse_slice would
+    decline them."""
+    scan = _scan
+    if scan is not None:
+        got = scan(raw, family)
+        if got is not None:
+            return got
+    try:
+        decoded = _endpoints_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        raise _Unclean from None
+    pton = socket.inet_pton
+    no_cond = _NO_CONDITIONS
+    new = tuple.__new__
+    endpoints: list[Endpoint] = []
+    append = endpoints.append
+    # The hot loop: one tuple per endpoint, no message strings.
+    for ep in decoded or ():
+        addrs = ep.addresses
+        if not addrs:
+            raise _Unclean
+        if not family:
+            continue  # FQDN: names, not addresses
+        ip = addrs[0]
+        try:
+            packed = prefix + pton(family, ip)
+        except (OSError, ValueError):  # ValueError: a NUL in the string
+            raise _Unclean from None
+        c = ep.conditions or no_cond
+        h = ep.hints
+        # tuple.__new__: the NamedTuple's own __new__ is a Python call.
+        append(
+            new(
+                Endpoint,
+                (
+                    packed,
+                    c.ready is not False,
+                    c.serving is not False,
+                    c.terminating is True,
+                    _intern(ep.node_name) if ep.node_name else ep.node_name,
+                    _intern(ep.zone) if ep.zone else ep.zone,
+                    _hint_names(h.for_zones) if h else None,
+                    _hint_names(h.for_nodes) if h else None,
+                ),
+            )
+        )
+    return tuple(endpoints)
+
+
 def _convert(s: _Slice) -> EndpointSlice:
     meta = s.metadata
     if s.kind is not None and s.kind != "EndpointSlice":
@@ -238,41 +312,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         family, prefix = 0, b""
     else:
         raise _Unclean
-    pton = socket.inet_pton
-    no_cond = _NO_CONDITIONS
-    new = tuple.__new__
-    endpoints: list[Endpoint] = []
-    append = endpoints.append
-    # The hot loop: one tuple per endpoint, no message strings.
-    for ep in s.endpoints or ():
-        addrs = ep.addresses
-        if not addrs:
-            raise _Unclean
-        if not family:
-            continue  # FQDN: names, not addresses
-        ip = addrs[0]
-        try:
-            packed = prefix + pton(family, ip)
-        except (OSError, ValueError):  # ValueError: a NUL in the string
-            raise _Unclean from None
-        c = ep.conditions or no_cond
-        h = ep.hints
-        # tuple.__new__: the NamedTuple's own __new__ is a Python call.
-        append(
-            new(
-                Endpoint,
-                (
-                    packed,
-                    c.ready is not False,
-                    c.serving is not False,
-                    c.terminating is True,
-                    _intern(ep.node_name) if ep.node_name else ep.node_name,
-                    _intern(ep.zone) if ep.zone else ep.zone,
-                    _hint_names(h.for_zones) if h else None,
-                    _hint_names(h.for_nodes) if h else None,
-                ),
-            )
-        )
+    endpoints = _endpoints(s.endpoints, family, prefix)
     annotations = meta.annotations or {}
     refs = meta.owner_references
     return EndpointSlice(
@@ -281,7 +321,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         service_name,
         atype,
         tuple(ports),
-        tuple(endpoints),
+        endpoints,
         labels,
         (),
         annotations.get(TRIGGER_ANNOTATION),

@@ -201,8 +201,8 @@ def test_port_state_update_edge_cases():
     full re-plan (None), as one already merged from another slice does;
     an endpoint in the old and the new slice that stays selected is
     neither added nor removed, one that stops being ready is removed."""
-    from ctrl.model.planner import _PortState
     from ctrl.model.plan import SELECT_CLUSTER, port_policy
+    from ctrl.model.planner import _PortState
 
     svc = parse(service())
     sp = svc.ports[0]

@@ -2,18 +2,35 @@
 
 Generated list pages: every clean one must decode to the same objects as
 the exact parser; every page with one unclean item must be declined (None),
-so the caller's exact path names the object and field."""
+so the caller's exact path names the object and field. Each test runs
+twice: with the endpoints read by the C scan as the agent reads them
+(ctrl.dataplane.native.scan_endpoints), and by msgspec alone."""
 
 import copy
 import json
 import logging
 import random
+import socket
 
+import msgspec
 import pytest
 
+from ctrl.dataplane import native
+from ctrl.k8s import slicejson
 from ctrl.k8s.kube import KubeSource
-from ctrl.k8s.objects import ObjectError, parse
+from ctrl.k8s.objects import Endpoint, ObjectError, parse
 from ctrl.k8s.slicejson import decode_change, decode_page
+from ctrl.util.addrs import addr16
+
+
+@pytest.fixture(autouse=True, params=["scan", "msgspec"])
+def endpoints_read_by(request):
+    """The scan (the library must be built: `make native`), or none."""
+    if request.param == "scan":
+        assert native.library() is not None, native.missing()
+        slicejson.use_endpoint_scan(native.scan_endpoints)
+    yield request.param
+    slicejson.use_endpoint_scan(None)
 
 NODES = ["node-a", "node-b", None]
 ZONES = ["zone-1", "zone-2", None]
@@ -354,3 +371,144 @@ def test_the_longest_names_kubernetes_allows_take_the_fast_path():
     raw["ports"][0]["name"] = "p" * 63
     got = decode_page(page([raw]))
     assert got is not None and got.items == [exact(raw)] and not got.items[0].problems
+
+
+def scan_of(endpoints, family: str = "IPv4"):
+    """native.scan_endpoints of endpoints (a JSON text, or what dumps it)."""
+    text = endpoints if isinstance(endpoints, bytes) else json.dumps(endpoints).encode()
+    fam = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6, "FQDN": 0}[family]
+    return native.scan_endpoints(msgspec.Raw(text), fam)
+
+
+def with_endpoints(endpoints: bytes, family: str = "IPv4") -> bytes:
+    """A page of one slice whose endpoints are this JSON text, as it is."""
+    raw = copy.deepcopy(GOOD)
+    raw["addressType"] = family
+    raw["endpoints"] = "@ENDPOINTS@"
+    return page([raw]).replace(b'"@ENDPOINTS@"', endpoints)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_scan_takes_clean_endpoints_without_hints(seed, endpoints_read_by):
+    """Endpoints without hints, in any order of fields, with fields the
+    scan does not read (nested), whitespace, IPv4 and IPv6: taken, and
+    the page's slices are the exact parser's."""
+    rnd = random.Random(seed)
+    family = rnd.choice(["IPv4", "IPv6"])
+    eps = []
+    for k in range(rnd.randrange(1, 40)):
+        ep = rand_endpoint(rnd, family, k)
+        ep.pop("hints", None)
+        if rnd.random() < 0.3:
+            ep["hints"] = None
+        if rnd.random() < 0.3:
+            ep["targetRef"] = {"kind": "Pod", "x": [1, -2.5e3, [], {}, [{"y": [True, False, None]}]]}
+        eps.append(dict(rnd.sample(sorted(ep.items()), len(ep))))
+    text = json.dumps(eps, indent=rnd.choice([None, 1, "\t"])).encode()
+    got = scan_of(text, family)
+    assert got is not None and len(got) == len(eps)
+    raw = copy.deepcopy(GOOD)
+    raw["addressType"], raw["endpoints"] = family, eps
+    decoded = decode_page(with_endpoints(text, family))
+    assert decoded is not None and decoded.items == [exact(raw)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'[{"addresses": ["198.18.0.1"], "nodeName": "n\\u0041"}]',  # an escape
+        '[{"addresses": ["198.18.0.1"], "nodeName": "n\u00e9"}]'.encode(),  # not ASCII
+        b'[{"addresses": ["198.18.0.1"], "hints": {"forZones": [{"name": "zone-1"}]}}]',
+        b'[{"addresses": ["198.18.0.1"], "hints": {}}]',
+        b'[{"addresses": ["198.18.0.1"], "zone": "a", "zone": "b"}]',  # a field twice
+        b'[{"addresses": ["198.18.0.1"], "conditions": {"ready": 1}}]',
+        b'[{"addresses": ["198.18.0.1"], "conditions": {"ready": true, "ready": false}}]',
+        b'[{"addresses": ["198.18.0.1"], "nodeName": 5}]',
+        b'[{"addresses": []}]',
+        b'[{"addresses": null}]',
+        b'[{"conditions": {}}]',  # no addresses
+        b'[{"addresses": ["198.18.0.256"]}]',
+        b'[{"addresses": ["2001:db8::1"]}]',  # another family
+        b'[{"addresses": ["198.18.0.1", 7]}]',
+        b'[null]',
+        b'[{"addresses": ["198.18.0.1"]}, 3]',
+        b'{"addresses": ["198.18.0.1"]}',
+        b'[{"addresses": ["198.18.0.1"], "x": ' + b"[" * 70 + b"]" * 70 + b"}]",  # too deep to skip
+    ],
+)
+def test_the_scan_leaves_what_it_does_not_take_to_msgspec(text, endpoints_read_by):
+    """Escapes, bytes past ASCII, hints, a field twice, values of another
+    type, addresses missing or not of the family, elements not objects,
+    nesting past the scan's depth: not taken (None), and the page decodes
+    as msgspec alone decodes it: the same slices, or declined alike."""
+    assert scan_of(text) is None
+    got = decode_page(with_endpoints(text))
+    slicejson.use_endpoint_scan(None)
+    assert got == decode_page(with_endpoints(text))
+
+
+def test_the_scan_of_null_empty_and_fqdn_endpoints():
+    assert scan_of(b" null ") == () and scan_of(b"[ ]") == ()
+    assert scan_of([{"addresses": ["web.example.test"]}], "FQDN") == ()
+    assert scan_of([{"addresses": []}], "FQDN") is None  # declined by the exact path too
+    got = scan_of(
+        [
+            {"addresses": ["198.18.0.9", "198.18.0.10"], "nodeName": "", "zone": "zone-1"},
+            {"addresses": ["198.18.0.7"], "conditions": {"ready": False, "serving": None, "terminating": True}},
+            {"addresses": ["198.18.0.8"], "nodeName": "zone-1", "conditions": None},
+        ]
+    )
+    assert got == (
+        Endpoint(addr16("198.18.0.9"), True, True, False, "", "zone-1", None, None),
+        Endpoint(addr16("198.18.0.7"), False, True, True, None, None, None, None),
+        Endpoint(addr16("198.18.0.8"), True, True, False, "zone-1", None, None, None),
+    )
+    assert all(type(e) is Endpoint for e in got)
+    # A name is one string, from call to call.
+    again = scan_of([{"addresses": ["198.18.0.1"], "nodeName": "zone-1"}])
+    assert again[0].node_name is got[0].zone
+
+
+def test_the_scan_numbers_names_once_for_the_process(monkeypatch):
+    """Names past NAMES_MAX start the numbering over; a scan that fails
+    after numbering a name still hands it over (the next one that uses
+    it reads it)."""
+    monkeypatch.setattr(native, "NAMES_MAX", 3)
+    first = scan_of([{"addresses": ["198.18.0.1"], "nodeName": f"node-{k}"} for k in range(5)])
+    assert [e.node_name for e in first] == [f"node-{k}" for k in range(5)]
+    second = scan_of([{"addresses": ["198.18.0.1"], "nodeName": "node-9", "zone": "zone-1"}])
+    assert [(e.node_name, e.zone) for e in second] == [("node-9", "zone-1")]
+    assert scan_of([{"addresses": ["198.18.0.1"], "nodeName": "node-10"}, {"addresses": ["bad"]}]) is None
+    third = scan_of([{"addresses": ["198.18.0.1"], "nodeName": "node-10", "zone": "zone-1"}])
+    assert [(e.node_name, e.zone) for e in third] == [("node-10", "zone-1")]
+    again = scan_of([{"addresses": ["198.18.0.1"], "nodeName": "node-0"}, {"addresses": ["198.18.0.2"]}])
+    assert [e.node_name for e in again] == ["node-0", None]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_scan_and_msgspec_agree_on_mutated_endpoints(seed):
+    """Endpoints' JSON with one byte changed, put in, or taken out (most
+    of it then malformed, or clean in a new way): the page decodes with
+    the scan exactly as with msgspec alone (the same slices, or declined
+    alike), whatever the scan made of it."""
+    rnd = random.Random(seed)
+    alphabet = b'{}[],:" \\\\nulltruefalse0123456789.-eE198.18.0.1addressesconditionsreadynodeNamezonehints\x00\x7f\xc3\xa9'
+    for _ in range(150):
+        eps = [rand_endpoint(rnd, "IPv4", k) for k in range(rnd.randrange(1, 6))]
+        for ep in eps:
+            ep.pop("hints", None)
+        text = bytearray(json.dumps(eps).encode())
+        for _ in range(rnd.randrange(1, 4)):
+            at = rnd.randrange(len(text))
+            op = rnd.random()
+            if op < 0.4:
+                text[at] = rnd.choice(alphabet)
+            elif op < 0.7:
+                text[at:at] = bytes([rnd.choice(alphabet)])
+            else:
+                del text[at]
+        body = with_endpoints(bytes(text))
+        slicejson.use_endpoint_scan(native.scan_endpoints)
+        scanned = decode_page(body)
+        slicejson.use_endpoint_scan(None)
+        assert scanned == decode_page(body), bytes(text)

@@ -1,0 +1,511 @@
+/* Part of the control plane's own native code (build/libsliceproxy.so,
+ * with native.c; loaded by ctrl/dataplane/native.py, scan_endpoints).
+ *
+ * An EndpointSlice's endpoints, read from their JSON as columns: the
+ * decoder (ctrl/k8s/slicejson.py) hands over the raw "endpoints" array of
+ * each slice, and gets back the fields a proxy reads of each endpoint
+ * without a Python object made per field. It takes only what it knows to
+ * be clean and leaves everything else to the exact decoding: any escape,
+ * byte outside printable ASCII, hint, repeated field, value of an
+ * unexpected type or address that does not parse makes it return -1, and
+ * the caller then decodes the same bytes with msgspec and converts them
+ * as it always did (which accepts, or declines the page). So this file
+ * never decides what is valid: it only says "clean, and here it is".
+ * tests/unit/test_slicejson.py compares both ways on the same slices.
+ */
+#include <arpa/inet.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* Nesting a skipped value may have: deeper is left to the exact path. */
+#define SP_SKIP_DEPTH 64
+/* The longest address string read (an IPv6 address is at most 45). */
+#define SP_ADDR_MAX 63
+
+struct scan {
+	const uint8_t *p, *end;
+};
+
+static void ws(struct scan *s)
+{
+	while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+		s->p++;
+}
+
+/* The next byte after whitespace, consumed if it is c. */
+static int eat(struct scan *s, uint8_t c)
+{
+	ws(s);
+	if (s->p < s->end && *s->p == c) {
+		s->p++;
+		return 1;
+	}
+	return 0;
+}
+
+#define ONES 0x0101010101010101ull
+#define HIGHS 0x8080808080808080ull
+
+/* Whether some byte of w is zero (its high bit set in the result). */
+static uint64_t zero_byte(uint64_t w)
+{
+	return (w - ONES) & ~w & HIGHS;
+}
+
+/* A string (the opening quote next, after whitespace): its bytes in
+ * [*str, *str + *len). Only printable ASCII without escapes: -1 else.
+ * Eight bytes at a time while none of them is a quote, a backslash, a
+ * control character or past ASCII; then byte by byte. */
+static int string(struct scan *s, const uint8_t **str, uint32_t *len)
+{
+	const uint8_t *c;
+	uint64_t w;
+
+	if (!eat(s, '"'))
+		return -1;
+	c = s->p;
+	while (s->end - c >= 8) {
+		memcpy(&w, c, 8);
+		if (zero_byte(w ^ (ONES * '"')) | zero_byte(w ^ (ONES * '\\')) | zero_byte(w ^ (ONES * 0x7f)) |
+		    ((w - ONES * 0x20) & ~w & HIGHS) | (w & HIGHS))
+			break;
+		c += 8;
+	}
+	for (; c < s->end && *c != '"'; c++)
+		if (*c < 0x20 || *c >= 0x7f || *c == '\\')
+			return -1;
+	if (c == s->end)
+		return -1;
+	*str = s->p;
+	*len = (uint32_t)(c - s->p);
+	s->p = c + 1;
+	return 0;
+}
+
+static int literal_n(struct scan *s, const char *word, size_t n)
+{
+	if ((size_t)(s->end - s->p) < n || memcmp(s->p, word, n) != 0)
+		return 0;
+	s->p += n;
+	return 1;
+}
+
+#define literal(s, word) literal_n((s), (word), sizeof(word) - 1)
+
+/* true (1), false (0), null (2); -1 for anything else. */
+static int tristate(struct scan *s)
+{
+	ws(s);
+	if (literal(s, "true"))
+		return 1;
+	if (literal(s, "false"))
+		return 0;
+	if (literal(s, "null"))
+		return 2;
+	return -1;
+}
+
+/* Past one value of any type, nested ones too. */
+static int skip(struct scan *s)
+{
+	int depth = 0;
+	const uint8_t *str;
+	uint32_t len;
+
+	for (;;) {
+		ws(s);
+		if (s->p == s->end)
+			return -1;
+		switch (*s->p) {
+		case '"':
+			if (string(s, &str, &len))
+				return -1;
+			break;
+		case '{':
+		case '[':
+			if (++depth > SP_SKIP_DEPTH)
+				return -1;
+			s->p++;
+			continue; /* its first member or element, or its end */
+		case '}':
+		case ']':
+			if (depth == 0)
+				return -1;
+			depth--;
+			s->p++;
+			break;
+		case 't':
+		case 'f':
+		case 'n':
+			if (!literal(s, "true") && !literal(s, "false") && !literal(s, "null"))
+				return -1;
+			break;
+		default:
+			if (*s->p != '-' && (*s->p < '0' || *s->p > '9'))
+				return -1;
+			while (s->p < s->end && (*s->p == '-' || *s->p == '+' || *s->p == '.' || *s->p == 'e' ||
+						 *s->p == 'E' || (*s->p >= '0' && *s->p <= '9')))
+				s->p++;
+			break;
+		}
+		/* A value ended: the next one in its container, or the end. */
+		if (depth == 0)
+			return 0;
+		ws(s);
+		if (s->p == s->end)
+			return -1;
+		if (*s->p == ',') {
+			s->p++;
+			ws(s);
+			if (s->p < s->end && (*s->p == '}' || *s->p == ']'))
+				return -1; /* a comma before the end */
+			continue;
+		}
+		if (*s->p == ':') {
+			s->p++;
+			continue;
+		}
+		if (*s->p != '}' && *s->p != ']')
+			return -1;
+	}
+}
+
+/* Node and zone names: a cluster has at most thousands, repeated over
+ * its endpoints. Each gets a number once for the life of the process
+ * (until sp_names_reset), and the caller keeps the list of them in the
+ * same order: an endpoint's name is that number, never a string made
+ * again. Calls are not concurrent (native.py holds a lock). */
+static struct {
+	char *arena; /* the names one after the other */
+	size_t used, size;
+	uint32_t *off, *len; /* per name (number - 1) */
+	uint32_t n, cap;
+	uint32_t *slots; /* open addressing: number, 0 free */
+	uint32_t mask;
+} names;
+
+void sp_names_reset(void)
+{
+	free(names.arena);
+	free(names.off);
+	free(names.len);
+	free(names.slots);
+	memset(&names, 0, sizeof(names));
+}
+
+static uint32_t name_hash(const uint8_t *str, uint32_t len)
+{
+	uint32_t h = 2166136261u, i;
+
+	for (i = 0; i < len; i++)
+		h = (h ^ str[i]) * 16777619u;
+	return h;
+}
+
+/* Room for one more name of len bytes: 0, or -1 (out of memory). */
+static int names_room(uint32_t len)
+{
+	uint32_t i, k, size;
+	void *p;
+
+	if (names.used + len > names.size) {
+		size_t want = names.size ? names.size : 4096;
+
+		while (want < names.used + len)
+			want *= 2;
+		p = realloc(names.arena, want);
+		if (!p)
+			return -1;
+		names.arena = p;
+		names.size = want;
+	}
+	if (names.n == names.cap) {
+		uint32_t cap = names.cap ? 2 * names.cap : 256;
+
+		p = realloc(names.off, cap * sizeof(uint32_t));
+		if (!p)
+			return -1;
+		names.off = p;
+		p = realloc(names.len, cap * sizeof(uint32_t));
+		if (!p)
+			return -1;
+		names.len = p;
+		names.cap = cap;
+	}
+	if (2 * (names.n + 1) > names.mask + 1 || !names.slots) {
+		size = names.slots ? 2 * (names.mask + 1) : 512;
+		p = calloc(size, sizeof(uint32_t));
+		if (!p)
+			return -1;
+		free(names.slots);
+		names.slots = p;
+		names.mask = size - 1;
+		for (k = 1; k <= names.n; k++) {
+			for (i = name_hash((uint8_t *)names.arena + names.off[k - 1], names.len[k - 1]) & names.mask;
+			     names.slots[i]; i = (i + 1) & names.mask)
+				;
+			names.slots[i] = k;
+		}
+	}
+	return 0;
+}
+
+/* The name's number (from 1), given one when new; its place in js, when
+ * new, appended to fresh ((offset, length) pairs, *nfresh of them). 0:
+ * out of memory. */
+static uint32_t name_of(const uint8_t *js, const uint8_t *str, uint32_t len, uint32_t *fresh, uint32_t *nfresh)
+{
+	uint32_t h = name_hash(str, len), i, k;
+
+	if (names.slots) {
+		for (i = h & names.mask; (k = names.slots[i]); i = (i + 1) & names.mask)
+			if (names.len[k - 1] == len && memcmp(names.arena + names.off[k - 1], str, len) == 0)
+				return k;
+	}
+	if (names_room(len))
+		return 0;
+	for (i = h & names.mask; names.slots[i]; i = (i + 1) & names.mask)
+		;
+	memcpy(names.arena + names.used, str, len);
+	names.off[names.n] = (uint32_t)names.used;
+	names.len[names.n] = len;
+	names.used += len;
+	names.slots[i] = ++names.n;
+	fresh[2 * *nfresh] = (uint32_t)(str - js);
+	fresh[2 * *nfresh + 1] = len;
+	++*nfresh;
+	return names.n;
+}
+
+/* Where a scan writes. */
+struct rows {
+	const uint8_t *js;
+	uint32_t *fresh, nfresh, max_fresh;
+};
+
+#define SEEN_ADDRESSES 1
+#define SEEN_CONDITIONS 2
+#define SEEN_NODE 4
+#define SEEN_ZONE 8
+#define SEEN_HINTS 16
+
+/* "conditions": null, or an object of ready, serving, terminating (each
+ * true, false or null) and fields not read. cond gets bit 0 ready (not
+ * false), bit 1 serving (not false), bit 2 terminating (true), as the
+ * decoder reads them. */
+static int conditions(struct scan *s, uint8_t *cond)
+{
+	int ready = 2, serving = 2, terminating = 2, seen = 0, v, bit;
+	const uint8_t *key;
+	uint32_t len;
+
+	ws(s);
+	if (literal(s, "null"))
+		goto done;
+	if (!eat(s, '{'))
+		return -1;
+	if (!eat(s, '}')) {
+		do {
+			if (string(s, &key, &len) || !eat(s, ':'))
+				return -1;
+			bit = 0;
+			if (len == 5 && !memcmp(key, "ready", 5))
+				bit = 1;
+			else if (len == 7 && !memcmp(key, "serving", 7))
+				bit = 2;
+			else if (len == 11 && !memcmp(key, "terminating", 11))
+				bit = 4;
+			if (!bit) {
+				if (skip(s))
+					return -1;
+				continue;
+			}
+			if (seen & bit)
+				return -1;
+			seen |= bit;
+			v = tristate(s);
+			if (v < 0)
+				return -1;
+			if (bit == 1)
+				ready = v;
+			else if (bit == 2)
+				serving = v;
+			else
+				terminating = v;
+		} while (eat(s, ','));
+		if (!eat(s, '}'))
+			return -1;
+	}
+done:
+	*cond = (uint8_t)((ready != 0) | (serving != 0) << 1 | (terminating == 1) << 2);
+	return 0;
+}
+
+/* "addresses": an array of one string or more; the first one parsed
+ * into addr (16 bytes, IPv4 mapped) for family AF_INET or AF_INET6, only
+ * checked to be there for 0 (FQDN). */
+static int addresses(struct scan *s, int family, uint8_t *addr)
+{
+	const uint8_t *str;
+	uint32_t len, n = 0;
+	char buf[SP_ADDR_MAX + 1];
+
+	if (!eat(s, '[') || eat(s, ']'))
+		return -1; /* null or empty: the exact path declines it */
+	do {
+		if (string(s, &str, &len))
+			return -1;
+		if (n++ == 0 && family) {
+			if (len > SP_ADDR_MAX)
+				return -1;
+			memcpy(buf, str, len);
+			buf[len] = 0;
+			if (family == AF_INET) {
+				memset(addr, 0, 10);
+				addr[10] = addr[11] = 0xff;
+				if (inet_pton(AF_INET, buf, addr + 12) != 1)
+					return -1;
+			} else if (inet_pton(AF_INET6, buf, addr) != 1) {
+				return -1;
+			}
+		}
+	} while (eat(s, ','));
+	return eat(s, ']') ? 0 : -1;
+}
+
+/* A string or null: its name's number (0 for null). */
+static int name_field(struct scan *s, struct rows *r, uint32_t *out)
+{
+	const uint8_t *str;
+	uint32_t len;
+
+	ws(s);
+	if (literal(s, "null")) {
+		*out = 0;
+		return 0;
+	}
+	if (string(s, &str, &len) || r->nfresh == r->max_fresh)
+		return -1;
+	*out = name_of(r->js, str, len, r->fresh, &r->nfresh);
+	return *out ? 0 : -1;
+}
+
+/* One endpoint object into row i of the columns. */
+static int endpoint(struct scan *s, int family, struct rows *r, uint8_t *addr, uint8_t *cond, uint32_t *node,
+		    uint32_t *zone)
+{
+	int seen = 0, bit;
+	const uint8_t *key;
+	uint32_t len;
+
+	*cond = 3; /* no conditions: ready and serving */
+	*node = *zone = 0;
+	if (!eat(s, '{'))
+		return -1;
+	if (!eat(s, '}')) {
+		do {
+			if (string(s, &key, &len) || !eat(s, ':'))
+				return -1;
+			bit = 0;
+			if (len == 9 && !memcmp(key, "addresses", 9))
+				bit = SEEN_ADDRESSES;
+			else if (len == 10 && !memcmp(key, "conditions", 10))
+				bit = SEEN_CONDITIONS;
+			else if (len == 8 && !memcmp(key, "nodeName", 8))
+				bit = SEEN_NODE;
+			else if (len == 4 && !memcmp(key, "zone", 4))
+				bit = SEEN_ZONE;
+			else if (len == 5 && !memcmp(key, "hints", 5))
+				bit = SEEN_HINTS;
+			if (!bit) {
+				if (skip(s))
+					return -1;
+				continue;
+			}
+			if (seen & bit)
+				return -1;
+			seen |= bit;
+			switch (bit) {
+			case SEEN_ADDRESSES:
+				if (addresses(s, family, addr))
+					return -1;
+				break;
+			case SEEN_CONDITIONS:
+				if (conditions(s, cond))
+					return -1;
+				break;
+			case SEEN_NODE:
+				if (name_field(s, r, node))
+					return -1;
+				break;
+			case SEEN_ZONE:
+				if (name_field(s, r, zone))
+					return -1;
+				break;
+			default: /* hints: only null is read here */
+				ws(s);
+				if (!literal(s, "null"))
+					return -1;
+			}
+		} while (eat(s, ','));
+		if (!eat(s, '}'))
+			return -1;
+	}
+	return seen & SEEN_ADDRESSES ? 0 : -1;
+}
+
+/* Where a scan writes: cap rows of addrs (16 bytes each), conds (bits as
+ * in conditions()), node and zone (a name's number, 0 for null or
+ * absent); fresh gets the names numbered in a call, in their order, as
+ * (offset in its js, length), nfresh of them (room for 2 * cap). */
+struct sp_scan_rows {
+	uint8_t *addrs;
+	uint8_t *conds;
+	uint32_t *node, *zone, *fresh;
+	uint32_t cap, nfresh;
+};
+
+/* The endpoints array js (len bytes: the JSON value, null or an array of
+ * endpoint objects) of a slice of address family `family` (AF_INET,
+ * AF_INET6, or 0 for FQDN: checked, none returned) into rows. nfresh is
+ * set whatever the result: the caller keeps every name numbered. Returns
+ * the number of rows, or -1: not clean (see the top of this file), or
+ * more endpoints than rows. */
+int64_t sp_endpoints_scan(const uint8_t *js, uint32_t len, int family, struct sp_scan_rows *rows)
+{
+	struct scan s = { js, js + len };
+	struct rows r = { js, rows->fresh, 0, 2 * rows->cap };
+	uint32_t n = 0, cap = rows->cap;
+	int64_t ret = -1;
+
+	if (family != AF_INET && family != AF_INET6 && family != 0)
+		goto out;
+	ws(&s);
+	if (literal(&s, "null")) {
+		ws(&s);
+		ret = s.p == s.end ? 0 : -1;
+		goto out;
+	}
+	if (!eat(&s, '['))
+		goto out;
+	if (!eat(&s, ']')) {
+		do {
+			if (n == cap)
+				goto out;
+			if (endpoint(&s, family, &r, rows->addrs + (size_t)16 * n, rows->conds + n, rows->node + n,
+				     rows->zone + n))
+				goto out;
+			n++;
+		} while (eat(&s, ','));
+		if (!eat(&s, ']'))
+			goto out;
+	}
+	ws(&s);
+	if (s.p == s.end)
+		ret = family ? n : 0;
+out:
+	rows->nfresh = r.nfresh;
+	return ret;
+}
