@@ -285,11 +285,57 @@ struct rows {
 	uint32_t *fresh, nfresh, max_fresh;
 };
 
-#define SEEN_ADDRESSES 1
-#define SEEN_CONDITIONS 2
-#define SEEN_NODE 4
-#define SEEN_ZONE 8
-#define SEEN_HINTS 16
+struct field {
+	const char *name;
+	uint32_t len;
+};
+
+#define FIELD(name) { name, sizeof(name) - 1 }
+
+/* An object (its opening brace next, after whitespace): each member
+ * named in fields (at most 32) given to take(s, its index, ctx), at most
+ * once; the others skipped. */
+static int object(struct scan *s, const struct field *fields, int nfields,
+		  int (*take)(struct scan *s, int i, void *ctx), void *ctx)
+{
+	uint32_t seen = 0, len;
+	const uint8_t *key;
+	int i;
+
+	if (!eat(s, '{'))
+		return -1;
+	if (eat(s, '}'))
+		return 0;
+	do {
+		if (string(s, &key, &len) || !eat(s, ':'))
+			return -1;
+		for (i = 0; i < nfields; i++)
+			if (fields[i].len == len && !memcmp(fields[i].name, key, len))
+				break;
+		if (i == nfields) {
+			if (skip(s))
+				return -1;
+			continue;
+		}
+		if (seen & 1u << i)
+			return -1;
+		seen |= 1u << i;
+		if (take(s, i, ctx))
+			return -1;
+	} while (eat(s, ','));
+	return eat(s, '}') ? 0 : -1;
+}
+
+static const struct field condition_fields[] = { FIELD("ready"), FIELD("serving"), FIELD("terminating") };
+
+/* A condition: true (1), false (0) or null (2). */
+static int take_condition(struct scan *s, int i, void *ctx)
+{
+	int *v = ctx;
+
+	v[i] = tristate(s);
+	return v[i] < 0 ? -1 : 0;
+}
 
 /* "conditions": null, or an object of ready, serving, terminating (each
  * true, false or null) and fields not read. cond gets bit 0 ready (not
@@ -297,49 +343,12 @@ struct rows {
  * decoder reads them. */
 static int conditions(struct scan *s, uint8_t *cond)
 {
-	int ready = 2, serving = 2, terminating = 2, seen = 0, v, bit;
-	const uint8_t *key;
-	uint32_t len;
+	int v[3] = { 2, 2, 2 };
 
 	ws(s);
-	if (literal(s, "null"))
-		goto done;
-	if (!eat(s, '{'))
+	if (!literal(s, "null") && object(s, condition_fields, 3, take_condition, v))
 		return -1;
-	if (!eat(s, '}')) {
-		do {
-			if (string(s, &key, &len) || !eat(s, ':'))
-				return -1;
-			bit = 0;
-			if (len == 5 && !memcmp(key, "ready", 5))
-				bit = 1;
-			else if (len == 7 && !memcmp(key, "serving", 7))
-				bit = 2;
-			else if (len == 11 && !memcmp(key, "terminating", 11))
-				bit = 4;
-			if (!bit) {
-				if (skip(s))
-					return -1;
-				continue;
-			}
-			if (seen & bit)
-				return -1;
-			seen |= bit;
-			v = tristate(s);
-			if (v < 0)
-				return -1;
-			if (bit == 1)
-				ready = v;
-			else if (bit == 2)
-				serving = v;
-			else
-				terminating = v;
-		} while (eat(s, ','));
-		if (!eat(s, '}'))
-			return -1;
-	}
-done:
-	*cond = (uint8_t)((ready != 0) | (serving != 0) << 1 | (terminating == 1) << 2);
+	*cond = (uint8_t)((v[0] != 0) | (v[1] != 0) << 1 | (v[2] == 1) << 2);
 	return 0;
 }
 
@@ -392,68 +401,48 @@ static int name_field(struct scan *s, struct rows *r, uint32_t *out)
 	return *out ? 0 : -1;
 }
 
-/* One endpoint object into row i of the columns. */
+/* One endpoint: where its row goes. */
+struct endpoint {
+	int family, has_addresses;
+	struct rows *r;
+	uint8_t *addr, *cond;
+	uint32_t *node, *zone;
+};
+
+static const struct field endpoint_fields[] = { FIELD("addresses"), FIELD("conditions"), FIELD("nodeName"),
+						FIELD("zone"), FIELD("hints") };
+
+static int take_endpoint_field(struct scan *s, int i, void *ctx)
+{
+	struct endpoint *e = ctx;
+
+	switch (i) {
+	case 0:
+		e->has_addresses = 1;
+		return addresses(s, e->family, e->addr);
+	case 1:
+		return conditions(s, e->cond);
+	case 2:
+		return name_field(s, e->r, e->node);
+	case 3:
+		return name_field(s, e->r, e->zone);
+	default: /* hints: only null is read here */
+		ws(s);
+		return literal(s, "null") ? 0 : -1;
+	}
+}
+
+/* One endpoint object into its row: it must have addresses. */
 static int endpoint(struct scan *s, int family, struct rows *r, uint8_t *addr, uint8_t *cond, uint32_t *node,
 		    uint32_t *zone)
 {
-	int seen = 0, bit;
-	const uint8_t *key;
-	uint32_t len;
+	struct endpoint e = { family, 0, r, addr, cond, node, zone };
 
 	*cond = 3; /* no conditions: ready and serving */
 	*node = *zone = 0;
-	if (!eat(s, '{'))
+	if (object(s, endpoint_fields, 5, take_endpoint_field, &e))
 		return -1;
-	if (!eat(s, '}')) {
-		do {
-			if (string(s, &key, &len) || !eat(s, ':'))
-				return -1;
-			bit = 0;
-			if (len == 9 && !memcmp(key, "addresses", 9))
-				bit = SEEN_ADDRESSES;
-			else if (len == 10 && !memcmp(key, "conditions", 10))
-				bit = SEEN_CONDITIONS;
-			else if (len == 8 && !memcmp(key, "nodeName", 8))
-				bit = SEEN_NODE;
-			else if (len == 4 && !memcmp(key, "zone", 4))
-				bit = SEEN_ZONE;
-			else if (len == 5 && !memcmp(key, "hints", 5))
-				bit = SEEN_HINTS;
-			if (!bit) {
-				if (skip(s))
-					return -1;
-				continue;
-			}
-			if (seen & bit)
-				return -1;
-			seen |= bit;
-			switch (bit) {
-			case SEEN_ADDRESSES:
-				if (addresses(s, family, addr))
-					return -1;
-				break;
-			case SEEN_CONDITIONS:
-				if (conditions(s, cond))
-					return -1;
-				break;
-			case SEEN_NODE:
-				if (name_field(s, r, node))
-					return -1;
-				break;
-			case SEEN_ZONE:
-				if (name_field(s, r, zone))
-					return -1;
-				break;
-			default: /* hints: only null is read here */
-				ws(s);
-				if (!literal(s, "null"))
-					return -1;
-			}
-		} while (eat(s, ','));
-		if (!eat(s, '}'))
-			return -1;
-	}
-	return seen & SEEN_ADDRESSES ? 0 : -1;
+	return e.has_addresses ? 0 : -1;
 }
 
 /* Where a scan writes: cap rows of addrs (16 bytes each), conds (bits as
