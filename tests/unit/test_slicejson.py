@@ -32,6 +32,7 @@ def endpoints_read_by(request):
     yield request.param
     slicejson.use_endpoint_scan(None)
 
+
 NODES = ["node-a", "node-b", None]
 ZONES = ["zone-1", "zone-2", None]
 
@@ -430,7 +431,7 @@ def test_the_scan_takes_clean_endpoints_without_hints(seed, endpoints_read_by):
         b'[{"addresses": ["198.18.0.256"]}]',
         b'[{"addresses": ["2001:db8::1"]}]',  # another family
         b'[{"addresses": ["198.18.0.1", 7]}]',
-        b'[null]',
+        b"[null]",
         b'[{"addresses": ["198.18.0.1"]}, 3]',
         b'{"addresses": ["198.18.0.1"]}',
         b'[{"addresses": ["198.18.0.1"], "x": ' + b"[" * 70 + b"]" * 70 + b"}]",  # too deep to skip
@@ -492,7 +493,10 @@ def test_the_scan_and_msgspec_agree_on_mutated_endpoints(seed):
     the scan exactly as with msgspec alone (the same slices, or declined
     alike), whatever the scan made of it."""
     rnd = random.Random(seed)
-    alphabet = b'{}[],:" \\\\nulltruefalse0123456789.-eE198.18.0.1addressesconditionsreadynodeNamezonehints\x00\x7f\xc3\xa9'
+    alphabet = (
+        b'{}[],:" \\\\nulltruefalse0123456789.-eE198.18.0.1'
+        + b"addressesconditionsreadynodeNamezonehints\x00\x7f\xc3\xa9"
+    )
     for _ in range(150):
         eps = [rand_endpoint(rnd, "IPv4", k) for k in range(rnd.randrange(1, 6))]
         for ep in eps:
