@@ -594,12 +594,7 @@ class Programmed:
 
     def _table_full(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> bool:
         """Table t to f's backends in full; whether a slot changed."""
-        looked, self._looked = self._looked, None
-        # The ids _growth looked up, unless they are of other backends or
-        # an id went since (an eviction).
-        if looked is not None and (looked[0] is not f.backends or looked[2] != len(self.bids)):
-            looked = None
-        wanted = self.bids.get(f.backends, cs.be_upd, looked[1] if looked is not None else None)
+        wanted = self.bids.get(f.backends, cs.be_upd, self._looked_up(f.backends))
         if self._stream is not None:
             # New backends can go to the kernel now (no slot names them):
             # at 100,000 they are written while the slots are assigned.
@@ -627,6 +622,15 @@ class Programmed:
         t.slot_of = None  # built by index_pending or the first delta
         return changed
 
+    def _looked_up(self, bs: Collection[Backend]) -> list[int | None] | None:
+        """The ids of bs as _growth looked them up (None for the new
+        ones), taken once; None when it looked up others, or an id went
+        since (an eviction)."""
+        looked, self._looked = self._looked, None
+        if looked is None or looked[0] is not bs or looked[2] != len(self.bids):
+            return None
+        return looked[1]
+
     def _table_delta(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> tuple[bool, list[int], list[int]]:
         """The same from f's added and removed backends only: the removed
         ones' slots (from the slot index) are the holes. Returns whether a
@@ -638,7 +642,7 @@ class Programmed:
         n_old = len(sl)
         ids = self.bids.ids
         rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
-        add = self.bids.get(f.added, cs.be_upd)  # type: ignore[arg-type]
+        add = self.bids.get(f.added, cs.be_upd, self._looked_up(f.added))  # type: ignore[arg-type]
         holes = sorted(slot_of.pop(b) for b in rem)
         before = len(cs.slot_upd)
         self._slots_of(t, cs)

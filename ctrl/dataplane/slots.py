@@ -15,6 +15,7 @@ O(change)).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 from .changeset import Rows, slot_rows
@@ -40,12 +41,14 @@ def fill(
         writes = slot_rows()
     _, at, to = writes.cols
     k = min(len(holes), len(added))
-    for i, b in zip(holes[:k], added[:k], strict=True):
-        slots[i] = b
-        at.append(i)
-        to.append(b)
+    if k:
+        # The holes filled in C: a one-slice change fills 100.
+        into, taking = holes[:k], added[:k]
+        deque(map(slots.__setitem__, into, taking), maxlen=0)
+        at.extend(into)
+        to.extend(taking)
         if slot_of is not None:
-            slot_of[b] = i
+            slot_of.update(zip(taking, into, strict=True))
     rest = added[k:]
     if rest:
         # Appended in bulk (extend stays in C): a new frontend of 100,000
