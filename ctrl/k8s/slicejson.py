@@ -11,6 +11,14 @@ cycles, and untracked structs are allocated and freed without the cyclic
 collector's bookkeeping (a third of a 100,000-endpoint page's decoding time
 went to freeing them).
 
+Each slice's endpoints are kept as their raw JSON (msgspec.Raw) and read
+one slice at a time: by the scan the agent's builder gives this module
+(use_endpoint_scan: ctrl/dataplane/endpoints.c, which reads the columns a
+proxy needs without a Python object per field, about 1 GB/s), or, for
+whatever the scan does not take and without it, decoded by msgspec and
+converted in Python as before. Either way a page's endpoints are never
+all decoded at once.
+
 parse_slice stays the definition: this module gives exactly its result for
 every slice it accepts, and accepts a page only when every item of it is
 clean (types as declared, every value parse_slice would accept, nothing
