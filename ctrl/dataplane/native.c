@@ -86,6 +86,120 @@ out:
 	return ret;
 }
 
+/* A backend's permutation, as ctrl/model/maglev.py (hashed) makes it:
+ * the 8-byte BLAKE2b (RFC 7693) of its identity (the first SP_IDENT
+ * bytes of its turn), unkeyed, personalized "sp-maglev"; offset and skip
+ * are the digest's two big-endian halves, modulo m and m - 1 (+ 1).
+ * An identity is one block: one compression. */
+#define SP_IDENT 18
+
+static const uint64_t b2b_iv[8] = {
+	0x6a09e667f3bcc908ull, 0xbb67ae8584caa73bull, 0x3c6ef372fe94f82bull, 0xa54ff53a5f1d36f1ull,
+	0x510e527fade682d1ull, 0x9b05688c2b3e6c1full, 0x1f83d9abfb41bd6bull, 0x5be0cd19137e2179ull,
+};
+
+/* The message word order of each round (rounds 10 and 11 take 0 and 1). */
+static const uint8_t b2b_sigma[10][16] = {
+	{ 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 },
+	{ 14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3 },
+	{ 11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4 },
+	{ 7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8 },
+	{ 9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13 },
+	{ 2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9 },
+	{ 12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11 },
+	{ 13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10 },
+	{ 6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5 },
+	{ 10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0 },
+};
+
+static uint64_t rotr64(uint64_t x, int n)
+{
+	return x >> n | x << (64 - n);
+}
+
+static uint64_t load64_le(const uint8_t *p)
+{
+	uint64_t v = 0;
+	int i;
+
+	for (i = 7; i >= 0; i--)
+		v = v << 8 | p[i];
+	return v;
+}
+
+#define B2B_G(a, b, c, d, x, y)                       \
+	do {                                          \
+		v[a] = v[a] + v[b] + (x);             \
+		v[d] = rotr64(v[d] ^ v[a], 32);       \
+		v[c] = v[c] + v[d];                   \
+		v[b] = rotr64(v[b] ^ v[c], 24);       \
+		v[a] = v[a] + v[b] + (y);             \
+		v[d] = rotr64(v[d] ^ v[a], 16);       \
+		v[c] = v[c] + v[d];                   \
+		v[b] = rotr64(v[b] ^ v[c], 63);       \
+	} while (0)
+
+/* The first word of the 8-byte digest of a message of len <= 128 bytes,
+ * from the state h0 the parameters gave. */
+static uint64_t b2b_one_block(const uint64_t h0[8], const uint8_t *msg, uint32_t len)
+{
+	uint8_t block[128] = { 0 };
+	uint64_t m[16], v[16];
+	int i, r;
+
+	memcpy(block, msg, len);
+	for (i = 0; i < 16; i++)
+		m[i] = load64_le(block + 8 * i);
+	for (i = 0; i < 8; i++) {
+		v[i] = h0[i];
+		v[i + 8] = b2b_iv[i];
+	}
+	v[12] ^= len; /* bytes hashed so far (the counter's high word stays 0) */
+	v[14] = ~v[14]; /* the last block */
+	for (r = 0; r < 12; r++) {
+		const uint8_t *s = b2b_sigma[r % 10];
+
+		B2B_G(0, 4, 8, 12, m[s[0]], m[s[1]]);
+		B2B_G(1, 5, 9, 13, m[s[2]], m[s[3]]);
+		B2B_G(2, 6, 10, 14, m[s[4]], m[s[5]]);
+		B2B_G(3, 7, 11, 15, m[s[6]], m[s[7]]);
+		B2B_G(0, 5, 10, 15, m[s[8]], m[s[9]]);
+		B2B_G(1, 6, 11, 12, m[s[10]], m[s[11]]);
+		B2B_G(2, 7, 8, 13, m[s[12]], m[s[13]]);
+		B2B_G(3, 4, 9, 14, m[s[14]], m[s[15]]);
+	}
+	return h0[0] ^ v[0] ^ v[8];
+}
+
+static uint32_t bswap32(uint32_t x)
+{
+	return x >> 24 | (x >> 8 & 0xff00) | (x << 8 & 0xff0000) | x << 24;
+}
+
+/* The permutations of n backends whose identities start records of
+ * `stride` bytes (a turn: stride 23), for a table of m entries (m >= 2),
+ * packed as sp_maglev_fill reads them (offset | skip << 32). */
+void sp_maglev_perms(const uint8_t *recs, uint32_t stride, uint32_t n, uint32_t m, uint64_t *out)
+{
+	static const uint8_t person[16] = "sp-maglev";
+	uint64_t h0[8], d;
+	uint32_t i, offset, skip;
+
+	memcpy(h0, b2b_iv, sizeof(h0));
+	/* Parameter block: digest length 8, no key, fanout 1, depth 1;
+	 * the personalization in its last 16 bytes. */
+	h0[0] ^= 0x01010000ull | 8;
+	h0[6] ^= load64_le(person);
+	h0[7] ^= load64_le(person + 8);
+	for (i = 0; i < n; i++) {
+		d = b2b_one_block(h0, recs + (size_t)i * stride, SP_IDENT);
+		/* Digest bytes 0-3 and 4-7 (little-endian in d), each read big-endian. */
+		offset = bswap32((uint32_t)d);
+		skip = bswap32((uint32_t)(d >> 32));
+		out[i] = (uint64_t)(offset % m) | (uint64_t)(skip % (m - 1) + 1) << 32;
+	}
+}
+
 /* A turn (ctrl/dataplane/tables.py): the backend's place (address 16
  * bytes, port 2 big-endian, protocol 1), then its id (4, big-endian),
  * compared as bytes (memcmp). */

@@ -4,7 +4,8 @@ the BPF object: SLICEPROXY_NATIVE_LIB, build/ next to the package, or
 /usr/share/sliceproxy/ (the image).
 
 It populates Maglev tables (fill: ctrl.model.maglev.build in C, the same
-table for the same turns), edits the first M turns of a turn order
+table for the same turns) from backends' permutations hashed in C
+(perms: ctrl.model.maglev.hashed's BLAKE2b), edits the first M turns of a turn order
 (merge_turns) and keeps the rest as a heap (heap_push, heap_take);
 tests/unit/test_native.py compares each with its Python reference.
 Without the library the Python ones serve, about 20 ms a table instead
@@ -38,6 +39,7 @@ ffi = FFI()
 ffi.cdef(
     """
 int sp_maglev_fill(const uint64_t *perm, const uint32_t *ids, uint32_t n, uint32_t m, uint32_t *out);
+void sp_maglev_perms(const uint8_t *recs, uint32_t stride, uint32_t n, uint32_t m, uint64_t *out);
 int64_t sp_turns_merge(const uint8_t *turns, const uint32_t *ids, const uint64_t *perms, uint32_t n,
                        const uint8_t *gone, uint32_t ng, const uint8_t *added, const uint64_t *aperms, uint32_t na,
                        uint8_t *okeys, uint32_t *oids, uint64_t *operms, uint32_t cap);
@@ -95,6 +97,24 @@ def pack(offset: int, skip: int) -> int:
     return offset | skip << 32
 
 
+def perms(recs: bytes | bytearray, stride: int, m: int) -> array[int]:
+    """The permutations (pack) of the backends whose identities
+    (ctrl.model.maglev.identity, 18 bytes) start the records of `stride`
+    bytes joined in recs (turns: native.TURN), for a table of m entries:
+    ctrl.model.maglev.hashed of each, in C when the library is there (a
+    BLAKE2b compression each, no Python call)."""
+    if m < 2:
+        raise ValueError(f"a Maglev table of {m} entries")
+    n = len(recs) // stride
+    lib = library()
+    if lib is None:
+        return array(U64, [pack(*maglev.hashed(bytes(recs[i : i + 18]), m)) for i in range(0, n * stride, stride)])
+    out = array(U64, bytes(8 * n))
+    if n:
+        lib.sp_maglev_perms(ffi.from_buffer("uint8_t[]", recs), stride, n, m, ffi.from_buffer("uint64_t[]", out))
+    return out
+
+
 def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
     """The table (ids[i] of the backend claiming each of the m entries) of
     backends with these packed permutations (pack), in turn order, as
@@ -128,8 +148,25 @@ def split_turns(b: bytes | bytearray) -> list[bytes]:
     return [bytes(b[i : i + TURN]) for i in range(0, len(b), TURN)]
 
 
+def _sized(buf, n: int, item: int):
+    """buf (a bytearray or an array) holding n items of `item` bytes,
+    what it held kept up to n, or None for a new one."""
+    have = len(buf) if isinstance(buf, array) else len(buf) // item
+    if have > n:
+        del buf[n if isinstance(buf, array) else n * item :]
+    elif have < n:
+        buf.frombytes(bytes(item * (n - have))) if isinstance(buf, array) else buf.extend(bytes(item * (n - have)))
+    return buf
+
+
 def merge_turns(
-    turns: bytes | bytearray, ids: array[int], perms: array[int], gone: bytes, added: bytes, aperms: array[int]
+    turns: bytes | bytearray,
+    ids: array[int],
+    perms: array[int],
+    gone: bytes,
+    added: bytes,
+    aperms: array[int],
+    into: tuple[bytearray, array[int], array[int]] | None = None,
 ) -> tuple[bytearray, array[int], array[int]] | None:
     """Sorted turns (TURN bytes each, one after the other) with their ids
     and permutations (array "I", array U64), without the turns gone and
@@ -137,7 +174,10 @@ def merge_turns(
     added ones' permutations): the new turns, ids and permutations, or
     None when a gone turn is not there or an added one is (a turn both
     gone and added is taken out, then in). In C when the library is
-    there (one bisection per change, copies between)."""
+    there (one bisection per change, copies between), into the buffers
+    `into` when given (the last merge's, resized: no new buffer of the
+    whole head to allocate and fault in each time; none of them may be
+    the input's)."""
     n, ng, na = len(ids), len(gone) // TURN, len(added) // TURN
     lib = library()
     if lib is None:
@@ -145,7 +185,10 @@ def merge_turns(
     out = n - ng + na
     if out < 0:
         return None  # more gone than there
-    okeys, oids, operms = bytearray(out * TURN), array("I", bytes(4 * out)), array(U64, bytes(8 * out))
+    if into is None:
+        okeys, oids, operms = bytearray(out * TURN), array("I", bytes(4 * out)), array(U64, bytes(8 * out))
+    else:
+        okeys, oids, operms = _sized(into[0], out, TURN), _sized(into[1], out, 4), _sized(into[2], out, 8)
     fb = ffi.from_buffer
     got = lib.sp_turns_merge(
         fb("uint8_t[]", turns),

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..model import maglev
 from ..model.plan import Backend, FKey
 from . import abi, native
 from .changeset import ChangeSet
@@ -179,7 +178,7 @@ class Turns:
     in place is for the order's one owner (a table); copy() for
     another."""
 
-    __slots__ = ("m", "keys", "ids", "perms", "_tail", "_dead", "_perms_of")
+    __slots__ = ("m", "keys", "ids", "perms", "_tail", "_dead", "_perms_of", "_spare")
 
     def __init__(self, ordered: Sequence[Turn], m: int, perms_of: PermsOf):
         """ordered: the turns, sorted. perms_of: the permutations of
@@ -194,6 +193,8 @@ class Turns:
         # Turns gone from the tail, each still once in the heap (and not
         # in the tail again: a turn put back while marked is unmarked).
         self._dead: set[Turn] = set()
+        # The head's buffers before the last merge: the next one's output.
+        self._spare: tuple[bytearray, array[int], array[int]] | None = None
 
     @property
     def head(self) -> list[Turn]:
@@ -211,7 +212,7 @@ class Turns:
         t = Turns.__new__(Turns)
         t.m, t._perms_of = self.m, self._perms_of
         t.keys, t.ids, t.perms = bytearray(self.keys), array("I", self.ids), array(self.perms.typecode, self.perms)
-        t._tail, t._dead = bytearray(self._tail), set(self._dead)
+        t._tail, t._dead, t._spare = bytearray(self._tail), set(self._dead), None
         return t
 
     def _push(self, turns: list[Turn]) -> None:
@@ -247,10 +248,17 @@ class Turns:
                 into = added[:ia]
                 into_ids = [turn_id(t) for t in into]
                 got = native.merge_turns(
-                    self.keys, self.ids, self.perms, b"".join(gone[:ig]), b"".join(into), self._perms_of(into_ids, into)
+                    self.keys,
+                    self.ids,
+                    self.perms,
+                    b"".join(gone[:ig]),
+                    b"".join(into),
+                    self._perms_of(into_ids, into),
+                    self._spare,
                 )
                 if got is None:
                     return None
+                self._spare = (self.keys, self.ids, self.perms)
                 self.keys, self.ids, self.perms = got
                 changed = True
             gone, added = gone[ig:], added[ia:]
@@ -592,7 +600,7 @@ class MaglevTables:
 
     def _perms_of(self, ids: Sequence[int], turns: Sequence[Turn]) -> array[int]:
         """The permutations (native.pack) of these backends (their ids and
-        turns), each hashed once per id and kept: an id names one backend
+        turns), each hashed once per id (in C, native.perms) and kept: an id names one backend
         for as long as this object lives (ctrl.dataplane.ids never reuses
         one)."""
         perms = self._perms
@@ -606,10 +614,10 @@ class MaglevTables:
             # (the others are hashed again if they come back).
             live = {i for tb in self.tables.values() if tb.turns for i in tb.turns.ids}
             self._perms = perms = {i: q for i, q in perms.items() if i in live}
-        size = self.size
-        for j, p in enumerate(got):
-            if p is None:
-                got[j] = perms[ids[j]] = native.pack(*maglev.hashed(turns[j][:18], size))
+        missing = [j for j, p in enumerate(got) if p is None]
+        hashed = native.perms(b"".join([turns[j] for j in missing]), TURN, self.size)
+        for j, q in zip(missing, hashed, strict=True):
+            got[j] = perms[ids[j]] = q
         return array(native.U64, got)  # type: ignore[arg-type]
 
     def entries_of(self, key: FKey) -> list[int] | None:

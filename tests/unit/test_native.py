@@ -41,6 +41,25 @@ def test_the_same_table_as_the_reference(n, m):
     assert len(got) == m and set(got) == set(ids)  # every backend in its first turn has an entry
 
 
+@pytest.mark.parametrize("lib", [True, False], ids=["C", "Python"])
+def test_permutations_hashed_as_the_reference(monkeypatch, lib):
+    """native.perms, in C (its own BLAKE2b) and without the library:
+    maglev.hashed's (offset, skip) of each record's first 18 bytes, for
+    tables of every size down to 2 (skip then always 1), whatever follows
+    the identity in a record; a table of fewer than 2 entries is refused
+    (a skip is modulo m - 1), none hashed."""
+    if not lib:
+        monkeypatch.setattr(native, "library", lambda: None)
+    rnd = random.Random(11)
+    idents = [rnd.randbytes(18) for _ in range(300)] + [bytes(18), b"\xff" * 18]
+    for m in (2, 3, maglev.MIN_SIZE, 1021, M, 65537):
+        recs = b"".join(i + rnd.randbytes(5) for i in idents)
+        assert native.perms(recs, 23, m).tolist() == [native.pack(*maglev.hashed(i, m)) for i in idents]
+    assert native.perms(b"", 23, M).tolist() == []
+    with pytest.raises(ValueError):
+        native.perms(b"".join(idents), 18, 1)
+
+
 def test_the_python_fill_serves_without_the_library(monkeypatch):
     rnd = random.Random(5)
     idents = [rnd.randbytes(18) for _ in range(50)]
@@ -91,11 +110,18 @@ def test_turns_merged_as_sorting_them_anew(monkeypatch, lib):
     those gone and with those added, sorted, each with its id (its last 4
     bytes, big-endian) and permutation; gone and added runs next to each
     other and scattered, at both ends, from and to nothing; a turn both
-    gone and added stays."""
+    gone and added stays. Every third case into buffers given (a last
+    merge's, of any size and content), which come back resized."""
     if not lib:
         monkeypatch.setattr(native, "library", lambda: None)
     rnd = random.Random(9)
     for case in range(300):
+        k = rnd.randrange(0, 80)
+        spare = (
+            (bytearray(rnd.randbytes(k * native.TURN)), array("I", range(k)), array(native.U64, range(k)))
+            if case % 3 == 0
+            else None
+        )
         pool = turns(rnd, rnd.randrange(0, 60))
         have = sorted(rnd.sample(pool, rnd.randrange(0, len(pool) + 1)))
         perm = {t: rnd.getrandbits(64) for t in pool}
@@ -115,9 +141,12 @@ def test_turns_merged_as_sorting_them_anew(monkeypatch, lib):
             b"".join(gone),
             b"".join(added),
             array(native.U64, [perm[t] for t in added]),
+            spare,
         )
         assert got is not None, case
         keys, ids, perms = got
+        if spare is not None and lib:
+            assert all(a is b for a, b in zip(got, spare, strict=True)), case
         assert bytes(keys) == b"".join(want), case
         assert ids.tolist() == [int.from_bytes(t[-4:], "big") for t in want], case
         assert perms.tolist() == [perm[t] for t in want], case
