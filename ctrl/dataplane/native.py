@@ -149,13 +149,17 @@ def split_turns(b: bytes | bytearray) -> list[bytes]:
 
 
 def _sized(buf, n: int, item: int):
-    """buf (a bytearray or an array) holding n items of `item` bytes,
-    what it held kept up to n, or None for a new one."""
-    have = len(buf) if isinstance(buf, array) else len(buf) // item
-    if have > n:
-        del buf[n if isinstance(buf, array) else n * item :]
-    elif have < n:
-        buf.frombytes(bytes(item * (n - have))) if isinstance(buf, array) else buf.extend(bytes(item * (n - have)))
+    """buf (a bytearray or an array) made to hold n items of `item`
+    bytes, what it held kept up to n."""
+    if isinstance(buf, array):
+        if len(buf) > n:
+            del buf[n:]
+        else:
+            buf.frombytes(bytes(item * (n - len(buf))))
+    elif len(buf) > n * item:
+        del buf[n * item :]
+    else:
+        buf.extend(bytes(n * item - len(buf)))
     return buf
 
 
