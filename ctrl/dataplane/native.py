@@ -312,7 +312,11 @@ _scan = _Scan()
 _READY = tuple(bool(c & 1) for c in range(8))
 _SERVING = tuple(bool(c & 2) for c in range(8))
 _TERMINATING = tuple(bool(c & 4) for c in range(8))
-_SPLIT: dict[int, Callable] = {}  # n -> unpack_from of n addresses of 16 bytes
+# n -> unpack_from of n addresses of 16 bytes, kept for the sizes a slice
+# may have (the API server allows 1,000 endpoints a slice; a file source
+# may give more, made each time).
+_SPLIT: dict[int, Callable] = {}
+_SPLIT_KEPT = 1000
 
 
 def scan_endpoints(raw, family: int) -> tuple[Endpoint, ...] | None:
@@ -351,7 +355,9 @@ def scan_endpoints(raw, family: int) -> tuple[Endpoint, ...] | None:
             return None if n < 0 else ()
         split = _SPLIT.get(n)
         if split is None:
-            split = _SPLIT[n] = struct.Struct("16s" * n).unpack_from
+            split = struct.Struct("16s" * n).unpack_from
+            if n <= _SPLIT_KEPT:
+                _SPLIT[n] = split
         conds = st.conds
         # zip stops at the n addresses, before reading past the others' n.
         return tuple(
