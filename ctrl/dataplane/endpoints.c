@@ -54,23 +54,41 @@ static uint64_t zero_byte(uint64_t w)
 	return (w - ONES) & ~w & HIGHS;
 }
 
+/* Bytes of w (eight of the string, the first at the lowest address) a
+ * string may not hold as they are: a quote, a backslash, a control
+ * character, DEL or past ASCII. The lowest byte flagged is one of them;
+ * the ones above it may be flagged by the borrow. */
+static uint64_t stops(uint64_t w)
+{
+	return zero_byte(w ^ (ONES * '"')) | zero_byte(w ^ (ONES * '\\')) | zero_byte(w ^ (ONES * 0x7f)) |
+	       ((w - ONES * 0x20) & ~w & HIGHS) | (w & HIGHS);
+}
+
 /* A string (the opening quote next, after whitespace): its bytes in
  * [*str, *str + *len). Only printable ASCII without escapes: -1 else.
- * Eight bytes at a time while none of them is a quote, a backslash, a
- * control character or past ASCII; then byte by byte. */
+ * Eight bytes at a time: the first byte that stops the string is its
+ * closing quote, or it is not clean; the last few byte by byte. */
 static int string(struct scan *s, const uint8_t **str, uint32_t *len)
 {
 	const uint8_t *c;
-	uint64_t w;
+	uint64_t w, m;
 
 	if (!eat(s, '"'))
 		return -1;
 	c = s->p;
 	while (s->end - c >= 8) {
 		memcpy(&w, c, 8);
-		if (zero_byte(w ^ (ONES * '"')) | zero_byte(w ^ (ONES * '\\')) | zero_byte(w ^ (ONES * 0x7f)) |
-		    ((w - ONES * 0x20) & ~w & HIGHS) | (w & HIGHS))
+		m = stops(w);
+		if (m) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+			c += __builtin_ctzll(m) >> 3;
+			if (*c != '"')
+				return -1;
+			goto done;
+#else
 			break;
+#endif
+		}
 		c += 8;
 	}
 	for (; c < s->end && *c != '"'; c++)
@@ -78,6 +96,9 @@ static int string(struct scan *s, const uint8_t **str, uint32_t *len)
 			return -1;
 	if (c == s->end)
 		return -1;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+done:
+#endif
 	*str = s->p;
 	*len = (uint32_t)(c - s->p);
 	s->p = c + 1;
@@ -310,7 +331,7 @@ static int object(struct scan *s, const struct field *fields, int nfields,
 		if (string(s, &key, &len) || !eat(s, ':'))
 			return -1;
 		for (i = 0; i < nfields; i++)
-			if (fields[i].len == len && !memcmp(fields[i].name, key, len))
+			if (fields[i].len == len && fields[i].name[0] == key[0] && !memcmp(fields[i].name, key, len))
 				break;
 		if (i == nfields) {
 			if (skip(s))
@@ -456,45 +477,64 @@ struct sp_scan_rows {
 	uint32_t cap, nfresh;
 };
 
-/* The endpoints array js (len bytes: the JSON value, null or an array of
- * endpoint objects) of a slice of address family `family` (AF_INET,
- * AF_INET6, or 0 for FQDN: checked, none returned) into rows. nfresh is
- * set whatever the result: the caller keeps every name numbered. Returns
- * the number of rows, or -1: not clean (see the top of this file), or
- * more endpoints than rows. */
-int64_t sp_endpoints_scan(const uint8_t *js, uint32_t len, int family, struct sp_scan_rows *rows)
+/* One slice's endpoints array, s over its JSON (null or an array of
+ * endpoint objects) of address family `family` (AF_INET, AF_INET6, or 0
+ * for FQDN: checked, none returned), into rows from row `first` on: the
+ * number of rows, or -1 (not clean, see the top of this file, or more
+ * endpoints than rows). */
+static int64_t slice_endpoints(struct scan *s, int family, struct sp_scan_rows *rows, struct rows *r,
+			       uint32_t first)
 {
-	struct scan s = { js, js + len };
-	struct rows r = { js, rows->fresh, 0, 2 * rows->cap };
-	uint32_t n = 0, cap = rows->cap;
-	int64_t ret = -1;
+	uint32_t n = first, cap = rows->cap;
 
 	if (family != AF_INET && family != AF_INET6 && family != 0)
-		goto out;
-	ws(&s);
-	if (literal(&s, "null")) {
-		ws(&s);
-		ret = s.p == s.end ? 0 : -1;
-		goto out;
+		return -1;
+	ws(s);
+	if (literal(s, "null")) {
+		ws(s);
+		return s->p == s->end ? 0 : -1;
 	}
-	if (!eat(&s, '['))
-		goto out;
-	if (!eat(&s, ']')) {
+	if (!eat(s, '['))
+		return -1;
+	if (!eat(s, ']')) {
 		do {
 			if (n == cap)
-				goto out;
-			if (endpoint(&s, family, &r, rows->addrs + (size_t)16 * n, rows->conds + n, rows->node + n,
+				return -1;
+			if (endpoint(s, family, r, rows->addrs + (size_t)16 * n, rows->conds + n, rows->node + n,
 				     rows->zone + n))
-				goto out;
+				return -1;
 			n++;
-		} while (eat(&s, ','));
-		if (!eat(&s, ']'))
-			goto out;
+		} while (eat(s, ','));
+		if (!eat(s, ']'))
+			return -1;
 	}
-	ws(&s);
-	if (s.p == s.end)
-		ret = family ? n : 0;
-out:
+	ws(s);
+	if (s->p != s->end)
+		return -1;
+	return family ? n - first : 0;
+}
+
+/* The endpoints arrays of nseg slices, one after the other in js: slice
+ * i's is js[offs[i], offs[i + 1]) of address family families[i] (as
+ * above). Its rows follow the rows of the slices before it that were
+ * taken; counts[i] is set to its number of rows, or -1 when it is not
+ * taken (its rows are then the next slice's). nfresh is set whatever
+ * the results, the names' offsets in js: the caller keeps every name
+ * numbered. Returns the rows written. */
+uint32_t sp_endpoints_scan(const uint8_t *js, const uint32_t *offs, uint32_t nseg, const int32_t *families,
+			   struct sp_scan_rows *rows, int32_t *counts)
+{
+	struct rows r = { js, rows->fresh, 0, 2 * rows->cap };
+	uint32_t used = 0;
+
+	for (uint32_t i = 0; i < nseg; i++) {
+		struct scan s = { js + offs[i], js + offs[i + 1] };
+		int64_t n = offs[i] <= offs[i + 1] ? slice_endpoints(&s, families[i], rows, &r, used) : -1;
+
+		counts[i] = (int32_t)n;
+		if (n > 0)
+			used += (uint32_t)n;
+	}
 	rows->nfresh = r.nfresh;
-	return ret;
+	return used;
 }

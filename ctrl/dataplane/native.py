@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from functools import cache
 from heapq import heapify, heappop
-from itertools import repeat
+from itertools import accumulate, repeat
 from pathlib import Path
 
 from cffi import FFI
@@ -51,7 +51,8 @@ struct sp_scan_rows {
     uint32_t *node, *zone, *fresh;
     uint32_t cap, nfresh;
 };
-int64_t sp_endpoints_scan(const uint8_t *js, uint32_t len, int family, struct sp_scan_rows *rows);
+uint32_t sp_endpoints_scan(const uint8_t *js, const uint32_t *offs, uint32_t nseg, const int32_t *families,
+                           struct sp_scan_rows *rows, int32_t *counts);
 void sp_names_reset(void);
 """
 )
@@ -312,30 +313,73 @@ _scan = _Scan()
 _READY = tuple(bool(c & 1) for c in range(8))
 _SERVING = tuple(bool(c & 2) for c in range(8))
 _TERMINATING = tuple(bool(c & 4) for c in range(8))
-# n -> unpack_from of n addresses of 16 bytes, kept for the sizes a slice
-# may have (the API server allows 1,000 endpoints a slice; a file source
-# may give more, made each time).
+# n -> unpack_from of n addresses of 16 bytes, for n up to SPLIT_MAX
+# (more are split SPLIT_MAX at a time).
 _SPLIT: dict[int, Callable] = {}
-_SPLIT_KEPT = 1000
+_SPLIT_MAX = 1000
+# The JSON one scan call reads at most (unless one slice's is longer):
+# its rows are sized from it, reused by the next call, and kept.
+SCAN_BYTES = 1 << 20
 
 
-def scan_endpoints(raw, family: int) -> tuple[Endpoint, ...] | None:
-    """A slice's endpoints (raw: the JSON value of its "endpoints", any
-    buffer) of address family `family` (socket.AF_INET, AF_INET6, or 0
-    for FQDN: checked, none returned), as ctrl.k8s.slicejson makes them
-    (no hints: the scan takes none). Read as columns in C
-    (ctrl/dataplane/endpoints.c), made into Endpoints by map and zip,
-    with the node and zone names the process has seen once each (the
-    C numbers them). None when the library is not there, or the
-    endpoints are not clean: the caller reads those with msgspec."""
-    lib = library()
-    if lib is None:
-        return None
-    data = ffi.from_buffer("uint8_t[]", raw)
-    size = len(data)
+def _splitter(n: int) -> Callable:
+    split = _SPLIT.get(n)
+    if split is None:
+        split = _SPLIT[n] = struct.Struct("16s" * n).unpack_from
+    return split
+
+
+def _addresses(buf: bytearray, n: int) -> list[bytes]:
+    """The first n addresses of buf (16 bytes each)."""
+    step = _SPLIT_MAX
+    if n <= step:
+        return list(_splitter(n)(buf))
+    out: list[bytes] = []
+    full = _splitter(step)
+    for k in range(n // step):
+        out += full(buf, 16 * step * k)
+    if n % step:
+        out += _splitter(n % step)(buf, 16 * step * (n // step))
+    return out
+
+
+def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoint, ...] | None]:
+    """Slices' endpoints (raws[i]: the JSON value of slice i's
+    "endpoints", any buffer) of address family families[i]
+    (socket.AF_INET, AF_INET6, or 0 for FQDN: checked, none returned), as
+    ctrl.k8s.slicejson makes them (no hints: the scan takes none). Read
+    as columns in C (ctrl/dataplane/endpoints.c), many slices a call,
+    made into Endpoints by map and zip, with the node and zone names the
+    process has seen once each (the C numbers them). Slice i's is None
+    when the library is not there, or its endpoints are not clean: the
+    caller reads those with msgspec."""
+    out: list[tuple[Endpoint, ...] | None] = []
+    if library() is None:
+        return [None] * len(raws)
+    lens = list(map(len, raws))
+    first = size = 0
+    for i, n in enumerate(lens):
+        if size and size + n > SCAN_BYTES:
+            out += _scan_many(raws[first:i], lens[first:i], families[first:i], size)
+            first = i
+            size = 0
+        size += n
+    if first < len(raws):
+        out += _scan_many(raws[first:], lens[first:], families[first:], size)
+    return out
+
+
+def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: int) -> list:
+    nseg = len(raws)
     if size >= 1 << 32:
-        return None
-    cap = size // _ENDPOINT_MIN + 1
+        return [None] * nseg
+    lib = library()
+    js = raws[0] if nseg == 1 else b"".join(raws)
+    offs = array("I", accumulate(lens, initial=0))
+    fams = array("i", families)
+    counts = array("i", bytes(4 * nseg))
+    cap = size // _ENDPOINT_MIN + nseg
+    fb = ffi.from_buffer
     st = _scan
     with st.lock:
         if cap > st.cap:
@@ -344,36 +388,47 @@ def scan_endpoints(raw, family: int) -> tuple[Endpoint, ...] | None:
         if len(names) > NAMES_MAX:
             lib.sp_names_reset()
             names = st.names = [None]
-        n = lib.sp_endpoints_scan(data, size, family, st.rows)
+        used = lib.sp_endpoints_scan(
+            fb("uint8_t[]", js), fb("uint32_t[]", offs), nseg, fb("int32_t[]", fams), st.rows, fb("int32_t[]", counts)
+        )
         fresh = st.rows.nfresh
         if fresh:
-            view = memoryview(raw)
+            view = memoryview(js)
             f = st.fresh
             intern = sys.intern
             names += [intern(str(view[f[2 * k] : f[2 * k] + f[2 * k + 1]], "ascii")) for k in range(fresh)]
-        if n <= 0:
-            return None if n < 0 else ()
-        split = _SPLIT.get(n)
-        if split is None:
-            split = struct.Struct("16s" * n).unpack_from
-            if n <= _SPLIT_KEPT:
-                _SPLIT[n] = split
         conds = st.conds
-        # zip stops at the n addresses, before reading past the others' n.
-        return tuple(
-            map(
-                tuple.__new__,
-                repeat(Endpoint),
-                zip(
-                    split(st.addrs),
-                    map(_READY.__getitem__, conds),
-                    map(_SERVING.__getitem__, conds),
-                    map(_TERMINATING.__getitem__, conds),
-                    map(names.__getitem__, st.node),
-                    map(names.__getitem__, st.zone),
-                    repeat(None),
-                    repeat(None),
-                    strict=False,
-                ),
+        # zip stops at the used addresses, before reading past the others'.
+        eps = (
+            list(
+                map(
+                    tuple.__new__,
+                    repeat(Endpoint),
+                    zip(
+                        _addresses(st.addrs, used),
+                        map(_READY.__getitem__, conds),
+                        map(_SERVING.__getitem__, conds),
+                        map(_TERMINATING.__getitem__, conds),
+                        map(names.__getitem__, st.node),
+                        map(names.__getitem__, st.zone),
+                        repeat(None),
+                        repeat(None),
+                        strict=False,
+                    ),
+                )
             )
+            if used
+            else []
         )
+    if nseg == 1:
+        n = counts[0]
+        return [tuple(eps) if n > 0 else None if n < 0 else ()]
+    out: list[tuple[Endpoint, ...] | None] = []
+    at = 0
+    for n in counts:
+        if n > 0:
+            out.append(tuple(eps[at : at + n]))
+            at += n
+        else:
+            out.append(None if n < 0 else ())
+    return out

@@ -12,12 +12,12 @@ collector's bookkeeping (a third of a 100,000-endpoint page's decoding time
 went to freeing them).
 
 Each slice's endpoints are kept as their raw JSON (msgspec.Raw) and read
-one slice at a time: by the scan the agent's builder gives this module
-(use_endpoint_scan: ctrl/dataplane/endpoints.c, which reads the columns a
-proxy needs without a Python object per field, about 1 GB/s), or, for
-whatever the scan does not take and without it, decoded by msgspec and
-converted in Python as before. Either way a page's endpoints are never
-all decoded at once.
+by the scan the agent's builder gives this module (use_endpoint_scan:
+ctrl/dataplane/endpoints.c, which reads the columns a proxy needs without
+a Python object per field, about 1 GB/s, a page's slices a megabyte of
+JSON at a time: one call for a hundred small slices), or, for whatever
+the scan does not take and without it, decoded by msgspec one slice at a
+time and converted in Python as before.
 
 parse_slice stays the definition: this module gives exactly its result for
 every slice it accepts, and accepts a page only when every item of it is
@@ -161,14 +161,16 @@ _event_decoder = msgspec.json.Decoder(_Event)
 _endpoints_decoder = msgspec.json.Decoder(list[_Endpoint] | None)
 _NO_CONDITIONS = _Conditions()
 
-# A slice's endpoints read from their JSON (the raw value, the address
-# family: socket.AF_INET, AF_INET6, 0 for FQDN) into what _endpoints
-# makes, or None for those it does not take: given by whoever builds the
-# agent (ctrl.cli.run: ctrl.dataplane.native.scan_endpoints, in C; this
-# layer knows no native code). None: every slice's endpoints are decoded
-# with msgspec, as the scan leaves any it does not take.
-EndpointScan = Callable[[msgspec.Raw, int], "tuple[Endpoint, ...] | None"]
+# Slices' endpoints read from their JSON (the raw values, and each one's
+# address family: socket.AF_INET, AF_INET6, 0 for FQDN) into what
+# _endpoints makes, many slices a call, with None for each one it does
+# not take: given by whoever builds the agent (ctrl.cli.run:
+# ctrl.dataplane.native.scan_endpoints, in C; this layer knows no native
+# code). None: every slice's endpoints are decoded with msgspec, as the
+# scan leaves any it does not take.
+EndpointScan = Callable[[list[msgspec.Raw], list[int]], "list[tuple[Endpoint, ...] | None]"]
 _scan: EndpointScan | None = None
+_FAMILIES = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6, "FQDN": 0}
 
 
 def use_endpoint_scan(scan: EndpointScan | None) -> None:
@@ -176,6 +178,16 @@ def use_endpoint_scan(scan: EndpointScan | None) -> None:
     first (None: with msgspec only)."""
     global _scan
     _scan = scan
+
+
+def _scanned(items: list[_Slice]) -> list[tuple[Endpoint, ...] | None]:
+    """Each slice's endpoints as the scan reads them (None: not taken, or
+    no scan); an address type of none of the three is not read."""
+    scan = _scan
+    if scan is None or not items:
+        return [None] * len(items)
+    get = _FAMILIES.get
+    return scan([s.endpoints for s in items], [get(s.address_type, -1) for s in items])  # type: ignore[arg-type]
 
 
 class _Unclean(Exception):
@@ -191,8 +203,9 @@ def decode_page(body: bytes) -> Page[EndpointSlice] | None:
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     meta = lst.metadata or _ListMeta()
+    slices = lst.items or []
     try:
-        items = [_convert(s) for s in lst.items or ()]
+        items = list(map(_convert, slices, _scanned(slices)))
     except _Unclean:
         return None
     return Page(items, meta.resource_version, meta.continue_)
@@ -209,7 +222,8 @@ def decode_change(line: bytes) -> Change | None:
     if ev.type not in ("ADDED", "MODIFIED") or ev.object is None:
         return None
     try:
-        sl = _convert(ev.object)
+        (scanned,) = _scanned([ev.object])
+        sl = _convert(ev.object, scanned)
     except _Unclean:
         return None
     meta = ev.object.metadata
@@ -239,14 +253,8 @@ def _hint_names(hints: list[_Hint] | None) -> tuple[str, ...] | None:
 
 def _endpoints(raw: msgspec.Raw, family: int, prefix: bytes) -> tuple[Endpoint, ...]:
     """A slice's endpoints (the JSON of its "endpoints") of this address
-    family (0: FQDN, none kept): by the scan when it takes them, else
-    decoded and converted one by one; _Unclean as parse_slice would
-    decline them."""
-    scan = _scan
-    if scan is not None:
-        got = scan(raw, family)
-        if got is not None:
-            return got
+    family (0: FQDN, none kept), decoded and converted one by one (those
+    the scan did not take); _Unclean as parse_slice would decline them."""
     try:
         decoded = _endpoints_decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError):
@@ -289,7 +297,8 @@ def _endpoints(raw: msgspec.Raw, family: int, prefix: bytes) -> tuple[Endpoint, 
     return tuple(endpoints)
 
 
-def _convert(s: _Slice) -> EndpointSlice:
+def _convert(s: _Slice, scanned: tuple[Endpoint, ...] | None = None) -> EndpointSlice:
+    """A clean slice, its endpoints as the scan read them (None: read here)."""
     meta = s.metadata
     if s.kind is not None and s.kind != "EndpointSlice":
         raise _Unclean  # the exact path names the object of another kind
@@ -320,7 +329,7 @@ def _convert(s: _Slice) -> EndpointSlice:
         family, prefix = 0, b""
     else:
         raise _Unclean
-    endpoints = _endpoints(s.endpoints, family, prefix)
+    endpoints = scanned if scanned is not None else _endpoints(s.endpoints, family, prefix)
     annotations = meta.annotations or {}
     refs = meta.owner_references
     return EndpointSlice(

@@ -378,7 +378,8 @@ def scan_of(endpoints, family: str = "IPv4"):
     """native.scan_endpoints of endpoints (a JSON text, or what dumps it)."""
     text = endpoints if isinstance(endpoints, bytes) else json.dumps(endpoints).encode()
     fam = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6, "FQDN": 0}[family]
-    return native.scan_endpoints(msgspec.Raw(text), fam)
+    (got,) = native.scan_endpoints([msgspec.Raw(text)], [fam])
+    return got
 
 
 def with_endpoints(endpoints: bytes, family: str = "IPv4") -> bytes:
@@ -468,6 +469,39 @@ def test_the_scan_of_null_empty_and_fqdn_endpoints():
     # A name is one string, from call to call.
     again = scan_of([{"addresses": ["198.18.0.1"], "nodeName": "zone-1"}])
     assert again[0].node_name is got[0].zone
+
+
+@pytest.mark.parametrize("scan_bytes", [1 << 20, 300, 1])
+def test_the_scan_reads_many_slices_a_call_as_it_reads_each_alone(scan_bytes, monkeypatch):
+    """Slices scanned together (in one call, or cut into calls of
+    SCAN_BYTES of JSON): each one's endpoints as scanned alone, those not
+    taken (None) leaving their rows to the next one."""
+    monkeypatch.setattr(native, "SCAN_BYTES", scan_bytes)
+    rnd = random.Random(scan_bytes)
+    texts, families = [], []
+    for k in range(40):
+        family = rnd.choice(["IPv4", "IPv6"])
+        eps = [rand_endpoint(rnd, family, j) for j in range(rnd.randrange(0, 7))]
+        for ep in eps:
+            if rnd.random() < 0.9:
+                ep.pop("hints", None)
+        text = json.dumps(eps).encode()
+        if k % 9 == 4:
+            text = b"[{]"  # malformed
+        elif k % 11 == 5:
+            text = b"null"
+        elif k % 13 == 6:
+            family = "FQDN"
+            text = b'[{"addresses": ["web.example.test"]}]'
+        texts.append(text)
+        families.append(family)
+    fams = [{"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6, "FQDN": 0}[f] for f in families]
+    together = native.scan_endpoints([msgspec.Raw(t) for t in texts], fams)
+    alone = [scan_of(t, f) for t, f in zip(texts, families, strict=True)]
+    assert together == alone
+    assert any(got is None for got in alone) and sum(bool(got) for got in alone) >= 12
+    assert native.scan_endpoints([msgspec.Raw(texts[0])], [-1]) == [None]  # no family of the three
+    assert native.scan_endpoints([], []) == []
 
 
 def test_the_scan_numbers_names_once_for_the_process(monkeypatch):
