@@ -18,11 +18,16 @@ import socket
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Flag, StrEnum, auto
+from itertools import repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
 from ..util.addrs import addr16, addr_str, is_v4
 from .topology import Categorized, PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_for_plan
+
+# A PortEndpoint's endpoint and port, an Endpoint's address: read in C.
+_ep_of, _port_of, _addr_of = itemgetter(0), itemgetter(1), itemgetter(0)
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -277,10 +282,13 @@ def _specs(svc: Service, node: NodeAddresses | None) -> list[_Spec]:
     node = node or NodeAddresses()
     out: list[_Spec] = []
     affinity = FrontendFlag.AFFINITY if svc.affinity_timeout else NO_FLAGS
-    families = list(dict.fromkeys(family_of(ip) for ip in svc.cluster_ips))
     for ip in svc.cluster_ips:
+        family = family_of(ip)
         for sp in svc.ports:
-            out.append(_Spec(ip, sp.port, Scope.INTERNAL, sp, family_of(ip), RULE_CLUSTER_IP, affinity, ()))
+            out.append(_Spec(ip, sp.port, Scope.INTERNAL, sp, family, RULE_CLUSTER_IP, affinity, ()))
+    if not (svc.external_ips or svc.lb_ips or any(sp.node_port for sp in svc.ports)):
+        return out  # cluster IPs only (most Services)
+    families = list(dict.fromkeys(map(family_of, svc.cluster_ips)))
     external_local = svc.external_traffic_policy == "Local"
     for family in families:
         ext: list[tuple[str, int, ServicePort, tuple[SourceRange, ...]]] = []
@@ -381,7 +389,8 @@ def plan_full(
             # Merge order (slices by name, endpoints in slice order) is
             # deterministic; no sort needed on 100,000 backends. merge keeps
             # one endpoint per (address, port): no duplicates.
-            backends = chosen[sk] = tuple([(e.ep.addr, e.port, proto) for e in selected(cat, sk[3])])
+            sel = selected(cat, sk[3])
+            backends = chosen[sk] = tuple(zip(map(_addr_of, map(_ep_of, sel)), map(_port_of, sel), repeat(proto)))
             reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
             numbers[sk] = -1 if versions is None else next(versions)
         f = Frontend(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -34,6 +34,8 @@ class PortEndpoint(NamedTuple):
 
 
 _addr_of = itemgetter(0)  # Endpoint.addr, read in C
+_ep_of = itemgetter(0)  # PortEndpoint.ep
+_ready_of = itemgetter(1)  # Endpoint.ready
 _port_endpoint = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
 
 
@@ -70,6 +72,11 @@ def merge_endpoints_for_plan(
     address twice means no key twice, which a set of the addresses tells
     (bytes keep their hashes); otherwise the keys decide."""
     parts = _parts(sp, slices, address_type)
+    if len(parts) == 1:  # one slice (most Services): no sum, no chain
+        eps, port = parts[0]
+        total = len(eps)
+        if (keyed_from is None or total < keyed_from) and len(set(map(_addr_of, eps))) == total:
+            return list(map(_port_endpoint, repeat(PortEndpoint), zip(eps, repeat(port)))), None
     total = sum(len(eps) for eps, _ in parts)
     if keyed_from is None or total < keyed_from:
         if len(set(chain.from_iterable(map(_addr_of, eps) for eps, _ in parts))) == total:
@@ -181,7 +188,7 @@ def categorize(eps: list[PortEndpoint], policy: PortPolicy, node_name: str | Non
         elif mode == "zone":
             cluster = [e for e in eps if e.ep.ready and zone in (e.ep.hint_zones or ())]
         else:
-            cluster = [e for e in eps if e.ep.ready]
+            cluster = list(compress(eps, map(_ready_of, map(_ep_of, eps))))
         if not cluster:
             # No ready endpoint anywhere (hints never empty a ready set):
             # fall back to the terminating ones still serving, no topology.
