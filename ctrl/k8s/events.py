@@ -4,13 +4,14 @@ these; the model (ctrl.model.state) takes them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .objects import EndpointSlice, Node, Service
 
 
-@dataclass(frozen=True)
-class Event:
+# A NamedTuple, immutable like the frozen dataclass it was and five times
+# cheaper to make: a full list makes one per object (20,000 at S2).
+class Event(NamedTuple):
     """One change from a source. obj is None for a delete of `key`."""
 
     op: str  # "upsert" or "delete"
