@@ -35,6 +35,10 @@ from .tables import IdSet, MaglevTables
 # A slot table with at least this many slots gets its slot index right
 # after the write that set it in full; a smaller one at its first delta.
 EAGER_INDEX_FROM = 1000
+# A table set in full of at least this many backends offers its new ones
+# to sync's `stream` before its slots are assigned, not only once its
+# owner is done (a small one's would wait for the next owner's anyway).
+STREAM_WITHIN_FROM = 1000
 
 log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
 
@@ -242,7 +246,8 @@ class Programmed:
         and every orphan entry: only after the first full list of every
         resource. `now` (seconds, any clock the caller keeps using) times
         the draining of unused backends. `stream` is called with the
-        change set after each owner, and after a table's new backends
+        change set after each owner, and after the new backends of a
+        table of STREAM_WITHIN_FROM or more set in full
         (ctrl.dataplane.apply.Writer.stream)."""
         cs = ChangeSet(slot_tables=set())
         if prune_except is not None:
@@ -499,7 +504,7 @@ class Programmed:
         and name."""
         f0 = fronts[0]
         wanted = self.bids.get(f0.backends, cs.be_upd)
-        if self._stream is not None:
+        if self._stream is not None and len(wanted) >= STREAM_WITHIN_FROM:
             self._stream(cs)
         tid = self.sids.new()
         t = SlotTable(tid, (owner, group), [])
@@ -687,7 +692,7 @@ class Programmed:
     def _table_full(self, t: SlotTable, f: Frontend, cs: ChangeSet) -> bool:
         """Table t to f's backends in full; whether a slot changed."""
         wanted = self.bids.get(f.backends, cs.be_upd, self._looked_up(f.backends))
-        if self._stream is not None:
+        if self._stream is not None and len(wanted) >= STREAM_WITHIN_FROM:
             # New backends can go to the kernel now (no slot names them):
             # at 100,000 they are written while the slots are assigned.
             self._stream(cs)

@@ -1,8 +1,9 @@
 import socket
+from dataclasses import replace
 
 import pytest
 
-from ctrl.dataplane import abi
+from ctrl.dataplane import abi, programmed
 from ctrl.dataplane.abi import Codecs, MapSizes, map_name
 from ctrl.dataplane.apply import encode
 from ctrl.dataplane.changeset import ChangeSet, Rows
@@ -516,17 +517,22 @@ def test_split_of_a_change_set_made_by_hand_is_all_rest():
 # -- streaming: the rows a diff hands the writer before its end --------------
 
 
-def test_the_diff_offers_its_rows_after_each_service_and_each_tables_new_backends():
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_the_diff_offers_its_rows_after_each_service_and_a_large_tables_new_backends(one_pass, monkeypatch):
     """Programmed.sync calls `stream` with the change set so far, what the
     writer may send to the kernel while the diff goes on: after each
-    owner, and after a table's new backends are given ids (before its
-    slots are assigned)."""
+    owner, and after the new backends of a table of STREAM_WITHIN_FROM or
+    more are given ids (before its slots are assigned)."""
+    monkeypatch.setattr(programmed, "STREAM_WITHIN_FROM", 3)
     seen = []
     p = Programmed()
+    p.fresh_in_one_pass = one_pass
     desired = {**web(1, 2), **shop(3, 4, 5)}
+    for fs in desired.values():  # one group each: the one-pass path takes them
+        fs[:] = [replace(f, group=(80,)) for f in fs]
     cs = p.sync(desired, stream=lambda c: seen.append((len(c.be_upd), len(c.slot_upd), len(c.svc_upd))))
-    # sorted: default/shop, then default/web
-    assert seen == [(3, 0, 0), (3, 3, 1), (5, 3, 1), (5, 5, 2)]
+    # sorted: default/shop (3 backends), then default/web (2)
+    assert seen == [(3, 0, 0), (3, 3, 1), (5, 5, 2)]
     assert len(cs.be_upd) == 5
 
 

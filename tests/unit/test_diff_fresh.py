@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from ctrl.dataplane import programmed
 from ctrl.dataplane.abi import MapSizes
 from ctrl.dataplane.changeset import _LISTS
 from ctrl.dataplane.programmed import Programmed
@@ -104,6 +105,7 @@ def recorder(into: list):
 @pytest.mark.parametrize("seed", range(60))
 def test_owners_new_to_the_maps_sync_in_one_pass_as_in_general(seed, monkeypatch):
     rnd = random.Random(seed)
+    monkeypatch.setattr(programmed, "STREAM_WITHIN_FROM", rnd.choice([3, 1000]))
     small = rnd.random() < 0.4
     sizes = MapSizes(services=9, slots=14, backends=11) if small else MapSizes()
     drain = rnd.choice([0.0, 5.0])
