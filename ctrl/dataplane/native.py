@@ -313,8 +313,8 @@ _scan = _Scan()
 _READY = tuple(bool(c & 1) for c in range(8))
 _SERVING = tuple(bool(c & 2) for c in range(8))
 _TERMINATING = tuple(bool(c & 4) for c in range(8))
-# n -> unpack_from of n addresses of 16 bytes, for n up to SPLIT_MAX
-# (more are split SPLIT_MAX at a time).
+# n -> unpack_from of n addresses of 16 bytes, for n up to _SPLIT_MAX
+# (more are split _SPLIT_MAX at a time).
 _SPLIT: dict[int, Callable] = {}
 _SPLIT_MAX = 1000
 # The JSON one scan call reads at most (unless one slice's is longer):
