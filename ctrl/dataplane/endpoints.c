@@ -273,10 +273,18 @@ static int names_room(uint32_t len)
 	return 0;
 }
 
-/* The name's number (from 1), given one when new; its place in js, when
- * new, appended to fresh ((offset, length) pairs, *nfresh of them). 0:
- * out of memory. */
-static uint32_t name_of(const uint8_t *js, const uint8_t *str, uint32_t len, uint32_t *fresh, uint32_t *nfresh)
+/* Where a scan writes: the slice being read (seg, its JSON at js), and
+ * the names numbered so far in the call. */
+struct rows {
+	const uint8_t *js;
+	uint32_t seg;
+	uint32_t *fresh, nfresh, max_fresh;
+};
+
+/* The name's number (from 1), given one when new; its place, when new,
+ * appended to r's fresh ((slice, offset in its JSON, length) triples,
+ * nfresh of them). 0: out of memory. */
+static uint32_t name_of(struct rows *r, const uint8_t *str, uint32_t len)
 {
 	uint32_t h = name_hash(str, len), i, k;
 
@@ -294,17 +302,12 @@ static uint32_t name_of(const uint8_t *js, const uint8_t *str, uint32_t len, uin
 	names.len[names.n] = len;
 	names.used += len;
 	names.slots[i] = ++names.n;
-	fresh[2 * *nfresh] = (uint32_t)(str - js);
-	fresh[2 * *nfresh + 1] = len;
-	++*nfresh;
+	r->fresh[3 * r->nfresh] = r->seg;
+	r->fresh[3 * r->nfresh + 1] = (uint32_t)(str - r->js);
+	r->fresh[3 * r->nfresh + 2] = len;
+	r->nfresh++;
 	return names.n;
 }
-
-/* Where a scan writes. */
-struct rows {
-	const uint8_t *js;
-	uint32_t *fresh, nfresh, max_fresh;
-};
 
 struct field {
 	const char *name;
@@ -418,7 +421,7 @@ static int name_field(struct scan *s, struct rows *r, uint32_t *out)
 	}
 	if (string(s, &str, &len) || r->nfresh == r->max_fresh)
 		return -1;
-	*out = name_of(r->js, str, len, r->fresh, &r->nfresh);
+	*out = name_of(r, str, len);
 	return *out ? 0 : -1;
 }
 
@@ -469,7 +472,7 @@ static int endpoint(struct scan *s, int family, struct rows *r, uint8_t *addr, u
 /* Where a scan writes: cap rows of addrs (16 bytes each), conds (bits as
  * in conditions()), node and zone (a name's number, 0 for null or
  * absent); fresh gets the names numbered in a call, in their order, as
- * (offset in its js, length), nfresh of them (room for 2 * cap). */
+ * (slice, offset in its JSON, length), nfresh of them (room for 2 * cap). */
 struct sp_scan_rows {
 	uint8_t *addrs;
 	uint8_t *conds;
@@ -514,23 +517,25 @@ static int64_t slice_endpoints(struct scan *s, int family, struct sp_scan_rows *
 	return family ? n - first : 0;
 }
 
-/* The endpoints arrays of nseg slices, one after the other in js: slice
- * i's is js[offs[i], offs[i + 1]) of address family families[i] (as
- * above). Its rows follow the rows of the slices before it that were
- * taken; counts[i] is set to its number of rows, or -1 when it is not
- * taken (its rows are then the next slice's). nfresh is set whatever
- * the results, the names' offsets in js: the caller keeps every name
- * numbered. Returns the rows written. */
-uint32_t sp_endpoints_scan(const uint8_t *js, const uint32_t *offs, uint32_t nseg, const int32_t *families,
+/* The endpoints arrays of nseg slices: slice i's is segs[i] (lens[i]
+ * bytes) of address family families[i] (as above). Its rows follow the
+ * rows of the slices before it that were taken; counts[i] is set to its
+ * number of rows, or -1 when it is not taken (its rows are then the next
+ * slice's). nfresh is set whatever the results: the caller keeps every
+ * name numbered. Returns the rows written. */
+uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
 			   struct sp_scan_rows *rows, int32_t *counts)
 {
-	struct rows r = { js, rows->fresh, 0, 2 * rows->cap };
+	struct rows r = { NULL, 0, rows->fresh, 0, 2 * rows->cap };
 	uint32_t used = 0;
 
 	for (uint32_t i = 0; i < nseg; i++) {
-		struct scan s = { js + offs[i], js + offs[i + 1] };
-		int64_t n = offs[i] <= offs[i + 1] ? slice_endpoints(&s, families[i], rows, &r, used) : -1;
+		struct scan s = { segs[i], segs[i] ? segs[i] + lens[i] : NULL };
+		int64_t n;
 
+		r.js = segs[i];
+		r.seg = i;
+		n = slice_endpoints(&s, families[i], rows, &r, used);
 		counts[i] = (int32_t)n;
 		if (n > 0)
 			used += (uint32_t)n;

@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from functools import cache
 from heapq import heapify, heappop
-from itertools import accumulate, repeat
+from itertools import repeat
 from pathlib import Path
 
 from cffi import FFI
@@ -51,7 +51,7 @@ struct sp_scan_rows {
     uint32_t *node, *zone, *fresh;
     uint32_t cap, nfresh;
 };
-uint32_t sp_endpoints_scan(const uint8_t *js, const uint32_t *offs, uint32_t nseg, const int32_t *families,
+uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
                            struct sp_scan_rows *rows, int32_t *counts);
 void sp_names_reset(void);
 """
@@ -290,7 +290,7 @@ class _Scan:
     def grow(self, cap: int) -> None:
         self.addrs, self.conds = bytearray(16 * cap), bytearray(cap)
         self.node, self.zone = array("I", bytes(4 * cap)), array("I", bytes(4 * cap))
-        self.fresh = array("I", bytes(16 * cap))
+        self.fresh = array("I", bytes(24 * cap))  # 2 * cap names, 3 numbers each
         fb = ffi.from_buffer
         # The cdata the rows point into, kept alive as long as they are.
         self.held = (
@@ -374,12 +374,14 @@ def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: i
     if size >= 1 << 32:
         return [None] * nseg
     lib = library()
-    js = raws[0] if nseg == 1 else b"".join(raws)
-    offs = array("I", accumulate(lens, initial=0))
+    fb = ffi.from_buffer
+    # Each slice's JSON where it is (in the page msgspec read), not copied:
+    # the cdata keep the buffers alive until the call is done.
+    bufs = [fb("uint8_t[]", r) for r in raws]
+    segs = ffi.new("const uint8_t *[]", bufs)
     fams = array("i", families)
     counts = array("i", bytes(4 * nseg))
     cap = size // _ENDPOINT_MIN + nseg
-    fb = ffi.from_buffer
     st = _scan
     with st.lock:
         if cap > st.cap:
@@ -389,14 +391,15 @@ def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: i
             lib.sp_names_reset()
             names = st.names = [None]
         used = lib.sp_endpoints_scan(
-            fb("uint8_t[]", js), fb("uint32_t[]", offs), nseg, fb("int32_t[]", fams), st.rows, fb("int32_t[]", counts)
+            segs, fb("uint32_t[]", array("I", lens)), nseg, fb("int32_t[]", fams), st.rows, fb("int32_t[]", counts)
         )
         fresh = st.rows.nfresh
         if fresh:
-            view = memoryview(js)
             f = st.fresh
             intern = sys.intern
-            names += [intern(str(view[f[2 * k] : f[2 * k] + f[2 * k + 1]], "ascii")) for k in range(fresh)]
+            for k in range(fresh):
+                seg, at, n = f[3 * k : 3 * k + 3]
+                names.append(intern(str(memoryview(raws[seg])[at : at + n], "ascii")))
         conds = st.conds
         # zip stops at the used addresses, before reading past the others'.
         eps = (
