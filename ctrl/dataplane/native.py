@@ -423,9 +423,6 @@ def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: i
             if used
             else []
         )
-    if nseg == 1:
-        n = counts[0]
-        return [tuple(eps) if n > 0 else None if n < 0 else ()]
     out: list[tuple[Endpoint, ...] | None] = []
     at = 0
     for n in counts:

@@ -536,7 +536,6 @@ class Programmed:
             if f.name:
                 name_upd.append((sid, f.name))
         cs.services.add(owner)
-        self._looked = None
 
     def _long_name(self, fronts: list[Frontend]) -> str | None:
         """Why a frontend's name cannot go into the names map whole. A cut

@@ -19,15 +19,21 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Flag, StrEnum, auto
 from itertools import repeat
-from operator import itemgetter
 from typing import NamedTuple
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
 from ..util.addrs import addr16, addr_str, is_v4
-from .topology import Categorized, PortEndpoint, PortPolicy, categorize, merge_endpoints, merge_endpoints_for_plan
-
-# A PortEndpoint's endpoint and port, an Endpoint's address: read in C.
-_ep_of, _port_of, _addr_of = itemgetter(0), itemgetter(1), itemgetter(0)
+from .topology import (
+    Categorized,
+    PortEndpoint,
+    PortPolicy,
+    addr_of,
+    categorize,
+    ep_of,
+    merge_endpoints,
+    merge_endpoints_for_plan,
+    port_of,
+)
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
@@ -390,7 +396,7 @@ def plan_full(
             # deterministic; no sort needed on 100,000 backends. merge keeps
             # one endpoint per (address, port): no duplicates.
             sel = selected(cat, sk[3])
-            backends = chosen[sk] = tuple(zip(map(_addr_of, map(_ep_of, sel)), map(_port_of, sel), repeat(proto)))
+            backends = chosen[sk] = tuple(zip(map(addr_of, map(ep_of, sel)), map(port_of, sel), repeat(proto)))
             reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
             numbers[sk] = -1 if versions is None else next(versions)
         f = Frontend(

@@ -43,7 +43,7 @@ from .plan import (
     port_policy,
     selected,
 )
-from .topology import PortEndpoint, PortPolicy, categorize, merge_endpoints_keyed
+from .topology import PortEndpoint, PortPolicy, addr_of, categorize, ep_of, merge_endpoints_keyed
 
 _OTHER = "\0other"  # equals no node or zone name
 
@@ -75,8 +75,6 @@ def _may_serve(c: int) -> bool:
     return bool(c & READY) or (c & (SERVING | TERMINATING)) == SERVING | TERMINATING
 
 
-_addr_of = operator.itemgetter(0)  # Endpoint.addr
-_endpoint_of = operator.itemgetter(0)  # PortEndpoint.ep
 _pair = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
 
 
@@ -250,12 +248,12 @@ class _PortState:
             port = None if sl is None else _slice_port(sl, sp, family)
             if port is None:
                 continue
-            keys = list(zip(map(_addr_of, sl.endpoints), repeat(port)))
+            keys = list(zip(map(addr_of, sl.endpoints), repeat(port)))
             popped: list = list(map(winner.pop, keys, repeat(None)))
             if None in popped:  # not expected: no duplicates, every key merged once
                 keys = [k for k, pe in zip(keys, popped, strict=True) if pe is not None]
                 popped = [pe for pe in popped if pe is not None]
-            gone: list[Endpoint] = list(map(_endpoint_of, popped))
+            gone: list[Endpoint] = list(map(ep_of, popped))
             for c, n in Counter(self._classes(gone)).items():
                 classes[c] -= n
             touched.update(zip(keys, repeat(None)))
@@ -264,7 +262,7 @@ class _PortState:
             if port is None:
                 continue
             eps = sl.endpoints
-            keys = list(zip(map(_addr_of, eps), repeat(port)))
+            keys = list(zip(map(addr_of, eps), repeat(port)))
             had = len(winner)
             winner.update(zip(keys, map(_pair, repeat(PortEndpoint), zip(eps, repeat(port))), strict=True))
             if len(winner) != had + len(keys):

@@ -33,9 +33,12 @@ class PortEndpoint(NamedTuple):
     port: int
 
 
-_addr_of = itemgetter(0)  # Endpoint.addr, read in C
-_ep_of = itemgetter(0)  # PortEndpoint.ep
-_ready_of = itemgetter(1)  # Endpoint.ready
+# Fields read in C (map, compress), for the model's bulk steps: an
+# Endpoint's address and readiness, a PortEndpoint's endpoint and port.
+addr_of = itemgetter(0)
+ready_of = itemgetter(1)
+ep_of = itemgetter(0)
+port_of = itemgetter(1)
 _port_endpoint = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
 
 
@@ -75,11 +78,11 @@ def merge_endpoints_for_plan(
     if len(parts) == 1:  # one slice (most Services): no sum, no chain
         eps, port = parts[0]
         total = len(eps)
-        if (keyed_from is None or total < keyed_from) and len(set(map(_addr_of, eps))) == total:
+        if (keyed_from is None or total < keyed_from) and len(set(map(addr_of, eps))) == total:
             return list(map(_port_endpoint, repeat(PortEndpoint), zip(eps, repeat(port)))), None
     total = sum(len(eps) for eps, _ in parts)
     if keyed_from is None or total < keyed_from:
-        if len(set(chain.from_iterable(map(_addr_of, eps) for eps, _ in parts))) == total:
+        if len(set(chain.from_iterable(map(addr_of, eps) for eps, _ in parts))) == total:
             return list(_port_endpoints(parts)), None
         return list(_merged(parts, total).values()), None
     merged = _merged(parts, total)
@@ -98,7 +101,7 @@ def merge_endpoints_keyed(
 def _merged(parts: list[tuple[tuple[Endpoint, ...], int]], total: int) -> dict[tuple[bytes, int], PortEndpoint]:
     # The usual case first, in C: no (address, port) twice, so there is
     # nothing to choose between and the dict is built in one pass.
-    keys = chain.from_iterable(zip(map(_addr_of, eps), repeat(port)) for eps, port in parts)
+    keys = chain.from_iterable(zip(map(addr_of, eps), repeat(port)) for eps, port in parts)
     merged: dict[tuple[bytes, int], PortEndpoint] = dict(zip(keys, _port_endpoints(parts), strict=True))
     if len(merged) == total:
         return merged
@@ -188,7 +191,7 @@ def categorize(eps: list[PortEndpoint], policy: PortPolicy, node_name: str | Non
         elif mode == "zone":
             cluster = [e for e in eps if e.ep.ready and zone in (e.ep.hint_zones or ())]
         else:
-            cluster = list(compress(eps, map(_ready_of, map(_ep_of, eps))))
+            cluster = list(compress(eps, map(ready_of, map(ep_of, eps))))
         if not cluster:
             # No ready endpoint anywhere (hints never empty a ready set):
             # fall back to the terminating ones still serving, no topology.
