@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection
+from itertools import compress, repeat
+from operator import is_
 
 from ..model.plan import Backend
 from .changeset import Rows
@@ -29,46 +31,41 @@ class BackendIds:
         return len(self.backends)
 
     def get(self, bs: Collection[Backend], new: Rows, looked: list[int | None] | None = None) -> list[int]:
-        """Ids of these backends, allocating new ones (appended to `new`,
-        the backends to write). looked: their ids as self.ids held them
-        now (None for the new ones), if the caller has them; it becomes
-        the result."""
+        """Ids of these backends, allocating new ones in order of first
+        appearance (appended to `new`, the backends to write). looked:
+        their ids as self.ids held them now (None for the new ones), if
+        the caller has them."""
         ids = self.ids
-        get = ids.get
-        out = list(map(get, bs)) if looked is None else looked
-        if out and out.count(None) == len(out):
-            # All new (a new Service, a first sync): allocate in bulk.
-            # One int object per id, shared by both dicts, the rows to
-            # write and the caller's slots (a range would make a new one
-            # for each: at 100,000 backends, 2.8 MiB a copy).
-            first = self.next_id
-            fresh = list(range(first, first + len(bs)))
-            before = len(ids)
-            ids.update(zip(bs, fresh, strict=False))
-            if len(ids) == before + len(bs):
-                self.next_id += len(bs)
-                self.backends.update(zip(fresh, bs, strict=False))
-                new_ids, new_backends = new.cols
-                new_ids.extend(fresh)
-                new_backends.extend(bs)
-                return fresh
+        out = list(map(ids.get, bs)) if looked is None else looked
+        n_new = out.count(None)
+        if not n_new:
+            return out  # type: ignore[return-value]
+        # Allocated in bulk, the whole list staying in C: a new Service,
+        # a first sync (many Services' backends at once), 100 of a slice.
+        # One int object per id, shared by both dicts, the rows to write
+        # and the caller's slots (a range would make a new one for each:
+        # at 100,000 backends, 2.8 MiB a copy).
+        cand = bs if n_new == len(out) else list(compress(bs, map(is_, out, repeat(None))))
+        first = self.next_id
+        fresh = list(range(first, first + len(cand)))
+        before = len(ids)
+        ids.update(zip(cand, fresh, strict=False))
+        if len(ids) != before + len(cand):
             # A backend listed twice (the dict says so without a set of
-            # them all): undone, and taken one by one below.
-            for b in bs:
+            # them all): undone, and allocated once each.
+            for b in cand:
                 ids.pop(b, None)
-        if None in out:
-            for i, b in enumerate(bs):
-                bid = out[i]
-                if bid is None:
-                    bid = ids.get(b)  # listed twice in bs: allocated above
-                    if bid is None:
-                        bid = self.next_id
-                        self.next_id += 1
-                        ids[b] = bid
-                        self.backends[bid] = b
-                        new.append((bid, b))
-                    out[i] = bid
-        return out  # type: ignore[return-value]
+            cand = list(dict.fromkeys(cand))
+            fresh = fresh[: len(cand)]
+            ids.update(zip(cand, fresh, strict=True))
+        self.next_id += len(cand)
+        self.backends.update(zip(fresh, cand, strict=True))
+        new_ids, new_backends = new.cols
+        new_ids.extend(fresh)
+        new_backends.extend(cand)
+        if n_new == len(out) and len(fresh) == len(out):
+            return fresh
+        return list(map(ids.__getitem__, bs))
 
     def drop(self, bid: int) -> Backend:
         """Forget a backend id (its entry is deleted from the map)."""

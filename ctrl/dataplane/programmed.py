@@ -27,7 +27,7 @@ from itertools import chain, filterfalse, repeat
 from ..model.plan import Backend, FKey, Frontend, FrontendFlag, Scope, SourceRange, frontend_str
 from . import abi, slots
 from .abi import MapSizes
-from .changeset import ChangeSet
+from .changeset import _LISTS, ChangeSet
 from .drain import Drains
 from .ids import BackendIds, ServiceIds
 from .tables import IdSet, MaglevTables
@@ -39,6 +39,12 @@ EAGER_INDEX_FROM = 1000
 # to sync's `stream` before its slots are assigned, not only once its
 # owner is done (a small one's would wait for the next owner's anyway).
 STREAM_WITHIN_FROM = 1000
+# Owners new to the maps synced together at most (sync's batch): their
+# backends' ids are found and allocated in one pass.
+FRESH_BATCH = 256
+_BE_UPD, _BE_MARK, _SLOT_UPD, _SVC_UPD, _NAME_UPD = map(
+    _LISTS.index, ("be_upd", "be_mark", "slot_upd", "svc_upd", "name_upd")
+)
 
 log = logging.getLogger("sliceproxy.diff")  # the logger name operators filter on
 
@@ -93,6 +99,22 @@ def name_capacity() -> int:
 
 # _fresh_group's answer for an owner the general path takes.
 _GENERAL = object()
+
+
+class _Room:
+    """The room sync's batch has left in the maps (each owner _fresh_group
+    takes counted as if all its backends were new), and the frontends its
+    owners take."""
+
+    __slots__ = ("keys", "services", "names", "slots", "backends")
+
+    def __init__(self, p: Programmed, cs: ChangeSet) -> None:
+        cap, n_svc = p.capacity, len(p.frontends)
+        self.keys: set[FKey] = set()
+        self.services = cap.services - n_svc - len(cs.svc_del)
+        self.names = cap.services - n_svc - len(p.orphan_names) - len(cs.name_del)
+        self.slots = cap.slots - p.slot_count - len(cs.slot_del)
+        self.backends = cap.backends - len(p.bids)
 
 
 class Programmed:
@@ -266,17 +288,32 @@ class Programmed:
         try:
             # Frontends of no known owner (adopted without a name) go last:
             # a Service that claims one takes it over with its id first.
+            # Owners _fresh_group takes wait in `batch` and are synced
+            # together when the next owner is not one, or the batch is full.
             fresh = self._fresh_group if self.fresh_in_one_pass else None
+            batch: list[tuple[str, object, list[Frontend]]] = []
+            room = _Room(self, cs)
             for owner in sorted(desired, key=lambda o: (o == "", o)):
-                cs.mark(owner)
                 fronts = desired[owner]
-                group = fresh(owner, fronts, cs) if fresh is not None else _GENERAL
+                group = fresh(owner, fronts, cs, room) if fresh is not None else _GENERAL
+                if group is not _GENERAL and len(fronts[0].backends) < STREAM_WITHIN_FROM:
+                    batch.append((owner, group, fronts))
+                    if len(batch) < FRESH_BATCH:
+                        continue
+                    group = None  # the batch is full: synced below
+                if batch:
+                    self._sync_fresh(batch, cs)
+                    batch = []
                 if group is _GENERAL:
+                    cs.mark(owner)
                     self._sync_owner(owner, fronts, cs)
-                else:
-                    self._sync_fresh(owner, group, fronts, cs)
-                if stream is not None:
-                    stream(cs)
+                    if stream is not None:
+                        stream(cs)
+                elif group is not None:
+                    self._sync_fresh([(owner, group, fronts)], cs)
+                room = _Room(self, cs)
+            if batch:
+                self._sync_fresh(batch, cs)
         finally:
             self._stream = None
         cs.mark(None)
@@ -461,81 +498,132 @@ class Programmed:
             new_be = len(set(chain.from_iterable(filterfalse(known, bs) for bs in wanted)))
         return new_fronts, slot_growth, new_be, range_growth
 
-    def _fresh_group(self, owner: str, fronts: list[Frontend], cs: ChangeSet) -> object:
+    def _fresh_group(self, owner: str, fronts: list[Frontend], cs: ChangeSet, room: _Room) -> object:
         """The group of an owner _sync_fresh can take, else _GENERAL: an
         owner with nothing programmed, waiting for nothing, whose
-        frontends are all new, share one group and so one slot table,
-        have names that fit and no source ranges, on a node without
-        Maglev tables, and whose entries fit in the maps even if every
-        backend is new (else _sync_owner finds out exactly). A cold
-        start's full sync of 10,000 small Services takes this path for
-        almost every one: _sync_owner's steps (claims, growth, the table
-        found twice, the frontend moved onto it) each find nothing to
-        do."""
+        frontends are all new (nor taken by an owner before it in the
+        batch), share one group and so one slot table, have names that
+        fit and no source ranges, on a node without Maglev tables, and
+        whose entries fit in the room the batch has left even if every
+        backend is new (else _sync_owner finds out exactly); that room
+        then taken. A cold start's full sync of 10,000 small Services
+        takes this path for almost every one: _sync_owner's steps
+        (claims, growth, the table found twice, the frontend moved onto
+        it) each find nothing to do."""
         if not fronts or owner in self.by_owner or owner in self.blocked or self.maglev_size or self.tables.of:
             return _GENERAL
         group = fronts[0].group
         if group is None:
             return _GENERAL
-        frontends, name_max = self.frontends, self.name_max
+        frontends, name_max, taken = self.frontends, self.name_max, room.keys
         keys = set()
         for f in fronts:
-            if f.group != group or f.key in frontends or f.source_ranges or len(f.name) * 4 > name_max:
+            key = f.key
+            if f.group != group or key in frontends or key in taken or f.source_ranges:
                 return _GENERAL
-            keys.add(f.key)
+            if len(f.name) * 4 > name_max:
+                return _GENERAL
+            keys.add(key)
         nf, nb = len(fronts), len(fronts[0].backends)
-        cap = self.capacity
-        n_svc = len(frontends)
         if (
             len(keys) != nf
             or (owner, group) in self.table_of
-            or n_svc + len(cs.svc_del) + nf > cap.services
-            or n_svc + len(self.orphan_names) + len(cs.name_del) + nf > cap.services
-            or self.slot_count + len(cs.slot_del) + nb > cap.slots
-            or len(self.bids) + nb > cap.backends
+            or nf > room.services
+            or nf > room.names
+            or nb > room.slots
+            or nb > room.backends
         ):
             return _GENERAL
+        taken |= keys
+        room.services -= nf
+        room.names -= nf
+        room.slots -= nb
+        room.backends -= nb
         return group
 
-    def _sync_fresh(self, owner: str, group: object, fronts: list[Frontend], cs: ChangeSet) -> None:
-        """What _sync_owner does for an owner _fresh_group took, in one
-        pass: one new slot table of the group's backends (its id also the
-        first frontend's, as _sync_group gives it), each frontend's entry
-        and name."""
-        f0 = fronts[0]
-        wanted = self.bids.get(f0.backends, cs.be_upd)
-        if self._stream is not None and len(wanted) >= STREAM_WITHIN_FROM:
-            self._stream(cs)
-        tid = self.sids.new()
-        t = SlotTable(tid, (owner, group), [])
-        self.slot_tables[tid] = t
-        self.table_of[t.key] = t
-        self._slots_of(t, cs)
-        slots.assign(tid, t.slots, wanted, cs.slot_upd)  # type: ignore[arg-type]
-        sl = t.slots
-        n = len(sl)
-        self.slot_count += n
-        self.bids.refs.update(sl)
-        if self.drains:
-            for b in sl:
-                self._undrain(b, cs)
-        t.version = f0.version
-        if f0.version >= 0 and n >= EAGER_INDEX_FROM:
-            self._unindexed.add(tid)
-        frontends, users = self.frontends, t.users
-        keys = self.by_owner[owner]
+    def _sync_fresh(self, batch: list[tuple[str, object, list[Frontend]]], cs: ChangeSet) -> None:
+        """What _sync_owner does for owners _fresh_group took (owner,
+        group, frontends), in one pass each: one new slot table of the
+        group's backends (its id also the first frontend's, as _sync_group
+        gives it), each frontend's entry and name. The backends of the
+        whole batch get their ids together; each owner's entries are one
+        run in each list of cs all the same (its mark computed)."""
+        bids = self.bids
+        be_at = len(cs.be_upd)
+        first = bids.next_id
+        if len(batch) == 1:
+            wanted_all = bids.get(batch[0][2][0].backends, cs.be_upd)
+            if self._stream is not None and len(wanted_all) >= STREAM_WITHIN_FROM:
+                self._stream(cs)
+        else:
+            wanted_all = bids.get(list(chain.from_iterable(b[2][0].backends for b in batch)), cs.be_upd)
+        seen = first  # one past the highest id the owners so far allocated
+        pos = 0
+        # Each owner's mark: where its entries begin in each list of cs.
+        # Within the batch only these lists grow, each owner's entries one
+        # run after the last one's.
+        mark = list(cs.lengths())
+        marks, drains, be_mark = cs.marks, self.drains, cs.be_mark
+        new_id, slot_tables, table_of, by_owner = self.sids.new, self.slot_tables, self.table_of, self.by_owner
+        frontends, services = self.frontends, cs.services
         svc_upd, name_upd = cs.svc_upd, cs.name_upd
-        for i, f in enumerate(fronts):
-            sid = self.sids.new() if i else tid
-            key, timeout = f.key, f.affinity_timeout
-            flags = abi.frontend_flags(f.flags)
-            frontends[key] = FrontendState(sid, owner, f.name, t, n, flags, timeout, tid)
-            users.add(key)
-            keys.add(key)
-            svc_upd.append((key, (sid, n, flags, timeout, tid)))
-            if f.name:
-                name_upd.append((sid, f.name))
-        cs.services.add(owner)
+        flags_of = abi.frontend_flags
+        tids: list[int] = []
+        tables: list[list[int]] = []
+        for owner, group, fronts in batch:
+            mark[_BE_UPD] = be_at + seen - first
+            mark[_BE_MARK] = len(be_mark)
+            mark[_SVC_UPD] = len(svc_upd)
+            mark[_NAME_UPD] = len(name_upd)
+            marks.append((owner, tuple(mark)))
+            f0 = fronts[0]
+            nb = len(f0.backends)
+            wanted = wanted_all[pos : pos + nb]
+            pos += nb
+            if wanted:
+                seen = max(seen, max(wanted) + 1)
+            tid = new_id()
+            # A new table's slots: its backends in order, each once.
+            sl = list(dict.fromkeys(wanted))
+            t = SlotTable(tid, (owner, group), sl)
+            slot_tables[tid] = t
+            table_of[t.key] = t
+            tids.append(tid)
+            tables.append(sl)
+            n = len(sl)
+            mark[_SLOT_UPD] += n
+            if drains:
+                for b in sl:
+                    self._undrain(b, cs)
+            t.version = f0.version
+            if f0.version >= 0 and n >= EAGER_INDEX_FROM:
+                self._unindexed.add(tid)
+            users = t.users
+            keys = by_owner[owner]
+            for i, f in enumerate(fronts):
+                sid = new_id() if i else tid
+                key, timeout = f.key, f.affinity_timeout
+                flags = flags_of(f.flags)
+                frontends[key] = FrontendState(sid, owner, f.name, t, n, flags, timeout, tid)
+                users.add(key)
+                keys.add(key)
+                svc_upd.append((key, (sid, n, flags, timeout, tid)))
+                if f.name:
+                    name_upd.append((sid, f.name))
+            services.add(owner)
+        # The tables' slot rows, (table id, slot, backend id), and their
+        # backends counted, in bulk.
+        counts = list(map(len, tables))
+        self.slot_count += sum(counts)
+        table_col, slot_col, backend_col = cs.slot_upd.cols
+        table_col.extend(chain.from_iterable(map(repeat, tids, counts)))
+        slot_col.extend(chain.from_iterable(map(range, counts)))
+        backend_col.extend(chain.from_iterable(tables))
+        if cs.slot_tables is not None:
+            cs.slot_tables.update(tids)  # each table's slots named once (_slots_of)
+        bids.refs.update(chain.from_iterable(tables))
+        if self._stream is not None:
+            self._stream(cs)
 
     def _long_name(self, fronts: list[Frontend]) -> str | None:
         """Why a frontend's name cannot go into the names map whole. A cut
