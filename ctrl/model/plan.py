@@ -33,6 +33,7 @@ from .topology import (
     merge_endpoints,
     merge_endpoints_for_plan,
     port_of,
+    ready_alone,
 )
 
 PROTO_NUMBERS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
@@ -75,6 +76,11 @@ RULE_EXTERNAL = "etp"  # an external address reached from outside
 # ... and the set of endpoints that rule comes to (selects()).
 SELECT_LOCAL = "local"
 SELECT_CLUSTER = "cluster"
+
+# A port whose one selection is the ready endpoints of one slice, with no
+# topology, takes them straight from the slice (topology.ready_alone);
+# off, every port is merged and categorized (tests compare the two).
+ONE_SLICE_DIRECT = True
 
 # Protocols the datapath rewrites today.
 SERVED_PROTOCOLS = ("TCP", "UDP")
@@ -384,20 +390,34 @@ def plan_full(
             # selections (local, cluster) come from the same sets.
             pk = sk[:3]
             cat = cats.get(pk)
-            if cat is None:
-                eps, keyed = merge_endpoints_for_plan(
-                    sp, slices, spec.family, keyed_from if merged_out is not None else None
-                )
-                cat = cats[pk] = categorize(eps, policy, node_name, zone)
-                if merged_out is not None and keyed is not None:
-                    merged_out[pk] = keyed
-            local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
-            # Merge order (slices by name, endpoints in slice order) is
-            # deterministic; no sort needed on 100,000 backends. merge keeps
-            # one endpoint per (address, port): no duplicates.
-            sel = selected(cat, sk[3])
-            backends = chosen[sk] = tuple(zip(map(addr_of, map(ep_of, sel)), map(port_of, sel), repeat(proto)))
-            reject[sk] = NO_FLAGS if cat.has_any else FrontendFlag.REJECT
+            limit = keyed_from if merged_out is not None else None
+            # A port using no local set has one selection: in the usual
+            # case read straight from its slice (ONE_SLICE_DIRECT).
+            direct = (
+                ready_alone(sp, slices, spec.family, limit)
+                if cat is None and ONE_SLICE_DIRECT and not policy.uses_local
+                else None
+            )
+            if direct is not None:
+                ready, port = direct
+                backends = tuple(zip(map(addr_of, ready), repeat(port), repeat(proto)))
+                local.setdefault((sp.port, sp.protocol), False)
+                has_any = True
+            else:
+                if cat is None:
+                    eps, keyed = merge_endpoints_for_plan(sp, slices, spec.family, limit)
+                    cat = cats[pk] = categorize(eps, policy, node_name, zone)
+                    if merged_out is not None and keyed is not None:
+                        merged_out[pk] = keyed
+                local[sp.port, sp.protocol] = local.get((sp.port, sp.protocol), False) or bool(cat.local)
+                # Merge order (slices by name, endpoints in slice order) is
+                # deterministic; no sort needed on 100,000 backends. merge
+                # keeps one endpoint per (address, port): no duplicates.
+                sel = selected(cat, sk[3])
+                backends = tuple(zip(map(addr_of, map(ep_of, sel)), map(port_of, sel), repeat(proto)))
+                has_any = cat.has_any
+            chosen[sk] = backends
+            reject[sk] = NO_FLAGS if has_any else FrontendFlag.REJECT
             numbers[sk] = -1 if versions is None else next(versions)
         f = Frontend(
             addr=addr16(spec.addr),

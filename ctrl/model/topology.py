@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, compress, repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 from ..k8s.objects import Endpoint, EndpointSlice, ServicePort
@@ -37,16 +37,19 @@ class PortEndpoint(NamedTuple):
 # Endpoint's address and readiness, a PortEndpoint's endpoint and port.
 addr_of = itemgetter(0)
 ready_of = itemgetter(1)
+hint_zones_of = itemgetter(6)
+hint_nodes_of = itemgetter(7)
 ep_of = itemgetter(0)
 port_of = itemgetter(1)
 _port_endpoint = tuple.__new__  # PortEndpoint((ep, port)) without its Python __new__
+_name_of = attrgetter("name")
 
 
 def _parts(sp: ServicePort, slices: list[EndpointSlice], address_type: str) -> list[tuple[tuple[Endpoint, ...], int]]:
     """(endpoints, port) of each slice that gives the port endpoints of
     this family, slices by name."""
     parts = []
-    for sl in sorted(slices, key=lambda s: s.name):
+    for sl in sorted(slices, key=_name_of) if len(slices) > 1 else slices:
         if sl.address_type != address_type:
             continue
         for p in sl.ports:
@@ -87,6 +90,29 @@ def merge_endpoints_for_plan(
         return list(_merged(parts, total).values()), None
     merged = _merged(parts, total)
     return list(merged.values()), merged
+
+
+def ready_alone(
+    sp: ServicePort, slices: list[EndpointSlice], address_type: str, limit: int | None = None
+) -> tuple[list[Endpoint], int] | None:
+    """categorize()'s cluster set of one service port and family, as its
+    endpoints and their port, when it is the usual one and no topology
+    applies: one slice gives the port endpoints of this family (fewer
+    than `limit`, if given), no address twice, some of them ready and no
+    ready one hinted. Read in C, without a PortEndpoint each (most
+    Services of a cluster); None otherwise (merge and categorize)."""
+    parts = _parts(sp, slices, address_type)
+    if len(parts) != 1:
+        return None
+    eps, port = parts[0]
+    if limit is not None and len(eps) >= limit:
+        return None
+    ready = list(compress(eps, map(ready_of, eps)))
+    if not ready or any(map(hint_zones_of, ready)) or any(map(hint_nodes_of, ready)):
+        return None
+    if len(set(map(addr_of, eps))) != len(eps):
+        return None
+    return ready, port
 
 
 def merge_endpoints_keyed(

@@ -8,6 +8,7 @@ import random
 import pytest
 
 import ctrl.dataplane.programmed
+import ctrl.model.plan
 import ctrl.model.planner
 from ctrl.dataplane.programmed import Programmed
 from ctrl.k8s.objects import parse
@@ -335,3 +336,73 @@ def test_touched_names_missing_one_added_compares_every_slice():
     assert {bk[0] for f in got for bk in f.backends} == {a.endpoints[0].addr, b.endpoints[0].addr}
     got, _ = planner.plan("default/web", svc, {"web-b": b}, "node-a", None, NODE_ADDRS, {"web-a"})
     assert {bk[0] for f in got for bk in f.backends} == {b.endpoints[0].addr}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_ports_read_straight_from_one_slice_plan_as_merged(seed, monkeypatch):
+    """plan_full with a port's ready endpoints read straight from its one
+    slice (plan.ONE_SLICE_DIRECT) gives what merging and categorizing
+    give: frontends, backends in order, flags, plan numbers, the planner's
+    keys, local sets and merged endpoints, under every traffic policy,
+    with hints, nothing ready, an address twice, ports the slice lacks,
+    two families and two slices now and then."""
+    rnd = random.Random(seed)
+    pool = [f"198.18.0.{k}" for k in range(1, 12)]
+    pool6 = [f"2001:db8::{k:x}" for k in range(1, 12)]
+    for _ in range(12):
+        kind = rnd.choice(["cluster", "itp-local", "nodeport-local", "lb-cluster", "lb-local"])
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+        if rnd.random() < 0.3:
+            ports.append({"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"})
+        spec = {"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["198.19.0.10", "2001:db8:1::10"]}
+        spec = spec if rnd.random() < 0.3 else {}
+        if kind == "itp-local":
+            raw = service(ports=ports, internalTrafficPolicy="Local", **spec)
+        elif kind == "nodeport-local":
+            raw = service(
+                ports=[dict(p, nodePort=30080 + i) for i, p in enumerate(ports)],
+                type="NodePort",
+                externalTrafficPolicy="Local",
+                **spec,
+            )
+        elif kind.startswith("lb"):
+            raw = external_service("Local" if kind == "lb-local" else "Cluster")
+        else:
+            raw = service(ports=ports, **spec)
+        svc = parse(raw)
+        slices = []
+        for k in range(rnd.choice([1, 1, 1, 2])):
+            family = rnd.choice(["IPv4", "IPv4", "IPv6"]) if spec else "IPv4"
+            ips = rnd.sample(pool6 if family == "IPv6" else pool, rnd.randrange(0, 7))
+            if ips and rnd.random() < 0.2:
+                ips.append(ips[0])  # an address twice in one slice
+            sports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+            if rnd.random() < 0.5:
+                sports.append({"name": "dns", "port": 5353, "protocol": "UDP"})
+            if rnd.random() < 0.1:
+                sports = [{"name": "other", "port": 9, "protocol": "TCP"}]
+            raw_eps = [rand_endpoint(rnd, ip) for ip in ips]
+            if rnd.random() < 0.3:  # every endpoint hinted: topology may apply
+                hint = rnd.choice(["forZones", "forNodes"])
+                for e in raw_eps:
+                    e["hints"] = {hint: [{"name": rnd.choice(ZONES if hint == "forZones" else NODES)}]}
+            slices.append(parse(endpoint_slice(f"web-{k}", endpoints=raw_eps, ports=sports, address_type=family)))
+        node, zone = rnd.choice(NODES), rnd.choice(ZONES)
+        keyed_from = rnd.choice([0, 3, 1000])
+        got = []
+        for direct in (True, False):
+            monkeypatch.setattr(ctrl.model.plan, "ONE_SLICE_DIRECT", direct)
+            merged: dict = {}
+            fronts, notes, meta, local = ctrl.model.plan.plan_full(
+                svc, slices, node, zone, NODE_ADDRS, merged, iter(range(100)), keyed_from
+            )
+            got.append(
+                (
+                    [(f.key, f.name, list(f.backends), f.flags, f.version, f.group) for f in fronts],
+                    notes,
+                    meta,
+                    local,
+                    merged,
+                )
+            )
+        assert got[0] == got[1]
