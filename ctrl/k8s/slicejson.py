@@ -90,7 +90,7 @@ class _Endpoint(msgspec.Struct, rename="camel", gc=False):
     hints: _Hints | None = None
 
 
-class _Port(msgspec.Struct, gc=False):
+class _Port(msgspec.Struct, frozen=True, gc=False):
     name: str | None = None
     port: int | None = None
     protocol: str | None = None
@@ -311,15 +311,7 @@ def _convert(s: _Slice, scanned: tuple[Endpoint, ...] | None = None) -> Endpoint
     if service_name is not None and not is_label(service_name):
         raise _Unclean
     atype = s.address_type
-    ports = []
-    for p in s.ports or ():
-        proto = p.protocol or "TCP"
-        port = p.port
-        if proto not in _PROTOCOLS or port is None or not 1 <= port <= 65535:
-            raise _Unclean
-        if p.name and not is_label(p.name):
-            raise _Unclean
-        ports.append(SlicePort(p.name or "", port, proto))
+    ports = _slice_ports(s.ports)
     family: int
     if atype == "IPv4":
         family, prefix = socket.AF_INET, V4_PREFIX
@@ -337,7 +329,7 @@ def _convert(s: _Slice, scanned: tuple[Endpoint, ...] | None = None) -> Endpoint
         meta.name,
         service_name,
         atype,
-        tuple(ports),
+        ports,
         endpoints,
         labels,
         (),
@@ -432,7 +424,7 @@ class _SvcMeta(msgspec.Struct, gc=False):
     annotations: dict[str, str] | None = None
 
 
-class _SvcPort(msgspec.Struct, rename="camel", gc=False):
+class _SvcPort(msgspec.Struct, rename="camel", frozen=True, gc=False):
     name: str | None = None
     port: int | None = None
     protocol: str | None = None
@@ -529,23 +521,7 @@ def _convert_service(s: _Svc) -> Service:
     if stype not in _SERVICE_TYPES:
         raise _Unclean
     cluster_ips = service_cluster_ips(spec.cluster_ip, spec.cluster_ips or [], "")
-    ports = []
-    seen: set[tuple[int, str]] = set()
-    for p in spec.ports or ():
-        port = p.port
-        proto = p.protocol or "TCP"
-        if port is None or not 1 <= port <= 65535 or proto not in _PROTOCOLS:
-            raise _Unclean
-        pname = p.name or ""
-        if pname and not is_label(pname):
-            raise _Unclean
-        node_port = p.node_port
-        if node_port is not None and not 1 <= node_port <= 65535:
-            raise _Unclean
-        if (port, proto) in seen:
-            raise _Unclean
-        seen.add((port, proto))
-        ports.append(ServicePort(pname, port, proto, target_port(p.target_port, port, "", ""), node_port))
+    ports = _service_ports(spec.ports)
     affinity = spec.session_affinity or "None"
     if affinity not in _AFFINITIES:
         raise _Unclean
@@ -582,7 +558,7 @@ def _convert_service(s: _Svc) -> Service:
         meta.name,
         stype,
         tuple(cluster_ips),
-        tuple(ports),
+        ports,
         meta.labels or {},
         (),
         internal_traffic_policy=itp,
@@ -594,6 +570,72 @@ def _convert_service(s: _Svc) -> Service:
         lb_source_ranges=tuple(dict.fromkeys(lb_ranges)),
         uid=meta.uid or "",
     )
+
+
+# Services' ports, and slices', repeat (a cluster has many Services of
+# one port 80 or 443 to a named or numbered targetPort): each distinct
+# list is checked and made once, and its Services share the one tuple
+# (frozen, so each's own is equal). Past _PORTS_MAX distinct lists, the
+# cache starts over.
+_SERVICE_PORTS: dict[tuple[_SvcPort, ...], tuple[ServicePort, ...]] = {}
+_SLICE_PORTS: dict[tuple[_Port, ...], tuple[SlicePort, ...]] = {}
+_PORTS_MAX = 4096
+
+
+def _service_ports(raw: list[_SvcPort] | None) -> tuple[ServicePort, ...]:
+    key = tuple(raw) if raw else ()
+    ports = _SERVICE_PORTS.get(key)
+    if ports is None:
+        ports = _new_service_ports(key)
+        if len(_SERVICE_PORTS) >= _PORTS_MAX:
+            _SERVICE_PORTS.clear()
+        _SERVICE_PORTS[key] = ports
+    return ports
+
+
+def _new_service_ports(raw: tuple[_SvcPort, ...]) -> tuple[ServicePort, ...]:
+    ports = []
+    seen: set[tuple[int, str]] = set()
+    for p in raw:
+        port = p.port
+        proto = p.protocol or "TCP"
+        if port is None or not 1 <= port <= 65535 or proto not in _PROTOCOLS:
+            raise _Unclean
+        pname = p.name or ""
+        if pname and not is_label(pname):
+            raise _Unclean
+        node_port = p.node_port
+        if node_port is not None and not 1 <= node_port <= 65535:
+            raise _Unclean
+        if (port, proto) in seen:
+            raise _Unclean
+        seen.add((port, proto))
+        ports.append(ServicePort(pname, port, proto, target_port(p.target_port, port, "", ""), node_port))
+    return tuple(ports)
+
+
+def _slice_ports(raw: list[_Port] | None) -> tuple[SlicePort, ...]:
+    key = tuple(raw) if raw else ()
+    ports = _SLICE_PORTS.get(key)
+    if ports is None:
+        ports = _new_slice_ports(key)
+        if len(_SLICE_PORTS) >= _PORTS_MAX:
+            _SLICE_PORTS.clear()
+        _SLICE_PORTS[key] = ports
+    return ports
+
+
+def _new_slice_ports(raw: tuple[_Port, ...]) -> tuple[SlicePort, ...]:
+    ports = []
+    for p in raw:
+        proto = p.protocol or "TCP"
+        port = p.port
+        if proto not in _PROTOCOLS or port is None or not 1 <= port <= 65535:
+            raise _Unclean
+        if p.name and not is_label(p.name):
+            raise _Unclean
+        ports.append(SlicePort(p.name or "", port, proto))
+    return tuple(ports)
 
 
 def _check_ip(ip: str) -> None:

@@ -400,6 +400,21 @@ def test_the_good_service_is_clean_and_decoded():
     assert got.items[0].affinity_timeout == 600 and got.items[0].lb_ips == ("198.18.9.9",)
 
 
+def test_services_of_one_port_list_share_its_ports_made_once():
+    """Each distinct port list is checked and made once: Services listing
+    the same ports share one tuple; one port differing in any field (a
+    targetPort numbered, not named) is a list of its own."""
+    a, b, c = (copy.deepcopy(GOOD) for _ in range(3))
+    b["metadata"]["name"], c["metadata"]["name"] = "web-b", "web-c"
+    c["spec"]["ports"][0]["targetPort"] = 8080
+    got = decode_service_page(page([a, b, c]))
+    assert got is not None
+    x, y, z = got.items
+    assert x.ports is y.ports and x.ports == exact(a).ports
+    assert z.ports != x.ports and z.ports == exact(c).ports
+    assert z.ports[0].target_port == 8080 and x.ports[0].target_port == "http"
+
+
 @pytest.mark.parametrize("case", sorted(REPORTED) + sorted(TYPED_ONLY))
 def test_a_page_with_one_unclean_item_is_declined(case):
     bad = unclean({**REPORTED, **TYPED_ONLY}[case])
