@@ -509,6 +509,7 @@ class Codecs:
     slot_key: Codec
     slot_val: Codec
     backend: Codec
+    backend_new: Codec  # a backend in service: its flags and drain end zeros
     name: Codec
     src_key: Codec
     src_val: Codec
@@ -524,6 +525,7 @@ class Codecs:
             slot_key=codec("sp_slot_key", ("svc_id", "slot")),
             slot_val=codec("sp_slot_val", ("backend_id",)),
             backend=codec("sp_backend", ("addr", "port", "proto", "flags", "drain_end")),
+            backend_new=codec("sp_backend", ("addr", "port", "proto")),
             name=codec("sp_svc_name", ("name",)),
             src_key=codec("sp_src_key", ("prefixlen", "svc_id", "addr")),
             src_val=codec("sp_src_val", ("allow",)),

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from itertools import chain, repeat
 from operator import add as add_tuple
 from operator import itemgetter
 
@@ -70,19 +69,21 @@ def _backend_batch(
 ) -> tuple[tuple[str, str, bytes, bytes], ...]:
     """New backends (id, backend) and draining marks set or cleared
     (SP_BE_F_DRAINING, with the drain's end in ns), as one batch: built
-    with map/zip so 100,000 rows stay in C, and an iterator, which the
-    codec packs a chunk at a time."""
+    with map/zip so 100,000 rows stay in C, and iterators, which the
+    codecs pack a chunk at a time (a new backend's flags and drain end
+    are zeros the codec leaves: its row is the backend itself)."""
     new_ids, new_backends = rows.cols
     be_ids = list(new_ids)
-    be_rows: Iterator[tuple] = map(add_tuple, new_backends, repeat((0, 0)))
+    vals = _pack_all(c.backend_new, new_backends, len(new_backends))
     if marks:
         be_ids += map(_first, marks)
         # A mark's (flags, drain end): the marks of one sync share a few
         # (the drains it starts end together), each converted once.
         ends = list(zip(map(_third, marks), map(_fourth, marks), strict=True))
         tails = {e: (e[0], abi.to_ns(e[1]) if e[0] else 0) for e in set(ends)}
-        be_rows = chain(be_rows, map(add_tuple, map(_second, marks), map(tails.__getitem__, ends)))
-    return _entry(mn("sp_be"), "update", len(be_ids), _ids(be_ids), _pack_all(c.backend, be_rows, len(be_ids)))
+        marked = map(add_tuple, map(_second, marks), map(tails.__getitem__, ends))
+        vals = vals + _pack_all(c.backend, marked, len(marks))
+    return _entry(mn("sp_be"), "update", len(be_ids), _ids(be_ids), vals)
 
 
 def _slot_batch(c: Codecs, rows: Rows) -> tuple[tuple[str, str, bytes, bytes], ...]:
