@@ -147,6 +147,8 @@ class ClusterState:
         return owner
 
     def _unpark(self, key: str) -> None:
+        if not self._parked:
+            return
         for owner, parked in list(self._parked.items()):
             if parked.pop(key, None) is not None and not parked:
                 del self._parked[owner]
@@ -154,6 +156,8 @@ class ClusterState:
     def _recheck_subsets(self, owner: str) -> None:
         """Its Service came, went or was made again (another uid): take or
         drop its subset slices accordingly."""
+        if owner not in self.slices and owner not in self._parked:
+            return  # none (a Service listed before its slices)
         held = [
             (f"{sl.namespace}/{sl.name}", sl) for sl in self.slices.get(owner, {}).values() if sl.subset is not None
         ]
