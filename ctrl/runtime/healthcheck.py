@@ -114,16 +114,20 @@ class HealthCheckServers:
         self.healthy = healthy
         self.address = address
         self.servers: dict[int, _Server] = {}
+        # The port each Service's server is on (servers[port].owner is it):
+        # a sync finds its own, not by walking every server (a full sync
+        # of thousands of Services with health checks).
+        self.port_of: dict[str, int] = {}
 
     def sync(self, owner: str, svc: Service | None, slices: dict[str, EndpointSlice]) -> None:
         """Open, close or update the server of owner's health check; slices:
         the Service's, by name (a slice object is replaced on every change)."""
         port = wanted(svc)
-        for p, srv in list(self.servers.items()):
-            if srv.owner == owner and p != port:
-                srv.close()
-                del self.servers[p]
-                log.info("%s Service: health check port %d closed", owner, p)
+        held = self.port_of.get(owner)
+        if held is not None and held != port:
+            self.servers.pop(held).close()
+            del self.port_of[owner]
+            log.info("%s Service: health check port %d closed", owner, held)
         if port is None:
             return
         existing = self.servers.get(port)
@@ -137,6 +141,7 @@ class HealthCheckServers:
                 log.error("%s Service: spec.healthCheckNodePort %d cannot be served: %s", owner, port, e)
                 return
             self.servers[port] = existing
+            self.port_of[owner] = port
             log.info("%s Service: serving its health check on port %d", owner, port)
         existing.count = existing.local.update(slices)
 
@@ -144,3 +149,4 @@ class HealthCheckServers:
         for srv in self.servers.values():
             srv.close()
         self.servers.clear()
+        self.port_of.clear()
