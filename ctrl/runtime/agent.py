@@ -26,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..dataplane.abi import NodeConfig, read_contents
 from ..dataplane.apply import Writer
@@ -174,33 +174,32 @@ class Agent:
         s = self.settings
         return NodeConfig(v4, v6, s.snat_ports, s.snat_reclaim, s.snat_reclaim_closed)
 
-    def plan(self, owners: set[str]) -> dict:
+    def plan(self, owners: Iterable[str]) -> dict:
+        """The frontends of each owner, planned in the order given."""
         desired = {}
         addrs = self.node_addresses()
-        for owner in sorted(owners):
-            node = self.state.node
+        state, planner = self.state, self.planner
+        node = state.node
+        node_name, zone = state.node_name, node.zone if node is not None else None
+        services, slices, touched = state.services, state.slices, state.take_touched
+        plan, no_local = planner.plan, planner.no_local if self.metrics is not None else None
+        for owner in owners:
             try:
-                fronts, notes = self.planner.plan(
-                    owner,
-                    self.state.services.get(owner),
-                    self.state.slices.get(owner, {}),
-                    self.state.node_name,
-                    node.zone if node is not None else None,
-                    addrs,
-                    self.state.take_touched(owner),
+                fronts, notes = plan(
+                    owner, services.get(owner), slices.get(owner, {}), node_name, zone, addrs, touched(owner)
                 )
             except BaseException:
                 # The names it was given are spent: plan it in full next.
-                self.planner.forget(owner)
+                planner.forget(owner)
                 raise
             for note in notes:
                 log.warning("%s", note)
             desired[owner] = fronts
-            if self.metrics is not None:
+            if no_local is not None:
                 # From what planning found, not by merging the Service's
                 # slices again (that cost 100 ms a change at 100,000
                 # endpoints while the change itself is planned in 1 ms).
-                self._set_no_local(owner, self.planner.no_local(owner))
+                self._set_no_local(owner, no_local(owner))
         return desired
 
     def _set_no_local(self, owner: str, counts: tuple[int, int]) -> None:
@@ -277,10 +276,12 @@ class Agent:
         # sync log line; the bench prints them so a regression names its
         # stage).
         self.stages = stages = dict.fromkeys(("plan", "diff", "write", "index", "gc"), 0.0)
-        desired = self.plan(owners)
+        ordered = sorted(owners)
+        desired = self.plan(ordered)
         if self.health_checks is not None:
-            for owner in sorted(owners):
-                self.health_checks.sync(owner, self.state.services.get(owner), self.state.slices.get(owner, {}))
+            sync_checks, services, slices = self.health_checks.sync, self.state.services, self.state.slices
+            for owner in ordered:
+                sync_checks(owner, services.get(owner), slices.get(owner, {}))
         t_plan = time.perf_counter()
         stages["plan"] = t_plan - t0
         cs = self.programmed.sync(
