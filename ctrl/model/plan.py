@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Flag, StrEnum, auto
 from itertools import repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 from ..k8s.objects import EndpointSlice, Service, ServicePort
@@ -200,11 +201,19 @@ def ignored_reason(svc: Service) -> str | None:
 
 def port_policy(svc: Service, sp: ServicePort) -> PortPolicy:
     accessible = svc.externally_accessible(sp)
-    return PortPolicy(
-        internal_local=svc.internal_traffic_policy == "Local",
-        external_local=accessible and svc.external_traffic_policy == "Local",
-        externally_accessible=accessible,
-    )
+    return _POLICIES[
+        svc.internal_traffic_policy == "Local", accessible and svc.external_traffic_policy == "Local", accessible
+    ]
+
+
+# Every PortPolicy there is, by its fields: shared (never assigned to),
+# not one made per port of every Service planned.
+_POLICIES = {
+    (i, e and a, a): PortPolicy(internal_local=i, external_local=e and a, externally_accessible=a)
+    for i in (False, True)
+    for e in (False, True)
+    for a in (False, True)
+}
 
 
 def no_local_endpoints(
@@ -260,6 +269,10 @@ class _Spec(NamedTuple):
     ranges: tuple[SourceRange, ...]
 
 
+_new = tuple.__new__
+_node_port_of = attrgetter("node_port")
+
+
 def family_of(ip: str) -> str:
     return "IPv6" if ":" in ip else "IPv4"
 
@@ -297,8 +310,9 @@ def _specs(svc: Service, node: NodeAddresses | None) -> list[_Spec]:
     for ip in svc.cluster_ips:
         family = family_of(ip)
         for sp in svc.ports:
-            out.append(_Spec(ip, sp.port, Scope.INTERNAL, sp, family, RULE_CLUSTER_IP, affinity, ()))
-    if not (svc.external_ips or svc.lb_ips or any(sp.node_port for sp in svc.ports)):
+            # tuple.__new__: the NamedTuple's own __new__ is a Python call.
+            out.append(_new(_Spec, (ip, sp.port, Scope.INTERNAL, sp, family, RULE_CLUSTER_IP, affinity, ())))
+    if not (svc.external_ips or svc.lb_ips or any(map(_node_port_of, svc.ports))):
         return out  # cluster IPs only (most Services)
     families = list(dict.fromkeys(map(family_of, svc.cluster_ips)))
     external_local = svc.external_traffic_policy == "Local"
