@@ -293,7 +293,10 @@ class Programmed:
             fresh = self._fresh_group if self.fresh_in_one_pass else None
             batch: list[tuple[str, object, list[Frontend]]] = []
             room = _Room(self, cs)
-            for owner in sorted(desired, key=lambda o: (o == "", o)):
+            order = sorted(desired)
+            if order and order[0] == "":
+                order.append(order.pop(0))
+            for owner in order:
                 fronts = desired[owner]
                 group = fresh(owner, fronts, cs, room) if fresh is not None else _GENERAL
                 if group is not _GENERAL and len(fronts[0].backends) < STREAM_WITHIN_FROM:
