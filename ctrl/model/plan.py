@@ -433,19 +433,25 @@ def plan_full(
             chosen[sk] = backends
             reject[sk] = NO_FLAGS if has_any else FrontendFlag.REJECT
             numbers[sk] = -1 if versions is None else next(versions)
+        # Positional (half the cost of keywords): addr, port, proto, scope,
+        # name, backends, flags, affinity_timeout, source_ranges, added,
+        # removed, base, version, group.
         f = Frontend(
-            addr=addr16(spec.addr),
-            port=spec.port,
-            proto=proto,
-            scope=spec.scope,
-            name=frontend_name(svc, sp.name, sp.port, sp.protocol),
-            backends=backends,
+            addr16(spec.addr),
+            spec.port,
+            proto,
+            spec.scope,
+            frontend_name(svc, sp.name, sp.port, sp.protocol),
+            backends,
             # An enum's | is a Python call: none when there is nothing to add.
-            flags=spec.flags | r if (r := reject[sk]) else spec.flags,
-            affinity_timeout=svc.affinity_timeout,
-            source_ranges=spec.ranges,
-            version=numbers[sk],
-            group=sk,
+            spec.flags | r if (r := reject[sk]) else spec.flags,
+            svc.affinity_timeout,
+            spec.ranges,
+            None,
+            None,
+            -1,
+            numbers[sk],
+            sk,
         )
         if f.key in meta:
             # Two ports or addresses of one Service landing on one frontend

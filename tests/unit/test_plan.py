@@ -126,3 +126,27 @@ def test_no_local_endpoints_counts_ports_with_local_policy_and_none_here(spec, n
         raw["spec"]["ports"][0]["nodePort"] = 30080
     sl = endpoint_slice("a", endpoints=[endpoint("198.18.1.1", node="node-a")])
     assert no_local_endpoints(parse(raw), [parse(sl)], node, None) == expect
+
+
+def test_frontend_fields_are_in_the_order_plan_full_gives_them():
+    """plan_full builds each Frontend by position, not by keyword."""
+    import dataclasses
+
+    from ctrl.model.plan import Frontend
+
+    assert [f.name for f in dataclasses.fields(Frontend) if f.init] == [
+        "addr",
+        "port",
+        "proto",
+        "scope",
+        "name",
+        "backends",
+        "flags",
+        "affinity_timeout",
+        "source_ranges",
+        "added",
+        "removed",
+        "base",
+        "version",
+        "group",
+    ]
