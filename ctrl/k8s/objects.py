@@ -518,7 +518,11 @@ def service_cluster_ips(single: str | None, many: list, what: str) -> list[str]:
     for i, ip in enumerate(ips):
         if ip == "None":
             return []  # headless: nothing for a proxy to do
-        out.append(_ip(ip, what, fld.format(i)))
+        try:
+            addr16(ip)  # an IPv4 or IPv6 address
+        except (TypeError, ValueError, OSError):
+            _ip(ip, what, fld.format(i))  # names the field (raises)
+        out.append(ip)
     return out
 
 

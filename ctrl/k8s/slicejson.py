@@ -47,6 +47,7 @@ from ..util.addrs import V4_PREFIX, addr16
 from .objects import (
     SERVICE_NAME_LABEL,
     SERVICE_TYPES,
+    SOURCE_RANGES_ANNOTATION,
     TRIGGER_ANNOTATION,
     Endpoint,
     EndpointSlice,
@@ -545,14 +546,17 @@ def _convert_service(s: _Svc) -> Service:
             lb_ips.append(addr)
     annotations = meta.annotations or {}
     lb_ranges = []
-    for cidr in source_ranges(spec.load_balancer_source_ranges or [], annotations)[0]:
-        norm = normal_cidr(cidr)
-        if norm is None:
-            raise _Unclean
-        lb_ranges.append(norm)
+    if spec.load_balancer_source_ranges or SOURCE_RANGES_ANNOTATION in annotations:
+        for cidr in source_ranges(spec.load_balancer_source_ranges or [], annotations)[0]:
+            norm = normal_cidr(cidr)
+            if norm is None:
+                raise _Unclean
+            lb_ranges.append(norm)
     hc = spec.health_check_node_port
     if hc is not None and not 1 <= hc <= 65535:
         raise _Unclean
+    # Positional (half the cost of keywords; tests/unit/test_servicejson.py
+    # pins the order).
     return Service(
         ns,
         meta.name,
@@ -561,14 +565,14 @@ def _convert_service(s: _Svc) -> Service:
         ports,
         meta.labels or {},
         (),
-        internal_traffic_policy=itp,
-        external_traffic_policy=etp,
-        external_ips=tuple(external_ips),
-        lb_ips=tuple(lb_ips),
-        affinity_timeout=affinity_timeout,
-        health_check_node_port=hc,
-        lb_source_ranges=tuple(dict.fromkeys(lb_ranges)),
-        uid=meta.uid or "",
+        itp,
+        etp,
+        tuple(external_ips),
+        tuple(lb_ips),
+        affinity_timeout,
+        hc,
+        tuple(dict.fromkeys(lb_ranges)) if lb_ranges else (),
+        meta.uid or "",
     )
 
 

@@ -542,3 +542,24 @@ def test_the_list_takes_the_exact_path_for_an_unclean_page_only(caplog):
     want = {s.key: s for s in map(exact, first + second[:-1] + third)}
     want["shop/web-c"] = exact(old_c)
     assert {k: shape(v) for k, v in known.items()} == {k: shape(v) for k, v in want.items()}
+
+
+def test_service_fields_are_in_the_order_the_typed_decoding_gives_them():
+    """decode_service_page builds each Service by position, not by keyword."""
+    assert [f.name for f in dataclasses.fields(Service)] == [
+        "namespace",
+        "name",
+        "type",
+        "cluster_ips",
+        "ports",
+        "labels",
+        "problems",
+        "internal_traffic_policy",
+        "external_traffic_policy",
+        "external_ips",
+        "lb_ips",
+        "affinity_timeout",
+        "health_check_node_port",
+        "lb_source_ranges",
+        "uid",
+    ]
