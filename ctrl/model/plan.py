@@ -377,12 +377,12 @@ def plan_full(
     out: list[Frontend] = []
     meta: dict[tuple, tuple] = {}  # frontend key -> selection_key
     skipped: set[str] = set()
-    chosen: dict[tuple, tuple[Backend, ...]] = {}
-    reject: dict[tuple, FrontendFlag] = {}
+    # selection_key -> its backends, the REJECT flag when no endpoint
+    # anywhere may serve, and its plan number (one per group).
+    chosen: dict[tuple, tuple[tuple[Backend, ...], FrontendFlag, int]] = {}
     local: dict[tuple[int, str], bool] = {}
     policies: dict[int, PortPolicy] = {}
     cats: dict[tuple, Categorized] = {}  # (port, protocol, family) -> categorize() of its merge
-    numbers: dict[tuple, int] = {}  # selection_key -> its plan number (one per group)
     for spec in _specs(svc, node):
         sp = spec.sp
         if sp.protocol not in SERVED_PROTOCOLS:
@@ -398,8 +398,8 @@ def plan_full(
         if policy is None:
             policy = policies[id(sp)] = port_policy(svc, sp)
         sk = selection_key(spec, policy)
-        backends = chosen.get(sk)
-        if backends is None:
+        selection = chosen.get(sk)
+        if selection is None:
             # One merge and categorize per port and family: its two
             # selections (local, cluster) come from the same sets.
             pk = sk[:3]
@@ -430,9 +430,12 @@ def plan_full(
                 sel = selected(cat, sk[3])
                 backends = tuple(zip(map(addr_of, map(ep_of, sel)), map(port_of, sel), repeat(proto)))
                 has_any = cat.has_any
-            chosen[sk] = backends
-            reject[sk] = NO_FLAGS if has_any else FrontendFlag.REJECT
-            numbers[sk] = -1 if versions is None else next(versions)
+            selection = chosen[sk] = (
+                backends,
+                NO_FLAGS if has_any else FrontendFlag.REJECT,
+                -1 if versions is None else next(versions),
+            )
+        backends, r, number = selection
         # Positional (half the cost of keywords): addr, port, proto, scope,
         # name, backends, flags, affinity_timeout, source_ranges, added,
         # removed, base, version, group.
@@ -444,13 +447,13 @@ def plan_full(
             frontend_name(svc, sp.name, sp.port, sp.protocol),
             backends,
             # An enum's | is a Python call: none when there is nothing to add.
-            spec.flags | r if (r := reject[sk]) else spec.flags,
+            spec.flags | r if r else spec.flags,
             svc.affinity_timeout,
             spec.ranges,
             None,
             None,
             -1,
-            numbers[sk],
+            number,
             sk,
         )
         if f.key in meta:
