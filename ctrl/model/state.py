@@ -81,7 +81,8 @@ class ClusterState:
         dirty = set()
         prev_owner = self._slice_owner.get(ev.key)
         name = ev.key.split("/", 1)[1]
-        self._unpark(ev.key)
+        if self._parked:
+            self._unpark(ev.key)
         if ev.op == "delete":
             self._refused.pop(ev.key, None)
             if prev_owner is None:
@@ -147,8 +148,6 @@ class ClusterState:
         return owner
 
     def _unpark(self, key: str) -> None:
-        if not self._parked:
-            return
         for owner, parked in list(self._parked.items()):
             if parked.pop(key, None) is not None and not parked:
                 del self._parked[owner]

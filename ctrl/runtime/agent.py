@@ -118,7 +118,8 @@ class Agent:
 
     def take(self, events: list[Event]) -> None:
         seen = dict.fromkeys(self._pending, 0)  # changes per kind, counted once at the end
-        apply, dirty = self.state.apply, self.schedule.changed
+        apply = self.state.apply
+        dirty: set[str] = set()  # told to the schedule once at the end
         # The collector paused, as while the source decoded these events:
         # a collection here would walk every object the model gains (30 ms
         # for a list of 10,000 Services and their slices) on the way to
@@ -129,7 +130,7 @@ class Agent:
                     touched = apply(ev)
                     if not touched:
                         continue
-                    dirty(touched)
+                    dirty |= touched
                     if ev.kind not in seen:
                         continue
                     seen[ev.kind] += 1
@@ -141,6 +142,7 @@ class Agent:
                     if trigger:
                         self._triggers.append(trigger)
             finally:
+                self.schedule.changed(dirty)
                 for kind, n in seen.items():
                     self._pending[kind] += n
                     if n and self.metrics is not None:
