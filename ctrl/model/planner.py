@@ -396,6 +396,8 @@ class ServicePlanner:
         c = self._cache.get(owner)
         if c is None:  # gone, ignored, or never planned
             return 0, 0
+        if c.svc.internal_traffic_policy != "Local" and c.svc.external_traffic_policy != "Local":
+            return 0, 0  # no port uses a local set (most Services)
         if c.ports is None:  # planned in full since the last index
             full = c.local
             return count_no_local(c.svc, lambda sp: full.get((sp.port, sp.protocol), False))

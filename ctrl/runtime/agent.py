@@ -201,7 +201,9 @@ class Agent:
                 # From what planning found, not by merging the Service's
                 # slices again (that cost 100 ms a change at 100,000
                 # endpoints while the change itself is planned in 1 ms).
-                self._set_no_local(owner, no_local(owner))
+                counts = no_local(owner)
+                if counts != (0, 0) or owner in self._no_local:
+                    self._set_no_local(owner, counts)
         return desired
 
     def _set_no_local(self, owner: str, counts: tuple[int, int]) -> None:
@@ -281,9 +283,7 @@ class Agent:
         ordered = sorted(owners)
         desired = self.plan(ordered)
         if self.health_checks is not None:
-            sync_checks, services, slices = self.health_checks.sync, self.state.services, self.state.slices
-            for owner in ordered:
-                sync_checks(owner, services.get(owner), slices.get(owner, {}))
+            self.health_checks.sync_all(ordered, self.state.services, self.state.slices)
         t_plan = time.perf_counter()
         stages["plan"] = t_plan - t0
         cs = self.programmed.sync(

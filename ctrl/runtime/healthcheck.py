@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..k8s.objects import EndpointSlice, Service
@@ -144,6 +144,17 @@ class HealthCheckServers:
             self.port_of[owner] = port
             log.info("%s Service: serving its health check on port %d", owner, port)
         existing.count = existing.local.update(slices)
+
+    def sync_all(
+        self, owners: Iterable[str], services: Mapping[str, Service], slices: Mapping[str, dict[str, EndpointSlice]]
+    ) -> None:
+        """sync each owner (the state's Services and slices by owner),
+        those with no server that want none passed over at once."""
+        port_of = self.port_of
+        for owner in owners:
+            svc = services.get(owner)
+            if owner in port_of or wanted(svc) is not None:
+                self.sync(owner, svc, slices.get(owner, {}))
 
     def close(self) -> None:
         for srv in self.servers.values():

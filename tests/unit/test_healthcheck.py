@@ -105,8 +105,10 @@ def test_servers_follow_their_services_ports():
         hc.sync("default/b", _lb_local("b", p1), {})  # free now
         assert hc.port_of == {"default/a": p2, "default/b": p1}
         assert hc.servers[p1].owner == "default/b" and _open(p1)
-        hc.sync("default/a", _lb_local("a", None), {})  # ClusterIP now: no health check
-        hc.sync("default/b", None, {})  # deleted
+        # Through sync_all, as the agent calls it: a ClusterIP Service with
+        # no server passed over; a ClusterIP now, one deleted: closed.
+        services = {"default/a": _lb_local("a", None), "default/c": _lb_local("c", None)}
+        hc.sync_all(["default/a", "default/b", "default/c"], services, {})
         assert hc.port_of == {} and hc.servers == {}
         assert not _open(p1) and not _open(p2)
     finally:
