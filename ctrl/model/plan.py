@@ -361,6 +361,7 @@ def plan_full(
     merged_out: dict | None = None,
     versions: Iterator[int] | None = None,
     keyed_from: int = 0,
+    checked: bool = False,
 ) -> tuple[list[Frontend], list[str], dict, dict]:
     """plan_service, and what ServicePlanner keeps of it: the selection_key
     of each frontend, and per (port, protocol) whether categorize() found a
@@ -370,8 +371,9 @@ def plan_full(
     endpoints or more, which the planner's per-port state adopts instead
     of merging the slices again; with `versions`,
     each frontend numbered from it (the planner's plan numbers: set here,
-    not copied in afterwards)."""
-    if svc is None or ignored_reason(svc):
+    not copied in afterwards). checked: the caller has found svc there
+    and not ignored_reason'd."""
+    if not checked and (svc is None or ignored_reason(svc)):
         return [], [], {}, {}
     notes: list[str] = []
     out: list[Frontend] = []

@@ -520,7 +520,7 @@ class ServicePlanner:
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
         merged: dict[tuple, dict] = {}
         fronts, notes, meta, local = plan_full(
-            svc, list(slices.values()), node_name, zone, node, merged, self._versions, EAGER_INDEX_FROM
+            svc, list(slices.values()), node_name, zone, node, merged, self._versions, EAGER_INDEX_FROM, checked=True
         )
         where = (node_name, zone, node)
         if not merged:  # no port of EAGER_INDEX_FROM endpoints: none was kept
