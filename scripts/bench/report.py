@@ -23,6 +23,9 @@ def peer_cell(r: dict | None, key: str) -> str:
         if r.get("full_s") is None and "timeout_s" in r:
             return f"> {r['timeout_s']:.0f} s (stopped)"
         return "-"
+    runs = r.get("full_runs") if key == "full_s" else None
+    if runs and len(runs) > 1:
+        return f"{fmt_s(r[key])} (median of {len(runs)}: {fmt_s(min(runs))} to {fmt_s(max(runs))})"
     return fmt_s(r[key])
 
 
