@@ -32,6 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from types import MappingProxyType
 from typing import Any
 
@@ -513,8 +514,11 @@ class KubeSource:
             elif res.kind == "Service":
                 page = decode_service_page(body)
             if page is not None:
-                for obj in page.items:
-                    take(obj)
+                # A page's events made in C (map, zip): one per object.
+                objs = page.items
+                keys = [f"{o.namespace}/{o.name}" for o in objs]
+                seen.update(zip(keys, objs, strict=True))
+                events += map(_new_event, repeat(Event), zip(repeat("upsert"), repeat(res.kind), keys, objs))
                 cont, rv = page.continue_, page.resource_version
             else:
                 # Nodes, and Service pages the typed decoding declined: only
@@ -657,6 +661,9 @@ def _raw_key(kind: str, raw: object) -> str | None:
 
 def _key(kind: str, obj) -> str:
     return obj.name if kind == "Node" else f"{obj.namespace}/{obj.name}"
+
+
+_new_event = tuple.__new__  # Event((...)) without the NamedTuple's Python __new__
 
 
 def _one_line(e: object) -> str:
