@@ -14,10 +14,12 @@
  * tests/unit/test_slicejson.py compares both ways on the same slices.
  */
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 /* Nesting a skipped value may have: deeper is left to the exact path. */
 #define SP_SKIP_DEPTH 64
@@ -542,4 +544,93 @@ uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uin
 	}
 	rows->nfresh = r.nfresh;
 	return used;
+}
+
+/* One sp_endpoints_scan call run on a thread of this library's own, so
+ * that the caller (Python) makes the Endpoints of the call before it while
+ * this one reads its JSON: sp_scan_start hands the thread one call's
+ * arguments, sp_scan_wait waits for it and returns what the call returned
+ * (the buffers must stay as they are until then). One call at a time; the
+ * caller (native.py, under its scan lock) starts the next only after
+ * waiting for the last, so the calls, and the names they number, follow
+ * one another as if made in turn. The thread needs no Python: it never
+ * waits for the interpreter's lock. A process forked from one that
+ * started it starts its own. */
+static struct {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	pid_t pid; /* of the process whose thread this is; 0: none yet */
+	int state; /* 0 idle, 1 a call given, 2 its result ready */
+	const uint8_t *const *segs;
+	const uint32_t *lens;
+	const int32_t *families;
+	struct sp_scan_rows *rows;
+	int32_t *counts;
+	uint32_t nseg, result;
+} worker;
+
+static void *scan_worker(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&worker.lock);
+	for (;;) {
+		while (worker.state != 1)
+			pthread_cond_wait(&worker.cond, &worker.lock);
+		pthread_mutex_unlock(&worker.lock);
+		uint32_t n = sp_endpoints_scan(worker.segs, worker.lens, worker.nseg, worker.families, worker.rows,
+					       worker.counts);
+		pthread_mutex_lock(&worker.lock);
+		worker.result = n;
+		worker.state = 2;
+		pthread_cond_broadcast(&worker.cond);
+	}
+	return NULL;
+}
+
+/* Returns 0, or -1 when the thread cannot be started (the caller then
+ * scans in its own thread). */
+int sp_scan_start(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
+		  struct sp_scan_rows *rows, int32_t *counts)
+{
+	if (worker.pid != getpid()) {
+		pthread_t t;
+		pthread_attr_t attr;
+		int err;
+
+		pthread_mutex_init(&worker.lock, NULL);
+		pthread_cond_init(&worker.cond, NULL);
+		worker.state = 0;
+		if (pthread_attr_init(&attr))
+			return -1;
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		err = pthread_create(&t, &attr, scan_worker, NULL);
+		pthread_attr_destroy(&attr);
+		if (err)
+			return -1;
+		worker.pid = getpid();
+	}
+	pthread_mutex_lock(&worker.lock);
+	worker.segs = segs;
+	worker.lens = lens;
+	worker.nseg = nseg;
+	worker.families = families;
+	worker.rows = rows;
+	worker.counts = counts;
+	worker.state = 1;
+	pthread_cond_broadcast(&worker.cond);
+	pthread_mutex_unlock(&worker.lock);
+	return 0;
+}
+
+uint32_t sp_scan_wait(void)
+{
+	uint32_t n;
+
+	pthread_mutex_lock(&worker.lock);
+	while (worker.state != 2)
+		pthread_cond_wait(&worker.cond, &worker.lock);
+	n = worker.result;
+	worker.state = 0;
+	pthread_mutex_unlock(&worker.lock);
+	return n;
 }

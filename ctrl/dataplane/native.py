@@ -29,6 +29,7 @@ from functools import cache
 from heapq import heapify, heappop
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 from cffi import FFI
 
@@ -54,6 +55,9 @@ struct sp_scan_rows {
 uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
                            struct sp_scan_rows *rows, int32_t *counts);
 void sp_names_reset(void);
+int sp_scan_start(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
+                  struct sp_scan_rows *rows, int32_t *counts);
+uint32_t sp_scan_wait(void);
 """
 )
 
@@ -276,14 +280,10 @@ _ENDPOINT_MIN = 16
 NAMES_MAX = 1 << 16
 
 
-class _Scan:
-    """The scan's state: its rows (grown, reused by every call: one scan
-    at a time, under the lock) and the names the C has numbered, in their
-    order (names[k] is number k; names[0] None)."""
+class _Rows:
+    """Rows one scan call writes (grown, reused by the calls after it)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.names: list[str | None] = [None]
         self.rows = ffi.new("struct sp_scan_rows *")
         self.cap = 0
 
@@ -305,6 +305,18 @@ class _Scan:
         r.cap = self.cap = cap
 
 
+class _Scan:
+    """The scan's state: two sets of rows (a call's Endpoints are made
+    from one while the next call writes the other), used under the lock,
+    and the names the C has numbered, in their order (names[k] is number
+    k; names[0] None)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.names: list[str | None] = [None]
+        self.bufs = (_Rows(), _Rows())
+
+
 _scan = _Scan()
 
 
@@ -318,8 +330,12 @@ _TERMINATING = tuple(bool(c & 4) for c in range(8))
 _SPLIT: dict[int, Callable] = {}
 _SPLIT_MAX = 1000
 # The JSON one scan call reads at most (unless one slice's is longer):
-# its rows are sized from it, reused by the next call, and kept.
-SCAN_BYTES = 1 << 20
+# its rows are sized from it, reused by the call after next, and kept.
+# A page of slices is many calls, each but the first read on the C's
+# thread while the one before is made into Endpoints: small enough that
+# little is left over (S2's slice pages: 68 -> 50 ms at a quarter
+# megabyte, 63 at a megabyte).
+SCAN_BYTES = 1 << 18
 
 
 def _splitter(n: int) -> Callable:
@@ -348,59 +364,104 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
     "endpoints", any buffer) of address family families[i]
     (socket.AF_INET, AF_INET6, or 0 for FQDN: checked, none returned), as
     ctrl.k8s.slicejson makes them (no hints: the scan takes none). Read
-    as columns in C (ctrl/dataplane/endpoints.c), many slices a call,
-    made into Endpoints by map and zip, with the node and zone names the
-    process has seen once each (the C numbers them). Slice i's is None
-    when the library is not there, or its endpoints are not clean: the
-    caller reads those with msgspec."""
-    out: list[tuple[Endpoint, ...] | None] = []
-    if library() is None:
+    as columns in C (ctrl/dataplane/endpoints.c), SCAN_BYTES of JSON a
+    call, made into Endpoints by map and zip, with the node and zone
+    names the process has seen once each (the C numbers them). Of two
+    calls or more, each after the first reads its JSON on the C's own
+    thread while the Endpoints of the one before are made here: the C's
+    half of the work costs the caller little. Slice i's is None when the
+    library is not there, or its endpoints are not clean: the caller
+    reads those with msgspec."""
+    lib = library()
+    if lib is None:
         return [None] * len(raws)
     lens = list(map(len, raws))
+    cuts: list[tuple[int, int, int]] = []  # (first slice, end, bytes) of each call
     first = size = 0
     for i, n in enumerate(lens):
         if size and size + n > SCAN_BYTES:
-            out += _scan_many(raws[first:i], lens[first:i], families[first:i], size)
+            cuts.append((first, i, size))
             first = i
             size = 0
         size += n
     if first < len(raws):
-        out += _scan_many(raws[first:], lens[first:], families[first:], size)
+        cuts.append((first, len(raws), size))
+    out: list[tuple[Endpoint, ...] | None] = []
+    st = _scan
+    with st.lock:
+        if len(st.names) > NAMES_MAX:
+            lib.sp_names_reset()
+            st.names = [None]
+        if not cuts:
+            return out
+        call = _Call(raws, lens, families, cuts[0], st.bufs[0])
+        if len(cuts) == 1:
+            return call.made(st.names, call.run(lib))
+        threaded = call.start(lib)
+        for k in range(len(cuts)):
+            used = lib.sp_scan_wait() if threaded else call.run(lib)
+            done = call
+            if k + 1 < len(cuts):
+                call = _Call(raws, lens, families, cuts[k + 1], st.bufs[(k + 1) % 2])
+                threaded = call.start(lib)
+            out += done.made(st.names, used)
     return out
 
 
-def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: int) -> list:
-    nseg = len(raws)
-    if size >= 1 << 32:
-        return [None] * nseg
-    lib = library()
-    fb = ffi.from_buffer
-    # Each slice's JSON where it is (in the page msgspec read), not copied:
-    # the cdata keep the buffers alive until the call is done.
-    bufs = [fb("uint8_t[]", r) for r in raws]
-    segs = ffi.new("const uint8_t *[]", bufs)
-    fams = array("i", families)
-    counts = array("i", bytes(4 * nseg))
-    cap = size // _ENDPOINT_MIN + nseg
-    st = _scan
-    with st.lock:
-        if cap > st.cap:
-            st.grow(max(cap, 2 * st.cap, 256))
-        names = st.names
-        if len(names) > NAMES_MAX:
-            lib.sp_names_reset()
-            names = st.names = [None]
-        used = lib.sp_endpoints_scan(
-            segs, fb("uint32_t[]", array("I", lens)), nseg, fb("int32_t[]", fams), st.rows, fb("int32_t[]", counts)
+class _Call:
+    """One call of the scan: the slices it reads, and the rows it writes."""
+
+    def __init__(self, raws: Sequence, lens: list[int], families: Sequence[int], cut: tuple, buf: _Rows):
+        first, end, size = cut
+        self.raws = raws[first:end]
+        self.nseg = nseg = end - first
+        self.buf = buf
+        self.counts = array("i", bytes(4 * nseg))
+        self.args: tuple | None = None
+        if size >= 1 << 32:  # not read: each slice left to msgspec
+            self.counts = array("i", [-1]) * nseg
+            return
+        cap = size // _ENDPOINT_MIN + nseg
+        if cap > buf.cap:
+            buf.grow(max(cap, 2 * buf.cap, 256))
+        fb = ffi.from_buffer
+        # Each slice's JSON where it is (in the page msgspec read), not
+        # copied: the cdata keep the buffers alive until the call is done.
+        self.bufs = [fb("uint8_t[]", r) for r in self.raws]
+        self.args = (
+            ffi.new("const uint8_t *[]", self.bufs),
+            fb("uint32_t[]", array("I", lens[first:end])),
+            nseg,
+            fb("int32_t[]", array("i", families[first:end])),
+            buf.rows,
+            fb("int32_t[]", self.counts),
         )
-        fresh = st.rows.nfresh
+
+    def run(self, lib: Any) -> int:
+        """The call, in this thread: the rows it wrote."""
+        if self.args is None:
+            self.buf.rows.nfresh = 0
+            return 0
+        return lib.sp_endpoints_scan(*self.args)
+
+    def start(self, lib: Any) -> bool:
+        """The call given to the C's thread (sp_scan_wait returns its
+        rows); False when it could not be (run it here then)."""
+        return self.args is not None and lib.sp_scan_start(*self.args) == 0
+
+    def made(self, names: list[str | None], used: int) -> list[tuple[Endpoint, ...] | None]:
+        """Each slice's Endpoints (None: not taken), from the rows the call
+        wrote; the names it numbered first added to `names`."""
+        buf = self.buf
+        fresh = buf.rows.nfresh
         if fresh:
-            f = st.fresh
+            f = buf.fresh
+            raws = self.raws
             intern = sys.intern
             for k in range(fresh):
                 seg, at, n = f[3 * k : 3 * k + 3]
                 names.append(intern(str(memoryview(raws[seg])[at : at + n], "ascii")))
-        conds = st.conds
+        conds = buf.conds
         # zip stops at the used addresses, before reading past the others'.
         eps = (
             list(
@@ -408,12 +469,12 @@ def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: i
                     tuple.__new__,
                     repeat(Endpoint),
                     zip(
-                        _addresses(st.addrs, used),
+                        _addresses(buf.addrs, used),
                         map(_READY.__getitem__, conds),
                         map(_SERVING.__getitem__, conds),
                         map(_TERMINATING.__getitem__, conds),
-                        map(names.__getitem__, st.node),
-                        map(names.__getitem__, st.zone),
+                        map(names.__getitem__, buf.node),
+                        map(names.__getitem__, buf.zone),
                         repeat(None),
                         repeat(None),
                         strict=False,
@@ -423,12 +484,12 @@ def _scan_many(raws: Sequence, lens: list[int], families: Sequence[int], size: i
             if used
             else []
         )
-    out: list[tuple[Endpoint, ...] | None] = []
-    at = 0
-    for n in counts:
-        if n > 0:
-            out.append(tuple(eps[at : at + n]))
-            at += n
-        else:
-            out.append(None if n < 0 else ())
-    return out
+        out: list[tuple[Endpoint, ...] | None] = []
+        at = 0
+        for n in self.counts:
+            if n > 0:
+                out.append(tuple(eps[at : at + n]))
+                at += n
+            else:
+                out.append(None if n < 0 else ())
+        return out
