@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from enum import Flag, StrEnum, auto
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -78,9 +78,10 @@ RULE_EXTERNAL = "etp"  # an external address reached from outside
 SELECT_LOCAL = "local"
 SELECT_CLUSTER = "cluster"
 
-# A port whose one selection is the ready endpoints of one slice, with no
-# topology, takes them straight from the slice (topology.ready_alone);
-# off, every port is merged and categorized (tests compare the two).
+# A port whose one selection is the ready endpoints of its slices, no
+# address twice and no topology, takes them straight from the slices
+# (topology.ready_alone); off, every port is merged and categorized
+# (tests compare the two).
 ONE_SLICE_DIRECT = True
 
 # Protocols the datapath rewrites today.
@@ -369,7 +370,8 @@ def plan_full(
     `merged_out`, also the merged endpoints by (address, port) of each
     (port, protocol, family) a frontend uses that has `keyed_from`
     endpoints or more, which the planner's per-port state adopts instead
-    of merging the slices again; with `versions`,
+    of merging the slices again (None for one read straight from its
+    slices: the state merges them when it is built); with `versions`,
     each frontend numbered from it (the planner's plan numbers: set here,
     not copied in afterwards). checked: the caller has found svc there
     and not ignored_reason'd."""
@@ -408,17 +410,27 @@ def plan_full(
             cat = cats.get(pk)
             limit = keyed_from if merged_out is not None else None
             # A port using no local set has one selection: in the usual
-            # case read straight from its slice (ONE_SLICE_DIRECT).
+            # case read straight from its slices (ONE_SLICE_DIRECT).
             direct = (
-                ready_alone(sp, slices, spec.family, limit)
+                ready_alone(sp, slices, spec.family)
                 if cat is None and ONE_SLICE_DIRECT and not policy.uses_local
                 else None
             )
             if direct is not None:
-                ready, port = direct
-                backends = tuple(zip(map(addr_of, ready), repeat(port), repeat(proto)))
+                ready, total = direct
+                if len(ready) == 1:
+                    alone, port = ready[0]
+                    backends = tuple(zip(map(addr_of, alone), repeat(port), repeat(proto)))
+                else:
+                    backends = tuple(
+                        chain.from_iterable(zip(map(addr_of, e), repeat(p), repeat(proto)) for e, p in ready)
+                    )
                 local.setdefault((sp.port, sp.protocol), False)
                 has_any = True
+                if limit is not None and total >= limit:
+                    # Large: the planner indexes it after the sync, its
+                    # merged endpoints made then (no seed made here).
+                    merged_out[pk] = None  # type: ignore[index]
             else:
                 if cat is None:
                     eps, keyed = merge_endpoints_for_plan(sp, slices, spec.family, limit)

@@ -366,7 +366,8 @@ class _Cached:
     # (port, protocol, family) -> its _PortState, built by index() or the first change
     ports: dict[tuple, _PortState] | None = None
     # (port, protocol, family) -> the full plan's merged endpoints, until _index adopts them
-    merged: dict[tuple, dict] | None = None
+    # (None: none made, _index merges that port's slices)
+    merged: dict[tuple, dict | None] | None = None
 
 
 # A Service with a port of at least this many merged endpoints (in one
@@ -416,7 +417,9 @@ class ServicePlanner:
     def index_pending(self) -> int:
         """Build the per-port state of the large Services (EAGER_INDEX_FROM)
         planned in full since the last call, which their next change needs
-        (less than planning them: the plan's merged endpoints are adopted).
+        (the plan's merged endpoints adopted where it made them; a port
+        read straight from its slices, topology.ready_alone, is merged
+        here, after the write, not in the sync).
         Called after a sync's maps are written, so a full sync programs the
         kernel first. Returns how many were built."""
         n = 0
@@ -518,7 +521,7 @@ class ServicePlanner:
         return fronts, c.notes
 
     def _full(self, owner, svc, slices, node_name, zone, node) -> tuple[list[Frontend], list[str]]:
-        merged: dict[tuple, dict] = {}
+        merged: dict[tuple, dict | None] = {}
         fronts, notes, meta, local = plan_full(
             svc, list(slices.values()), node_name, zone, node, merged, self._versions, EAGER_INDEX_FROM, checked=True
         )

@@ -93,26 +93,39 @@ def merge_endpoints_for_plan(
 
 
 def ready_alone(
-    sp: ServicePort, slices: list[EndpointSlice], address_type: str, limit: int | None = None
-) -> tuple[list[Endpoint], int] | None:
-    """categorize()'s cluster set of one service port and family, as its
-    endpoints and their port, when it is the usual one and no topology
-    applies: one slice gives the port endpoints of this family (fewer
-    than `limit`, if given), no address twice, some of them ready and no
-    ready one hinted. Read in C, without a PortEndpoint each (most
-    Services of a cluster); None otherwise (merge and categorize)."""
+    sp: ServicePort, slices: list[EndpointSlice], address_type: str
+) -> tuple[list[tuple[list[Endpoint], int]], int] | None:
+    """categorize()'s cluster set of one service port and family when it
+    is the usual one and no topology applies, as each slice's ready
+    endpoints with their port (slices by name), and how many endpoints
+    the port has in all: no (address, port) twice, some endpoint ready
+    and no ready one hinted. Read in C, without a PortEndpoint each (most
+    Services of a cluster, and one of 100,000 endpoints); None otherwise
+    (merge and categorize)."""
     parts = _parts(sp, slices, address_type)
-    if len(parts) != 1:
+    if not parts:
         return None
-    eps, port = parts[0]
-    if limit is not None and len(eps) >= limit:
+    ready = [(list(compress(eps, map(ready_of, eps))), port) for eps, port in parts]
+    if not any(eps for eps, _ in ready):
         return None
-    ready = list(compress(eps, map(ready_of, eps)))
-    if not ready or any(map(hint_zones_of, ready)) or any(map(hint_nodes_of, ready)):
-        return None
-    if len(set(map(addr_of, eps))) != len(eps):
-        return None
-    return ready, port
+    for eps, _ in ready:
+        if any(map(hint_zones_of, eps)) or any(map(hint_nodes_of, eps)):
+            return None
+    if len(parts) == 1:
+        alone = parts[0][0]
+        return (ready, len(alone)) if len(set(map(addr_of, alone))) == len(alone) else None
+    # No (address, port) twice: among the slices giving the port one
+    # number, no address twice.
+    by_port: dict[int, list[tuple[Endpoint, ...]]] = {}
+    for part, port in parts:
+        by_port.setdefault(port, []).append(part)
+    total = 0
+    for same in by_port.values():
+        n = sum(map(len, same))
+        if len(set(chain.from_iterable(map(addr_of, part) for part in same))) != n:
+            return None
+        total += n
+    return ready, total
 
 
 def merge_endpoints_keyed(

@@ -338,14 +338,15 @@ def test_touched_names_missing_one_added_compares_every_slice():
     assert {bk[0] for f in got for bk in f.backends} == {b.endpoints[0].addr}
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_ports_read_straight_from_one_slice_plan_as_merged(seed, monkeypatch):
-    """plan_full with a port's ready endpoints read straight from its one
-    slice (plan.ONE_SLICE_DIRECT) gives what merging and categorizing
+@pytest.mark.parametrize("seed", range(100))
+def test_ports_read_straight_from_their_slices_plan_as_merged(seed, monkeypatch):
+    """plan_full with a port's ready endpoints read straight from its
+    slices (plan.ONE_SLICE_DIRECT) gives what merging and categorizing
     give: frontends, backends in order, flags, plan numbers, the planner's
-    keys, local sets and merged endpoints, under every traffic policy,
-    with hints, nothing ready, an address twice, ports the slice lacks,
-    two families and two slices now and then."""
+    keys, local sets, and the ports it keeps merged endpoints of (or, read
+    straight, marks for the index to merge), under every traffic policy,
+    with hints, nothing ready, an address twice, ports a slice lacks, two
+    families and one to three slices."""
     rnd = random.Random(seed)
     pool = [f"198.18.0.{k}" for k in range(1, 12)]
     pool6 = [f"2001:db8::{k:x}" for k in range(1, 12)]
@@ -371,25 +372,33 @@ def test_ports_read_straight_from_one_slice_plan_as_merged(seed, monkeypatch):
             raw = service(ports=ports, **spec)
         svc = parse(raw)
         slices = []
-        for k in range(rnd.choice([1, 1, 1, 2])):
+        for k in range(rnd.choice([1, 1, 1, 2, 3])):
             family = rnd.choice(["IPv4", "IPv4", "IPv6"]) if spec else "IPv4"
             ips = rnd.sample(pool6 if family == "IPv6" else pool, rnd.randrange(0, 7))
+            if rnd.random() < 0.5:  # addresses of this slice alone
+                ips = [
+                    f"2001:db8:{k + 1}::{i:x}" if family == "IPv6" else f"198.18.{k + 1}.{i}"
+                    for i in range(1, len(ips) + 1)
+                ]
             if ips and rnd.random() < 0.2:
                 ips.append(ips[0])  # an address twice in one slice
-            sports = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+            sports = [{"name": "http", "port": rnd.choice([8080, 8080, 8081]), "protocol": "TCP"}]
             if rnd.random() < 0.5:
                 sports.append({"name": "dns", "port": 5353, "protocol": "UDP"})
             if rnd.random() < 0.1:
                 sports = [{"name": "other", "port": 9, "protocol": "TCP"}]
             raw_eps = [rand_endpoint(rnd, ip) for ip in ips]
-            if rnd.random() < 0.3:  # every endpoint hinted: topology may apply
+            if rnd.random() < 0.6:  # none hinted (rand_endpoint hints some)
+                for e in raw_eps:
+                    e.pop("hints", None)
+            elif rnd.random() < 0.6:  # every endpoint hinted: topology may apply
                 hint = rnd.choice(["forZones", "forNodes"])
                 for e in raw_eps:
                     e["hints"] = {hint: [{"name": rnd.choice(ZONES if hint == "forZones" else NODES)}]}
             slices.append(parse(endpoint_slice(f"web-{k}", endpoints=raw_eps, ports=sports, address_type=family)))
         node, zone = rnd.choice(NODES), rnd.choice(ZONES)
         keyed_from = rnd.choice([0, 3, 1000])
-        got = []
+        got, kept = [], []
         for direct in (True, False):
             monkeypatch.setattr(ctrl.model.plan, "ONE_SLICE_DIRECT", direct)
             merged: dict = {}
@@ -397,12 +406,10 @@ def test_ports_read_straight_from_one_slice_plan_as_merged(seed, monkeypatch):
                 svc, slices, node, zone, NODE_ADDRS, merged, iter(range(100)), keyed_from
             )
             got.append(
-                (
-                    [(f.key, f.name, list(f.backends), f.flags, f.version, f.group) for f in fronts],
-                    notes,
-                    meta,
-                    local,
-                    merged,
-                )
+                ([(f.key, f.name, list(f.backends), f.flags, f.version, f.group) for f in fronts], notes, meta, local)
             )
+            kept.append(merged)
         assert got[0] == got[1]
+        straight, general = kept
+        assert straight.keys() == general.keys()
+        assert all(straight[pk] is None or straight[pk] == general[pk] for pk in straight)
