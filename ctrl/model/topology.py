@@ -103,17 +103,20 @@ def ready_alone(
     Services of a cluster, and one of 100,000 endpoints); None otherwise
     (merge and categorize)."""
     parts = _parts(sp, slices, address_type)
+    if len(parts) == 1:  # most Services
+        alone, port = parts[0]
+        ready = list(compress(alone, map(ready_of, alone)))
+        if not ready or any(map(hint_zones_of, ready)) or any(map(hint_nodes_of, ready)):
+            return None
+        return ([(ready, port)], len(alone)) if len(set(map(addr_of, alone))) == len(alone) else None
     if not parts:
         return None
-    ready = [(list(compress(eps, map(ready_of, eps))), port) for eps, port in parts]
-    if not any(eps for eps, _ in ready):
+    each = [(list(compress(part, map(ready_of, part))), port) for part, port in parts]
+    if not any(ready for ready, _ in each):
         return None
-    for eps, _ in ready:
-        if any(map(hint_zones_of, eps)) or any(map(hint_nodes_of, eps)):
+    for ready, _ in each:
+        if any(map(hint_zones_of, ready)) or any(map(hint_nodes_of, ready)):
             return None
-    if len(parts) == 1:
-        alone = parts[0][0]
-        return (ready, len(alone)) if len(set(map(addr_of, alone))) == len(alone) else None
     # No (address, port) twice: among the slices giving the port one
     # number, no address twice.
     by_port: dict[int, list[tuple[Endpoint, ...]]] = {}
@@ -125,7 +128,7 @@ def ready_alone(
         if len(set(chain.from_iterable(map(addr_of, part) for part in same))) != n:
             return None
         total += n
-    return ready, total
+    return each, total
 
 
 def merge_endpoints_keyed(
