@@ -36,7 +36,12 @@ class BackendIds:
         their ids as self.ids held them now (None for the new ones), if
         the caller has them."""
         ids = self.ids
-        out = list(map(ids.get, bs)) if looked is None else looked
+        if looked is not None:
+            out = looked
+        elif ids:
+            out = list(map(ids.get, bs))
+        else:  # none known yet (a first sync)
+            out = [None] * len(bs)
         n_new = out.count(None)
         if not n_new:
             return out  # type: ignore[return-value]

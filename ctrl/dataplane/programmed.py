@@ -581,13 +581,15 @@ class Programmed:
             marks.append((owner, tuple(mark)))
             f0 = fronts[0]
             nb = len(f0.backends)
-            wanted = wanted_all[pos : pos + nb]
+            wanted = wanted_all[pos : pos + nb] if len(batch) > 1 else wanted_all
             pos += nb
+            before = seen
             if wanted:
                 seen = max(seen, max(wanted) + 1)
             tid = new_id()
-            # A new table's slots: its backends in order, each once.
-            sl = list(dict.fromkeys(wanted))
+            # A new table's slots: its backends in order, each once (as
+            # they are when each was given a new id).
+            sl = wanted if seen - before == nb else list(dict.fromkeys(wanted))
             t = SlotTable(tid, (owner, group), sl)
             slot_tables[tid] = t
             table_of[t.key] = t
