@@ -312,7 +312,7 @@ def _convert(s: _Slice, scanned: tuple[Endpoint, ...] | None = None) -> Endpoint
     if service_name is not None and not is_label(service_name):
         raise _Unclean
     atype = s.address_type
-    ports = _slice_ports(s.ports)
+    ports = _ports(_SLICE_PORTS, s.ports, _new_slice_ports)
     family: int
     if atype == "IPv4":
         family, prefix = socket.AF_INET, V4_PREFIX
@@ -522,7 +522,7 @@ def _convert_service(s: _Svc) -> Service:
     if stype not in _SERVICE_TYPES:
         raise _Unclean
     cluster_ips = service_cluster_ips(spec.cluster_ip, spec.cluster_ips or [], "")
-    ports = _service_ports(spec.ports)
+    ports = _ports(_SERVICE_PORTS, spec.ports, _new_service_ports)
     affinity = spec.session_affinity or "None"
     if affinity not in _AFFINITIES:
         raise _Unclean
@@ -586,14 +586,22 @@ _SLICE_PORTS: dict[tuple[_Port, ...], tuple[SlicePort, ...]] = {}
 _PORTS_MAX = 4096
 
 
-def _service_ports(raw: list[_SvcPort] | None) -> tuple[ServicePort, ...]:
+R = TypeVar("R")
+P = TypeVar("P")
+
+
+def _ports(
+    cache: dict[tuple[R, ...], tuple[P, ...]], raw: list[R] | None, make: Callable[[tuple[R, ...]], tuple[P, ...]]
+) -> tuple[P, ...]:
+    """The ports `make` makes of the decoded list `raw`, made once per
+    distinct list (cache: the lists made so far)."""
     key = tuple(raw) if raw else ()
-    ports = _SERVICE_PORTS.get(key)
+    ports = cache.get(key)
     if ports is None:
-        ports = _new_service_ports(key)
-        if len(_SERVICE_PORTS) >= _PORTS_MAX:
-            _SERVICE_PORTS.clear()
-        _SERVICE_PORTS[key] = ports
+        ports = make(key)  # _Unclean: nothing kept
+        if len(cache) >= _PORTS_MAX:
+            cache.clear()
+        cache[key] = ports
     return ports
 
 
@@ -616,17 +624,6 @@ def _new_service_ports(raw: tuple[_SvcPort, ...]) -> tuple[ServicePort, ...]:
         seen.add((port, proto))
         ports.append(ServicePort(pname, port, proto, target_port(p.target_port, port, "", ""), node_port))
     return tuple(ports)
-
-
-def _slice_ports(raw: list[_Port] | None) -> tuple[SlicePort, ...]:
-    key = tuple(raw) if raw else ()
-    ports = _SLICE_PORTS.get(key)
-    if ports is None:
-        ports = _new_slice_ports(key)
-        if len(_SLICE_PORTS) >= _PORTS_MAX:
-            _SLICE_PORTS.clear()
-        _SLICE_PORTS[key] = ports
-    return ports
 
 
 def _new_slice_ports(raw: tuple[_Port, ...]) -> tuple[SlicePort, ...]:
