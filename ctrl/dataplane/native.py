@@ -397,14 +397,25 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
         call = _Call(raws, lens, families, cuts[0], st.bufs[0])
         if len(cuts) == 1:
             return call.made(st.names, call.run(lib))
-        threaded = call.start(lib)
-        for k in range(len(cuts)):
-            used = lib.sp_scan_wait() if threaded else call.run(lib)
-            done = call
-            if k + 1 < len(cuts):
-                call = _Call(raws, lens, families, cuts[k + 1], st.bufs[(k + 1) % 2])
-                threaded = call.start(lib)
-            out += done.made(st.names, used)
+        threaded = pending = call.start(lib)
+        try:
+            for k in range(len(cuts)):
+                used = lib.sp_scan_wait() if threaded else call.run(lib)
+                pending = False
+                done = call
+                if k + 1 < len(cuts):
+                    call = _Call(raws, lens, families, cuts[k + 1], st.bufs[(k + 1) % 2])
+                    threaded = pending = call.start(lib)
+                out += done.made(st.names, used)
+        except BaseException:
+            # The call on the C's thread finishes before its buffers go,
+            # and the names it numbered, never added here, are forgotten
+            # with all the others (numbered again as they come).
+            if pending:
+                lib.sp_scan_wait()
+            lib.sp_names_reset()
+            st.names = [None]
+            raise
     return out
 
 

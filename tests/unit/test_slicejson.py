@@ -550,3 +550,35 @@ def test_the_scan_and_msgspec_agree_on_mutated_endpoints(seed):
         scanned = decode_page(body)
         slicejson.use_endpoint_scan(None)
         assert scanned == decode_page(body), bytes(text)
+
+
+def test_a_scan_stopped_midway_leaves_the_next_one_right(monkeypatch):
+    """An error while one call's Endpoints are made, with the next call on
+    the C's thread: that call is waited for, the names forgotten, and the
+    next scan (its names new again) reads as a scan alone does."""
+    monkeypatch.setattr(native, "SCAN_BYTES", 200)
+    texts = [
+        json.dumps(
+            [{"addresses": [f"198.18.{k}.{j}"], "nodeName": f"node-{k}-{j}", "zone": f"zone-{j}"} for j in range(1, 4)]
+        ).encode()
+        for k in range(12)
+    ]
+    fams = [socket.AF_INET] * len(texts)
+    made = native._Call.made
+    calls = []
+
+    def failing(self, names, used):
+        calls.append(used)
+        if len(calls) == 3:
+            raise MemoryError("made to fail")
+        return made(self, names, used)
+
+    monkeypatch.setattr(native._Call, "made", failing)
+    with pytest.raises(MemoryError):
+        native.scan_endpoints([msgspec.Raw(t) for t in texts], fams)
+    monkeypatch.setattr(native._Call, "made", made)
+    assert native._scan.names == [None]  # forgotten, in C too
+    together = native.scan_endpoints([msgspec.Raw(t) for t in texts], fams)
+    alone = [scan_of(t, "IPv4") for t in texts]
+    assert together == alone and all(alone)
+    assert [e.node_name for e in together[5]] == [f"node-5-{j}" for j in range(1, 4)]
