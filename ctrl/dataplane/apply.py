@@ -344,7 +344,7 @@ class Writer:
             n = purge_udp_flows(self.maps[mn("sp_ct")], removed)
             if n:
                 log.debug("removed %d conntrack entries of UDP flows to removed backends", n)
-        gone = {(b[0], b[1]) for f, b in removed if f[2] == socket.IPPROTO_UDP}
+        gone = {(b[0], b[1]) for _, b in removed}  # UDP frontends' only (ChangeSet.removed)
         if gone and self.destroy_host_udp:
             try:
                 n = sockdiag.destroy_udp(gone)

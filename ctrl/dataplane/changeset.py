@@ -151,8 +151,9 @@ class ChangeSet:
     mgl_del: list[tuple[int, int]] = field(default_factory=list)
     be_del: list[int] = field(default_factory=list)
     name_del: list[int] = field(default_factory=list)
-    # Backends that stopped serving some frontend: (frontend, backend) pairs
-    # whose conntrack entries may be purged.
+    # Backends that stopped serving some UDP frontend: (frontend, backend)
+    # pairs whose conntrack entries and connected host sockets are purged
+    # after the write (a TCP frontend's flows drain: none are listed).
     removed: list[tuple[FKey, Backend]] = field(default_factory=list)
     services: set[str] = field(default_factory=set)  # owners that changed
     # Owners not programmed (their previous entries kept), and why: a map

@@ -18,6 +18,7 @@ the mirror records them.
 from __future__ import annotations
 
 import logging
+import socket
 from array import array
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -99,6 +100,9 @@ def name_capacity() -> int:
 
 # _fresh_group's answer for an owner the general path takes.
 _GENERAL = object()
+
+# The protocol whose flows to a backend that left are purged (ChangeSet.removed).
+_UDP = socket.IPPROTO_UDP
 
 
 class _Room:
@@ -864,10 +868,11 @@ class Programmed:
                 self.by_owner[cur.owner].discard(key)
             old = cur.table
             if old is not t:
-                backends = self.bids.backends
-                gone = set(old.slots).difference(t.slots)
-                gone.discard(None)  # type: ignore[arg-type]
-                cs.removed.extend((key, backends[b]) for b in gone)
+                if key[2] == _UDP:
+                    backends = self.bids.backends
+                    gone = set(old.slots).difference(t.slots)
+                    gone.discard(None)  # type: ignore[arg-type]
+                    cs.removed.extend((key, backends[b]) for b in gone)
                 cur.table = t
                 t.users.add(key)
                 self._leave(key, old, cs)
@@ -915,12 +920,13 @@ class Programmed:
         purged after the write, and each starts draining once no table
         uses it (end of sync)."""
         refs = self.bids.refs
-        bes = list(map(self.bids.backends.__getitem__, bids))
-        users = t.users
-        if len(users) == 1:
-            cs.removed.extend(zip(repeat(next(iter(users))), bes))
-        elif users:
-            cs.removed.extend([(key, be) for be in bes for key in users])
+        users = [key for key in t.users if key[2] == _UDP]
+        if users:
+            bes = list(map(self.bids.backends.__getitem__, bids))
+            if len(users) == 1:
+                cs.removed.extend(zip(repeat(users[0]), bes))
+            else:
+                cs.removed.extend([(key, be) for be in bes for key in users])
         for b in bids:
             refs[b] -= 1
         self._unused.update(bids)
@@ -997,6 +1003,7 @@ class Programmed:
         cs.src_del.extend((st.svc_id, a, n) for a, n in st.ranges)
         self.range_count -= len(st.ranges)
         cs.services.add(st.owner)
-        backends = self.bids.backends
-        cs.removed.extend((key, backends[b]) for b in set(st.slots) if b is not None)
+        if key[2] == _UDP:
+            backends = self.bids.backends
+            cs.removed.extend((key, backends[b]) for b in set(st.slots) if b is not None)
         self._leave(key, st.table, cs)

@@ -108,8 +108,9 @@ class IdSet:
         if s is None:
             raise RuntimeError("a moved IdSet has no ids")
         plus = frozenset(added)  # an id both removed and added stays
-        gone = frozenset(r for r in removed if r in s and r not in plus)
-        new = frozenset(a for a in plus if a not in s)
+        # Set operations in C (the smaller side iterated), no loop here.
+        gone = frozenset(removed).intersection(s).difference(plus)
+        new = plus.difference(s)
         s.difference_update(gone)
         s.update(new)
         self._ids = None

@@ -66,7 +66,24 @@ def test_removing_one_backend_of_100_touches_few_entries():
     cs = p.sync({"default/web": [front(*range(2, 101))]})
     assert len(cs.slot_upd) <= 1 and len(cs.slot_del) == 1 and len(cs.be_del) == 1
     assert cs.svc_upd[0][1][1] == 99
-    assert cs.removed == [((VIP, 80, TCP, INT), be(1))]
+    assert cs.removed == []  # TCP: its flows drain, nothing to purge
+
+
+def test_a_backend_that_leaves_a_udp_frontend_is_listed_for_the_purge():
+    udp = socket.IPPROTO_UDP
+    key = (VIP, 53, udp, INT)
+
+    def dns(*nums):
+        backends = tuple((addr16(f"198.18.1.{i}"), 53, udp) for i in nums)
+        return Frontend(VIP, 53, udp, INT, "default/dns:dns/UDP", backends)
+
+    p = Programmed()
+    p.sync({"default/dns": [dns(1, 2, 3)], "default/web": [front(1, 2, 3)]})
+    cs = p.sync({"default/dns": [dns(1, 3)], "default/web": [front(1, 3)]})
+    assert cs.removed == [(key, (addr16("198.18.1.2"), 53, udp))]
+    # The frontend gone: each backend it had.
+    cs = p.sync({"default/dns": [], "default/web": [front(1, 3)]})
+    assert sorted(cs.removed) == [(key, (addr16(f"198.18.1.{i}"), 53, udp)) for i in (1, 3)]
 
 
 def test_ids_stable_across_changes_and_other_services():

@@ -10,17 +10,19 @@ from ctrl.dataplane.programmed import Programmed
 from ctrl.model.plan import Frontend, Scope
 from ctrl.util.addrs import addr16
 
-TCP = socket.IPPROTO_TCP
+# UDP: a backend that leaves a frontend's table is listed for the purge of
+# its flows (ChangeSet.removed); slot tables are the same for TCP.
+UDP = socket.IPPROTO_UDP
 VIP = addr16("198.19.0.10")
 NODE1, NODE2 = addr16("198.18.0.2"), addr16("198.18.0.3")
 INT, EXT = Scope.INTERNAL, Scope.EXTERNAL
-NAME = "default/web:http/TCP"
+NAME = "default/web:dns/UDP"
 OWNER = "default/web"
-CIP, NP1, NP2 = (VIP, 80, TCP, INT), (NODE1, 30080, TCP, EXT), (NODE2, 30080, TCP, EXT)
+CIP, NP1, NP2 = (VIP, 80, UDP, INT), (NODE1, 30080, UDP, EXT), (NODE2, 30080, UDP, EXT)
 
 
 def be(i):
-    return (addr16(f"198.18.1.{i}"), 8080, TCP)
+    return (addr16(f"198.18.1.{i}"), 8080, UDP)
 
 
 def fronts(nums, group=("cluster",), np_nums=None, np_group=None, **plan):
@@ -30,9 +32,9 @@ def fronts(nums, group=("cluster",), np_nums=None, np_group=None, **plan):
     nps = bs if np_nums is None else tuple(be(i) for i in np_nums)
     npg = group if np_group is None else np_group
     return [
-        Frontend(VIP, 80, TCP, INT, NAME, bs, group=group, **plan),
-        Frontend(NODE1, 30080, TCP, EXT, NAME, nps, group=npg, **plan),
-        Frontend(NODE2, 30080, TCP, EXT, NAME, nps, group=npg, **plan),
+        Frontend(VIP, 80, UDP, INT, NAME, bs, group=group, **plan),
+        Frontend(NODE1, 30080, UDP, EXT, NAME, nps, group=npg, **plan),
+        Frontend(NODE2, 30080, UDP, EXT, NAME, nps, group=npg, **plan),
     ]
 
 
@@ -136,6 +138,6 @@ def test_per_frontend_tables_of_layout_3_merge_at_the_first_sync():
     assert len(q.sync({OWNER: fronts([1, 2])})) == 0
     # The ids stay apart from every id read back, tables' included.
     cs = q.sync(
-        {OWNER: fronts([1, 2]), "default/other": [Frontend(VIP, 81, TCP, INT, "default/other:x/TCP", (be(1),))]}
+        {OWNER: fronts([1, 2]), "default/other": [Frontend(VIP, 81, UDP, INT, "default/other:x/UDP", (be(1),))]}
     )
     assert min(tids(cs)) > 9
