@@ -120,6 +120,9 @@ def perms(recs: bytes | bytearray, stride: int, m: int) -> array[int]:
     return out
 
 
+_ZERO = (0,)
+
+
 def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
     """The table (ids[i] of the backend claiming each of the m entries) of
     backends with these packed permutations (pack), in turn order, as
@@ -133,8 +136,8 @@ def fill(perms: Sequence[int], ids: Sequence[int], m: int) -> array[int]:
         positions = maglev.fill([(p & 0xFFFFFFFF, p >> 32) for p in perms], m)
         return array("I", [ids[i] for i in positions])
     p = perms if isinstance(perms, array) and perms.typecode == U64 else array(U64, perms)
-    i = array("I", ids)
-    out = array("I", bytes(4 * m))
+    i = ids if isinstance(ids, array) and ids.typecode == "I" else array("I", ids)
+    out = array("I", _ZERO) * m  # the C writes every entry
     rc = lib.sp_maglev_fill(
         ffi.from_buffer("uint64_t[]", p), ffi.from_buffer("uint32_t[]", i), n, m, ffi.from_buffer("uint32_t[]", out)
     )

@@ -30,7 +30,23 @@ def packed(idents: list[bytes], m: int) -> list[int]:
 
 @pytest.mark.parametrize(
     "n,m",
-    [(1, M), (2, M), (3, maglev.MIN_SIZE), (100, M), (1000, maglev.MIN_SIZE), (M, M), (M + 500, M), (3000, 1021)],
+    [
+        (1, M),
+        (2, M),
+        (3, maglev.MIN_SIZE),
+        (100, M),
+        (1000, maglev.MIN_SIZE),
+        (M, M),
+        (M + 500, M),
+        (3000, 1021),
+        # Tables shorter than the four entries a walk's first read takes
+        # (it wraps around), and a few entries more.
+        (2, 2),
+        (3, 3),
+        (2, 5),
+        (5, 7),
+        (9, 7),
+    ],
 )
 def test_the_same_table_as_the_reference(n, m):
     rnd = random.Random(n * 7 + m)
