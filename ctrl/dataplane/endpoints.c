@@ -209,6 +209,8 @@ static struct {
 	uint32_t mask;
 } names;
 
+static void kinds_reset(void);
+
 void sp_names_reset(void)
 {
 	free(names.arena);
@@ -216,6 +218,7 @@ void sp_names_reset(void)
 	free(names.len);
 	free(names.slots);
 	memset(&names, 0, sizeof(names));
+	kinds_reset();
 }
 
 static uint32_t name_hash(const uint8_t *str, uint32_t len)
@@ -275,13 +278,100 @@ static int names_room(uint32_t len)
 	return 0;
 }
 
+/* An endpoint's kind: its conditions and its node's and zone's numbers,
+ * the fields besides its address that the caller makes its Endpoint of
+ * (native.py keeps one Endpoint's worth of them per kind, in the kinds'
+ * order: a row names its kind, and its Endpoint is its address and that).
+ * A cluster has a few per node. Numbered like the names (and forgotten
+ * with them, whose numbers a kind holds). */
+static struct {
+	uint64_t *key; /* per kind number: kind_key */
+	uint32_t n, cap;
+	uint32_t *slots; /* open addressing: number + 1, 0 free */
+	uint32_t mask;
+} kinds;
+
+static void kinds_reset(void)
+{
+	free(kinds.key);
+	free(kinds.slots);
+	memset(&kinds, 0, sizeof(kinds));
+}
+
+/* Conditions (3 bits), node number (30 bits), zone number: as native.py
+ * reads a fresh kind. */
+static uint64_t kind_key(uint8_t cond, uint32_t node, uint32_t zone)
+{
+	return (uint64_t)cond | (uint64_t)node << 3 | (uint64_t)zone << 33;
+}
+
+static uint32_t kind_hash(uint64_t key)
+{
+	return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32);
+}
+
+/* Room for one more kind: 0, or -1 (out of memory). */
+static int kinds_room(void)
+{
+	uint32_t i, k, size;
+	void *p;
+
+	if (kinds.n == kinds.cap) {
+		uint32_t cap = kinds.cap ? 2 * kinds.cap : 256;
+
+		p = realloc(kinds.key, cap * sizeof(uint64_t));
+		if (!p)
+			return -1;
+		kinds.key = p;
+		kinds.cap = cap;
+	}
+	if (2 * (kinds.n + 1) > kinds.mask + 1 || !kinds.slots) {
+		size = kinds.slots ? 2 * (kinds.mask + 1) : 512;
+		p = calloc(size, sizeof(uint32_t));
+		if (!p)
+			return -1;
+		free(kinds.slots);
+		kinds.slots = p;
+		kinds.mask = size - 1;
+		for (k = 0; k < kinds.n; k++) {
+			for (i = kind_hash(kinds.key[k]) & kinds.mask; kinds.slots[i]; i = (i + 1) & kinds.mask)
+				;
+			kinds.slots[i] = k + 1;
+		}
+	}
+	return 0;
+}
+
 /* Where a scan writes: the slice being read (seg, its JSON at js), and
- * the names numbered so far in the call. */
+ * the names and kinds numbered so far in the call. */
 struct rows {
 	const uint8_t *js;
 	uint32_t seg;
 	uint32_t *fresh, nfresh, max_fresh;
+	uint64_t *fkinds;
+	uint32_t nfkinds, max_fkinds;
 };
+
+/* The kind's number (from 0), given one when new (its key then appended
+ * to r's fkinds); UINT32_MAX when out of memory or room. */
+static uint32_t kind_of(struct rows *r, uint64_t key)
+{
+	uint32_t i, k;
+
+	if (kinds.slots) {
+		for (i = kind_hash(key) & kinds.mask; (k = kinds.slots[i]); i = (i + 1) & kinds.mask)
+			if (kinds.key[k - 1] == key)
+				return k - 1;
+	}
+	if (r->nfkinds == r->max_fkinds || kinds_room())
+		return UINT32_MAX;
+	for (i = kind_hash(key) & kinds.mask; kinds.slots[i]; i = (i + 1) & kinds.mask)
+		;
+	kinds.key[kinds.n] = key;
+	kinds.slots[i] = ++kinds.n;
+	r->fkinds[r->nfkinds++] = key;
+	return kinds.n - 1;
+}
 
 /* The name's number (from 1), given one when new; its place, when new,
  * appended to r's fresh ((slice, offset in its JSON, length) triples,
@@ -458,28 +548,31 @@ static int take_endpoint_field(struct scan *s, int i, void *ctx)
 	}
 }
 
-/* One endpoint object into its row: it must have addresses. */
-static int endpoint(struct scan *s, int family, struct rows *r, uint8_t *addr, uint8_t *cond, uint32_t *node,
-		    uint32_t *zone)
+/* One endpoint object into its row (its address, its kind's number): it
+ * must have addresses. */
+static int endpoint(struct scan *s, int family, struct rows *r, uint8_t *addr, uint32_t *kind)
 {
-	struct endpoint e = { family, 0, r, addr, cond, node, zone };
+	uint8_t cond = 3; /* no conditions: ready and serving */
+	uint32_t node = 0, zone = 0;
+	struct endpoint e = { family, 0, r, addr, &cond, &node, &zone };
 
-	*cond = 3; /* no conditions: ready and serving */
-	*node = *zone = 0;
-	if (object(s, endpoint_fields, 5, take_endpoint_field, &e))
+	if (object(s, endpoint_fields, 5, take_endpoint_field, &e) || !e.has_addresses)
 		return -1;
-	return e.has_addresses ? 0 : -1;
+	*kind = kind_of(r, kind_key(cond, node, zone));
+	return *kind == UINT32_MAX ? -1 : 0;
 }
 
-/* Where a scan writes: cap rows of addrs (16 bytes each), conds (bits as
- * in conditions()), node and zone (a name's number, 0 for null or
- * absent); fresh gets the names numbered in a call, in their order, as
- * (slice, offset in its JSON, length), nfresh of them (room for 2 * cap). */
+/* Where a scan writes: cap rows of addrs (16 bytes each) and kind (its
+ * kind's number: conditions, bits as in conditions(), and node and zone,
+ * a name's number, 0 for null or absent); fresh gets the names numbered
+ * in a call, in their order, as (slice, offset in its JSON, length),
+ * nfresh of them (room for 2 * cap), and fkinds the kinds numbered in
+ * the call, in their order (kind_key), nfkinds of them (room for cap). */
 struct sp_scan_rows {
 	uint8_t *addrs;
-	uint8_t *conds;
-	uint32_t *node, *zone, *fresh;
-	uint32_t cap, nfresh;
+	uint32_t *kind, *fresh;
+	uint64_t *fkinds;
+	uint32_t cap, nfresh, nfkinds;
 };
 
 /* One slice's endpoints array, s over its JSON (null or an array of
@@ -505,8 +598,7 @@ static int64_t slice_endpoints(struct scan *s, int family, struct sp_scan_rows *
 		do {
 			if (n == cap)
 				return -1;
-			if (endpoint(s, family, r, rows->addrs + (size_t)16 * n, rows->conds + n, rows->node + n,
-				     rows->zone + n))
+			if (endpoint(s, family, r, rows->addrs + (size_t)16 * n, rows->kind + n))
 				return -1;
 			n++;
 		} while (eat(s, ','));
@@ -523,12 +615,12 @@ static int64_t slice_endpoints(struct scan *s, int family, struct sp_scan_rows *
  * bytes) of address family families[i] (as above). Its rows follow the
  * rows of the slices before it that were taken; counts[i] is set to its
  * number of rows, or -1 when it is not taken (its rows are then the next
- * slice's). nfresh is set whatever the results: the caller keeps every
- * name numbered. Returns the rows written. */
+ * slice's). nfresh and nfkinds are set whatever the results: the caller
+ * keeps every name and kind numbered. Returns the rows written. */
 uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
 			   struct sp_scan_rows *rows, int32_t *counts)
 {
-	struct rows r = { NULL, 0, rows->fresh, 0, 2 * rows->cap };
+	struct rows r = { NULL, 0, rows->fresh, 0, 2 * rows->cap, rows->fkinds, 0, rows->cap };
 	uint32_t used = 0;
 
 	for (uint32_t i = 0; i < nseg; i++) {
@@ -543,6 +635,7 @@ uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uin
 			used += (uint32_t)n;
 	}
 	rows->nfresh = r.nfresh;
+	rows->nfkinds = r.nfkinds;
 	return used;
 }
 

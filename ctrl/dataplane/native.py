@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from heapq import heapify, heappop
 from itertools import repeat
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ void sp_heap_grow(uint8_t *h, uint32_t n0, uint32_t n);
 uint32_t sp_heap_take(uint8_t *h, uint32_t n, uint32_t k, uint8_t *out);
 struct sp_scan_rows {
     uint8_t *addrs;
-    uint8_t *conds;
-    uint32_t *node, *zone, *fresh;
-    uint32_t cap, nfresh;
+    uint32_t *kind, *fresh;
+    uint64_t *fkinds;
+    uint32_t cap, nfresh, nfkinds;
 };
 uint32_t sp_endpoints_scan(const uint8_t *const *segs, const uint32_t *lens, uint32_t nseg, const int32_t *families,
                            struct sp_scan_rows *rows, int32_t *counts);
@@ -281,6 +282,8 @@ _ENDPOINT_MIN = 16
 # Node and zone names numbered (the C's table): past this many, it starts
 # over (a cluster has thousands of nodes at most).
 NAMES_MAX = 1 << 16
+# Kinds numbered (a few per node): past this many, names and kinds start over.
+KINDS_MAX = 1 << 18
 
 
 class _Rows:
@@ -291,43 +294,46 @@ class _Rows:
         self.cap = 0
 
     def grow(self, cap: int) -> None:
-        self.addrs, self.conds = bytearray(16 * cap), bytearray(cap)
-        self.node, self.zone = array("I", bytes(4 * cap)), array("I", bytes(4 * cap))
+        self.addrs, self.kind = bytearray(16 * cap), array("I", bytes(4 * cap))
         self.fresh = array("I", bytes(24 * cap))  # 2 * cap names, 3 numbers each
+        self.fkinds = array(U64, bytes(8 * cap))
         fb = ffi.from_buffer
         # The cdata the rows point into, kept alive as long as they are.
         self.held = (
             fb("uint8_t[]", self.addrs),
-            fb("uint8_t[]", self.conds),
-            fb("uint32_t[]", self.node),
-            fb("uint32_t[]", self.zone),
+            fb("uint32_t[]", self.kind),
             fb("uint32_t[]", self.fresh),
+            fb("uint64_t[]", self.fkinds),
         )
         r = self.rows
-        r.addrs, r.conds, r.node, r.zone, r.fresh = self.held
+        r.addrs, r.kind, r.fresh, r.fkinds = self.held
         r.cap = self.cap = cap
 
 
 class _Scan:
     """The scan's state: two sets of rows (a call's Endpoints are made
     from one while the next call writes the other), used under the lock,
-    and the names the C has numbered, in their order (names[k] is number
-    k; names[0] None)."""
+    the names the C has numbered, in their order (names[k] is number k;
+    names[0] None), and the kinds it has numbered: kinds[k] is kind k's
+    fields of an Endpoint after its address."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.names: list[str | None] = [None]
         self.bufs = (_Rows(), _Rows())
+        self.forget()
+
+    def forget(self) -> None:
+        """The names and kinds forgotten (the C's after sp_names_reset)."""
+        self.names: list[str | None] = [None]
+        self.kinds: list[tuple] = []
 
 
 _scan = _Scan()
 
 
-# Per condition byte of the scan (bit 0 ready, 1 serving, 2 terminating):
-# each field as an Endpoint holds it.
-_READY = tuple(bool(c & 1) for c in range(8))
-_SERVING = tuple(bool(c & 2) for c in range(8))
-_TERMINATING = tuple(bool(c & 4) for c in range(8))
+# A kind's key (endpoints.c, kind_key): its conditions (bit 0 ready, 1
+# serving, 2 terminating), its node's number, its zone's.
+_COND_MASK, _NODE_SHIFT, _NODE_MASK, _ZONE_SHIFT = 7, 3, (1 << 30) - 1, 33
 # n -> unpack_from of n addresses of 16 bytes, for n up to _SPLIT_MAX
 # (more are split _SPLIT_MAX at a time).
 _SPLIT: dict[int, Callable] = {}
@@ -392,14 +398,14 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
     out: list[tuple[Endpoint, ...] | None] = []
     st = _scan
     with st.lock:
-        if len(st.names) > NAMES_MAX:
+        if len(st.names) > NAMES_MAX or len(st.kinds) > KINDS_MAX:
             lib.sp_names_reset()
-            st.names = [None]
+            st.forget()
         if not cuts:
             return out
         call = _Call(raws, lens, families, cuts[0], st.bufs[0])
         if len(cuts) == 1:
-            return call.made(st.names, call.run(lib))
+            return call.made(st, call.run(lib))
         threaded = pending = call.start(lib)
         try:
             for k in range(len(cuts)):
@@ -409,7 +415,7 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
                 if k + 1 < len(cuts):
                     call = _Call(raws, lens, families, cuts[k + 1], st.bufs[(k + 1) % 2])
                     threaded = pending = call.start(lib)
-                out += done.made(st.names, used)
+                out += done.made(st, used)
         except BaseException:
             # The call on the C's thread finishes before its buffers go,
             # and the names it numbered, never added here, are forgotten
@@ -417,7 +423,7 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
             if pending:
                 lib.sp_scan_wait()
             lib.sp_names_reset()
-            st.names = [None]
+            st.forget()
             raise
     return out
 
@@ -463,11 +469,13 @@ class _Call:
         rows); False when it could not be (run it here then)."""
         return self.args is not None and lib.sp_scan_start(*self.args) == 0
 
-    def made(self, names: list[str | None], used: int) -> list[tuple[Endpoint, ...] | None]:
+    def made(self, st: _Scan, used: int) -> list[tuple[Endpoint, ...] | None]:
         """Each slice's Endpoints (None: not taken), from the rows the call
-        wrote; the names it numbered first added to `names`."""
+        wrote; the names and kinds it numbered first added to st's."""
         buf = self.buf
-        fresh = buf.rows.nfresh
+        rows = buf.rows
+        names, kinds = st.names, st.kinds
+        fresh = rows.nfresh
         if fresh:
             f = buf.fresh
             raws = self.raws
@@ -475,24 +483,27 @@ class _Call:
             for k in range(fresh):
                 seg, at, n = f[3 * k : 3 * k + 3]
                 names.append(intern(str(memoryview(raws[seg])[at : at + n], "ascii")))
-        conds = buf.conds
-        # zip stops at the used addresses, before reading past the others'.
+        for key in buf.fkinds[: rows.nfkinds]:
+            c = key & _COND_MASK
+            kinds.append(
+                (
+                    bool(c & 1),
+                    bool(c & 2),
+                    bool(c & 4),
+                    names[key >> _NODE_SHIFT & _NODE_MASK],
+                    names[key >> _ZONE_SHIFT],
+                    None,  # hints: the scan takes none
+                    None,
+                )
+            )
+        # An Endpoint is its address and its kind's fields: one tuple
+        # added to the other, in C (map); map stops at the used rows.
         eps = (
             list(
                 map(
                     tuple.__new__,
                     repeat(Endpoint),
-                    zip(
-                        _addresses(buf.addrs, used),
-                        map(_READY.__getitem__, conds),
-                        map(_SERVING.__getitem__, conds),
-                        map(_TERMINATING.__getitem__, conds),
-                        map(names.__getitem__, buf.node),
-                        map(names.__getitem__, buf.zone),
-                        repeat(None),
-                        repeat(None),
-                        strict=False,
-                    ),
+                    map(add, zip(_addresses(buf.addrs, used), strict=True), map(kinds.__getitem__, buf.kind)),
                 )
             )
             if used

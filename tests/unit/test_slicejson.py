@@ -520,6 +520,45 @@ def test_the_scan_numbers_names_once_for_the_process(monkeypatch):
     assert [e.node_name for e in again] == ["node-0", None]
 
 
+def test_endpoints_of_one_kind_share_its_fields_and_kinds_start_over(monkeypatch):
+    """An endpoint's conditions, node and zone are its kind (numbered
+    once, like the names): endpoints of one kind, in one slice or in
+    later scans, read the same; one that differs in any of them is
+    another kind; past KINDS_MAX, names and kinds start over; a scan
+    that fails after numbering a kind still hands it over."""
+    monkeypatch.setattr(native, "KINDS_MAX", 4)
+    with native._scan.lock:  # from none, whatever scans came before
+        native.library().sp_names_reset()
+        native._scan.forget()
+
+    def ep(k, ready=True, terminating=False, node="node-a", zone="zone-1"):
+        conditions = {"ready": ready, "serving": ready or terminating, "terminating": terminating}
+        return {"addresses": [f"198.18.0.{k}"], "conditions": conditions, "nodeName": node, "zone": zone}
+
+    for r in range(3):
+        # Each round's nodes new: seven kinds, each twice.
+        variants = [
+            {"node": f"node-a{r}"},
+            {"node": f"node-a{r}", "ready": False},
+            {"node": f"node-a{r}", "ready": False, "terminating": True},
+            {"node": f"node-b{r}"},
+            {"node": f"node-a{r}", "zone": "zone-2"},
+            {"node": None},
+            {"node": f"node-a{r}", "zone": None},
+        ]
+        eps = [ep(k + 1, **variants[(k + r) % len(variants)]) for k in range(2 * len(variants))]
+        got = scan_of(eps)
+        slicejson.use_endpoint_scan(None)
+        (want,) = decode_page(with_endpoints(json.dumps(eps).encode())).items
+        slicejson.use_endpoint_scan(native.scan_endpoints)
+        assert got == want.endpoints and len(got) == len(eps)
+        # Started over after the round before (past KINDS_MAX): its own only.
+        assert len(native._scan.kinds) == len(variants)
+    assert scan_of([ep(1, node="node-c"), {"addresses": ["bad"]}]) is None
+    again = scan_of([ep(2, node="node-c")])
+    assert [(e.node_name, e.ready) for e in again] == [("node-c", True)]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_scan_and_msgspec_agree_on_mutated_endpoints(seed):
     """Endpoints' JSON with one byte changed, put in, or taken out (most
@@ -567,17 +606,17 @@ def test_a_scan_stopped_midway_leaves_the_next_one_right(monkeypatch):
     made = native._Call.made
     calls = []
 
-    def failing(self, names, used):
+    def failing(self, st, used):
         calls.append(used)
         if len(calls) == 3:
             raise MemoryError("made to fail")
-        return made(self, names, used)
+        return made(self, st, used)
 
     monkeypatch.setattr(native._Call, "made", failing)
     with pytest.raises(MemoryError):
         native.scan_endpoints([msgspec.Raw(t) for t in texts], fams)
     monkeypatch.setattr(native._Call, "made", made)
-    assert native._scan.names == [None]  # forgotten, in C too
+    assert native._scan.names == [None] and native._scan.kinds == []  # forgotten, in C too
     together = native.scan_endpoints([msgspec.Raw(t) for t in texts], fams)
     alone = [scan_of(t, "IPv4") for t in texts]
     assert together == alone and all(alone)
