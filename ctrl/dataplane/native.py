@@ -374,8 +374,10 @@ def scan_endpoints(raws: Sequence, families: Sequence[int]) -> list[tuple[Endpoi
     (socket.AF_INET, AF_INET6, or 0 for FQDN: checked, none returned), as
     ctrl.k8s.slicejson makes them (no hints: the scan takes none). Read
     as columns in C (ctrl/dataplane/endpoints.c), SCAN_BYTES of JSON a
-    call, made into Endpoints by map and zip, with the node and zone
-    names the process has seen once each (the C numbers them). Of two
+    call: each endpoint's address and kind (its conditions, node and
+    zone; the C numbers kinds, and node and zone names, once each for
+    the process), made into an Endpoint by map: its address added to its
+    kind's fields. Of two
     calls or more, each after the first reads its JSON on the C's own
     thread while the Endpoints of the one before are made here: the C's
     half of the work costs the caller little. Slice i's is None when the
