@@ -507,14 +507,13 @@ class ServicePlanner:
             added, removed = deltas[pk][which]
             reject = NO_FLAGS if st.has_any() else FrontendFlag.REJECT
             fronts.append(
-                replace(
-                    f,
-                    backends=st.selected[which].values(),
-                    flags=(f.flags & ~FrontendFlag.REJECT) | reject,
-                    added=added,
-                    removed=removed,
-                    base=f.version,
-                    version=version,
+                f.moved(
+                    st.selected[which].values(),
+                    (f.flags & ~FrontendFlag.REJECT) | reject,
+                    added,
+                    removed,
+                    f.version,
+                    version,
                 )
             )
         c.fronts = fronts

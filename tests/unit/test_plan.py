@@ -128,8 +128,42 @@ def test_no_local_endpoints_counts_ports_with_local_policy_and_none_here(spec, n
     assert no_local_endpoints(parse(raw), [parse(sl)], node, None) == expect
 
 
+def test_a_moved_frontend_is_the_one_replace_makes():
+    """Frontend.moved (the planner's one-slice change) is replace() by
+    position: every other field kept, each given one set."""
+    import dataclasses
+
+    from ctrl.model.plan import Frontend, FrontendFlag, Scope
+
+    f = Frontend(
+        b"\x01" * 16,
+        30080,
+        17,
+        Scope.EXTERNAL,
+        "default/dns:dns/UDP",
+        ((b"\x02" * 16, 53, 17),),
+        FrontendFlag.AFFINITY | FrontendFlag.SRC_RANGES,
+        10800,
+        ((b"\x03" * 16, 120),),
+        (),
+        (),
+        3,
+        4,
+        ("cluster",),
+    )
+    new = ((b"\x04" * 16, 53, 17),)
+    got = f.moved(new, FrontendFlag.REJECT, new, f.backends, 4, 9)
+    want = dataclasses.replace(
+        f, backends=new, flags=FrontendFlag.REJECT, added=new, removed=f.backends, base=4, version=9
+    )
+    assert [getattr(got, x.name) for x in dataclasses.fields(Frontend)] == [
+        getattr(want, x.name) for x in dataclasses.fields(Frontend)
+    ]
+
+
 def test_frontend_fields_are_in_the_order_plan_full_gives_them():
-    """plan_full builds each Frontend by position, not by keyword."""
+    """plan_full and Frontend.moved build each Frontend by position, not
+    by keyword."""
     import dataclasses
 
     from ctrl.model.plan import Frontend
