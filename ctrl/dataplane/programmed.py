@@ -834,9 +834,9 @@ class Programmed:
             slot_of = t.slot_of = dict(zip(sl, range(len(sl)), strict=True))  # type: ignore[arg-type]
         n_old = len(sl)
         ids = self.bids.ids
-        rem = [ids[b] for b in f.removed]  # type: ignore[union-attr]
+        rem = list(map(ids.__getitem__, f.removed))  # type: ignore[arg-type]
         add = self.bids.get(f.added, cs.be_upd, self._looked_up(f.added))  # type: ignore[arg-type]
-        holes = sorted(slot_of.pop(b) for b in rem)
+        holes = sorted(map(slot_of.pop, rem))
         before = len(cs.slot_upd)
         self._slots_of(t, cs)
         slots.fill(t.tid, sl, holes, add, slot_of, cs.slot_upd)
