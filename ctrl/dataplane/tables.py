@@ -606,15 +606,20 @@ class MaglevTables:
         one)."""
         perms = self._perms
         got: list[int | None] = list(map(perms.get, ids))
-        try:  # no scan for the missing: an array takes no None
+        missed = got.count(None)
+        if not missed:
             return array(native.U64, got)  # type: ignore[arg-type]
-        except TypeError:
-            pass
         if len(perms) > 2 * self.size * (len(self.tables) + 1):
             # Mostly backends gone: keep those the tables' heads hold
             # (the others are hashed again if they come back).
             live = {i for tb in self.tables.values() if tb.turns for i in tb.turns.ids}
             self._perms = perms = {i: q for i, q in perms.items() if i in live}
+        if missed == len(got):
+            # None known (turns new to a head, most often): hashed and
+            # kept in one pass each.
+            hashed = native.perms(b"".join(turns), TURN, self.size)
+            perms.update(zip(ids, hashed, strict=True))
+            return hashed
         missing = [j for j, p in enumerate(got) if p is None]
         hashed = native.perms(b"".join([turns[j] for j in missing]), TURN, self.size)
         for j, q in zip(missing, hashed, strict=True):
