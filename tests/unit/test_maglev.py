@@ -341,6 +341,41 @@ def test_removal_writes_only_changed_chunks():
     assert 0.01 * M <= len(changed) < (0.01 + 0.02) * M
 
 
+@pytest.mark.parametrize(
+    "n_old,n_new", [(M, M), (1021, 1021), (1021, M), (M, 1021), (0, 1021), (1500, 1700), (2000, 2000)]
+)
+def test_changed_chunks_are_those_whose_padded_bytes_differ(n_old, n_new):
+    """A table's chunks to write: each of the new one whose entries
+    (zeros past the table's end) differ from the old one's, or that the
+    old one had not; each written as those bytes."""
+    from ctrl.dataplane.tables import _changed_chunks
+
+    rnd = random.Random(n_old * 7 + n_new)
+    old = array("I", [rnd.randrange(1, 50) for _ in range(n_old)])
+    new = array("I", old[:n_new]) + array("I", [rnd.randrange(1, 50) for _ in range(n_new - min(n_old, n_new))])
+    for i in rnd.sample(range(n_new), min(n_new, 3)):
+        new[i] = 99  # a few entries change hands
+    if n_old and n_new and n_old != n_new:
+        # Past the shorter one's end: the longer one's entries all zero
+        # in the chunk both share, so padded alike.
+        last = (min(n_old, n_new) - 1) // CHUNK
+        for t in (old, new):
+            for i in range(min(n_old, n_new), min(len(t), (last + 1) * CHUNK)):
+                t[i] = 0
+
+    def padded(t, k):
+        b = t[k * CHUNK : (k + 1) * CHUNK].tobytes()
+        return b + bytes(4 * CHUNK - len(b))
+
+    had = -(-n_old // CHUNK)
+    want = [
+        (7, k, padded(new, k))
+        for k in range(-(-n_new // CHUNK))
+        if k >= had or padded(new, k) != padded(old, k)
+    ]
+    assert _changed_chunks(7, old, new) == want
+
+
 def test_removed_frontend_deletes_pointer_then_table():
     p = Programmed(maglev_size=M)
     f, g = ext(1, 2), ext(1, 2, port=30080)
