@@ -181,6 +181,7 @@ REPORTED = {
     "name longer than 253": _set(["metadata", "name"], "a" * 254),
     "name not a DNS subdomain": _set(["metadata", "name"], "Web_B"),
     "namespace longer than 63": _set(["metadata", "namespace"], "n" * 64),
+    "namespace not a DNS label": _set(["metadata", "namespace"], "Shop_1"),
     "service-name label longer than 63": _set(["metadata", "labels", "kubernetes.io/service-name"], "s" * 64),
     "port name longer than 63": _set(["ports", 0, "name"], "p" * 64),
     "port name not a DNS label": _set(["ports", 0, "name"], "HTTP"),
@@ -221,6 +222,23 @@ def test_what_is_declined_the_exact_path_reports(case):
     except ObjectError:
         return
     assert obj.problems
+
+
+def test_namespaces_found_clean_are_remembered_within_a_bound(monkeypatch):
+    """A namespace is checked once and remembered while there is room;
+    past the bound, each is checked every time, and one that breaks the
+    rule is declined whatever came before."""
+    monkeypatch.setattr(slicejson, "_CLEAN_NAMESPACES", set())
+    monkeypatch.setattr(slicejson, "_CLEAN_NAMESPACES_MAX", 1)
+
+    def in_ns(ns):
+        return _set(["metadata", "namespace"], ns)
+
+    for ns in ("shop", "cart", "shop", "cart"):
+        got = decode_page(page([unclean(in_ns(ns))]))
+        assert got is not None and got.items[0].namespace == ns
+    assert slicejson._CLEAN_NAMESPACES == {"shop"}
+    assert decode_page(page([GOOD, unclean(in_ns("Cart"))])) is None
 
 
 def test_not_a_list_is_declined():
