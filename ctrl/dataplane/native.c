@@ -250,8 +250,8 @@ static inline uint64_t load_be64(const uint8_t *p)
 
 /* Two turns compared as memcmp compares them (< 0, 0, > 0), eight bytes
  * at a time (the last eight overlap the eight before by one byte, equal
- * by then), inline: the heap's sifts compare about 30 pairs a turn, and a
- * call to memcmp cost more than the comparison. */
+ * by then), inline: a turn taken from the heap is compared with 16
+ * others a level, and a call to memcmp cost more than the comparison. */
 static inline int turn_cmp(const uint8_t *a, const uint8_t *b)
 {
 	static const uint32_t at[3] = { 0, 8, SP_TURN - 8 };
