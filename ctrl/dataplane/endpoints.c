@@ -195,6 +195,46 @@ static int skip(struct scan *s)
 	}
 }
 
+/* An open-addressing index of the numbers 1 to n of a numbered table
+ * (the names, the kinds): a slot holds a number, 0 when free, and the
+ * index is kept at most half full. */
+struct index {
+	uint32_t *slots;
+	uint32_t mask;
+};
+
+/* The free slot where a number of this hash goes. */
+static uint32_t index_free(const struct index *ix, uint32_t hash)
+{
+	uint32_t i;
+
+	for (i = hash & ix->mask; ix->slots[i]; i = (i + 1) & ix->mask)
+		;
+	return i;
+}
+
+/* Room in ix for number n + 1: when it would be more than half full, it
+ * is made again twice as large, each number k's slot found from
+ * hash(k). 0, or -1 (out of memory). */
+static int index_room(struct index *ix, uint32_t n, uint32_t (*hash)(uint32_t k))
+{
+	uint32_t size, k;
+	uint32_t *p;
+
+	if (ix->slots && 2 * (n + 1) <= ix->mask + 1)
+		return 0;
+	size = ix->slots ? 2 * (ix->mask + 1) : 512;
+	p = calloc(size, sizeof(uint32_t));
+	if (!p)
+		return -1;
+	free(ix->slots);
+	ix->slots = p;
+	ix->mask = size - 1;
+	for (k = 1; k <= n; k++)
+		ix->slots[index_free(ix, hash(k))] = k;
+	return 0;
+}
+
 /* Node and zone names: a cluster has at most thousands, repeated over
  * its endpoints. Each gets a number once for the life of the process
  * (until sp_names_reset), and the caller keeps the list of them in the
@@ -205,8 +245,7 @@ static struct {
 	size_t used, size;
 	uint32_t *off, *len; /* per name (number - 1) */
 	uint32_t n, cap;
-	uint32_t *slots; /* open addressing: number, 0 free */
-	uint32_t mask;
+	struct index ix;
 } names;
 
 static void kinds_reset(void);
@@ -216,7 +255,7 @@ void sp_names_reset(void)
 	free(names.arena);
 	free(names.off);
 	free(names.len);
-	free(names.slots);
+	free(names.ix.slots);
 	memset(&names, 0, sizeof(names));
 	kinds_reset();
 }
@@ -230,10 +269,15 @@ static uint32_t name_hash(const uint8_t *str, uint32_t len)
 	return h;
 }
 
+/* Name k's hash (as name_hash hashed it). */
+static uint32_t name_hash_of(uint32_t k)
+{
+	return name_hash((uint8_t *)names.arena + names.off[k - 1], names.len[k - 1]);
+}
+
 /* Room for one more name of len bytes: 0, or -1 (out of memory). */
 static int names_room(uint32_t len)
 {
-	uint32_t i, k, size;
 	void *p;
 
 	if (names.used + len > names.size) {
@@ -260,22 +304,7 @@ static int names_room(uint32_t len)
 		names.len = p;
 		names.cap = cap;
 	}
-	if (2 * (names.n + 1) > names.mask + 1 || !names.slots) {
-		size = names.slots ? 2 * (names.mask + 1) : 512;
-		p = calloc(size, sizeof(uint32_t));
-		if (!p)
-			return -1;
-		free(names.slots);
-		names.slots = p;
-		names.mask = size - 1;
-		for (k = 1; k <= names.n; k++) {
-			for (i = name_hash((uint8_t *)names.arena + names.off[k - 1], names.len[k - 1]) & names.mask;
-			     names.slots[i]; i = (i + 1) & names.mask)
-				;
-			names.slots[i] = k;
-		}
-	}
-	return 0;
+	return index_room(&names.ix, names.n, name_hash_of);
 }
 
 /* An endpoint's kind: its conditions and its node's and zone's numbers,
@@ -285,16 +314,15 @@ static int names_room(uint32_t len)
  * A cluster has a few per node. Numbered like the names (and forgotten
  * with them, whose numbers a kind holds). */
 static struct {
-	uint64_t *key; /* per kind number: kind_key */
+	uint64_t *key; /* per kind number - 1: kind_key */
 	uint32_t n, cap;
-	uint32_t *slots; /* open addressing: number + 1, 0 free */
-	uint32_t mask;
+	struct index ix;
 } kinds;
 
 static void kinds_reset(void)
 {
 	free(kinds.key);
-	free(kinds.slots);
+	free(kinds.ix.slots);
 	memset(&kinds, 0, sizeof(kinds));
 }
 
@@ -310,10 +338,15 @@ static uint32_t kind_hash(uint64_t key)
 	return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32);
 }
 
+/* Kind k's hash. */
+static uint32_t kind_hash_of(uint32_t k)
+{
+	return kind_hash(kinds.key[k - 1]);
+}
+
 /* Room for one more kind: 0, or -1 (out of memory). */
 static int kinds_room(void)
 {
-	uint32_t i, k, size;
 	void *p;
 
 	if (kinds.n == kinds.cap) {
@@ -325,21 +358,7 @@ static int kinds_room(void)
 		kinds.key = p;
 		kinds.cap = cap;
 	}
-	if (2 * (kinds.n + 1) > kinds.mask + 1 || !kinds.slots) {
-		size = kinds.slots ? 2 * (kinds.mask + 1) : 512;
-		p = calloc(size, sizeof(uint32_t));
-		if (!p)
-			return -1;
-		free(kinds.slots);
-		kinds.slots = p;
-		kinds.mask = size - 1;
-		for (k = 0; k < kinds.n; k++) {
-			for (i = kind_hash(kinds.key[k]) & kinds.mask; kinds.slots[i]; i = (i + 1) & kinds.mask)
-				;
-			kinds.slots[i] = k + 1;
-		}
-	}
-	return 0;
+	return index_room(&kinds.ix, kinds.n, kind_hash_of);
 }
 
 /* Where a scan writes: the slice being read (seg, its JSON at js), and
@@ -356,19 +375,17 @@ struct rows {
  * to r's fkinds); UINT32_MAX when out of memory or room. */
 static uint32_t kind_of(struct rows *r, uint64_t key)
 {
-	uint32_t i, k;
+	uint32_t h = kind_hash(key), i, k;
 
-	if (kinds.slots) {
-		for (i = kind_hash(key) & kinds.mask; (k = kinds.slots[i]); i = (i + 1) & kinds.mask)
+	if (kinds.ix.slots) {
+		for (i = h & kinds.ix.mask; (k = kinds.ix.slots[i]); i = (i + 1) & kinds.ix.mask)
 			if (kinds.key[k - 1] == key)
 				return k - 1;
 	}
 	if (r->nfkinds == r->max_fkinds || kinds_room())
 		return UINT32_MAX;
-	for (i = kind_hash(key) & kinds.mask; kinds.slots[i]; i = (i + 1) & kinds.mask)
-		;
 	kinds.key[kinds.n] = key;
-	kinds.slots[i] = ++kinds.n;
+	kinds.ix.slots[index_free(&kinds.ix, h)] = ++kinds.n;
 	r->fkinds[r->nfkinds++] = key;
 	return kinds.n - 1;
 }
@@ -380,20 +397,18 @@ static uint32_t name_of(struct rows *r, const uint8_t *str, uint32_t len)
 {
 	uint32_t h = name_hash(str, len), i, k;
 
-	if (names.slots) {
-		for (i = h & names.mask; (k = names.slots[i]); i = (i + 1) & names.mask)
+	if (names.ix.slots) {
+		for (i = h & names.ix.mask; (k = names.ix.slots[i]); i = (i + 1) & names.ix.mask)
 			if (names.len[k - 1] == len && memcmp(names.arena + names.off[k - 1], str, len) == 0)
 				return k;
 	}
 	if (names_room(len))
 		return 0;
-	for (i = h & names.mask; names.slots[i]; i = (i + 1) & names.mask)
-		;
 	memcpy(names.arena + names.used, str, len);
 	names.off[names.n] = (uint32_t)names.used;
 	names.len[names.n] = len;
 	names.used += len;
-	names.slots[i] = ++names.n;
+	names.ix.slots[index_free(&names.ix, h)] = ++names.n;
 	r->fresh[3 * r->nfresh] = r->seg;
 	r->fresh[3 * r->nfresh + 1] = (uint32_t)(str - r->js);
 	r->fresh[3 * r->nfresh + 2] = len;

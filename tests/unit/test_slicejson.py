@@ -577,6 +577,22 @@ def test_endpoints_of_one_kind_share_its_fields_and_kinds_start_over(monkeypatch
     assert [(e.node_name, e.ready) for e in again] == [("node-c", True)]
 
 
+def test_thousands_of_names_and_kinds_are_numbered_apart():
+    """More names and kinds than the scan's first index holds (it grows,
+    each number found again): every endpoint reads its own."""
+    with native._scan.lock:  # from none, whatever scans came before
+        native.library().sp_names_reset()
+        native._scan.forget()
+    eps = [
+        {"addresses": [f"198.18.{k // 250}.{k % 250 + 1}"], "nodeName": f"node-{k}", "zone": f"zone-{k % 700}"}
+        for k in range(1500)
+    ]
+    got = scan_of(eps)
+    assert [(e.node_name, e.zone) for e in got] == [(f"node-{k}", f"zone-{k % 700}") for k in range(1500)]
+    assert len(native._scan.kinds) == 1500 and len(native._scan.names) == 1 + 1500 + 700
+    assert scan_of(eps) == got  # numbered once: the same again
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_scan_and_msgspec_agree_on_mutated_endpoints(seed):
     """Endpoints' JSON with one byte changed, put in, or taken out (most
